@@ -1,0 +1,55 @@
+"""Masked GQA attention over ``[context ; causal self]`` (plain-XLA path).
+
+Every attention in the model is one call of :func:`attend`:
+  * a document or the prefix: no context, causal over its own tokens;
+  * active tokens of a lower layer: context = prefix K/V;
+  * active tokens of a router layer: context = prefix K/V then the pooled
+    chunks of the selected documents (SPEC §3 step 4).
+``pallas_kernels.sparse_attention`` implements the same signature.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
+           k_ctx_bsgd=None, v_ctx_bsgd=None, ctx_mask_bs=None):
+  """Softmax attention of each query to valid context slots and earlier own tokens.
+
+  Args:
+    q_bmhd: queries ``[B, M, H, D]`` (already RoPE'd).
+    k_self_bmgd, v_self_bmgd: the sequence's own keys/values ``[B, M, Hkv, D]``.
+    self_mask_bm: valid own tokens; token i sees own token j iff j <= i and valid.
+    k_ctx_bsgd, v_ctx_bsgd: optional context ``[B, S, Hkv, D]`` visible to every query.
+    ctx_mask_bs: valid context slots.
+  Returns:
+    ``[B, M, H, D]`` in the dtype of ``q``; softmax in float32 with scale 1/sqrt(D).
+    A query with no visible key (only padding rows) returns zeros.
+  """
+  b, m, h, d = q_bmhd.shape
+  g = k_self_bmgd.shape[2]
+  if h % g:
+    raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
+  r = h // g
+  causal_mm = jnp.tril(jnp.ones((m, m), bool))
+  self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
+  if k_ctx_bsgd is not None:
+    k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
+    v = jnp.concatenate([v_ctx_bsgd.astype(v_self_bmgd.dtype), v_self_bmgd], axis=1)
+    s = k_ctx_bsgd.shape[1]
+    ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
+    allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
+  else:
+    k, v, allow_bmk = k_self_bmgd, v_self_bmgd, self_allow_bmm
+  q_bmgrd = q_bmhd.reshape(b, m, g, r, d)
+  logits = jnp.einsum("bmgrd,bkgd->bgrmk", q_bmgrd, k,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  logits = jnp.where(allow_bmk[:, None, None], logits, -jnp.inf)
+  any_key = jnp.any(allow_bmk, axis=-1)[:, None, None, :, None]
+  logits = jnp.where(any_key, logits, 0.0)
+  probs = jax.nn.softmax(logits, axis=-1)
+  probs = jnp.where(any_key, probs, 0.0)
+  out = jnp.einsum("bgrmk,bkgd->bmgrd", probs.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  return out.reshape(b, m, h, d).astype(q_bmhd.dtype)

@@ -1,0 +1,123 @@
+"""Document routing (SPEC §3 steps 2-3) as pure functions.
+
+Routing is a function of (routing queries, pooled router keys, chunk→document
+map). Nothing here knows about the model: the training forward, the inference
+engine, a Pallas kernel (``pallas_kernels.block_routing``) or a ``shard_map``
+over a chunk-sharded bank all call or replace these functions.
+
+Names: ``F = Hkv * D`` (one routing dot product per (token, chunk), thanks to
+the group-sum identity), ``C`` chunks, ``N`` documents.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
+  """Unit-norm ``x`` over ``axis`` in float32 (a zero vector stays zero)."""
+  x = x.astype(jnp.float32)
+  norm_sq = jnp.sum(x * x, axis=axis, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))
+
+
+def group_sum_queries(rq_bmhd, num_kv_heads: int):
+  """Normalise router queries per head and fold the head mean into one vector.
+
+  ``mean_h RQ[t,h]·K̄R[c,g(h)] = (1/H) Σ_g K̄R[c,g]·Σ_{h∈g} RQ[t,h]``, so the
+  returned ``[B, M, Hkv*D]`` vector, dotted with a flattened ``K̄R[c]``, is the
+  head-mean cosine score of SPEC §3.
+
+  Args:
+    rq_bmhd: raw ``router_q_proj`` outputs, ``[B, M, H, D]``.
+    num_kv_heads: Hkv; H must be a multiple of it.
+  Returns:
+    float32 ``[B, M, Hkv*D]``, already divided by H.
+  """
+  b, m, h, d = rq_bmhd.shape
+  if h % num_kv_heads:
+    raise ValueError(f"{h} query heads are not a multiple of {num_kv_heads} kv heads")
+  rq = l2_normalize(rq_bmhd)
+  rq_bmgrd = rq.reshape(b, m, num_kv_heads, h // num_kv_heads, d)
+  return (rq_bmgrd.sum(axis=3) / h).reshape(b, m, num_kv_heads * d)
+
+
+def chunk_scores(rq_bmf, query_mask_bm, kr_cf):
+  """Per-chunk routing scores: max over the routing tokens of ``rq · K̄R``.
+
+  Args:
+    rq_bmf: group-summed queries from :func:`group_sum_queries`, ``[B, M, F]``.
+    query_mask_bm: which tokens route (question tokens, padding excluded).
+    kr_cf: L2-normalised pooled router keys, flattened per chunk, ``[C, F]``.
+  Returns:
+    float32 ``[B, C]``; ``-inf`` for an example with no routing token.
+  """
+  s_bmc = jnp.einsum("bmf,cf->bmc", rq_bmf.astype(jnp.float32),
+                     kr_cf.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  s_bmc = jnp.where(query_mask_bm[:, :, None], s_bmc, NEG_INF)
+  return jnp.max(s_bmc, axis=1)
+
+
+def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int):
+  """A document's score is the max over its chunks (SPEC §3 step 2).
+
+  Args:
+    chunk_scores_bc: ``[B, C]`` from :func:`chunk_scores`.
+    chunk_doc_c: int ``[C]`` document index of each chunk; ``-1`` marks a
+      padding chunk (ignored).
+    num_docs: N, the number of document slots.
+  Returns:
+    float32 ``[B, N]``; ``-inf`` for a document with no chunk.
+  """
+  # A segment id of num_docs collects padding chunks and is dropped.
+  seg_c = jnp.where(chunk_doc_c < 0, num_docs, chunk_doc_c)
+  per_doc = jax.vmap(lambda s: jax.ops.segment_max(s, seg_c, num_segments=num_docs + 1))(
+      chunk_scores_bc)
+  return per_doc[:, :num_docs]
+
+
+class Selection(NamedTuple):
+  """Top-k documents of one routing step, in document (ascending index) order."""
+
+  doc_idx_bk: jax.Array    # int32 [B, k]; padding entries hold 0
+  valid_bk: jax.Array      # bool  [B, k]; False where fewer than k documents exist
+
+
+def select_top_k(doc_scores_bn, k: int) -> Selection:
+  """The ``min(k, N)`` highest-scoring valid documents, ties to the lower index.
+
+  Documents scored ``-inf`` (padding, empty) are never selected. The result is
+  re-sorted into document order so memory is laid out as SPEC §3 step 4 says.
+  The choice is hard: no gradient flows through it.
+  """
+  scores = jax.lax.stop_gradient(doc_scores_bn)
+  n = scores.shape[-1]
+  kk = min(k, n)
+  top_val, top_idx = jax.lax.top_k(scores, kk)   # stable: equal scores keep index order
+  valid = top_val > NEG_INF
+  # Sort chosen documents by index; invalid entries go last.
+  sort_key = jnp.where(valid, top_idx, n + jnp.arange(kk))
+  order = jnp.argsort(sort_key, axis=-1)
+  idx = jnp.take_along_axis(top_idx, order, axis=-1)
+  valid = jnp.take_along_axis(valid, order, axis=-1)
+  idx = jnp.where(valid, idx, 0)
+  if kk < k:  # fewer document slots than k: pad the selection
+    pad = k - kk
+    idx = jnp.pad(idx, ((0, 0), (0, pad)))
+    valid = jnp.pad(valid, ((0, 0), (0, pad)))
+  return Selection(idx.astype(jnp.int32), valid)
+
+
+def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int):
+  """Scores every document of one bank and picks the top k (reference path).
+
+  Returns ``(doc_scores [B, N], Selection)``.
+  """
+  s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf)
+  doc_s = document_scores(s_bc, chunk_doc_c, num_docs)
+  return doc_s, select_top_k(doc_s, k)
