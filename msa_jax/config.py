@@ -1,0 +1,151 @@
+"""Model configuration: Qwen3 shapes plus the MSA memory settings (SPEC §1, §3)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Sequence
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything that fixes the model's parameters and its forward computation.
+
+  ``router_layers=None`` means the upper half of the layers (SPEC §3).
+  """
+
+  vocab_size: int = 151936
+  hidden_size: int = 2560
+  intermediate_size: int = 9728
+  num_layers: int = 36
+  num_heads: int = 32
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  rope_theta: float = 1e6
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = True
+  initializer_range: float = 0.02
+  # MSA.
+  router_layers: Optional[tuple[int, ...]] = None
+  pooling_chunk_size: int = 64
+  top_k: int = 16
+  rope_mode: str = "document"          # "document" (parallel + global) | "global" (ablation)
+  routing_tokens: str = "question"     # "question" | "question_and_target"
+  # Numerics and implementation.
+  dtype: str = "float32"               # compute dtype of activations and matmuls
+  param_dtype: str = "float32"
+  remat: bool = False
+  kernels: str = "xla"                 # "auto" | "pallas" | "xla"
+
+  def __post_init__(self):
+    if self.router_layers is not None and not isinstance(self.router_layers, tuple):
+      object.__setattr__(self, "router_layers", tuple(int(i) for i in self.router_layers))
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ``ValueError`` naming the bad field and how to fix it."""
+    def need(ok, msg):
+      if not ok:
+        raise ValueError(f"bad model config: {msg}")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                 "num_heads", "num_kv_heads", "head_dim"):
+      need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+    need(self.num_heads % self.num_kv_heads == 0,
+         f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+    need(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+    need(self.pooling_chunk_size >= 1,
+         f"pooling_chunk_size (P) must be >= 1, got {self.pooling_chunk_size}")
+    need(self.top_k >= 1, f"top_k (k) must be >= 1, got {self.top_k}")
+    for i in self.router_layer_ids:
+      need(0 <= i < self.num_layers,
+           f"router layer {i} is out of range for {self.num_layers} layers "
+           f"(valid: 0..{self.num_layers - 1})")
+    need(len(set(self.router_layer_ids)) == len(self.router_layer_ids),
+         f"router_layers has duplicates: {self.router_layers}")
+    need(self.rope_mode in ("document", "global"),
+         f"rope_mode must be 'document' or 'global', got {self.rope_mode!r}")
+    need(self.routing_tokens in ("question", "question_and_target"),
+         f"routing_tokens must be 'question' or 'question_and_target', got {self.routing_tokens!r}")
+    need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+    need(self.param_dtype in _DTYPES,
+         f"param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
+    need(self.kernels in ("auto", "pallas", "xla"),
+         f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
+
+  @property
+  def router_layer_ids(self) -> tuple[int, ...]:
+    """Sorted router layer indices (default: the upper half)."""
+    if self.router_layers is None:
+      return tuple(range(self.num_layers // 2, self.num_layers))
+    return tuple(sorted(self.router_layers))
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def replace(self, **kw) -> "ModelConfig":
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_dict(cls, d: Any) -> "ModelConfig":
+    """Builds from a dict or ``ml_collections.ConfigDict``; unknown keys are errors."""
+    d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise ValueError(f"bad model config: unknown keys {unknown}; valid keys: {sorted(names)}")
+    if d.get("router_layers") is not None:
+      d["router_layers"] = parse_router_layers(d["router_layers"], d.get("num_layers", cls.num_layers))
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    if d["router_layers"] is not None:
+      d["router_layers"] = list(d["router_layers"])
+    return d
+
+
+def parse_router_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
+  """Accepts a sequence of ints, "all", or a comma string like "18,19,20"."""
+  if isinstance(spec, str):
+    if spec.strip() == "all":
+      return tuple(range(num_layers))
+    try:
+      return tuple(int(s) for s in spec.split(",") if s.strip())
+    except ValueError:
+      raise ValueError(f"bad model config: router_layers {spec!r} is not 'all' or a comma "
+                       "list of layer indices like '18,19,20'") from None
+  return tuple(int(i) for i in spec)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen3-0.6b": ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              tie_word_embeddings=True),
+    "qwen3-1.7b": ModelConfig(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              tie_word_embeddings=True),
+    "qwen3-4b": ModelConfig(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                            tie_word_embeddings=True),
+    "qwen3-8b": ModelConfig(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                            tie_word_embeddings=False),
+    # Test shapes: head_dim != hidden / heads on purpose.
+    "tiny": ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=32, pooling_chunk_size=4,
+                        top_k=2),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+  """A named preset (``qwen3-0.6b``, ``qwen3-1.7b``, ``qwen3-4b``, ``qwen3-8b``, ``tiny``)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+  return PRESETS[name].replace(**overrides)

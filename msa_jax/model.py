@@ -1,0 +1,317 @@
+"""The MSA model: a Qwen3 decoder whose router layers read a document memory.
+
+The training forward is literally the three inference stages of SPEC §5 in one
+jit: documents never see the prefix or the query and the prefix never sees
+anything else, so
+
+  ``encode_documents``  (stage 1: per router layer, pooled K̄, V̄, K̄R per chunk)
+  ``encode_prefix``     (the prefix K, V of every layer)
+  ``decode_active``     (stage 2: route, assemble ``[prefix; chunks; active]``)
+
+compose into the exact forward, and the memory bank of the inference engine is
+the output of ``encode_documents``. With no memory, ``__call__`` on token ids is
+exactly Qwen3 (SPEC §1).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from msa_jax import attention as attention_lib
+from msa_jax import pooling
+from msa_jax import positions as positions_lib
+from msa_jax import routing
+from msa_jax.batch import MSABatch
+from msa_jax.config import ModelConfig
+from msa_jax.layers import MLP, RMSNorm, apply_rope, dense
+
+BATCH_LENGTH_EMBED = ("batch", "length", "embed")
+BATCH_LENGTH_HEADS = ("batch", "length", "heads", "head_dim")
+BATCH_LENGTH_KV = ("batch", "length", "kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class LayerMemory:
+  """One router layer's pooled memory for a batch of per-example banks."""
+
+  k_bncgd: jax.Array        # pooled post-norm post-RoPE keys   [B, N, C, Hkv, D]
+  v_bncgd: jax.Array        # pooled values                       [B, N, C, Hkv, D]
+  kr_bncf: jax.Array        # L2-normalised pooled router keys    [B, N, C, Hkv*D]
+  chunk_mask_bnc: jax.Array  # chunk present                      [B, N, C]
+
+
+@flax.struct.dataclass
+class Routing:
+  """What one router layer decided for the active tokens."""
+
+  doc_scores_bn: jax.Array   # float32 [B, N]; -inf for padding / empty documents
+  doc_idx_bk: jax.Array      # int32 [B, k] selected documents in document order
+  valid_bk: jax.Array        # bool [B, k]
+
+
+@flax.struct.dataclass
+class MSAOutput:
+  """Forward result on an :class:`MSABatch`; ``R`` = number of router layers."""
+
+  logits_bmv: jax.Array       # float32 [B, M, vocab]
+  doc_scores_brn: jax.Array   # float32 [B, R, N]
+  selected_brk: jax.Array     # int32 [B, R, k]
+  selected_valid_brk: jax.Array  # bool [B, R, k]
+
+
+def routing_mask(batch: MSABatch, cfg: ModelConfig):
+  """The active tokens that route (SPEC §3 ``routing_tokens``), padding excluded."""
+  active = jnp.asarray(batch.active_mask, bool)
+  if cfg.routing_tokens == "question":
+    return active & jnp.asarray(batch.question_mask, bool)
+  return active
+
+
+def gather_selected_memory(memory: LayerMemory, selection: routing.Selection):
+  """Pooled K̄, V̄ of the selected documents, in document order, as context slots.
+
+  Returns ``(k [B, k*C, Hkv, D], v [B, k*C, Hkv, D], mask [B, k*C])``.
+  """
+  take = jax.vmap(lambda x, i: x[i])
+  k = take(memory.k_bncgd, selection.doc_idx_bk)
+  v = take(memory.v_bncgd, selection.doc_idx_bk)
+  mask = take(memory.chunk_mask_bnc, selection.doc_idx_bk) & selection.valid_bk[..., None]
+  b, kk, c, g, d = k.shape
+  return k.reshape(b, kk * c, g, d), v.reshape(b, kk * c, g, d), mask.reshape(b, kk * c)
+
+
+def route_in_memory(rq_bmf, route_mask_bm, memory: LayerMemory, k: int):
+  """Routes each example against its own bank (training layout) with the reference ops."""
+  b, n, c, f = memory.kr_bncf.shape
+  chunk_doc_bc = jnp.where(memory.chunk_mask_bnc,
+                           jnp.arange(n, dtype=jnp.int32)[:, None], -1).reshape(b, n * c)
+
+  def one(rq_mf, mask_m, kr_cf, chunk_doc_c):
+    scores_1c = routing.chunk_scores(rq_mf[None], mask_m[None], kr_cf)
+    return routing.document_scores(scores_1c, chunk_doc_c, n)[0]
+
+  doc_scores_bn = jax.vmap(one)(rq_bmf, route_mask_bm, memory.kr_bncf.reshape(b, n * c, f),
+                                chunk_doc_bc)
+  return doc_scores_bn, routing.select_top_k(doc_scores_bn, k)
+
+
+class DecoderLayer(nn.Module):
+  """One Qwen3 block; a router layer also owns ``router_q_proj``/``router_k_proj``."""
+
+  cfg: ModelConfig
+  is_router: bool = False
+
+  def setup(self):
+    cfg = self.cfg
+    norm = lambda name, axis="norm": RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype,
+                                            cfg.jnp_param_dtype, axis, name=name)
+    hd = cfg.num_heads * cfg.head_dim
+    kvd = cfg.num_kv_heads * cfg.head_dim
+    self.input_layernorm = norm("input_layernorm")
+    self.q_proj = dense(hd, cfg, ("embed", "q_heads"), "q_proj")
+    self.k_proj = dense(kvd, cfg, ("embed", "kv_heads"), "k_proj")
+    self.v_proj = dense(kvd, cfg, ("embed", "kv_heads"), "v_proj")
+    self.o_proj = dense(cfg.hidden_size, cfg, ("q_heads", "embed"), "o_proj")
+    self.q_norm = norm("q_norm", "head_dim")
+    self.k_norm = norm("k_norm", "head_dim")
+    if self.is_router:
+      self.router_q_proj = dense(hd, cfg, ("embed", "q_heads"), "router_q_proj")
+      self.router_k_proj = dense(kvd, cfg, ("embed", "kv_heads"), "router_k_proj")
+    self.post_attention_layernorm = norm("post_attention_layernorm")
+    self.mlp = MLP(cfg, name="mlp")
+
+  def _heads(self, x, n):
+    return x.reshape(*x.shape[:-1], n, self.cfg.head_dim)
+
+  def _project(self, x_btd, pos_bt):
+    cfg = self.cfg
+    h = self.input_layernorm(x_btd)
+    q = apply_rope(self.q_norm(self._heads(self.q_proj(h), cfg.num_heads)), pos_bt, cfg.rope_theta)
+    k = apply_rope(self.k_norm(self._heads(self.k_proj(h), cfg.num_kv_heads)), pos_bt,
+                   cfg.rope_theta)
+    v = self._heads(self.v_proj(h), cfg.num_kv_heads)
+    q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
+    k = nn.with_logical_constraint(k, BATCH_LENGTH_KV)
+    v = nn.with_logical_constraint(v, BATCH_LENGTH_KV)
+    return h, q, k, v
+
+  def _finish(self, x_btd, attn_bthd):
+    b, t = attn_bthd.shape[:2]
+    x = x_btd + self.o_proj(attn_bthd.reshape(b, t, -1))
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+
+  def encode(self, x_btd, pos_bt, mask_bt):
+    """A causal, self-contained stream (a document or the prefix).
+
+    Returns ``(x_out, k, v, rk)``; ``rk`` (router keys ``[B, T, Hkv, D]``) is
+    None outside router layers.
+    """
+    h, q, k, v = self._project(x_btd, pos_bt)
+    attn = attention_lib.attend(q, k, v, mask_bt)
+    rk = None
+    if self.is_router:
+      rk = self._heads(self.router_k_proj(h), self.cfg.num_kv_heads)
+      if self.is_initializing():  # create router_q_proj even from a plain-LM init
+        self.router_q_proj(h)
+    return self._finish(x_btd, attn), k, v, rk
+
+  def active(self, x_bmd, pos_bm, mask_bm, ctx_k, ctx_v, ctx_mask,
+             memory: Optional[LayerMemory], route_mask_bm):
+    """Active tokens: attend ``[context ; selected chunks ; own causal]``.
+
+    ``memory`` is routed only in router layers (``None`` elsewhere). Returns
+    ``(x_out, k, v, routing-or-None)``.
+    """
+    cfg = self.cfg
+    h, q, k, v = self._project(x_bmd, pos_bm)
+    decision = None
+    if self.is_router and memory is not None:
+      rq = self._heads(self.router_q_proj(h), cfg.num_heads)
+      rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads)
+      doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, memory, cfg.top_k)
+      mem_k, mem_v, mem_mask = gather_selected_memory(memory, selection)
+      mem_k, mem_v = mem_k.astype(k.dtype), mem_v.astype(v.dtype)
+      if ctx_k is None:
+        ctx_k, ctx_v, ctx_mask = mem_k, mem_v, mem_mask
+      else:
+        ctx_k = jnp.concatenate([ctx_k, mem_k], axis=1)
+        ctx_v = jnp.concatenate([ctx_v, mem_v], axis=1)
+        ctx_mask = jnp.concatenate([ctx_mask, mem_mask], axis=1)
+      decision = Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk)
+    attn = attention_lib.attend(q, k, v, mask_bm, ctx_k, ctx_v, ctx_mask)
+    return self._finish(x_bmd, attn), k, v, decision
+
+
+class MSAModel(nn.Module):
+  """Qwen3 + Memory Sparse Attention.
+
+  ``model.apply(vars, input_ids)`` → float32 logits ``[B, T, vocab]`` (plain
+  Qwen3, positions ``0..T-1`` unless given). ``model.apply(vars, batch)`` with
+  an :class:`MSABatch` → :class:`MSAOutput`.
+  """
+
+  config: ModelConfig
+
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = nn.Embed(
+        cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        embedding_init=nn.with_logical_partitioning(
+            nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+        name="embed_tokens")
+    layer_cls = (nn.remat(DecoderLayer, methods=["encode", "active"]) if cfg.remat
+                 else DecoderLayer)
+    router_ids = set(cfg.router_layer_ids)
+    self.layers = [layer_cls(cfg, is_router=i in router_ids, name=f"layers_{i}")
+                   for i in range(cfg.num_layers)]
+    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")
+    if not cfg.tie_word_embeddings:
+      self.lm_head = dense(cfg.vocab_size, cfg, ("embed", "vocab"), "lm_head")
+
+  def _embed(self, tokens):
+    x = self.embed_tokens(jnp.asarray(tokens, jnp.int32))
+    return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
+
+  def _logits(self, x_btd):
+    x = self.norm(x_btd)
+    if self.config.tie_word_embeddings:
+      logits = self.embed_tokens.attend(x)
+    else:
+      logits = self.lm_head(x)
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def __call__(self, inputs: Any, positions=None, mask=None):
+    """Plain causal LM on token ids, or the full MSA forward on an MSABatch."""
+    if isinstance(inputs, MSABatch):
+      return self.forward_memory(inputs)
+    tokens = jnp.asarray(inputs, jnp.int32)
+    b, t = tokens.shape
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask, bool)
+    x = self._embed(tokens)
+    for layer in self.layers:
+      x, _, _, _ = layer.encode(x, positions, mask)
+    return self._logits(x)
+
+  def encode_documents(self, doc_tokens_bnl, doc_mask_bnl, doc_pos_bnl) -> dict[int, LayerMemory]:
+    """Stage 1: runs each document alone and pools every router layer's memory.
+
+    Returns ``{layer_index: LayerMemory}`` for the router layers.
+    """
+    cfg = self.config
+    b, n, l = doc_tokens_bnl.shape
+    mask = jnp.asarray(doc_mask_bnl, bool).reshape(b * n, l)
+    pos = doc_pos_bnl.reshape(b * n, l)
+    x = self._embed(doc_tokens_bnl.reshape(b * n, l))
+    memory = {}
+    last_router = max(cfg.router_layer_ids)
+    for i, layer in enumerate(self.layers[: last_router + 1]):
+      x, k, v, rk = layer.encode(x, pos, mask)
+      if rk is not None:
+        memory[i] = pool_layer_memory(k, v, rk, mask, cfg.pooling_chunk_size, b, n)
+    return memory
+
+  def encode_prefix(self, prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt):
+    """The prefix's K, V in every layer: a list of ``(k, v)`` ``[B, T, Hkv, D]``."""
+    x = self._embed(prefix_tokens_bt)
+    mask = jnp.asarray(prefix_mask_bt, bool)
+    kv = []
+    for layer in self.layers:
+      x, k, v, _ = layer.encode(x, prefix_pos_bt, mask)
+      kv.append((k, v))
+    return kv
+
+  def decode_active(self, active_tokens_bm, active_pos_bm, active_mask_bm, route_mask_bm,
+                    prefix_kv, prefix_mask_bt, memory: dict[int, LayerMemory]):
+    """Stage 2: the active tokens, routing in every router layer.
+
+    Returns ``(logits [B, M, vocab], [Routing per router layer])``.
+    """
+    x = self._embed(active_tokens_bm)
+    mask = jnp.asarray(active_mask_bm, bool)
+    prefix_mask = jnp.asarray(prefix_mask_bt, bool)
+    decisions = []
+    for i, layer in enumerate(self.layers):
+      ctx_k, ctx_v = prefix_kv[i]
+      x, _, _, decision = layer.active(x, active_pos_bm, mask, ctx_k, ctx_v, prefix_mask,
+                                       memory.get(i), route_mask_bm)
+      if decision is not None:
+        decisions.append(decision)
+    return self._logits(x), decisions
+
+  def forward_memory(self, batch: MSABatch) -> MSAOutput:
+    """The training forward on one padded batch (SPEC §3)."""
+    cfg = self.config
+    prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
+        jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
+        jnp.asarray(batch.active_mask, bool), top_k=cfg.top_k, rope_mode=cfg.rope_mode)
+    memory = self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos)
+    prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
+    logits, decisions = self.decode_active(batch.active_tokens, active_pos, batch.active_mask,
+                                           routing_mask(batch, cfg), prefix_kv,
+                                           batch.prefix_mask, memory)
+    return MSAOutput(
+        logits_bmv=logits,
+        doc_scores_brn=jnp.stack([d.doc_scores_bn for d in decisions], axis=1),
+        selected_brk=jnp.stack([d.doc_idx_bk for d in decisions], axis=1),
+        selected_valid_brk=jnp.stack([d.valid_bk for d in decisions], axis=1))
+
+
+def pool_layer_memory(k_btgd, v_btgd, rk_btgd, mask_bt, chunk_size: int, b: int, n: int):
+  """Pools one router layer's per-token K, V, RK of ``b*n`` documents into chunks."""
+  k_p, chunk_mask = pooling.mean_pool_chunks(k_btgd, mask_bt, chunk_size)
+  v_p, _ = pooling.mean_pool_chunks(v_btgd, mask_bt, chunk_size)
+  rk_p, _ = pooling.mean_pool_chunks(rk_btgd, mask_bt, chunk_size)
+  rk_p = routing.l2_normalize(rk_p)               # over D, per kv head
+  c, g, d = k_p.shape[1:]
+  return LayerMemory(
+      k_bncgd=k_p.reshape(b, n, c, g, d).astype(k_btgd.dtype),
+      v_bncgd=v_p.reshape(b, n, c, g, d).astype(v_btgd.dtype),
+      kr_bncf=rk_p.reshape(b, n, c, g * d),
+      chunk_mask_bnc=chunk_mask.reshape(b, n, c))

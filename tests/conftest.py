@@ -1,0 +1,26 @@
+"""Shared test set-up: numerics strict enough to catch shape bugs, a `gpu` marker."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu") if not os.environ.get("MSA_TEST_GPU") else None
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _has_gpu() -> bool:
+  try:
+    return any(d.platform == "gpu" for d in jax.devices())
+  except RuntimeError:
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+  if _has_gpu():
+    return
+  skip = pytest.mark.skip(reason="needs a GPU (run with MSA_TEST_GPU=1 on a GPU machine)")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)
