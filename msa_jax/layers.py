@@ -32,14 +32,16 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     x32 = x.astype(jnp.float32)
     var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+    y = x32 * jax.lax.rsqrt(var + self.eps) * scale
     return y.astype(self.dtype)
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float):
   """cos/sin tables ``[..., D]`` for integer positions (rotate-half layout)."""
   inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq
+  pos = positions.astype(jnp.float32)[..., None]
+  angles = pos * inv_freq.reshape((1,) * (pos.ndim - 1) + (-1,))
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 

@@ -88,7 +88,7 @@ def route_in_memory(rq_bmf, route_mask_bm, memory: LayerMemory, k: int):
   """Routes each example against its own bank (training layout) with the reference ops."""
   b, n, c, f = memory.kr_bncf.shape
   chunk_doc_bc = jnp.where(memory.chunk_mask_bnc,
-                           jnp.arange(n, dtype=jnp.int32)[:, None], -1).reshape(b, n * c)
+                           jnp.arange(n, dtype=jnp.int32)[None, :, None], -1).reshape(b, n * c)
 
   def one(rq_mf, mask_m, kr_cf, chunk_doc_c):
     scores_1c = routing.chunk_scores(rq_mf[None], mask_m[None], kr_cf)

@@ -31,9 +31,9 @@ def stream_positions(prefix_mask_bt, doc_mask_bnl, active_mask_bm, *, top_k: int
   elif rope_mode == "global":
     doc_len_bn = jnp.sum(doc_mask_bnl, axis=-1, dtype=jnp.int32)
     doc_start_bn = prefix_len_b[:, None] + jnp.cumsum(doc_len_bn, axis=-1) - doc_len_bn
-    doc_pos = doc_start_bn[..., None] + arange_l
+    doc_pos = doc_start_bn[..., None] + arange_l[None, None, :]
     active_start_b = prefix_len_b + jnp.sum(doc_len_bn, axis=-1)
   else:
     raise ValueError(f"rope_mode must be 'document' or 'global', got {rope_mode!r}")
-  active_pos = active_start_b[:, None] + arange_m
+  active_pos = active_start_b[:, None] + arange_m[None, :]
   return prefix_pos, doc_pos, active_pos
