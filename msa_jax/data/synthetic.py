@@ -1,0 +1,237 @@
+"""Synthetic key-value retrieval and multi-hop tasks (deterministic by (seed, index)).
+
+A task is a callable ``task(index) -> Example``. Every random choice comes from
+numpy generators keyed by ``(seed, index, stream)`` and consumed document by
+document in a fixed order: gold documents first, then distractor j = 0, 1, ...
+So the same (seed, index) at a larger ``num_docs`` keeps the question, answer,
+gold documents (ids and text) and the first distractors, and only adds
+distractors (the memory order is reshuffled per size).
+
+The un-expanded Example's ``target`` is the direct target
+``[d1] <id-end> ... <end-of-retrieval> answer <eos>``; ``rounds`` holds the
+retrieval chain for ``interleave.expand`` (the training default).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from msa_jax.data.example import Document, Example, answer_target, id_target
+from msa_jax.data.tokenizer import WordTokenizer, WordVocabConfig
+
+# Stream codes of the random generators of one example.
+CORE, IDS, KEYS, VALUES, FILLER, ORDER = range(6)
+
+
+def example_rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
+  """The generator of one (seed, index) random stream."""
+  return np.random.default_rng([seed, index, stream, *extra])
+
+
+class UniqueTuples:
+  """An endless stream of distinct symbol tuples, drawn in a fixed order.
+
+  The first n tuples are the same whatever is taken afterwards, which is what
+  keeps larger memories supersets of smaller ones.
+  """
+
+  def __init__(self, rng: np.random.Generator, alphabet: int, length: int,
+               what: str, block: int = 256):
+    self._rng, self._alphabet, self._length = rng, alphabet, length
+    self._what, self._block = what, block
+    self._seen: set[tuple[int, ...]] = set()
+    self._space = alphabet ** length
+    self._pending: list[tuple[int, ...]] = []  # drawn, not yet examined (reversed)
+
+  def take(self, n: int) -> list[tuple[int, ...]]:
+    if len(self._seen) + n > self._space:
+      raise ValueError(
+          f"need {len(self._seen) + n} distinct {self._what} but only "
+          f"{self._alphabet}^{self._length} = {self._space} exist; raise the "
+          f"{self._what} length or alphabet size, or use fewer documents/facts")
+    out: list[tuple[int, ...]] = []
+    while len(out) < n:
+      if not self._pending:
+        draws = self._rng.integers(0, self._alphabet, size=(self._block, self._length))
+        self._pending = list(map(tuple, draws.tolist()))[::-1]
+      row = self._pending.pop()
+      if row not in self._seen:
+        self._seen.add(row)
+        out.append(row)
+    return out
+
+
+def doc_id_string(symbols: Sequence[int]) -> str:
+  """Word-vocabulary id string of id symbols, e.g. ``"i3 i17"``."""
+  return " ".join(f"i{s}" for s in symbols)
+
+
+def make_document(tok: WordTokenizer, id_symbols: Sequence[int], text: Sequence[int]) -> Document:
+  """A memory document ``[ id ] text`` with its id tokens marked."""
+  doc_id = doc_id_string(id_symbols)
+  id_tokens = tok.encode_doc_id(doc_id)
+  return Document(doc_id=doc_id, tokens=id_tokens + [int(t) for t in text],
+                  id_length=len(id_tokens))
+
+
+def assemble(tok: WordTokenizer, *, task: str, seed: int, index: int,
+             gold: Sequence[Document], distractors: Sequence[Document],
+             question: Sequence[int], answer: Sequence[int],
+             rounds: Sequence[Sequence[Document]], prefix: Sequence[int]) -> Example:
+  """Shuffle gold + distractor docs into memory and build the direct target."""
+  docs = list(gold) + list(distractors)
+  order = example_rng(seed, index, ORDER, len(docs)).permutation(len(docs))
+  docs = [docs[i] for i in order]
+  sp = tok.specials
+  target: list[int] = []
+  for r in rounds:
+    target += id_target(r, sp.id_end)
+  target += answer_target(answer, sp.end_of_retrieval, sp.eos)
+  positives = [d.doc_id for r in rounds for d in r]
+  return Example(prefix=list(prefix), docs=docs, question=[int(t) for t in question],
+                 target=target, positive_doc_ids=list(dict.fromkeys(positives)),
+                 answer=[int(t) for t in answer], task=task,
+                 rounds=tuple(tuple(d.doc_id for d in r) for r in rounds))
+
+
+@dataclasses.dataclass(frozen=True)
+class KVConfig:
+  """Key-value retrieval (hops=1) or multi-hop chain (hops=2-3) task sizes.
+
+  Each document is ``[ id ]`` then ``facts_per_doc`` facts ``key value`` (with
+  ``fact_words``: ``key is value .``). Keys are unique in memory. For hops>1,
+  gold doc h holds ``key_h -> key_{h+1}`` and the last one ``key -> value``.
+  Alphabet sizes must not exceed the tokenizer's ``WordVocabConfig``.
+  """
+
+  num_docs: int = 32
+  facts_per_doc: int = 1
+  id_len: int = 2
+  key_len: int = 2
+  value_len: int = 2
+  num_id_symbols: int = 128
+  num_key_symbols: int = 256
+  num_value_symbols: int = 256
+  hops: int = 1
+  fact_words: bool = False
+  question_words: bool = False
+  prefix_bos: bool = True
+  link_distractor_rate: float = 0.5  # hops>1: distractor facts whose value is a key
+
+  @property
+  def doc_length(self) -> int:
+    """Tokens of one memory document (bracketed id + facts)."""
+    fact = self.key_len + (self.key_len if self.hops > 1 else self.value_len)
+    fact = max(fact, self.key_len + self.value_len)
+    return self.id_len + 2 + self.facts_per_doc * (fact + (2 if self.fact_words else 0))
+
+  def vocab(self) -> WordVocabConfig:
+    return WordVocabConfig(num_id_symbols=self.num_id_symbols,
+                           num_key_symbols=self.num_key_symbols,
+                           num_value_symbols=self.num_value_symbols)
+
+
+class KVRetrievalTask:
+  """``task(index) -> Example`` for key-value retrieval / multi-hop chains."""
+
+  def __init__(self, config: KVConfig, tokenizer: WordTokenizer | None = None,
+               seed: int = 0):
+    self.config = config
+    self.tokenizer = tokenizer or WordTokenizer(config.vocab())
+    self.seed = seed
+    c, v = config, self.tokenizer.config
+    for name in ("num_id_symbols", "num_key_symbols", "num_value_symbols"):
+      if getattr(c, name) > getattr(v, name):
+        raise ValueError(f"KVConfig.{name}={getattr(c, name)} exceeds the "
+                         f"tokenizer's {getattr(v, name)}; enlarge WordVocabConfig")
+    if not 1 <= c.hops <= 3:
+      raise ValueError(f"hops={c.hops}; use 1 (kv retrieval) or 2-3 (multi-hop)")
+    if c.num_docs < c.hops:
+      raise ValueError(f"num_docs={c.num_docs} < hops={c.hops}; the chain needs "
+                       "one document per hop")
+    if c.facts_per_doc < 1:
+      raise ValueError("facts_per_doc must be >= 1")
+    self.name = "kv" if c.hops == 1 else f"multihop{c.hops}"
+
+  def with_num_docs(self, num_docs: int) -> "KVRetrievalTask":
+    """Same task and seed with a different memory size (more/fewer distractors)."""
+    return KVRetrievalTask(dataclasses.replace(self.config, num_docs=num_docs),
+                           self.tokenizer, self.seed)
+
+  def with_memory_tokens(self, budget: int) -> "KVRetrievalTask":
+    """Same task with as many documents as fit ``budget`` memory tokens."""
+    n = budget // self.config.doc_length
+    if n < self.config.hops:
+      raise ValueError(f"memory budget {budget} holds {n} documents of "
+                       f"{self.config.doc_length} tokens; too few for the chain")
+    return self.with_num_docs(n)
+
+  def __call__(self, index: int) -> Example:
+    c, tok = self.config, self.tokenizer
+    core = example_rng(self.seed, index, CORE)
+    ids = UniqueTuples(example_rng(self.seed, index, IDS), c.num_id_symbols,
+                       c.id_len, "document ids")
+    keys = UniqueTuples(example_rng(self.seed, index, KEYS), c.num_key_symbols,
+                        c.key_len, "keys")
+    values = example_rng(self.seed, index, VALUES)
+    key_tok = lambda k: [tok.key_symbol(s) for s in k]
+    value_tok = lambda: [tok.value_symbol(int(s)) for s in
+                         values.integers(0, c.num_value_symbols, c.value_len)]
+    fact = lambda k, v: key_tok(k) + (tok.encode("is") if c.fact_words else []) + v + (
+        tok.encode(".") if c.fact_words else [])
+
+    # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
+    chain_keys = keys.take(c.hops)
+    answer = value_tok()
+    gold = []
+    for h in range(c.hops):
+      link = key_tok(chain_keys[h + 1]) if h + 1 < c.hops else answer
+      facts = [fact(chain_keys[h], link)]
+      facts += [fact(k, value_tok()) for k in keys.take(c.facts_per_doc - 1)]
+      pos = int(core.integers(0, c.facts_per_doc))
+      facts.insert(pos, facts.pop(0))
+      gold.append(make_document(tok, ids.take(1)[0], sum(facts, [])))
+
+    distractors = []
+    for _ in range(c.num_docs - c.hops):
+      facts = []
+      for k in keys.take(c.facts_per_doc):
+        if c.hops > 1 and values.random() < c.link_distractor_rate:
+          facts.append(fact(k, key_tok(keys.take(1)[0])))
+        else:
+          facts.append(fact(k, value_tok()))
+      distractors.append(make_document(tok, ids.take(1)[0], sum(facts, [])))
+
+    question = key_tok(chain_keys[0])
+    if c.question_words:
+      question = tok.encode("what is the value for") + question + tok.encode("?")
+    prefix = [tok.specials.bos] if c.prefix_bos else []
+    return assemble(tok, task=self.name, seed=self.seed, index=index, gold=gold,
+                    distractors=distractors, question=question, answer=answer,
+                    rounds=[[g] for g in gold], prefix=prefix)
+
+
+def smoke_kv_config(num_docs: int = 32) -> KVConfig:
+  """CPU smoke recipe sizes (SPEC §8): each document is ONE chunk of P=8 tokens.
+
+  Document = ``[ i i ] k k v v`` (8 tokens), 32 documents, question = the key
+  (2 tokens). Interleave samples: ``k k -> [ i i ] <id-end>`` (active 7) and
+  ``k k [ i i ] k k v v -> <end-of-retrieval> v v <eos>`` (active 14).
+  Id and key alphabets of 128 symbols give 16384 distinct 2-token ids/keys, so
+  the same questions scale to 256x memory (8192 documents); vocab ~530 words.
+  """
+  return KVConfig(num_docs=num_docs, facts_per_doc=1, id_len=2, key_len=2,
+                  value_len=2, num_id_symbols=128, num_key_symbols=128,
+                  num_value_symbols=32, hops=1, prefix_bos=True)
+
+
+def smoke_kv_task(seed: int = 0, num_docs: int = 32) -> KVRetrievalTask:
+  """The smoke kv task (see ``smoke_kv_config``) with its own word tokenizer."""
+  return KVRetrievalTask(smoke_kv_config(num_docs), seed=seed)
+
+
+def multihop_task(hops: int = 2, seed: int = 0, **sizes) -> KVRetrievalTask:
+  """Multi-hop chain task (2-3 linked gold documents); ``sizes`` override KVConfig."""
+  return KVRetrievalTask(KVConfig(hops=hops, **sizes), seed=seed)
