@@ -1,0 +1,246 @@
+"""grain input pipeline: Examples -> (shuffle, shard) -> interleave samples -> bucketed MSABatch.
+
+    ds = batch_dataset(smoke_kv_task(seed=0), buckets=[BucketShapes(32, 1, 32, 8, 16)],
+                       seed=0, specials=task.tokenizer.specials)
+    it = iter(ds)                      # grain DatasetIterator
+    batch = next(it)                   # MSABatch of numpy arrays
+    state = it.get_state()             # JSON-serialisable dict
+    it2 = iter(ds); it2.set_state(state)   # continues with exactly the same batches
+
+Checkpoint with orbax (grain 0.2.18 ships the handler and args)::
+
+    import orbax.checkpoint as ocp, grain
+    ckptr = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+    ckptr.save(path, args=grain.checkpoint.CheckpointSave(it))
+    ckptr.restore(path, args=grain.checkpoint.CheckpointRestore(it))  # sets it's state
+    # or, next to model state in a CheckpointManager:
+    # mngr.save(step, args=ocp.args.Composite(
+    #     state=ocp.args.StandardSave(params), data=grain.checkpoint.CheckpointSave(it)))
+
+The handler writes ``process_<i>-of-<n>.json`` per process, which matches the
+per-process sharding below (``process_index``/``process_count``, e.g.
+``jax.process_index()``/``jax.process_count()``).
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from msa_jax.batch import MSABatch
+from msa_jax.data import interleave
+from msa_jax.data.collate import BucketShapes, choose_bucket, collate, size_key
+from msa_jax.data.example import Example
+from msa_jax.data.tokenizer import SpecialTokens
+
+ExampleSource = Callable[[int], Example] | Sequence[Example]
+
+
+def example_dataset(source: ExampleSource, *, seed: int, num_examples: int | None = None,
+                    num_epochs: int | None = 1, shuffle: bool = True,
+                    process_index: int = 0, process_count: int = 1
+                    ) -> grain.MapDataset:
+  """A ``MapDataset`` of Examples, shuffled by ``seed`` and sharded by process.
+
+  ``source`` is a sequence of Examples (e.g. from ``jsonl``) or a synthetic task
+  ``index -> Example``. A task with ``num_examples=None`` is an infinite stream
+  (index 0, 1, 2, ...; every example is fresh and already random by its own
+  seed, so no shuffle is applied). Otherwise the ``num_examples`` (or
+  ``len(source)``) indices are shuffled by ``seed``, differently each epoch,
+  repeated ``num_epochs`` times (None: forever). Process p of n takes every
+  n-th element starting at p (disjoint shards).
+  """
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  if callable(source) and num_examples is None:
+    ds = grain.MapDataset.range(sys.maxsize)
+  else:
+    n = len(source) if num_examples is None else num_examples
+    if n == 0:
+      raise ValueError("empty example source; give at least one example")
+    ds = grain.MapDataset.range(n)
+    if shuffle:
+      ds = ds.shuffle(seed)
+    ds = ds.repeat(num_epochs)
+  ds = ds[process_index::process_count]
+  get = source if callable(source) else source.__getitem__
+  return ds.map(get)
+
+
+class _ExpandInterleave(grain.experimental.FlatMapTransform):
+  """Example -> its Memory Interleave samples (or itself when ``enabled`` is False)."""
+
+  def __init__(self, specials: SpecialTokens, enabled: bool, max_fan_out: int):
+    self.specials, self.enabled, self.max_fan_out = specials, enabled, max_fan_out
+
+  def flat_map(self, element: Example) -> list[Example]:
+    return interleave.expand(element, self.specials) if self.enabled else [element]
+
+
+def plan_batches(samples: Sequence[Example], buckets: Sequence[BucketShapes],
+                 rng: np.random.Generator) -> list[tuple[int, list[Example]]]:
+  """Group samples of similar size into batches: ``[(bucket index, samples)]``.
+
+  Samples are sorted by (smallest fitting bucket, size) and cut greedily into
+  batches; each batch takes the smallest bucket that fits all its members and
+  that bucket's batch size. Only the last batch can be short. The batch order
+  is then shuffled by ``rng`` (so sizes are not monotonic in time).
+  """
+  own = [choose_bucket(s, buckets) for s in samples]
+  order = sorted(range(len(samples)),
+                 key=lambda i: (buckets[own[i]].slots_per_example, size_key(samples[i])))
+  ordered = [samples[i] for i in order]
+  out, i = [], 0
+  while i < len(ordered):
+    size = buckets[own[order[i]]].batch
+    while True:
+      group = ordered[i:i + size]
+      b = _bucket_for_group(group, buckets)
+      if buckets[b].batch >= len(group):
+        break
+      size = buckets[b].batch
+    out.append((b, group))
+    i += len(group)
+  perm = rng.permutation(len(out))
+  return [out[k] for k in perm]
+
+
+def _bucket_for_group(group: Sequence[Example], buckets: Sequence[BucketShapes]) -> int:
+  fitting = [n for n, b in enumerate(buckets) if all(b.fits(e) for e in group)]
+  if not fitting:
+    raise ValueError("no single bucket fits this group of samples although each "
+                     "fits one; add a bucket covering the largest of every field")
+  return min(fitting, key=lambda n: buckets[n].slots_per_example)
+
+
+class _BucketBatchIterator(grain.DatasetIterator):
+  """Reads a window of samples, plans bucketed batches, emits them collated.
+
+  State: the parent's state at the start of the current window, the window
+  number and how many of its batches were emitted. Restoring re-reads the
+  window (deterministic) and skips the emitted batches.
+  """
+
+  def __init__(self, parent, buckets, window, seed, drop_remainder):
+    super().__init__(parent)
+    self._buckets, self._window_size = list(buckets), window
+    self._seed, self._drop_remainder = seed, drop_remainder
+    self._window = -1
+    self._window_start = self._parent.get_state()
+    self._planned: list[tuple[int, list[Example]]] = []
+    self._emitted = 0
+
+  def _read_window(self) -> None:
+    self._window_start = self._parent.get_state()
+    samples = []
+    for _ in range(self._window_size):
+      try:
+        samples.append(next(self._parent))
+      except StopIteration:
+        break
+    rng = np.random.default_rng([self._seed, self._window])
+    planned = plan_batches(samples, self._buckets, rng)
+    if self._drop_remainder:
+      planned = [(b, g) for b, g in planned if len(g) == self._buckets[b].batch]
+    self._planned, self._emitted = planned, 0
+
+  def __next__(self) -> MSABatch:
+    while self._emitted >= len(self._planned):
+      self._window += 1
+      self._read_window()
+      if not self._planned:
+        self._window -= 1  # stay at the end; the next state restores here
+        raise StopIteration
+    b, group = self._planned[self._emitted]
+    self._emitted += 1
+    return collate(group, self._buckets[b])
+
+  def get_state(self) -> dict[str, Any]:
+    return {"parent": self._window_start, "window": self._window,
+            "emitted": self._emitted}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._window = state["window"]
+    self._planned, self._emitted = [], 0
+    if self._window >= 0:
+      self._read_window()
+      self._emitted = state["emitted"]
+
+
+class BucketBatchIterDataset(grain.IterDataset):
+  """Length-aware bucketing + collation of a stream of Examples into MSABatch."""
+
+  def __init__(self, parent: grain.IterDataset, buckets: Sequence[BucketShapes], *,
+               window_batches: int = 16, seed: int = 0, drop_remainder: bool = False):
+    super().__init__(parent)
+    if not buckets:
+      raise ValueError("give at least one BucketShapes")
+    self._buckets = list(buckets)
+    self._window = window_batches * max(b.batch for b in buckets)
+    self._seed, self._drop_remainder = seed, drop_remainder
+
+  def __iter__(self) -> _BucketBatchIterator:
+    return _BucketBatchIterator(self._parent.__iter__(), self._buckets,
+                                self._window, self._seed, self._drop_remainder)
+
+  def __str__(self) -> str:
+    return f"BucketBatchIterDataset(buckets={self._buckets}, window={self._window})"
+
+
+def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
+                  specials: SpecialTokens, seed: int = 0,
+                  num_examples: int | None = None, num_epochs: int | None = 1,
+                  shuffle: bool = True, memory_interleave: bool = True,
+                  window_batches: int = 16, drop_remainder: bool = False,
+                  process_index: int = 0, process_count: int = 1,
+                  read_options: grain.ReadOptions | None = None,
+                  prefetch_batches: int = 0) -> grain.IterDataset:
+  """The full pipeline: an ``IterDataset`` of ``MSABatch`` (numpy arrays).
+
+  Args:
+    source: Examples (sequence) or a synthetic task ``index -> Example``.
+    buckets: candidate shapes; each batch uses the smallest that fits its
+      samples (an unfittable sample raises; nothing is truncated).
+    specials: control token ids (``tokenizer.specials``) for interleave targets.
+    seed: shuffling and batch-order seed.
+    num_examples, num_epochs, shuffle, process_index, process_count: see
+      ``example_dataset``.
+    memory_interleave: expand each example into its interleave samples
+      (SPEC §4); False trains the direct target (ablation).
+    window_batches: samples are grouped by size within windows of this many
+      (largest) batches; bigger windows waste less padding.
+    drop_remainder: drop the short last batch of a finite stream instead of
+      padding it with empty rows (rows whose masks are all False).
+    read_options: grain threading for example generation (default 2 threads,
+      small buffer: the CPU smoke run shares 2 cores with training).
+    prefetch_batches: >0 prepares that many batches in a background thread.
+  """
+  examples = example_dataset(source, seed=seed, num_examples=num_examples,
+                             num_epochs=num_epochs, shuffle=shuffle,
+                             process_index=process_index, process_count=process_count)
+  read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
+  ds = examples.to_iter_dataset(read_options)
+  ds = grain.experimental.FlatMapIterDataset(
+      ds, _ExpandInterleave(specials, memory_interleave, max_fan_out=64))
+  ds = BucketBatchIterDataset(ds, buckets, window_batches=window_batches, seed=seed,
+                              drop_remainder=drop_remainder)
+  if prefetch_batches > 0:
+    ds = grain.experimental.ThreadPrefetchIterDataset(
+        ds, prefetch_buffer_size=prefetch_batches)
+  return ds
+
+
+def eval_examples(task: Callable[[int], Example], num_examples: int, *,
+                  memory_factor: int = 1, base_num_docs: int | None = None) -> list[Example]:
+  """The first ``num_examples`` examples of ``task`` at ``memory_factor`` x memory.
+
+  ``task`` needs ``with_num_docs`` and ``config.num_docs`` (all synthetic tasks
+  have them). For a given (seed, index) the question, answer and gold documents
+  are the same at every factor; only distractors are added.
+  """
+  n = (base_num_docs or task.config.num_docs) * memory_factor
+  scaled = task.with_num_docs(n)
+  return [scaled(i) for i in range(num_examples)]
