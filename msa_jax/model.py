@@ -161,11 +161,13 @@ class DecoderLayer(nn.Module):
     return self._finish(x_btd, attn), k, v, rk
 
   def active(self, x_bmd, pos_bm, mask_bm, ctx_k, ctx_v, ctx_mask,
-             memory: Optional[LayerMemory], route_mask_bm):
+             memory: Optional[LayerMemory], route_mask_bm,
+             forced: Optional[routing.Selection] = None):
     """Active tokens: attend ``[context ; selected chunks ; own causal]``.
 
-    ``memory`` is routed only in router layers (``None`` elsewhere). Returns
-    ``(x_out, k, v, routing-or-None)``.
+    ``memory`` is routed only in router layers (``None`` elsewhere). ``forced``
+    replaces the router's choice (oracle routing in evaluation); scores are
+    still computed. Returns ``(x_out, k, v, routing-or-None)``.
     """
     cfg = self.cfg
     h, q, k, v = self._project(x_bmd, pos_bm)
@@ -174,6 +176,8 @@ class DecoderLayer(nn.Module):
       rq = self._heads(self.router_q_proj(h), cfg.num_heads)
       rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads)
       doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, memory, cfg.top_k)
+      if forced is not None:
+        selection = forced
       mem_k, mem_v, mem_mask = gather_selected_memory(memory, selection)
       mem_k, mem_v = mem_k.astype(k.dtype), mem_v.astype(v.dtype)
       if ctx_k is None:
@@ -268,10 +272,13 @@ class MSAModel(nn.Module):
     return kv
 
   def decode_active(self, active_tokens_bm, active_pos_bm, active_mask_bm, route_mask_bm,
-                    prefix_kv, prefix_mask_bt, memory: dict[int, LayerMemory]):
+                    prefix_kv, prefix_mask_bt, memory: dict[int, LayerMemory],
+                    forced: Optional[routing.Selection] = None):
     """Stage 2: the active tokens, routing in every router layer.
 
-    Returns ``(logits [B, M, vocab], [Routing per router layer])``.
+    ``forced`` (``Selection`` of ``[B, k]`` documents) overrides routing in
+    every router layer: oracle routing. Returns ``(logits [B, M, vocab],
+    [Routing per router layer])``.
     """
     x = self._embed(active_tokens_bm)
     mask = jnp.asarray(active_mask_bm, bool)
@@ -280,7 +287,7 @@ class MSAModel(nn.Module):
     for i, layer in enumerate(self.layers):
       ctx_k, ctx_v = prefix_kv[i]
       x, _, _, decision = layer.active(x, active_pos_bm, mask, ctx_k, ctx_v, prefix_mask,
-                                       memory.get(i), route_mask_bm)
+                                       memory.get(i), route_mask_bm, forced)
       if decision is not None:
         decisions.append(decision)
     return self._logits(x), decisions
