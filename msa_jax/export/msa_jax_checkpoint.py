@@ -1,0 +1,119 @@
+"""The native msa_jax checkpoint: ``msa_config.json`` plus orbax-saved params.
+
+Layout of one checkpoint dir::
+
+    <dir>/msa_config.json   ModelConfig.to_dict()
+    <dir>/params/           the param tree, orbax StandardCheckpointer
+
+A trainer workdir holds step dirs ``<workdir>/<step>/`` or
+``<workdir>/checkpoints/<step>/`` (``<step>`` has digits), each with ``params/``;
+``msa_config.json`` sits in the step dir or in a dir above it, up to the workdir.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Optional
+
+import jax
+import orbax.checkpoint as ocp
+
+from msa_jax.config import ModelConfig
+from msa_jax.export.errors import CheckpointError
+
+CONFIG_FILE = "msa_config.json"
+PARAMS_DIR = "params"
+
+
+def save_msa_jax_checkpoint(model, params, directory: str) -> str:
+  """Writes ``model.config`` and ``params`` (boxed or not) as an msa_jax checkpoint.
+
+  Overwrites an existing ``params/``. Returns the absolute checkpoint dir.
+  """
+  import flax.linen as nn
+  directory = os.path.abspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+    json.dump(model.config.to_dict(), f, indent=2, sort_keys=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.join(directory, PARAMS_DIR), nn.unbox(params), force=True)
+  checkpointer.wait_until_finished()
+  return directory
+
+
+def is_msa_jax_checkpoint(directory: str) -> bool:
+  return os.path.isdir(os.path.join(directory, PARAMS_DIR)) and find_config_file(directory) is not None
+
+
+def find_config_file(step_dir: str, root: Optional[str] = None) -> Optional[str]:
+  """``msa_config.json`` in ``step_dir`` or a parent, not above ``root`` (default: itself)."""
+  d = os.path.abspath(step_dir)
+  stop = os.path.abspath(root or step_dir)
+  while True:
+    candidate = os.path.join(d, CONFIG_FILE)
+    if os.path.isfile(candidate):
+      return candidate
+    if d == stop or os.path.dirname(d) == d:
+      return None
+    d = os.path.dirname(d)
+
+
+def _step_of(name: str) -> Optional[int]:
+  digits = re.findall(r"\d+", name)
+  return int(digits[-1]) if digits else None
+
+
+def find_workdir_checkpoint(workdir: str, step: Optional[int] = None) -> Optional[str]:
+  """The newest (or ``step``'s) step dir of a trainer workdir, or None if it has none."""
+  found: dict[int, str] = {}
+  for parent in (os.path.join(workdir, "checkpoints"), workdir):
+    if not os.path.isdir(parent):
+      continue
+    for name in os.listdir(parent):
+      s = _step_of(name)
+      path = os.path.join(parent, name)
+      if (s is not None and os.path.isdir(os.path.join(path, PARAMS_DIR))
+          and find_config_file(path, workdir) is not None):
+        found.setdefault(s, path)
+    if found:
+      break
+  if not found:
+    return None
+  if step is None:
+    return found[max(found)]
+  if step not in found:
+    raise CheckpointError(f"{workdir}: no checkpoint for step {step}; steps: {sorted(found)}")
+  return found[step]
+
+
+def read_model_config(step_dir: str, root: Optional[str] = None) -> ModelConfig:
+  path = find_config_file(step_dir, root)
+  if path is None:
+    raise CheckpointError(f"{step_dir}: no {CONFIG_FILE}")
+  with open(path) as f:
+    try:
+      return ModelConfig.from_dict(json.load(f))
+    except (json.JSONDecodeError, ValueError, TypeError) as e:
+      raise CheckpointError(f"{path}: {e}") from None
+
+
+def restore_params(step_dir: str, abstract_params: Any) -> Any:
+  """Restores ``<step_dir>/params`` into the structure, shapes and dtypes of ``abstract_params``."""
+  path = os.path.abspath(os.path.join(step_dir, PARAMS_DIR))
+  checkpointer = ocp.StandardCheckpointer()
+  stored = checkpointer.metadata(path)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  want = {jax.tree_util.keystr(p): x.shape
+          for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+  have = {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise CheckpointError(f"{path}: missing params {missing[:5]}"
+                          f"{' ...' if len(missing) > 5 else ''}")
+  for key, shape in want.items():
+    if have[key] != tuple(shape):
+      raise CheckpointError(f"{path}: param {key} has shape {have[key]}, expected {tuple(shape)}")
+  return checkpointer.restore(path, abstract_params)
