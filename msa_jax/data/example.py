@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 
@@ -108,7 +109,7 @@ class Example:
   def active_length(self) -> int:
     return len(self.question) + len(self.target)
 
-  @property
+  @functools.cached_property
   def max_doc_length(self) -> int:
     return max(len(d.tokens) for d in self.docs)
 
