@@ -1,0 +1,58 @@
+"""Kernel benchmarks; shared timing helpers live here."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def time_ms(fn, *args, warmup: int = 2, iters: int = 10, reps: int = 5) -> float:
+  """Median wall time (ms) of ``fn(*args)`` per call, device-synchronised.
+
+  Each rep launches ``iters`` calls back to back and waits once, so the launch
+  overhead hides behind device work; the median over ``reps`` is returned.
+  """
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  samples = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    out = None
+    for _ in range(iters):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) * 1e3 / iters)
+  return statistics.median(samples)
+
+
+def copy_bandwidth_gbs(num_bytes: int = 4 << 30) -> float:
+  """Device copy bandwidth (GB/s, bytes read + bytes written) on a large bf16 buffer."""
+  x = jnp.ones((num_bytes // 2,), jnp.bfloat16)
+  f = jax.jit(lambda a: a + jnp.bfloat16(1))
+  ms = time_ms(f, x, iters=5)
+  del x
+  return 2 * num_bytes / ms / 1e6
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
+
+
+def write_json(path: str, payload: dict) -> None:
+  """Writes ``payload`` with device, jax version and UTC date added."""
+  payload = dict(payload, device=device_name(), jax=jax.__version__,
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as fh:
+    json.dump(payload, fh, indent=1)
+
+
+def out_dir() -> str:
+  """``$OUT`` on the device machine, else ``benchmarks/results``."""
+  return os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")

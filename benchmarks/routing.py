@@ -1,0 +1,146 @@
+"""Routing benchmark: one router layer of Qwen3-4B shape against 1M-100M memory tokens.
+
+F = Hkv·D = 1024, M = 64 question tokens, P = 64 (100M tokens = 1.56M chunks),
+documents of ``--doc-chunks`` chunks. For each memory size it times:
+  * floor: bytes of K̄R (bf16) / copy bandwidth measured in this run;
+  * xla_scores: the best plain-XLA chunk scores (bf16 matmul, f32 acc, masked max);
+  * xla_route: xla_scores + segment max + two-stage top-k (the full XLA path);
+  * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
+  * pallas_route: the full ``route_top_k`` with the kernel;
+  * tail: segment max + two-stage top-k alone.
+Prints a table, writes ``routing.json`` and ``routing.png`` to ``$OUT`` (or
+benchmarks/results). Run: ``python -m benchmarks.routing``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import copy_bandwidth_gbs, device_name, out_dir, time_ms, write_json
+from msa_jax import routing as ref_routing
+from pallas_kernels import block_routing as br
+
+F, M, P, K_DOCS = 1024, 64, 64, 16
+CONFIGS = {  # name: (chunks, features, stages)
+    "c128f128s4": (128, 128, 4),
+    "c128f64s4": (128, 64, 4),
+    "c128f64s3": (128, 64, 3),
+    "c64f128s3": (64, 128, 3),
+    "c256f64s3": (256, 64, 3),
+}
+
+
+def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0):
+  """Random unit-norm-ish bf16 keys, a contiguous chunk→doc map, 64 routing queries."""
+  key_kr, key_q = jax.random.split(jax.random.key(seed))
+  kr_cf = jax.jit(lambda k: (jax.random.normal(k, (num_chunks, F), jnp.bfloat16)
+                             * jnp.bfloat16(F ** -0.5)), )(key_kr)
+  chunk_doc_c = jnp.arange(num_chunks, dtype=jnp.int32) // doc_chunks
+  num_docs = -(-num_chunks // doc_chunks)
+  rq = jax.random.normal(key_q, (1, M, 32, 128), jnp.float32)
+  rq_bmf = ref_routing.group_sum_queries(rq, 8)
+  mask_bm = jnp.arange(M)[None, :] < M - 3  # a few padding tokens
+  return rq_bmf, mask_bm, kr_cf, chunk_doc_c, num_docs
+
+
+def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None):
+  c = tokens // P
+  rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks)
+  row = {"tokens": tokens, "chunks": c, "docs": n, "kr_bytes": c * F * 2}
+  row["floor_ms"] = c * F * 2 / bw_gbs / 1e6
+
+  xla_scores = jax.jit(lambda q, m, kr: br.chunk_scores(q, m, kr, implementation="xla"))
+  row["xla_scores_ms"] = time_ms(xla_scores, rq_bmf, mask_bm, kr_cf)
+  xla_route = jax.jit(lambda q, m, kr, d: br.route_top_k(q, m, kr, d, n, K_DOCS,
+                                                         implementation="xla"))
+  row["xla_route_ms"] = time_ms(xla_route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+  s_ref = xla_scores(rq_bmf, mask_bm, kr_cf)
+  _, sel_xla = xla_route(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+
+  for block_docs in (256, 1024, 4096):
+    tail = jax.jit(lambda s, d, bd=block_docs: br.two_stage_top_k(
+        ref_routing.document_scores(s, d, n), K_DOCS, bd))
+    row[f"tail_bd{block_docs}_ms"] = time_ms(tail, s_ref, chunk_doc_c)
+
+  row["pallas"] = {}
+  for name, (ch, fe, st) in configs.items():
+    bs = br.BlockSizes(chunks=ch, features=fe, stages=st)
+    fn = jax.jit(lambda q, m, kr, bs=bs: br.chunk_scores(q, m, kr, implementation="pallas",
+                                                         block_sizes=bs))
+    try:
+      s_p = fn(rq_bmf, mask_bm, kr_cf)
+      err = float(jnp.max(jnp.abs(s_p - s_ref)))
+      ms = time_ms(fn, rq_bmf, mask_bm, kr_cf)
+      row["pallas"][name] = {"scores_ms": ms, "max_abs_err_vs_xla": err}
+    except Exception as e:  # a tiling that does not fit: record and go on
+      row["pallas"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+  ok = {k: v["scores_ms"] for k, v in row["pallas"].items() if "scores_ms" in v}
+  if ok:
+    pick = best if best in ok else min(ok, key=ok.get)
+    ch, fe, st = configs[pick]
+    bs = br.BlockSizes(chunks=ch, features=fe, stages=st)
+    route = jax.jit(lambda q, m, kr, d: br.route_top_k(q, m, kr, d, n, K_DOCS,
+                                                       implementation="pallas", block_sizes=bs))
+    _, sel_p = route(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    row["pallas_config"] = pick
+    row["pallas_scores_ms"] = ok[pick]
+    row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    row["selection_equal_xla"] = bool(np.array_equal(np.asarray(sel_p.doc_idx_bk),
+                                                     np.asarray(sel_xla.doc_idx_bk)))
+  del kr_cf
+  return row
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tokens", default="1e6,1e7,3e7,1e8")
+  ap.add_argument("--doc-chunks", type=int, default=16)
+  ap.add_argument("--configs", default=",".join(CONFIGS))
+  ap.add_argument("--sweep-at", type=float, default=1e8, help="memory size that tries every config")
+  args = ap.parse_args()
+  bw = copy_bandwidth_gbs() if jax.default_backend() == "gpu" else copy_bandwidth_gbs(1 << 26)
+  print(f"device {device_name()}  copy bandwidth {bw:.0f} GB/s (read+write)", flush=True)
+  configs = {k: CONFIGS[k] for k in args.configs.split(",")}
+  rows, best = [], None
+  sizes = sorted((int(float(t)) for t in args.tokens.split(",")), reverse=True)
+  for tokens in sizes:
+    cfg = configs if tokens == int(args.sweep_at) or best is None else {best: configs[best]}
+    row = bench_size(tokens, args.doc_chunks, bw, cfg, best)
+    best = row.get("pallas_config", best)
+    rows.append(row)
+    print(row, flush=True)
+  rows.sort(key=lambda r: r["tokens"])
+  hdr = (f"{'tokens':>10} {'chunks':>9} {'floor':>7} {'xla_sc':>7} {'xla_rt':>7} "
+         f"{'pl_sc':>7} {'pl_rt':>7} {'tail':>6} {'pl/floor':>8} {'cfg':>11} sel==xla")
+  print(hdr)
+  for r in rows:
+    pr = r.get("pallas_route_ms", float("nan"))
+    print(f"{r['tokens']:>10.0e} {r['chunks']:>9} {r['floor_ms']:>7.3f} {r['xla_scores_ms']:>7.3f} "
+          f"{r['xla_route_ms']:>7.3f} {r.get('pallas_scores_ms', float('nan')):>7.3f} {pr:>7.3f} "
+          f"{r['tail_bd1024_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {r.get('pallas_config', '-'):>11} "
+          f"{r.get('selection_equal_xla')}")
+  od = out_dir()
+  write_json(os.path.join(od, "routing.json"), {"copy_bw_gbs": bw, "F": F, "M": M, "P": P,
+                                                "k": K_DOCS, "rows": rows})
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    t = [r["tokens"] for r in rows]
+    plt.figure(figsize=(6, 4))
+    for key, lab in (("floor_ms", "HBM floor"), ("xla_route_ms", "XLA route"),
+                     ("pallas_route_ms", "Pallas route"), ("xla_scores_ms", "XLA scores+max")):
+      plt.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
+    plt.xlabel("memory tokens"); plt.ylabel("ms per router layer"); plt.legend()
+    plt.title(f"Routing, one layer ({device_name()})")
+    plt.savefig(os.path.join(od, "routing.png"), dpi=120, bbox_inches="tight")
+  except Exception as e:  # plotting is optional
+    print("no plot:", e)
+
+
+if __name__ == "__main__":
+  main()

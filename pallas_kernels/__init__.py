@@ -1,0 +1,1 @@
+"""Pallas kernels for MSA routing and sparse attention (each beside a pure-JAX reference)."""

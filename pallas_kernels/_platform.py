@@ -1,0 +1,37 @@
+"""Backend choice shared by the kernels: ``auto | pallas | xla``, interpret mode."""
+from __future__ import annotations
+
+import jax
+
+IMPLEMENTATIONS = ("auto", "pallas", "xla")
+
+
+def on_gpu() -> bool:
+  """True when the default JAX backend is a GPU."""
+  return jax.default_backend() == "gpu"
+
+
+def resolve(implementation: str) -> str:
+  """Maps ``auto`` to ``pallas`` on a GPU and ``xla`` elsewhere; checks the name."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "auto":
+    return "pallas" if on_gpu() else "xla"
+  return implementation
+
+
+def mosaic_interpret_params(interpret: bool | None):
+  """The ``interpret=`` value for ``plgpu.kernel``: None compiled, else GPU interpret mode.
+
+  ``interpret=None`` means: interpret when no GPU is present (CPU tests).
+  """
+  if interpret is None:
+    interpret = not on_gpu()
+  if not interpret:
+    return None
+  try:  # exported in newer jax
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    params_cls = getattr(plgpu, "InterpretParams", None) or getattr(plgpu, "InterpretGPUParams")
+  except AttributeError:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params_cls
+  return params_cls()

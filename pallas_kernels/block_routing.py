@@ -1,0 +1,304 @@
+"""Block routing: chunk scores against a large pooled-key bank, then top-k documents.
+
+SPEC §3 steps 2-3 for one router layer. The bank holds ``C`` pooled, L2-normalised
+router keys ``K̄R`` (bf16, ``[C, F]`` with ``F = Hkv*D``) and a chunk→document map
+whose documents occupy contiguous chunk ranges. Routing reads every key once, so it
+is bound by memory bandwidth; the work is split as:
+
+1. ``chunk_scores`` (the Pallas Mosaic GPU kernel): streams ``K̄R`` through shared
+   memory with a TMA pipeline, multiplies each ``[chunks, F]`` tile by the
+   group-summed routing queries on the tensor cores (wgmma, f32 accumulation) and
+   reduces the ``[chunks, M]`` score tile over the question tokens in registers, so
+   only ``[B, C]`` chunk scores (4 bytes per chunk, 0.2% of the key bytes) leave
+   the kernel. Masked and padding query rows are replaced by a valid row of the same
+   example, which leaves the max unchanged and keeps the kernel mask-free.
+2. ``document max`` (segment max over the contiguous chunk ranges) and a two-stage
+   top-k (block-local top-k over rows of ``block_docs`` documents, then top-k of
+   the candidates): small XLA ops on the ``[B, C]`` vector.
+
+Public ops (``implementation``: ``auto`` = pallas on a GPU, xla elsewhere):
+  * :func:`route_top_k` → ``(top-k document scores [B, k] in selection order, Selection)``;
+  * :func:`route_documents` → ``(doc scores [B, N], Selection)``, as
+    ``msa_jax.routing.route_documents`` (training needs all scores for the aux loss);
+  * :func:`chunk_scores` → ``[B, C]``.
+Kernel numerics: the routing queries are rounded to bf16 (the keys are bf16 already)
+and products accumulate in float32, so scores differ from the float32 reference by
+about 1e-3 relative; near-ties can therefore pick a different document than the
+float32 reference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from msa_jax import routing as ref_routing
+from pallas_kernels import _platform
+
+NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tiling of the chunk-score kernel and of the top-k.
+
+  chunks: chunk rows per program (wgmma M; a multiple of 64).
+  features: F columns per pipeline step (a multiple of 64 dividing F).
+  stages: shared-memory pipeline depth (concurrent TMA steps).
+  max_queries: most query columns per kernel pass (wgmma N ≤ 256); more queries
+    run as further passes over the bank.
+  block_docs: documents per row of the first top-k stage.
+  """
+
+  chunks: int = 128
+  features: int = 128
+  stages: int = 4
+  max_queries: int = 256
+  block_docs: int = 1024
+
+
+# ----------------------------------------------------------------------------
+# Queries: fold masks into the matrix.
+# ----------------------------------------------------------------------------
+
+def _fill_masked_queries(rq_bmf, query_mask_bm, num_cols: int):
+  """``[B, num_cols, F]`` queries whose masked/padding rows repeat a valid row.
+
+  The max over rows is then the max over valid rows. Examples without a valid row
+  get arbitrary rows; callers reset their scores to ``-inf``.
+  """
+  b, m, f = rq_bmf.shape
+  first_valid_b = jnp.argmax(query_mask_bm, axis=1)
+  fill_bf = jnp.take_along_axis(rq_bmf, first_valid_b[:, None, None], axis=1)[:, 0]
+  q_bmf = jnp.where(query_mask_bm[:, :, None], rq_bmf, fill_bf[:, None, :])
+  if num_cols > m:
+    q_bmf = jnp.concatenate(
+        [q_bmf, jnp.broadcast_to(fill_bf[:, None, :], (b, num_cols - m, f))], axis=1)
+  return q_bmf
+
+
+# ----------------------------------------------------------------------------
+# The Mosaic GPU kernel: K̄R tile × queries → max over queries.
+# ----------------------------------------------------------------------------
+
+def _swizzled(minor_elems: int, itemsize: int):
+  swizzle = _plgpu().find_swizzle(minor_elems * itemsize * 8)
+  return (_plgpu().TilingTransform((8, swizzle // itemsize)), _plgpu().SwizzleTransform(swizzle))
+
+
+def _plgpu():
+  from jax.experimental.pallas import mosaic_gpu as plgpu
+  return plgpu
+
+
+def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
+  import jax.experimental.pallas as pl
+  plgpu = _plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  k_transforms = _swizzled(tile_f, 2)
+  q_transforms = _swizzled(cols, 2)
+
+  def body(kr_gmem, q_gmem, out_gmem):
+    tile = lax.axis_index("tile")
+    p = lax.axis_index("pass")
+
+    def with_out_smem(out_smem):
+      def with_acc(acc_ref):
+        def step(_, k_smem, q_smem):
+          plgpu.wgmma(acc_ref, k_smem, q_smem)
+          plgpu.wgmma_wait(0)
+
+        plgpu.emit_pipeline(
+            step,
+            grid=(num_f,),
+            in_specs=[
+                plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
+                plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
+            ],
+            max_concurrent_steps=min(bs.stages, num_f),
+        )(kr_gmem, q_gmem.at[p])
+        return acc_ref[...].max(axis=1)
+
+      out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      grid=(num_tiles, passes),
+      grid_names=("tile", "pass"),
+      interpret=_platform.mosaic_interpret_params(interpret),
+  )
+
+
+def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret):
+  b, m, f = rq_bmf.shape
+  c = kr_cf.shape[0]
+  if bs.chunks % 64 or f % bs.features or bs.features % 64:
+    raise ValueError(f"unsupported tiling {bs} for F={f}")
+  # Query columns per pass: a multiple of 64, at most max_queries.
+  groups = -(-m // bs.max_queries)
+  per_group = -(-m // groups)
+  cols = 64 * -(-per_group // 64)
+  q_bgcf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
+  q_pfc = q_bgcf.astype(jnp.bfloat16).reshape(b * groups, cols, f).transpose(0, 2, 1)
+  kr_cf = kr_cf.astype(jnp.bfloat16)
+  num_tiles = c // bs.chunks
+  c_main = num_tiles * bs.chunks
+  parts = []
+  if num_tiles:
+    parts.append(_chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc))
+  if c_main < c:  # the ragged tail (< one tile) in plain XLA
+    tail_pc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_cf[c_main:],
+                         preferred_element_type=jnp.float32).max(axis=1)
+    parts.append(tail_pc)
+  s_pc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  s_bc = s_pc.reshape(b, groups, c).max(axis=1)
+  return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
+
+
+def _chunk_scores_xla(rq_bmf, query_mask_bm, kr_cf):
+  """Best plain-XLA formulation: one bf16 matmul (f32 accumulation) + masked max."""
+  s_bmc = jnp.einsum("bmf,cf->bmc", rq_bmf.astype(jnp.bfloat16), kr_cf.astype(jnp.bfloat16),
+                     preferred_element_type=jnp.float32)
+  return jnp.max(jnp.where(query_mask_bm[:, :, None], s_bmc, NEG_INF), axis=1)
+
+
+def chunk_scores_reference(rq_bmf, query_mask_bm, kr_cf):
+  """Float32 reference: ``msa_jax.routing.chunk_scores``."""
+  return ref_routing.chunk_scores(rq_bmf, query_mask_bm, kr_cf)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "block_sizes", "interpret"))
+def chunk_scores(rq_bmf, query_mask_bm, kr_cf, *, implementation: str = "auto",
+                 block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """Per-chunk routing score ``max_t rq[t]·K̄R[c]`` over routing tokens, ``[B, C]`` f32.
+
+  Args:
+    rq_bmf: group-summed routing queries ``[B, M, F]`` (``group_sum_queries``).
+    query_mask_bm: bool ``[B, M]``, which tokens route.
+    kr_cf: pooled router keys ``[C, F]`` (bf16 in a bank).
+    implementation: ``auto | pallas | xla``.
+    block_sizes: kernel tiling (pallas only).
+    interpret: force (True) or forbid (False) interpret mode; None = interpret off GPU.
+  Returns:
+    float32 ``[B, C]``; ``-inf`` for an example without routing tokens.
+  """
+  if _platform.resolve(implementation) == "xla":
+    return _chunk_scores_xla(rq_bmf, query_mask_bm, kr_cf)
+  return _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, block_sizes or BlockSizes(),
+                              interpret)
+
+
+# ----------------------------------------------------------------------------
+# Document max and top-k (small XLA ops on [B, C] / [B, N]).
+# ----------------------------------------------------------------------------
+
+def two_stage_top_k(scores_bn, k: int, block: int):
+  """Exact ``lax.top_k`` (ties → lower index) in two stages for long rows.
+
+  Stage 1 takes the top ``k`` of each run of ``block`` entries (many short rows
+  spread over the whole GPU); stage 2 the top ``k`` of those candidates. Candidates
+  keep index order across rows and ``lax.top_k`` is stable, so ties still go to the
+  lower index. Returns ``(values [B, k'], indices [B, k'])``, ``k' = min(k, N)``.
+  """
+  b, n = scores_bn.shape
+  kk = min(k, n)
+  if n <= block or n <= 2 * kk:
+    return lax.top_k(scores_bn, kk)
+  rows = -(-n // block)
+  padded = jnp.pad(scores_bn, ((0, 0), (0, rows * block - n)), constant_values=NEG_INF)
+  kr = min(kk, block)
+  val_brk, idx_brk = lax.top_k(padded.reshape(b, rows, block), kr)
+  idx_brk = idx_brk + (jnp.arange(rows, dtype=idx_brk.dtype) * block)[None, :, None]
+  val2, pos2 = lax.top_k(val_brk.reshape(b, rows * kr), kk)
+  return val2, jnp.take_along_axis(idx_brk.reshape(b, rows * kr), pos2, axis=1)
+
+
+def selection_from_top_k(top_val_bk, top_idx_bk, k: int):
+  """Sorts chosen documents into document order (invalid last) → (scores, Selection).
+
+  Same rules as ``msa_jax.routing.select_top_k``: ``-inf`` entries are invalid and
+  hold index 0; fewer than ``k`` entries are padded as invalid.
+  """
+  kk = top_val_bk.shape[-1]
+  valid = top_val_bk > NEG_INF
+  sort_key = jnp.where(valid, top_idx_bk, jnp.iinfo(jnp.int32).max - kk + jnp.arange(kk))
+  order = jnp.argsort(sort_key, axis=-1)
+  idx = jnp.take_along_axis(top_idx_bk, order, axis=-1)
+  val = jnp.take_along_axis(top_val_bk, order, axis=-1)
+  valid = jnp.take_along_axis(valid, order, axis=-1)
+  idx = jnp.where(valid, idx, 0)
+  val = jnp.where(valid, val, NEG_INF)
+  if kk < k:
+    pad = ((0, 0), (0, k - kk))
+    idx, valid = jnp.pad(idx, pad), jnp.pad(valid, pad)
+    val = jnp.pad(val, pad, constant_values=NEG_INF)
+  sel = ref_routing.Selection(lax.stop_gradient(idx).astype(jnp.int32), valid)
+  return lax.stop_gradient(val), sel
+
+
+def route_top_k_reference(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int):
+  """Float32 reference for :func:`route_top_k`, from ``msa_jax.routing``."""
+  doc_s, sel = ref_routing.route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c,
+                                           num_docs, k)
+  scores = jnp.take_along_axis(doc_s, sel.doc_idx_bk, axis=1)
+  return jnp.where(sel.valid_bk, scores, NEG_INF), sel
+
+
+@functools.partial(jax.jit, static_argnames=("num_docs", "k", "implementation", "block_sizes",
+                                             "interpret"))
+def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int, *,
+                implementation: str = "auto", block_sizes: BlockSizes | None = None,
+                interpret: bool | None = None):
+  """Top-k documents of one bank: the inference path (no full score vector returned).
+
+  Args:
+    rq_bmf: group-summed routing queries ``[B, M, F]``.
+    query_mask_bm: bool ``[B, M]``: routing tokens (question, padding excluded).
+    kr_cf: pooled L2-normalised router keys ``[C, F]``, bf16.
+    chunk_doc_c: int ``[C]`` document of each chunk (a document's chunks are
+      contiguous; ``-1`` = padding chunk).
+    num_docs: N document slots; k: documents to select.
+    implementation: ``auto | pallas | xla``.
+  Returns:
+    ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
+    ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``
+    where ``valid_bk`` is False.
+  """
+  bs = block_sizes or BlockSizes()
+  s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
+                      block_sizes=bs, interpret=interpret)
+  doc_s = ref_routing.document_scores(s_bc, chunk_doc_c, num_docs)
+  top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
+  return selection_from_top_k(top_val, top_idx, k)
+
+
+@functools.partial(jax.jit, static_argnames=("num_docs", "k", "implementation", "block_sizes",
+                                             "interpret"))
+def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int, *,
+                    implementation: str = "auto", block_sizes: BlockSizes | None = None,
+                    interpret: bool | None = None):
+  """Drop-in for ``msa_jax.routing.route_documents``: ``(doc scores [B, N], Selection)``.
+
+  ``implementation="xla"`` is the float32 reference itself (differentiable scores,
+  for the training aux loss); ``pallas`` uses the kernel's chunk scores.
+  """
+  if _platform.resolve(implementation) == "xla":
+    return ref_routing.route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs, k)
+  bs = block_sizes or BlockSizes()
+  s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas", block_sizes=bs,
+                      interpret=interpret)
+  doc_s = ref_routing.document_scores(s_bc, chunk_doc_c, num_docs)
+  top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
+  _, sel = selection_from_top_k(top_val, top_idx, k)
+  return doc_s, sel
