@@ -139,3 +139,19 @@ def test_parse_round_unknown_ids():
   assert parsed.unknown == [tok.encode_doc_id(bogus)] and not parsed.all_found
   with pytest.raises(KeyError, match="not in memory"):
     interleave.next_question(ex.question, ex.docs, [bogus])
+
+
+def test_task_mixture():
+  from msa_jax.data.niah import NIAHConfig, NIAHTask
+  from msa_jax.data.synthetic import TaskMixture
+  kv = KVRetrievalTask(KVConfig(num_docs=8), seed=0)
+  niah = NIAHTask(NIAHConfig(num_docs=8, doc_len=24), kv.tokenizer, seed=0)
+  mix = TaskMixture([kv, niah], [3, 1], seed=2)
+  names = [mix(i).task for i in range(200)]
+  assert 120 < names.count("kv") < 180 and set(names) == {"kv", "niah_single_essay"}
+  assert mix(5) == mix(5)
+  big = mix.with_memory_factor(4)
+  assert all(len(big(i).docs) == 32 and big(i).question == mix(i).question
+             for i in range(6))
+  with pytest.raises(ValueError, match="share one vocabulary"):
+    TaskMixture([kv, smoke_kv_task()])  # different alphabets, different vocabularies

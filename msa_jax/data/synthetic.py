@@ -235,3 +235,43 @@ def smoke_kv_task(seed: int = 0, num_docs: int = 32) -> KVRetrievalTask:
 def multihop_task(hops: int = 2, seed: int = 0, **sizes) -> KVRetrievalTask:
   """Multi-hop chain task (2-3 linked gold documents); ``sizes`` override KVConfig."""
   return KVRetrievalTask(KVConfig(hops=hops, **sizes), seed=seed)
+
+
+class TaskMixture:
+  """``index -> Example`` drawing each index's task by ``weights`` (deterministic).
+
+  Example ``index`` of the mixture is example ``index`` of the chosen task, so
+  memory scaling keeps its guarantees: ``with_memory_factor(f)`` scales every
+  task's ``num_docs`` by ``f``.
+  """
+
+  def __init__(self, tasks: Sequence, weights: Sequence[float] | None = None,
+               seed: int = 0):
+    if not tasks:
+      raise ValueError("TaskMixture needs at least one task")
+    w = np.ones(len(tasks)) if weights is None else np.asarray(weights, float)
+    if len(w) != len(tasks) or (w < 0).any() or w.sum() <= 0:
+      raise ValueError(f"weights {weights} must be {len(tasks)} non-negative numbers "
+                       "with a positive sum")
+    self.tasks, self.weights, self.seed = list(tasks), w / w.sum(), seed
+    self._cdf = np.cumsum(self.weights)
+    tok = {id(t.tokenizer) for t in self.tasks}
+    if len(tok) != 1:
+      vocab = {t.tokenizer.words for t in self.tasks}
+      if len(vocab) != 1:
+        raise ValueError("tasks of a mixture must share one vocabulary; build them "
+                         "with the same WordTokenizer")
+    self.tokenizer = self.tasks[0].tokenizer
+    self.name = "mixture"
+
+  def task_of(self, index: int) -> int:
+    u = example_rng(self.seed, index, CORE, 7).random()
+    return int(min(np.searchsorted(self._cdf, u, side="right"), len(self.tasks) - 1))
+
+  def __call__(self, index: int) -> Example:
+    return self.tasks[self.task_of(index)](index)
+
+  def with_memory_factor(self, factor: int) -> "TaskMixture":
+    """The same mixture with every task's memory ``factor`` times larger."""
+    return TaskMixture([t.with_num_docs(t.config.num_docs * factor) for t in self.tasks],
+                       self.weights, self.seed)
