@@ -155,3 +155,15 @@ def test_task_mixture():
              for i in range(6))
   with pytest.raises(ValueError, match="share one vocabulary"):
     TaskMixture([kv, smoke_kv_task()])  # different alphabets, different vocabularies
+
+
+def test_bare_ids_give_one_four_token_chunk():
+  cfg = dataclasses.replace(KVConfig(), id_len=2, key_len=1, value_len=1, bracket_ids=False)
+  task = KVRetrievalTask(cfg, seed=0)
+  ex = task(0)
+  assert cfg.doc_length == 4 and {len(d.tokens) for d in ex.docs} == {4}
+  sp = task.tokenizer.specials
+  s0, s1 = interleave.expand(ex, sp)
+  parsed = interleave.parse_round(s0.target, ex.docs, sp)
+  assert parsed.doc_ids == ex.positive_doc_ids and parsed.all_found
+  assert s1.question == ex.question + ex.doc_by_id(parsed.doc_ids[0]).tokens

@@ -119,18 +119,21 @@ class KVConfig:
   question_words: bool = False
   prefix_bos: bool = True
   link_distractor_rate: float = 0.5  # hops>1: distractor facts whose value is a key
+  bracket_ids: bool = True  # False: memory docs start with the bare id (2 fewer tokens)
 
   @property
   def doc_length(self) -> int:
     """Tokens of one memory document (bracketed id + facts)."""
     fact = self.key_len + (self.key_len if self.hops > 1 else self.value_len)
     fact = max(fact, self.key_len + self.value_len)
-    return self.id_len + 2 + self.facts_per_doc * (fact + (2 if self.fact_words else 0))
+    brackets = 2 if self.bracket_ids else 0
+    return self.id_len + brackets + self.facts_per_doc * (fact + (2 if self.fact_words else 0))
 
   def vocab(self) -> WordVocabConfig:
     return WordVocabConfig(num_id_symbols=self.num_id_symbols,
                            num_key_symbols=self.num_key_symbols,
-                           num_value_symbols=self.num_value_symbols)
+                           num_value_symbols=self.num_value_symbols,
+                           bracket_ids=self.bracket_ids)
 
 
 class KVRetrievalTask:

@@ -87,6 +87,7 @@ class WordVocabConfig:
   num_id_symbols: int = 128
   num_key_symbols: int = 256
   num_value_symbols: int = 256
+  bracket_ids: bool = True  # False: ids stored/generated as bare symbols (shorter docs)
 
 
 class WordTokenizer:
@@ -143,7 +144,10 @@ class WordTokenizer:
     return " ".join(self.words[int(i)] for i in ids)
 
   def encode_doc_id(self, doc_id: str) -> list[int]:
-    """``[`` + id words + ``]``: how a document id is stored and generated."""
+    """``[`` + id words + ``]`` (or the bare id words when ``bracket_ids`` is
+    False): how a document id is stored and generated."""
+    if not self.config.bracket_ids:
+      return self.encode(doc_id)
     return [self.open_id] + self.encode(doc_id) + [self.close_id]
 
   # Symbol families, addressed by their index inside the family.
