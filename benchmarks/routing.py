@@ -66,6 +66,14 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
         ref_routing.document_scores(s, d, n), K_DOCS, bd))
     row[f"tail_bd{block_docs}_ms"] = time_ms(tail, s_ref, chunk_doc_c)
 
+  seg = jax.jit(lambda s, d: ref_routing.document_scores(s, d, n))
+  row["tail_segmax_ms"] = time_ms(seg, s_ref, chunk_doc_c)
+  doc_s = seg(s_ref, chunk_doc_c)
+  topk = jax.jit(lambda x: br.two_stage_top_k(x, K_DOCS, 1024))
+  row["tail_topk_ms"] = time_ms(topk, doc_s)
+  v, i = topk(doc_s)
+  selj = jax.jit(lambda v, i: br.selection_from_top_k(v, i, K_DOCS))
+  row["tail_select_ms"] = time_ms(selj, v, i)
   row["pallas"] = {}
   for name, (ch, fe, st) in configs.items():
     bs = br.BlockSizes(chunks=ch, features=fe, stages=st)

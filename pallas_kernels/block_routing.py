@@ -121,7 +121,7 @@ def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSiz
                 plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
             ],
             max_concurrent_steps=min(bs.stages, num_f),
-        )(kr_gmem, q_gmem.at[p])
+        )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
         return acc_ref[...].max(axis=1)
 
       out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
