@@ -164,6 +164,12 @@ def remove_weight_files(directory: str) -> None:
       os.remove(os.path.join(directory, f))
 
 
+def _c_contiguous(x: np.ndarray) -> np.ndarray:
+  """C-contiguous ``x`` keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+  x = np.asarray(x)
+  return x if x.flags.c_contiguous else x.copy(order="C")
+
+
 def write_tensors(directory: str, names: Sequence[str], nbytes: Sequence[int],
                   produce: Callable[[int], np.ndarray], max_shard_size="5GB",
                   metadata: dict | None = None) -> list[str]:
@@ -180,7 +186,7 @@ def write_tensors(directory: str, names: Sequence[str], nbytes: Sequence[int],
   for k, members in enumerate(shards):
     fname = (SINGLE_FILE if len(shards) == 1
              else SHARD_PATTERN.format(k=k + 1, n=len(shards)))
-    arrays = {names[i]: np.ascontiguousarray(produce(i)) for i in members}
+    arrays = {names[i]: _c_contiguous(produce(i)) for i in members}
     safetensors.numpy.save_file(arrays, os.path.join(directory, fname), metadata=metadata)
     del arrays
     files.append(fname)
