@@ -1,0 +1,114 @@
+"""Training telemetry: metrics.jsonl, TensorBoard events, a console progress line, MFU."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak per device (vendor figures), used for MFU where known.
+_PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "tpu v5 lite": 197e12,
+               "tpu v5": 459e12, "tpu v4": 275e12, "tpu v6": 918e12}
+
+
+def device_peak_flops(device=None) -> tuple[float, str]:
+  """Peak FLOP/s of one device and where the number came from.
+
+  Vendor dense-bf16 peaks for known accelerators; elsewhere (a CPU) a measured
+  float32 matmul rate, so MFU stays meaningful on the smoke run.
+  """
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key, peak in _PEAK_FLOPS.items():
+    if key in kind:
+      return peak, f"vendor peak ({device.device_kind})"
+  n = 512
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  reps = 20
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+  return rate, f"measured f32 matmul ({device.device_kind})"
+
+
+def model_flops_per_token(cfg, context_len: int) -> float:
+  """Training FLOPs per token: 6·params (matmuls) + 12·layers·heads·D·context (attention)."""
+  per_layer = (cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2
+               + cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim * 2
+               + 3 * cfg.hidden_size * cfg.intermediate_size)
+  params = cfg.num_layers * per_layer + cfg.vocab_size * cfg.hidden_size
+  attn = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context_len
+  return 6.0 * params + attn
+
+
+def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
+  """Device scalars/arrays to JSON-able Python values."""
+  out = {}
+  for k, v in metrics.items():
+    a = np.asarray(v)
+    out[k] = a.item() if a.ndim == 0 else a.tolist()
+  return out
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+
+  def __init__(self, workdir: str, enable_tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._file = open(self.path, "a", buffering=1)
+    self._tb = None
+    if enable_tensorboard and jax.process_index() == 0:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    row = {"step": int(step), **to_python(metrics)}
+    if jax.process_index() == 0:
+      self._file.write(json.dumps(row) + "\n")
+      if self._tb is not None:
+        for k, v in row.items():
+          if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
+            self._tb.add_scalar(k, v, step)
+
+  def close(self) -> None:
+    self._file.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+class Progress:
+  """A one-line console report with rate and ETA."""
+
+  def __init__(self, total_steps: int, start_step: int = 0, stream=sys.stdout):
+    self.total, self.start, self.stream = total_steps, start_step, stream
+    self.t0 = time.perf_counter()
+
+  def line(self, step: int, m: dict[str, Any]) -> str:
+    elapsed = time.perf_counter() - self.t0
+    done = max(step - self.start, 1)
+    eta = elapsed / done * max(self.total - step, 0)
+    keys = [("lm_loss", "lm {:.3f}"), ("aux_loss", "aux {:.3f}"),
+            ("router_recall@1", "R@1 {:.2f}"), ("router_recall@5", "R@5 {:.2f}"),
+            ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}")]
+    parts = [fmt.format(m[k]) for k, fmt in keys if k in m and m[k] is not None]
+    return (f"step {step}/{self.total} ({step / max(self.total, 1):.0%}) | " + " | ".join(parts)
+            + f" | elapsed {_hms(elapsed)} ETA {_hms(eta)}")
+
+  def report(self, step: int, m: dict[str, Any]) -> None:
+    if jax.process_index() == 0:
+      print(self.line(step, m), file=self.stream, flush=True)
+
+
+def _hms(seconds: float) -> str:
+  s = int(seconds)
+  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"

@@ -1,0 +1,50 @@
+"""Two-phase schedule (SPEC §4, paper §3.3) and the AdamW optimizer.
+
+Phase 1, router warm-up (``step < warmup_phase_steps``): ``L = 0.1·L_LM + L_aux``
+at ``warmup_phase_lr`` (1e-4) after a short linear ramp. Phase 2, main:
+``L = L_LM + 0.1·L_aux`` with the learning rate annealed (cosine) from
+``main_phase_lr`` to ``final_lr`` (6e-6) at ``num_steps``.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import optax
+
+
+def learning_rate_schedule(cfg) -> optax.Schedule:
+  """The learning rate at each step for the two-phase recipe in ``cfg.optim``."""
+  o = cfg.optim
+  warm = int(o.warmup_phase_steps)
+  ramp = max(1, min(int(o.lr_ramp_steps), warm) if warm else int(o.lr_ramp_steps))
+  main_steps = max(1, int(cfg.num_steps) - warm)
+  if warm:
+    phase1 = optax.join_schedules(
+        [optax.linear_schedule(0.0, o.warmup_phase_lr, ramp), optax.constant_schedule(o.warmup_phase_lr)],
+        [ramp])
+    phase2 = optax.cosine_decay_schedule(o.main_phase_lr, main_steps,
+                                         alpha=o.final_lr / max(o.main_phase_lr, 1e-30))
+    return optax.join_schedules([phase1, phase2], [warm])
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, o.main_phase_lr, ramp),
+       optax.cosine_decay_schedule(o.main_phase_lr, max(1, main_steps - ramp),
+                                   alpha=o.final_lr / max(o.main_phase_lr, 1e-30))],
+      [ramp])
+
+
+def loss_weights(cfg, step):
+  """``(lm_weight, aux_weight)`` at ``step`` (traced or Python int)."""
+  o = cfg.optim
+  in_warmup = jnp.asarray(step) < int(o.warmup_phase_steps)
+  lm_w = jnp.where(in_warmup, o.warmup_lm_weight, o.main_lm_weight)
+  aux_w = jnp.where(in_warmup, o.warmup_aux_weight, o.main_aux_weight)
+  return lm_w.astype(jnp.float32), aux_w.astype(jnp.float32)
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping on the two-phase learning rate."""
+  o = cfg.optim
+  return optax.chain(
+      optax.clip_by_global_norm(o.grad_clip_norm),
+      optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
+                  weight_decay=o.weight_decay),
+  )

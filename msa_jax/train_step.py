@@ -1,0 +1,61 @@
+"""The jitted training step: MSA forward, SPEC §4 losses, router metrics, AdamW update."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from msa_jax import losses
+from msa_jax.batch import MSABatch
+from msa_jax.model import MSAModel
+from msa_jax.optimizer import learning_rate_schedule, loss_weights
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator."""
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def init_train_state(model: MSAModel, tx: optax.GradientTransformation, rng, example_ids):
+  """Fresh parameters (boxed with logical axis names) and optimizer state."""
+  params = model.init(rng, example_ids)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
+  """Weighted loss and the metrics of one batch (no parameter update)."""
+  out = model.apply({"params": params}, batch)
+  lm, num_targets = losses.lm_loss(out.logits_bmv, batch.targets, batch.loss_mask)
+  valid_bn = losses.doc_valid(batch.doc_mask)
+  aux, pairs = losses.infonce_decoupled(out.doc_scores_brn, batch.positive_docs, valid_bn,
+                                        cfg.loss.infonce_temperature)
+  lm_w, aux_w = loss_weights(cfg, step)
+  total = lm_w * lm + aux_w * aux
+  router = losses.router_metrics(out.doc_scores_brn, out.selected_brk, out.selected_valid_brk,
+                                 batch.positive_docs, valid_bn)
+  metrics = {"loss": total, "lm_loss": lm, "aux_loss": aux, "target_tokens": num_targets,
+             "routing_pairs": pairs, "lm_weight": lm_w, "aux_weight": aux_w}
+  for name, per_layer in router.items():
+    metrics[f"router_{name}"] = jnp.mean(per_layer)
+    metrics[f"router_{name}_per_layer"] = per_layer
+  return total, metrics
+
+
+def train_step(model: MSAModel, tx: optax.GradientTransformation, cfg, state: TrainState,
+               batch: MSABatch):
+  """One AdamW step on ``batch``; returns the new state and the step's metrics."""
+  grad_fn = jax.value_and_grad(
+      lambda p: compute_losses(model, p, batch, state.step, cfg), has_aux=True)
+  (_, metrics), grads = grad_fn(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = learning_rate_schedule(cfg)(state.step)
+  return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
