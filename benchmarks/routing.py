@@ -34,13 +34,15 @@ CONFIGS = {  # name: (chunks, features, stages)
 }
 
 
-def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0):
+def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0, real_chunks: int | None = None):
   """Random unit-norm-ish bf16 keys, a contiguous chunk→doc map, 64 routing queries."""
   key_kr, key_q = jax.random.split(jax.random.key(seed))
   kr_cf = jax.jit(lambda k: (jax.random.normal(k, (num_chunks, F), jnp.bfloat16)
                              * jnp.bfloat16(F ** -0.5)), )(key_kr)
-  chunk_doc_c = jnp.arange(num_chunks, dtype=jnp.int32) // doc_chunks
-  num_docs = -(-num_chunks // doc_chunks)
+  real = num_chunks if real_chunks is None else real_chunks
+  ids = jnp.arange(num_chunks, dtype=jnp.int32)
+  chunk_doc_c = jnp.where(ids < real, ids // doc_chunks, -1)
+  num_docs = -(-real // doc_chunks)
   rq = jax.random.normal(key_q, (1, M, 32, 128), jnp.float32)
   rq_bmf = ref_routing.group_sum_queries(rq, 8)
   mask_bm = jnp.arange(M)[None, :] < M - 3  # a few padding tokens
@@ -48,8 +50,8 @@ def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0):
 
 
 def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None):
-  c = tokens // P
-  rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks)
+  c = -(-(tokens // P) // 128) * 128  # bank padded to a multiple of 128 chunks (doc -1)
+  rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks, real_chunks=tokens // P)
   row = {"tokens": tokens, "chunks": c, "docs": n, "kr_bytes": c * F * 2}
   row["floor_ms"] = c * F * 2 / bw_gbs / 1e6
 

@@ -16,6 +16,10 @@ is bound by memory bandwidth; the work is split as:
    top-k (block-local top-k over rows of ``block_docs`` documents, then top-k of
    the candidates): small XLA ops on the ``[B, C]`` vector.
 
+Bank layout: TMA needs the row count ``C`` to be a multiple of 8 (else the bank is
+padded, i.e. copied, on every call); a multiple of ``BlockSizes.chunks`` also keeps
+the ragged tail out of XLA. Bank builders should pad with ``chunk_doc = -1`` chunks.
+
 Public ops (``implementation``: ``auto`` = pallas on a GPU, xla elsewhere):
   * :func:`route_top_k` → ``(top-k document scores [B, k] in selection order, Selection)``;
   * :func:`route_documents` → ``(doc scores [B, N], Selection)``, as
@@ -152,13 +156,15 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   q_bgcf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
   q_pfc = q_bgcf.astype(jnp.bfloat16).reshape(b * groups, cols, f).transpose(0, 2, 1)
   kr_cf = kr_cf.astype(jnp.bfloat16)
+  if c % 8:  # TMA needs the bank's row count to be a multiple of 8: pad (copies the bank)
+    kr_cf = jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))
   num_tiles = c // bs.chunks
   c_main = num_tiles * bs.chunks
   parts = []
   if num_tiles:
     parts.append(_chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc))
   if c_main < c:  # the ragged tail (< one tile) in plain XLA
-    tail_pc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_cf[c_main:],
+    tail_pc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_cf[c_main:c],
                          preferred_element_type=jnp.float32).max(axis=1)
     parts.append(tail_pc)
   s_pc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
