@@ -178,9 +178,9 @@ def write_tensors(directory: str, names: Sequence[str], nbytes: Sequence[int],
   ``produce`` is called once per tensor, shard by shard, so only one shard's
   arrays are in host memory at a time. Returns the written file names.
   """
+  shards = plan_shards(nbytes, parse_size(max_shard_size))
   os.makedirs(directory, exist_ok=True)
   remove_weight_files(directory)
-  shards = plan_shards(nbytes, parse_size(max_shard_size))
   metadata = {"format": "pt", **(metadata or {})}
   files, weight_map = [], {}
   for k, members in enumerate(shards):
