@@ -79,7 +79,8 @@ def from_pretrained(path, *, dtype=None, compute_dtype=None, router_init: str = 
     dtype: parameter dtype ("float32", "bfloat16", ...); default: the
       checkpoint's own (its embedding's dtype).
     compute_dtype: ``ModelConfig.dtype`` (activations, matmuls); default: the
-      parameter dtype, as in transformers.
+      parameter dtype for safetensors dirs (as in transformers), the saved
+      config's for msa_jax checkpoints.
     router_init: ``"copy_qk"`` or ``"normal"``; only used for a plain Qwen3
       checkpoint's router layers (see module doc).
     seed: PRNG seed of ``router_init="normal"``.
@@ -114,9 +115,9 @@ def _load_native(step_dir, root, dtype, compute_dtype, overrides):
   stored_cfg = native.read_model_config(step_dir, root)
   params = native.restore_params(step_dir, abstract_params(MSAModel(stored_cfg)))
   param_dtype = _dtype_name(dtype) if dtype is not None else stored_cfg.param_dtype
-  cfg = stored_cfg.replace(param_dtype=param_dtype,
-                           dtype=_dtype_name(compute_dtype) if compute_dtype else param_dtype,
-                           **overrides)
+  cfg = stored_cfg.replace(
+      param_dtype=param_dtype,
+      dtype=_dtype_name(compute_dtype) if compute_dtype else stored_cfg.dtype, **overrides)
   model = MSAModel(cfg)
   want = jax.tree.map(lambda x: x.shape, abstract_params(model))
   if want != jax.tree.map(lambda x: x.shape, params):
