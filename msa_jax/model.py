@@ -140,8 +140,8 @@ class DecoderLayer(nn.Module):
     return h, q, k, v
 
   def _finish(self, x_btd, attn_bthd):
-    b, t = attn_bthd.shape[:2]
-    x = x_btd + self.o_proj(attn_bthd.reshape(b, t, -1))
+    b, t, h, d = attn_bthd.shape
+    x = x_btd + self.o_proj(attn_bthd.reshape(b, t, h * d))   # no -1: T may be 0 (no prefix)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
