@@ -1,0 +1,165 @@
+"""Block routing kernel (pallas_kernels.block_routing) against its references.
+
+CPU runs the Mosaic GPU kernel in interpret mode on small banks; tests marked
+``gpu`` run it compiled at bank sizes with many tiles.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import routing as rr
+from pallas_kernels import block_routing as br
+
+SMALL = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8)
+
+
+def _bank(seed, b, m, h, g, d, doc_lens, pad_chunks=0, valid_tokens=None):
+  """Random routing inputs; documents of ``doc_lens`` chunks, then padding chunks."""
+  ks = jax.random.split(jax.random.key(seed), 2)
+  rq_bmhd = jax.random.normal(ks[0], (b, m, h, d), jnp.float32)
+  c = int(sum(doc_lens)) + pad_chunks
+  kr_cgd = rr.l2_normalize(jax.random.normal(ks[1], (c, g, d), jnp.float32))
+  doc_c = np.concatenate([np.full(n, i) for i, n in enumerate(doc_lens)] + [np.full(pad_chunks, -1)])
+  valid = np.full(b, m) if valid_tokens is None else np.asarray(valid_tokens)
+  mask_bm = jnp.asarray(np.arange(m)[None, :] < valid[:, None])
+  return rq_bmhd, kr_cgd, jnp.asarray(doc_c, jnp.int32), mask_bm
+
+
+def _numpy_route(rq_bmhd, kr_cgd, doc_c, mask_bm, n, k):
+  """Float64 numpy from SPEC §3, per head (no group-sum identity)."""
+  rq = np.asarray(rq_bmhd, np.float64)
+  rq = rq / np.linalg.norm(rq, axis=-1, keepdims=True)
+  kr = np.asarray(kr_cgd, np.float64)
+  h, g = rq.shape[2], kr.shape[1]
+  kr_h = kr[:, np.arange(h) // (h // g)]                       # [C, H, D]
+  s_bmc = np.einsum("bmhd,chd->bmc", rq, kr_h) / h              # mean over heads
+  s_bmc = np.where(np.asarray(mask_bm)[:, :, None], s_bmc, -np.inf)
+  s_bc = s_bmc.max(axis=1)
+  doc = np.full((rq.shape[0], n), -np.inf)
+  for c, dc in enumerate(np.asarray(doc_c)):
+    if dc >= 0:
+      doc[:, dc] = np.maximum(doc[:, dc], s_bc[:, c])
+  chosen = []
+  for row in doc:
+    order = sorted(range(n), key=lambda i: (-row[i], i))[:min(k, n)]
+    chosen.append(sorted(i for i in order if row[i] > -np.inf))
+  return doc, chosen
+
+
+def _chosen(sel):
+  return [sorted(int(i) for i, v in zip(ix, vl) if v)
+          for ix, vl in zip(np.asarray(sel.doc_idx_bk), np.asarray(sel.valid_bk))]
+
+
+def test_reference_matches_float64_numpy():
+  rq, kr, doc_c, mask = _bank(0, 2, 6, 8, 2, 16, [3, 1, 5, 2, 4], pad_chunks=2, valid_tokens=[4, 6])
+  rq_bmf = rr.group_sum_queries(rq, 2)
+  doc_s, sel = rr.route_documents(rq_bmf, mask, kr.reshape(kr.shape[0], -1), doc_c, 6, 3)
+  want_s, want_sel = _numpy_route(rq, kr, doc_c, mask, 6, 3)
+  np.testing.assert_allclose(np.asarray(doc_s), want_s, rtol=1e-5, atol=1e-6)
+  assert _chosen(sel) == want_sel
+  # route_top_k (xla) returns the scores of the chosen documents, in selection order.
+  top_s, sel2 = br.route_top_k(rq_bmf, mask, kr.reshape(kr.shape[0], -1), doc_c, 6, 3,
+                               implementation="xla")
+  assert _chosen(sel2) == want_sel
+  for bi in range(2):
+    for ix, v, s in zip(np.asarray(sel2.doc_idx_bk[bi]), np.asarray(sel2.valid_bk[bi]),
+                        np.asarray(top_s[bi])):
+      assert (not v and s == -np.inf) or abs(s - want_s[bi, ix]) < 1e-2
+
+
+def test_two_stage_top_k_is_exact_with_ties():
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 5, (3, 1000)).astype(np.float32))
+  for block in (7, 64, 2000):
+    val, idx = br.two_stage_top_k(x, 9, block)
+    want_val, want_idx = jax.lax.top_k(x, 9)
+    np.testing.assert_array_equal(np.asarray(val), np.asarray(want_val))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+def _bf16_queries(rq_bmf):
+  return rq_bmf.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_pallas_chunk_scores_interpret(seed):
+  # 197 chunks: three full 64-chunk tiles plus a ragged tail; one example has no
+  # routing token; M=70 > max_queries=64 forces two passes over the bank.
+  rq, kr, doc_c, mask = _bank(seed, 3, 70, 4, 2, 64, [197], valid_tokens=[70, 5, 0])
+  rq_bmf = rr.group_sum_queries(rq, 2)
+  kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
+  bs = br.BlockSizes(chunks=64, features=64, stages=2, max_queries=64)
+  got = br.chunk_scores(rq_bmf, mask, kr_cf, implementation="pallas", block_sizes=bs)
+  want = br.chunk_scores_reference(_bf16_queries(rq_bmf), mask, kr_cf)
+  assert got.shape == (3, 197)
+  np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(want[:2]), atol=2e-6)
+  assert np.all(np.asarray(got[2]) == -np.inf)
+
+
+def test_pallas_route_top_k_interpret_docs_across_tiles():
+  rng = np.random.default_rng(3)
+  doc_lens = list(rng.integers(1, 70, 6))            # documents straddle 64-chunk tiles
+  rq, kr, doc_c, mask = _bank(4, 2, 9, 4, 2, 32, doc_lens, pad_chunks=5, valid_tokens=[9, 3])
+  rq_bmf = rr.group_sum_queries(rq, 2)
+  kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
+  n, k = len(doc_lens) + 2, 4                         # two empty document slots
+  top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, k, implementation="pallas",
+                              block_sizes=SMALL)
+  want_s, want_sel = br.route_top_k_reference(_bf16_queries(rq_bmf), mask,
+                                              kr_cf.astype(jnp.float32), doc_c, n, k)
+  assert _chosen(sel) == _chosen(want_sel)
+  np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=2e-6)
+  doc_s, sel_full = br.route_documents(rq_bmf, mask, kr_cf, doc_c, n, k, implementation="pallas",
+                                       block_sizes=SMALL)
+  assert doc_s.shape == (2, n) and np.all(np.asarray(doc_s[:, -2:]) == -np.inf)
+  assert _chosen(sel_full) == _chosen(want_sel)
+
+
+def test_pallas_ties_and_fewer_docs_than_k_interpret():
+  # Every chunk has the same key: all documents tie, so the lowest indices win.
+  rq, kr, _, mask = _bank(5, 1, 3, 2, 1, 64, [1])
+  kr_cf = jnp.tile(kr.reshape(1, -1), (130, 1)).astype(jnp.bfloat16)
+  doc_c = jnp.asarray(np.arange(130) // 13, jnp.int32)      # 10 documents
+  rq_bmf = rr.group_sum_queries(rq, 1)
+  _, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 10, 4, implementation="pallas",
+                          block_sizes=SMALL)
+  assert _chosen(sel) == [[0, 1, 2, 3]]
+  top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf[:26], doc_c[:26], 2, 4, implementation="pallas",
+                              block_sizes=SMALL)
+  np.testing.assert_array_equal(np.asarray(sel.valid_bk), [[True, True, False, False]])
+  np.testing.assert_array_equal(np.asarray(sel.doc_idx_bk), [[0, 1, 0, 0]])
+  assert np.isfinite(np.asarray(top_s[0, :2])).all() and np.all(np.asarray(top_s[0, 2:]) == -np.inf)
+
+
+def test_auto_is_xla_on_cpu():
+  if jax.default_backend() == "gpu":
+    pytest.skip("auto picks pallas on a GPU")
+  rq, kr, doc_c, mask = _bank(6, 1, 4, 2, 1, 64, [3, 4])
+  rq_bmf = rr.group_sum_queries(rq, 1)
+  got = br.route_documents(rq_bmf, mask, kr.reshape(7, -1), doc_c, 2, 1)
+  want = rr.route_documents(rq_bmf, mask, kr.reshape(7, -1), doc_c, 2, 1)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("c,m", [(50_000, 64), (33_333, 200), (4_101, 7)])
+def test_gpu_route_top_k_compiled(c, m):
+  rng = np.random.default_rng(c)
+  doc_lens = []
+  while sum(doc_lens) < c - 50:
+    doc_lens.append(int(rng.integers(1, 300)))
+  rq, kr, doc_c, mask = _bank(c, 2, m, 32, 8, 128, doc_lens, pad_chunks=c - sum(doc_lens),
+                              valid_tokens=[m, max(1, m // 3)])
+  rq_bmf = rr.group_sum_queries(rq, 8)
+  kr_cf = kr.reshape(c, -1).astype(jnp.bfloat16)
+  n = len(doc_lens)
+  got = br.chunk_scores(rq_bmf, mask, kr_cf, implementation="pallas")
+  want = br.chunk_scores_reference(_bf16_queries(rq_bmf), mask, kr_cf)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas")
+  want_s, want_sel = br.route_top_k_reference(_bf16_queries(rq_bmf), mask,
+                                              kr_cf.astype(jnp.float32), doc_c, n, 16)
+  np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=1e-5)
+  # Equal sets unless two documents are within rounding of each other.
+  assert _chosen(sel) == _chosen(want_sel)
