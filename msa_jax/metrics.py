@@ -78,7 +78,7 @@ class MetricsWriter:
       if self._tb is not None:
         for k, v in row.items():
           if k != "step" and isinstance(v, (int, float)) and np.isfinite(v):
-            self._tb.add_scalar(k, v, step)
+            self._tb.add_scalar(k.replace("@", "_at_"), v, step)
 
   def close(self) -> None:
     self._file.close()
