@@ -147,7 +147,7 @@ def test_auto_is_xla_on_cpu():
 def test_gpu_route_top_k_compiled(c, m):
   rng = np.random.default_rng(c)
   doc_lens = []
-  while sum(doc_lens) < c - 50:
+  while sum(doc_lens) < c - 300:
     doc_lens.append(int(rng.integers(1, 300)))
   rq, kr, doc_c, mask = _bank(c, 2, m, 32, 8, 128, doc_lens, pad_chunks=c - sum(doc_lens),
                               valid_tokens=[m, max(1, m // 3)])
