@@ -133,8 +133,13 @@ def train_and_evaluate(cfg, workdir: str, *,
   from msa_jax import input_pipeline
 
   model_cfg = validate_config(cfg)
-  _write_config(cfg, workdir)
   mesh = sharding.make_mesh(cfg.mesh_shape)
+  batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if cfg.batch_size % batch_shards:
+    raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of {batch_shards} (the "
+                     f"data × fsdp mesh axes of mesh {dict(mesh.shape)}); change batch_size "
+                     "or config.mesh_shape")
+  _write_config(cfg, workdir)
   setup = TrainSetup(cfg, mesh, model_cfg)
   data_iter = input_pipeline.make_train_iterator(
       cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,

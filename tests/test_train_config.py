@@ -1,0 +1,240 @@
+"""The two-phase schedule of SPEC §4 and the errors a bad training config gives.
+
+Schedule (paper §3.3, SPEC §4), checked on the 4b recipe's own config values:
+router warm-up ``L = 0.1·L_LM + L_aux`` at lr 1e-4 (after a short linear ramp),
+then main ``L = L_LM + 0.1·L_aux`` with the lr annealed (cosine) to 6e-6 at
+``num_steps``. ``learning_rate_schedule(cfg)(i)`` and ``loss_weights(cfg, i)``
+take the 0-based index ``i`` of the step being taken (``TrainState.step``
+before the update); the metrics row of that step is logged as ``step = i + 1``.
+
+No test here compiles a model: each bad config fails before any work is done.
+"""
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from msa_jax import sharding
+from msa_jax.config import ModelConfig
+from msa_jax.optimizer import learning_rate_schedule, loss_weights
+from msa_jax.trainer import train_and_evaluate, validate_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, "configs", "16k_to_100m.py")
+
+
+def get_config(variant: str):
+  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def lr_at(cfg, i: int) -> float:
+  return float(learning_rate_schedule(cfg)(i))
+
+
+def weights_at(cfg, i: int) -> tuple[float, float]:
+  lm, aux = loss_weights(cfg, i)
+  return float(lm), float(aux)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+
+def test_4b_recipe_has_the_paper_phase_values():
+  c = get_config("4b")
+  assert (c.num_steps, c.optim.warmup_phase_steps) == (20_000, 1_000)
+  assert c.optim.warmup_phase_lr == 1e-4 and c.optim.final_lr == 6e-6
+  assert (c.optim.warmup_lm_weight, c.optim.warmup_aux_weight) == (0.1, 1.0)
+  assert (c.optim.main_lm_weight, c.optim.main_aux_weight) == (1.0, 0.1)
+  assert c.loss.infonce_temperature == 0.1
+
+
+def test_4b_loss_weights_switch_exactly_at_the_phase_boundary():
+  c = get_config("4b")
+  warm = c.optim.warmup_phase_steps
+  for i in (0, 1, warm // 2, warm - 1):
+    assert weights_at(c, i) == pytest.approx((0.1, 1.0), rel=1e-6), i     # 0.1·LM + aux
+  for i in (warm, warm + 1, c.num_steps // 2, c.num_steps - 1):
+    assert weights_at(c, i) == pytest.approx((1.0, 0.1), rel=1e-6), i     # LM + 0.1·aux
+
+
+def test_4b_learning_rate_at_the_phase_boundaries():
+  c = get_config("4b")
+  warm, n, ramp = c.optim.warmup_phase_steps, c.num_steps, c.optim.lr_ramp_steps
+  # Linear ramp 0 → 1e-4 over lr_ramp_steps, then flat 1e-4 for the rest of the warm-up.
+  assert lr_at(c, 0) == 0.0
+  assert lr_at(c, ramp // 2) == pytest.approx(0.5e-4, rel=1e-5)
+  for i in (ramp, ramp + 1, warm // 2, warm - 1):
+    assert lr_at(c, i) == pytest.approx(1e-4, rel=1e-5), i
+  # Main phase starts at main_phase_lr (1e-4: continuous) and anneals to 6e-6 at num_steps.
+  assert lr_at(c, warm) == pytest.approx(1e-4, rel=1e-5)
+  mid = warm + (n - warm) // 2
+  assert lr_at(c, mid) == pytest.approx((1e-4 + 6e-6) / 2, rel=1e-4)       # cosine midpoint
+  assert lr_at(c, n - 1) == pytest.approx(6e-6, rel=1e-3)
+  assert lr_at(c, n) == pytest.approx(6e-6, rel=1e-6)
+  assert lr_at(c, n + 1000) == pytest.approx(6e-6, rel=1e-6)              # stays at the floor
+  main = [lr_at(c, i) for i in range(warm, n + 1, 500)]
+  assert all(a >= b for a, b in zip(main, main[1:])), "main phase lr must only decrease"
+
+
+def test_schedule_without_warmup_phase_ramps_then_anneals():
+  c = get_config("smoke")
+  c.num_steps, c.optim.warmup_phase_steps, c.optim.lr_ramp_steps = 100, 0, 10
+  assert lr_at(c, 0) == 0.0
+  assert lr_at(c, 10) == pytest.approx(c.optim.main_phase_lr, rel=1e-5)
+  assert lr_at(c, 100) == pytest.approx(c.optim.final_lr, rel=1e-5)
+  assert weights_at(c, 0) == pytest.approx((1.0, 0.1), rel=1e-6)         # main phase at once
+
+
+def test_smoke_recipe_phases():
+  c = get_config("smoke")
+  warm = c.optim.warmup_phase_steps
+  assert 0 < warm < c.num_steps
+  assert weights_at(c, warm - 1) == pytest.approx((0.1, 1.0), rel=1e-6)
+  assert weights_at(c, warm) == pytest.approx((1.0, 0.1), rel=1e-6)
+  assert lr_at(c, c.num_steps) == pytest.approx(c.optim.final_lr, rel=1e-5)
+
+
+def test_loss_weights_trace_under_jit():
+  c = get_config("4b")
+  f = jax.jit(lambda i: loss_weights(c, i))
+  np.testing.assert_allclose(np.asarray(f(999)), [0.1, 1.0], rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(f(1000)), [1.0, 0.1], rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bad configs
+
+
+def _smoke(**model_overrides):
+  c = get_config("smoke")
+  for k, v in model_overrides.items():
+    setattr(c.model, k, v)
+  return c
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(router_layers=(3,)), "router layer 3 is out of range for 3 layers (valid: 0..2)"),
+    (dict(router_layers=(-1,)), "router layer -1 is out of range"),
+    (dict(top_k=0), "top_k (k) must be >= 1, got 0"),
+    (dict(pooling_chunk_size=0), "pooling_chunk_size (P) must be >= 1, got 0"),
+])
+def test_bad_model_config_is_rejected_before_any_work(tmp_path, overrides, message):
+  cfg = _smoke(**overrides)
+  workdir = tmp_path / "run"
+  with pytest.raises(ValueError) as e:
+    train_and_evaluate(cfg, str(workdir))
+  assert message in str(e.value)
+  assert str(e.value).startswith("bad model config:")
+  assert not workdir.exists(), "a rejected config must not leave a workdir behind"
+  with pytest.raises(ValueError, match=r"^bad model config"):
+    ModelConfig(**{**ModelConfig().to_dict(), "num_layers": 3, "router_layers": None,
+                   **overrides})
+
+
+def test_unknown_model_key_lists_the_valid_keys():
+  cfg = _smoke()
+  with cfg.model.unlocked():
+    cfg.model.topk = 4
+  with pytest.raises(ValueError, match=r"unknown keys \['topk'\]; valid keys: .*'top_k'"):
+    validate_config(cfg)
+
+
+def test_unknown_variant_names_the_choices():
+  with pytest.raises(ValueError) as e:
+    get_config("nope")
+  assert "unknown variant 'nope'" in str(e.value)
+  for v in ("4b", "0.6b", "tiny", "smoke"):
+    assert repr(v) in str(e.value)
+
+
+def test_4b_without_init_from_says_it_needs_a_checkpoint(tmp_path):
+  cfg = get_config("4b")
+  assert cfg.init_from == ""
+  with pytest.raises(ValueError) as e:
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+  msg = str(e.value)
+  assert "pretrained Qwen3 checkpoint" in msg
+  assert "--config.init_from=" in msg and ":smoke" in msg
+  assert not (tmp_path / "run").exists()
+
+
+def test_warmup_longer_than_run_is_rejected():
+  cfg = get_config("smoke")
+  cfg.num_steps, cfg.optim.warmup_phase_steps = 10, 11
+  with pytest.raises(ValueError, match=r"optim.warmup_phase_steps \(11\) exceeds num_steps \(10\)"):
+    validate_config(cfg)
+  cfg.optim.warmup_phase_steps = 10      # the whole run in warm-up is allowed
+  validate_config(cfg)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("num_steps", 0, "num_steps must be >= 1, got 0"),
+    ("batch_size", 0, "batch_size must be >= 1, got 0"),
+])
+def test_nonpositive_run_lengths_are_rejected(field, value, message):
+  cfg = get_config("smoke")
+  setattr(cfg, field, value)
+  if field == "num_steps":
+    cfg.optim.warmup_phase_steps = 0
+  with pytest.raises(ValueError, match=message):
+    validate_config(cfg)
+
+
+def test_mesh_shape_must_match_the_device_count(tmp_path):
+  assert jax.device_count() == 8
+  with pytest.raises(ValueError, match=r"needs 12 devices but 8 are available; set "
+                                       r"config.mesh_shape"):
+    sharding.make_mesh((3, 2, 2))
+  with pytest.raises(ValueError, match=r"mesh shape \[3, -1, 1\] does not divide 8 devices"):
+    sharding.make_mesh((3, -1, 1))
+  with pytest.raises(ValueError, match="at most one entry may be -1"):
+    sharding.make_mesh((-1, -1, 1))
+  with pytest.raises(ValueError, match=r"must have 3 entries"):
+    sharding.make_mesh((8, 1))
+  assert dict(sharding.make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+  cfg = get_config("smoke")
+  cfg.mesh_shape = (2, 2, 1)
+  with pytest.raises(ValueError, match="needs 4 devices but 8 are available"):
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_batch_must_split_over_the_batch_mesh_axes(tmp_path):
+  cfg = get_config("smoke")
+  cfg.batch_size, cfg.mesh_shape = 4, (8, 1, 1)
+  with pytest.raises(ValueError, match=r"batch_size 4 must be a multiple of 8 \(the data × "
+                                       r"fsdp mesh axes"):
+    train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def _cli(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  env.pop("XLA_FLAGS", None)
+  return subprocess.run([sys.executable, "-m", "msa_jax.train", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=120)
+
+
+def test_cli_bad_variant_exits_nonzero_with_the_message(tmp_path):
+  r = _cli(f"--config={CONFIG_FILE}:nope", f"--workdir={tmp_path / 'run'}")
+  assert r.returncode == 1
+  assert "unknown variant 'nope' of configs/16k_to_100m.py" in r.stderr
+  assert not (tmp_path / "run").exists()
+
+
+def test_cli_4b_without_init_from_exits_nonzero_with_the_message(tmp_path):
+  r = _cli(f"--config={CONFIG_FILE}:4b", f"--workdir={tmp_path / 'run'}")
+  assert r.returncode == 1
+  assert "needs accelerators: set --config.init_from=" in r.stderr
+
+
+def test_cli_bad_override_exits_nonzero_with_the_message(tmp_path):
+  r = _cli(f"--config={CONFIG_FILE}:smoke", "--config.model.top_k=0",
+           f"--workdir={tmp_path / 'run'}")
+  assert r.returncode == 1
+  assert "top_k (k) must be >= 1, got 0" in r.stderr
