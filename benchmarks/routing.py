@@ -14,6 +14,7 @@ benchmarks/results). Run: ``python -m benchmarks.routing``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import jax
@@ -99,6 +100,13 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_config"] = pick
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    for tname, tb in (("bd256", dict(block_docs=256)), ("bd4096", dict(block_docs=4096)),
+                      ("onestage", dict(block_docs=0)), ("sorted", dict(sorted_docs=True)),
+                      ("sorted_bd4096", dict(sorted_docs=True, block_docs=4096))):
+      bs_t = dataclasses.replace(bs, **tb)
+      fn_t = jax.jit(lambda q, m, kr, d, bs_t=bs_t: br.route_top_k(
+          q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_t))
+      row[f"pallas_route_{tname}_ms"] = time_ms(fn_t, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
     row["selection_equal_xla"] = bool(np.array_equal(np.asarray(sel_p.doc_idx_bk),
                                                      np.asarray(sel_xla.doc_idx_bk)))
   del kr_cf

@@ -43,6 +43,7 @@ from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
 
 NEG_INF = -jnp.inf
+_SMEM_BUDGET = 200 * 1024   # bytes of pipeline buffers per program (H100: 227 KB max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,9 @@ class BlockSizes:
   stages: shared-memory pipeline depth (concurrent TMA steps).
   max_queries: most query columns per kernel pass (wgmma N ≤ 256); more queries
     run as further passes over the bank.
-  block_docs: documents per row of the first top-k stage.
+  block_docs: documents per row of the first top-k stage (0: one-stage top-k).
+  sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
+    at the end (the bank layout), letting the segment max use sorted indices.
   """
 
   chunks: int = 128
@@ -62,6 +65,7 @@ class BlockSizes:
   stages: int = 4
   max_queries: int = 256
   block_docs: int = 1024
+  sorted_docs: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -153,6 +157,12 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   groups = -(-m // bs.max_queries)
   per_group = -(-m // groups)
   cols = 64 * -(-per_group // 64)
+  # Wide query tiles: fewer chunk rows (accumulator registers) and a pipeline
+  # depth that fits shared memory.
+  tile_c = bs.chunks if cols <= 128 else min(bs.chunks, 64)
+  stage_bytes = 2 * bs.features * (tile_c + cols)
+  bs = dataclasses.replace(bs, chunks=tile_c,
+                           stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes)))
   q_bgcf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
   q_pfc = q_bgcf.astype(jnp.bfloat16).reshape(b * groups, cols, f).transpose(0, 2, 1)
   kr_cf = kr_cf.astype(jnp.bfloat16)
@@ -209,6 +219,16 @@ def chunk_scores(rq_bmf, query_mask_bm, kr_cf, *, implementation: str = "auto",
 # Document max and top-k (small XLA ops on [B, C] / [B, N]).
 # ----------------------------------------------------------------------------
 
+def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int, sorted_docs: bool = False):
+  """Max over each document's chunks, ``[B, N]`` (``msa_jax.routing.document_scores``)."""
+  if not sorted_docs:
+    return ref_routing.document_scores(chunk_scores_bc, chunk_doc_c, num_docs)
+  seg_c = jnp.where(chunk_doc_c < 0, num_docs, chunk_doc_c)
+  per_doc = jax.vmap(lambda s: jax.ops.segment_max(
+      s, seg_c, num_segments=num_docs + 1, indices_are_sorted=True))(chunk_scores_bc)
+  return per_doc[:, :num_docs]
+
+
 def two_stage_top_k(scores_bn, k: int, block: int):
   """Exact ``lax.top_k`` (ties → lower index) in two stages for long rows.
 
@@ -219,7 +239,7 @@ def two_stage_top_k(scores_bn, k: int, block: int):
   """
   b, n = scores_bn.shape
   kk = min(k, n)
-  if n <= block or n <= 2 * kk:
+  if block <= 0 or n <= block or n <= 2 * kk:
     return lax.top_k(scores_bn, kk)
   rows = -(-n // block)
   padded = jnp.pad(scores_bn, ((0, 0), (0, rows * block - n)), constant_values=NEG_INF)
@@ -284,7 +304,7 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
   bs = block_sizes or BlockSizes()
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
                       block_sizes=bs, interpret=interpret)
-  doc_s = ref_routing.document_scores(s_bc, chunk_doc_c, num_docs)
+  doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
   top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
   return selection_from_top_k(top_val, top_idx, k)
 
@@ -304,7 +324,7 @@ def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k:
   bs = block_sizes or BlockSizes()
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas", block_sizes=bs,
                       interpret=interpret)
-  doc_s = ref_routing.document_scores(s_bc, chunk_doc_c, num_docs)
+  doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
   top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
   _, sel = selection_from_top_k(top_val, top_idx, k)
   return doc_s, sel

@@ -151,11 +151,21 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
             functools.partial(step, False, 0), grid=(s // bk,), in_specs=specs,
             max_concurrent_steps=min(bs.stages, s // bk), init_carry=carry,
         )(k_at(kc_ref), vc_ref.at[bi, :, gi], cbias_ref.at[bi])
-      num_self = lax.div(q0 + bq + bk - 1, jnp.array(bk, q0.dtype))
+      # Own tokens: tiles wholly below the diagonal need no causal mask; only the
+      # bq // bk (at least one) tiles on the diagonal do.
+      num_full = lax.div(q0, jnp.array(bk, q0.dtype))
+      num_diag = max(1, bq // bk)
+      self_refs = lambda first, size: (
+          k_at(ks_ref).at[(slice(None), pl.ds(first, size)) if interpret else pl.ds(first, size)],
+          vs_ref.at[bi, pl.ds(first, size), gi], sbias_ref.at[bi, pl.ds(first, size)])
       carry = plgpu.emit_pipeline(
-          functools.partial(step, True, 0), grid=(num_self,), in_specs=specs,
+          functools.partial(step, False, 0), grid=(num_full,), in_specs=specs,
           max_concurrent_steps=bs.stages, init_carry=carry,
-      )(k_at(ks_ref), vs_ref.at[bi, :, gi], sbias_ref.at[bi])
+      )(*self_refs(0, m))
+      carry = plgpu.emit_pipeline(
+          functools.partial(step, True, num_full * bk), grid=(num_diag,), in_specs=specs,
+          max_concurrent_steps=min(bs.stages, num_diag), init_carry=carry,
+      )(*self_refs(num_full * bk, num_diag * bk))
       acc, _, l_i = carry
       out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0])
       q_smem[...] = out.astype(jnp.bfloat16)
