@@ -145,6 +145,13 @@ class DecoderLayer(nn.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
+  def _attend(self, *args):
+    """Attention through the configured implementation (``kernels``: auto | pallas | xla)."""
+    if self.cfg.kernels == "xla":
+      return attention_lib.attend(*args)
+    from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
+    return sparse_attention.attend(*args, implementation=self.cfg.kernels)
+
   def encode(self, x_btd, pos_bt, mask_bt):
     """A causal, self-contained stream (a document or the prefix).
 
@@ -152,7 +159,7 @@ class DecoderLayer(nn.Module):
     None outside router layers.
     """
     h, q, k, v = self._project(x_btd, pos_bt)
-    attn = attention_lib.attend(q, k, v, mask_bt)
+    attn = self._attend(q, k, v, mask_bt)
     rk = None
     if self.is_router:
       rk = self._heads(self.router_k_proj(h), self.cfg.num_kv_heads)
@@ -187,7 +194,7 @@ class DecoderLayer(nn.Module):
         ctx_v = jnp.concatenate([ctx_v, mem_v], axis=1)
         ctx_mask = jnp.concatenate([ctx_mask, mem_mask], axis=1)
       decision = Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk)
-    attn = attention_lib.attend(q, k, v, mask_bm, ctx_k, ctx_v, ctx_mask)
+    attn = self._attend(q, k, v, mask_bm, ctx_k, ctx_v, ctx_mask)
     return self._finish(x_bmd, attn), k, v, decision
 
 
