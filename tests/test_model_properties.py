@@ -271,27 +271,32 @@ def test_jit_equals_no_jit(setup):
                              atol=1e-5)
 
 
-def total_loss(model, variables, batch, lm_w=1.0, aux_w=0.1, deltas=None):
+def loss_terms(model, variables, batch, deltas=None):
+  """``(L_LM, L_aux, logits)`` of the training forward (SPEC §4)."""
   out = forward(model, variables, batch, deltas or zero_deltas())
   lm, _ = losses.lm_loss(out.logits_bmv, jnp.asarray(batch.targets), jnp.asarray(batch.loss_mask))
   aux, _ = losses.infonce_decoupled(out.doc_scores_brn, jnp.asarray(batch.positive_docs),
                                     losses.doc_valid(batch.doc_mask))
-  return lm_w * lm + aux_w * aux
+  return lm, aux, out
 
 
 def test_remat_equals_no_remat_values_and_grads(setup):
   """``ModelConfig(remat=True)`` recomputes, it does not change the math: same parameter
-  tree, same outputs and same gradients of L_LM + 0.1 L_aux (normwise 1e-5)."""
+  tree, same logits (normwise 1e-5) and same gradients of L_LM + 0.1 L_aux (normwise 1e-5)."""
   model, variables, batch = setup
   remat_model = type(model)(CFG.replace(remat=True))
   shapes = nn.meta.unbox(jax.eval_shape(remat_model.init, jax.random.PRNGKey(0), batch))
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
-  a = jax.jit(model.apply)(variables, batch)
-  b_ = jax.jit(remat_model.apply)(variables, batch)
+
+  def value_and_grad(m):
+    def f(v):
+      lm, aux, out = loss_terms(m, v, batch)
+      return lm + 0.1 * aux, out
+    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables)
+  (_, a), ga = value_and_grad(model)
+  (_, b_), gb = value_and_grad(remat_model)
   assert R.rel_err(b_.logits_bmv, a.logits_bmv) < 1e-5
   np.testing.assert_array_equal(np.asarray(b_.selected_brk), np.asarray(a.selected_brk))
-  ga = jax.jit(jax.grad(lambda v: total_loss(model, v, batch)))(variables)
-  gb = jax.jit(jax.grad(lambda v: total_loss(remat_model, v, batch)))(variables)
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
 
@@ -330,19 +335,34 @@ def router_grads(grads):
   return out
 
 
-def test_lm_loss_gradient_skips_the_router_and_reaches_selected_documents(setup):
+@pytest.fixture(scope="module")
+def loss_grads(setup):
+  """Gradients of L_LM and of L_aux separately, w.r.t. params and the document embeddings
+  (one jitted reverse pass over the two losses)."""
+  model, variables, batch = setup
+
+  def f(v, dd):
+    lm, aux, _ = loss_terms(model, v, batch, dict(zero_deltas(), docs=dd))
+    return jnp.stack([lm, aux])
+  (gp, gd) = jax.jit(jax.jacrev(f, argnums=(0, 1)))(variables, zero_deltas()["docs"])
+  lm = jax.tree_util.tree_map(lambda x: x[0], (gp, gd))
+  aux = jax.tree_util.tree_map(lambda x: x[1], (gp, gd))
+  return lm, aux
+
+
+def test_lm_loss_gradient_skips_the_router_and_reaches_selected_documents(setup, loss_grads):
   """SPEC §3.3/§4: selection is hard, so L_LM gives router_q_proj / router_k_proj exactly zero
   gradient; L_LM reaches the document encoder through the selected pooled K̄, V̄ only: the
   embeddings of documents selected in some router layer get gradient, the others exactly 0."""
   model, variables, batch = setup
-  g = jax.grad(lambda v: total_loss(model, v, batch, 1.0, 0.0))(variables)
+  g, gd = loss_grads[0]
   for i, (gq, gk) in router_grads(g).items():
     np.testing.assert_array_equal(gq, 0.0)
     np.testing.assert_array_equal(gk, 0.0)
-  gd = jax.grad(lambda dd: total_loss(model, variables, batch, 1.0, 0.0,
-                                      dict(zero_deltas(), docs=dd)))(zero_deltas()["docs"])
   doc_norm = np.linalg.norm(np.asarray(gd).reshape(B, N, -1), axis=-1)
   chosen = selected_sets(model.apply(variables, batch))
+  assert any(len(c) < int(np.asarray(batch.doc_mask[b]).any(-1).sum())
+             for b, c in enumerate(chosen))   # some real document is unselected
   for b in range(B):
     for n in range(N):
       if n in chosen[b]:
@@ -354,11 +374,11 @@ def test_lm_loss_gradient_skips_the_router_and_reaches_selected_documents(setup)
   assert np.abs(q0).max() > 0
 
 
-def test_aux_loss_gradient_reaches_router_projections(setup):
+def test_aux_loss_gradient_reaches_router_projections(setup, loss_grads):
   """SPEC §4: the router projections learn from L_aux (non-zero gradient in every router
   layer, for both router_q_proj and router_k_proj)."""
-  model, variables, batch = setup
+  _, _, batch = setup
   assert np.asarray(batch.positive_docs).any()
-  g = jax.grad(lambda v: total_loss(model, v, batch, 0.0, 1.0))(variables)
+  g, _ = loss_grads[1]
   for i, (gq, gk) in router_grads(g).items():
     assert np.abs(gq).max() > 0 and np.abs(gk).max() > 0, i
