@@ -56,3 +56,31 @@ def write_json(path: str, payload: dict) -> None:
 def out_dir() -> str:
   """``$OUT`` on the device machine, else ``benchmarks/results``."""
   return os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results")
+
+
+def gpu_kernel_times(fn, *args, calls: int = 3) -> list[tuple[str, float]]:
+  """Per-kernel device time (µs per call) of ``fn(*args)`` from a profiler trace.
+
+  Returns ``[(kernel name, µs)]``, longest first, averaged over ``calls`` calls.
+  """
+  import glob
+  import tempfile
+  from jax.profiler import ProfileData
+  jax.block_until_ready(fn(*args))
+  with tempfile.TemporaryDirectory() as tmp:
+    jax.profiler.start_trace(tmp)
+    for _ in range(calls):
+      jax.block_until_ready(fn(*args))
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
+    data = ProfileData.from_file(path)
+  totals: dict[str, float] = {}
+  for plane in data.planes:
+    if not plane.name.startswith("/device:GPU"):
+      continue
+    for line in plane.lines:
+      if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
+        continue
+      for ev in line.events:
+        totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns / 1e3 / calls
+  return sorted(totals.items(), key=lambda kv: -kv[1])

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import copy_bandwidth_gbs, device_name, out_dir, time_ms, write_json
+from benchmarks import (copy_bandwidth_gbs, device_name, gpu_kernel_times, out_dir, time_ms,
+                        write_json)
 from msa_jax import routing as ref_routing
 from pallas_kernels import block_routing as br
 
@@ -50,7 +51,8 @@ def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0, real_chunks: int 
   return rq_bmf, mask_bm, kr_cf, chunk_doc_c, num_docs
 
 
-def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None):
+def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None,
+               profile: bool = False):
   c = -(-(tokens // P) // 128) * 128  # bank padded to a multiple of 128 chunks (doc -1)
   rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks, real_chunks=tokens // P)
   row = {"tokens": tokens, "chunks": c, "docs": n, "kr_bytes": c * F * 2}
@@ -101,12 +103,18 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
     for tname, tb in (("bd256", dict(block_docs=256)), ("bd4096", dict(block_docs=4096)),
-                      ("onestage", dict(block_docs=0)), ("sorted", dict(sorted_docs=True)),
-                      ("sorted_bd4096", dict(sorted_docs=True, block_docs=4096))):
+                      ("onestage", dict(block_docs=0))):
       bs_t = dataclasses.replace(bs, **tb)
       fn_t = jax.jit(lambda q, m, kr, d, bs_t=bs_t: br.route_top_k(
           q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_t))
       row[f"pallas_route_{tname}_ms"] = time_ms(fn_t, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    if profile:
+      for label, f in (("pallas_route", route), ("xla_route", xla_route)):
+        ker = gpu_kernel_times(f, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+        row[f"{label}_kernels_us"] = ker
+        print(f"{label}: {sum(t for _, t in ker):.1f} us of kernels", flush=True)
+        for name, t in ker:
+          print(f"  {t:9.1f} us  {name[:110]}", flush=True)
     row["selection_equal_xla"] = bool(np.array_equal(np.asarray(sel_p.doc_idx_bk),
                                                      np.asarray(sel_xla.doc_idx_bk)))
   del kr_cf
@@ -118,6 +126,7 @@ def main():
   ap.add_argument("--tokens", default="1e6,1e7,3e7,1e8")
   ap.add_argument("--doc-chunks", type=int, default=16)
   ap.add_argument("--configs", default=",".join(CONFIGS))
+  ap.add_argument("--profile", action="store_true", help="per-kernel device times at the largest size")
   ap.add_argument("--sweep-at", type=float, default=1e8, help="memory size that tries every config")
   args = ap.parse_args()
   bw = copy_bandwidth_gbs() if jax.default_backend() == "gpu" else copy_bandwidth_gbs(1 << 26)
@@ -127,7 +136,7 @@ def main():
   sizes = sorted((int(float(t)) for t in args.tokens.split(",")), reverse=True)
   for tokens in sizes:
     cfg = configs if tokens == int(args.sweep_at) or best is None else {best: configs[best]}
-    row = bench_size(tokens, args.doc_chunks, bw, cfg, best)
+    row = bench_size(tokens, args.doc_chunks, bw, cfg, best, args.profile and tokens == sizes[0])
     best = row.get("pallas_config", best)
     rows.append(row)
     print(row, flush=True)

@@ -127,11 +127,15 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
           plgpu.commit_smem()
           a_op = p_smem
 
-        def pv_scope(acc_ref):
-          plgpu.wgmma(acc_ref, a_op, v_smem)
-          return acc_ref[...]
-        pv = pl.run_scoped(pv_scope, plgpu.ACC((bq, d), jnp.float32))
-        acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0]) + pv
+        acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0])
+        if interpret:  # the interpreter has no run_state: a fresh accumulator, then add
+          def pv_scope(acc_ref):
+            plgpu.wgmma(acc_ref, a_op, v_smem)
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(pv_scope, plgpu.ACC((bq, d), jnp.float32))
+        else:  # accumulate into the rescaled running output in place
+          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a_op, v_smem))(
+              plgpu.ACC.init(acc))
         return acc, m_new, l_i
 
       acc = cast(jnp.zeros((bq, d), jnp.float32), wgmma_layout)
