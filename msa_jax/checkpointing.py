@@ -11,8 +11,14 @@ import orbax.checkpoint as ocp
 def make_manager(workdir: str, max_to_keep: int, save_interval_steps: int,
                  async_save: bool = True) -> ocp.CheckpointManager:
   """A ``CheckpointManager`` under ``workdir/checkpoints`` holding ``state`` and ``data`` items."""
+  # Every ``save_interval_steps`` steps (and on a multi-host preemption notice); not
+  # orbax's default extra save at the first step of a fresh run.
+  policies = ocp.checkpoint_managers
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+      max_to_keep=max_to_keep,
+      save_decision_policy=policies.AnySavePolicy([
+          policies.FixedIntervalPolicy(save_interval_steps),
+          policies.PreemptionCheckpointingPolicy()]),
       enable_async_checkpointing=async_save, create=True)
   return ocp.CheckpointManager(
       os.path.abspath(os.path.join(workdir, "checkpoints")), options=options,

@@ -33,14 +33,34 @@ class NonFiniteLossError(RuntimeError):
   """The loss became NaN/Inf; the last good checkpoint is kept."""
 
 
+def resolve_model_config(cfg) -> ModelConfig:
+  """The model config of a training config; ``model.vocab_size=0`` takes the task tokenizer's.
+
+  A vocabulary smaller than the tokenizer's is an error, never a silent clip.
+  """
+  model = dict(cfg.model)
+  data_vocab = None
+  if cfg.data.task in ("kv", "multihop"):
+    from msa_jax import input_pipeline
+    data_vocab = input_pipeline.vocab_size_of(cfg.data)
+  if not model.get("vocab_size"):
+    if data_vocab is None:
+      raise ValueError("model.vocab_size=0 (from the data) needs a synthetic task; set it")
+    model["vocab_size"] = -(-data_vocab // 64) * 64
+  elif data_vocab is not None and model["vocab_size"] < data_vocab:
+    raise ValueError(f"model.vocab_size={model['vocab_size']} is smaller than the task "
+                     f"tokenizer's {data_vocab} tokens; raise it or set 0 (derive from data)")
+  return ModelConfig.from_dict(model)
+
+
 def validate_config(cfg) -> ModelConfig:
   """Checks the training config and returns the model config; errors name the fix."""
-  model_cfg = ModelConfig.from_dict(cfg.model)
   if cfg.get("requires_init_from") and not cfg.get("init_from"):
     raise ValueError(
         "this recipe fine-tunes a pretrained Qwen3 checkpoint and needs accelerators: set "
         "--config.init_from=/path/to/Qwen3-4B-Instruct-2507 (a local Hugging Face dir). "
         "For a CPU run use the smoke variant: --config=configs/16k_to_100m.py:smoke")
+  model_cfg = resolve_model_config(cfg)
   if cfg.num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
   if cfg.batch_size < 1:
@@ -58,7 +78,7 @@ class TrainSetup:
     self.cfg = cfg
     self.mesh = mesh
     self.rules = sharding.rules_from_config(cfg.get("logical_axis_rules"))
-    self.model_cfg = model_cfg or ModelConfig.from_dict(cfg.model)
+    self.model_cfg = model_cfg or resolve_model_config(cfg)
     self.model = MSAModel(self.model_cfg)
     self.tx = make_optimizer(cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
@@ -110,17 +130,35 @@ def count_tokens(batch: MSABatch) -> int:
   return int(np.sum(batch.doc_mask) + np.sum(batch.prefix_mask) + np.sum(batch.active_mask))
 
 
-def _write_config(cfg, workdir: str) -> None:
+def _write_config(cfg, workdir: str, model_cfg: ModelConfig) -> None:
+  """``config.json``: the training config with ``model`` as the resolved ``ModelConfig``
+  (e.g. ``vocab_size=0`` replaced by the size used), so the workdir loads on its own."""
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
+    config = json.loads(cfg.to_json_best_effort())
+    config["model"] = model_cfg.to_dict()
     with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(cfg.to_json_best_effort(indent=2))
+      json.dump(config, f, indent=2)
 
 
 def _load_pretrained(cfg, setup: TrainSetup):
   from msa_jax.export.convert import from_pretrained
   _, params = from_pretrained(cfg.init_from, model_config=setup.model_cfg)
   return params
+
+
+def _check_finite(step_metrics, step: int, manager) -> None:
+  """Raises ``NonFiniteLossError`` (before anything is saved) when the step's loss is NaN/Inf."""
+  loss = float(step_metrics["loss"])
+  if np.isfinite(loss):
+    return
+  manager.wait_until_finished()
+  kept = manager.latest_step()
+  where = (f"the last good checkpoint (step {kept}) in {manager.directory} is kept"
+           if kept is not None else f"no checkpoint was saved yet in {manager.directory}")
+  raise NonFiniteLossError(
+      f"loss is {loss} at step {step}; stopping. {where[0].upper()}{where[1:]}; lower the "
+      "learning rate or check the data before resuming.")
 
 
 def train_and_evaluate(cfg, workdir: str, *,
@@ -139,7 +177,7 @@ def train_and_evaluate(cfg, workdir: str, *,
     raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of {batch_shards} (the "
                      f"data × fsdp mesh axes of mesh {dict(mesh.shape)}); change batch_size "
                      "or config.mesh_shape")
-  _write_config(cfg, workdir)
+  _write_config(cfg, workdir, model_cfg)
   setup = TrainSetup(cfg, mesh, model_cfg)
   data_iter = input_pipeline.make_train_iterator(
       cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -177,15 +215,8 @@ def train_and_evaluate(cfg, workdir: str, *,
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
-      save_now = manager.should_save(step) or step == cfg.num_steps or stop["sigterm"]
-      if log_now or save_now:
-        loss = float(step_metrics["loss"])
-        if not np.isfinite(loss):
-          raise NonFiniteLossError(
-              f"loss is {loss} at step {step}; stopping. The last good checkpoint "
-              f"(step {manager.latest_step()}) in {manager.directory} is kept; lower the "
-              "learning rate or check the data before resuming.")
       if log_now:
+        _check_finite(step_metrics, step, manager)
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
@@ -199,9 +230,13 @@ def train_and_evaluate(cfg, workdir: str, *,
         if on_step is not None:
           on_step(step, row)
         tokens_since, t_since = 0, time.perf_counter()
-      if save_now:
+      # Read the flag once, after logging: a SIGTERM that arrived while logging (or from
+      # on_step) is still saved at this step rather than dropped.
+      stopping = stop["sigterm"]
+      if manager.should_save(step) or step == cfg.num_steps or stopping:
+        _check_finite(step_metrics, step, manager)
         checkpointing.save(manager, step, state, data_iter, force=True)
-      if stop["sigterm"]:
+      if stopping:
         print(f"SIGTERM: saved step {step} to {manager.directory}; exiting cleanly.", flush=True)
         last["stopped_early"] = True
         break

@@ -9,8 +9,6 @@ before the update); the metrics row of that step is logged as ``step = i + 1``.
 
 No test here compiles a model: each bad config fails before any work is done.
 """
-import importlib.util
-import math
 import os
 import subprocess
 import sys
@@ -24,15 +22,7 @@ from msa_jax.config import ModelConfig
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 from msa_jax.trainer import train_and_evaluate, validate_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_FILE = os.path.join(REPO, "configs", "16k_to_100m.py")
-
-
-def get_config(variant: str):
-  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from train_common import CONFIG_FILE, REPO, get_config
 
 
 def lr_at(cfg, i: int) -> float:
@@ -54,6 +44,9 @@ def test_4b_recipe_has_the_paper_phase_values():
   assert (c.optim.warmup_lm_weight, c.optim.warmup_aux_weight) == (0.1, 1.0)
   assert (c.optim.main_lm_weight, c.optim.main_aux_weight) == (1.0, 0.1)
   assert c.loss.infonce_temperature == 0.1
+  m = ModelConfig.from_dict(c.model)       # Qwen3-4B with MSA: P 64, k 16, routers 18-35
+  assert (m.vocab_size, m.num_layers, m.hidden_size) == (151936, 36, 2560)
+  assert (m.pooling_chunk_size, m.top_k, m.router_layer_ids) == (64, 16, tuple(range(18, 36)))
 
 
 def test_4b_loss_weights_switch_exactly_at_the_phase_boundary():

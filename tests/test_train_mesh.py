@@ -16,8 +16,6 @@ Tolerances (float32; the sharded step reduces in a different order):
     ~3e-3; only entries with |g| ~ eps (1e-8) show the reduction order, by up
     to ~1e-5 (seen: 1 of 2048 entries of a kernel).
 """
-import importlib.util
-import os
 
 import jax
 import numpy as np
@@ -25,18 +23,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from msa_jax import input_pipeline, sharding
-from msa_jax.config import ModelConfig
 from msa_jax.trainer import TrainSetup
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def get_config(variant: str):
-  spec = importlib.util.spec_from_file_location(
-      "recipe_16k_to_100m", os.path.join(REPO, "configs", "16k_to_100m.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+from train_common import get_config
 
 
 def small_cfg():
@@ -52,9 +41,8 @@ def small_cfg():
 @pytest.fixture(scope="module")
 def runs():
   cfg = small_cfg()
-  model_cfg = ModelConfig.from_dict(cfg.model)
   data = input_pipeline.make_train_iterator(
-      cfg.data, seed=0, batch_size=cfg.batch_size, chunk_size=model_cfg.pooling_chunk_size)
+      cfg.data, seed=0, batch_size=cfg.batch_size, chunk_size=cfg.model.pooling_chunk_size)
   batch = next(data)
   out = {}
   for name, mesh in (("single", sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])),

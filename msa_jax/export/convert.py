@@ -3,12 +3,15 @@
 Detection order of :func:`from_pretrained` on a dir:
 
 1. ``msa_config.json`` + ``params/``           → an msa_jax (orbax) checkpoint;
-2. ``config.json``, by its ``model_type``:
+2. a ``msa_jax.trainer`` workdir (``config.json`` whose ``model`` entry is a
+   ModelConfig, ``checkpoints/<step>/state``) → the params of the newest step's
+   train state, or ``step=``'s;
+3. ``config.json``, by its ``model_type``:
    ``qwen3`` → HF Qwen3 safetensors, ``msa`` → the MSA-4B release; other → error;
-3. trainer step dirs ``<dir>/checkpoints/<step>`` or ``<dir>/<step>`` holding
+4. params-only step dirs ``<dir>/checkpoints/<step>`` or ``<dir>/<step>`` holding
    ``params/`` (and ``msa_config.json`` there or above) → the newest step, or
    ``step=`` if given;
-4. anything else → :class:`CheckpointError`.
+5. anything else → :class:`CheckpointError`.
 
 Router initialisation when reading a plain Qwen3 checkpoint (which has no
 router projections): ``router_init="copy_qk"`` (default) sets
@@ -100,6 +103,11 @@ def from_pretrained(path, *, dtype=None, compute_dtype=None, router_init: str = 
     raise CheckpointError(f"{path}: not a directory")
   if native.is_msa_jax_checkpoint(path):
     return _load_native(path, path, dtype, compute_dtype, config_overrides)
+  if native.is_trainer_workdir(path):
+    step_dir = native.find_trainer_checkpoint(path, step)
+    return _load_native(step_dir, path, dtype, compute_dtype, config_overrides,
+                        stored_cfg=native.read_trainer_model_config(path),
+                        restore=native.restore_trainer_params)
   if os.path.isfile(os.path.join(path, CONFIG_JSON)):
     return _load_safetensors(path, dtype, compute_dtype, router_init, seed, config_overrides)
   step_dir = native.find_workdir_checkpoint(path, step)
@@ -111,9 +119,11 @@ def from_pretrained(path, *, dtype=None, compute_dtype=None, router_init: str = 
       "step dirs")
 
 
-def _load_native(step_dir, root, dtype, compute_dtype, overrides):
-  stored_cfg = native.read_model_config(step_dir, root)
-  params = native.restore_params(step_dir, abstract_params(MSAModel(stored_cfg)))
+def _load_native(step_dir, root, dtype, compute_dtype, overrides, stored_cfg=None,
+                 restore=native.restore_params):
+  if stored_cfg is None:
+    stored_cfg = native.read_model_config(step_dir, root)
+  params = restore(step_dir, abstract_params(MSAModel(stored_cfg)))
   param_dtype = _dtype_name(dtype) if dtype is not None else stored_cfg.param_dtype
   cfg = stored_cfg.replace(
       param_dtype=param_dtype,

@@ -5,9 +5,19 @@ Layout of one checkpoint dir::
     <dir>/msa_config.json   ModelConfig.to_dict()
     <dir>/params/           the param tree, orbax StandardCheckpointer
 
-A trainer workdir holds step dirs ``<workdir>/<step>/`` or
+A workdir of params-only step dirs holds ``<workdir>/<step>/`` or
 ``<workdir>/checkpoints/<step>/`` (``<step>`` has digits), each with ``params/``;
 ``msa_config.json`` sits in the step dir or in a dir above it, up to the workdir.
+
+A ``msa_jax.trainer`` workdir (what ``python -m msa_jax.train`` writes)::
+
+    <workdir>/config.json                  the training ConfigDict; its ``model`` is
+                                           ModelConfig.to_dict()
+    <workdir>/checkpoints/<step>/state/    orbax StandardSave of TrainState(step, params,
+                                           opt_state)
+    <workdir>/checkpoints/<step>/data/     the data iterator
+
+Only ``params`` is read from ``state`` (orbax partial restore).
 """
 from __future__ import annotations
 
@@ -105,6 +115,78 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   stored = checkpointer.metadata(path)
   stored_tree = getattr(stored, "item_metadata", stored)
   stored_tree = getattr(stored_tree, "tree", stored_tree)
+  _check_shapes(path, abstract_params, stored_tree)
+  return checkpointer.restore(path, abstract_params)
+
+
+TRAINER_CONFIG = "config.json"
+TRAINER_STATE_DIR = "state"
+
+
+def trainer_model_dict(workdir: str) -> Optional[dict]:
+  """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
+  path = os.path.join(workdir, TRAINER_CONFIG)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError):
+    return None
+  model = config.get("model") if isinstance(config, dict) else None
+  if not isinstance(model, dict) or "model_type" in config:
+    return None
+  return model
+
+
+def is_trainer_workdir(workdir: str) -> bool:
+  return trainer_model_dict(workdir) is not None
+
+
+def find_trainer_checkpoint(workdir: str, step: Optional[int] = None) -> str:
+  """``<workdir>/checkpoints/<step>`` holding ``state/``: the newest, or ``step``'s."""
+  parent = os.path.join(workdir, "checkpoints")
+  found = {}
+  if os.path.isdir(parent):
+    for name in os.listdir(parent):
+      if name.isdigit() and os.path.isdir(os.path.join(parent, name, TRAINER_STATE_DIR)):
+        found[int(name)] = os.path.join(parent, name)
+  if not found:
+    raise CheckpointError(f"{workdir}: a training workdir ({TRAINER_CONFIG} with a 'model' "
+                          f"entry) without checkpoints: no {parent}/<step>/{TRAINER_STATE_DIR}")
+  if step is None:
+    return found[max(found)]
+  if step not in found:
+    raise CheckpointError(f"{workdir}: no checkpoint for step {step}; steps: {sorted(found)}")
+  return found[step]
+
+
+def read_trainer_model_config(workdir: str) -> ModelConfig:
+  try:
+    return ModelConfig.from_dict(trainer_model_dict(workdir))
+  except (ValueError, TypeError) as e:
+    raise CheckpointError(f"{os.path.join(workdir, TRAINER_CONFIG)}: model: {e}") from None
+
+
+def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
+  """Restores only ``params`` of the ``TrainState`` in ``<step_dir>/state`` (on one device)."""
+  path = os.path.abspath(os.path.join(step_dir, TRAINER_STATE_DIR))
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = checkpointer.metadata(path)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  if not isinstance(stored_tree, dict) or "params" not in stored_tree:
+    raise CheckpointError(f"{path}: not a train state (no 'params')")
+  _check_shapes(path, abstract_params, stored_tree["params"])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract_params)
+  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+      item={"params": abstract_params}, restore_args={"params": restore_args},
+      partial_restore=True))
+  return restored["params"]
+
+
+def _check_shapes(path: str, abstract_params: Any, stored_tree: Any) -> None:
   want = {jax.tree_util.keystr(p): x.shape
           for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
   have = {jax.tree_util.keystr(p): tuple(x.shape)
@@ -116,4 +198,3 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   for key, shape in want.items():
     if have[key] != tuple(shape):
       raise CheckpointError(f"{path}: param {key} has shape {have[key]}, expected {tuple(shape)}")
-  return checkpointer.restore(path, abstract_params)

@@ -1,0 +1,65 @@
+"""Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
+an XLA compilation cache shared by the training tests of one pytest session."""
+import importlib.util
+import os
+
+import jax
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILE = os.path.join(REPO, "configs", "16k_to_100m.py")
+NUM_STEPS, WARMUP = 12, 4
+
+
+def get_config(variant: str):
+  """``configs/16k_to_100m.py:<variant>`` as the CLI loads it."""
+  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(variant)
+
+
+def small_cfg():
+  """The smoke recipe cut to 1 layer (a router layer) and 12 steps, logging every step.
+
+  The warm-up phase ends after step 4 and the lr ramp after step 2, so a run
+  shows both phases. ``checkpoint.every_steps`` is larger than the run: only the
+  final (and a SIGTERM) save happen unless a test lowers it. Every test module
+  that trains uses this exact config, so the compiled step is shared through
+  ``compilation_cache``.
+  """
+  cfg = get_config("smoke")
+  cfg.model.num_layers = 1
+  cfg.model.router_layers = (0,)
+  cfg.batch_size = 8
+  cfg.num_steps = NUM_STEPS
+  cfg.log_every_steps = 1
+  cfg.tensorboard = False
+  cfg.eval.at_end = False
+  cfg.optim.warmup_phase_steps = WARMUP
+  cfg.optim.lr_ramp_steps = 2
+  cfg.checkpoint.every_steps = 1000
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """XLA's persistent compilation cache in one dir per session, on for the module.
+
+  The compiled train step of ``small_cfg`` is identical in every run, so only
+  the first run of a session pays for compiling it (~40 s on 2 cores).
+  """
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  old = {k: getattr(jax.config, k) for k in names}
+  cache = tmp_path_factory.getbasetemp() / "train_xla_cache"
+  cache.mkdir(exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", str(cache))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  cc.reset_cache()
+  yield cache
+  for k, v in old.items():
+    jax.config.update(k, v)
+  cc.reset_cache()
