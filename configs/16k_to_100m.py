@@ -17,8 +17,12 @@ VARIANTS = ("4b", "0.6b", "tiny", "smoke")
 
 
 def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
+  """A preset's fields with overrides, checked; ``vocab_size=0`` means "the task tokenizer's"."""
   from msa_jax.config import preset as model_preset
-  return ml_collections.ConfigDict(model_preset(preset, **overrides).to_dict())
+  checked = dict(overrides, vocab_size=overrides.get("vocab_size") or 1)
+  fields = model_preset(preset, **checked).to_dict()
+  fields["vocab_size"] = overrides.get("vocab_size", fields["vocab_size"])
+  return ml_collections.ConfigDict(fields)
 
 
 def _base() -> ml_collections.ConfigDict:
@@ -67,7 +71,7 @@ def _base() -> ml_collections.ConfigDict:
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,
-      question_words=True))
+      question_words=True, bracket_ids=True))
   c.data.jsonl_path = ""
   c.data.corpus_path = ""
   c.data.tokenizer_dir = ""
@@ -116,10 +120,10 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.kv = ml_collections.ConfigDict(dict(
         facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
         num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
-        question_words=False))
+        question_words=False, bracket_ids=True))
     c.eval.memory_multipliers = (1, 4, 16, 64, 256)
   elif variant == "smoke":
-    c.model = _model("tiny", vocab_size=576, hidden_size=64, intermediate_size=256,
+    c.model = _model("tiny", vocab_size=0, hidden_size=64, intermediate_size=128,
                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
                      pooling_chunk_size=8, top_k=2, dtype="float32")
     c.num_steps = 1_500
@@ -139,7 +143,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.kv = ml_collections.ConfigDict(dict(
         facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
         num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
-        question_words=False))
+        question_words=False, bracket_ids=True))
     c.eval.num_examples = 64
     c.eval.batch_size = 16
     c.eval.memory_multipliers = (1, 4, 16, 64, 256)
