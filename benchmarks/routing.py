@@ -103,11 +103,18 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
     for tname, tb in (("bd256", dict(block_docs=256)), ("bd4096", dict(block_docs=4096)),
-                      ("onestage", dict(block_docs=0))):
+                      ("onestage", dict(block_docs=0)),
+                      ("pruned128", dict(top_k="pruned", block_docs=128)),
+                      ("pruned512", dict(top_k="pruned", block_docs=512)),
+                      ("prunedsort128", dict(top_k="pruned_sort", block_docs=128)),
+                      ("prunedsort32", dict(top_k="pruned_sort", block_docs=32))):
       bs_t = dataclasses.replace(bs, **tb)
       fn_t = jax.jit(lambda q, m, kr, d, bs_t=bs_t: br.route_top_k(
           q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_t))
       row[f"pallas_route_{tname}_ms"] = time_ms(fn_t, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+      if profile:
+        ker = gpu_kernel_times(fn_t, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+        print(f"route {tname}: " + ", ".join(f"{nm[:40]} {t:.1f}" for nm, t in ker[:6]), flush=True)
     if profile:
       for label, f in (("pallas_route", route), ("xla_route", xla_route)):
         ker = gpu_kernel_times(f, rq_bmf, mask_bm, kr_cf, chunk_doc_c)

@@ -56,6 +56,8 @@ class BlockSizes:
   max_queries: most query columns per kernel pass (wgmma N ≤ 256); more queries
     run as further passes over the bank.
   block_docs: documents per row of the first top-k stage (0: one-stage top-k).
+  top_k: ``two_stage`` (:func:`two_stage_top_k`), ``pruned`` or ``pruned_sort``
+    (:func:`pruned_top_k`); ``block_docs`` is the row length of either.
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
   """
@@ -66,6 +68,7 @@ class BlockSizes:
   max_queries: int = 256
   block_docs: int = 1024
   sorted_docs: bool = False
+  top_k: str = "two_stage"
 
 
 # ----------------------------------------------------------------------------
@@ -250,6 +253,41 @@ def two_stage_top_k(scores_bn, k: int, block: int):
   return val2, jnp.take_along_axis(idx_brk.reshape(b, rows * kr), pos2, axis=1)
 
 
+def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
+  """Exact top-k (ties → lower index) that reads long rows only through row maxima.
+
+  The ``k`` rows of ``row`` entries with the largest maxima (ties → lower row)
+  hold the top-k entries: an entry outside them is beaten by each of those ``k``
+  row maxima. So: row maxima (one fused reduce), top-k rows, gather their
+  ``k·row`` entries in index order, then a top-k (``final="top_k"``) or a stable
+  two-key sort (``final="sort"``) of those few entries.
+  """
+  b, n = scores_bn.shape
+  kk = min(k, n)
+  rows = -(-n // row)
+  if rows <= 1:
+    return lax.top_k(scores_bn, kk)
+  x_brr = jnp.pad(scores_bn, ((0, 0), (0, rows * row - n)),
+                  constant_values=NEG_INF).reshape(b, rows, row)
+  kr = min(kk, rows)
+  _, top_rows = lax.top_k(x_brr.max(axis=2), kr)
+  top_rows = jnp.sort(top_rows, axis=1)                       # index order
+  cand = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, kr * row)
+  cand_idx = (top_rows[:, :, None] * row
+              + jnp.arange(row, dtype=top_rows.dtype)[None, None, :]).reshape(b, -1)
+  if final == "sort":
+    neg, idx = lax.sort((-cand, cand_idx), dimension=1, num_keys=2)
+    return -neg[:, :kk], idx[:, :kk]
+  val, pos = lax.top_k(cand, kk)
+  return val, jnp.take_along_axis(cand_idx, pos, axis=1)
+
+
+def _top_k(doc_s, k: int, bs: BlockSizes):
+  if bs.top_k == "two_stage":
+    return two_stage_top_k(doc_s, k, bs.block_docs)
+  return pruned_top_k(doc_s, k, bs.block_docs, "sort" if bs.top_k == "pruned_sort" else "top_k")
+
+
 def selection_from_top_k(top_val_bk, top_idx_bk, k: int):
   """Sorts chosen documents into document order (invalid last) → (scores, Selection).
 
@@ -305,7 +343,7 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
                       block_sizes=bs, interpret=interpret)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
-  top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
+  top_val, top_idx = _top_k(doc_s, k, bs)
   return selection_from_top_k(top_val, top_idx, k)
 
 
@@ -325,6 +363,6 @@ def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k:
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas", block_sizes=bs,
                       interpret=interpret)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
-  top_val, top_idx = two_stage_top_k(doc_s, k, bs.block_docs)
+  top_val, top_idx = _top_k(doc_s, k, bs)
   _, sel = selection_from_top_k(top_val, top_idx, k)
   return doc_s, sel

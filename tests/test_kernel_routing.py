@@ -163,3 +163,16 @@ def test_gpu_route_top_k_compiled(c, m):
   np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=1e-5)
   # Equal sets unless two documents are within rounding of each other.
   assert _chosen(sel) == _chosen(want_sel)
+
+
+@pytest.mark.parametrize("final", ["top_k", "sort"])
+def test_pruned_top_k_is_exact_with_ties(final):
+  rng = np.random.default_rng(1)
+  x = rng.integers(0, 6, (3, 1000)).astype(np.float32)
+  x[1, 500:] = -np.inf                                # padding-like tail
+  x = jnp.asarray(x)
+  for row, k in ((7, 9), (64, 16), (2000, 5), (10, 300)):
+    val, idx = br.pruned_top_k(x, k, row, final)
+    want_val, want_idx = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(val), np.asarray(want_val))
+    np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
