@@ -19,7 +19,9 @@ VARIANTS = ("4b", "0.6b", "tiny", "smoke")
 def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
   """A preset's fields with overrides, checked; ``vocab_size=0`` means "the task tokenizer's"."""
   from msa_jax.config import preset as model_preset
-  checked = dict(overrides, vocab_size=overrides.get("vocab_size") or 1)
+  checked = dict(overrides)
+  if overrides.get("vocab_size") == 0:   # placeholder for the check only
+    checked["vocab_size"] = 1
   fields = model_preset(preset, **checked).to_dict()
   fields["vocab_size"] = overrides.get("vocab_size", fields["vocab_size"])
   return ml_collections.ConfigDict(fields)
