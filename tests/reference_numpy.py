@@ -447,3 +447,21 @@ def rel_err(actual, ref):
   if ref.size == 0:
     return 0.0
   return float(np.max(np.abs(actual - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def _fast_compile():
+  """Module fixture body: XLA's cheap compile mode for these many tiny CPU programs.
+
+  The tests compile hundreds of small programs; optimisations cost more than they save
+  here. Numerics stay float32 (the tolerances are unchanged); the flag is restored after.
+  """
+  import jax
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def fast_compile_fixture():
+  import pytest
+  return pytest.fixture(scope="module", autouse=True)(_fast_compile)

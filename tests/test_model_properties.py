@@ -15,6 +15,8 @@ import pytest
 from msa_jax import losses, positions
 from msa_jax.model import routing_mask
 from tests import reference_numpy as R
+
+fast_compile = R.fast_compile_fixture()
 from tests.test_reference_forward import VOCAB, fixed_batch, tiny_config
 
 CFG = tiny_config()                           # 3 layers, router layers (1, 2), P 3, k 2
@@ -26,6 +28,12 @@ def setup():
   batch = fixed_batch(seed=11)
   model, variables = R.init_model(CFG, batch, 11)
   return model, variables, batch
+
+
+@pytest.fixture(scope="module")
+def japply(setup):
+  """The jitted forward (compiled once per input shape; many tests reuse it)."""
+  return jax.jit(setup[0].apply)
 
 
 def embed_deltas_interceptor(deltas):
@@ -120,26 +128,26 @@ def test_document_memory_gradients_are_per_document_and_causal(setup):
 # --------------------------------------------------------------------------- SPEC §3: routing
 
 
-def test_unselected_document_is_invisible_selected_one_is_not(setup):
+def test_unselected_document_is_invisible_selected_one_is_not(setup, japply):
   """SPEC §3.4: active tokens read only the selected documents' pooled chunks. Perturbing a
   document no router layer selected changes no active logit (bitwise) while the selection is
   unchanged; perturbing a selected document changes the logits."""
   model, variables, batch = setup
-  out = model.apply(variables, batch)
+  out = japply(variables, batch)
   chosen = selected_sets(out)
   real = [set(np.nonzero(np.asarray(batch.doc_mask[b]).any(-1))[0].tolist()) for b in range(B)]
   unselected = sorted(real[0] - chosen[0])
   assert unselected and chosen[0], (chosen, real)
   tried = 0
   for seed in range(20):
-    out2 = model.apply(variables, with_doc_tokens(batch, 0, unselected[0],
+    out2 = japply(variables, with_doc_tokens(batch, 0, unselected[0],
                                                   np.random.default_rng(seed)))
     if np.array_equal(np.asarray(out2.selected_brk), np.asarray(out.selected_brk)):
       np.testing.assert_array_equal(np.asarray(out2.logits_bmv), np.asarray(out.logits_bmv))
       tried += 1
   assert tried >= 3   # enough perturbations kept the selection to make the check real
   sel = min(chosen[0])
-  out3 = model.apply(variables, with_doc_tokens(batch, 0, sel, np.random.default_rng(0)))
+  out3 = japply(variables, with_doc_tokens(batch, 0, sel, np.random.default_rng(0)))
   diff = np.abs(np.asarray(out3.logits_bmv[0]) - np.asarray(out.logits_bmv[0]))
   assert diff[np.asarray(batch.active_mask[0])].max() > 1e-3
   # The other example never sees example 0's memory.
@@ -217,15 +225,15 @@ def test_no_documents_means_qwen3_on_prefix_then_active_at_t_plus_k(setup):
   assert R.rel_err(out.logits_bmv, plain_wrong[:, T:]) > 1e-3
 
 
-def test_active_offset_does_not_depend_on_number_of_document_slots(setup):
+def test_active_offset_does_not_depend_on_number_of_document_slots(setup, japply):
   """SPEC §2: the offset T+k is a constant: adding (padding) document slots changes neither
   the selection nor the logits."""
   model, variables, batch = setup
-  out = model.apply(variables, batch)
+  out = japply(variables, batch)
   pad = lambda x: np.concatenate([x, np.zeros(x.shape[:1] + (3,) + x.shape[2:], x.dtype)], 1)
   bigger = batch.replace(doc_tokens=pad(batch.doc_tokens), doc_mask=pad(batch.doc_mask),
                          positive_docs=pad(batch.positive_docs))
-  out2 = model.apply(variables, bigger)
+  out2 = japply(variables, bigger)
   np.testing.assert_array_equal(np.asarray(out2.selected_brk), np.asarray(out.selected_brk))
   np.testing.assert_array_equal(np.asarray(out2.doc_scores_brn)[..., :N],
                                 np.asarray(out.doc_scores_brn))

@@ -24,6 +24,8 @@ from msa_jax.config import ModelConfig
 from msa_jax.model import MSAModel
 from tests import reference_numpy as R
 
+fast_compile = R.fast_compile_fixture()
+
 RTOL = 1e-5
 SCORE_ATOL = 1e-5
 TIE_GAP = 1e-4
@@ -105,7 +107,7 @@ def test_forward_matches_reference(case):
   model, variables = R.init_model(cfg, batch, seed)
   ref = R.msa_forward(R.to_numpy_params(variables), cfg, batch)
   assume(clear_selection_margins(cfg, ref))
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)   # one compile per drawn config
   r = len(cfg.router_layer_ids)
   assert out.doc_scores_brn.shape == (2, r, batch.doc_tokens.shape[1])
   assert out.selected_brk.shape == (2, r, cfg.top_k)
@@ -129,7 +131,7 @@ def test_fewer_document_slots_than_k_and_no_prefix(doc_lens, k, t):
   cfg = tiny_config(top_k=k)
   batch = fixed_batch(doc_lens=doc_lens, prefix_lens=[t, 0])
   model, variables = R.init_model(cfg, batch, 7)
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)
   ref = R.msa_forward(R.to_numpy_params(variables), cfg, batch)
   check_against_reference(cfg, batch, out, ref)
   real = [n for n, ln in enumerate(doc_lens[0]) if ln]
@@ -158,14 +160,14 @@ def test_identical_documents_tie_to_the_lower_index():
   batch = fixed_batch(doc_lens=[[4, 4, 4], [4, 4, 4]])
   docs = np.array(batch.doc_tokens)
   model, variables = R.init_model(cfg, batch, 5)
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)
   # Make the best-scored document of each example (per the first router layer) appear
   # twice: copy it into a lower and a higher slot.
   best = np.asarray(jnp.argmax(out.doc_scores_brn[:, 0], axis=-1))
   for b in range(2):
     docs[b, :] = docs[b, best[b]]
   batch = batch.replace(doc_tokens=docs)
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)
   s = np.asarray(out.doc_scores_brn)
   np.testing.assert_array_equal(s[:, :, 0], s[:, :, 1])
   np.testing.assert_array_equal(np.asarray(out.selected_brk[..., 0]), 0)
@@ -177,7 +179,7 @@ def test_no_routing_token_selects_nothing():
   cfg = tiny_config()
   batch = fixed_batch(question_lens=[0, 2])
   model, variables = R.init_model(cfg, batch, 1)
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)
   assert np.all(np.asarray(out.doc_scores_brn[0]) == -np.inf)
   assert not np.any(np.asarray(out.selected_valid_brk[0]))
   ref = R.msa_forward(R.to_numpy_params(variables), cfg, batch)
@@ -267,7 +269,7 @@ def test_losses_of_a_full_forward_match_reference():
   cfg = tiny_config()
   batch = fixed_batch(seed=4)
   model, variables = R.init_model(cfg, batch, 4)
-  out = model.apply(variables, batch)
+  out = jax.jit(model.apply)(variables, batch)
   ref = R.msa_forward(R.to_numpy_params(variables), cfg, batch)
   assert clear_selection_margins(cfg, ref)
   b, m = batch.active_tokens.shape

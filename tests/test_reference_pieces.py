@@ -15,6 +15,8 @@ from hypothesis import given, settings
 from msa_jax import attention, layers, pooling, positions, routing
 from tests import reference_numpy as R
 
+fast_compile = R.fast_compile_fixture()
+
 RTOL = 1e-5
 SCORE_ATOL = 1e-5
 FAST = settings(max_examples=15, deadline=None, derandomize=True)
