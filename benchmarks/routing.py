@@ -4,10 +4,11 @@ F = Hkv·D = 1024, M = 64 question tokens, P = 64 (100M tokens = 1.56M chunks),
 documents of ``--doc-chunks`` chunks. For each memory size it times:
   * floor: bytes of K̄R (bf16) / copy bandwidth measured in this run;
   * xla_scores: the best plain-XLA chunk scores (bf16 matmul, f32 acc, masked max);
-  * xla_route: xla_scores + segment max + two-stage top-k (the full XLA path);
+  * xla_route: xla_scores + segment max + top-k (the full XLA path, same tail);
   * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
   * pallas_route: the full ``route_top_k`` with the kernel;
-  * tail: segment max + two-stage top-k alone.
+  * tail: segment max + top-k alone (host-dispatch bound when small);
+  * with --profile, per-kernel device times from a profiler trace.
 Prints a table, writes ``routing.json`` and ``routing.png`` to ``$OUT`` (or
 benchmarks/results). Run: ``python -m benchmarks.routing``.
 """
@@ -66,15 +67,14 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
   s_ref = xla_scores(rq_bmf, mask_bm, kr_cf)
   _, sel_xla = xla_route(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
 
-  for block_docs in (256, 1024, 4096):
-    tail = jax.jit(lambda s, d, bd=block_docs: br.two_stage_top_k(
-        ref_routing.document_scores(s, d, n), K_DOCS, bd))
-    row[f"tail_bd{block_docs}_ms"] = time_ms(tail, s_ref, chunk_doc_c)
+  tail = jax.jit(lambda s, d: br.pruned_top_k(ref_routing.document_scores(s, d, n), K_DOCS,
+                                              128, "sort"))
+  row["tail_ms"] = time_ms(tail, s_ref, chunk_doc_c)  # host-dispatch bound at small sizes
 
   seg = jax.jit(lambda s, d: ref_routing.document_scores(s, d, n))
   row["tail_segmax_ms"] = time_ms(seg, s_ref, chunk_doc_c)
   doc_s = seg(s_ref, chunk_doc_c)
-  topk = jax.jit(lambda x: br.two_stage_top_k(x, K_DOCS, 1024))
+  topk = jax.jit(lambda x: br.pruned_top_k(x, K_DOCS, 128, "sort"))
   row["tail_topk_ms"] = time_ms(topk, doc_s)
   v, i = topk(doc_s)
   selj = jax.jit(lambda v, i: br.selection_from_top_k(v, i, K_DOCS))
@@ -102,12 +102,12 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_config"] = pick
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
-    for tname, tb in (("bd256", dict(block_docs=256)), ("bd4096", dict(block_docs=4096)),
-                      ("onestage", dict(block_docs=0)),
+    for tname, tb in (("two_stage1024", dict(top_k="two_stage", block_docs=1024)),
+                      ("two_stage4096", dict(top_k="two_stage", block_docs=4096)),
+                      ("onestage", dict(top_k="two_stage", block_docs=0)),
                       ("pruned128", dict(top_k="pruned", block_docs=128)),
-                      ("pruned512", dict(top_k="pruned", block_docs=512)),
-                      ("prunedsort128", dict(top_k="pruned_sort", block_docs=128)),
-                      ("prunedsort32", dict(top_k="pruned_sort", block_docs=32))):
+                      ("prunedsort64", dict(top_k="pruned_sort", block_docs=64)),
+                      ("prunedsort256", dict(top_k="pruned_sort", block_docs=256))):
       bs_t = dataclasses.replace(bs, **tb)
       fn_t = jax.jit(lambda q, m, kr, d, bs_t=bs_t: br.route_top_k(
           q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_t))
@@ -155,7 +155,7 @@ def main():
     pr = r.get("pallas_route_ms", float("nan"))
     print(f"{r['tokens']:>10.0e} {r['chunks']:>9} {r['floor_ms']:>7.3f} {r['xla_scores_ms']:>7.3f} "
           f"{r['xla_route_ms']:>7.3f} {r.get('pallas_scores_ms', float('nan')):>7.3f} {pr:>7.3f} "
-          f"{r['tail_bd1024_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {r.get('pallas_config', '-'):>11} "
+          f"{r['tail_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {r.get('pallas_config', '-'):>11} "
           f"{r.get('selection_equal_xla')}")
   od = out_dir()
   write_json(os.path.join(od, "routing.json"), {"copy_bw_gbs": bw, "F": F, "M": M, "P": P,
