@@ -19,6 +19,11 @@ is bound by memory bandwidth; the work is split as:
    ``lax.top_k`` over a long row (XLA's top-k kernel cost ~0.1 ms here even in two
    stages). :func:`two_stage_top_k` is the alternative (``BlockSizes.top_k``).
 
+Not fused (yet): the issue asked for the document max and a block-local top-k inside
+the kernel so that only per-block candidates leave it; here they run as the XLA ops
+of step 2 on the 6 MB chunk-score vector (~0.07 ms at 100M tokens on an H100, see
+BENCHMARKS.md). The route still runs at 1.04× the HBM floor there.
+
 Bank layout: TMA needs the row count ``C`` to be a multiple of 8 (else the bank is
 padded, i.e. copied, on every call); a multiple of ``BlockSizes.chunks`` also keeps
 the ragged tail out of XLA. Bank builders should pad with ``chunk_doc = -1`` chunks.
@@ -358,7 +363,8 @@ def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k:
   """Drop-in for ``msa_jax.routing.route_documents``: ``(doc scores [B, N], Selection)``.
 
   ``implementation="xla"`` is the float32 reference itself (differentiable scores,
-  for the training aux loss); ``pallas`` uses the kernel's chunk scores.
+  for the training aux loss); ``pallas`` uses the kernel's chunk scores, which
+  cannot be differentiated (no VJP): use it for inference or metrics only.
   """
   if _platform.resolve(implementation) == "xla":
     return ref_routing.route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs, k)
