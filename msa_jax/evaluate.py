@@ -38,8 +38,8 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
   batch = max(1, min(cfg.eval.batch_size, cfg.eval.get("max_batch_docs", 65_536) // n_docs))
   kw = dict(batch_size=batch, max_rounds=cfg.eval.max_rounds,
             max_new_tokens=cfg.eval.max_new_tokens)
-  routed = generate_with_memory(model, params, examples, specials, **kw)
-  oracle = generate_with_memory(model, params, examples, specials, oracle=True, **kw)
+  routed, oracle = generate_with_memory(model, params, examples, specials, modes=(False, True),
+                                        **kw)
   em = np.mean([g.answer == ex.answer for g, ex in zip(routed, examples)])
   oracle_em = np.mean([g.answer == ex.answer for g, ex in zip(oracle, examples)])
   recall = {k: [] for k in (1, 5)}
@@ -131,7 +131,9 @@ def load_for_eval(cfg, workdir: str):
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import flags, logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
   import ml_collections
   workdir = flags.FLAGS.workdir
   path = os.path.join(workdir, "config.json")

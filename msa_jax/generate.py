@@ -79,39 +79,63 @@ def _forced_selection(examples: Sequence[Example], doc_ids_per_row: Sequence[Seq
 
 def generate_with_memory(model: MSAModel, params, examples: Sequence[Example],
                          specials: SpecialTokens, *, batch_size: int, max_rounds: int = 3,
-                         max_new_tokens: int = 16, oracle: bool = False) -> list[Generation]:
+                         max_new_tokens: int = 16, oracle: bool = False,
+                         modes: Optional[Sequence[bool]] = None):
   """Answers each example's question from its memory by generative retrieval.
 
   ``oracle=True`` forces each round's gold documents (``example.rounds``, then
   all gold documents for the answer) in place of the router's choice, which
-  separates router errors from reader errors.
+  separates router errors from reader errors. ``modes=(False, True)`` runs
+  routed and oracle generation over one encoding of each batch's memory and
+  returns a list of generations per mode.
   """
-  out: list[Generation] = []
+  mode_list = [oracle] if modes is None else list(modes)
+  out: list[list[Generation]] = [[] for _ in mode_list]
   for start in range(0, len(examples), batch_size):
     chunk = list(examples[start:start + batch_size])
-    out.extend(_generate_batch(model, params, chunk, specials, batch_size, max_rounds,
-                               max_new_tokens, oracle))
-  return out
+    memory = _encode_batch(model, params, chunk, batch_size, max_rounds)
+    for i, mode in enumerate(mode_list):
+      out[i].extend(_generate_batch(model, params, chunk, specials, memory, max_rounds,
+                                    max_new_tokens, mode))
+  return out[0] if modes is None else out
 
 
-def _generate_batch(model, params, examples, specials, batch_size, max_rounds, max_new_tokens,
-                    oracle):
+@dataclasses.dataclass
+class _BatchMemory:
+  """One batch's encoded memory (stage 1) and the padded sizes of its active buffer."""
+
+  memory: dict
+  prefix_tokens: jax.Array
+  prefix_mask: jax.Array
+  doc_mask: jax.Array
+  batch_size: int
+  question_room: int   # longest question plus every document a full chain could inject
+
+
+def _encode_batch(model, params, examples, batch_size, max_rounds) -> _BatchMemory:
   cfg = model.config
-  # Memory (docs + prefix) is collated once; the active buffer is big enough for the
-  # question plus every document a full chain could inject plus the new tokens.
   longest_doc = max(ex.max_doc_length for ex in examples)
-  max_q = max(len(ex.question) for ex in examples) + max_rounds * cfg.top_k * longest_doc
-  m = _round_up(max_q + max_new_tokens, 8)
   mem_shapes = BucketShapes(batch_size, max(1, max(len(e.prefix) for e in examples)),
                             max(len(e.docs) for e in examples),
-                            _round_up(longest_doc, cfg.pooling_chunk_size), 1)
+                            _round_up(longest_doc, cfg.pooling_chunk_size), 2)
   bare = [dataclasses.replace(ex, question=ex.question[:1], target=[ex.question[0]])
           for ex in examples]
-  mem_batch = collate(bare, dataclasses.replace(mem_shapes, active=2))
+  mem_batch = collate(bare, mem_shapes)
   prefix_tokens = jnp.asarray(mem_batch.prefix_tokens)
   prefix_mask = jnp.asarray(mem_batch.prefix_mask)
   doc_mask = jnp.asarray(mem_batch.doc_mask)
   memory = _encode_memory(model, params, jnp.asarray(mem_batch.doc_tokens), doc_mask, prefix_mask)
+  room = max(len(ex.question) for ex in examples) + max_rounds * cfg.top_k * longest_doc
+  return _BatchMemory(memory, prefix_tokens, prefix_mask, doc_mask, batch_size, room)
+
+
+def _generate_batch(model, params, examples, specials, mem: _BatchMemory, max_rounds,
+                    max_new_tokens, oracle):
+  cfg = model.config
+  batch_size = mem.batch_size
+  memory, prefix_tokens, prefix_mask, doc_mask = (mem.memory, mem.prefix_tokens,
+                                                  mem.prefix_mask, mem.doc_mask)
+  m = _round_up(mem.question_room + max_new_tokens, 8)
 
   questions = [list(ex.question) for ex in examples]
   rounds: list[list[list[str]]] = [[] for _ in examples]

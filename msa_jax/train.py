@@ -7,7 +7,7 @@ workdir; a second run with the same workdir resumes from its last checkpoint.
 """
 import os
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -21,6 +21,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "/tmp/msa_smoke", "Where checkpoints, 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:   # keep orbax's per-save INFO lines off the console
+    logging.set_verbosity(logging.WARNING)
   from msa_jax.trainer import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
