@@ -74,7 +74,18 @@ def _base() -> ml_collections.ConfigDict:
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,
       question_words=True, bracket_ids=True))
+  # data.task = "niah": the RULER-style suite (msa_jax.data.niah); subtask "" mixes all
+  # 8 subtasks (weights () = uniform, else one weight per subtask in SUBTASKS order).
+  # Memory size from data.num_docs / data.memory_tokens like the kv task.
+  c.data.niah = ml_collections.ConfigDict(dict(
+      subtask="", weights=(), doc_len=48, id_len=2, key_len=2, value_len=2,
+      num_id_symbols=128, num_key_symbols=256, num_value_symbols=256,
+      num_distractor_needles=4, num_values=4, num_queries=4, uuid_groups=(4, 4),
+      prefix_bos=True))
+  # data.task = "jsonl": per-example rows (jsonl_path), or query rows (jsonl_path) over a
+  # shared corpus (corpus_path), tokenised with the local HF tokenizer tokenizer_dir.
   c.data.jsonl_path = ""
+  c.data.eval_jsonl_path = ""      # held-out rows for eval ("": the training file, warned)
   c.data.corpus_path = ""
   c.data.tokenizer_dir = ""
   c.data.shuffle_buffer = 0

@@ -31,9 +31,12 @@ def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
 def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
   """One row of eval.json: the eval questions at ``multiplier``× the training memory."""
   task = input_pipeline.eval_task(cfg.data, cfg.seed, multiplier)
-  examples = [task(i) for i in range(cfg.eval.num_examples)]
+  num = cfg.eval.num_examples
+  if hasattr(task, "__len__"):   # a finite eval set (JSONL): at most all of it
+    num = min(num, len(task))
+  examples = [task(i) for i in range(num)]
   specials = task.tokenizer.specials
-  n_docs = len(examples[0].docs)
+  n_docs = max(len(ex.docs) for ex in examples)
   # Keep one batch's memory bounded: fewer examples per batch at large memories.
   batch = max(1, min(cfg.eval.batch_size, cfg.eval.get("max_batch_docs", 65_536) // n_docs))
   kw = dict(batch_size=batch, max_rounds=cfg.eval.max_rounds,
@@ -47,15 +50,17 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
     first_gold = set(ex.rounds[0]) if ex.rounds else set(ex.positive_doc_ids)
     slots = [i for i, d in enumerate(ex.docs) if d.doc_id in first_gold]
     for k in recall:
-      recall[k].append(_recall(g.first_doc_scores[:, :n_docs], slots, k))
+      recall[k].append(_recall(g.first_doc_scores[:, :len(ex.docs)], slots, k))
   failures: dict[str, int] = {}
   for g in routed:
     if g.failure:
       failures[g.failure] = failures.get(g.failure, 0) + 1
   return {
       "memory_multiplier": int(multiplier),
-      "memory_tokens": int(sum(len(d.tokens) for d in examples[0].docs)),
-      "num_docs": int(n_docs),
+      # Synthetic memories are uniform; JSONL ones vary: the mean over the examples.
+      "memory_tokens": int(round(np.mean([sum(len(d.tokens) for d in ex.docs)
+                                          for ex in examples]))),
+      "num_docs": int(round(np.mean([len(ex.docs) for ex in examples]))),
       "answer_exact_match": float(em),
       "router_recall@1": float(np.mean(recall[1])),
       "router_recall@5": float(np.mean(recall[5])),

@@ -1,12 +1,23 @@
 """From ``config.data`` to a checkpointable iterator of ``MSABatch`` (training) and eval sets.
 
-The task (synthetic or JSONL), its tokenizer, the bucket shapes and the memory
-curriculum are read from the config here; the grain machinery itself lives in
-``msa_jax.data.pipeline``.
+The task, its tokenizer, the bucket shapes and the memory curriculum are read
+from the config here; the grain machinery itself lives in ``msa_jax.data.pipeline``.
+
+``data.task``:
+  ``kv`` / ``multihop``  synthetic key-value retrieval / multi-hop chains (``data.kv``).
+  ``niah``               the RULER-style NIAH suite (``data.niah``): all 8 subtasks as a
+                         ``TaskMixture`` (``data.niah.subtask = ""``) or one subtask.
+  ``jsonl``              real data: per-example rows (``data.jsonl_path``) or a shared
+                         corpus (``data.corpus_path``) + query rows (``data.jsonl_path``),
+                         tokenised with the local Hugging Face tokenizer ``data.tokenizer_dir``.
+Synthetic tasks (kv, multihop, niah) size their memory by ``data.num_docs`` or
+``data.memory_tokens`` (and ``data.memory_curriculum``) and scale it for eval;
+JSONL memories are what the file says (eval at multiplier 1 only).
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Sequence
 
 import grain
@@ -14,23 +25,52 @@ import numpy as np
 
 from msa_jax.batch import MSABatch
 from msa_jax.data import interleave
-from msa_jax.data.collate import BucketShapes
-from msa_jax.data.pipeline import batch_dataset
-from msa_jax.data.synthetic import KVConfig, KVRetrievalTask
+from msa_jax.data.collate import BucketShapes, WasteMeter, collate
+from msa_jax.data.example import Example
+from msa_jax.data.pipeline import batch_dataset, plan_batches
+from msa_jax.data.synthetic import KVConfig, KVRetrievalTask, TaskMixture
 
 EVAL_SEED_OFFSET = 1_000_003   # eval questions come from another seed than training's
+TASKS = ("kv", "multihop", "niah", "jsonl")
+SYNTHETIC_TASKS = ("kv", "multihop", "niah")
+_NIAH_MIXTURE_KEYS = ("subtask", "weights")
 
 
 def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-def make_task(data_cfg, seed: int, memory_tokens: int | None = None):
-  """The synthetic task of ``data_cfg`` at a memory size (docs or token budget)."""
-  if data_cfg.task not in ("kv", "multihop"):
-    raise ValueError(
-        f"data.task={data_cfg.task!r} is not wired into training yet; use 'kv' or 'multihop' "
-        "(the NIAH suite and JSONL corpora are available in msa_jax.data for evaluation)")
+def _check_task(data_cfg) -> str:
+  if data_cfg.task not in TASKS:
+    raise ValueError(f"unknown data.task={data_cfg.task!r}; use one of {TASKS}")
+  return data_cfg.task
+
+
+# --------------------------------------------------------------------------- sources
+
+class ExampleList(Sequence):
+  """A finite list of Examples with its tokenizer (the JSONL task).
+
+  Indexable like a list and callable ``index -> Example`` like a synthetic task.
+  """
+
+  def __init__(self, examples: Sequence[Example], tokenizer, name: str = "jsonl",
+               path: str = ""):
+    if not examples:
+      raise ValueError(f"no examples in {path or 'the example list'}; the file is empty")
+    self.examples, self.tokenizer, self.name, self.path = list(examples), tokenizer, name, path
+
+  def __len__(self) -> int:
+    return len(self.examples)
+
+  def __getitem__(self, index):
+    return self.examples[index]
+
+  def __call__(self, index: int) -> Example:
+    return self.examples[index]
+
+
+def _kv_task(data_cfg, seed: int, memory_tokens: int | None) -> KVRetrievalTask:
   kv = dict(data_cfg.kv)
   if data_cfg.task == "multihop" and kv.get("hops", 1) < 2:
     kv["hops"] = 2
@@ -42,27 +82,297 @@ def make_task(data_cfg, seed: int, memory_tokens: int | None = None):
   return task.with_memory_tokens(budget)
 
 
+def _niah_task(data_cfg, seed: int, memory_tokens: int | None) -> TaskMixture:
+  """The NIAH suite (all subtasks, or ``data.niah.subtask``) as a ``TaskMixture``."""
+  from msa_jax.data.niah import SUBTASKS, NIAHConfig, NIAHTask
+  from msa_jax.data.tokenizer import WordTokenizer
+  if "niah" not in data_cfg:
+    raise ValueError("data.task='niah' needs a data.niah block (see configs/16k_to_100m.py)")
+  niah = dict(data_cfg.niah)
+  subtask = niah.get("subtask") or ""
+  weights = tuple(niah.get("weights") or ()) or None
+  sizes = {k: v for k, v in niah.items() if k not in _NIAH_MIXTURE_KEYS}
+  if "uuid_groups" in sizes:
+    sizes["uuid_groups"] = tuple(sizes["uuid_groups"])
+  names = SUBTASKS if not subtask else (subtask,)
+  if subtask and subtask not in SUBTASKS:
+    raise ValueError(f"data.niah.subtask={subtask!r}; use '' (all 8) or one of {SUBTASKS}")
+  if weights is not None and len(weights) != len(names):
+    raise ValueError(f"data.niah.weights has {len(weights)} entries for {len(names)} "
+                     f"subtasks {names}; give one weight per subtask or ()")
+  tok = WordTokenizer(NIAHConfig(**sizes).vocab())
+  num_docs = int(data_cfg.num_docs)
+  budget = int(memory_tokens if memory_tokens is not None else data_cfg.memory_tokens)
+  tasks = []
+  for name in names:
+    config = NIAHConfig(subtask=name, **sizes)
+    gold = config.num_gold
+    t = NIAHTask(dataclasses.replace(config, num_docs=max(num_docs, gold)), tok, seed)
+    tasks.append(t if num_docs else t.with_memory_tokens(budget))
+  return TaskMixture(tasks, weights, seed=seed)
+
+
+def make_task(data_cfg, seed: int, memory_tokens: int | None = None):
+  """The synthetic task of ``data_cfg`` at a memory size (docs or token budget).
+
+  For ``data.task='jsonl'`` use ``make_source`` (a finite ``ExampleList``).
+  """
+  task = _check_task(data_cfg)
+  if task == "jsonl":
+    raise ValueError("data.task='jsonl' has no synthetic task; use make_source / "
+                     "jsonl_examples")
+  if task == "niah":
+    return _niah_task(data_cfg, seed, memory_tokens)
+  return _kv_task(data_cfg, seed, memory_tokens)
+
+
+_TOKENIZERS: dict[str, Any] = {}
+_JSONL: dict[tuple, ExampleList] = {}
+
+
+def jsonl_tokenizer(data_cfg):
+  """The local Hugging Face tokenizer of ``data.tokenizer_dir`` (loaded once)."""
+  path = data_cfg.get("tokenizer_dir", "")
+  if not path:
+    raise ValueError("data.task='jsonl' needs data.tokenizer_dir: a local Hugging Face "
+                     "tokenizer directory (tokenizer.json / tokenizer_config.json) with "
+                     "the control tokens <id-end> and <end-of-retrieval>")
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"data.tokenizer_dir={path} does not exist or is not a "
+                            "directory; point it at a local Hugging Face tokenizer")
+  if path not in _TOKENIZERS:
+    from msa_jax.data.tokenizer import HFTokenizer
+    _TOKENIZERS[path] = HFTokenizer(path)
+  return _TOKENIZERS[path]
+
+
+def jsonl_examples(data_cfg, path: str) -> ExampleList:
+  """Examples of the JSONL file ``path`` (per-example rows, or query rows over
+  ``data.corpus_path``), tokenised with ``data.tokenizer_dir``; read once per run."""
+  from msa_jax.data.jsonl import read_corpus, read_examples, read_queries
+  if not path:
+    raise ValueError("data.task='jsonl' needs data.jsonl_path (per-example rows, or query "
+                     "rows when data.corpus_path is set)")
+  corpus = data_cfg.get("corpus_path", "") or ""
+  for p, key in ((path, "jsonl_path"), (corpus, "corpus_path")):
+    if p and not os.path.isfile(p):
+      raise FileNotFoundError(f"data.{key}: {p} is not a file")
+  tok = jsonl_tokenizer(data_cfg)
+  key = (os.path.abspath(path), os.path.abspath(corpus) if corpus else "", tok.path)
+  if key not in _JSONL:
+    prefix = [tok.specials.bos] if tok.specials.bos is not None else []
+    if corpus:
+      examples = read_queries(path, read_corpus(corpus, tok), tok, prefix=prefix)
+    else:
+      examples = read_examples(path, tok, prefix=prefix)
+    _JSONL[key] = ExampleList(examples, tok, path=path)
+  return _JSONL[key]
+
+
+def make_source(data_cfg, seed: int, memory_tokens: int | None = None):
+  """The training source: a synthetic task (``index -> Example``) or an ``ExampleList``."""
+  if _check_task(data_cfg) == "jsonl":
+    return jsonl_examples(data_cfg, data_cfg.jsonl_path)
+  return make_task(data_cfg, seed, memory_tokens)
+
+
+def tokenizer_of(data_cfg):
+  """The task's tokenizer (without generating data for JSONL)."""
+  if _check_task(data_cfg) == "jsonl":
+    return jsonl_tokenizer(data_cfg)
+  return make_task(data_cfg, 0).tokenizer
+
+
 def vocab_size_of(data_cfg) -> int:
   """Tokens the task's tokenizer can emit (the model's vocab must be at least this)."""
-  return make_task(data_cfg, 0).tokenizer.vocab_size
+  return int(tokenizer_of(data_cfg).vocab_size)
 
 
-def buckets_for(task, batch_size: int, chunk_size: int, probe: int = 64) -> list[BucketShapes]:
-  """Bucket shapes that fit every interleave sample of ``task``, with little padding.
+def validate_data_config(cfg) -> None:
+  """Checks of ``cfg.data`` against ``cfg.eval`` that should fail before training starts."""
+  task = _check_task(cfg.data)
+  if task == "jsonl":
+    jsonl_tokenizer(cfg.data)
+    for p in (cfg.data.jsonl_path, cfg.data.get("eval_jsonl_path", "")):
+      if p and not os.path.isfile(p):
+        raise FileNotFoundError(f"JSONL file {p} not found")
+    if not cfg.data.jsonl_path:
+      raise ValueError("data.task='jsonl' needs data.jsonl_path")
+    if cfg.get("eval") and cfg.eval.get("at_end", True):
+      _check_jsonl_multipliers(cfg.eval.memory_multipliers)
 
-  The memory shape is the largest seen (rounded to whole chunks); active lengths
-  get one bucket per multiple of 8 that occurs, so short id-generation samples
-  don't pay for the long answer samples.
+
+def _check_jsonl_multipliers(multipliers) -> None:
+  bad = [int(m) for m in multipliers if int(m) != 1]
+  if bad:
+    raise ValueError(
+        f"eval.memory_multipliers {tuple(multipliers)} ask for {bad}x memory, but "
+        "data.task='jsonl' evaluates the memories of its file as they are; set "
+        "--config.eval.memory_multipliers='(1,)' (memory scaling needs a synthetic task)")
+
+
+# --------------------------------------------------------------------------- buckets
+
+def _sample_sizes(ex: Example, specials, memory_interleave: bool, doc_len_of) -> list[tuple]:
+  """(prefix, docs, max doc length, active) of each sample of ``ex``, without expanding it
+  (cheap for shared-corpus memories; ``doc_len_of`` memoises the doc scan)."""
+  p, n, l = len(ex.prefix), len(ex.docs), doc_len_of(ex)
+  if not memory_interleave:
+    return [(p, n, l, ex.active_length)]
+  by_id = None
+  q, out = len(ex.question), []
+  for r in ex.rounds or ():
+    if by_id is None:
+      by_id = {d.doc_id: d for d in ex.docs}
+    docs = [by_id[i] for i in r]
+    out.append((p, n, l, q + sum(d.id_length for d in docs) + 1))
+    q += sum(len(d.tokens) for d in docs)
+  out.append((p, n, l, q + len(ex.answer or ()) + 2))
+  return out
+
+
+def _doc_len_memo():
+  memo: dict[int, int] = {}
+
+  def doc_len_of(ex: Example) -> int:
+    key = id(ex.docs)
+    if key not in memo:
+      memo[key] = ex.max_doc_length
+    return memo[key]
+  return doc_len_of
+
+
+def _levels(values: Sequence[int], counts: Sequence[int], max_levels: int) -> list[int]:
+  """At most ``max_levels`` cut values (the largest always among them) minimising
+  sum(count * (level - value)) when each value takes the smallest level >= it (exact DP)."""
+  v, c = list(values), list(counts)
+  n = len(v)
+  if n <= max_levels:
+    return v
+  # cost[i][j]: values i..j padded to v[j]
+  cum_c = np.concatenate([[0], np.cumsum(c)])
+  cum_vc = np.concatenate([[0], np.cumsum(np.multiply(v, c))])
+
+  def cost(i, j):
+    return v[j] * (cum_c[j + 1] - cum_c[i]) - (cum_vc[j + 1] - cum_vc[i])
+  inf = float("inf")
+  best = [[inf] * n for _ in range(max_levels + 1)]
+  back = [[-1] * n for _ in range(max_levels + 1)]
+  for j in range(n):
+    best[1][j] = cost(0, j)
+  for k in range(2, max_levels + 1):
+    for j in range(n):
+      for i in range(j):
+        val = best[k - 1][i] + cost(i + 1, j)
+        if val < best[k][j]:
+          best[k][j], back[k][j] = val, i
+  k = min(range(1, max_levels + 1), key=lambda k: best[k][n - 1])
+  cuts, j = [], n - 1
+  while j >= 0 and k >= 1:
+    cuts.append(v[j])
+    j, k = back[k][j], k - 1
+  return sorted(cuts)
+
+
+def _fit_shapes(sizes: Sequence[tuple], batch_size: int, chunk_size: int, *,
+                memory_levels: int, active_levels: int, active_slack: int = 0
+                ) -> list[BucketShapes]:
+  """Buckets covering every sample size in ``sizes`` with little padding.
+
+  Memory shapes (docs, doc_len): up to ``memory_levels`` nested shapes cut at
+  quantiles of the per-sample memory slots, the last one covering everything.
+  Active lengths: up to ``active_levels`` multiples of 8 chosen by exact DP.
+  Every (memory shape, active level) pair is a bucket; batches use the smallest
+  that fits (unused ones are never compiled).
   """
-  specials = task.tokenizer.specials
-  samples = [s for i in range(probe) for s in interleave.expand(task(i), specials)]
-  prefix = max(len(s.prefix) for s in samples)
-  docs = max(len(s.docs) for s in samples)
-  doc_len = _round_up(max(s.max_doc_length for s in samples), chunk_size)
-  actives = sorted({_round_up(s.active_length, 8) for s in samples})
-  actives[-1] += 8   # slack for longer answers than the probe saw
-  return [BucketShapes(batch_size, max(prefix, 1), docs, doc_len, m) for m in actives]
+  prefix = max(1, max(s[0] for s in sizes))
+  mem = sorted({(s[1], _round_up(s[2], chunk_size)) for s in sizes},
+               key=lambda m: (m[0] * m[1], m))
+  shapes = []
+  for q in range(1, memory_levels + 1):
+    upto = mem[:max(1, int(round(q * len(mem) / memory_levels)))]
+    shapes.append((max(m[0] for m in upto), max(m[1] for m in upto)))
+  shapes = sorted(set(shapes))
+  actives = [_round_up(s[3], 8) for s in sizes]
+  vals, counts = np.unique(actives, return_counts=True)
+  levels = _levels(vals.tolist(), counts.tolist(), active_levels)
+  levels[-1] += active_slack
+  return [BucketShapes(batch_size, prefix, n, l, m) for n, l in shapes for m in levels]
 
+
+def buckets_for(source, batch_size: int, chunk_size: int, probe: int = 64, *,
+                memory_interleave: bool = True, memory_levels: int = 3,
+                active_levels: int = 4, caps: dict | None = None) -> list[BucketShapes]:
+  """Bucket shapes that fit every interleave sample of ``source``, with little padding.
+
+  A synthetic task (endless fresh examples) is probed on ``probe`` examples: one
+  memory shape (the largest seen, rounded to whole chunks; synthetic memories are
+  uniform) and up to ``active_levels`` active lengths (multiples of 8), the last
+  with 8 tokens of slack for longer answers than the probe saw. A finite source
+  (``ExampleList``) is fitted over ALL its examples (nothing is ever truncated):
+  up to ``memory_levels`` memory shapes × ``active_levels`` active lengths.
+  ``caps`` (``max_docs``, ``max_doc_len``, ``max_active``; None = no cap) raise
+  naming the largest example when the data exceeds them.
+  """
+  specials = source.tokenizer.specials
+  finite = isinstance(source, Sequence)
+  examples = list(source) if finite else [source(i) for i in range(probe)]
+  doc_len_of = _doc_len_memo()
+  sizes, owner = [], []
+  for n, ex in enumerate(examples):
+    for s in _sample_sizes(ex, specials, memory_interleave, doc_len_of):
+      sizes.append(s)
+      owner.append(n)
+  _check_caps(sizes, owner, caps or {}, source)
+  if finite:
+    return _fit_shapes(sizes, batch_size, chunk_size, memory_levels=memory_levels,
+                       active_levels=active_levels)
+  return _fit_shapes(sizes, batch_size, chunk_size, memory_levels=1,
+                     active_levels=active_levels, active_slack=8)
+
+
+def _check_caps(sizes, owner, caps: dict, source) -> None:
+  where = getattr(source, "path", "") or getattr(source, "name", "task")
+  for field, col in (("max_docs", 1), ("max_doc_len", 2), ("max_active", 3)):
+    cap = caps.get(field)
+    if not cap:
+      continue
+    i = max(range(len(sizes)), key=lambda k: sizes[k][col])
+    if sizes[i][col] > cap:
+      what = ("documents", "tokens in its longest document",
+              "active tokens (question + injected documents + target)")[col - 1]
+      raise ValueError(
+          f"example {owner[i]} of {where} has {sizes[i][col]} {what}, over "
+          f"data.{field}={cap}; raise the cap or drop/shorten that example "
+          "(examples are never truncated)")
+
+
+def padding_waste_of(source, buckets: Sequence[BucketShapes], *, memory_interleave: bool = True,
+                     num_examples: int = 64, seed: int = 0) -> dict[str, float]:
+  """Padding waste (``WasteMeter.summary``) of ``buckets`` on a sample of ``source``,
+  batched as the pipeline batches it (one window)."""
+  specials = source.tokenizer.specials
+  if isinstance(source, Sequence):
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(len(source))[:num_examples]
+    examples = [source[int(i)] for i in idx]
+  else:
+    examples = [source(i) for i in range(num_examples)]
+  samples = [s for ex in examples
+             for s in (interleave.expand(ex, specials) if memory_interleave else [ex])]
+  meter = WasteMeter()
+  for b, group in plan_batches(samples, buckets, np.random.default_rng(seed)):
+    meter.update(collate(group, buckets[b]))
+  return meter.summary()
+
+
+def _bucket_caps(data_cfg) -> dict:
+  return {k: data_cfg.get(k) for k in ("max_docs", "max_doc_len", "max_active")
+          if data_cfg.get(k)}
+
+
+# --------------------------------------------------------------------------- training
 
 class CurriculumIterator(grain.DatasetIterator):
   """Switches to the next memory size at configured batch counts (the SFT curriculum).
@@ -97,26 +407,72 @@ class CurriculumIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int,
-                        process_index: int = 0, process_count: int = 1) -> CurriculumIterator:
-  """The training stream: interleave samples of fresh synthetic examples, bucketed."""
+                        process_index: int = 0, process_count: int = 1,
+                        verbose: bool = True) -> CurriculumIterator:
+  """The training stream: interleave samples of the task's examples, bucketed.
+
+  Synthetic tasks stream fresh examples (with the memory curriculum); JSONL
+  repeats its example list forever, reshuffled by ``seed`` every epoch. The
+  chosen buckets and their padding waste (on a sample) are printed once.
+  """
   if batch_size % process_count:
     raise ValueError(f"batch_size {batch_size} must divide evenly over {process_count} processes")
   local_batch = batch_size // process_count
+  task_name = _check_task(data_cfg)
   curriculum = list(data_cfg.memory_curriculum) or [(0, None)]
   if data_cfg.num_docs:
     curriculum = [(0, None)]
+  if task_name == "jsonl":
+    if len(curriculum) > 1 and verbose:
+      print("data: memory_curriculum is ignored for data.task='jsonl' (memories come from "
+            "the file)", flush=True)
+    curriculum = [(0, None)]
   stages = []
   for start, memory_tokens in curriculum:
-    task = make_task(data_cfg, seed, memory_tokens)
-    ds = batch_dataset(task, buckets=buckets_for(task, local_batch, chunk_size),
-                       specials=task.tokenizer.specials, seed=seed + int(start),
-                       num_examples=None, memory_interleave=data_cfg.interleave,
+    source = make_source(data_cfg, seed, memory_tokens)
+    buckets = buckets_for(source, local_batch, chunk_size,
+                          memory_interleave=data_cfg.interleave, caps=_bucket_caps(data_cfg))
+    finite = isinstance(source, Sequence)
+    ds = batch_dataset(source, buckets=buckets, specials=source.tokenizer.specials,
+                       seed=seed + int(start), num_examples=len(source) if finite else None,
+                       num_epochs=None, memory_interleave=data_cfg.interleave,
                        process_index=process_index, process_count=process_count)
+    if verbose:
+      waste = padding_waste_of(source, buckets, memory_interleave=data_cfg.interleave,
+                               seed=seed)
+      size = f"{len(source)} examples" if finite else "synthetic"
+      print(f"data: task {task_name} ({size}), stage from batch {int(start)}: "
+            f"{len(buckets)} bucket(s) {[tuple(dataclasses.astuple(b)) for b in buckets]} "
+            f"(batch, prefix, docs, doc_len, active); padding waste on a sample: "
+            f"total {waste['total']:.1%}, doc tokens {waste['doc_tokens']:.1%}, "
+            f"doc slots {waste['doc_slots']:.1%}, active {waste['active']:.1%}", flush=True)
     stages.append((int(start), ds))
   return CurriculumIterator(stages)
 
 
+# --------------------------------------------------------------------------- evaluation
+
+def _scaled(task, multiplier: int):
+  if multiplier == 1:
+    return task
+  if isinstance(task, TaskMixture):
+    return task.with_memory_factor(multiplier)
+  return task.with_num_docs(task.config.num_docs * multiplier)
+
+
 def eval_task(data_cfg, seed: int, multiplier: int):
-  """The eval task at ``multiplier``× the training memory (same questions at every size)."""
-  base = make_task(data_cfg, seed + EVAL_SEED_OFFSET)
-  return base.with_num_docs(base.config.num_docs * int(multiplier))
+  """The eval task at ``multiplier``× the training memory (same questions at every size).
+
+  Synthetic tasks: eval questions come from ``seed + EVAL_SEED_OFFSET``, memories grow
+  by adding distractors. JSONL: the examples of ``data.eval_jsonl_path`` (or, with a
+  warning, the training file) at multiplier 1 only; an ``ExampleList``.
+  """
+  if _check_task(data_cfg) == "jsonl":
+    _check_jsonl_multipliers([multiplier])
+    path = data_cfg.get("eval_jsonl_path", "") or ""
+    if not path:
+      print(f"WARNING: data.eval_jsonl_path is empty; evaluating on the training file "
+            f"{data_cfg.jsonl_path} (set data.eval_jsonl_path to held-out rows)", flush=True)
+      path = data_cfg.jsonl_path
+    return jsonl_examples(data_cfg, path)
+  return _scaled(make_task(data_cfg, seed + EVAL_SEED_OFFSET), int(multiplier))

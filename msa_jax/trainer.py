@@ -40,8 +40,8 @@ def resolve_model_config(cfg) -> ModelConfig:
   """
   model = dict(cfg.model)
   data_vocab = None
-  if cfg.data.task in ("kv", "multihop"):
-    from msa_jax import input_pipeline
+  from msa_jax import input_pipeline
+  if cfg.data.task in input_pipeline.TASKS:   # synthetic word vocab or the JSONL HF tokenizer
     data_vocab = input_pipeline.vocab_size_of(cfg.data)
   if not model.get("vocab_size"):
     if data_vocab is None:
@@ -61,6 +61,8 @@ def validate_config(cfg) -> ModelConfig:
         "--config.init_from=/path/to/Qwen3-4B-Instruct-2507 (a local Hugging Face dir). "
         "For a CPU run use the smoke variant: --config=configs/16k_to_100m.py:smoke")
   model_cfg = resolve_model_config(cfg)
+  from msa_jax import input_pipeline
+  input_pipeline.validate_data_config(cfg)   # e.g. JSONL eval at memory multipliers > 1
   if cfg.num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
   if cfg.batch_size < 1:
