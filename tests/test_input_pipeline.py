@@ -35,7 +35,7 @@ def hf_dir(tmp_path_factory):
   return str(path)
 
 
-def _kv_rows(n, seed, docs_range=(3, 6)):
+def _kv_rows(n, seed, docs_range=(3, 6), long_docs=True):
   """Per-example rows: memory of kX-is-vY facts, the question asks one key."""
   rng = np.random.default_rng(seed)
   rows = []
@@ -44,7 +44,7 @@ def _kv_rows(n, seed, docs_range=(3, 6)):
     ids = rng.choice(32, nd, replace=False)
     keys = rng.choice(NUM_KEYS, nd, replace=False)
     vals = rng.integers(0, NUM_KEYS, nd)
-    extra = rng.integers(0, 2, nd)   # some documents are longer
+    extra = rng.integers(0, 2 if long_docs else 1, nd)   # some documents are longer
     docs = [{"id": f"d{i}", "text": f"the key k{k} is v{v} ." + " and" * int(3 * e)}
             for i, k, v, e in zip(ids, keys, vals, extra)]
     g = int(rng.integers(nd))
@@ -68,6 +68,8 @@ def jsonl_files(tmp_path_factory, hf_dir):
   queries[3]["doc_ids"] = ["d5", "d3", "d1"]   # a row with its own memory subset
   return dict(train=_write(d / "train.jsonl", _kv_rows(40, 0)),
               eval=_write(d / "eval.jsonl", _kv_rows(6, 1)),
+              # one memory shape: the end-to-end run compiles few train steps
+              uniform=_write(d / "uniform.jsonl", _kv_rows(16, 2, (4, 5), False)),
               corpus=_write(d / "corpus.jsonl", corpus),
               queries=_write(d / "queries.jsonl", queries))
 
@@ -261,7 +263,7 @@ def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cac
   cfg = small_cfg()
   cfg.data.task = "jsonl"
   cfg.data.tokenizer_dir = hf_dir
-  cfg.data.jsonl_path = jsonl_files["train"]
+  cfg.data.jsonl_path = jsonl_files["uniform"]
   cfg.data.eval_jsonl_path = jsonl_files["eval"]
   cfg.num_steps = 3
   cfg.optim.warmup_phase_steps = 1
