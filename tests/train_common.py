@@ -37,6 +37,7 @@ def small_cfg():
   cfg.tensorboard = False
   cfg.eval.at_end = False
   cfg.optim.warmup_phase_steps = WARMUP
+  cfg.optim.warmup_lm_weight = 0.1   # the paper's warm-up weights (the smoke recipe uses 0)
   cfg.optim.lr_ramp_steps = 2
   cfg.checkpoint.every_steps = 1000
   return cfg
