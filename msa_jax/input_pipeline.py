@@ -159,7 +159,8 @@ def jsonl_examples(data_cfg, path: str) -> ExampleList:
     if p and not os.path.isfile(p):
       raise FileNotFoundError(f"data.{key}: {p} is not a file")
   tok = jsonl_tokenizer(data_cfg)
-  key = (os.path.abspath(path), os.path.abspath(corpus) if corpus else "", tok.path)
+  stamp = lambda p: (os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size) if p else ()
+  key = (stamp(path), stamp(corpus), tok.path)   # a rewritten file is read again
   if key not in _JSONL:
     prefix = [tok.specials.bos] if tok.specials.bos is not None else []
     if corpus:
