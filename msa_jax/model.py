@@ -147,7 +147,8 @@ class DecoderLayer(nn.Module):
 
   def _attend(self, *args):
     """Attention through the configured implementation (``kernels``: auto | pallas | xla)."""
-    if self.cfg.kernels == "xla":
+    # The Mosaic GPU kernel tiles head_dim by 64: "auto" falls back to XLA elsewhere.
+    if self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64):
       return attention_lib.attend(*args)
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
     return sparse_attention.attend(*args, implementation=self.cfg.kernels)
