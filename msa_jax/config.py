@@ -41,7 +41,8 @@ class ModelConfig:
 
   def __post_init__(self):
     if self.router_layers is not None and not isinstance(self.router_layers, tuple):
-      object.__setattr__(self, "router_layers", tuple(int(i) for i in self.router_layers))
+      object.__setattr__(self, "router_layers",
+                         parse_router_layers(self.router_layers, self.num_layers))
     self.validate()
 
   def validate(self) -> None:

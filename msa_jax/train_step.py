@@ -29,12 +29,24 @@ def init_train_state(model: MSAModel, tx: optax.GradientTransformation, rng, exa
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
+def aux_loss_layers(model_cfg) -> list[int]:
+  """Positions (in the router-layer axis R) of the router layers the aux loss covers.
+
+  SPEC §4: every router layer in the upper half of the model; if a config puts no
+  router layer there, all router layers (so the router is still trained).
+  """
+  ids = model_cfg.router_layer_ids
+  upper = [r for r, layer in enumerate(ids) if layer >= model_cfg.num_layers // 2]
+  return upper or list(range(len(ids)))
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
   out = model.apply({"params": params}, batch)
   lm, num_targets = losses.lm_loss(out.logits_bmv, batch.targets, batch.loss_mask)
   valid_bn = losses.doc_valid(batch.doc_mask)
-  aux, pairs = losses.infonce_decoupled(out.doc_scores_brn, batch.positive_docs, valid_bn,
+  aux_scores = out.doc_scores_brn[:, jnp.asarray(aux_loss_layers(model.config))]
+  aux, pairs = losses.infonce_decoupled(aux_scores, batch.positive_docs, valid_bn,
                                         cfg.loss.infonce_temperature)
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux

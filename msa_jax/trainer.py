@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, metrics as metrics_lib, sharding
+from msa_jax import checkpointing, input_pipeline, metrics as metrics_lib, sharding
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
 from msa_jax.model import MSAModel
@@ -40,7 +40,6 @@ def resolve_model_config(cfg) -> ModelConfig:
   """
   model = dict(cfg.model)
   data_vocab = None
-  from msa_jax import input_pipeline
   if cfg.data.task in input_pipeline.TASKS:   # synthetic word vocab or the JSONL HF tokenizer
     data_vocab = input_pipeline.vocab_size_of(cfg.data)
   if not model.get("vocab_size"):
@@ -61,7 +60,6 @@ def validate_config(cfg) -> ModelConfig:
         "--config.init_from=/path/to/Qwen3-4B-Instruct-2507 (a local Hugging Face dir). "
         "For a CPU run use the smoke variant: --config=configs/16k_to_100m.py:smoke")
   model_cfg = resolve_model_config(cfg)
-  from msa_jax import input_pipeline
   input_pipeline.validate_data_config(cfg)   # e.g. JSONL eval at memory multipliers > 1
   if cfg.num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
@@ -170,8 +168,6 @@ def train_and_evaluate(cfg, workdir: str, *,
   Returns the last logged metrics (plus ``stopped_early`` when SIGTERM ended the run).
   ``on_step(step, metrics)`` is called after every logged step (tests use it).
   """
-  from msa_jax import input_pipeline
-
   model_cfg = validate_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh_shape)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]

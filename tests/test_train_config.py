@@ -232,3 +232,15 @@ def test_cli_bad_override_exits_nonzero_with_the_message(tmp_path):
            f"--workdir={tmp_path / 'run'}")
   assert r.returncode == 1
   assert "top_k (k) must be >= 1, got 0" in r.stderr
+
+
+def test_aux_loss_covers_the_router_layers_of_the_upper_half():
+  """SPEC §4: L_aux is averaged over the router layers in the upper half of the model."""
+  from msa_jax.config import ModelConfig
+  from msa_jax.train_step import aux_loss_layers
+  every = ModelConfig(num_layers=6, hidden_size=8, intermediate_size=8, num_heads=2,
+                      num_kv_heads=1, head_dim=4, vocab_size=16, router_layers="all")
+  assert every.router_layer_ids == (0, 1, 2, 3, 4, 5)
+  assert aux_loss_layers(every) == [3, 4, 5]
+  assert aux_loss_layers(every.replace(router_layers=None)) == [0, 1, 2]   # default: layers 3-5
+  assert aux_loss_layers(every.replace(router_layers=(0, 1))) == [0, 1]   # none above: all
