@@ -7,6 +7,8 @@ documents of ``--doc-chunks`` chunks. For each memory size it times:
   * xla_route: xla_scores + segment max + top-k (the full XLA path, same tail);
   * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
   * pallas_route: the full ``route_top_k`` with the kernel;
+  * pallas_fused_route: ``route_top_k`` with ``BlockSizes(fused=True)`` (per-document
+    max inside the kernel, boundary merge + top-k over document slots in XLA);
   * tail: segment max + top-k alone (host-dispatch bound when small);
   * with --profile, per-kernel device times from a profiler trace.
 Prints a table, writes ``routing.json`` and ``routing.png`` to ``$OUT`` (or
@@ -53,7 +55,7 @@ def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0, real_chunks: int 
 
 
 def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None,
-               profile: bool = False):
+               profile: bool = False, tail_variants: bool = True):
   c = -(-(tokens // P) // 128) * 128  # bank padded to a multiple of 128 chunks (doc -1)
   rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks, real_chunks=tokens // P)
   row = {"tokens": tokens, "chunks": c, "docs": n, "kr_bytes": c * F * 2}
@@ -102,12 +104,30 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_config"] = pick
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    bs_f = dataclasses.replace(bs, fused=True)
+    fused = jax.jit(lambda q, m, kr, d: br.route_top_k(q, m, kr, d, n, K_DOCS,
+                                                       implementation="pallas", block_sizes=bs_f))
+    try:
+      _, sel_f = fused(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+      row["pallas_fused_route_ms"] = time_ms(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+      row["fused_selection_equal_unfused"] = bool(
+          np.array_equal(np.asarray(sel_f.doc_idx_bk), np.asarray(sel_p.doc_idx_bk)))
+      if profile:
+        ker = gpu_kernel_times(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+        row["pallas_fused_route_kernels_us"] = ker
+        print(f"fused: {sum(t for _, t in ker):.1f} us of kernels", flush=True)
+        for name, t in ker:
+          print(f"  {t:9.1f} us  {name[:110]}", flush=True)
+    except Exception as e:
+      row["pallas_fused_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+      print(row["pallas_fused_error"], flush=True)
     for tname, tb in (("two_stage1024", dict(top_k="two_stage", block_docs=1024)),
                       ("two_stage4096", dict(top_k="two_stage", block_docs=4096)),
                       ("onestage", dict(top_k="two_stage", block_docs=0)),
                       ("pruned128", dict(top_k="pruned", block_docs=128)),
                       ("prunedsort64", dict(top_k="pruned_sort", block_docs=64)),
-                      ("prunedsort256", dict(top_k="pruned_sort", block_docs=256))):
+                      ("prunedsort256", dict(top_k="pruned_sort", block_docs=256))
+                     ) if tail_variants else ():
       bs_t = dataclasses.replace(bs, **tb)
       fn_t = jax.jit(lambda q, m, kr, d, bs_t=bs_t: br.route_top_k(
           q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_t))
@@ -134,6 +154,7 @@ def main():
   ap.add_argument("--doc-chunks", type=int, default=16)
   ap.add_argument("--configs", default=",".join(CONFIGS))
   ap.add_argument("--profile", action="store_true", help="per-kernel device times at the largest size")
+  ap.add_argument("--no-tail-variants", action="store_true", help="skip the top-k variants")
   ap.add_argument("--sweep-at", type=float, default=1e8, help="memory size that tries every config")
   args = ap.parse_args()
   bw = copy_bandwidth_gbs() if jax.default_backend() == "gpu" else copy_bandwidth_gbs(1 << 26)
@@ -143,20 +164,24 @@ def main():
   sizes = sorted((int(float(t)) for t in args.tokens.split(",")), reverse=True)
   for tokens in sizes:
     cfg = configs if tokens == int(args.sweep_at) or best is None else {best: configs[best]}
-    row = bench_size(tokens, args.doc_chunks, bw, cfg, best, args.profile and tokens == sizes[0])
+    row = bench_size(tokens, args.doc_chunks, bw, cfg, best, args.profile and tokens == sizes[0],
+                     not args.no_tail_variants)
     best = row.get("pallas_config", best)
     rows.append(row)
     print(row, flush=True)
   rows.sort(key=lambda r: r["tokens"])
   hdr = (f"{'tokens':>10} {'chunks':>9} {'floor':>7} {'xla_sc':>7} {'xla_rt':>7} "
-         f"{'pl_sc':>7} {'pl_rt':>7} {'tail':>6} {'pl/floor':>8} {'cfg':>11} sel==xla")
+         f"{'pl_sc':>7} {'pl_rt':>7} {'fused':>7} {'tail':>6} {'pl/floor':>8} {'fu/floor':>8} "
+         f"{'cfg':>11} sel==xla fused==unfused")
   print(hdr)
   for r in rows:
     pr = r.get("pallas_route_ms", float("nan"))
+    fu = r.get("pallas_fused_route_ms", float("nan"))
     print(f"{r['tokens']:>10.0e} {r['chunks']:>9} {r['floor_ms']:>7.3f} {r['xla_scores_ms']:>7.3f} "
           f"{r['xla_route_ms']:>7.3f} {r.get('pallas_scores_ms', float('nan')):>7.3f} {pr:>7.3f} "
-          f"{r['tail_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {r.get('pallas_config', '-'):>11} "
-          f"{r.get('selection_equal_xla')}")
+          f"{fu:>7.3f} {r['tail_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {fu / r['floor_ms']:>8.3f} "
+          f"{r.get('pallas_config', '-'):>11} {r.get('selection_equal_xla')} "
+          f"{r.get('fused_selection_equal_unfused')}")
   od = out_dir()
   write_json(os.path.join(od, "routing.json"), {"copy_bw_gbs": bw, "F": F, "M": M, "P": P,
                                                 "k": K_DOCS, "rows": rows})
@@ -167,7 +192,8 @@ def main():
     t = [r["tokens"] for r in rows]
     plt.figure(figsize=(6, 4))
     for key, lab in (("floor_ms", "HBM floor"), ("xla_route_ms", "XLA route"),
-                     ("pallas_route_ms", "Pallas route"), ("xla_scores_ms", "XLA scores+max")):
+                     ("pallas_route_ms", "Pallas route"),
+                     ("pallas_fused_route_ms", "Pallas fused route"), ("xla_scores_ms", "XLA scores+max")):
       plt.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
     plt.xlabel("memory tokens"); plt.ylabel("ms per router layer"); plt.legend()
     plt.title(f"Routing, one layer ({device_name()})")

@@ -12,6 +12,7 @@ from msa_jax import routing as rr
 from pallas_kernels import block_routing as br
 
 SMALL = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8)
+FUSED = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, fused=True)
 
 
 def _bank(seed, b, m, h, g, d, doc_lens, pad_chunks=0, valid_tokens=None):
@@ -163,6 +164,12 @@ def test_gpu_route_top_k_compiled(c, m):
   np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=1e-5)
   # Equal sets unless two documents are within rounding of each other.
   assert _chosen(sel) == _chosen(want_sel)
+  # The fused kernel (document max in the kernel) gives the same selection and scores.
+  top_f, sel_f = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas",
+                                block_sizes=br.BlockSizes(fused=True))
+  np.testing.assert_array_equal(np.asarray(sel_f.doc_idx_bk), np.asarray(sel.doc_idx_bk))
+  np.testing.assert_array_equal(np.asarray(sel_f.valid_bk), np.asarray(sel.valid_bk))
+  np.testing.assert_allclose(np.asarray(top_f), np.asarray(top_s), atol=1e-6)
 
 
 @pytest.mark.parametrize("final", ["top_k", "sort"])
@@ -176,3 +183,37 @@ def test_pruned_top_k_is_exact_with_ties(final):
     want_val, want_idx = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(val), np.asarray(want_val))
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
+
+
+@pytest.mark.parametrize("doc_lens,pad,k", [
+    ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6),   # docs across tiles, longer than a tile
+    ([64, 64, 1, 63, 2], 0, 3),                               # boundaries on tile edges, no tail
+    ([3, 5], 60, 4),                                          # k > documents, padding tile
+])
+def test_fused_route_top_k_interpret(doc_lens, pad, k):
+  rq, kr, doc_c, mask = _bank(7, 3, 9, 4, 2, 32, doc_lens, pad_chunks=pad,
+                              valid_tokens=[9, 3, 0])        # last example: no routing token
+  rq_bmf = rr.group_sum_queries(rq, 2)
+  kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
+  n = len(doc_lens) + 1                                       # one empty document slot
+  top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, k, implementation="pallas",
+                              block_sizes=FUSED)
+  want_s, want_sel = br.route_top_k_reference(_bf16_queries(rq_bmf), mask,
+                                              kr_cf.astype(jnp.float32), doc_c, n, k)
+  assert _chosen(sel) == _chosen(want_sel)
+  assert _chosen(sel)[2] == []
+  np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=2e-6)
+  np.testing.assert_array_equal(np.asarray(sel.doc_idx_bk), np.asarray(want_sel.doc_idx_bk))
+
+
+def test_fused_ties_across_tiles_interpret():
+  # Every chunk has the same key: all 10 documents (13 chunks each, cut by the
+  # 64-chunk tiles) tie, so the lowest indices win.
+  rq, kr, _, mask = _bank(5, 1, 3, 2, 1, 64, [1])
+  kr_cf = jnp.tile(kr.reshape(1, -1), (130, 1)).astype(jnp.bfloat16)
+  doc_c = jnp.asarray(np.arange(130) // 13, jnp.int32)
+  rq_bmf = rr.group_sum_queries(rq, 1)
+  for k in (4, 12):
+    _, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 10, k, implementation="pallas",
+                            block_sizes=FUSED)
+    assert _chosen(sel) == [list(range(min(k, 10)))]
