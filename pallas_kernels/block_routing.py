@@ -19,7 +19,9 @@ is bound by memory bandwidth; the work is split as:
    ``lax.top_k`` over a long row (XLA's top-k kernel cost ~0.1 ms here even in two
    stages). :func:`two_stage_top_k` is the alternative (``BlockSizes.top_k``).
 
-Not fused (yet): the issue asked for the document max and a block-local top-k inside
+Fused (optional, ``BlockSizes(fused=True)``): the per-document max runs in the kernel
+(:func:`route_top_k_fused`), but its XLA tail is slower than step 2 on an H100 (1.24 vs
+1.15 ms at 100M), so it is not the default. Not fused: the issue asked for the document max and a block-local top-k inside
 the kernel so that only per-block candidates leave it; here they run as the XLA ops
 of step 2 on the 6 MB chunk-score vector (~0.07 ms at 100M tokens on an H100, see
 BENCHMARKS.md). The route still runs at 1.04× the HBM floor there.
@@ -451,10 +453,22 @@ def route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, 
                                                   indices_are_sorted=True))(vals)
   m_first, m_last = merged[:, ids[:t]], merged[:, ids[t:]]
   cont = first_t == jnp.concatenate([jnp.full((1,), -3, jnp.int32), last_t[:-1]])
-  dm = dm.at[:, tiles, slot_l].set(jnp.where(last_t >= 0, m_last, NEG_INF))
-  dm = dm.at[:, :, 0].set(jnp.where(cont | (first_t < 0), NEG_INF, m_first))
+  slot = jnp.arange(tc, dtype=jnp.int32)[None, None, :]
+  dm = jnp.where(slot == slot_l[None, :, None],
+                 jnp.where(last_t >= 0, m_last, NEG_INF)[:, :, None], dm)
+  dm = jnp.where(slot == 0, jnp.where(cont | (first_t < 0), NEG_INF, m_first)[:, :, None], dm)
 
-  val, pos = pruned_top_k(dm.reshape(b, t * tc), k, tc, "sort")
+  # Exact top-k over the T·tc slots, read through tile maxima: the k tiles with the
+  # largest maxima (ties → lower tile; itself a pruned top-k, no long lax.top_k)
+  # hold the top k slots; a stable sort of their k·tc slots finishes.
+  kk = min(k, t * tc)
+  kt = min(kk, t)
+  _, top_tiles = pruned_top_k(dm.max(axis=2), kt, tc, "sort")
+  top_tiles = jnp.sort(top_tiles, axis=1)
+  cand = jnp.take_along_axis(dm, top_tiles[:, :, None], axis=1).reshape(b, kt * tc)
+  cand_pos = (top_tiles[:, :, None] * tc + slot).reshape(b, kt * tc)
+  neg, pos = lax.sort((-cand, cand_pos), dimension=1, num_keys=2)
+  val, pos = -neg[:, :kk], pos[:, :kk]
   tile_k, slot_k = pos // tc, pos % tc
   loc_k = loc_tj[tile_k]                                               # [B, k, tc]
   first_chunk = jnp.sum((loc_k >= 0) & (loc_k < slot_k[..., None]), axis=-1)
