@@ -26,21 +26,13 @@ from msa_jax import checkpointing, input_pipeline, sharding
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 from msa_jax.trainer import (NonFiniteLossError, TrainSetup, resolve_model_config,
                              train_and_evaluate)
-from train_common import NUM_STEPS, WARMUP, compilation_cache, small_cfg  # noqa: F401 (fixture)
+from train_common import (NUM_STEPS, WARMUP, compilation_cache, read_rows,  # noqa: F401
+                          saved_steps, small_cfg)
 
 NAN_AT, SAVE_EVERY = 7, 5
 REQUIRED = ("step", "loss", "lm_loss", "aux_loss", "router_recall@1", "router_recall@5",
             "router_recall@10", "router_precision@k", "tokens_per_sec", "mfu", "learning_rate",
             "lm_weight", "aux_weight", "grad_norm")
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def saved_steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
 @pytest.fixture(scope="module")

@@ -22,19 +22,11 @@ import pytest
 
 from msa_jax import checkpointing, input_pipeline
 from msa_jax.trainer import train_and_evaluate
-from train_common import NUM_STEPS, compilation_cache, small_cfg  # noqa: F401 (fixture)
+from train_common import (NUM_STEPS, compilation_cache, read_rows,  # noqa: F401 (fixture)
+                          saved_steps, small_cfg)
 
 SIGTERM_AT = 3
 LOSSES = ("loss", "lm_loss", "aux_loss")
-
-
-def read_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def saved_steps(workdir):
-  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
 
 
 @pytest.fixture(scope="module")

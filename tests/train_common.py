@@ -1,6 +1,7 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
 an XLA compilation cache shared by the training tests of one pytest session."""
 import importlib.util
+import json
 import os
 
 import jax
@@ -64,3 +65,14 @@ def compilation_cache(tmp_path_factory):
   for k, v in old.items():
     jax.config.update(k, v)
   cc.reset_cache()
+
+
+def read_rows(workdir):
+  """The rows of a run's metrics.jsonl."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def saved_steps(workdir):
+  """The checkpoint steps a run kept."""
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
