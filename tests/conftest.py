@@ -2,7 +2,8 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if not os.environ.get("MSA_TEST_GPU") else None
+if not os.environ.get("MSA_TEST_GPU"):   # CPU unless asked to test on the GPU
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
