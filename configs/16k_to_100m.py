@@ -27,6 +27,18 @@ def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(fields)
 
 
+def _single_fact_kv(bracket_ids: bool) -> ml_collections.ConfigDict:
+  """Key-value documents of one fact: id, key, value of 2 tokens each (tiny and smoke).
+
+  128-symbol id and key alphabets give 16,384 unique 2-token ids and keys, so the same
+  questions scale to 256× a 32-document training memory.
+  """
+  return ml_collections.ConfigDict(dict(
+      facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
+      num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
+      question_words=False, bracket_ids=bracket_ids))
+
+
 def _base() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -130,10 +142,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.optim.final_lr = 1e-5
     c.data.memory_tokens = 4_096
     c.data.memory_curriculum = ()
-    c.data.kv = ml_collections.ConfigDict(dict(
-        facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
-        num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
-        question_words=False, bracket_ids=True))
+    c.data.kv = _single_fact_kv(bracket_ids=True)
     c.eval.memory_multipliers = (1, 4, 16, 64, 256)
   elif variant == "smoke":
     c.model = _model("tiny", vocab_size=0, hidden_size=64, intermediate_size=128,
@@ -157,10 +166,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.num_docs = 32
     c.data.memory_tokens = 0
     c.data.memory_curriculum = ()
-    c.data.kv = ml_collections.ConfigDict(dict(
-        facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
-        num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
-        question_words=False, bracket_ids=False))
+    c.data.kv = _single_fact_kv(bracket_ids=False)
     c.eval.num_examples = 64
     c.eval.batch_size = 16
     c.eval.memory_multipliers = (1, 4, 16, 64, 256)

@@ -15,17 +15,17 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msa_jax import input_pipeline
+from msa_jax import input_pipeline, losses
 from msa_jax.generate import generate_with_memory
 
 
 def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
-  """Mean over router layers of |gold ∩ top-k| / |gold|."""
-  vals = []
-  for s in scores_rn:
-    top = np.argsort(-s, kind="stable")[:k]
-    vals.append(len(set(top.tolist()) & set(gold_slots)) / max(len(gold_slots), 1))
-  return float(np.mean(vals))
+  """Mean over router layers of |gold ∩ top-k| / |gold| (``losses.recall_at_k``)."""
+  n = scores_rn.shape[-1]
+  gold = np.zeros((1, n), bool)
+  gold[0, gold_slots] = True
+  per_layer = losses.recall_at_k(scores_rn[None], gold, np.ones((1, n), bool), k)
+  return float(np.mean(per_layer))
 
 
 def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import numpy as np
 from msa_jax.batch import MSABatch
 from msa_jax.data import interleave
 from msa_jax.data.collate import BucketShapes, WasteMeter, collate
-from msa_jax.data.example import Example
+from msa_jax.data.example import Example, answer_target, id_target
 from msa_jax.data.pipeline import batch_dataset, plan_batches
 from msa_jax.data.synthetic import KVConfig, KVRetrievalTask, TaskMixture
 
@@ -221,15 +221,17 @@ def _sample_sizes(ex: Example, specials, memory_interleave: bool, doc_len_of) ->
   p, n, l = len(ex.prefix), len(ex.docs), doc_len_of(ex)
   if not memory_interleave:
     return [(p, n, l, ex.active_length)]
+  # The same targets as interleave.expand builds, measured without copying the example.
   by_id = None
   q, out = len(ex.question), []
   for r in ex.rounds or ():
     if by_id is None:
       by_id = {d.doc_id: d for d in ex.docs}
     docs = [by_id[i] for i in r]
-    out.append((p, n, l, q + sum(d.id_length for d in docs) + 1))
-    q += sum(len(d.tokens) for d in docs)
-  out.append((p, n, l, q + len(ex.answer or ()) + 2))
+    out.append((p, n, l, q + len(id_target(docs, specials.id_end))))
+    q += sum(len(d.tokens) for d in docs)   # interleave.inject_documents appends them
+  answer = answer_target(ex.answer or (), specials.end_of_retrieval, specials.eos)
+  out.append((p, n, l, q + len(answer)))
   return out
 
 

@@ -43,6 +43,22 @@ def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: fl
   return jnp.sum(per_pair * has_pos) / jnp.maximum(pairs, 1.0), pairs
 
 
+def recall_at_k(doc_scores_brn, positive_bn, doc_valid_bn, k: int):
+  """Per example and router layer, ``|Pos ∩ top-K scored valid documents| / |Pos|``: ``[B, R]``.
+
+  Documents scored ``-inf`` (padding, or no routing token) are never in the top K;
+  an example without a positive gets 0.
+  """
+  pos = jnp.asarray(positive_bn, bool) & jnp.asarray(doc_valid_bn, bool)
+  n_pos_b = jnp.sum(pos, axis=-1).astype(jnp.float32)
+  valid = jnp.asarray(doc_valid_bn, bool)[:, None, :]
+  scores = jnp.where(valid & jnp.isfinite(doc_scores_brn), doc_scores_brn, -jnp.inf)
+  top_val, top_idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  hit = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], scores.shape), top_idx, axis=-1)
+  hit = hit & (top_val > -jnp.inf)
+  return jnp.sum(hit, axis=-1) / jnp.maximum(n_pos_b[:, None], 1.0)
+
+
 def router_metrics(doc_scores_brn, selected_brk, selected_valid_brk, positive_bn, doc_valid_bn,
                    ks=(1, 5, 10)):
   """Router recall@K (gold documents among the K best scored) and precision@k.
@@ -52,21 +68,14 @@ def router_metrics(doc_scores_brn, selected_brk, selected_valid_brk, positive_bn
   per-layer arrays ``[R]`` (keys ``recall@K``, ``precision@k``).
   """
   pos = jnp.asarray(positive_bn, bool) & jnp.asarray(doc_valid_bn, bool)
-  n_pos_b = jnp.sum(pos, axis=-1).astype(jnp.float32)
-  has_pos = (n_pos_b > 0).astype(jnp.float32)
+  has_pos = jnp.any(pos, axis=-1).astype(jnp.float32)
   denom = jnp.maximum(jnp.sum(has_pos), 1.0)
-  valid = jnp.asarray(doc_valid_bn, bool)[:, None, :]
-  scores = jnp.where(valid & jnp.isfinite(doc_scores_brn), doc_scores_brn, -jnp.inf)
-  n = scores.shape[-1]
+  n = doc_scores_brn.shape[-1]
   out = {}
   for k in ks:
-    kk = min(k, n)
-    top_val, top_idx = jax.lax.top_k(scores, kk)
-    hit = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], scores.shape), top_idx, axis=-1)
-    hit = hit & (top_val > -jnp.inf)
-    recall_br = jnp.sum(hit, axis=-1) / jnp.maximum(n_pos_b[:, None], 1.0)
+    recall_br = recall_at_k(doc_scores_brn, positive_bn, doc_valid_bn, k)
     out[f"recall@{k}"] = jnp.sum(recall_br * has_pos[:, None], axis=0) / denom
-  sel_pos = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], scores.shape[:2] + (n,)),
+  sel_pos = jnp.take_along_axis(jnp.broadcast_to(pos[:, None, :], doc_scores_brn.shape[:2] + (n,)),
                                 selected_brk, axis=-1) & selected_valid_brk
   n_sel = jnp.maximum(jnp.sum(selected_valid_brk, axis=-1), 1)
   prec_br = jnp.sum(sel_pos, axis=-1) / n_sel
