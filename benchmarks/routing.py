@@ -7,8 +7,9 @@ documents of ``--doc-chunks`` chunks. For each memory size it times:
   * xla_route: xla_scores + segment max + top-k (the full XLA path, same tail);
   * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
   * pallas_route: the full ``route_top_k`` with the kernel;
-  * pallas_fused_route: ``route_top_k`` with ``BlockSizes(fused=True)`` (per-document
-    max inside the kernel, boundary merge + top-k over document slots in XLA);
+  * pallas_fused_route: ``route_top_k`` with ``BlockSizes(fused=True)``: per-document
+    max and block-local top-k inside the kernel, candidates merged in XLA (each
+    ``--fused-blocks`` count; the bank layout is built once, its time reported apart);
   * tail: segment max + top-k alone (host-dispatch bound when small);
   * with --profile, per-kernel device times from a profiler trace.
 Prints a table, writes ``routing.json`` and ``routing.png`` to ``$OUT`` (or
@@ -28,6 +29,7 @@ from benchmarks import (copy_bandwidth_gbs, device_name, gpu_kernel_times, out_d
                         write_json)
 from msa_jax import routing as ref_routing
 from pallas_kernels import block_routing as br
+from pallas_kernels import block_top_k as bt
 
 F, M, P, K_DOCS = 1024, 64, 64, 16
 CONFIGS = {  # name: (chunks, features, stages)
@@ -55,7 +57,7 @@ def make_bank(num_chunks: int, doc_chunks: int, seed: int = 0, real_chunks: int 
 
 
 def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best: str | None,
-               profile: bool = False, tail_variants: bool = True):
+               profile: bool = False, tail_variants: bool = True, fused_blocks=(0,)):
   c = -(-(tokens // P) // 128) * 128  # bank padded to a multiple of 128 chunks (doc -1)
   rq_bmf, mask_bm, kr_cf, chunk_doc_c, n = make_bank(c, doc_chunks, real_chunks=tokens // P)
   row = {"tokens": tokens, "chunks": c, "docs": n, "kr_bytes": c * F * 2}
@@ -104,23 +106,37 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_config"] = pick
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
-    bs_f = dataclasses.replace(bs, fused=True)
-    fused = jax.jit(lambda q, m, kr, d: br.route_top_k(q, m, kr, d, n, K_DOCS,
-                                                       implementation="pallas", block_sizes=bs_f))
-    try:
-      _, sel_f = fused(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
-      row["pallas_fused_route_ms"] = time_ms(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
-      row["fused_selection_equal_unfused"] = bool(
-          np.array_equal(np.asarray(sel_f.doc_idx_bk), np.asarray(sel_p.doc_idx_bk)))
-      if profile:
-        ker = gpu_kernel_times(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
-        row["pallas_fused_route_kernels_us"] = ker
-        print(f"fused: {sum(t for _, t in ker):.1f} us of kernels", flush=True)
-        for name, t in ker:
-          print(f"  {t:9.1f} us  {name[:110]}", flush=True)
-    except Exception as e:
-      row["pallas_fused_error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-      print(row["pallas_fused_error"], flush=True)
+    # Fused kernel (document max + block top-k inside): the bank layout is a bank
+    # property built once with the bank; its build time is reported on its own.
+    lay_fn = jax.jit(lambda d: bt.bank_layout(d, bs.chunks))
+    layout = lay_fn(chunk_doc_c)
+    row["bank_layout_ms"] = time_ms(lay_fn, chunk_doc_c)
+    row["fused"] = {}
+    for blocks in fused_blocks:
+      bs_f = dataclasses.replace(bs, fused=True, blocks=blocks)
+      fused = jax.jit(lambda q, m, kr, d, lay, bs_f=bs_f: br.route_top_k(
+          q, m, kr, d, n, K_DOCS, implementation="pallas", block_sizes=bs_f, layout=lay))
+      try:
+        top_f, sel_f = fused(rq_bmf, mask_bm, kr_cf, chunk_doc_c, layout)
+        res = {"route_ms": time_ms(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c, layout),
+               "selection_equal_unfused": bool(np.array_equal(
+                   np.asarray(sel_f.doc_idx_bk), np.asarray(sel_p.doc_idx_bk)))}
+        if profile:
+          ker = gpu_kernel_times(fused, rq_bmf, mask_bm, kr_cf, chunk_doc_c, layout)
+          res["kernels_us"] = ker
+          print(f"fused blocks={blocks}: {sum(t for _, t in ker):.1f} us of kernels", flush=True)
+          for name, t in ker:
+            print(f"  {t:9.1f} us  {name[:110]}", flush=True)
+      except Exception as e:
+        res = {"error": f"{type(e).__name__}: {str(e)[:3000]}"}
+        print(res["error"], flush=True)
+      row["fused"][str(blocks)] = res
+    ok_f = {b: r["route_ms"] for b, r in row["fused"].items() if "route_ms" in r}
+    if ok_f:
+      pick_f = min(ok_f, key=ok_f.get)
+      row["pallas_fused_route_ms"] = ok_f[pick_f]
+      row["fused_blocks"] = pick_f
+      row["fused_selection_equal_unfused"] = row["fused"][pick_f]["selection_equal_unfused"]
     for tname, tb in (("two_stage1024", dict(top_k="two_stage", block_docs=1024)),
                       ("two_stage4096", dict(top_k="two_stage", block_docs=4096)),
                       ("onestage", dict(top_k="two_stage", block_docs=0)),
@@ -155,6 +171,8 @@ def main():
   ap.add_argument("--configs", default=",".join(CONFIGS))
   ap.add_argument("--profile", action="store_true", help="per-kernel device times at the largest size")
   ap.add_argument("--no-tail-variants", action="store_true", help="skip the top-k variants")
+  ap.add_argument("--fused-blocks", default="0",
+                  help="programs of the fused kernel to try (0 = one per SM)")
   ap.add_argument("--sweep-at", type=float, default=1e8, help="memory size that tries every config")
   args = ap.parse_args()
   bw = copy_bandwidth_gbs() if jax.default_backend() == "gpu" else copy_bandwidth_gbs(1 << 26)
@@ -165,7 +183,8 @@ def main():
   for tokens in sizes:
     cfg = configs if tokens == int(args.sweep_at) or best is None else {best: configs[best]}
     row = bench_size(tokens, args.doc_chunks, bw, cfg, best, args.profile and tokens == sizes[0],
-                     not args.no_tail_variants)
+                     not args.no_tail_variants,
+                     tuple(int(b) for b in args.fused_blocks.split(",")))
     best = row.get("pallas_config", best)
     rows.append(row)
     print(row, flush=True)

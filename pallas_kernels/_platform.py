@@ -1,4 +1,5 @@
-"""Backend choice shared by the kernels: ``auto | pallas | xla``, interpret mode."""
+"""Shared by the kernels: backend choice (``auto | pallas | xla``), interpret mode,
+Mosaic GPU helpers."""
 from __future__ import annotations
 
 import jax
@@ -35,3 +36,16 @@ def mosaic_interpret_params(interpret: bool | None):
   except AttributeError:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params_cls
   return params_cls()
+
+
+def plgpu():
+  """``jax.experimental.pallas.mosaic_gpu``, imported on first use (kernels only)."""
+  from jax.experimental.pallas import mosaic_gpu
+  return mosaic_gpu
+
+
+def swizzle_transforms(minor_elems: int, itemsize: int = 2):
+  """Tiling + swizzle transforms for an SMEM tile whose minor dim has ``minor_elems``."""
+  mgpu = plgpu()
+  swizzle = mgpu.find_swizzle(minor_elems * itemsize * 8)
+  return (mgpu.TilingTransform((8, swizzle // itemsize)), mgpu.SwizzleTransform(swizzle))

@@ -19,12 +19,11 @@ is bound by memory bandwidth; the work is split as:
    ``lax.top_k`` over a long row (XLA's top-k kernel cost ~0.1 ms here even in two
    stages). :func:`two_stage_top_k` is the alternative (``BlockSizes.top_k``).
 
-Fused (optional, ``BlockSizes(fused=True)``): the per-document max runs in the kernel
-(:func:`route_top_k_fused`), but its XLA tail is slower than step 2 on an H100 (1.24 vs
-1.15 ms at 100M), so it is not the default. Not fused: the issue asked for the document max and a block-local top-k inside
-the kernel so that only per-block candidates leave it; here they run as the XLA ops
-of step 2 on the 6 MB chunk-score vector (~0.07 ms at 100M tokens on an H100, see
-BENCHMARKS.md). The route still runs at 1.04× the HBM floor there.
+Fused (``BlockSizes(fused=True)``, :mod:`pallas_kernels.block_top_k`): one kernel does
+the matmul, the max over question tokens, the per-document max and a block-local
+top-k; only ``k`` candidates per block (one block per SM) leave it, and the final
+top-k over them is a small XLA op. It needs ``k ≤ 64`` and the bank's
+:class:`~pallas_kernels.block_top_k.BankLayout` (computed per call unless passed).
 
 Bank layout: TMA needs the row count ``C`` to be a multiple of 8 (else the bank is
 padded, i.e. copied, on every call); a multiple of ``BlockSizes.chunks`` also keeps
@@ -51,6 +50,7 @@ from jax import lax
 
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
+from pallas_kernels import block_top_k
 
 NEG_INF = -jnp.inf
 _SMEM_BUDGET = 200 * 1024   # bytes of pipeline buffers per program (H100: 227 KB max)
@@ -68,9 +68,11 @@ class BlockSizes:
   block_docs: documents per row of the first top-k stage (0: one-stage top-k).
   top_k: ``two_stage`` (:func:`two_stage_top_k`), ``pruned`` or ``pruned_sort``
     (:func:`pruned_top_k`); ``block_docs`` is the row length of either.
-  fused: :func:`route_top_k` takes the per-document max inside the kernel
-    (:func:`route_top_k_fused`); needs the bank layout (documents in increasing id
-    order, padding chunks only at the end).
+  fused: :func:`route_top_k` runs the fused kernel (document max and block-local
+    top-k inside it, :mod:`pallas_kernels.block_top_k`; needs ``k ≤ 64``). None
+    (default): fused when the caller passes the bank's ``layout``, which a bank
+    builds once; without it the layout costs ~0.06 ms per call on an H100.
+  blocks: programs of the fused kernel (0: one per streaming multiprocessor).
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
   """
@@ -82,7 +84,8 @@ class BlockSizes:
   block_docs: int = 128
   sorted_docs: bool = False
   top_k: str = "pruned_sort"
-  fused: bool = False
+  fused: bool | None = None
+  blocks: int = 0
 
 
 # ----------------------------------------------------------------------------
@@ -109,52 +112,20 @@ def _fill_masked_queries(rq_bmf, query_mask_bm, num_cols: int):
 # The Mosaic GPU kernel: K̄R tile × queries → max over queries.
 # ----------------------------------------------------------------------------
 
-def _swizzled(minor_elems: int, itemsize: int):
-  swizzle = _plgpu().find_swizzle(minor_elems * itemsize * 8)
-  return (_plgpu().TilingTransform((8, swizzle // itemsize)), _plgpu().SwizzleTransform(swizzle))
-
-
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu
-
-
-def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret,
-                    fused: bool = False):
-  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles.
-
-  ``fused``: the kernel takes a third input, ``loc [num_tiles*chunks]`` int32 (the
-  index of each chunk's document among the documents of its tile, -1 for padding),
-  and writes per-tile document maxima instead: ``out[p, t*chunks + j] = max over
-  the chunks c of tile t with loc[c] == j`` (``-inf`` for unused ``j``).
-  """
+def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
   import jax.experimental.pallas as pl
-  plgpu = _plgpu()
+  plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
   num_f = f // tile_f
-  k_transforms = _swizzled(tile_f, 2)
-  q_transforms = _swizzled(cols, 2)
-  compiled = _platform.mosaic_interpret_params(interpret) is None
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
+  k_transforms = _platform.swizzle_transforms(tile_f, 2)
+  q_transforms = _platform.swizzle_transforms(cols, 2)
 
-  def cast(x, layout):  # layouts are a compiled-code notion; the interpreter has none
-    return plgpu.layout_cast(x, layout) if compiled else x
-
-  def iota(shape, dim):
-    if compiled:
-      return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-    return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-  def body(kr_gmem, q_gmem, *refs):
-    out_gmem = refs[-1]
+  def body(kr_gmem, q_gmem, out_gmem):
     tile = lax.axis_index("tile")
     p = lax.axis_index("pass")
 
-    def with_out_smem(out_smem, *scratch):
-      if fused:
-        s_smem, loc_smem, barrier = scratch
-        plgpu.copy_gmem_to_smem(refs[0].at[pl.ds(tile * tile_c, tile_c)], loc_smem, barrier)
-
+    def with_out_smem(out_smem):
       def with_acc(acc_ref):
         def step(_, k_smem, q_smem):
           plgpu.wgmma(acc_ref, k_smem, q_smem)
@@ -171,32 +142,12 @@ def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSiz
         )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
         return acc_ref[...].max(axis=1)
 
-      s_c = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
-      if not fused:
-        out_smem[...] = s_c
-      else:
-        # Per-document max: chunk scores go through SMEM to come back indexed along
-        # columns; rows are the tile's document slots j: max over columns of
-        # where(loc[c] == j, s[c], -inf), 64 slots at a time.
-        s_smem[...] = s_c
-        plgpu.commit_smem()
-        plgpu.barrier_wait(barrier)
-        s_col = cast(s_smem[...], col_layout)
-        loc_col = cast(loc_smem[...], col_layout)
-        s_b = lax.broadcast_in_dim(s_col, (64, tile_c), [1])
-        loc_b = lax.broadcast_in_dim(loc_col, (64, tile_c), [1])
-        for slab in range(tile_c // 64):
-          hit = loc_b == iota((64, tile_c), 0) + slab * 64
-          out_smem[pl.ds(slab * 64, 64)] = jnp.where(hit, s_b, NEG_INF).max(axis=1)
+      out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
       plgpu.wait_smem_to_gmem(0)
 
-    scratch = [plgpu.SMEM((tile_c,), jnp.float32)]
-    if fused:
-      scratch += [plgpu.SMEM((tile_c,), jnp.float32), plgpu.SMEM((tile_c,), jnp.int32),
-                  plgpu.Barrier(num_barriers=1)]
-    pl.run_scoped(with_out_smem, *scratch)
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
 
   return plgpu.kernel(
       body,
@@ -380,102 +331,6 @@ def selection_from_top_k(top_val_bk, top_idx_bk, k: int):
   return lax.stop_gradient(val), sel
 
 
-def tile_doc_layout(chunk_doc_c, tile_c: int):
-  """Per-tile document slots of a bank: ``(doc [T, tile_c], loc [T, tile_c])``.
-
-  The chunks are cut into ``T = ceil(C / tile_c)`` tiles (the last padded with
-  ``-1``); ``loc`` is the index of a chunk's document among the documents of its
-  tile (0 for the tile's first document), ``-1`` for padding. It depends on the
-  bank alone (callers may cache it); here it is a small XLA fusion per call.
-  """
-  c = chunk_doc_c.shape[0]
-  t = -(-c // tile_c)
-  doc = jnp.pad(chunk_doc_c.astype(jnp.int32), (0, t * tile_c - c),
-                constant_values=-1).reshape(t, tile_c)
-  prev = jnp.concatenate([jnp.full((t, 1), -2, jnp.int32), doc[:, :-1]], axis=1)
-  loc = jnp.cumsum((doc != prev).astype(jnp.int32), axis=1) - 1
-  return doc, jnp.where(doc < 0, -1, loc)
-
-
-def _tile_doc_max_xla(s_bc, loc_c, tile_c):
-  """Per-slot max of one (ragged) tile in XLA: ``[B, tile_c]``."""
-  hit = loc_c[:, None] == jnp.arange(tile_c, dtype=jnp.int32)[None, :]    # [c, j]
-  return jnp.max(jnp.where(hit[None], s_bc[:, :, None], NEG_INF), axis=1)
-
-
-def route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int,
-                      bs: BlockSizes, interpret=None):
-  """:func:`route_top_k` with the per-document max inside the kernel.
-
-  The kernel writes, per tile of ``chunks`` chunks, the maxima of the tile's
-  document slots (``[B, T, chunks]`` f32, the same bytes as chunk scores). A
-  document cut by tile boundaries has a partial max in each tile it touches: the
-  tail merges those (a segment max over the 2 boundary slots per tile, written back
-  at the document's first slot, ``-inf`` at its other slots). Slots are in document
-  order, so the pruned top-k over slots keeps the tie rule (equal scores → lower
-  document); a chosen slot maps back to its document through ``loc``.
-  Needs the bank layout: document ids non-decreasing along chunks, padding chunks
-  (``-1``) only at the end.
-  """
-  b, m, f = rq_bmf.shape
-  c = kr_cf.shape[0]
-  bs, groups, cols = _plan(m, f, bs)
-  tc = bs.chunks
-  q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
-  doc_tj, loc_tj = tile_doc_layout(chunk_doc_c, tc)
-  t = doc_tj.shape[0]
-  num_tiles = c // tc
-  parts = []
-  if num_tiles:
-    dm = _chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret, fused=True)(
-        kr_cf, q_pfc, loc_tj[:num_tiles].reshape(-1))
-    parts.append(dm.reshape(b, groups, num_tiles, tc).max(axis=1))
-  if num_tiles < t:  # the ragged tail (< one tile) in plain XLA
-    c_main = num_tiles * tc
-    s_pc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_cf[c_main:c],
-                      preferred_element_type=jnp.float32).max(axis=1)
-    s_bc = jnp.pad(s_pc.reshape(b, groups, c - c_main).max(axis=1),
-                   ((0, 0), (0, t * tc - c)), constant_values=NEG_INF)
-    parts.append(_tile_doc_max_xla(s_bc, loc_tj[-1], tc)[:, None])
-  dm = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)      # [B, T, tc]
-  dm = jnp.where(jnp.any(query_mask_bm, axis=1)[:, None, None], dm, NEG_INF)
-
-  # Documents cut by tile boundaries: merge the partial maxima of each tile's first
-  # (slot 0) and last (slot L) document.
-  first_t = doc_tj[:, 0]
-  last_t = doc_tj.max(axis=1)
-  slot_l = jnp.maximum(loc_tj.max(axis=1), 0)
-  tiles = jnp.arange(t)
-  ids = jnp.concatenate([first_t, last_t])
-  ids = jnp.where(ids < 0, num_docs, ids)
-  vals = jnp.concatenate([dm[:, :, 0], dm[:, tiles, slot_l]], axis=1)
-  merged = jax.vmap(lambda v: jax.ops.segment_max(v, ids, num_segments=num_docs + 1,
-                                                  indices_are_sorted=True))(vals)
-  m_first, m_last = merged[:, ids[:t]], merged[:, ids[t:]]
-  cont = first_t == jnp.concatenate([jnp.full((1,), -3, jnp.int32), last_t[:-1]])
-  slot = jnp.arange(tc, dtype=jnp.int32)[None, None, :]
-  dm = jnp.where(slot == slot_l[None, :, None],
-                 jnp.where(last_t >= 0, m_last, NEG_INF)[:, :, None], dm)
-  dm = jnp.where(slot == 0, jnp.where(cont | (first_t < 0), NEG_INF, m_first)[:, :, None], dm)
-
-  # Exact top-k over the T·tc slots, read through tile maxima: the k tiles with the
-  # largest maxima (ties → lower tile; itself a pruned top-k, no long lax.top_k)
-  # hold the top k slots; a stable sort of their k·tc slots finishes.
-  kk = min(k, t * tc)
-  kt = min(kk, t)
-  _, top_tiles = pruned_top_k(dm.max(axis=2), kt, tc, "sort")
-  top_tiles = jnp.sort(top_tiles, axis=1)
-  cand = jnp.take_along_axis(dm, top_tiles[:, :, None], axis=1).reshape(b, kt * tc)
-  cand_pos = (top_tiles[:, :, None] * tc + slot).reshape(b, kt * tc)
-  neg, pos = lax.sort((-cand, cand_pos), dimension=1, num_keys=2)
-  val, pos = -neg[:, :kk], pos[:, :kk]
-  tile_k, slot_k = pos // tc, pos % tc
-  loc_k = loc_tj[tile_k]                                               # [B, k, tc]
-  first_chunk = jnp.sum((loc_k >= 0) & (loc_k < slot_k[..., None]), axis=-1)
-  doc_k = doc_tj.reshape(-1)[tile_k * tc + first_chunk]
-  return selection_from_top_k(val, doc_k, k)
-
-
 def route_top_k_reference(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int):
   """Float32 reference for :func:`route_top_k`, from ``msa_jax.routing``."""
   doc_s, sel = ref_routing.route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c,
@@ -488,7 +343,7 @@ def route_top_k_reference(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: i
                                              "interpret"))
 def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int, *,
                 implementation: str = "auto", block_sizes: BlockSizes | None = None,
-                interpret: bool | None = None):
+                interpret: bool | None = None, layout=None):
   """Top-k documents of one bank: the inference path (no full score vector returned).
 
   Args:
@@ -499,15 +354,29 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
       contiguous; ``-1`` = padding chunk).
     num_docs: N document slots; k: documents to select.
     implementation: ``auto | pallas | xla``.
+    layout: the bank's ``block_top_k.bank_layout(chunk_doc_c, tile)`` for the fused
+      kernel (a bank property; computed here when None).
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
     ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``
     where ``valid_bk`` is False.
   """
   bs = block_sizes or BlockSizes()
-  if bs.fused and _platform.resolve(implementation) == "pallas":
-    return route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs, k, bs,
-                             interpret)
+  fused = layout is not None if bs.fused is None else bs.fused
+  if fused and k <= block_top_k.LIST_SLOTS and _platform.resolve(implementation) == "pallas":
+    b, m, f = rq_bmf.shape
+    bs_k, groups, cols = _plan(m, f, bs)
+    q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
+    if layout is None:
+      layout = block_top_k.bank_layout(chunk_doc_c, bs_k.chunks)
+    elif layout.loc_tc.shape[1] != bs_k.chunks:
+      raise ValueError(f"the bank layout has tiles of {layout.loc_tc.shape[1]} chunks but the "
+                       f"kernel uses {bs_k.chunks}; rebuild it with "
+                       f"bank_layout(chunk_doc, {bs_k.chunks})")
+    top_val, top_idx = block_top_k.route_top_k_blocks(
+        q_pfc, jnp.any(query_mask_bm, axis=1), kr_cf, layout, k, groups=groups,
+        tile_f=bs.features, stages=bs.stages, blocks=bs.blocks, interpret=interpret)
+    return selection_from_top_k(top_val, top_idx, k)
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
                       block_sizes=bs, interpret=interpret)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)

@@ -55,29 +55,18 @@ def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
                               k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
 
 
-def _plgpu():
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-  return plgpu
-
-
-def _tiled(minor_elems: int, itemsize: int = 2):
-  plgpu = _plgpu()
-  swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-
 def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
   """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0)."""
   import jax.experimental.pallas as pl
-  plgpu = _plgpu()
+  plgpu = _platform.plgpu()
   bq, bk = bs.block_q, bs.block_kv
   r = h // g
   scale = LOG2E / math.sqrt(d)
   interpret = interpret_params is not None
   p_regs = bs.p_in_registers and not interpret
-  kv_tr = _tiled(d)
-  kt_tr = _tiled(bk)
-  p_tr = _tiled(bk)
+  kv_tr = _platform.swizzle_transforms(d)
+  kt_tr = _platform.swizzle_transforms(bk)
+  p_tr = _platform.swizzle_transforms(bk)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)

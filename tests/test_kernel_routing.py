@@ -3,6 +3,8 @@
 CPU runs the Mosaic GPU kernel in interpret mode on small banks; tests marked
 ``gpu`` run it compiled at bank sizes with many tiles.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,9 +12,10 @@ import pytest
 
 from msa_jax import routing as rr
 from pallas_kernels import block_routing as br
+from pallas_kernels import block_top_k as bt
 
 SMALL = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8)
-FUSED = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, fused=True)
+FUSED = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, fused=True, blocks=2)
 
 
 def _bank(seed, b, m, h, g, d, doc_lens, pad_chunks=0, valid_tokens=None):
@@ -164,7 +167,7 @@ def test_gpu_route_top_k_compiled(c, m):
   np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=1e-5)
   # Equal sets unless two documents are within rounding of each other.
   assert _chosen(sel) == _chosen(want_sel)
-  # The fused kernel (document max in the kernel) gives the same selection and scores.
+  # The fused kernel (document max and block top-k in the kernel): same selection, scores.
   top_f, sel_f = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas",
                                 block_sizes=br.BlockSizes(fused=True))
   np.testing.assert_array_equal(np.asarray(sel_f.doc_idx_bk), np.asarray(sel.doc_idx_bk))
@@ -185,19 +188,23 @@ def test_pruned_top_k_is_exact_with_ties(final):
     np.testing.assert_array_equal(np.asarray(idx), np.asarray(want_idx))
 
 
-@pytest.mark.parametrize("doc_lens,pad,k", [
-    ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6),   # docs across tiles, longer than a tile
-    ([64, 64, 1, 63, 2], 0, 3),                               # boundaries on tile edges, no tail
-    ([3, 5], 60, 4),                                          # k > documents, padding tile
+@pytest.mark.parametrize("doc_lens,pad,k,blocks,m", [
+    # documents across tiles and across blocks, one longer than a block (2 tiles)
+    ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6, 2, 9),
+    ([64, 64, 1, 63, 2], 0, 3, 3, 9),                         # cuts on tile edges, no tail
+    ([3, 5], 60, 4, 2, 9),                                    # k > documents, padding tile
+    ([20] * 14, 7, 5, 1, 70),           # one block of 4 tiles; M=70: two query groups
+    ([2] * 70 + [1] * 60, 0, 17, 8, 9),  # many documents per tile, one tile per block
 ])
-def test_fused_route_top_k_interpret(doc_lens, pad, k):
-  rq, kr, doc_c, mask = _bank(7, 3, 9, 4, 2, 32, doc_lens, pad_chunks=pad,
-                              valid_tokens=[9, 3, 0])        # last example: no routing token
+def test_fused_route_top_k_interpret(doc_lens, pad, k, blocks, m):
+  rq, kr, doc_c, mask = _bank(7, 3, m, 4, 2, 32, doc_lens, pad_chunks=pad,
+                              valid_tokens=[m, 3, 0])        # last example: no routing token
   rq_bmf = rr.group_sum_queries(rq, 2)
   kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
   n = len(doc_lens) + 1                                       # one empty document slot
+  bs = dataclasses.replace(FUSED, blocks=blocks, max_queries=64)
   top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, k, implementation="pallas",
-                              block_sizes=FUSED)
+                              block_sizes=bs)
   want_s, want_sel = br.route_top_k_reference(_bf16_queries(rq_bmf), mask,
                                               kr_cf.astype(jnp.float32), doc_c, n, k)
   assert _chosen(sel) == _chosen(want_sel)
@@ -217,3 +224,58 @@ def test_fused_ties_across_tiles_interpret():
     _, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 10, k, implementation="pallas",
                             block_sizes=FUSED)
     assert _chosen(sel) == [list(range(min(k, 10)))]
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_merge_candidates_dedupes_and_is_exact(dense, monkeypatch):
+  # Candidates repeat documents (cut by block boundaries) with partial maxima; ties
+  # between distinct documents go to the lower id; -inf and -1 are empty entries.
+  if not dense:
+    monkeypatch.setattr(bt, "_DENSE_MERGE_MAX", 0)
+  rng = np.random.default_rng(2)
+  b, n, k = 3, 300, 9
+  doc = rng.integers(-1, 60, (b, n))
+  val = rng.integers(0, 8, (b, n)).astype(np.float32)
+  val[rng.random((b, n)) < 0.1] = -np.inf
+  val[2] = -np.inf
+  got_val, got_doc = bt.merge_candidates(jnp.asarray(val), jnp.asarray(doc, jnp.int32), k)
+  for bi in range(b):
+    best = {}
+    for v, d in zip(val[bi], doc[bi]):
+      if d >= 0 and v > -np.inf:
+        best[d] = max(best.get(d, -np.inf), v)
+    want = sorted(best.items(), key=lambda e: (-e[1], e[0]))[:k]
+    n_valid = len(want)
+    np.testing.assert_array_equal(np.asarray(got_val[bi, :n_valid]), [v for _, v in want])
+    np.testing.assert_array_equal(np.asarray(got_doc[bi, :n_valid]), [d for d, _ in want])
+    assert np.all(np.asarray(got_val[bi, n_valid:]) == -np.inf)
+
+
+def test_bank_layout_slots():
+  doc_c = jnp.asarray([0, 0, 1, 2, 2, 2, 3, -1, -1], jnp.int32)
+  lay = bt.bank_layout(doc_c, 4)
+  np.testing.assert_array_equal(np.asarray(lay.loc_tc),
+                                [[0, 0, 1, 2], [0, 0, 1, -1], [-1, -1, -1, -1]])
+  np.testing.assert_array_equal(np.asarray(lay.slot_doc_tc),
+                                [[0, 1, 2, -1], [2, 3, -1, -1], [-1, -1, -1, -1]])
+
+
+def test_bank_layout_turns_fused_on_and_must_match_tiles(monkeypatch):
+  calls = []
+  real = bt.route_top_k_blocks
+  monkeypatch.setattr(bt, "route_top_k_blocks", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+  rq, kr, doc_c, mask = _bank(8, 1, 5, 4, 2, 32, [30, 50, 9, 40], pad_chunks=3)
+  rq_bmf = rr.group_sum_queries(rq, 2)
+  kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
+  bs = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, blocks=2)   # fused=None
+  want_s, want_sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 4, 2, implementation="pallas",
+                                    block_sizes=bs)                    # no layout: unfused
+  assert not calls
+  got_s, got_sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 4, 2, implementation="pallas",
+                                  block_sizes=bs, layout=bt.bank_layout(doc_c, 64))
+  assert calls                                                         # a layout: fused
+  np.testing.assert_array_equal(np.asarray(got_sel.doc_idx_bk), np.asarray(want_sel.doc_idx_bk))
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s), atol=1e-6)
+  with pytest.raises(ValueError, match="bank_layout"):
+    br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 4, 2, implementation="pallas", block_sizes=bs,
+                   layout=bt.bank_layout(doc_c, 128))
