@@ -7,6 +7,7 @@ import sys
 import time
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +69,14 @@ class MetricsWriter:
     self._file = open(self.path, "a", buffering=1)
     self._tb = None
     if enable_tensorboard and jax.process_index() == 0:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      try:
+        from tensorboardX import SummaryWriter
+      except ImportError:  # e.g. a GPU image without it: metrics.jsonl still has everything
+        logging.warning("tensorboardX is not installed: metrics go to %s only (pip install "
+                        "tensorboardX, or pass --config.tensorboard=False to silence this)",
+                        self.path)
+      else:
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     row = {"step": int(step), **to_python(metrics)}

@@ -128,6 +128,20 @@ def test_tensorboard_off_writes_no_events(tmp_path, compilation_cache):
   assert (tmp_path / "config.json").is_file()
 
 
+def test_missing_tensorboardx_warns_and_keeps_jsonl(tmp_path, monkeypatch, caplog):
+  # The GPU image lacks tensorboardX: the writer must fall back to metrics.jsonl, loudly.
+  import sys
+  from msa_jax import metrics as metrics_lib
+  monkeypatch.setitem(sys.modules, "tensorboardX", None)          # import → ImportError
+  with caplog.at_level("WARNING"):
+    writer = metrics_lib.MetricsWriter(str(tmp_path), enable_tensorboard=True)
+  writer.write(3, {"lm_loss": 1.5})
+  writer.close()
+  assert "tensorboardX is not installed" in caplog.text
+  assert not (tmp_path / "tensorboard").exists()
+  assert read_rows(tmp_path) == [{"step": 3, "lm_loss": 1.5}]
+
+
 # ----------------------------------------------------------------------------- from_pretrained
 
 
