@@ -32,13 +32,12 @@ beat its true score. Ties go to the lower document, as ``msa_jax.routing.select_
 """
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from pallas_kernels import _platform
 
@@ -63,8 +62,15 @@ class BankLayout(NamedTuple):
 def bank_layout(chunk_doc_c, tile_c: int) -> BankLayout:
   """:class:`BankLayout` of ``chunk_doc_c`` cut into tiles of ``tile_c`` chunks.
 
-  Needs a document's chunks to be contiguous; ``-1`` marks padding chunks.
+  Needs a document's chunks to be contiguous; ``-1`` marks padding chunks. A concrete
+  (not traced) map is checked; a document split in two runs raises ``ValueError``.
   """
+  try:
+    concrete = np.asarray(chunk_doc_c)
+  except jax.errors.TracerArrayConversionError:   # under jit: the caller's promise
+    concrete = None
+  if concrete is not None:
+    _check_contiguous(concrete)
   c = chunk_doc_c.shape[0]
   t = -(-c // tile_c)
   doc = jnp.pad(chunk_doc_c.astype(jnp.int32), (0, t * tile_c - c),
@@ -76,6 +82,16 @@ def bank_layout(chunk_doc_c, tile_c: int) -> BankLayout:
   slot_doc = jnp.full((t, tile_c), -1, jnp.int32).at[rows, jnp.where(loc < 0, tile_c, loc)].max(
       doc, mode="drop")
   return BankLayout(loc, slot_doc)
+
+
+def _check_contiguous(doc_c: np.ndarray) -> None:
+  real = doc_c[doc_c >= 0]
+  starts = real[np.r_[True, real[1:] != real[:-1]]] if real.size else real
+  if starts.size != np.unique(starts).size:
+    ids, counts = np.unique(starts, return_counts=True)
+    raise ValueError(f"chunk→document map: document(s) {ids[counts > 1][:5].tolist()} occupy "
+                     "more than one run of chunks; a bank must store each document's chunks "
+                     "contiguously (padding chunks, -1, may sit anywhere)")
 
 
 def num_blocks_for(num_tiles: int, blocks: int) -> tuple[int, int]:

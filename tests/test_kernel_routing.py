@@ -195,6 +195,7 @@ def test_pruned_top_k_is_exact_with_ties(final):
     ([3, 5], 60, 4, 2, 9),                                    # k > documents, padding tile
     ([20] * 14, 7, 5, 1, 70),           # one block of 4 tiles; M=70: two query groups
     ([2] * 70 + [1] * 60, 0, 17, 8, 9),  # many documents per tile, one tile per block
+    ([3, 5, 9], 2, 4, 2, 9),             # fewer chunks than one tile: the XLA tail only
 ])
 def test_fused_route_top_k_interpret(doc_lens, pad, k, blocks, m):
   rq, kr, doc_c, mask = _bank(7, 3, m, 4, 2, 32, doc_lens, pad_chunks=pad,
@@ -252,6 +253,8 @@ def test_merge_candidates_dedupes_and_is_exact(dense, monkeypatch):
 
 
 def test_bank_layout_slots():
+  with pytest.raises(ValueError, match=r"document\(s\) \[1\]"):
+    bt.bank_layout(jnp.asarray([0, 1, 1, 2, 1], jnp.int32), 4)
   doc_c = jnp.asarray([0, 0, 1, 2, 2, 2, 3, -1, -1], jnp.int32)
   lay = bt.bank_layout(doc_c, 4)
   np.testing.assert_array_equal(np.asarray(lay.loc_tc),
