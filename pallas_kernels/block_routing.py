@@ -19,7 +19,7 @@ is bound by memory bandwidth; the work is split as:
    ``lax.top_k`` over a long row (XLA's top-k kernel cost ~0.1 ms here even in two
    stages). :func:`two_stage_top_k` is the alternative (``BlockSizes.top_k``).
 
-Fused (``BlockSizes(fused=True)``, :mod:`pallas_kernels.block_top_k`): one kernel does
+Fused (:mod:`pallas_kernels.block_top_k`; the default when a bank layout is passed): one kernel does
 the matmul, the max over question tokens, the per-document max and a block-local
 top-k; only ``k`` candidates per block (one block per SM) leave it, and the final
 top-k over them is a small XLA op. It needs ``k ≤ 64`` and the bank's
@@ -364,7 +364,7 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
   bs = block_sizes or BlockSizes()
   fused = layout is not None if bs.fused is None else bs.fused
   if fused and k <= block_top_k.LIST_SLOTS and _platform.resolve(implementation) == "pallas":
-    b, m, f = rq_bmf.shape
+    _, m, f = rq_bmf.shape
     bs_k, groups, cols = _plan(m, f, bs)
     q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
     if layout is None:
