@@ -24,7 +24,10 @@ def resolve(implementation: str) -> str:
 def mosaic_interpret_params(interpret: bool | None):
   """The ``interpret=`` value for ``plgpu.kernel``: None compiled, else GPU interpret mode.
 
-  ``interpret=None`` means: interpret when no GPU is present (CPU tests).
+  ``interpret=None`` means: interpret when no GPU is present (CPU tests). On a CPU,
+  run interpreted kernels with ``jax.config.update("jax_cpu_enable_async_dispatch",
+  False)`` set before JAX starts: the interpreter runs JAX ops inside host callbacks,
+  and with async dispatch eager code that follows a kernel call can deadlock with them.
   """
   if interpret is None:
     interpret = not on_gpu()

@@ -9,6 +9,11 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Synchronous CPU dispatch. The Mosaic GPU interpreter (kernel tests on CPU) runs JAX ops
+# inside host callbacks on the same device; with async dispatch the main thread can
+# enqueue ops that need the kernel's result ahead of the callback's own ops, and both
+# wait forever (seen on a 2-core machine: an eager model.apply after a Pallas call).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def _has_gpu() -> bool:
