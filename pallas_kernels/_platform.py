@@ -3,6 +3,8 @@ Mosaic GPU helpers."""
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+from jax import lax
 
 IMPLEMENTATIONS = ("auto", "pallas", "xla")
 
@@ -52,3 +54,15 @@ def swizzle_transforms(minor_elems: int, itemsize: int = 2):
   mgpu = plgpu()
   swizzle = mgpu.find_swizzle(minor_elems * itemsize * 8)
   return (mgpu.TilingTransform((8, swizzle // itemsize)), mgpu.SwizzleTransform(swizzle))
+
+
+def layout_cast(x, layout, compiled: bool):
+  """``plgpu.layout_cast`` in compiled code; the interpreter has no layouts."""
+  return plgpu().layout_cast(x, layout) if compiled else x
+
+
+def wgmma_iota(shape, dim: int, compiled: bool):
+  """int32 iota along ``dim`` in the WGMMA register layout (plain iota when interpreted)."""
+  if compiled:
+    return plgpu().broadcasted_iota(jnp.int32, shape, dim, layout=plgpu().Layout.WGMMA)
+  return lax.broadcasted_iota(jnp.int32, shape, dim)

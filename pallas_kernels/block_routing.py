@@ -195,13 +195,11 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   c_main = num_tiles * bs.chunks
   parts = []
   if num_tiles:
-    parts.append(_chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc))
+    s_pc = _chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc)
+    parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
   if c_main < c:  # the ragged tail (< one tile) in plain XLA
-    tail_pc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_cf[c_main:c],
-                         preferred_element_type=jnp.float32).max(axis=1)
-    parts.append(tail_pc)
-  s_pc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-  s_bc = s_pc.reshape(b, groups, c).max(axis=1)
+    parts.append(block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
+  s_bc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
 

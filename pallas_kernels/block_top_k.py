@@ -124,16 +124,10 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
   row_layout = plgpu.Layout.WGMMA.reduce(1) if compiled else None
   col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
 
-  def cast(x, layout):  # layouts are a compiled-code notion; the interpreter has none
-    return plgpu.layout_cast(x, layout) if compiled else x
+  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
+  iota = lambda shape, dim: _platform.wgmma_iota(shape, dim, compiled)  # noqa: E731
 
-  def iota(shape, dim):
-    if compiled:
-      return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
-    return lax.broadcasted_iota(jnp.int32, shape, dim)
-
-  # Every [64, n] operand gets an explicit layout: left free, jax 0.11's layout
-  # inference searches an exponential space of assignments for this kernel.
+  # Lane semantics (see compiler_params below): every [64, n] operand has an explicit layout.
   def cols_of(x, n):   # a column-indexed vector broadcast over 64 rows
     return cast(lax.broadcast_in_dim(x, (64, n), [1]), wgmma_layout)
 
@@ -305,19 +299,26 @@ def merge_candidates(val_bn, doc_bn, k: int):
   return -neg[:, :kk], jnp.where(doc[:, :kk] < big, doc[:, :kk], 0)
 
 
-def _ragged_tail_candidates(q_bgfc, kr_cf, layout: BankLayout, c_main: int):
+def tail_chunk_scores(q_pfc, kr_tail_cf, groups: int):
+  """Chunk scores of the chunks after the last full tile in plain XLA, ``[B, n]`` f32.
+
+  ``q_pfc`` is the kernels' query operand ``[B·groups, F, cols]``; the max runs over
+  every query column of every group of an example.
+  """
+  s_pjc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_tail_cf, preferred_element_type=jnp.float32)
+  return s_pjc.reshape(-1, groups * q_pfc.shape[2], kr_tail_cf.shape[0]).max(axis=1)
+
+
+def _ragged_tail_candidates(q_pfc, kr_cf, layout: BankLayout, c_main: int, groups: int):
   """Per-document maxima of the chunks after the last full tile (plain XLA)."""
-  b, groups, f, cols = q_bgfc.shape
   c = kr_cf.shape[0]
   tile_c = layout.loc_tc.shape[1]
-  s_bgjc = jnp.einsum("bgfj,cf->bgjc", q_bgfc, kr_cf[c_main:c],
-                      preferred_element_type=jnp.float32)
-  s_bc = jnp.pad(s_bgjc.max(axis=(1, 2)), ((0, 0), (0, tile_c - (c - c_main))),
-                 constant_values=NEG_INF)
+  s_bc = jnp.pad(tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups),
+                 ((0, 0), (0, tile_c - (c - c_main))), constant_values=NEG_INF)
   loc_c = layout.loc_tc[-1]
   hit = loc_c[:, None] == jnp.arange(tile_c, dtype=jnp.int32)[None, :]      # [chunk, slot]
   val = jnp.max(jnp.where(hit[None], s_bc[:, :, None], NEG_INF), axis=1)
-  return val, jnp.broadcast_to(layout.slot_doc_tc[-1], (b, tile_c))
+  return val, jnp.broadcast_to(layout.slot_doc_tc[-1], (s_bc.shape[0], tile_c))
 
 
 def route_top_k_blocks(q_pfc, any_query_b, kr_cf, layout: BankLayout, k: int, *, groups: int,
@@ -337,19 +338,18 @@ def route_top_k_blocks(q_pfc, any_query_b, kr_cf, layout: BankLayout, k: int, *,
   tile_c = layout.loc_tc.shape[1]
   c = kr_cf.shape[0]
   num_tiles = c // tile_c
-  q_bgfc = q_pfc.reshape(b, groups, f, cols)
   vals, docs = [], []
   if num_tiles:
     nb, per = num_blocks_for(num_tiles, blocks)
     st = stages_that_fit(tile_c, tile_f, cols, stages)
     call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, b, k, tile_c, tile_f, st,
                              interpret)
-    v, d = call(kr_cf, q_bgfc.reshape(b, groups * f, cols),
+    v, d = call(kr_cf, q_pfc.reshape(b, groups * f, cols),
                 layout.loc_tc[:num_tiles].reshape(-1), layout.slot_doc_tc[:num_tiles].reshape(-1))
     vals.append(v[:, :, :k].reshape(b, -1))
     docs.append(d[:, :, :k].reshape(b, -1))
   if num_tiles * tile_c < c:
-    v, d = _ragged_tail_candidates(q_bgfc, kr_cf, layout, num_tiles * tile_c)
+    v, d = _ragged_tail_candidates(q_pfc, kr_cf, layout, num_tiles * tile_c, groups)
     vals.append(v)
     docs.append(d)
   val = jnp.concatenate(vals, axis=1)

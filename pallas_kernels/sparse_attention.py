@@ -71,13 +71,8 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-  def cast(x, layout):  # layouts are a compiled-code notion; the interpreter has none
-    return x if interpret else plgpu.layout_cast(x, layout)
-
-  def iota(dim):
-    if interpret:
-      return lax.broadcasted_iota(jnp.int32, (bq, bk), dim)
-    return plgpu.broadcasted_iota(jnp.int32, (bq, bk), dim, layout=wgmma_layout)
+  cast = lambda x, layout: _platform.layout_cast(x, layout, not interpret)  # noqa: E731
+  iota = lambda dim: _platform.wgmma_iota((bq, bk), dim, not interpret)  # noqa: E731
 
   def kernel(q_ref, kc_ref, vc_ref, cbias_ref, ks_ref, vs_ref, sbias_ref, out_ref):
     bi = lax.axis_index("b")
