@@ -15,7 +15,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from msa_jax import input_pipeline, losses
+from msa_jax import losses
+from msa_jax.data import from_config
 from msa_jax.generate import generate_with_memory
 
 
@@ -30,7 +31,7 @@ def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
 
 def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
   """One row of eval.json: the eval questions at ``multiplier``× the training memory."""
-  task = input_pipeline.eval_task(cfg.data, cfg.seed, multiplier)
+  task = from_config.eval_task(cfg.data, cfg.seed, multiplier)
   num = cfg.eval.num_examples
   if hasattr(task, "__len__"):   # a finite eval set (JSONL): at most all of it
     num = min(num, len(task))
@@ -117,21 +118,11 @@ def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
 
 def load_for_eval(cfg, workdir: str):
   """The model and the latest checkpoint's parameters of a training run."""
-  import jax
-  from msa_jax import checkpointing, sharding
-  from msa_jax.trainer import TrainSetup
-  mesh = sharding.make_mesh(cfg.mesh_shape)
-  setup = TrainSetup(cfg, mesh)
-  manager = checkpointing.make_manager(workdir, cfg.checkpoint.max_to_keep, 1, False)
-  step = manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no checkpoint under {workdir}/checkpoints; train first "
-                            "(python -m msa_jax.train --workdir=...)")
-  import orbax.checkpoint as ocp
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(setup.abstract_state)))
-  print(f"evaluating {workdir} at step {step}", flush=True)
-  return setup.model, restored["state"].params
+  del cfg  # the run's own config.json describes the model
+  from msa_jax.export.convert import from_pretrained
+  model, params = from_pretrained(workdir)
+  print(f"evaluating {workdir}", flush=True)
+  return model, params
 
 
 def main(argv):

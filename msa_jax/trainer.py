@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, input_pipeline, metrics as metrics_lib, sharding
+from msa_jax import checkpointing, metrics as metrics_lib, sharding
+from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
 from msa_jax.model import MSAModel
@@ -40,8 +41,8 @@ def resolve_model_config(cfg) -> ModelConfig:
   """
   model = dict(cfg.model)
   data_vocab = None
-  if cfg.data.task in input_pipeline.TASKS:   # synthetic word vocab or the JSONL HF tokenizer
-    data_vocab = input_pipeline.vocab_size_of(cfg.data)
+  if cfg.data.task in from_config.TASKS:   # synthetic word vocab or the JSONL HF tokenizer
+    data_vocab = from_config.vocab_size_of(cfg.data)
   if not model.get("vocab_size"):
     if data_vocab is None:
       raise ValueError("model.vocab_size=0 (from the data) needs a synthetic task; set it")
@@ -60,7 +61,7 @@ def validate_config(cfg) -> ModelConfig:
         "--config.init_from=/path/to/Qwen3-4B-Instruct-2507 (a local Hugging Face dir). "
         "For a CPU run use the smoke variant: --config=configs/16k_to_100m.py:smoke")
   model_cfg = resolve_model_config(cfg)
-  input_pipeline.validate_data_config(cfg)   # e.g. JSONL eval at memory multipliers > 1
+  from_config.validate_data_config(cfg)   # e.g. JSONL eval at memory multipliers > 1
   if cfg.num_steps < 1:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
   if cfg.batch_size < 1:
@@ -177,7 +178,7 @@ def train_and_evaluate(cfg, workdir: str, *,
                      "or config.mesh_shape")
   _write_config(cfg, workdir, model_cfg)
   setup = TrainSetup(cfg, mesh, model_cfg)
-  data_iter = input_pipeline.make_train_iterator(
+  data_iter = from_config.make_train_iterator(
       cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
       chunk_size=model_cfg.pooling_chunk_size,
       process_index=jax.process_index(), process_count=jax.process_count())

@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from msa_jax import input_pipeline, sharding
+from msa_jax import sharding
+from msa_jax.data import from_config
 from msa_jax.trainer import TrainSetup
 
 from train_common import get_config
@@ -41,7 +42,7 @@ def small_cfg():
 @pytest.fixture(scope="module")
 def runs():
   cfg = small_cfg()
-  data = input_pipeline.make_train_iterator(
+  data = from_config.make_train_iterator(
       cfg.data, seed=0, batch_size=cfg.batch_size, chunk_size=cfg.model.pooling_chunk_size)
   batch = next(data)
   out = {}

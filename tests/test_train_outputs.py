@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 
 import msa_jax
-from msa_jax import checkpointing, input_pipeline, sharding
+from msa_jax import checkpointing, sharding
+from msa_jax.data import from_config
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 from msa_jax.trainer import (NonFiniteLossError, TrainSetup, resolve_model_config,
                              train_and_evaluate)
@@ -115,7 +116,7 @@ def test_tensorboard_events_and_config_json(trained):
   assert config["model"] == resolve_model_config(trained["cfg"]).to_dict()
   assert model == trained["final"]["model"].config
   assert model.num_layers == 1 and model.router_layers == (0,)
-  assert model.vocab_size >= input_pipeline.vocab_size_of(trained["cfg"].data) > 0
+  assert model.vocab_size >= from_config.vocab_size_of(trained["cfg"].data) > 0
 
 
 def test_tensorboard_off_writes_no_events(tmp_path, compilation_cache):
@@ -226,7 +227,7 @@ def test_kept_checkpoint_restores_finite_and_resumes(nan_run, trained):
   cfg, workdir = nan_run["cfg"], nan_run["workdir"]
   setup = TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
   manager = checkpointing.make_manager(workdir, 3, SAVE_EVERY, async_save=False)
-  data = input_pipeline.make_train_iterator(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
+  data = from_config.make_train_iterator(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                                             chunk_size=cfg.model.pooling_chunk_size)
   step, state = checkpointing.restore_latest(manager, setup.abstract_state, data)
   manager.close()

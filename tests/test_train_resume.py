@@ -20,7 +20,8 @@ import jax
 import orbax.checkpoint as ocp
 import pytest
 
-from msa_jax import checkpointing, input_pipeline
+from msa_jax import checkpointing
+from msa_jax.data import from_config
 from msa_jax.trainer import train_and_evaluate
 from train_common import (NUM_STEPS, compilation_cache, read_rows,  # noqa: F401 (fixture)
                           saved_steps, small_cfg)
@@ -92,7 +93,7 @@ def test_resumed_losses_equal_the_uninterrupted_run_bitwise(runs):
 
 
 def _batch_after(cfg, steps_served):
-  it = input_pipeline.make_train_iterator(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
+  it = from_config.make_train_iterator(cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
                                           chunk_size=cfg.model.pooling_chunk_size)
   for _ in range(steps_served):
     next(it)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from msa_jax import input_pipeline as ip
+from msa_jax.data import from_config as ip
 from msa_jax.batch import MSABatch
 from msa_jax.data.collate import BucketShapes
 from msa_jax.data.niah import SUBTASKS
