@@ -66,3 +66,54 @@ def wgmma_iota(shape, dim: int, compiled: bool):
   if compiled:
     return plgpu().broadcasted_iota(jnp.int32, shape, dim, layout=plgpu().Layout.WGMMA)
   return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def load_vector(ref, layout, compiled: bool):
+  """A 1-D SMEM ref as a register vector in ``layout`` (plain load when interpreted)."""
+  return plgpu().load(ref, (), layout=layout) if compiled else ref[...]
+
+
+def lane_params(**kwargs):
+  """``CompilerParams`` with lane lowering semantics (explicit layouts).
+
+  jax 0.11 defaults to warpgroup semantics, whose layout inference can take minutes on
+  kernels with many register arrays; every kernel here casts its layouts explicitly.
+  """
+  mgpu = plgpu()
+  return mgpu.CompilerParams(lowering_semantics=mgpu.LoweringSemantics.Lane, **kwargs)
+
+
+def _dot_operand(x, transpose: bool, compiled: bool):
+  if compiled:
+    return plgpu().transpose_ref(x, (1, 0)) if transpose else x
+  x = x if isinstance(x, jax.Array) else x[...]
+  return x.T if transpose else x
+
+
+def mma(a, b, out_shape, *, transpose_b: bool = False, compiled: bool):
+  """``a @ b`` (``a @ bᵀ`` with ``transpose_b``) in float32 on the tensor cores.
+
+  ``a`` is an SMEM ref or a bf16 register array in the WGMMA layout; ``b`` an SMEM
+  ref. Interpreted (CPU tests), it is a plain ``jnp.dot`` of the values: the
+  interpreter's wgmma takes no register operands and no transposed views.
+  """
+  if not compiled:
+    return jnp.dot(_dot_operand(a, False, False), _dot_operand(b, transpose_b, False),
+                   preferred_element_type=jnp.float32)
+  import jax.experimental.pallas as pl
+  mgpu = plgpu()
+
+  def scope(acc_ref):
+    mgpu.wgmma(acc_ref, a, _dot_operand(b, transpose_b, True))
+    return acc_ref[...]
+  return pl.run_scoped(scope, mgpu.ACC(out_shape, jnp.float32))
+
+
+def mma_accumulate(acc, a, b, *, transpose_b: bool = False, compiled: bool):
+  """``acc + a @ b`` (see :func:`mma`); compiled, it accumulates in place (no extra add)."""
+  if not compiled:
+    return acc + mma(a, b, acc.shape, transpose_b=transpose_b, compiled=False)
+  import jax.experimental.pallas as pl
+  mgpu = plgpu()
+  b_op = _dot_operand(b, transpose_b, True)
+  return pl.run_state(lambda acc_ref: mgpu.wgmma(acc_ref, a, b_op))(mgpu.ACC.init(acc))

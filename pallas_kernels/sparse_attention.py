@@ -10,8 +10,10 @@ bf16 tensor-core matmuls): one program per (example, query head, block of
 ``block_q`` queries); a TMA pipeline streams the context K/V tiles, then the own
 K/V tiles up to the diagonal. Masks enter as additive column biases (0 or -1e30),
 so any mask pattern works; a row's output is later zeroed where it saw no key.
-The backward pass is the reference's (``jax.custom_vjp`` over the XLA attention),
-so training works with the same call.
+The forward also writes each row's log-sum-exp; the backward
+(``sparse_attention_bwd``: a dQ kernel and a dK/dV kernel, ``jax.custom_vjp``)
+recomputes the probabilities from it tile by tile, so training never materialises
+the ``[M, S + M]`` logits.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from jax import lax
 
 from msa_jax import attention as ref_attention
 from pallas_kernels import _platform
+from pallas_kernels import sparse_attention_bwd as bwd
 
 MASKED = -1e30
 LOG2E = math.log2(math.e)
@@ -39,13 +42,18 @@ class BlockSizes:
     multiple of it).
   stages: TMA pipeline depth.
   p_in_registers: feed softmax probabilities to the PV matmul from registers
-    (GPU only; interpret mode goes through shared memory).
+    (else through shared memory; GPU only).
+  bwd_block_q, bwd_block_kv, bwd_stages: the same for both backward kernels (dQ
+    tiles queries by ``bwd_block_q``; dK/dV keys by ``bwd_block_kv``).
   """
 
   block_q: int = 64
   block_kv: int = 64
   stages: int = 2
   p_in_registers: bool = True
+  bwd_block_q: int = 64
+  bwd_block_kv: int = 64
+  bwd_stages: int = 2
 
 
 def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
@@ -56,44 +64,43 @@ def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
 
 
 def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
-  """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0)."""
+  """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0).
+
+  Returns ``(out [B, M, H, D] bf16, lse [B, H, M] f32)``; ``lse`` is the log-sum-exp of
+  each row's logits in base 2 (``logits·log2(e)/sqrt(D)`` plus mask biases), which the
+  backward kernels use to recompute probabilities.
+  """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq, bk = bs.block_q, bs.block_kv
   r = h // g
   scale = LOG2E / math.sqrt(d)
-  interpret = interpret_params is not None
-  p_regs = bs.p_in_registers and not interpret
+  compiled = interpret_params is None
+  p_regs = bs.p_in_registers or not compiled
   kv_tr = _platform.swizzle_transforms(d)
-  kt_tr = _platform.swizzle_transforms(bk)
   p_tr = _platform.swizzle_transforms(bk)
   wgmma_layout = plgpu.Layout.WGMMA
   row_layout = plgpu.Layout.WGMMA.reduce(1)
   col_layout = plgpu.Layout.WGMMA.reduce(0)
 
-  cast = lambda x, layout: _platform.layout_cast(x, layout, not interpret)  # noqa: E731
-  iota = lambda dim: _platform.wgmma_iota((bq, bk), dim, not interpret)  # noqa: E731
+  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
+  iota = lambda dim: _platform.wgmma_iota((bq, bk), dim, compiled)  # noqa: E731
 
-  def kernel(q_ref, kc_ref, vc_ref, cbias_ref, ks_ref, vs_ref, sbias_ref, out_ref):
+  def kernel(q_ref, kc_ref, vc_ref, cbias_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref):
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
     qi = lax.axis_index("q")
     gi = lax.div(hi, jnp.array(r, hi.dtype))
     q0 = qi * bq
 
-    def scoped(q_smem, p_smem, q_barrier):
+    def scoped(q_smem, p_smem, lse_smem, q_barrier):
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem, q_barrier)
       plgpu.barrier_wait(q_barrier)
 
       def step(causal, kv_base, idx, k_smem, v_smem, bias_smem, carry):
         acc, m_i, l_i = carry
         (j,) = idx
-
-        def qk_scope(acc_ref):
-          k_op = k_smem if interpret else plgpu.transpose_ref(k_smem, (1, 0))
-          plgpu.wgmma(acc_ref, q_smem, k_op)
-          return acc_ref[...]
-        qk = pl.run_scoped(qk_scope, plgpu.ACC((bq, bk), jnp.float32))
+        qk = _platform.mma(q_smem, k_smem, (bq, bk), transpose_b=True, compiled=compiled)
         bias = cast(bias_smem[...], col_layout)
         logits = qk * scale + lax.broadcast_in_dim(bias, (bq, bk), [1])
         if causal:
@@ -110,42 +117,31 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
           p_smem[...] = p16
           plgpu.commit_smem()
           a_op = p_smem
-
         acc = acc * lax.broadcast_in_dim(alpha, (bq, d), [0])
-        if interpret:  # the interpreter has no run_state: a fresh accumulator, then add
-          def pv_scope(acc_ref):
-            plgpu.wgmma(acc_ref, a_op, v_smem)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(pv_scope, plgpu.ACC((bq, d), jnp.float32))
-        else:  # accumulate into the rescaled running output in place
-          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a_op, v_smem))(
-              plgpu.ACC.init(acc))
+        acc = _platform.mma_accumulate(acc, a_op, v_smem, compiled=compiled)
         return acc, m_new, l_i
 
       acc = cast(jnp.zeros((bq, d), jnp.float32), wgmma_layout)
       m_i = cast(jnp.full((bq,), MASKED, jnp.float32), row_layout)
       l_i = cast(jnp.zeros((bq,), jnp.float32), row_layout)
       carry = (acc, m_i, l_i)
-      k_block = (d, bk) if interpret else (bk, d)
-      k_index = (lambda j: (0, j)) if interpret else (lambda j: (j, 0))
       specs = [
-          plgpu.BlockSpec(k_block, k_index, transforms=kt_tr if interpret else kv_tr),
+          plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=kv_tr),
           plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=kv_tr),
           plgpu.BlockSpec((bk,), lambda j: (j,)),
       ]
-      k_at = (lambda ref: ref.at[bi, gi]) if interpret else (lambda ref: ref.at[bi, :, gi])
       if s:
         carry = plgpu.emit_pipeline(
             functools.partial(step, False, 0), grid=(s // bk,), in_specs=specs,
             max_concurrent_steps=min(bs.stages, s // bk), init_carry=carry,
-        )(k_at(kc_ref), vc_ref.at[bi, :, gi], cbias_ref.at[bi])
+        )(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi])
       # Own tokens: tiles wholly below the diagonal need no causal mask; only the
       # bq // bk (at least one) tiles on the diagonal do.
       num_full = lax.div(q0, jnp.array(bk, q0.dtype))
       num_diag = max(1, bq // bk)
       self_refs = lambda first, size: (
-          k_at(ks_ref).at[(slice(None), pl.ds(first, size)) if interpret else pl.ds(first, size)],
-          vs_ref.at[bi, pl.ds(first, size), gi], sbias_ref.at[bi, pl.ds(first, size)])
+          ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
+          sbias_ref.at[bi, pl.ds(first, size)])
       carry = plgpu.emit_pipeline(
           functools.partial(step, False, 0), grid=(num_full,), in_specs=specs,
           max_concurrent_steps=bs.stages, init_carry=carry,
@@ -154,24 +150,28 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
           functools.partial(step, True, num_full * bk), grid=(num_diag,), in_specs=specs,
           max_concurrent_steps=min(bs.stages, num_diag), init_carry=carry,
       )(*self_refs(num_full * bk, num_diag * bk))
-      acc, _, l_i = carry
+      acc, m_i, l_i = carry
       out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0])
       q_smem[...] = out.astype(jnp.bfloat16)
+      lse_smem[...] = m_i + jnp.log2(l_i)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, out_ref.at[bi, pl.ds(q0, bq), hi])
+      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(scoped,
                   plgpu.SMEM((bq, d), jnp.bfloat16, transforms=kv_tr),
                   plgpu.SMEM((bq, bk), jnp.bfloat16, transforms=p_tr),
+                  plgpu.SMEM((bq,), jnp.float32),
                   plgpu.Barrier(num_barriers=1))
 
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((b, m, h, d), jnp.bfloat16),
+      out_type=(jax.ShapeDtypeStruct((b, m, h, d), jnp.bfloat16),
+                jax.ShapeDtypeStruct((b, h, m), jnp.float32)),
       grid=(b, h, m // bq),
       grid_names=("b", "h", "q"),
-      compiler_params=plgpu.CompilerParams(approx_math=True),
+      compiler_params=_platform.lane_params(approx_math=True) if compiled else None,
       interpret=interpret_params,
   )
 
@@ -184,64 +184,130 @@ def _pad_axis(x, axis: int, size: int, value=0):
   return jnp.pad(x, pad, constant_values=value)
 
 
-def _attend_pallas(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
-                   ctx_mask_bs, bs: BlockSizes, interpret):
-  b, m, h, d = q_bmhd.shape
-  g = k_self_bmgd.shape[2]
+def _round_up(n: int, tile: int) -> int:
+  return -(-n // tile) * tile
+
+
+@dataclasses.dataclass(frozen=True)
+class _Padded:
+  """Kernel operands: bf16, own tokens padded to ``m`` rows, context to ``s`` slots,
+  masks as additive f32 biases (0 visible, ``MASKED`` not)."""
+  q: jax.Array
+  ks: jax.Array
+  vs: jax.Array
+  sbias: jax.Array
+  kc: jax.Array
+  vc: jax.Array
+  cbias: jax.Array
+  m: int
+  s: int
+
+
+def _check(q_bmhd, k_self_bmgd, bs: BlockSizes):
+  h, d, g = q_bmhd.shape[2], q_bmhd.shape[3], k_self_bmgd.shape[2]
   if h % g:
     raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
-  if d % 64 or bs.block_q % 64 or bs.block_kv % 64:
-    raise ValueError(f"head dim {d} and blocks {bs} must be multiples of 64")
-  if max(bs.block_q, bs.block_kv) % min(bs.block_q, bs.block_kv):
-    raise ValueError(f"block_q and block_kv must divide one another: {bs}")
-  params = _platform.mosaic_interpret_params(interpret)
-  tile = max(bs.block_q, bs.block_kv)
-  m_pad = -(-m // tile) * tile
+  blocks = (bs.block_q, bs.block_kv, bs.bwd_block_q, bs.bwd_block_kv)
+  if d % 64 or any(x % 64 for x in blocks):
+    raise ValueError(f"head dim {d} and blocks {bs} must be multiples of 64 "
+                     "(use implementation='xla' for other head dims)")
+  for a, b in ((bs.block_q, bs.block_kv), (bs.bwd_block_q, bs.bwd_block_kv)):
+    if max(a, b) % min(a, b):
+      raise ValueError(f"query and key blocks must divide one another: {bs}")
+
+
+def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+         ctx_mask_bs, bs: BlockSizes) -> _Padded:
+  """Pads every operand to whole tiles of both the forward and the backward kernels."""
+  b, m, _, d = q_bmhd.shape
+  g = k_self_bmgd.shape[2]
   bf = jnp.bfloat16
-  q = _pad_axis(q_bmhd.astype(bf), 1, m_pad)
-  ks = _pad_axis(k_self_bmgd.astype(bf), 1, m_pad)
-  vs = _pad_axis(v_self_bmgd.astype(bf), 1, m_pad)
+  m_pad = _round_up(m, math.lcm(bs.block_q, bs.block_kv, bs.bwd_block_q, bs.bwd_block_kv))
   smask = _pad_axis(self_mask_bm, 1, m_pad, False)
-  sbias = jnp.where(smask, 0.0, MASKED).astype(jnp.float32)
-  if k_ctx_bsgd is not None and k_ctx_bsgd.shape[1]:
-    s = k_ctx_bsgd.shape[1]
-    s_pad = -(-s // bs.block_kv) * bs.block_kv
+  s = k_ctx_bsgd.shape[1]
+  if s:
+    s_pad = _round_up(s, math.lcm(bs.block_kv, bs.bwd_block_kv))
     kc = _pad_axis(k_ctx_bsgd.astype(bf), 1, s_pad)
     vc = _pad_axis(v_ctx_bsgd.astype(bf), 1, s_pad)
     cmask = _pad_axis(ctx_mask_bs, 1, s_pad, False)
-    any_ctx = jnp.any(ctx_mask_bs, axis=1)
-  else:
+  else:  # the kernels take a context operand; a zero-length one is never read
     s_pad = 0
-    kc = jnp.zeros((b, bs.block_kv, g, d), bf)
-    vc = kc
-    cmask = jnp.zeros((b, bs.block_kv), bool)
-    any_ctx = jnp.zeros((b,), bool)
-  cbias = jnp.where(cmask, 0.0, MASKED).astype(jnp.float32)
-  if params is not None:  # interpret mode: K as [B, G, D, S] (no transposed smem views)
-    kc, ks = kc.transpose(0, 2, 3, 1), ks.transpose(0, 2, 3, 1)
-  out = _forward_call(b, m_pad, h, g, d, s_pad, bs, params)(q, kc, vc, cbias, ks, vs, sbias)
-  out = out[:, :m]
+    kc = vc = jnp.zeros((b, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
+    cmask = jnp.zeros((b, kc.shape[1]), bool)
+  bias = lambda mask: jnp.where(mask, 0.0, MASKED).astype(jnp.float32)  # noqa: E731
+  return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, m_pad),
+                 ks=_pad_axis(k_self_bmgd.astype(bf), 1, m_pad),
+                 vs=_pad_axis(v_self_bmgd.astype(bf), 1, m_pad),
+                 sbias=bias(smask), kc=kc, vc=vc, cbias=bias(cmask), m=m_pad, s=s_pad)
+
+
+def _visible(self_mask_bm, ctx_mask_bs):
+  """``[B, M]``: the query sees at least one key (else its output is zero)."""
   seen_self = jnp.cumsum(self_mask_bm.astype(jnp.int32), axis=1) > 0
-  visible_bm = any_ctx[:, None] | seen_self
-  return jnp.where(visible_bm[:, :, None, None], out, 0).astype(q_bmhd.dtype)
+  return jnp.any(ctx_mask_bs, axis=1)[:, None] | seen_self
+
+
+def _forward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+             ctx_mask_bs, bs: BlockSizes, interpret):
+  """``(out [B, M, H, D], lse [B, H, M_pad])`` through the forward kernel."""
+  _check(q_bmhd, k_self_bmgd, bs)
+  b, m, h, d = q_bmhd.shape
+  g = k_self_bmgd.shape[2]
+  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+           ctx_mask_bs, bs)
+  params = _platform.mosaic_interpret_params(interpret)
+  out, lse = _forward_call(b, x.m, h, g, d, x.s, bs, params)(
+      x.q, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
+  visible_bm = _visible(self_mask_bm, ctx_mask_bs)
+  out = jnp.where(visible_bm[:, :, None, None], out[:, :m], 0).astype(q_bmhd.dtype)
+  return out, lse
+
+
+def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+              ctx_mask_bs, out_bmhd, lse_bhm, dout_bmhd, bs: BlockSizes, interpret):
+  """Gradients ``(dq, dk_self, dv_self, dk_ctx, dv_ctx)`` through the backward kernels."""
+  b, m, h, d = q_bmhd.shape
+  g = k_self_bmgd.shape[2]
+  s = k_ctx_bsgd.shape[1]
+  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+           ctx_mask_bs, bs)
+  params = _platform.mosaic_interpret_params(interpret)
+  # Rows that see no key output a constant zero: no gradient flows through them.
+  visible_bm = _visible(self_mask_bm, ctx_mask_bs)
+  dout = jnp.where(visible_bm[:, :, None, None], dout_bmhd, 0)
+  delta_bhm = jnp.einsum("bmhd,bmhd->bhm", out_bmhd.astype(jnp.float32),
+                         dout.astype(jnp.float32))
+  delta_bhm = _pad_axis(delta_bhm, 2, x.m)
+  do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.m)
+  bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
+  dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params)(
+      x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
+  k_all = jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1)
+  v_all = jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1)
+  bias_all = jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)
+  dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params)(
+      x.q, do, lse_bhm, delta_bhm, k_all, v_all, bias_all)
+  return (dq[:, :m].astype(q_bmhd.dtype),
+          dk[:, x.s:x.s + m].astype(k_self_bmgd.dtype),
+          dv[:, x.s:x.s + m].astype(v_self_bmgd.dtype),
+          dk[:, :s].astype(k_ctx_bsgd.dtype),
+          dv[:, :s].astype(v_ctx_bsgd.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _attend_pallas_vjp(q, ks, vs, smask, kc, vc, cmask, bs, interpret):
-  return _attend_pallas(q, ks, vs, smask, kc, vc, cmask, bs, interpret)
+  return _forward(q, ks, vs, smask, kc, vc, cmask, bs, interpret)[0]
 
 
 def _fwd(q, ks, vs, smask, kc, vc, cmask, bs, interpret):
-  out = _attend_pallas(q, ks, vs, smask, kc, vc, cmask, bs, interpret)
-  return out, (q, ks, vs, smask, kc, vc, cmask)
+  out, lse = _forward(q, ks, vs, smask, kc, vc, cmask, bs, interpret)
+  return out, (q, ks, vs, smask, kc, vc, cmask, out, lse)
 
 
 def _bwd(bs, interpret, res, dout):
-  del bs, interpret
-  q, ks, vs, smask, kc, vc, cmask = res
-  _, vjp = jax.vjp(lambda q_, ks_, vs_, kc_, vc_: ref_attention.attend(
-      q_, ks_, vs_, smask, kc_, vc_, cmask), q, ks, vs, kc, vc)
-  dq, dks, dvs, dkc, dvc = vjp(dout)
+  q, ks, vs, smask, kc, vc, cmask, out, lse = res
+  dq, dks, dvs, dkc, dvc = _backward(q, ks, vs, smask, kc, vc, cmask, out, lse, dout,
+                                     bs, interpret)
   return dq, dks, dvs, None, dkc, dvc, None
 
 
@@ -265,7 +331,8 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
     block_sizes: kernel tiling; interpret: force/forbid interpret mode.
   Returns:
     ``[B, M, H, D]`` in q's dtype. The pallas path computes in bf16 with float32
-    softmax; its gradient is the XLA reference's.
+    softmax, forward and backward (gradients are rounded to bf16, then cast to the
+    inputs' dtypes).
   """
   if _platform.resolve(implementation) == "xla":
     return ref_attention.attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
