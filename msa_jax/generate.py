@@ -23,7 +23,7 @@ from msa_jax.data import interleave
 from msa_jax.data.collate import BucketShapes, collate
 from msa_jax.data.example import Example
 from msa_jax.data.tokenizer import SpecialTokens
-from msa_jax.model import MSAModel
+from msa_jax.model import ExampleMemory, MSAModel, prefix_context
 
 
 @dataclasses.dataclass
@@ -60,8 +60,8 @@ def _active_logits(model: MSAModel, params, memory, prefix_tokens, prefix_mask, 
   prefix_kv = model.apply(variables, prefix_tokens, prefix_mask, prefix_pos,
                           method=MSAModel.encode_prefix)
   logits, decisions = model.apply(variables, active_tokens, active_pos, active_mask, route_mask,
-                                  prefix_kv, prefix_mask, memory, forced,
-                                  method=MSAModel.decode_active)
+                                  prefix_context(prefix_kv, prefix_mask),
+                                  ExampleMemory(memory, forced), method=MSAModel.decode_active)
   scores = jnp.stack([d.doc_scores_bn for d in decisions], axis=1)
   return logits, scores
 

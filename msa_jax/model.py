@@ -14,7 +14,7 @@ exactly Qwen3 (SPEC §1).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -61,6 +61,76 @@ class MSAOutput:
   doc_scores_brn: jax.Array   # float32 [B, R, N]
   selected_brk: jax.Array     # int32 [B, R, k]
   selected_valid_brk: jax.Array  # bool [B, R, k]
+
+
+@flax.struct.dataclass
+class LayerContext:
+  """What one layer's active tokens see before their own tokens: ``[prefix ; memory ; cache]``.
+
+  Built from the prefix K/V (``prefix_context``); in decoding it also holds the selected
+  memory slots and the KV cache of earlier active tokens.
+  """
+
+  k_bsgd: jax.Array     # [B, S, Hkv, D]
+  v_bsgd: jax.Array     # [B, S, Hkv, D]
+  mask_bs: jax.Array    # bool [B, S]
+
+  def extend(self, k_bsgd, v_bsgd, mask_bs) -> "LayerContext":
+    """This context followed by more slots (cast to this context's dtype)."""
+    return LayerContext(jnp.concatenate([self.k_bsgd, k_bsgd.astype(self.k_bsgd.dtype)], 1),
+                        jnp.concatenate([self.v_bsgd, v_bsgd.astype(self.v_bsgd.dtype)], 1),
+                        jnp.concatenate([self.mask_bs, jnp.asarray(mask_bs, bool)], 1))
+
+
+@flax.struct.dataclass
+class LayerKV:
+  """One layer's result for the active tokens, for a KV cache (``decode_active(return_kv)``)."""
+
+  context: LayerContext   # what the tokens attended before themselves (prefix ; memory)
+  k_bmgd: jax.Array       # the active tokens' own keys   [B, M, Hkv, D]
+  v_bmgd: jax.Array       # the active tokens' own values [B, M, Hkv, D]
+
+
+def prefix_context(prefix_kv, prefix_mask_bt) -> list[LayerContext]:
+  """``encode_prefix``'s per-layer ``(k, v)`` as the active tokens' starting context."""
+  mask = jnp.asarray(prefix_mask_bt, bool)
+  return [LayerContext(k, v, mask) for k, v in prefix_kv]
+
+
+class ExampleMemory:
+  """A memory source over per-example banks (the training layout, ``encode_documents``).
+
+  A memory source answers ``layer(i)``: None when layer ``i`` has no memory, else a
+  pytree whose ``select(rq_bmf, route_mask_bm, top_k)`` routes and returns
+  ``(decision, k [B, S, Hkv, D], v, mask [B, S])``, the selected documents' pooled
+  chunks in document order. Here each example routes against its own documents;
+  ``forced`` (a ``routing.Selection``) replaces the router's choice in every layer
+  (oracle routing) while scores are still computed. The inference engine's shared
+  bank is another source (``msa_jax.inference.engine``).
+  """
+
+  def __init__(self, memory: dict, forced: Optional[routing.Selection] = None):
+    self.memory, self.forced = memory, forced
+
+  def layer(self, i: int) -> Optional["ExampleLayerMemory"]:
+    if i not in self.memory:
+      return None
+    return ExampleLayerMemory(self.memory[i], self.forced)
+
+
+@flax.struct.dataclass
+class ExampleLayerMemory:
+  """One router layer of :class:`ExampleMemory` (a pytree, so it passes through remat)."""
+
+  memory: "LayerMemory"
+  forced: Optional[routing.Selection] = None
+
+  def select(self, rq_bmf, route_mask_bm, top_k: int):
+    doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
+    if self.forced is not None:
+      selection = self.forced
+    k, v, mask = gather_selected_memory(self.memory, selection)
+    return Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk), k, v, mask
 
 
 def routing_mask(batch: MSABatch, cfg: ModelConfig):
@@ -168,14 +238,14 @@ class DecoderLayer(nn.Module):
         self.router_q_proj(h)
     return self._finish(x_btd, attn), k, v, rk
 
-  def active(self, x_bmd, pos_bm, mask_bm, ctx_k, ctx_v, ctx_mask,
-             memory: Optional[LayerMemory], route_mask_bm,
-             forced: Optional[routing.Selection] = None):
+  def active(self, x_bmd, pos_bm, mask_bm, context: Optional[LayerContext], memory,
+             route_mask_bm):
     """Active tokens: attend ``[context ; selected chunks ; own causal]``.
 
-    ``memory`` is routed only in router layers (``None`` elsewhere). ``forced``
-    replaces the router's choice (oracle routing in evaluation); scores are
-    still computed. Returns ``(x_out, k, v, routing-or-None)``.
+    ``memory`` (one layer of a memory source, see ``ExampleMemory``) is routed in a
+    router layer; ``None`` means no routing here (e.g. a decoding step whose
+    context already holds the selected chunks). Returns ``(x_out, k, v, decision, ctx)``:
+    ``ctx`` is what the tokens attended before themselves (None if nothing).
     """
     cfg = self.cfg
     h, q, k, v = self._project(x_bmd, pos_bm)
@@ -183,20 +253,16 @@ class DecoderLayer(nn.Module):
     if self.is_router and memory is not None:
       rq = self._heads(self.router_q_proj(h), cfg.num_heads)
       rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads)
-      doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, memory, cfg.top_k)
-      if forced is not None:
-        selection = forced
-      mem_k, mem_v, mem_mask = gather_selected_memory(memory, selection)
+      decision, mem_k, mem_v, mem_mask = memory.select(rq_bmf, route_mask_bm, cfg.top_k)
       mem_k, mem_v = mem_k.astype(k.dtype), mem_v.astype(v.dtype)
-      if ctx_k is None:
-        ctx_k, ctx_v, ctx_mask = mem_k, mem_v, mem_mask
-      else:
-        ctx_k = jnp.concatenate([ctx_k, mem_k], axis=1)
-        ctx_v = jnp.concatenate([ctx_v, mem_v], axis=1)
-        ctx_mask = jnp.concatenate([ctx_mask, mem_mask], axis=1)
-      decision = Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk)
-    attn = self._attend(q, k, v, mask_bm, ctx_k, ctx_v, ctx_mask)
-    return self._finish(x_bmd, attn), k, v, decision
+      context = (LayerContext(mem_k, mem_v, mem_mask) if context is None
+                 else context.extend(mem_k, mem_v, mem_mask))
+    if context is None:
+      attn = self._attend(q, k, v, mask_bm)
+    else:
+      attn = self._attend(q, k, v, mask_bm, context.k_bsgd.astype(k.dtype),
+                          context.v_bsgd.astype(v.dtype), context.mask_bs)
+    return self._finish(x_bmd, attn), k, v, decision, context
 
 
 class MSAModel(nn.Module):
@@ -280,25 +346,38 @@ class MSAModel(nn.Module):
     return kv
 
   def decode_active(self, active_tokens_bm, active_pos_bm, active_mask_bm, route_mask_bm,
-                    prefix_kv, prefix_mask_bt, memory: dict[int, LayerMemory],
-                    forced: Optional[routing.Selection] = None):
-    """Stage 2: the active tokens, routing in every router layer.
+                    context: Sequence[Optional[LayerContext]], memory=None, *,
+                    return_kv: bool = False):
+    """Stage 2 (and each decoding step of stage 3): the active tokens through all layers.
 
-    ``forced`` (``Selection`` of ``[B, k]`` documents) overrides routing in
-    every router layer: oracle routing. Returns ``(logits [B, M, vocab],
-    [Routing per router layer])``.
+    Args:
+      context: per layer, what the tokens see before themselves: the prefix
+        (``prefix_context``) and, when decoding with a KV cache, the selected
+        memory slots and earlier active tokens; None for nothing.
+      memory: a memory source (``ExampleMemory`` over ``encode_documents``' output,
+        or the engine's bank), routed in every router layer it covers; a plain
+        ``{layer: LayerMemory}`` dict is wrapped in ``ExampleMemory``; None: no
+        routing (the context already holds the memory).
+      return_kv: also return each layer's ``LayerKV`` (context used, the tokens'
+        own K and V) to build a KV cache.
+    Returns ``(logits [B, M, vocab], [decision per routed layer])`` and, with
+    ``return_kv``, the list of ``LayerKV``.
     """
+    if isinstance(memory, dict):
+      memory = ExampleMemory(memory)
     x = self._embed(active_tokens_bm)
     mask = jnp.asarray(active_mask_bm, bool)
-    prefix_mask = jnp.asarray(prefix_mask_bt, bool)
-    decisions = []
+    decisions, kv = [], []
     for i, layer in enumerate(self.layers):
-      ctx_k, ctx_v = prefix_kv[i]
-      x, _, _, decision = layer.active(x, active_pos_bm, mask, ctx_k, ctx_v, prefix_mask,
-                                       memory.get(i), route_mask_bm, forced)
+      layer_memory = None if memory is None else memory.layer(i)
+      x, k, v, decision, ctx = layer.active(x, active_pos_bm, mask, context[i], layer_memory,
+                                            route_mask_bm)
       if decision is not None:
         decisions.append(decision)
-    return self._logits(x), decisions
+      if return_kv:
+        kv.append(LayerKV(ctx, k, v))
+    logits = self._logits(x)
+    return (logits, decisions, kv) if return_kv else (logits, decisions)
 
   def forward_memory(self, batch: MSABatch) -> MSAOutput:
     """The training forward on one padded batch (SPEC §3)."""
@@ -309,8 +388,8 @@ class MSAModel(nn.Module):
     memory = self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     logits, decisions = self.decode_active(batch.active_tokens, active_pos, batch.active_mask,
-                                           routing_mask(batch, cfg), prefix_kv,
-                                           batch.prefix_mask, memory)
+                                           routing_mask(batch, cfg),
+                                           prefix_context(prefix_kv, batch.prefix_mask), memory)
     return MSAOutput(
         logits_bmv=logits,
         doc_scores_brn=jnp.stack([d.doc_scores_bn for d in decisions], axis=1),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from msa_jax import losses, positions
-from msa_jax.model import routing_mask
+from msa_jax.model import prefix_context, routing_mask
 from tests import reference_numpy as R
 
 fast_compile = R.fast_compile_fixture()
@@ -258,7 +258,8 @@ def test_training_forward_is_the_staged_composition(setup):
   prefix_kv = model.apply(variables, batch.prefix_tokens, batch.prefix_mask, pp,
                           method="encode_prefix")
   logits, decisions = model.apply(variables, batch.active_tokens, ap, batch.active_mask,
-                                  routing_mask(batch, CFG), prefix_kv, batch.prefix_mask, memory,
+                                  routing_mask(batch, CFG),
+                                  prefix_context(prefix_kv, batch.prefix_mask), memory,
                                   method="decode_active")
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(out.logits_bmv))
   for j, d in enumerate(decisions):
