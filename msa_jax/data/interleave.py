@@ -10,7 +10,7 @@ the question (ordinary active context, part of the routing query).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from msa_jax.data.example import Document, Example, answer_target, id_target
 from msa_jax.data.tokenizer import SpecialTokens
@@ -72,7 +72,12 @@ class ParsedRound:
     return not self.unknown
 
 
-def parse_round(generated: Sequence[int], docs: Sequence[Document],
+def id_table(docs: Sequence[Document]) -> dict[tuple[int, ...], str]:
+  """``{id tokens: document id}`` of the documents that have id tokens."""
+  return {tuple(d.id_tokens): d.doc_id for d in docs if d.id_length}
+
+
+def parse_round(generated: Sequence[int], docs: Sequence[Document] | Mapping,
                 specials: SpecialTokens) -> ParsedRound:
   """Parse generated tokens into document ids (or the final answer).
 
@@ -89,7 +94,8 @@ def parse_round(generated: Sequence[int], docs: Sequence[Document],
     return ParsedRound(doc_ids=[], unknown=[], finished=True, answer=ans)
   if specials.id_end in gen:
     gen = gen[:gen.index(specials.id_end)]
-  table = {tuple(d.id_tokens): d.doc_id for d in docs if d.id_length}
+  # ``docs`` may be a prebuilt {id tokens: id} table (a large bank builds it once).
+  table = docs if isinstance(docs, Mapping) else id_table(docs)
   lengths = sorted({len(k) for k in table}, reverse=True)
   found, unknown, junk, i = [], [], [], 0
   while i < len(gen):

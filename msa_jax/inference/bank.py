@@ -1,0 +1,407 @@
+"""The memory bank on disk (SPEC §5 stage 1): append-only flat arrays plus a manifest.
+
+Layout of ``BANK/``::
+
+    manifest.json        what is committed: format, model fingerprint and config, dtypes,
+                         shapes, row counts, per-segment checksums, corpus rows done
+    prefix.npz           the shared prefix tokens and its K, V in every layer
+    docs.jsonl           one {"id", "text"?} per document, in bank order
+    doc_tokens.i32       every document's tokens (id tokens first), concatenated
+    doc_index.i64        [N, 5]: token offset, token count, id length, first chunk, chunks
+    chunk_doc.i32        [C]: the document of each chunk (documents contiguous, in order)
+    layer_XX.kr          [C, Hkv*D]: L2-normalised pooled router keys K̄R of router layer XX
+    layer_XX.k, .v       [C, Hkv, D]: pooled keys K̄ and values V̄
+
+Why raw little-endian arrays and not tensorstore/zarr or safetensors: the bank is written
+once in order and read by row ranges. A flat file appends without rewriting anything,
+``np.memmap`` slices it without reading the rest (a bank may exceed RAM), and a crash can
+only leave bytes past the committed row count, which a resume truncates. The manifest is
+replaced atomically (write, fsync, rename) after the data it describes is on disk, so it
+never names a row that is not there. Every committed segment carries a BLAKE2b checksum
+(``open_bank(verify=True)`` re-reads and checks them all).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "msa_jax.bank/1"
+MANIFEST = "manifest.json"
+PREFIX_FILE = "prefix.npz"
+DOCS_FILE = "docs.jsonl"
+INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_chunks")
+# Fields of ModelConfig that do not change what the model computes.
+_IMPLEMENTATION_FIELDS = ("remat", "kernels")
+
+
+class BankError(ValueError):
+  """A bank that cannot be used: missing, truncated, corrupt, or from another model."""
+
+
+def _np_dtype(name: str) -> np.dtype:
+  import jax.numpy as jnp
+  return np.dtype(jnp.dtype(name))
+
+
+def _digest(data: bytes | memoryview) -> str:
+  return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def model_fingerprint(model_config, params) -> str:
+  """A hash of what fixes the bank's contents: the model config and every parameter.
+
+  Implementation switches (``remat``, ``kernels``) are left out: they do not change the
+  computation.
+  """
+  import jax
+  cfg = model_config.to_dict()
+  for name in _IMPLEMENTATION_FIELDS:
+    cfg.pop(name, None)
+  h = hashlib.blake2b(digest_size=16)
+  h.update(json.dumps(cfg, sort_keys=True).encode())
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda pl: jax.tree_util.keystr(pl[0])):
+    arr = np.asarray(jax.device_get(leaf))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(f"{arr.dtype}{arr.shape}".encode())
+    h.update(np.ascontiguousarray(arr).tobytes())
+  return h.hexdigest()
+
+
+@dataclasses.dataclass
+class DocRecord:
+  """One document as the bank stores it."""
+
+  doc_id: str
+  tokens: list[int]       # id tokens first (what interleave injects)
+  id_length: int
+  text: Optional[str] = None
+
+
+def array_specs(model_config, kr_dtype: str, kv_dtype: str) -> dict[str, tuple[str, tuple]]:
+  """``{file name: (dtype, row shape)}`` of every array a bank of this model holds."""
+  g, d = model_config.num_kv_heads, model_config.head_dim
+  specs = {"doc_tokens.i32": ("int32", ()), "doc_index.i64": ("int64", (len(INDEX_COLUMNS),)),
+           "chunk_doc.i32": ("int32", ())}
+  for i in model_config.router_layer_ids:
+    specs[f"layer_{i:02d}.kr"] = (kr_dtype, (g * d,))
+    specs[f"layer_{i:02d}.k"] = (kv_dtype, (g, d))
+    specs[f"layer_{i:02d}.v"] = (kv_dtype, (g, d))
+  return specs
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+class BankWriter:
+  """Appends documents to a bank and commits them; resumes an interrupted bank.
+
+  Use :meth:`create` for a new bank or :meth:`resume` for one whose manifest exists.
+  ``append`` writes rows; ``commit`` makes everything appended so far durable (data
+  fsynced, then the manifest replaced). Rows appended but not committed are dropped by
+  the next resume.
+  """
+
+  def __init__(self, path: str, manifest: dict):
+    self.path, self.manifest = path, manifest
+    self._files = {}
+    for name in manifest["arrays"]:
+      self._files[name] = open(os.path.join(path, name), "r+b")
+    self._docs = open(os.path.join(path, DOCS_FILE), "r+b")
+    self._truncate_to_committed()
+
+  # ------------------------------------------------------------------ set-up
+  @classmethod
+  def create(cls, path: str, *, fingerprint: str, model_config, kr_dtype: str, kv_dtype: str,
+             prefix_tokens: Sequence[int], prefix_kv: Sequence[tuple[np.ndarray, np.ndarray]],
+             corpus: dict, tokenizer: dict) -> "BankWriter":
+    """A new, empty bank at ``path`` (which must not hold a bank already)."""
+    if os.path.exists(os.path.join(path, MANIFEST)):
+      raise BankError(f"{path} already holds a bank; resume it or choose another --bank")
+    os.makedirs(path, exist_ok=True)
+    np.savez(os.path.join(path, PREFIX_FILE), tokens=np.asarray(prefix_tokens, np.int32),
+             **{f"k_{i}": np.asarray(k) for i, (k, _) in enumerate(prefix_kv)},
+             **{f"v_{i}": np.asarray(v) for i, (_, v) in enumerate(prefix_kv)})
+    with open(os.path.join(path, PREFIX_FILE), "rb") as f:
+      prefix_digest = _digest(f.read())
+    arrays = {}
+    for name, (dtype, row_shape) in array_specs(model_config, kr_dtype, kv_dtype).items():
+      open(os.path.join(path, name), "wb").close()
+      arrays[name] = {"dtype": dtype, "row_shape": list(row_shape), "rows": 0, "segments": []}
+    open(os.path.join(path, DOCS_FILE), "wb").close()
+    manifest = {
+        "format": FORMAT, "fingerprint": fingerprint, "model_config": model_config.to_dict(),
+        "router_layers": list(model_config.router_layer_ids),
+        "pooling_chunk_size": model_config.pooling_chunk_size,
+        "rope_mode": model_config.rope_mode, "kr_dtype": kr_dtype, "kv_dtype": kv_dtype,
+        "prefix_length": len(prefix_tokens), "prefix_checksum": prefix_digest,
+        "num_docs": 0, "num_chunks": 0, "num_tokens": 0, "max_doc_chunks": 0,
+        "corpus": dict(corpus, rows_done=0), "tokenizer": tokenizer,
+        "docs_jsonl": {"bytes": 0, "segments": []}, "arrays": arrays, "complete": False}
+    _atomic_write_json(os.path.join(path, MANIFEST), manifest)
+    return cls(path, manifest)
+
+  @classmethod
+  def resume(cls, path: str, fingerprint: str) -> "BankWriter":
+    """Reopens an interrupted bank (same model), dropping uncommitted rows."""
+    manifest = read_manifest(path)
+    _check_fingerprint(manifest, fingerprint, path)
+    return cls(path, manifest)
+
+  def _truncate_to_committed(self) -> None:
+    for name, f in self._files.items():
+      spec = self.manifest["arrays"][name]
+      f.truncate(spec["rows"] * _row_bytes(spec))
+      f.seek(0, os.SEEK_END)
+    self._docs.truncate(self.manifest["docs_jsonl"]["bytes"])
+    self._docs.seek(0, os.SEEK_END)
+
+  # ------------------------------------------------------------------ writing
+  def _write(self, name: str, rows: np.ndarray) -> None:
+    spec = self.manifest["arrays"][name]
+    data = np.ascontiguousarray(rows, dtype=_np_dtype(spec["dtype"]))
+    if tuple(data.shape[1:]) != tuple(spec["row_shape"]):
+      raise ValueError(f"{name}: rows of shape {data.shape[1:]}, expected {spec['row_shape']}")
+    buf = data.tobytes()
+    self._files[name].write(buf)
+    spec["segments"].append([int(data.shape[0]), _digest(buf)])
+    spec["rows"] += int(data.shape[0])
+
+  def append(self, docs: Sequence[DocRecord], layers: dict[int, dict[str, np.ndarray]],
+             chunks_per_doc: Sequence[int]) -> None:
+    """Appends documents (in bank order) and their pooled chunks.
+
+    ``layers[i]`` holds ``kr [c, F]``, ``k [c, Hkv, D]``, ``v`` for the ``c =
+    sum(chunks_per_doc)`` chunks of these documents, in the same order.
+    """
+    m = self.manifest
+    n_chunks = int(sum(chunks_per_doc))
+    index = np.zeros((len(docs), len(INDEX_COLUMNS)), np.int64)
+    tok_off, chunk_off = m["num_tokens"], m["num_chunks"]
+    for j, (doc, c) in enumerate(zip(docs, chunks_per_doc)):
+      index[j] = (tok_off, len(doc.tokens), doc.id_length, chunk_off, c)
+      tok_off += len(doc.tokens)
+      chunk_off += c
+    chunk_doc = np.repeat(np.arange(m["num_docs"], m["num_docs"] + len(docs), dtype=np.int32),
+                          np.asarray(chunks_per_doc, np.int64))
+    self._write("doc_tokens.i32",
+                np.concatenate([np.asarray(d.tokens, np.int32) for d in docs]))
+    self._write("doc_index.i64", index)
+    self._write("chunk_doc.i32", chunk_doc)
+    for i, arrs in layers.items():
+      for part in ("kr", "k", "v"):
+        if arrs[part].shape[0] != n_chunks:
+          raise ValueError(f"layer {i} {part}: {arrs[part].shape[0]} chunk rows for "
+                           f"{n_chunks} chunks")
+        self._write(f"layer_{i:02d}.{part}", arrs[part])
+    lines = "".join(json.dumps({"id": d.doc_id, **({"text": d.text} if d.text is not None
+                                                    else {})}) + "\n" for d in docs).encode()
+    self._docs.write(lines)
+    m["docs_jsonl"]["segments"].append([len(lines), _digest(lines)])
+    m["docs_jsonl"]["bytes"] += len(lines)
+    m["num_docs"] += len(docs)
+    m["num_chunks"] = chunk_off
+    m["num_tokens"] = tok_off
+    m["max_doc_chunks"] = max(m["max_doc_chunks"], max(chunks_per_doc, default=0))
+
+  def commit(self, corpus_rows_done: int, complete: bool = False) -> None:
+    """Makes every appended row durable and records how far the corpus was read."""
+    for f in list(self._files.values()) + [self._docs]:
+      f.flush()
+      os.fsync(f.fileno())
+    self.manifest["corpus"]["rows_done"] = int(corpus_rows_done)
+    self.manifest["complete"] = bool(complete)
+    _atomic_write_json(os.path.join(self.path, MANIFEST), self.manifest)
+
+  def close(self) -> None:
+    for f in list(self._files.values()) + [self._docs]:
+      f.close()
+
+
+def _row_bytes(spec: dict) -> int:
+  return int(np.prod(spec["row_shape"], dtype=np.int64)) * _np_dtype(spec["dtype"]).itemsize
+
+
+def read_manifest(path: str) -> dict:
+  """The bank's manifest; errors say what is wrong and how to make a bank."""
+  file = os.path.join(path, MANIFEST)
+  if not os.path.isdir(path):
+    raise BankError(f"no bank at {path}: the directory does not exist; write one with "
+                    "python -m msa_jax.encode --checkpoint=CKPT --corpus=CORPUS.jsonl "
+                    f"--bank={path}")
+  if not os.path.isfile(file):
+    raise BankError(f"{path} is not a memory bank: {file} is missing (encode one with "
+                    "python -m msa_jax.encode)")
+  try:
+    with open(file) as f:
+      manifest = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise BankError(f"{file} is corrupt ({e}); re-encode the bank") from None
+  if manifest.get("format") != FORMAT:
+    raise BankError(f"{file}: format {manifest.get('format')!r}, this version reads {FORMAT!r}")
+  return manifest
+
+
+def _check_fingerprint(manifest: dict, fingerprint: Optional[str], path: str) -> None:
+  if fingerprint is not None and manifest["fingerprint"] != fingerprint:
+    raise BankError(
+        f"the bank {path} was encoded by another model or config (bank fingerprint "
+        f"{manifest['fingerprint']}, this model's {fingerprint}); encode the corpus with "
+        "this checkpoint (python -m msa_jax.encode) or load the checkpoint that wrote it")
+
+
+class MemoryBank:
+  """A committed bank opened read-only; arrays are memory-mapped, nothing is read whole.
+
+  ``kr(i)``, ``k(i)``, ``v(i)``: router layer ``i``'s chunk arrays; ``chunk_doc``,
+  ``doc_index`` (columns ``INDEX_COLUMNS``); ``doc_tokens(j)``, ``doc_ids``,
+  ``id_table()`` for Memory Interleave; ``prefix_tokens``, ``prefix_kv``.
+  """
+
+  def __init__(self, path: str, manifest: dict):
+    self.path, self.manifest = path, manifest
+    self._maps: dict[str, np.ndarray] = {}
+    self._doc_ids: Optional[list[str]] = None
+    self._id_table: Optional[dict] = None
+    with np.load(os.path.join(path, PREFIX_FILE)) as z:
+      self.prefix_tokens = z["tokens"].tolist()
+      n_layers = manifest["model_config"]["num_layers"]
+      self.prefix_kv = [(z[f"k_{i}"], z[f"v_{i}"]) for i in range(n_layers)]
+
+  @property
+  def num_docs(self) -> int:
+    return self.manifest["num_docs"]
+
+  @property
+  def num_chunks(self) -> int:
+    return self.manifest["num_chunks"]
+
+  @property
+  def num_tokens(self) -> int:
+    return self.manifest["num_tokens"]
+
+  @property
+  def max_doc_chunks(self) -> int:
+    return self.manifest["max_doc_chunks"]
+
+  @property
+  def router_layers(self) -> list[int]:
+    return list(self.manifest["router_layers"])
+
+  def array(self, name: str) -> np.ndarray:
+    """A read-only memory map of one array, ``[rows, *row_shape]``."""
+    if name not in self._maps:
+      spec = self.manifest["arrays"][name]
+      shape = (spec["rows"], *spec["row_shape"])
+      if spec["rows"] == 0:
+        self._maps[name] = np.zeros(shape, _np_dtype(spec["dtype"]))
+      else:
+        self._maps[name] = np.memmap(os.path.join(self.path, name), _np_dtype(spec["dtype"]),
+                                     mode="r", shape=shape)
+    return self._maps[name]
+
+  def kr(self, layer: int) -> np.ndarray:
+    return self.array(f"layer_{layer:02d}.kr")
+
+  def k(self, layer: int) -> np.ndarray:
+    return self.array(f"layer_{layer:02d}.k")
+
+  def v(self, layer: int) -> np.ndarray:
+    return self.array(f"layer_{layer:02d}.v")
+
+  @property
+  def chunk_doc(self) -> np.ndarray:
+    return self.array("chunk_doc.i32")
+
+  @property
+  def doc_index(self) -> np.ndarray:
+    return self.array("doc_index.i64")
+
+  def doc_tokens(self, j: int) -> list[int]:
+    """Document ``j``'s tokens, id tokens first."""
+    off, n = self.doc_index[j, 0], self.doc_index[j, 1]
+    return self.array("doc_tokens.i32")[off:off + n].tolist()
+
+  @property
+  def doc_ids(self) -> list[str]:
+    """Every document's id, in bank order (read from docs.jsonl once)."""
+    if self._doc_ids is None:
+      ids = []
+      with open(os.path.join(self.path, DOCS_FILE), "rb") as f:
+        data = f.read(self.manifest["docs_jsonl"]["bytes"])
+      for line in data.splitlines():
+        ids.append(json.loads(line)["id"])
+      self._doc_ids = ids
+    return self._doc_ids
+
+  def id_table(self) -> dict[tuple[int, ...], int]:
+    """``{id tokens: document index}``: how a generated id names a document."""
+    if self._id_table is None:
+      index = np.asarray(self.doc_index)
+      tokens = self.array("doc_tokens.i32")
+      table = {}
+      for j in range(index.shape[0]):
+        off, _, id_len = index[j, 0], index[j, 1], index[j, 2]
+        if id_len:
+          table[tuple(tokens[off:off + id_len].tolist())] = j
+      self._id_table = table
+    return self._id_table
+
+  def verify(self) -> None:
+    """Re-reads every committed segment and checks its checksum (slow for large banks)."""
+    for name, spec in self.manifest["arrays"].items():
+      row = _row_bytes(spec)
+      with open(os.path.join(self.path, name), "rb") as f:
+        for i, (rows, digest) in enumerate(spec["segments"]):
+          if _digest(f.read(rows * row)) != digest:
+            raise BankError(f"{os.path.join(self.path, name)} is corrupt: segment {i} does "
+                            "not match its checksum; re-encode the bank")
+    with open(os.path.join(self.path, DOCS_FILE), "rb") as f:
+      for i, (size, digest) in enumerate(self.manifest["docs_jsonl"]["segments"]):
+        if _digest(f.read(size)) != digest:
+          raise BankError(f"{os.path.join(self.path, DOCS_FILE)} is corrupt: segment {i} does "
+                          "not match its checksum; re-encode the bank")
+
+
+def open_bank(path: str, fingerprint: Optional[str] = None, *, verify: bool = False,
+              allow_incomplete: bool = False) -> MemoryBank:
+  """Opens a bank for reading, checking that it is whole and (if given) from this model.
+
+  A missing or short file raises ``BankError`` naming it; ``fingerprint`` (see
+  :func:`model_fingerprint`) must match the bank's; an interrupted encode is refused
+  unless ``allow_incomplete``; ``verify`` checks every segment's checksum.
+  """
+  manifest = read_manifest(path)
+  _check_fingerprint(manifest, fingerprint, path)
+  if not manifest.get("complete") and not allow_incomplete:
+    raise BankError(f"the bank {path} is incomplete ({manifest['corpus']['rows_done']} corpus "
+                    "rows encoded): rerun the same python -m msa_jax.encode command to finish it")
+  needed = {name: spec["rows"] * _row_bytes(spec) for name, spec in manifest["arrays"].items()}
+  needed[DOCS_FILE] = manifest["docs_jsonl"]["bytes"]
+  for name in [PREFIX_FILE, *needed]:
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+      raise BankError(f"bank file {file} is missing; the bank is damaged: re-encode it")
+    size = os.path.getsize(file)
+    if name in needed and size < needed[name]:
+      raise BankError(f"bank file {file} is truncated: {size:,} bytes, the manifest commits "
+                      f"{needed[name]:,}; re-encode the bank (or restore the file)")
+  with open(os.path.join(path, PREFIX_FILE), "rb") as f:
+    if _digest(f.read()) != manifest["prefix_checksum"]:
+      raise BankError(f"bank file {os.path.join(path, PREFIX_FILE)} is corrupt (checksum); "
+                      "re-encode the bank")
+  bank = MemoryBank(path, manifest)
+  if verify:
+    bank.verify()
+  return bank

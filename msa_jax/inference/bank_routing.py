@@ -1,0 +1,174 @@
+"""Routing over one shared bank of pooled chunks (SPEC §3 steps 2-3, §5 memory parallel).
+
+The bank is a flat list of chunks whose documents are contiguous: ``kr_cf`` (L2-normalised
+pooled router keys ``[C, F]``, ``F = Hkv*D``) and ``chunk_doc_c`` (the global document
+index of each chunk, ``-1`` for padding). A document's score is the max over its chunks of
+the max over routing tokens of ``rq · K̄R`` (``msa_jax.routing``); the top k documents win,
+ties to the lower document index.
+
+Nothing here grows with the bank: scoring runs over tiles of ``tile`` chunks in a
+``lax.scan`` that carries a running top-k list, so peak memory is ``O(B·M·tile + B·k)``.
+A document cut by a tile edge stays "open" until its last chunk has been seen and only
+then competes. Merges sort by (score desc, document asc), so the result equals
+``routing.route_documents`` exactly, ties included.
+
+Memory parallel: ``sharded_top_k`` runs the tiled scan on each shard of a ``memory``
+mesh axis (each shard holds whole documents), all-gathers the k local winners and merges
+them; only ``k`` (score, document) pairs per shard cross devices.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+NEG_INF = -jnp.inf
+NO_DOC = np.iinfo(np.int32).max   # sorts after every real document index
+
+
+def merge_top_k(scores_bn, docs_bn, k: int):
+  """The k best (score desc, doc asc) of candidate lists; ``-inf`` entries never win.
+
+  Args:
+    scores_bn: float32 ``[B, n]`` candidate scores (``-inf`` = no candidate).
+    docs_bn: int32 ``[B, n]`` their document indices (any order, unique per row
+      among real candidates).
+  Returns:
+    ``(scores [B, k], docs [B, k])`` sorted best first; missing entries are
+    ``(-inf, NO_DOC)``.
+  """
+  docs = jnp.where(scores_bn > NEG_INF, docs_bn, NO_DOC).astype(jnp.int32)
+  neg, docs = jax.lax.sort((-scores_bn.astype(jnp.float32), docs), dimension=1, num_keys=2)
+  n = neg.shape[1]
+  if n < k:
+    neg = jnp.pad(neg, ((0, 0), (0, k - n)), constant_values=jnp.inf)
+    docs = jnp.pad(docs, ((0, 0), (0, k - n)), constant_values=NO_DOC)
+  return -neg[:, :k], docs[:, :k]
+
+
+def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf):
+  """Max over routing tokens of ``rq · K̄R`` for one tile: float32 ``[B, tile]``."""
+  s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf, kr_tf.astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+  s_bmt = jnp.where(route_mask_bm[:, :, None], s_bmt, NEG_INF)
+  return jnp.max(s_bmt, axis=1)
+
+
+def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4096):
+  """Top-k documents of a chunk bank, scanning ``tile`` chunks at a time.
+
+  Args:
+    rq_bmf: group-summed routing queries ``[B, M, F]`` (``routing.group_sum_queries``).
+    route_mask_bm: bool ``[B, M]``, the routing tokens.
+    kr_cf: pooled router keys ``[C, F]`` (any float dtype; scored in float32).
+    chunk_doc_c: int32 ``[C]``, non-decreasing over real chunks (documents contiguous
+      and in index order), ``-1`` for padding chunks (only at the end of a run).
+    k: documents to keep.
+    tile: chunks per scan step (``C`` is padded up to a multiple of it).
+  Returns:
+    ``(scores [B, k], docs [B, k])`` best first, ``(-inf, NO_DOC)`` where fewer than k
+    documents exist (or no token routes).
+  """
+  rq_bmf = rq_bmf.astype(jnp.float32)
+  b = rq_bmf.shape[0]
+  c, f = kr_cf.shape
+  tile = max(1, min(tile, c))
+  n_tiles = -(-c // tile)
+  pad = n_tiles * tile - c
+  kr = jnp.pad(kr_cf, ((0, pad), (0, 0))).reshape(n_tiles, tile, f)
+  doc = jnp.pad(chunk_doc_c.astype(jnp.int32), (0, pad), constant_values=-1).reshape(n_tiles, tile)
+
+  def step(carry, xs):
+    best_s, best_d, open_d, open_s = carry
+    kr_tf, doc_t = xs
+    cs_bt = _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf)
+    real_t = doc_t >= 0
+    any_real = jnp.any(real_t)
+    first = jnp.where(any_real, doc_t[0], -1)
+    # Documents are contiguous, so doc - first indexes the tile's documents 0..tile-1.
+    seg_t = jnp.where(real_t, doc_t - first, tile)
+    part_bt = jax.vmap(lambda s: jax.ops.segment_max(s, seg_t, num_segments=tile + 1))(cs_bt)
+    part_bt = part_bt[:, :tile]
+    has_t = jax.ops.segment_sum(real_t.astype(jnp.int32), seg_t, num_segments=tile + 1)[:tile] > 0
+    # The open document of the previous tile continues here, or is now complete.
+    continues = any_real & (first == open_d)
+    part_bt = part_bt.at[:, 0].set(jnp.where(continues, jnp.maximum(part_bt[:, 0], open_s),
+                                             part_bt[:, 0]))
+    last = jnp.max(jnp.where(real_t, doc_t, -1))
+    j_last = last - first
+    slot_t = jnp.arange(tile)
+    closed_t = has_t & (slot_t != j_last)
+    cand_s = jnp.where(closed_t[None], part_bt, NEG_INF)
+    cand_d = jnp.broadcast_to(first + slot_t, (b, tile))
+    prev_done = (open_d >= 0) & ~continues
+    prev_s = jnp.where(prev_done, open_s, NEG_INF)[:, None]
+    prev_d = jnp.broadcast_to(open_d, (b, 1))
+    best_s, best_d = merge_top_k(jnp.concatenate([best_s, prev_s, cand_s], 1),
+                                 jnp.concatenate([best_d, prev_d, cand_d], 1), k)
+    new_open_d = jnp.where(any_real, last, jnp.where(prev_done, -1, open_d))
+    new_open_s = jnp.where(any_real, part_bt[:, jnp.clip(j_last, 0, tile - 1)],
+                           jnp.where(prev_done, NEG_INF, open_s))
+    return (best_s, best_d, new_open_d, new_open_s), None
+
+  init = (jnp.full((b, k), NEG_INF, jnp.float32), jnp.full((b, k), NO_DOC, jnp.int32),
+          jnp.int32(-1), jnp.full((b,), NEG_INF, jnp.float32))
+  (best_s, best_d, open_d, open_s), _ = jax.lax.scan(step, init, (kr, doc))
+  last_s = jnp.where(open_d >= 0, open_s, NEG_INF)[:, None]
+  return merge_top_k(jnp.concatenate([best_s, last_s], 1),
+                     jnp.concatenate([best_d, jnp.broadcast_to(open_d, (b, 1))], 1), k)
+
+
+def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int = 4096,
+                implementation: str = "xla", layout=None):
+  """Top-k of one device's chunks: the tiled XLA scan, or the Pallas routing kernel.
+
+  ``implementation="pallas"`` calls ``pallas_kernels.block_routing.route_top_k`` (Mosaic
+  GPU; the fused block top-k kernel when ``layout`` is given).
+  """
+  if implementation == "xla":
+    return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile)
+  from pallas_kernels import block_routing   # GPU kernels load only when asked for
+  num_docs = 0 if layout is not None else int(chunk_doc_c.shape[0])
+  scores, sel = block_routing.route_top_k(
+      rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, num_docs, k, implementation="pallas",
+      layout=layout)
+  return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
+
+
+def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
+                  tile: int = 4096, axis: str = "memory", implementation: str = "xla"):
+  """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
+
+  ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
+  documents, see ``bank.shard_plan``); queries are replicated. Returns replicated
+  ``(scores [B, k], docs [B, k])`` like :func:`tiled_top_k` on the unsharded bank.
+  """
+  from jax.experimental.shard_map import shard_map
+
+  def per_shard(rq, mask, kr, doc):
+    s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation)
+    s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
+    d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
+    return merge_top_k(s_all, d_all, k)
+
+  rep = PartitionSpec()
+  fn = shard_map(per_shard, mesh=mesh,
+                 in_specs=(rep, rep, PartitionSpec(axis, None), PartitionSpec(axis)),
+                 out_specs=(rep, rep), check_rep=False)
+  return fn(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c)
+
+
+def selection_in_document_order(scores_bk, docs_bk):
+  """Top-k winners as a ``routing.Selection`` in document order (SPEC §3 step 4).
+
+  Returns ``(Selection, scores [B, k] aligned with it)``; invalid slots hold doc 0.
+  """
+  from msa_jax.routing import Selection
+  valid = scores_bk > NEG_INF
+  key = jnp.where(valid, docs_bk, NO_DOC)
+  key, scores, valid = jax.lax.sort((key, scores_bk, valid), dimension=1, num_keys=1)
+  docs = jnp.where(valid, key, 0).astype(jnp.int32)
+  return Selection(docs, valid), jnp.where(valid, scores, NEG_INF)

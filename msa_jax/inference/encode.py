@@ -1,0 +1,358 @@
+r"""Stage 1: encode a corpus once into an on-disk memory bank (SPEC §5).
+
+  python -m msa_jax.encode --checkpoint=CKPT --corpus=CORPUS.jsonl --bank=BANK
+
+Corpus rows: ``{"id": str, "text": str}`` (stored as the tokenizer's id tokens + text
+tokens, as in training) or ``{"id": str, "tokens": [int]}`` (stored as given; optional
+``"text"`` is kept for display). Before anything is encoded the whole corpus is checked:
+rows that are not valid JSON, empty documents and duplicate ids are reported with their
+line numbers.
+
+Documents are encoded in windows of about ``window_tokens`` tokens: each window is cut
+into length-bucketed batches (few shapes, so few compiles), encoded with the model's own
+``encode_documents`` and ``pool_layer_memory``, written in corpus order and committed.
+SIGTERM or Ctrl-C stops after the window in flight; a kill loses at most the uncommitted
+window. Rerunning the same command resumes after the last committed corpus row, so no
+document is lost or duplicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import signal
+import time
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax import positions as positions_lib
+from msa_jax.inference import bank as bank_lib
+from msa_jax.inference.bank import DocRecord
+
+
+class CorpusError(ValueError):
+  """Bad corpus rows, each named by ``file:line``."""
+
+
+@dataclasses.dataclass
+class CorpusInfo:
+  """What the validation pass learnt about a corpus."""
+
+  path: str
+  rows: int
+  bytes: int
+
+
+def _doc_from_row(row: dict, tokenizer, vocab_size: int) -> tuple[Optional[DocRecord], str]:
+  """A row as a ``DocRecord``, or ``(None, reason)``."""
+  doc_id = row.get("id")
+  if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)) or doc_id == "":
+    return None, f"document id {doc_id!r} must be a non-empty string or int"
+  doc_id = str(doc_id)
+  text = row.get("text")
+  if text is not None and not isinstance(text, str):
+    return None, f"document {doc_id!r}: 'text' should be a string"
+  if "tokens" in row:
+    tokens = row["tokens"]
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                               for t in tokens):
+      return None, f"document {doc_id!r}: 'tokens' should be a list of ints"
+    if not tokens:
+      return None, f"document {doc_id!r} is empty (no tokens); drop it or fill it"
+    bad = [t for t in tokens if not 0 <= t < vocab_size]
+    if bad:
+      return None, (f"document {doc_id!r}: token {bad[0]} is outside the model's vocabulary "
+                    f"[0, {vocab_size})")
+    id_tokens = tokenizer.encode_doc_id(doc_id) if tokenizer is not None else []
+    id_len = len(id_tokens) if id_tokens and tokens[:len(id_tokens)] == id_tokens else 0
+    return DocRecord(doc_id, tokens, id_len, text), ""
+  if text is None:
+    return None, f"document {doc_id!r} has neither 'text' nor 'tokens'"
+  if not text.strip():
+    return None, f"document {doc_id!r} has empty text; drop it or fill it"
+  if tokenizer is None:
+    return None, "a 'text' row needs a tokenizer (pass --tokenizer_dir)"
+  id_tokens = tokenizer.encode_doc_id(doc_id)
+  try:
+    tokens = id_tokens + tokenizer.encode(text)
+  except KeyError as e:   # the synthetic word tokenizer's unknown word
+    return None, f"document {doc_id!r}: {e.args[0]}"
+  return DocRecord(doc_id, tokens, len(id_tokens), text), ""
+
+
+def _lines(path: str, start_row: int = 0) -> Iterator[tuple[int, str]]:
+  """``(line number, line)`` of the non-blank lines from the ``start_row``-th on."""
+  seen = 0
+  with open(path, encoding="utf-8") as f:
+    for n, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      if seen >= start_row:
+        yield n, line
+      seen += 1
+
+
+def read_rows(path: str, tokenizer, vocab_size: int, start_row: int = 0
+              ) -> Iterator[DocRecord]:
+  """The corpus' documents from row ``start_row`` on (rows already validated)."""
+  for n, line in _lines(path, start_row):
+    doc, why = _doc_from_row(json.loads(line), tokenizer, vocab_size)
+    if doc is None:
+      raise CorpusError(f"{path}:{n}: {why}")
+    yield doc
+
+
+def validate_corpus(path: str, tokenizer, vocab_size: int, max_errors: int = 20) -> CorpusInfo:
+  """Reads the whole corpus once; raises ``CorpusError`` listing bad rows by line."""
+  if not os.path.isfile(path):
+    raise CorpusError(f"corpus {path} not found: pass --corpus=FILE.jsonl")
+  problems: list[str] = []
+  first_line: dict[str, int] = {}
+  rows = 0
+  try:
+    for n, line in _lines(path):
+      rows += 1
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        problems.append(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})")
+        continue
+      if not isinstance(row, dict):
+        problems.append(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        continue
+      doc, why = _doc_from_row(row, tokenizer, vocab_size)
+      if doc is None:
+        problems.append(f"{path}:{n}: {why}")
+        continue
+      if doc.doc_id in first_line:
+        problems.append(f"{path}:{n}: duplicate document id {doc.doc_id!r} (first at line "
+                        f"{first_line[doc.doc_id]}); ids must be unique in a bank")
+      else:
+        first_line[doc.doc_id] = n
+  except UnicodeDecodeError as e:
+    raise CorpusError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); "
+                      "re-save the corpus as UTF-8") from None
+  if problems:
+    more = f"\n... and {len(problems) - max_errors} more" if len(problems) > max_errors else ""
+    raise CorpusError(f"{len(problems)} bad corpus row(s); fix them and rerun:\n"
+                      + "\n".join(problems[:max_errors]) + more)
+  if rows == 0:
+    raise CorpusError(f"corpus {path} has no documents")
+  return CorpusInfo(os.path.abspath(path), rows, os.path.getsize(path))
+
+
+def length_buckets(chunk_size: int, max_len: int) -> list[int]:
+  """Padded document lengths: P, 2P, 4P, ... up to the first at or above ``max_len``."""
+  levels, length = [], chunk_size
+  while True:
+    levels.append(length)
+    if length >= max_len:
+      return levels
+    length *= 2
+
+
+class Encoder:
+  """Runs the model's stage-1 functions on batches of documents of one padded shape."""
+
+  def __init__(self, model, params, *, batch_tokens: int = 16_384,
+               kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None):
+    self.model, self.params = model, params
+    cfg = model.config
+    self.cfg = cfg
+    self.batch_tokens = batch_tokens
+    self.kr_dtype = kr_dtype or cfg.dtype
+    self.kv_dtype = kv_dtype or cfg.dtype
+    self._encode = jax.jit(functools.partial(_encode_docs, model))
+    self._prefix = jax.jit(functools.partial(_encode_prefix, model))
+
+  def prefix_kv(self, prefix_tokens: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each layer's K, V of the shared prefix: ``[(k [T, Hkv, D], v), ...]``."""
+    t = len(prefix_tokens)
+    tokens = jnp.asarray(np.asarray(prefix_tokens, np.int32).reshape(1, t))
+    kv = self._prefix(self.params, tokens)
+    return [(np.asarray(k[0]), np.asarray(v[0])) for k, v in kv]
+
+  def encode(self, docs: Sequence[DocRecord], starts: Sequence[int]):
+    """Pooled chunks of ``docs`` (positions from ``starts``): ``(layers, chunks per doc)``.
+
+    ``layers[i]`` holds ``kr``, ``k``, ``v`` rows of every document's chunks, documents
+    in the given order.
+    """
+    cfg = self.cfg
+    p = cfg.pooling_chunk_size
+    lengths = np.array([len(d.tokens) for d in docs])
+    levels = length_buckets(p, int(lengths.max()))
+    level_of = np.searchsorted(levels, lengths)
+    chunks = [-(-int(n) // p) for n in lengths]
+    out = {i: {"kr": [None] * len(docs), "k": [None] * len(docs), "v": [None] * len(docs)}
+           for i in cfg.router_layer_ids}
+    for lv in np.unique(level_of):
+      width = levels[lv]
+      rows = max(1, self.batch_tokens // width)
+      members = np.nonzero(level_of == lv)[0]
+      for s in range(0, len(members), rows):
+        group = members[s:s + rows]
+        tokens = np.zeros((rows, width), np.int32)
+        mask = np.zeros((rows, width), bool)
+        pos = np.zeros((rows, width), np.int32)
+        for r, j in enumerate(group):
+          n = lengths[j]
+          tokens[r, :n] = docs[j].tokens
+          mask[r, :n] = True
+          pos[r] = starts[j] + np.arange(width)
+        memory = self._encode(self.params, jnp.asarray(tokens), jnp.asarray(mask),
+                              jnp.asarray(pos))
+        for i, mem in memory.items():
+          kr = np.asarray(mem.kr_bncf[0])
+          k = np.asarray(mem.k_bncgd[0])
+          v = np.asarray(mem.v_bncgd[0])
+          for r, j in enumerate(group):
+            c = chunks[j]
+            out[i]["kr"][j], out[i]["k"][j], out[i]["v"][j] = kr[r, :c], k[r, :c], v[r, :c]
+    layers = {i: {part: np.concatenate(rows_, 0) for part, rows_ in parts.items()}
+              for i, parts in out.items()}
+    return layers, chunks
+
+
+def _encode_docs(model, params, tokens_nl, mask_nl, pos_nl):
+  from msa_jax.model import MSAModel
+  return model.apply({"params": params}, tokens_nl[None], mask_nl[None], pos_nl[None],
+                     method=MSAModel.encode_documents)
+
+
+def _encode_prefix(model, params, tokens_bt):
+  from msa_jax.model import MSAModel
+  b, t = tokens_bt.shape
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return model.apply({"params": params}, tokens_bt, jnp.ones((b, t), bool), pos,
+                     method=MSAModel.encode_prefix)
+
+
+class _Stop:
+  """SIGTERM / Ctrl-C: finish the window in flight, commit, exit."""
+
+  def __init__(self):
+    self.requested = False
+
+  def __enter__(self):
+    self._prev = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, *_):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    for s, h in self._prev.items():
+      signal.signal(s, h)
+
+
+def _fmt_time(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
+                  prefix_tokens: Sequence[int], fingerprint: Optional[str] = None,
+                  window_tokens: int = 1 << 20, batch_tokens: int = 16_384,
+                  kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
+                  max_windows: Optional[int] = None, log=print) -> dict:
+  """Encodes ``corpus_path`` into the bank at ``bank_path`` (created, or resumed).
+
+  ``max_windows`` stops after that many windows, as an interruption would (tests).
+  Returns the bank's manifest (``complete`` tells whether the corpus is done).
+  """
+  cfg = model.config
+  fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
+  info = validate_corpus(corpus_path, tokenizer, cfg.vocab_size)
+  encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
+                    kv_dtype=kv_dtype)
+  if os.path.isfile(os.path.join(bank_path, bank_lib.MANIFEST)):
+    writer = bank_lib.BankWriter.resume(bank_path, fingerprint)
+    m = writer.manifest
+    if (m["corpus"]["bytes"], m["corpus"]["rows"]) != (info.bytes, info.rows):
+      writer.close()
+      raise CorpusError(f"the corpus {corpus_path} changed since the bank {bank_path} was "
+                        f"started ({m['corpus']['rows']} rows, {m['corpus']['bytes']} bytes "
+                        f"then; {info.rows}, {info.bytes} now); encode into a new --bank")
+    if m["complete"]:
+      writer.close()
+      log(f"bank {bank_path} is complete ({m['num_docs']:,} documents, {m['num_tokens']:,} "
+          "tokens); nothing to do")
+      return m
+    log(f"resuming {bank_path} after corpus row {m['corpus']['rows_done']:,}")
+  else:
+    tok_info = {"specials": dataclasses.asdict(tokenizer.specials)} if tokenizer else {}
+    writer = bank_lib.BankWriter.create(
+        bank_path, fingerprint=fingerprint, model_config=cfg, kr_dtype=encoder.kr_dtype,
+        kv_dtype=encoder.kv_dtype, prefix_tokens=list(prefix_tokens),
+        prefix_kv=encoder.prefix_kv(prefix_tokens),
+        corpus={"path": info.path, "rows": info.rows, "bytes": info.bytes}, tokenizer=tok_info)
+  m = writer.manifest
+  done = start_done = m["corpus"]["rows_done"]
+  t0, tokens_here, windows = time.perf_counter(), 0, 0
+  rows = read_rows(corpus_path, tokenizer, cfg.vocab_size, start_row=done)
+  try:
+    with _Stop() as stop:
+      while done < info.rows:
+        window: list[DocRecord] = []
+        n_tok = 0
+        for doc in rows:
+          window.append(doc)
+          n_tok += len(doc.tokens)
+          if n_tok >= window_tokens:
+            break
+        if not window:
+          break
+        starts = _positions_start(cfg, m, window)
+        layers, chunks = encoder.encode(window, starts)
+        writer.append(window, layers, chunks)
+        done += len(window)
+        writer.commit(done, complete=done >= info.rows)
+        tokens_here += n_tok
+        windows += 1
+        elapsed = time.perf_counter() - t0
+        rate = tokens_here / max(elapsed, 1e-9)
+        left = (info.rows - done) * tokens_here / max(done - start_done, 1)   # tokens to go
+        log(f"encode: {done:,}/{info.rows:,} documents ({100 * done / info.rows:.0f}%) | "
+            f"{m['num_tokens']:,} tokens | {rate:,.0f} tok/s | elapsed {_fmt_time(elapsed)} "
+            f"ETA {_fmt_time(left / max(rate, 1e-9))}")
+        if stop.requested or (max_windows is not None and windows >= max_windows):
+          if done < info.rows:
+            log(f"stopped after corpus row {done:,}: the bank is committed up to there; rerun "
+                "the same command to resume")
+          break
+  finally:
+    writer.close()
+  return m
+
+
+def _positions_start(cfg, manifest: dict, docs: Sequence[DocRecord]) -> list[int]:
+  """Each document's first position: 0 (document-wise RoPE) or its global offset."""
+  if cfg.rope_mode == "document":
+    return [0] * len(docs)
+  start = manifest["prefix_length"] + manifest["num_tokens"]
+  out = []
+  for d in docs:
+    out.append(start)
+    start += len(d.tokens)
+  return out
+
+
+def main(argv) -> None:
+  """``python -m msa_jax.encode``: flags in ``msa_jax/encode.py``."""
+  del argv
+  from absl import flags
+  from msa_jax.inference.checkpoint import load_model, load_tokenizer, task_prefix
+  f = flags.FLAGS
+  model, params = load_model(f.checkpoint)
+  tokenizer = load_tokenizer(f.checkpoint, f.tokenizer_dir)
+  prefix = task_prefix(f.checkpoint, tokenizer)
+  m = encode_corpus(model, params, f.corpus, f.bank, tokenizer=tokenizer, prefix_tokens=prefix,
+                    window_tokens=f.window_tokens, batch_tokens=f.batch_tokens)
+  if m["complete"]:
+    print(f"bank {f.bank}: {m['num_docs']:,} documents, {m['num_tokens']:,} tokens, "
+          f"{m['num_chunks']:,} chunks in {len(m['router_layers'])} router layers", flush=True)

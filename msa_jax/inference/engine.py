@@ -1,0 +1,154 @@
+"""Stages 2-3 of inference (SPEC §5): route, assemble the context, decode with a KV cache.
+
+``Engine`` answers questions from a memory through the model's own stage functions:
+``decode_active`` on the question routes in every router layer (through a memory source:
+a shared bank placed on a mesh, ``memory.BankMemory``, or per-example memories as in
+training, ``model.ExampleMemory``) and returns each layer's context and K/V: the KV cache
+is exactly that. Each decoding step is ``decode_active`` on one token whose context is
+``[prefix ; selected chunks ; earlier active tokens]``. Sampling and the Memory Interleave
+loop (``interleave.py``) run on the host around these two jitted functions.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from msa_jax.inference.memory import BankMemory, BankSettings
+from msa_jax.model import ExampleMemory, LayerContext, MSAModel
+
+
+@flax.struct.dataclass
+class DecodeCache:
+  """The KV cache of a batch: per layer, the context and the active tokens' K/V."""
+
+  context: list          # per layer LayerContext: [prefix ; selected chunks]
+  k: list                # per layer [B, M, Hkv, D]: active tokens' keys (valid below cur)
+  v: list
+
+
+@flax.struct.dataclass
+class PrefixContext:
+  """Each layer's prefix K/V for a batch: ``k[i] [B, T, Hkv, D]``, ``mask [B, T]``."""
+
+  k: list
+  v: list
+  mask: jax.Array
+
+  def layer_contexts(self) -> list[LayerContext]:
+    return [LayerContext(k, v, self.mask) for k, v in zip(self.k, self.v)]
+
+
+def memory_source(kind: str, settings: Optional[BankSettings], mem_args, forced):
+  """The memory source of a jitted step: ``bank`` (a placed bank) or ``examples``."""
+  if kind == "bank":
+    return BankMemory(mem_args, settings, forced)
+  return ExampleMemory(mem_args, forced)
+
+
+def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: PrefixContext,
+            tokens_bm, q_len_b, active_start_b, forced=None, all_logits: bool = False):
+  """Stage 2 on a batch of questions: route in every router layer and fill the KV cache.
+
+  Args:
+    tokens_bm: int32 ``[B, M]`` questions, left-aligned; slots from ``q_len_b`` on are room
+      for generated tokens (their content does not matter).
+    q_len_b: int32 ``[B]`` question lengths (>= 1).
+    active_start_b: int32 ``[B]`` position of the first question token (SPEC §2: T + k).
+    forced: a ``routing.Selection`` that replaces the router's choice (oracle), or None.
+  Returns ``(logits [B, vocab] of each question's last token, decisions per router layer,
+  DecodeCache)``; ``all_logits`` returns ``[B, M, vocab]`` instead (tests).
+  """
+  b, m = tokens_bm.shape
+  slots = jnp.arange(m, dtype=jnp.int32)
+  mask = slots[None] < q_len_b[:, None]
+  pos = active_start_b[:, None] + slots[None]
+  memory = memory_source(kind, settings, mem_args, forced)
+  logits, decisions, kv = model.apply(
+      {"params": params}, tokens_bm, pos, mask, mask, prefix.layer_contexts(), memory,
+      return_kv=True, method=MSAModel.decode_active)
+  last = (logits if all_logits else
+          jnp.take_along_axis(logits, (q_len_b - 1)[:, None, None], axis=1)[:, 0])
+  cache = DecodeCache([x.context for x in kv], [x.k_bmgd for x in kv], [x.v_bmgd for x in kv])
+  return last, decisions, cache
+
+
+def decode_step(model: MSAModel, params, cache: DecodeCache, token_b, cur_b, active_start_b):
+  """Stage 3, one token per row: the token at slot ``cur_b`` attends to its cached context.
+
+  Returns ``(logits [B, vocab], cache with the token's K/V written at cur_b)``.
+  """
+  m = cache.k[0].shape[1]
+  earlier = jnp.arange(m, dtype=jnp.int32)[None] < cur_b[:, None]
+  context = [ctx.extend(k, v, earlier) for ctx, k, v in zip(cache.context, cache.k, cache.v)]
+  one = jnp.ones((token_b.shape[0], 1), bool)
+  logits, _, kv = model.apply(
+      {"params": params}, token_b[:, None], (active_start_b + cur_b)[:, None], one, one,
+      context, None, return_kv=True, method=MSAModel.decode_active)
+  write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
+  k = [write(c, x.k_bmgd.astype(c.dtype), cur_b) for c, x in zip(cache.k, kv)]
+  v = [write(c, x.v_bmgd.astype(c.dtype), cur_b) for c, x in zip(cache.v, kv)]
+  return logits[:, 0], DecodeCache(cache.context, k, v)
+
+
+def sample(logits_bv, key, temperature: float, top_p: float):
+  """Greedy (``temperature == 0``) or nucleus sampling of one token per row."""
+  if temperature <= 0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits = logits_bv.astype(jnp.float32) / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    keep = jnp.cumsum(probs, axis=-1) - probs < top_p        # always keeps the best token
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits >= cutoff, logits, -jnp.inf)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+class Engine:
+  """Jitted prefill / decode / sample for one model and one kind of memory.
+
+  ``kind="bank"``: ``mem_args`` is ``DeviceBank.arrays()`` and ``settings`` its
+  ``BankSettings``; ``kind="examples"``: ``mem_args`` is ``encode_documents``' output
+  for the batch. One compile per (batch, buffer length).
+  """
+
+  def __init__(self, model: MSAModel, params, kind: str, settings: Optional[BankSettings] = None):
+    if kind not in ("bank", "examples"):
+      raise ValueError(f"kind must be 'bank' or 'examples', got {kind!r}")
+    self.model, self.params, self.kind, self.settings = model, params, kind, settings
+    self._prefill = jax.jit(functools.partial(prefill, model, kind, settings),
+                            static_argnames=("all_logits",))
+    self._decode = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,))
+    self._sample = jax.jit(sample, static_argnums=(2, 3))
+
+  def prefill(self, mem_args, prefix, tokens_bm, q_len_b, active_start_b, forced=None):
+    return self._prefill(self.params, mem_args, prefix, jnp.asarray(tokens_bm, jnp.int32),
+                         jnp.asarray(q_len_b, jnp.int32), jnp.asarray(active_start_b, jnp.int32),
+                         forced)
+
+  def decode(self, cache, token_b, cur_b, active_start_b):
+    return self._decode(self.params, cache, jnp.asarray(token_b, jnp.int32),
+                        jnp.asarray(cur_b, jnp.int32), jnp.asarray(active_start_b, jnp.int32))
+
+  def sample(self, logits_bv, key, temperature: float = 0.0, top_p: float = 1.0):
+    return self._sample(logits_bv, key, float(temperature), float(top_p))
+
+
+def bank_prefix(bank, batch: int) -> PrefixContext:
+  """A bank's stored prefix K/V broadcast to a batch."""
+  t = len(bank.prefix_tokens)
+  k = [jnp.broadcast_to(jnp.asarray(kk)[None], (batch, *kk.shape)) for kk, _ in bank.prefix_kv]
+  v = [jnp.broadcast_to(jnp.asarray(vv)[None], (batch, *vv.shape)) for _, vv in bank.prefix_kv]
+  return PrefixContext(k, v, jnp.ones((batch, t), bool))
+
+
+def active_start(model_config, prefix_len: int, memory_tokens: int = 0) -> int:
+  """Position of the first active token (SPEC §2): ``T + k``, or after all memory (global)."""
+  if model_config.rope_mode == "document":
+    return prefix_len + model_config.top_k
+  return prefix_len + memory_tokens

@@ -1,0 +1,249 @@
+"""A bank on the devices: memory-parallel routing and the fetch of selected chunks.
+
+``DeviceBank.load`` places a bank for the engine (SPEC §5 memory parallel):
+  * ``K̄R`` and the chunk→document map are sharded by chunk over the ``memory`` mesh axis,
+    each shard holding whole documents (so a shard's document maxima are exact), padded
+    to one length;
+  * ``K̄``/``V̄`` either sit beside them on the devices (``kv_placement="device"``) or stay
+    in host memory (``"host"``: the bank's memory maps), and only the selected documents'
+    chunks, as fixed-size ``[max_doc_chunks]`` slices, reach the device.
+
+``BankLayerMemory`` is the per-layer memory source the model's ``decode_active`` routes
+through (the same interface as ``model.ExampleMemory`` of training): route over every
+shard, merge, gather the winners' chunks in document order.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from msa_jax import routing
+from msa_jax.inference import bank_routing
+from msa_jax.inference.bank import INDEX_COLUMNS, MemoryBank
+
+MEMORY_AXIS = "memory"
+_START, _NCHUNK = INDEX_COLUMNS.index("chunk_start"), INDEX_COLUMNS.index("num_chunks")
+
+
+@flax.struct.dataclass
+class BankRouting:
+  """What one router layer chose from a shared bank (a bank has no full score vector)."""
+
+  top_scores_bk: jax.Array   # float32 [B, k], scores of doc_idx_bk (-inf where invalid)
+  doc_idx_bk: jax.Array      # int32 [B, k], global document indices in document order
+  valid_bk: jax.Array        # bool [B, k]
+
+
+@dataclasses.dataclass(frozen=True)
+class BankSettings:
+  """Static facts of a placed bank (hashable: they are part of the compiled program)."""
+
+  mesh: Mesh
+  max_doc_chunks: int
+  tile: int
+  routing: str                  # "xla" | "pallas"
+  host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
+
+
+@flax.struct.dataclass
+class BankLayerMemory:
+  """One router layer of a placed bank: a memory source for ``MSAModel.decode_active``."""
+
+  kr_cf: jax.Array                 # [S*Cs, F] sharded over memory
+  chunk_doc_c: jax.Array           # int32 [S*Cs] global document of each chunk, -1 padding
+  k_cgd: Optional[jax.Array]       # [S*Cs, Hkv, D] sharded, or None (host placement)
+  v_cgd: Optional[jax.Array]
+  doc_shard_n: jax.Array           # int32 [N] shard holding each document
+  doc_row_n: jax.Array             # int32 [N] its first chunk's row within that shard
+  doc_chunks_n: jax.Array          # int32 [N] its chunk count
+  forced: Optional[routing.Selection]
+  layer: int = flax.struct.field(pytree_node=False)
+  settings: BankSettings = flax.struct.field(pytree_node=False)
+
+  def select(self, rq_bmf, route_mask_bm, top_k: int):
+    """Routes over the whole bank; returns ``(BankRouting, k, v, mask)`` of the winners."""
+    s = self.settings
+    scores_bk, docs_bk = bank_routing.sharded_top_k(
+        s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
+        axis=MEMORY_AXIS, implementation=s.routing)
+    selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
+    if self.forced is not None:
+      selection = self.forced
+    if self.k_cgd is None:
+      k, v, mask = _host_gather(s.host_fetch, self.layer, selection, s.max_doc_chunks,
+                                rq_bmf.shape[0])
+    else:
+      k, v, mask = _device_gather(s.mesh, self.k_cgd, self.v_cgd, self.doc_shard_n,
+                                  self.doc_row_n, self.doc_chunks_n, selection, s.max_doc_chunks)
+    return BankRouting(sel_scores, selection.doc_idx_bk, selection.valid_bk), k, v, mask
+
+
+def _device_gather(mesh, k_cgd, v_cgd, doc_shard_n, doc_row_n, doc_chunks_n,
+                   selection: routing.Selection, cmax: int):
+  """The selected documents' chunks from the shards that hold them (one psum of k·cmax rows)."""
+  from jax.experimental.shard_map import shard_map
+
+  def per_shard(k, v, shard_n, row_n, chunks_n, docs_bk, valid_bk):
+    me = jax.lax.axis_index(MEMORY_AXIS)
+    owned = valid_bk & (shard_n[docs_bk] == me)
+    start = jnp.where(owned, row_n[docs_bk], 0)
+    take = lambda x: jax.vmap(jax.vmap(
+        lambda s0: jax.lax.dynamic_slice_in_dim(x, s0, cmax, axis=0)))(start)
+    present = (jnp.arange(cmax)[None, None] < chunks_n[docs_bk][..., None]) & owned[..., None]
+    k_sel = jnp.where(present[..., None, None], take(k), 0)
+    v_sel = jnp.where(present[..., None, None], take(v), 0)
+    k_sel = jax.lax.psum(k_sel.astype(jnp.float32), MEMORY_AXIS).astype(k.dtype)
+    v_sel = jax.lax.psum(v_sel.astype(jnp.float32), MEMORY_AXIS).astype(v.dtype)
+    mask = jax.lax.psum(present.astype(jnp.int32), MEMORY_AXIS) > 0
+    b, kk = docs_bk.shape
+    return (k_sel.reshape(b, kk * cmax, *k.shape[1:]), v_sel.reshape(b, kk * cmax, *v.shape[1:]),
+            mask.reshape(b, kk * cmax))
+
+  rep, sharded = PartitionSpec(), PartitionSpec(MEMORY_AXIS)
+  fn = shard_map(per_shard, mesh=mesh,
+                 in_specs=(sharded, sharded, rep, rep, rep, rep, rep),
+                 out_specs=(rep, rep, rep), check_rep=False)
+  return fn(k_cgd, v_cgd, doc_shard_n, doc_row_n, doc_chunks_n, selection.doc_idx_bk,
+            selection.valid_bk)
+
+
+def _host_gather(fetch, layer: int, selection: routing.Selection, cmax: int, b: int):
+  """The selected chunks read from host memory (only ``k·cmax`` rows per question move)."""
+  kk = selection.doc_idx_bk.shape[1]
+  k_dtype, g, d = fetch.kv_dtype, fetch.kv_heads, fetch.head_dim
+  shapes = (jax.ShapeDtypeStruct((b, kk * cmax, g, d), k_dtype),
+            jax.ShapeDtypeStruct((b, kk * cmax, g, d), k_dtype),
+            jax.ShapeDtypeStruct((b, kk * cmax), jnp.bool_))
+  return jax.pure_callback(lambda docs, valid: fetch(layer, docs, valid), shapes,
+                           selection.doc_idx_bk, selection.valid_bk)
+
+
+class HostFetch:
+  """Gathers selected documents' chunks from a bank's memory-mapped K̄/V̄ (numpy)."""
+
+  def __init__(self, bank: MemoryBank, cmax: int):
+    self.bank, self.cmax = bank, cmax
+    self.index = np.asarray(bank.doc_index[:, [_START, _NCHUNK]])
+    cfg = bank.manifest["model_config"]
+    self.kv_heads, self.head_dim = cfg["num_kv_heads"], cfg["head_dim"]
+    self.kv_dtype = bank.k(bank.router_layers[0]).dtype
+
+  def __call__(self, layer: int, docs_bk, valid_bk):
+    docs_bk, valid_bk = np.asarray(docs_bk), np.asarray(valid_bk)
+    start = self.index[docs_bk, 0]
+    n = np.where(valid_bk, self.index[docs_bk, 1], 0)
+    rows = start[..., None] + np.arange(self.cmax)               # [B, k, cmax]
+    present = np.arange(self.cmax) < n[..., None]
+    rows = np.where(present, rows, 0)
+    k = np.where(present[..., None, None], self.bank.k(layer)[rows], 0)
+    v = np.where(present[..., None, None], self.bank.v(layer)[rows], 0)
+    b, kk = docs_bk.shape
+    shape = (b, kk * self.cmax, self.kv_heads, self.head_dim)
+    return (k.reshape(shape).astype(self.kv_dtype), v.reshape(shape).astype(self.kv_dtype),
+            present.reshape(b, kk * self.cmax))
+
+
+def shard_plan(chunks_per_doc: np.ndarray, num_shards: int) -> np.ndarray:
+  """First document of each shard (and the end): contiguous runs of ~equal chunk counts."""
+  n = len(chunks_per_doc)
+  cum = np.concatenate([[0], np.cumsum(chunks_per_doc, dtype=np.int64)])
+  targets = cum[-1] * np.arange(num_shards + 1) / num_shards
+  bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
+  bounds[0], bounds[-1] = 0, n
+  return np.maximum.accumulate(bounds)
+
+
+@dataclasses.dataclass
+class DeviceBank:
+  """A bank placed on a mesh: per-layer arrays plus the document table (see module doc)."""
+
+  bank: MemoryBank
+  settings: BankSettings
+  kr: dict[int, jax.Array]
+  k: dict[int, Optional[jax.Array]]
+  v: dict[int, Optional[jax.Array]]
+  chunk_doc: jax.Array
+  doc_shard: jax.Array
+  doc_row: jax.Array
+  doc_chunks: jax.Array
+
+  @classmethod
+  def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
+           routing_impl: str = "xla", tile: int = 4096, log=print) -> "DeviceBank":
+    """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
+
+    Reads the memory maps one shard at a time: host RAM never holds a whole array.
+    """
+    if kv_placement not in ("device", "host"):
+      raise ValueError(f"kv_placement must be 'device' or 'host', got {kv_placement!r}")
+    if mesh is None:
+      mesh = Mesh(np.array(jax.devices()), (MEMORY_AXIS,))
+    if MEMORY_AXIS not in mesh.axis_names:
+      raise ValueError(f"the engine's mesh needs a {MEMORY_AXIS!r} axis, got {mesh.axis_names}")
+    shards = mesh.shape[MEMORY_AXIS]
+    index = np.asarray(bank.doc_index)
+    chunks = index[:, _NCHUNK]
+    cmax = max(1, bank.max_doc_chunks)
+    bounds = shard_plan(chunks, shards)
+    chunk_bounds = np.concatenate([[0], np.cumsum(chunks)])[bounds]
+    per_shard = np.diff(chunk_bounds)
+    tile = int(min(tile, max(1, per_shard.max())))
+    rows = int(-(-(per_shard.max() + cmax) // tile) * tile)   # + cmax: slices stay in bounds
+    doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
+    doc_row = (index[:, _START] - chunk_bounds[doc_shard]).astype(np.int32)
+    sharding = NamedSharding(mesh, PartitionSpec(MEMORY_AXIS))
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(read, row_shape, dtype, fill):
+      def shard_data(idx):
+        s = idx[0].start // rows if idx[0].start is not None else 0
+        lo, hi = chunk_bounds[s], chunk_bounds[s + 1]
+        out = np.full((rows, *row_shape), fill, dtype)
+        out[:hi - lo] = read(lo, hi)
+        return out
+      return jax.make_array_from_callback((shards * rows, *row_shape), sharding, shard_data)
+
+    chunk_doc = place(lambda lo, hi: bank.chunk_doc[lo:hi], (), np.int32, -1)
+    kr, k, v = {}, {}, {}
+    for i in bank.router_layers:
+      kr_map, k_map, v_map = bank.kr(i), bank.k(i), bank.v(i)
+      kr[i] = place(lambda lo, hi, a=kr_map: a[lo:hi], kr_map.shape[1:], kr_map.dtype, 0)
+      if kv_placement == "device":
+        k[i] = place(lambda lo, hi, a=k_map: a[lo:hi], k_map.shape[1:], k_map.dtype, 0)
+        v[i] = place(lambda lo, hi, a=v_map: a[lo:hi], v_map.shape[1:], v_map.dtype, 0)
+      else:
+        k[i] = v[i] = None
+    host = HostFetch(bank, cmax) if kv_placement == "host" else None
+    settings = BankSettings(mesh, cmax, tile, routing_impl, host)
+    put = lambda x: jax.device_put(x, replicated)
+    log(f"bank {bank.path}: {bank.num_docs:,} documents, {bank.num_chunks:,} chunks over "
+        f"{shards} memory shard(s) of {rows:,} rows; K̄/V̄ on the {kv_placement}; "
+        f"routing: {routing_impl}")
+    return cls(bank, settings, kr, k, v, chunk_doc, put(doc_shard), put(doc_row),
+               put(chunks.astype(np.int32)))
+
+  def arrays(self) -> dict[str, Any]:
+    """The device arrays as one pytree (what a jitted step takes as an argument)."""
+    return {"kr": self.kr, "k": self.k, "v": self.v, "chunk_doc": self.chunk_doc,
+            "doc_shard": self.doc_shard, "doc_row": self.doc_row, "doc_chunks": self.doc_chunks}
+
+
+class BankMemory:
+  """The memory source of a placed bank, built inside a jitted step from ``arrays()``."""
+
+  def __init__(self, arrays: dict, settings: BankSettings,
+               forced: Optional[routing.Selection] = None):
+    self.arrays, self.settings, self.forced = arrays, settings, forced
+
+  def layer(self, i: int) -> Optional[BankLayerMemory]:
+    a = self.arrays
+    if i not in a["kr"]:
+      return None
+    return BankLayerMemory(a["kr"][i], a["chunk_doc"], a["k"][i], a["v"][i], a["doc_shard"],
+                           a["doc_row"], a["doc_chunks"], self.forced, i, self.settings)

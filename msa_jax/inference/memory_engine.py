@@ -1,0 +1,127 @@
+"""``MemoryEngine``: a checkpoint and an on-disk bank, ready to answer questions.
+
+    from msa_jax.inference import MemoryEngine
+    engine = MemoryEngine.load("runs/smoke", "banks/smoke_4m")          # mesh: all devices
+    rows = engine.generate([{"question": "k12 k7 k99"}], max_new_tokens=8)
+
+The bank must come from the same model (its fingerprint is checked); ``K̄R`` is sharded over
+the mesh's ``memory`` axis; ``K̄``/``V̄`` sit on the devices or in host memory
+(``kv_placement``). Routing runs through the Pallas block top-k kernel on a GPU and through
+the tiled XLA scan elsewhere (``routing="auto"``).
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from msa_jax.data.tokenizer import SpecialTokens
+from msa_jax.inference import interleave
+from msa_jax.inference.bank import model_fingerprint, open_bank
+from msa_jax.inference.checkpoint import load_model, load_tokenizer
+from msa_jax.inference.engine import Engine
+from msa_jax.inference.memory import DeviceBank
+
+
+def default_routing(k: int) -> str:
+  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list, else ``xla``."""
+  from pallas_kernels import _platform
+  from pallas_kernels.block_top_k import LIST_SLOTS
+  return "pallas" if _platform.on_gpu() and k <= LIST_SLOTS else "xla"
+
+
+class MemoryEngine:
+  """Answers question rows from one bank with Memory Interleave (see module doc)."""
+
+  def __init__(self, model, params, device_bank: DeviceBank, tokenizer, specials: SpecialTokens,
+               batch_size: int = 8, max_rounds: int = 3):
+    self.model, self.params, self.device_bank = model, params, device_bank
+    self.tokenizer, self.specials = tokenizer, specials
+    self.batch_size, self.max_rounds = batch_size, max_rounds
+    self.engine = Engine(model, params, "bank", device_bank.settings)
+
+  @classmethod
+  def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
+           routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
+           batch_size: int = 8, max_rounds: int = 3, log=print) -> "MemoryEngine":
+    """Loads the model, checks and places the bank (see module doc)."""
+    model, params = load_model(checkpoint)
+    bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify)
+    try:
+      tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
+    except ValueError:
+      tokenizer = None    # token rows still work; specials come from the bank
+    if tokenizer is not None:
+      specials = tokenizer.specials
+    elif bank.manifest["tokenizer"].get("specials"):
+      specials = SpecialTokens(**bank.manifest["tokenizer"]["specials"])
+    else:
+      raise ValueError(f"no tokenizer for {checkpoint} and none recorded in the bank; pass "
+                       "tokenizer_dir")
+    if routing == "auto":
+      routing = default_routing(model.config.top_k)
+    device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
+                                  log=log)
+    return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds)
+
+  def _question_tokens(self, row: dict, n: int) -> list[int]:
+    if "question_tokens" in row:
+      tokens = row["question_tokens"]
+      if not isinstance(tokens, list) or not tokens or not all(isinstance(t, int) for t in tokens):
+        raise ValueError(f"question row {n}: 'question_tokens' must be a non-empty list of ints")
+      return tokens
+    if "question" in row:
+      if self.tokenizer is None:
+        raise ValueError(f"question row {n}: a text question needs a tokenizer "
+                         "(pass tokenizer_dir) or give 'question_tokens'")
+      tokens = self.tokenizer.encode(row["question"])
+      if not tokens:
+        raise ValueError(f"question row {n}: the question is empty")
+      return tokens
+    raise ValueError(f"question row {n}: needs 'question' (text) or 'question_tokens'")
+
+  def generate(self, rows: Sequence[dict], *, max_new_tokens: int = 16, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, oracle: bool = False,
+               progress=None) -> list[dict]:
+    """Answers each row; returns the rows with ``answer``, ``answer_tokens``, ``rounds``,
+    ``selected_doc_ids`` (per router layer, first round), ``timings_ms`` (and ``failure``).
+
+    ``oracle=True`` forces each round's gold documents (the row's ``rounds``, or its
+    ``doc_id``) instead of the router's choice.
+    """
+    questions = [self._question_tokens(r, n) for n, r in enumerate(rows, start=1)]
+    memory = interleave.BankBatch(self.device_bank, self.batch_size, self.model.config)
+    out = []
+    for s in range(0, len(rows), self.batch_size):
+      chunk = list(rows[s:s + self.batch_size])
+      gold = [_gold_rounds(r) for r in chunk] if oracle else None
+      t0 = time.perf_counter()
+      gens = interleave.generate(
+          self.engine, memory, questions[s:s + self.batch_size], self.specials,
+          max_rounds=self.max_rounds, max_new_tokens=max_new_tokens, temperature=temperature,
+          top_p=top_p, seed=seed + s, oracle_rounds=gold)
+      batch_ms = 1e3 * (time.perf_counter() - t0)
+      for row, g in zip(chunk, gens):
+        res = dict(row)
+        res["answer_tokens"] = g.answer
+        res["answer"] = (self.tokenizer.decode(g.answer) if g.answer is not None
+                         and self.tokenizer is not None else None)
+        res["rounds"] = g.rounds
+        res["selected_doc_ids"] = g.first_selected
+        res["timings_ms"] = {**{k: round(v, 3) for k, v in g.timings_ms.items()},
+                             "batch": round(batch_ms, 3)}
+        if g.failure:
+          res["failure"] = g.failure
+        out.append(res)
+      if progress is not None:
+        progress(len(out), len(rows))
+    return out
+
+
+def _gold_rounds(row: dict) -> list[list[str]]:
+  if row.get("rounds"):
+    return [list(r) for r in row["rounds"]]
+  if "doc_id" in row:
+    return [[str(row["doc_id"])]]
+  raise ValueError("oracle routing needs 'rounds' or 'doc_id' in every question row")
