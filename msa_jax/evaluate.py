@@ -1,10 +1,15 @@
-r"""Evaluation at growing memory sizes: answer exact match, router recall, oracle routing.
+r"""Evaluation: answer exact match and router recall, through the inference engine.
 
   python -m msa_jax.evaluate --workdir=/tmp/msa_smoke
+      asks the run's eval questions with 1×, 4×, ... the training memory (more distractor
+      documents in each question's own memory), routed and with oracle routing, and writes
+      ``WORKDIR/eval.json`` (``{"rows": [...]}``) and ``WORKDIR/eval.png``;
+  python -m msa_jax.evaluate --workdir=DIR --bank=BANK --questions=QUESTIONS.jsonl
+      asks the questions (rows with the gold ``answer_tokens`` and ``doc_id``, as
+      ``python -m msa_jax.data.write_task`` writes them) over one shared bank and writes
+      ``WORKDIR/eval_bank.json``.
 
-reads the run's ``config.json`` and latest checkpoint, asks the same questions
-with 1×, 4×, ... the training memory (more distractor documents), and writes
-``WORKDIR/eval.json`` (``{"rows": [...]}``) and ``WORKDIR/eval.png``.
+Both go through ``msa_jax.inference`` (KV-cache decoding, Memory Interleave).
 """
 from __future__ import annotations
 
@@ -17,7 +22,8 @@ import numpy as np
 
 from msa_jax import losses
 from msa_jax.data import from_config
-from msa_jax.generate import generate_with_memory
+from msa_jax.inference import interleave
+from msa_jax.inference.engine import Engine
 
 
 def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
@@ -27,6 +33,22 @@ def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
   gold[0, gold_slots] = True
   per_layer = losses.recall_at_k(scores_rn[None], gold, np.ones((1, n), bool), k)
   return float(np.mean(per_layer))
+
+
+def generate_with_memory(model, params, examples, specials, *, batch_size: int,
+                         max_rounds: int, max_new_tokens: int, modes=(False, True)):
+  """Generations per mode (False: routed, True: oracle) over one encoding per batch."""
+  engine = Engine(model, params, "examples")
+  out = [[] for _ in modes]
+  for s in range(0, len(examples), batch_size):
+    chunk = examples[s:s + batch_size]
+    memory = interleave.example_batch(model, params, chunk, batch_size)
+    for i, oracle in enumerate(modes):
+      gold = ([list(ex.rounds or [ex.positive_doc_ids]) for ex in chunk] if oracle else None)
+      out[i].extend(interleave.generate(engine, memory, [ex.question for ex in chunk], specials,
+                                        max_rounds=max_rounds, max_new_tokens=max_new_tokens,
+                                        oracle_rounds=gold))
+  return out
 
 
 def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
@@ -40,10 +62,9 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
   n_docs = max(len(ex.docs) for ex in examples)
   # Keep one batch's memory bounded: fewer examples per batch at large memories.
   batch = max(1, min(cfg.eval.batch_size, cfg.eval.get("max_batch_docs", 65_536) // n_docs))
-  kw = dict(batch_size=batch, max_rounds=cfg.eval.max_rounds,
-            max_new_tokens=cfg.eval.max_new_tokens)
-  routed, oracle = generate_with_memory(model, params, examples, specials, modes=(False, True),
-                                        **kw)
+  routed, oracle = generate_with_memory(model, params, examples, specials, batch_size=batch,
+                                        max_rounds=cfg.eval.max_rounds,
+                                        max_new_tokens=cfg.eval.max_new_tokens)
   em = np.mean([g.answer == ex.answer for g, ex in zip(routed, examples)])
   oracle_em = np.mean([g.answer == ex.answer for g, ex in zip(oracle, examples)])
   recall = {k: [] for k in (1, 5)}
@@ -51,11 +72,7 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
     first_gold = set(ex.rounds[0]) if ex.rounds else set(ex.positive_doc_ids)
     slots = [i for i, d in enumerate(ex.docs) if d.doc_id in first_gold]
     for k in recall:
-      recall[k].append(_recall(g.first_doc_scores[:, :len(ex.docs)], slots, k))
-  failures: dict[str, int] = {}
-  for g in routed:
-    if g.failure:
-      failures[g.failure] = failures.get(g.failure, 0) + 1
+      recall[k].append(_recall(g.first_scores[:, :len(ex.docs)], slots, k))
   return {
       "memory_multiplier": int(multiplier),
       # Synthetic memories are uniform; JSONL ones vary: the mean over the examples.
@@ -67,8 +84,41 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
       "router_recall@5": float(np.mean(recall[5])),
       "oracle_answer_exact_match": float(oracle_em),
       "num_examples": len(examples),
-      "failures": failures,
+      "failures": _count_failures(routed),
+      "timings_ms": _mean_timings(routed),
   }
+
+
+def _count_failures(gens) -> dict[str, int]:
+  failures: dict[str, int] = {}
+  for g in gens:
+    if g.failure:
+      failures[g.failure] = failures.get(g.failure, 0) + 1
+  return failures
+
+
+def _mean_timings(gens) -> dict[str, float]:
+  keys = gens[0].timings_ms.keys() if gens else ()
+  return {k: float(np.mean([g.timings_ms[k] for g in gens])) for k in keys}
+
+
+def score_bank_answers(answers: list[dict], k: int) -> dict[str, Any]:
+  """Exact match and router recall@1/@k of answer rows against their gold fields.
+
+  Recall: the gold ``doc_id`` (or the first round's gold ids) among the first round's
+  documents ranked by score, averaged over router layers, then over questions.
+  """
+  em, r1, rk = [], [], []
+  for row in answers:
+    if "answer_tokens" not in row or row.get("gold_answer_tokens") is None:
+      raise ValueError("score_bank_answers needs gold_answer_tokens and answer_tokens per row")
+    em.append(row["answer_tokens"] == row["gold_answer_tokens"])
+    gold = set(row["rounds_gold"][0]) if row.get("rounds_gold") else {str(row["doc_id"])}
+    ranked = row["ranked_doc_ids"]
+    r1.append(np.mean([len(gold & set(r[:1])) / len(gold) for r in ranked]))
+    rk.append(np.mean([len(gold & set(r[:k])) / len(gold) for r in ranked]))
+  return {"answer_exact_match": float(np.mean(em)), "router_recall@1": float(np.mean(r1)),
+          f"router_recall@{k}": float(np.mean(rk)), "num_questions": len(answers)}
 
 
 def plot(rows, path: str) -> None:
@@ -116,6 +166,68 @@ def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
   return result
 
 
+def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = "",
+             batch_size: int = 8, max_new_tokens: int = 16, max_rounds: int = 3,
+             kv_placement: str = "device", routing: str = "auto", oracle: bool = True,
+             limit: int = 0) -> dict[str, Any]:
+  """Scores the questions of ``questions_path`` over one shared bank (see module doc).
+
+  Writes ``out`` (default ``WORKDIR/eval_bank_<bank name>.json``) with exact match, router
+  recall@1/@k, oracle exact match and mean per-stage latency, and the answers beside it.
+  """
+  from msa_jax.generate import read_questions
+  from msa_jax.inference import MemoryEngine
+  out = out or os.path.join(workdir, f"eval_bank_{os.path.basename(os.path.normpath(bank_path))}.json")
+  _check_writable(out)
+  rows = read_questions(questions_path)
+  if limit:
+    rows = rows[:limit]
+  for n, row in enumerate(rows, start=1):
+    if "answer_tokens" not in row or "doc_id" not in row:
+      raise ValueError(f"{questions_path}: row {n} lacks the gold 'answer_tokens' / 'doc_id' "
+                       "(write questions with python -m msa_jax.data.write_task)")
+    row["gold_answer_tokens"] = row.pop("answer_tokens")
+    row["rounds_gold"] = row.pop("rounds", None) or [[str(row["doc_id"])]]
+  engine = MemoryEngine.load(workdir, bank_path, kv_placement=kv_placement, routing=routing,
+                             batch_size=batch_size, max_rounds=max_rounds)
+  k = engine.model.config.top_k
+  t0 = time.perf_counter()
+  answers = engine.generate(rows, max_new_tokens=max_new_tokens)
+  elapsed = time.perf_counter() - t0
+  result = {"bank": os.path.abspath(bank_path), "memory_tokens": engine.device_bank.bank.num_tokens,
+            "num_docs": engine.device_bank.bank.num_docs, "routing": engine.device_bank.settings.routing,
+            "kv_placement": kv_placement, **score_bank_answers(answers, k),
+            "timings_ms": {key: float(np.mean([a["timings_ms"][key] for a in answers]))
+                           for key in ("prefill", "decode")},
+            "seconds": elapsed, "failures": {}}
+  for a in answers:
+    if a.get("failure"):
+      result["failures"][a["failure"]] = result["failures"].get(a["failure"], 0) + 1
+  if oracle:
+    forced = engine.generate(rows, max_new_tokens=max_new_tokens, oracle=True)
+    result["oracle_answer_exact_match"] = float(np.mean(
+        [a["answer_tokens"] == a["gold_answer_tokens"] for a in forced]))
+  with open(out, "w") as f:
+    json.dump(result, f, indent=2)
+  with open(out.replace(".json", "") + "_answers.jsonl", "w") as f:
+    for a in answers:
+      f.write(json.dumps(a) + "\n")
+  print(f"bank eval: {result['memory_tokens']:,} tokens ({result['num_docs']:,} docs) | "
+        f"EM {result['answer_exact_match']:.3f} | R@1 {result['router_recall@1']:.3f} | "
+        f"R@{k} {result[f'router_recall@{k}']:.3f} | oracle EM "
+        f"{result.get('oracle_answer_exact_match', float('nan')):.3f} | prefill "
+        f"{result['timings_ms']['prefill']:.1f} ms, decode {result['timings_ms']['decode']:.1f} ms "
+        f"per question | wrote {out}", flush=True)
+  return result
+
+
+def _check_writable(path: str) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+    raise PermissionError(f"cannot write {path}: {parent} is not a writable directory; "
+                          "choose another --out")
+
+
 def load_for_eval(cfg, workdir: str):
   """The model and the latest checkpoint's parameters of a training run."""
   del cfg  # the run's own config.json describes the model
@@ -135,6 +247,13 @@ def main(argv):
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
+  f = flags.FLAGS
+  if f.bank or f.questions:
+    if not (f.bank and f.questions):
+      raise ValueError("--bank and --questions go together")
+    run_bank(workdir, f.bank, f.questions, out=f.out, batch_size=f.batch_size,
+             max_new_tokens=f.max_new_tokens, kv_placement=f.kv_placement, limit=f.limit)
+    return
   with open(path) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
   run(cfg, workdir)
@@ -143,4 +262,11 @@ def main(argv):
 if __name__ == "__main__":
   from absl import app, flags
   flags.DEFINE_string("workdir", None, "A training run's directory.", required=True)
+  flags.DEFINE_string("bank", "", "Evaluate over this shared bank (with --questions).")
+  flags.DEFINE_string("questions", "", "Question rows with gold answer_tokens and doc_id.")
+  flags.DEFINE_string("out", "", "Result JSON (default WORKDIR/eval_bank_<bank>.json).")
+  flags.DEFINE_integer("batch_size", 8, "Questions decoded together (bank mode).")
+  flags.DEFINE_integer("max_new_tokens", 8, "Tokens per round (bank mode).")
+  flags.DEFINE_integer("limit", 0, "Only the first N questions (bank mode; 0 = all).")
+  flags.DEFINE_enum("kv_placement", "device", ["device", "host"], "Where K̄/V̄ live (bank mode).")
   app.run(main)

@@ -33,6 +33,7 @@ class Generation:
   answer: Optional[list[int]]        # None when it never reached <end-of-retrieval>
   rounds: list[list[str]]            # document ids named in each retrieval round
   first_selected: list[list[str]]    # per router layer: documents selected in round 1
+  first_ranked: list[list[str]]      # the same, best score first
   first_scores: Optional[np.ndarray]  # [R, N] router scores of round 1 (per-example memory)
   failure: str = ""
   timings_ms: dict = dataclasses.field(default_factory=dict)
@@ -134,7 +135,7 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
   k = engine.model.config.top_k
   qs = [list(q) for q in questions] + [[specials.eos]] * (b - n)
   done = [False] * n + [True] * (b - n)
-  gens = [Generation(None, [], [], None, timings_ms={"prefill": 0.0, "decode": 0.0})
+  gens = [Generation(None, [], [], [], None, timings_ms={"prefill": 0.0, "decode": 0.0})
           for _ in range(n)]
   stops = {specials.id_end, specials.eos}
   key = jax.random.PRNGKey(seed)
@@ -186,13 +187,21 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
 def _record_first_round(gens, decisions, memory) -> None:
   docs = np.stack([np.asarray(d.doc_idx_bk) for d in decisions], 1)      # [B, R, k]
   valid = np.stack([np.asarray(d.valid_bk) for d in decisions], 1)
-  scores = (np.stack([np.asarray(d.doc_scores_bn) for d in decisions], 1)
-            if hasattr(decisions[0], "doc_scores_bn") else None)
+  if hasattr(decisions[0], "doc_scores_bn"):                              # per-example memory
+    scores = np.stack([np.asarray(d.doc_scores_bn) for d in decisions], 1)   # [B, R, N]
+    chosen = np.take_along_axis(scores, docs, 2)
+  else:                                                                    # a shared bank
+    scores = None
+    chosen = np.stack([np.asarray(d.top_scores_bk) for d in decisions], 1)
   for i, g in enumerate(gens):
-    g.first_selected = [[memory.name(i, int(j)) if memory.kind == "bank"
-                         else memory.examples[i].docs[int(j)].doc_id
-                         for j, ok in zip(docs[i, l], valid[i, l]) if ok]
-                        for l in range(docs.shape[1])]
+    name = lambda j: memory.name(i, int(j)) if memory.kind == "bank" else \
+        memory.examples[i].docs[int(j)].doc_id
+    g.first_selected, g.first_ranked = [], []
+    for l in range(docs.shape[1]):
+      ok = valid[i, l]
+      g.first_selected.append([name(j) for j in docs[i, l][ok]])
+      order = np.lexsort((docs[i, l][ok], -chosen[i, l][ok]))
+      g.first_ranked.append([name(j) for j in docs[i, l][ok][order]])
     g.first_scores = None if scores is None else scores[i]
 
 

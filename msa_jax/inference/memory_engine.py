@@ -109,6 +109,7 @@ class MemoryEngine:
                          and self.tokenizer is not None else None)
         res["rounds"] = g.rounds
         res["selected_doc_ids"] = g.first_selected
+        res["ranked_doc_ids"] = g.first_ranked
         res["timings_ms"] = {**{k: round(v, 3) for k, v in g.timings_ms.items()},
                              "batch": round(batch_ms, 3)}
         if g.failure:
@@ -120,6 +121,8 @@ class MemoryEngine:
 
 
 def _gold_rounds(row: dict) -> list[list[str]]:
+  if row.get("rounds_gold"):
+    return [list(r) for r in row["rounds_gold"]]
   if row.get("rounds"):
     return [list(r) for r in row["rounds"]]
   if "doc_id" in row:
