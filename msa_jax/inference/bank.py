@@ -131,8 +131,9 @@ class BankWriter:
       raise BankError(f"{path} already holds a bank; resume it or choose another --bank")
     os.makedirs(path, exist_ok=True)
     np.savez(os.path.join(path, PREFIX_FILE), tokens=np.asarray(prefix_tokens, np.int32),
-             **{f"k_{i}": np.asarray(k) for i, (k, _) in enumerate(prefix_kv)},
-             **{f"v_{i}": np.asarray(v) for i, (_, v) in enumerate(prefix_kv)})
+             # float32 in the npz (numpy has no bfloat16); cast back to kv_dtype on load
+             **{f"k_{i}": np.asarray(k, np.float32) for i, (k, _) in enumerate(prefix_kv)},
+             **{f"v_{i}": np.asarray(v, np.float32) for i, (_, v) in enumerate(prefix_kv)})
     with open(os.path.join(path, PREFIX_FILE), "rb") as f:
       prefix_digest = _digest(f.read())
     arrays = {}
@@ -277,7 +278,9 @@ class MemoryBank:
     with np.load(os.path.join(path, PREFIX_FILE)) as z:
       self.prefix_tokens = z["tokens"].tolist()
       n_layers = manifest["model_config"]["num_layers"]
-      self.prefix_kv = [(z[f"k_{i}"], z[f"v_{i}"]) for i in range(n_layers)]
+      dtype = _np_dtype(manifest["kv_dtype"])
+      self.prefix_kv = [(z[f"k_{i}"].astype(dtype), z[f"v_{i}"].astype(dtype))
+                        for i in range(n_layers)]
 
   @property
   def num_docs(self) -> int:

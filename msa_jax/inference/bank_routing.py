@@ -122,19 +122,20 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4
 
 
 def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int = 4096,
-                implementation: str = "xla", layout=None):
-  """Top-k of one device's chunks: the tiled XLA scan, or the Pallas routing kernel.
+                implementation: str = "xla"):
+  """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
 
-  ``implementation="pallas"`` calls ``pallas_kernels.block_routing.route_top_k`` (Mosaic
-  GPU; the fused block top-k kernel when ``layout`` is given).
+  ``implementation="pallas"`` runs ``pallas_kernels.block_routing.route_top_k`` with the
+  fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
+  block-local top-k in one pass; only k candidates per block leave it), so memory stays
+  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``.
   """
   if implementation == "xla":
     return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile)
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
-  num_docs = 0 if layout is not None else int(chunk_doc_c.shape[0])
   scores, sel = block_routing.route_top_k(
-      rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, num_docs, k, implementation="pallas",
-      layout=layout)
+      rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, 0, k, implementation="pallas",
+      block_sizes=block_routing.BlockSizes(fused=True))
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
 
 

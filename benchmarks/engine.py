@@ -1,0 +1,187 @@
+"""Memory engine benchmark: encode a corpus into a bank, then answer from it, by stage.
+
+  python -m benchmarks.engine --config=configs/16k_to_100m.py:tiny --tokens=10000000
+
+Builds the recipe's model (random weights unless ``--checkpoint``: encode, routing and
+attention cost do not depend on the weights), writes a corpus of ``--tokens`` tokens whose
+document lengths follow the recipe's own task (random token ids), encodes it with the real
+encoder (``msa_jax.inference.encode``, bank on local disk), places the bank on the devices
+and times, medians after warm-up:
+  * encode: tokens/s of the whole stage 1 (validation pass, batches, disk writes);
+  * route: one router layer's top-k over the whole bank (each implementation that runs
+    here), against the read floor (bytes of K̄R over a pure-read bandwidth measured in
+    this run);
+  * prefill: a question's stage 2 (all layers, routing in every router layer, the fetch of
+    the selected chunks, KV cache) at batch 1 and 8;
+  * decode: one token per row from the KV cache at batch 1 and 8.
+Prints a table and writes ``engine.json`` to ``$OUT`` (or benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import device_name, out_dir, time_ms, write_json
+
+
+def read_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
+  """Pure-read bandwidth (GB/s): a sum over a large buffer reads each byte once."""
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  ms = time_ms(jax.jit(jnp.sum), x, iters=5)
+  del x
+  return num_bytes / ms / 1e6
+
+
+def build_model(config: str, checkpoint: str):
+  from msa_jax.inference.checkpoint import load_model
+  if checkpoint:
+    return load_model(checkpoint)
+  import flax.linen as nn
+  from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
+  from msa_jax.model import MSAModel
+  from msa_jax.trainer import resolve_model_config
+  cfg = _load_config(config)
+  model = MSAModel(resolve_model_config(cfg))
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return model, nn.unbox(params)
+
+
+def _load_config(spec: str):
+  import importlib.util
+  path, _, variant = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("recipe", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(variant) if variant else mod.get_config()
+
+
+def doc_lengths_of_recipe(config: str, n: int, seed: int = 0) -> np.ndarray:
+  """``n`` document lengths drawn from the recipe task's own documents."""
+  from msa_jax.data import from_config
+  cfg = _load_config(config)
+  task = from_config.eval_task(cfg.data, cfg.seed, 1)
+  lengths = np.array([len(d.tokens) for i in range(4) for d in task(i).docs])
+  return np.random.default_rng(seed).choice(lengths, n)
+
+
+def write_corpus(path: str, lengths: np.ndarray, vocab: int, seed: int = 0) -> int:
+  rng = np.random.default_rng(seed)
+  with open(path, "w") as f:
+    for i, n in enumerate(lengths):
+      f.write(json.dumps({"id": f"d{i}", "tokens": rng.integers(8, vocab, int(n)).tolist()})
+              + "\n")
+  return int(lengths.sum())
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/16k_to_100m.py:tiny")
+  ap.add_argument("--checkpoint", default="")
+  ap.add_argument("--tokens", type=int, default=1_000_000)
+  ap.add_argument("--question_len", type=int, default=8)
+  ap.add_argument("--workdir", default="")
+  ap.add_argument("--batch_tokens", type=int, default=65_536)
+  ap.add_argument("--window_tokens", type=int, default=1 << 21)
+  args = ap.parse_args()
+  from msa_jax.inference import bank as bank_lib
+  from msa_jax.inference import engine as engine_lib
+  from msa_jax.inference.bank_routing import sharded_top_k
+  from msa_jax.inference.encode import encode_corpus
+  from msa_jax.inference.memory import DeviceBank
+
+  model, params = build_model(args.config, args.checkpoint)
+  cfg = model.config
+  work = args.workdir or tempfile.mkdtemp(prefix="engine_bench_")
+  os.makedirs(work, exist_ok=True)
+  corpus, bank_dir = os.path.join(work, "corpus.jsonl"), os.path.join(work, "bank")
+  mean_len = doc_lengths_of_recipe(args.config, 4096).mean()
+  lengths = doc_lengths_of_recipe(args.config, int(args.tokens / mean_len) + 1)
+  t0 = time.perf_counter()
+  total = write_corpus(corpus, lengths, cfg.vocab_size)
+  print(f"corpus: {len(lengths):,} documents, {total:,} tokens ({time.perf_counter() - t0:.0f}s)",
+        flush=True)
+  t0 = time.perf_counter()
+  manifest = encode_corpus(model, params, corpus, bank_dir, tokenizer=None, prefix_tokens=[1],
+                           window_tokens=args.window_tokens, batch_tokens=args.batch_tokens)
+  encode_s = time.perf_counter() - t0
+  bank = bank_lib.open_bank(bank_dir)
+  rows = {"model": cfg.to_dict(), "memory_tokens": bank.num_tokens, "num_docs": bank.num_docs,
+          "num_chunks": bank.num_chunks, "encode_seconds": encode_s,
+          "encode_tokens_per_s": bank.num_tokens / encode_s,
+          "bank_bytes": sum(os.path.getsize(os.path.join(bank_dir, f))
+                            for f in os.listdir(bank_dir))}
+  bw = read_bandwidth_gbs()
+  rows["read_bandwidth_gbs"] = bw
+  impls = ["xla"] + (["pallas"] if jax.devices()[0].platform == "gpu" else [])
+  rng = np.random.default_rng(0)
+  for impl in list(impls):
+    try:
+      bench_impl(impl, bank, model, params, args, rows, bw, rng)
+    except Exception as e:  # noqa: BLE001  (a kernel that does not run here is reported)
+      print(f"{impl}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
+      rows[f"error_{impl}"] = f"{type(e).__name__}: {str(e)[:400]}"
+      impls.remove(impl)
+  kr_bytes = bank.kr(bank.router_layers[0]).nbytes
+  report(rows, impls, bank, bw, kr_bytes, encode_s)
+
+
+def bench_impl(impl, bank, model, params, args, rows, bw, rng):
+  """Route / prefill / decode timings with one routing implementation."""
+  from msa_jax.inference import engine as engine_lib
+  from msa_jax.inference.bank_routing import sharded_top_k
+  from msa_jax.inference.memory import DeviceBank
+  cfg = model.config
+  if True:
+    placed = DeviceBank.load(bank, kv_placement="device", routing_impl=impl)
+    layer = bank.router_layers[0]
+    mesh = placed.settings.mesh
+    kr_bytes = bank.kr(layer).nbytes
+    for b in (1, 8):
+      f = cfg.num_kv_heads * cfg.head_dim
+      rq = jnp.asarray(rng.normal(size=(b, args.question_len, f)).astype(np.float32))
+      mask = jnp.ones((b, args.question_len), bool)
+      route = jax.jit(lambda q, m, kr, doc: sharded_top_k(mesh, q, m, kr, doc, cfg.top_k,
+                                                          tile=placed.settings.tile,
+                                                          implementation=impl))
+      ms = time_ms(route, rq, mask, placed.kr[layer], placed.chunk_doc)
+      rows[f"route_ms_{impl}_b{b}"] = ms
+      rows[f"route_floor_ms_b{b}"] = kr_bytes / bw / 1e6
+    eng = engine_lib.Engine(model, params, "bank", placed.settings)
+    for b in (1, 8):
+      m = 64
+      tokens = rng.integers(8, cfg.vocab_size, (b, m)).astype(np.int32)
+      q_len = np.full((b,), args.question_len, np.int32)
+      start = np.full((b,), engine_lib.active_start(cfg, 1), np.int32)
+      prefix = engine_lib.bank_prefix(bank, b)
+      pre = lambda: eng.prefill(placed.arrays(), prefix, tokens, q_len, start)
+      rows[f"prefill_ms_{impl}_b{b}"] = time_ms(lambda: pre()[0], iters=3)
+      _, _, cache = pre()
+      tok = jnp.zeros((b,), jnp.int32)
+      cur = jnp.asarray(q_len)
+      dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur,
+                                                     jnp.asarray(start))[0])
+      rows[f"decode_ms_per_token_{impl}_b{b}"] = time_ms(dec, cache, iters=5)
+
+
+def report(rows, impls, bank, bw, kr_bytes, encode_s):
+  print(f"\n{device_name()}  bank {rows['memory_tokens']:,} tokens, {rows['num_chunks']:,} "
+        f"chunks, {len(bank.router_layers)} router layers")
+  print(f"encode: {rows['encode_tokens_per_s']:,.0f} tokens/s ({encode_s:.1f}s)")
+  print(f"read bandwidth {bw:,.0f} GB/s; one layer's K̄R {kr_bytes / 1e6:,.1f} MB")
+  print(f"{'stage':32s} {'batch 1':>10s} {'batch 8':>10s}")
+  for key in ["route_floor_ms"] + [f"{s}_{i}" for i in impls
+                                   for s in ("route_ms", "prefill_ms", "decode_ms_per_token")]:
+    print(f"{key:32s} {rows.get(key + '_b1', float('nan')):10.3f} "
+          f"{rows.get(key + '_b8', float('nan')):10.3f}")
+  write_json(os.path.join(out_dir(), "engine.json"), rows)
+
+
+if __name__ == "__main__":
+  main()
