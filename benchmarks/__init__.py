@@ -39,6 +39,16 @@ def copy_bandwidth_gbs(num_bytes: int = 4 << 30) -> float:
   return 2 * num_bytes / ms / 1e6
 
 
+def read_bandwidth_gbs(num_bytes: int = 4 << 30) -> float:
+  """Device read bandwidth (GB/s): a sum over a large bf16 buffer (reads only, one scalar
+  written). The floor of a kernel that streams its operand once."""
+  x = jnp.ones((num_bytes // 2 // 4096, 4096), jnp.bfloat16)
+  f = jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32))
+  ms = time_ms(f, x, iters=5)
+  del x
+  return num_bytes / ms / 1e6
+
+
 def device_name() -> str:
   d = jax.devices()[0]
   return f"{d.platform}:{getattr(d, 'device_kind', '?')}"

@@ -2,7 +2,8 @@
 
 F = Hkv·D = 1024, M = 64 question tokens, P = 64 (100M tokens = 1.56M chunks),
 documents of ``--doc-chunks`` chunks. For each memory size it times:
-  * floor: bytes of K̄R (bf16) / copy bandwidth measured in this run;
+  * floor: bytes of K̄R (bf16) / read bandwidth measured in this run (a pure-read
+    reduction over 4 GiB; the copy bandwidth, read + write, is reported beside it);
   * xla_scores: the best plain-XLA chunk scores (bf16 matmul, f32 acc, masked max);
   * xla_route: xla_scores + segment max + top-k (the full XLA path, same tail);
   * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
@@ -25,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import (copy_bandwidth_gbs, device_name, gpu_kernel_times, out_dir, time_ms,
-                        write_json)
+from benchmarks import (copy_bandwidth_gbs, device_name, gpu_kernel_times, out_dir,
+                        read_bandwidth_gbs, time_ms, write_json)
 from msa_jax import routing as ref_routing
 from pallas_kernels import block_routing as br
 from pallas_kernels import block_top_k as bt
@@ -175,8 +176,11 @@ def main():
                   help="programs of the fused kernel to try (0 = one per SM)")
   ap.add_argument("--sweep-at", type=float, default=1e8, help="memory size that tries every config")
   args = ap.parse_args()
-  bw = copy_bandwidth_gbs() if jax.default_backend() == "gpu" else copy_bandwidth_gbs(1 << 26)
-  print(f"device {device_name()}  copy bandwidth {bw:.0f} GB/s (read+write)", flush=True)
+  size = {} if jax.default_backend() == "gpu" else {"num_bytes": 1 << 26}
+  bw = read_bandwidth_gbs(**size)
+  copy_bw = copy_bandwidth_gbs(**size)
+  print(f"device {device_name()}  read bandwidth {bw:.0f} GB/s (the floor's), "
+        f"copy bandwidth {copy_bw:.0f} GB/s (read+write)", flush=True)
   configs = {k: CONFIGS[k] for k in args.configs.split(",")}
   rows, best = [], None
   sizes = sorted((int(float(t)) for t in args.tokens.split(",")), reverse=True)
@@ -202,7 +206,8 @@ def main():
           f"{r.get('pallas_config', '-'):>11} {r.get('selection_equal_xla')} "
           f"{r.get('fused_selection_equal_unfused')}")
   od = out_dir()
-  write_json(os.path.join(od, "routing.json"), {"copy_bw_gbs": bw, "F": F, "M": M, "P": P,
+  write_json(os.path.join(od, "routing.json"), {"read_bw_gbs": bw, "copy_bw_gbs": copy_bw,
+                                                "F": F, "M": M, "P": P,
                                                 "k": K_DOCS, "rows": rows})
   try:
     import matplotlib
@@ -210,7 +215,7 @@ def main():
     import matplotlib.pyplot as plt
     t = [r["tokens"] for r in rows]
     plt.figure(figsize=(6, 4))
-    for key, lab in (("floor_ms", "HBM floor"), ("xla_route_ms", "XLA route"),
+    for key, lab in (("floor_ms", "read floor"), ("xla_route_ms", "XLA route"),
                      ("pallas_route_ms", "Pallas route"),
                      ("pallas_fused_route_ms", "Pallas fused route"), ("xla_scores_ms", "XLA scores+max")):
       plt.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
