@@ -45,6 +45,9 @@ CONFIGS = {
     "q64k64s2": sa.BlockSizes(block_q=64, block_kv=64, stages=2),
     "q64k128s2": sa.BlockSizes(block_q=64, block_kv=128, stages=2),
     "q64k64s3": sa.BlockSizes(block_q=64, block_kv=64, stages=3),
+    "ws_q64k128s2": sa.BlockSizes(block_q=64, block_kv=128, stages=2, warp_specialized=True),
+    "ws_q64k64s3": sa.BlockSizes(block_q=64, block_kv=64, stages=3, warp_specialized=True),
+    "ws_q64k64s4": sa.BlockSizes(block_q=64, block_kv=64, stages=4, warp_specialized=True),
 }
 BWD_CONFIGS = {
     "b64x64s2": sa.BlockSizes(bwd_block_q=64, bwd_block_kv=64, bwd_stages=2),

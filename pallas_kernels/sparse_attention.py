@@ -28,6 +28,7 @@ from jax import lax
 from msa_jax import attention as ref_attention
 from pallas_kernels import _platform
 from pallas_kernels import sparse_attention_bwd as bwd
+from pallas_kernels import sparse_attention_fwd_ws as fwd_ws
 
 MASKED = -1e30
 LOG2E = math.log2(math.e)
@@ -45,6 +46,9 @@ class BlockSizes:
     (else through shared memory; GPU only).
   bwd_block_q, bwd_block_kv, bwd_stages: the same for both backward kernels (dQ
     tiles queries by ``bwd_block_q``; dK/dV keys by ``bwd_block_kv``).
+  warp_specialized: forward through ``sparse_attention_fwd_ws`` (a memory
+    warpgroup and two compute warpgroups, each of ``block_q`` rows) when there is
+    more than one query block.
   """
 
   block_q: int = 64
@@ -54,6 +58,7 @@ class BlockSizes:
   bwd_block_q: int = 64
   bwd_block_kv: int = 64
   bwd_stages: int = 2
+  warp_specialized: bool = False
 
 
 def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
@@ -216,13 +221,20 @@ def _check(q_bmhd, k_self_bmgd, bs: BlockSizes):
       raise ValueError(f"query and key blocks must divide one another: {bs}")
 
 
+def _use_ws(bs: BlockSizes, m: int) -> bool:
+  """The warp-specialised forward, when asked for and there is more than one query
+  block (it takes them in pairs: one block would be padded to two)."""
+  return bs.warp_specialized and m > bs.block_q
+
+
 def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
          ctx_mask_bs, bs: BlockSizes) -> _Padded:
   """Pads every operand to whole tiles of both the forward and the backward kernels."""
   b, m, _, d = q_bmhd.shape
   g = k_self_bmgd.shape[2]
   bf = jnp.bfloat16
-  m_pad = _round_up(m, math.lcm(bs.block_q, bs.block_kv, bs.bwd_block_q, bs.bwd_block_kv))
+  q_tile = bs.block_q * (2 if _use_ws(bs, m) else 1)
+  m_pad = _round_up(m, math.lcm(q_tile, bs.block_kv, bs.bwd_block_q, bs.bwd_block_kv))
   smask = _pad_axis(self_mask_bm, 1, m_pad, False)
   s = k_ctx_bsgd.shape[1]
   if s:
@@ -256,8 +268,11 @@ def _forward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_b
   x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
            ctx_mask_bs, bs)
   params = _platform.mosaic_interpret_params(interpret)
-  out, lse = _forward_call(b, x.m, h, g, d, x.s, bs, params)(
-      x.q, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
+  if _use_ws(bs, m):
+    call = fwd_ws.forward_call(b, x.m, h, g, d, x.s, bs.block_q, bs.block_kv, bs.stages, params)
+  else:
+    call = _forward_call(b, x.m, h, g, d, x.s, bs, params)
+  out, lse = call(x.q, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
   visible_bm = _visible(self_mask_bm, ctx_mask_bs)
   out = jnp.where(visible_bm[:, :, None, None], out[:, :m], 0).astype(q_bmhd.dtype)
   return out, lse

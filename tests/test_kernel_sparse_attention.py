@@ -76,6 +76,17 @@ def test_pallas_matches_reference_interpret(m, s, valid):
     assert np.all(np.asarray(got[0, :3]) == 0)
 
 
+def test_warp_specialized_forward_matches_reference_interpret():
+  """The three-warpgroup forward (interpreted): a pair of query blocks, context with
+  masked slots, own tokens with leading padding."""
+  q, k, v, smask, kc, vc, cmask = _inputs(7, 1, 128, 2, 1, 64, 64, self_valid=[[0] * 2 + [1] * 126])
+  cmask = jnp.zeros_like(cmask).at[0, 5:].set(True)
+  bs = sa.BlockSizes(block_kv=64, warp_specialized=True)
+  got = sa.attend(q, k, v, smask, kc, vc, cmask, implementation="pallas", block_sizes=bs)
+  want = sa.attend_reference(*_f32(q, k, v), smask, *_f32(kc, vc), cmask)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=1e-2)
+
+
 def _grads(impl, args, w, bs=None):
   """Gradients of ``sum(w * attend)`` w.r.t. q, k_self, v_self, k_ctx, v_ctx."""
   q, k, v, smask, kc, vc, cmask = args
@@ -167,6 +178,8 @@ def test_pallas_backward_never_materialises_logits():
     (2, 300, 1000, sa.BlockSizes()),
     (1, 1024, 2048, sa.BlockSizes(block_kv=128, bwd_block_kv=128)),
     (3, 64, 17, sa.BlockSizes(stages=3, bwd_stages=3)),
+    (2, 300, 1000, sa.BlockSizes(block_kv=128, warp_specialized=True)),
+    (1, 1024, 2048, sa.BlockSizes(block_kv=64, stages=3, warp_specialized=True)),
 ])
 def test_gpu_pallas_compiled(b, m, s, bs):
   rng = np.random.default_rng(m)
