@@ -50,7 +50,8 @@ def reference_top_k(rq, mask, kr, chunk_doc, n, k):
   return np.asarray(doc_s), sel
 
 
-@pytest.mark.parametrize("tile,quantise", [(4, False), (5, True), (64, False)])
+@pytest.mark.parametrize("tile,quantise", [(4, False), (5, True), (64, False), (16, True),
+                                           (None, True)])
 def test_tiled_top_k_equals_reference(tile, quantise):
   """Documents of 1-9 chunks cut by tile edges (tile 4, 5) or inside one tile (64), with
   ties (quantised keys) and a second example whose only routing token is masked."""

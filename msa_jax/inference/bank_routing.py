@@ -57,7 +57,15 @@ def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf):
   return jnp.max(s_bmt, axis=1)
 
 
-def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4096):
+SCORE_BUDGET_BYTES = 1 << 28   # float32 [B, M, tile] scores of one scan step, at most
+
+
+def auto_tile(b: int, m: int, c: int, budget: int = SCORE_BUDGET_BYTES) -> int:
+  """Chunks per scan step: as many as a fixed score budget allows (a constant, not the bank)."""
+  return int(max(256, min(c, budget // max(1, 4 * b * m))))
+
+
+def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | None = None):
   """Top-k documents of a chunk bank, scanning ``tile`` chunks at a time.
 
   Args:
@@ -67,7 +75,8 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4
     chunk_doc_c: int32 ``[C]``, non-decreasing over real chunks (documents contiguous
       and in index order), ``-1`` for padding chunks (only at the end of a run).
     k: documents to keep.
-    tile: chunks per scan step (``C`` is padded up to a multiple of it).
+    tile: chunks per scan step (``C`` is padded up to a multiple of it); None: as many
+      as ``SCORE_BUDGET_BYTES`` of scores allow (:func:`auto_tile`).
   Returns:
     ``(scores [B, k], docs [B, k])`` best first, ``(-inf, NO_DOC)`` where fewer than k
     documents exist (or no token routes).
@@ -75,7 +84,7 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4
   rq_bmf = rq_bmf.astype(jnp.float32)
   b = rq_bmf.shape[0]
   c, f = kr_cf.shape
-  tile = max(1, min(tile, c))
+  tile = auto_tile(b, rq_bmf.shape[1], c) if tile is None else max(1, min(tile, c))
   n_tiles = -(-c // tile)
   pad = n_tiles * tile - c
   kr = jnp.pad(kr_cf, ((0, pad), (0, 0))).reshape(n_tiles, tile, f)
@@ -106,6 +115,9 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4
     prev_done = (open_d >= 0) & ~continues
     prev_s = jnp.where(prev_done, open_s, NEG_INF)[:, None]
     prev_d = jnp.broadcast_to(open_d, (b, 1))
+    if tile > k:   # the tile's own k best (stable: ties keep the lower document) can win
+      cand_s, pick = jax.lax.top_k(cand_s, k)
+      cand_d = jnp.take_along_axis(cand_d, pick, axis=1)
     best_s, best_d = merge_top_k(jnp.concatenate([best_s, prev_s, cand_s], 1),
                                  jnp.concatenate([best_d, prev_d, cand_d], 1), k)
     new_open_d = jnp.where(any_real, last, jnp.where(prev_done, -1, open_d))
@@ -121,7 +133,7 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int = 4
                      jnp.concatenate([best_d, jnp.broadcast_to(open_d, (b, 1))], 1), k)
 
 
-def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int = 4096,
+def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int | None = None,
                 implementation: str = "xla"):
   """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
 
@@ -133,14 +145,15 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   if implementation == "xla":
     return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile)
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
+  f = kr_cf.shape[1]
   scores, sel = block_routing.route_top_k(
       rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, 0, k, implementation="pallas",
-      block_sizes=block_routing.BlockSizes(fused=True))
+      block_sizes=block_routing.BlockSizes(fused=True, features=128 if f % 128 == 0 else 64))
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
 
 
 def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
-                  tile: int = 4096, axis: str = "memory", implementation: str = "xla"):
+                  tile: int | None = None, axis: str = "memory", implementation: str = "xla"):
   """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
 
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole

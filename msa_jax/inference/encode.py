@@ -180,42 +180,45 @@ class Encoder:
     """Pooled chunks of ``docs`` (positions from ``starts``): ``(layers, chunks per doc)``.
 
     ``layers[i]`` holds ``kr``, ``k``, ``v`` rows of every document's chunks, documents
-    in the given order.
+    in the given order (batches are cut by length, their rows put back in order).
     """
     cfg = self.cfg
     p = cfg.pooling_chunk_size
-    lengths = np.array([len(d.tokens) for d in docs])
+    lengths = np.array([len(d.tokens) for d in docs], np.int64)
+    flat = np.concatenate([np.asarray(d.tokens, np.int32) for d in docs])
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    starts = np.asarray(starts, np.int64)
+    chunks = -(-lengths // p)
+    first_row = np.concatenate([[0], np.cumsum(chunks)])      # window order
     levels = length_buckets(p, int(lengths.max()))
     level_of = np.searchsorted(levels, lengths)
-    chunks = [-(-int(n) // p) for n in lengths]
-    out = {i: {"kr": [None] * len(docs), "k": [None] * len(docs), "v": [None] * len(docs)}
-           for i in cfg.router_layer_ids}
+    out = {i: {part: None for part in ("kr", "k", "v")} for i in cfg.router_layer_ids}
     for lv in np.unique(level_of):
       width = levels[lv]
       rows = max(1, self.batch_tokens // width)
       members = np.nonzero(level_of == lv)[0]
       for s in range(0, len(members), rows):
         group = members[s:s + rows]
-        tokens = np.zeros((rows, width), np.int32)
+        col = np.arange(width)
         mask = np.zeros((rows, width), bool)
+        mask[:len(group)] = col[None] < lengths[group][:, None]
+        take = np.where(mask[:len(group)], offsets[group][:, None] + col[None], 0)
+        tokens = np.zeros((rows, width), np.int32)
+        tokens[:len(group)] = np.where(mask[:len(group)], flat[take], 0)
         pos = np.zeros((rows, width), np.int32)
-        for r, j in enumerate(group):
-          n = lengths[j]
-          tokens[r, :n] = docs[j].tokens
-          mask[r, :n] = True
-          pos[r] = starts[j] + np.arange(width)
+        pos[:len(group)] = starts[group][:, None] + col[None]
         memory = self._encode(self.params, jnp.asarray(tokens), jnp.asarray(mask),
                               jnp.asarray(pos))
+        c_max = -(-width // p)
+        present = np.arange(c_max)[None] < chunks[group][:, None]        # [g, C]
+        dest = (first_row[group][:, None] + np.arange(c_max)[None])[present]
         for i, mem in memory.items():
-          kr = np.asarray(mem.kr_bncf[0])
-          k = np.asarray(mem.k_bncgd[0])
-          v = np.asarray(mem.v_bncgd[0])
-          for r, j in enumerate(group):
-            c = chunks[j]
-            out[i]["kr"][j], out[i]["k"][j], out[i]["v"][j] = kr[r, :c], k[r, :c], v[r, :c]
-    layers = {i: {part: np.concatenate(rows_, 0) for part, rows_ in parts.items()}
-              for i, parts in out.items()}
-    return layers, chunks
+          for part, arr in (("kr", mem.kr_bncf), ("k", mem.k_bncgd), ("v", mem.v_bncgd)):
+            rows_ = np.asarray(arr[0, :len(group)])[present]
+            if out[i][part] is None:
+              out[i][part] = np.empty((first_row[-1], *rows_.shape[1:]), rows_.dtype)
+            out[i][part][dest] = rows_
+    return out, chunks.tolist()
 
 
 def _encode_docs(model, params, tokens_nl, mask_nl, pos_nl):

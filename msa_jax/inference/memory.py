@@ -46,7 +46,7 @@ class BankSettings:
 
   mesh: Mesh
   max_doc_chunks: int
-  tile: int
+  tile: Optional[int]          # chunks per routing scan step (None: a fixed score budget)
   routing: str                  # "xla" | "pallas"
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
 
@@ -175,7 +175,8 @@ class DeviceBank:
 
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
-           routing_impl: str = "xla", tile: int = 4096, log=print) -> "DeviceBank":
+           routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
+           log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
 
     Reads the memory maps one shard at a time: host RAM never holds a whole array.
@@ -193,8 +194,8 @@ class DeviceBank:
     bounds = shard_plan(chunks, shards)
     chunk_bounds = np.concatenate([[0], np.cumsum(chunks)])[bounds]
     per_shard = np.diff(chunk_bounds)
-    tile = int(min(tile, max(1, per_shard.max())))
-    rows = int(-(-(per_shard.max() + cmax) // tile) * tile)   # + cmax: slices stay in bounds
+    step = tile or pad_to
+    rows = int(-(-(per_shard.max() + cmax) // step) * step)   # + cmax: slices stay in bounds
     doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
     doc_row = (index[:, _START] - chunk_bounds[doc_shard]).astype(np.int32)
     sharding = NamedSharding(mesh, PartitionSpec(MEMORY_AXIS))

@@ -24,11 +24,12 @@ from msa_jax.inference.engine import Engine
 from msa_jax.inference.memory import DeviceBank
 
 
-def default_routing(k: int) -> str:
-  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list, else ``xla``."""
+def default_routing(k: int, features: int) -> str:
+  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list and the key
+  width ``F = Hkv·D`` its tiles (a multiple of 64), else ``xla``."""
   from pallas_kernels import _platform
   from pallas_kernels.block_top_k import LIST_SLOTS
-  return "pallas" if _platform.on_gpu() and k <= LIST_SLOTS else "xla"
+  return "pallas" if _platform.on_gpu() and k <= LIST_SLOTS and features % 64 == 0 else "xla"
 
 
 class MemoryEngine:
@@ -60,7 +61,8 @@ class MemoryEngine:
       raise ValueError(f"no tokenizer for {checkpoint} and none recorded in the bank; pass "
                        "tokenizer_dir")
     if routing == "auto":
-      routing = default_routing(model.config.top_k)
+      cfg = model.config
+      routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
                                   log=log)
     return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds)
