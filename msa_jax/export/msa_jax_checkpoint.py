@@ -179,7 +179,9 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
   checkpointer = ocp.PyTreeCheckpointer()
   stored_tree = _stored_tree(checkpointer, path)
   if not isinstance(stored_tree, dict) or "params" not in stored_tree:
-    raise CheckpointError(f"{path}: not a train state (no 'params')")
+    raise CheckpointError(f"cannot read checkpoint {path}: its metadata has no train state "
+                          "with 'params' (a damaged or incomplete save, or not written by "
+                          "msa_jax.train); use another step (step=) or re-save it")
   _check_shapes(path, abstract_params, stored_tree["params"])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract_params)
