@@ -19,6 +19,10 @@ import os
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+# Imported now, not lazily by its pytest plugin at the end of the session: after this
+# module's orbax/transformers work that late import crashed CPython 3.11's ast
+# ("AST constructor recursion depth mismatch") in a run of this file alone.
+import hypothesis  # noqa: F401,E402
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -264,3 +268,12 @@ def test_unreadable_checkpoint_is_a_clear_error(run, tmp_path, damage, capsys):
 def test_unreadable_checkpoint_raises_checkpoint_error(tmp_path):
   with pytest.raises(CheckpointError, match="does not exist"):
     export(str(tmp_path / "nope"), "msa", str(tmp_path / "out"))
+
+
+def test_verify_reports_exact_round_trip(run, tmp_path, capsys):
+  assert cli_main([f"--checkpoint={run['workdir']}", "--format=msa", f"--out={tmp_path / 'v'}",
+                   "--verify"]) == 0
+  out = capsys.readouterr().out
+  for line in ("memory_logits_max_abs_diff = 0.0", "doc_scores_max_abs_diff = 0.0",
+               "same_selection = True", "tokenizer_round_trip = True"):
+    assert f"verify: {line}" in out, out

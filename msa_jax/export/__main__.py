@@ -1,7 +1,7 @@
 r"""Export a checkpoint for PyTorch or msa_jax.
 
   python -m msa_jax.export --checkpoint=CKPT --format=hf|msa|msa_jax --out=DIR \
-      [--dtype=bfloat16|float32|float16] [--step=N] [--overwrite]
+      [--dtype=bfloat16|float32|float16] [--step=N] [--overwrite] [--verify]
 
 CKPT: a training workdir (newest step, or --step), an msa_jax checkpoint, an HF
 Qwen3 dir or an MSA-4B dir. ``hf`` loads in ``transformers.Qwen3ForCausalLM``
@@ -31,6 +31,9 @@ def parse_args(argv):
                       help="a training workdir's step (default: the newest)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the checkpoint/config/tokenizer files of a non-empty --out")
+  parser.add_argument("--verify", action="store_true",
+                      help="compare the written dir with the checkpoint: memory forward "
+                           "(msa, msa_jax), transformers logits (hf), tokenizer round trip")
   parser.add_argument("--max_shard_size", default="5GB",
                       help="safetensors shard size for hf/msa (default 5GB)")
   return parser.parse_args(argv)
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     print(f"reading {args.checkpoint} ...", flush=True)
     result = export(args.checkpoint, args.format, args.out, dtype=args.dtype,
                     overwrite=args.overwrite, step=args.step,
-                    max_shard_size=args.max_shard_size)
+                    max_shard_size=args.max_shard_size, verify=args.verify)
   except (CheckpointError, ValueError, FileExistsError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
@@ -56,6 +59,8 @@ def main(argv=None) -> int:
   print(f"wrote {result.format} checkpoint to {result.out_dir} in "
         f"{time.perf_counter() - t0:.1f}s: {', '.join(result.files)}")
   print(f"tokenizer: {result.tokenizer}")
+  for name, value in result.checks.items():
+    print(f"verify: {name} = {value}")
   return 0
 
 

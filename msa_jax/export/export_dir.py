@@ -44,6 +44,7 @@ class ExportResult:
   files: list[str]
   tokenizer: str          # where the tokenizer came from, or why there is none
   removed: list[str]      # old export files replaced under ``overwrite``
+  checks: dict = dataclasses.field(default_factory=dict)   # ``verify=True``: what was compared
 
 
 def check_format(fmt: str) -> str:
@@ -122,38 +123,44 @@ def _load(checkpoint: str, dtype: Optional[str], step: Optional[int]):
 
 
 def _write_tokenizer(checkpoint: str, out_dir: str, vocab_size: int):
-  """Tokenizer + generation config into ``out_dir``: ``(files, description, config keys)``."""
+  """Tokenizer + generation config into ``out_dir``.
+
+  Returns ``(files, description, config.json keys, (tokenizer, data config) or None)``;
+  the last is set for a synthetic task's tokenizer (what ``verify`` round-trips).
+  """
   source = _source_config(checkpoint)
   if native.is_trainer_workdir(checkpoint):
     import ml_collections
     data_cfg = ml_collections.ConfigDict(source).data if "data" in source else None
     if data_cfg is None:
-      return [], "none: the workdir's config.json has no data config", {}
+      return [], "none: the workdir's config.json has no data config", {}, None
     tok, hf_dir = tokenizer_files.workdir_tokenizer(data_cfg)
     if tok.vocab_size > vocab_size:
       raise CheckpointError(f"the task tokenizer has {tok.vocab_size} tokens but the model's "
                             f"vocab_size is {vocab_size}: this checkpoint was not trained "
                             "with this data config")
+    synthetic = None
     if hf_dir is not None:
       files = tokenizer_files.copy_tokenizer_files(hf_dir, out_dir, include_generation_config=False)
       desc = f"copied from data.tokenizer_dir={hf_dir}"
     else:
       files = tok.save_pretrained(out_dir)
       desc = f"the task's {type(tok).__name__} ({tok.vocab_size} words) in tokenizers format"
+      synthetic = (tok, data_cfg)
     files.append(tokenizer_files.write_generation_config(out_dir, tok.specials))
-    return files, desc, tokenizer_files.special_token_config(tok.specials)
+    return files, desc, tokenizer_files.special_token_config(tok.specials), synthetic
   if source is not None and "model_type" in source:   # an HF Qwen3 / MSA-4B dir
     files = tokenizer_files.copy_tokenizer_files(checkpoint, out_dir)
     carried = {k: source[k] for k in _CARRIED_CONFIG_KEYS if k in source}
     desc = (f"copied from {checkpoint}" if files
             else f"none: {checkpoint} has no tokenizer files")
-    return files, desc, carried
-  return [], "none: an msa_jax checkpoint records no tokenizer", {}
+    return files, desc, carried, None
+  return [], "none: an msa_jax checkpoint records no tokenizer", {}, None
 
 
 def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = None,
            overwrite: bool = False, step: Optional[int] = None,
-           max_shard_size="5GB") -> ExportResult:
+           max_shard_size="5GB", verify: bool = False) -> ExportResult:
   """Converts ``checkpoint`` into a ``fmt`` dir at ``out_dir`` (see module doc).
 
   Args:
@@ -164,6 +171,8 @@ def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = No
     overwrite: replace the export files (weights, configs, tokenizer) of a
       non-empty ``out_dir``; other files there are kept.
     step: a training workdir's step (default: the newest).
+    verify: compare the written dir with the source (:mod:`msa_jax.export.verify`);
+      the numbers are in ``ExportResult.checks``.
   Raises ``ValueError`` (bad format, dtype or out dir; ``FileExistsError`` for a
   non-empty one) or :class:`CheckpointError` (an unreadable checkpoint), each
   naming what to change.
@@ -176,8 +185,8 @@ def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = No
   _check_out_dir(out_dir, checkpoint, overwrite)
   model, params = _load(checkpoint, dtype, step)
   removed = _clear_out_dir(out_dir)   # only once the checkpoint has been read
-  tok_files, tok_desc, config_keys = _write_tokenizer(checkpoint, out_dir,
-                                                      model.config.vocab_size)
+  tok_files, tok_desc, config_keys, synthetic = _write_tokenizer(checkpoint, out_dir,
+                                                                 model.config.vocab_size)
   if fmt == FORMAT_MSA_JAX:
     native.save_msa_jax_checkpoint(model, params, out_dir)
   else:
@@ -185,4 +194,27 @@ def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = No
     save_pretrained(model, params, out_dir, format=fmt, max_shard_size=max_shard_size,
                     extra_config=config_keys)
   files = sorted(os.listdir(out_dir))
-  return ExportResult(os.path.abspath(out_dir), fmt, files, tok_desc, removed)
+  checks = _verify(model, params, out_dir, fmt, synthetic) if verify else {}
+  return ExportResult(os.path.abspath(out_dir), fmt, files, tok_desc, removed, checks)
+
+
+def _verify(model, params, out_dir: str, fmt: str, synthetic) -> dict:
+  from msa_jax.export import verify as verify_lib
+  from msa_jax.export.convert import from_pretrained
+  checks: dict = {}
+  if fmt == FORMAT_HF:
+    checks["transformers_logits_max_abs_diff"] = verify_lib.transformers_logits_diff(
+        model, params, out_dir)
+  else:
+    loaded, loaded_params = from_pretrained(out_dir, dtype=model.config.param_dtype)
+    checks.update(verify_lib.memory_forward_diff(model, params, loaded, loaded_params))
+  if synthetic is not None:
+    from msa_jax import input_pipeline
+    tok, data_cfg = synthetic
+    task = input_pipeline.make_task(data_cfg, 0)
+    texts = []
+    for i in range(4):
+      ex = task(i)
+      texts += [d.tokens for d in ex.docs] + [ex.question, ex.target]
+    checks["tokenizer_round_trip"] = verify_lib.tokenizer_round_trip(tok, out_dir, texts)
+  return checks
