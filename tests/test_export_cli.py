@@ -11,7 +11,8 @@ manager (no training steps, so no train-step compile). From it the CLI writes
 * ``msa_jax``: ``from_pretrained`` gives the same params, bit for bit;
 
 and the exported tokenizer loads with ``AutoTokenizer`` and encodes/decodes the
-task's text as the task's ``WordTokenizer`` does.
+task's text as the task's ``WordTokenizer`` does. A ``slow`` test exports a run the
+trainer really trained (12 steps of ``train_common.small_cfg``) with ``--verify``.
 """
 import json
 import os
@@ -37,7 +38,7 @@ from msa_jax.export.testing import read_safetensors_dir, torch_logits  # noqa: E
 from msa_jax.trainer import TrainSetup, _write_config  # noqa: E402
 
 from tests import reference_numpy as R  # noqa: E402
-from train_common import get_config  # noqa: E402
+from train_common import compilation_cache, get_config, small_cfg  # noqa: E402,F401
 
 fast_compile = R.fast_compile_fixture()
 STEP = 7
@@ -277,3 +278,26 @@ def test_verify_reports_exact_round_trip(run, tmp_path, capsys):
   for line in ("memory_logits_max_abs_diff = 0.0", "doc_scores_max_abs_diff = 0.0",
                "same_selection = True", "tokenizer_round_trip = True"):
     assert f"verify: {line}" in out, out
+
+
+@pytest.mark.slow
+def test_cli_exports_a_really_trained_workdir(tmp_path, compilation_cache, capsys):  # noqa: F811
+  """The trainer's own 12-step run (``train_common.small_cfg``), exported in all three
+  formats with ``--verify``: exact memory forward, transformers logits, tokenizer."""
+  from msa_jax.trainer import train_and_evaluate
+  workdir = tmp_path / "run"
+  train_and_evaluate(small_cfg(), str(workdir))
+  capsys.readouterr()
+  for fmt in ("hf", "msa", "msa_jax"):
+    assert cli_main([f"--checkpoint={workdir}", f"--format={fmt}", f"--out={tmp_path / fmt}",
+                     "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert "verify: tokenizer_round_trip = True" in out, out
+    if fmt == "hf":
+      diff = float(out.split("transformers_logits_max_abs_diff = ")[1].split()[0])
+      assert diff < 1e-4, out
+    else:
+      assert "verify: memory_logits_max_abs_diff = 0.0" in out, out
+      assert "verify: same_selection = True" in out, out
+  msa = json.loads((tmp_path / "msa" / "config.json").read_text())["msa_config"]
+  assert msa["doc_top_k"] == small_cfg().model.top_k and msa["rewrite_position"] is True
