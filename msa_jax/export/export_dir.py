@@ -16,7 +16,6 @@ checkpoint has them (see :mod:`msa_jax.export.tokenizer_files`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Optional
@@ -96,18 +95,6 @@ def _clear_out_dir(out_dir: str) -> list[str]:
   return removed
 
 
-def _source_config(checkpoint: str) -> Optional[dict]:
-  path = os.path.join(checkpoint, "config.json")
-  if not os.path.isfile(path):
-    return None
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError):
-    return None
-  return config if isinstance(config, dict) else None
-
-
 def _load(checkpoint: str, dtype: Optional[str], step: Optional[int]):
   from msa_jax.export.convert import from_pretrained
   if not os.path.exists(checkpoint):
@@ -128,7 +115,7 @@ def _write_tokenizer(checkpoint: str, out_dir: str, vocab_size: int):
   Returns ``(files, description, config.json keys, (tokenizer, data config) or None)``;
   the last is set for a synthetic task's tokenizer (what ``verify`` round-trips).
   """
-  source = _source_config(checkpoint)
+  source = native.read_config_json(checkpoint)
   if native.is_trainer_workdir(checkpoint):
     import ml_collections
     data_cfg = ml_collections.ConfigDict(source).data if "data" in source else None

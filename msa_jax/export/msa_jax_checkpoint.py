@@ -128,9 +128,9 @@ TRAINER_CONFIG = "config.json"
 TRAINER_STATE_DIR = "state"
 
 
-def trainer_model_dict(workdir: str) -> Optional[dict]:
-  """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
-  path = os.path.join(workdir, TRAINER_CONFIG)
+def read_config_json(directory: str) -> Optional[dict]:
+  """``<directory>/config.json`` as a dict; None when absent or not a JSON object."""
+  path = os.path.join(directory, TRAINER_CONFIG)
   if not os.path.isfile(path):
     return None
   try:
@@ -138,7 +138,13 @@ def trainer_model_dict(workdir: str) -> Optional[dict]:
       config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError):
     return None
-  model = config.get("model") if isinstance(config, dict) else None
+  return config if isinstance(config, dict) else None
+
+
+def trainer_model_dict(workdir: str) -> Optional[dict]:
+  """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
+  config = read_config_json(workdir)
+  model = config.get("model") if config is not None else None
   if not isinstance(model, dict) or "model_type" in config:
     return None
   return model
