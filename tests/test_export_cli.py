@@ -193,15 +193,19 @@ def test_global_rope_scaled_dot_bfloat16_export(tmp_path):
                               if cfg.model.vocab_size else loaded.config.vocab_size)
 
 
-def test_hf_source_tokenizer_files_are_copied(run, tmp_path):
-  """An HF / MSA-4B source dir's tokenizer and generation config travel as they are."""
-  src = run["out"] / "msa"
-  export(str(src), "hf", str(tmp_path / "hf"))
+@pytest.mark.parametrize("source", ["msa", "msa_jax"])
+def test_source_dir_tokenizer_files_are_copied(run, tmp_path, source):
+  """An MSA-4B (HF-style) or msa_jax source dir's tokenizer and generation config travel
+  as they are; an HF-style source's eos/bos/pad ids reach config.json."""
+  src = run["out"] / source
+  result = export(str(src), "hf", str(tmp_path / "hf"))
+  assert result.tokenizer == f"copied from {src}"
   for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
     assert (tmp_path / "hf" / name).read_bytes() == (src / name).read_bytes(), name
   config = json.loads((tmp_path / "hf" / "config.json").read_text())
-  assert config["model_type"] == "qwen3" and config["eos_token_id"] == json.loads(
-      (src / "config.json").read_text())["eos_token_id"]
+  assert config["model_type"] == "qwen3"
+  if source == "msa":
+    assert config["eos_token_id"] == json.loads((src / "config.json").read_text())["eos_token_id"]
 
 
 # ----------------------------------------------------------------------------- errors

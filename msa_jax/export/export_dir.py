@@ -136,13 +136,13 @@ def _write_tokenizer(checkpoint: str, out_dir: str, vocab_size: int):
       synthetic = (tok, data_cfg)
     files.append(tokenizer_files.write_generation_config(out_dir, tok.specials))
     return files, desc, tokenizer_files.special_token_config(tok.specials), synthetic
-  if source is not None and "model_type" in source:   # an HF Qwen3 / MSA-4B dir
-    files = tokenizer_files.copy_tokenizer_files(checkpoint, out_dir)
+  # An HF Qwen3 / MSA-4B dir, or an msa_jax checkpoint (an export of ours carries them).
+  files = tokenizer_files.copy_tokenizer_files(checkpoint, out_dir)
+  carried = {}
+  if source is not None and "model_type" in source:
     carried = {k: source[k] for k in _CARRIED_CONFIG_KEYS if k in source}
-    desc = (f"copied from {checkpoint}" if files
-            else f"none: {checkpoint} has no tokenizer files")
-    return files, desc, carried, None
-  return [], "none: an msa_jax checkpoint records no tokenizer", {}, None
+  desc = f"copied from {checkpoint}" if files else f"none: {checkpoint} has no tokenizer files"
+  return files, desc, carried, None
 
 
 def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = None,
@@ -172,8 +172,8 @@ def export(checkpoint: str, fmt: str, out_dir: str, *, dtype: Optional[str] = No
   _check_out_dir(out_dir, checkpoint, overwrite)
   model, params = _load(checkpoint, dtype, step)
   removed = _clear_out_dir(out_dir)   # only once the checkpoint has been read
-  tok_files, tok_desc, config_keys, synthetic = _write_tokenizer(checkpoint, out_dir,
-                                                                 model.config.vocab_size)
+  _, tok_desc, config_keys, synthetic = _write_tokenizer(checkpoint, out_dir,
+                                                         model.config.vocab_size)
   if fmt == FORMAT_MSA_JAX:
     native.save_msa_jax_checkpoint(model, params, out_dir)
   else:

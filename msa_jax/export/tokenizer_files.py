@@ -9,7 +9,7 @@ the checkpoint was trained with:
 * a training workdir on a JSONL task: the files of its ``data.tokenizer_dir``;
 * a training workdir on a synthetic task (kv, niah): the task's ``WordTokenizer``
   saved in Hugging Face ``tokenizers`` format (``WordTokenizer.save_pretrained``);
-* an msa_jax checkpoint: none (it records no data config).
+* an msa_jax checkpoint: the tokenizer files in its dir, if any (an export carries them).
 """
 from __future__ import annotations
 
