@@ -33,6 +33,7 @@ class ModelConfig:
   top_k: int = 16
   rope_mode: str = "document"          # "document" (parallel + global) | "global" (ablation)
   routing_tokens: str = "question"     # "question" | "question_and_target"
+  routing_score: str = "cosine"        # "cosine" (SPEC §3) | "scaled_dot" (released engine)
   # Numerics and implementation.
   dtype: str = "float32"               # compute dtype of activations and matmuls
   param_dtype: str = "float32"
@@ -69,6 +70,9 @@ class ModelConfig:
          f"rope_mode must be 'document' or 'global', got {self.rope_mode!r}")
     need(self.routing_tokens in ("question", "question_and_target"),
          f"routing_tokens must be 'question' or 'question_and_target', got {self.routing_tokens!r}")
+    need(self.routing_score in ("cosine", "scaled_dot"),
+         f"routing_score must be 'cosine' (SPEC §3, as trained) or 'scaled_dot' (the "
+         f"authors' released inference engine), got {self.routing_score!r}")
     need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES,
          f"param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}")

@@ -40,7 +40,7 @@ class LayerMemory:
 
   k_bncgd: jax.Array        # pooled post-norm post-RoPE keys   [B, N, C, Hkv, D]
   v_bncgd: jax.Array        # pooled values                       [B, N, C, Hkv, D]
-  kr_bncf: jax.Array        # L2-normalised pooled router keys    [B, N, C, Hkv*D]
+  kr_bncf: jax.Array        # pooled router keys (routing.router_keys) [B, N, C, Hkv*D]
   chunk_mask_bnc: jax.Array  # chunk present                      [B, N, C]
 
 
@@ -252,7 +252,7 @@ class DecoderLayer(nn.Module):
     decision = None
     if self.is_router and memory is not None:
       rq = self._heads(self.router_q_proj(h), cfg.num_heads)
-      rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads)
+      rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads, cfg.routing_score)
       decision, mem_k, mem_v, mem_mask = memory.select(rq_bmf, route_mask_bm, cfg.top_k)
       mem_k, mem_v = mem_k.astype(k.dtype), mem_v.astype(v.dtype)
       context = (LayerContext(mem_k, mem_v, mem_mask) if context is None
@@ -332,7 +332,8 @@ class MSAModel(nn.Module):
     for i, layer in enumerate(self.layers[: last_router + 1]):
       x, k, v, rk = layer.encode(x, pos, mask)
       if rk is not None:
-        memory[i] = pool_layer_memory(k, v, rk, mask, cfg.pooling_chunk_size, b, n)
+        memory[i] = pool_layer_memory(k, v, rk, mask, cfg.pooling_chunk_size, b, n,
+                                      cfg.routing_score)
     return memory
 
   def encode_prefix(self, prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt):
@@ -397,12 +398,13 @@ class MSAModel(nn.Module):
         selected_valid_brk=jnp.stack([d.valid_bk for d in decisions], axis=1))
 
 
-def pool_layer_memory(k_btgd, v_btgd, rk_btgd, mask_bt, chunk_size: int, b: int, n: int):
+def pool_layer_memory(k_btgd, v_btgd, rk_btgd, mask_bt, chunk_size: int, b: int, n: int,
+                      routing_score: str = "cosine"):
   """Pools one router layer's per-token K, V, RK of ``b*n`` documents into chunks."""
   k_p, chunk_mask = pooling.mean_pool_chunks(k_btgd, mask_bt, chunk_size)
   v_p, _ = pooling.mean_pool_chunks(v_btgd, mask_bt, chunk_size)
   rk_p, _ = pooling.mean_pool_chunks(rk_btgd, mask_bt, chunk_size)
-  rk_p = routing.l2_normalize(rk_p)               # over D, per kv head
+  rk_p = routing.router_keys(rk_p, routing_score)   # cosine: L2 over D, per kv head
   c, g, d = k_p.shape[1:]
   return LayerMemory(
       k_bncgd=k_p.reshape(b, n, c, g, d).astype(k_btgd.dtype),

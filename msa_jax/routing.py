@@ -25,23 +25,60 @@ def l2_normalize(x, axis: int = -1, eps: float = 1e-12):
   return x * jax.lax.rsqrt(jnp.maximum(norm_sq, eps * eps))
 
 
-def group_sum_queries(rq_bmhd, num_kv_heads: int):
-  """Normalise router queries per head and fold the head mean into one vector.
+ROUTING_SCORES = ("cosine", "scaled_dot")
+
+
+def _check_routing_score(routing_score: str) -> None:
+  if routing_score not in ROUTING_SCORES:
+    raise ValueError(f"routing_score must be one of {ROUTING_SCORES}, got {routing_score!r}; "
+                     "set ModelConfig.routing_score")
+
+
+def routing_queries(rq_bmhd, routing_score: str = "cosine"):
+  """Per-head routing queries in float32, as the score ``routing_score`` wants them.
+
+  ``"cosine"`` (SPEC §3, the paper, the authors' training forward): unit norm
+  over D. ``"scaled_dot"`` (what the authors' released inference engine computes
+  for ``aux_loss_method="INFONCE_DECOUPLE"``): the raw projection times
+  ``1/sqrt(D)``, not normalised.
+  """
+  _check_routing_score(routing_score)
+  if routing_score == "cosine":
+    return l2_normalize(rq_bmhd)
+  return rq_bmhd.astype(jnp.float32) * (rq_bmhd.shape[-1] ** -0.5)
+
+
+def router_keys(pooled_rk, routing_score: str = "cosine"):
+  """Pooled router keys ``K̄R`` (per kv head, ``[..., D]``) as the score wants them.
+
+  ``"cosine"``: unit norm over D; ``"scaled_dot"``: the chunk means as they are.
+  """
+  _check_routing_score(routing_score)
+  if routing_score == "cosine":
+    return l2_normalize(pooled_rk)
+  return pooled_rk.astype(jnp.float32)
+
+
+def group_sum_queries(rq_bmhd, num_kv_heads: int, routing_score: str = "cosine"):
+  """Prepare router queries (:func:`routing_queries`) and fold the head mean into one vector.
 
   ``mean_h RQ[t,h]·K̄R[c,g(h)] = (1/H) Σ_g K̄R[c,g]·Σ_{h∈g} RQ[t,h]``, so the
   returned ``[B, M, Hkv*D]`` vector, dotted with a flattened ``K̄R[c]``, is the
-  head-mean cosine score of SPEC §3.
+  head-mean score of SPEC §3 (cosine, or the released engine's scaled dot
+  product with ``routing_score="scaled_dot"``).
 
   Args:
     rq_bmhd: raw ``router_q_proj`` outputs, ``[B, M, H, D]``.
     num_kv_heads: Hkv; H must be a multiple of it.
+    routing_score: ``"cosine"`` or ``"scaled_dot"``; the keys must come from
+      :func:`router_keys` with the same value.
   Returns:
     float32 ``[B, M, Hkv*D]``, already divided by H.
   """
   b, m, h, d = rq_bmhd.shape
   if h % num_kv_heads:
     raise ValueError(f"{h} query heads are not a multiple of {num_kv_heads} kv heads")
-  rq = l2_normalize(rq_bmhd)
+  rq = routing_queries(rq_bmhd, routing_score)
   rq_bmgrd = rq.reshape(b, m, num_kv_heads, h // num_kv_heads, d)
   return (rq_bmgrd.sum(axis=3) / h).reshape(b, m, num_kv_heads * d)
 
@@ -52,7 +89,7 @@ def chunk_scores(rq_bmf, query_mask_bm, kr_cf):
   Args:
     rq_bmf: group-summed queries from :func:`group_sum_queries`, ``[B, M, F]``.
     query_mask_bm: which tokens route (question tokens, padding excluded).
-    kr_cf: L2-normalised pooled router keys, flattened per chunk, ``[C, F]``.
+    kr_cf: pooled router keys from :func:`router_keys`, flattened per chunk, ``[C, F]``.
   Returns:
     float32 ``[B, C]``; ``-inf`` for an example with no routing token.
   """

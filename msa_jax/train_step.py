@@ -1,12 +1,14 @@
 """The jitted training step: MSA forward, SPEC §4 losses, router metrics, AdamW update."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from absl import logging
 
 from msa_jax import losses
 from msa_jax.batch import MSABatch
@@ -32,12 +34,25 @@ def init_train_state(model: MSAModel, tx: optax.GradientTransformation, rng, exa
 def aux_loss_layers(model_cfg) -> list[int]:
   """Positions (in the router-layer axis R) of the router layers the aux loss covers.
 
-  SPEC §4: every router layer in the upper half of the model; if a config puts no
-  router layer there, all router layers (so the router is still trained).
+  SPEC §4: the router layers in the upper half of the model (index >=
+  ``num_layers // 2``). A config with none there gets no aux term (an empty
+  list) and a logged warning: its router projections then receive no gradient.
   """
   ids = model_cfg.router_layer_ids
   upper = [r for r, layer in enumerate(ids) if layer >= model_cfg.num_layers // 2]
-  return upper or list(range(len(ids)))
+  if not upper:
+    _warn_no_aux_layers(ids, model_cfg.num_layers)
+  return upper
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_aux_layers(router_ids: tuple[int, ...], num_layers: int) -> None:
+  logging.warning(
+      "no router layer in the upper half: router_layers %s of %d layers are all below "
+      "layer %d, so the routing loss (SPEC §4: upper-half router layers only) has no term "
+      "and aux_loss is 0; the router projections get no gradient and stay at their "
+      "initialisation. Put at least one router layer at index >= %d (model.router_layers) "
+      "to train the router.", list(router_ids), num_layers, num_layers // 2, num_layers // 2)
 
 
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
@@ -45,9 +60,13 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   out = model.apply({"params": params}, batch)
   lm, num_targets = losses.lm_loss(out.logits_bmv, batch.targets, batch.loss_mask)
   valid_bn = losses.doc_valid(batch.doc_mask)
-  aux_scores = out.doc_scores_brn[:, jnp.asarray(aux_loss_layers(model.config))]
-  aux, pairs = losses.infonce_decoupled(aux_scores, batch.positive_docs, valid_bn,
-                                        cfg.loss.infonce_temperature)
+  aux_layers = aux_loss_layers(model.config)
+  if aux_layers:
+    aux, pairs = losses.infonce_decoupled(out.doc_scores_brn[:, jnp.asarray(aux_layers)],
+                                          batch.positive_docs, valid_bn,
+                                          cfg.loss.infonce_temperature)
+  else:   # no router layer in the upper half: no aux term (SPEC §4)
+    aux, pairs = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux
   router = losses.router_metrics(out.doc_scores_brn, out.selected_brk, out.selected_valid_brk,

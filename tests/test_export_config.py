@@ -66,3 +66,37 @@ def test_hf_config_round_trip_and_extra_keys():
   hf = hf_config_dict(cfg, "hf", "float32", extra={"max_position_embeddings": 4096})
   assert "msa_config" not in hf and hf["max_position_embeddings"] == 4096
   assert model_config_from_hf(hf) == cfg
+
+
+def _release_msa_config(**msa):
+  """The release's config.json: msa_config without doc_top_k and routing_score."""
+  hf = hf_config_dict(preset("qwen3-4b"), "msa", "bfloat16")
+  for key in ("doc_top_k", "routing_score"):
+    del hf["msa_config"][key]
+  hf["msa_config"].update(msa)
+  return hf
+
+
+def test_doc_top_k_is_the_engines_k():
+  """The authors' engine reads doc_top_k (documents, question offset 3 + doc_top_k)."""
+  hf = hf_config_dict(preset("qwen3-4b", top_k=5), "msa", "bfloat16")
+  assert hf["msa_config"]["doc_top_k"] == hf["msa_config"]["top_k_docs"] == 5
+  assert model_config_from_hf(_release_msa_config(top_k_docs=7)).top_k == 7
+  only_engine = _release_msa_config(doc_top_k=9)
+  del only_engine["msa_config"]["top_k_docs"]
+  assert model_config_from_hf(only_engine).top_k == 9
+  with pytest.raises(CheckpointError, match=r"doc_top_k=4 differs from top_k_docs=16.*set both"):
+    model_config_from_hf(_release_msa_config(doc_top_k=4))
+
+
+def test_routing_score_round_trips_and_a_release_dir_keeps_cosine():
+  assert model_config_from_hf(_release_msa_config()).routing_score == "cosine"
+  cfg = preset("qwen3-4b", routing_score="scaled_dot")
+  hf = hf_config_dict(cfg, "msa", "bfloat16")
+  assert hf["msa_config"]["routing_score"] == "scaled_dot"
+  assert hf["msa_config"]["aux_loss_method"] == "INFONCE_DECOUPLE"
+  assert model_config_from_hf(hf).routing_score == "scaled_dot"
+  assert model_config_from_hf(_release_msa_config(), routing_score="scaled_dot").routing_score \
+      == "scaled_dot"
+  with pytest.raises(CheckpointError, match="routing_score must be"):
+    model_config_from_hf(_release_msa_config(routing_score="dot"))

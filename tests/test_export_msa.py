@@ -18,7 +18,8 @@ MSA_CONFIG_KEYS = {
     "router_layer_idx", "top_k_docs", "pooling_kernel_size", "decouple_router",
     "head_reduce_method", "query_reduce_method", "chunk_reduce_method",
     "decouple_pooling_mode", "aux_loss_method", "infonce_loss_temp", "rewrite_position",
-    "aux_loss", "lmloss_weigth", "auxloss_weight", "recloss_weight", "ansloss_weight"}
+    "aux_loss", "lmloss_weigth", "auxloss_weight", "recloss_weight", "ansloss_weight",
+    "doc_top_k", "routing_score"}
 RELEASE_VALUES = {
     "decouple_router": True, "head_reduce_method": "mean", "query_reduce_method": "max",
     "chunk_reduce_method": "max", "decouple_pooling_mode": "mean",
@@ -100,7 +101,8 @@ def test_msa_format_names_shapes_and_config(hf_model, hf_dir, tmp_path):
   assert config["num_hidden_layers"] == 3 and config["head_dim"] == 24
   msa = config["msa_config"]
   assert set(msa) == MSA_CONFIG_KEYS
-  assert msa["router_layer_idx"] == "0,2" and msa["top_k_docs"] == 5
+  assert msa["router_layer_idx"] == "0,2" and msa["top_k_docs"] == msa["doc_top_k"] == 5
+  assert msa["routing_score"] == "cosine"
   assert msa["pooling_kernel_size"] == 7
   assert {k: msa[k] for k in RELEASE_VALUES} == RELEASE_VALUES
 

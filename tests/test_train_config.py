@@ -243,4 +243,4 @@ def test_aux_loss_covers_the_router_layers_of_the_upper_half():
   assert every.router_layer_ids == (0, 1, 2, 3, 4, 5)
   assert aux_loss_layers(every) == [3, 4, 5]
   assert aux_loss_layers(every.replace(router_layers=None)) == [0, 1, 2]   # default: layers 3-5
-  assert aux_loss_layers(every.replace(router_layers=(0, 1))) == [0, 1]   # none above: all
+  assert aux_loss_layers(every.replace(router_layers=(0, 1))) == []   # none above: no aux term

@@ -48,6 +48,9 @@ FILLER_WORDS = (
     "startups", "founders", "investors", "users", "product", "build", "grow",
 )
 HEX_DIGITS = "0123456789abcdef"
+# Hugging Face export: an unknown token absent from the vocabulary (unknown words raise).
+_NO_UNK = "<unk>"
+_MODEL_MAX_LENGTH = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +152,47 @@ class WordTokenizer:
     if not self.config.bracket_ids:
       return self.encode(doc_id)
     return [self.open_id] + self.encode(doc_id) + [self.close_id]
+
+  def to_hf_tokenizer(self):
+    """The same vocabulary as a Hugging Face ``tokenizers.Tokenizer``.
+
+    A ``WordLevel`` model over ``self.words`` (same ids) behind a whitespace
+    split, no normaliser, no added bos/eos, so ``encode(text).ids`` equals
+    :meth:`encode` and ``decode(ids)`` (words joined by spaces) equals
+    :meth:`decode`. The control words are special tokens. An unknown word is an
+    error in both (``WordLevel`` has no unknown token here).
+    """
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+    hf = Tokenizer(models.WordLevel(dict(self._index), unk_token=_NO_UNK))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([AddedToken(w, special=True, normalized=False)
+                           for w in (PAD, BOS, EOS, ID_END, END_OF_RETRIEVAL)])
+    return hf
+
+  def save_pretrained(self, directory: str) -> list[str]:
+    """Writes the vocabulary as a Hugging Face tokenizer dir; returns the files written.
+
+    ``tokenizer.json`` (:meth:`to_hf_tokenizer`), ``tokenizer_config.json`` and
+    ``special_tokens_map.json``: ``transformers.AutoTokenizer.from_pretrained(directory)``
+    loads it (a ``PreTrainedTokenizerFast``) and encodes/decodes task text as this
+    tokenizer does (``clean_up_tokenization_spaces`` is off, so ``" ."`` stays).
+    """
+    import json
+    import os
+    os.makedirs(directory, exist_ok=True)
+    specials = {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS}
+    extra = [ID_END, END_OF_RETRIEVAL]
+    paths = [os.path.join(directory, name) for name in
+             ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")]
+    self.to_hf_tokenizer().save(paths[0])
+    config = dict(specials, tokenizer_class="PreTrainedTokenizerFast",
+                  additional_special_tokens=extra, clean_up_tokenization_spaces=False,
+                  model_max_length=_MODEL_MAX_LENGTH, add_bos_token=False, add_eos_token=False)
+    with open(paths[1], "w") as f:
+      json.dump(config, f, indent=2)
+    with open(paths[2], "w") as f:
+      json.dump(dict(specials, additional_special_tokens=extra), f, indent=2)
+    return paths
 
   # Symbol families, addressed by their index inside the family.
   def id_symbol(self, n: int) -> int:

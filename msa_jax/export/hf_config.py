@@ -16,7 +16,8 @@ MODEL_TYPE_MSA = "msa"
 MODEL_TYPE_TO_FORMAT = {MODEL_TYPE_QWEN3: FORMAT_HF, MODEL_TYPE_MSA: FORMAT_MSA}
 
 # The authors' release values of ``msa_config`` (SPEC §7). ``router_layer_idx``,
-# ``top_k_docs`` and ``pooling_kernel_size`` are replaced by the model's own.
+# ``top_k_docs``, ``pooling_kernel_size`` and ``rewrite_position`` are replaced by the
+# model's own; ``doc_top_k`` and ``routing_score`` are added (see ``msa_config_dict``).
 MSA_RELEASE_CONFIG: dict[str, Any] = {
     "router_layer_idx": "18,19,20,21,22,23,24,25,26,27,28,29,30,31,32,33,34,35",
     "top_k_docs": 16,
@@ -44,6 +45,8 @@ _MSA_SUPPORTED = {
     "decouple_pooling_mode": "mean",
 }
 DEFAULT_MAX_POSITION_EMBEDDINGS = 40960
+# msa_jax's key in msa_config for ModelConfig.routing_score; absent (the release) → cosine.
+ROUTING_SCORE_KEY = "routing_score"
 
 
 def checkpoint_format(hf: dict, where: str = "config.json") -> str:
@@ -84,8 +87,12 @@ def model_config_from_hf(hf: dict, where: str = "config.json", **overrides) -> M
   """A :class:`ModelConfig` from a Qwen3 or MSA ``config.json`` dict.
 
   MSA's ``msa_config`` maps to ``router_layers`` (``router_layer_idx``),
-  ``top_k`` (``top_k_docs``), ``pooling_chunk_size`` (``pooling_kernel_size``)
-  and ``rope_mode`` (``rewrite_position``: true → "document", false → "global").
+  ``top_k`` (``top_k_docs``, or the engine's ``doc_top_k``; they must agree),
+  ``pooling_chunk_size`` (``pooling_kernel_size``), ``rope_mode``
+  (``rewrite_position``: true → "document", false → "global") and
+  ``routing_score`` (msa_jax's own key; absent, as in the release → "cosine",
+  what the model was trained with: pass ``routing_score="scaled_dot"`` to route
+  as the released engine does).
   A plain Qwen3 config gets the default router layers (upper half).
   ``overrides`` are ModelConfig fields applied last.
   """
@@ -130,10 +137,19 @@ def _msa_fields(hf: dict, num_layers: int, where: str) -> dict:
     out["router_layers"] = parse_router_layers(msa["router_layer_idx"], num_layers)
   if "top_k_docs" in msa:
     out["top_k"] = int(msa["top_k_docs"])
+  if "doc_top_k" in msa:
+    if "top_k_docs" in msa and int(msa["doc_top_k"]) != int(msa["top_k_docs"]):
+      raise CheckpointError(
+          f"{where}: msa_config.doc_top_k={msa['doc_top_k']} differs from top_k_docs="
+          f"{msa['top_k_docs']}; the authors' engine uses doc_top_k, their training "
+          "top_k_docs: set both to the k the model was trained with")
+    out["top_k"] = int(msa["doc_top_k"])
   if "pooling_kernel_size" in msa:
     out["pooling_chunk_size"] = int(msa["pooling_kernel_size"])
   if "rewrite_position" in msa:
     out["rope_mode"] = "document" if msa["rewrite_position"] else "global"
+  if ROUTING_SCORE_KEY in msa:
+    out["routing_score"] = msa[ROUTING_SCORE_KEY]
   return out
 
 
@@ -146,12 +162,21 @@ def router_layer_idx(cfg: ModelConfig) -> str:
 
 
 def msa_config_dict(cfg: ModelConfig) -> dict:
-  """The ``msa_config`` object: release values with the model's router layers, k and P."""
+  """The ``msa_config`` object: release values with the model's own settings.
+
+  ``top_k_docs`` (the authors' training) and ``doc_top_k`` (their inference
+  engine: documents per query and the question's position offset ``3 + doc_top_k``)
+  both hold the model's k; ``rewrite_position`` is false for ``rope_mode="global"``.
+  ``routing_score`` is msa_jax's own key (their engine ignores it and routes by the
+  scaled dot product whatever it says), so that ``from_pretrained`` restores it.
+  """
   msa = dict(MSA_RELEASE_CONFIG)
   msa["router_layer_idx"] = router_layer_idx(cfg)
   msa["top_k_docs"] = cfg.top_k
+  msa["doc_top_k"] = cfg.top_k
   msa["pooling_kernel_size"] = cfg.pooling_chunk_size
   msa["rewrite_position"] = cfg.rope_mode == "document"
+  msa[ROUTING_SCORE_KEY] = cfg.routing_score
   return msa
 
 

@@ -128,9 +128,9 @@ TRAINER_CONFIG = "config.json"
 TRAINER_STATE_DIR = "state"
 
 
-def trainer_model_dict(workdir: str) -> Optional[dict]:
-  """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
-  path = os.path.join(workdir, TRAINER_CONFIG)
+def read_config_json(directory: str) -> Optional[dict]:
+  """``<directory>/config.json`` as a dict; None when absent or not a JSON object."""
+  path = os.path.join(directory, TRAINER_CONFIG)
   if not os.path.isfile(path):
     return None
   try:
@@ -138,7 +138,13 @@ def trainer_model_dict(workdir: str) -> Optional[dict]:
       config = json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError):
     return None
-  model = config.get("model") if isinstance(config, dict) else None
+  return config if isinstance(config, dict) else None
+
+
+def trainer_model_dict(workdir: str) -> Optional[dict]:
+  """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
+  config = read_config_json(workdir)
+  model = config.get("model") if config is not None else None
   if not isinstance(model, dict) or "model_type" in config:
     return None
   return model
@@ -179,7 +185,9 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
   checkpointer = ocp.PyTreeCheckpointer()
   stored_tree = _stored_tree(checkpointer, path)
   if not isinstance(stored_tree, dict) or "params" not in stored_tree:
-    raise CheckpointError(f"{path}: not a train state (no 'params')")
+    raise CheckpointError(f"cannot read checkpoint {path}: its metadata has no train state "
+                          "with 'params' (a damaged or incomplete save, or not written by "
+                          "msa_jax.train); use another step (step=) or re-save it")
   _check_shapes(path, abstract_params, stored_tree["params"])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract_params)

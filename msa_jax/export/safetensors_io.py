@@ -157,6 +157,11 @@ def plan_shards(sizes: Sequence[int], max_shard_bytes: int) -> list[list[int]]:
   return shards
 
 
+def is_shard_name(name: str) -> bool:
+  """Whether ``name`` is a shard file name of :func:`write_tensors`."""
+  return bool(_SHARD_RE.match(name))
+
+
 def remove_weight_files(directory: str) -> None:
   """Deletes a previous save's weight files so that stale shards cannot be loaded."""
   for f in os.listdir(directory):
