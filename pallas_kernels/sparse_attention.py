@@ -36,29 +36,36 @@ LOG2E = math.log2(math.e)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tiling of the forward kernel.
+  """Tiling of the kernels (``None``: the measured best, see ``resolved``).
 
-  block_q: query rows per program (multiple of 64).
-  block_kv: key rows per pipeline step (multiple of 64, divides block_q or is a
-    multiple of it).
-  stages: TMA pipeline depth.
+  block_q: query rows per forward program, or per compute warpgroup (multiple of 64).
+  block_kv: key rows per forward pipeline step (multiple of 64, divides block_q or is
+    a multiple of it); None: 128 with the warp-specialised forward, else 64.
+  stages: forward TMA pipeline depth.
   p_in_registers: feed softmax probabilities to the PV matmul from registers
-    (else through shared memory; GPU only).
+    (else through shared memory; single-warpgroup forward, GPU only).
   bwd_block_q, bwd_block_kv, bwd_stages: the same for both backward kernels (dQ
     tiles queries by ``bwd_block_q``; dK/dV keys by ``bwd_block_kv``).
   warp_specialized: forward through ``sparse_attention_fwd_ws`` (a memory
     warpgroup and two compute warpgroups, each of ``block_q`` rows) when there is
-    more than one query block.
+    more than one query block; None: when compiled (interpreted, the
+    single-warpgroup kernel is much faster to run on a CPU).
   """
 
   block_q: int = 64
-  block_kv: int = 64
+  block_kv: int | None = None
   stages: int = 2
   p_in_registers: bool = True
   bwd_block_q: int = 64
   bwd_block_kv: int = 64
   bwd_stages: int = 2
-  warp_specialized: bool = False
+  warp_specialized: bool | None = None
+
+  def resolved(self, compiled: bool) -> "BlockSizes":
+    """Every ``None`` replaced: the fastest settings measured on an H200 (BENCHMARKS.md)."""
+    ws = compiled if self.warp_specialized is None else self.warp_specialized
+    kv = (128 if ws else 64) if self.block_kv is None else self.block_kv
+    return dataclasses.replace(self, warp_specialized=ws, block_kv=kv)
 
 
 def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
@@ -357,5 +364,7 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
     k_ctx_bsgd = jnp.zeros((b, 0, g, d), k_self_bmgd.dtype)
     v_ctx_bsgd = k_ctx_bsgd
     ctx_mask_bs = jnp.zeros((b, 0), bool)
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  bs = (block_sizes or BlockSizes()).resolved(compiled)
   return _attend_pallas_vjp(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd,
-                            v_ctx_bsgd, ctx_mask_bs, block_sizes or BlockSizes(), interpret)
+                            v_ctx_bsgd, ctx_mask_bs, bs, interpret)

@@ -79,7 +79,7 @@ def test_pallas_matches_reference_interpret(m, s, valid):
 def test_warp_specialized_forward_matches_reference_interpret():
   """The three-warpgroup forward (interpreted): a pair of query blocks, context with
   masked slots, own tokens with leading padding."""
-  q, k, v, smask, kc, vc, cmask = _inputs(7, 1, 128, 2, 1, 64, 64, self_valid=[[0] * 2 + [1] * 126])
+  q, k, v, smask, kc, vc, cmask = _inputs(7, 1, 128, 1, 1, 64, 64, self_valid=[[0] * 2 + [1] * 126])
   cmask = jnp.zeros_like(cmask).at[0, 5:].set(True)
   bs = sa.BlockSizes(block_kv=64, warp_specialized=True)
   got = sa.attend(q, k, v, smask, kc, vc, cmask, implementation="pallas", block_sizes=bs)
@@ -122,7 +122,7 @@ def test_pallas_gradient_matches_reference_interpret(case):
   tokens with leading padding, an example without context, GQA; other tilings."""
   if case == "ctx_padding_gqa":
     valid = [[0] * 3 + [1] * 67, [1] * 70]
-    args = _inputs(3, 2, 70, 4, 2, 64, 65, self_valid=valid, dtype=jnp.float32)
+    args = _inputs(3, 2, 70, 2, 1, 64, 65, self_valid=valid, dtype=jnp.float32)
     args = (*args[:6], args[6].at[0].set(False))   # example 0: no context, rows 0-2 see nothing
     bs = None
   elif case == "no_ctx_kv128":
@@ -175,10 +175,10 @@ def test_pallas_backward_never_materialises_logits():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,m,s,bs", [
-    (2, 300, 1000, sa.BlockSizes()),
-    (1, 1024, 2048, sa.BlockSizes(block_kv=128, bwd_block_kv=128)),
-    (3, 64, 17, sa.BlockSizes(stages=3, bwd_stages=3)),
-    (2, 300, 1000, sa.BlockSizes(block_kv=128, warp_specialized=True)),
+    (2, 300, 1000, sa.BlockSizes(block_kv=64, warp_specialized=False)),
+    (1, 1024, 2048, sa.BlockSizes(block_kv=128, bwd_block_kv=128, warp_specialized=False)),
+    (3, 64, 17, sa.BlockSizes(block_kv=64, stages=3, bwd_stages=3)),
+    (2, 300, 1000, sa.BlockSizes(block_kv=128, warp_specialized=True)),   # the GPU default
     (1, 1024, 2048, sa.BlockSizes(block_kv=64, stages=3, warp_specialized=True)),
 ])
 def test_gpu_pallas_compiled(b, m, s, bs):
