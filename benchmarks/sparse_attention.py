@@ -216,6 +216,10 @@ def print_tables(rows):
           + f"  {r.get('pallas_bwd_config', '-')}")
 
 
+COLORS = {"xla": "tab:gray", "cudnn_split": "tab:orange", "cudnn_mask": "tab:green",
+          "cudnn_nomask": "tab:red", "pallas": "tab:blue"}
+
+
 def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
@@ -228,7 +232,7 @@ def plot(rows, path):
     width = 0.8 / len(methods)
     for i, meth in enumerate(methods):
       vals = [r.get(f"{meth}{suffix}_tflops", 0.0) for r in rows]
-      ax.bar(x + i * width, vals, width, label=meth.replace("_", " "))
+      ax.bar(x + i * width, vals, width, label=meth.replace("_", " "), color=COLORS[meth])
     ax.set_xticks(x + 0.4 - width / 2, [r["shape"] for r in rows], rotation=15)
     ax.set_ylabel("useful TFLOP/s")
     ax.set_title(f"sparse attention {title} (H 32, Hkv 8, D 128, bf16)")

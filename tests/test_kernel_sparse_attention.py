@@ -139,26 +139,37 @@ def test_pallas_gradient_matches_reference_interpret(case):
     assert np.all(np.asarray(got[0][0, :3]) == 0)
 
 
-def _largest_intermediate(fn, *args) -> int:
-  """Element count of the largest value in ``fn``'s jaxpr, sub-jaxprs included."""
+_KERNEL_PRIMITIVES = ("pallas_call", "mpmd_map")   # plgpu.kernel's, by jax version
+
+
+def _jaxpr_stats(fn, *args) -> tuple[int, int]:
+  """(element count of the largest value, number of Pallas kernel calls) in ``fn``'s
+  jaxpr, sub-jaxprs included."""
   def walk(jaxpr):
     sizes = [int(np.prod(v.aval.shape)) for v in jaxpr.invars + jaxpr.outvars
              if hasattr(v.aval, "shape")]
+    kernels = 0
     for eqn in jaxpr.eqns:
+      is_kernel = eqn.primitive.name in _KERNEL_PRIMITIVES
+      kernels += is_kernel
       sizes += [int(np.prod(v.aval.shape)) for v in eqn.outvars if hasattr(v.aval, "shape")]
+      if is_kernel:
+        continue                                  # the kernel body holds only tiles
       for param in eqn.params.values():
         for sub in param if isinstance(param, (tuple, list)) else (param,):
-          if isinstance(sub, jax.extend.core.ClosedJaxpr):
-            sizes.append(walk(sub.jaxpr))
-          elif isinstance(sub, jax.extend.core.Jaxpr):
-            sizes.append(walk(sub))
-    return max(sizes, default=0)
+          sub = sub.jaxpr if isinstance(sub, jax.extend.core.ClosedJaxpr) else sub
+          if isinstance(sub, jax.extend.core.Jaxpr):
+            size, k = walk(sub)
+            sizes.append(size)
+            kernels += k
+    return max(sizes, default=0), kernels
   return walk(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
 def test_pallas_backward_never_materialises_logits():
-  """No value of the compiled-kernel gradient's program is as large as one head's
-  ``[M, S + M]`` logits (the reference's backward has ``[B, H, M, S + M]``)."""
+  """The compiled-kernel gradient runs three kernels (forward, dQ, dK/dV) and no value
+  of its program is as large as one head's ``[M, S + M]`` logits (the reference's
+  backward has ``[B, H, M, S + M]``)."""
   b, m, h, g, d, s = 1, 256, 2, 1, 64, 512
   q, k, v, smask, kc, vc, cmask = _inputs(6, b, m, h, g, d, s)
 
@@ -169,8 +180,10 @@ def test_pallas_backward_never_materialises_logits():
       return jnp.sum(out.astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2, 3, 4))
   logits = m * (s + m)
-  assert _largest_intermediate(grad_fn("xla"), q, k, v, kc, vc) >= b * h * logits
-  assert _largest_intermediate(grad_fn("pallas"), q, k, v, kc, vc) < logits
+  largest, kernels = _jaxpr_stats(grad_fn("xla"), q, k, v, kc, vc)
+  assert largest >= b * h * logits and kernels == 0
+  largest, kernels = _jaxpr_stats(grad_fn("pallas"), q, k, v, kc, vc)
+  assert largest < logits and kernels == 3
 
 
 @pytest.mark.gpu
