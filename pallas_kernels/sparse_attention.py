@@ -26,11 +26,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from msa_jax import attention as ref_attention
+from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import sparse_attention_bwd as bwd
 from pallas_kernels import sparse_attention_fwd_ws as fwd_ws
 
-MASKED = -1e30
+MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
 
 
@@ -89,14 +90,7 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
   scale = LOG2E / math.sqrt(d)
   compiled = interpret_params is None
   p_regs = bs.p_in_registers or not compiled
-  kv_tr = _platform.swizzle_transforms(d)
-  p_tr = _platform.swizzle_transforms(bk)
-  wgmma_layout = plgpu.Layout.WGMMA
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-
-  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
-  iota = lambda dim: _platform.wgmma_iota((bq, bk), dim, compiled)  # noqa: E731
+  tile = tiles.Tile(bq, bk, compiled)
 
   def kernel(q_ref, kc_ref, vc_ref, cbias_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref):
     bi = lax.axis_index("b")
@@ -109,15 +103,10 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(q0, bq), hi], q_smem, q_barrier)
       plgpu.barrier_wait(q_barrier)
 
-      def step(causal, kv_base, idx, k_smem, v_smem, bias_smem, carry):
+      def step(causal, k0, k_smem, v_smem, bias_smem, carry):
         acc, m_i, l_i = carry
-        (j,) = idx
         qk = _platform.mma(q_smem, k_smem, (bq, bk), transpose_b=True, compiled=compiled)
-        bias = cast(bias_smem[...], col_layout)
-        logits = qk * scale + lax.broadcast_in_dim(bias, (bq, bk), [1])
-        if causal:
-          rows, cols = iota(0), iota(1)
-          logits = jnp.where(rows + q0 >= cols + (kv_base + j * bk), logits, MASKED)
+        logits = tile.logits(qk, scale, bias_smem, causal, q0, k0)
         m_new = jnp.maximum(m_i, logits.max(axis=1))
         alpha = jnp.exp2(m_i - m_new)
         p = jnp.exp2(logits - lax.broadcast_in_dim(m_new, (bq, bk), [0]))
@@ -133,36 +122,15 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
         acc = _platform.mma_accumulate(acc, a_op, v_smem, compiled=compiled)
         return acc, m_new, l_i
 
-      acc = cast(jnp.zeros((bq, d), jnp.float32), wgmma_layout)
-      m_i = cast(jnp.full((bq,), MASKED, jnp.float32), row_layout)
-      l_i = cast(jnp.zeros((bq,), jnp.float32), row_layout)
-      carry = (acc, m_i, l_i)
-      specs = [
-          plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=kv_tr),
-          plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=kv_tr),
-          plgpu.BlockSpec((bk,), lambda j: (j,)),
-      ]
-      if s:
-        carry = plgpu.emit_pipeline(
-            functools.partial(step, False, 0), grid=(s // bk,), in_specs=specs,
-            max_concurrent_steps=min(bs.stages, s // bk), init_carry=carry,
-        )(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi])
-      # Own tokens: tiles wholly below the diagonal need no causal mask; only the
-      # bq // bk (at least one) tiles on the diagonal do.
-      num_full = lax.div(q0, jnp.array(bk, q0.dtype))
-      num_diag = max(1, bq // bk)
-      self_refs = lambda first, size: (
-          ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
-          sbias_ref.at[bi, pl.ds(first, size)])
-      carry = plgpu.emit_pipeline(
-          functools.partial(step, False, 0), grid=(num_full,), in_specs=specs,
-          max_concurrent_steps=bs.stages, init_carry=carry,
-      )(*self_refs(0, m))
-      carry = plgpu.emit_pipeline(
-          functools.partial(step, True, num_full * bk), grid=(num_diag,), in_specs=specs,
-          max_concurrent_steps=min(bs.stages, num_diag), init_carry=carry,
-      )(*self_refs(num_full * bk, num_diag * bk))
-      acc, m_i, l_i = carry
+      carry = (tile.zeros(d),
+               tile.cast(jnp.full((bq,), MASKED, jnp.float32), tile.row_layout),
+               tile.cast(jnp.zeros((bq,), jnp.float32), tile.row_layout))
+      acc, m_i, l_i = tiles.sweep_keys(
+          step, carry, tile=tile, d=d, s=s, m=m, stages=bs.stages, q0=q0,
+          ctx_refs=(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi]),
+          self_refs=lambda first, size: (
+              ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
+              sbias_ref.at[bi, pl.ds(first, size)]))
       out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0])
       q_smem[...] = out.astype(jnp.bfloat16)
       lse_smem[...] = m_i + jnp.log2(l_i)
@@ -172,8 +140,8 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(scoped,
-                  plgpu.SMEM((bq, d), jnp.bfloat16, transforms=kv_tr),
-                  plgpu.SMEM((bq, bk), jnp.bfloat16, transforms=p_tr),
+                  plgpu.SMEM((bq, d), jnp.bfloat16, transforms=_platform.swizzle_transforms(d)),
+                  plgpu.SMEM((bq, bk), jnp.bfloat16, transforms=_platform.swizzle_transforms(bk)),
                   plgpu.SMEM((bq,), jnp.float32),
                   plgpu.Barrier(num_barriers=1))
 

@@ -26,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 
-MASKED = -1e30
+MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
 
 
@@ -46,10 +47,7 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
   scale = LOG2E / math.sqrt(d)
   compiled = interpret_params is None
   tr = _platform.swizzle_transforms(d)
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
-  iota = lambda dim: _platform.wgmma_iota((bq, bk), dim, compiled)  # noqa: E731
+  tile = tiles.Tile(bq, bk, compiled)
 
   def kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, cbias_ref,
              ks_ref, vs_ref, sbias_ref, dq_ref):
@@ -66,47 +64,24 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
       plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem, barriers.at[3])
       for i in range(4):
         plgpu.barrier_wait(barriers.at[i])
-      lse = _platform.load_vector(lse_smem, row_layout, compiled)
-      delta = _platform.load_vector(delta_smem, row_layout, compiled)
+      lse = _platform.load_vector(lse_smem, tile.row_layout, compiled)
+      delta = _platform.load_vector(delta_smem, tile.row_layout, compiled)
       lse_b = lax.broadcast_in_dim(lse, (bq, bk), [0])
       delta_b = lax.broadcast_in_dim(delta, (bq, bk), [0])
 
-      def step(causal, kv_base, idx, k_smem, v_smem, bias_smem, dq_acc):
-        (j,) = idx
+      def step(causal, k0, k_smem, v_smem, bias_smem, dq_acc):
         qk = _platform.mma(q_smem, k_smem, (bq, bk), transpose_b=True, compiled=compiled)
-        bias = cast(bias_smem[...], col_layout)
-        logits = qk * scale + lax.broadcast_in_dim(bias, (bq, bk), [1])
-        if causal:
-          logits = jnp.where(iota(0) + q0 >= iota(1) + (kv_base + j * bk), logits, MASKED)
-        p = jnp.exp2(logits - lse_b)
+        p = jnp.exp2(tile.logits(qk, scale, bias_smem, causal, q0, k0) - lse_b)
         dp = _platform.mma(do_smem, v_smem, (bq, bk), transpose_b=True, compiled=compiled)
         ds = (p * (dp - delta_b)).astype(jnp.bfloat16)
         return _platform.mma_accumulate(dq_acc, ds, k_smem, compiled=compiled)
 
-      dq_acc = cast(jnp.zeros((bq, d), jnp.float32), plgpu.Layout.WGMMA)
-      specs = [
-          plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr),
-          plgpu.BlockSpec((bk, d), lambda j: (j, 0), transforms=tr),
-          plgpu.BlockSpec((bk,), lambda j: (j,)),
-      ]
-      if s:
-        dq_acc = plgpu.emit_pipeline(
-            functools.partial(step, False, 0), grid=(s // bk,), in_specs=specs,
-            max_concurrent_steps=min(stages, s // bk), init_carry=dq_acc,
-        )(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi])
-      num_full = lax.div(q0, jnp.array(bk, q0.dtype))
-      num_diag = max(1, bq // bk)
-      self_refs = lambda first, size: (
-          ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
-          sbias_ref.at[bi, pl.ds(first, size)])
-      dq_acc = plgpu.emit_pipeline(
-          functools.partial(step, False, 0), grid=(num_full,), in_specs=specs,
-          max_concurrent_steps=stages, init_carry=dq_acc,
-      )(*self_refs(0, m))
-      dq_acc = plgpu.emit_pipeline(
-          functools.partial(step, True, num_full * bk), grid=(num_diag,), in_specs=specs,
-          max_concurrent_steps=min(stages, num_diag), init_carry=dq_acc,
-      )(*self_refs(num_full * bk, num_diag * bk))
+      dq_acc = tiles.sweep_keys(
+          step, tile.zeros(d), tile=tile, d=d, s=s, m=m, stages=stages, q0=q0,
+          ctx_refs=(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi]),
+          self_refs=lambda first, size: (
+              ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
+              sbias_ref.at[bi, pl.ds(first, size)]))
       q_smem[...] = (dq_acc * (1 / math.sqrt(d))).astype(jnp.bfloat16)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, hi])
@@ -145,10 +120,7 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
   scale = LOG2E / math.sqrt(d)
   compiled = interpret_params is None
   tr = _platform.swizzle_transforms(d)
-  row_layout = plgpu.Layout.WGMMA.reduce(1)
-  col_layout = plgpu.Layout.WGMMA.reduce(0)
-  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
-  iota = lambda dim: _platform.wgmma_iota((bk, bq), dim, compiled)  # noqa: E731
+  tile = tiles.Tile(bk, bq, compiled)   # transposed: keys on rows, queries on columns
 
   def kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dk_ref, dv_ref):
     bi = lax.axis_index("b")
@@ -172,23 +144,23 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
       plgpu.copy_gmem_to_smem(bias_ref.at[bi, keys], bias_smem, barriers.at[2])
       for i in range(3):
         plgpu.barrier_wait(barriers.at[i])
-      bias = _platform.load_vector(bias_smem, row_layout, compiled)
+      bias = _platform.load_vector(bias_smem, tile.row_layout, compiled)
       bias_b = lax.broadcast_in_dim(bias, (bk, bq), [0])
 
       def step(causal, t_first, idx, q_smem, do_smem, lse_smem, delta_smem, carry):
         dk_acc, dv_acc = carry
         _, t = idx
         st = _platform.mma(k_smem, q_smem, (bk, bq), transpose_b=True, compiled=compiled)
-        lse = cast(lse_smem[...], col_layout)
+        lse = tile.cast(lse_smem[...], tile.col_layout)
         logits = st * scale + bias_b - lax.broadcast_in_dim(lse, (bk, bq), [1])
         if causal:
           q_first = (t_first + t) * bq
-          logits = jnp.where(iota(1) + q_first >= iota(0) + self_k0, logits, MASKED)
+          logits = jnp.where(tile.iota(1) + q_first >= tile.iota(0) + self_k0, logits, MASKED)
         pt = jnp.exp2(logits)
         dv_acc = _platform.mma_accumulate(dv_acc, pt.astype(jnp.bfloat16), do_smem,
                                           compiled=compiled)
         dpt = _platform.mma(v_smem, do_smem, (bk, bq), transpose_b=True, compiled=compiled)
-        delta = cast(delta_smem[...], col_layout)
+        delta = tile.cast(delta_smem[...], tile.col_layout)
         dst = pt * (dpt - lax.broadcast_in_dim(delta, (bk, bq), [1]))
         dk_acc = _platform.mma_accumulate(dk_acc, dst.astype(jnp.bfloat16), q_smem,
                                           compiled=compiled)
@@ -206,7 +178,7 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
         ]
 
       q_refs = (q_ref.at[bi], do_ref.at[bi], lse_ref.at[bi], delta_ref.at[bi])
-      zeros = cast(jnp.zeros((bk, d), jnp.float32), plgpu.Layout.WGMMA)
+      zeros = tile.zeros(d)
       carry = (zeros, zeros)
       carry = plgpu.emit_pipeline(
           functools.partial(step, True, first_diag), grid=(r, n_diag),
