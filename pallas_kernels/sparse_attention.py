@@ -6,10 +6,12 @@ query where ``ctx_mask`` is set; own tokens are visible causally where
 ``self_mask`` is set; a query with no visible key returns zeros.
 
 The Pallas path is a Mosaic GPU flash-attention forward (online softmax in float32,
-bf16 tensor-core matmuls): one program per (example, query head, block of
-``block_q`` queries); a TMA pipeline streams the context K/V tiles, then the own
-K/V tiles up to the diagonal. Masks enter as additive column biases (0 or -1e30),
-so any mask pattern works; a row's output is later zeroed where it saw no key.
+bf16 tensor-core matmuls): here one program per (example, query head, block of
+``block_q`` queries) whose TMA pipeline streams the context K/V tiles, then the own
+K/V tiles up to the diagonal; compiled, the default is the warp-specialised variant
+(``sparse_attention_fwd_ws``: two query blocks per program sharing one K/V stream).
+Masks enter as additive column biases (0 or -1e30), so any mask pattern works; a
+row's output is later zeroed where it saw no key.
 The forward also writes each row's log-sum-exp; the backward
 (``sparse_attention_bwd``: a dQ kernel and a dK/dV kernel, ``jax.custom_vjp``)
 recomputes the probabilities from it tile by tile, so training never materialises
