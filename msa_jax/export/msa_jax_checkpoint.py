@@ -21,6 +21,7 @@ Only ``params`` is read from ``state`` (orbax partial restore).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -119,9 +120,11 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   """Restores ``<step_dir>/params`` into the structure, shapes and dtypes of ``abstract_params``."""
   path = os.path.abspath(os.path.join(step_dir, PARAMS_DIR))
   checkpointer = ocp.StandardCheckpointer()
-  stored_tree = _stored_tree(checkpointer, path)
+  with _restore_errors(path):
+    stored_tree = _stored_tree(checkpointer, path)
   _check_shapes(path, abstract_params, stored_tree)
-  return checkpointer.restore(path, abstract_params)
+  with _restore_errors(path):
+    return checkpointer.restore(path, abstract_params)
 
 
 TRAINER_CONFIG = "config.json"
@@ -177,16 +180,33 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
   """Restores only ``params`` of the ``TrainState`` in ``<step_dir>/state`` (on one device)."""
   path = os.path.abspath(os.path.join(step_dir, TRAINER_STATE_DIR))
   checkpointer = ocp.PyTreeCheckpointer()
-  stored_tree = _stored_tree(checkpointer, path)
+  with _restore_errors(path):
+    stored_tree = _stored_tree(checkpointer, path)
   if not isinstance(stored_tree, dict) or "params" not in stored_tree:
     raise CheckpointError(f"{path}: not a train state (no 'params')")
   _check_shapes(path, abstract_params, stored_tree["params"])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract_params)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": abstract_params}, restore_args={"params": restore_args},
-      partial_restore=True))
+  with _restore_errors(path):
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))
   return restored["params"]
+
+
+@contextlib.contextmanager
+def _restore_errors(path: str):
+  """Re-raises an orbax/TensorStore failure as a ``CheckpointError`` naming the step dir and
+  the cause's first line (not the multi-line TensorStore spec dump)."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax raises many types
+    lines = str(e).strip().splitlines()
+    raise CheckpointError(f"{path}: cannot restore (step {_step_of(os.path.dirname(path))}): "
+                          f"missing or corrupt file ({type(e).__name__}: "
+                          f"{lines[0][:300] if lines else ''})") from e
 
 
 def _check_shapes(path: str, abstract_params: Any, stored_tree: Any) -> None:
@@ -200,4 +220,5 @@ def _check_shapes(path: str, abstract_params: Any, stored_tree: Any) -> None:
                           f"{' ...' if len(missing) > 5 else ''}")
   for key, shape in want.items():
     if have[key] != tuple(shape):
-      raise CheckpointError(f"{path}: param {key} has shape {have[key]}, expected {tuple(shape)}")
+      raise CheckpointError(f"{path}: shape mismatch: param {key} has shape {have[key]} in the "
+                            f"checkpoint, the config asks for {tuple(shape)}")
