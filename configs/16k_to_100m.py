@@ -78,6 +78,9 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.1
+  # A step whose update norm exceeds this multiple of the parameters' norm has exploded
+  # (e.g. a huge lr): the run stops before saving it (README "When things go wrong").
+  c.optim.max_update_ratio = 1.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.infonce_temperature = 0.1

@@ -7,9 +7,11 @@ asked (``fallback=True``), and the unreadable step is moved aside, never deleted
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import grain.checkpoint
 import jax
@@ -89,7 +91,45 @@ def _cause(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
 
 
+def _is_async_noise(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def install_async_noise_filter() -> None:
+  """Silences the 'Event loop is closed' tracebacks that TensorStore's callbacks print (via
+  ``sys.excepthook`` / ``sys.unraisablehook``, one per abandoned read, from several threads)
+  when a failed restore leaves asynchronous reads behind: a failed restore then ends with
+  its cause rather than hundreds of unrelated lines. Every other error is printed as before."""
+  if getattr(sys.excepthook, "_msa_filters_async_noise", False):
+    return
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_async_noise(exc_type, exc):
+      previous_hook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_async_noise(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook._msa_filters_async_noise = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+@contextlib.contextmanager
+def quiet_async_noise() -> Iterator[None]:
+  """``install_async_noise_filter`` for a restore (the filter stays: late callbacks of the
+  abandoned reads arrive after the error is raised)."""
+  install_async_noise_filter()
+  yield
+
+
 def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
+  with quiet_async_noise():
+    return _restore_step_loud(manager, step, abstract_state, data_iter)
+
+
+def _restore_step_loud(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
   path = step_path(manager, step)
   try:
     stored = manager.item_metadata(step)["state"]

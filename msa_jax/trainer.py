@@ -28,8 +28,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-import optax
-
 from msa_jax import checkpointing, metrics as metrics_lib, run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
@@ -157,13 +155,21 @@ class TrainSetup:
       return self._step(state, batch)
 
 
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves, scaled by their largest magnitude first so that huge but
+  finite values (an lr of 1e30 gives ~1e29) do not overflow float32 to inf."""
+  leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  scale = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
+  return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))
+
+
 def update_norms(old_params, new_params) -> dict[str, jax.Array]:
   """Norms of what a step saves: the new parameters, the update, and their ratio (traced)."""
-  old_norm = optax.global_norm(old_params)
-  update = optax.global_norm(jax.tree.map(lambda a, b: b.astype(jnp.float32) - a, old_params,
-                                          new_params))
-  return {"param_norm": optax.global_norm(new_params), "update_norm": update,
-          "update_ratio": update / jnp.maximum(old_norm, 1e-12)}
+  update = global_norm(jax.tree.map(lambda a, b: b.astype(jnp.float32) - a, old_params,
+                                    new_params))
+  return {"param_norm": global_norm(new_params), "update_norm": update,
+          "update_ratio": update / jnp.maximum(global_norm(old_params), 1e-12)}
 
 
 def count_tokens(batch: MSABatch) -> int:
