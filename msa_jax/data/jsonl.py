@@ -45,7 +45,7 @@ def _rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
         raise JSONLError(path, n, f"bad JSON: {e.msg} (column {e.colno})") from None
       if not isinstance(row, dict):
