@@ -339,6 +339,8 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
+      # Before logging: a bad step is neither logged nor saved.
+      guard.check(step, step_metrics, force=log_now or manager.should_save(step))
       if log_now:
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
@@ -357,8 +359,8 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
       # on_step) is still saved at this step rather than dropped.
       stopping = stop["sigterm"]
       save_now = manager.should_save(step) or step == cfg.num_steps or stopping
-      guard.check(step, step_metrics, force=log_now or save_now)
       if save_now:
+        guard.check(step, step_metrics, force=True)
         checkpointing.save(manager, step, state, data_iter, force=True)
         guard.saved(step)
       if stopping:
