@@ -134,7 +134,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import ml_collections
   workdir = flags.FLAGS.workdir
-  path = os.path.join(workdir, "config.json")
+  from msa_jax.run_config import saved_config_path   # config.json, or its newest record
+  path = saved_config_path(workdir) or os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
   with open(path) as f:

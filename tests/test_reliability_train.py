@@ -25,6 +25,9 @@ import jax
 import numpy as np
 import pytest
 
+import msa_jax
+from msa_jax.export import CheckpointError
+
 from msa_jax import checkpointing, metrics, run_config
 from msa_jax.data import from_config
 from msa_jax.trainer import (NonFiniteLossError, _SaveGuard, step_problem, train_and_evaluate,
@@ -109,6 +112,9 @@ def test_shape_compatible_change_needs_the_flag_and_is_recorded(run, tmp_path):
   assert recorded["model"]["top_k"] == 2 and recorded["seed"] == 7
   # The next resume compares with the newest record: the same config goes ahead unasked.
   train_and_evaluate(cfg, workdir)
+  # from_pretrained (and evaluate) load the run with its newest recorded config.
+  model, _ = msa_jax.from_pretrained(workdir)
+  assert model.config.top_k == 2
 
 
 def test_fields_that_may_change_on_resume_go_ahead_and_are_recorded(run, tmp_path):
@@ -159,6 +165,12 @@ def test_corrupt_newest_step_is_named_and_fallback_only_when_asked(run, tmp_path
   assert "missing or corrupt" in msg and "--restore_fallback" in msg
   assert "\n" not in e.value.cause                  # one line, no TensorStore spec dump
   assert tree_digest(workdir) == before             # nothing moved without the flag
+  # from_pretrained (what evaluate loads through) names the step dir and the cause too.
+  with pytest.raises(CheckpointError) as e:
+    msa_jax.from_pretrained(workdir)
+  assert str(e.value).startswith(f"{workdir}/checkpoints/{NUM_STEPS}/state: cannot restore "
+                                 f"(step {NUM_STEPS}): missing or corrupt file (")
+  assert "\n" not in str(e.value)
   rows = []
   train_and_evaluate(_cfg(), workdir, restore_fallback=True,
                      on_step=lambda step, row: rows.append(step))

@@ -133,7 +133,8 @@ TRAINER_STATE_DIR = "state"
 
 def trainer_model_dict(workdir: str) -> Optional[dict]:
   """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
-  path = os.path.join(workdir, TRAINER_CONFIG)
+  from msa_jax.run_config import saved_config_path   # a resume's accepted change wins
+  path = saved_config_path(workdir) or os.path.join(workdir, TRAINER_CONFIG)
   if not os.path.isfile(path):
     return None
   try:
