@@ -169,7 +169,8 @@ def test_corrupt_newest_step_is_named_and_fallback_only_when_asked(run, tmp_path
   with pytest.raises(CheckpointError) as e:
     msa_jax.from_pretrained(workdir)
   assert str(e.value).startswith(f"{workdir}/checkpoints/{NUM_STEPS}/state: cannot restore "
-                                 f"(step {NUM_STEPS}): missing or corrupt file (")
+                                 f"(step {NUM_STEPS}): ")
+  assert "corrupt" in str(e.value)
   assert "\n" not in str(e.value)
   rows = []
   train_and_evaluate(_cfg(), workdir, restore_fallback=True,

@@ -111,17 +111,21 @@ def read_model_config(step_dir: str, root: Optional[str] = None) -> ModelConfig:
 
 def _stored_tree(checkpointer, path: str) -> Any:
   """The metadata tree of a saved pytree (its layout differs across orbax versions)."""
-  stored = checkpointer.metadata(path)
+  with _restore_errors(path):
+    stored = checkpointer.metadata(path)
   stored_tree = getattr(stored, "item_metadata", stored)
-  return getattr(stored_tree, "tree", stored_tree)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  if stored_tree is None:   # orbax returns None when it cannot read the tree's metadata
+    raise CheckpointError(f"{path}: cannot restore (step {_step_of(os.path.dirname(path))}): "
+                          "its metadata is missing or unreadable (corrupt or truncated files)")
+  return stored_tree
 
 
 def restore_params(step_dir: str, abstract_params: Any) -> Any:
   """Restores ``<step_dir>/params`` into the structure, shapes and dtypes of ``abstract_params``."""
   path = os.path.abspath(os.path.join(step_dir, PARAMS_DIR))
   checkpointer = ocp.StandardCheckpointer()
-  with _restore_errors(path):
-    stored_tree = _stored_tree(checkpointer, path)
+  stored_tree = _stored_tree(checkpointer, path)
   _check_shapes(path, abstract_params, stored_tree)
   with _restore_errors(path):
     return checkpointer.restore(path, abstract_params)
@@ -181,8 +185,7 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
   """Restores only ``params`` of the ``TrainState`` in ``<step_dir>/state`` (on one device)."""
   path = os.path.abspath(os.path.join(step_dir, TRAINER_STATE_DIR))
   checkpointer = ocp.PyTreeCheckpointer()
-  with _restore_errors(path):
-    stored_tree = _stored_tree(checkpointer, path)
+  stored_tree = _stored_tree(checkpointer, path)
   if not isinstance(stored_tree, dict) or "params" not in stored_tree:
     raise CheckpointError(f"{path}: not a train state (no 'params')")
   _check_shapes(path, abstract_params, stored_tree["params"])
