@@ -112,7 +112,7 @@ class ModelConfig:
     return d
 
 
-_DEFAULT_ROUTER_WORDS = ("", "none", "default")
+_DEFAULT_ROUTER_WORDS = ("none", "default")
 
 
 def parse_router_layers(spec: Any, num_layers: int) -> Optional[tuple[int, ...]]:
