@@ -2,7 +2,8 @@
 rewritten; a resume is checked against it.
 
 A resume whose config differs from the saved one only in the fields of
-``MAY_CHANGE_ON_RESUME`` goes ahead; any other difference is refused with the list
+``MAY_CHANGE_ON_RESUME`` (or in fields one side lacks: a key added or removed by a
+newer version of the code) goes ahead; any other difference is refused with the list
 of differences unless the caller accepts it (``--allow_config_change``). Either
 way the new config is recorded beside the original as ``config.<step>.json`` (the
 config that trained from ``<step>`` on), after the restore succeeded; the next
@@ -108,7 +109,9 @@ def check_resume(workdir: str, new: dict, *, allow_change: bool) -> list[tuple[s
   if saved is None:
     return []
   diffs = differences(saved, new)
-  refused = [d for d in diffs if not may_change(d[0])]
+  # A field on one side only comes from another version of the code (a key added or
+  # removed since the run started), not from the user: recorded, not refused.
+  refused = [d for d in diffs if not may_change(d[0]) and _ABSENT not in (d[1], d[2])]
   if refused and not allow_change:
     path = saved_config_path(workdir)
     raise ConfigChangeError(

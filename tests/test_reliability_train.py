@@ -128,6 +128,24 @@ def test_fields_that_may_change_on_resume_go_ahead_and_are_recorded(run, tmp_pat
   assert recorded["log_every_steps"] == 3
 
 
+def test_fields_from_another_code_version_are_recorded_not_refused(run, tmp_path):
+  """A run started before a config key existed (here optim.max_update_ratio) resumes; the
+  added key is recorded in config.<step>.json."""
+  workdir = _copy(run, tmp_path)
+  path = os.path.join(workdir, "config.json")
+  saved = json.load(open(path))
+  del saved["optim"]["max_update_ratio"]
+  with open(path, "w") as f:
+    json.dump(saved, f)
+  diffs = run_config.check_resume(workdir, {**saved, "optim": {**saved["optim"],
+                                                               "max_update_ratio": 1.0}},
+                                  allow_change=False)
+  assert diffs == [("optim.max_update_ratio", "(absent)", 1.0)]
+  train_and_evaluate(_cfg(), workdir)
+  assert json.load(open(os.path.join(workdir, f"config.{NUM_STEPS}.json")))["optim"][
+      "max_update_ratio"] == 1.0
+
+
 def test_may_change_list():
   assert run_config.may_change("num_steps") and run_config.may_change("eval.num_examples")
   assert run_config.may_change("checkpoint.every_steps")
