@@ -166,6 +166,9 @@ def set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
   dst = os.path.join(root, f"{step}.{reason}.{time.strftime('%Y%m%d-%H%M%S')}")
   if jax.process_index() == 0:
     os.rename(src, dst)
+  if jax.process_count() > 1:   # every host sees the move before it re-lists the steps
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"msa_jax set_aside {step}")
   manager.reload()
   return dst
 
