@@ -7,11 +7,10 @@ asked (``fallback=True``), and the unreadable step is moved aside, never deleted
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import grain.checkpoint
 import jax
@@ -116,20 +115,8 @@ def install_async_noise_filter() -> None:
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-@contextlib.contextmanager
-def quiet_async_noise() -> Iterator[None]:
-  """``install_async_noise_filter`` for a restore (the filter stays: late callbacks of the
-  abandoned reads arrive after the error is raised)."""
-  install_async_noise_filter()
-  yield
-
-
 def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
-  with quiet_async_noise():
-    return _restore_step_loud(manager, step, abstract_state, data_iter)
-
-
-def _restore_step_loud(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
+  install_async_noise_filter()
   path = step_path(manager, step)
   try:
     stored = manager.item_metadata(step)["state"]
@@ -141,7 +128,7 @@ def _restore_step_loud(manager, step: int, abstract_state: Any, data_iter: Any) 
     raise CheckpointRestoreError(
         step, path, f"shape mismatch: {_summarise(mismatches)}",
         "The model config differs from the one that saved this run: resume with the run's "
-        "own config.json, or train the new shape in a new --workdir (nothing was changed)")
+        "own config (config.json, or its newest config.<step>.json), or train the new shape in a new --workdir (nothing was changed)")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),

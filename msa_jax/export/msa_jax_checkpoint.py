@@ -202,10 +202,10 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
 def _restore_errors(path: str):
   """Re-raises an orbax/TensorStore failure as a ``CheckpointError`` naming the step dir and
   the cause's first line (not the multi-line TensorStore spec dump)."""
-  from msa_jax.checkpointing import quiet_async_noise
+  from msa_jax.checkpointing import install_async_noise_filter
+  install_async_noise_filter()
   try:
-    with quiet_async_noise():
-      yield
+    yield
   except CheckpointError:
     raise
   except Exception as e:  # noqa: BLE001 - orbax raises many types
