@@ -9,9 +9,14 @@ Variants through the config string (``--config=configs/16k_to_100m.py:VARIANT``)
   ``tiny``         a 4-layer width-128 model from scratch on synthetic data; one GPU.
   ``smoke``        a 3-layer width-64 model on the synthetic key-value task; a 2-core
                    CPU learns to route (recall@1 ≥ 0.9) and answer in minutes.
-Any field can be overridden: ``--config.num_steps=100 --config.model.top_k=4``.
+Any field can be overridden: ``--config.num_steps=100 --config.model.top_k=4``; tuple
+fields take a comma list or a Python literal (``--config.model.router_layers=1,2``,
+``--config.model.router_layers=all``, ``--config.model.router_layers=None`` for the
+default upper half, ``--config.eval.memory_multipliers=1,4``,
+``--config.data.memory_curriculum='((0,8192),(10000,65536))'``).
 """
 import ml_collections
+from ml_collections import config_dict
 
 VARIANTS = ("4b", "0.6b", "tiny", "smoke")
 
@@ -24,7 +29,14 @@ def _model(preset: str, **overrides) -> ml_collections.ConfigDict:
     checked["vocab_size"] = 1
   fields = model_preset(preset, **checked).to_dict()
   fields["vocab_size"] = overrides.get("vocab_size", fields["vocab_size"])
+  fields["router_layers"] = _tuple_field(fields["router_layers"])
   return ml_collections.ConfigDict(fields)
+
+
+def _tuple_field(value):
+  """A tuple-typed field, also when its value is None: config_flags cannot override a
+  plain None (its type is NoneType), but parses a typed placeholder like any tuple."""
+  return config_dict.placeholder(tuple) if value is None else tuple(value)
 
 
 def _single_fact_kv(bracket_ids: bool) -> ml_collections.ConfigDict:
@@ -48,7 +60,7 @@ def _base() -> ml_collections.ConfigDict:
   c.batch_size = 64
   c.log_every_steps = 50
   c.mesh_shape = (-1, 1, 1)    # (data, fsdp, tensor); -1 takes the remaining devices
-  c.logical_axis_rules = None  # None: msa_jax.sharding.DEFAULT_RULES
+  c.logical_axis_rules = _tuple_field(None)  # None: msa_jax.sharding.DEFAULT_RULES
   c.tensorboard = True
 
   c.optim = ml_collections.ConfigDict()
@@ -66,6 +78,9 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.1
+  # A step whose update norm exceeds this multiple of the parameters' norm has exploded
+  # (e.g. a huge lr): the run stops before saving it (README "When things go wrong").
+  c.optim.max_update_ratio = 1.0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.infonce_temperature = 0.1
@@ -101,6 +116,14 @@ def _base() -> ml_collections.ConfigDict:
   c.data.corpus_path = ""
   c.data.tokenizer_dir = ""
   c.data.shuffle_buffer = 0
+  # Caps (0: none), checked before training starts: a JSONL document longer than
+  # max_doc_len tokens is reported with file:line (documents are never truncated; a
+  # batch's memory is padded to its longest document, so one very long document can
+  # exhaust device memory); max_docs / max_active cap the documents of one memory and
+  # the active tokens (question + injected documents + target) of one sample.
+  c.data.max_doc_len = 4_096
+  c.data.max_docs = 0
+  c.data.max_active = 0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True
@@ -167,6 +190,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.memory_tokens = 0
     c.data.memory_curriculum = ()
     c.data.kv = _single_fact_kv(bracket_ids=False)
+    c.data.max_doc_len = 512
     c.eval.num_examples = 64
     c.eval.batch_size = 16
     c.eval.memory_multipliers = (1, 4, 16, 64, 256)

@@ -1,11 +1,30 @@
-"""Orbax checkpoints of the train state and the grain data iterator, kept side by side."""
+"""Orbax checkpoints of the train state and the grain data iterator, kept side by side.
+
+A checkpoint that cannot be restored raises ``CheckpointRestoreError``: one message
+naming the step, the path and the cause (a shape mismatch with both shapes, a
+missing or corrupt file). Falling back to an older complete step happens only when
+asked (``fallback=True``), and the unreadable step is moved aside, never deleted.
+"""
 from __future__ import annotations
 
 import os
+import sys
+import time
 from typing import Any, Optional
 
 import grain.checkpoint
+import jax
 import orbax.checkpoint as ocp
+
+SET_ASIDE_DIR = "checkpoints.set_aside"   # beside checkpoints/: steps moved out of the way
+
+
+class CheckpointRestoreError(RuntimeError):
+  """A checkpoint step that cannot be restored: step, path and cause in the message."""
+
+  def __init__(self, step: int, path: str, cause: str, advice: str):
+    super().__init__(f"could not restore checkpoint step {step} from {path}: {cause}. {advice}")
+    self.step, self.path, self.cause = step, path, cause
 
 
 def make_manager(workdir: str, max_to_keep: int, save_interval_steps: int,
@@ -35,23 +54,130 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter: Any,
       data=grain.checkpoint.CheckpointSave(data_iter)), force=force)
 
 
-def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
-                   data_iter: Any) -> Optional[tuple[int, Any]]:
-  """Restores the newest checkpoint into ``abstract_state``'s shardings and rewinds ``data_iter``.
+def step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
 
-  Returns ``(step, state)`` or ``None`` when there is no checkpoint yet.
-  A checkpoint that cannot be read raises with the path, never silently restarts.
-  """
-  step = manager.latest_step()
-  if step is None:
-    return None
+
+def shape_mismatches(abstract_tree: Any, stored_tree: Any) -> list[str]:
+  """``"<key>: checkpoint (a, b), this config (c, d)"`` for every leaf whose shape differs
+  (and ``missing``/``unexpected`` leaves); empty when the trees agree."""
+  want = {_path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(abstract_tree)[0]}
+  have = {_path_str(p): tuple(getattr(x, "shape", ()) or ())
+          for p, x in jax.tree_util.tree_flatten_with_path(stored_tree)[0]}
+  params_first = lambda keys: sorted(keys, key=lambda k: (not k.startswith("params/"), k))
+  out = [f"{k}: checkpoint {have[k]}, this config {want[k]}"
+         for k in params_first(set(want) & set(have)) if have[k] != want[k]]
+  out += [f"{k}: not in the checkpoint" for k in sorted(set(want) - set(have))]
+  out += [f"{k}: in the checkpoint, not in this config" for k in sorted(set(have) - set(want))]
+  return out
+
+
+def _path_str(path) -> str:
+  """``params/layers_0/mlp/kernel``: a key path with dict keys, indices and attribute names
+  alike (orbax's metadata tree stores a state's attributes and tuples as dict keys and lists)."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def _summarise(mismatches: list[str], limit: int = 4) -> str:
+  more = f" (and {len(mismatches) - limit} more)" if len(mismatches) > limit else ""
+  return "; ".join(mismatches[:limit]) + more
+
+
+def _cause(e: BaseException) -> str:
+  """The first line of an exception (orbax/TensorStore append multi-line spec dumps)."""
+  text = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {text[0] if text else ''}"[:500]
+
+
+def _is_async_noise(exc_type, exc) -> bool:
+  return exc_type is RuntimeError and str(exc) == "Event loop is closed"
+
+
+def install_async_noise_filter() -> None:
+  """Silences the 'Event loop is closed' tracebacks that TensorStore's callbacks print (via
+  ``sys.excepthook`` / ``sys.unraisablehook``, one per abandoned read, from several threads)
+  when a failed restore leaves asynchronous reads behind: a failed restore then ends with
+  its cause rather than hundreds of unrelated lines. Every other error is printed as before."""
+  if getattr(sys.excepthook, "_msa_filters_async_noise", False):
+    return
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _is_async_noise(exc_type, exc):
+      previous_hook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not _is_async_noise(unraisable.exc_type, unraisable.exc_value):
+      previous_unraisable(unraisable)
+
+  excepthook._msa_filters_async_noise = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
+def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
+  install_async_noise_filter()
+  path = step_path(manager, step)
+  try:
+    stored = manager.item_metadata(step)["state"]
+  except Exception as e:  # noqa: BLE001 - re-raised with the step and path
+    raise CheckpointRestoreError(
+        step, path, f"its metadata is missing or corrupt ({_cause(e)})", _CORRUPT) from e
+  mismatches = shape_mismatches(abstract_state, getattr(stored, "tree", stored))
+  if mismatches:
+    raise CheckpointRestoreError(
+        step, path, f"shape mismatch: {_summarise(mismatches)}",
+        "The model config differs from the one that saved this run: resume with the run's "
+        "own config (config.json, or its newest config.<step>.json), or train the new shape in a new --workdir (nothing was changed)")
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=grain.checkpoint.CheckpointRestore(data_iter)))
-  except Exception as e:  # noqa: BLE001 - re-raised with the location
-    raise RuntimeError(
-        f"could not restore checkpoint step {step} from {manager.directory}: {e}. "
-        "If it is corrupt, move that step's folder aside to resume from the previous one; "
-        "nothing was deleted.") from e
-  return step, restored["state"]
+  except Exception as e:  # noqa: BLE001 - re-raised with the step and path
+    raise CheckpointRestoreError(step, path, f"missing or corrupt file ({_cause(e)})",
+                                 _CORRUPT) from e
+  return restored["state"]
+
+
+_CORRUPT = ("Nothing was deleted. Pass --restore_fallback to move this step aside (to "
+            f"{SET_ASIDE_DIR}/) and resume from the previous complete step, or move it aside "
+            "yourself")
+
+
+def set_aside(manager: ocp.CheckpointManager, step: int, reason: str) -> str:
+  """Moves step ``step`` out of ``checkpoints/`` into ``checkpoints.set_aside/`` (never
+  deletes it) and returns the new path."""
+  src = step_path(manager, step)
+  root = os.path.join(os.path.dirname(str(manager.directory)), SET_ASIDE_DIR)
+  os.makedirs(root, exist_ok=True)
+  dst = os.path.join(root, f"{step}.{reason}.{time.strftime('%Y%m%d-%H%M%S')}")
+  if jax.process_index() == 0:
+    os.rename(src, dst)
+  if jax.process_count() > 1:   # every host sees the move before it re-lists the steps
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"msa_jax set_aside {step}")
+  manager.reload()
+  return dst
+
+
+def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any, *,
+                   fallback: bool = False) -> Optional[tuple[int, Any]]:
+  """Restores the newest checkpoint into ``abstract_state``'s shardings and rewinds ``data_iter``.
+
+  Returns ``(step, state)`` or ``None`` when there is no checkpoint yet. A step that
+  cannot be read raises ``CheckpointRestoreError``; with ``fallback`` an unreadable
+  (not a shape-mismatched) step is moved aside with a printed notice and the previous
+  complete step is tried.
+  """
+  while True:
+    step = manager.latest_step()
+    if step is None:
+      return None
+    try:
+      return step, _restore_step(manager, step, abstract_state, data_iter)
+    except CheckpointRestoreError as e:
+      if not fallback or e.cause.startswith("shape mismatch"):
+        raise
+      moved = set_aside(manager, step, "unreadable")
+      print(f"WARNING (--restore_fallback): {e}\n  step {step} moved to {moved}; trying the "
+            "previous complete step", flush=True)

@@ -41,7 +41,7 @@ class ModelConfig:
   kernels: str = "xla"                 # "auto" | "pallas" | "xla"
 
   def __post_init__(self):
-    if self.router_layers is not None and not isinstance(self.router_layers, tuple):
+    if self.router_layers is not None:
       object.__setattr__(self, "router_layers",
                          parse_router_layers(self.router_layers, self.num_layers))
     self.validate()
@@ -116,17 +116,34 @@ class ModelConfig:
     return d
 
 
-def parse_router_layers(spec: Any, num_layers: int) -> tuple[int, ...]:
-  """Accepts a sequence of ints, "all", or a comma string like "18,19,20"."""
+_DEFAULT_ROUTER_WORDS = ("none", "default")
+
+
+def parse_router_layers(spec: Any, num_layers: int) -> Optional[tuple[int, ...]]:
+  """Accepts a sequence of ints, "all", a comma string like "18,19,20", or None / "none" /
+  "default" (None: the upper half). A one-word tuple such as ``("all",)`` or ``(None,)`` is
+  what ``--config.model.router_layers=all`` / ``=None`` parses to."""
+  if isinstance(spec, (tuple, list)) and len(spec) == 1 and (
+      spec[0] is None or isinstance(spec[0], str)):
+    spec = spec[0]
+  if spec is None:
+    return None
+  bad = ValueError(f"bad model config: router_layers {spec!r} is not 'all', 'none' (the upper "
+                   "half) or a list of layer indices like '18,19,20'")
   if isinstance(spec, str):
-    if spec.strip() == "all":
+    word = spec.strip().lower()
+    if word in _DEFAULT_ROUTER_WORDS:
+      return None
+    if word == "all":
       return tuple(range(num_layers))
-    try:
-      return tuple(int(s) for s in spec.split(",") if s.strip())
-    except ValueError:
-      raise ValueError(f"bad model config: router_layers {spec!r} is not 'all' or a comma "
-                       "list of layer indices like '18,19,20'") from None
-  return tuple(int(i) for i in spec)
+    spec = [s for s in word.strip("()[]").split(",") if s.strip()]
+  try:
+    ids = [int(i) for i in spec]
+  except (TypeError, ValueError):
+    raise bad from None
+  if any(isinstance(i, bool) or float(i) != int(i) for i in spec if not isinstance(i, str)):
+    raise bad
+  return tuple(ids)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -146,6 +146,8 @@ def plot(rows, path: str) -> None:
 
 def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
   """Evaluates at every ``cfg.eval.memory_multipliers`` size; writes eval.json and eval.png."""
+  from msa_jax.cli import check_writable
+  check_writable(workdir, "eval.json and eval.png")
   if model is None:
     model, params = load_for_eval(cfg, workdir)
   rows = []
@@ -244,7 +246,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import ml_collections
   workdir = flags.FLAGS.workdir
-  path = os.path.join(workdir, "config.json")
+  from msa_jax.run_config import saved_config_path   # config.json, or its newest record
+  path = saved_config_path(workdir) or os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
   f = flags.FLAGS
@@ -256,7 +259,11 @@ def main(argv):
     return
   with open(path) as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  run(cfg, workdir)
+  from msa_jax.cli import exit_with_error
+  try:
+    run(cfg, workdir)
+  except Exception as e:  # noqa: BLE001 - the cause as the last lines (restore errors too)
+    exit_with_error(e, "msa_jax.evaluate")
 
 
 if __name__ == "__main__":

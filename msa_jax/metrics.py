@@ -60,12 +60,52 @@ def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
-class MetricsWriter:
-  """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+SUPERSEDED_FILE = "metrics.superseded.jsonl"
 
-  def __init__(self, workdir: str, enable_tensorboard: bool = True):
+
+def rewind_rows(path: str, resume_step: int) -> int:
+  """Keeps the rows of ``path`` up to ``resume_step``: the rows logged after the checkpoint a
+  run resumes from (steps that will be trained again) and any torn last line (a kill
+  mid-write) move to ``metrics.superseded.jsonl`` beside it, so metrics.jsonl never holds a
+  step twice and nothing is deleted. Returns how many lines moved."""
+  if not os.path.exists(path):
+    return 0
+  with open(path) as f:
+    lines = f.readlines()
+  keep, moved = [], []
+  for line in lines:
+    try:
+      step = int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+      moved.append(line if line.endswith("\n") else line + "\n")
+      continue
+    (keep if step <= resume_step else moved).append(line)
+  if not moved:
+    return 0
+  with open(os.path.join(os.path.dirname(path), SUPERSEDED_FILE), "a") as f:
+    f.writelines(moved)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+  return len(moved)
+
+
+class MetricsWriter:
+  """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+  ``resume_step``: the step the run restarts from; rows after it (from the interrupted
+  attempt) move to ``metrics.superseded.jsonl`` (``rewind_rows``).
+  """
+
+  def __init__(self, workdir: str, enable_tensorboard: bool = True, resume_step: int = 0):
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() == 0:
+      moved = rewind_rows(self.path, resume_step)
+      if moved:
+        print(f"metrics: {moved} row(s) logged after step {resume_step} by the interrupted "
+              f"run moved to {SUPERSEDED_FILE} (those steps are trained again)", flush=True)
     self._file = open(self.path, "a", buffering=1)
     self._tb = None
     if enable_tensorboard and jax.process_index() == 0:

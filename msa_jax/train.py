@@ -3,7 +3,9 @@ r"""Trains an MSA model.
   python -m msa_jax.train --config=configs/16k_to_100m.py:smoke --workdir=/tmp/msa_smoke
 
 Without ``--config`` the CPU smoke variant runs. The config is saved in the
-workdir; a second run with the same workdir resumes from its last checkpoint.
+workdir; a second run with the same workdir resumes from its last checkpoint
+(refused if its config differs in more than the fields that may change, unless
+``--allow_config_change``). A failure ends with its cause as the last lines.
 """
 import os
 
@@ -17,14 +19,29 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training r
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/msa_smoke", "Where checkpoints, metrics.jsonl, "
                                "TensorBoard events and eval.json go.")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume even though the config differs from the run's saved "
+    "one in fields that change what the saved steps mean (e.g. a learning rate after a NaN "
+    "stop); the new config is recorded as config.<step>.json, config.json is kept.")
+_RESTORE_FALLBACK = flags.DEFINE_bool(
+    "restore_fallback", False, "When the newest checkpoint cannot be read, move it to "
+    "checkpoints.set_aside/ and resume from the previous complete one.")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "On a known error (bad config or data, a "
+                               "refused resume, a NaN stop), print the Python traceback too.")
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:   # keep orbax's per-save INFO lines off the console
     logging.set_verbosity(logging.WARNING)
+  from msa_jax.cli import exit_with_error
   from msa_jax.trainer import train_and_evaluate
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  try:
+    train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                       allow_config_change=_ALLOW_CONFIG_CHANGE.value,
+                       restore_fallback=_RESTORE_FALLBACK.value)
+  except Exception as e:  # noqa: BLE001 - every failure ends with its cause, then exit 1
+    exit_with_error(e, "msa_jax.train", _TRACEBACK.value)
 
 
 if __name__ == "__main__":

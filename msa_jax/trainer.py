@@ -3,8 +3,15 @@
 State is initialised directly into its sharding (``eval_shape`` → logical
 partition specs → mesh shardings → ``jit(init, out_shardings=...)``), the step
 is jitted once per batch shape, checkpoints hold the state and the data
-iterator, SIGTERM saves and exits cleanly, and a non-finite loss stops the run
-before anything bad is saved.
+iterator, SIGTERM saves and exits cleanly.
+
+What a failure never does (README "When things go wrong"): the run's
+``config.json`` is written once and never rewritten (a resume with a different
+config is refused unless accepted, then recorded as ``config.<step>.json``); a
+step whose loss, gradients, parameters or update are non-finite, or whose update
+explodes (norm above ``optim.max_update_ratio`` × the parameters' norm), is never
+saved, and a saved step whose parameters give a non-finite loss at the next step
+is moved aside; the stop names the checkpoint that is good.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, metrics as metrics_lib, sharding
+from msa_jax import checkpointing, metrics as metrics_lib, run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
@@ -31,7 +38,8 @@ from msa_jax.train_step import TrainState, init_train_state, train_step
 
 
 class NonFiniteLossError(RuntimeError):
-  """The loss became NaN/Inf; the last good checkpoint is kept."""
+  """The loss, gradients, parameters or update became NaN/Inf (or the update exploded);
+  nothing bad is kept and the message names the good checkpoint."""
 
 
 def resolve_model_config(cfg) -> ModelConfig:
@@ -69,7 +77,27 @@ def validate_config(cfg) -> ModelConfig:
   if cfg.optim.warmup_phase_steps > cfg.num_steps:
     raise ValueError(f"optim.warmup_phase_steps ({cfg.optim.warmup_phase_steps}) exceeds "
                      f"num_steps ({cfg.num_steps})")
+  _validate_cadence_and_rates(cfg)
   return model_cfg
+
+
+def _validate_cadence_and_rates(cfg) -> None:
+  """Step intervals >= 1 and positive finite learning rates (a 0 interval used to fail
+  after compiling with a bare ``ZeroDivisionError``; a negative lr trained uphill)."""
+  for name, value in (("log_every_steps", cfg.log_every_steps),
+                      ("checkpoint.every_steps", cfg.checkpoint.every_steps),
+                      ("checkpoint.max_to_keep", cfg.checkpoint.max_to_keep)):
+    if value < 1:
+      raise ValueError(f"{name} must be >= 1, got {value}; set --config.{name}=N with N >= 1")
+  for name in ("warmup_phase_lr", "main_phase_lr", "final_lr"):
+    lr = float(cfg.optim[name])
+    floor_ok = lr >= 0 if name == "final_lr" else lr > 0
+    if not (np.isfinite(lr) and floor_ok):
+      raise ValueError(f"optim.{name} must be a finite number {'>= 0' if name == 'final_lr' else '> 0'}, "
+                       f"got {lr}; set --config.optim.{name}")
+  ratio = float(cfg.optim.get("max_update_ratio", 1.0))
+  if not ratio > 0:
+    raise ValueError(f"optim.max_update_ratio must be > 0, got {ratio}")
 
 
 class TrainSetup:
@@ -98,7 +126,8 @@ class TrainSetup:
 
     def step_in_rules(state, batch):
       with nn.logical_axis_rules(self.rules):
-        return step(state, batch)
+        new_state, metrics = step(state, batch)
+      return new_state, {**metrics, **update_norms(state.params, new_state.params)}
 
     self._step = jax.jit(step_in_rules, out_shardings=(self.state_shardings, None),
                          donate_argnums=(0,))
@@ -126,20 +155,26 @@ class TrainSetup:
       return self._step(state, batch)
 
 
+def global_norm(tree) -> jax.Array:
+  """The L2 norm of all leaves, scaled by their largest magnitude first so that huge but
+  finite values (an lr of 1e30 gives ~1e29) do not overflow float32 to inf."""
+  leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+  peak = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+  scale = jnp.where((peak > 0) & jnp.isfinite(peak), peak, 1.0)
+  return scale * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in leaves))
+
+
+def update_norms(old_params, new_params) -> dict[str, jax.Array]:
+  """Norms of what a step saves: the new parameters, the update, and their ratio (traced)."""
+  update = global_norm(jax.tree.map(lambda a, b: b.astype(jnp.float32) - a, old_params,
+                                    new_params))
+  return {"param_norm": global_norm(new_params), "update_norm": update,
+          "update_ratio": update / jnp.maximum(global_norm(old_params), 1e-12)}
+
+
 def count_tokens(batch: MSABatch) -> int:
   """Valid tokens the step processes: documents, prefix and active."""
   return int(np.sum(batch.doc_mask) + np.sum(batch.prefix_mask) + np.sum(batch.active_mask))
-
-
-def _write_config(cfg, workdir: str, model_cfg: ModelConfig) -> None:
-  """``config.json``: the training config with ``model`` as the resolved ``ModelConfig``
-  (e.g. ``vocab_size=0`` replaced by the size used), so the workdir loads on its own."""
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    config = json.loads(cfg.to_json_best_effort())
-    config["model"] = model_cfg.to_dict()
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(config, f, indent=2)
 
 
 def _load_pretrained(cfg, setup: TrainSetup):
@@ -148,26 +183,104 @@ def _load_pretrained(cfg, setup: TrainSetup):
   return params
 
 
-def _check_finite(step_metrics, step: int, manager) -> None:
-  """Raises ``NonFiniteLossError`` (before anything is saved) when the step's loss is NaN/Inf."""
-  loss = float(step_metrics["loss"])
-  if np.isfinite(loss):
-    return
+def step_problem(step_metrics, max_update_ratio: float) -> Optional[str]:
+  """Why the state a step produced must not be saved, or None when it is sane: a
+  non-finite loss or gradient (computed with the previous parameters), non-finite
+  new parameters or update, or an update larger than ``max_update_ratio`` × the
+  previous parameters' norm (finite, but exploding: e.g. lr 1e30)."""
+  values = {k: float(np.asarray(step_metrics[k])) for k in
+            ("loss", "grad_norm", "param_norm", "update_norm", "update_ratio")
+            if k in step_metrics}
+  bad = [f"{k} is {v}" for k, v in values.items() if not np.isfinite(v)]
+  if bad:
+    return ", ".join(bad)
+  ratio = values.get("update_ratio", 0.0)
+  if ratio > max_update_ratio:
+    return (f"the update exploded: its norm {values['update_norm']:.3g} is {ratio:.3g}x the "
+            f"parameters' norm (optim.max_update_ratio={max_update_ratio:g}; parameter norm "
+            f"now {values['param_norm']:.3g})")
+  return None
+
+
+def stop_unhealthy(problem: str, step: int, manager, *, unverified: Optional[int] = None,
+                   resume_hint: str = "") -> None:
+  """Raises ``NonFiniteLossError`` for a bad ``step``. ``unverified``: a step saved just
+  before whose parameters produced this step's loss; it is moved aside (never deleted)
+  when this step's loss is itself non-finite. The message names the good checkpoint."""
   manager.wait_until_finished()
+  moved = ""
+  if unverified is not None and unverified in manager.all_steps():
+    path = checkpointing.set_aside(manager, unverified, "nonfinite")
+    moved = (f" Checkpoint {unverified} (whose parameters gave this loss) was moved to "
+             f"{path}.")
   kept = manager.latest_step()
-  where = (f"the last good checkpoint (step {kept}) in {manager.directory} is kept"
-           if kept is not None else f"no checkpoint was saved yet in {manager.directory}")
+  where = (f"The last good checkpoint is step {kept} in {manager.directory}"
+           if kept is not None else f"No good checkpoint is left in {manager.directory}")
   raise NonFiniteLossError(
-      f"loss is {loss} at step {step}; stopping. {where[0].upper()}{where[1:]}; lower the "
-      "learning rate or check the data before resuming.")
+      f"training stopped at step {step}: {problem}; that state was not saved.{moved} "
+      f"{where}. To train on from it, resume with a lower learning rate (or check the data): "
+      f"{resume_hint}--config.optim.main_phase_lr=... --allow_config_change (the change is "
+      "recorded as config.<step>.json).")
+
+
+class _SaveGuard:
+  """The health checks around saving: a step is saved only when ``step_problem`` finds
+  nothing, and a step saved in this session stays unverified until the next step's loss
+  (computed with its parameters) is finite."""
+
+  def __init__(self, manager, max_update_ratio: float, resume_hint: str):
+    self.manager, self.max_update_ratio = manager, max_update_ratio
+    self.resume_hint = resume_hint
+    self.unverified: Optional[int] = None
+
+  def check(self, step: int, step_metrics, *, force: bool = False) -> None:
+    """Raises on a bad step. Checks every ``force`` (log/save) step and the step after a save."""
+    if not force and self.unverified is None:
+      return
+    problem = step_problem(step_metrics, self.max_update_ratio)
+    if problem is None:
+      self.unverified = None
+      return
+    loss_bad = not np.isfinite(float(np.asarray(step_metrics["loss"])))
+    stop_unhealthy(problem, step, self.manager, resume_hint=self.resume_hint,
+                   unverified=self.unverified if loss_bad else None)
+
+  def saved(self, step: int) -> None:
+    self.unverified = step
+
+
+def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bool):
+  """``(start_step, state)``: the newest checkpoint, else pretrained or fresh parameters."""
+  restored = checkpointing.restore_latest(manager, setup.abstract_state, data_iter,
+                                          fallback=fallback)
+  if restored is not None:
+    print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
+    return restored
+  if cfg.get("init_from"):
+    return 0, setup.state_from_params(_load_pretrained(cfg, setup))
+  return 0, setup.init_state(cfg.seed)
+
+
+def _record_config(workdir: str, config: dict, diffs, start_step: int) -> None:
+  """After a successful restore (or a fresh start): ``config.json`` for a new run, or the
+  accepted changes as ``config.<start_step>.json``; ``config.json`` is never rewritten."""
+  if jax.process_index() != 0:
+    return
+  if not run_config.write_initial(workdir, config) and diffs:
+    run_config.record_change(workdir, start_step, config, diffs)
 
 
 def train_and_evaluate(cfg, workdir: str, *,
-                       on_step: Optional[Callable[[int, dict], None]] = None) -> dict[str, Any]:
+                       on_step: Optional[Callable[[int, dict], None]] = None,
+                       allow_config_change: bool = False,
+                       restore_fallback: bool = False) -> dict[str, Any]:
   """Trains per ``cfg``, resuming from ``workdir`` if it holds a checkpoint, then evaluates.
 
   Returns the last logged metrics (plus ``stopped_early`` when SIGTERM ended the run).
   ``on_step(step, metrics)`` is called after every logged step (tests use it).
+  ``allow_config_change``: accept a resume whose config differs from the run's saved one
+  (``run_config``); ``restore_fallback``: resume from the previous complete checkpoint
+  when the newest cannot be read (it is moved aside). Without them both are errors.
   """
   model_cfg = validate_config(cfg)
   mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -176,7 +289,8 @@ def train_and_evaluate(cfg, workdir: str, *,
     raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of {batch_shards} (the "
                      f"data × fsdp mesh axes of mesh {dict(mesh.shape)}); change batch_size "
                      "or config.mesh_shape")
-  _write_config(cfg, workdir, model_cfg)
+  config = run_config.run_config_dict(cfg, model_cfg)
+  diffs = run_config.check_resume(workdir, config, allow_change=allow_config_change)
   setup = TrainSetup(cfg, mesh, model_cfg)
   data_iter = from_config.make_train_iterator(
       cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
@@ -184,23 +298,34 @@ def train_and_evaluate(cfg, workdir: str, *,
       process_index=jax.process_index(), process_count=jax.process_count())
   manager = checkpointing.make_manager(workdir, cfg.checkpoint.max_to_keep,
                                        cfg.checkpoint.every_steps, cfg.checkpoint.async_save)
-  restored = checkpointing.restore_latest(manager, setup.abstract_state, data_iter)
-  if restored is not None:
-    start_step, state = restored
-    print(f"resumed from {manager.directory} at step {start_step}", flush=True)
-  elif cfg.get("init_from"):
-    state = setup.state_from_params(_load_pretrained(cfg, setup))
-    start_step = 0
-  else:
-    state = setup.init_state(cfg.seed)
-    start_step = 0
+  try:
+    start_step, state = _restore_or_init(cfg, setup, manager, data_iter,
+                                         fallback=restore_fallback)
+  except BaseException:
+    manager.close()
+    raise
+  _record_config(workdir, config, diffs, start_step)
+  last, state = _train_loop(cfg, workdir, setup, model_cfg, manager, data_iter, state,
+                            start_step, on_step)
+  if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
+    from msa_jax import evaluate
+    evaluate.run(cfg, workdir, model=setup.model, params=state.params)
+  return last
 
-  writer = metrics_lib.MetricsWriter(workdir, cfg.get("tensorboard", True))
+
+def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, state,
+                start_step: int, on_step) -> tuple[dict[str, Any], TrainState]:
+  """Steps from ``start_step`` to ``cfg.num_steps``: logs, saves (guarded), handles SIGTERM."""
+  writer = metrics_lib.MetricsWriter(workdir, cfg.get("tensorboard", True),
+                                     resume_step=start_step)
   progress = metrics_lib.Progress(cfg.num_steps, start_step)
   peak_flops, peak_source = metrics_lib.device_peak_flops()
+  mesh = setup.mesh
   print(f"training {cfg.num_steps} steps on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}; MFU against {peak_source} "
         f"{peak_flops / 1e12:.2f} TFLOP/s per device", flush=True)
+  guard = _SaveGuard(manager, float(cfg.optim.get("max_update_ratio", 1.0)),
+                     resume_hint=f"python -m msa_jax.train --workdir={workdir} <same flags> ")
 
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
@@ -214,8 +339,9 @@ def train_and_evaluate(cfg, workdir: str, *,
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
+      # Before logging: a bad step is neither logged nor saved.
+      guard.check(step, step_metrics, force=log_now or manager.should_save(step))
       if log_now:
-        _check_finite(step_metrics, step, manager)
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
@@ -232,19 +358,18 @@ def train_and_evaluate(cfg, workdir: str, *,
       # Read the flag once, after logging: a SIGTERM that arrived while logging (or from
       # on_step) is still saved at this step rather than dropped.
       stopping = stop["sigterm"]
-      if manager.should_save(step) or step == cfg.num_steps or stopping:
-        _check_finite(step_metrics, step, manager)
+      save_now = manager.should_save(step) or step == cfg.num_steps or stopping
+      if save_now:
+        guard.check(step, step_metrics, force=True)
         checkpointing.save(manager, step, state, data_iter, force=True)
+        guard.saved(step)
       if stopping:
         print(f"SIGTERM: saved step {step} to {manager.directory}; exiting cleanly.", flush=True)
         last["stopped_early"] = True
         break
   finally:
     manager.wait_until_finished()
+    manager.close()
     signal.signal(signal.SIGTERM, previous)
     writer.close()
-
-  if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
-    from msa_jax import evaluate
-    evaluate.run(cfg, workdir, model=setup.model, params=state.params)
-  return last
+  return last, state

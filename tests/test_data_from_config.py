@@ -207,9 +207,14 @@ def test_jsonl_buckets_follow_the_data(hf_dir, jsonl_files):
   one = [BucketShapes(4, max(b.prefix for b in buckets), max(b.docs for b in buckets),
                       max(b.doc_len for b in buckets), max(b.active for b in buckets))]
   assert waste["total"] < ip.padding_waste_of(source, one, num_examples=40)["total"]
-  cfg.data.max_doc_len = 8
-  with pytest.raises(ValueError, match=r"example \d+ of .*train.jsonl has 1\d tokens in its "
-                     "longest document, over data.max_doc_len=8"):
+  cfg.data.max_doc_len = 8     # JSONL documents are checked as they are read: file:line
+  with pytest.raises(ValueError, match=r"train.jsonl:1: document 'd\d+' has \d+ tokens "
+                     r"\(with its id\), over data.max_doc_len=8"):
+    ip.make_train_iterator(cfg.data, seed=0, batch_size=4, chunk_size=2)
+  cfg.data.max_doc_len = 0
+  cfg.data.max_docs = 4        # the bucket caps still name the example
+  with pytest.raises(ValueError, match=r"example \d+ of .*train.jsonl has 5 documents, over "
+                     "data.max_docs=4"):
     ip.make_train_iterator(cfg.data, seed=0, batch_size=4, chunk_size=2)
 
 

@@ -212,9 +212,10 @@ def nan_run(tmp_path_factory, compilation_cache):
 def test_nan_names_the_step_and_the_kept_checkpoint(nan_run):
   msg = nan_run["error"]
   ckpts = os.path.join(os.path.abspath(nan_run["workdir"]), "checkpoints")
-  assert msg.startswith(f"loss is nan at step {NAN_AT}; stopping.")
-  assert f"The last good checkpoint (step {SAVE_EVERY}) in {ckpts} is kept" in msg
-  assert "lower the learning rate" in msg
+  assert msg.startswith(f"training stopped at step {NAN_AT}: loss is nan")
+  assert "that state was not saved" in msg
+  assert f"The last good checkpoint is step {SAVE_EVERY} in {ckpts}" in msg
+  assert "lower learning rate" in msg and "--allow_config_change" in msg
 
 
 def test_nan_step_is_neither_saved_nor_logged(nan_run):
@@ -237,8 +238,10 @@ def test_kept_checkpoint_restores_finite_and_resumes(nan_run, trained):
   last = train_and_evaluate(cfg, workdir)
   assert last["step"] == NUM_STEPS and "stopped_early" not in last
   rows = read_rows(workdir)
-  assert [r["step"] for r in rows] == list(range(1, NAN_AT)) + list(range(SAVE_EVERY + 1,
-                                                                         NUM_STEPS + 1))
+  # The rows the failed attempt logged after the kept step moved to metrics.superseded.jsonl.
+  assert [r["step"] for r in rows] == list(range(1, NUM_STEPS + 1))
+  superseded = os.path.join(workdir, "metrics.superseded.jsonl")
+  assert [json.loads(l)["step"] for l in open(superseded)] == list(range(SAVE_EVERY + 1, NAN_AT))
   reference = {r["step"]: r for r in read_rows(trained["workdir"])}
   for r in rows:
     for k in ("loss", "lm_loss", "aux_loss"):

@@ -160,13 +160,15 @@ def jsonl_examples(data_cfg, path: str) -> ExampleList:
       raise FileNotFoundError(f"data.{key}: {p} is not a file")
   tok = jsonl_tokenizer(data_cfg)
   stamp = lambda p: (os.path.abspath(p), os.stat(p).st_mtime_ns, os.stat(p).st_size) if p else ()
-  key = (stamp(path), stamp(corpus), tok.path)   # a rewritten file is read again
+  cap = int(data_cfg.get("max_doc_len") or 0)
+  key = (stamp(path), stamp(corpus), tok.path, cap)   # a rewritten file is read again
   if key not in _JSONL:
     prefix = [tok.specials.bos] if tok.specials.bos is not None else []
     if corpus:
-      examples = read_queries(path, read_corpus(corpus, tok), tok, prefix=prefix)
+      examples = read_queries(path, read_corpus(corpus, tok, max_doc_len=cap), tok,
+                              prefix=prefix)
     else:
-      examples = read_examples(path, tok, prefix=prefix)
+      examples = read_examples(path, tok, prefix=prefix, max_doc_len=cap)
     _JSONL[key] = ExampleList(examples, tok, path=path)
   return _JSONL[key]
 
@@ -190,9 +192,20 @@ def vocab_size_of(data_cfg) -> int:
   return int(tokenizer_of(data_cfg).vocab_size)
 
 
+CAP_KEYS = ("max_docs", "max_doc_len", "max_active")
+
+
 def validate_data_config(cfg) -> None:
-  """Checks of ``cfg.data`` against ``cfg.eval`` that should fail before training starts."""
+  """Checks of ``cfg.data`` against ``cfg.eval`` that should fail before training starts.
+
+  For JSONL data this reads (and caches) the training and eval files, so a malformed
+  row or a document over ``data.max_doc_len`` is reported with ``file:line`` up front.
+  """
   task = _check_task(cfg.data)
+  for key in CAP_KEYS:
+    value = cfg.data.get(key) or 0
+    if value < 0:
+      raise ValueError(f"data.{key} must be >= 0 (0: no cap), got {value}")
   if task == "jsonl":
     jsonl_tokenizer(cfg.data)
     for p in (cfg.data.jsonl_path, cfg.data.get("eval_jsonl_path", "")):
@@ -200,8 +213,12 @@ def validate_data_config(cfg) -> None:
         raise FileNotFoundError(f"JSONL file {p} not found")
     if not cfg.data.jsonl_path:
       raise ValueError("data.task='jsonl' needs data.jsonl_path")
-    if cfg.get("eval") and cfg.eval.get("at_end", True):
+    evaluating = bool(cfg.get("eval") and cfg.eval.get("at_end", True))
+    if evaluating:
       _check_jsonl_multipliers(cfg.eval.memory_multipliers)
+    jsonl_examples(cfg.data, cfg.data.jsonl_path)
+    if evaluating and cfg.data.get("eval_jsonl_path"):
+      jsonl_examples(cfg.data, cfg.data.eval_jsonl_path)
 
 
 def _check_jsonl_multipliers(multipliers) -> None:
@@ -371,8 +388,7 @@ def padding_waste_of(source, buckets: Sequence[BucketShapes], *, memory_interlea
 
 
 def _bucket_caps(data_cfg) -> dict:
-  return {k: data_cfg.get(k) for k in ("max_docs", "max_doc_len", "max_active")
-          if data_cfg.get(k)}
+  return {k: data_cfg.get(k) for k in CAP_KEYS if data_cfg.get(k)}
 
 
 # --------------------------------------------------------------------------- training

@@ -34,14 +34,20 @@ class JSONLError(ValueError):
 
 def _rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """(line number, parsed object) of each non-blank line."""
-  with open(path, encoding="utf-8") as f:
-    for n, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for n, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise JSONLError(path, n, f"not UTF-8 text: byte {raw[e.start:e.start + 1]!r} at column "
+                         f"{e.start + 1} of the line; re-encode the file as UTF-8 (e.g. "
+                         "`iconv -f latin1 -t utf-8`)") from None
       if not line.strip():
         continue
       try:
-        row = json.loads(line)
+        row = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
-        raise JSONLError(path, n, f"bad JSON ({e.msg} at column {e.colno})") from None
+        raise JSONLError(path, n, f"bad JSON: {e.msg} (column {e.colno})") from None
       if not isinstance(row, dict):
         raise JSONLError(path, n, f"expected a JSON object, got {type(row).__name__}")
       yield n, row
@@ -62,7 +68,8 @@ def _doc_id(value: Any, path: str, line: int) -> str:
   return str(value)
 
 
-def _document(obj: Any, tok: Tokenizer, path: str, line: int) -> Document:
+def _document(obj: Any, tok: Tokenizer, path: str, line: int,
+              max_doc_len: int = 0) -> Document:
   if not isinstance(obj, dict):
     raise JSONLError(path, line, f"document should be an object, got {obj!r}")
   doc_id = _doc_id(_field(obj, "id", (str, int), path, line), path, line)
@@ -70,8 +77,13 @@ def _document(obj: Any, tok: Tokenizer, path: str, line: int) -> Document:
   if not text.strip():
     raise JSONLError(path, line, f"document {doc_id!r} has empty text; drop it or fill it")
   id_tokens = tok.encode_doc_id(doc_id)
-  return Document(doc_id=doc_id, tokens=id_tokens + tok.encode(text),
-                  id_length=len(id_tokens))
+  tokens = id_tokens + tok.encode(text)
+  if max_doc_len and len(tokens) > max_doc_len:
+    raise JSONLError(path, line, f"document {doc_id!r} has {len(tokens)} tokens (with its id), "
+                     f"over data.max_doc_len={max_doc_len}: split it into shorter documents, "
+                     "or raise --config.data.max_doc_len if memory allows (documents are "
+                     "never truncated)")
+  return Document(doc_id=doc_id, tokens=tokens, id_length=len(id_tokens))
 
 
 def _example(row: dict, docs: list[Document], tok: Tokenizer, prefix: list[int],
@@ -110,24 +122,28 @@ def _unique(docs: Sequence[Document], path: str, line_of: Sequence[int]) -> None
 
 
 def read_examples(path: str, tokenizer: Tokenizer, *, prefix: Sequence[int] = (),
-                  task: str = "jsonl") -> list[Example]:
-  """Examples of a per-example JSONL file (each row carries its own ``docs``)."""
+                  task: str = "jsonl", max_doc_len: int = 0) -> list[Example]:
+  """Examples of a per-example JSONL file (each row carries its own ``docs``).
+
+  ``max_doc_len`` (0: none): a longer document is an error naming its line.
+  """
   out = []
   for line, row in _rows(path):
     raw_docs = _field(row, "docs", list, path, line)
     if not raw_docs:
       raise JSONLError(path, line, "'docs' is empty; give at least one document")
-    docs = [_document(d, tokenizer, path, line) for d in raw_docs]
+    docs = [_document(d, tokenizer, path, line, max_doc_len) for d in raw_docs]
     _unique(docs, path, [line] * len(docs))
     out.append(_example(row, docs, tokenizer, list(prefix), task, path, line))
   return out
 
 
-def read_corpus(path: str, tokenizer: Tokenizer) -> list[Document]:
-  """Documents of a corpus JSONL file (``{"id", "text"}`` per line), in file order."""
+def read_corpus(path: str, tokenizer: Tokenizer, *, max_doc_len: int = 0) -> list[Document]:
+  """Documents of a corpus JSONL file (``{"id", "text"}`` per line), in file order;
+  ``max_doc_len`` as in ``read_examples``."""
   docs, lines = [], []
   for line, row in _rows(path):
-    docs.append(_document(row, tokenizer, path, line))
+    docs.append(_document(row, tokenizer, path, line, max_doc_len))
     lines.append(line)
   if not docs:
     raise JSONLError(path, 0, "corpus has no documents")

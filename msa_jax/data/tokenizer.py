@@ -8,6 +8,7 @@ is stored at the head of a memory document and generated in a target).
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Protocol, Sequence
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -220,6 +221,30 @@ class WordTokenizer:
       raise ValueError(f"symbol {n} out of range [0, {size}); raise {name}")
 
 
+# Files of which a Hugging Face tokenizer directory holds at least one.
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                      "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _load_hf_tokenizer(path: str):
+  """``AutoTokenizer.from_pretrained(path)`` offline; a directory that is not a tokenizer
+  (or an unreadable one) is a ``ValueError`` naming the path, not transformers' guess."""
+  import transformers  # heavy import, only when used
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"tokenizer directory {path} does not exist or is not a directory")
+  if not any(os.path.isfile(os.path.join(path, f)) for f in HF_TOKENIZER_FILES):
+    found = sorted(os.listdir(path))[:8]
+    raise ValueError(f"{path} is not a Hugging Face tokenizer directory: it has none of "
+                     f"{list(HF_TOKENIZER_FILES)} (found {found}); point data.tokenizer_dir at "
+                     "the directory holding tokenizer.json / tokenizer_config.json")
+  try:
+    return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+  except Exception as e:  # noqa: BLE001 - re-raised naming the directory
+    first = (str(e).strip().splitlines() or [""])[0]
+    raise ValueError(f"could not load the Hugging Face tokenizer in {path}: "
+                     f"{type(e).__name__}: {first[:300]}") from e
+
+
 class HFTokenizer:
   """Thin wrapper around a local Hugging Face tokenizer directory (offline).
 
@@ -233,10 +258,8 @@ class HFTokenizer:
   def __init__(self, path: str, *, add_missing_control_tokens: bool = False,
                pad_id: int = 0, id_end_token: str = ID_END,
                end_of_retrieval_token: str = END_OF_RETRIEVAL):
-    import transformers  # heavy import, only when used
     self.path = str(path)
-    self.hf = transformers.AutoTokenizer.from_pretrained(
-        self.path, local_files_only=True)
+    self.hf = _load_hf_tokenizer(self.path)
     control = [id_end_token, end_of_retrieval_token]
     missing = [t for t in control if t not in self.hf.get_vocab()]
     if missing and not add_missing_control_tokens:

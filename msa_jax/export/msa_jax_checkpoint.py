@@ -21,6 +21,7 @@ Only ``params`` is read from ``state`` (orbax partial restore).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -110,9 +111,14 @@ def read_model_config(step_dir: str, root: Optional[str] = None) -> ModelConfig:
 
 def _stored_tree(checkpointer, path: str) -> Any:
   """The metadata tree of a saved pytree (its layout differs across orbax versions)."""
-  stored = checkpointer.metadata(path)
+  with _restore_errors(path):
+    stored = checkpointer.metadata(path)
   stored_tree = getattr(stored, "item_metadata", stored)
-  return getattr(stored_tree, "tree", stored_tree)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  if stored_tree is None:   # orbax returns None when it cannot read the tree's metadata
+    raise CheckpointError(f"{path}: cannot restore (step {_step_of(os.path.dirname(path))}): "
+                          "its metadata is missing or unreadable (corrupt or truncated files)")
+  return stored_tree
 
 
 def restore_params(step_dir: str, abstract_params: Any) -> Any:
@@ -121,16 +127,17 @@ def restore_params(step_dir: str, abstract_params: Any) -> Any:
   checkpointer = ocp.StandardCheckpointer()
   stored_tree = _stored_tree(checkpointer, path)
   _check_shapes(path, abstract_params, stored_tree)
-  return checkpointer.restore(path, abstract_params)
+  with _restore_errors(path):
+    return checkpointer.restore(path, abstract_params)
 
 
 TRAINER_CONFIG = "config.json"
 TRAINER_STATE_DIR = "state"
 
 
-def read_config_json(directory: str) -> Optional[dict]:
-  """``<directory>/config.json`` as a dict; None when absent or not a JSON object."""
-  path = os.path.join(directory, TRAINER_CONFIG)
+def read_config_json(directory: str, path: Optional[str] = None) -> Optional[dict]:
+  """``<directory>/config.json`` (or ``path``) as a dict; None when absent or not a JSON object."""
+  path = path or os.path.join(directory, TRAINER_CONFIG)
   if not os.path.isfile(path):
     return None
   try:
@@ -143,7 +150,8 @@ def read_config_json(directory: str) -> Optional[dict]:
 
 def trainer_model_dict(workdir: str) -> Optional[dict]:
   """The ``model`` entry of a trainer workdir's ``config.json``; None if ``workdir`` is not one."""
-  config = read_config_json(workdir)
+  from msa_jax.run_config import saved_config_path   # a resume's accepted change wins
+  config = read_config_json(workdir, saved_config_path(workdir))
   model = config.get("model") if config is not None else None
   if not isinstance(model, dict) or "model_type" in config:
     return None
@@ -191,10 +199,28 @@ def restore_trainer_params(step_dir: str, abstract_params: Any) -> Any:
   _check_shapes(path, abstract_params, stored_tree["params"])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   restore_args = jax.tree.map(lambda _: ocp.ArrayRestoreArgs(sharding=device), abstract_params)
-  restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-      item={"params": abstract_params}, restore_args={"params": restore_args},
-      partial_restore=True))
+  with _restore_errors(path):
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={"params": abstract_params}, restore_args={"params": restore_args},
+        partial_restore=True))
   return restored["params"]
+
+
+@contextlib.contextmanager
+def _restore_errors(path: str):
+  """Re-raises an orbax/TensorStore failure as a ``CheckpointError`` naming the step dir and
+  the cause's first line (not the multi-line TensorStore spec dump)."""
+  from msa_jax.checkpointing import install_async_noise_filter
+  install_async_noise_filter()
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # noqa: BLE001 - orbax raises many types
+    lines = str(e).strip().splitlines()
+    raise CheckpointError(f"{path}: cannot restore (step {_step_of(os.path.dirname(path))}): "
+                          f"missing or corrupt file ({type(e).__name__}: "
+                          f"{lines[0][:300] if lines else ''})") from e
 
 
 def _check_shapes(path: str, abstract_params: Any, stored_tree: Any) -> None:
@@ -208,4 +234,5 @@ def _check_shapes(path: str, abstract_params: Any, stored_tree: Any) -> None:
                           f"{' ...' if len(missing) > 5 else ''}")
   for key, shape in want.items():
     if have[key] != tuple(shape):
-      raise CheckpointError(f"{path}: param {key} has shape {have[key]}, expected {tuple(shape)}")
+      raise CheckpointError(f"{path}: shape mismatch: param {key} has shape {have[key]} in the "
+                            f"checkpoint, the config asks for {tuple(shape)}")

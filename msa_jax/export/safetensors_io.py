@@ -69,7 +69,7 @@ class SafetensorsReader:
       hint = f" (found {others}: only safetensors is supported)" if others else ""
       raise CheckpointError(f"{directory}: no weights: neither {SINGLE_FILE} nor "
                             f"{INDEX_FILE}{hint}")
-    self._handles = {f: safe_open(os.path.join(directory, f), framework="numpy") for f in files}
+    self._handles = {f: _open(os.path.join(directory, f)) for f in files}
     if self._file_of is None:
       self._file_of = {name: SINGLE_FILE for name in self._handles[SINGLE_FILE].keys()}
     else:
@@ -114,7 +114,22 @@ class SafetensorsReader:
   def read(self, name: str) -> np.ndarray:
     """The tensor as a numpy array in its stored dtype."""
     self._slice(name)  # raises a named error when absent
-    return self._handles[self._file_of[name]].get_tensor(name)
+    try:
+      return self._handles[self._file_of[name]].get_tensor(name)
+    except Exception as e:  # noqa: BLE001 - re-raised naming the file and tensor
+      raise CheckpointError(f"{os.path.join(self.directory, self._file_of[name])}: cannot read "
+                            f"tensor {name!r} ({type(e).__name__}: {e}); the file may be "
+                            "truncated or corrupt: copy or download it again") from e
+
+
+def _open(path: str):
+  """``safe_open`` of one file; a truncated or corrupt file is a ``CheckpointError`` naming it."""
+  try:
+    return safe_open(path, framework="numpy")
+  except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+    raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}; "
+                          f"{os.path.getsize(path)} bytes); it may be truncated (an interrupted "
+                          "download or copy) or corrupt: copy or download it again") from e
 
 
 def _read_index(path: str) -> dict[str, str]:
