@@ -180,7 +180,8 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
   from msa_jax.generate import read_questions
   from msa_jax.inference import MemoryEngine
   out = out or os.path.join(workdir, f"eval_bank_{os.path.basename(os.path.normpath(bank_path))}.json")
-  _check_writable(out)
+  from msa_jax.cli import check_writable
+  check_writable(os.path.dirname(os.path.abspath(out)), os.path.basename(out))
   rows = read_questions(questions_path)
   if limit:
     rows = rows[:limit]
@@ -223,13 +224,6 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
   return result
 
 
-def _check_writable(path: str) -> None:
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-    raise PermissionError(f"cannot write {path}: {parent} is not a writable directory; "
-                          "choose another --out")
-
-
 def load_for_eval(cfg, workdir: str):
   """The model and the latest checkpoint's parameters of a training run."""
   del cfg  # the run's own config.json describes the model
@@ -250,16 +244,19 @@ def main(argv):
   path = saved_config_path(workdir) or os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path} not found: --workdir must be a training run's directory")
+  from msa_jax.cli import exit_with_error
   f = flags.FLAGS
   if f.bank or f.questions:
-    if not (f.bank and f.questions):
-      raise ValueError("--bank and --questions go together")
-    run_bank(workdir, f.bank, f.questions, out=f.out, batch_size=f.batch_size,
-             max_new_tokens=f.max_new_tokens, kv_placement=f.kv_placement, limit=f.limit)
+    try:
+      if not (f.bank and f.questions):
+        raise ValueError("--bank and --questions go together")
+      run_bank(workdir, f.bank, f.questions, out=f.out, batch_size=f.batch_size,
+               max_new_tokens=f.max_new_tokens, kv_placement=f.kv_placement, limit=f.limit)
+    except Exception as e:  # noqa: BLE001 - the cause as the last lines
+      exit_with_error(e, "msa_jax.evaluate")
     return
-  with open(path) as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
-  from msa_jax.cli import exit_with_error
+  with open(path) as fh:
+    cfg = ml_collections.ConfigDict(json.load(fh))
   try:
     run(cfg, workdir)
   except Exception as e:  # noqa: BLE001 - the cause as the last lines (restore errors too)

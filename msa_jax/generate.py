@@ -56,9 +56,8 @@ def main(argv):
   f = flags.FLAGS
   from msa_jax.inference import MemoryEngine
   rows = read_questions(f.questions)
-  out_dir = os.path.dirname(os.path.abspath(f.out))
-  if not os.access(out_dir, os.W_OK):
-    raise PermissionError(f"cannot write {f.out}: {out_dir} is not writable")
+  from msa_jax.cli import check_writable
+  check_writable(os.path.dirname(os.path.abspath(f.out)), os.path.basename(f.out))
   engine = MemoryEngine.load(f.checkpoint, f.bank, kv_placement=f.kv_placement,
                              routing=f.routing, tokenizer_dir=f.tokenizer_dir,
                              batch_size=f.batch_size, max_rounds=f.max_rounds)
