@@ -4,6 +4,11 @@ r"""Trains an MSA model.
 
 Without ``--config`` the CPU smoke variant runs. The config is saved in the
 workdir; a second run with the same workdir resumes from its last checkpoint.
+
+Multi-host: start the same command on every host (or every GPU); under SLURM,
+Open MPI or on a Cloud TPU slice the processes find each other by themselves,
+elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` (see ``msa_jax.distributed``).
 """
 import os
 
@@ -17,12 +22,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training r
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/msa_smoke", "Where checkpoints, metrics.jsonl, "
                                "TensorBoard events and eval.json go.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
+                                   "process 0 (default: from the cluster environment).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: jax.distributed.initialize when the flags above or the "
+                                 "environment (SLURM, Open MPI, TPU slice) name > 1 process.")
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:   # keep orbax's per-save INFO lines off the console
     logging.set_verbosity(logging.WARNING)
+  from msa_jax import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value)
   from msa_jax.trainer import train_and_evaluate
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, input_pipeline, metrics as metrics_lib, sharding
+from msa_jax import checkpointing, distributed, input_pipeline, metrics as metrics_lib, sharding
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
 from msa_jax.model import MSAModel
@@ -114,7 +114,9 @@ class TrainSetup:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
   def put_batch(self, batch: MSABatch) -> MSABatch:
-    """Host numpy batch → global arrays sharded along the batch axis."""
+    """Host numpy batch → global arrays sharded along the batch axis (one shard per process)."""
+    batch = distributed.pad_to_common_shape(batch)
+
     def put(x):
       x = np.asarray(x)
       return jax.make_array_from_process_local_data(self.batch_sharding, x)
@@ -209,7 +211,8 @@ def train_and_evaluate(cfg, workdir: str, *,
   try:
     while step < cfg.num_steps:
       host_batch = next(data_iter)
-      tokens_since += count_tokens(host_batch)
+      # This process's tokens × processes: the global count, as the shards are alike.
+      tokens_since += count_tokens(host_batch) * jax.process_count()
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
@@ -245,5 +248,8 @@ def train_and_evaluate(cfg, workdir: str, *,
 
   if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
     from msa_jax import evaluate
-    evaluate.run(cfg, workdir, model=setup.model, params=state.params)
+    params = distributed.gather_to_host(state.params)   # multi-host: every host has them all
+    if distributed.is_primary():
+      evaluate.run(cfg, workdir, model=setup.model, params=params)
+    distributed.wait_for_primary("msa_jax_eval_done")
   return last
