@@ -206,7 +206,7 @@ def train_and_evaluate(cfg, workdir: str, *,
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
   last: dict[str, Any] = {}
-  tokens_since, t_since = 0, time.perf_counter()
+  tokens_since, t_since, logged_at = 0, time.perf_counter(), start_step
   step = start_step
   try:
     while step < cfg.num_steps:
@@ -221,6 +221,7 @@ def train_and_evaluate(cfg, workdir: str, *,
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
+        row["tokens_per_step"] = tokens_since / max(step - logged_at, 1)   # sweeps sum it
         flops = metrics_lib.model_flops_per_token(
             model_cfg, int(np.shape(host_batch.doc_tokens)[-1])) * row["tokens_per_sec"]
         row["mfu"] = flops / (peak_flops * jax.device_count())
@@ -230,7 +231,7 @@ def train_and_evaluate(cfg, workdir: str, *,
         last = {"step": step, **row}
         if on_step is not None:
           on_step(step, row)
-        tokens_since, t_since = 0, time.perf_counter()
+        tokens_since, t_since, logged_at = 0, time.perf_counter(), step
       # Read the flag once, after logging: a SIGTERM that arrived while logging (or from
       # on_step) is still saved at this step rather than dropped.
       stopping = stop["sigterm"]
