@@ -5,7 +5,8 @@
 MODE ``arrays``: forms a global array from per-process batches of different shapes
 (``pad_to_common_shape``), sums it on the global mesh, gathers it to every host and
 writes what it saw to ``OUT/process_<id>.json``. MODE ``train``: trains the tests'
-small config for a few steps with workdir ``OUT/run`` (as ``msa_jax.train`` would).
+small config for a few steps with workdir ``OUT/run`` (as ``msa_jax.train`` would),
+then evaluates (process 0 only).
 Each process sees one CPU device; the global mesh has NUM_PROCESSES devices.
 """
 import json
@@ -25,12 +26,16 @@ from msa_jax import distributed  # noqa: E402
 TRAIN_STEPS = 3
 
 
-def train_config():
+def train_config(with_eval: bool = False):
   """The tests' small config cut to TRAIN_STEPS steps, checkpointed at the end."""
   from train_common import small_cfg
   cfg = small_cfg()
   cfg.num_steps = TRAIN_STEPS
   cfg.optim.warmup_phase_steps = 2   # both phases in 3 steps
+  if with_eval:                       # on process 0, with parameters gathered from both
+    cfg.eval.at_end = True
+    cfg.eval.num_examples = cfg.eval.batch_size = 4
+    cfg.eval.memory_multipliers = (1,)
   return cfg
 
 
@@ -66,7 +71,7 @@ def arrays(out: str) -> None:
 
 def train(out: str) -> None:
   from msa_jax.trainer import train_and_evaluate
-  last = train_and_evaluate(train_config(), os.path.join(out, "run"))
+  last = train_and_evaluate(train_config(with_eval=True), os.path.join(out, "run"))
   with open(os.path.join(out, f"process_{jax.process_index()}.json"), "w") as f:
     json.dump({"last": last, "device_count": jax.device_count()}, f)
 

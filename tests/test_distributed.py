@@ -165,7 +165,11 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
   """
   sys.path.insert(0, HERE)
   import distributed_worker
-  from msa_jax import checkpointing, input_pipeline, sharding
+  from msa_jax import checkpointing, sharding
+  try:   # the lead moves input_pipeline into msa_jax/data/
+    from msa_jax.data import from_config as input_pipeline
+  except ImportError:
+    from msa_jax import input_pipeline
   from msa_jax.trainer import TrainSetup
   import orbax.checkpoint as ocp
 
@@ -173,6 +177,10 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     rows = [json.loads(line) for line in f]
   assert [r["step"] for r in rows] == list(range(1, distributed_worker.TRAIN_STEPS + 1))
+  with open(tmp_path / "run" / "eval.json") as f:          # written by process 0 alone
+    evaluation = json.load(f)["rows"]
+  assert len(evaluation) == 1 and evaluation[0]["num_examples"] == 4
+  assert 0.0 <= evaluation[0]["router_recall@1"] <= 1.0
 
   cfg = distributed_worker.train_config()
   mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:2])

@@ -131,6 +131,8 @@ FAKE_TRAIN = textwrap.dedent("""\
     os.makedirs(wd, exist_ok=True)
     with open(os.path.join(wd, "argv.log"), "a") as f:
       f.write(json.dumps(sys.argv[1:]) + "\\n")
+    with open(os.path.join(wd, "devices.log"), "a") as f:
+      f.write(os.environ.get("CUDA_VISIBLE_DEVICES", "-") + "\\n")
     if os.environ.get("FAIL_RUN") and os.environ["FAIL_RUN"] in wd:
       sys.exit(3)
     num_steps = int(args.get("config.num_steps", 4))
@@ -194,6 +196,25 @@ def test_local_runner_skips_finished_and_resumes_unfinished(tmp_path, fake_pytho
     assert record["commit"] == results.git_commit() != "unknown"
   codes = local.run(sweep, root, python=fake_python, poll_s=0.05)
   assert codes == {} and capsys.readouterr().out.count("finished, skipping") == 3
+
+
+def test_one_point_per_device(tmp_path, fake_python):
+  sweep = sweep_from_dict({"name": "dev", "config": "c.py", "fixed": {"num_steps": 2},
+                           "points": [{"a": 1}, {"a": 2}, {"a": 3},
+                                      {"overrides": {"a": 4}, "resources": {"gpus_per_node": 2}}]})
+  root = str(tmp_path / "runs")
+  codes = local.run(sweep, root, python=fake_python, devices=["0", "1"], poll_s=0.05)
+  assert set(codes.values()) == {0}
+  seen = []
+  for p in sweep.points:
+    with open(os.path.join(workdir(sweep, p, root), "devices.log")) as f:
+      seen.append(f.read().split())
+    with open(os.path.join(workdir(sweep, p, root), "train.log")) as f:
+      f.read()                                   # each parallel run logs to its workdir
+  assert all(s in (["0"], ["1"]) for s in seen[:3])
+  assert sorted(seen[3][0].split(",")) == ["0", "1"]
+  with pytest.raises(ValueError, match="needs 2 devices but --devices lists 1"):
+    local.run(sweep, str(tmp_path / "other"), python=fake_python, devices=["0"])
 
 
 def test_failed_run_is_reported_and_others_finish(tmp_path, fake_python, monkeypatch):
