@@ -124,10 +124,10 @@ def fit_law(x: Sequence[float], y: Sequence[float], law: str = "power", *,
   x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
   keep = np.isfinite(x) & np.isfinite(y) & (x > 0)
   x, y = x[keep], y[keep]
-  need = 2 if law == "power" else 3
-  if len(np.unique(x)) < need + (law == "saturating"):
-    raise ValueError(f"a {law} law needs at least {need + (law == 'saturating')} distinct x "
-                     f"values with finite y; got {len(np.unique(x))} (add points to the sweep)")
+  need = 2 if law == "power" else 3          # parameters; one more point leaves a residual
+  if len(np.unique(x)) < need + 1:
+    raise ValueError(f"a {law} law needs at least {need + 1} distinct x values with finite y; "
+                     f"got {len(np.unique(x))} (add points to the sweep)")
   if law == "power" and np.any(y <= 0):
     raise ValueError("a power law needs y > 0 (log space); use --law=saturating")
   use_scipy = _scipy_available() if use_scipy is None else use_scipy

@@ -53,6 +53,24 @@ def record_launch(sweep: Sweep, point: Point, root: str, command: list[str], run
   return path
 
 
+def check_same_point(sweep: Sweep, point: Point, root: str) -> None:
+  """Raises when ``RUN/`` was launched with other overrides (e.g. the sweep file's
+  ``fixed`` changed): a finished run would be skipped, an unfinished one resumed, with
+  settings that are not the sweep's. Nothing is moved or deleted."""
+  record = _read_json(os.path.join(workdir(sweep, point, root), POINT_FILE))
+  if record is None:
+    return
+  now = json.loads(json.dumps(point.overrides))   # tuples as lists, as the record holds them
+  then = record.get("overrides", {})
+  diff = {k: (then.get(k), now.get(k)) for k in sorted(set(now) | set(then))
+          if then.get(k) != now.get(k)}
+  if diff:
+    raise ValueError(
+        f"{workdir(sweep, point, root)} was launched with other overrides "
+        f"({', '.join(f'{k}: {a!r} then, {b!r} now' for k, (a, b) in diff.items())}); move "
+        "that folder aside, or use another --root or sweep name, to run the new setting")
+
+
 def _read_json(path: str) -> Optional[dict]:
   if not os.path.exists(path):
     return None

@@ -217,6 +217,18 @@ def test_one_point_per_device(tmp_path, fake_python):
     local.run(sweep, str(tmp_path / "other"), python=fake_python, devices=["0"])
 
 
+def test_changed_overrides_are_not_silently_reused(tmp_path, fake_python):
+  sweep, root = _sweep(), str(tmp_path / "runs")
+  local.run(sweep, root, python=fake_python, poll_s=0.05)
+  changed = sweep_from_dict({"name": "toy", "config": "configs/16k_to_100m.py:smoke",
+                             "fixed": {"num_steps": 8},
+                             "grid": {"model.hidden_size": [32, 64, 128]}})
+  assert [p.name for p in changed.points] == [p.name for p in sweep.points]
+  with pytest.raises(ValueError, match="num_steps: 4 then, 8 now"):
+    local.run(changed, root, python=fake_python, dry_run=True)
+  assert results.status(workdir(sweep, sweep.points[0], root)) == "finished"   # untouched
+
+
 def test_failed_run_is_reported_and_others_finish(tmp_path, fake_python, monkeypatch):
   sweep, root = _sweep(), str(tmp_path / "runs")
   monkeypatch.setenv("FAIL_RUN", "hidden_size=64")

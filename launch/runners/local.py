@@ -39,6 +39,7 @@ def run(sweep: Sweep, root: str, *, dry_run: bool = False, devices: Optional[Seq
   for i, point in enumerate(sweep.points):
     wd = workdir(sweep, point, root)
     state = results.status(wd)
+    results.check_same_point(sweep, point, root)
     cmd = train_command(sweep, point, root, python)
     need = _check_local(point, devices)
     tag = f"[{i + 1}/{len(sweep.points)}] {point.name}"

@@ -77,6 +77,8 @@ def run(sweep: Sweep, root: str, *, dry_run: bool = False, submit: bool = False,
   out_dir = os.path.join(sweep_dir(sweep, root), "slurm")
   paths, job_ids = [], []
   for g, (resources, members) in enumerate(_groups(sweep)):
+    for _, p in members:
+      results.check_same_point(sweep, p, root)
     pending = [t for t, (_, p) in enumerate(members)
                if results.status(workdir(sweep, p, root)) != "finished"]
     for t, (i, p) in enumerate(members):

@@ -66,6 +66,7 @@ def run(sweep: Sweep, root: str, *, tpu_name: str, zone: str, project: str = "",
   repo_dir = repo_dir or results.REPO
   gcloud_lines, xpk_lines = [], []
   for i, point in enumerate(sweep.points):
+    results.check_same_point(sweep, point, root)
     state = results.status(workdir(sweep, point, root))
     print(f"[{i + 1}/{len(sweep.points)}] {point.name}: "
           f"{'finished, left out' if state == 'finished' else state}", flush=True)
