@@ -170,7 +170,7 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
     from msa_jax.data import from_config as input_pipeline
   except ImportError:
     from msa_jax import input_pipeline
-  from msa_jax.trainer import TrainSetup
+  from msa_jax.trainer import TrainSetup, count_tokens
   import orbax.checkpoint as ocp
 
   run_two_processes("train", tmp_path, timeout=600)
@@ -197,6 +197,8 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
              for b in local]
     batch = jax.tree.map(lambda *xs: np.concatenate(xs), *local)
     state, metrics = setup.step(state, setup.put_batch(batch))
+    # Logged: process 0's tokens × 2 (the shards are alike); here: both shards' tokens.
+    assert row["tokens_per_step"] == pytest.approx(count_tokens(batch), rel=0.25)
     for key in ("loss", "lm_loss", "aux_loss", "grad_norm", "router_recall@5"):
       np.testing.assert_allclose(float(metrics[key]), row[key], rtol=2e-5, atol=1e-6,
                                  err_msg=f"{key} at step {row['step']}")
