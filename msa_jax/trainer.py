@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, distributed, input_pipeline, metrics as metrics_lib, sharding
+from msa_jax import checkpointing, input_pipeline, metrics as metrics_lib, sharding
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
+from msa_jax.distributed import gather_to_host, is_primary, pad_to_common_shape, wait_for_primary
 from msa_jax.model import MSAModel
 from msa_jax.optimizer import make_optimizer
 from msa_jax.train_step import TrainState, init_train_state, train_step
@@ -115,7 +116,7 @@ class TrainSetup:
 
   def put_batch(self, batch: MSABatch) -> MSABatch:
     """Host numpy batch → global arrays sharded along the batch axis (one shard per process)."""
-    batch = distributed.pad_to_common_shape(batch)
+    batch = pad_to_common_shape(batch)
 
     def put(x):
       x = np.asarray(x)
@@ -249,8 +250,8 @@ def train_and_evaluate(cfg, workdir: str, *,
 
   if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
     from msa_jax import evaluate
-    params = distributed.gather_to_host(state.params)   # multi-host: every host has them all
-    if distributed.is_primary():
+    params = gather_to_host(state.params)   # multi-host: every host has them all
+    if is_primary():
       evaluate.run(cfg, workdir, model=setup.model, params=params)
-    distributed.wait_for_primary("msa_jax_eval_done")
+    wait_for_primary("msa_jax_eval_done")
   return last
