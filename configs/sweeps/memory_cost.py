@@ -1,9 +1,10 @@
-"""Issue 14 (4): training cost against memory length (MSA): step time (``tokens_per_sec``,
-``tokens_per_step`` in each run's metrics) and peak memory from 4K to 128K tokens.
+"""Issue 14 (4): training cost against memory length (MSA), 4K to 128K tokens: step time
+from ``tokens_per_sec`` / ``tokens_per_step`` in each run's metrics (results.csv).
 
-Only MSA: a full-attention baseline over the same tokens is not a training config of
-this codebase yet (issue 14 adds it; then add it to the grid). ``:smoke``: 8 and 32
-documents, 20 steps on CPU, no evaluation.
+Not yet here: peak device memory (the trainer does not log it) and a full-attention
+baseline over the same tokens (not a training config of this codebase yet); issue 14
+adds both, then they belong in this grid. ``:smoke``: 8 and 32 documents, 20 steps on
+CPU, no evaluation.
 """
 from configs.sweeps._common import RECIPE, smoke_fixed
 
