@@ -4,7 +4,8 @@ Every launched point gets ``ROOT/NAME/RUN/sweep_point.json`` (overrides, resourc
 command and the git commit it was launched at). ``collect`` reads each run's
 ``config.json``, ``metrics.jsonl`` and ``eval.json`` and writes, under ``ROOT/NAME/``:
 
-* ``results.jsonl``: one object per finished run: ``run``, ``commit``, ``overrides``,
+* ``results.jsonl``: one object per finished run: ``run``, ``commit`` (of the last
+  launch; ``commits``: every distinct one, when a resumed run spans several), ``overrides``,
   ``params``, ``tokens``, ``compute`` (6 · params · tokens), ``final`` (the last
   metrics row) and ``eval`` (the rows of ``eval.json``);
 * ``results.csv``: the same, flat: one line per run and evaluated memory size
@@ -40,14 +41,19 @@ def git_commit(repo: str = REPO) -> str:
 
 def record_launch(sweep: Sweep, point: Point, root: str, command: list[str], runner: str,
                   commit: Optional[str] = None) -> str:
-  """Writes ``RUN/sweep_point.json`` (what ran, where, at which commit); returns its path."""
+  """Writes ``RUN/sweep_point.json`` (what ran, where, at which commit); returns its path.
+
+  A relaunch (resume) appends to ``launches``, so a run trained at two commits shows both.
+  """
   wd = workdir(sweep, point, root)
   os.makedirs(wd, exist_ok=True)
+  path = os.path.join(wd, POINT_FILE)
+  launch = {"commit": commit or git_commit(), "runner": runner,
+            "launched_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+  launches = (_read_json(path) or {}).get("launches", []) + [launch]
   record = {"sweep": sweep.name, "sweep_file": sweep.source, "run": point.name,
             "config": sweep.config, "overrides": point.overrides, "resources": point.resources,
-            "command": command, "runner": runner, "commit": commit or git_commit(),
-            "launched_at": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-  path = os.path.join(wd, POINT_FILE)
+            "command": command, **launch, "launches": launches}
   with open(path, "w") as f:
     json.dump(record, f, indent=2)
   return path
@@ -144,7 +150,9 @@ def run_result(sweep: Sweep, point: Point, root: str) -> dict[str, Any]:
   tokens = tokens_seen(rows) if rows else None
   return {
       "sweep": sweep.name, "run": point.name, "status": status(wd), "workdir": wd,
-      "commit": launched.get("commit", "unknown"), "overrides": point.overrides,
+      "commit": launched.get("commit", "unknown"),
+      "commits": list(dict.fromkeys(l["commit"] for l in launched.get("launches", []))),
+      "overrides": point.overrides,
       "params": params, "tokens": tokens,
       "compute": 6.0 * params * tokens if params and tokens else None,
       "final": _scalars(rows[-1]) if rows else {},

@@ -194,6 +194,7 @@ def test_local_runner_skips_finished_and_resumes_unfinished(tmp_path, fake_pytho
       record = json.load(f)
     assert record["overrides"] == p.overrides and record["runner"] == "local"
     assert record["commit"] == results.git_commit() != "unknown"
+    assert [l["runner"] for l in record["launches"]] == ["local", "local"]   # start, resume
   codes = local.run(sweep, root, python=fake_python, poll_s=0.05)
   assert codes == {} and capsys.readouterr().out.count("finished, skipping") == 3
 
@@ -262,7 +263,7 @@ def test_results_jsonl_and_csv(tmp_path, fake_python):
     layer = d * 2 * hd * 2 + d * 1 * hd * 2 + 3 * d * 4 * d
     assert r["params"] == layer + 128 * d
     assert r["compute"] == pytest.approx(6 * r["params"] * 400.0)
-    assert r["commit"] == results.git_commit()
+    assert r["commit"] == results.git_commit() and r["commits"] == [r["commit"]]
     assert [e["answer_exact_match"] for e in r["eval"]] == [0.75, 0.5]
   with open(os.path.join(root, "toy", "results.csv")) as f:
     flat = list(csv.DictReader(f))
