@@ -151,7 +151,8 @@ def run_result(sweep: Sweep, point: Point, root: str) -> dict[str, Any]:
   return {
       "sweep": sweep.name, "run": point.name, "status": status(wd), "workdir": wd,
       "commit": launched.get("commit", "unknown"),
-      "commits": list(dict.fromkeys(l["commit"] for l in launched.get("launches", []))),
+      "commits": list(dict.fromkeys(l["commit"] for l in launched.get("launches", [])))
+                 or [launched.get("commit", "unknown")],
       "overrides": point.overrides,
       "params": params, "tokens": tokens,
       "compute": 6.0 * params * tokens if params and tokens else None,
