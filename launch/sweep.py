@@ -1,130 +1,97 @@
-r"""Runs a sweep: one training run per point of a grid of config overrides.
+r"""Runs a sweep (``configs/sweeps/NAME.py``) on a runner: local, slurm or tpu_vm.
 
-  python -m launch.sweep --sweep=launch/sweeps/smoke_topk.py --root=runs
-  python -m launch.sweep --sweep=launch/sweeps/smoke_topk.py --root=runs --dry_run
+  python -m launch.sweep --sweep=configs/sweeps/smoke_topk.py --runner=local --dry_run
+  python -m launch.sweep --sweep=configs/sweeps/model_size.py:smoke --runner=local
+  python -m launch.sweep --sweep=configs/sweeps/model_size.py --runner=slurm --submit
+  python -m launch.sweep --sweep=configs/sweeps/rope_mode.py --runner=tpu_vm \
+      --tpu_name=my-v5p-32 --zone=us-east5-a
+  python -m launch.sweep --sweep=configs/sweeps/model_size.py --collect
 
-A sweep file defines ``get_sweep() -> dict`` with ``name``, ``config`` (the
-``--config`` string) and ``grid`` (``{override_key: [values...]}``; the product is
-taken). Each run gets ``ROOT/NAME/<key=value,...>/`` as its workdir, so a rerun
-resumes unfinished runs and skips finished ones (those with ``eval.json``, or
-with a final metrics row when evaluation is off). At the end ``ROOT/NAME/summary.json``
-holds each run's overrides, last metrics and eval rows, and ``summary.png`` plots
-the final router recall@1 and answer exact match per run.
+Each point trains in ``ROOT/NAME/RUN/`` (``RUN`` = the overrides that vary, e.g.
+``model.top_k=2``); rerunning skips finished points and resumes unfinished ones.
+``--dry_run`` prints every run and every file a runner would write, and runs nothing.
+After a local sweep (or with ``--collect``, e.g. once SLURM jobs are done) the
+results of the finished runs go to ``ROOT/NAME/results.jsonl`` and ``results.csv``
+(``launch.results``); fit them with ``python -m launch.fit``.
 """
 from __future__ import annotations
 
-import importlib.util
-import itertools
-import json
-import os
-import subprocess
 import sys
-import time
 
 from absl import app, flags
 
-_SWEEP = flags.DEFINE_string("sweep", None, "Sweep definition file.", required=True)
-_ROOT = flags.DEFINE_string("root", "runs", "Where sweep folders go.")
-_DRY = flags.DEFINE_bool("dry_run", False, "Print the commands only.")
+from launch import results
+from launch.spec import load_sweep
 
-
-def load_sweep(path: str) -> dict:
-  """The sweep dict of a sweep file, checked."""
-  spec = importlib.util.spec_from_file_location("sweep_def", path)
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  sweep = mod.get_sweep()
-  for key in ("name", "config", "grid"):
-    if key not in sweep:
-      raise ValueError(f"{path}: get_sweep() must return a dict with '{key}'")
-  if not sweep["grid"] or any(not v for v in sweep["grid"].values()):
-    raise ValueError(f"{path}: every grid entry needs at least one value")
-  return sweep
-
-
-def points(grid: dict) -> list[dict]:
-  """The product of the grid, in a stable order."""
-  keys = sorted(grid)
-  return [dict(zip(keys, vals)) for vals in itertools.product(*(grid[k] for k in keys))]
-
-
-def run_name(point: dict) -> str:
-  return ",".join(f"{k.replace('.', '_')}={v}" for k, v in sorted(point.items()))
-
-
-def command(config: str, workdir: str, point: dict) -> list[str]:
-  return ([sys.executable, "-m", "msa_jax.train", f"--config={config}", f"--workdir={workdir}"]
-          + [f"--config.{k}={v}" for k, v in sorted(point.items())])
-
-
-def _finished(workdir: str) -> bool:
-  return os.path.exists(os.path.join(workdir, "eval.json"))
-
-
-def _last_metrics(workdir: str) -> dict:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return {}
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  return json.loads(lines[-1]) if lines else {}
-
-
-def summarise(sweep_dir: str, runs: list[tuple[str, dict]]) -> list[dict]:
-  """Writes summary.json and summary.png for the runs that produced metrics."""
-  rows = []
-  for name, point in runs:
-    wd = os.path.join(sweep_dir, name)
-    row = {"run": name, "overrides": point, "final": _last_metrics(wd)}
-    if _finished(wd):
-      with open(os.path.join(wd, "eval.json")) as f:
-        row["eval"] = json.load(f)["rows"]
-    rows.append(row)
-  with open(os.path.join(sweep_dir, "summary.json"), "w") as f:
-    json.dump(rows, f, indent=2)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names = [r["run"] for r in rows]
-  recall = [r["final"].get("router_recall@1", float("nan")) for r in rows]
-  em = [r["eval"][0]["answer_exact_match"] if r.get("eval") else float("nan") for r in rows]
-  fig, ax = plt.subplots(figsize=(max(5, len(rows) * 1.2), 4))
-  xs = range(len(rows))
-  ax.bar([x - 0.2 for x in xs], recall, 0.4, label="router recall@1 (final step)")
-  ax.bar([x + 0.2 for x in xs], em, 0.4, label="answer EM (1× memory)")
-  ax.set_xticks(list(xs), names, rotation=30, ha="right", fontsize=7)
-  ax.set_ylim(0, 1.05)
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(os.path.join(sweep_dir, "summary.png"), dpi=120)
-  plt.close(fig)
-  return rows
+_SWEEP = flags.DEFINE_string("sweep", None, "Sweep file, optionally with an argument: "
+                             "configs/sweeps/NAME.py[:smoke].", required=True)
+_RUNNER = flags.DEFINE_enum("runner", "local", ["local", "slurm", "tpu_vm"], "Where to run.")
+_ROOT = flags.DEFINE_string("root", "runs", "Sweeps go to ROOT/NAME/.")
+_DRY = flags.DEFINE_bool("dry_run", False, "Print runs and generated files; run nothing.")
+_SUBMIT = flags.DEFINE_bool("submit", False, "slurm: sbatch the scripts; tpu_vm: run "
+                            "run_all.sh. Without it the files are only written.")
+_COLLECT = flags.DEFINE_bool("collect", False, "Only gather results.jsonl/results.csv.")
+_PYTHON = flags.DEFINE_string("python", None, "Python that runs msa_jax.train (default: this "
+                              "one; 'python3' on TPU VMs).")
+_SETUP = flags.DEFINE_string("setup", "", "slurm/tpu_vm: shell run before training, e.g. "
+                             "'source .venv/bin/activate'.")
+# local
+_DEVICES = flags.DEFINE_list("devices", None, "local: GPU ids for one point per device "
+                             "(CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "local, without --devices: points at once.")
+# slurm
+_ACCOUNT = flags.DEFINE_string("account", "", "slurm: #SBATCH --account.")
+_PARTITION = flags.DEFINE_string("partition", "", "slurm: partition of every point (else the "
+                                 "sweep's resources.partition).")
+# tpu_vm
+_TPU_NAME = flags.DEFINE_string("tpu_name", "", "tpu_vm: the TPU VM slice.")
+_ZONE = flags.DEFINE_string("zone", "", "tpu_vm: its zone.")
+_PROJECT = flags.DEFINE_string("project", "", "tpu_vm: its Google Cloud project.")
+_REPO_DIR = flags.DEFINE_string("repo_dir", "", "tpu_vm: this repository's path on the "
+                                "workers (default: the same path as here).")
+_XPK_CLUSTER = flags.DEFINE_string("xpk_cluster", "", "tpu_vm: GKE cluster for the xpk lines.")
+_DOCKER_IMAGE = flags.DEFINE_string("docker_image", "", "tpu_vm: image for the xpk lines.")
 
 
 def main(argv):
   del argv
   sweep = load_sweep(_SWEEP.value)
-  sweep_dir = os.path.join(_ROOT.value, sweep["name"])
-  os.makedirs(sweep_dir, exist_ok=True)
-  runs = [(run_name(p), p) for p in points(sweep["grid"])]
-  t0 = time.perf_counter()
-  for i, (name, point) in enumerate(runs):
-    wd = os.path.join(sweep_dir, name)
-    cmd = command(sweep["config"], wd, point)
-    if _DRY.value:
-      print(" ".join(cmd))
-      continue
-    if _finished(wd):
-      print(f"[{i + 1}/{len(runs)}] {name}: finished, skipping", flush=True)
-      continue
-    print(f"[{i + 1}/{len(runs)}] {name} (elapsed {time.perf_counter() - t0:.0f}s)", flush=True)
-    rc = subprocess.call(cmd)
-    if rc:
-      print(f"[{i + 1}/{len(runs)}] {name}: exit code {rc}; its workdir keeps what it saved",
-            flush=True)
-  if not _DRY.value:
-    rows = summarise(sweep_dir, runs)
-    print(f"summary of {len(rows)} runs: {os.path.join(sweep_dir, 'summary.json')}")
+  if _PARTITION.value:
+    for p in sweep.points:
+      p.resources["partition"] = _PARTITION.value
+  print(f"sweep {sweep.name}: {len(sweep.points)} point(s) of {sweep.config} "
+        f"under {_ROOT.value}/{sweep.name}/", flush=True)
+  if _COLLECT.value:
+    _report(results.collect(sweep, _ROOT.value), sweep)
+    return
+  if _RUNNER.value == "local":
+    from launch.runners import local
+    codes = local.run(sweep, _ROOT.value, dry_run=_DRY.value, devices=_DEVICES.value,
+                      parallel=_PARALLEL.value, python=_PYTHON.value or sys.executable)
+    if not _DRY.value:
+      _report(results.collect(sweep, _ROOT.value), sweep)
+      if any(codes.values()):
+        sys.exit(f"{sum(1 for c in codes.values() if c)} run(s) failed: "
+                 f"{[n for n, c in codes.items() if c]}")
+  elif _RUNNER.value == "slurm":
+    from launch.runners import slurm
+    slurm.run(sweep, _ROOT.value, dry_run=_DRY.value, submit=_SUBMIT.value,
+              python=_PYTHON.value or sys.executable, setup=_SETUP.value,
+              account=_ACCOUNT.value, sweep_arg=_SWEEP.value)
+  else:
+    from launch.runners import tpu_vm
+    tpu_vm.run(sweep, _ROOT.value, tpu_name=_TPU_NAME.value, zone=_ZONE.value,
+               project=_PROJECT.value, repo_dir=_REPO_DIR.value,
+               python=_PYTHON.value or "python3", setup=_SETUP.value,
+               xpk_cluster=_XPK_CLUSTER.value, docker_image=_DOCKER_IMAGE.value,
+               dry_run=_DRY.value, submit=_SUBMIT.value)
+
+
+def _report(records, sweep) -> None:
+  done = sum(r["status"] == "finished" for r in records)
+  root = results.sweep_dir(sweep, _ROOT.value)
+  print(f"{done}/{len(records)} run(s) finished; results: {root}/results.jsonl, "
+        f"{root}/results.csv", flush=True)
 
 
 if __name__ == "__main__":

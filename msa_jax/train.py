@@ -6,6 +6,11 @@ Without ``--config`` the CPU smoke variant runs. The config is saved in the
 workdir; a second run with the same workdir resumes from its last checkpoint
 (refused if its config differs in more than the fields that may change, unless
 ``--allow_config_change``). A failure ends with its cause as the last lines.
+
+Multi-host: start the same command on every host (or every GPU); under SLURM,
+Open MPI or on a Cloud TPU slice the processes find each other by themselves,
+elsewhere pass ``--coordinator_address=HOST:PORT --num_processes=N
+--process_id=I`` (see ``msa_jax.distributed``).
 """
 import os
 
@@ -28,12 +33,22 @@ _RESTORE_FALLBACK = flags.DEFINE_bool(
     "checkpoints.set_aside/ and resume from the previous complete one.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "On a known error (bad config or data, a "
                                "refused resume, a NaN stop), print the Python traceback too.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "Multi-host: HOST:PORT of "
+                                   "process 0 (default: from the cluster environment).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "auto: jax.distributed.initialize when the flags above or the "
+                                 "environment (SLURM, Open MPI, TPU slice) name > 1 process.")
 
 
 def main(argv):
   del argv
   if not flags.FLAGS["verbosity"].present:   # keep orbax's per-save INFO lines off the console
     logging.set_verbosity(logging.WARNING)
+  from msa_jax import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                         mode=_DISTRIBUTED.value)
   from msa_jax.cli import exit_with_error
   from msa_jax.trainer import train_and_evaluate
   try:

@@ -32,6 +32,7 @@ from msa_jax import checkpointing, metrics as metrics_lib, run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
+from msa_jax.distributed import gather_to_host, is_primary, pad_to_common_shape, wait_for_primary
 from msa_jax.model import MSAModel
 from msa_jax.optimizer import make_optimizer
 from msa_jax.train_step import TrainState, init_train_state, train_step
@@ -144,7 +145,9 @@ class TrainSetup:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
   def put_batch(self, batch: MSABatch) -> MSABatch:
-    """Host numpy batch → global arrays sharded along the batch axis."""
+    """Host numpy batch → global arrays sharded along the batch axis (one shard per process)."""
+    batch = pad_to_common_shape(batch)
+
     def put(x):
       x = np.asarray(x)
       return jax.make_array_from_process_local_data(self.batch_sharding, x)
@@ -309,7 +312,10 @@ def train_and_evaluate(cfg, workdir: str, *,
                             start_step, on_step)
   if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
     from msa_jax import evaluate
-    evaluate.run(cfg, workdir, model=setup.model, params=state.params)
+    params = gather_to_host(state.params)   # multi-host: every host has them all
+    if is_primary():
+      evaluate.run(cfg, workdir, model=setup.model, params=params)
+    wait_for_primary("msa_jax_eval_done")
   return last
 
 
@@ -330,12 +336,13 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
   stop = {"sigterm": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
   last: dict[str, Any] = {}
-  tokens_since, t_since = 0, time.perf_counter()
+  tokens_since, t_since, logged_at = 0, time.perf_counter(), start_step
   step = start_step
   try:
     while step < cfg.num_steps:
       host_batch = next(data_iter)
-      tokens_since += count_tokens(host_batch)
+      # This process's tokens × processes: the global count, as the shards are alike.
+      tokens_since += count_tokens(host_batch) * jax.process_count()
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
@@ -345,6 +352,7 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
+        row["tokens_per_step"] = tokens_since / max(step - logged_at, 1)   # sweeps sum it
         flops = metrics_lib.model_flops_per_token(
             model_cfg, int(np.shape(host_batch.doc_tokens)[-1])) * row["tokens_per_sec"]
         row["mfu"] = flops / (peak_flops * jax.device_count())
@@ -354,7 +362,7 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
         last = {"step": step, **row}
         if on_step is not None:
           on_step(step, row)
-        tokens_since, t_since = 0, time.perf_counter()
+        tokens_since, t_since, logged_at = 0, time.perf_counter(), step
       # Read the flag once, after logging: a SIGTERM that arrived while logging (or from
       # on_step) is still saved at this step rather than dropped.
       stopping = stop["sigterm"]

@@ -40,7 +40,8 @@ ExampleSource = Callable[[int], Example] | Sequence[Example]
 
 def example_dataset(source: ExampleSource, *, seed: int, num_examples: int | None = None,
                     num_epochs: int | None = 1, shuffle: bool = True,
-                    process_index: int = 0, process_count: int = 1
+                    process_index: int = 0, process_count: int = 1,
+                    shard_options: grain.sharding.ShardOptions | None = None
                     ) -> grain.MapDataset:
   """A ``MapDataset`` of Examples, shuffled by ``seed`` and sharded by process.
 
@@ -50,10 +51,14 @@ def example_dataset(source: ExampleSource, *, seed: int, num_examples: int | Non
   seed, so no shuffle is applied). Otherwise the ``num_examples`` (or
   ``len(source)``) indices are shuffled by ``seed``, differently each epoch,
   repeated ``num_epochs`` times (None: forever). Process p of n takes every
-  n-th element starting at p (disjoint shards).
+  n-th element starting at p (disjoint shards). ``shard_options`` (grain's, e.g.
+  ``grain.sharding.ShardByJaxProcess(drop_remainder=True)``) replaces
+  ``process_index``/``process_count``; its ``drop_remainder`` cuts a finite stream to a
+  multiple of the shard count so every process reads as many examples.
   """
-  if not 0 <= process_index < process_count:
+  if shard_options is None and not 0 <= process_index < process_count:
     raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+  shard = shard_options or grain.sharding.ShardOptions(process_index, process_count)
   if callable(source) and num_examples is None:
     ds = grain.MapDataset.range(sys.maxsize)
   else:
@@ -64,7 +69,9 @@ def example_dataset(source: ExampleSource, *, seed: int, num_examples: int | Non
     if shuffle:
       ds = ds.shuffle(seed)
     ds = ds.repeat(num_epochs)
-  ds = ds[process_index::process_count]
+  if shard.drop_remainder:
+    ds = ds[:len(ds) - len(ds) % shard.shard_count]
+  ds = ds[shard.shard_index::shard.shard_count]
   get = source if callable(source) else source.__getitem__
   return ds.map(get)
 
@@ -196,6 +203,7 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
                   shuffle: bool = True, memory_interleave: bool = True,
                   window_batches: int = 16, drop_remainder: bool = False,
                   process_index: int = 0, process_count: int = 1,
+                  shard_options: grain.sharding.ShardOptions | None = None,
                   read_options: grain.ReadOptions | None = None,
                   prefetch_batches: int = 0) -> grain.IterDataset:
   """The full pipeline: an ``IterDataset`` of ``MSABatch`` (numpy arrays).
@@ -206,8 +214,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
       samples (an unfittable sample raises; nothing is truncated).
     specials: control token ids (``tokenizer.specials``) for interleave targets.
     seed: shuffling and batch-order seed.
-    num_examples, num_epochs, shuffle, process_index, process_count: see
-      ``example_dataset``.
+    num_examples, num_epochs, shuffle, process_index, process_count, shard_options:
+      see ``example_dataset``.
     memory_interleave: expand each example into its interleave samples
       (SPEC §4); False trains the direct target (ablation).
     window_batches: samples are grouped by size within windows of this many
@@ -220,7 +228,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
   """
   examples = example_dataset(source, seed=seed, num_examples=num_examples,
                              num_epochs=num_epochs, shuffle=shuffle,
-                             process_index=process_index, process_count=process_count)
+                             process_index=process_index, process_count=process_count,
+                             shard_options=shard_options)
   read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
   ds = examples.to_iter_dataset(read_options)
   ds = grain.experimental.FlatMapIterDataset(

@@ -1,7 +1,8 @@
 """Smoke-scale ablation: top-k and document-wise vs global RoPE (a few CPU minutes a run)."""
 
 
-def get_sweep():
+def get_sweep(arg: str = ""):
+  del arg
   return {
       "name": "smoke_topk_rope",
       "config": "configs/16k_to_100m.py:smoke",

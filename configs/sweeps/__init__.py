@@ -1,0 +1,1 @@
+"""Sweep files: ``python -m launch.sweep --sweep=configs/sweeps/NAME.py[:smoke]``."""

@@ -1,0 +1,21 @@
+"""Issue 14 (4): training cost against memory length (MSA), 4K to 128K tokens: step time
+from ``tokens_per_sec`` / ``tokens_per_step`` in each run's metrics (results.csv).
+
+Not yet here: peak device memory (the trainer does not log it) and a full-attention
+baseline over the same tokens (not a training config of this codebase yet); issue 14
+adds both, then they belong in this grid. ``:smoke``: 8 and 32 documents, 20 steps on
+CPU, no evaluation.
+"""
+from configs.sweeps._common import RECIPE, smoke_fixed
+
+
+def get_sweep(arg: str = ""):
+  if arg == "smoke":
+    return {"name": "memory_cost_smoke", "config": f"{RECIPE}:smoke",
+            "fixed": smoke_fixed(num_steps=20, evaluate=False),
+            "grid": {"data.num_docs": [8, 32]}}
+  return {"name": "memory_cost", "config": f"{RECIPE}:tiny",
+          "fixed": {"num_steps": 60, "log_every_steps": 20, "eval.at_end": False,
+                    "checkpoint.every_steps": 1_000_000},
+          "grid": {"data.memory_tokens": [4_096, 8_192, 16_384, 32_768, 65_536, 131_072]},
+          "resources": {"gpus_per_node": 1, "time": "01:00:00"}}
