@@ -166,10 +166,7 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
   sys.path.insert(0, HERE)
   import distributed_worker
   from msa_jax import checkpointing, sharding
-  try:   # the lead moves input_pipeline into msa_jax/data/
-    from msa_jax.data import from_config as input_pipeline
-  except ImportError:
-    from msa_jax import input_pipeline
+  from msa_jax.data import from_config
   from msa_jax.trainer import TrainSetup, count_tokens
   import orbax.checkpoint as ocp
 
@@ -185,7 +182,7 @@ def test_two_process_training_matches_one_process_on_two_devices(tmp_path):
   cfg = distributed_worker.train_config()
   mesh = sharding.make_mesh((-1, 1, 1), devices=jax.devices()[:2])
   setup = TrainSetup(cfg, mesh)
-  shards = [input_pipeline.make_train_iterator(
+  shards = [from_config.make_train_iterator(
       cfg.data, seed=cfg.seed, batch_size=cfg.batch_size,
       chunk_size=setup.model_cfg.pooling_chunk_size, process_index=i, process_count=2,
       verbose=False) for i in range(2)]

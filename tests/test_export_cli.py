@@ -30,7 +30,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import msa_jax  # noqa: E402
-from msa_jax import checkpointing, input_pipeline, sharding  # noqa: E402
+from msa_jax import checkpointing, sharding  # noqa: E402
+from msa_jax.data import from_config  # noqa: E402
 from msa_jax.export import CheckpointError  # noqa: E402
 from msa_jax.export.__main__ import main as cli_main  # noqa: E402
 from msa_jax.export.export_dir import export  # noqa: E402
@@ -116,7 +117,7 @@ def test_msa_export_config_and_round_trip_memory_forward(run):
   assert msa["doc_top_k"] == msa["top_k_docs"] == cfg.top_k == 1
   assert msa["rewrite_position"] is True and msa["routing_score"] == "cosine"
   assert msa["router_layer_idx"] == "1,2" and msa["pooling_kernel_size"] == 2
-  specials = input_pipeline.tokenizer_of(run["cfg"].data).specials
+  specials = from_config.tokenizer_of(run["cfg"].data).specials
   assert (config["eos_token_id"], config["bos_token_id"], config["pad_token_id"]) == (
       specials.eos, specials.bos, specials.pad)
   model, params = msa_jax.from_pretrained(run["out"] / "msa")
@@ -136,14 +137,14 @@ def test_msa_jax_export_round_trip_is_bitwise(run):
 
 
 def test_exported_tokenizer_round_trips_the_task_text(run):
-  tok = input_pipeline.tokenizer_of(run["cfg"].data)
+  tok = from_config.tokenizer_of(run["cfg"].data)
   hf = transformers.AutoTokenizer.from_pretrained(run["out"] / "msa")
   assert len(hf) == tok.vocab_size
   assert (hf.eos_token_id, hf.bos_token_id, hf.pad_token_id) == (
       tok.specials.eos, tok.specials.bos, tok.specials.pad)
   assert hf.convert_tokens_to_ids(["<id-end>", "<end-of-retrieval>"]) == [
       tok.specials.id_end, tok.specials.end_of_retrieval]
-  task = input_pipeline.make_task(run["cfg"].data, seed=3)
+  task = from_config.make_task(run["cfg"].data, seed=3)
   sequences = []
   for i in range(4):
     ex = task(i)
@@ -161,7 +162,7 @@ def test_word_tokenizer_with_punctuation_round_trips(tmp_path):
   """The NIAH vocabulary's template words (".", "?", ",") survive decode/encode."""
   cfg = get_config("smoke")
   cfg.data.task = "niah"
-  task = input_pipeline.make_task(cfg.data, seed=0)
+  task = from_config.make_task(cfg.data, seed=0)
   task.tokenizer.save_pretrained(str(tmp_path))
   hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
   for i in range(8):

@@ -196,9 +196,9 @@ def _verify(model, params, out_dir: str, fmt: str, synthetic) -> dict:
     loaded, loaded_params = from_pretrained(out_dir, dtype=model.config.param_dtype)
     checks.update(verify_lib.memory_forward_diff(model, params, loaded, loaded_params))
   if synthetic is not None:
-    from msa_jax import input_pipeline
+    from msa_jax.data import from_config
     tok, data_cfg = synthetic
-    task = input_pipeline.make_task(data_cfg, 0)
+    task = from_config.make_task(data_cfg, 0)
     texts = []
     for i in range(4):
       ex = task(i)

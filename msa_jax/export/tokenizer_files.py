@@ -77,9 +77,9 @@ def workdir_tokenizer(data_cfg):
   Returns ``(tokenizer, hf_dir_or_None)``: a JSONL task's ``data.tokenizer_dir``
   (copied on export) or the synthetic task's ``WordTokenizer`` (``None``).
   """
-  from msa_jax import input_pipeline
+  from msa_jax.data import from_config
   try:
-    tok = input_pipeline.tokenizer_of(data_cfg)
+    tok = from_config.tokenizer_of(data_cfg)
   except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
     raise CheckpointError(f"the workdir's data config names no usable tokenizer: {e}") from None
   hf_dir: Optional[str] = getattr(tok, "path", None)
