@@ -45,10 +45,10 @@ def test_ids_and_keys_unique_beyond_the_old_limit(smoke, big_corpus):
   keys = [tuple(r["tokens"][3:6]) for r in big_corpus]
   assert len(set(ids)) == len(ids) and len(set(keys)) == len(keys)
   assert {len(r["tokens"]) for r in big_corpus} == {8}
-  # the id string names the document's first tokens
+  # the id string names the document's first tokens (what the model generates)
   tok = from_config.tokenizer_of(smoke.data)
   for r in big_corpus[:200]:
-    assert tok.encode(r["id"]) == r["tokens"][:3]
+    assert tok.encode_doc_id(r["id"]) == tok.encode(r["id"]) == r["tokens"][:3]
 
 
 def test_rows_decode_to_their_text(smoke, big_corpus):
@@ -92,6 +92,8 @@ def test_tiny_and_multi_fact_tasks():
   tiny = get_config("tiny")
   rows = list(write_task.corpus_rows(tiny, 300, seed=3))
   assert {len(r["tokens"]) for r in rows} == {10}
+  tok = from_config.tokenizer_of(tiny.data)
+  assert all(tok.encode_doc_id(r["id"]) == r["tokens"][:5] for r in rows)
   assert all(r["text"].startswith("[ i") for r in rows)
   # the paper recipe's kv block: 16 facts "k k is v v ." per document, worded questions
   paper = get_config("4b")
