@@ -40,13 +40,15 @@ def _tuple_field(value):
 
 
 def _single_fact_kv(bracket_ids: bool) -> ml_collections.ConfigDict:
-  """Key-value documents of one fact: id, key, value of 2 tokens each (tiny and smoke).
+  """Key-value documents of one fact: a 3-token id, a 3-token key, a 2-token value
+  (tiny and smoke).
 
-  128-symbol id and key alphabets give 16,384 unique 2-token ids and keys, so the same
-  questions scale to 256× a 32-document training memory.
+  128-symbol id and key alphabets give 128³ = 2,097,152 unique ids and keys, so one
+  shared corpus (``python -m msa_jax.data.write_task``) holds over 2M documents of 8
+  tokens (10 with brackets), each with a unique id and key: a bank of 16M+ tokens.
   """
   return ml_collections.ConfigDict(dict(
-      facts_per_doc=1, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
+      facts_per_doc=1, id_len=3, key_len=3, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
       question_words=False, bracket_ids=bracket_ids))
 

@@ -36,7 +36,8 @@ from msa_jax.export import CheckpointError  # noqa: E402
 from msa_jax.export.__main__ import main as cli_main  # noqa: E402
 from msa_jax.export.export_dir import export  # noqa: E402
 from msa_jax.export.testing import read_safetensors_dir, torch_logits  # noqa: E402
-from msa_jax.trainer import TrainSetup, _write_config  # noqa: E402
+from msa_jax import run_config  # noqa: E402
+from msa_jax.trainer import TrainSetup  # noqa: E402
 
 from tests import reference_numpy as R  # noqa: E402
 from train_common import compilation_cache, get_config, small_cfg  # noqa: E402,F401
@@ -57,7 +58,8 @@ def _write_workdir(workdir, cfg, seed=0):
     return np.asarray(scale, x.dtype)
   params = jax.tree_util.tree_map_with_path(perturb, jax.device_get(state.params))
   state = state.replace(params=params)
-  _write_config(cfg, str(workdir), setup.model_cfg)
+  os.makedirs(str(workdir), exist_ok=True)
+  run_config.write_initial(str(workdir), run_config.run_config_dict(cfg, setup.model_cfg))
   manager = checkpointing.make_manager(str(workdir), 2, 1, async_save=False)
   manager.save(STEP, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
   manager.wait_until_finished()

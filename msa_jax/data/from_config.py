@@ -187,6 +187,28 @@ def tokenizer_of(data_cfg):
   return make_task(data_cfg, 0).tokenizer
 
 
+def prefix_of(data_cfg) -> list[int]:
+  """The shared prefix tokens the task puts before every memory (e.g. ``[<bos>]``)."""
+  if _check_task(data_cfg) == "jsonl":
+    bos = jsonl_tokenizer(data_cfg).specials.bos
+    return [bos] if bos is not None else []
+  return list(make_task(data_cfg, 0)(0).prefix)
+
+
+def load_run_config(workdir: str):
+  """The training config a run saved (``WORKDIR/config.json``) as a ConfigDict: its
+  ``data`` block gives ``tokenizer_of`` / ``prefix_of`` / ``vocab_size_of``."""
+  import json
+
+  import ml_collections
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: pass a training run's directory "
+                            "(python -m msa_jax.train --workdir=...)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
 def vocab_size_of(data_cfg) -> int:
   """Tokens the task's tokenizer can emit (the model's vocab must be at least this)."""
   return int(tokenizer_of(data_cfg).vocab_size)

@@ -136,6 +136,22 @@ class KVConfig:
                            bracket_ids=self.bracket_ids)
 
 
+def fact_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int],
+                value: Sequence[int]) -> list[int]:
+  """One fact of a kv document: ``key value`` (``key is value .`` with ``fact_words``)."""
+  if not config.fact_words:
+    return list(key) + list(value)
+  return list(key) + tok.encode("is") + list(value) + tok.encode(".")
+
+
+def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) -> list[int]:
+  """The question asking for ``key``'s value (``what is the value for key ?`` with
+  ``question_words``)."""
+  if not config.question_words:
+    return list(key)
+  return tok.encode("what is the value for") + list(key) + tok.encode("?")
+
+
 class KVRetrievalTask:
   """``task(index) -> Example`` for key-value retrieval / multi-hop chains."""
 
@@ -182,8 +198,7 @@ class KVRetrievalTask:
     key_tok = lambda k: [tok.key_symbol(s) for s in k]
     value_tok = lambda: [tok.value_symbol(int(s)) for s in
                          values.integers(0, c.num_value_symbols, c.value_len)]
-    fact = lambda k, v: key_tok(k) + (tok.encode("is") if c.fact_words else []) + v + (
-        tok.encode(".") if c.fact_words else [])
+    fact = lambda k, v: fact_tokens(tok, c, key_tok(k), v)
 
     # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
     chain_keys = keys.take(c.hops)
@@ -207,9 +222,7 @@ class KVRetrievalTask:
           facts.append(fact(k, value_tok()))
       distractors.append(make_document(tok, ids.take(1)[0], sum(facts, [])))
 
-    question = key_tok(chain_keys[0])
-    if c.question_words:
-      question = tok.encode("what is the value for") + question + tok.encode("?")
+    question = question_tokens(tok, c, key_tok(chain_keys[0]))
     prefix = [tok.specials.bos] if c.prefix_bos else []
     return assemble(tok, task=self.name, seed=self.seed, index=index, gold=gold,
                     distractors=distractors, question=question, answer=answer,
@@ -217,7 +230,9 @@ class KVRetrievalTask:
 
 
 def smoke_kv_config(num_docs: int = 32) -> KVConfig:
-  """CPU smoke recipe sizes (SPEC §8): each document is ONE chunk of P=8 tokens.
+  """The SPEC §8 smoke sizes, used by the data tests: each document is ONE chunk of P=8
+  tokens. (The ``smoke`` recipe of configs/16k_to_100m.py has moved on: bare 3-token ids
+  and keys, P 2; see README "Smoke run".)
 
   Document = ``[ i i ] k k v v`` (8 tokens), 32 documents, question = the key
   (2 tokens). Interleave samples: ``k k -> [ i i ] <id-end>`` (active 7) and

@@ -1,0 +1,302 @@
+r"""Writes a synthetic kv task as ONE shared corpus plus questions (JSONL), streaming.
+
+  python -m msa_jax.data.write_task --config=configs/16k_to_100m.py:smoke \
+      --num_docs=600000 --corpus=CORPUS.jsonl --questions=QUESTIONS.jsonl \
+      [--num_questions=Q] [--question_pool=M] [--seed=S] [--overwrite]
+
+Corpus rows ``{"id", "tokens", "text"}``: ``tokens`` are what a bank encodes (the id
+tokens, then the facts: exactly a training memory document of the config's
+``data.kv`` task), ``text`` their decoding with the task's word tokenizer. Question
+rows ``{"question_tokens", "question", "answer_tokens", "answer", "doc_id",
+"rounds"}``: the key asked, its value, the gold document and the retrieval chain.
+
+Every document has a corpus-unique id and corpus-unique keys, so each question has
+exactly one gold document: document ``n`` takes id number ``P_id(n)`` and key numbers
+``P_key(n·F + f)`` of keyed permutations of the id and key spaces (``IndexPermutation``),
+computed per index, so nothing grows with the corpus. Everything is deterministic by
+``seed``, and document ``n`` is the same whatever ``num_docs`` is: a corpus of N
+documents is the first N rows of every larger one. Questions ask about the first
+``question_pool`` documents (default: all), so one questions file serves every corpus
+of at least that many documents (same config and seed) — growing banks, same questions.
+
+Python: ``corpus_rows(cfg, num_docs, seed)`` and ``question_rows(cfg, num_docs, seed,
+num_questions)`` yield the rows; ``msa_jax.data.from_config.tokenizer_of(cfg.data)``
+and ``prefix_of(cfg.data)`` give the tokenizer and the shared prefix of a run's
+``config.json`` (``load_run_config``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterator
+
+import numpy as np
+
+from msa_jax.data.example import Document
+from msa_jax.data.synthetic import (IDS, KEYS, VALUES, KVConfig, doc_id_string,
+                                    fact_tokens, make_document, question_tokens)
+from msa_jax.data.tokenizer import WordTokenizer
+
+QUESTIONS = 6          # random stream of the question draw (after synthetic's six)
+VALUE_BLOCK = 4_096    # documents per value draw: values of doc n never depend on num_docs
+_FEISTEL_ROUNDS = 6
+
+
+class IndexPermutation:
+  """A keyed bijection of ``[0, size)``, evaluated per index in O(1) memory.
+
+  A Feistel network on the smallest even bit width covering ``size`` (a permutation
+  of ``[0, 2^bits)``, ``2^bits < 4·size``), walked along its cycle until the value
+  falls back into ``[0, size)``: that restriction is again a bijection.
+  """
+
+  def __init__(self, size: int, seed: int, stream: int):
+    if size < 1:
+      raise ValueError(f"permutation of an empty range (size {size})")
+    bits = max(2, (size - 1).bit_length())
+    bits += bits % 2
+    self.size, self._half = int(size), bits // 2
+    self._mask = np.uint64((1 << self._half) - 1)
+    self._keys = np.random.default_rng([seed, stream, size]).integers(
+        0, 2**63, size=_FEISTEL_ROUNDS, dtype=np.uint64)
+
+  def _round(self, r: np.ndarray, key: np.uint64) -> np.ndarray:
+    x = (r ^ key) * np.uint64(0x9E3779B97F4A7C15)   # splitmix64-style mixing
+    x ^= x >> np.uint64(31)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(29)
+    return x & self._mask
+
+  def _feistel(self, x: np.ndarray) -> np.ndarray:
+    half = np.uint64(self._half)
+    left, right = x >> half, x & self._mask
+    for key in self._keys:
+      left, right = right, left ^ self._round(right, key)
+    return (left << half) | right
+
+  def __call__(self, index: np.ndarray) -> np.ndarray:
+    """The images of ``index`` (integers in ``[0, size)``), as int64."""
+    index = np.asarray(index, dtype=np.int64)
+    if index.size and (index.min() < 0 or index.max() >= self.size):
+      raise ValueError(f"indices outside [0, {self.size}) given to the permutation")
+    with np.errstate(over="ignore"):
+      y = self._feistel(index.astype(np.uint64))
+      out = y >= self.size
+      while out.any():
+        y[out] = self._feistel(y[out])
+        out = y >= self.size
+    return y.astype(np.int64)
+
+
+def _digits(numbers: np.ndarray, base: int, length: int) -> np.ndarray:
+  """``numbers`` written with ``length`` base-``base`` digits, most significant first."""
+  powers = base ** np.arange(length - 1, -1, -1, dtype=np.int64)
+  return (numbers[..., None] // powers) % base
+
+
+def _data_config(cfg):
+  """``cfg.data`` of a full config, or ``cfg`` itself when it is the data block."""
+  return cfg.data if "data" in cfg else cfg
+
+
+def kv_config_of(cfg) -> KVConfig:
+  """The ``KVConfig`` of a config's single-hop ``data.kv`` task (clear errors otherwise)."""
+  data = _data_config(cfg)
+  if data.task != "kv":
+    raise ValueError(f"write_task writes the synthetic kv task; this config has "
+                     f"data.task={data.task!r} (use a kv recipe, e.g. "
+                     "configs/16k_to_100m.py:smoke or :tiny)")
+  kv = KVConfig(**dict(data.kv))
+  if kv.hops != 1:
+    raise ValueError(f"data.kv.hops={kv.hops}: write_task writes single-hop questions only "
+                     "(multi-hop shared corpora are not implemented); set "
+                     "--config.data.kv.hops=1")
+  return kv
+
+
+class SharedCorpus:
+  """Document ``n`` of the shared kv corpus of ``(config, seed)``, and its questions.
+
+  Ids and keys are unique over the whole corpus (see the module docstring); values
+  are drawn per block of ``VALUE_BLOCK`` documents.
+  """
+
+  def __init__(self, config: KVConfig, seed: int, tokenizer: WordTokenizer | None = None):
+    self.config, self.seed = config, int(seed)
+    self.tokenizer = tokenizer or WordTokenizer(config.vocab())
+    c = config
+    self.id_space = c.num_id_symbols ** c.id_len
+    self.key_space = c.num_key_symbols ** c.key_len
+    self.capacity = min(self.id_space, self.key_space // c.facts_per_doc)
+    self._ids = IndexPermutation(self.id_space, self.seed, IDS)
+    self._keys = IndexPermutation(self.key_space, self.seed, KEYS)
+
+  def check_size(self, num_docs: int) -> None:
+    """Raises when ``num_docs`` documents cannot all have unique ids and keys."""
+    c = self.config
+    if not 1 <= num_docs <= self.capacity:
+      raise ValueError(
+          f"num_docs={num_docs}: this task addresses 1..{self.capacity:,} documents "
+          f"({c.num_id_symbols}^{c.id_len} = {self.id_space:,} ids, "
+          f"{c.num_key_symbols}^{c.key_len} = {self.key_space:,} keys for "
+          f"{c.facts_per_doc} fact(s) per document); lower --num_docs or raise "
+          "data.kv.id_len / key_len / num_id_symbols / num_key_symbols")
+
+  def _values(self, start: int, stop: int) -> np.ndarray:
+    """Value symbols of documents ``[start, stop)``: (docs, facts, value_len)."""
+    c, parts = self.config, []
+    for block in range(start // VALUE_BLOCK, (stop - 1) // VALUE_BLOCK + 1):
+      rng = np.random.default_rng([self.seed, VALUES, block])
+      values = rng.integers(0, c.num_value_symbols,
+                            size=(VALUE_BLOCK, c.facts_per_doc, c.value_len))
+      lo = max(start, block * VALUE_BLOCK) - block * VALUE_BLOCK
+      hi = min(stop, (block + 1) * VALUE_BLOCK) - block * VALUE_BLOCK
+      parts.append(values[lo:hi])
+    return np.concatenate(parts)
+
+  def symbols(self, start: int, stop: int):
+    """(ids (B, id_len), keys (B, F, key_len), values (B, F, value_len)) of documents
+    ``[start, stop)`` as symbol indices of their alphabets."""
+    c = self.config
+    docs = np.arange(start, stop, dtype=np.int64)
+    ids = _digits(self._ids(docs), c.num_id_symbols, c.id_len)
+    key_numbers = self._keys(docs[:, None] * c.facts_per_doc + np.arange(c.facts_per_doc))
+    keys = _digits(key_numbers, c.num_key_symbols, c.key_len)
+    return ids, keys, self._values(start, stop)
+
+  def documents(self, start: int, stop: int) -> list[Document]:
+    """Documents ``[start, stop)``: ``id`` then the facts ``key value`` in key order."""
+    tok, c = self.tokenizer, self.config
+    ids, keys, values = self.symbols(start, stop)
+    key0, value0 = tok.key_symbol(0), tok.value_symbol(0)
+    out = []
+    for doc_ids, doc_keys, doc_values in zip(ids.tolist(), (keys + key0).tolist(),
+                                             (values + value0).tolist()):
+      text = sum((fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)), [])
+      out.append(make_document(tok, doc_ids, text))
+    return out
+
+  def question(self, doc: int, fact: int) -> dict:
+    """The question row asking fact ``fact`` of document ``doc``."""
+    tok, c = self.tokenizer, self.config
+    ids, keys, values = self.symbols(doc, doc + 1)
+    key = [tok.key_symbol(int(s)) for s in keys[0, fact]]
+    answer = [tok.value_symbol(int(s)) for s in values[0, fact]]
+    question = question_tokens(tok, c, key)
+    doc_id = doc_id_string(ids[0].tolist())
+    return {"question_tokens": question, "question": tok.decode(question),
+            "answer_tokens": answer, "answer": tok.decode(answer), "doc_id": doc_id,
+            "rounds": [[doc_id]]}
+
+
+def corpus_rows(cfg, num_docs: int, seed: int = 0, *, block: int = 8_192) -> Iterator[dict]:
+  """Corpus rows ``{"id", "tokens", "text"}`` of documents ``0 .. num_docs-1``, generated
+  ``block`` documents at a time (``cfg``: a recipe config or its ``data`` block)."""
+  corpus = SharedCorpus(kv_config_of(cfg), seed)
+  corpus.check_size(num_docs)
+  tok = corpus.tokenizer
+  for start in range(0, num_docs, block):
+    for d in corpus.documents(start, min(num_docs, start + block)):
+      yield {"id": d.doc_id, "tokens": d.tokens, "text": tok.decode(d.tokens)}
+
+
+def question_rows(cfg, num_docs: int, seed: int = 0, num_questions: int = 64,
+                  question_pool: int | None = None) -> Iterator[dict]:
+  """``num_questions`` question rows whose gold documents are distinct documents among
+  the first ``question_pool`` (default ``num_docs``) of the corpus of ``num_docs``.
+
+  The rows depend on (config, seed, num_questions, question_pool) only, so the same
+  file is valid for every corpus of at least ``question_pool`` documents.
+  """
+  corpus = SharedCorpus(kv_config_of(cfg), seed)
+  corpus.check_size(num_docs)
+  pool = int(question_pool or num_docs)
+  if not 1 <= pool <= num_docs:
+    raise ValueError(f"question_pool={pool} must be in [1, num_docs={num_docs}]: gold "
+                     "documents come from the first question_pool documents of the corpus")
+  if not 1 <= num_questions <= pool:
+    raise ValueError(f"num_questions={num_questions} must be in [1, {pool}]: each question "
+                     "has its own gold document; raise question_pool or ask fewer")
+  rng = np.random.default_rng([seed, QUESTIONS, pool])
+  gold = rng.choice(pool, size=num_questions, replace=False)
+  facts = rng.integers(0, corpus.config.facts_per_doc, size=num_questions)
+  for doc, fact in zip(gold.tolist(), facts.tolist()):
+    yield corpus.question(doc, fact)
+
+
+class _Progress:
+  """Prints ``what: n/total (pct) | rate/s | ETA`` at most every ``every_s`` seconds."""
+
+  def __init__(self, what: str, total: int, every_s: float = 5.0):
+    self.what, self.total, self.every_s = what, total, every_s
+    self.t0 = self.last = time.perf_counter()
+
+  def update(self, n: int, force: bool = False) -> None:
+    now = time.perf_counter()
+    if not force and now - self.last < self.every_s:
+      return
+    self.last = now
+    rate = n / max(now - self.t0, 1e-9)
+    eta = (self.total - n) / max(rate, 1e-9)
+    print(f"{self.what}: {n:,}/{self.total:,} ({n / self.total:.0%}) | {rate:,.0f}/s | "
+          f"elapsed {now - self.t0:.0f}s | ETA {eta:.0f}s", flush=True)
+
+
+def write_jsonl(rows: Iterator[dict], path: str, total: int, what: str,
+                overwrite: bool = False) -> int:
+  """Writes ``rows`` to ``path`` one JSON line each, through ``path.partial`` renamed
+  at the end (an interrupted write never leaves a short file under ``path``)."""
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass --overwrite to replace it or choose "
+                          "another path")
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  progress, n = _Progress(what, total), 0
+  partial = path + ".partial"
+  with open(partial, "w") as f:
+    for row in rows:
+      f.write(json.dumps(row, separators=(",", ":")) + "\n")
+      n += 1
+      if n % 1024 == 0:
+        progress.update(n)
+  progress.update(n, force=True)
+  os.replace(partial, path)
+  return n
+
+
+def main(argv):
+  del argv
+  from absl import flags
+  f = flags.FLAGS
+  cfg = f.config
+  corpus = SharedCorpus(kv_config_of(cfg), f.seed)
+  corpus.check_size(f.num_docs)   # fail before writing anything
+  num_questions = f.num_questions or int(cfg.eval.num_examples)
+  doc_len = corpus.config.doc_length
+  print(f"task: {f.num_docs:,} documents of {doc_len} tokens = "
+        f"{f.num_docs * doc_len:,} memory tokens (capacity {corpus.capacity:,} documents); "
+        f"vocabulary {corpus.tokenizer.vocab_size} words; seed {f.seed}", flush=True)
+  n = write_jsonl(corpus_rows(cfg, f.num_docs, f.seed), f.corpus, f.num_docs, "corpus",
+                  f.overwrite)
+  q = write_jsonl(question_rows(cfg, f.num_docs, f.seed, num_questions, f.question_pool),
+                  f.questions, num_questions, "questions", f.overwrite)
+  print(f"wrote {n:,} documents to {f.corpus} and {q:,} questions to {f.questions}",
+        flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "Recipe whose data.kv task to write, "
+                                  "e.g. configs/16k_to_100m.py:smoke.", lock_config=True)
+  flags.DEFINE_integer("num_docs", None, "Documents in the corpus.", required=True)
+  flags.DEFINE_string("corpus", None, "Output corpus JSONL.", required=True)
+  flags.DEFINE_string("questions", None, "Output questions JSONL.", required=True)
+  flags.DEFINE_integer("num_questions", 0, "Questions (0: the config's eval.num_examples).")
+  flags.DEFINE_integer("question_pool", 0, "Gold documents come from the first "
+                       "question_pool documents (0: all), so one questions file serves "
+                       "every corpus of at least that many documents.")
+  flags.DEFINE_integer("seed", 0, "Seed of the corpus and the questions.")
+  flags.DEFINE_bool("overwrite", False, "Replace existing output files.")
+  flags.mark_flag_as_required("config")
+  app.run(main)
