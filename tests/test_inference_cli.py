@@ -90,6 +90,8 @@ def test_a_bank_from_another_model_is_refused(run_and_task, tmp_path):
   cfg, _, _, _, bank, _ = run_and_task
   other = small_cfg()
   other.num_steps = 2
+  other.optim.warmup_phase_steps = 1
+  other.optim.lr_ramp_steps = 1
   other.seed = 1
   train_and_evaluate(other, str(tmp_path / "other"))
   with pytest.raises(BankError, match="encoded by another model or config"):
