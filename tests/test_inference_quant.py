@@ -59,6 +59,21 @@ def test_quantise_round_trip_is_within_its_bound(dtype):
                              quantize.dequantise_np(codes, scale), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn", "bfloat16"])
+def test_device_quantise_equals_numpy(dtype):
+  """The on-device quantiser (synthetic banks) gives numpy's codes and scales bit for bit."""
+  x = _rows(np.random.default_rng(2))
+  want_c, want_s = quantize.quantise(x, dtype, 1)
+  got_c, got_s = quantize.quantise_jax(jnp.asarray(x), dtype, 1)
+  np.testing.assert_array_equal(np.asarray(got_c).view(np.uint8 if dtype != "bfloat16"
+                                                        else np.uint16),
+                                want_c.view(np.uint8 if dtype != "bfloat16" else np.uint16))
+  if want_s is None:
+    assert got_s is None
+  else:
+    np.testing.assert_array_equal(np.asarray(got_s), want_s)
+
+
 def test_kv_scale_is_per_chunk_and_head():
   """K̄ [C, Hkv, D] gets one scale per (chunk, head): each head's slice is quantised alone."""
   rng = np.random.default_rng(1)
@@ -291,3 +306,23 @@ def test_pallas_routing_of_a_quantised_bank_is_refused_clearly(quant_banks):
   bank = bank_lib.open_bank(quant_banks[("float8_e4m3fn", "int8")])
   with pytest.raises(ValueError, match="Pallas routing kernel does not read yet"):
     DeviceBank.load(bank, routing_impl="pallas", log=lambda *_: None)
+
+
+def test_converting_a_float_bank_equals_encoding_quantised(setup, quant_banks, tmp_path):  # noqa: F811
+  """``convert_bank`` (no model) writes the same arrays, byte for byte, as encoding the corpus
+  with --kr_dtype/--kv_dtype; a quantised source is refused (it would quantise twice)."""
+  direct = quant_banks[("float8_e4m3fn", "int8")]
+  conv = str(tmp_path / "conv")
+  bank_lib.convert_bank(setup[5], conv, kr_dtype="float8_e4m3fn", kv_dtype="int8",
+                        docs_per_window=4, log=lambda *_: None)
+  a, b = bank_lib.open_bank(direct, verify=True), bank_lib.open_bank(conv, verify=True)
+  assert set(a.manifest["arrays"]) == set(b.manifest["arrays"])
+  for name in list(a.manifest["arrays"]) + [bank_lib.DOCS_FILE]:
+    assert open(os.path.join(direct, name), "rb").read() == \
+        open(os.path.join(conv, name), "rb").read(), name
+  for (ka, va), (kb, vb) in zip(a.prefix_kv, b.prefix_kv):
+    np.testing.assert_array_equal(ka, kb)
+    np.testing.assert_array_equal(va, vb)
+  assert b.manifest["fingerprint"] == a.manifest["fingerprint"] and b.manifest["complete"]
+  with pytest.raises(bank_lib.BankError, match="convert from the unquantised bank"):
+    bank_lib.convert_bank(direct, str(tmp_path / "twice"), kr_dtype="int8", kv_dtype="int8")

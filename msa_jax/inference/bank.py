@@ -320,7 +320,15 @@ def read_manifest(path: str) -> dict:
   return manifest
 
 
-def _check_fingerprint(manifest: dict, fingerprint: Optional[str], path: str) -> None:
+def _check_fingerprint(manifest: dict, fingerprint: Optional[str], path: str,
+                       allow_synthetic: bool = False) -> None:
+  if manifest.get("synthetic"):
+    if fingerprint is not None and not allow_synthetic:
+      raise BankError(f"the bank {path} is synthetic (random keys written by "
+                      "benchmarks.synth_bank, not a model's encoding): answers from it mean "
+                      "nothing; pass allow_synthetic=True (MemoryEngine.load) to load it anyway "
+                      "for timing")
+    return
   if fingerprint is not None and manifest["fingerprint"] != fingerprint:
     raise BankError(
         f"the bank {path} was encoded by another model or config (bank fingerprint "
@@ -463,15 +471,17 @@ class MemoryBank:
 
 
 def open_bank(path: str, fingerprint: Optional[str] = None, *, verify: bool = False,
-              allow_incomplete: bool = False) -> MemoryBank:
+              allow_incomplete: bool = False, allow_synthetic: bool = False) -> MemoryBank:
   """Opens a bank for reading, checking that it is whole and (if given) from this model.
 
   A missing or short file raises ``BankError`` naming it; ``fingerprint`` (see
   :func:`model_fingerprint`) must match the bank's; an interrupted encode is refused
-  unless ``allow_incomplete``; ``verify`` checks every segment's checksum.
+  unless ``allow_incomplete``; ``verify`` checks every segment's checksum. A synthetic bank
+  (``benchmarks.synth_bank``: random keys, no model) is refused when a fingerprint is given
+  unless ``allow_synthetic``.
   """
   manifest = read_manifest(path)
-  _check_fingerprint(manifest, fingerprint, path)
+  _check_fingerprint(manifest, fingerprint, path, allow_synthetic)
   check_precision(manifest, path)
   if not manifest.get("complete") and not allow_incomplete:
     raise BankError(f"the bank {path} is incomplete ({manifest['corpus']['rows_done']} corpus "
@@ -494,3 +504,55 @@ def open_bank(path: str, fingerprint: Optional[str] = None, *, verify: bool = Fa
   if verify:
     bank.verify()
   return bank
+
+
+def convert_bank(src: str, dst: str, *, kr_dtype: str, kv_dtype: str,
+                 docs_per_window: int = 65_536, log=print) -> "MemoryBank":
+  """Writes the bank ``src`` into a new bank ``dst`` at other precisions, without the model.
+
+  ``src`` must hold K̄R and K̄/V̄ in the model's dtype (an unquantised encode): its rows are
+  then exactly the encoder's output, so ``dst`` equals encoding the corpus with
+  ``--kr_dtype``/``--kv_dtype`` byte for byte (the tests check it). Documents, tokens,
+  prefix, fingerprint and corpus record are copied; ``dst`` must not exist.
+  """
+  from msa_jax.config import ModelConfig
+  source = open_bank(src)
+  m = source.manifest
+  model_dtype = m["model_config"]["dtype"]
+  if (m["kr_dtype"], m["kv_dtype"]) != (model_dtype, model_dtype):
+    raise BankError(f"convert_bank reads a bank in the model dtype ({model_dtype}); {src} holds "
+                    f"K̄R {m['kr_dtype']}, K̄/V̄ {m['kv_dtype']}: convert from the unquantised "
+                    "bank, or re-encode with python -m msa_jax.encode --kr_dtype/--kv_dtype")
+  model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in m["model_config"].items()})
+  prefix_dtype = np.float32
+  with np.load(os.path.join(src, PREFIX_FILE)) as z:
+    prefix_kv = [(z[f"k_{i}"].astype(prefix_dtype), z[f"v_{i}"].astype(prefix_dtype))
+                 for i in range(model_config.num_layers)]
+  writer = BankWriter.create(dst, fingerprint=m["fingerprint"], model_config=model_config,
+                             kr_dtype=kr_dtype, kv_dtype=kv_dtype,
+                             prefix_tokens=source.prefix_tokens, prefix_kv=prefix_kv,
+                             corpus={k: v for k, v in m["corpus"].items() if k != "rows_done"},
+                             tokenizer=m["tokenizer"])
+  texts = []
+  with open(os.path.join(src, DOCS_FILE), "rb") as f:
+    for line in f.read(m["docs_jsonl"]["bytes"]).splitlines():
+      texts.append(json.loads(line).get("text"))
+  index = np.asarray(source.doc_index)
+  try:
+    for lo in range(0, source.num_docs, docs_per_window):
+      hi = min(lo + docs_per_window, source.num_docs)
+      docs = [DocRecord(source.doc_ids[j], source.doc_tokens(j), int(index[j, 2]), texts[j])
+              for j in range(lo, hi)]
+      c0 = int(index[lo, 3])
+      c1 = int(index[hi - 1, 3] + index[hi - 1, 4])
+      layers = {i: {"kr": np.asarray(source.kr(i)[c0:c1]), "k": np.asarray(source.k(i)[c0:c1]),
+                    "v": np.asarray(source.v(i)[c0:c1])} for i in source.router_layers}
+      writer.append(docs, layers, index[lo:hi, 4].tolist())
+      done = hi == source.num_docs
+      writer.commit(m["corpus"]["rows_done"] if done else 0, complete=done)
+      log(f"convert: {hi:,}/{source.num_docs:,} documents -> {dst} (K̄R {kr_dtype}, "
+          f"K̄/V̄ {kv_dtype})")
+  finally:
+    writer.close()
+  return open_bank(dst)

@@ -208,6 +208,23 @@ def shard_plan(chunks_per_doc: np.ndarray, num_shards: int) -> np.ndarray:
   return np.maximum.accumulate(bounds)
 
 
+def bank_layout(chunks_per_doc: np.ndarray, shards: int, cmax: int, step: int):
+  """Where a bank's chunks sit on the ``memory`` shards.
+
+  Returns ``(chunk_bounds [shards+1], rows per shard, doc_shard [N], doc_row [N])``: shard
+  ``s`` holds chunks ``chunk_bounds[s]:chunk_bounds[s+1]`` (whole documents) in its first
+  rows, padded to ``rows`` (a multiple of ``step``, with room for a ``cmax`` slice).
+  """
+  bounds = shard_plan(chunks_per_doc, shards)
+  chunk_bounds = np.concatenate([[0], np.cumsum(chunks_per_doc)])[bounds]
+  per_shard = np.diff(chunk_bounds)
+  rows = int(-(-(per_shard.max() + cmax) // step) * step)   # + cmax: slices stay in bounds
+  doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
+  starts = np.concatenate([[0], np.cumsum(chunks_per_doc)[:-1]])
+  doc_row = (starts - chunk_bounds[doc_shard]).astype(np.int32)
+  return chunk_bounds, rows, doc_shard, doc_row
+
+
 @dataclasses.dataclass
 class DeviceBank:
   """A bank placed on a mesh: per-layer arrays plus the document table (see module doc)."""
@@ -242,13 +259,7 @@ class DeviceBank:
     index = np.asarray(bank.doc_index)
     chunks = index[:, _NCHUNK]
     cmax = max(1, bank.max_doc_chunks)
-    bounds = shard_plan(chunks, shards)
-    chunk_bounds = np.concatenate([[0], np.cumsum(chunks)])[bounds]
-    per_shard = np.diff(chunk_bounds)
-    step = tile or pad_to
-    rows = int(-(-(per_shard.max() + cmax) // step) * step)   # + cmax: slices stay in bounds
-    doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
-    doc_row = (index[:, _START] - chunk_bounds[doc_shard]).astype(np.int32)
+    chunk_bounds, rows, doc_shard, doc_row = bank_layout(chunks, shards, cmax, tile or pad_to)
     sharding = NamedSharding(mesh, PartitionSpec(MEMORY_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 

@@ -46,10 +46,16 @@ class MemoryEngine:
   @classmethod
   def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
            routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
-           batch_size: int = 8, max_rounds: int = 3, log=print) -> "MemoryEngine":
-    """Loads the model, checks and places the bank (see module doc)."""
+           batch_size: int = 8, max_rounds: int = 3, allow_synthetic: bool = False,
+           log=print) -> "MemoryEngine":
+    """Loads the model, checks and places the bank (see module doc).
+
+    ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
+    timing only) in place of one this model encoded.
+    """
     model, params = load_model(checkpoint)
-    bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify)
+    bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify,
+                     allow_synthetic=allow_synthetic)
     try:
       tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
     except ValueError:

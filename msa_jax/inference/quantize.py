@@ -7,7 +7,7 @@ per *row group*:
   * ``K̄R`` in ``float8_e4m3fn`` or ``int8`` with one scale per chunk (``[C]``);
   * ``K̄``/``V̄`` in ``int8`` with one scale per (chunk, kv-head) (``[C, Hkv]``).
 
-``x ≈ scale · q``, ``scale = amax(|x|) / QMAX`` over the group (``QMAX`` 127 for int8, 448
+``x ≈ scale · q``, ``scale = amax(|x|) · (1/QMAX)`` over the group (``QMAX`` 127 for int8, 448
 for e4m3), ``q = round(x / scale)`` (int8: round half to even, clipped; e4m3: the cast's own
 rounding). A group that is all zero gets scale 1 (so a scale is always a positive finite
 number: routing multiplies scores by it, and ``0 · -inf`` would be NaN).
@@ -63,7 +63,8 @@ def quantise(x: np.ndarray, dtype: str, group_ndim: int) -> tuple[np.ndarray, Op
   if not np.all(np.isfinite(amax)):
     raise ValueError("cannot quantise non-finite keys/values (NaN or inf in the encoder's "
                      "output); check the checkpoint")
-  scale = np.where(amax > 0, amax / QMAX[dtype], 1.0).astype(np.float32)
+  # amax times the float32 reciprocal, as XLA computes a division by a constant
+  scale = np.where(amax > 0, amax * np.float32(1 / QMAX[dtype]), 1.0).astype(np.float32)
   y = x / scale.reshape(scale.shape + (1,) * group_ndim)
   if dtype == "int8":
     codes = np.clip(np.rint(y), -127, 127).astype(np.int8)
@@ -87,3 +88,21 @@ def dequantise(codes, scale, dtype):
     return codes.astype(dtype)
   x = codes.astype(jnp.float32) * scale.reshape(scale.shape + (1,) * (codes.ndim - scale.ndim))
   return x.astype(dtype)
+
+
+def quantise_jax(x, dtype: str, group_ndim: int):
+  """:func:`quantise` on the device (jax): the same codes and scales, ``(x cast, None)`` for
+  a float ``dtype``. Used where a bank is built on the device (``benchmarks.synth_bank``)."""
+  import jax.numpy as jnp
+  if not is_quantised(dtype):
+    return x.astype(dtype), None
+  x = x.astype(jnp.float32)
+  axes = tuple(range(x.ndim - group_ndim, x.ndim))
+  amax = jnp.max(jnp.abs(x), axis=axes)
+  scale = jnp.where(amax > 0, amax * np.float32(1 / QMAX[dtype]), 1.0).astype(jnp.float32)
+  y = x / scale.reshape(scale.shape + (1,) * group_ndim)
+  if dtype == "int8":
+    codes = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8)
+  else:
+    codes = jnp.clip(y, -QMAX[dtype], QMAX[dtype]).astype(dtype)
+  return codes, scale
