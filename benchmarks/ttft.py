@@ -12,7 +12,9 @@ many keys there are and how they are stored, not on their values; the answers me
 
 Measures, medians after warm-up (``benchmarks.time_ms``):
   * route: one router layer's top-k over 1M / 10M / 100M tokens (capped at ``--tokens``)
-    for each ``--kr_dtypes`` precision and each routing implementation that reads it,
+    for each ``--kr_dtypes`` precision and each routing implementation that reads it
+    (``xla``: float32 HIGHEST scores, the engine's default; ``xla-bf16``: bfloat16 operands
+    with float32 accumulation; ``pallas``: the fused kernel, float keys on a GPU only),
     beside its read floor: bytes of K̄R codes + scales over the pure-read bandwidth
     measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
@@ -88,14 +90,15 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log):
     key_bytes = placed.bank.num_chunks * f * np.dtype(jnp.dtype(kr_dtype)).itemsize
     scale_bytes = 4 * placed.bank.num_chunks if scale is not None else 0
     floor = (key_bytes + scale_bytes) / bw / 1e6
-    impls = ["xla"] + (["pallas"] if on_gpu and not quantize.is_quantised(kr_dtype) else [])
+    impls = ["xla", "xla-bf16"] + (["pallas"] if on_gpu and not quantize.is_quantised(kr_dtype)
+                                   else [])
     for impl in impls:
       for b in (1, 8):
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
         fn = jax.jit(lambda q, m, kr, doc, sc, impl=impl: sharded_top_k(
-            placed.settings.mesh, q, m, kr, doc, cfg.top_k, implementation=impl,
-            kr_scale_c=sc))
+            placed.settings.mesh, q, m, kr, doc, cfg.top_k, implementation=impl.split("-")[0],
+            kr_scale_c=sc, score_dtype="bfloat16" if impl == "xla-bf16" else "float32"))
         try:
           ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, iters=5)
         except Exception as e:  # noqa: BLE001  (a kernel that does not run here is reported)
@@ -134,7 +137,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
   placed = synth_bank.synthetic_device_bank(cfg, sub, kr_dtype=args.kr_dtype,
                                             kv_dtype=args.kv_dtype,
-                                            routing_impl=ttft_routing(cfg, args), log=log)
+                                            routing_impl=ttft_routing(cfg, args),
+                                            score_dtype=args.score_dtype, log=log)
   bank, s = placed.bank, placed.settings
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
@@ -145,7 +149,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   rng = np.random.default_rng(1)
   q, decode_room = args.question_len, 16
   row = {"stage": "ttft", "tokens": bank.num_tokens, "chunks": bank.num_chunks,
-         "routing": s.routing,
+         "routing": s.routing, "score_dtype": s.score_dtype,
          "kr_dtype": args.kr_dtype, "kv_dtype": args.kv_dtype, "kr_bytes": kr_bytes,
          "kv_bytes": kv_bytes, "weight_bytes": w_bytes,
          "floor_ms": (kr_bytes + w_bytes) / bw / 1e6}
@@ -167,7 +171,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
       for i in layers:
         out.append(sharded_top_k(s.mesh, rq, mask, arrays["kr"][i], arrays["chunk_doc"],
                                  cfg.top_k, tile=s.tile, implementation=s.routing,
-                                 kr_scale_c=arrays["scales"]["kr"][i])[1])
+                                 kr_scale_c=arrays["scales"]["kr"][i],
+                                 score_dtype=s.score_dtype)[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     # the fetch of k selected documents' chunks (dequantised), every router layer
@@ -240,6 +245,8 @@ def main():
   ap.add_argument("--question_len", type=int, default=64)
   ap.add_argument("--routing", default="auto", choices=["auto", "xla", "pallas"],
                   help="routing of the TTFT bank (auto: as MemoryEngine.load picks)")
+  ap.add_argument("--score_dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="XLA routing scores of the TTFT bank (the engine's default: float32)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   log = lambda msg: print(msg, flush=True)

@@ -326,3 +326,29 @@ def test_converting_a_float_bank_equals_encoding_quantised(setup, quant_banks, t
   assert b.manifest["fingerprint"] == a.manifest["fingerprint"] and b.manifest["complete"]
   with pytest.raises(bank_lib.BankError, match="convert from the unquantised bank"):
     bank_lib.convert_bank(direct, str(tmp_path / "twice"), kr_dtype="int8", kv_dtype="int8")
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_bfloat16_scoring_of_codes_is_within_the_query_rounding(dtype):
+  """``score_dtype="bfloat16"`` (tensor-core scores: codes exact in bfloat16, the queries
+  rounded to bfloat16) gives each selected document a score within
+  scale·Σ|rq − bf16(rq)|·|code| of the float32 path's, and nearly the same selection."""
+  rq, mask, kr, chunk_doc = _routing_case(6)
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  np.testing.assert_array_equal(codes.astype(jnp.bfloat16).astype(np.float32),
+                                codes.astype(np.float32))          # codes are exact in bf16
+  args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(chunk_doc), 8, 32)
+  s32, d32 = tiled_top_k(*args, kr_scale_c=jnp.asarray(scale))
+  s16, d16 = tiled_top_k(*args, kr_scale_c=jnp.asarray(scale), score_dtype="bfloat16")
+  rq_err = np.abs(rq - rq.astype(jnp.bfloat16).astype(np.float32)).max()
+  bound = rq_err * (np.abs(codes.astype(np.float32)).sum(1) * scale).max()
+  # documents picked by both: their scores agree within the bound
+  for b in range(3):
+    both = np.intersect1d(np.asarray(d32)[b], np.asarray(d16)[b])
+    for d in both:
+      a = np.asarray(s32)[b][np.asarray(d32)[b] == d][0]
+      c = np.asarray(s16)[b][np.asarray(d16)[b] == d][0]
+      assert abs(a - c) <= bound * (1 + 1e-3) + 1e-6
+    assert len(both) >= 7
+  with pytest.raises(ValueError, match="score_dtype must be one of"):
+    tiled_top_k(*args, score_dtype="float16")

@@ -56,13 +56,23 @@ def merge_top_k(scores_bn, docs_bn, k: int):
   return -neg[:, :k], docs[:, :k]
 
 
-def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None):
+SCORE_DTYPES = ("float32", "bfloat16")
+
+
+def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="float32"):
   """Max over routing tokens of ``rq · K̄R`` for one tile: float32 ``[B, tile]``.
 
   ``scale_t``: float32 ``[tile]`` per-chunk scales of quantised ``kr_tf`` (positive), or None.
+  ``score_dtype``: ``float32`` multiplies in float32 at HIGHEST precision (exact reference);
+  ``bfloat16`` multiplies bfloat16 operands with float32 accumulation (tensor cores): int8
+  and e4m3 codes are exact in bfloat16, so only the queries are rounded (2^-9 relative).
   """
-  s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf, kr_tf.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+  if score_dtype == "bfloat16":
+    s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf.astype(jnp.bfloat16), kr_tf.astype(jnp.bfloat16),
+                       preferred_element_type=jnp.float32)
+  else:
+    s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf, kr_tf.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
   s_bmt = jnp.where(route_mask_bm[:, :, None], s_bmt, NEG_INF)
   s_bt = jnp.max(s_bmt, axis=1)
   return s_bt if scale_t is None else s_bt * scale_t[None]
@@ -77,7 +87,7 @@ def auto_tile(b: int, m: int, c: int, budget: int = SCORE_BUDGET_BYTES) -> int:
 
 
 def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | None = None,
-                kr_scale_c=None):
+                kr_scale_c=None, score_dtype: str = "float32"):
   """Top-k documents of a chunk bank, scanning ``tile`` chunks at a time.
 
   Args:
@@ -91,10 +101,14 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
       as ``SCORE_BUDGET_BYTES`` of scores allow (:func:`auto_tile`).
     kr_scale_c: float32 ``[C]`` positive per-chunk scales when ``kr_cf`` holds quantised
       codes (fp8 / int8), else None.
+    score_dtype: ``float32`` (HIGHEST precision) or ``bfloat16`` operands with float32
+      accumulation (see ``_tile_chunk_scores``).
   Returns:
     ``(scores [B, k], docs [B, k])`` best first, ``(-inf, NO_DOC)`` where fewer than k
     documents exist (or no token routes).
   """
+  if score_dtype not in SCORE_DTYPES:
+    raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
   rq_bmf = rq_bmf.astype(jnp.float32)
   b = rq_bmf.shape[0]
   c, f = kr_cf.shape
@@ -113,7 +127,7 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
     best_s, best_d, open_d, open_s = carry
     kr_tf, doc_t, scale_t = xs
     cs_bt = _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf,
-                               None if kr_scale_c is None else scale_t)
+                               None if kr_scale_c is None else scale_t, score_dtype)
     real_t = doc_t >= 0
     any_real = jnp.any(real_t)
     first = jnp.where(any_real, doc_t[0], -1)
@@ -154,7 +168,7 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
 
 
 def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int | None = None,
-                implementation: str = "xla", kr_scale_c=None):
+                implementation: str = "xla", kr_scale_c=None, score_dtype: str = "float32"):
   """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
 
   ``implementation="pallas"`` runs ``pallas_kernels.block_routing.route_top_k`` with the
@@ -164,7 +178,8 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   (quantised keys, ``kr_scale_c`` given, run through the scan).
   """
   if implementation == "xla":
-    return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c)
+    return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c,
+                       score_dtype)
   if kr_scale_c is not None:
     raise ValueError("the fused Pallas routing kernel does not read quantised K̄R (fp8/int8 "
                      "with per-chunk scales) yet; route this bank with implementation='xla' "
@@ -179,7 +194,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
 
 def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
                   tile: int | None = None, axis: str = "memory", implementation: str = "xla",
-                  kr_scale_c=None):
+                  kr_scale_c=None, score_dtype: str = "float32"):
   """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
 
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
@@ -191,7 +206,7 @@ def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
 
   def per_shard(rq, mask, kr, doc, *scale):
     s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation,
-                       kr_scale_c=scale[0] if scale else None)
+                       kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype)
     s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
     d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
     return merge_top_k(s_all, d_all, k)

@@ -55,6 +55,7 @@ class BankSettings:
   routing: str                  # "xla" | "pallas"
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
   compute_dtype: str = "float32"          # what fetched K̄/V̄ are (de)quantised to
+  score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
 
 
 @flax.struct.dataclass
@@ -80,7 +81,8 @@ class BankLayerMemory:
     s = self.settings
     scores_bk, docs_bk = bank_routing.sharded_top_k(
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
-        axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c)
+        axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
+        score_dtype=s.score_dtype)
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
@@ -244,8 +246,12 @@ class DeviceBank:
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
            routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
-           log=print) -> "DeviceBank":
+           score_dtype: str = "float32", log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
+
+    ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
+    multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries
+    are rounded), see ``bank_routing._tile_chunk_scores``.
 
     Reads the memory maps one shard at a time: host RAM never holds a whole array.
     """
@@ -301,7 +307,8 @@ class DeviceBank:
                        "routing kernel does not read yet; use routing_impl='xla' (what "
                        "MemoryEngine.load(routing='auto') picks for quantised banks)")
     host = HostFetch(bank, cmax) if kv_placement == "host" else None
-    settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype)
+    settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype,
+                            score_dtype)
     put = lambda x: jax.device_put(x, replicated)
     log(f"bank {bank.path}: {bank.num_docs:,} documents, {bank.num_chunks:,} chunks over "
         f"{shards} memory shard(s) of {rows:,} rows; K̄R {bank.kr_dtype}, K̄/V̄ {bank.kv_dtype} "
