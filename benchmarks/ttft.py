@@ -24,8 +24,10 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     through every layer, by difference); floor: every layer's K̄R plus the weights, read once;
   * decode ms/token from the KV cache at batch 1 and 8;
   * peak device memory (``memory_stats``) and peak host RSS.
-Prints a table and writes ``ttft.json`` to ``--out`` (default ``$OUT`` or
-benchmarks/results).
+Prints a table and writes ``ttft.json`` (``ttft_route.json`` / ``ttft_ttft.json`` with
+``--stages``) to ``--out`` (default ``$OUT`` or benchmarks/results). On a GPU let JAX use
+most of the memory: ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` (a 100M-token Qwen3-4B bank at
+fp8/int8 is ~113 GB with the recipe's 100-token documents, plus 8 GB of bf16 weights).
 """
 from __future__ import annotations
 
@@ -247,31 +249,41 @@ def main():
                   help="routing of the TTFT bank (auto: as MemoryEngine.load picks)")
   ap.add_argument("--score_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="XLA routing scores of the TTFT bank (the engine's default: float32)")
+  ap.add_argument("--stages", default="route,ttft",
+                  help="route and/or ttft (split them when one call has a time limit)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   log = lambda msg: print(msg, flush=True)
   t0 = time.perf_counter()
-  model, params = random_model(args.shape)
-  cfg = model.config
+  stages = args.stages.split(",")
+  if not set(stages) <= {"route", "ttft"}:
+    raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")
+  cfg = synth_bank.model_config_of(args.shape)
   lengths = synth_bank.doc_lengths(args.shape, args.tokens, args.doc_lengths)
   size = synth_bank.bank_bytes(cfg, lengths, args.kr_dtype, args.kv_dtype)
-  log(f"{args.shape} (random weights, {nbytes(params) / 1e9:.2f} GB): {args.tokens:,}-token "
-      f"bank = {size['chunks']:,} chunks; K̄R {args.kr_dtype} {size['kr'] / 1e9:.2f} GB, K̄/V̄ "
+  log(f"{args.shape}: {args.tokens:,}-token bank = {len(lengths):,} documents, "
+      f"{size['chunks']:,} chunks; K̄R {args.kr_dtype} {size['kr'] / 1e9:.2f} GB, K̄/V̄ "
       f"{args.kv_dtype} {size['kv'] / 1e9:.2f} GB")
   bw = read_bandwidth_gbs()
   log(f"read bandwidth {bw:,.0f} GB/s")
-  result = {"shape": args.shape, "model": cfg.to_dict(), "random_weights": True,
+  result = {"shape": args.shape, "model": cfg.to_dict(), "stages": stages, "random_weights": True,
             "synthetic_bank": True, "doc_lengths": args.doc_lengths,
             "question_len": args.question_len, "read_bandwidth_gbs": bw,
             "route": [], "ttft": []}
-  for n in sizes_for(args.tokens, args.route_sizes):
-    bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
-                result["route"], log)
-  for n in sizes_for(args.tokens, args.ttft_sizes):
-    bench_ttft(model, params, lengths, n, args, bw, result["ttft"], log)
+  if "route" in stages:
+    for n in sizes_for(args.tokens, args.route_sizes):
+      bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
+                  result["route"], log)
+  if "ttft" in stages:
+    model, params = random_model(args.shape)
+    result["weight_bytes"] = nbytes(params)
+    log(f"model: random weights, {nbytes(params) / 1e9:.2f} GB")
+    for n in sizes_for(args.tokens, args.ttft_sizes):
+      bench_ttft(model, params, lengths, n, args, bw, result["ttft"], log)
   result["seconds"] = time.perf_counter() - t0
   report(dict(result, device=device_name()))
-  path = os.path.join(args.out or out_dir(), "ttft.json")
+  name = "ttft.json" if len(stages) == 2 else f"ttft_{stages[0]}.json"
+  path = os.path.join(args.out or out_dir(), name)
   write_json(path, result)
   log(f"wrote {path}")
 
