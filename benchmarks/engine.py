@@ -165,12 +165,16 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
       prefix = engine_lib.bank_prefix(bank, b)
       pre = lambda: eng.prefill(placed.arrays(), prefix, tokens, q_len, start)
       rows[f"prefill_ms_{impl}_b{b}"] = time_ms(lambda: pre()[0], iters=3)
-      _, _, cache = pre()
-      tok = jnp.zeros((b,), jnp.int32)
-      cur = jnp.asarray(q_len)
-      dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur,
-                                                     jnp.asarray(start))[0])
-      rows[f"decode_ms_per_token_{impl}_b{b}"] = time_ms(dec, cache, iters=5)
+      rows[f"decode_ms_per_token_{impl}_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+
+
+def decode_ms(model, params, cache, q_len_b, start_b) -> float:
+  """One decoding step from a prefilled KV cache (every row at slot ``q_len_b``), in ms."""
+  from msa_jax.inference import engine as engine_lib
+  tok = jnp.zeros((len(q_len_b),), jnp.int32)
+  cur, start = jnp.asarray(q_len_b), jnp.asarray(start_b)
+  dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur, start)[0])
+  return time_ms(dec, cache, iters=5)
 
 
 def report(rows, impls, bank, bw, kr_bytes, encode_s):

@@ -43,6 +43,7 @@ import numpy as np
 
 from benchmarks import device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
 from benchmarks import synth_bank
+from benchmarks.engine import decode_ms
 
 SIZES = (1_000_000, 10_000_000, 100_000_000)
 
@@ -193,13 +194,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     row[f"fetch_all_layers_ms_b{b}"] = time_ms(jax.jit(fetch_all), arrays, sel, iters=3)
     row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
                                     - row[f"fetch_all_layers_ms_b{b}"])
-    _, _, cache = pre()
-    tok = jnp.zeros((b,), jnp.int32)
-    cur = jnp.asarray(q_len)
-    dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur,
-                                                   jnp.asarray(start))[0])
-    row[f"decode_ms_per_token_b{b}"] = time_ms(dec, cache, iters=5)
-    del cache
+    row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
   row["device_peak_bytes"] = device_peak_bytes()
   row["host_peak_bytes"] = host_peak_bytes()
   rows.append(row)

@@ -12,8 +12,7 @@ from jax.sharding import Mesh
 
 from msa_jax.inference import bank as bank_lib
 from msa_jax.inference import quantize
-from msa_jax.inference.bank_routing import (selection_in_document_order, sharded_top_k,
-                                            tiled_top_k)
+from msa_jax.inference.bank_routing import sharded_top_k, tiled_top_k
 from msa_jax.inference.encode import encode_corpus
 from msa_jax.inference.memory import DeviceBank
 from tests import reference_numpy as R
