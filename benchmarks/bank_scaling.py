@@ -7,8 +7,8 @@ For each size N (documents) it writes the run's task as one shared corpus of N d
 bank with the real encoder, and asks the SAME questions (gold documents among the first
 ``--question_pool`` documents) through the engine (``msa_jax.evaluate.run_bank``):
 answer exact match, router recall@1/@k, oracle exact match, encode tokens/s, and the
-per-question latency by stage (prefill = routing + fetch + forward of the question;
-decode). Writes ``bank_scaling.json`` and ``bank_scaling.png`` to ``--out``.
+latency by stage of a batch of ``--batch_size`` questions over all Memory Interleave rounds
+(prefill = routing + fetch + forward of the questions; decode), after a warm-up batch. Writes ``bank_scaling.json`` and ``bank_scaling.png`` to ``--out``.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 import time
 
 
-def plot(rows, path: str) -> None:
+def plot(rows, path: str, batch: int) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -38,7 +38,7 @@ def plot(rows, path: str) -> None:
   b.set_xscale("log")
   b.set_yscale("log")
   b.set_xlabel("bank memory tokens")
-  b.set_ylabel("ms per question (summed over rounds)")
+  b.set_ylabel(f"ms per batch of {batch} questions (all rounds)")
   b.set_title("latency by stage")
   b.grid(alpha=0.3)
   b.legend(fontsize=8)
@@ -94,7 +94,7 @@ def main():
     with open(os.path.join(args.out, "bank_scaling.json"), "w") as f:
       json.dump({"workdir": os.path.abspath(args.workdir), "questions": args.num_questions,
                  "question_pool": pool, "rows": rows}, f, indent=1)
-    plot(rows, os.path.join(args.out, "bank_scaling.png"))
+    plot(rows, os.path.join(args.out, "bank_scaling.png"), args.batch_size)
   for r in rows:
     print(f"{r['memory_tokens']:>12,} tokens | encode {r['encode_tokens_per_s'] or 0:,.0f} tok/s | "
           f"EM {r['answer_exact_match']:.3f} | R@1 {r['router_recall@1']:.3f} | oracle EM "

@@ -268,7 +268,7 @@ def test_unreadable_checkpoint_is_a_clear_error(run, tmp_path, damage, capsys):
   assert code == 1
   err = capsys.readouterr().err
   want = {"missing": "does not exist", "empty": "not a checkpoint",
-          "bad_json": "not valid JSON", "truncated_state": "cannot read checkpoint"}[damage]
+          "bad_json": "not valid JSON", "truncated_state": "cannot restore (step 7)"}[damage]
   assert want in err and str(ckpt) in err, err
   assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
 

@@ -17,6 +17,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpy as np
 
 from msa_jax.inference.memory import BankMemory, BankSettings
 from msa_jax.model import ExampleMemory, LayerContext, MSAModel
@@ -126,17 +127,25 @@ class Engine:
     self._decode = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2, 3))
 
+  # Host arguments are copied (``_own``): on CPU a jax array may alias a numpy argument's
+  # memory, and a caller that then changes the numpy array in place would race the
+  # asynchronously dispatched step (seen: wrong cache slots at large memories).
   def prefill(self, mem_args, prefix, tokens_bm, q_len_b, active_start_b, forced=None):
-    return self._prefill(self.params, mem_args, prefix, jnp.asarray(tokens_bm, jnp.int32),
-                         jnp.asarray(q_len_b, jnp.int32), jnp.asarray(active_start_b, jnp.int32),
-                         forced)
+    return self._prefill(self.params, mem_args, prefix, _own(tokens_bm), _own(q_len_b),
+                         _own(active_start_b), forced)
 
   def decode(self, cache, token_b, cur_b, active_start_b):
-    return self._decode(self.params, cache, jnp.asarray(token_b, jnp.int32),
-                        jnp.asarray(cur_b, jnp.int32), jnp.asarray(active_start_b, jnp.int32))
+    return self._decode(self.params, cache, _own(token_b), _own(cur_b), _own(active_start_b))
 
   def sample(self, logits_bv, key, temperature: float = 0.0, top_p: float = 1.0):
     return self._sample(logits_bv, key, float(temperature), float(top_p))
+
+
+def _own(x):
+  """An int32 device array that owns its memory (never a view of a numpy argument)."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.int32)
+  return jnp.array(np.array(x, np.int32, copy=True))
 
 
 def bank_prefix(bank, batch: int) -> PrefixContext:

@@ -175,7 +175,9 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
       if finished.all() or step == max_new_tokens - 1:
         break
       logits, cache = engine.decode(cache, tok, cur, memory.active_start_b)
-      cur += 1
+      # A new array, never ``cur += 1``: on CPU jax may alias a numpy argument's memory,
+      # and the asynchronously dispatched step must not see it change.
+      cur = cur + 1
     t2 = time.perf_counter()
     for i in live:
       gens[i].timings_ms["prefill"] += 1e3 * (t1 - t0)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import time
 from typing import Any, Optional, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from msa_jax.data.tokenizer import SpecialTokens
 from msa_jax.inference import interleave
@@ -74,6 +76,9 @@ class MemoryEngine:
         routing = "xla"   # the fused Pallas kernel does not read fp8/int8 K̄R yet (issue 11)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
                                   log=log)
+    # The weights are replicated over the bank's mesh (the jitted steps take both).
+    replicated = NamedSharding(device_bank.settings.mesh, PartitionSpec())
+    params = jax.device_put(params, replicated)
     return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds)
 
   def _question_tokens(self, row: dict, n: int) -> list[int]:
