@@ -187,7 +187,7 @@ class SyntheticBank:
   def compute_dtype(self) -> str:
     return self.manifest["model_config"]["dtype"]
 
-  @property
+  @functools.cached_property
   def doc_ids(self) -> list[str]:
     return [f"syn{j}" for j in range(self.num_docs)]
 

@@ -23,6 +23,7 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     selected documents' chunks (with dequantisation), the rest (the question's forward
     through every layer, by difference); floor: every layer's K̄R plus the weights, read once;
   * decode ms/token from the KV cache at batch 1 and 8;
+  * one question end to end through ``MemoryEngine.generate`` (wall time, tokens);
   * peak device memory (``memory_stats``) and peak host RSS.
 Prints a table and writes ``ttft.json`` (``ttft_route.json`` / ``ttft_ttft.json`` with
 ``--stages``) to ``--out`` (default ``$OUT`` or benchmarks/results). On a GPU let JAX use
@@ -130,6 +131,24 @@ def ttft_routing(cfg, args) -> str:
   return default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
 
 
+def end_to_end(model, params, placed, question: list[int], new_tokens: int = 16) -> dict:
+  """One question answered through ``MemoryEngine.generate`` (Memory Interleave, sampling
+  on the host): wall time, tokens generated and the engine's own stage timings. Random
+  weights: the answer means nothing and may end early (a random id is not in the bank)."""
+  from msa_jax.data.tokenizer import SpecialTokens
+  from msa_jax.inference.memory_engine import MemoryEngine
+  specials = SpecialTokens(pad=0, eos=1, id_end=2, end_of_retrieval=3)
+  engine = MemoryEngine(model, params, placed, None, specials, batch_size=1, max_rounds=1)
+  row = {"question_tokens": question}
+  engine.generate([row], max_new_tokens=new_tokens)              # compile
+  t0 = time.perf_counter()
+  (out,) = engine.generate([row], max_new_tokens=new_tokens)
+  wall = 1e3 * (time.perf_counter() - t0)
+  answer = out.get("answer_tokens") or []
+  return {"e2e_wall_ms": wall, "e2e_new_tokens": len(answer), "e2e_timings_ms": out["timings_ms"],
+          "e2e_failure": out.get("failure")}
+
+
 def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   """Time to first token (with its parts) and decode on the full bank at ``n_tokens``."""
   from msa_jax import routing
@@ -195,13 +214,16 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
                                     - row[f"fetch_all_layers_ms_b{b}"])
     row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+  row.update(end_to_end(model, params, placed, rng.integers(8, cfg.vocab_size, q).tolist()))
   row["device_peak_bytes"] = device_peak_bytes()
   row["host_peak_bytes"] = host_peak_bytes()
   rows.append(row)
   log(f"ttft {bank.num_tokens:,} tokens: b1 {row['ttft_ms_b1']:.2f} ms (route "
       f"{row['route_all_layers_ms_b1']:.2f}, fetch {row['fetch_all_layers_ms_b1']:.2f}, rest "
       f"{row['forward_rest_ms_b1']:.2f}; floor {row['floor_ms']:.2f}); decode b1 "
-      f"{row['decode_ms_per_token_b1']:.2f} ms/token, b8 {row['decode_ms_per_token_b8']:.2f}")
+      f"{row['decode_ms_per_token_b1']:.2f} ms/token, b8 {row['decode_ms_per_token_b8']:.2f}; "
+      f"end to end {row['e2e_wall_ms']:.1f} ms for {row['e2e_new_tokens']} tokens "
+      f"({row['e2e_failure'] or 'no failure'})")
   del placed, eng, arrays
   gc.collect()
 
