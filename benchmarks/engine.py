@@ -1,6 +1,7 @@
 """Memory engine benchmark: encode a corpus into a bank, then answer from it, by stage.
 
-  python -m benchmarks.engine --config=configs/16k_to_100m.py:tiny --tokens=10000000
+  python -m benchmarks.engine --config=configs/16k_to_100m.py:tiny --tokens=10000000 \
+      [--kr_dtype=float8_e4m3fn --kv_dtype=int8]   # bank precisions (default: the model dtype)
 
 Builds the recipe's model (random weights unless ``--checkpoint``: encode, routing and
 attention cost do not depend on the weights), writes a corpus of ``--tokens`` tokens whose
@@ -28,15 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import device_name, out_dir, time_ms, write_json
-
-
-def read_bandwidth_gbs(num_bytes: int = 2 << 30) -> float:
-  """Pure-read bandwidth (GB/s): a sum over a large buffer reads each byte once."""
-  x = jnp.ones((num_bytes // 4,), jnp.float32)
-  ms = time_ms(jax.jit(jnp.sum), x, iters=5)
-  del x
-  return num_bytes / ms / 1e6
+from benchmarks import device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
 
 
 def build_model(config: str, checkpoint: str):
@@ -89,6 +82,8 @@ def main():
   ap.add_argument("--workdir", default="")
   ap.add_argument("--batch_tokens", type=int, default=65_536)
   ap.add_argument("--window_tokens", type=int, default=1 << 21)
+  ap.add_argument("--kr_dtype", default="", help="bank K̄R precision ('' = the model dtype)")
+  ap.add_argument("--kv_dtype", default="", help="bank K̄/V̄ precision ('' = the model dtype)")
   args = ap.parse_args()
   from msa_jax.inference import bank as bank_lib
   from msa_jax.inference import engine as engine_lib
@@ -109,17 +104,21 @@ def main():
         flush=True)
   t0 = time.perf_counter()
   manifest = encode_corpus(model, params, corpus, bank_dir, tokenizer=None, prefix_tokens=[1],
-                           window_tokens=args.window_tokens, batch_tokens=args.batch_tokens)
+                           window_tokens=args.window_tokens, batch_tokens=args.batch_tokens,
+                           kr_dtype=args.kr_dtype or None, kv_dtype=args.kv_dtype or None)
   encode_s = time.perf_counter() - t0
   bank = bank_lib.open_bank(bank_dir)
   rows = {"model": cfg.to_dict(), "memory_tokens": bank.num_tokens, "num_docs": bank.num_docs,
+          "kr_dtype": bank.kr_dtype, "kv_dtype": bank.kv_dtype,
           "num_chunks": bank.num_chunks, "encode_seconds": encode_s,
           "encode_tokens_per_s": bank.num_tokens / encode_s,
           "bank_bytes": sum(os.path.getsize(os.path.join(bank_dir, f))
                             for f in os.listdir(bank_dir))}
   bw = read_bandwidth_gbs()
   rows["read_bandwidth_gbs"] = bw
-  impls = ["xla"] + (["pallas"] if jax.devices()[0].platform == "gpu" else [])
+  from msa_jax.inference.quantize import is_quantised
+  impls = ["xla"] + (["pallas"] if jax.devices()[0].platform == "gpu"
+                     and not is_quantised(bank.kr_dtype) else [])
   rng = np.random.default_rng(0)
   for impl in list(impls):
     try:
@@ -128,7 +127,9 @@ def main():
       print(f"{impl}: failed: {type(e).__name__}: {str(e)[:400]}", flush=True)
       rows[f"error_{impl}"] = f"{type(e).__name__}: {str(e)[:400]}"
       impls.remove(impl)
-  kr_bytes = bank.kr(bank.router_layers[0]).nbytes
+  kr_scale = bank.scale(bank.router_layers[0], "kr")
+  kr_bytes = bank.kr(bank.router_layers[0]).nbytes + (kr_scale.nbytes if kr_scale is not None
+                                                       else 0)
   report(rows, impls, bank, bw, kr_bytes, encode_s)
 
 
@@ -142,15 +143,17 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
     placed = DeviceBank.load(bank, kv_placement="device", routing_impl=impl)
     layer = bank.router_layers[0]
     mesh = placed.settings.mesh
-    kr_bytes = bank.kr(layer).nbytes
+    kr_scale = bank.scale(layer, "kr")
+    kr_bytes = bank.kr(layer).nbytes + (kr_scale.nbytes if kr_scale is not None else 0)
     for b in (1, 8):
       f = cfg.num_kv_heads * cfg.head_dim
       rq = jnp.asarray(rng.normal(size=(b, args.question_len, f)).astype(np.float32))
       mask = jnp.ones((b, args.question_len), bool)
-      route = jax.jit(lambda q, m, kr, doc: sharded_top_k(mesh, q, m, kr, doc, cfg.top_k,
-                                                          tile=placed.settings.tile,
-                                                          implementation=impl))
-      ms = time_ms(route, rq, mask, placed.kr[layer], placed.chunk_doc)
+      route = jax.jit(lambda q, m, kr, doc, sc: sharded_top_k(mesh, q, m, kr, doc, cfg.top_k,
+                                                              tile=placed.settings.tile,
+                                                              implementation=impl, kr_scale_c=sc))
+      ms = time_ms(route, rq, mask, placed.kr[layer], placed.chunk_doc,
+                   placed.scales["kr"][layer])
       rows[f"route_ms_{impl}_b{b}"] = ms
       rows[f"route_floor_ms_b{b}"] = kr_bytes / bw / 1e6
     eng = engine_lib.Engine(model, params, "bank", placed.settings)
@@ -162,12 +165,16 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
       prefix = engine_lib.bank_prefix(bank, b)
       pre = lambda: eng.prefill(placed.arrays(), prefix, tokens, q_len, start)
       rows[f"prefill_ms_{impl}_b{b}"] = time_ms(lambda: pre()[0], iters=3)
-      _, _, cache = pre()
-      tok = jnp.zeros((b,), jnp.int32)
-      cur = jnp.asarray(q_len)
-      dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur,
-                                                     jnp.asarray(start))[0])
-      rows[f"decode_ms_per_token_{impl}_b{b}"] = time_ms(dec, cache, iters=5)
+      rows[f"decode_ms_per_token_{impl}_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+
+
+def decode_ms(model, params, cache, q_len_b, start_b) -> float:
+  """One decoding step from a prefilled KV cache (every row at slot ``q_len_b``), in ms."""
+  from msa_jax.inference import engine as engine_lib
+  tok = jnp.zeros((len(q_len_b),), jnp.int32)
+  cur, start = jnp.asarray(q_len_b), jnp.asarray(start_b)
+  dec = jax.jit(lambda c: engine_lib.decode_step(model, params, c, tok, cur, start)[0])
+  return time_ms(dec, cache, iters=5)
 
 
 def report(rows, impls, bank, bw, kr_bytes, encode_s):

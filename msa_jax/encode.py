@@ -3,7 +3,8 @@ r"""Stage 1 of inference: encode a corpus once into an on-disk memory bank.
   python -m msa_jax.encode --checkpoint=CKPT --corpus=CORPUS.jsonl --bank=BANK
 
 CKPT: a training workdir or anything ``msa_jax.from_pretrained`` reads. Rerun the same
-command to resume an interrupted encode. See ``msa_jax.inference.encode``.
+command to resume an interrupted encode. ``--kr_dtype=float8_e4m3fn --kv_dtype=int8``
+quantises the bank (recorded in its manifest; the engine reads it as it is). See ``msa_jax.inference.encode``.
 """
 from absl import app, flags
 
@@ -15,6 +16,12 @@ flags.DEFINE_string("bank", None, "Output bank directory (created, or resumed)."
 flags.DEFINE_string("tokenizer_dir", "", "Local HF tokenizer (default: the checkpoint's).")
 flags.DEFINE_integer("window_tokens", 1 << 20, "Tokens encoded and committed per window.")
 flags.DEFINE_integer("batch_tokens", 16_384, "Padded tokens per encoder batch.")
+flags.DEFINE_enum("kr_dtype", "", ["", "float32", "bfloat16", "float16", "float8_e4m3fn", "int8"],
+                  "Precision of the pooled router keys K̄R ('': the model dtype; float8_e4m3fn "
+                  "and int8 store one float32 scale per chunk).")
+flags.DEFINE_enum("kv_dtype", "", ["", "float32", "bfloat16", "float16", "int8"],
+                  "Precision of the pooled K̄/V̄ ('': the model dtype; int8 stores one float32 "
+                  "scale per chunk and kv head, dequantised on the device after the fetch).")
 
 
 def _main(argv):

@@ -11,6 +11,13 @@ Layout of ``BANK/``::
     chunk_doc.i32        [C]: the document of each chunk (documents contiguous, in order)
     layer_XX.kr          [C, Hkv*D]: L2-normalised pooled router keys K̄R of router layer XX
     layer_XX.k, .v       [C, Hkv, D]: pooled keys K̄ and values V̄
+    layer_XX.kr_scale    [C] float32, only when K̄R is quantised (fp8 e4m3 / int8 codes)
+    layer_XX.k_scale, .v_scale  [C, Hkv] float32, only when K̄/V̄ are int8 codes
+
+Precisions (``kr_dtype``, ``kv_dtype`` in the manifest, chosen at encode time): the model
+dtype by default, or quantised codes with a per-chunk (K̄R) / per-(chunk, kv-head) (K̄/V̄)
+scale, ``x ≈ scale · codes`` (``quantize.py``). Scales are arrays like any other
+(checksummed, truncated and resumed with the rest). The prefix K/V stay in the model dtype.
 
 Why raw little-endian arrays and not tensorstore/zarr or safetensors: the bank is written
 once in order and read by row ranges. A flat file appends without rewriting anything,
@@ -29,6 +36,8 @@ import os
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from msa_jax.inference import quantize
 
 FORMAT = "msa_jax.bank/1"
 MANIFEST = "manifest.json"
@@ -90,9 +99,50 @@ def array_specs(model_config, kr_dtype: str, kv_dtype: str) -> dict[str, tuple[s
            "chunk_doc.i32": ("int32", ())}
   for i in model_config.router_layer_ids:
     specs[f"layer_{i:02d}.kr"] = (kr_dtype, (g * d,))
-    specs[f"layer_{i:02d}.k"] = (kv_dtype, (g, d))
-    specs[f"layer_{i:02d}.v"] = (kv_dtype, (g, d))
+    if quantize.is_quantised(kr_dtype):
+      specs[f"layer_{i:02d}.kr_scale"] = (quantize.SCALE_DTYPE, ())
+    for part in ("k", "v"):
+      specs[f"layer_{i:02d}.{part}"] = (kv_dtype, (g, d))
+      if quantize.is_quantised(kv_dtype):
+        specs[f"layer_{i:02d}.{part}_scale"] = (quantize.SCALE_DTYPE, (g,))
   return specs
+
+
+def _prefix_dtype(manifest: dict) -> str:
+  """The prefix K/V's dtype: the K̄/V̄ dtype of a float bank, else the model's compute dtype."""
+  kv = manifest["kv_dtype"]
+  return manifest["model_config"]["dtype"] if quantize.is_quantised(kv) else kv
+
+
+def check_precision(manifest: dict, path: str) -> None:
+  """Raises ``BankError`` unless every layer array has the manifest's precision and exactly
+  the scale arrays it needs (a hand-edited or mixed-up manifest)."""
+  kr_dtype, kv_dtype = manifest.get("kr_dtype"), manifest.get("kv_dtype")
+  for dtype, kind in ((kr_dtype, "kr"), (kv_dtype, "kv")):
+    if dtype not in (quantize.KR_DTYPES if kind == "kr" else quantize.KV_DTYPES):
+      raise BankError(f"{os.path.join(path, MANIFEST)}: {kind}_dtype {dtype!r} is not a bank "
+                      "precision this version reads; re-encode the bank")
+  arrays = manifest["arrays"]
+  for i in manifest["router_layers"]:
+    for part, dtype in (("kr", kr_dtype), ("k", kv_dtype), ("v", kv_dtype)):
+      name = f"layer_{i:02d}.{part}"
+      if name not in arrays:
+        raise BankError(f"bank {path}: the manifest lists no {name}; the bank is damaged: "
+                        "re-encode it")
+      if arrays[name]["dtype"] != dtype:
+        raise BankError(f"bank {path}: {name} is stored as {arrays[name]['dtype']} but the "
+                        f"manifest's {'kr' if part == 'kr' else 'kv'}_dtype is {dtype}; the "
+                        "manifest is inconsistent: re-encode the bank")
+      scale = name + "_scale"
+      if quantize.is_quantised(dtype) and scale not in arrays:
+        raise BankError(f"bank {path}: {name} holds {dtype} codes but the manifest has no "
+                        f"{scale} (their scales); the bank is damaged: re-encode it")
+      if not quantize.is_quantised(dtype) and scale in arrays:
+        raise BankError(f"bank {path}: {scale} is listed but {name} is {dtype} (not "
+                        "quantised); the manifest is inconsistent: re-encode the bank")
+      if scale in arrays and arrays[scale]["rows"] != arrays[name]["rows"]:
+        raise BankError(f"bank {path}: {scale} has {arrays[scale]['rows']} rows for "
+                        f"{arrays[name]['rows']} rows of {name}; re-encode the bank")
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
@@ -129,9 +179,11 @@ class BankWriter:
     """A new, empty bank at ``path`` (which must not hold a bank already)."""
     if os.path.exists(os.path.join(path, MANIFEST)):
       raise BankError(f"{path} already holds a bank; resume it or choose another --bank")
+    quantize.check_dtype(kr_dtype, "kr")
+    quantize.check_dtype(kv_dtype, "kv")
     os.makedirs(path, exist_ok=True)
     np.savez(os.path.join(path, PREFIX_FILE), tokens=np.asarray(prefix_tokens, np.int32),
-             # float32 in the npz (numpy has no bfloat16); cast back to kv_dtype on load
+             # float32 in the npz (numpy has no bfloat16); cast back to the prefix dtype on load
              **{f"k_{i}": np.asarray(k, np.float32) for i, (k, _) in enumerate(prefix_kv)},
              **{f"v_{i}": np.asarray(v, np.float32) for i, (_, v) in enumerate(prefix_kv)})
     with open(os.path.join(path, PREFIX_FILE), "rb") as f:
@@ -146,6 +198,8 @@ class BankWriter:
         "router_layers": list(model_config.router_layer_ids),
         "pooling_chunk_size": model_config.pooling_chunk_size,
         "rope_mode": model_config.rope_mode, "kr_dtype": kr_dtype, "kv_dtype": kv_dtype,
+        "kr_scale": "per chunk" if quantize.is_quantised(kr_dtype) else None,
+        "kv_scale": "per chunk and kv head" if quantize.is_quantised(kv_dtype) else None,
         "prefix_length": len(prefix_tokens), "prefix_checksum": prefix_digest,
         "num_docs": 0, "num_chunks": 0, "num_tokens": 0, "max_doc_chunks": 0,
         "corpus": dict(corpus, rows_done=0), "tokenizer": tokenizer,
@@ -154,10 +208,18 @@ class BankWriter:
     return cls(path, manifest)
 
   @classmethod
-  def resume(cls, path: str, fingerprint: str) -> "BankWriter":
-    """Reopens an interrupted bank (same model), dropping uncommitted rows."""
+  def resume(cls, path: str, fingerprint: str, *, kr_dtype: Optional[str] = None,
+             kv_dtype: Optional[str] = None) -> "BankWriter":
+    """Reopens an interrupted bank (same model, same precisions), dropping uncommitted rows."""
     manifest = read_manifest(path)
     _check_fingerprint(manifest, fingerprint, path)
+    for kind, want in (("kr", kr_dtype), ("kv", kv_dtype)):
+      have = manifest.get(f"{kind}_dtype")
+      if want is not None and want != have:
+        raise BankError(f"the bank {path} was started with --{kind}_dtype={have}, this run asks "
+                        f"for {want}; rerun with --{kind}_dtype={have} to resume it, or encode "
+                        "into a new --bank")
+    check_precision(manifest, path)
     return cls(path, manifest)
 
   def _truncate_to_committed(self) -> None:
@@ -205,7 +267,11 @@ class BankWriter:
         if arrs[part].shape[0] != n_chunks:
           raise ValueError(f"layer {i} {part}: {arrs[part].shape[0]} chunk rows for "
                            f"{n_chunks} chunks")
-        self._write(f"layer_{i:02d}.{part}", arrs[part])
+        name = f"layer_{i:02d}.{part}"
+        codes, scale = quantize.quantise(arrs[part], self.manifest["arrays"][name]["dtype"], 1)
+        self._write(name, codes)
+        if scale is not None:
+          self._write(name + "_scale", scale)
     lines = "".join(json.dumps({"id": d.doc_id, **({"text": d.text} if d.text is not None
                                                     else {})}) + "\n" for d in docs).encode()
     self._docs.write(lines)
@@ -254,7 +320,15 @@ def read_manifest(path: str) -> dict:
   return manifest
 
 
-def _check_fingerprint(manifest: dict, fingerprint: Optional[str], path: str) -> None:
+def _check_fingerprint(manifest: dict, fingerprint: Optional[str], path: str,
+                       allow_synthetic: bool = False) -> None:
+  if manifest.get("synthetic"):
+    if fingerprint is not None and not allow_synthetic:
+      raise BankError(f"the bank {path} is synthetic (random keys written by "
+                      "benchmarks.synth_bank, not a model's encoding): answers from it mean "
+                      "nothing; pass allow_synthetic=True (MemoryEngine.load) to load it anyway "
+                      "for timing")
+    return
   if fingerprint is not None and manifest["fingerprint"] != fingerprint:
     raise BankError(
         f"the bank {path} was encoded by another model or config (bank fingerprint "
@@ -278,7 +352,7 @@ class MemoryBank:
     with np.load(os.path.join(path, PREFIX_FILE)) as z:
       self.prefix_tokens = z["tokens"].tolist()
       n_layers = manifest["model_config"]["num_layers"]
-      dtype = _np_dtype(manifest["kv_dtype"])
+      dtype = _np_dtype(_prefix_dtype(manifest))
       self.prefix_kv = [(z[f"k_{i}"].astype(dtype), z[f"v_{i}"].astype(dtype))
                         for i in range(n_layers)]
 
@@ -322,6 +396,25 @@ class MemoryBank:
 
   def v(self, layer: int) -> np.ndarray:
     return self.array(f"layer_{layer:02d}.v")
+
+  def scale(self, layer: int, part: str) -> Optional[np.ndarray]:
+    """The scales of layer ``layer``'s ``part`` (``"kr"`` ``[C]``, ``"k"``/``"v"``
+    ``[C, Hkv]``), or None where that part is stored in a float dtype."""
+    name = f"layer_{layer:02d}.{part}_scale"
+    return self.array(name) if name in self.manifest["arrays"] else None
+
+  @property
+  def kr_dtype(self) -> str:
+    return self.manifest["kr_dtype"]
+
+  @property
+  def kv_dtype(self) -> str:
+    return self.manifest["kv_dtype"]
+
+  @property
+  def compute_dtype(self) -> str:
+    """The dtype K̄/V̄ reach attention in (the model's; float banks: their own dtype)."""
+    return _prefix_dtype(self.manifest)
 
   @property
   def chunk_doc(self) -> np.ndarray:
@@ -378,15 +471,18 @@ class MemoryBank:
 
 
 def open_bank(path: str, fingerprint: Optional[str] = None, *, verify: bool = False,
-              allow_incomplete: bool = False) -> MemoryBank:
+              allow_incomplete: bool = False, allow_synthetic: bool = False) -> MemoryBank:
   """Opens a bank for reading, checking that it is whole and (if given) from this model.
 
   A missing or short file raises ``BankError`` naming it; ``fingerprint`` (see
   :func:`model_fingerprint`) must match the bank's; an interrupted encode is refused
-  unless ``allow_incomplete``; ``verify`` checks every segment's checksum.
+  unless ``allow_incomplete``; ``verify`` checks every segment's checksum. A synthetic bank
+  (``benchmarks.synth_bank``: random keys, no model) is refused when a fingerprint is given
+  unless ``allow_synthetic``.
   """
   manifest = read_manifest(path)
-  _check_fingerprint(manifest, fingerprint, path)
+  _check_fingerprint(manifest, fingerprint, path, allow_synthetic)
+  check_precision(manifest, path)
   if not manifest.get("complete") and not allow_incomplete:
     raise BankError(f"the bank {path} is incomplete ({manifest['corpus']['rows_done']} corpus "
                     "rows encoded): rerun the same python -m msa_jax.encode command to finish it")
@@ -408,3 +504,55 @@ def open_bank(path: str, fingerprint: Optional[str] = None, *, verify: bool = Fa
   if verify:
     bank.verify()
   return bank
+
+
+def convert_bank(src: str, dst: str, *, kr_dtype: str, kv_dtype: str,
+                 docs_per_window: int = 65_536, log=print) -> "MemoryBank":
+  """Writes the bank ``src`` into a new bank ``dst`` at other precisions, without the model.
+
+  ``src`` must hold K̄R and K̄/V̄ in the model's dtype (an unquantised encode): its rows are
+  then exactly the encoder's output, so ``dst`` equals encoding the corpus with
+  ``--kr_dtype``/``--kv_dtype`` byte for byte (the tests check it). Documents, tokens,
+  prefix, fingerprint and corpus record are copied; ``dst`` must not exist.
+  """
+  from msa_jax.config import ModelConfig
+  source = open_bank(src)
+  m = source.manifest
+  model_dtype = m["model_config"]["dtype"]
+  if (m["kr_dtype"], m["kv_dtype"]) != (model_dtype, model_dtype):
+    raise BankError(f"convert_bank reads a bank in the model dtype ({model_dtype}); {src} holds "
+                    f"K̄R {m['kr_dtype']}, K̄/V̄ {m['kv_dtype']}: convert from the unquantised "
+                    "bank, or re-encode with python -m msa_jax.encode --kr_dtype/--kv_dtype")
+  model_config = ModelConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                for k, v in m["model_config"].items()})
+  prefix_dtype = np.float32
+  with np.load(os.path.join(src, PREFIX_FILE)) as z:
+    prefix_kv = [(z[f"k_{i}"].astype(prefix_dtype), z[f"v_{i}"].astype(prefix_dtype))
+                 for i in range(model_config.num_layers)]
+  writer = BankWriter.create(dst, fingerprint=m["fingerprint"], model_config=model_config,
+                             kr_dtype=kr_dtype, kv_dtype=kv_dtype,
+                             prefix_tokens=source.prefix_tokens, prefix_kv=prefix_kv,
+                             corpus={k: v for k, v in m["corpus"].items() if k != "rows_done"},
+                             tokenizer=m["tokenizer"])
+  texts = []
+  with open(os.path.join(src, DOCS_FILE), "rb") as f:
+    for line in f.read(m["docs_jsonl"]["bytes"]).splitlines():
+      texts.append(json.loads(line).get("text"))
+  index = np.asarray(source.doc_index)
+  try:
+    for lo in range(0, source.num_docs, docs_per_window):
+      hi = min(lo + docs_per_window, source.num_docs)
+      docs = [DocRecord(source.doc_ids[j], source.doc_tokens(j), int(index[j, 2]), texts[j])
+              for j in range(lo, hi)]
+      c0 = int(index[lo, 3])
+      c1 = int(index[hi - 1, 3] + index[hi - 1, 4])
+      layers = {i: {"kr": np.asarray(source.kr(i)[c0:c1]), "k": np.asarray(source.k(i)[c0:c1]),
+                    "v": np.asarray(source.v(i)[c0:c1])} for i in source.router_layers}
+      writer.append(docs, layers, index[lo:hi, 4].tolist())
+      done = hi == source.num_docs
+      writer.commit(m["corpus"]["rows_done"] if done else 0, complete=done)
+      log(f"convert: {hi:,}/{source.num_docs:,} documents -> {dst} (K̄R {kr_dtype}, "
+          f"K̄/V̄ {kv_dtype})")
+  finally:
+    writer.close()
+  return open_bank(dst)

@@ -12,6 +12,13 @@ A document cut by a tile edge stays "open" until its last chunk has been seen an
 then competes. Merges sort by (score desc, document asc), so the result equals
 ``routing.route_documents`` exactly, ties included.
 
+Quantised keys (``quantize.py``): ``kr_cf`` may hold fp8 e4m3 / int8 codes with a float32
+scale per chunk, ``kr_scale_c``. The scan scores the codes and multiplies each chunk's score
+by its scale, which equals scoring the dequantised keys (``rq · s q = s (rq · q)``, and
+``s > 0`` commutes with the max over routing tokens); only the codes and ``4`` bytes per
+chunk are read. The fused Pallas kernel does not read quantised keys yet (the engine
+routes quantised banks through the XLA scan).
+
 Memory parallel: ``sharded_top_k`` runs the tiled scan on each shard of a ``memory``
 mesh axis (each shard holds whole documents), all-gathers the k local winners and merges
 them; only ``k`` (score, document) pairs per shard cross devices.
@@ -49,12 +56,26 @@ def merge_top_k(scores_bn, docs_bn, k: int):
   return -neg[:, :k], docs[:, :k]
 
 
-def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf):
-  """Max over routing tokens of ``rq · K̄R`` for one tile: float32 ``[B, tile]``."""
-  s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf, kr_tf.astype(jnp.float32),
-                     precision=jax.lax.Precision.HIGHEST)
+SCORE_DTYPES = ("float32", "bfloat16")
+
+
+def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="float32"):
+  """Max over routing tokens of ``rq · K̄R`` for one tile: float32 ``[B, tile]``.
+
+  ``scale_t``: float32 ``[tile]`` per-chunk scales of quantised ``kr_tf`` (positive), or None.
+  ``score_dtype``: ``float32`` multiplies in float32 at HIGHEST precision (exact reference);
+  ``bfloat16`` multiplies bfloat16 operands with float32 accumulation (tensor cores): int8
+  and e4m3 codes are exact in bfloat16, so only the queries are rounded (2^-9 relative).
+  """
+  if score_dtype == "bfloat16":
+    s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf.astype(jnp.bfloat16), kr_tf.astype(jnp.bfloat16),
+                       preferred_element_type=jnp.float32)
+  else:
+    s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf, kr_tf.astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
   s_bmt = jnp.where(route_mask_bm[:, :, None], s_bmt, NEG_INF)
-  return jnp.max(s_bmt, axis=1)
+  s_bt = jnp.max(s_bmt, axis=1)
+  return s_bt if scale_t is None else s_bt * scale_t[None]
 
 
 SCORE_BUDGET_BYTES = 1 << 28   # float32 [B, M, tile] scores of one scan step, at most
@@ -65,7 +86,8 @@ def auto_tile(b: int, m: int, c: int, budget: int = SCORE_BUDGET_BYTES) -> int:
   return int(max(256, min(c, budget // max(1, 4 * b * m))))
 
 
-def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | None = None):
+def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | None = None,
+                kr_scale_c=None, score_dtype: str = "float32"):
   """Top-k documents of a chunk bank, scanning ``tile`` chunks at a time.
 
   Args:
@@ -77,10 +99,16 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
     k: documents to keep.
     tile: chunks per scan step (``C`` is padded up to a multiple of it); None: as many
       as ``SCORE_BUDGET_BYTES`` of scores allow (:func:`auto_tile`).
+    kr_scale_c: float32 ``[C]`` positive per-chunk scales when ``kr_cf`` holds quantised
+      codes (fp8 / int8), else None.
+    score_dtype: ``float32`` (HIGHEST precision) or ``bfloat16`` operands with float32
+      accumulation (see ``_tile_chunk_scores``).
   Returns:
     ``(scores [B, k], docs [B, k])`` best first, ``(-inf, NO_DOC)`` where fewer than k
     documents exist (or no token routes).
   """
+  if score_dtype not in SCORE_DTYPES:
+    raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
   rq_bmf = rq_bmf.astype(jnp.float32)
   b = rq_bmf.shape[0]
   c, f = kr_cf.shape
@@ -89,11 +117,17 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
   pad = n_tiles * tile - c
   kr = jnp.pad(kr_cf, ((0, pad), (0, 0))).reshape(n_tiles, tile, f)
   doc = jnp.pad(chunk_doc_c.astype(jnp.int32), (0, pad), constant_values=-1).reshape(n_tiles, tile)
+  if kr_scale_c is None:
+    scale = jnp.ones((n_tiles, 0), jnp.float32)     # no scales: an empty placeholder
+  else:
+    scale = jnp.pad(kr_scale_c.astype(jnp.float32), (0, pad),
+                    constant_values=1).reshape(n_tiles, tile)
 
   def step(carry, xs):
     best_s, best_d, open_d, open_s = carry
-    kr_tf, doc_t = xs
-    cs_bt = _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf)
+    kr_tf, doc_t, scale_t = xs
+    cs_bt = _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf,
+                               None if kr_scale_c is None else scale_t, score_dtype)
     real_t = doc_t >= 0
     any_real = jnp.any(real_t)
     first = jnp.where(any_real, doc_t[0], -1)
@@ -127,23 +161,29 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
 
   init = (jnp.full((b, k), NEG_INF, jnp.float32), jnp.full((b, k), NO_DOC, jnp.int32),
           jnp.int32(-1), jnp.full((b,), NEG_INF, jnp.float32))
-  (best_s, best_d, open_d, open_s), _ = jax.lax.scan(step, init, (kr, doc))
+  (best_s, best_d, open_d, open_s), _ = jax.lax.scan(step, init, (kr, doc, scale))
   last_s = jnp.where(open_d >= 0, open_s, NEG_INF)[:, None]
   return merge_top_k(jnp.concatenate([best_s, last_s], 1),
                      jnp.concatenate([best_d, jnp.broadcast_to(open_d, (b, 1))], 1), k)
 
 
 def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int | None = None,
-                implementation: str = "xla"):
+                implementation: str = "xla", kr_scale_c=None, score_dtype: str = "float32"):
   """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
 
   ``implementation="pallas"`` runs ``pallas_kernels.block_routing.route_top_k`` with the
   fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
   block-local top-k in one pass; only k candidates per block leave it), so memory stays
-  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``.
+  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS`` and float keys
+  (quantised keys, ``kr_scale_c`` given, run through the scan).
   """
   if implementation == "xla":
-    return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile)
+    return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c,
+                       score_dtype)
+  if kr_scale_c is not None:
+    raise ValueError("the fused Pallas routing kernel does not read quantised K̄R (fp8/int8 "
+                     "with per-chunk scales) yet; route this bank with implementation='xla' "
+                     "(MemoryEngine.load(routing='auto') does)")
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
   f = kr_cf.shape[1]
   scores, sel = block_routing.route_top_k(
@@ -153,26 +193,31 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
 
 
 def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
-                  tile: int | None = None, axis: str = "memory", implementation: str = "xla"):
+                  tile: int | None = None, axis: str = "memory", implementation: str = "xla",
+                  kr_scale_c=None, score_dtype: str = "float32"):
   """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
 
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
-  documents, see ``bank.shard_plan``); queries are replicated. Returns replicated
-  ``(scores [B, k], docs [B, k])`` like :func:`tiled_top_k` on the unsharded bank.
+  documents, see ``bank.shard_plan``); queries are replicated; ``kr_scale_c`` (quantised
+  keys) is sharded like ``chunk_doc_c``. Returns replicated ``(scores [B, k], docs [B, k])``
+  like :func:`tiled_top_k` on the unsharded bank.
   """
   from jax.experimental.shard_map import shard_map
 
-  def per_shard(rq, mask, kr, doc):
-    s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation)
+  def per_shard(rq, mask, kr, doc, *scale):
+    s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation,
+                       kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype)
     s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
     d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
     return merge_top_k(s_all, d_all, k)
 
   rep = PartitionSpec()
+  scales = () if kr_scale_c is None else (kr_scale_c,)
   fn = shard_map(per_shard, mesh=mesh,
-                 in_specs=(rep, rep, PartitionSpec(axis, None), PartitionSpec(axis)),
+                 in_specs=(rep, rep, PartitionSpec(axis, None), PartitionSpec(axis))
+                 + (PartitionSpec(axis),) * len(scales),
                  out_specs=(rep, rep), check_rep=False)
-  return fn(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c)
+  return fn(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, *scales)
 
 
 def selection_in_document_order(scores_bk, docs_bk):

@@ -265,16 +265,23 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
                   max_windows: Optional[int] = None, log=print) -> dict:
   """Encodes ``corpus_path`` into the bank at ``bank_path`` (created, or resumed).
 
-  ``max_windows`` stops after that many windows, as an interruption would (tests).
+  ``kr_dtype``/``kv_dtype``: the bank's precisions (``quantize.KR_DTYPES``/``KV_DTYPES``;
+  None: the model dtype, or on resume the bank's own). ``max_windows`` stops after that
+  many windows, as an interruption would (tests).
   Returns the bank's manifest (``complete`` tells whether the corpus is done).
   """
   cfg = model.config
+  from msa_jax.inference import quantize
+  for dtype, kind in ((kr_dtype, "kr"), (kv_dtype, "kv")):
+    if dtype is not None:
+      quantize.check_dtype(dtype, kind)
   fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
   info = validate_corpus(corpus_path, tokenizer, cfg.vocab_size)
   encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
                     kv_dtype=kv_dtype)
   if os.path.isfile(os.path.join(bank_path, bank_lib.MANIFEST)):
-    writer = bank_lib.BankWriter.resume(bank_path, fingerprint)
+    writer = bank_lib.BankWriter.resume(bank_path, fingerprint, kr_dtype=kr_dtype,
+                                        kv_dtype=kv_dtype)
     m = writer.manifest
     if (m["corpus"]["bytes"], m["corpus"]["rows"]) != (info.bytes, info.rows):
       writer.close()
@@ -355,7 +362,9 @@ def main(argv) -> None:
   tokenizer = load_tokenizer(f.checkpoint, f.tokenizer_dir)
   prefix = task_prefix(f.checkpoint, tokenizer)
   m = encode_corpus(model, params, f.corpus, f.bank, tokenizer=tokenizer, prefix_tokens=prefix,
-                    window_tokens=f.window_tokens, batch_tokens=f.batch_tokens)
+                    window_tokens=f.window_tokens, batch_tokens=f.batch_tokens,
+                    kr_dtype=f.kr_dtype or None, kv_dtype=f.kv_dtype or None)
   if m["complete"]:
     print(f"bank {f.bank}: {m['num_docs']:,} documents, {m['num_tokens']:,} tokens, "
-          f"{m['num_chunks']:,} chunks in {len(m['router_layers'])} router layers", flush=True)
+          f"{m['num_chunks']:,} chunks in {len(m['router_layers'])} router layers; K̄R "
+          f"{m['kr_dtype']}, K̄/V̄ {m['kv_dtype']}", flush=True)

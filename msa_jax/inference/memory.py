@@ -8,6 +8,11 @@
     in host memory (``"host"``: the bank's memory maps), and only the selected documents'
     chunks, as fixed-size ``[max_doc_chunks]`` slices, reach the device.
 
+Quantised banks (``quantize.py``) stay quantised on the devices and in host memory: routing
+reads fp8/int8 ``K̄R`` codes with their per-chunk scales directly; the selected int8
+``K̄``/``V̄`` chunks are fetched as codes plus per-(chunk, head) scales and dequantised to
+the bank's compute dtype on the device, after the fetch, before attention.
+
 ``BankLayerMemory`` is the per-layer memory source the model's ``decode_active`` routes
 through (the same interface as ``model.ExampleMemory`` of training): route over every
 shard, merge, gather the winners' chunks in document order.
@@ -24,8 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from msa_jax import routing
-from msa_jax.inference import bank_routing
-from msa_jax.inference.bank import INDEX_COLUMNS, MemoryBank
+from msa_jax.inference import bank_routing, quantize
+from msa_jax.inference.bank import INDEX_COLUMNS, BankError, MemoryBank
 
 MEMORY_AXIS = "memory"
 _START, _NCHUNK = INDEX_COLUMNS.index("chunk_start"), INDEX_COLUMNS.index("num_chunks")
@@ -49,6 +54,8 @@ class BankSettings:
   tile: Optional[int]          # chunks per routing scan step (None: a fixed score budget)
   routing: str                  # "xla" | "pallas"
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
+  compute_dtype: str = "float32"          # what fetched K̄/V̄ are (de)quantised to
+  score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
 
 
 @flax.struct.dataclass
@@ -63,6 +70,9 @@ class BankLayerMemory:
   doc_row_n: jax.Array             # int32 [N] its first chunk's row within that shard
   doc_chunks_n: jax.Array          # int32 [N] its chunk count
   forced: Optional[routing.Selection]
+  kr_scale_c: Optional[jax.Array]          # float32 [S*Cs] per-chunk scales of quantised K̄R
+  k_scale_cg: Optional[jax.Array]          # float32 [S*Cs, Hkv] scales of int8 K̄ (device)
+  v_scale_cg: Optional[jax.Array]
   layer: int = flax.struct.field(pytree_node=False)
   settings: BankSettings = flax.struct.field(pytree_node=False)
 
@@ -71,57 +81,78 @@ class BankLayerMemory:
     s = self.settings
     scores_bk, docs_bk = bank_routing.sharded_top_k(
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
-        axis=MEMORY_AXIS, implementation=s.routing)
+        axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
+        score_dtype=s.score_dtype)
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
     if self.k_cgd is None:
       k, v, mask = _host_gather(s.host_fetch, self.layer, selection, s.max_doc_chunks,
-                                rq_bmf.shape[0])
+                                rq_bmf.shape[0], s.compute_dtype)
     else:
       k, v, mask = _device_gather(s.mesh, self.k_cgd, self.v_cgd, self.doc_shard_n,
-                                  self.doc_row_n, self.doc_chunks_n, selection, s.max_doc_chunks)
+                                  self.doc_row_n, self.doc_chunks_n, selection, s.max_doc_chunks,
+                                  s.compute_dtype, self.k_scale_cg, self.v_scale_cg)
     return BankRouting(sel_scores, selection.doc_idx_bk, selection.valid_bk), k, v, mask
 
 
 def _device_gather(mesh, k_cgd, v_cgd, doc_shard_n, doc_row_n, doc_chunks_n,
-                   selection: routing.Selection, cmax: int):
-  """The selected documents' chunks from the shards that hold them (one psum of k·cmax rows)."""
+                   selection: routing.Selection, cmax: int, compute_dtype: str,
+                   k_scale_cg=None, v_scale_cg=None):
+  """The selected documents' chunks from the shards that hold them (one psum of k·cmax rows).
+
+  Int8 K̄/V̄ (``k_scale_cg`` given) are gathered as codes and scales and dequantised on the
+  device before the psum; the result is in ``compute_dtype``.
+  """
   from jax.experimental.shard_map import shard_map
 
-  def per_shard(k, v, shard_n, row_n, chunks_n, docs_bk, valid_bk):
+  def per_shard(k, v, shard_n, row_n, chunks_n, docs_bk, valid_bk, *scales):
     me = jax.lax.axis_index(MEMORY_AXIS)
     owned = valid_bk & (shard_n[docs_bk] == me)
     start = jnp.where(owned, row_n[docs_bk], 0)
     take = lambda x: jax.vmap(jax.vmap(
         lambda s0: jax.lax.dynamic_slice_in_dim(x, s0, cmax, axis=0)))(start)
     present = (jnp.arange(cmax)[None, None] < chunks_n[docs_bk][..., None]) & owned[..., None]
-    k_sel = jnp.where(present[..., None, None], take(k), 0)
-    v_sel = jnp.where(present[..., None, None], take(v), 0)
-    k_sel = jax.lax.psum(k_sel.astype(jnp.float32), MEMORY_AXIS).astype(k.dtype)
-    v_sel = jax.lax.psum(v_sel.astype(jnp.float32), MEMORY_AXIS).astype(v.dtype)
+    k_sel = quantize.dequantise(take(k), take(scales[0]) if scales else None, jnp.float32)
+    v_sel = quantize.dequantise(take(v), take(scales[1]) if scales else None, jnp.float32)
+    k_sel = jnp.where(present[..., None, None], k_sel, 0)
+    v_sel = jnp.where(present[..., None, None], v_sel, 0)
+    k_sel = jax.lax.psum(k_sel, MEMORY_AXIS).astype(compute_dtype)
+    v_sel = jax.lax.psum(v_sel, MEMORY_AXIS).astype(compute_dtype)
     mask = jax.lax.psum(present.astype(jnp.int32), MEMORY_AXIS) > 0
     b, kk = docs_bk.shape
     return (k_sel.reshape(b, kk * cmax, *k.shape[1:]), v_sel.reshape(b, kk * cmax, *v.shape[1:]),
             mask.reshape(b, kk * cmax))
 
   rep, sharded = PartitionSpec(), PartitionSpec(MEMORY_AXIS)
+  scales = () if k_scale_cg is None else (k_scale_cg, v_scale_cg)
   fn = shard_map(per_shard, mesh=mesh,
-                 in_specs=(sharded, sharded, rep, rep, rep, rep, rep),
+                 in_specs=(sharded, sharded, rep, rep, rep, rep, rep) + (sharded,) * len(scales),
                  out_specs=(rep, rep, rep), check_rep=False)
   return fn(k_cgd, v_cgd, doc_shard_n, doc_row_n, doc_chunks_n, selection.doc_idx_bk,
-            selection.valid_bk)
+            selection.valid_bk, *scales)
 
 
-def _host_gather(fetch, layer: int, selection: routing.Selection, cmax: int, b: int):
-  """The selected chunks read from host memory (only ``k·cmax`` rows per question move)."""
+def _host_gather(fetch, layer: int, selection: routing.Selection, cmax: int, b: int,
+                 compute_dtype: str):
+  """The selected chunks read from host memory (only ``k·cmax`` rows per question move).
+
+  Int8 K̄/V̄ cross as codes plus scales and are dequantised on the device.
+  """
   kk = selection.doc_idx_bk.shape[1]
   k_dtype, g, d = fetch.kv_dtype, fetch.kv_heads, fetch.head_dim
-  shapes = (jax.ShapeDtypeStruct((b, kk * cmax, g, d), k_dtype),
-            jax.ShapeDtypeStruct((b, kk * cmax, g, d), k_dtype),
-            jax.ShapeDtypeStruct((b, kk * cmax), jnp.bool_))
-  return jax.pure_callback(lambda docs, valid: fetch(layer, docs, valid), shapes,
-                           selection.doc_idx_bk, selection.valid_bk)
+  rows = (b, kk * cmax)
+  shapes = (jax.ShapeDtypeStruct((*rows, g, d), k_dtype),
+            jax.ShapeDtypeStruct((*rows, g, d), k_dtype),
+            jax.ShapeDtypeStruct(rows, jnp.bool_))
+  if fetch.quantised:
+    shapes += (jax.ShapeDtypeStruct((*rows, g), jnp.float32),) * 2
+  out = jax.pure_callback(lambda docs, valid: fetch(layer, docs, valid), shapes,
+                          selection.doc_idx_bk, selection.valid_bk)
+  k, v, mask = out[:3]
+  k_scale, v_scale = out[3:] if fetch.quantised else (None, None)
+  return (quantize.dequantise(k, k_scale, compute_dtype),
+          quantize.dequantise(v, v_scale, compute_dtype), mask)
 
 
 class HostFetch:
@@ -133,8 +164,10 @@ class HostFetch:
     cfg = bank.manifest["model_config"]
     self.kv_heads, self.head_dim = cfg["num_kv_heads"], cfg["head_dim"]
     self.kv_dtype = bank.k(bank.router_layers[0]).dtype
+    self.quantised = quantize.is_quantised(bank.kv_dtype)
 
   def __call__(self, layer: int, docs_bk, valid_bk):
+    """``(k, v, mask)`` of the selected chunks, plus ``(k_scale, v_scale)`` for int8 K̄/V̄."""
     docs_bk, valid_bk = np.asarray(docs_bk), np.asarray(valid_bk)
     start = self.index[docs_bk, 0]
     n = np.where(valid_bk, self.index[docs_bk, 1], 0)
@@ -145,8 +178,26 @@ class HostFetch:
     v = np.where(present[..., None, None], self.bank.v(layer)[rows], 0)
     b, kk = docs_bk.shape
     shape = (b, kk * self.cmax, self.kv_heads, self.head_dim)
-    return (k.reshape(shape).astype(self.kv_dtype), v.reshape(shape).astype(self.kv_dtype),
-            present.reshape(b, kk * self.cmax))
+    out = (k.reshape(shape).astype(self.kv_dtype), v.reshape(shape).astype(self.kv_dtype),
+           present.reshape(b, kk * self.cmax))
+    if not self.quantised:
+      return out
+    scales = [np.where(present[..., None], self.bank.scale(layer, part)[rows], 1)
+              .reshape(shape[:3]).astype(np.float32) for part in ("k", "v")]
+    return out + tuple(scales)
+
+
+def check_scales(scale: np.ndarray, name: str, path: str) -> None:
+  """Raises ``BankError`` unless every scale is a positive finite number (reads them once)."""
+  step = 1 << 22
+  for lo in range(0, scale.shape[0], step):
+    part = np.asarray(scale[lo:lo + step])
+    bad = ~(np.isfinite(part) & (part > 0))
+    if bad.any():
+      row = lo + int(np.argwhere(bad)[0][0])
+      raise BankError(f"bank file {path}/{name} is corrupt: row {row} holds scale "
+                      f"{part.reshape(part.shape[0], -1)[row - lo].tolist()} (scales are positive "
+                      "and finite); check it with open_bank(verify=True) and re-encode the bank")
 
 
 def shard_plan(chunks_per_doc: np.ndarray, num_shards: int) -> np.ndarray:
@@ -157,6 +208,23 @@ def shard_plan(chunks_per_doc: np.ndarray, num_shards: int) -> np.ndarray:
   bounds = np.searchsorted(cum, targets, side="left").astype(np.int64)
   bounds[0], bounds[-1] = 0, n
   return np.maximum.accumulate(bounds)
+
+
+def bank_layout(chunks_per_doc: np.ndarray, shards: int, cmax: int, step: int):
+  """Where a bank's chunks sit on the ``memory`` shards.
+
+  Returns ``(chunk_bounds [shards+1], rows per shard, doc_shard [N], doc_row [N])``: shard
+  ``s`` holds chunks ``chunk_bounds[s]:chunk_bounds[s+1]`` (whole documents) in its first
+  rows, padded to ``rows`` (a multiple of ``step``, with room for a ``cmax`` slice).
+  """
+  bounds = shard_plan(chunks_per_doc, shards)
+  chunk_bounds = np.concatenate([[0], np.cumsum(chunks_per_doc)])[bounds]
+  per_shard = np.diff(chunk_bounds)
+  rows = int(-(-(per_shard.max() + cmax) // step) * step)   # + cmax: slices stay in bounds
+  doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
+  starts = np.concatenate([[0], np.cumsum(chunks_per_doc)[:-1]])
+  doc_row = (starts - chunk_bounds[doc_shard]).astype(np.int32)
+  return chunk_bounds, rows, doc_shard, doc_row
 
 
 @dataclasses.dataclass
@@ -172,12 +240,18 @@ class DeviceBank:
   doc_shard: jax.Array
   doc_row: jax.Array
   doc_chunks: jax.Array
+  scales: dict[str, dict[int, Optional[jax.Array]]] = dataclasses.field(
+      default_factory=lambda: {"kr": {}, "k": {}, "v": {}})   # quantised parts only
 
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
            routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
-           log=print) -> "DeviceBank":
+           score_dtype: str = "float32", log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
+
+    ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
+    multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries
+    are rounded), see ``bank_routing._tile_chunk_scores``.
 
     Reads the memory maps one shard at a time: host RAM never holds a whole array.
     """
@@ -191,13 +265,7 @@ class DeviceBank:
     index = np.asarray(bank.doc_index)
     chunks = index[:, _NCHUNK]
     cmax = max(1, bank.max_doc_chunks)
-    bounds = shard_plan(chunks, shards)
-    chunk_bounds = np.concatenate([[0], np.cumsum(chunks)])[bounds]
-    per_shard = np.diff(chunk_bounds)
-    step = tile or pad_to
-    rows = int(-(-(per_shard.max() + cmax) // step) * step)   # + cmax: slices stay in bounds
-    doc_shard = np.repeat(np.arange(shards, dtype=np.int32), np.diff(bounds))
-    doc_row = (index[:, _START] - chunk_bounds[doc_shard]).astype(np.int32)
+    chunk_bounds, rows, doc_shard, doc_row = bank_layout(chunks, shards, cmax, tile or pad_to)
     sharding = NamedSharding(mesh, PartitionSpec(MEMORY_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 
@@ -210,29 +278,49 @@ class DeviceBank:
         return out
       return jax.make_array_from_callback((shards * rows, *row_shape), sharding, shard_data)
 
+    def place_scale(layer, part):
+      a = bank.scale(layer, part)
+      if a is None:
+        return None
+      check_scales(a, f"layer_{layer:02d}.{part}_scale", bank.path)
+      return place(lambda lo, hi: a[lo:hi], a.shape[1:], np.float32, 1)
+
     chunk_doc = place(lambda lo, hi: bank.chunk_doc[lo:hi], (), np.int32, -1)
     kr, k, v = {}, {}, {}
+    scales = {"kr": {}, "k": {}, "v": {}}
     for i in bank.router_layers:
       kr_map, k_map, v_map = bank.kr(i), bank.k(i), bank.v(i)
       kr[i] = place(lambda lo, hi, a=kr_map: a[lo:hi], kr_map.shape[1:], kr_map.dtype, 0)
+      scales["kr"][i] = place_scale(i, "kr")
       if kv_placement == "device":
         k[i] = place(lambda lo, hi, a=k_map: a[lo:hi], k_map.shape[1:], k_map.dtype, 0)
         v[i] = place(lambda lo, hi, a=v_map: a[lo:hi], v_map.shape[1:], v_map.dtype, 0)
+        scales["k"][i], scales["v"][i] = place_scale(i, "k"), place_scale(i, "v")
       else:
         k[i] = v[i] = None
+        scales["k"][i] = scales["v"][i] = None
+        for part in ("k", "v"):
+          if bank.scale(i, part) is not None:
+            check_scales(bank.scale(i, part), f"layer_{i:02d}.{part}_scale", bank.path)
+    if routing_impl == "pallas" and quantize.is_quantised(bank.kr_dtype):
+      raise ValueError(f"the bank {bank.path} holds {bank.kr_dtype} K̄R, which the fused Pallas "
+                       "routing kernel does not read yet; use routing_impl='xla' (what "
+                       "MemoryEngine.load(routing='auto') picks for quantised banks)")
     host = HostFetch(bank, cmax) if kv_placement == "host" else None
-    settings = BankSettings(mesh, cmax, tile, routing_impl, host)
+    settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype,
+                            score_dtype)
     put = lambda x: jax.device_put(x, replicated)
     log(f"bank {bank.path}: {bank.num_docs:,} documents, {bank.num_chunks:,} chunks over "
-        f"{shards} memory shard(s) of {rows:,} rows; K̄/V̄ on the {kv_placement}; "
-        f"routing: {routing_impl}")
+        f"{shards} memory shard(s) of {rows:,} rows; K̄R {bank.kr_dtype}, K̄/V̄ {bank.kv_dtype} "
+        f"on the {kv_placement}; routing: {routing_impl}")
     return cls(bank, settings, kr, k, v, chunk_doc, put(doc_shard), put(doc_row),
-               put(chunks.astype(np.int32)))
+               put(chunks.astype(np.int32)), scales)
 
   def arrays(self) -> dict[str, Any]:
     """The device arrays as one pytree (what a jitted step takes as an argument)."""
     return {"kr": self.kr, "k": self.k, "v": self.v, "chunk_doc": self.chunk_doc,
-            "doc_shard": self.doc_shard, "doc_row": self.doc_row, "doc_chunks": self.doc_chunks}
+            "doc_shard": self.doc_shard, "doc_row": self.doc_row, "doc_chunks": self.doc_chunks,
+            "scales": self.scales}
 
 
 class BankMemory:
@@ -246,5 +334,7 @@ class BankMemory:
     a = self.arrays
     if i not in a["kr"]:
       return None
+    sc = a.get("scales", {"kr": {}, "k": {}, "v": {}})
     return BankLayerMemory(a["kr"][i], a["chunk_doc"], a["k"][i], a["v"][i], a["doc_shard"],
-                           a["doc_row"], a["doc_chunks"], self.forced, i, self.settings)
+                           a["doc_row"], a["doc_chunks"], self.forced, sc["kr"].get(i),
+                           sc["k"].get(i), sc["v"].get(i), i, self.settings)

@@ -7,7 +7,7 @@
 The bank must come from the same model (its fingerprint is checked); ``K̄R`` is sharded over
 the mesh's ``memory`` axis; ``K̄``/``V̄`` sit on the devices or in host memory
 (``kv_placement``). Routing runs through the Pallas block top-k kernel on a GPU and through
-the tiled XLA scan elsewhere (``routing="auto"``).
+the tiled XLA scan elsewhere and for banks with quantised K̄R (``routing="auto"``).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from msa_jax.inference.bank import model_fingerprint, open_bank
 from msa_jax.inference.checkpoint import load_model, load_tokenizer
 from msa_jax.inference.engine import Engine
 from msa_jax.inference.memory import DeviceBank
+from msa_jax.inference.quantize import is_quantised
 
 
 def default_routing(k: int, features: int) -> str:
@@ -47,10 +48,16 @@ class MemoryEngine:
   @classmethod
   def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
            routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
-           batch_size: int = 8, max_rounds: int = 3, log=print) -> "MemoryEngine":
-    """Loads the model, checks and places the bank (see module doc)."""
+           batch_size: int = 8, max_rounds: int = 3, allow_synthetic: bool = False,
+           log=print) -> "MemoryEngine":
+    """Loads the model, checks and places the bank (see module doc).
+
+    ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
+    timing only) in place of one this model encoded.
+    """
     model, params = load_model(checkpoint)
-    bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify)
+    bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify,
+                     allow_synthetic=allow_synthetic)
     try:
       tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
     except ValueError:
@@ -65,6 +72,8 @@ class MemoryEngine:
     if routing == "auto":
       cfg = model.config
       routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
+      if is_quantised(bank.kr_dtype):
+        routing = "xla"   # the fused Pallas kernel does not read fp8/int8 K̄R yet (issue 11)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
                                   log=log)
     # The weights are replicated over the bank's mesh (the jitted steps take both).

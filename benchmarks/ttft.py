@@ -1,0 +1,309 @@
+"""100M tokens of memory on one device: routing vs its read floor, time to first token,
+decode speed and peak memory, on a synthetic bank of the model's shape (issue 11).
+
+  python -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000      # one H200
+  python -m benchmarks.ttft --shape=tiny --tokens=20000              # CPU smoke check
+
+RANDOM WEIGHTS AND RANDOM KEYS: the model is random-initialised at the shape and the bank
+is synthesised in device memory in the bank's layout (``benchmarks.synth_bank``: random
+unit-norm K̄R, normal K̄/V̄, document lengths drawn from the shape's recipe task, each
+precision quantised as an encode would). Routing, fetch and attention cost depend on how
+many keys there are and how they are stored, not on their values; the answers mean nothing.
+
+Measures, medians after warm-up (``benchmarks.time_ms``):
+  * route: one router layer's top-k over 1M / 10M / 100M tokens (capped at ``--tokens``)
+    for each ``--kr_dtypes`` precision and each routing implementation that reads it
+    (``xla``: float32 HIGHEST scores, the engine's default; ``xla-bf16``: bfloat16 operands
+    with float32 accumulation; ``pallas``: the fused kernel, float keys on a GPU only),
+    beside its read floor: bytes of K̄R codes + scales over the pure-read bandwidth
+    measured in this run (``benchmarks.read_bandwidth_gbs``);
+  * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
+    full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
+    prefill, and its parts timed alone: routing in every router layer, the fetch of the
+    selected documents' chunks (with dequantisation), the rest (the question's forward
+    through every layer, by difference); floor: every layer's K̄R plus the weights, read once;
+  * decode ms/token from the KV cache at batch 1 and 8;
+  * one question end to end through ``MemoryEngine.generate`` (wall time, tokens);
+  * peak device memory (``memory_stats``) and peak host RSS.
+Prints a table and writes ``ttft.json`` (``ttft_route.json`` / ``ttft_ttft.json`` with
+``--stages``) to ``--out`` (default ``$OUT`` or benchmarks/results). On a GPU let JAX use
+most of the memory: ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95`` (a 100M-token Qwen3-4B bank at
+fp8/int8 is ~113 GB with the recipe's 100-token documents, plus 8 GB of bf16 weights).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import resource
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
+from benchmarks import synth_bank
+from benchmarks.engine import decode_ms
+
+SIZES = (1_000_000, 10_000_000, 100_000_000)
+
+
+def random_model(shape: str):
+  """The shape's model, random-initialised, parameters in the compute dtype."""
+  import flax.linen as nn
+  from msa_jax.model import MSAModel
+  base = synth_bank.model_config_of(shape)
+  cfg = base.replace(param_dtype=base.dtype, remat=False)
+  model = MSAModel(cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  return model, nn.unbox(params)
+
+
+def nbytes(tree) -> int:
+  return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if x is not None))
+
+
+def device_peak_bytes() -> int | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("peak_bytes_in_use")
+
+
+def host_peak_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+
+
+def sizes_for(tokens: int, sizes: str) -> list[int]:
+  return sorted({min(int(s), tokens) for s in sizes.split(",")})
+
+
+def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log):
+  """One router layer at ``n_tokens`` for each K̄R precision and implementation."""
+  from msa_jax.inference import quantize
+  from msa_jax.inference.bank_routing import sharded_top_k
+  on_gpu = jax.devices()[0].platform == "gpu"
+  one_layer = cfg.replace(router_layers=(cfg.router_layer_ids[0],))
+  sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
+  f = cfg.num_kv_heads * cfg.head_dim
+  rng = np.random.default_rng(0)
+  for kr_dtype in kr_dtypes:
+    placed = synth_bank.synthetic_device_bank(one_layer, sub, kr_dtype=kr_dtype,
+                                              kv_dtype=cfg.dtype, with_kv=False, log=log)
+    layer = placed.bank.router_layers[0]
+    kr, scale = placed.kr[layer], placed.scales["kr"][layer]
+    key_bytes = placed.bank.num_chunks * f * np.dtype(jnp.dtype(kr_dtype)).itemsize
+    scale_bytes = 4 * placed.bank.num_chunks if scale is not None else 0
+    floor = (key_bytes + scale_bytes) / bw / 1e6
+    impls = ["xla", "xla-bf16"] + (["pallas"] if on_gpu and not quantize.is_quantised(kr_dtype)
+                                   else [])
+    for impl in impls:
+      for b in (1, 8):
+        rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
+        mask = jnp.ones((b, question_len), bool)
+        fn = jax.jit(lambda q, m, kr, doc, sc, impl=impl: sharded_top_k(
+            placed.settings.mesh, q, m, kr, doc, cfg.top_k, implementation=impl.split("-")[0],
+            kr_scale_c=sc, score_dtype="bfloat16" if impl == "xla-bf16" else "float32"))
+        try:
+          ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, iters=5)
+        except Exception as e:  # noqa: BLE001  (a kernel that does not run here is reported)
+          log(f"route {kr_dtype} {impl}: failed: {type(e).__name__}: {str(e)[:300]}")
+          rows.append({"stage": "route", "tokens": int(sub.sum()), "kr_dtype": kr_dtype,
+                       "impl": impl, "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+          continue
+        rows.append({"stage": "route", "tokens": int(sub.sum()), "chunks": placed.bank.num_chunks,
+                     "kr_dtype": kr_dtype, "impl": impl, "batch": b, "ms": ms,
+                     "floor_ms": floor, "x_floor": ms / floor, "key_bytes": key_bytes,
+                     "scale_bytes": scale_bytes})
+        log(f"route {int(sub.sum()):>12,} tokens {kr_dtype:14s} {impl:6s} b{b}: {ms:8.3f} ms "
+            f"(floor {floor:.3f} ms, {ms / floor:.2f}x)")
+    del placed, kr, scale
+    gc.collect()
+
+
+def ttft_routing(cfg, args) -> str:
+  """What ``MemoryEngine.load(routing="auto")`` would pick for this bank."""
+  from msa_jax.inference import quantize
+  from msa_jax.inference.memory_engine import default_routing
+  if args.routing != "auto":
+    return args.routing
+  if quantize.is_quantised(args.kr_dtype):
+    return "xla"
+  return default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
+
+
+def end_to_end(model, params, placed, question: list[int], new_tokens: int = 16) -> dict:
+  """One question answered through ``MemoryEngine.generate`` (Memory Interleave, sampling
+  on the host): wall time, tokens generated and the engine's own stage timings. Random
+  weights: the answer means nothing and may end early (a random id is not in the bank)."""
+  from msa_jax.data.tokenizer import SpecialTokens
+  from msa_jax.inference.memory_engine import MemoryEngine
+  specials = SpecialTokens(pad=0, eos=1, id_end=2, end_of_retrieval=3)
+  engine = MemoryEngine(model, params, placed, None, specials, batch_size=1, max_rounds=1)
+  row = {"question_tokens": question}
+  engine.generate([row], max_new_tokens=new_tokens)              # compile
+  t0 = time.perf_counter()
+  (out,) = engine.generate([row], max_new_tokens=new_tokens)
+  wall = 1e3 * (time.perf_counter() - t0)
+  answer = out.get("answer_tokens") or []
+  return {"e2e_wall_ms": wall, "e2e_new_tokens": len(answer), "e2e_timings_ms": out["timings_ms"],
+          "e2e_failure": out.get("failure")}
+
+
+def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
+  """Time to first token (with its parts) and decode on the full bank at ``n_tokens``."""
+  from msa_jax import routing
+  from msa_jax.inference import engine as engine_lib
+  from msa_jax.inference.bank_routing import sharded_top_k
+  from msa_jax.inference.memory import _device_gather
+  cfg = model.config
+  sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
+  placed = synth_bank.synthetic_device_bank(cfg, sub, kr_dtype=args.kr_dtype,
+                                            kv_dtype=args.kv_dtype,
+                                            routing_impl=ttft_routing(cfg, args),
+                                            score_dtype=args.score_dtype, log=log)
+  bank, s = placed.bank, placed.settings
+  kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
+  kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
+      + nbytes(placed.scales["v"])
+  w_bytes = nbytes(params)
+  eng = engine_lib.Engine(model, params, "bank", s)
+  f = cfg.num_kv_heads * cfg.head_dim
+  rng = np.random.default_rng(1)
+  q, decode_room = args.question_len, 16
+  row = {"stage": "ttft", "tokens": bank.num_tokens, "chunks": bank.num_chunks,
+         "routing": s.routing, "score_dtype": s.score_dtype,
+         "kr_dtype": args.kr_dtype, "kv_dtype": args.kv_dtype, "kr_bytes": kr_bytes,
+         "kv_bytes": kv_bytes, "weight_bytes": w_bytes,
+         "floor_ms": (kr_bytes + w_bytes) / bw / 1e6}
+  for b in (1, 8):
+    tokens = rng.integers(8, cfg.vocab_size, (b, q + decode_room)).astype(np.int32)
+    q_len = np.full((b,), q, np.int32)
+    start = np.full((b,), engine_lib.active_start(cfg, len(bank.prefix_tokens)), np.int32)
+    prefix = engine_lib.bank_prefix(bank, b)
+    arrays = placed.arrays()
+    pre = lambda: eng.prefill(arrays, prefix, tokens, q_len, start)
+    row[f"ttft_ms_b{b}"] = time_ms(lambda: pre()[0], iters=3)
+    # routing alone, every router layer (queries: random; the cost does not depend on them)
+    rq = jnp.asarray(rng.normal(size=(b, q, f)).astype(np.float32))
+    mask = jnp.ones((b, q), bool)
+    layers = bank.router_layers
+
+    def route_all(rq, mask, arrays):
+      out = []
+      for i in layers:
+        out.append(sharded_top_k(s.mesh, rq, mask, arrays["kr"][i], arrays["chunk_doc"],
+                                 cfg.top_k, tile=s.tile, implementation=s.routing,
+                                 kr_scale_c=arrays["scales"]["kr"][i],
+                                 score_dtype=s.score_dtype)[1])
+      return out
+    row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
+    # the fetch of k selected documents' chunks (dequantised), every router layer
+    docs = jnp.asarray(np.sort(rng.choice(bank.num_docs, (b, cfg.top_k), replace=False), 1)
+                       .astype(np.int32))
+    sel = routing.Selection(docs, jnp.ones(docs.shape, bool))
+
+    def fetch_all(arrays, sel):
+      out = []
+      for i in layers:
+        out.append(_device_gather(s.mesh, arrays["k"][i], arrays["v"][i], arrays["doc_shard"],
+                                  arrays["doc_row"], arrays["doc_chunks"], sel,
+                                  s.max_doc_chunks, s.compute_dtype, arrays["scales"]["k"][i],
+                                  arrays["scales"]["v"][i]))
+      return out
+    row[f"fetch_all_layers_ms_b{b}"] = time_ms(jax.jit(fetch_all), arrays, sel, iters=3)
+    row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
+                                    - row[f"fetch_all_layers_ms_b{b}"])
+    row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+  row.update(end_to_end(model, params, placed, rng.integers(8, cfg.vocab_size, q).tolist()))
+  row["device_peak_bytes"] = device_peak_bytes()
+  row["host_peak_bytes"] = host_peak_bytes()
+  rows.append(row)
+  log(f"ttft {bank.num_tokens:,} tokens: b1 {row['ttft_ms_b1']:.2f} ms (route "
+      f"{row['route_all_layers_ms_b1']:.2f}, fetch {row['fetch_all_layers_ms_b1']:.2f}, rest "
+      f"{row['forward_rest_ms_b1']:.2f}; floor {row['floor_ms']:.2f}); decode b1 "
+      f"{row['decode_ms_per_token_b1']:.2f} ms/token, b8 {row['decode_ms_per_token_b8']:.2f}; "
+      f"end to end {row['e2e_wall_ms']:.1f} ms for {row['e2e_new_tokens']} tokens "
+      f"({row['e2e_failure'] or 'no failure'})")
+  del placed, eng, arrays
+  gc.collect()
+
+
+def report(result: dict) -> None:
+  print(f"\n{result['device']}  shape {result['shape']}  read bandwidth "
+        f"{result['read_bandwidth_gbs']:,.0f} GB/s  (random weights, synthetic bank)")
+  print(f"{'route one layer':28s} {'tokens':>12s} {'batch':>5s} {'ms':>9s} {'floor':>9s} "
+        f"{'x floor':>8s}")
+  for r in result["route"]:
+    if "ms" in r:
+      print(f"  {r['kr_dtype'] + ' ' + r['impl']:26s} {r['tokens']:>12,} {r['batch']:>5d} "
+            f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['x_floor']:8.2f}")
+  print(f"\n{'time to first token':22s} {'tokens':>12s} {'TTFT b1':>9s} {'route':>8s} "
+        f"{'fetch':>8s} {'rest':>8s} {'floor':>8s} {'TTFT b8':>9s} {'dec b1':>8s} {'dec b8':>8s}"
+        f" {'dev peak GB':>11s} {'host GB':>8s}")
+  for r in result["ttft"]:
+    dev = r["device_peak_bytes"]
+    print(f"  K̄R {r['kr_dtype']:9s} K̄V̄ {r['kv_dtype']:5s} {r['tokens']:>12,} "
+          f"{r['ttft_ms_b1']:9.2f} {r['route_all_layers_ms_b1']:8.2f} "
+          f"{r['fetch_all_layers_ms_b1']:8.2f} {r['forward_rest_ms_b1']:8.2f} "
+          f"{r['floor_ms']:8.2f} {r['ttft_ms_b8']:9.2f} {r['decode_ms_per_token_b1']:8.2f} "
+          f"{r['decode_ms_per_token_b8']:8.2f} "
+          f"{(dev / 1e9 if dev else float('nan')):11.1f} {r['host_peak_bytes'] / 1e9:8.1f}")
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--shape", default="qwen3-4b", choices=sorted(synth_bank.SHAPES))
+  ap.add_argument("--tokens", type=int, default=100_000_000, help="the largest bank")
+  ap.add_argument("--route_sizes", default=",".join(map(str, SIZES)))
+  ap.add_argument("--ttft_sizes", default=",".join(map(str, SIZES)))
+  ap.add_argument("--kr_dtypes", default="bfloat16,float8_e4m3fn,int8",
+                  help="K̄R precisions timed in the one-layer routing benchmark")
+  ap.add_argument("--kr_dtype", default="float8_e4m3fn", help="K̄R of the TTFT bank")
+  ap.add_argument("--kv_dtype", default="int8", help="K̄/V̄ of the TTFT bank")
+  ap.add_argument("--doc_lengths", default="recipe", help="recipe | lognormal:MEDIAN:SIGMA")
+  ap.add_argument("--question_len", type=int, default=64)
+  ap.add_argument("--routing", default="auto", choices=["auto", "xla", "pallas"],
+                  help="routing of the TTFT bank (auto: as MemoryEngine.load picks)")
+  ap.add_argument("--score_dtype", default="float32", choices=["float32", "bfloat16"],
+                  help="XLA routing scores of the TTFT bank (the engine's default: float32)")
+  ap.add_argument("--stages", default="route,ttft",
+                  help="route and/or ttft (split them when one call has a time limit)")
+  ap.add_argument("--out", default="")
+  args = ap.parse_args()
+  log = lambda msg: print(msg, flush=True)
+  t0 = time.perf_counter()
+  stages = args.stages.split(",")
+  if not set(stages) <= {"route", "ttft"}:
+    raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")
+  cfg = synth_bank.model_config_of(args.shape)
+  lengths = synth_bank.doc_lengths(args.shape, args.tokens, args.doc_lengths)
+  size = synth_bank.bank_bytes(cfg, lengths, args.kr_dtype, args.kv_dtype)
+  log(f"{args.shape}: {args.tokens:,}-token bank = {len(lengths):,} documents, "
+      f"{size['chunks']:,} chunks; K̄R {args.kr_dtype} {size['kr'] / 1e9:.2f} GB, K̄/V̄ "
+      f"{args.kv_dtype} {size['kv'] / 1e9:.2f} GB")
+  bw = read_bandwidth_gbs()
+  log(f"read bandwidth {bw:,.0f} GB/s")
+  result = {"shape": args.shape, "model": cfg.to_dict(), "stages": stages, "random_weights": True,
+            "synthetic_bank": True, "doc_lengths": args.doc_lengths,
+            "question_len": args.question_len, "read_bandwidth_gbs": bw,
+            "route": [], "ttft": []}
+  if "route" in stages:
+    for n in sizes_for(args.tokens, args.route_sizes):
+      bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
+                  result["route"], log)
+  if "ttft" in stages:
+    model, params = random_model(args.shape)
+    result["weight_bytes"] = nbytes(params)
+    log(f"model: random weights, {nbytes(params) / 1e9:.2f} GB")
+    for n in sizes_for(args.tokens, args.ttft_sizes):
+      bench_ttft(model, params, lengths, n, args, bw, result["ttft"], log)
+  result["seconds"] = time.perf_counter() - t0
+  report(dict(result, device=device_name()))
+  name = "ttft.json" if len(stages) == 2 else f"ttft_{stages[0]}.json"
+  path = os.path.join(args.out or out_dir(), name)
+  write_json(path, result)
+  log(f"wrote {path}")
+
+
+if __name__ == "__main__":
+  main()
