@@ -19,6 +19,63 @@ def lm_loss(logits_bmv, targets_bm, loss_mask_bm):
   return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
 
 
+def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: int = 64):
+  """:func:`lm_loss` from final hidden states, never forming ``[B, M, vocab]`` logits.
+
+  Each row's target positions are moved to its front (a stable sort, so the sum is
+  over the same positions), then a rematerialised scan over chunks of
+  ``chunk_size`` positions computes ``logsumexp`` and the target logit from
+  ``hidden @ head_vd.T`` (float32 accumulation); chunks past the longest row's
+  target count are skipped (``lax.cond``), so the LM head costs ``B x ceil(max
+  targets / chunk) x chunk`` rows, not ``B x M``. Peak memory is one chunk's
+  ``[B, chunk_size, vocab]`` float32 logits, in the forward and the backward.
+
+  Args:
+    hidden_bmd: ``[B, M, D]`` after the final norm (``MSAModel.forward_train``).
+    head_vd: the LM head ``[vocab, D]`` (``model.lm_head_weight_vd``).
+    targets_bm, loss_mask_bm: as in :func:`lm_loss`.
+    chunk_size: positions per chunk (per example).
+  Returns ``(loss, num_target_tokens)``; the loss is 0 when there is no target.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"LM loss chunk size must be >= 1, got {chunk_size}; set "
+                     "--config.loss.lm_chunk_size")
+  b, m, d = hidden_bmd.shape
+  mask_bm = jnp.asarray(loss_mask_bm, bool)
+  order_bm = jnp.argsort(~mask_bm, axis=-1, stable=True)   # targets first, in order
+  take = lambda x: jnp.take_along_axis(x, order_bm.reshape(order_bm.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  h_bmd, t_bm = take(hidden_bmd), take(jnp.asarray(targets_bm, jnp.int32))
+  w_bm = take(mask_bm).astype(jnp.float32)
+  chunk = min(chunk_size, m)
+  nc = -(-m // chunk)
+  pad = nc * chunk - m
+  if pad:
+    h_bmd = jnp.pad(h_bmd, ((0, 0), (0, pad), (0, 0)))
+    t_bm, w_bm = jnp.pad(t_bm, ((0, 0), (0, pad))), jnp.pad(w_bm, ((0, 0), (0, pad)))
+  per_chunk = lambda x: jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
+  longest = jnp.max(jnp.sum(mask_bm, axis=-1))
+  head_vd = head_vd.astype(hidden_bmd.dtype)
+
+  @jax.checkpoint
+  def chunk_nll(h_bcd, t_bc, w_bc):
+    logits = jnp.einsum("bcd,vd->bcv", h_bcd, head_vd, preferred_element_type=jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - target) * w_bc)
+
+  def body(total, xs):
+    i, h_bcd, t_bc, w_bc = xs
+    nll = jax.lax.cond(i * chunk < longest, chunk_nll, lambda *_: jnp.zeros((), jnp.float32),
+                       h_bcd, t_bc, w_bc)
+    return total + nll, None
+
+  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                          (jnp.arange(nc), per_chunk(h_bmd), per_chunk(t_bm), per_chunk(w_bm)))
+  count = jnp.sum(mask_bm.astype(jnp.float32))
+  return total / jnp.maximum(count, 1.0), count
+
+
 def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: float = 0.1):
   """Supervised contrastive routing loss with the other positives left out.
 
