@@ -23,12 +23,13 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
   """:func:`lm_loss` from final hidden states, never forming ``[B, M, vocab]`` logits.
 
   Each row's target positions are moved to its front (a stable sort, so the sum is
-  over the same positions), then a rematerialised scan over chunks of
-  ``chunk_size`` positions computes ``logsumexp`` and the target logit from
-  ``hidden @ head_vd.T`` (float32 accumulation); chunks past the longest row's
-  target count are skipped (``lax.cond``), so the LM head costs ``B x ceil(max
-  targets / chunk) x chunk`` rows, not ``B x M``. Peak memory is one chunk's
-  ``[B, chunk_size, vocab]`` float32 logits, in the forward and the backward.
+  over the same positions), then a scan over chunks of ``chunk_size``
+  positions computes ``logsumexp`` and the target logit from ``hidden @ head_vd.T``
+  (float32 accumulation); chunks past the longest row's target count are skipped
+  (``lax.cond``), so the LM head costs ``B x ceil(max targets / chunk) x chunk`` rows,
+  not ``B x M``. The backward (a ``custom_vjp``) recomputes each chunk's logits, so
+  peak memory is one chunk's ``[B, chunk_size, vocab]`` float32 logits plus a float32
+  head gradient, in the forward and the backward.
 
   Args:
     hidden_bmd: ``[B, M, D]`` after the final norm (``MSAModel.forward_train``).
@@ -57,23 +58,73 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
   longest = jnp.max(jnp.sum(mask_bm, axis=-1))
   head_vd = head_vd.astype(hidden_bmd.dtype)
 
-  @jax.checkpoint
-  def chunk_nll(h_bcd, t_bc, w_bc):
-    logits = jnp.einsum("bcd,vd->bcv", h_bcd, head_vd, preferred_element_type=jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.take_along_axis(logits, t_bc[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - target) * w_bc)
-
-  def body(total, xs):
-    i, h_bcd, t_bc, w_bc = xs
-    nll = jax.lax.cond(i * chunk < longest, chunk_nll, lambda *_: jnp.zeros((), jnp.float32),
-                       h_bcd, t_bc, w_bc)
-    return total + nll, None
-
-  total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32),
-                          (jnp.arange(nc), per_chunk(h_bmd), per_chunk(t_bm), per_chunk(w_bm)))
+  live_n = jnp.arange(nc) * chunk < longest   # chunks holding any row's target
+  total = _chunked_nll(per_chunk(h_bmd), head_vd, per_chunk(t_bm), per_chunk(w_bm), live_n)
   count = jnp.sum(mask_bm.astype(jnp.float32))
   return total / jnp.maximum(count, 1.0), count
+
+
+def _chunk_logits(h_bcd, head_vd):
+  return jnp.einsum("bcd,vd->bcv", h_bcd, head_vd, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _chunked_nll(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
+  """``sum w (logsumexp(h @ head.T) - h . head[t])`` over chunks ``n`` (float32); chunks
+  with ``live_n`` False are skipped (they hold no target)."""
+  return _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n)[0]
+
+
+def _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
+  def one(h_bcd, t_bc, w_bc):
+    lse = jax.nn.logsumexp(_chunk_logits(h_bcd, head_vd), axis=-1)
+    target = jnp.einsum("bcd,bcd->bc", h_bcd, head_vd[t_bc], preferred_element_type=jnp.float32)
+    return jnp.sum((lse - target) * w_bc), lse
+
+  def skip(h_bcd, t_bc, w_bc):
+    return jnp.zeros((), jnp.float32), jnp.zeros(t_bc.shape, jnp.float32)
+
+  def body(total, xs):
+    live, h_bcd, t_bc, w_bc = xs
+    nll, lse = jax.lax.cond(live, one, skip, h_bcd, t_bc, w_bc)
+    return total + nll, lse
+
+  total, lse_nbc = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                (live_n, h_nbcd, t_nbc, w_nbc))
+  # Kept for the backward: the inputs and the per-position logsumexp ([n, B, chunk]).
+  return total, (h_nbcd, head_vd, t_nbc, w_nbc, live_n, lse_nbc)
+
+
+def _chunked_nll_bwd(res, g):
+  """One chunk at a time: recompute the logits, ``d logits = g w (softmax - onehot)``;
+  the head gradient accumulates in the scan carry, so only one chunk's
+  ``[B, chunk, vocab]`` softmax exists and nothing per chunk of head size is stacked."""
+  h_nbcd, head_vd, t_nbc, w_nbc, live_n, lse_nbc = res
+
+  def one(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
+    gw_bc = g * w_bc
+    probs = jnp.exp(_chunk_logits(h_bcd, head_vd) - lse_bc[..., None])
+    dlogits = (probs * gw_bc[..., None]).astype(h_bcd.dtype)
+    dh = (jnp.einsum("bcv,vd->bcd", dlogits, head_vd, preferred_element_type=jnp.float32)
+          - gw_bc[..., None] * head_vd[t_bc].astype(jnp.float32))
+    dhead_vd = dhead_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd,
+                                     preferred_element_type=jnp.float32)
+    dhead_vd = dhead_vd.at[t_bc].add(-gw_bc[..., None] * h_bcd.astype(jnp.float32))
+    return dhead_vd, dh.astype(h_bcd.dtype)
+
+  def skip(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
+    return dhead_vd, jnp.zeros_like(h_bcd)
+
+  def body(dhead_vd, xs):
+    live, h_bcd, t_bc, w_bc, lse_bc = xs
+    return jax.lax.cond(live, one, skip, dhead_vd, h_bcd, t_bc, w_bc, lse_bc)
+
+  dhead_vd, dh_nbcd = jax.lax.scan(body, jnp.zeros(head_vd.shape, jnp.float32),
+                                   (live_n, h_nbcd, t_nbc, w_nbc, lse_nbc))
+  return dh_nbcd, dhead_vd.astype(head_vd.dtype), None, jnp.zeros_like(w_nbc), None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: float = 0.1):
