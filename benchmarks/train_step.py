@@ -24,6 +24,8 @@ Runs:
   python -m benchmarks.train_step --tiny --cpu_devices 8 --mesh 2,2,2   # sharding check on CPU
   python -m benchmarks.train_step --buckets                    # bucket shapes and padding only
   python -m benchmarks.train_step --tiny --compile_layers 2,4,8   # compile time vs depth
+  python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 1,2 --memory_analysis 2,4
+                                                               # temp memory, compile only (CPU)
 Prints a table and writes ``train_step.json`` (``train_step_cpu.json`` on a CPU) to
 ``$OUT`` (or benchmarks/results).
 """
@@ -54,6 +56,10 @@ def _parse(argv):
                  help="only print each variant's bucket shapes and padding at 1, 2, 4 levels")
   p.add_argument("--compile_layers", default="",
                  help="only measure compile time of one step vs num_layers, e.g. 2,4,8")
+  p.add_argument("--memory_analysis", default="",
+                 help="only compile (no run) the loss gradient at these num_layers, e.g. 2,4, "
+                      "and report XLA's memory_analysis for the chunked LM loss and the old "
+                      "full-logits one (kernels forced to xla: the CPU has no Pallas)")
   p.add_argument("--out", default="", help="JSON path (default $OUT or benchmarks/results)")
   return p.parse_args(argv)
 
@@ -271,9 +277,59 @@ def run_compile_layers(args) -> dict:
   return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
 
 
+def run_memory_analysis(args) -> dict:
+  """Temporary memory of the loss gradient (no optimizer) by XLA's ``memory_analysis``,
+  the chunked LM loss of the training step against the full ``[B, M, vocab]`` logits."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from msa_jax import losses
+  from msa_jax.model import MSAModel
+  from msa_jax.train_step import compute_losses
+  rows = []
+  for variant in args.variants.split(","):
+    for memory in (int(x) for x in args.memory.split(",")):
+      for layers in (int(x) for x in args.memory_analysis.split(",")):
+        cfg = recipe(variant, memory, args.tiny, args.mesh)
+        cfg.model.num_layers = layers
+        cfg.model.router_layers = tuple(range(layers // 2, layers))
+        cfg.model.kernels = "xla"
+        model_cfg = trainer.resolve_model_config(cfg)
+        model = MSAModel(model_cfg)
+        full = host_batch(cfg, model_cfg, max(int(b) for b in args.batches.split(",")))
+        for b in sorted(int(x) for x in args.batches.split(",")):
+          batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[:0] + (b,)
+                                                              + np.shape(x)[1:], x.dtype),
+                               take_rows(full, b))
+          params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                           jnp.zeros((1, 8), jnp.int32)))["params"]
+
+          def chunked(p, bb):
+            return compute_losses(model, p, bb, jnp.int32(cfg.optim.warmup_phase_steps), cfg)[0]
+
+          def full_logits(p, bb):
+            out = model.apply({"params": p}, bb)
+            return losses.lm_loss(out.logits_bmv, bb.targets, bb.loss_mask)[0]
+          row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
+                 "num_layers": layers, "batch": b, **{k: v for k, v in full.shape_summary.items()
+                                                      if k != "batch"}}
+          for name, fn in (("chunked", chunked), ("full_logits", full_logits)):
+            t0 = time.perf_counter()
+            mem = jax.jit(jax.grad(fn)).lower(params, batch).compile().memory_analysis()
+            row[f"{name}_temp_gib"] = mem.temp_size_in_bytes / 2 ** 30
+            row[f"{name}_compile_s"] = time.perf_counter() - t0
+          rows.append(row)
+          print(f"{variant} mem {row['memory_tokens']} layers {layers} B {b} (N {row['docs']} "
+                f"L {row['doc_len']} M {row['active']}): temp chunked "
+                f"{row['chunked_temp_gib']:.2f} GiB, full logits {row['full_logits_temp_gib']:.2f}"
+                f" GiB", flush=True)
+  return {"memory_analysis": rows}
+
+
 def main(args) -> dict:
   if args.buckets:
     result, name = run_buckets(args), "train_step_buckets.json"
+  elif args.memory_analysis:
+    result, name = run_memory_analysis(args), "train_step_memory_analysis.json"
   elif args.compile_layers:
     result, name = run_compile_layers(args), "train_step_compile_layers.json"
   else:
