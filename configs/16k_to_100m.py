@@ -162,18 +162,18 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
                      top_k=16, dtype="bfloat16", remat=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
-    # One active length per stage (the probe's longest): measured on this recipe's kv data
-    # (python -m benchmarks.train_step --buckets), padding 22.2% of all tokens with one
-    # bucket against 21.8% with two (16 and 120 active slots), for one compile less.
+    # One active length per stage (the probe's longest): measured on the 0.6b kv data
+    # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
+    # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
     c.data.active_buckets = 1
   elif variant == "0.6b":
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
                      remat=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
-    # One active length per stage (the probe's longest): measured on this recipe's kv data
-    # (python -m benchmarks.train_step --buckets), padding 22.2% of all tokens with one
-    # bucket against 21.8% with two (16 and 120 active slots), for one compile less.
+    # One active length per stage (the probe's longest): measured on the 0.6b kv data
+    # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
+    # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
     c.data.active_buckets = 1
   elif variant == "tiny":
     c.model = _model("tiny", vocab_size=1024, hidden_size=128, intermediate_size=512,

@@ -59,7 +59,7 @@ def lm_chunk_size(cfg) -> int:
   """Active positions per example in one chunk of the LM loss (``loss.lm_chunk_size``,
   default 64): one chunk's float32 logits take ``local batch x this x vocab x 4`` bytes."""
   loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
-  return int((loss_cfg or {}).get("lm_chunk_size", 64) or 64)
+  return int((loss_cfg or {}).get("lm_chunk_size", 64))   # < 1 is refused by the loss
 
 
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
