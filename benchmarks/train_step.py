@@ -16,7 +16,8 @@ causal attention, LM head on target tokens, forward + backward; remat recompute 
 counted) over (a) the vendor bf16 peak and (b) a bf16 matmul rate measured on the
 device at start-up (``msa_jax.metrics.matmul_rate``). XLA's own count
 (``cost_analysis``) is printed beside the padded count ``executed``; XLA counts a
-``lax.scan`` body once, so it is low by the LM-loss chunks after the first.
+``lax.scan`` body once, so it is low by the LM-loss chunks after the first, and it is per
+device on a mesh.
 
 Runs:
   python -m benchmarks.train_step                              # one H200: 0.6b and 4b, 16K and 64K
@@ -26,8 +27,9 @@ Runs:
   python -m benchmarks.train_step --tiny --compile_layers 2,4,8   # compile time vs depth
   python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 1,2 --memory_analysis 2,4
                                                                # temp memory, compile only (CPU)
-Prints a table and writes ``train_step.json`` (``train_step_cpu.json`` on a CPU) to
-``$OUT`` (or benchmarks/results).
+Prints a table and writes ``train_step.json`` and ``train_step.png`` (``train_step_cpu.*``
+on a CPU; the JSON after every measured batch, so a command stopped by a time limit keeps
+its rows) to ``$OUT`` (or benchmarks/results).
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def _parse(argv):
                  help="only compile (no run) the loss gradient at these num_layers, e.g. 2,4, "
                       "and report XLA's memory_analysis for the chunked LM loss and the old "
                       "full-logits one (kernels forced to xla: the CPU has no Pallas)")
+  p.add_argument("--compilation_cache_dir", default="",
+                 help="JAX's persistent compilation cache (a later command reuses compiles)")
   p.add_argument("--out", default="", help="JSON path (default $OUT or benchmarks/results)")
   return p.parse_args(argv)
 
@@ -170,7 +174,7 @@ def _oom(err: BaseException) -> bool:
       or "out of memory" in text
 
 
-def run_shapes(args) -> dict:
+def run_shapes(args, save=None) -> dict:
   peak, source = metrics.device_peak_flops()
   peaks = {"vendor": peak, "vendor_source": source, "measured_bf16": metrics.matmul_rate()}
   print(f"{device_name()} x{jax.device_count()}: vendor {peak / 1e12:.1f} TFLOP/s ({source}), "
@@ -208,6 +212,8 @@ def run_shapes(args) -> dict:
         largest = b
         results.append(entry)
         print("  " + _row_text(entry), flush=True)
+        if save is not None:   # a command stopped by a time limit keeps what it measured
+          save({"peaks": peaks, "rows": results, "partial": True})
       for e in results:
         if e["variant"] == variant and e["memory_tokens"] == cfg.data.memory_tokens:
           e["largest_batch_that_fits"] = largest
@@ -223,7 +229,7 @@ def _row_text(e: dict) -> str:
           f"MFU {e['mfu_vendor']:6.1%} vendor {e['mfu_measured']:6.1%} measured | "
           f"memory_analysis {e['needs_gib']:.1f} GiB (temp {e['temp_gib']:.1f}) peak {peak} GiB"
           f" | flops useful {e['useful_tflops']:.2f}T executed {e['executed_tflops']:.2f}T "
-          f"xla {e['xla_flops'] / 1e12:.2f}T")
+          f"xla per device {e['xla_flops'] / 1e12:.2f}T")
 
 
 def run_buckets(args) -> dict:
@@ -325,7 +331,35 @@ def run_memory_analysis(args) -> dict:
   return {"memory_analysis": rows}
 
 
+def plot(rows, path: str) -> None:
+  """MFU (vendor peak) and step memory vs batch size, one line per variant x memory."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_mfu, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+  keys = sorted({(r["variant"], r["memory_tokens"]) for r in rows if r.get("fits")})
+  for variant, memory in keys:
+    pts = [r for r in rows if r.get("fits") and (r["variant"], r["memory_tokens"]) == (variant, memory)]
+    label = f"{variant}, {memory // 1024}K memory"
+    ax_mfu.plot([r["batch"] for r in pts], [100 * r["mfu_vendor"] for r in pts], "o-", label=label)
+    ax_mem.plot([r["batch"] for r in pts], [r["needs_gib"] for r in pts], "o-", label=label)
+  ax_mfu.set(xlabel="batch", ylabel="MFU (% of vendor bf16 peak)", title="training step MFU")
+  ax_mem.set(xlabel="batch", ylabel="GiB (memory_analysis)", title="step memory")
+  ax_mfu.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _write(args, name: str, result: dict) -> str:
+  path = args.out or os.path.join(out_dir(), name)
+  write_json(path, dict(result, command="python -m benchmarks.train_step " + " ".join(sys.argv[1:])))
+  return path
+
+
 def main(args) -> dict:
+  if args.compilation_cache_dir:
+    trainer.use_compilation_cache(args.compilation_cache_dir)
   if args.buckets:
     result, name = run_buckets(args), "train_step_buckets.json"
   elif args.memory_analysis:
@@ -333,11 +367,12 @@ def main(args) -> dict:
   elif args.compile_layers:
     result, name = run_compile_layers(args), "train_step_compile_layers.json"
   else:
-    result = run_shapes(args)
     name = "train_step.json" if jax.devices()[0].platform != "cpu" else "train_step_cpu.json"
+    result = run_shapes(args, save=lambda partial: _write(args, name, partial))
     print("\n" + "\n".join(_row_text(e) for e in result["rows"] if e.get("fits")), flush=True)
-  path = args.out or os.path.join(out_dir(), name)
-  write_json(path, dict(result, command="python -m benchmarks.train_step " + " ".join(sys.argv[1:])))
+  path = _write(args, name, result)
+  if "rows" in result and any(r.get("fits") for r in result["rows"]):
+    plot(result["rows"], path[:-len(".json")] + ".png")
   print(f"wrote {path}", flush=True)
   return result
 
