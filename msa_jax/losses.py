@@ -56,7 +56,6 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
     t_bm, w_bm = jnp.pad(t_bm, ((0, 0), (0, pad))), jnp.pad(w_bm, ((0, 0), (0, pad)))
   per_chunk = lambda x: jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
   longest = jnp.max(jnp.sum(mask_bm, axis=-1))
-  head_vd = head_vd.astype(hidden_bmd.dtype)
 
   live_n = jnp.arange(nc) * chunk < longest   # chunks holding any row's target
   total = _chunked_nll(per_chunk(h_bmd), head_vd, per_chunk(t_bm), per_chunk(w_bm), live_n)
@@ -75,7 +74,9 @@ def _chunked_nll(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
   return _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n)[0]
 
 
-def _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
+def _chunked_nll_fwd(h_nbcd, head_param_vd, t_nbc, w_nbc, live_n):
+  head_vd = head_param_vd.astype(h_nbcd.dtype)   # the compute dtype, as the model's own LM head
+
   def one(h_bcd, t_bc, w_bc):
     lse = jax.nn.logsumexp(_chunk_logits(h_bcd, head_vd), axis=-1)
     target = jnp.einsum("bcd,bcd->bc", h_bcd, head_vd[t_bc], preferred_element_type=jnp.float32)
@@ -92,14 +93,15 @@ def _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
   total, lse_nbc = jax.lax.scan(body, jnp.zeros((), jnp.float32),
                                 (live_n, h_nbcd, t_nbc, w_nbc))
   # Kept for the backward: the inputs and the per-position logsumexp ([n, B, chunk]).
-  return total, (h_nbcd, head_vd, t_nbc, w_nbc, live_n, lse_nbc)
+  return total, (h_nbcd, head_param_vd, t_nbc, w_nbc, live_n, lse_nbc)
 
 
 def _chunked_nll_bwd(res, g):
   """One chunk at a time: recompute the logits, ``d logits = g w (softmax - onehot)``;
   the head gradient accumulates in the scan carry, so only one chunk's
   ``[B, chunk, vocab]`` softmax exists and nothing per chunk of head size is stacked."""
-  h_nbcd, head_vd, t_nbc, w_nbc, live_n, lse_nbc = res
+  h_nbcd, head_param_vd, t_nbc, w_nbc, live_n, lse_nbc = res
+  head_vd = head_param_vd.astype(h_nbcd.dtype)
 
   def one(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
     gw_bc = g * w_bc
@@ -121,7 +123,8 @@ def _chunked_nll_bwd(res, g):
 
   dhead_vd, dh_nbcd = jax.lax.scan(body, jnp.zeros(head_vd.shape, jnp.float32),
                                    (live_n, h_nbcd, t_nbc, w_nbc, lse_nbc))
-  return dh_nbcd, dhead_vd.astype(head_vd.dtype), None, jnp.zeros_like(w_nbc), None
+  # The head gradient stays float32 until it meets the parameter's dtype.
+  return dh_nbcd, dhead_vd.astype(head_param_vd.dtype), None, jnp.zeros_like(w_nbc), None
 
 
 _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
