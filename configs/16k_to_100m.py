@@ -64,6 +64,9 @@ def _base() -> ml_collections.ConfigDict:
   c.mesh_shape = (-1, 1, 1)    # (data, fsdp, tensor); -1 takes the remaining devices
   c.logical_axis_rules = _tuple_field(None)  # None: msa_jax.sharding.DEFAULT_RULES
   c.tensorboard = True
+  # A persistent XLA compilation cache ("" = off): a restart, or another run of the same
+  # shapes, loads compiled steps instead of compiling them again.
+  c.compilation_cache_dir = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.warmup_phase_steps = 1_000   # router warm-up: L = 0.1·L_LM + L_aux
@@ -86,6 +89,9 @@ def _base() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.infonce_temperature = 0.1
+  # Active positions per example in one chunk of the LM loss: the head's float32 logits
+  # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
+  c.loss.lm_chunk_size = 64
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1_000
@@ -126,6 +132,11 @@ def _base() -> ml_collections.ConfigDict:
   c.data.max_doc_len = 4_096
   c.data.max_docs = 0
   c.data.max_active = 0
+  # Bucket caps: at most memory_buckets memory shapes (a finite JSONL source; a synthetic
+  # task has one per curriculum stage) x active_buckets active lengths per stage. Every
+  # bucket is one compile of the step; fewer buckets mean more padding.
+  c.data.memory_buckets = 3
+  c.data.active_buckets = 4
 
   c.eval = ml_collections.ConfigDict()
   c.eval.at_end = True
@@ -151,11 +162,19 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
                      top_k=16, dtype="bfloat16", remat=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
+    # One active length per stage (the probe's longest): measured on the 0.6b kv data
+    # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
+    # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
+    c.data.active_buckets = 1
   elif variant == "0.6b":
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
                      remat=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
+    # One active length per stage (the probe's longest): measured on the 0.6b kv data
+    # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
+    # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
+    c.data.active_buckets = 1
   elif variant == "tiny":
     c.model = _model("tiny", vocab_size=1024, hidden_size=128, intermediate_size=512,
                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,

@@ -19,6 +19,117 @@ def lm_loss(logits_bmv, targets_bm, loss_mask_bm):
   return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
 
 
+def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: int = 64):
+  """:func:`lm_loss` from final hidden states, never forming ``[B, M, vocab]`` logits.
+
+  Each row's target positions are moved to its front (a stable sort, so the sum is
+  over the same positions), then a scan over chunks of ``chunk_size``
+  positions computes ``logsumexp`` and the target logit from ``hidden @ head_vd.T``
+  (float32 accumulation); chunks past the longest row's target count are skipped
+  (``lax.cond``), so the LM head costs ``B x ceil(max targets / chunk) x chunk`` rows,
+  not ``B x M``. The backward (a ``custom_vjp``) recomputes each chunk's logits, so
+  peak memory is one chunk's ``[B, chunk_size, vocab]`` float32 logits plus a float32
+  head gradient, in the forward and the backward.
+
+  Args:
+    hidden_bmd: ``[B, M, D]`` after the final norm (``MSAModel.forward_train``).
+    head_vd: the LM head ``[vocab, D]`` (``model.lm_head_weight_vd``).
+    targets_bm, loss_mask_bm: as in :func:`lm_loss`.
+    chunk_size: positions per chunk (per example).
+  Returns ``(loss, num_target_tokens)``; the loss is 0 when there is no target.
+  """
+  if chunk_size < 1:
+    raise ValueError(f"LM loss chunk size must be >= 1, got {chunk_size}; set "
+                     "--config.loss.lm_chunk_size")
+  b, m, d = hidden_bmd.shape
+  mask_bm = jnp.asarray(loss_mask_bm, bool)
+  order_bm = jnp.argsort(~mask_bm, axis=-1, stable=True)   # targets first, in order
+  take = lambda x: jnp.take_along_axis(x, order_bm.reshape(order_bm.shape + (1,) * (x.ndim - 2)),
+                                       axis=1)
+  h_bmd, t_bm = take(hidden_bmd), take(jnp.asarray(targets_bm, jnp.int32))
+  w_bm = take(mask_bm).astype(jnp.float32)
+  chunk = min(chunk_size, m)
+  nc = -(-m // chunk)
+  pad = nc * chunk - m
+  if pad:
+    h_bmd = jnp.pad(h_bmd, ((0, 0), (0, pad), (0, 0)))
+    t_bm, w_bm = jnp.pad(t_bm, ((0, 0), (0, pad))), jnp.pad(w_bm, ((0, 0), (0, pad)))
+  per_chunk = lambda x: jnp.moveaxis(x.reshape(b, nc, chunk, *x.shape[2:]), 1, 0)
+  longest = jnp.max(jnp.sum(mask_bm, axis=-1))
+
+  live_n = jnp.arange(nc) * chunk < longest   # chunks holding any row's target
+  total = _chunked_nll(per_chunk(h_bmd), head_vd, per_chunk(t_bm), per_chunk(w_bm), live_n)
+  count = jnp.sum(mask_bm.astype(jnp.float32))
+  return total / jnp.maximum(count, 1.0), count
+
+
+def _chunk_logits(h_bcd, head_vd):
+  return jnp.einsum("bcd,vd->bcv", h_bcd, head_vd, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _chunked_nll(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
+  """``sum w (logsumexp(h @ head.T) - h . head[t])`` over chunks ``n`` (float32); chunks
+  with ``live_n`` False are skipped (they hold no target)."""
+  return _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n)[0]
+
+
+def _chunked_nll_fwd(h_nbcd, head_param_vd, t_nbc, w_nbc, live_n):
+  head_vd = head_param_vd.astype(h_nbcd.dtype)   # the compute dtype, as the model's own LM head
+
+  def one(h_bcd, t_bc, w_bc):
+    lse = jax.nn.logsumexp(_chunk_logits(h_bcd, head_vd), axis=-1)
+    target = jnp.einsum("bcd,bcd->bc", h_bcd, head_vd[t_bc], preferred_element_type=jnp.float32)
+    return jnp.sum((lse - target) * w_bc), lse
+
+  def skip(h_bcd, t_bc, w_bc):
+    return jnp.zeros((), jnp.float32), jnp.zeros(t_bc.shape, jnp.float32)
+
+  def body(total, xs):
+    live, h_bcd, t_bc, w_bc = xs
+    nll, lse = jax.lax.cond(live, one, skip, h_bcd, t_bc, w_bc)
+    return total + nll, lse
+
+  total, lse_nbc = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+                                (live_n, h_nbcd, t_nbc, w_nbc))
+  # Kept for the backward: the inputs and the per-position logsumexp ([n, B, chunk]).
+  return total, (h_nbcd, head_param_vd, t_nbc, w_nbc, live_n, lse_nbc)
+
+
+def _chunked_nll_bwd(res, g):
+  """One chunk at a time: recompute the logits, ``d logits = g w (softmax - onehot)``;
+  the head gradient accumulates in the scan carry, so only one chunk's
+  ``[B, chunk, vocab]`` softmax exists and nothing per chunk of head size is stacked."""
+  h_nbcd, head_param_vd, t_nbc, w_nbc, live_n, lse_nbc = res
+  head_vd = head_param_vd.astype(h_nbcd.dtype)
+
+  def one(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
+    gw_bc = g * w_bc
+    probs = jnp.exp(_chunk_logits(h_bcd, head_vd) - lse_bc[..., None])
+    dlogits = (probs * gw_bc[..., None]).astype(h_bcd.dtype)
+    dh = (jnp.einsum("bcv,vd->bcd", dlogits, head_vd, preferred_element_type=jnp.float32)
+          - gw_bc[..., None] * head_vd[t_bc].astype(jnp.float32))
+    dhead_vd = dhead_vd + jnp.einsum("bcv,bcd->vd", dlogits, h_bcd,
+                                     preferred_element_type=jnp.float32)
+    dhead_vd = dhead_vd.at[t_bc].add(-gw_bc[..., None] * h_bcd.astype(jnp.float32))
+    return dhead_vd, dh.astype(h_bcd.dtype)
+
+  def skip(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
+    return dhead_vd, jnp.zeros_like(h_bcd)
+
+  def body(dhead_vd, xs):
+    live, h_bcd, t_bc, w_bc, lse_bc = xs
+    return jax.lax.cond(live, one, skip, dhead_vd, h_bcd, t_bc, w_bc, lse_bc)
+
+  dhead_vd, dh_nbcd = jax.lax.scan(body, jnp.zeros(head_vd.shape, jnp.float32),
+                                   (live_n, h_nbcd, t_nbc, w_nbc, lse_nbc))
+  # The head gradient stays float32 until it meets the parameter's dtype.
+  return dh_nbcd, dhead_vd.astype(head_param_vd.dtype), None, jnp.zeros_like(w_nbc), None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
+
+
 def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: float = 0.1):
   """Supervised contrastive routing loss with the other positives left out.
 

@@ -5,7 +5,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 import jax
@@ -28,21 +28,36 @@ def device_peak_flops(device=None) -> tuple[float, str]:
   for key, peak in _PEAK_FLOPS.items():
     if key in kind:
       return peak, f"vendor peak ({device.device_kind})"
-  n = 512
-  a = jnp.ones((n, n), jnp.float32)
+  return matmul_rate(jnp.float32, 512, device=device), \
+      f"measured f32 matmul ({device.device_kind})"
+
+
+def matmul_rate(dtype=jnp.bfloat16, n: Optional[int] = None, reps: int = 20,
+                device=None) -> float:
+  """Measured FLOP/s of an ``n x n`` by ``n x n`` matmul in ``dtype`` on ``device``.
+
+  The attainable dense rate, the second MFU denominator beside the vendor peak.
+  ``n`` defaults to 8192 on an accelerator (compute bound) and 512 on a CPU (cheap).
+  """
+  device = device or jax.devices()[0]
+  if n is None:
+    n = 512 if device.platform == "cpu" else 8192
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
-  reps = 20
   t0 = time.perf_counter()
   for _ in range(reps):
     out = f(a)
   out.block_until_ready()
-  rate = 2 * n ** 3 * reps / (time.perf_counter() - t0)
-  return rate, f"measured f32 matmul ({device.device_kind})"
+  return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
 def model_flops_per_token(cfg, context_len: int) -> float:
-  """Training FLOPs per token: 6·params (matmuls) + 12·layers·heads·D·context (attention)."""
+  """The textbook estimate 6·params + 12·layers·heads·D·context per token.
+
+  Kept for parameter counting (``launch/results.py``: its 6·N term at context 0); the
+  trainer's MFU uses ``msa_jax.flops.step_flops``, which counts what the step does.
+  """
   per_layer = (cfg.hidden_size * cfg.num_heads * cfg.head_dim * 2
                + cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim * 2
                + 3 * cfg.hidden_size * cfg.intermediate_size)
@@ -146,7 +161,8 @@ class Progress:
     eta = elapsed / done * max(self.total - step, 0)
     keys = [("lm_loss", "lm {:.3f}"), ("aux_loss", "aux {:.3f}"),
             ("router_recall@1", "R@1 {:.2f}"), ("router_recall@5", "R@5 {:.2f}"),
-            ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}")]
+            ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"),
+            ("mfu_measured", "({:.1%} of measured)")]
     parts = [fmt.format(m[k]) for k, fmt in keys if k in m and m[k] is not None]
     return (f"step {step}/{self.total} ({step / max(self.total, 1):.0%}) | " + " | ".join(parts)
             + f" | elapsed {_hms(elapsed)} ETA {_hms(eta)}")

@@ -64,6 +64,16 @@ class MSAOutput:
 
 
 @flax.struct.dataclass
+class MSATrainOutput:
+  """The training forward's result: final-normed hidden states instead of logits."""
+
+  hidden_bmd: jax.Array       # [B, M, D] in the compute dtype, after the final RMSNorm
+  doc_scores_brn: jax.Array   # float32 [B, R, N]
+  selected_brk: jax.Array     # int32 [B, R, k]
+  selected_valid_brk: jax.Array  # bool [B, R, k]
+
+
+@flax.struct.dataclass
 class LayerContext:
   """What one layer's active tokens see before their own tokens: ``[prefix ; memory ; cache]``.
 
@@ -364,6 +374,15 @@ class MSAModel(nn.Module):
     Returns ``(logits [B, M, vocab], [decision per routed layer])`` and, with
     ``return_kv``, the list of ``LayerKV``.
     """
+    x, decisions, kv = self._active_hidden(active_tokens_bm, active_pos_bm, active_mask_bm,
+                                           route_mask_bm, context, memory, return_kv)
+    logits = self._logits(x)
+    return (logits, decisions, kv) if return_kv else (logits, decisions)
+
+  def _active_hidden(self, active_tokens_bm, active_pos_bm, active_mask_bm, route_mask_bm,
+                     context, memory, return_kv: bool):
+    """The active tokens through all layers: ``(x [B, M, D] before the final norm,
+    decisions, [LayerKV] if return_kv)``."""
     if isinstance(memory, dict):
       memory = ExampleMemory(memory)
     x = self._embed(active_tokens_bm)
@@ -377,25 +396,49 @@ class MSAModel(nn.Module):
         decisions.append(decision)
       if return_kv:
         kv.append(LayerKV(ctx, k, v))
-    logits = self._logits(x)
-    return (logits, decisions, kv) if return_kv else (logits, decisions)
+    return x, decisions, kv
 
   def forward_memory(self, batch: MSABatch) -> MSAOutput:
-    """The training forward on one padded batch (SPEC §3)."""
+    """The forward on one padded batch (SPEC §3), with the logits of every active slot."""
+    x, decisions = self._forward_active_hidden(batch)
+    return MSAOutput(logits_bmv=self._logits(x), **_stack_decisions(decisions))
+
+  def forward_train(self, batch: MSABatch) -> "MSATrainOutput":
+    """The training forward: :meth:`forward_memory` without the LM head.
+
+    Returns the final-normed hidden states of the active slots; the loss applies
+    the LM head itself, in chunks over target positions (``losses.lm_loss_chunked``),
+    so ``[B, M, vocab]`` logits never exist.
+    """
+    x, decisions = self._forward_active_hidden(batch)
+    return MSATrainOutput(hidden_bmd=self.norm(x), **_stack_decisions(decisions))
+
+  def _forward_active_hidden(self, batch: MSABatch):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
         jnp.asarray(batch.active_mask, bool), top_k=cfg.top_k, rope_mode=cfg.rope_mode)
     memory = self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
-    logits, decisions = self.decode_active(batch.active_tokens, active_pos, batch.active_mask,
-                                           routing_mask(batch, cfg),
-                                           prefix_context(prefix_kv, batch.prefix_mask), memory)
-    return MSAOutput(
-        logits_bmv=logits,
-        doc_scores_brn=jnp.stack([d.doc_scores_bn for d in decisions], axis=1),
-        selected_brk=jnp.stack([d.doc_idx_bk for d in decisions], axis=1),
-        selected_valid_brk=jnp.stack([d.valid_bk for d in decisions], axis=1))
+    x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
+                                          routing_mask(batch, cfg),
+                                          prefix_context(prefix_kv, batch.prefix_mask), memory,
+                                          return_kv=False)
+    return x, decisions
+
+
+def _stack_decisions(decisions: Sequence[Routing]) -> dict:
+  return dict(doc_scores_brn=jnp.stack([d.doc_scores_bn for d in decisions], axis=1),
+              selected_brk=jnp.stack([d.doc_idx_bk for d in decisions], axis=1),
+              selected_valid_brk=jnp.stack([d.valid_bk for d in decisions], axis=1))
+
+
+def lm_head_weight_vd(params, cfg: ModelConfig):
+  """The LM head as ``[vocab, D]`` from a parameter tree (boxed or not): the tied
+  embedding, or ``lm_head``'s kernel transposed."""
+  if cfg.tie_word_embeddings:
+    return nn.unbox(params["embed_tokens"]["embedding"])
+  return nn.unbox(params["lm_head"]["kernel"]).T
 
 
 def pool_layer_memory(k_btgd, v_btgd, rk_btgd, mask_bt, chunk_size: int, b: int, n: int,

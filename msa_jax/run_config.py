@@ -20,10 +20,12 @@ CONFIG_FILE = "config.json"
 
 # Fields that do not change what the saved steps mean: run length (``num_steps`` also
 # re-shapes the main phase's cosine anneal, which ends at ``num_steps``), logging, the
-# device mesh, evaluation and checkpoint cadence. A dotted prefix covers a sub-config.
+# device mesh, the compilation cache, evaluation and checkpoint cadence. A dotted prefix
+# covers a sub-config.
 MAY_CHANGE_ON_RESUME = (
     "num_steps", "log_every_steps", "tensorboard", "mesh_shape", "logical_axis_rules",
-    "eval.", "checkpoint.every_steps", "checkpoint.max_to_keep", "checkpoint.async_save",
+    "compilation_cache_dir", "eval.", "checkpoint.every_steps", "checkpoint.max_to_keep",
+    "checkpoint.async_save",
 )
 _ABSENT = "(absent)"
 

@@ -12,7 +12,7 @@ from absl import logging
 
 from msa_jax import losses
 from msa_jax.batch import MSABatch
-from msa_jax.model import MSAModel
+from msa_jax.model import MSAModel, lm_head_weight_vd
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 
 
@@ -55,10 +55,19 @@ def _warn_no_aux_layers(router_ids: tuple[int, ...], num_layers: int) -> None:
       "to train the router.", list(router_ids), num_layers, num_layers // 2, num_layers // 2)
 
 
+def lm_chunk_size(cfg) -> int:
+  """Active positions per example in one chunk of the LM loss (``loss.lm_chunk_size``,
+  default 64): one chunk's float32 logits take ``local batch x this x vocab x 4`` bytes."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  return int((loss_cfg or {}).get("lm_chunk_size", 64))   # < 1 is refused by the loss
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
-  out = model.apply({"params": params}, batch)
-  lm, num_targets = losses.lm_loss(out.logits_bmv, batch.targets, batch.loss_mask)
+  out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
+  lm, num_targets = losses.lm_loss_chunked(
+      out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
+      lm_chunk_size(cfg))
   valid_bn = losses.doc_valid(batch.doc_mask)
   aux_layers = aux_loss_layers(model.config)
   if aux_layers:

@@ -28,14 +28,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, metrics as metrics_lib, run_config, sharding
+from msa_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
 from msa_jax.distributed import gather_to_host, is_primary, pad_to_common_shape, wait_for_primary
 from msa_jax.model import MSAModel
 from msa_jax.optimizer import make_optimizer
-from msa_jax.train_step import TrainState, init_train_state, train_step
+from msa_jax.train_step import TrainState, init_train_state, lm_chunk_size, train_step
 
 
 class NonFiniteLossError(RuntimeError):
@@ -60,6 +60,15 @@ def resolve_model_config(cfg) -> ModelConfig:
     raise ValueError(f"model.vocab_size={model['vocab_size']} is smaller than the task "
                      f"tokenizer's {data_vocab} tokens; raise it or set 0 (derive from data)")
   return ModelConfig.from_dict(model)
+
+
+def use_compilation_cache(directory: str) -> None:
+  """Points JAX's persistent compilation cache at ``directory`` ("" leaves it off): a
+  restarted run, or another run of the same shapes, loads its compiled steps."""
+  if directory:
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    print(f"compilation cache: {directory}", flush=True)
 
 
 def validate_config(cfg) -> ModelConfig:
@@ -286,6 +295,7 @@ def train_and_evaluate(cfg, workdir: str, *,
   when the newest cannot be read (it is moved aside). Without them both are errors.
   """
   model_cfg = validate_config(cfg)
+  use_compilation_cache(cfg.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(cfg.mesh_shape)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if cfg.batch_size % batch_shards:
@@ -326,10 +336,12 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
                                      resume_step=start_step)
   progress = metrics_lib.Progress(cfg.num_steps, start_step)
   peak_flops, peak_source = metrics_lib.device_peak_flops()
+  measured_flops = metrics_lib.matmul_rate(jnp.bfloat16)
   mesh = setup.mesh
   print(f"training {cfg.num_steps} steps on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}; MFU against {peak_source} "
-        f"{peak_flops / 1e12:.2f} TFLOP/s per device", flush=True)
+        f"{peak_flops / 1e12:.2f} TFLOP/s per device (mfu) and a measured bf16 matmul "
+        f"{measured_flops / 1e12:.2f} TFLOP/s (mfu_measured)", flush=True)
   guard = _SaveGuard(manager, float(cfg.optim.get("max_update_ratio", 1.0)),
                      resume_hint=f"python -m msa_jax.train --workdir={workdir} <same flags> ")
 
@@ -337,12 +349,16 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
   previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
   last: dict[str, Any] = {}
   tokens_since, t_since, logged_at = 0, time.perf_counter(), start_step
+  flops_since = 0.0
   step = start_step
   try:
     while step < cfg.num_steps:
       host_batch = next(data_iter)
       # This process's tokens × processes: the global count, as the shards are alike.
       tokens_since += count_tokens(host_batch) * jax.process_count()
+      flops_since += flops_lib.step_flops(model_cfg, host_batch,
+                                          lm_chunk_size=lm_chunk_size(cfg))["train"] \
+          * jax.process_count()
       state, step_metrics = setup.step(state, setup.put_batch(host_batch))
       step += 1
       log_now = step % cfg.log_every_steps == 0 or step == cfg.num_steps or stop["sigterm"]
@@ -353,9 +369,12 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
         row["tokens_per_step"] = tokens_since / max(step - logged_at, 1)   # sweeps sum it
-        flops = metrics_lib.model_flops_per_token(
-            model_cfg, int(np.shape(host_batch.doc_tokens)[-1])) * row["tokens_per_sec"]
-        row["mfu"] = flops / (peak_flops * jax.device_count())
+        # Useful model FLOPs (msa_jax.flops: valid tokens, causal attention, LM head on
+        # targets, forward + backward; remat recompute not counted) per second.
+        row["model_tflops_per_sec"] = flops_since / max(elapsed, 1e-9) / 1e12
+        row["mfu"] = row["model_tflops_per_sec"] * 1e12 / (peak_flops * jax.device_count())
+        row["mfu_measured"] = (row["model_tflops_per_sec"] * 1e12
+                               / (measured_flops * jax.device_count()))
         row["router_precision@k"] = row.get("router_precision@k")
         writer.write(step, row)
         progress.report(step, row)
@@ -363,6 +382,7 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
         if on_step is not None:
           on_step(step, row)
         tokens_since, t_since, logged_at = 0, time.perf_counter(), step
+        flops_since = 0.0
       # Read the flag once, after logging: a SIGTERM that arrived while logging (or from
       # on_step) is still saved at this step rather than dropped.
       stopping = stop["sigterm"]

@@ -409,6 +409,18 @@ def padding_waste_of(source, buckets: Sequence[BucketShapes], *, memory_interlea
   return meter.summary()
 
 
+def bucket_levels(data_cfg) -> dict:
+  """``buckets_for``'s level caps from ``data.memory_buckets`` / ``data.active_buckets``
+  (defaults 3 and 4 when the config predates them); each must be >= 1."""
+  levels = {"memory_levels": int(data_cfg.get("memory_buckets", 3)),
+            "active_levels": int(data_cfg.get("active_buckets", 4))}
+  for (key, value), field in zip(levels.items(), ("memory_buckets", "active_buckets")):
+    if value < 1:
+      raise ValueError(f"data.{field} must be >= 1 (the most {key.split('_')[0]} shapes per "
+                       f"stage), got {value}; set --config.data.{field}=N")
+  return levels
+
+
 def _bucket_caps(data_cfg) -> dict:
   return {k: data_cfg.get(k) for k in CAP_KEYS if data_cfg.get(k)}
 
@@ -472,7 +484,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
   for start, memory_tokens in curriculum:
     source = make_source(data_cfg, seed, memory_tokens)
     buckets = buckets_for(source, local_batch, chunk_size,
-                          memory_interleave=data_cfg.interleave, caps=_bucket_caps(data_cfg))
+                          memory_interleave=data_cfg.interleave, caps=_bucket_caps(data_cfg),
+                          **bucket_levels(data_cfg))
     finite = isinstance(source, Sequence)
     ds = batch_dataset(source, buckets=buckets, specials=source.tokenizer.specials,
                        seed=seed + int(start), num_examples=len(source) if finite else None,

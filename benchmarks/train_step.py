@@ -1,0 +1,381 @@
+r"""The training step at the recipes' real shapes: compile time, step time, tokens/s, MFU,
+peak memory, and the largest batch that fits.
+
+For each variant (``configs/16k_to_100m.py``: ``0.6b``, ``4b``) and memory size
+(``--memory``, memory tokens per example), a real batch of the recipe's data (the kv
+task at that memory size, its one bucket shape) is cut to each ``--batches`` size in
+turn, ascending; for each size the jitted step of ``msa_jax.trainer.TrainSetup`` (the
+one training runs) is lowered and compiled (compile time, ``memory_analysis``), then run
+``--steps`` times after one warm-up step (median step time, tokens/s, device peak
+memory). The search stops at the first size that does not fit (compile-time estimate
+above the device's memory, or an out-of-memory error when run). Parameters are random
+(``requires_init_from`` is lifted): speed and memory do not depend on their values.
+
+MFU = useful training FLOPs per second (``msa_jax.flops.step_flops``: valid tokens,
+causal attention, LM head on target tokens, forward + backward; remat recompute not
+counted) over (a) the vendor bf16 peak and (b) a bf16 matmul rate measured on the
+device at start-up (``msa_jax.metrics.matmul_rate``). XLA's own count
+(``cost_analysis``) is printed beside the padded count ``executed``; XLA counts a
+``lax.scan`` body once, so it is low by the LM-loss chunks after the first, and it is per
+device on a mesh.
+
+Runs:
+  python -m benchmarks.train_step                              # one H200: 0.6b and 4b, 16K and 64K
+  python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 16,32,48,64
+  python -m benchmarks.train_step --tiny --cpu_devices 8 --mesh 2,2,2   # sharding check on CPU
+  python -m benchmarks.train_step --buckets                    # bucket shapes and padding only
+  python -m benchmarks.train_step --tiny --compile_layers 2,4,8   # compile time vs depth
+  python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 1,2 --memory_analysis 2,4
+                                                               # temp memory, compile only (CPU)
+Prints a table and writes ``train_step.json`` and ``train_step.png`` (``train_step_cpu.*``
+on a CPU; the JSON after every measured batch, so a command stopped by a time limit keeps
+its rows) to ``$OUT`` (or benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+
+def _parse(argv):
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--variants", default="0.6b,4b")
+  p.add_argument("--memory", default="16384,65536", help="memory tokens per example")
+  p.add_argument("--batches", default="8,16,32,48,64",
+                 help="batch sizes to try, ascending; stops at the first that does not fit")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per batch size")
+  p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
+  p.add_argument("--tiny", action="store_true",
+                 help="the variants' structure at a small width and memory (CPU checks)")
+  p.add_argument("--cpu_devices", type=int, default=0,
+                 help="force this many CPU devices (set before JAX starts its backend)")
+  p.add_argument("--buckets", action="store_true",
+                 help="only print each variant's bucket shapes and padding at 1, 2, 4 levels")
+  p.add_argument("--compile_layers", default="",
+                 help="only measure compile time of one step vs num_layers, e.g. 2,4,8")
+  p.add_argument("--memory_analysis", default="",
+                 help="only compile (no run) the loss gradient at these num_layers, e.g. 2,4, "
+                      "and report XLA's memory_analysis for the chunked LM loss and the old "
+                      "full-logits one (kernels forced to xla: the CPU has no Pallas)")
+  p.add_argument("--compilation_cache_dir", default="",
+                 help="JAX's persistent compilation cache (a later command reuses compiles)")
+  p.add_argument("--out", default="", help="JSON path (default $OUT or benchmarks/results)")
+  return p.parse_args(argv)
+
+
+ARGS = _parse(sys.argv[1:] if __name__ == "__main__" else [])
+if ARGS.cpu_devices:   # before any JAX backend starts
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                             + f" --xla_force_host_platform_device_count={ARGS.cpu_devices}")
+  os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import device_name, out_dir, write_json  # noqa: E402
+from msa_jax import flops as flops_lib, metrics, sharding, trainer  # noqa: E402
+from msa_jax.data import from_config  # noqa: E402
+from msa_jax.train_step import lm_chunk_size  # noqa: E402
+
+CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "16k_to_100m.py")
+
+
+def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str):
+  """The recipe's config at ``memory_tokens`` per example, random init, one stage."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(variant)
+  cfg.requires_init_from = False
+  cfg.init_from = ""
+  cfg.tensorboard = False
+  cfg.data.memory_curriculum = ()
+  cfg.data.memory_tokens = memory_tokens
+  cfg.mesh_shape = tuple(int(s) for s in mesh.split(","))
+  if tiny:   # same structure (router layers in the upper half, remat, kernels), small sizes
+    cfg.model.update(dict(vocab_size=0, hidden_size=64, intermediate_size=128,
+                          num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                          pooling_chunk_size=8, top_k=2, router_layers=(2, 3)))
+    cfg.data.memory_tokens = min(memory_tokens, 1024)
+  return cfg
+
+
+def host_batch(cfg, model_cfg, batch_size: int):
+  """One batch of the recipe's training stream (its first bucket shape)."""
+  it = from_config.make_train_iterator(cfg.data, seed=cfg.seed, batch_size=batch_size,
+                                       chunk_size=model_cfg.pooling_chunk_size, verbose=False)
+  return next(it)
+
+
+def take_rows(batch, n: int):
+  return jax.tree.map(lambda x: np.asarray(x)[:n], batch)
+
+
+def device_bytes_limit():
+  stats = jax.devices()[0].memory_stats() or {}
+  return stats.get("bytes_limit")
+
+
+def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
+  """Compile and time the training step on ``batch``; raises on out-of-memory."""
+  setup = trainer.TrainSetup(cfg, mesh, model_cfg)
+  dev_batch = setup.put_batch(batch)
+  t0 = time.perf_counter()
+  with mesh:
+    compiled = setup._step.lower(setup.abstract_state, dev_batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes \
+      - mem.alias_size_in_bytes
+  row = {"compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
+         "args_gib": mem.argument_size_in_bytes / 2 ** 30, "needs_gib": need / 2 ** 30}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  row["xla_flops"] = float(cost.get("flops", 0.0))
+  limit = device_bytes_limit()
+  if limit and need > limit:
+    raise MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
+                      f"{limit / 2 ** 30:.1f} GiB")
+  state = setup.init_state(cfg.seed)
+  times = []
+  with mesh:
+    for i in range(steps + 1):
+      t0 = time.perf_counter()
+      state, m = compiled(state, dev_batch)
+      jax.block_until_ready(m["loss"])
+      if i:
+        times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  n_dev = jax.device_count()
+  useful = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg))
+  executed = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg),
+                                  mode="executed")
+  stats = jax.devices()[0].memory_stats() or {}
+  row.update(step_s=step_s, tokens_per_s=trainer.count_tokens(batch) / step_s,
+             useful_tflops=useful["train"] / 1e12, executed_tflops=executed["executed_total"] / 1e12,
+             mfu_vendor=useful["train"] / step_s / (peaks["vendor"] * n_dev),
+             mfu_measured=useful["train"] / step_s / (peaks["measured_bf16"] * n_dev),
+             loss=float(m["loss"]),
+             device_peak_gib=(stats["peak_bytes_in_use"] / 2 ** 30
+                              if "peak_bytes_in_use" in stats else None))
+  return row
+
+
+def _oom(err: BaseException) -> bool:
+  text = str(err)
+  return isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in text or "Out of memory" in text \
+      or "out of memory" in text
+
+
+def run_shapes(args, save=None) -> dict:
+  peak, source = metrics.device_peak_flops()
+  peaks = {"vendor": peak, "vendor_source": source, "measured_bf16": metrics.matmul_rate()}
+  print(f"{device_name()} x{jax.device_count()}: vendor {peak / 1e12:.1f} TFLOP/s ({source}), "
+        f"measured bf16 matmul {peaks['measured_bf16'] / 1e12:.1f} TFLOP/s", flush=True)
+  batches = sorted(int(b) for b in args.batches.split(","))
+  results = []
+  for variant in args.variants.split(","):
+    for memory in (int(x) for x in args.memory.split(",")):
+      cfg = recipe(variant, memory, args.tiny, args.mesh)
+      model_cfg = trainer.resolve_model_config(cfg)
+      mesh = sharding.make_mesh(cfg.mesh_shape)
+      print(f"{variant} memory {cfg.data.memory_tokens}: building a batch of {batches[-1]}...",
+            flush=True)
+      full = host_batch(cfg, model_cfg, batches[-1])
+      shape = full.shape_summary
+      largest = None
+      for b in batches:
+        if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
+          continue
+        cfg.batch_size = b
+        entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
+                 "batch": b, **{k: v for k, v in shape.items() if k != "batch"}}
+        print(f"  batch {b}: compiling...", flush=True)
+        try:
+          entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks))
+        except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
+          if not _oom(err):
+            raise
+          entry["fits"] = False
+          entry["error"] = str(err).splitlines()[0][:300]
+          results.append(entry)
+          print(f"  batch {b}: does not fit ({entry['error']})", flush=True)
+          break
+        entry["fits"] = True
+        largest = b
+        results.append(entry)
+        print("  " + _row_text(entry), flush=True)
+        if save is not None:   # a command stopped by a time limit keeps what it measured
+          save({"peaks": peaks, "rows": results, "partial": True})
+      for e in results:
+        if e["variant"] == variant and e["memory_tokens"] == cfg.data.memory_tokens:
+          e["largest_batch_that_fits"] = largest
+  return {"peaks": peaks, "rows": results, "mesh": args.mesh, "tiny": args.tiny,
+          "devices": jax.device_count()}
+
+
+def _row_text(e: dict) -> str:
+  peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
+  return (f"{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
+          f"(N {e['docs']} L {e['doc_len']} M {e['active']}) | compile {e['compile_s']:6.1f} s | "
+          f"step {e['step_s'] * 1e3:8.1f} ms | {e['tokens_per_s']:>11,.0f} tok/s | "
+          f"MFU {e['mfu_vendor']:6.1%} vendor {e['mfu_measured']:6.1%} measured | "
+          f"memory_analysis {e['needs_gib']:.1f} GiB (temp {e['temp_gib']:.1f}) peak {peak} GiB"
+          f" | flops useful {e['useful_tflops']:.2f}T executed {e['executed_tflops']:.2f}T "
+          f"xla per device {e['xla_flops'] / 1e12:.2f}T")
+
+
+def run_buckets(args) -> dict:
+  """Bucket shapes and padding of each variant's data at 1, 2 and 4 active levels."""
+  rows = []
+  for variant in args.variants.split(","):
+    for memory in (int(x) for x in args.memory.split(",")):
+      cfg = recipe(variant, memory, args.tiny, args.mesh)
+      model_cfg = trainer.resolve_model_config(cfg)
+      src = from_config.make_source(cfg.data, cfg.seed, cfg.data.memory_tokens)
+      for levels in (1, 2, 4):
+        bs = from_config.buckets_for(src, 8, model_cfg.pooling_chunk_size,
+                                     memory_interleave=cfg.data.interleave,
+                                     active_levels=levels)
+        waste = from_config.padding_waste_of(src, bs, memory_interleave=cfg.data.interleave)
+        row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
+               "active_levels": levels,
+               "buckets": [dataclasses.astuple(b)[1:] for b in bs], "padding": waste}
+        rows.append(row)
+        print(f"{variant} mem {row['memory_tokens']} active_levels {levels}: "
+              f"{len(bs)} bucket(s) (prefix, docs, doc_len, active) {row['buckets']}; "
+              f"padding total {waste['total']:.1%} active {waste['active']:.1%}", flush=True)
+  return {"buckets": rows}
+
+
+def run_compile_layers(args) -> dict:
+  """Compile time of one training step vs depth (the layers are unrolled)."""
+  rows = []
+  variant = args.variants.split(",")[0]
+  memory = int(args.memory.split(",")[0])
+  for layers in (int(x) for x in args.compile_layers.split(",")):
+    cfg = recipe(variant, memory, args.tiny, args.mesh)
+    cfg.model.num_layers = layers
+    cfg.model.router_layers = tuple(range(layers // 2, layers))
+    cfg.batch_size = int(args.batches.split(",")[0])
+    model_cfg = trainer.resolve_model_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh_shape)
+    batch = host_batch(cfg, model_cfg, cfg.batch_size)
+    setup = trainer.TrainSetup(cfg, mesh, model_cfg)
+    dev_batch = setup.put_batch(batch)
+    t0 = time.perf_counter()
+    with mesh:
+      lowered = setup._step.lower(setup.abstract_state, dev_batch)
+    lower_s = time.perf_counter() - t0
+    lowered.compile()
+    total = time.perf_counter() - t0
+    rows.append({"num_layers": layers, "trace_lower_s": lower_s, "compile_s": total - lower_s,
+                 "total_s": total})
+    print(f"{layers} layers: trace+lower {lower_s:.1f} s, compile {total - lower_s:.1f} s",
+          flush=True)
+  return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
+
+
+def run_memory_analysis(args) -> dict:
+  """Temporary memory of the loss gradient (no optimizer) by XLA's ``memory_analysis``,
+  the chunked LM loss of the training step against the full ``[B, M, vocab]`` logits."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from msa_jax import losses
+  from msa_jax.model import MSAModel
+  from msa_jax.train_step import compute_losses
+  rows = []
+  for variant in args.variants.split(","):
+    for memory in (int(x) for x in args.memory.split(",")):
+      for layers in (int(x) for x in args.memory_analysis.split(",")):
+        cfg = recipe(variant, memory, args.tiny, args.mesh)
+        cfg.model.num_layers = layers
+        cfg.model.router_layers = tuple(range(layers // 2, layers))
+        cfg.model.kernels = "xla"
+        model_cfg = trainer.resolve_model_config(cfg)
+        model = MSAModel(model_cfg)
+        full = host_batch(cfg, model_cfg, max(int(b) for b in args.batches.split(",")))
+        for b in sorted(int(x) for x in args.batches.split(",")):
+          batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[:0] + (b,)
+                                                              + np.shape(x)[1:], x.dtype),
+                               take_rows(full, b))
+          params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                           jnp.zeros((1, 8), jnp.int32)))["params"]
+
+          def chunked(p, bb):
+            return compute_losses(model, p, bb, jnp.int32(cfg.optim.warmup_phase_steps), cfg)[0]
+
+          def full_logits(p, bb):
+            out = model.apply({"params": p}, bb)
+            return losses.lm_loss(out.logits_bmv, bb.targets, bb.loss_mask)[0]
+          row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
+                 "num_layers": layers, "batch": b, **{k: v for k, v in full.shape_summary.items()
+                                                      if k != "batch"}}
+          for name, fn in (("chunked", chunked), ("full_logits", full_logits)):
+            t0 = time.perf_counter()
+            mem = jax.jit(jax.grad(fn)).lower(params, batch).compile().memory_analysis()
+            row[f"{name}_temp_gib"] = mem.temp_size_in_bytes / 2 ** 30
+            row[f"{name}_compile_s"] = time.perf_counter() - t0
+          rows.append(row)
+          print(f"{variant} mem {row['memory_tokens']} layers {layers} B {b} (N {row['docs']} "
+                f"L {row['doc_len']} M {row['active']}): temp chunked "
+                f"{row['chunked_temp_gib']:.2f} GiB, full logits {row['full_logits_temp_gib']:.2f}"
+                f" GiB", flush=True)
+  return {"memory_analysis": rows}
+
+
+def plot(rows, path: str) -> None:
+  """MFU (vendor peak) and step memory vs batch size, one line per variant x memory."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (ax_mfu, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+  keys = sorted({(r["variant"], r["memory_tokens"]) for r in rows if r.get("fits")})
+  for variant, memory in keys:
+    pts = [r for r in rows if r.get("fits") and (r["variant"], r["memory_tokens"]) == (variant, memory)]
+    label = f"{variant}, {memory // 1024}K memory"
+    ax_mfu.plot([r["batch"] for r in pts], [100 * r["mfu_vendor"] for r in pts], "o-", label=label)
+    ax_mem.plot([r["batch"] for r in pts], [r["needs_gib"] for r in pts], "o-", label=label)
+  ax_mfu.set(xlabel="batch", ylabel="MFU (% of vendor bf16 peak)", title="training step MFU")
+  ax_mem.set(xlabel="batch", ylabel="GiB (memory_analysis)", title="step memory")
+  ax_mfu.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def _write(args, name: str, result: dict) -> str:
+  path = args.out or os.path.join(out_dir(), name)
+  write_json(path, dict(result, command="python -m benchmarks.train_step " + " ".join(sys.argv[1:])))
+  return path
+
+
+def main(args) -> dict:
+  if args.compilation_cache_dir:
+    trainer.use_compilation_cache(args.compilation_cache_dir)
+  if args.buckets:
+    result, name = run_buckets(args), "train_step_buckets.json"
+  elif args.memory_analysis:
+    result, name = run_memory_analysis(args), "train_step_memory_analysis.json"
+  elif args.compile_layers:
+    result, name = run_compile_layers(args), "train_step_compile_layers.json"
+  else:
+    name = "train_step.json" if jax.devices()[0].platform != "cpu" else "train_step_cpu.json"
+    result = run_shapes(args, save=lambda partial: _write(args, name, partial))
+    print("\n" + "\n".join(_row_text(e) for e in result["rows"] if e.get("fits")), flush=True)
+  path = _write(args, name, result)
+  if "rows" in result and any(r.get("fits") for r in result["rows"]):
+    plot(result["rows"], path[:-len(".json")] + ".png")
+  print(f"wrote {path}", flush=True)
+  return result
+
+
+if __name__ == "__main__":
+  main(ARGS)

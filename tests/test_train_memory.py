@@ -1,0 +1,128 @@
+"""The training loss never materialises ``[B, M, vocab]`` logits, and is the same loss.
+
+``losses.lm_loss_chunked`` on ``MSAModel.forward_train``'s hidden states must equal
+``losses.lm_loss`` on ``forward_memory``'s logits (value and gradients, float32), and the
+compiled gradient step must need much less temporary memory (XLA's ``memory_analysis``,
+compile only: nothing runs at the mid shape).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from msa_jax import losses
+from msa_jax.batch import MSABatch
+from msa_jax.config import ModelConfig
+from msa_jax.model import MSAModel, lm_head_weight_vd
+from msa_jax.train_step import compute_losses
+
+from tests import reference_numpy as R
+
+fast_compile = R.fast_compile_fixture()
+
+
+def _old_loss(model, params, batch):
+  out = model.apply({"params": params}, batch)
+  return losses.lm_loss(out.logits_bmv, batch.targets, batch.loss_mask)[0]
+
+
+def _new_loss(model, params, batch, chunk):
+  out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
+  return losses.lm_loss_chunked(out.hidden_bmd, lm_head_weight_vd(params, model.config),
+                                batch.targets, batch.loss_mask, chunk)[0]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_lm_loss_equals_the_full_logits_loss(tie):
+  cfg = ModelConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_layers=3,
+                    num_heads=2, num_kv_heads=1, head_dim=8, pooling_chunk_size=2, top_k=1,
+                    tie_word_embeddings=tie)
+  # Rows with targets at different offsets and counts (7, 4, 0, 7 of 11 slots): with
+  # chunks of 3, chunk 4 (slots 9..10) has no target in any row and is skipped.
+  batch = R.make_batch(np.random.default_rng(0), vocab=97, prefix_lens=[1, 0, 2, 1],
+                       doc_lens=[[3, 4, 2], [2, 3, 0], [1, 1, 1], [2, 2, 2]],
+                       active_lens=[9, 7, 4, 11], question_lens=[2, 3, 4, 4])
+  mask = np.asarray(batch.loss_mask)
+  assert mask.sum(1).tolist() == [7, 4, 0, 7], mask.sum(1)
+  model, variables = R.init_model(cfg, batch, seed=1)
+  want, want_g = jax.jit(jax.value_and_grad(lambda p: _old_loss(model, p, batch)))(
+      variables["params"])
+  for chunk in (3, 64):   # 3: a partial last chunk, some skipped; 64 > M: one chunk
+    got, got_g = jax.jit(jax.value_and_grad(lambda p: _new_loss(model, p, batch, chunk)))(
+        variables["params"])
+    assert abs(float(got) - float(want)) <= 1e-6 * abs(float(want)), (chunk, got, want)
+    flat_want = jax.tree_util.tree_leaves_with_path(want_g)
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got_g),
+                            jax.tree.leaves(want_g)):
+      assert R.rel_err(g, w) <= 1e-5, (chunk, jax.tree_util.keystr(path))
+    assert len(flat_want) == len(jax.tree.leaves(got_g))
+
+
+def test_compute_losses_uses_the_chunked_loss_and_no_logits():
+  cfg = ModelConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=8, pooling_chunk_size=2, top_k=1)
+  batch = R.make_batch(np.random.default_rng(1), vocab=97, prefix_lens=[1, 0],
+                       doc_lens=[[3, 4], [2, 3]], active_lens=[9, 7], question_lens=[2, 3])
+  model, variables = R.init_model(cfg, batch, seed=2)
+  train_cfg = ml_collections.ConfigDict({
+      "loss": {"infonce_temperature": 0.1, "lm_chunk_size": 2},
+      "optim": {"warmup_phase_steps": 0, "warmup_lm_weight": 0.1, "warmup_aux_weight": 1.0,
+                "main_lm_weight": 1.0, "main_aux_weight": 0.1}})
+  _, metrics = jax.jit(lambda p: compute_losses(model, p, batch, jnp.int32(5), train_cfg))(
+      variables["params"])
+  want = float(_old_loss(model, variables["params"], batch))
+  np.testing.assert_allclose(float(metrics["lm_loss"]), want, rtol=1e-6)
+  jaxpr = str(jax.make_jaxpr(lambda p: compute_losses(model, p, batch, jnp.int32(5),
+                                                      train_cfg))(variables["params"]))
+  m = np.shape(batch.active_tokens)[1]
+  assert f"{m},97]" not in jaxpr   # no [.., M, vocab] array anywhere in the loss
+
+
+def _abstract_batch(b, t, n, l, m):
+  s = jax.ShapeDtypeStruct
+  return MSABatch(s((b, t), jnp.int32), s((b, t), bool), s((b, n, l), jnp.int32),
+                  s((b, n, l), bool), s((b, m), jnp.int32), s((b, m), bool), s((b, m), bool),
+                  s((b, m), jnp.int32), s((b, m), bool), s((b, n), bool))
+
+
+def test_peak_temporary_memory_drops_at_a_mid_shape():
+  """B 8, M 256 active slots, vocab 16000: the full-logits gradient holds several
+  ``[8, 256, 16000]`` float32 arrays (125 MiB each); the chunked one one chunk's."""
+  cfg = ModelConfig(vocab_size=16000, hidden_size=64, intermediate_size=128, num_layers=2,
+                    num_heads=4, num_kv_heads=2, head_dim=16, pooling_chunk_size=8, top_k=2)
+  batch = _abstract_batch(8, 4, 8, 32, 256)
+  model = MSAModel(cfg)
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), batch))["params"]
+
+  def temp_mib(loss):
+    compiled = jax.jit(jax.grad(loss)).lower(params, batch).compile()
+    return compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  old = temp_mib(lambda p, b: _old_loss(model, p, b))
+  new = temp_mib(lambda p, b: _new_loss(model, p, b, 32))
+  logits_mib = 8 * 256 * 16000 * 4 / 2 ** 20
+  assert old > 3 * logits_mib, old            # the old step really holds the logits
+  assert new < 0.3 * old, (new, old)
+
+
+def test_bf16_chunked_loss_is_as_close_to_float32_as_the_full_logits_loss():
+  """In bfloat16 the two losses round differently; against the float32 model both
+  gradients must be equally close (the chunked one no worse than 1.25x the old)."""
+  cfg = ModelConfig(vocab_size=97, hidden_size=16, intermediate_size=24, num_layers=3,
+                    num_heads=2, num_kv_heads=1, head_dim=8, pooling_chunk_size=2, top_k=1,
+                    dtype="bfloat16")
+  batch = R.make_batch(np.random.default_rng(0), vocab=97, prefix_lens=[1, 0, 2],
+                       doc_lens=[[3, 4, 2], [2, 3, 0], [1, 1, 1]], active_lens=[9, 7, 11],
+                       question_lens=[2, 3, 4])
+  model, variables = R.init_model(cfg, batch, seed=1)
+  model32 = MSAModel(cfg.replace(dtype="float32"))
+  grad = lambda f: jax.jit(jax.value_and_grad(f))(variables["params"])
+  truth, truth_g = grad(lambda p: _old_loss(model32, p, batch))
+  old, old_g = grad(lambda p: _old_loss(model, p, batch))
+  new, new_g = grad(lambda p: _new_loss(model, p, batch, 3))
+  assert abs(float(new) - float(truth)) <= 1e-2 * abs(float(truth))
+  err = lambda g: max(R.rel_err(a, t) for a, t in zip(jax.tree.leaves(g),
+                                                      jax.tree.leaves(truth_g)))
+  assert err(new_g) <= 1.25 * err(old_g), (err(new_g), err(old_g))
+  assert err(new_g) < 0.05
