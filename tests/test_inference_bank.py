@@ -33,13 +33,16 @@ fast_compile = R.fast_compile_fixture()
 
 
 def random_bank(rng, doc_chunks, f=8, quantise=False):
-  """A bank of unit keys; ``quantise`` rounds keys to a coarse grid so that scores tie."""
+  """A bank of unit keys; ``quantise`` makes keys small integers (not normalised), so that
+  with integer queries every score is an exact integer and equal scores are real ties in
+  any summation order (the routing code does not need unit keys)."""
   c = int(sum(doc_chunks))
   kr = rng.normal(size=(c, f)).astype(np.float32)
   if quantise:
     kr = np.round(kr)
     kr[np.all(kr == 0, axis=1), 0] = 1.0
-  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  else:
+    kr /= np.linalg.norm(kr, axis=1, keepdims=True)
   chunk_doc = np.repeat(np.arange(len(doc_chunks), dtype=np.int32), doc_chunks)
   return kr, chunk_doc
 
