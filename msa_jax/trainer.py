@@ -320,6 +320,9 @@ def train_and_evaluate(cfg, workdir: str, *,
   _record_config(workdir, config, diffs, start_step)
   last, state = _train_loop(cfg, workdir, setup, model_cfg, manager, data_iter, state,
                             start_step, on_step)
+  if is_primary():   # recall / precision per router layer over the run: router_health.png
+    from msa_jax import router_health
+    router_health.plot(workdir, list(model_cfg.router_layer_ids))
   if not last.get("stopped_early") and cfg.get("eval") and cfg.eval.get("at_end", True):
     from msa_jax import evaluate
     params = gather_to_host(state.params)   # multi-host: every host has them all
