@@ -212,7 +212,8 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from msa_jax.inference import quantize
   from msa_jax.inference.bank import INDEX_COLUMNS
-  from msa_jax.inference.memory import MEMORY_AXIS, BankSettings, DeviceBank, bank_layout
+  from msa_jax.inference.memory import (MEMORY_AXIS, BankSettings, DeviceBank, bank_layout,
+                                       place_rows)
   quantize.check_dtype(kr_dtype, "kr")
   quantize.check_dtype(kv_dtype, "kv")
   if routing_impl == "pallas" and quantize.is_quantised(kr_dtype):
@@ -250,15 +251,9 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
     scale_a = None if scales[0] is None else make(scales, (shards * rows, *row_shape[:-1]))
     return codes_a, scale_a
 
-  def shard_data(idx):
-    s = (idx[0].start or 0) // rows
-    out = np.full((rows,), -1, np.int32)
-    lo, hi = chunk_bounds[s], chunk_bounds[s + 1]
-    out[:hi - lo] = chunk_doc[lo:hi]
-    return out
-
   t0 = time.perf_counter()
-  chunk_doc_dev = jax.make_array_from_callback((shards * rows,), sharding, shard_data)
+  chunk_doc_dev = place_rows(lambda lo, hi: chunk_doc[lo:hi], (), np.int32, -1,
+                             sharding=sharding, chunk_bounds=chunk_bounds, rows=rows)
   kr, k, v = {}, {}, {}
   scales = {"kr": {}, "k": {}, "v": {}}
   for i in cfg.router_layer_ids:

@@ -13,8 +13,13 @@ def load_model(checkpoint: str, **overrides):
 
 
 def training_config(checkpoint: str) -> Optional[Any]:
-  """The training ``ConfigDict`` of a trainer workdir (its ``config.json``), else None."""
-  path = os.path.join(checkpoint, "config.json")
+  """The training ``ConfigDict`` of a trainer workdir, else None.
+
+  The newest config record wins (``config.<step>.json`` of an accepted resume, as
+  ``from_pretrained`` reads it; ``msa_jax.run_config``), else ``config.json``.
+  """
+  from msa_jax.run_config import saved_config_path
+  path = saved_config_path(checkpoint) or os.path.join(checkpoint, "config.json")
   if not os.path.isfile(path):
     return None
   with open(path) as f:
@@ -49,12 +54,12 @@ def load_tokenizer(checkpoint: str, tokenizer_dir: str = ""):
 def task_prefix(checkpoint: str, tokenizer) -> list[int]:
   """The shared prefix of the run's task (what training put before the documents).
 
-  A training workdir's synthetic task: its first eval example's prefix; otherwise
-  ``[bos]`` when the tokenizer has one (as the JSONL task does), else nothing.
+  A training workdir: its task's prefix (``from_config.prefix_of``); otherwise ``[bos]``
+  when the tokenizer has one (as the JSONL task does), else nothing.
   """
   cfg = training_config(checkpoint)
-  if cfg is not None and cfg.data.task != "jsonl":
+  if cfg is not None:
     from msa_jax.data import from_config
-    return list(from_config.eval_task(cfg.data, cfg.seed, 1)(0).prefix)
+    return from_config.prefix_of(cfg.data)
   bos = tokenizer.specials.bos
   return [bos] if bos is not None else []

@@ -225,10 +225,6 @@ def _finish_round(gen: Generation, memory, i: int, generated, qs, done, r: int,
     gen.failure = "unfinished"
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
 @functools.lru_cache(maxsize=8)
 def _example_encoders(model):
   from msa_jax import positions as positions_lib
@@ -252,10 +248,12 @@ def _example_encoders(model):
 def example_batch(model, params, examples, batch: int) -> ExampleBatch:
   """Stage 1 for a batch of examples' own documents (as the training forward lays them out)."""
   from msa_jax.data.collate import BucketShapes, collate
+  from msa_jax.pooling import num_chunks
   cfg = model.config
   shapes = BucketShapes(batch, max(1, max(len(e.prefix) for e in examples)),
                         max(len(e.docs) for e in examples),
-                        _round_up(max(e.max_doc_length for e in examples), cfg.pooling_chunk_size),
+                        num_chunks(max(e.max_doc_length for e in examples),
+                                   cfg.pooling_chunk_size) * cfg.pooling_chunk_size,
                         2)
   bare = [dataclasses.replace(ex, question=ex.question[:1], target=[ex.question[0]])
           for ex in examples]

@@ -20,6 +20,7 @@ shard, merge, gather the winners' chunks in document order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 import flax.struct
@@ -210,6 +211,21 @@ def shard_plan(chunks_per_doc: np.ndarray, num_shards: int) -> np.ndarray:
   return np.maximum.accumulate(bounds)
 
 
+def place_rows(read, row_shape, dtype, fill, *, sharding, chunk_bounds, rows: int):
+  """A ``[shards * rows, *row_shape]`` array sharded over ``memory``, built one shard at a
+  time: shard s holds ``read(lo, hi)`` (its chunks ``chunk_bounds[s]:chunk_bounds[s+1]``)
+  then ``fill`` up to ``rows``. Host memory holds one shard, never the whole array."""
+  shards = len(chunk_bounds) - 1
+
+  def shard_data(idx):
+    s = (idx[0].start or 0) // rows
+    lo, hi = chunk_bounds[s], chunk_bounds[s + 1]
+    out = np.full((rows, *row_shape), fill, dtype)
+    out[:hi - lo] = read(lo, hi)
+    return out
+  return jax.make_array_from_callback((shards * rows, *row_shape), sharding, shard_data)
+
+
 def bank_layout(chunks_per_doc: np.ndarray, shards: int, cmax: int, step: int):
   """Where a bank's chunks sit on the ``memory`` shards.
 
@@ -269,14 +285,8 @@ class DeviceBank:
     sharding = NamedSharding(mesh, PartitionSpec(MEMORY_AXIS))
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def place(read, row_shape, dtype, fill):
-      def shard_data(idx):
-        s = idx[0].start // rows if idx[0].start is not None else 0
-        lo, hi = chunk_bounds[s], chunk_bounds[s + 1]
-        out = np.full((rows, *row_shape), fill, dtype)
-        out[:hi - lo] = read(lo, hi)
-        return out
-      return jax.make_array_from_callback((shards * rows, *row_shape), sharding, shard_data)
+    place = functools.partial(place_rows, sharding=sharding, chunk_bounds=chunk_bounds,
+                              rows=rows)
 
     def place_scale(layer, part):
       a = bank.scale(layer, part)
