@@ -37,7 +37,6 @@ def build_model(config: str, checkpoint: str):
   if checkpoint:
     return load_model(checkpoint)
   import flax.linen as nn
-  from ml_collections import config_flags  # noqa: F401  (config files import ml_collections)
   from msa_jax.model import MSAModel
   from msa_jax.trainer import resolve_model_config
   cfg = _load_config(config)
@@ -47,12 +46,8 @@ def build_model(config: str, checkpoint: str):
 
 
 def _load_config(spec: str):
-  import importlib.util
-  path, _, variant = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("recipe", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(variant) if variant else mod.get_config()
+  from msa_jax.run_config import load_config_file
+  return load_config_file(spec)
 
 
 def doc_lengths_of_recipe(config: str, n: int, seed: int = 0) -> np.ndarray:

@@ -88,11 +88,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage."""
-  import importlib.util
-  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  cfg = module.get_config(variant)
+  from msa_jax.run_config import load_config_file
+  cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False
   cfg.init_from = ""
   cfg.tensorboard = False

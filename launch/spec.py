@@ -95,14 +95,12 @@ def load_sweep(spec: str) -> Sweep:
 
 def _load_config(config: str):
   """The ConfigDict of a ``--config`` string ``path.py[:arg]`` (as ``msa_jax.train`` loads it)."""
-  path, _, arg = config.partition(":")
+  from msa_jax.run_config import load_config_file
+  path = config.partition(":")[0]
   if not os.path.exists(path):
     raise FileNotFoundError(f"sweep config {config!r}: no file {path} (paths are relative to "
                             "the repository root; run from there)")
-  module_spec = importlib.util.spec_from_file_location("sweep_recipe", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
+  return load_config_file(config)
 
 
 def check_overrides(sweep: Sweep) -> None:

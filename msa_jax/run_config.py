@@ -151,3 +151,18 @@ def _write_json(path: str, obj: dict) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2)
   os.replace(tmp, path)
+
+
+def load_config_file(spec: str):
+  """The ConfigDict of a config string ``path.py[:arg]``, as ``--config`` reads it
+  (``get_config(arg)``, or ``get_config()`` without an arg)."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config {spec!r}: no file {path} (paths are relative to the "
+                            "current directory; run from the repository root)")
+  module_spec = importlib.util.spec_from_file_location(
+      "config_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_"), path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()

@@ -1,6 +1,5 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
 an XLA compilation cache shared by the training tests of one pytest session."""
-import importlib.util
 import json
 import os
 
@@ -14,10 +13,8 @@ NUM_STEPS, WARMUP = 12, 4
 
 def get_config(variant: str):
   """``configs/16k_to_100m.py:<variant>`` as the CLI loads it."""
-  spec = importlib.util.spec_from_file_location("recipe_16k_to_100m", CONFIG_FILE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(variant)
+  from msa_jax.run_config import load_config_file
+  return load_config_file(f"{CONFIG_FILE}:{variant}")
 
 
 def small_cfg():
