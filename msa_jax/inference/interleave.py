@@ -63,7 +63,12 @@ class BankBatch:
     return out
 
   def name(self, row: int, doc: int) -> str:
+    """The id of a parsed document (a bank index)."""
     return self.bank.doc_ids[int(doc)]
+
+  def slot_name(self, row: int, slot: int) -> str:
+    """The id of a routed document (a bank index, as routing returns it)."""
+    return self.name(row, slot)
 
   def index_of(self, doc_id: str) -> int:
     if self._ids is None:
@@ -93,7 +98,12 @@ class ExampleBatch:
     return data_interleave.next_question(question, self.examples[row].docs, docs)
 
   def name(self, row: int, doc) -> str:
+    """The id of a parsed document (``parse_round`` returns ids here)."""
     return str(doc)
+
+  def slot_name(self, row: int, slot: int) -> str:
+    """The id of a routed document (a slot of the row's own memory)."""
+    return self.examples[row].docs[int(slot)].doc_id
 
   def forced(self, gold: Sequence[Sequence[str]], k: int) -> routing.Selection:
     slots = []
@@ -196,8 +206,7 @@ def _record_first_round(gens, decisions, memory) -> None:
     scores = None
     chosen = np.stack([np.asarray(d.top_scores_bk) for d in decisions], 1)
   for i, g in enumerate(gens):
-    name = lambda j: memory.name(i, int(j)) if memory.kind == "bank" else \
-        memory.examples[i].docs[int(j)].doc_id
+    name = lambda j: memory.slot_name(i, int(j))
     g.first_selected, g.first_ranked = [], []
     for l in range(docs.shape[1]):
       ok = valid[i, l]
