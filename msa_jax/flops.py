@@ -45,6 +45,23 @@ def _attn(cfg: ModelConfig, query_key_pairs: float) -> float:
   return 2 * 2 * cfg.num_heads * cfg.head_dim * query_key_pairs
 
 
+def _doc_forward(cfg: ModelConfig, doc_tokens: float, doc_pairs: float) -> float:
+  """Documents' forward: layers 0..last_router-1 in full, the last router layer for K, V
+  only, router keys in every router layer."""
+  per = _layer_matmul_per_token(cfg)
+  full = per["q"] + per["kv"] + per["o"] + per["mlp"]
+  routers = cfg.router_layer_ids
+  return (max(routers) * (doc_tokens * full + _attn(cfg, doc_pairs))
+          + doc_tokens * per["kv"] + len(routers) * doc_tokens * per["router_k"])
+
+
+def encode_flops(cfg: ModelConfig, doc_lengths) -> float:
+  """Useful forward FLOPs of encoding documents of these lengths into a bank (stage 1:
+  the same per-document computation as training's document stream)."""
+  lengths = np.asarray(doc_lengths, np.float64)
+  return float(_doc_forward(cfg, lengths.sum(), (lengths * (lengths + 1) / 2).sum()))
+
+
 def step_flops(cfg: ModelConfig, batch, *, lm_chunk_size: int = 64,
                mode: str = "useful") -> dict[str, float]:
   """FLOPs of one training step on ``batch`` (host numpy ``MSABatch``).
@@ -77,10 +94,7 @@ def step_flops(cfg: ModelConfig, batch, *, lm_chunk_size: int = 64,
     doc_tokens, doc_pairs = b * n * l, b * n * l * l
   else:
     doc_tokens, doc_pairs = doc_len_bn.sum(), (doc_len_bn * (doc_len_bn + 1) / 2).sum()
-  # Layers 0..last_router-1 in full, the last router layer for K, V only; router keys
-  # in every router layer.
-  doc = (last_router * (doc_tokens * full + _attn(cfg, doc_pairs))
-         + doc_tokens * per["kv"] + len(routers) * doc_tokens * per["router_k"])
+  doc = _doc_forward(cfg, doc_tokens, doc_pairs)
 
   prefix_len_b = prefix_mask.sum(-1)
   if pad:

@@ -84,3 +84,21 @@ def test_useful_count_on_a_batch_without_padding():
   targets = int(np.sum(np.asarray(batch.loss_mask)))
   np.testing.assert_allclose(useful["lm_head"], 2 * cfg.hidden_size * cfg.vocab_size * targets)
   assert useful["train"] == 3 * useful["forward"]
+
+
+def test_encode_flops_matches_hand_count():
+  """Stage-1 encode FLOPs of two documents, counted by hand for a 3-layer model whose
+  router layers are 1 and 2 (layers 0-1 in full, layer 2 for K, V and router keys)."""
+  import numpy as np
+  from msa_jax import flops
+  from msa_jax.config import preset
+  cfg = preset("tiny", vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3,
+               num_heads=4, num_kv_heads=2, head_dim=8, router_layers=(1, 2))
+  lengths = np.array([5, 3])
+  d, hd, h, g, i = 32, 8, 4, 2, 48
+  q, kv, o, mlp = 2 * d * h * hd, 4 * d * g * hd, 2 * h * hd * d, 6 * d * i
+  rk = 2 * d * g * hd
+  tokens, pairs = 8, 5 * 6 / 2 + 3 * 4 / 2
+  attn = 4 * h * hd * pairs
+  expect = 2 * (tokens * (q + kv + o + mlp) + attn) + tokens * kv + 2 * tokens * rk
+  assert flops.encode_flops(cfg, lengths) == pytest.approx(expect)
