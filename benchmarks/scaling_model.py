@@ -126,12 +126,13 @@ def main(argv=None):
     on_gpu = mem["kr_gb"] + w_gb
     kv_on_host = on_gpu + mem["kv_gb"] > args.gpu_gb
     total_gb = on_gpu + (0.0 if kv_on_host else mem["kv_gb"])
+    where = "K̄R too big" if on_gpu > args.gpu_gb else ("host" if kv_on_host else "GPU")
     t = predict_ttft_ms(s, args.shape, args.tokens_per_chunk, read_gbs, x_floor,
                         args.merge_us, args.host_fetch_us, kv_on_host)
     rows.append({**dataclasses.asdict(s), **mem, "weights_gb": w_gb, "gpu_gb": total_gb,
-                 "kv_on_host": kv_on_host, **t})
+                 "kv_on_host": kv_on_host, "fits": on_gpu <= args.gpu_gb, **t})
     print(f"{s.tokens:>14,} {s.gpus:>4} {s.kr_dtype[:8]:>8} {s.kv_dtype[:8]:>8} "
-          f"{total_gb:>7.1f} {'host' if kv_on_host else 'GPU':>11} {t['route_ms']:>8.2f} "
+          f"{total_gb:>7.1f} {where:>11} {t['route_ms']:>8.2f} "
           f"{t['merge_ms']:>6.2f} {t['forward_ms']:>6.2f} {t['ttft_ms']:>8.2f}")
   out_dir = args.out or os.environ.get("OUT") or "benchmarks/results"
   os.makedirs(out_dir, exist_ok=True)
@@ -148,12 +149,12 @@ def _plot(rows, path):
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   weak = [r for r in rows if r["tokens"] == 125_000_000 * r["gpus"]]
-  strong = [r for r in rows if r["tokens"] == 1_000_000_000]
+  strong = [r for r in rows if r["tokens"] == 1_000_000_000 and r["fits"]]
   fig, ax = plt.subplots(figsize=(5.5, 3.6))
   ax.plot([r["gpus"] for r in weak], [r["ttft_ms"] for r in weak], "o-",
           label="weak: 125M tokens per GPU")
   ax.plot([r["gpus"] for r in strong], [r["ttft_ms"] for r in strong], "s-",
-          label="strong: 1B tokens in all")
+          label="strong: 1B tokens in all (where K̄R fits)")
   ax.set_xlabel("GPUs (H200)")
   ax.set_ylabel("predicted TTFT (ms)")
   ax.set_title("Memory parallel, predicted from one-GPU measurements", fontsize=9)
