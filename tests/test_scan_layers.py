@@ -1,0 +1,155 @@
+"""``ModelConfig.scan_layers``: the training forward with each run of identical layers as
+one ``lax.scan`` equals the unrolled layer loop (outputs, routing decisions, gradients of
+the training loss), keeps the per-layer parameter tree, and keeps the parameters' sharding.
+
+Compared in float32 on the smoke recipe's model (3 layers: runs [0], [1, 2]) and on a
+model whose router layers are not contiguous (router layers (1, 3) of 5: five runs).
+"""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from msa_jax.config import ModelConfig
+from msa_jax.model import MSAModel, layer_runs
+from msa_jax.train_step import compute_losses
+
+from tests import reference_numpy as R
+
+fast_compile = R.fast_compile_fixture()
+
+# The smoke recipe's model (configs/16k_to_100m.py:smoke) at a small vocabulary.
+SMOKE = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=3,
+                    num_heads=4, num_kv_heads=2, head_dim=16, pooling_chunk_size=2, top_k=2)
+SPLIT = SMOKE.replace(num_layers=5, router_layers=(1, 3))
+
+
+def _batch(seed=0, b=2, n=6):
+  rng = np.random.default_rng(seed)
+  return R.make_batch(rng, vocab=96, prefix_lens=list(rng.integers(1, 4, b)),
+                      doc_lens=[list(rng.integers(0, 9, n)) for _ in range(b)],
+                      active_lens=list(rng.integers(5, 9, b)), question_lens=[3] * b,
+                      T=3, L=8, M=8)
+
+
+def _train_cfg():
+  return ml_collections.ConfigDict({
+      "loss": {"infonce_temperature": 0.1, "lm_chunk_size": 4},
+      "optim": {"warmup_phase_steps": 0, "warmup_lm_weight": 0.1, "warmup_aux_weight": 1.0,
+                "main_lm_weight": 1.0, "main_aux_weight": 0.1}})
+
+
+def _loss_and_grads(cfg, params, batch):
+  model = MSAModel(cfg)
+  fn = lambda p: compute_losses(model, p, batch, jnp.int32(1), _train_cfg())[0]
+  return jax.jit(jax.value_and_grad(fn))(params)
+
+
+def test_layer_runs_split_at_router_changes():
+  assert [(r.start, r.stop, r.is_router) for r in layer_runs(SMOKE)] == [
+      (0, 1, False), (1, 3, True)]
+  assert [(r.start, r.stop, r.is_router) for r in layer_runs(SPLIT)] == [
+      (0, 1, False), (1, 2, True), (2, 3, False), (3, 4, True), (4, 5, False)]
+  assert [len(r) for r in layer_runs(SPLIT, stop=4)] == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("cfg", [SMOKE, SPLIT], ids=["smoke", "router_1_3_of_5"])
+def test_scanned_forward_and_grads_equal_unrolled(cfg):
+  batch = _batch()
+  _, variables = R.init_model(cfg, batch, seed=3)
+  params = variables["params"]
+  unrolled, scanned = MSAModel(cfg), MSAModel(cfg.replace(scan_layers=True))
+  out_u = jax.jit(unrolled.apply)({"params": params}, batch)
+  out_s = jax.jit(scanned.apply)({"params": params}, batch)
+  np.testing.assert_allclose(out_s.logits_bmv, out_u.logits_bmv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out_s.doc_scores_brn, out_u.doc_scores_brn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out_s.selected_brk, out_u.selected_brk)
+  np.testing.assert_array_equal(out_s.selected_valid_brk, out_u.selected_valid_brk)
+  assert out_s.doc_scores_brn.shape[1] == len(cfg.router_layer_ids)
+
+  loss_u, grads_u = _loss_and_grads(cfg, params, batch)
+  loss_s, grads_s = _loss_and_grads(cfg.replace(scan_layers=True), params, batch)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
+  for path, g_u in jax.tree_util.tree_leaves_with_path(grads_u):
+    g_s = dict(jax.tree_util.tree_leaves_with_path(grads_s))[path]
+    scale = float(jnp.max(jnp.abs(g_u))) + 1e-12
+    np.testing.assert_allclose(g_s, g_u, rtol=1e-4, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  # Every layer's parameters get a gradient (the last router layer's MLP gets none from
+  # the documents, but does from the active tokens).
+  for i in range(cfg.num_layers):
+    assert float(jnp.max(jnp.abs(grads_s[f"layers_{i}"]["mlp"]["up_proj"]["kernel"]))) > 0
+
+
+def test_public_stage_methods_equal_unrolled_and_init_keeps_per_layer_params():
+  cfg = SPLIT
+  batch = _batch(seed=1)
+  scanned = MSAModel(cfg.replace(scan_layers=True))
+  shapes = jax.eval_shape(scanned.init, jax.random.PRNGKey(0), batch)["params"]
+  assert sorted(k for k in shapes if k.startswith("layers_")) == [
+      f"layers_{i}" for i in range(cfg.num_layers)]
+  _, variables = R.init_model(cfg, batch, seed=4)
+  mask = jnp.asarray(batch.doc_mask, bool)
+  pos = jnp.cumsum(mask, axis=-1) - 1
+  for model_cfg in (cfg, cfg.replace(scan_layers=True)):
+    memory = MSAModel(model_cfg).apply(variables, jnp.asarray(batch.doc_tokens), mask, pos,
+                                       method=MSAModel.encode_documents)
+    prefix = MSAModel(model_cfg).apply(variables, batch.prefix_tokens, batch.prefix_mask,
+                                       jnp.broadcast_to(jnp.arange(3), (2, 3)),
+                                       method=MSAModel.encode_prefix)
+    if not model_cfg.scan_layers:
+      memory_u, prefix_u = memory, prefix
+  assert sorted(memory) == sorted(memory_u) == [1, 3]
+  for i in memory:
+    for a, b in zip(jax.tree.leaves(memory[i]), jax.tree.leaves(memory_u[i])):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  assert len(prefix) == len(prefix_u) == cfg.num_layers
+  for (k, v), (k_u, v_u) in zip(prefix, prefix_u):
+    np.testing.assert_allclose(k, k_u, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v, v_u, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_scan_with_remat_policy_equals_unrolled_without_remat(policy):
+  batch = _batch(seed=2)
+  _, variables = R.init_model(SPLIT, batch, seed=5)
+  loss_u, grads_u = _loss_and_grads(SPLIT, variables["params"], batch)
+  loss_s, grads_s = _loss_and_grads(SPLIT.replace(scan_layers=True, remat_policy=policy),
+                                    variables["params"], batch)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_scanned_step_on_a_mesh_keeps_parameter_sharding():
+  """On 8 CPU devices (fsdp 4 x tensor 2) the scanned loss gradient equals the unrolled
+  one, and the stacked parameters inside the step carry their layers' sharding."""
+  from jax.sharding import NamedSharding
+  from msa_jax import sharding
+  cfg = SMOKE.replace(scan_layers=True)
+  mesh = sharding.make_mesh((1, 4, 2))
+  batch = _batch(seed=6, b=4)
+  _, variables = R.init_model(cfg, batch, seed=6)
+  boxed = jax.eval_shape(MSAModel(cfg).init, jax.random.PRNGKey(0), batch)["params"]
+  with mesh, nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    specs = nn.get_partition_spec(boxed)
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    params = jax.device_put(variables["params"], shardings)
+    loss_s, grads_s = _loss_and_grads(cfg, params, batch)
+    model = MSAModel(cfg)
+    hlo = jax.jit(lambda p: model.apply({"params": p}, batch, method=MSAModel.forward_train)
+                  ).lower(params).as_text()
+  loss_u, grads_u = _loss_and_grads(cfg.replace(scan_layers=False), variables["params"], batch)
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The stacked q_proj kernels [2, 64, 64] of the router run: embed on fsdp, heads on
+  # tensor, the layer axis whole.
+  assert 'sharding_constraint' in hlo or "Sharding" in hlo
+  stacked = [line for line in hlo.splitlines()
+             if "tensor<2x64x64x" in line and ("sharding_constraint" in line
+                                               or "@Sharding" in line)]
+  assert stacked and all('{}, {"fsdp"}, {"tensor"}' in line for line in stacked), stacked[:3]
