@@ -338,8 +338,9 @@ class MSAModel(nn.Module):
     """
     if self._scanning():
       memory = {}
+      params = self._stacked_params()
       for run, stacked in self._encode_documents_scanned(doc_tokens_bnl, doc_mask_bnl,
-                                                         doc_pos_bnl):
+                                                         doc_pos_bnl, params):
         memory.update({i: jax.tree.map(lambda a, j=j: a[j], stacked)
                        for j, i in enumerate(range(run.start, run.stop))})
       return memory
@@ -362,7 +363,7 @@ class MSAModel(nn.Module):
     if self._scanning():
       kv = []
       for run, (k_lbtgd, v_lbtgd) in self._encode_prefix_scanned(
-          prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt):
+          prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt, self._stacked_params()):
         kv += [(k_lbtgd[j], v_lbtgd[j]) for j in range(len(run))]
       return kv
     x = self._embed(prefix_tokens_bt)
@@ -436,13 +437,14 @@ class MSAModel(nn.Module):
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
         jnp.asarray(batch.active_mask, bool), top_k=cfg.top_k, rope_mode=cfg.rope_mode)
     if self._scanning():
+      params = self._stacked_params()   # stacked once, used by the three passes
       memory = self._encode_documents_scanned(jnp.asarray(batch.doc_tokens), batch.doc_mask,
-                                              doc_pos)
+                                              doc_pos, params)
       prefix_kv = self._encode_prefix_scanned(batch.prefix_tokens, batch.prefix_mask,
-                                              prefix_pos)
+                                              prefix_pos, params)
       return self._active_hidden_scanned(batch.active_tokens, active_pos, batch.active_mask,
                                          routing_mask(batch, cfg), batch.prefix_mask,
-                                         prefix_kv, memory)
+                                         prefix_kv, memory, params)
     memory = self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
@@ -480,8 +482,14 @@ class MSAModel(nn.Module):
     return jax.tree.map(lambda box, x: nn.with_logical_constraint(x, ("layers",) + box.names),
                         axes, stacked, is_leaf=lambda b: isinstance(b, nn.LogicallyPartitioned))
 
-  def _encode_documents_scanned(self, doc_tokens_bnl, doc_mask_bnl, doc_pos_bnl):
-    """Stage 1, scanned: ``[(router run, LayerMemory stacked [run length, B, ...])]``."""
+  def _stacked_params(self) -> dict:
+    """``{run.start: the run's stacked parameters}`` for every run (``_run_params``); a
+    pass that does not reach a run leaves its stacking unused (XLA drops it)."""
+    return {run.start: self._run_params(run) for run in layer_runs(self.config)}
+
+  def _encode_documents_scanned(self, doc_tokens_bnl, doc_mask_bnl, doc_pos_bnl, stacked):
+    """Stage 1, scanned: ``[(router run, LayerMemory stacked [run length, B, ...])]``;
+    ``stacked`` is ``_stacked_params()``."""
     cfg = self.config
     b, n, l = doc_tokens_bnl.shape
     mask = jnp.asarray(doc_mask_bnl, bool).reshape(b * n, l)
@@ -500,7 +508,7 @@ class MSAModel(nn.Module):
         x, k, v, rk = encode(p, x, pos, mask)
         return x, (pool(k, v, rk) if run.is_router else None)
 
-      params = self._run_params(run)
+      params = stacked[run.start]
       if r < len(runs) - 1:
         x, memory = jax.lax.scan(body, x, params)
       else:
@@ -517,7 +525,7 @@ class MSAModel(nn.Module):
         out.append((run, memory))
     return out
 
-  def _encode_prefix_scanned(self, prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt):
+  def _encode_prefix_scanned(self, prefix_tokens_bt, prefix_mask_bt, prefix_pos_bt, stacked):
     """The prefix, scanned: ``[(run, (k, v) stacked [run length, B, T, Hkv, D])]``."""
     x = self._embed(prefix_tokens_bt)
     mask = jnp.asarray(prefix_mask_bt, bool)
@@ -529,12 +537,12 @@ class MSAModel(nn.Module):
         x, k, v, _ = encode(p, x, prefix_pos_bt, mask)
         return x, (k, v)
 
-      x, kv = jax.lax.scan(body, x, self._run_params(run))
+      x, kv = jax.lax.scan(body, x, stacked[run.start])
       out.append((run, kv))
     return out
 
   def _active_hidden_scanned(self, active_tokens_bm, active_pos_bm, active_mask_bm,
-                             route_mask_bm, prefix_mask_bt, prefix_kv, memory):
+                             route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
     context and (router runs) memory are scanned inputs, its routing a stacked output.
     Returns ``(x [B, M, D] before the final norm, decisions)`` like the unrolled path."""
@@ -556,7 +564,7 @@ class MSAModel(nn.Module):
         return x, decision
 
       mem = memory_of.get(run.start) if run.is_router else None
-      x, decision = jax.lax.scan(body, x, (self._run_params(run), k_lbtgd, v_lbtgd, mem))
+      x, decision = jax.lax.scan(body, x, (stacked[run.start], k_lbtgd, v_lbtgd, mem))
       if decision is not None:
         decisions += [jax.tree.map(lambda a, j=j: a[j], decision) for j in range(len(run))]
     return x, decisions
