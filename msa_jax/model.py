@@ -517,7 +517,8 @@ class MSAModel(nn.Module):
         # would compute them, and their zero gradients).
         if len(run) > 1:
           x, memory = jax.lax.scan(body, x, jax.tree.map(lambda a: a[:-1], params))
-        _, k, v, rk = encode(jax.tree.map(lambda a: a[-1], params), x, pos, mask)
+        peeled = _pure_layer(cfg, True, "encode", in_scan=False)
+        _, k, v, rk = peeled(jax.tree.map(lambda a: a[-1], params), x, pos, mask)
         last = jax.tree.map(lambda a: a[None], pool(k, v, rk))
         memory = last if len(run) == 1 else jax.tree.map(
             lambda a, c: jnp.concatenate([a, c]), memory, last)
@@ -601,17 +602,18 @@ def remat_policy_fn(name: str):
           "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
 
-def _pure_layer(cfg: ModelConfig, is_router: bool, method: str):
+def _pure_layer(cfg: ModelConfig, is_router: bool, method: str, in_scan: bool = True):
   """``fn(params, *args)``: one layer's ``method`` as a pure function of its parameters,
-  checkpointed by ``cfg.remat_policy`` (a scan body; see ``MSAModel._run_params``)."""
+  checkpointed by ``cfg.remat_policy`` (a scan body unless ``in_scan=False``)."""
   layer = DecoderLayer(cfg, is_router=is_router, parent=None)
 
   def fn(params, *args):
     return layer.apply({"params": params}, *args, method=getattr(DecoderLayer, method))
   if cfg.remat_policy == "none":
     return fn
-  # prevent_cse=False: inside a scan, CSE across the recomputation cannot happen anyway.
-  return jax.checkpoint(fn, policy=remat_policy_fn(cfg.remat_policy), prevent_cse=False)
+  # Inside a scan, XLA cannot merge the recomputation with the forward anyway: the
+  # barriers of prevent_cse would only cost; outside one they keep the remat.
+  return jax.checkpoint(fn, policy=remat_policy_fn(cfg.remat_policy), prevent_cse=not in_scan)
 
 
 def _kernels_in(params, dtype):

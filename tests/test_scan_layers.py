@@ -151,3 +151,24 @@ def test_scanned_step_on_a_mesh_keeps_parameter_sharding():
   specs = set(re.findall(r'sharding_constraint %\w+ <@mesh, (\[.*?\])> : tensor<2x64x64xf32>',
                          hlo))
   assert specs == {'[{}, {"fsdp"}, {"tensor"}]', '[{}, {"tensor"}, {"fsdp"}]'}, specs
+
+
+def test_remat_policy_and_the_legacy_remat_switch():
+  assert ModelConfig().remat_policy == "none" and ModelConfig().remat is False
+  assert ModelConfig(remat=True).remat_policy == "full"            # old configs
+  assert ModelConfig.from_dict({"remat": False}).remat_policy == "none"
+  assert ModelConfig.from_dict({"remat": True, "remat_policy": "dots"}).remat_policy == "dots"
+  dots = ModelConfig(remat_policy="dots")
+  assert dots.remat is True and dots == ModelConfig(remat=True, remat_policy="dots")
+  assert dots.replace(remat=False).remat_policy == "none"
+  assert dots.replace(remat=True).remat_policy == "dots"
+  assert ModelConfig().replace(remat=True).remat_policy == "full"
+  assert ModelConfig(remat=True).replace(remat_policy="none").remat is False
+  assert "remat" not in dots.to_dict()        # the policy alone says it
+  assert ModelConfig.from_dict(dots.to_dict()) == dots
+  with pytest.raises(ValueError, match=r"remat_policy must be one of \['none', 'full', 'dots'\]"):
+    ModelConfig(remat_policy="everything")
+  with pytest.raises(ValueError, match="remat=False contradicts remat_policy='full'"):
+    ModelConfig(remat=False, remat_policy="full")
+  with pytest.raises(ValueError, match="scan_layers must be True or False"):
+    ModelConfig(scan_layers="yes")
