@@ -172,3 +172,13 @@ def test_remat_policy_and_the_legacy_remat_switch():
     ModelConfig(remat=False, remat_policy="full")
   with pytest.raises(ValueError, match="scan_layers must be True or False"):
     ModelConfig(scan_layers="yes")
+
+
+def test_bank_fingerprint_ignores_scan_and_remat_switches():
+  """A memory bank encoded by a model stays usable when only these switches change."""
+  from msa_jax.inference import bank
+  params = {"w": np.arange(4, dtype=np.float32).reshape(2, 2)}
+  base = bank.model_fingerprint(SMOKE, params)
+  assert bank.model_fingerprint(SMOKE.replace(scan_layers=True, remat_policy="dots"),
+                                params) == base
+  assert bank.model_fingerprint(SMOKE.replace(top_k=3), params) != base
