@@ -8,7 +8,6 @@ model whose router layers are not contiguous (router layers (1, 3) of 5: five ru
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -17,6 +16,7 @@ from msa_jax.model import MSAModel, layer_runs
 from msa_jax.train_step import compute_losses
 
 from tests import reference_numpy as R
+from tests.test_flops import _train_cfg as flops_train_cfg
 
 fast_compile = R.fast_compile_fixture()
 
@@ -35,10 +35,9 @@ def _batch(seed=0, b=2, n=6):
 
 
 def _train_cfg():
-  return ml_collections.ConfigDict({
-      "loss": {"infonce_temperature": 0.1, "lm_chunk_size": 4},
-      "optim": {"warmup_phase_steps": 0, "warmup_lm_weight": 0.1, "warmup_aux_weight": 1.0,
-                "main_lm_weight": 1.0, "main_aux_weight": 0.1}})
+  cfg = flops_train_cfg()
+  cfg.loss.lm_chunk_size = 4   # several LM-loss chunks
+  return cfg
 
 
 def _loss_and_grads(cfg, params, batch):
