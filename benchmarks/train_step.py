@@ -24,7 +24,8 @@ Runs:
   python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 16,32,48,64
   python -m benchmarks.train_step --tiny --cpu_devices 8 --mesh 2,2,2   # sharding check on CPU
   python -m benchmarks.train_step --buckets                    # bucket shapes and padding only
-  python -m benchmarks.train_step --tiny --compile_layers 2,4,8   # compile time vs depth
+  python -m benchmarks.train_step --tiny --compile_layers 2,4,8,16 --scan_layers both
+                                                               # compile time vs depth
   python -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 1,2 --memory_analysis 2,4
                                                                # temp memory, compile only (CPU)
 Prints a table and writes ``train_step.json`` and ``train_step.png`` (``train_step_cpu.*``
@@ -58,10 +59,15 @@ def _parse(argv):
                  help="only print each variant's bucket shapes and padding at 1, 2, 4 levels")
   p.add_argument("--compile_layers", default="",
                  help="only measure compile time of one step vs num_layers, e.g. 2,4,8")
+  p.add_argument("--scan_layers", default="recipe", choices=("recipe", "on", "off", "both"),
+                 help="model.scan_layers: the recipe's, forced on or off, or (with "
+                      "--compile_layers) both, off first")
   p.add_argument("--memory_analysis", default="",
                  help="only compile (no run) the loss gradient at these num_layers, e.g. 2,4, "
                       "and report XLA's memory_analysis for the chunked LM loss and the old "
                       "full-logits one (kernels forced to xla: the CPU has no Pallas)")
+  p.add_argument("--remat_policy", default="",
+                 help="override model.remat_policy (none | full | dots); default the recipe's")
   p.add_argument("--compilation_cache_dir", default="",
                  help="JAX's persistent compilation cache (a later command reuses compiles)")
   p.add_argument("--out", default="", help="JSON path (default $OUT or benchmarks/results)")
@@ -86,8 +92,10 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
                            "configs", "16k_to_100m.py")
 
 
-def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str):
-  """The recipe's config at ``memory_tokens`` per example, random init, one stage."""
+def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = "recipe",
+           remat_policy: str = ""):
+  """The recipe's config at ``memory_tokens`` per example, random init, one stage;
+  ``scan`` "on"/"off" and ``remat_policy`` (if given) override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False
@@ -101,6 +109,10 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str):
                           num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                           pooling_chunk_size=8, top_k=2, router_layers=(2, 3)))
     cfg.data.memory_tokens = min(memory_tokens, 1024)
+  if scan in ("on", "off"):
+    cfg.model.scan_layers = scan == "on"
+  if remat_policy:
+    cfg.model.remat_policy = remat_policy
   return cfg
 
 
@@ -178,42 +190,47 @@ def run_shapes(args, save=None) -> dict:
         f"measured bf16 matmul {peaks['measured_bf16'] / 1e12:.1f} TFLOP/s", flush=True)
   batches = sorted(int(b) for b in args.batches.split(","))
   results = []
-  for variant in args.variants.split(","):
-    for memory in (int(x) for x in args.memory.split(",")):
-      cfg = recipe(variant, memory, args.tiny, args.mesh)
-      model_cfg = trainer.resolve_model_config(cfg)
-      mesh = sharding.make_mesh(cfg.mesh_shape)
-      print(f"{variant} memory {cfg.data.memory_tokens}: building a batch of {batches[-1]}...",
-            flush=True)
-      full = host_batch(cfg, model_cfg, batches[-1])
-      shape = full.shape_summary
-      largest = None
-      for b in batches:
-        if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
-          continue
-        cfg.batch_size = b
-        entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
-                 "batch": b, **{k: v for k, v in shape.items() if k != "batch"}}
-        print(f"  batch {b}: compiling...", flush=True)
-        try:
-          entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks))
-        except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
-          if not _oom(err):
-            raise
-          entry["fits"] = False
-          entry["error"] = str(err).splitlines()[0][:300]
-          results.append(entry)
-          print(f"  batch {b}: does not fit ({entry['error']})", flush=True)
-          break
-        entry["fits"] = True
-        largest = b
+  scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
+  for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
+                                for m in args.memory.split(",") for s in scans):
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy)
+    model_cfg = trainer.resolve_model_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh_shape)
+    print(f"{variant} memory {cfg.data.memory_tokens}: building a batch of {batches[-1]} "
+          f"(scan_layers {model_cfg.scan_layers}, remat_policy {model_cfg.remat_policy})...",
+          flush=True)
+    full = host_batch(cfg, model_cfg, batches[-1])
+    shape = full.shape_summary
+    largest = None
+    for b in batches:
+      if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        continue
+      cfg.batch_size = b
+      entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
+               "batch": b, "scan_layers": model_cfg.scan_layers,
+               "remat_policy": model_cfg.remat_policy,
+               **{k: v for k, v in shape.items() if k != "batch"}}
+      print(f"  batch {b}: compiling...", flush=True)
+      try:
+        entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks))
+      except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
+        if not _oom(err):
+          raise
+        entry["fits"] = False
+        entry["error"] = str(err).splitlines()[0][:300]
         results.append(entry)
-        print("  " + _row_text(entry), flush=True)
-        if save is not None:   # a command stopped by a time limit keeps what it measured
-          save({"peaks": peaks, "rows": results, "partial": True})
-      for e in results:
-        if e["variant"] == variant and e["memory_tokens"] == cfg.data.memory_tokens:
-          e["largest_batch_that_fits"] = largest
+        print(f"  batch {b}: does not fit ({entry['error']})", flush=True)
+        break
+      entry["fits"] = True
+      largest = b
+      results.append(entry)
+      print("  " + _row_text(entry), flush=True)
+      if save is not None:   # a command stopped by a time limit keeps what it measured
+        save({"peaks": peaks, "rows": results, "partial": True})
+    for e in results:
+      if (e["variant"], e["memory_tokens"], e["scan_layers"]) == (
+          variant, cfg.data.memory_tokens, model_cfg.scan_layers):
+        e["largest_batch_that_fits"] = largest
   return {"peaks": peaks, "rows": results, "mesh": args.mesh, "tiny": args.tiny,
           "devices": jax.device_count()}
 
@@ -221,6 +238,7 @@ def run_shapes(args, save=None) -> dict:
 def _row_text(e: dict) -> str:
   peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
   return (f"{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
+          f"scan {'on' if e['scan_layers'] else 'off'} remat {e['remat_policy']} "
           f"(N {e['docs']} L {e['doc_len']} M {e['active']}) | compile {e['compile_s']:6.1f} s | "
           f"step {e['step_s'] * 1e3:8.1f} ms | {e['tokens_per_s']:>11,.0f} tok/s | "
           f"MFU {e['mfu_vendor']:6.1%} vendor {e['mfu_measured']:6.1%} measured | "
@@ -234,7 +252,8 @@ def run_buckets(args) -> dict:
   rows = []
   for variant in args.variants.split(","):
     for memory in (int(x) for x in args.memory.split(",")):
-      cfg = recipe(variant, memory, args.tiny, args.mesh)
+      cfg = recipe(variant, memory, args.tiny, args.mesh, args.scan_layers,
+                 args.remat_policy)
       model_cfg = trainer.resolve_model_config(cfg)
       src = from_config.make_source(cfg.data, cfg.seed, cfg.data.memory_tokens)
       for levels in (1, 2, 4):
@@ -253,12 +272,14 @@ def run_buckets(args) -> dict:
 
 
 def run_compile_layers(args) -> dict:
-  """Compile time of one training step vs depth (the layers are unrolled)."""
+  """Compile time of one training step vs depth, with the layers unrolled and/or scanned
+  (``--scan_layers``)."""
   rows = []
   variant = args.variants.split(",")[0]
   memory = int(args.memory.split(",")[0])
-  for layers in (int(x) for x in args.compile_layers.split(",")):
-    cfg = recipe(variant, memory, args.tiny, args.mesh)
+  scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
+  for scan, layers in ((s, int(x)) for s in scans for x in args.compile_layers.split(",")):
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy)
     cfg.model.num_layers = layers
     cfg.model.router_layers = tuple(range(layers // 2, layers))
     cfg.batch_size = int(args.batches.split(",")[0])
@@ -273,10 +294,11 @@ def run_compile_layers(args) -> dict:
     lower_s = time.perf_counter() - t0
     lowered.compile()
     total = time.perf_counter() - t0
-    rows.append({"num_layers": layers, "trace_lower_s": lower_s, "compile_s": total - lower_s,
-                 "total_s": total})
-    print(f"{layers} layers: trace+lower {lower_s:.1f} s, compile {total - lower_s:.1f} s",
-          flush=True)
+    rows.append({"num_layers": layers, "scan_layers": model_cfg.scan_layers,
+                 "remat_policy": model_cfg.remat_policy, "trace_lower_s": lower_s,
+                 "compile_s": total - lower_s, "total_s": total})
+    print(f"{layers} layers, scan_layers {model_cfg.scan_layers}: trace+lower {lower_s:.1f} s, "
+          f"compile {total - lower_s:.1f} s", flush=True)
   return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
 
 
@@ -292,7 +314,8 @@ def run_memory_analysis(args) -> dict:
   for variant in args.variants.split(","):
     for memory in (int(x) for x in args.memory.split(",")):
       for layers in (int(x) for x in args.memory_analysis.split(",")):
-        cfg = recipe(variant, memory, args.tiny, args.mesh)
+        cfg = recipe(variant, memory, args.tiny, args.mesh, args.scan_layers,
+                 args.remat_policy)
         cfg.model.num_layers = layers
         cfg.model.router_layers = tuple(range(layers // 2, layers))
         cfg.model.kernels = "xla"
@@ -334,10 +357,12 @@ def plot(rows, path: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, (ax_mfu, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
-  keys = sorted({(r["variant"], r["memory_tokens"]) for r in rows if r.get("fits")})
-  for variant, memory in keys:
-    pts = [r for r in rows if r.get("fits") and (r["variant"], r["memory_tokens"]) == (variant, memory)]
-    label = f"{variant}, {memory // 1024}K memory"
+  keys = sorted({(r["variant"], r["memory_tokens"], r["scan_layers"]) for r in rows
+                 if r.get("fits")})
+  for variant, memory, scan in keys:
+    pts = [r for r in rows if r.get("fits")
+           and (r["variant"], r["memory_tokens"], r["scan_layers"]) == (variant, memory, scan)]
+    label = f"{variant}, {memory // 1024}K memory, scan {'on' if scan else 'off'}"
     ax_mfu.plot([r["batch"] for r in pts], [100 * r["mfu_vendor"] for r in pts], "o-", label=label)
     ax_mem.plot([r["batch"] for r in pts], [r["needs_gib"] for r in pts], "o-", label=label)
   ax_mfu.set(xlabel="batch", ylabel="MFU (% of vendor bf16 peak)", title="training step MFU")

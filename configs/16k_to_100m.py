@@ -159,7 +159,8 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
   c.variant = variant
   if variant == "4b":
     c.model = _model("qwen3-4b", router_layers=tuple(range(18, 36)), pooling_chunk_size=64,
-                     top_k=16, dtype="bfloat16", remat=True, kernels="auto")
+                     top_k=16, dtype="bfloat16", remat_policy="full", scan_layers=True,
+                     kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # One active length per stage (the probe's longest): measured on the 0.6b kv data
@@ -168,7 +169,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.active_buckets = 1
   elif variant == "0.6b":
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
-                     remat=True, kernels="auto")
+                     remat_policy="full", scan_layers=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # One active length per stage (the probe's longest): measured on the 0.6b kv data

@@ -7,6 +7,10 @@ from typing import Any, Optional, Sequence
 import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What a rematerialised layer keeps for the backward (``model.remat_policy_fn``): "none"
+# (no remat: every activation is kept), "full" (nothing: the layer's forward runs again in
+# the backward), "dots" (matmul outputs without batch dimensions; the rest is recomputed).
+REMAT_POLICIES = ("none", "full", "dots")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,6 +18,14 @@ class ModelConfig:
   """Everything that fixes the model's parameters and its forward computation.
 
   ``router_layers=None`` means the upper half of the layers (SPEC §3).
+
+  ``remat_policy`` says what each layer keeps for the backward (``REMAT_POLICIES``).
+  ``remat`` is the older boolean switch, still accepted from configs and saved run
+  configs: ``True`` means ``remat_policy="full"`` (unless a policy other than "none" is
+  given), ``False`` means "none"; after construction it always equals
+  ``remat_policy != "none"``, and ``to_dict`` leaves it out. ``scan_layers`` runs each
+  run of consecutive identical layers of the training forward as one ``lax.scan``
+  (compile time independent of depth; same parameters, same results).
   """
 
   vocab_size: int = 151936
@@ -37,13 +49,17 @@ class ModelConfig:
   # Numerics and implementation.
   dtype: str = "float32"               # compute dtype of activations and matmuls
   param_dtype: str = "float32"
-  remat: bool = False
+  remat_policy: str = "none"           # one of REMAT_POLICIES
+  remat: Optional[bool] = None         # legacy switch, see the class docstring
+  scan_layers: bool = False
   kernels: str = "xla"                 # "auto" | "pallas" | "xla"
 
   def __post_init__(self):
     if self.router_layers is not None:
       object.__setattr__(self, "router_layers",
                          parse_router_layers(self.router_layers, self.num_layers))
+    object.__setattr__(self, "remat_policy", _resolve_remat(self.remat, self.remat_policy))
+    object.__setattr__(self, "remat", self.remat_policy != "none")
     self.validate()
 
   def validate(self) -> None:
@@ -76,6 +92,8 @@ class ModelConfig:
     need(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
     need(self.param_dtype in _DTYPES,
          f"param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}")
+    need(isinstance(self.scan_layers, bool),
+         f"scan_layers must be True or False, got {self.scan_layers!r}")
     need(self.kernels in ("auto", "pallas", "xla"),
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
 
@@ -95,6 +113,15 @@ class ModelConfig:
     return _DTYPES[self.param_dtype]
 
   def replace(self, **kw) -> "ModelConfig":
+    """A copy with fields changed. ``remat=True/False`` alone changes the policy
+    ("full" unless one other than "none" is already set / "none"); ``remat_policy``
+    alone sets ``remat`` to match."""
+    if "remat" in kw and "remat_policy" not in kw:
+      remat = kw.pop("remat")
+      keep = self.remat_policy if self.remat_policy != "none" else "full"
+      kw["remat_policy"] = keep if remat else "none"
+    if "remat_policy" in kw and "remat" not in kw:
+      kw["remat"] = None
     return dataclasses.replace(self, **kw)
 
   @classmethod
@@ -110,10 +137,32 @@ class ModelConfig:
     return cls(**d)
 
   def to_dict(self) -> dict:
+    """The fields as plain JSON types; the legacy ``remat`` is left out (it follows from
+    ``remat_policy``), so a config built from this dict can change the policy alone."""
     d = dataclasses.asdict(self)
+    d.pop("remat")
     if d["router_layers"] is not None:
       d["router_layers"] = list(d["router_layers"])
     return d
+
+
+def _resolve_remat(remat: Optional[bool], policy: str) -> str:
+  """The remat policy of a config that may set the legacy ``remat`` and/or ``remat_policy``."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"bad model config: remat_policy must be one of {list(REMAT_POLICIES)} "
+                     f"(none: keep every activation; full: recompute each layer in the "
+                     f"backward; dots: keep matmul outputs, recompute the rest), got {policy!r}")
+  if remat is None:
+    return policy
+  if remat not in (True, False):
+    raise ValueError(f"bad model config: remat must be True or False, got {remat!r}; "
+                     f"prefer remat_policy (one of {list(REMAT_POLICIES)})")
+  if remat and policy == "none":
+    return "full"
+  if not remat and policy != "none":
+    raise ValueError(f"bad model config: remat=False contradicts remat_policy={policy!r}; "
+                     "set remat_policy='none' (remat is the older switch; drop it)")
+  return policy
 
 
 _DEFAULT_ROUTER_WORDS = ("none", "default")

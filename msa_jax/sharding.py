@@ -29,6 +29,9 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("mlp", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    # The leading axis of a run's stacked layer parameters in a scanned forward
+    # (``ModelConfig.scan_layers``): every device holds its shard of every layer.
+    ("layers", None),
 )
 
 

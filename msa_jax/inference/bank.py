@@ -45,7 +45,7 @@ PREFIX_FILE = "prefix.npz"
 DOCS_FILE = "docs.jsonl"
 INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_chunks")
 # Fields of ModelConfig that do not change what the model computes.
-_IMPLEMENTATION_FIELDS = ("remat", "kernels")
+_IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels")
 
 
 class BankError(ValueError):
@@ -64,8 +64,9 @@ def _digest(data: bytes | memoryview) -> str:
 def model_fingerprint(model_config, params) -> str:
   """A hash of what fixes the bank's contents: the model config and every parameter.
 
-  Implementation switches (``remat``, ``kernels``) are left out: they do not change the
-  computation.
+  Implementation switches (``remat``, ``remat_policy``, ``scan_layers``, ``kernels``) are
+  left out: they do not change the computation (and a bank fingerprinted before a switch
+  existed keeps its fingerprint).
   """
   import jax
   cfg = model_config.to_dict()
