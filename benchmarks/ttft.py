@@ -18,7 +18,8 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
     quantised queries; bank layout built once; batch rows folded into the query columns),
     ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
-    rebuilt in every call)), beside its read floor: bytes of K̄R codes + scales over the
+    rebuilt in every call), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
+    ``BlockSizes.fp8_query_terms=1``)), beside its read floor: bytes of K̄R codes + scales over the
     pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
     full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
@@ -80,7 +81,7 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
   return sorted({min(int(s), tokens) for s in sizes.split(",")})
 
 
-ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-nofold", "pallas-nolayout")
+ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-nofold", "pallas-nolayout", "pallas-fp8q1")
 
 
 def route_impl_args(impl: str, f: int, layouts) -> dict:
@@ -90,7 +91,8 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from pallas_kernels.block_routing import BlockSizes
   bs = BlockSizes(fused=True, features=128 if f % 128 == 0 else 64,
-                  fold_batch=impl != "pallas-nofold")
+                  fold_batch=impl != "pallas-nofold",
+                  fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
 
@@ -125,6 +127,8 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
       for b in (1, 8):
         if impl == "pallas-nofold" and b == 1:
           continue            # one example: nothing to fold
+        if impl == "pallas-fp8q1" and kr_dtype != "float8_e4m3fn":
+          continue            # one e4m3 query term: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
         kw = route_impl_args(impl, f, layouts)
@@ -296,7 +300,8 @@ def main():
                   help="routing implementations timed in the route stage: xla (float32 "
                   "scores), xla-bf16, pallas (fused kernel, bank layout built once, batch "
                   "folded into the query columns), pallas-nofold (one pass per example), "
-                  "pallas-nolayout (layout rebuilt in every call, the old engine path)")
+                  "pallas-nolayout (layout rebuilt in every call, the old engine path), "
+                  "pallas-fp8q1 (fp8 keys: queries as one e4m3 term, faster, less exact)")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
   ap.add_argument("--out", default="")

@@ -38,6 +38,17 @@ Kernel numerics: the routing queries are rounded to bf16 (the keys are bf16 alre
 and products accumulate in float32, so scores differ from the float32 reference by
 about 1e-3 relative; near-ties can therefore pick a different document than the
 float32 reference.
+
+Quantised keys (fp8 e4m3 / int8 codes with a positive float32 scale per chunk, as
+``msa_jax.inference.quantize`` stores them; ``kr_scale_c``): the fused kernel reads
+the 1-byte codes (half the bytes of bf16) and multiplies them on the tensor cores by
+queries quantised per column to the same dtype (8-bit wgmma needs both operands in
+one dtype; Hopper runs it at twice the bf16 rate): e4m3 × e4m3 → f32, or s8 × s8 →
+s32 (exact). The column scales multiply the ``[chunks, cols]`` score tile before the
+max over question tokens, the chunk scale the max (it is positive). int8 queries
+(half a step of ``amax/127``) route as float queries do; an e4m3 query alone errs by
+up to 2^-4 relative per element, so by default it is two e4m3 terms (the code and its
+residual, ``BlockSizes.fp8_query_terms``), a second wgmma over the same key tile.
 """
 from __future__ import annotations
 
@@ -77,6 +88,9 @@ class BlockSizes:
     (``examples · cols ≤ max_queries``, wgmma N): one read of the bank serves them all,
     each example keeping its own max over question tokens and running list. False: one
     pass over the bank per example.
+  fp8_query_terms: fp8 K̄R: the queries as one e4m3 code per element (1: fastest, 2^-4
+    relative error) or two, the code plus its e4m3 residual (2: ~2^-8, a second fp8
+    wgmma per tile); see :func:`pallas_kernels.block_top_k.route_queries`.
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
   """
@@ -91,6 +105,7 @@ class BlockSizes:
   fused: bool | None = None
   blocks: int = 0
   fold_batch: bool = True
+  fp8_query_terms: int = 2
 
 
 # ----------------------------------------------------------------------------
@@ -213,7 +228,7 @@ def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: Bl
                      f"kernel uses {tile_c} here (batch {b}, {m} routing tokens); rebuild it "
                      f"with bank_layout(chunk_doc, {tile_c}) (fused_plan gives the tile)")
   q_bgjf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
-  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype)
+  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
   if kr_scale_c is None:
     kr_cf = kr_cf.astype(jnp.bfloat16)
   c = kr_cf.shape[0]
@@ -398,9 +413,10 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
       kernel (a bank property; computed here when None; ``fused_plan`` gives the tile).
     kr_scale_c: float32 ``[C]`` positive per-chunk scales of quantised keys (the key is
       ``scale · code``). The fused kernel reads the codes with fp8 / int8 wgmma against
-      queries quantised to the same dtype with a scale per query column
-      (:func:`pallas_kernels.block_top_k.route_queries`); the XLA path scores the
-      codes with float32 queries and multiplies by the scale.
+      queries quantised to the same dtype with a scale per query column (fp8: two e4m3
+      terms by default, ``BlockSizes.fp8_query_terms``;
+      :func:`pallas_kernels.block_top_k.route_queries`); the XLA path scores the codes
+      with float32 queries and multiplies by the scale.
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
     ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``

@@ -107,7 +107,8 @@ QUANT_KEY_DTYPES = ("float8_e4m3fn", "int8")   # K̄R codes the kernel reads wit
 
 def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols: int,
                       groups: int, passes: int, k: int, tile_c: int, tile_f: int, stages: int,
-                      interpret, key_dtype: str = "bfloat16", examples: int = 1):
+                      interpret, key_dtype: str = "bfloat16", examples: int = 1,
+                      query_terms: int = 1):
   """``plgpu.kernel`` → ``(values, docs)``, each ``[passes, blocks, examples·64]``.
 
   Inputs, bf16 keys: ``kr [≥ num_tiles·tile_c, F]`` bf16, ``q [passes, groups·F, cols]``
@@ -119,6 +120,9 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
   [≥ num_tiles·tile_c]`` float32 before ``loc`` and ``slot_doc``. A chunk's score is
   ``kr_scale · max_j (q_scale_j · codes·q_j)``: the column scales are applied to the
   ``[chunks, cols]`` tile before the max, the positive chunk scale after it.
+  ``query_terms=2`` (fp8): a second query operand ``q_lo`` (same shape, after ``q``) holds
+  the rounding residual of ``q`` at the same scale; both multiply the same key tile into
+  one accumulator (``q/scale ≈ hi + lo``: queries to ~2^-8 instead of 2^-4).
   Columns ``e·cols/examples:(e+1)·cols/examples`` of a pass belong to example ``e`` (the
   batch folded into the wgmma N dimension: one pass over the keys for all of them);
   each example keeps its own running list, entries ``e·64:(e+1)·64`` of the output.
@@ -220,7 +224,10 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
     return maxima
 
   def body(*refs):
-    if quant:
+    q_lo_gmem = None
+    if quant and query_terms == 2:
+      kr_gmem, q_gmem, q_lo_gmem, qs_gmem, ks_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
+    elif quant:
       kr_gmem, q_gmem, qs_gmem, ks_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
     else:
       kr_gmem, q_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
@@ -236,23 +243,36 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
         return jnp.minimum(blk * per_block + g, num_tiles - 1)
 
       def step(idx, *operands):
+        q_terms = operands[1:1 + query_terms] if quant else operands[1:2]
         if quant:
-          k_smem, q_smem, qs_smem, ks_smem, loc_smem, key_smem, acc = operands
+          k_smem, (qs_smem, ks_smem, loc_smem, key_smem, acc) = operands[0], operands[-5:]
         else:
-          (k_smem, q_smem, loc_smem, key_smem, acc), qs_smem, ks_smem = operands, None, None
+          (k_smem, _, loc_smem, key_smem, acc), qs_smem, ks_smem = operands, None, None
         _, grp, j = idx
-        if compiled:
-          rhs = plgpu.transpose_ref(q_smem, (1, 0)) if quant else q_smem
+        if compiled and key_dtype == "float8_e4m3fn":
+          # Hopper's fp8 wgmma keeps ~14 bits while it accumulates: each K step starts from
+          # zero and is added to the float32 sum in registers ("promotion"), as DeepSeek-V3
+          # does every 128 products.
+          rhs = [plgpu.transpose_ref(q, (1, 0)) for q in q_terms]
+
+          def fresh_fp8(acc_ref):
+            for q in rhs:        # every term multiplies the same key tile into one sum
+              plgpu.wgmma(acc_ref, k_smem, q)
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(fresh_fp8, plgpu.ACC((tile_c, cols), jnp.float32))
+        elif compiled:
+          rhs = plgpu.transpose_ref(q_terms[0], (1, 0)) if quant else q_terms[0]
           acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
               plgpu.ACC.init(acc))
           plgpu.wgmma_wait(0)
         elif quant:   # the interpreter's wgmma takes no transposed views: a plain dot
           wide = jnp.int32 if acc_dtype == jnp.int32 else jnp.float32
-          acc = acc + jnp.dot(k_smem[...].astype(wide), q_smem[...].astype(wide).T,
-                              preferred_element_type=acc_dtype)
+          for q_smem in q_terms:
+            acc = acc + jnp.dot(k_smem[...].astype(wide), q_smem[...].astype(wide).T,
+                                preferred_element_type=acc_dtype)
         else:
           def fresh(acc_ref):
-            plgpu.wgmma(acc_ref, k_smem, q_smem)
+            plgpu.wgmma(acc_ref, k_smem, q_terms[0])
             return acc_ref[...]
           acc = acc + pl.run_scoped(fresh, plgpu.ACC((tile_c, cols), jnp.float32))
         last_f = j == num_f - 1
@@ -283,12 +303,13 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
                                transforms=k_transforms)
       main = kr_gmem.at[pl.ds(0, num_tiles * tile_c)]
       if quant:
-        in_specs = [k_spec,
-                    plgpu.BlockSpec((cols, tile_f), lambda g, grp, j: (grp, j),
-                                    transforms=q_transforms),
-                    plgpu.BlockSpec((cols,), lambda g, grp, j: (grp,)),
-                    chunk_spec(), chunk_spec(), chunk_spec()]
-        operands = (main, q_gmem.at[p], qs_gmem.at[p],
+        q_spec = lambda: plgpu.BlockSpec((cols, tile_f), lambda g, grp, j: (grp, j),  # noqa: E731
+                                         transforms=q_transforms)
+        in_specs = [k_spec] + [q_spec() for _ in range(query_terms)] + [
+            plgpu.BlockSpec((cols,), lambda g, grp, j: (grp,)),
+            chunk_spec(), chunk_spec(), chunk_spec()]
+        q_ops = (q_gmem.at[p],) + ((q_lo_gmem.at[p],) if query_terms == 2 else ())
+        operands = (main, *q_ops, qs_gmem.at[p],
                     ks_gmem.at[pl.ds(0, num_tiles * tile_c)], loc_gmem, key_gmem)
       else:
         in_specs = [k_spec,
@@ -329,13 +350,14 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
 
 
 def stages_that_fit(tile_c: int, tile_f: int, cols: int, stages: int, itemsize: int = 2,
-                    examples: int = 1) -> int:
+                    examples: int = 1, query_terms: int = 1) -> int:
   """Pipeline depth whose buffers (K̄R, queries, per-tile vectors) fit SMEM.
 
-  ``itemsize`` 1: quantised keys and queries, plus their float32 scales per stage.
+  ``itemsize`` 1: quantised keys and ``query_terms`` query operands, plus their float32
+  scales per stage.
   """
   scratch = examples * (4 * tile_c + 12 * (LIST_SLOTS + tile_c))
-  per_stage = itemsize * tile_f * (tile_c + cols) + 8 * tile_c
+  per_stage = itemsize * tile_f * (tile_c + query_terms * cols) + 8 * tile_c
   if itemsize == 1:
     per_stage += 4 * (tile_c + cols)
   return max(1, min(stages, (_SMEM_LIMIT - scratch) // per_stage))
@@ -391,22 +413,37 @@ class RouteQueries(NamedTuple):
   q_bgjf: ``[B, groups, cols, F]``: bf16 for bf16 keys, else codes in the keys' dtype
     (masked and padding rows already filled with a valid row of the example).
   scale_bgj: float32 ``[B, groups, cols]`` per-column scales of quantised queries, or None.
+  lo_bgjf: fp8 only, or None: the rounding residual ``q/scale - q_bgjf`` in e4m3 at the same
+    scale (a second term: the query is ``scale · (hi + lo)``).
   """
 
   q_bgjf: jax.Array
   scale_bgj: jax.Array | None
+  lo_bgjf: jax.Array | None = None
 
 
-def route_queries(q_bgjf, key_dtype) -> RouteQueries:
+def route_queries(q_bgjf, key_dtype, fp8_terms: int = 2) -> RouteQueries:
   """:class:`RouteQueries` for keys of ``key_dtype``: bf16 queries for float keys;
   fp8 e4m3 / int8 codes with a float32 scale per query column for quantised keys
-  (symmetric, ``amax/QMAX``, as the keys: ``msa_jax.inference.quantize``)."""
+  (symmetric, ``amax/QMAX``, as the keys: ``msa_jax.inference.quantize``).
+
+  ``fp8_terms=2`` adds the e4m3 residual as a second term: a query in e4m3 alone is off
+  by up to 2^-4 relative per element (on random 1024-wide keys that moved ~2 of 100
+  top-16 chunks beyond what the fp8 keys themselves move); ``hi + lo`` is within ~2^-8
+  and costs a second fp8 wgmma per tile (the bf16 matmul's tensor time, no conversion).
+  int8 queries (half a step of ``amax/127``) route as float queries do: one term.
+  """
   from msa_jax.inference import quantize
   name = jnp.dtype(key_dtype).name
   if name not in QUANT_KEY_DTYPES:
     return RouteQueries(q_bgjf.astype(jnp.bfloat16), None)
+  if fp8_terms not in (1, 2):
+    raise ValueError(f"fp8_terms must be 1 or 2, got {fp8_terms}")
   codes, scale = quantize.quantise_jax(q_bgjf, name, 1)
-  return RouteQueries(codes, scale)
+  if name != "float8_e4m3fn" or fp8_terms == 1:
+    return RouteQueries(codes, scale)
+  rest = q_bgjf.astype(jnp.float32) / scale[..., None] - codes.astype(jnp.float32)
+  return RouteQueries(codes, scale, rest.astype(jnp.float8_e4m3fn))
 
 
 def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
@@ -420,8 +457,11 @@ def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
     s_bgjc = jnp.einsum("bgjf,cf->bgjc", queries.q_bgjf.astype(jnp.bfloat16),
                         kr_cf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
   else:
-    s_bgjc = jnp.einsum("bgjf,cf->bgjc", queries.q_bgjf.astype(jnp.float32),
-                        kr_cf.astype(jnp.float32), precision=lax.Precision.HIGHEST)
+    q = queries.q_bgjf.astype(jnp.float32)
+    if queries.lo_bgjf is not None:
+      q = q + queries.lo_bgjf.astype(jnp.float32)     # exact: hi and lo are e4m3
+    s_bgjc = jnp.einsum("bgjf,cf->bgjc", q, kr_cf.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST)
     s_bgjc = s_bgjc * queries.scale_bgj[..., None]
   s_bc = s_bgjc.max(axis=(1, 2))
   return s_bc if kr_scale_c is None else s_bc * kr_scale_c[None].astype(jnp.float32)
@@ -444,22 +484,27 @@ def _ragged_tail_candidates(queries: RouteQueries, kr_cf, kr_scale_c, layout: Ba
 def _kernel_query_operands(queries: RouteQueries, examples: int):
   """Folds ``examples`` examples into each pass's columns: the kernel's query operands.
 
-  Returns ``(q, q_scale or None, passes)``: bf16 ``q [passes, groups·F, examples·cols]``,
-  or codes ``[passes, groups·examples·cols, F]`` (K-major) with scales
-  ``[passes, groups·examples·cols]``. Padding examples (to fill the last pass) are zero.
+  Returns ``(q terms, q_scale or None, passes)``: bf16 ``(q [passes, groups·F,
+  examples·cols],)``, or codes ``[passes, groups·examples·cols, F]`` (K-major; two for
+  split fp8 queries) with scales ``[passes, groups·examples·cols]``. Padding examples (to
+  fill the last pass) are zero.
   """
-  q = queries.q_bgjf
-  b, g, j, f = q.shape
+  b, g, j, f = queries.q_bgjf.shape
   passes = -(-b // examples)
   pad = passes * examples - b
-  q = jnp.pad(q, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(passes, examples, g, j, f)
+
+  def fold(q):
+    q = jnp.pad(q, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(passes, examples, g, j, f)
+    if queries.scale_bgj is None:
+      return q.transpose(0, 2, 4, 1, 3).reshape(passes, g * f, examples * j)
+    return q.transpose(0, 2, 1, 3, 4).reshape(passes, g * examples * j, f)
+
+  terms = tuple(fold(q) for q in (queries.q_bgjf, queries.lo_bgjf) if q is not None)
   if queries.scale_bgj is None:
-    q = q.transpose(0, 2, 4, 1, 3).reshape(passes, g * f, examples * j)
-    return q, None, passes
-  q = q.transpose(0, 2, 1, 3, 4).reshape(passes, g * examples * j, f)
+    return terms, None, passes
   sc = jnp.pad(queries.scale_bgj, ((0, pad), (0, 0), (0, 0)), constant_values=1)
   sc = sc.reshape(passes, examples, g, j).transpose(0, 2, 1, 3).reshape(passes, -1)
-  return q, sc.astype(jnp.float32), passes
+  return terms, sc.astype(jnp.float32), passes
 
 
 def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLayout, k: int, *,
@@ -483,7 +528,8 @@ def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLa
     raise ValueError(f"K̄R of dtype {key_dtype} needs " + ("its per-chunk scales (kr_scale_c)"
                      if quant else "no kr_scale_c (only fp8 e4m3 / int8 codes carry scales)"))
   if quant != (queries.scale_bgj is not None) or (
-      quant and queries.q_bgjf.dtype != kr_cf.dtype):
+      quant and queries.q_bgjf.dtype != kr_cf.dtype) or (
+      queries.lo_bgjf is not None and key_dtype != "float8_e4m3fn"):
     raise ValueError("queries and keys disagree: build them with route_queries(q, kr.dtype)")
   b, groups, cols_e, f = queries.q_bgjf.shape
   if groups > 1 and examples > 1:
@@ -496,12 +542,13 @@ def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLa
   if num_tiles:
     cols = examples * cols_e
     nb, per = num_blocks_for(num_tiles, blocks)
-    st = stages_that_fit(tile_c, tile_f, cols, stages, jnp.dtype(key_dtype).itemsize, examples)
-    q, q_scale, passes = _kernel_query_operands(queries, examples)
+    q_terms, q_scale, passes = _kernel_query_operands(queries, examples)
+    st = stages_that_fit(tile_c, tile_f, cols, stages, jnp.dtype(key_dtype).itemsize, examples,
+                         len(q_terms))
     call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, passes, k, tile_c, tile_f, st,
-                             interpret, key_dtype, examples)
+                             interpret, key_dtype, examples, len(q_terms))
     extra = (q_scale, kr_scale_c.astype(jnp.float32)) if quant else ()
-    v, d = call(kr_cf, q, *extra, layout.loc_tc[:num_tiles].reshape(-1),
+    v, d = call(kr_cf, *q_terms, *extra, layout.loc_tc[:num_tiles].reshape(-1),
                 layout.slot_doc_tc[:num_tiles].reshape(-1))
     # [passes, blocks, examples·64] → per example [B, blocks·k]
     unfold = lambda x: x.reshape(passes, nb, examples, LIST_SLOTS).transpose(0, 2, 1, 3).reshape(  # noqa: E731

@@ -36,10 +36,10 @@ def _case(seed, b, m, f, doc_lens, pad=0, valid=None):
   return rq, mask, kr.astype(np.float32), doc.astype(np.int32)
 
 
-def _numerics_reference(rq, mask, codes, scale, doc, n, k, cols):
+def _numerics_reference(rq, mask, codes, scale, doc, n, k, cols, terms=2):
   """The kernel's arithmetic in plain XLA → (document scores [B, N], chosen sets)."""
   q = br._fill_masked_queries(jnp.asarray(rq), jnp.asarray(mask), cols)[:, None]
-  s_bc = bt.fused_chunk_scores(bt.route_queries(q, codes.dtype), jnp.asarray(codes),
+  s_bc = bt.fused_chunk_scores(bt.route_queries(q, codes.dtype, terms), jnp.asarray(codes),
                                None if scale is None else jnp.asarray(scale))
   s_bc = jnp.where(jnp.asarray(mask).any(1)[:, None], s_bc, -jnp.inf)
   doc_s = rr.document_scores(s_bc, jnp.asarray(doc), n)
@@ -65,14 +65,16 @@ def _float_reference(rq, mask, deq, doc, n):
   return _doc_max(np.where(mask[:, :, None], s, -np.inf).max(1), doc, n, -np.inf)
 
 
-def _query_error_bound(rq, mask, deq, doc, n, dtype):
+def _query_error_bound(rq, mask, deq, doc, n, dtype, terms=2):
   """Per document, the most quantising the queries per column can move its score:
   max over its chunks and routing tokens of ``Σ_f |Δq_f| |k_f|`` with ``|Δq_f|`` the
-  rounding bound of ``dtype`` (int8: half a step; e4m3: half an ulp or subnormal step)."""
+  rounding bound of ``dtype`` (int8: half a step; e4m3: half an ulp or subnormal step; two
+  e4m3 terms: the residual's half ulp, 2^-8 relative, or the subnormal step)."""
   q = rq.astype(np.float64)
   qs = np.abs(q).max(-1, keepdims=True) / quantize.QMAX[dtype]
+  rel = E4M3_REL ** terms
   dq = (np.broadcast_to(qs / 2, q.shape) if dtype == "int8"
-        else np.maximum(E4M3_REL * np.abs(q), E4M3_SUB * qs))
+        else np.maximum(rel * np.abs(q), E4M3_SUB * qs))
   e = dq @ np.abs(deq.astype(np.float64)).T
   out = _doc_max(np.where(mask[:, :, None], e, 0).max(1), doc, n, 0.0)
   return out * (1 + 1e-4) + 1e-6
@@ -92,23 +94,24 @@ def _check_against_float(top_s, sel, ref_s, bound, k):
         assert ref_s[bi, d] >= kth - 2 * bound.max()
 
 
-@pytest.mark.parametrize("dtype", QUANT)
+@pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2),
+                                         ("float8_e4m3fn", 1)])
 @pytest.mark.parametrize("doc_lens,pad,k,blocks", [
     ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6, 2),  # across tiles, blocks; XLA tail
     ([64, 64, 1, 63, 2], 0, 3, 3),                              # cuts on tile edges, no tail
 ])
-def test_fused_quantised_route_interpret(dtype, doc_lens, pad, k, blocks):
+def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks):
   rq, mask, kr, doc = _case(1, 3, 9, 64, doc_lens, pad, valid=[9, 3, 0])
   codes, scale = quantize.quantise(kr, dtype, 1)
   n = len(doc_lens) + 1                                     # one empty document slot
-  bs = dataclasses.replace(SMALL, blocks=blocks)
+  bs = dataclasses.replace(SMALL, blocks=blocks, fp8_query_terms=terms)
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas", block_sizes=bs,
                               kr_scale_c=jnp.asarray(scale))
   got = _chosen(sel)
   assert got[2] == []                                       # no routing token: nothing chosen
   # 1. The kernel's own arithmetic in XLA: the same documents, the same scores.
-  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64)
+  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64, terms)
   assert got == want
   for bi in range(2):
     np.testing.assert_allclose(np.asarray(top_s[bi])[np.asarray(sel.valid_bk[bi])],
@@ -116,11 +119,12 @@ def test_fused_quantised_route_interpret(dtype, doc_lens, pad, k, blocks):
   # 2. Float queries against codes × scale: within what quantising the queries allows.
   deq = quantize.dequantise_np(codes, scale)
   ref_s = _float_reference(rq, mask, deq, doc, n)
-  bound = _query_error_bound(rq, mask, deq, doc, n, dtype)
+  bound = _query_error_bound(rq, mask, deq, doc, n, dtype, terms)
   _check_against_float(top_s, sel, ref_s, bound, k)
   # The bound means something: well below the spread of the scores it bounds.
   spread = np.ptp(ref_s[:2][np.isfinite(ref_s[:2])])
-  assert bound[:2].max() < (0.05 if dtype == "int8" else 0.15) * spread
+  assert bound[:2].max() < {("int8", 1): 0.05, ("float8_e4m3fn", 1): 0.15,
+                            ("float8_e4m3fn", 2): 0.01}[dtype, terms] * spread
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16"] + QUANT)
@@ -212,9 +216,9 @@ def test_sharded_layouts_are_each_shards_own():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", QUANT + ["bfloat16"])
+@pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("bfloat16", 1)])
 @pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
-def test_gpu_fused_quantised_route_compiled(dtype, b, m):
+def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
   """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks:
   the kernel equals its numerics reference (same documents; scores to float32 summation
   order) and stays within the query-quantisation bound of the float route."""
@@ -231,20 +235,30 @@ def test_gpu_fused_quantised_route_compiled(dtype, b, m):
   tile = br.fused_plan(b, m, 1024, br.BlockSizes())[0]
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas",
-                              layout=layouts[tile],
+                              layout=layouts[tile], block_sizes=br.BlockSizes(fp8_query_terms=terms),
                               kr_scale_c=None if scale is None else jnp.asarray(scale))
-  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64))
+  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
   got = _chosen(sel)
+  # int8: exact s32 sums; bf16: float32 summation order; fp8: the tensor cores' ~14-bit
+  # accumulation within each 128-wide K step (then float32 across steps)
+  tol = {"int8": 1e-5, "bfloat16": 1e-5, "float8_e4m3fn": 2e-4}[dtype] * np.abs(
+      doc_s[np.isfinite(doc_s)]).max()
   for bi in range(b):
     np.testing.assert_allclose(np.asarray(top_s[bi])[np.asarray(sel.valid_bk[bi])],
-                               doc_s[bi, got[bi]], rtol=1e-5, atol=1e-5)
-    # the same documents unless two lie within float32 summation noise of each other
+                               doc_s[bi, got[bi]], rtol=0, atol=tol)
+    # the same documents unless two lie within that noise of each other
     ranked = np.sort(doc_s[bi])[::-1]
-    assert got[bi] == want[bi] or ranked[k - 1] - ranked[k] < 1e-4
+    assert got[bi] == want[bi] or ranked[k - 1] - ranked[k] < 2 * tol
   if dtype != "bfloat16":
     deq = quantize.dequantise_np(codes, scale)
     ref_s = _float_reference(rq, mask, deq, doc, n)
-    _check_against_float(top_s, sel, ref_s, _query_error_bound(rq, mask, deq, doc, n, dtype), k)
+    _check_against_float(top_s, sel, ref_s,
+                         _query_error_bound(rq, mask, deq, doc, n, dtype, terms), k)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_one_query_term_compiled():
+  test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64)
 
 
 def test_sharded_pallas_route_equals_one_device_interpret():
