@@ -206,21 +206,33 @@ def _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols):
   return q_pfc, kr_cf
 
 
-def fused_plan(b: int, m: int, f: int, bs: BlockSizes):
+_ACC_ELEMS = 128 * 128   # f32 accumulator elements per warpgroup: 128 registers a thread
+
+
+def fused_plan(b: int, m: int, f: int, bs: BlockSizes, key_dtype="bfloat16"):
   """``(tile chunks, query groups, columns per example, examples per pass)`` of the fused
-  kernel for ``b`` examples of ``m`` routing tokens (the bank layout's tile is the first)."""
-  bs_k, groups, cols = _plan(m, f, bs)
+  kernel for ``b`` examples of ``m`` routing tokens over ``key_dtype`` keys (the bank
+  layout's tile is the first).
+
+  The ``[tile, examples·cols]`` accumulator stays within 128 registers a thread; fp8 keys
+  hold a second one (each K step is summed in float32 registers), so they get half: at
+  most 128 columns per pass and 64-chunk tiles when a pass has more than 64 columns.
+  """
+  fp8 = jnp.dtype(key_dtype).name == "float8_e4m3fn"
+  max_cols = min(bs.max_queries, 128) if fp8 else bs.max_queries
+  bs_k, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
   examples = 1
   if bs.fold_batch and groups == 1:
-    examples = max(1, min(b, bs.max_queries // cols))
-  tile_c = bs_k.chunks if examples * cols <= 128 else min(bs.chunks, 64)
+    examples = max(1, min(b, max_cols // cols))
+  budget = _ACC_ELEMS // 2 if fp8 else _ACC_ELEMS
+  tile_c = bs.chunks if bs.chunks * examples * cols <= budget else min(bs.chunks, 64)
   return tile_c, groups, cols, examples
 
 
 def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: BlockSizes,
                        interpret, layout, kr_scale_c):
   b, m, f = rq_bmf.shape
-  tile_c, groups, cols, examples = fused_plan(b, m, f, bs)
+  tile_c, groups, cols, examples = fused_plan(b, m, f, bs, kr_cf.dtype)
   if layout is None:
     layout = block_top_k.bank_layout(chunk_doc_c, tile_c)
   elif layout.loc_tc.shape[1] != tile_c:

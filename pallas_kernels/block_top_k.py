@@ -212,12 +212,8 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
     s = acc
     if quant:
       s = s.astype(jnp.float32) * cols_of(cast(qs_smem[...], col_layout), cols, tile_c)
-    if examples == 1:
-      maxima = [s.max(axis=1)]
-    else:
-      col = iota((tile_c, cols), 1)
-      maxima = [jnp.where((col >= e * cols_e) & (col < (e + 1) * cols_e), s, NEG_INF).max(axis=1)
-                for e in range(examples)]
+    # an example's columns are whole 64-column slabs of the tile: a slice selects registers
+    maxima = [s[:, e * cols_e:(e + 1) * cols_e].max(axis=1) for e in range(examples)]
     if quant:   # the chunk's scale is positive: it commutes with the max
       scale = cast(ks_smem[...], row_layout)
       maxima = [m * scale for m in maxima]

@@ -190,7 +190,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   b, m, f = rq_bmf.shape
   bs = block_sizes or block_routing.BlockSizes(fused=True,
                                                features=128 if f % 128 == 0 else 64)
-  tile_c = block_routing.fused_plan(b, m, f, bs)[0]
+  tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
   layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
       rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, 0, k, implementation="pallas",
