@@ -285,3 +285,33 @@ def test_sharded_pallas_route_equals_one_device_interpret():
                                    kr_scale_c=jnp.asarray(sc_s), layouts=layouts, block_sizes=bs)
   np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(one[1]))
   np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), rtol=1e-6)
+
+
+def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):
+  """The whole prefill (model + bank memory) on an fp8/int8 synthetic bank placed with
+  routing "pallas": the fused kernel reads the fp8 codes (with the layouts the placement
+  built, two examples folded) and the logits equal the XLA scan's (same documents)."""
+  from jax.sharding import Mesh
+  from benchmarks import synth_bank, ttft
+  from msa_jax.inference import engine as engine_lib
+  model, params = ttft.random_model("tiny")
+  cfg = model.config
+  lengths = synth_bank.doc_lengths("tiny", 2000)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("memory",))
+  seen = []
+  real = bt.route_top_k_blocks
+  monkeypatch.setattr(bt, "route_top_k_blocks", lambda *a, **kw: seen.append(
+      (a[2].dtype, kw["examples"], a[3].loc_tc.shape[1])) or real(*a, **kw))
+  logits = {}
+  for impl in ("xla", "pallas"):
+    placed = synth_bank.synthetic_device_bank(cfg, lengths, kr_dtype="float8_e4m3fn",
+                                              kv_dtype="int8", routing_impl=impl, mesh=mesh, pad_to=512,
+                                              log=lambda *_: None)
+    assert (placed.route_layouts is None) == (impl == "xla")
+    eng = engine_lib.Engine(model, params, "bank", placed.settings)
+    tokens = np.random.default_rng(1).integers(8, cfg.vocab_size, (2, 16)).astype(np.int32)
+    start = np.full((2,), engine_lib.active_start(cfg, len(placed.bank.prefix_tokens)), np.int32)
+    logits[impl] = np.asarray(eng.prefill(placed.arrays(), engine_lib.bank_prefix(placed.bank, 2),
+                                          tokens, np.full((2,), 12, np.int32), start)[0])
+  assert seen and all(s == (jnp.float8_e4m3fn, 2, 64) for s in seen)
+  np.testing.assert_array_equal(logits["pallas"], logits["xla"])
