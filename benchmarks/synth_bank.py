@@ -213,12 +213,9 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
   from msa_jax.inference import quantize
   from msa_jax.inference.bank import INDEX_COLUMNS
   from msa_jax.inference.memory import (MEMORY_AXIS, BankSettings, DeviceBank, bank_layout,
-                                       place_rows)
+                                       place_rows, route_layouts_for)
   quantize.check_dtype(kr_dtype, "kr")
   quantize.check_dtype(kv_dtype, "kv")
-  if routing_impl == "pallas" and quantize.is_quantised(kr_dtype):
-    raise ValueError(f"the fused Pallas routing kernel does not read {kr_dtype} K̄R yet; use "
-                     "routing_impl='xla'")
   if mesh is None:
     mesh = Mesh(np.array(jax.devices()), (MEMORY_AXIS,))
   shards = mesh.shape[MEMORY_AXIS]
@@ -282,7 +279,8 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
       f"{bank.num_chunks:,} chunks over {shards} memory shard(s) of {rows:,} rows; K̄R "
       f"{kr_dtype}, K̄/V̄ {kv_dtype} on the device ({time.perf_counter() - t0:.1f}s)")
   return DeviceBank(bank, settings, kr, k, v, chunk_doc_dev, put(doc_shard), put(doc_row),
-                    put(chunks.astype(np.int32)), scales)
+                    put(chunks.astype(np.int32)), scales,
+                    route_layouts_for(settings, chunk_doc_dev))
 
 
 def main():

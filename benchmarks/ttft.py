@@ -12,11 +12,15 @@ many keys there are and how they are stored, not on their values; the answers me
 
 Measures, medians after warm-up (``benchmarks.time_ms``):
   * route: one router layer's top-k over 1M / 10M / 100M tokens (capped at ``--tokens``)
-    for each ``--kr_dtypes`` precision and each routing implementation that reads it
-    (``xla``: float32 HIGHEST scores, the engine's default; ``xla-bf16``: bfloat16 operands
-    with float32 accumulation; ``pallas``: the fused kernel, float keys on a GPU only),
-    beside its read floor: bytes of K̄R codes + scales over the pure-read bandwidth
-    measured in this run (``benchmarks.read_bandwidth_gbs``);
+    for each ``--kr_dtypes`` precision and each ``--route_impls`` implementation
+    (``xla``: the tiled scan, float32 HIGHEST scores; ``xla-bf16``: bfloat16 operands with
+    float32 accumulation; on a GPU only: ``pallas``, the fused kernel as the engine runs it
+    (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
+    quantised queries; bank layout built once; batch rows folded into the query columns),
+    ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
+    rebuilt in every call), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
+    ``BlockSizes.fp8_query_terms=1``)), beside its read floor: bytes of K̄R codes + scales over the
+    pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
     full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
     prefill, and its parts timed alone: routing in every router layer, the fetch of the
@@ -77,11 +81,30 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
   return sorted({min(int(s), tokens) for s in sizes.split(",")})
 
 
-def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log):
+ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-nofold", "pallas-nolayout", "pallas-fp8q1")
+
+
+def route_impl_args(impl: str, f: int, layouts) -> dict:
+  """``sharded_top_k`` keyword arguments of a ``--route_impls`` name (see module doc)."""
+  if impl.startswith("xla"):
+    return {"implementation": "xla",
+            "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
+  from pallas_kernels.block_routing import BlockSizes
+  bs = BlockSizes(fused=True, features=128 if f % 128 == 0 else 64,
+                  fold_batch=impl != "pallas-nofold",
+                  fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
+  return {"implementation": "pallas", "block_sizes": bs,
+          "layouts": None if impl == "pallas-nolayout" else layouts}
+
+
+def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
+                impls=ROUTE_IMPLS):
   """One router layer at ``n_tokens`` for each K̄R precision and implementation."""
-  from msa_jax.inference import quantize
-  from msa_jax.inference.bank_routing import sharded_top_k
+  from msa_jax.inference.bank_routing import sharded_layouts, sharded_top_k
   on_gpu = jax.devices()[0].platform == "gpu"
+  if not on_gpu and any(i.startswith("pallas") for i in impls):
+    log("route: pallas rows need a GPU (the Mosaic GPU kernel); timing the xla rows only")
+    impls = [i for i in impls if not i.startswith("pallas")]
   one_layer = cfg.replace(router_layers=(cfg.router_layer_ids[0],))
   sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
   f = cfg.num_kv_heads * cfg.head_dim
@@ -94,17 +117,26 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log):
     key_bytes = placed.bank.num_chunks * f * np.dtype(jnp.dtype(kr_dtype)).itemsize
     scale_bytes = 4 * placed.bank.num_chunks if scale is not None else 0
     floor = (key_bytes + scale_bytes) / bw / 1e6
-    impls = ["xla", "xla-bf16"] + (["pallas"] if on_gpu and not quantize.is_quantised(kr_dtype)
-                                   else [])
+    layouts = None
+    if any(i.startswith("pallas") for i in impls):   # a bank property: built once, timed
+      t0 = time.perf_counter()
+      layouts = jax.block_until_ready(sharded_layouts(placed.settings.mesh, placed.chunk_doc))
+      log(f"route: fused-kernel bank layouts built in {time.perf_counter() - t0:.2f} s "
+          "(once per bank, compile included)")
     for impl in impls:
       for b in (1, 8):
+        if impl == "pallas-nofold" and b == 1:
+          continue            # one example: nothing to fold
+        if impl == "pallas-fp8q1" and kr_dtype != "float8_e4m3fn":
+          continue            # one e4m3 query term: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
-        fn = jax.jit(lambda q, m, kr, doc, sc, impl=impl: sharded_top_k(
-            placed.settings.mesh, q, m, kr, doc, cfg.top_k, implementation=impl.split("-")[0],
-            kr_scale_c=sc, score_dtype="bfloat16" if impl == "xla-bf16" else "float32"))
+        kw = route_impl_args(impl, f, layouts)
+        lay = kw.pop("layouts", None)
+        fn = jax.jit(lambda q, m, kr, doc, sc, lay, kw=kw: sharded_top_k(
+            placed.settings.mesh, q, m, kr, doc, cfg.top_k, kr_scale_c=sc, layouts=lay, **kw))
         try:
-          ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, iters=5)
+          ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, lay, iters=5)
         except Exception as e:  # noqa: BLE001  (a kernel that does not run here is reported)
           log(f"route {kr_dtype} {impl}: failed: {type(e).__name__}: {str(e)[:300]}")
           rows.append({"stage": "route", "tokens": int(sub.sum()), "kr_dtype": kr_dtype,
@@ -114,20 +146,17 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log):
                      "kr_dtype": kr_dtype, "impl": impl, "batch": b, "ms": ms,
                      "floor_ms": floor, "x_floor": ms / floor, "key_bytes": key_bytes,
                      "scale_bytes": scale_bytes})
-        log(f"route {int(sub.sum()):>12,} tokens {kr_dtype:14s} {impl:6s} b{b}: {ms:8.3f} ms "
+        log(f"route {int(sub.sum()):>12,} tokens {kr_dtype:14s} {impl:15s} b{b}: {ms:8.3f} ms "
             f"(floor {floor:.3f} ms, {ms / floor:.2f}x)")
-    del placed, kr, scale
+    del placed, kr, scale, layouts
     gc.collect()
 
 
 def ttft_routing(cfg, args) -> str:
   """What ``MemoryEngine.load(routing="auto")`` would pick for this bank."""
-  from msa_jax.inference import quantize
   from msa_jax.inference.memory_engine import default_routing
   if args.routing != "auto":
     return args.routing
-  if quantize.is_quantised(args.kr_dtype):
-    return "xla"
   return default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
 
 
@@ -194,7 +223,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
         out.append(sharded_top_k(s.mesh, rq, mask, arrays["kr"][i], arrays["chunk_doc"],
                                  cfg.top_k, tile=s.tile, implementation=s.routing,
                                  kr_scale_c=arrays["scales"]["kr"][i],
-                                 score_dtype=s.score_dtype)[1])
+                                 score_dtype=s.score_dtype,
+                                 layouts=arrays["route_layouts"])[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     # the fetch of k selected documents' chunks (dequantised), every router layer
@@ -231,11 +261,11 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
 def report(result: dict) -> None:
   print(f"\n{result['device']}  shape {result['shape']}  read bandwidth "
         f"{result['read_bandwidth_gbs']:,.0f} GB/s  (random weights, synthetic bank)")
-  print(f"{'route one layer':28s} {'tokens':>12s} {'batch':>5s} {'ms':>9s} {'floor':>9s} "
+  print(f"{'route one layer':32s} {'tokens':>12s} {'batch':>5s} {'ms':>9s} {'floor':>9s} "
         f"{'x floor':>8s}")
   for r in result["route"]:
     if "ms" in r:
-      print(f"  {r['kr_dtype'] + ' ' + r['impl']:26s} {r['tokens']:>12,} {r['batch']:>5d} "
+      print(f"  {r['kr_dtype'] + ' ' + r['impl']:30s} {r['tokens']:>12,} {r['batch']:>5d} "
             f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['x_floor']:8.2f}")
   print(f"\n{'time to first token':22s} {'tokens':>12s} {'TTFT b1':>9s} {'route':>8s} "
         f"{'fetch':>8s} {'rest':>8s} {'floor':>8s} {'TTFT b8':>9s} {'dec b1':>8s} {'dec b8':>8s}"
@@ -266,6 +296,12 @@ def main():
                   help="routing of the TTFT bank (auto: as MemoryEngine.load picks)")
   ap.add_argument("--score_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="XLA routing scores of the TTFT bank (the engine's default: float32)")
+  ap.add_argument("--route_impls", default=",".join(ROUTE_IMPLS),
+                  help="routing implementations timed in the route stage: xla (float32 "
+                  "scores), xla-bf16, pallas (fused kernel, bank layout built once, batch "
+                  "folded into the query columns), pallas-nofold (one pass per example), "
+                  "pallas-nolayout (layout rebuilt in every call, the old engine path), "
+                  "pallas-fp8q1 (fp8 keys: queries as one e4m3 term, faster, less exact)")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
   ap.add_argument("--out", default="")
@@ -275,6 +311,9 @@ def main():
   stages = args.stages.split(",")
   if not set(stages) <= {"route", "ttft"}:
     raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")
+  impls = args.route_impls.split(",")
+  if not set(impls) <= set(ROUTE_IMPLS):
+    raise SystemExit(f"--route_impls={args.route_impls!r}: choose from {', '.join(ROUTE_IMPLS)}")
   cfg = synth_bank.model_config_of(args.shape)
   lengths = synth_bank.doc_lengths(args.shape, args.tokens, args.doc_lengths)
   size = synth_bank.bank_bytes(cfg, lengths, args.kr_dtype, args.kv_dtype)
@@ -290,7 +329,7 @@ def main():
   if "route" in stages:
     for n in sizes_for(args.tokens, args.route_sizes):
       bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
-                  result["route"], log)
+                  result["route"], log, impls)
   if "ttft" in stages:
     model, params = random_model(args.shape)
     result["weight_bytes"] = nbytes(params)

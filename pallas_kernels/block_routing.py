@@ -38,6 +38,17 @@ Kernel numerics: the routing queries are rounded to bf16 (the keys are bf16 alre
 and products accumulate in float32, so scores differ from the float32 reference by
 about 1e-3 relative; near-ties can therefore pick a different document than the
 float32 reference.
+
+Quantised keys (fp8 e4m3 / int8 codes with a positive float32 scale per chunk, as
+``msa_jax.inference.quantize`` stores them; ``kr_scale_c``): the fused kernel reads
+the 1-byte codes (half the bytes of bf16) and multiplies them on the tensor cores by
+queries quantised per column to the same dtype (8-bit wgmma needs both operands in
+one dtype; Hopper runs it at twice the bf16 rate): e4m3 × e4m3 → f32, or s8 × s8 →
+s32 (exact). The column scales multiply the ``[chunks, cols]`` score tile before the
+max over question tokens, the chunk scale the max (it is positive). int8 queries
+(half a step of ``amax/127``) route as float queries do; an e4m3 query alone errs by
+up to 2^-4 relative per element, so by default it is two e4m3 terms (the code and its
+residual, ``BlockSizes.fp8_query_terms``), a second wgmma over the same key tile.
 """
 from __future__ import annotations
 
@@ -73,6 +84,13 @@ class BlockSizes:
     (default): fused when the caller passes the bank's ``layout``, which a bank
     builds once; without it the layout costs ~0.06 ms per call on an H100.
   blocks: programs of the fused kernel (0: one per streaming multiprocessor).
+  fold_batch: the fused kernel folds several examples into one pass's query columns
+    (``examples · cols ≤ max_queries``, wgmma N): one read of the bank serves them all,
+    each example keeping its own max over question tokens and running list. False: one
+    pass over the bank per example.
+  fp8_query_terms: fp8 K̄R: the queries as one e4m3 code per element (1: fastest, 2^-4
+    relative error) or two, the code plus its e4m3 residual (2: ~2^-8, a second fp8
+    wgmma per tile); see :func:`pallas_kernels.block_top_k.route_queries`.
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
   """
@@ -86,6 +104,8 @@ class BlockSizes:
   top_k: str = "pruned_sort"
   fused: bool | None = None
   blocks: int = 0
+  fold_batch: bool = True
+  fp8_query_terms: int = 2
 
 
 # ----------------------------------------------------------------------------
@@ -184,6 +204,54 @@ def _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols):
   if c % 8:  # TMA needs the bank's row count to be a multiple of 8: pad (copies the bank)
     kr_cf = jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))
   return q_pfc, kr_cf
+
+
+_ACC_ELEMS = 128 * 128   # f32 accumulator elements per warpgroup: 128 registers a thread
+
+
+def fused_plan(b: int, m: int, f: int, bs: BlockSizes, key_dtype="bfloat16"):
+  """``(tile chunks, query groups, columns per example, examples per pass)`` of the fused
+  kernel for ``b`` examples of ``m`` routing tokens over ``key_dtype`` keys (the bank
+  layout's tile is the first).
+
+  The ``[tile, examples·cols]`` accumulator stays within 128 registers a thread; fp8 keys
+  hold a second one (each K step is summed in float32 registers), so they get half: at
+  most 128 columns per pass and 64-chunk tiles when a pass has more than 64 columns.
+  """
+  fp8 = jnp.dtype(key_dtype).name == "float8_e4m3fn"
+  max_cols = min(bs.max_queries, 128) if fp8 else bs.max_queries
+  bs_k, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
+  examples = 1
+  if bs.fold_batch and groups == 1:
+    examples = max(1, min(b, max_cols // cols))
+  budget = _ACC_ELEMS // 2 if fp8 else _ACC_ELEMS
+  tile_c = bs.chunks if bs.chunks * examples * cols <= budget else min(bs.chunks, 64)
+  return tile_c, groups, cols, examples
+
+
+def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: BlockSizes,
+                       interpret, layout, kr_scale_c):
+  b, m, f = rq_bmf.shape
+  tile_c, groups, cols, examples = fused_plan(b, m, f, bs, kr_cf.dtype)
+  if layout is None:
+    layout = block_top_k.bank_layout(chunk_doc_c, tile_c)
+  elif layout.loc_tc.shape[1] != tile_c:
+    raise ValueError(f"the bank layout has tiles of {layout.loc_tc.shape[1]} chunks but the "
+                     f"kernel uses {tile_c} here (batch {b}, {m} routing tokens); rebuild it "
+                     f"with bank_layout(chunk_doc, {tile_c}) (fused_plan gives the tile)")
+  q_bgjf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
+  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
+  if kr_scale_c is None:
+    kr_cf = kr_cf.astype(jnp.bfloat16)
+  c = kr_cf.shape[0]
+  if c % 8:  # TMA needs the bank's row count to be a multiple of 8: pad (copies the bank)
+    kr_cf = jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))
+    if kr_scale_c is not None:
+      kr_scale_c = jnp.pad(kr_scale_c, (0, 8 - c % 8), constant_values=1)
+  return block_top_k.route_top_k_blocks(
+      queries, jnp.any(query_mask_bm, axis=1), kr_cf, layout, k, tile_f=bs.features,
+      stages=bs.stages, blocks=bs.blocks, kr_scale_c=kr_scale_c, examples=examples,
+      interpret=interpret)
 
 
 def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret):
@@ -341,45 +409,64 @@ def route_top_k_reference(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: i
                                              "interpret"))
 def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int, *,
                 implementation: str = "auto", block_sizes: BlockSizes | None = None,
-                interpret: bool | None = None, layout=None):
+                interpret: bool | None = None, layout=None, kr_scale_c=None):
   """Top-k documents of one bank: the inference path (no full score vector returned).
 
   Args:
     rq_bmf: group-summed routing queries ``[B, M, F]``.
     query_mask_bm: bool ``[B, M]``: routing tokens (question, padding excluded).
-    kr_cf: pooled L2-normalised router keys ``[C, F]``, bf16.
+    kr_cf: pooled L2-normalised router keys ``[C, F]``: bf16, or fp8 e4m3 / int8 codes
+      with ``kr_scale_c``.
     chunk_doc_c: int ``[C]`` document of each chunk (a document's chunks are
       contiguous; ``-1`` = padding chunk).
     num_docs: N document slots; k: documents to select.
     implementation: ``auto | pallas | xla``.
     layout: the bank's ``block_top_k.bank_layout(chunk_doc_c, tile)`` for the fused
-      kernel (a bank property; computed here when None).
+      kernel (a bank property; computed here when None; ``fused_plan`` gives the tile).
+    kr_scale_c: float32 ``[C]`` positive per-chunk scales of quantised keys (the key is
+      ``scale · code``). The fused kernel reads the codes with fp8 / int8 wgmma against
+      queries quantised to the same dtype with a scale per query column (fp8: two e4m3
+      terms by default, ``BlockSizes.fp8_query_terms``;
+      :func:`pallas_kernels.block_top_k.route_queries`); the XLA path scores the codes
+      with float32 queries and multiplies by the scale.
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
     ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``
     where ``valid_bk`` is False.
   """
   bs = block_sizes or BlockSizes()
-  fused = layout is not None if bs.fused is None else bs.fused
-  if fused and k <= block_top_k.LIST_SLOTS and _platform.resolve(implementation) == "pallas":
-    _, m, f = rq_bmf.shape
-    bs_k, groups, cols = _plan(m, f, bs)
-    q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
-    if layout is None:
-      layout = block_top_k.bank_layout(chunk_doc_c, bs_k.chunks)
-    elif layout.loc_tc.shape[1] != bs_k.chunks:
-      raise ValueError(f"the bank layout has tiles of {layout.loc_tc.shape[1]} chunks but the "
-                       f"kernel uses {bs_k.chunks}; rebuild it with "
-                       f"bank_layout(chunk_doc, {bs_k.chunks})")
-    top_val, top_idx = block_top_k.route_top_k_blocks(
-        q_pfc, jnp.any(query_mask_bm, axis=1), kr_cf, layout, k, groups=groups,
-        tile_f=bs.features, stages=bs.stages, blocks=bs.blocks, interpret=interpret)
-    return selection_from_top_k(top_val, top_idx, k)
-  s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
-                      block_sizes=bs, interpret=interpret)
+  quant = kr_scale_c is not None
+  fused = (layout is not None or quant) if bs.fused is None else bs.fused
+  if quant and jnp.dtype(kr_cf.dtype).name not in block_top_k.QUANT_KEY_DTYPES:
+    raise ValueError(f"kr_scale_c given with {kr_cf.dtype} keys: scales go with fp8 e4m3 / "
+                     "int8 codes only")
+  use_pallas = _platform.resolve(implementation) == "pallas"
+  if use_pallas and (fused or quant):
+    if k > block_top_k.LIST_SLOTS or not fused:
+      if quant:
+        raise ValueError(f"quantised K̄R is routed by the fused kernel only (k ≤ "
+                         f"{block_top_k.LIST_SLOTS}, BlockSizes(fused=None or True)); got "
+                         f"k={k}, fused={bs.fused}; use implementation='xla'")
+    else:
+      top_val, top_idx = _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k, bs,
+                                            interpret, layout, kr_scale_c)
+      return selection_from_top_k(top_val, top_idx, k)
+  if quant:
+    s_bc = _chunk_scores_xla_codes(rq_bmf, query_mask_bm, kr_cf, kr_scale_c)
+  else:
+    s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
+                        block_sizes=bs, interpret=interpret)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
   top_val, top_idx = _top_k(doc_s, k, bs)
   return selection_from_top_k(top_val, top_idx, k)
+
+
+def _chunk_scores_xla_codes(rq_bmf, query_mask_bm, codes_cf, scale_c):
+  """Chunk scores of quantised keys: float32 queries · codes, times the chunk's scale."""
+  s_bmc = jnp.einsum("bmf,cf->bmc", rq_bmf.astype(jnp.float32), codes_cf.astype(jnp.float32),
+                     precision=lax.Precision.HIGHEST)
+  s_bc = jnp.max(jnp.where(query_mask_bm[:, :, None], s_bmc, NEG_INF), axis=1)
+  return s_bc * scale_c[None].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("num_docs", "k", "implementation", "block_sizes",

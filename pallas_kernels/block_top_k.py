@@ -102,23 +102,43 @@ def num_blocks_for(num_tiles: int, blocks: int) -> tuple[int, int]:
   return -(-num_tiles // per), per
 
 
+QUANT_KEY_DTYPES = ("float8_e4m3fn", "int8")   # K̄R codes the kernel reads with a per-chunk scale
+
+
 def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols: int,
                       groups: int, passes: int, k: int, tile_c: int, tile_f: int, stages: int,
-                      interpret):
-  """``plgpu.kernel`` → ``(values [passes, blocks, 64] f32, docs [passes, blocks, 64] i32)``.
+                      interpret, key_dtype: str = "bfloat16", examples: int = 1,
+                      query_terms: int = 1):
+  """``plgpu.kernel`` → ``(values, docs)``, each ``[passes, blocks, examples·64]``.
 
-  Inputs: ``kr [≥ num_tiles·tile_c, F]`` bf16, ``q [passes, groups·F, cols]`` bf16
-  (pass = example; group ``g`` of queries in rows ``g·F:(g+1)·F``), ``loc`` and
-  ``slot_doc`` ``[num_tiles·tile_c]`` int32 (:class:`BankLayout`). The first ``k``
-  entries of each block's list are its candidates, best first (``-1`` = empty).
+  Inputs, bf16 keys: ``kr [≥ num_tiles·tile_c, F]`` bf16, ``q [passes, groups·F, cols]``
+  bf16 (group ``g`` of queries in rows ``g·F:(g+1)·F``), ``loc`` and ``slot_doc``
+  ``[num_tiles·tile_c]`` int32 (:class:`BankLayout`).
+  Quantised keys (``key_dtype`` in :data:`QUANT_KEY_DTYPES`): ``kr`` holds codes, ``q``
+  is ``[passes, groups·cols, F]`` codes of the same dtype (K-major: 8-bit wgmma reads
+  both operands K-major), then ``q_scale [passes, groups·cols]`` and ``kr_scale
+  [≥ num_tiles·tile_c]`` float32 before ``loc`` and ``slot_doc``. A chunk's score is
+  ``kr_scale · max_j (q_scale_j · codes·q_j)``: the column scales are applied to the
+  ``[chunks, cols]`` tile before the max, the positive chunk scale after it.
+  ``query_terms=2`` (fp8): a second query operand ``q_lo`` (same shape, after ``q``) holds
+  the rounding residual of ``q`` at the same scale; both multiply the same key tile into
+  one accumulator (``q/scale ≈ hi + lo``: queries to ~2^-8 instead of 2^-4).
+  Columns ``e·cols/examples:(e+1)·cols/examples`` of a pass belong to example ``e`` (the
+  batch folded into the wgmma N dimension: one pass over the keys for all of them);
+  each example keeps its own running list, entries ``e·64:(e+1)·64`` of the output.
+  The first ``k`` entries of each list are its candidates, best first (``-1`` = empty).
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   r = LIST_SLOTS
   pool = r + tile_c                       # running list ++ the tile's document slots
   num_f = f // tile_f
-  k_transforms = _platform.swizzle_transforms(tile_f, 2)
-  q_transforms = _platform.swizzle_transforms(cols, 2)
+  quant = key_dtype in QUANT_KEY_DTYPES
+  itemsize = jnp.dtype(key_dtype).itemsize
+  acc_dtype = jnp.int32 if key_dtype == "int8" else jnp.float32
+  cols_e = cols // examples
+  k_transforms = _platform.swizzle_transforms(tile_f, itemsize)
+  q_transforms = _platform.swizzle_transforms(tile_f if quant else cols, itemsize)
   compiled = _platform.mosaic_interpret_params(interpret) is None
   wgmma_layout = plgpu.Layout.WGMMA if compiled else None
   row_layout = plgpu.Layout.WGMMA.reduce(1) if compiled else None
@@ -127,127 +147,194 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
   cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
   iota = lambda shape, dim: _platform.wgmma_iota(shape, dim, compiled)  # noqa: E731
 
-  # Lane semantics (see compiler_params below): every [64, n] operand has an explicit layout.
-  def cols_of(x, n):   # a column-indexed vector broadcast over 64 rows
-    return cast(lax.broadcast_in_dim(x, (64, n), [1]), wgmma_layout)
+  # Lane semantics (see compiler_params below): every [rows, n] operand has an explicit layout.
+  def cols_of(x, n, rows=64):   # a column-indexed vector broadcast over rows
+    return cast(lax.broadcast_in_dim(x, (rows, n), [1]), wgmma_layout)
 
   def rows_of(x, n):   # a row-indexed vector broadcast over n columns
     return cast(lax.broadcast_in_dim(x, (64, n), [0]), wgmma_layout)
 
-  def merge_tile(s_smem, loc_smem, key_smem, val_smem, doc_smem, rank_smem):
-    """Folds one tile's chunk maxima (``s_smem``) into the running list (pool[:r])."""
+  def merge_tile(e, s_smem, loc_smem, key_smem, val_smem, doc_smem, rank_smem):
+    """Folds example ``e``'s tile chunk maxima into its running list.
+
+    Example ``e`` owns ``s_smem[e·tile_c:]`` and ``pool`` entries from ``e·pool`` of the
+    list buffers (running list first, then the tile's document slots).
+    """
+    at = lambda start, n: pl.ds(e * pool + start, n)  # noqa: E731
     # 1. Per-document max within the tile: slot j = max over chunks with loc == j.
-    s_col = cast(s_smem[...], col_layout)
+    s_col = cast(s_smem[pl.ds(e * tile_c, tile_c)], col_layout)
     loc_col = cast(loc_smem[...], col_layout)
     for slab in range(tile_c // 64):
       hit = cols_of(loc_col, tile_c) == iota((64, tile_c), 0) + slab * 64
       w = jnp.where(hit, cols_of(s_col, tile_c), NEG_INF).max(axis=1)
-      val_smem[pl.ds(r + slab * 64, 64)] = w
-      doc_smem[pl.ds(r + slab * 64, 64)] = cast(key_smem[pl.ds(slab * 64, 64)], row_layout)
+      val_smem[at(r + slab * 64, 64)] = w
+      doc_smem[at(r + slab * 64, 64)] = cast(key_smem[pl.ds(slab * 64, 64)], row_layout)
     # 2. Documents already in the list (cut by the tile boundary): the list entry takes
     #    the max of both values; the tile's entry is dropped.
-    w_val = cast(val_smem[pl.ds(r, tile_c)], col_layout)
-    w_doc = cast(doc_smem[pl.ds(r, tile_c)], col_layout)
-    l_val = cast(val_smem[pl.ds(0, r)], row_layout)
-    l_doc = cast(doc_smem[pl.ds(0, r)], row_layout)
-    l_doc_col = cast(doc_smem[pl.ds(0, r)], col_layout)
+    w_val = cast(val_smem[at(r, tile_c)], col_layout)
+    w_doc = cast(doc_smem[at(r, tile_c)], col_layout)
+    l_val = cast(val_smem[at(0, r)], row_layout)
+    l_doc = cast(doc_smem[at(0, r)], row_layout)
+    l_doc_col = cast(doc_smem[at(0, r)], col_layout)
     same = rows_of(l_doc, tile_c) == cols_of(w_doc, tile_c)
     merged = jnp.maximum(l_val, jnp.where(same, cols_of(w_val, tile_c), NEG_INF).max(axis=1))
     dups = []
     for slab in range(tile_c // 64):
-      t_doc = cast(doc_smem[pl.ds(r + slab * 64, 64)], row_layout)
+      t_doc = cast(doc_smem[at(r + slab * 64, 64)], row_layout)
       hit = (rows_of(t_doc, r) == cols_of(l_doc_col, r)) & (rows_of(t_doc, r) >= 0)
       dups.append(jnp.where(hit, 1, 0).max(axis=1))
-    val_smem[pl.ds(0, r)] = merged
+    val_smem[at(0, r)] = merged
     for slab, dup in enumerate(dups):
-      sl = pl.ds(r + slab * 64, 64)
+      sl = at(r + slab * 64, 64)
       t_doc = cast(doc_smem[sl], row_layout)
       doc_smem[sl] = jnp.where(dup > 0, -1, t_doc)
     # 3. Rank every entry by (score desc, document asc) against all valid entries.
-    p_val = cols_of(cast(val_smem[...], col_layout), pool)
-    p_doc = cols_of(cast(doc_smem[...], col_layout), pool)
+    p_val = cols_of(cast(val_smem[at(0, pool)], col_layout), pool)
+    p_doc = cols_of(cast(doc_smem[at(0, pool)], col_layout), pool)
     for slab in range(pool // 64):
-      sl = pl.ds(slab * 64, 64)
+      sl = at(slab * 64, 64)
       e_val = rows_of(cast(val_smem[sl], row_layout), pool)
       e_doc = rows_of(cast(doc_smem[sl], row_layout), pool)
       beats = (p_doc >= 0) & ((p_val > e_val) | ((p_val == e_val) & (p_doc < e_doc)))
       rank = jnp.where(beats, 1, 0).sum(axis=1)
       rank_smem[sl] = jnp.where(cast(doc_smem[sl], row_layout) >= 0, rank, pool)
     # 4. The k best, in rank order, become the new list.
-    p_rank = cols_of(cast(rank_smem[...], col_layout), pool)
+    p_rank = cols_of(cast(rank_smem[at(0, pool)], col_layout), pool)
     want = iota((64, pool), 0)
     pick = (p_rank == want) & (want < k)
     new_val = jnp.where(pick, p_val, NEG_INF).max(axis=1)
     new_doc = jnp.where(pick, p_doc, -1).max(axis=1)
-    val_smem[pl.ds(0, r)] = new_val
-    doc_smem[pl.ds(0, r)] = new_doc
+    val_smem[at(0, r)] = new_val
+    doc_smem[at(0, r)] = new_doc
 
-  def body(kr_gmem, q_gmem, loc_gmem, key_gmem, val_out, doc_out):
+  def example_maxima(acc, qs_smem, ks_smem):
+    """``[tile_c, cols]`` accumulator → each example's chunk scores ``[tile_c]``."""
+    s = acc
+    if quant:
+      s = s.astype(jnp.float32) * cols_of(cast(qs_smem[...], col_layout), cols, tile_c)
+    # an example's columns are whole 64-column slabs of the tile: a slice selects registers
+    maxima = [s[:, e * cols_e:(e + 1) * cols_e].max(axis=1) for e in range(examples)]
+    if quant:   # the chunk's scale is positive: it commutes with the max
+      scale = cast(ks_smem[...], row_layout)
+      maxima = [m * scale for m in maxima]
+    return maxima
+
+  def body(*refs):
+    q_lo_gmem = None
+    if quant and query_terms == 2:
+      kr_gmem, q_gmem, q_lo_gmem, qs_gmem, ks_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
+    elif quant:
+      kr_gmem, q_gmem, qs_gmem, ks_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
+    else:
+      kr_gmem, q_gmem, loc_gmem, key_gmem, val_out, doc_out = refs
     blk = lax.axis_index("block")
     p = lax.axis_index("pass")
 
     def scoped(s_smem, val_smem, doc_smem, rank_smem):
-      val_smem[pl.ds(0, r)] = cast(jnp.full((r,), NEG_INF, jnp.float32), row_layout)
-      doc_smem[pl.ds(0, r)] = cast(jnp.full((r,), -1, jnp.int32), row_layout)
+      for e in range(examples):
+        val_smem[pl.ds(e * pool, r)] = cast(jnp.full((r,), NEG_INF, jnp.float32), row_layout)
+        doc_smem[pl.ds(e * pool, r)] = cast(jnp.full((r,), -1, jnp.int32), row_layout)
 
       def tile_of(g):
         return jnp.minimum(blk * per_block + g, num_tiles - 1)
 
-      def step(idx, k_smem, q_smem, loc_smem, key_smem, acc):
+      def step(idx, *operands):
+        q_terms = operands[1:1 + query_terms] if quant else operands[1:2]
+        if quant:
+          k_smem, (qs_smem, ks_smem, loc_smem, key_smem, acc) = operands[0], operands[-5:]
+        else:
+          (k_smem, _, loc_smem, key_smem, acc), qs_smem, ks_smem = operands, None, None
         _, grp, j = idx
-        if compiled:
-          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, q_smem))(
+        if compiled and key_dtype == "float8_e4m3fn":
+          # Hopper's fp8 wgmma keeps ~14 bits while it accumulates: each K step starts from
+          # zero and is added to the float32 sum in registers ("promotion"), as DeepSeek-V3
+          # does every 128 products.
+          rhs = [plgpu.transpose_ref(q, (1, 0)) for q in q_terms]
+
+          def fresh_fp8(acc_ref):
+            for q in rhs:        # every term multiplies the same key tile into one sum
+              plgpu.wgmma(acc_ref, k_smem, q)
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(fresh_fp8, plgpu.ACC((tile_c, cols), jnp.float32))
+        elif compiled:
+          rhs = plgpu.transpose_ref(q_terms[0], (1, 0)) if quant else q_terms[0]
+          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
               plgpu.ACC.init(acc))
           plgpu.wgmma_wait(0)
+        elif quant:   # the interpreter's wgmma takes no transposed views: a plain dot
+          wide = jnp.int32 if acc_dtype == jnp.int32 else jnp.float32
+          for q_smem in q_terms:
+            acc = acc + jnp.dot(k_smem[...].astype(wide), q_smem[...].astype(wide).T,
+                                preferred_element_type=acc_dtype)
         else:
           def fresh(acc_ref):
-            plgpu.wgmma(acc_ref, k_smem, q_smem)
+            plgpu.wgmma(acc_ref, k_smem, q_terms[0])
             return acc_ref[...]
           acc = acc + pl.run_scoped(fresh, plgpu.ACC((tile_c, cols), jnp.float32))
         last_f = j == num_f - 1
 
         @pl.when(last_f & (grp == 0))
         def _():
-          s_smem[...] = acc.max(axis=1)
+          for e, m in enumerate(example_maxima(acc, qs_smem, ks_smem)):
+            s_smem[pl.ds(e * tile_c, tile_c)] = m
 
-        if groups > 1:   # max over the query groups of the same example
+        if groups > 1:   # max over the query groups of the same example (examples == 1)
           @pl.when(last_f & (grp > 0))
           def _():
-            s_smem[...] = jnp.maximum(cast(s_smem[...], row_layout), acc.max(axis=1))
+            (m,) = example_maxima(acc, qs_smem, ks_smem)
+            s_smem[...] = jnp.maximum(cast(s_smem[...], row_layout), m)
 
         @pl.when(last_f & (grp == groups - 1))
         def _():
-          merge_tile(s_smem, loc_smem, key_smem, val_smem, doc_smem, rank_smem)
+          for e in range(examples):
+            merge_tile(e, s_smem, loc_smem, key_smem, val_smem, doc_smem, rank_smem)
 
+        if acc_dtype == jnp.int32:
+          return acc * jnp.where(last_f, 0, 1).astype(jnp.int32)
         return acc * jnp.where(last_f, 0.0, 1.0).astype(jnp.float32)
 
-      acc0 = cast(jnp.zeros((tile_c, cols), jnp.float32), plgpu.Layout.WGMMA)
+      acc0 = cast(jnp.zeros((tile_c, cols), acc_dtype), plgpu.Layout.WGMMA)
+      chunk_spec = lambda: plgpu.BlockSpec((tile_c,), lambda g, grp, j: (tile_of(g),))  # noqa: E731
+      k_spec = plgpu.BlockSpec((tile_c, tile_f), lambda g, grp, j: (tile_of(g), j),
+                               transforms=k_transforms)
+      main = kr_gmem.at[pl.ds(0, num_tiles * tile_c)]
+      if quant:
+        q_spec = lambda: plgpu.BlockSpec((cols, tile_f), lambda g, grp, j: (grp, j),  # noqa: E731
+                                         transforms=q_transforms)
+        in_specs = [k_spec] + [q_spec() for _ in range(query_terms)] + [
+            plgpu.BlockSpec((cols,), lambda g, grp, j: (grp,)),
+            chunk_spec(), chunk_spec(), chunk_spec()]
+        q_ops = (q_gmem.at[p],) + ((q_lo_gmem.at[p],) if query_terms == 2 else ())
+        operands = (main, *q_ops, qs_gmem.at[p],
+                    ks_gmem.at[pl.ds(0, num_tiles * tile_c)], loc_gmem, key_gmem)
+      else:
+        in_specs = [k_spec,
+                    plgpu.BlockSpec((tile_f, cols), lambda g, grp, j: (grp * num_f + j, 0),
+                                    transforms=q_transforms),
+                    chunk_spec(), chunk_spec()]
+        operands = (main, q_gmem.at[p], loc_gmem, key_gmem)
       plgpu.emit_pipeline(
           step,
           grid=(per_block, groups, num_f),
-          in_specs=[
-              plgpu.BlockSpec((tile_c, tile_f), lambda g, grp, j: (tile_of(g), j),
-                              transforms=k_transforms),
-              plgpu.BlockSpec((tile_f, cols), lambda g, grp, j: (grp * num_f + j, 0),
-                              transforms=q_transforms),
-              plgpu.BlockSpec((tile_c,), lambda g, grp, j: (tile_of(g),)),
-              plgpu.BlockSpec((tile_c,), lambda g, grp, j: (tile_of(g),)),
-          ],
+          in_specs=in_specs,
           max_concurrent_steps=min(stages, per_block * groups * num_f),
           init_carry=acc0,
-      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p], loc_gmem, key_gmem)
+      )(*operands)
       plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(val_smem.at[pl.ds(0, r)], val_out.at[p, blk])
-      plgpu.copy_smem_to_gmem(doc_smem.at[pl.ds(0, r)], doc_out.at[p, blk])
+      for e in range(examples):
+        plgpu.copy_smem_to_gmem(val_smem.at[pl.ds(e * pool, r)], val_out.at[p, blk, pl.ds(e * r, r)])
+        plgpu.copy_smem_to_gmem(doc_smem.at[pl.ds(e * pool, r)], doc_out.at[p, blk, pl.ds(e * r, r)])
       plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(scoped, plgpu.SMEM((tile_c,), jnp.float32), plgpu.SMEM((pool,), jnp.float32),
-                  plgpu.SMEM((pool,), jnp.int32), plgpu.SMEM((pool,), jnp.int32))
+    pl.run_scoped(scoped, plgpu.SMEM((examples * tile_c,), jnp.float32),
+                  plgpu.SMEM((examples * pool,), jnp.float32),
+                  plgpu.SMEM((examples * pool,), jnp.int32),
+                  plgpu.SMEM((examples * pool,), jnp.int32))
 
   return plgpu.kernel(
       body,
-      out_type=(jax.ShapeDtypeStruct((passes, blocks, r), jnp.float32),
-                jax.ShapeDtypeStruct((passes, blocks, r), jnp.int32)),
+      out_type=(jax.ShapeDtypeStruct((passes, blocks, examples * r), jnp.float32),
+                jax.ShapeDtypeStruct((passes, blocks, examples * r), jnp.int32)),
       grid=(blocks, passes),
       grid_names=("block", "pass"),
       # Lane semantics: every layout is explicit above. jax 0.11's default
@@ -258,10 +345,17 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
   )
 
 
-def stages_that_fit(tile_c: int, tile_f: int, cols: int, stages: int) -> int:
-  """Pipeline depth whose buffers (K̄R, queries, two int32 tile vectors) fit SMEM."""
-  scratch = 4 * tile_c + 12 * (LIST_SLOTS + tile_c)
-  per_stage = 2 * tile_f * (tile_c + cols) + 8 * tile_c
+def stages_that_fit(tile_c: int, tile_f: int, cols: int, stages: int, itemsize: int = 2,
+                    examples: int = 1, query_terms: int = 1) -> int:
+  """Pipeline depth whose buffers (K̄R, queries, per-tile vectors) fit SMEM.
+
+  ``itemsize`` 1: quantised keys and ``query_terms`` query operands, plus their float32
+  scales per stage.
+  """
+  scratch = examples * (4 * tile_c + 12 * (LIST_SLOTS + tile_c))
+  per_stage = itemsize * tile_f * (tile_c + query_terms * cols) + 8 * tile_c
+  if itemsize == 1:
+    per_stage += 4 * (tile_c + cols)
   return max(1, min(stages, (_SMEM_LIMIT - scratch) // per_stage))
 
 
@@ -302,18 +396,80 @@ def merge_candidates(val_bn, doc_bn, k: int):
 def tail_chunk_scores(q_pfc, kr_tail_cf, groups: int):
   """Chunk scores of the chunks after the last full tile in plain XLA, ``[B, n]`` f32.
 
-  ``q_pfc`` is the kernels' query operand ``[B·groups, F, cols]``; the max runs over
-  every query column of every group of an example.
+  ``q_pfc`` is the unfused kernel's query operand ``[B·groups, F, cols]``; the max runs
+  over every query column of every group of an example.
   """
   s_pjc = jnp.einsum("pfj,cf->pjc", q_pfc, kr_tail_cf, preferred_element_type=jnp.float32)
   return s_pjc.reshape(-1, groups * q_pfc.shape[2], kr_tail_cf.shape[0]).max(axis=1)
 
 
-def _ragged_tail_candidates(q_pfc, kr_cf, layout: BankLayout, c_main: int, groups: int):
+class RouteQueries(NamedTuple):
+  """The fused kernel's queries per example, before they are laid out for the kernel.
+
+  q_bgjf: ``[B, groups, cols, F]``: bf16 for bf16 keys, else codes in the keys' dtype
+    (masked and padding rows already filled with a valid row of the example).
+  scale_bgj: float32 ``[B, groups, cols]`` per-column scales of quantised queries, or None.
+  lo_bgjf: fp8 only, or None: the rounding residual ``q/scale - q_bgjf`` in e4m3 at the same
+    scale (a second term: the query is ``scale · (hi + lo)``).
+  """
+
+  q_bgjf: jax.Array
+  scale_bgj: jax.Array | None
+  lo_bgjf: jax.Array | None = None
+
+
+def route_queries(q_bgjf, key_dtype, fp8_terms: int = 2) -> RouteQueries:
+  """:class:`RouteQueries` for keys of ``key_dtype``: bf16 queries for float keys;
+  fp8 e4m3 / int8 codes with a float32 scale per query column for quantised keys
+  (symmetric, ``amax/QMAX``, as the keys: ``msa_jax.inference.quantize``).
+
+  ``fp8_terms=2`` adds the e4m3 residual as a second term: a query in e4m3 alone is off
+  by up to 2^-4 relative per element (on random 1024-wide keys that moved ~2 of 100
+  top-16 chunks beyond what the fp8 keys themselves move); ``hi + lo`` is within ~2^-8
+  and costs a second fp8 wgmma per tile (the bf16 matmul's tensor time, no conversion).
+  int8 queries (half a step of ``amax/127``) route as float queries do: one term.
+  """
+  from msa_jax.inference import quantize
+  name = jnp.dtype(key_dtype).name
+  if name not in QUANT_KEY_DTYPES:
+    return RouteQueries(q_bgjf.astype(jnp.bfloat16), None)
+  if fp8_terms not in (1, 2):
+    raise ValueError(f"fp8_terms must be 1 or 2, got {fp8_terms}")
+  codes, scale = quantize.quantise_jax(q_bgjf, name, 1)
+  if name != "float8_e4m3fn" or fp8_terms == 1:
+    return RouteQueries(codes, scale)
+  rest = q_bgjf.astype(jnp.float32) / scale[..., None] - codes.astype(jnp.float32)
+  return RouteQueries(codes, scale, rest.astype(jnp.float8_e4m3fn))
+
+
+def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
+  """What the fused kernel computes per chunk, in plain XLA: ``[B, C]`` float32.
+
+  ``max over (group, column) of q·K̄R``: bf16 operands with float32 accumulation, or for
+  codes ``kr_scale · max_j (q_scale_j · codes·q_j)`` (exact products, float32 sums).
+  Scores the ragged tail of a bank, and is the kernel's numerics reference in tests.
+  """
+  if queries.scale_bgj is None:
+    s_bgjc = jnp.einsum("bgjf,cf->bgjc", queries.q_bgjf.astype(jnp.bfloat16),
+                        kr_cf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+  else:
+    q = queries.q_bgjf.astype(jnp.float32)
+    if queries.lo_bgjf is not None:
+      q = q + queries.lo_bgjf.astype(jnp.float32)     # exact: hi and lo are e4m3
+    s_bgjc = jnp.einsum("bgjf,cf->bgjc", q, kr_cf.astype(jnp.float32),
+                        precision=lax.Precision.HIGHEST)
+    s_bgjc = s_bgjc * queries.scale_bgj[..., None]
+  s_bc = s_bgjc.max(axis=(1, 2))
+  return s_bc if kr_scale_c is None else s_bc * kr_scale_c[None].astype(jnp.float32)
+
+
+def _ragged_tail_candidates(queries: RouteQueries, kr_cf, kr_scale_c, layout: BankLayout,
+                            c_main: int):
   """Per-document maxima of the chunks after the last full tile (plain XLA)."""
   c = kr_cf.shape[0]
   tile_c = layout.loc_tc.shape[1]
-  s_bc = jnp.pad(tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups),
+  scale = None if kr_scale_c is None else kr_scale_c[c_main:c]
+  s_bc = jnp.pad(fused_chunk_scores(queries, kr_cf[c_main:c], scale),
                  ((0, 0), (0, tile_c - (c - c_main))), constant_values=NEG_INF)
   loc_c = layout.loc_tc[-1]
   hit = loc_c[:, None] == jnp.arange(tile_c, dtype=jnp.int32)[None, :]      # [chunk, slot]
@@ -321,35 +477,82 @@ def _ragged_tail_candidates(q_pfc, kr_cf, layout: BankLayout, c_main: int, group
   return val, jnp.broadcast_to(layout.slot_doc_tc[-1], (s_bc.shape[0], tile_c))
 
 
-def route_top_k_blocks(q_pfc, any_query_b, kr_cf, layout: BankLayout, k: int, *, groups: int,
-                       tile_f: int, stages: int, blocks: int, interpret=None):
+def _kernel_query_operands(queries: RouteQueries, examples: int):
+  """Folds ``examples`` examples into each pass's columns: the kernel's query operands.
+
+  Returns ``(q terms, q_scale or None, passes)``: bf16 ``(q [passes, groups·F,
+  examples·cols],)``, or codes ``[passes, groups·examples·cols, F]`` (K-major; two for
+  split fp8 queries) with scales ``[passes, groups·examples·cols]``. Padding examples (to
+  fill the last pass) are zero.
+  """
+  b, g, j, f = queries.q_bgjf.shape
+  passes = -(-b // examples)
+  pad = passes * examples - b
+
+  def fold(q):
+    q = jnp.pad(q, ((0, pad), (0, 0), (0, 0), (0, 0))).reshape(passes, examples, g, j, f)
+    if queries.scale_bgj is None:
+      return q.transpose(0, 2, 4, 1, 3).reshape(passes, g * f, examples * j)
+    return q.transpose(0, 2, 1, 3, 4).reshape(passes, g * examples * j, f)
+
+  terms = tuple(fold(q) for q in (queries.q_bgjf, queries.lo_bgjf) if q is not None)
+  if queries.scale_bgj is None:
+    return terms, None, passes
+  sc = jnp.pad(queries.scale_bgj, ((0, pad), (0, 0), (0, 0)), constant_values=1)
+  sc = sc.reshape(passes, examples, g, j).transpose(0, 2, 1, 3).reshape(passes, -1)
+  return terms, sc.astype(jnp.float32), passes
+
+
+def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLayout, k: int, *,
+                       tile_f: int, stages: int, blocks: int, kr_scale_c=None,
+                       examples: int = 1, interpret=None):
   """Top-k documents through the fused kernel: ``(values [B, k'], documents [B, k'])``.
 
-  ``q_pfc``: the kernel's query operand ``[B·groups, F, cols]`` bf16 (masked rows
-  already filled, as :func:`pallas_kernels.block_routing._kernel_inputs`);
-  ``any_query_b``: examples with at least one routing token; ``kr_cf``: bf16 bank with
-  a multiple of 8 rows; ``layout``: :func:`bank_layout` of its chunk→document map.
+  ``queries``: :func:`route_queries` of the filled queries (masked rows replaced, as
+  :func:`pallas_kernels.block_routing._fill_masked_queries`); ``any_query_b``: examples
+  with at least one routing token; ``kr_cf``: bf16, fp8 e4m3 or int8 bank with a multiple
+  of 8 rows, ``kr_scale_c`` float32 ``[C]`` its positive per-chunk scales when quantised;
+  ``layout``: :func:`bank_layout` of its chunk→document map; ``examples``: examples folded
+  into one pass's query columns (``examples · cols ≤ 256``; needs one query group).
   """
   if k > LIST_SLOTS:
     raise ValueError(f"the fused route keeps at most {LIST_SLOTS} documents per block, "
                      f"got k={k}; use BlockSizes(fused=False)")
-  pg, f, cols = q_pfc.shape
-  b = pg // groups
+  key_dtype = jnp.dtype(kr_cf.dtype).name
+  quant = key_dtype in QUANT_KEY_DTYPES
+  if quant != (kr_scale_c is not None):
+    raise ValueError(f"K̄R of dtype {key_dtype} needs " + ("its per-chunk scales (kr_scale_c)"
+                     if quant else "no kr_scale_c (only fp8 e4m3 / int8 codes carry scales)"))
+  if quant != (queries.scale_bgj is not None) or (
+      quant and queries.q_bgjf.dtype != kr_cf.dtype) or (
+      queries.lo_bgjf is not None and key_dtype != "float8_e4m3fn"):
+    raise ValueError("queries and keys disagree: build them with route_queries(q, kr.dtype)")
+  b, groups, cols_e, f = queries.q_bgjf.shape
+  if groups > 1 and examples > 1:
+    raise ValueError("examples are folded into the query columns only with one query group")
+  examples = max(1, min(examples, b))
   tile_c = layout.loc_tc.shape[1]
   c = kr_cf.shape[0]
   num_tiles = c // tile_c
   vals, docs = [], []
   if num_tiles:
+    cols = examples * cols_e
     nb, per = num_blocks_for(num_tiles, blocks)
-    st = stages_that_fit(tile_c, tile_f, cols, stages)
-    call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, b, k, tile_c, tile_f, st,
-                             interpret)
-    v, d = call(kr_cf, q_pfc.reshape(b, groups * f, cols),
-                layout.loc_tc[:num_tiles].reshape(-1), layout.slot_doc_tc[:num_tiles].reshape(-1))
-    vals.append(v[:, :, :k].reshape(b, -1))
-    docs.append(d[:, :, :k].reshape(b, -1))
+    q_terms, q_scale, passes = _kernel_query_operands(queries, examples)
+    st = stages_that_fit(tile_c, tile_f, cols, stages, jnp.dtype(key_dtype).itemsize, examples,
+                         len(q_terms))
+    call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, passes, k, tile_c, tile_f, st,
+                             interpret, key_dtype, examples, len(q_terms))
+    extra = (q_scale, kr_scale_c.astype(jnp.float32)) if quant else ()
+    v, d = call(kr_cf, *q_terms, *extra, layout.loc_tc[:num_tiles].reshape(-1),
+                layout.slot_doc_tc[:num_tiles].reshape(-1))
+    # [passes, blocks, examples·64] → per example [B, blocks·k]
+    unfold = lambda x: x.reshape(passes, nb, examples, LIST_SLOTS).transpose(0, 2, 1, 3).reshape(  # noqa: E731
+        passes * examples, nb, LIST_SLOTS)[:b, :, :k].reshape(b, -1)
+    vals.append(unfold(v))
+    docs.append(unfold(d))
   if num_tiles * tile_c < c:
-    v, d = _ragged_tail_candidates(q_pfc, kr_cf, layout, num_tiles * tile_c, groups)
+    v, d = _ragged_tail_candidates(queries, kr_cf, kr_scale_c, layout, num_tiles * tile_c)
     vals.append(v)
     docs.append(d)
   val = jnp.concatenate(vals, axis=1)

@@ -16,8 +16,9 @@ Quantised keys (``quantize.py``): ``kr_cf`` may hold fp8 e4m3 / int8 codes with 
 scale per chunk, ``kr_scale_c``. The scan scores the codes and multiplies each chunk's score
 by its scale, which equals scoring the dequantised keys (``rq · s q = s (rq · q)``, and
 ``s > 0`` commutes with the max over routing tokens); only the codes and ``4`` bytes per
-chunk are read. The fused Pallas kernel does not read quantised keys yet (the engine
-routes quantised banks through the XLA scan).
+chunk are read. The fused Pallas kernel (``implementation="pallas"``) reads the codes too:
+fp8 / int8 wgmma against queries quantised per column to the same dtype, the column scales
+applied before the max over routing tokens and the chunk scale after it.
 
 Memory parallel: ``sharded_top_k`` runs the tiled scan on each shard of a ``memory``
 mesh axis (each shard holds whole documents), all-gathers the k local winners and merges
@@ -168,56 +169,89 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
 
 
 def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int | None = None,
-                implementation: str = "xla", kr_scale_c=None, score_dtype: str = "float32"):
+                implementation: str = "xla", kr_scale_c=None, score_dtype: str = "float32",
+                layouts=None, block_sizes=None):
   """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
 
   ``implementation="pallas"`` runs ``pallas_kernels.block_routing.route_top_k`` with the
   fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
   block-local top-k in one pass; only k candidates per block leave it), so memory stays
-  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS`` and float keys
-  (quantised keys, ``kr_scale_c`` given, run through the scan).
+  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
+  (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
+  quantised per column to the same dtype (``block_top_k.route_queries``).
+  ``layouts``: ``{tile: BankLayout}`` of this device's chunks (:func:`routing_layouts`,
+  built once per placed bank); the kernel's tile is looked up, else built here per call.
+  ``block_sizes``: the kernel's ``block_routing.BlockSizes`` (None: the engine's, fused).
   """
   if implementation == "xla":
     return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c,
                        score_dtype)
-  if kr_scale_c is not None:
-    raise ValueError("the fused Pallas routing kernel does not read quantised K̄R (fp8/int8 "
-                     "with per-chunk scales) yet; route this bank with implementation='xla' "
-                     "(MemoryEngine.load(routing='auto') does)")
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
-  f = kr_cf.shape[1]
+  b, m, f = rq_bmf.shape
+  bs = block_sizes or block_routing.BlockSizes(fused=True,
+                                               features=128 if f % 128 == 0 else 64)
+  tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
+  layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
       rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, 0, k, implementation="pallas",
-      block_sizes=block_routing.BlockSizes(fused=True, features=128 if f % 128 == 0 else 64))
+      block_sizes=bs, layout=layout, kr_scale_c=kr_scale_c)
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
+
+
+LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)
+
+
+def routing_layouts(chunk_doc_c, tiles=LAYOUT_TILES):
+  """``{tile: BankLayout}`` of a device's chunk→document map for the fused kernel.
+
+  A property of the bank: build it once when the bank is placed (``sharded_layouts`` for a
+  sharded map) and pass it to :func:`local_top_k` / :func:`sharded_top_k`; otherwise each
+  routed call rebuilds it from the map (a scatter over every chunk).
+  """
+  from pallas_kernels import block_top_k
+  return {t: block_top_k.bank_layout(chunk_doc_c, t) for t in tiles}
+
+
+def sharded_layouts(mesh, chunk_doc_c, axis: str = "memory", tiles=LAYOUT_TILES):
+  """:func:`routing_layouts` of each ``axis`` shard of ``chunk_doc_c``, sharded like it
+  (``[shards·tiles_per_shard, tile]`` arrays): what :func:`sharded_top_k` takes."""
+  from jax.experimental.shard_map import shard_map
+  spec = PartitionSpec(axis)
+  fn = shard_map(lambda doc: routing_layouts(doc, tiles), mesh=mesh, in_specs=(spec,),
+                 out_specs=spec, check_rep=False)
+  return jax.jit(fn)(chunk_doc_c)
 
 
 def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
                   tile: int | None = None, axis: str = "memory", implementation: str = "xla",
-                  kr_scale_c=None, score_dtype: str = "float32"):
+                  kr_scale_c=None, score_dtype: str = "float32", layouts=None,
+                  block_sizes=None):
   """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
 
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
   documents, see ``bank.shard_plan``); queries are replicated; ``kr_scale_c`` (quantised
-  keys) is sharded like ``chunk_doc_c``. Returns replicated ``(scores [B, k], docs [B, k])``
+  keys) is sharded like ``chunk_doc_c``; ``layouts`` (pallas only) is
+  :func:`sharded_layouts` of ``chunk_doc_c``, built once per placed bank. Returns replicated ``(scores [B, k], docs [B, k])``
   like :func:`tiled_top_k` on the unsharded bank.
   """
   from jax.experimental.shard_map import shard_map
 
-  def per_shard(rq, mask, kr, doc, *scale):
+  def per_shard(rq, mask, kr, doc, lay, *scale):
     s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation,
-                       kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype)
+                       kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype,
+                       layouts=lay, block_sizes=block_sizes)
     s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
     d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
     return merge_top_k(s_all, d_all, k)
 
   rep = PartitionSpec()
   scales = () if kr_scale_c is None else (kr_scale_c,)
+  lay = {} if implementation == "xla" or layouts is None else layouts
   fn = shard_map(per_shard, mesh=mesh,
-                 in_specs=(rep, rep, PartitionSpec(axis, None), PartitionSpec(axis))
-                 + (PartitionSpec(axis),) * len(scales),
+                 in_specs=(rep, rep, PartitionSpec(axis, None), PartitionSpec(axis),
+                           PartitionSpec(axis)) + (PartitionSpec(axis),) * len(scales),
                  out_specs=(rep, rep), check_rep=False)
-  return fn(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, *scales)
+  return fn(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, lay, *scales)
 
 
 def selection_in_document_order(scores_bk, docs_bk):

@@ -76,6 +76,7 @@ class BankLayerMemory:
   v_scale_cg: Optional[jax.Array]
   layer: int = flax.struct.field(pytree_node=False)
   settings: BankSettings = flax.struct.field(pytree_node=False)
+  route_layouts: Optional[dict] = None     # pallas routing: {tile: BankLayout}, sharded
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
     """Routes over the whole bank; returns ``(BankRouting, k, v, mask)`` of the winners."""
@@ -83,7 +84,7 @@ class BankLayerMemory:
     scores_bk, docs_bk = bank_routing.sharded_top_k(
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
         axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
-        score_dtype=s.score_dtype)
+        score_dtype=s.score_dtype, layouts=self.route_layouts)
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
@@ -258,6 +259,9 @@ class DeviceBank:
   doc_chunks: jax.Array
   scales: dict[str, dict[int, Optional[jax.Array]]] = dataclasses.field(
       default_factory=lambda: {"kr": {}, "k": {}, "v": {}})   # quantised parts only
+  # pallas routing: the fused kernel's per-tile document slots of chunk_doc, built once
+  # here (bank_routing.sharded_layouts) instead of in every routed call
+  route_layouts: Optional[dict] = None
 
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
@@ -312,10 +316,6 @@ class DeviceBank:
         for part in ("k", "v"):
           if bank.scale(i, part) is not None:
             check_scales(bank.scale(i, part), f"layer_{i:02d}.{part}_scale", bank.path)
-    if routing_impl == "pallas" and quantize.is_quantised(bank.kr_dtype):
-      raise ValueError(f"the bank {bank.path} holds {bank.kr_dtype} K̄R, which the fused Pallas "
-                       "routing kernel does not read yet; use routing_impl='xla' (what "
-                       "MemoryEngine.load(routing='auto') picks for quantised banks)")
     host = HostFetch(bank, cmax) if kv_placement == "host" else None
     settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype,
                             score_dtype)
@@ -324,13 +324,21 @@ class DeviceBank:
         f"{shards} memory shard(s) of {rows:,} rows; K̄R {bank.kr_dtype}, K̄/V̄ {bank.kv_dtype} "
         f"on the {kv_placement}; routing: {routing_impl}")
     return cls(bank, settings, kr, k, v, chunk_doc, put(doc_shard), put(doc_row),
-               put(chunks.astype(np.int32)), scales)
+               put(chunks.astype(np.int32)), scales, route_layouts_for(settings, chunk_doc))
 
   def arrays(self) -> dict[str, Any]:
     """The device arrays as one pytree (what a jitted step takes as an argument)."""
     return {"kr": self.kr, "k": self.k, "v": self.v, "chunk_doc": self.chunk_doc,
             "doc_shard": self.doc_shard, "doc_row": self.doc_row, "doc_chunks": self.doc_chunks,
-            "scales": self.scales}
+            "scales": self.scales, "route_layouts": self.route_layouts}
+
+
+def route_layouts_for(settings: BankSettings, chunk_doc: jax.Array) -> Optional[dict]:
+  """The fused kernel's bank layouts (``bank_routing.sharded_layouts``) when the bank is
+  routed by it (``settings.routing == "pallas"``), else None."""
+  if settings.routing != "pallas":
+    return None
+  return bank_routing.sharded_layouts(settings.mesh, chunk_doc, MEMORY_AXIS)
 
 
 class BankMemory:
@@ -347,4 +355,5 @@ class BankMemory:
     sc = a.get("scales", {"kr": {}, "k": {}, "v": {}})
     return BankLayerMemory(a["kr"][i], a["chunk_doc"], a["k"][i], a["v"][i], a["doc_shard"],
                            a["doc_row"], a["doc_chunks"], self.forced, sc["kr"].get(i),
-                           sc["k"].get(i), sc["v"].get(i), i, self.settings)
+                           sc["k"].get(i), sc["v"].get(i), i, self.settings,
+                           a.get("route_layouts"))

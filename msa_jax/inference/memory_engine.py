@@ -6,8 +6,8 @@
 
 The bank must come from the same model (its fingerprint is checked); ``K̄R`` is sharded over
 the mesh's ``memory`` axis; ``K̄``/``V̄`` sit on the devices or in host memory
-(``kv_placement``). Routing runs through the Pallas block top-k kernel on a GPU and through
-the tiled XLA scan elsewhere and for banks with quantised K̄R (``routing="auto"``).
+(``kv_placement``). Routing runs through the Pallas block top-k kernel on a GPU (bf16, fp8
+or int8 K̄R) and through the tiled XLA scan elsewhere (``routing="auto"``).
 """
 from __future__ import annotations
 
@@ -24,7 +24,6 @@ from msa_jax.inference.bank import model_fingerprint, open_bank
 from msa_jax.inference.checkpoint import load_model, load_tokenizer
 from msa_jax.inference.engine import Engine
 from msa_jax.inference.memory import DeviceBank
-from msa_jax.inference.quantize import is_quantised
 
 
 def default_routing(k: int, features: int) -> str:
@@ -72,8 +71,6 @@ class MemoryEngine:
     if routing == "auto":
       cfg = model.config
       routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
-      if is_quantised(bank.kr_dtype):
-        routing = "xla"   # the fused Pallas kernel does not read fp8/int8 K̄R yet (issue 11)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
                                   log=log)
     # The weights are replicated over the bank's mesh (the jitted steps take both).

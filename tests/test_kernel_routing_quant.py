@@ -1,0 +1,317 @@
+"""The fused routing kernel on quantised K̄R (fp8 e4m3 / int8 codes + per-chunk scale, issue 11),
+batch rows folded into its query columns, and bank layouts built once.
+
+CPU runs the Mosaic GPU kernel in interpret mode; tests marked ``gpu`` run it compiled.
+Two references: the kernel's own numerics in plain XLA (``block_top_k.fused_chunk_scores``:
+queries quantised per column, codes, scales), which it must match exactly up to float32
+summation order; and the pure-JAX float route over the dequantised keys (codes × scale) with
+float queries, which it must match within the bound the query quantisation allows.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import routing as rr
+from msa_jax.inference import bank_routing, quantize
+from pallas_kernels import block_routing as br
+from pallas_kernels import block_top_k as bt
+
+QUANT = ["int8", "float8_e4m3fn"]
+SMALL = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, fused=True, blocks=2)
+E4M3_REL, E4M3_SUB = 2.0 ** -4, 2.0 ** -10    # half an ulp (relative), half the subnormal step
+
+
+def _case(seed, b, m, f, doc_lens, pad=0, valid=None):
+  rng = np.random.default_rng(seed)
+  c = int(sum(doc_lens)) + pad
+  kr = rng.normal(size=(c, f))
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  rq = rng.normal(size=(b, m, f)).astype(np.float32)
+  doc = np.concatenate([np.full(n, i) for i, n in enumerate(doc_lens)] + [np.full(pad, -1)])
+  valid = np.full(b, m) if valid is None else np.asarray(valid)
+  mask = np.arange(m)[None, :] < valid[:, None]
+  return rq, mask, kr.astype(np.float32), doc.astype(np.int32)
+
+
+def _numerics_reference(rq, mask, codes, scale, doc, n, k, cols, terms=2):
+  """The kernel's arithmetic in plain XLA → (document scores [B, N], chosen sets)."""
+  q = br._fill_masked_queries(jnp.asarray(rq), jnp.asarray(mask), cols)[:, None]
+  s_bc = bt.fused_chunk_scores(bt.route_queries(q, codes.dtype, terms), jnp.asarray(codes),
+                               None if scale is None else jnp.asarray(scale))
+  s_bc = jnp.where(jnp.asarray(mask).any(1)[:, None], s_bc, -jnp.inf)
+  doc_s = rr.document_scores(s_bc, jnp.asarray(doc), n)
+  return np.asarray(doc_s), _chosen(rr.select_top_k(doc_s, k))
+
+
+def _chosen(sel):
+  return [sorted(int(i) for i, v in zip(ix, vl) if v)
+          for ix, vl in zip(np.asarray(sel.doc_idx_bk), np.asarray(sel.valid_bk))]
+
+
+def _doc_max(s_bc, doc, n, empty):
+  out = np.full((s_bc.shape[0], n), empty)
+  real = doc >= 0
+  for bi in range(s_bc.shape[0]):
+    np.maximum.at(out[bi], doc[real], s_bc[bi, real])
+  return out
+
+
+def _float_reference(rq, mask, deq, doc, n):
+  """Float64 document scores of float queries against the dequantised keys."""
+  s = rq.astype(np.float64) @ deq.astype(np.float64).T                     # [B, M, C]
+  return _doc_max(np.where(mask[:, :, None], s, -np.inf).max(1), doc, n, -np.inf)
+
+
+def _query_error_bound(rq, mask, deq, doc, n, dtype, terms=2):
+  """Per document, the most quantising the queries per column can move its score:
+  max over its chunks and routing tokens of ``Σ_f |Δq_f| |k_f|`` with ``|Δq_f|`` the
+  rounding bound of ``dtype`` (int8: half a step; e4m3: half an ulp or subnormal step; two
+  e4m3 terms: the residual's half ulp, 2^-8 relative, or the subnormal step)."""
+  q = rq.astype(np.float64)
+  qs = np.abs(q).max(-1, keepdims=True) / quantize.QMAX[dtype]
+  rel = E4M3_REL ** terms
+  dq = (np.broadcast_to(qs / 2, q.shape) if dtype == "int8"
+        else np.maximum(rel * np.abs(q), E4M3_SUB * qs))
+  e = dq @ np.abs(deq.astype(np.float64)).T
+  out = _doc_max(np.where(mask[:, :, None], e, 0).max(1), doc, n, 0.0)
+  return out * (1 + 1e-4) + 1e-6
+
+
+def _check_against_float(top_s, sel, ref_s, bound, k):
+  """Scores within the bound; each chosen document within 2·bound of the k-th best."""
+  for bi, (ix, vl, s) in enumerate(zip(np.asarray(sel.doc_idx_bk), np.asarray(sel.valid_bk),
+                                       np.asarray(top_s))):
+    if not np.isfinite(ref_s[bi]).any():
+      assert not vl.any()
+      continue
+    kth = np.sort(ref_s[bi][np.isfinite(ref_s[bi])])[::-1][:k][-1]
+    for d, v, sc in zip(ix, vl, s):
+      if v:
+        assert abs(sc - ref_s[bi, d]) <= bound[bi, d], (bi, d, sc, ref_s[bi, d], bound[bi, d])
+        assert ref_s[bi, d] >= kth - 2 * bound.max()
+
+
+@pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2),
+                                         ("float8_e4m3fn", 1)])
+@pytest.mark.parametrize("doc_lens,pad,k,blocks", [
+    ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6, 2),  # across tiles, blocks; XLA tail
+    ([64, 64, 1, 63, 2], 0, 3, 3),                              # cuts on tile edges, no tail
+])
+def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks):
+  rq, mask, kr, doc = _case(1, 3, 9, 64, doc_lens, pad, valid=[9, 3, 0])
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  n = len(doc_lens) + 1                                     # one empty document slot
+  bs = dataclasses.replace(SMALL, blocks=blocks, fp8_query_terms=terms)
+  top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
+                              jnp.asarray(doc), n, k, implementation="pallas", block_sizes=bs,
+                              kr_scale_c=jnp.asarray(scale))
+  got = _chosen(sel)
+  assert got[2] == []                                       # no routing token: nothing chosen
+  # 1. The kernel's own arithmetic in XLA: the same documents, the same scores.
+  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64, terms)
+  assert got == want
+  for bi in range(2):
+    np.testing.assert_allclose(np.asarray(top_s[bi])[np.asarray(sel.valid_bk[bi])],
+                               doc_s[bi, got[bi]], rtol=1e-6, atol=1e-6)
+  # 2. Float queries against codes × scale: within what quantising the queries allows.
+  deq = quantize.dequantise_np(codes, scale)
+  ref_s = _float_reference(rq, mask, deq, doc, n)
+  bound = _query_error_bound(rq, mask, deq, doc, n, dtype, terms)
+  _check_against_float(top_s, sel, ref_s, bound, k)
+  # The bound means something: well below the spread of the scores it bounds.
+  spread = np.ptp(ref_s[:2][np.isfinite(ref_s[:2])])
+  assert bound[:2].max() < {("int8", 1): 0.05, ("float8_e4m3fn", 1): 0.15,
+                            ("float8_e4m3fn", 2): 0.01}[dtype, terms] * spread
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16"] + QUANT)
+def test_folded_batch_equals_one_pass_per_example_interpret(dtype):
+  # 5 examples of 9 tokens (64 columns each): 4 per pass (256 columns, 64-chunk tiles),
+  # a second pass with one real example and three padding ones.
+  rq, mask, kr, doc = _case(2, 5, 9, 64, [3, 50, 7, 1, 90, 20, 4], pad=3,
+                            valid=[9, 1, 0, 5, 9])
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  scale = None if scale is None else jnp.asarray(scale)
+  args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 8, 5)
+  plan = br.fused_plan(5, 9, 64, dataclasses.replace(SMALL, max_queries=256), codes.dtype)
+  assert plan == ((64, 1, 64, 2) if dtype == "float8_e4m3fn" else (64, 1, 64, 4))
+  folded = br.route_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                          block_sizes=dataclasses.replace(SMALL, max_queries=256))
+  single = br.route_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                          block_sizes=dataclasses.replace(SMALL, max_queries=256,
+                                                          fold_batch=False))
+  np.testing.assert_array_equal(np.asarray(folded[1].doc_idx_bk), np.asarray(single[1].doc_idx_bk))
+  np.testing.assert_array_equal(np.asarray(folded[1].valid_bk), np.asarray(single[1].valid_bk))
+  # equal up to float32 summation order (the interpreter's dot depends on the width)
+  np.testing.assert_allclose(np.asarray(folded[0]), np.asarray(single[0]), rtol=1e-6)
+  assert _chosen(folded[1])[2] == [] and len(_chosen(folded[1])[0]) == 5
+  if dtype != "bfloat16":
+    _, want = _numerics_reference(rq, mask, np.asarray(codes), np.asarray(scale), doc, 8, 5, 64)
+    assert _chosen(folded[1]) == want
+
+
+def test_quantised_keys_need_their_scales_and_the_fused_kernel():
+  rq, mask, kr, doc = _case(3, 1, 4, 64, [5, 9])
+  codes, scale = quantize.quantise(kr, "int8", 1)
+  args = (jnp.asarray(rq), jnp.asarray(mask))
+  with pytest.raises(ValueError, match="scales go with fp8 e4m3 / int8 codes"):
+    br.route_top_k(*args, jnp.asarray(kr), jnp.asarray(doc), 2, 1, implementation="pallas",
+                   kr_scale_c=jnp.asarray(scale))
+  with pytest.raises(ValueError, match="fused kernel only"):
+    br.route_top_k(*args, jnp.asarray(codes), jnp.asarray(doc), 2, 1, implementation="pallas",
+                   kr_scale_c=jnp.asarray(scale), block_sizes=br.BlockSizes(fused=False))
+  with pytest.raises(ValueError, match="needs its per-chunk scales"):
+    bt.route_top_k_blocks(bt.route_queries(jnp.zeros((1, 1, 64, 64)), jnp.int8),
+                          jnp.ones((1,), bool), jnp.asarray(codes),
+                          bt.bank_layout(jnp.asarray(doc), 64), 1, tile_f=64, stages=1, blocks=1)
+  # XLA on codes: float32 queries · codes · scale, the float route over the dequantised keys.
+  top_s, sel = br.route_top_k(*args, jnp.asarray(codes), jnp.asarray(doc), 2, 1,
+                              implementation="xla", kr_scale_c=jnp.asarray(scale))
+  want_s, want_sel = br.route_top_k_reference(
+      *args, jnp.asarray(quantize.dequantise_np(codes, scale)), jnp.asarray(doc), 2, 1)
+  assert _chosen(sel) == _chosen(want_sel)
+  np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_engine_routes_with_layouts_built_once_interpret(dtype, monkeypatch):
+  # local_top_k (the engine's per-device routing) with layouts from routing_layouts equals
+  # the per-call layout; the kernel never rebuilds one it was given.
+  rq, mask, kr, doc = _case(4, 2, 6, 64, [30, 70, 9, 40, 2], pad=5)
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  scale = None if scale is None else jnp.asarray(scale)
+  args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 3)
+  layouts = bank_routing.routing_layouts(jnp.asarray(doc))
+  assert sorted(layouts) == [64, 128]
+  calls = []
+  real = bt.bank_layout
+  monkeypatch.setattr(bt, "bank_layout", lambda *a: calls.append(1) or real(*a))
+  bs = br.BlockSizes(fused=True, features=64, stages=2, blocks=2)
+  s1, d1 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                    layouts=layouts, block_sizes=bs)
+  assert not calls
+  s2, d2 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                    block_sizes=bs)
+  assert calls
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+  np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
+  # and the XLA scan (float32 queries) picks the same documents here
+  s3, d3 = bank_routing.local_top_k(*args, implementation="xla", kr_scale_c=scale)
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d3))
+  np.testing.assert_allclose(np.asarray(s1), np.asarray(s3), atol=0.05)
+
+
+def test_sharded_layouts_are_each_shards_own():
+  from jax.sharding import Mesh
+  doc = np.array([0, 0, 1, -1, 2, 3, 3, 3], np.int32)           # two shards of 4 rows
+  mesh = Mesh(np.array(jax.devices()[:2]), ("memory",))
+  lay = bank_routing.sharded_layouts(mesh, jnp.asarray(doc), tiles=(4,))[4]
+  for s in range(2):
+    want = bt.bank_layout(jnp.asarray(doc[4 * s:4 * s + 4]), 4)
+    np.testing.assert_array_equal(np.asarray(lay.loc_tc)[s:s + 1], np.asarray(want.loc_tc))
+    np.testing.assert_array_equal(np.asarray(lay.slot_doc_tc)[s:s + 1],
+                                  np.asarray(want.slot_doc_tc))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("bfloat16", 1)])
+@pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
+def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
+  """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks:
+  the kernel equals its numerics reference (same documents; scores to float32 summation
+  order) and stays within the query-quantisation bound of the float route."""
+  rng = np.random.default_rng(b * 100 + m)
+  doc_lens = []
+  while sum(doc_lens) < 60_000 - 300:
+    doc_lens.append(int(rng.integers(1, 300)))
+  c = 60_000
+  rq, mask, kr, doc = _case(b + m, b, m, 1024, doc_lens, pad=c - sum(doc_lens),
+                            valid=[m] + [max(1, m // 3)] * (b - 1))
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  n, k = len(doc_lens), 16
+  layouts = bank_routing.routing_layouts(jnp.asarray(doc))
+  tile = br.fused_plan(b, m, 1024, br.BlockSizes(), codes.dtype)[0]
+  top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
+                              jnp.asarray(doc), n, k, implementation="pallas",
+                              layout=layouts[tile], block_sizes=br.BlockSizes(fp8_query_terms=terms),
+                              kr_scale_c=None if scale is None else jnp.asarray(scale))
+  doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
+  got = _chosen(sel)
+  # int8: exact s32 sums; bf16: float32 summation order; fp8: the tensor cores' ~14-bit
+  # accumulation within each 128-wide K step (then float32 across steps)
+  tol = {"int8": 1e-5, "bfloat16": 1e-5, "float8_e4m3fn": 2e-4}[dtype] * np.abs(
+      doc_s[np.isfinite(doc_s)]).max()
+  for bi in range(b):
+    np.testing.assert_allclose(np.asarray(top_s[bi])[np.asarray(sel.valid_bk[bi])],
+                               doc_s[bi, got[bi]], rtol=0, atol=tol)
+    # the same documents unless two lie within that noise of each other
+    ranked = np.sort(doc_s[bi])[::-1]
+    assert got[bi] == want[bi] or ranked[k - 1] - ranked[k] < 2 * tol
+  if dtype != "bfloat16":
+    deq = quantize.dequantise_np(codes, scale)
+    ref_s = _float_reference(rq, mask, deq, doc, n)
+    _check_against_float(top_s, sel, ref_s,
+                         _query_error_bound(rq, mask, deq, doc, n, dtype, terms), k)
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_one_query_term_compiled():
+  test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64)
+
+
+def test_sharded_pallas_route_equals_one_device_interpret():
+  # fp8 keys over two memory shards with their sharded layouts route as on one device.
+  from jax.sharding import Mesh
+  rq, mask, kr, doc = _case(5, 2, 5, 64, [30, 70, 9, 40, 2, 25], pad=0)
+  codes, scale = quantize.quantise(kr, "float8_e4m3fn", 1)
+  bs = br.BlockSizes(fused=True, features=64, stages=2, blocks=2)
+  one = bank_routing.local_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
+                                 jnp.asarray(doc), 4, implementation="pallas",
+                                 kr_scale_c=jnp.asarray(scale), block_sizes=bs)
+  cut, rows = 109, 128                          # whole documents per shard, padded rows
+  kr_s = np.zeros((2 * rows, 64), codes.dtype)
+  sc_s = np.ones(2 * rows, np.float32)
+  doc_s = np.full(2 * rows, -1, np.int32)
+  for s, (lo, hi) in enumerate([(0, cut), (cut, len(doc))]):
+    kr_s[s * rows:s * rows + hi - lo], sc_s[s * rows:s * rows + hi - lo] = codes[lo:hi], scale[lo:hi]
+    doc_s[s * rows:s * rows + hi - lo] = doc[lo:hi]
+  mesh = Mesh(np.array(jax.devices()[:2]), ("memory",))
+  layouts = bank_routing.sharded_layouts(mesh, jnp.asarray(doc_s))
+  two = bank_routing.sharded_top_k(mesh, jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(kr_s),
+                                   jnp.asarray(doc_s), 4, implementation="pallas",
+                                   kr_scale_c=jnp.asarray(sc_s), layouts=layouts, block_sizes=bs)
+  np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(one[1]))
+  np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), rtol=1e-6)
+
+
+def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):
+  """The whole prefill (model + bank memory) on an fp8/int8 synthetic bank placed with
+  routing "pallas": the fused kernel reads the fp8 codes (with the layouts the placement
+  built, two examples folded) and the logits equal the XLA scan's (same documents)."""
+  from jax.sharding import Mesh
+  from benchmarks import synth_bank, ttft
+  from msa_jax.inference import engine as engine_lib
+  model, params = ttft.random_model("tiny")
+  cfg = model.config
+  lengths = synth_bank.doc_lengths("tiny", 2000)
+  mesh = Mesh(np.array(jax.devices()[:1]), ("memory",))
+  seen = []
+  real = bt.route_top_k_blocks
+  monkeypatch.setattr(bt, "route_top_k_blocks", lambda *a, **kw: seen.append(
+      (a[2].dtype, kw["examples"], a[3].loc_tc.shape[1])) or real(*a, **kw))
+  logits = {}
+  for impl in ("xla", "pallas"):
+    placed = synth_bank.synthetic_device_bank(cfg, lengths, kr_dtype="float8_e4m3fn",
+                                              kv_dtype="int8", routing_impl=impl, mesh=mesh, pad_to=512,
+                                              log=lambda *_: None)
+    assert (placed.route_layouts is None) == (impl == "xla")
+    eng = engine_lib.Engine(model, params, "bank", placed.settings)
+    tokens = np.random.default_rng(1).integers(8, cfg.vocab_size, (2, 16)).astype(np.int32)
+    start = np.full((2,), engine_lib.active_start(cfg, len(placed.bank.prefix_tokens)), np.int32)
+    logits[impl] = np.asarray(eng.prefill(placed.arrays(), engine_lib.bank_prefix(placed.bank, 2),
+                                          tokens, np.full((2,), 12, np.int32), start)[0])
+  assert seen and all(s == (jnp.float8_e4m3fn, 2, 64) for s in seen)
+  np.testing.assert_array_equal(logits["pallas"], logits["xla"])
