@@ -61,6 +61,7 @@ def test_answer_samples_without_routing_positives(tiny):
     has_pos = np.asarray(batch.positive_docs).any(axis=1)
     answers = np.asarray(batch.targets == task.tokenizer.specials.eos).any(axis=1)
     assert np.array_equal(has_pos, ~answers & np.asarray(batch.active_mask).any(axis=1))
+    assert has_pos.any() and answers.any()   # one bucket: both kinds in every batch
 
 
 def test_shared_corpus_addresses_100m_tokens(tiny):

@@ -94,14 +94,19 @@ def plan_batches(samples: Sequence[Example], buckets: Sequence[BucketShapes],
                  rng: np.random.Generator) -> list[tuple[int, list[Example]]]:
   """Group samples of similar size into batches: ``[(bucket index, samples)]``.
 
-  Samples are sorted by (smallest fitting bucket, size) and cut greedily into
-  batches; each batch takes the smallest bucket that fits all its members and
+  Samples are sorted by (smallest fitting bucket, size) (with a single bucket: kept in
+  stream order) and cut greedily into batches; each batch takes the smallest bucket that fits all its members and
   that bucket's batch size. Only the last batch can be short. The batch order
   is then shuffled by ``rng`` (so sizes are not monotonic in time).
   """
   own = [choose_bucket(s, buckets) for s in samples]
-  order = sorted(range(len(samples)),
-                 key=lambda i: (buckets[own[i]].slots_per_example, size_key(samples[i])))
+  if len(buckets) == 1:
+    # One shape: sorting cannot save padding, and would batch like samples together
+    # (e.g. all answer samples of a window apart from all retrieval samples).
+    order = list(range(len(samples)))
+  else:
+    order = sorted(range(len(samples)),
+                   key=lambda i: (buckets[own[i]].slots_per_example, size_key(samples[i])))
   ordered = [samples[i] for i in order]
   out, i = [], 0
   while i < len(ordered):

@@ -146,13 +146,17 @@ def validate_corpus(path: str, tokenizer, vocab_size: int, max_errors: int = 20)
 
 
 def length_buckets(chunk_size: int, max_len: int) -> list[int]:
-  """Padded document lengths: P, 2P, 4P, ... up to the first at or above ``max_len``."""
-  levels, length = [], chunk_size
+  """Padded document lengths P·{1, 2, 3, 4, 6, 8, 12, ...} (powers of two and 1.5× them),
+  up to the first at or above ``max_len``: at most 1/3 of a batch is padding (not 1/2),
+  with shapes fixed in advance so that every window reuses the same compiles (the
+  ``tiny`` recipe's 48-token documents are 6 chunks: exactly one level, no padding)."""
+  levels, n = [], 1
   while True:
-    levels.append(length)
-    if length >= max_len:
-      return levels
-    length *= 2
+    for m in (n, n + n // 2) if n >= 2 else (n,):
+      levels.append(m * chunk_size)
+      if levels[-1] >= max_len:
+        return levels
+    n *= 2
 
 
 class Encoder:
