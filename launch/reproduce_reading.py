@@ -89,6 +89,14 @@ def relative_degradation(rows: list[dict], key: str) -> None:
       r[f"{key}_rel_degradation"] = (base - r[key]) / base
 
 
+def predict_encode_seconds(done: list[tuple[int, float]], tokens: int) -> float:
+  """Encode seconds for ``tokens``, from the last two sizes encoded: their marginal rate
+  (the first size's time is mostly compiling) added to the last size's time."""
+  (t1, s1), (t2, s2) = done[-2], done[-1]
+  marginal = (t2 - t1) / (s2 - s1) if s2 > s1 and t2 > t1 else t2 / s2
+  return s2 + max(tokens - t2, 0) / marginal
+
+
 def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_questions: int,
                    deadline: float, on_row, batch_size: int = 16,
                    keep_banks: bool = False) -> list[dict]:
@@ -98,7 +106,7 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   from msa_jax.data import write_task
   from msa_jax.inference.checkpoint import (load_model, load_tokenizer, task_prefix,
                                             training_config)
-  from msa_jax.inference.encode import encode_documents
+  from msa_jax.inference.encode import Encoder, encode_documents
   cfg = training_config(workdir)
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), cfg.seed)
   base = base_docs_of(cfg)
@@ -112,20 +120,23 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   tokenizer = load_tokenizer(workdir)
   prefix = task_prefix(workdir, tokenizer)
   source = f"write_task:{os.path.abspath(workdir)}:seed{cfg.seed}"
+  encoder = Encoder(model, params, batch_tokens=262_144)   # one compile for every size
   rows: list[dict] = []
-  rate, last_eval_s = None, None
+  done: list[tuple[int, float]] = []   # (tokens, encode seconds) of the sizes encoded
+  last_eval_s = None
   for m in multipliers:
     n = m * base
     row = {"multiplier": m, "num_docs": n, "memory_tokens": n * doc_len}
     left = deadline - time.time()
     if n > corpus.capacity:
       row["skipped"] = (f"{n:,} documents exceed the task's {corpus.capacity:,} unique ids/keys")
-    elif rate is not None:
-      predicted = n * doc_len / rate + 1.5 * max(last_eval_s, 20.0) + 10.0
+    elif len(done) >= 2:
+      predicted_encode = predict_encode_seconds(done, n * doc_len)
+      predicted = 1.2 * predicted_encode + 1.5 * max(last_eval_s, 20.0) + 10.0
       row["predicted_seconds"] = predicted
       if predicted > left:
-        row["skipped"] = (f"predicted {predicted:.0f}s (encode at {rate:,.0f} tok/s + eval) "
-                          f"> {left:.0f}s left of --budget_s")
+        row["skipped"] = (f"predicted {predicted:.0f}s (encode {predicted_encode:.0f}s from "
+                          f"the sizes before, eval, margin) > {left:.0f}s left of --budget_s")
     if "skipped" in row:
       log(f"{m}x: skipped: {row['skipped']}")
       rows.append(row)
@@ -135,10 +146,11 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
     shutil.rmtree(bank, ignore_errors=True)
     t0 = time.perf_counter()
     manifest = encode_documents(model, params, corpus.records, n, bank, source=f"{source}:{n}",
-                                tokenizer=tokenizer, prefix_tokens=prefix,
+                                tokenizer=tokenizer, prefix_tokens=prefix, encoder=encoder,
                                 log=lambda s: log(s) if "100%" in s else None)
     encode_s = time.perf_counter() - t0
     rate = manifest["num_tokens"] / encode_s
+    done.append((manifest["num_tokens"], encode_s))
     t0 = time.perf_counter()
     res = evaluate.run_bank(workdir, bank, questions,
                             out=os.path.join(root, f"eval_{os.path.basename(workdir)}_{m}x.json"),

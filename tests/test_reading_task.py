@@ -147,6 +147,13 @@ def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
   assert ids == [d.doc_id for d in corpus.documents(0, 70)]
 
 
+def test_encode_time_prediction_uses_the_marginal_rate():
+  from launch.reproduce_reading import predict_encode_seconds
+  # 10 s to compile, then 1M tokens/s: sizes 16K and 262K took 10.016 and 10.262 s
+  done = [(16_384, 10.016384), (262_144, 10.262144)]
+  assert predict_encode_seconds(done, 100_000_000) == pytest.approx(110.0, rel=1e-3)
+
+
 def test_relative_degradation():
   from launch.reproduce_reading import relative_degradation
   rows = [{"multiplier": 1, "answer_exact_match": 0.8}, {"multiplier": 16, "skipped": "t"},

@@ -289,9 +289,11 @@ def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
                      fingerprint: Optional[str] = None, window_tokens: int = 1 << 22,
                      batch_tokens: int = 262_144, kr_dtype: Optional[str] = None,
                      kv_dtype: Optional[str] = None, max_windows: Optional[int] = None,
-                     log=print) -> dict:
+                     encoder: Optional["Encoder"] = None, log=print) -> dict:
   """Encodes generated documents into a bank, without a corpus file (no JSON to write,
   validate and parse again: the fast path for synthetic corpora of 100M tokens).
+  ``encoder``: an ``Encoder`` of the same model and parameters to reuse (its compiled
+  shapes too, e.g. across banks of several sizes); by default a new one.
 
   ``documents(start, stop)`` returns the ``DocRecord``s of rows ``[start, stop)``, the same
   every call; ``source`` names the corpus in the manifest (e.g. ``"write_task:tiny:seed0"``)
@@ -313,12 +315,12 @@ def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
   return _encode(model, params, bank_path, corpus, tokenizer=tokenizer,
                  prefix_tokens=prefix_tokens, fingerprint=fingerprint, rows_from=rows_from,
                  window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                 kv_dtype=kv_dtype, max_windows=max_windows, log=log)
+                 kv_dtype=kv_dtype, max_windows=max_windows, log=log, encoder=encoder)
 
 
 def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_tokens,
             fingerprint, rows_from, window_tokens: int, batch_tokens: int, kr_dtype,
-            kv_dtype, max_windows, log) -> dict:
+            kv_dtype, max_windows, log, encoder: Optional[Encoder] = None) -> dict:
   """The encode loop shared by a corpus file and generated documents: ``corpus`` is the
   manifest's record of the source, ``rows_from(done)`` its documents from row ``done``."""
   cfg = model.config
@@ -327,8 +329,14 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
     if dtype is not None:
       quantize.check_dtype(dtype, kind)
   fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
-  encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                    kv_dtype=kv_dtype)
+  if encoder is None or encoder.model is not model or encoder.params is not params:
+    encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
+                      kv_dtype=kv_dtype)
+  elif (kr_dtype or encoder.kr_dtype, kv_dtype or encoder.kv_dtype) != (encoder.kr_dtype,
+                                                                        encoder.kv_dtype):
+    raise ValueError(f"the encoder given writes K̄R {encoder.kr_dtype}, K̄/V̄ "
+                     f"{encoder.kv_dtype}, not the {kr_dtype}/{kv_dtype} asked for; pass a "
+                     "matching Encoder or none")
   total = corpus["rows"]
   if os.path.isfile(os.path.join(bank_path, bank_lib.MANIFEST)):
     writer = bank_lib.BankWriter.resume(bank_path, fingerprint, kr_dtype=kr_dtype,
