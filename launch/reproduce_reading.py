@@ -99,9 +99,10 @@ def predict_encode_seconds(done: list[tuple[int, float]], tokens: int) -> float:
 
 def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_questions: int,
                    deadline: float, on_row, batch_size: int = 16,
-                   keep_banks: bool = False) -> list[dict]:
-  """Encodes and evaluates a shared bank at each multiplier of the training memory
-  (skipping sizes predicted not to fit before ``deadline``); ``on_row(rows)`` after each."""
+                   keep_banks: bool = False, base_tokens: int = 0) -> list[dict]:
+  """Encodes and evaluates a shared bank at each multiplier of ``base_tokens`` (0: the
+  training memory), skipping sizes predicted not to fit before ``deadline``;
+  ``on_row(rows)`` after each."""
   from msa_jax import evaluate
   from msa_jax.data import write_task
   from msa_jax.inference.checkpoint import (load_model, load_tokenizer, task_prefix,
@@ -109,8 +110,8 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   from msa_jax.inference.encode import Encoder, encode_documents
   cfg = training_config(workdir)
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), cfg.seed)
-  base = base_docs_of(cfg)
   doc_len = corpus.config.doc_length
+  base = base_tokens // doc_len if base_tokens else base_docs_of(cfg)
   questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
   if not os.path.exists(questions):
     write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
@@ -210,6 +211,8 @@ def main(argv=None) -> None:
                   help="wall seconds for everything; sizes that would not fit are skipped")
   ap.add_argument("--train_s", type=float, default=220.0, help="hard limit per training run")
   ap.add_argument("--multipliers", default="1,16,256,1024,6104")
+  ap.add_argument("--base_tokens", type=int, default=0,
+                  help="bank sizes are multiples of this many tokens (0: the training memory)")
   ap.add_argument("--num_questions", type=int, default=64)
   ap.add_argument("--batch_size", type=int, default=16, help="questions decoded together")
   ap.add_argument("--train_args", default="", help="extra msa_jax.train flags (space list)")
@@ -272,7 +275,8 @@ def main(argv=None) -> None:
             f"{r['eval_seconds']:.0f}s | {deadline - time.time():.0f}s left")
     try:
       evaluate_sizes(workdir, args.root, multipliers, args.num_questions, mode_deadline,
-                     on_row, batch_size=args.batch_size, keep_banks=args.keep_banks)
+                     on_row, batch_size=args.batch_size, keep_banks=args.keep_banks,
+                     base_tokens=args.base_tokens)
     except Exception as e:  # noqa: BLE001 - keep the other mode and what was written
       run["eval_error"] = f"{type(e).__name__}: {e}"
       traceback.print_exc()

@@ -21,13 +21,16 @@ ROPE=${ROPE:-document}
 READING_S=${READING_S:-400}
 TRAIN_S=${TRAIN_S:-200}
 MEMORY_COST_S=${MEMORY_COST_S:-60}
+TRAIN_ARGS=${TRAIN_ARGS:-}      # extra msa_jax.train flags, e.g. "--config.data.memory_tokens=4096"
+BASE_TOKENS=${BASE_TOKENS:-16384}   # bank sizes are multiples of this (16K: 1x .. 6104x = 100M)
 mkdir -p "$OUT" "$ROOT"
 echo "reproduce_reading.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)" \
-  "READING_S=$READING_S TRAIN_S=$TRAIN_S MEMORY_COST_S=$MEMORY_COST_S ROPE=$ROPE"
+  "READING_S=$READING_S TRAIN_S=$TRAIN_S MEMORY_COST_S=$MEMORY_COST_S ROPE=$ROPE" \
+  "BASE_TOKENS=$BASE_TOKENS TRAIN_ARGS=$TRAIN_ARGS"
 
 timeout --signal=TERM --kill-after=15 "$READING_S" "$PYTHON" -m launch.reproduce_reading \
   --out="$OUT" --root="$ROOT" --rope="$ROPE" --budget_s=$((READING_S - 20)) \
-  --train_s="$TRAIN_S" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" 
+  --train_s="$TRAIN_S" --base_tokens="$BASE_TOKENS" --train_args="$TRAIN_ARGS" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" 
 echo "reproduce_reading: exit ${PIPESTATUS[0]}"
 
 if [ "$MEMORY_COST_S" -gt 0 ]; then
