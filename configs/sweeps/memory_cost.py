@@ -1,9 +1,9 @@
 """Issue 14 (4): training cost against memory length (MSA), 4K to 128K tokens: step time
 from ``tokens_per_sec`` / ``tokens_per_step`` in each run's metrics (results.csv).
 
-Not yet here: peak device memory (the trainer does not log it) and a full-attention
-baseline over the same tokens (not a training config of this codebase yet); issue 14
-adds both, then they belong in this grid. ``:smoke``: 8 and 32 documents, 20 steps on
+Peak memory and the full-attention baseline over the same tokens are measured by
+``python -m benchmarks.memory_cost`` (one example per length, the real training step
+of each; WORKSPACE.md "Issue 14 on one H200"), not by this sweep. ``:smoke``: 8 and 32 documents, 20 steps on
 CPU, no evaluation.
 """
 from configs.sweeps._common import RECIPE, smoke_fixed

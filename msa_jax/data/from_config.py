@@ -490,7 +490,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
     ds = batch_dataset(source, buckets=buckets, specials=source.tokenizer.specials,
                        seed=seed + int(start), num_examples=len(source) if finite else None,
                        num_epochs=None, memory_interleave=data_cfg.interleave,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count,
+                       answer_positives=bool(data_cfg.get("answer_positives", True)))
     if verbose:
       waste = padding_waste_of(source, buckets, memory_interleave=data_cfg.interleave,
                                seed=seed)

@@ -24,13 +24,16 @@ def inject_documents(question: Sequence[int], docs: Sequence[Document]) -> list[
   return out
 
 
-def expand(example: Example, specials: SpecialTokens) -> list[Example]:
+def expand(example: Example, specials: SpecialTokens,
+           answer_positives: bool = True) -> list[Example]:
   """Cut an example with ``rounds`` into its Memory Interleave samples.
 
   Sample s < R (R rounds) has the question with rounds < s injected and the
   target ``ids of round s <id-end>``; its positives are round s's documents.
   The last sample answers: ``<end-of-retrieval> answer <eos>``, positives = all
-  chain documents. Single-hop retrieval gives 2 samples.
+  chain documents, or none with ``answer_positives=False`` (its routing then takes
+  no part in the aux loss and the router metrics; ``data.answer_positives``).
+  Single-hop retrieval gives 2 samples.
   """
   if example.rounds is None or example.answer is None:
     raise ValueError(f"example of task {example.task!r} has no rounds/answer; "
@@ -48,7 +51,7 @@ def expand(example: Example, specials: SpecialTokens) -> list[Example]:
   samples.append(dataclasses.replace(
       example, question=question,
       target=answer_target(example.answer, specials.end_of_retrieval, specials.eos),
-      positive_doc_ids=all_gold, step=len(rounds)))
+      positive_doc_ids=all_gold if answer_positives else [], step=len(rounds)))
   return samples
 
 

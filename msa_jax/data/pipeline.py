@@ -79,25 +79,34 @@ def example_dataset(source: ExampleSource, *, seed: int, num_examples: int | Non
 class _ExpandInterleave(grain.experimental.FlatMapTransform):
   """Example -> its Memory Interleave samples (or itself when ``enabled`` is False)."""
 
-  def __init__(self, specials: SpecialTokens, enabled: bool, max_fan_out: int):
+  def __init__(self, specials: SpecialTokens, enabled: bool, max_fan_out: int,
+               answer_positives: bool = True):
     self.specials, self.enabled, self.max_fan_out = specials, enabled, max_fan_out
+    self.answer_positives = answer_positives
 
   def flat_map(self, element: Example) -> list[Example]:
-    return interleave.expand(element, self.specials) if self.enabled else [element]
+    if not self.enabled:
+      return [element]
+    return interleave.expand(element, self.specials, self.answer_positives)
 
 
 def plan_batches(samples: Sequence[Example], buckets: Sequence[BucketShapes],
                  rng: np.random.Generator) -> list[tuple[int, list[Example]]]:
   """Group samples of similar size into batches: ``[(bucket index, samples)]``.
 
-  Samples are sorted by (smallest fitting bucket, size) and cut greedily into
-  batches; each batch takes the smallest bucket that fits all its members and
+  Samples are sorted by (smallest fitting bucket, size) (with a single bucket: kept in
+  stream order) and cut greedily into batches; each batch takes the smallest bucket that fits all its members and
   that bucket's batch size. Only the last batch can be short. The batch order
   is then shuffled by ``rng`` (so sizes are not monotonic in time).
   """
   own = [choose_bucket(s, buckets) for s in samples]
-  order = sorted(range(len(samples)),
-                 key=lambda i: (buckets[own[i]].slots_per_example, size_key(samples[i])))
+  if len(buckets) == 1:
+    # One shape: sorting cannot save padding, and would batch like samples together
+    # (e.g. all answer samples of a window apart from all retrieval samples).
+    order = list(range(len(samples)))
+  else:
+    order = sorted(range(len(samples)),
+                   key=lambda i: (buckets[own[i]].slots_per_example, size_key(samples[i])))
   ordered = [samples[i] for i in order]
   out, i = [], 0
   while i < len(ordered):
@@ -205,7 +214,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
                   process_index: int = 0, process_count: int = 1,
                   shard_options: grain.sharding.ShardOptions | None = None,
                   read_options: grain.ReadOptions | None = None,
-                  prefetch_batches: int = 0) -> grain.IterDataset:
+                  prefetch_batches: int = 0,
+                  answer_positives: bool = True) -> grain.IterDataset:
   """The full pipeline: an ``IterDataset`` of ``MSABatch`` (numpy arrays).
 
   Args:
@@ -225,6 +235,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
     read_options: grain threading for example generation (default 2 threads,
       small buffer: the CPU smoke run shares 2 cores with training).
     prefetch_batches: >0 prepares that many batches in a background thread.
+    answer_positives: False gives the answer samples no routing positives
+      (``interleave.expand``).
   """
   examples = example_dataset(source, seed=seed, num_examples=num_examples,
                              num_epochs=num_epochs, shuffle=shuffle,
@@ -233,7 +245,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
   read_options = read_options or grain.ReadOptions(num_threads=2, prefetch_buffer_size=64)
   ds = examples.to_iter_dataset(read_options)
   ds = grain.experimental.FlatMapIterDataset(
-      ds, _ExpandInterleave(specials, memory_interleave, max_fan_out=64))
+      ds, _ExpandInterleave(specials, memory_interleave, max_fan_out=64,
+                            answer_positives=answer_positives))
   ds = BucketBatchIterDataset(ds, buckets, window_batches=window_batches, seed=seed,
                               drop_remainder=drop_remainder)
   if prefetch_batches > 0:

@@ -177,6 +177,29 @@ class SharedCorpus:
       out.append(make_document(tok, doc_ids, text))
     return out
 
+  def records(self, start: int, stop: int) -> list:
+    """Documents ``[start, stop)`` as the bank stores them (``inference.bank.DocRecord``,
+    tokens an int32 array, no text): the same tokens as ``documents``, built with numpy
+    when facts are bare ``key value`` (one array op per block instead of one list per
+    fact), for ``inference.encode.encode_documents``."""
+    from msa_jax.inference.bank import DocRecord
+    c, tok = self.config, self.tokenizer
+    if c.fact_words:
+      return [DocRecord(d.doc_id, d.tokens, d.id_length)
+              for d in self.documents(start, stop)]
+    ids, keys, values = self.symbols(start, stop)
+    n = len(ids)
+    id_tokens = ids + tok.id_symbol(0)
+    if c.bracket_ids:
+      id_tokens = np.concatenate([np.full((n, 1), tok.open_id), id_tokens,
+                                  np.full((n, 1), tok.close_id)], axis=1)
+    facts = np.concatenate([keys + tok.key_symbol(0), values + tok.value_symbol(0)], axis=2)
+    tokens = np.concatenate([id_tokens, facts.reshape(n, -1)], axis=1).astype(np.int32)
+    id_len = id_tokens.shape[1]
+    names = [f"i{n}" for n in range(c.num_id_symbols)]   # doc_id_string, without a format per symbol
+    return [DocRecord(" ".join(map(names.__getitem__, i)), t, id_len)
+            for i, t in zip(ids.tolist(), tokens)]
+
   def question(self, doc: int, fact: int) -> dict:
     """The question row asking fact ``fact`` of document ``doc``."""
     tok, c = self.tokenizer, self.config

@@ -58,14 +58,14 @@ def _doc_from_row(row: dict, tokenizer, vocab_size: int) -> tuple[Optional[DocRe
     return None, f"document {doc_id!r}: 'text' should be a string"
   if "tokens" in row:
     tokens = row["tokens"]
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
-                                               for t in tokens):
+    # type(t) is int: JSON ints only (bool is a subclass of int and is refused).
+    if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
       return None, f"document {doc_id!r}: 'tokens' should be a list of ints"
     if not tokens:
       return None, f"document {doc_id!r} is empty (no tokens); drop it or fill it"
-    bad = [t for t in tokens if not 0 <= t < vocab_size]
-    if bad:
-      return None, (f"document {doc_id!r}: token {bad[0]} is outside the model's vocabulary "
+    if min(tokens) < 0 or max(tokens) >= vocab_size:
+      bad = next(t for t in tokens if not 0 <= t < vocab_size)
+      return None, (f"document {doc_id!r}: token {bad} is outside the model's vocabulary "
                     f"[0, {vocab_size})")
     id_tokens = tokenizer.encode_doc_id(doc_id) if tokenizer is not None else []
     id_len = len(id_tokens) if id_tokens and tokens[:len(id_tokens)] == id_tokens else 0
@@ -146,13 +146,17 @@ def validate_corpus(path: str, tokenizer, vocab_size: int, max_errors: int = 20)
 
 
 def length_buckets(chunk_size: int, max_len: int) -> list[int]:
-  """Padded document lengths: P, 2P, 4P, ... up to the first at or above ``max_len``."""
-  levels, length = [], chunk_size
+  """Padded document lengths P·{1, 2, 3, 4, 6, 8, 12, ...} (powers of two and 1.5× them),
+  up to the first at or above ``max_len``: at most 1/3 of a batch is padding (not 1/2),
+  with shapes fixed in advance so that every window reuses the same compiles (the
+  ``tiny`` recipe's 48-token documents are 6 chunks: exactly one level, no padding)."""
+  levels, n = [], 1
   while True:
-    levels.append(length)
-    if length >= max_len:
-      return levels
-    length *= 2
+    for m in (n, n + n // 2) if n >= 2 else (n,):
+      levels.append(m * chunk_size)
+      if levels[-1] >= max_len:
+        return levels
+    n *= 2
 
 
 class Encoder:
@@ -270,24 +274,82 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
   many windows, as an interruption would (tests).
   Returns the bank's manifest (``complete`` tells whether the corpus is done).
   """
+  info = validate_corpus(corpus_path, tokenizer, model.config.vocab_size)
+  corpus = {"path": info.path, "rows": info.rows, "bytes": info.bytes}
+  return _encode(model, params, bank_path, corpus, tokenizer=tokenizer,
+                 prefix_tokens=prefix_tokens, fingerprint=fingerprint,
+                 rows_from=lambda done: read_rows(corpus_path, tokenizer,
+                                                  model.config.vocab_size, start_row=done),
+                 window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
+                 kv_dtype=kv_dtype, max_windows=max_windows, log=log)
+
+
+def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
+                     source: str, tokenizer, prefix_tokens: Sequence[int],
+                     fingerprint: Optional[str] = None, window_tokens: int = 1 << 22,
+                     batch_tokens: int = 262_144, kr_dtype: Optional[str] = None,
+                     kv_dtype: Optional[str] = None, max_windows: Optional[int] = None,
+                     encoder: Optional["Encoder"] = None, log=print) -> dict:
+  """Encodes generated documents into a bank, without a corpus file (no JSON to write,
+  validate and parse again: the fast path for synthetic corpora of 100M tokens).
+  ``encoder``: an ``Encoder`` of the same model and parameters to reuse (its compiled
+  shapes too, e.g. across banks of several sizes); by default a new one.
+
+  ``documents(start, stop)`` returns the ``DocRecord``s of rows ``[start, stop)``, the same
+  every call; ``source`` names the corpus in the manifest (e.g. ``"write_task:tiny:seed0"``)
+  and a resume is accepted only for the same ``source`` and ``num_docs``. Interrupting and
+  rerunning resumes after the last committed row, as ``encode_corpus`` does.
+  """
+  if num_docs < 1:
+    raise ValueError(f"num_docs={num_docs}: encode at least one document")
+  corpus = {"path": str(source), "rows": int(num_docs), "bytes": 0}
+
+  def rows_from(done: int) -> Iterator[DocRecord]:
+    block = 16_384
+    for start in range(done, num_docs, block):
+      docs = documents(start, min(num_docs, start + block))
+      for d in docs:
+        if len(d.tokens) == 0:
+          raise CorpusError(f"{source}: document {d.doc_id!r} is empty")
+      yield from docs
+  return _encode(model, params, bank_path, corpus, tokenizer=tokenizer,
+                 prefix_tokens=prefix_tokens, fingerprint=fingerprint, rows_from=rows_from,
+                 window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
+                 kv_dtype=kv_dtype, max_windows=max_windows, log=log, encoder=encoder)
+
+
+def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_tokens,
+            fingerprint, rows_from, window_tokens: int, batch_tokens: int, kr_dtype,
+            kv_dtype, max_windows, log, encoder: Optional[Encoder] = None) -> dict:
+  """The encode loop shared by a corpus file and generated documents: ``corpus`` is the
+  manifest's record of the source, ``rows_from(done)`` its documents from row ``done``."""
   cfg = model.config
   from msa_jax.inference import quantize
   for dtype, kind in ((kr_dtype, "kr"), (kv_dtype, "kv")):
     if dtype is not None:
       quantize.check_dtype(dtype, kind)
   fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
-  info = validate_corpus(corpus_path, tokenizer, cfg.vocab_size)
-  encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                    kv_dtype=kv_dtype)
+  if encoder is None or encoder.model is not model or encoder.params is not params:
+    encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
+                      kv_dtype=kv_dtype)
+  elif (kr_dtype or encoder.kr_dtype, kv_dtype or encoder.kv_dtype) != (encoder.kr_dtype,
+                                                                        encoder.kv_dtype):
+    raise ValueError(f"the encoder given writes K̄R {encoder.kr_dtype}, K̄/V̄ "
+                     f"{encoder.kv_dtype}, not the {kr_dtype}/{kv_dtype} asked for; pass a "
+                     "matching Encoder or none")
+  total = corpus["rows"]
   if os.path.isfile(os.path.join(bank_path, bank_lib.MANIFEST)):
     writer = bank_lib.BankWriter.resume(bank_path, fingerprint, kr_dtype=kr_dtype,
                                         kv_dtype=kv_dtype)
     m = writer.manifest
-    if (m["corpus"]["bytes"], m["corpus"]["rows"]) != (info.bytes, info.rows):
+    then = m["corpus"]
+    if (then["path"] != corpus["path"] and not corpus["bytes"]) or (
+        (then["bytes"], then["rows"]) != (corpus["bytes"], corpus["rows"])):
       writer.close()
-      raise CorpusError(f"the corpus {corpus_path} changed since the bank {bank_path} was "
-                        f"started ({m['corpus']['rows']} rows, {m['corpus']['bytes']} bytes "
-                        f"then; {info.rows}, {info.bytes} now); encode into a new --bank")
+      raise CorpusError(f"the corpus {corpus['path']} changed since the bank {bank_path} was "
+                        f"started ({then['path']}: {then['rows']} rows, {then['bytes']} bytes "
+                        f"then; {corpus['rows']}, {corpus['bytes']} now); encode into a new "
+                        "--bank")
     if m["complete"]:
       writer.close()
       log(f"bank {bank_path} is complete ({m['num_docs']:,} documents, {m['num_tokens']:,} "
@@ -299,15 +361,14 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
     writer = bank_lib.BankWriter.create(
         bank_path, fingerprint=fingerprint, model_config=cfg, kr_dtype=encoder.kr_dtype,
         kv_dtype=encoder.kv_dtype, prefix_tokens=list(prefix_tokens),
-        prefix_kv=encoder.prefix_kv(prefix_tokens),
-        corpus={"path": info.path, "rows": info.rows, "bytes": info.bytes}, tokenizer=tok_info)
+        prefix_kv=encoder.prefix_kv(prefix_tokens), corpus=dict(corpus), tokenizer=tok_info)
   m = writer.manifest
   done = start_done = m["corpus"]["rows_done"]
   t0, tokens_here, windows = time.perf_counter(), 0, 0
-  rows = read_rows(corpus_path, tokenizer, cfg.vocab_size, start_row=done)
+  rows = rows_from(done)
   try:
     with _Stop() as stop:
-      while done < info.rows:
+      while done < total:
         window: list[DocRecord] = []
         n_tok = 0
         for doc in rows:
@@ -321,17 +382,17 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
         layers, chunks = encoder.encode(window, starts)
         writer.append(window, layers, chunks)
         done += len(window)
-        writer.commit(done, complete=done >= info.rows)
+        writer.commit(done, complete=done >= total)
         tokens_here += n_tok
         windows += 1
         elapsed = time.perf_counter() - t0
         rate = tokens_here / max(elapsed, 1e-9)
-        left = (info.rows - done) * tokens_here / max(done - start_done, 1)   # tokens to go
-        log(f"encode: {done:,}/{info.rows:,} documents ({100 * done / info.rows:.0f}%) | "
+        left = (total - done) * tokens_here / max(done - start_done, 1)   # tokens to go
+        log(f"encode: {done:,}/{total:,} documents ({100 * done / total:.0f}%) | "
             f"{m['num_tokens']:,} tokens | {rate:,.0f} tok/s | elapsed {_fmt_time(elapsed)} "
             f"ETA {_fmt_time(left / max(rate, 1e-9))}")
         if stop.requested or (max_windows is not None and windows >= max_windows):
-          if done < info.rows:
+          if done < total:
             log(f"stopped after corpus row {done:,}: the bank is committed up to there; rerun "
                 "the same command to resume")
           break

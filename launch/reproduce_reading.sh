@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Issue 14 in ONE GPU call (one H200, ≤ 8 min of command time; every step under a hard
+# `timeout`, results written after each measured size so a stop loses nothing measured):
+#   1. launch.reproduce_reading: train the `tiny` reading recipe (16K-token memories,
+#      document-wise RoPE) for at most TRAIN_S seconds, then encode and query shared banks
+#      of 1x, 16x, 256x, 1024x, 6104x the training memory through the engine until
+#      READING_S runs out (a size predicted not to fit is skipped, its reason recorded);
+#   2. benchmarks.memory_cost: MSA vs full-attention training step against memory length
+#      for MEMORY_COST_S seconds (0: not run).
+# Outputs (≤ 8 files) in $OUT: reading.json, reading.png, router_health_document.png,
+# reading.log, memory_cost.json, memory_cost.png, memory_cost.log.
+#
+#   OUT=/path bash launch/reproduce_reading.sh            # defaults below: ~470 s
+#   ROPE=document,global READING_S=900 bash launch/reproduce_reading.sh   # + the RoPE ablation
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/reading}
+ROOT=${ROOT:-/tmp/reading}
+PYTHON=${PYTHON:-python}
+ROPE=${ROPE:-document}
+READING_S=${READING_S:-400}
+TRAIN_S=${TRAIN_S:-200}
+MEMORY_COST_S=${MEMORY_COST_S:-60}
+TRAIN_ARGS=${TRAIN_ARGS:-}      # extra msa_jax.train flags, e.g. "--config.data.memory_tokens=4096"
+BASE_TOKENS=${BASE_TOKENS:-16384}   # bank sizes are multiples of this (16K: 1x .. 6104x = 100M)
+mkdir -p "$OUT" "$ROOT"
+echo "reproduce_reading.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)" \
+  "READING_S=$READING_S TRAIN_S=$TRAIN_S MEMORY_COST_S=$MEMORY_COST_S ROPE=$ROPE" \
+  "BASE_TOKENS=$BASE_TOKENS TRAIN_ARGS=$TRAIN_ARGS"
+
+timeout --signal=TERM --kill-after=15 "$READING_S" "$PYTHON" -m launch.reproduce_reading \
+  --out="$OUT" --root="$ROOT" --rope="$ROPE" --budget_s=$((READING_S - 20)) \
+  --train_s="$TRAIN_S" --base_tokens="$BASE_TOKENS" --train_args="$TRAIN_ARGS" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" 
+echo "reproduce_reading: exit ${PIPESTATUS[0]}"
+
+if [ "$MEMORY_COST_S" -gt 0 ]; then
+  timeout --signal=TERM --kill-after=10 "$MEMORY_COST_S" "$PYTHON" -m benchmarks.memory_cost \
+    --out="$OUT" --budget_s=$((MEMORY_COST_S - 15)) --steps=3 2>&1 | tee "$OUT/memory_cost.log" \
+    | grep -v "Warning\|with mesh"
+  echo "memory_cost: exit ${PIPESTATUS[0]}"
+fi
+rm -f "$OUT"/*.partial
+ls -la "$OUT"

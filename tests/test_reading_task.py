@@ -1,0 +1,199 @@
+"""The ``tiny`` recipe's reading task (issue 14 item 1) and the pieces of its GPU
+reproduction: documents of 9 facts whose question key sits inside exactly one document,
+ids and keys for a 100M-token shared corpus, multi-hop and NIAH on the same recipe,
+generated banks equal to banks encoded from the corpus file, and the memory-cost
+benchmark's full-attention sequence."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from msa_jax.data import from_config, interleave, write_task
+from train_common import get_config
+
+from tests import reference_numpy as R
+from tests.test_reference_forward import tiny_config
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return get_config("tiny")
+
+
+def test_reading_documents_need_the_key_found_inside(tiny):
+  """341 documents of 48 tokens (6 whole chunks of P 8) fill the 16K memory; the question
+  key occurs in exactly one document, among its 9 facts, and the answer is the value after
+  it there."""
+  p = tiny.model.pooling_chunk_size
+  task = from_config.make_task(tiny.data, 0)
+  tok = task.tokenizer
+  assert tok.vocab_size <= tiny.model.vocab_size
+  for i in range(4):
+    ex = task(i)
+    assert len(ex.docs) == 341 == tiny.data.memory_tokens // 48
+    assert {len(d.tokens) for d in ex.docs} == {48} and 48 % p == 0
+    key = ex.question
+    holders = []
+    for d in ex.docs:
+      facts = [d.tokens[3 + 5 * f:3 + 5 * (f + 1)] for f in range(9)]
+      assert len(facts) == 9 and all(len(f) == 5 for f in facts)
+      holders += [(d.doc_id, f[3:]) for f in facts if f[:3] == key]
+    assert holders == [(ex.positive_doc_ids[0], ex.answer)]
+    assert len(key) == 3 and len(ex.answer) == 2
+
+
+def test_answer_samples_without_routing_positives(tiny):
+  """``data.answer_positives=False`` (the tiny recipe): the retrieval sample keeps the gold
+  document as its positive, the answer sample has none; both share one active bucket."""
+  task = from_config.make_task(tiny.data, 0)
+  ex = task(0)
+  ident, answer = interleave.expand(ex, task.tokenizer.specials, answer_positives=False)
+  assert ident.positive_doc_ids == ex.positive_doc_ids and answer.positive_doc_ids == []
+  assert [s.positive_doc_ids for s in interleave.expand(ex, task.tokenizer.specials)] == \
+      [ex.positive_doc_ids] * 2
+  cfg = get_config("tiny")
+  cfg.data.num_docs = 6
+  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=8,
+                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  for _ in range(3):
+    batch = next(it)
+    has_pos = np.asarray(batch.positive_docs).any(axis=1)
+    answers = np.asarray(batch.targets == task.tokenizer.specials.eos).any(axis=1)
+    assert np.array_equal(has_pos, ~answers & np.asarray(batch.active_mask).any(axis=1))
+    assert has_pos.any() and answers.any()   # one bucket: both kinds in every batch
+
+
+def test_shared_corpus_addresses_100m_tokens(tiny):
+  """6104 × the training memory (100M tokens) fits the unique ids and keys."""
+  corpus = write_task.SharedCorpus(write_task.kv_config_of(tiny), 0)
+  docs = 6104 * 341
+  assert docs * 48 >= 99_900_000
+  assert corpus.capacity == 128 ** 3 >= docs >= 2_000_000
+  assert corpus.key_space >= 9 * docs
+  corpus.check_size(docs)
+  # ids and keys unique over a block at the far end of that corpus
+  ids, keys, _ = corpus.symbols(docs - 2_000, docs)
+  assert len({tuple(r) for r in ids.tolist()}) == 2_000
+  assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 9
+
+
+@pytest.mark.parametrize("bracket_ids", [False, True])
+def test_records_equal_documents(tiny, bracket_ids):
+  """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
+  per-document path."""
+  cfg = get_config("tiny")
+  cfg.data.kv.bracket_ids = bracket_ids
+  corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
+  for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
+    fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
+    assert [d.doc_id for d in fast] == [d.doc_id for d in slow]
+    assert [list(d.tokens) for d in fast] == [d.tokens for d in slow]
+    assert [d.id_length for d in fast] == [d.id_length for d in slow] == \
+        [5 if bracket_ids else 3] * (stop - start)
+
+
+@pytest.mark.parametrize("task", ["multihop", "niah"])
+def test_multihop_and_niah_on_the_tiny_recipe(tiny, task):
+  """The other data options of the recipe build batches within the model's vocabulary."""
+  cfg = get_config("tiny")
+  cfg.data.task = task
+  cfg.data.num_docs = 6
+  assert from_config.vocab_size_of(cfg.data) <= cfg.model.vocab_size
+  source = from_config.make_task(cfg.data, 0)
+  ex = source(0)
+  if task == "multihop":
+    assert len(ex.rounds) == 2
+  else:
+    assert {len(d.tokens) for d in ex.docs} == {48}   # [ 3-token id ] + 43
+  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
+                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  batch = next(it)
+  assert int(np.max(batch.doc_tokens)) < cfg.model.vocab_size
+  assert batch.doc_tokens.shape[2] % cfg.model.pooling_chunk_size == 0
+
+
+def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
+  """``encode_documents`` (no JSON) writes the same bank arrays as ``encode_corpus`` over
+  the written corpus file; a resume with another source is refused."""
+  from msa_jax.data.collate import BucketShapes, collate
+  from msa_jax.data.example import Document, Example
+  from msa_jax.inference.encode import CorpusError, encode_corpus, encode_documents
+  corpus = write_task.SharedCorpus(write_task.kv_config_of(tiny), 0)
+  cfg = tiny_config(vocab_size=1024, pooling_chunk_size=8)
+  docs = corpus.documents(0, 3)
+  ex = Example(prefix=[1], docs=[Document(d.doc_id, d.tokens) for d in docs], question=[3],
+               target=[4], positive_doc_ids=[])
+  model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, 48, 2)), 2)
+  params = variables["params"]
+  path = tmp_path / "corpus.jsonl"
+  write_task.write_jsonl(write_task.corpus_rows(tiny, 70, 0), str(path), 70, "corpus")
+  quiet = dict(tokenizer=corpus.tokenizer, prefix_tokens=[1], log=lambda *_: None)
+  a = encode_corpus(model, params, str(path), str(tmp_path / "a"), window_tokens=500, **quiet)
+  # generated: stopped after one window, refused for another source, resumed to the end
+  b = str(tmp_path / "b")
+  part = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
+                          batch_tokens=16_384, max_windows=1, **quiet)   # a's batches
+  assert not part["complete"] and part["num_docs"] == 11
+  with pytest.raises(CorpusError, match="changed since the bank"):
+    encode_documents(model, params, corpus.records, 70, b, source="other", **quiet)
+  done = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
+                          batch_tokens=16_384, **quiet)
+  assert a["complete"] and done["complete"] and a["num_tokens"] == done["num_tokens"] == 70 * 48
+  for name in a["arrays"]:
+    fa, fb = (open(os.path.join(tmp_path, x, name), "rb").read() for x in "ab")
+    assert fa == fb, name
+  ids = [json.loads(line)["id"] for line in open(tmp_path / "b" / "docs.jsonl")]
+  assert ids == [d.doc_id for d in corpus.documents(0, 70)]
+
+
+def test_encode_time_prediction_uses_the_marginal_rate():
+  from launch.reproduce_reading import predict_encode_seconds
+  # 10 s to compile, then 1M tokens/s: sizes 16K and 262K took 10.016 and 10.262 s
+  done = [(16_384, 10.016384), (262_144, 10.262144)]
+  assert predict_encode_seconds(done, 100_000_000) == pytest.approx(110.0, rel=1e-3)
+
+
+def test_relative_degradation():
+  from launch.reproduce_reading import relative_degradation
+  rows = [{"multiplier": 1, "answer_exact_match": 0.8}, {"multiplier": 16, "skipped": "t"},
+          {"multiplier": 256, "answer_exact_match": 0.6}]
+  relative_degradation(rows, "answer_exact_match")
+  assert rows[0]["answer_exact_match_rel_degradation"] == 0.0
+  assert rows[2]["answer_exact_match_rel_degradation"] == pytest.approx(0.25)
+  assert "answer_exact_match_rel_degradation" not in rows[1]
+
+
+def test_memory_cost_full_attention_sees_the_same_tokens(tiny):
+  """The full-attention baseline's sequence is the MSA sample's prefix, every document in
+  memory order, the question and the target: the same tokens the MSA step processes."""
+  from benchmarks.memory_cost import concatenated, msa_sample
+  from msa_jax import trainer
+  cfg = get_config("tiny")
+  cfg.data.memory_tokens = 480   # 10 documents
+  model_cfg = trainer.resolve_model_config(cfg)
+  batch = msa_sample(cfg, model_cfg, 480)
+  seq = concatenated(batch)
+  task = from_config.make_task(cfg.data, cfg.seed, 480)
+  ex = task(0)
+  answer_round = max(interleave.expand(ex, task.tokenizer.specials),
+                     key=lambda e: e.active_length)
+  expected = list(ex.prefix) + [t for d in ex.docs for t in d.tokens] + \
+      list(answer_round.question) + list(answer_round.target)
+  assert seq.shape == (1, trainer.count_tokens(batch)) and seq[0].tolist() == expected
+
+
+@pytest.mark.slow
+def test_memory_cost_runs_on_cpu(tmp_path):
+  """Both methods at two toy lengths: rows with step times and the ratio (~40-80 s)."""
+  from benchmarks import memory_cost
+  res = memory_cost.main(["--tokens=256,512", "--steps=1", "--budget_s=300", "--out",
+                          str(tmp_path), "--model=hidden_size=32,intermediate_size=64,"
+                          "num_layers=2,head_dim=8"])
+  fit = [r for r in res["rows"] if r.get("fits")]
+  assert {(r["method"], r["memory_tokens"]) for r in fit} == {
+      (m, t) for m in ("msa", "full") for t in (256, 512)}
+  for r in fit:
+    assert r["step_s"] > 0 and r["tokens"] > r["memory_tokens"]
+  assert "full_step_ratio_longest_to_shortest" in res
+  assert os.path.exists(tmp_path / "memory_cost_cpu.png")
