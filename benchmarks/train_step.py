@@ -80,6 +80,7 @@ if ARGS.cpu_devices:   # before any JAX backend starts
                              + f" --xla_force_host_platform_device_count={ARGS.cpu_devices}")
   os.environ["JAX_PLATFORMS"] = "cpu"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -273,7 +274,11 @@ def run_buckets(args) -> dict:
 
 def run_compile_layers(args) -> dict:
   """Compile time of one training step vs depth, with the layers unrolled and/or scanned
-  (``--scan_layers``)."""
+  (``--scan_layers``): the whole step, and the loss gradient alone (the model's part,
+  without the optimizer's per-parameter updates and norms). Wall and process CPU seconds
+  (the CPU seconds are steadier on a shared machine)."""
+  import jax.numpy as jnp
+  from msa_jax.train_step import compute_losses
   rows = []
   variant = args.variants.split(",")[0]
   memory = int(args.memory.split(",")[0])
@@ -292,20 +297,32 @@ def run_compile_layers(args) -> dict:
     with mesh:
       lowered = setup._step.lower(setup.abstract_state, dev_batch)
     lower_s = time.perf_counter() - t0
+    c0 = time.process_time()
     lowered.compile()
+    compile_cpu = time.process_time() - c0
     total = time.perf_counter() - t0
+
+    def loss(params, b):
+      with nn.logical_axis_rules(setup.rules):
+        return compute_losses(setup.model, params, b, jnp.int32(0), cfg)[0]
+    t1, c1 = time.perf_counter(), time.process_time()
+    with mesh:
+      jax.jit(jax.grad(loss)).lower(setup.abstract_state.params, dev_batch).compile()
+    grad_s, grad_cpu = time.perf_counter() - t1, time.process_time() - c1
     rows.append({"num_layers": layers, "scan_layers": model_cfg.scan_layers,
                  "remat_policy": model_cfg.remat_policy, "trace_lower_s": lower_s,
-                 "compile_s": total - lower_s, "total_s": total})
-    print(f"{layers} layers, scan_layers {model_cfg.scan_layers}: trace+lower {lower_s:.1f} s, "
-          f"compile {total - lower_s:.1f} s", flush=True)
+                 "compile_s": total - lower_s, "compile_cpu_s": compile_cpu, "total_s": total,
+                 "grad_only_compile_s": grad_s, "grad_only_compile_cpu_s": grad_cpu})
+    print(f"{layers} layers, scan_layers {model_cfg.scan_layers}: step trace+lower "
+          f"{lower_s:.1f} s, compile {total - lower_s:.1f} s ({compile_cpu:.1f} CPU s); loss "
+          f"gradient alone: trace+lower+compile {grad_s:.1f} s ({grad_cpu:.1f} CPU s)",
+          flush=True)
   return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
 
 
 def run_memory_analysis(args) -> dict:
   """Temporary memory of the loss gradient (no optimizer) by XLA's ``memory_analysis``,
   the chunked LM loss of the training step against the full ``[B, M, vocab]`` logits."""
-  import flax.linen as nn
   import jax.numpy as jnp
   from msa_jax import losses
   from msa_jax.model import MSAModel
@@ -373,6 +390,27 @@ def plot(rows, path: str) -> None:
   plt.close(fig)
 
 
+def plot_compile_layers(rows, path: str) -> None:
+  """Compile seconds vs depth: the step and the loss gradient alone, unrolled and scanned."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for scan, style in ((False, "o-"), (True, "s--")):
+    pts = sorted((r for r in rows if r["scan_layers"] == scan), key=lambda r: r["num_layers"])
+    name = "scanned" if scan else "unrolled"
+    for key, label in (("compile_s", "step (compile)"),
+                       ("grad_only_compile_s", "loss gradient alone (trace+compile)")):
+      if pts and key in pts[0]:
+        ax.plot([r["num_layers"] for r in pts], [r[key] for r in pts], style,
+                label=f"{label}, {name}")
+  ax.set(xlabel="layers", ylabel="compile seconds", title="training step compile time vs depth")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _write(args, name: str, result: dict) -> str:
   path = args.out or os.path.join(out_dir(), name)
   write_json(path, dict(result, command="python -m benchmarks.train_step " + " ".join(sys.argv[1:])))
@@ -395,6 +433,8 @@ def main(args) -> dict:
   path = _write(args, name, result)
   if "rows" in result and any(r.get("fits") for r in result["rows"]):
     plot(result["rows"], path[:-len(".json")] + ".png")
+  if result.get("compile_layers"):
+    plot_compile_layers(result["compile_layers"], path[:-len(".json")] + ".png")
   print(f"wrote {path}", flush=True)
   return result
 
