@@ -16,8 +16,9 @@ causal attention, LM head on target tokens, forward + backward; remat recompute 
 counted) over (a) the vendor bf16 peak and (b) a bf16 matmul rate measured on the
 device at start-up (``msa_jax.metrics.matmul_rate``). XLA's own count
 (``cost_analysis``) is printed beside the padded count ``executed``; XLA counts a
-``lax.scan`` body once, so it is low by the LM-loss chunks after the first, and it is per
-device on a mesh.
+``lax.scan`` body once, so it is low by the LM-loss chunks after the first and, with
+``model.scan_layers`` (on in the 0.6b and 4b recipes), by every layer of a run after the
+first (compare with ``--scan_layers off``); it is per device on a mesh.
 
 Runs:
   python -m benchmarks.train_step                              # one H200: 0.6b and 4b, 16K and 64K
