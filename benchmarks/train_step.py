@@ -150,10 +150,14 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row["xla_flops"] = float(cost.get("flops", 0.0))
+  print(f"    compiled in {compile_s:.1f} s; memory_analysis {need / 2 ** 30:.1f} GiB",
+        flush=True)
   limit = device_bytes_limit()
   if limit and need > limit:
-    raise MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
+    err = MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
                       f"{limit / 2 ** 30:.1f} GiB")
+    err.partial_row = row   # a batch that does not fit still reports its compile time
+    raise err
   state = setup.init_state(cfg.seed)
   times = []
   with mesh:
@@ -218,6 +222,7 @@ def run_shapes(args, save=None) -> dict:
       except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
         if not _oom(err):
           raise
+        entry.update(getattr(err, "partial_row", {}))
         entry["fits"] = False
         entry["error"] = str(err).splitlines()[0][:300]
         results.append(entry)
