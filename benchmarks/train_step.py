@@ -16,8 +16,9 @@ causal attention, LM head on target tokens, forward + backward; remat recompute 
 counted) over (a) the vendor bf16 peak and (b) a bf16 matmul rate measured on the
 device at start-up (``msa_jax.metrics.matmul_rate``). XLA's own count
 (``cost_analysis``) is printed beside the padded count ``executed``; XLA counts a
-``lax.scan`` body once, so it is low by the LM-loss chunks after the first, and it is per
-device on a mesh.
+``lax.scan`` body once, so it is low by the LM-loss chunks after the first and, with
+``model.scan_layers`` (on in the 0.6b and 4b recipes), by every layer of a run after the
+first (compare with ``--scan_layers off``); it is per device on a mesh.
 
 Runs:
   python -m benchmarks.train_step                              # one H200: 0.6b and 4b, 16K and 64K
@@ -80,6 +81,7 @@ if ARGS.cpu_devices:   # before any JAX backend starts
                              + f" --xla_force_host_platform_device_count={ARGS.cpu_devices}")
   os.environ["JAX_PLATFORMS"] = "cpu"
 
+import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -148,10 +150,14 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   row["xla_flops"] = float(cost.get("flops", 0.0))
+  print(f"    compiled in {compile_s:.1f} s; memory_analysis {need / 2 ** 30:.1f} GiB",
+        flush=True)
   limit = device_bytes_limit()
   if limit and need > limit:
-    raise MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
+    err = MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
                       f"{limit / 2 ** 30:.1f} GiB")
+    err.partial_row = row   # a batch that does not fit still reports its compile time
+    raise err
   state = setup.init_state(cfg.seed)
   times = []
   with mesh:
@@ -216,6 +222,7 @@ def run_shapes(args, save=None) -> dict:
       except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
         if not _oom(err):
           raise
+        entry.update(getattr(err, "partial_row", {}))
         entry["fits"] = False
         entry["error"] = str(err).splitlines()[0][:300]
         results.append(entry)
@@ -273,7 +280,11 @@ def run_buckets(args) -> dict:
 
 def run_compile_layers(args) -> dict:
   """Compile time of one training step vs depth, with the layers unrolled and/or scanned
-  (``--scan_layers``)."""
+  (``--scan_layers``): the whole step, and the loss gradient alone (the model's part,
+  without the optimizer's per-parameter updates and norms). Wall and process CPU seconds
+  (the CPU seconds are steadier on a shared machine)."""
+  import jax.numpy as jnp
+  from msa_jax.train_step import compute_losses
   rows = []
   variant = args.variants.split(",")[0]
   memory = int(args.memory.split(",")[0])
@@ -292,20 +303,32 @@ def run_compile_layers(args) -> dict:
     with mesh:
       lowered = setup._step.lower(setup.abstract_state, dev_batch)
     lower_s = time.perf_counter() - t0
+    c0 = time.process_time()
     lowered.compile()
+    compile_cpu = time.process_time() - c0
     total = time.perf_counter() - t0
+
+    def loss(params, b):
+      with nn.logical_axis_rules(setup.rules):
+        return compute_losses(setup.model, params, b, jnp.int32(0), cfg)[0]
+    t1, c1 = time.perf_counter(), time.process_time()
+    with mesh:
+      jax.jit(jax.grad(loss)).lower(setup.abstract_state.params, dev_batch).compile()
+    grad_s, grad_cpu = time.perf_counter() - t1, time.process_time() - c1
     rows.append({"num_layers": layers, "scan_layers": model_cfg.scan_layers,
                  "remat_policy": model_cfg.remat_policy, "trace_lower_s": lower_s,
-                 "compile_s": total - lower_s, "total_s": total})
-    print(f"{layers} layers, scan_layers {model_cfg.scan_layers}: trace+lower {lower_s:.1f} s, "
-          f"compile {total - lower_s:.1f} s", flush=True)
+                 "compile_s": total - lower_s, "compile_cpu_s": compile_cpu, "total_s": total,
+                 "grad_only_compile_s": grad_s, "grad_only_compile_cpu_s": grad_cpu})
+    print(f"{layers} layers, scan_layers {model_cfg.scan_layers}: step trace+lower "
+          f"{lower_s:.1f} s, compile {total - lower_s:.1f} s ({compile_cpu:.1f} CPU s); loss "
+          f"gradient alone: trace+lower+compile {grad_s:.1f} s ({grad_cpu:.1f} CPU s)",
+          flush=True)
   return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
 
 
 def run_memory_analysis(args) -> dict:
   """Temporary memory of the loss gradient (no optimizer) by XLA's ``memory_analysis``,
   the chunked LM loss of the training step against the full ``[B, M, vocab]`` logits."""
-  import flax.linen as nn
   import jax.numpy as jnp
   from msa_jax import losses
   from msa_jax.model import MSAModel
@@ -373,6 +396,27 @@ def plot(rows, path: str) -> None:
   plt.close(fig)
 
 
+def plot_compile_layers(rows, path: str) -> None:
+  """Compile seconds vs depth: the step and the loss gradient alone, unrolled and scanned."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for scan, style in ((False, "o-"), (True, "s--")):
+    pts = sorted((r for r in rows if r["scan_layers"] == scan), key=lambda r: r["num_layers"])
+    name = "scanned" if scan else "unrolled"
+    for key, label in (("compile_s", "step (compile)"),
+                       ("grad_only_compile_s", "loss gradient alone (trace+compile)")):
+      if pts and key in pts[0]:
+        ax.plot([r["num_layers"] for r in pts], [r[key] for r in pts], style,
+                label=f"{label}, {name}")
+  ax.set(xlabel="layers", ylabel="compile seconds", title="training step compile time vs depth")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def _write(args, name: str, result: dict) -> str:
   path = args.out or os.path.join(out_dir(), name)
   write_json(path, dict(result, command="python -m benchmarks.train_step " + " ".join(sys.argv[1:])))
@@ -395,6 +439,8 @@ def main(args) -> dict:
   path = _write(args, name, result)
   if "rows" in result and any(r.get("fits") for r in result["rows"]):
     plot(result["rows"], path[:-len(".json")] + ".png")
+  if result.get("compile_layers"):
+    plot_compile_layers(result["compile_layers"], path[:-len(".json")] + ".png")
   print(f"wrote {path}", flush=True)
   return result
 

@@ -5,6 +5,8 @@ the training loss), keeps the per-layer parameter tree, and keeps the parameters
 Compared in float32 on the smoke recipe's model (3 layers: runs [0], [1, 2]) and on a
 model whose router layers are not contiguous (router layers (1, 3) of 5: five runs).
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -40,10 +42,38 @@ def _train_cfg():
   return cfg
 
 
-def _loss_and_grads(cfg, params, batch):
+@functools.lru_cache(maxsize=None)
+def _step_fn(cfg):
+  """Jitted ``(params, batch) -> (loss, grads, forward_memory output)`` (one compile per
+  config and input shapes/shardings; tests that share a config share it)."""
   model = MSAModel(cfg)
-  fn = lambda p: compute_losses(model, p, batch, jnp.int32(1), _train_cfg())[0]
-  return jax.jit(jax.value_and_grad(fn))(params)
+
+  def step(params, batch):
+    fn = lambda p: compute_losses(model, p, batch, jnp.int32(1), _train_cfg())[0]
+    loss, grads = jax.value_and_grad(fn)(params)
+    return loss, grads, model.apply({"params": params}, batch)
+  return jax.jit(step)
+
+
+def _case(cfg, seed):
+  batch = _batch(seed)
+  return batch, R.init_model(cfg, batch, seed=seed)[1]["params"]
+
+
+def _assert_same(got, want, grad_rtol=1e-4):
+  """Scanned vs unrolled: loss, every gradient, logits, routing scores and decisions."""
+  (loss_s, grads_s, out_s), (loss_u, grads_u, out_u) = got, want
+  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
+  assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
+  flat_s = dict(jax.tree_util.tree_leaves_with_path(grads_s))
+  for path, g_u in jax.tree_util.tree_leaves_with_path(grads_u):
+    scale = float(jnp.max(jnp.abs(g_u))) + 1e-12
+    np.testing.assert_allclose(flat_s[path], g_u, rtol=grad_rtol, atol=1e-5 * scale,
+                               err_msg=jax.tree_util.keystr(path))
+  np.testing.assert_allclose(out_s.logits_bmv, out_u.logits_bmv, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(out_s.doc_scores_brn, out_u.doc_scores_brn, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out_s.selected_brk, out_u.selected_brk)
+  np.testing.assert_array_equal(out_s.selected_valid_brk, out_u.selected_valid_brk)
 
 
 def test_layer_runs_split_at_router_changes():
@@ -56,31 +86,48 @@ def test_layer_runs_split_at_router_changes():
 
 @pytest.mark.parametrize("cfg", [SMOKE, SPLIT], ids=["smoke", "router_1_3_of_5"])
 def test_scanned_forward_and_grads_equal_unrolled(cfg):
-  batch = _batch()
-  _, variables = R.init_model(cfg, batch, seed=3)
-  params = variables["params"]
-  unrolled, scanned = MSAModel(cfg), MSAModel(cfg.replace(scan_layers=True))
-  out_u = jax.jit(unrolled.apply)({"params": params}, batch)
-  out_s = jax.jit(scanned.apply)({"params": params}, batch)
-  np.testing.assert_allclose(out_s.logits_bmv, out_u.logits_bmv, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(out_s.doc_scores_brn, out_u.doc_scores_brn, rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(out_s.selected_brk, out_u.selected_brk)
-  np.testing.assert_array_equal(out_s.selected_valid_brk, out_u.selected_valid_brk)
-  assert out_s.doc_scores_brn.shape[1] == len(cfg.router_layer_ids)
-
-  loss_u, grads_u = _loss_and_grads(cfg, params, batch)
-  loss_s, grads_s = _loss_and_grads(cfg.replace(scan_layers=True), params, batch)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
-  for path, g_u in jax.tree_util.tree_leaves_with_path(grads_u):
-    g_s = dict(jax.tree_util.tree_leaves_with_path(grads_s))[path]
-    scale = float(jnp.max(jnp.abs(g_u))) + 1e-12
-    np.testing.assert_allclose(g_s, g_u, rtol=1e-4, atol=1e-5 * scale,
-                               err_msg=jax.tree_util.keystr(path))
+  batch, params = _case(cfg, seed=3)
+  want = _step_fn(cfg)(params, batch)
+  got = _step_fn(cfg.replace(scan_layers=True))(params, batch)
+  _assert_same(got, want)
+  assert got[2].doc_scores_brn.shape[1] == len(cfg.router_layer_ids)
   # Every layer's parameters get a gradient (the last router layer's MLP gets none from
   # the documents, but does from the active tokens).
   for i in range(cfg.num_layers):
-    assert float(jnp.max(jnp.abs(grads_s[f"layers_{i}"]["mlp"]["up_proj"]["kernel"]))) > 0
+    assert float(jnp.max(jnp.abs(got[1][f"layers_{i}"]["mlp"]["up_proj"]["kernel"]))) > 0
+
+
+@pytest.mark.parametrize("cfg,policy", [
+    (SMOKE, "full"), pytest.param(SPLIT, "dots", marks=pytest.mark.slow)])
+def test_scan_with_remat_policy_equals_unrolled_without_remat(cfg, policy):
+  batch, params = _case(cfg, seed=3)
+  want = _step_fn(cfg)(params, batch)
+  _assert_same(_step_fn(cfg.replace(scan_layers=True, remat_policy=policy))(params, batch),
+               want)
+
+
+def test_scanned_step_on_a_mesh_keeps_parameter_sharding():
+  """On 4 CPU devices (fsdp 2 x tensor 2) the scanned step equals the unrolled one on one
+  device, and the stacked parameters inside the step carry their layers' sharding."""
+  import re
+  from msa_jax import sharding
+  cfg = SMOKE.replace(scan_layers=True)
+  mesh = sharding.make_mesh((1, 2, 2), jax.devices()[:4])
+  batch, params = _case(SMOKE, seed=3)
+  want = _step_fn(SMOKE)(params, batch)
+  boxed = jax.eval_shape(MSAModel(cfg).init, jax.random.PRNGKey(0), batch)["params"]
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh,
+                                            sharding.DEFAULT_RULES)
+    sharded = jax.device_put(params, shardings)
+    got = _step_fn(cfg)(sharded, batch)
+    hlo = _step_fn(cfg).lower(sharded, batch).as_text()
+  _assert_same(got, want)
+  # The router run's (layers 1, 2) stacked [2, 64, 64] kernels: q_proj and router_q_proj
+  # (embed on fsdp, heads on tensor) and o_proj (heads, embed); the layer axis whole.
+  specs = set(re.findall(r'sharding_constraint %\w+ <@mesh, (\[.*?\])> : tensor<2x64x64xf32>',
+                         hlo))
+  assert specs == {'[{}, {"fsdp"}, {"tensor"}]', '[{}, {"tensor"}, {"fsdp"}]'}, specs
 
 
 def test_public_stage_methods_equal_unrolled_and_init_keeps_per_layer_params():
@@ -109,47 +156,6 @@ def test_public_stage_methods_equal_unrolled_and_init_keeps_per_layer_params():
   for (k, v), (k_u, v_u) in zip(prefix, prefix_u):
     np.testing.assert_allclose(k, k_u, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(v, v_u, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_scan_with_remat_policy_equals_unrolled_without_remat(policy):
-  batch = _batch(seed=2)
-  _, variables = R.init_model(SPLIT, batch, seed=5)
-  loss_u, grads_u = _loss_and_grads(SPLIT, variables["params"], batch)
-  loss_s, grads_s = _loss_and_grads(SPLIT.replace(scan_layers=True, remat_policy=policy),
-                                    variables["params"], batch)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_scanned_step_on_a_mesh_keeps_parameter_sharding():
-  """On 8 CPU devices (fsdp 4 x tensor 2) the scanned loss gradient equals the unrolled
-  one, and the stacked parameters inside the step carry their layers' sharding."""
-  import re
-  from msa_jax import sharding
-  cfg = SMOKE.replace(scan_layers=True)
-  mesh = sharding.make_mesh((1, 4, 2))
-  batch = _batch(seed=6, b=4)
-  _, variables = R.init_model(cfg, batch, seed=6)
-  boxed = jax.eval_shape(MSAModel(cfg).init, jax.random.PRNGKey(0), batch)["params"]
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh,
-                                            sharding.DEFAULT_RULES)
-    params = jax.device_put(variables["params"], shardings)
-    loss_s, grads_s = _loss_and_grads(cfg, params, batch)
-    model = MSAModel(cfg)
-    hlo = jax.jit(lambda p: model.apply({"params": p}, batch, method=MSAModel.forward_train)
-                  ).lower(params).as_text()
-  loss_u, grads_u = _loss_and_grads(cfg.replace(scan_layers=False), variables["params"], batch)
-  np.testing.assert_allclose(loss_s, loss_u, rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  # The router run's (layers 1, 2) stacked [2, 64, 64] kernels: q_proj and router_q_proj
-  # (embed on fsdp, heads on tensor) and o_proj (heads, embed); the layer axis whole.
-  specs = set(re.findall(r'sharding_constraint %\w+ <@mesh, (\[.*?\])> : tensor<2x64x64xf32>',
-                         hlo))
-  assert specs == {'[{}, {"fsdp"}, {"tensor"}]', '[{}, {"tensor"}, {"fsdp"}]'}, specs
 
 
 def test_remat_policy_and_the_legacy_remat_switch():
@@ -208,10 +214,10 @@ def test_scanned_training_gradients_with_the_pallas_kernels_on_gpu():
   unrolled one (same kernels, same bf16 roundings; a reduction order may differ)."""
   cfg, batch, params = _pallas_case()
   cfg = cfg.replace(dtype="bfloat16")
-  loss_u, grads_u = _loss_and_grads(cfg, params, batch)
+  loss_u, grads_u, _ = _step_fn(cfg)(params, batch)
   for policy in ("full", "dots"):
-    loss_s, grads_s = _loss_and_grads(cfg.replace(scan_layers=True, remat_policy=policy),
-                                      params, batch)
+    loss_s, grads_s, _ = _step_fn(cfg.replace(scan_layers=True, remat_policy=policy))(
+        params, batch)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-3)
     for a, b in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads_u)):
       scale = float(jnp.max(jnp.abs(b))) + 1e-12
