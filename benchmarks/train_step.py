@@ -139,7 +139,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev_batch = setup.put_batch(batch)
   t0 = time.perf_counter()
-  with mesh:
+  with sharding.mesh_context(mesh):
     compiled = setup._step.lower(setup.abstract_state, dev_batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
@@ -160,7 +160,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
     raise err
   state = setup.init_state(cfg.seed)
   times = []
-  with mesh:
+  with sharding.mesh_context(mesh):
     for i in range(steps + 1):
       t0 = time.perf_counter()
       state, m = compiled(state, dev_batch)
@@ -300,7 +300,7 @@ def run_compile_layers(args) -> dict:
     setup = trainer.TrainSetup(cfg, mesh, model_cfg)
     dev_batch = setup.put_batch(batch)
     t0 = time.perf_counter()
-    with mesh:
+    with sharding.mesh_context(mesh):
       lowered = setup._step.lower(setup.abstract_state, dev_batch)
     lower_s = time.perf_counter() - t0
     c0 = time.process_time()
@@ -312,7 +312,7 @@ def run_compile_layers(args) -> dict:
       with nn.logical_axis_rules(setup.rules):
         return compute_losses(setup.model, params, b, jnp.int32(0), cfg)[0]
     t1, c1 = time.perf_counter(), time.process_time()
-    with mesh:
+    with sharding.mesh_context(mesh):
       jax.jit(jax.grad(loss)).lower(setup.abstract_state.params, dev_batch).compile()
     grad_s, grad_cpu = time.perf_counter() - t1, time.process_time() - c1
     rows.append({"num_layers": layers, "scan_layers": model_cfg.scan_layers,

@@ -26,6 +26,8 @@ MAY_CHANGE_ON_RESUME = (
     "num_steps", "log_every_steps", "tensorboard", "mesh_shape", "logical_axis_rules",
     "compilation_cache_dir", "eval.", "checkpoint.every_steps", "checkpoint.max_to_keep",
     "checkpoint.async_save",
+    # Implementation switches: the same parameters and the same function of them.
+    "model.scan_layers", "model.remat_policy", "model.remat",
 )
 _ABSENT = "(absent)"
 

@@ -69,3 +69,11 @@ def rules_from_config(rules) -> tuple[tuple[str, object], ...]:
   for name, target in rules:
     out.append((name, tuple(target) if isinstance(target, list) else target))
   return tuple(out)
+
+
+def mesh_context(mesh: Mesh):
+  """The context under which a step is traced so that its logical sharding constraints
+  take effect: ``jax.set_mesh`` (under the legacy ``with mesh:`` Flax's
+  ``with_logical_constraint`` lowers to nothing, so activations and stacked layer
+  parameters would go unconstrained)."""
+  return jax.set_mesh(mesh)

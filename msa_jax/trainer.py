@@ -122,7 +122,7 @@ class TrainSetup:
     self.tx = make_optimizer(cfg)
     ids = jnp.zeros((1, 8), jnp.int32)
     init_boxed = functools.partial(init_train_state, self.model, self.tx)
-    with mesh, nn.logical_axis_rules(self.rules):
+    with sharding.mesh_context(mesh), nn.logical_axis_rules(self.rules):
       abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0), ids)
       self.state_shardings = nn.logical_to_mesh_sharding(
           nn.get_partition_spec(abstract), mesh, self.rules)
@@ -143,13 +143,13 @@ class TrainSetup:
                          donate_argnums=(0,))
 
   def init_state(self, seed: int) -> TrainState:
-    with self.mesh:
+    with sharding.mesh_context(self.mesh):
       return self._init(jax.random.PRNGKey(seed))
 
   def state_from_params(self, params) -> TrainState:
     """A fresh train state around given (e.g. pretrained) parameters."""
     params = jax.device_put(params, self.state_shardings.params)
-    with self.mesh:
+    with sharding.mesh_context(self.mesh):
       opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
@@ -163,7 +163,7 @@ class TrainSetup:
     return jax.tree.map(put, batch)
 
   def step(self, state: TrainState, batch: MSABatch):
-    with self.mesh:
+    with sharding.mesh_context(self.mesh):
       return self._step(state, batch)
 
 
