@@ -11,11 +11,12 @@ memories, then ask the same questions through the engine over shared banks of 1�
 Per RoPE mode (``model.rope_mode``; the second one is a second training run):
   1. ``python -m msa_jax.train --config=configs/16k_to_100m.py:tiny`` under ``timeout
      --train_s`` (SIGTERM: the trainer saves its step and exits), no in-training eval.
-  2. For each multiplier m, the run's task as ONE shared corpus of m × 341 documents
+  2. For each multiplier m, the run's task as ONE shared corpus of m × B documents (B: the
+     documents of ``--base_tokens``, default the training memory: 409 for 16K tokens)
      (``msa_jax.data.write_task.SharedCorpus``: corpus-unique ids and keys, document n the
      same at every size), generated and encoded straight into a bank
      (``msa_jax.inference.encode.encode_documents``: no JSON), and the same
-     ``--num_questions`` questions (gold documents among the first 341) scored through the
+     ``--num_questions`` questions (gold documents among the first B) scored through the
      engine (``msa_jax.evaluate.run_bank``): answer exact match, router recall@1 and
      @k, oracle-routed exact match, and the relative degradation against 1×.
      A size is skipped (with the reason in its row) when the time it is predicted to
@@ -76,7 +77,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def base_docs_of(cfg) -> int:
-  """Documents of one training memory (341 for the tiny recipe's 16K tokens)."""
+  """Documents of one training memory (409 for the tiny recipe's 16K tokens)."""
   from msa_jax.data import from_config
   return int(from_config.make_task(cfg.data, 0).config.num_docs)
 
