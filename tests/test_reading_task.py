@@ -197,3 +197,28 @@ def test_memory_cost_runs_on_cpu(tmp_path):
     assert r["step_s"] > 0 and r["tokens"] > r["memory_tokens"]
   assert "full_step_ratio_longest_to_shortest" in res
   assert os.path.exists(tmp_path / "memory_cost_cpu.png")
+
+
+@pytest.mark.slow
+def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
+  """The GPU command's Python part on the smoke recipe: a 4-step training under its time
+  limit, banks at 1× and 4× through the engine, a size skipped for time (~1.5 min)."""
+  from launch import reproduce_reading
+  out = tmp_path / "out"
+  reproduce_reading.main([
+      "--config=configs/16k_to_100m.py:smoke", f"--out={out}", f"--root={tmp_path / 'root'}",
+      "--budget_s=600", "--train_s=400", "--multipliers=1,4,2000000", "--num_questions=8",
+      "--batch_size=8", "--train_args=--config.num_steps=4 --config.log_every_steps=2 "
+      "--config.checkpoint.every_steps=4 --config.batch_size=8 "
+      "--config.optim.warmup_phase_steps=2 --config.optim.lr_ramp_steps=1"])
+  result = json.load(open(out / "reading.json"))
+  run = result["runs"]["document"]
+  assert run["train"]["returncode"] == 0 and run["train"]["final"]["step"] == 4
+  rows = run["eval"]
+  assert [r["multiplier"] for r in rows] == [1, 4, 2_000_000]
+  assert [r["num_docs"] for r in rows[:2]] == [32, 128]
+  for r in rows[:2]:
+    assert 0 <= r["answer_exact_match"] <= 1 and "router_recall@1" in r
+    assert r["memory_tokens"] == r["num_docs"] * 8
+  assert "skipped" in rows[2]    # 64M documents exceed the task's unique ids
+  assert os.path.exists(out / "reading.png") and os.path.exists(out / "router_health_document.png")
