@@ -109,7 +109,7 @@ def measure_msa(cfg, model_cfg, batch, steps: int) -> dict:
   """Compile and time the real training step on ``batch``."""
   import jax
   from msa_jax import sharding, trainer
-  mesh = sharding.make_mesh((1, 1, 1))
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])   # one device, batch 1
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev = setup.put_batch(batch)
   t0 = time.perf_counter()

@@ -11,11 +11,12 @@ memories, then ask the same questions through the engine over shared banks of 1�
 Per RoPE mode (``model.rope_mode``; the second one is a second training run):
   1. ``python -m msa_jax.train --config=configs/16k_to_100m.py:tiny`` under ``timeout
      --train_s`` (SIGTERM: the trainer saves its step and exits), no in-training eval.
-  2. For each multiplier m, the run's task as ONE shared corpus of m × 341 documents
+  2. For each multiplier m, the run's task as ONE shared corpus of m × B documents (B: the
+     documents of ``--base_tokens``, default the training memory: 409 for 16K tokens)
      (``msa_jax.data.write_task.SharedCorpus``: corpus-unique ids and keys, document n the
      same at every size), generated and encoded straight into a bank
      (``msa_jax.inference.encode.encode_documents``: no JSON), and the same
-     ``--num_questions`` questions (gold documents among the first 341) scored through the
+     ``--num_questions`` questions (gold documents among the first B) scored through the
      engine (``msa_jax.evaluate.run_bank``): answer exact match, router recall@1 and
      @k, oracle-routed exact match, and the relative degradation against 1×.
      A size is skipped (with the reason in its row) when the time it is predicted to
@@ -37,6 +38,10 @@ import time
 import traceback
 
 RECIPE = "configs/16k_to_100m.py:tiny"
+# This process evaluates between training runs: it must not pre-allocate the accelerator's
+# memory (JAX's default), or a training run after it (--rope=document,global) has none.
+_PARENT_PREALLOCATE = os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")
+os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
 SUMMARY_KEYS = ("step", "loss", "lm_loss", "aux_loss", "router_recall@1", "router_recall@5",
                 "router_precision@k", "tokens_per_sec", "learning_rate")
 
@@ -54,8 +59,13 @@ def train(workdir: str, rope: str, train_s: float, extra_args: list[str], config
          f"--config.model.rope_mode={rope}", "--config.eval.at_end=False",
          "--config.tensorboard=False", *extra_args]
   log("train: " + " ".join(cmd))
+  env = dict(os.environ)
+  if _PARENT_PREALLOCATE is None:   # the trainer takes the accelerator as usual
+    env.pop("XLA_PYTHON_CLIENT_PREALLOCATE", None)
+  else:
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = _PARENT_PREALLOCATE
   t0 = time.perf_counter()
-  rc = subprocess.call(cmd)
+  rc = subprocess.call(cmd, env=env)
   seconds = time.perf_counter() - t0
   rows = read_metrics(workdir)
   summary = {"rope_mode": rope, "command": cmd, "returncode": rc, "seconds": seconds,
@@ -76,7 +86,7 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def base_docs_of(cfg) -> int:
-  """Documents of one training memory (341 for the tiny recipe's 16K tokens)."""
+  """Documents of one training memory (409 for the tiny recipe's 16K tokens)."""
   from msa_jax.data import from_config
   return int(from_config.make_task(cfg.data, 0).config.num_docs)
 
@@ -226,13 +236,8 @@ def main(argv=None) -> None:
     if m not in ("document", "global"):
       raise SystemExit(f"--rope={args.rope}: each mode must be 'document' or 'global'")
   multipliers = [int(x) for x in args.multipliers.split(",")]
+  # No JAX device in this process before the first training run (see _PARENT_PREALLOCATE).
   result = {"recipe": args.config, "argv": sys.argv, "budget_s": args.budget_s, "runs": {}}
-  try:
-    import jax
-    result["device"] = str(jax.devices()[0].device_kind)
-    result["jax"] = jax.__version__
-  except Exception as e:  # noqa: BLE001 - recorded, not fatal
-    result["device"] = f"unknown ({e})"
   out_json = os.path.join(args.out, "reading.json")
 
   def save() -> None:
@@ -273,6 +278,9 @@ def main(argv=None) -> None:
             f"{r.get('oracle_answer_exact_match', float('nan')):.3f} | encode "
             f"{r['encode_tokens_per_s']:,.0f} tok/s, {r['encode_seconds']:.0f}s | eval "
             f"{r['eval_seconds']:.0f}s | {deadline - time.time():.0f}s left")
+    if "device" not in result:
+      import jax
+      result["device"], result["jax"] = str(jax.devices()[0].device_kind), jax.__version__
     try:
       evaluate_sizes(workdir, args.root, multipliers, args.num_questions, mode_deadline,
                      on_row, batch_size=args.batch_size, keep_banks=args.keep_banks,

@@ -134,7 +134,7 @@ def test_niah_memory_tokens_and_eval_scaling():
   cfg = get_config("tiny")
   cfg.data.task = "niah"
   cfg.data.niah.doc_len = 24
-  cfg.data.memory_tokens = 24 * 29   # 29 tokens a document ([ 3-token id ] + 24) -> 24
+  cfg.data.memory_tokens = 24 * 30   # 30 tokens a document ([ 4-token id ] + 24) -> 24
   task = ip.make_task(cfg.data, 0)
   assert {len(task(i).docs) for i in range(8)} == {24}
   base, big = ip.eval_task(cfg.data, 0, 1), ip.eval_task(cfg.data, 0, 4)

@@ -89,14 +89,14 @@ def test_deterministic_and_prefix_stable(smoke, big_corpus):
 
 
 def test_tiny_and_multi_fact_tasks():
-  tiny = get_config("tiny")   # the reading task: bare 3-token id, 9 facts "k k k v v"
+  tiny = get_config("tiny")   # the reading task: bare 4-token id, 6 facts "k k k k v v"
   rows = list(write_task.corpus_rows(tiny, 300, seed=3))
-  assert {len(r["tokens"]) for r in rows} == {48}
+  assert {len(r["tokens"]) for r in rows} == {40}
   tok = from_config.tokenizer_of(tiny.data)
-  assert all(tok.encode_doc_id(r["id"]) == r["tokens"][:3] for r in rows)
+  assert all(tok.encode_doc_id(r["id"]) == r["tokens"][:4] for r in rows)
   assert all(r["text"].startswith("i") for r in rows)
-  keys = [tuple(r["tokens"][i:i + 3]) for r in rows for i in range(3, 48, 5)]
-  assert len(set(keys)) == 300 * 9
+  keys = [tuple(r["tokens"][i:i + 4]) for r in rows for i in range(4, 40, 6)]
+  assert len(set(keys)) == 300 * 6
   # the paper recipe's kv block: 16 facts "k k is v v ." per document, worded questions
   paper = get_config("4b")
   rows = list(write_task.corpus_rows(paper, 200, seed=0))

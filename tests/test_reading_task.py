@@ -1,5 +1,5 @@
 """The ``tiny`` recipe's reading task (issue 14 item 1) and the pieces of its GPU
-reproduction: documents of 9 facts whose question key sits inside exactly one document,
+reproduction: documents of 6 facts whose question key sits inside exactly one document,
 ids and keys for a 100M-token shared corpus, multi-hop and NIAH on the same recipe,
 generated banks equal to banks encoded from the corpus file, and the memory-cost
 benchmark's full-attention sequence."""
@@ -22,25 +22,25 @@ def tiny():
 
 
 def test_reading_documents_need_the_key_found_inside(tiny):
-  """341 documents of 48 tokens (6 whole chunks of P 8) fill the 16K memory; the question
-  key occurs in exactly one document, among its 9 facts, and the answer is the value after
-  it there."""
+  """409 documents of 40 tokens (5 whole chunks of P 8) fill the 16K memory; the question
+  key occurs in exactly one document, among its 6 facts, and the answer is the value
+  after it there."""
   p = tiny.model.pooling_chunk_size
   task = from_config.make_task(tiny.data, 0)
   tok = task.tokenizer
   assert tok.vocab_size <= tiny.model.vocab_size
   for i in range(4):
     ex = task(i)
-    assert len(ex.docs) == 341 == tiny.data.memory_tokens // 48
-    assert {len(d.tokens) for d in ex.docs} == {48} and 48 % p == 0
+    assert len(ex.docs) == 409 == tiny.data.memory_tokens // 40
+    assert {len(d.tokens) for d in ex.docs} == {40} and 40 % p == 0
     key = ex.question
     holders = []
     for d in ex.docs:
-      facts = [d.tokens[3 + 5 * f:3 + 5 * (f + 1)] for f in range(9)]
-      assert len(facts) == 9 and all(len(f) == 5 for f in facts)
-      holders += [(d.doc_id, f[3:]) for f in facts if f[:3] == key]
+      facts = [d.tokens[4 + 6 * f:4 + 6 * (f + 1)] for f in range(6)]
+      assert len(facts) == 6 and all(len(f) == 6 for f in facts)
+      holders += [(d.doc_id, f[4:]) for f in facts if f[:4] == key]
     assert holders == [(ex.positive_doc_ids[0], ex.answer)]
-    assert len(key) == 3 and len(ex.answer) == 2
+    assert len(key) == 4 and len(ex.answer) == 2
 
 
 def test_answer_samples_without_routing_positives(tiny):
@@ -67,15 +67,15 @@ def test_answer_samples_without_routing_positives(tiny):
 def test_shared_corpus_addresses_100m_tokens(tiny):
   """6104 × the training memory (100M tokens) fits the unique ids and keys."""
   corpus = write_task.SharedCorpus(write_task.kv_config_of(tiny), 0)
-  docs = 6104 * 341
-  assert docs * 48 >= 99_900_000
-  assert corpus.capacity == 128 ** 3 >= docs >= 2_000_000
-  assert corpus.key_space >= 9 * docs
+  docs = 6104 * 409
+  assert docs * 40 >= 99_800_000
+  assert corpus.id_space == 128 ** 4 >= 2_000_000 and corpus.capacity >= docs
+  assert corpus.key_space >= 6 * docs
   corpus.check_size(docs)
   # ids and keys unique over a block at the far end of that corpus
   ids, keys, _ = corpus.symbols(docs - 2_000, docs)
   assert len({tuple(r) for r in ids.tolist()}) == 2_000
-  assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 9
+  assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
 @pytest.mark.parametrize("bracket_ids", [False, True])
@@ -90,7 +90,7 @@ def test_records_equal_documents(tiny, bracket_ids):
     assert [d.doc_id for d in fast] == [d.doc_id for d in slow]
     assert [list(d.tokens) for d in fast] == [d.tokens for d in slow]
     assert [d.id_length for d in fast] == [d.id_length for d in slow] == \
-        [5 if bracket_ids else 3] * (stop - start)
+        [6 if bracket_ids else 4] * (stop - start)
 
 
 @pytest.mark.parametrize("task", ["multihop", "niah"])
@@ -105,7 +105,7 @@ def test_multihop_and_niah_on_the_tiny_recipe(tiny, task):
   if task == "multihop":
     assert len(ex.rounds) == 2
   else:
-    assert {len(d.tokens) for d in ex.docs} == {48}   # [ 3-token id ] + 43
+    assert {len(d.tokens) for d in ex.docs} == {40}   # [ 4-token id ] + 34
   it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
                                        chunk_size=cfg.model.pooling_chunk_size, verbose=False)
   batch = next(it)
@@ -124,7 +124,7 @@ def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
   docs = corpus.documents(0, 3)
   ex = Example(prefix=[1], docs=[Document(d.doc_id, d.tokens) for d in docs], question=[3],
                target=[4], positive_doc_ids=[])
-  model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, 48, 2)), 2)
+  model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, 40, 2)), 2)
   params = variables["params"]
   path = tmp_path / "corpus.jsonl"
   write_task.write_jsonl(write_task.corpus_rows(tiny, 70, 0), str(path), 70, "corpus")
@@ -134,12 +134,12 @@ def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
   b = str(tmp_path / "b")
   part = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
                           batch_tokens=16_384, max_windows=1, **quiet)   # a's batches
-  assert not part["complete"] and part["num_docs"] == 11
+  assert not part["complete"] and part["num_docs"] == 13
   with pytest.raises(CorpusError, match="changed since the bank"):
     encode_documents(model, params, corpus.records, 70, b, source="other", **quiet)
   done = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
                           batch_tokens=16_384, **quiet)
-  assert a["complete"] and done["complete"] and a["num_tokens"] == done["num_tokens"] == 70 * 48
+  assert a["complete"] and done["complete"] and a["num_tokens"] == done["num_tokens"] == 70 * 40
   for name in a["arrays"]:
     fa, fb = (open(os.path.join(tmp_path, x, name), "rb").read() for x in "ab")
     assert fa == fb, name
@@ -170,11 +170,11 @@ def test_memory_cost_full_attention_sees_the_same_tokens(tiny):
   from benchmarks.memory_cost import concatenated, msa_sample
   from msa_jax import trainer
   cfg = get_config("tiny")
-  cfg.data.memory_tokens = 480   # 10 documents
+  cfg.data.memory_tokens = 400   # 10 documents
   model_cfg = trainer.resolve_model_config(cfg)
-  batch = msa_sample(cfg, model_cfg, 480)
+  batch = msa_sample(cfg, model_cfg, 400)
   seq = concatenated(batch)
-  task = from_config.make_task(cfg.data, cfg.seed, 480)
+  task = from_config.make_task(cfg.data, cfg.seed, 400)
   ex = task(0)
   answer_round = max(interleave.expand(ex, task.tokenizer.specials),
                      key=lambda e: e.active_length)
@@ -197,3 +197,28 @@ def test_memory_cost_runs_on_cpu(tmp_path):
     assert r["step_s"] > 0 and r["tokens"] > r["memory_tokens"]
   assert "full_step_ratio_longest_to_shortest" in res
   assert os.path.exists(tmp_path / "memory_cost_cpu.png")
+
+
+@pytest.mark.slow
+def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
+  """The GPU command's Python part on the smoke recipe: a 4-step training under its time
+  limit, banks at 1× and 4× through the engine, a size skipped for time (~1.5 min)."""
+  from launch import reproduce_reading
+  out = tmp_path / "out"
+  reproduce_reading.main([
+      "--config=configs/16k_to_100m.py:smoke", f"--out={out}", f"--root={tmp_path / 'root'}",
+      "--budget_s=600", "--train_s=400", "--multipliers=1,4,2000000", "--num_questions=8",
+      "--batch_size=8", "--train_args=--config.num_steps=4 --config.log_every_steps=2 "
+      "--config.checkpoint.every_steps=4 --config.batch_size=8 "
+      "--config.optim.warmup_phase_steps=2 --config.optim.lr_ramp_steps=1"])
+  result = json.load(open(out / "reading.json"))
+  run = result["runs"]["document"]
+  assert run["train"]["returncode"] == 0 and run["train"]["final"]["step"] == 4
+  rows = run["eval"]
+  assert [r["multiplier"] for r in rows] == [1, 4, 2_000_000]
+  assert [r["num_docs"] for r in rows[:2]] == [32, 128]
+  for r in rows[:2]:
+    assert 0 <= r["answer_exact_match"] <= 1 and "router_recall@1" in r
+    assert r["memory_tokens"] == r["num_docs"] * 8
+  assert "skipped" in rows[2]    # 64M documents exceed the task's unique ids
+  assert os.path.exists(out / "reading.png") and os.path.exists(out / "router_health_document.png")
