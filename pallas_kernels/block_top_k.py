@@ -322,8 +322,9 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
       )(*operands)
       plgpu.commit_smem()
       for e in range(examples):
-        plgpu.copy_smem_to_gmem(val_smem.at[pl.ds(e * pool, r)], val_out.at[p, blk, pl.ds(e * r, r)])
-        plgpu.copy_smem_to_gmem(doc_smem.at[pl.ds(e * pool, r)], doc_out.at[p, blk, pl.ds(e * r, r)])
+        out = pl.ds(e * r, r)
+        plgpu.copy_smem_to_gmem(val_smem.at[pl.ds(e * pool, r)], val_out.at[p, blk, out])
+        plgpu.copy_smem_to_gmem(doc_smem.at[pl.ds(e * pool, r)], doc_out.at[p, blk, out])
       plgpu.wait_smem_to_gmem(0)
 
     pl.run_scoped(scoped, plgpu.SMEM((examples * tile_c,), jnp.float32),
@@ -547,8 +548,9 @@ def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLa
     v, d = call(kr_cf, *q_terms, *extra, layout.loc_tc[:num_tiles].reshape(-1),
                 layout.slot_doc_tc[:num_tiles].reshape(-1))
     # [passes, blocks, examples·64] → per example [B, blocks·k]
-    unfold = lambda x: x.reshape(passes, nb, examples, LIST_SLOTS).transpose(0, 2, 1, 3).reshape(  # noqa: E731
-        passes * examples, nb, LIST_SLOTS)[:b, :, :k].reshape(b, -1)
+    def unfold(x):
+      x = x.reshape(passes, nb, examples, LIST_SLOTS).transpose(0, 2, 1, 3)
+      return x.reshape(passes * examples, nb, LIST_SLOTS)[:b, :, :k].reshape(b, -1)
     vals.append(unfold(v))
     docs.append(unfold(d))
   if num_tiles * tile_c < c:

@@ -236,7 +236,8 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
   tile = br.fused_plan(b, m, 1024, br.BlockSizes(), codes.dtype)[0]
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas",
-                              layout=layouts[tile], block_sizes=br.BlockSizes(fp8_query_terms=terms),
+                              layout=layouts[tile],
+                              block_sizes=br.BlockSizes(fp8_query_terms=terms),
                               kr_scale_c=None if scale is None else jnp.asarray(scale))
   doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
   got = _chosen(sel)
@@ -262,31 +263,6 @@ def test_gpu_fp8_one_query_term_compiled():
   test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64)
 
 
-def test_sharded_pallas_route_equals_one_device_interpret():
-  # fp8 keys over two memory shards with their sharded layouts route as on one device.
-  from jax.sharding import Mesh
-  rq, mask, kr, doc = _case(5, 2, 5, 64, [30, 70, 9, 40, 2, 25], pad=0)
-  codes, scale = quantize.quantise(kr, "float8_e4m3fn", 1)
-  bs = br.BlockSizes(fused=True, features=64, stages=2, blocks=2)
-  one = bank_routing.local_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
-                                 jnp.asarray(doc), 4, implementation="pallas",
-                                 kr_scale_c=jnp.asarray(scale), block_sizes=bs)
-  cut, rows = 109, 128                          # whole documents per shard, padded rows
-  kr_s = np.zeros((2 * rows, 64), codes.dtype)
-  sc_s = np.ones(2 * rows, np.float32)
-  doc_s = np.full(2 * rows, -1, np.int32)
-  for s, (lo, hi) in enumerate([(0, cut), (cut, len(doc))]):
-    kr_s[s * rows:s * rows + hi - lo], sc_s[s * rows:s * rows + hi - lo] = codes[lo:hi], scale[lo:hi]
-    doc_s[s * rows:s * rows + hi - lo] = doc[lo:hi]
-  mesh = Mesh(np.array(jax.devices()[:2]), ("memory",))
-  layouts = bank_routing.sharded_layouts(mesh, jnp.asarray(doc_s))
-  two = bank_routing.sharded_top_k(mesh, jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(kr_s),
-                                   jnp.asarray(doc_s), 4, implementation="pallas",
-                                   kr_scale_c=jnp.asarray(sc_s), layouts=layouts, block_sizes=bs)
-  np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(one[1]))
-  np.testing.assert_allclose(np.asarray(two[0]), np.asarray(one[0]), rtol=1e-6)
-
-
 def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):
   """The whole prefill (model + bank memory) on an fp8/int8 synthetic bank placed with
   routing "pallas": the fused kernel reads the fp8 codes (with the layouts the placement
@@ -305,7 +281,8 @@ def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypa
   logits = {}
   for impl in ("xla", "pallas"):
     placed = synth_bank.synthetic_device_bank(cfg, lengths, kr_dtype="float8_e4m3fn",
-                                              kv_dtype="int8", routing_impl=impl, mesh=mesh, pad_to=512,
+                                              kv_dtype="int8", routing_impl=impl, mesh=mesh,
+                                              pad_to=512,
                                               log=lambda *_: None)
     assert (placed.route_layouts is None) == (impl == "xla")
     eng = engine_lib.Engine(model, params, "bank", placed.settings)

@@ -231,8 +231,8 @@ def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
   documents, see ``bank.shard_plan``); queries are replicated; ``kr_scale_c`` (quantised
   keys) is sharded like ``chunk_doc_c``; ``layouts`` (pallas only) is
-  :func:`sharded_layouts` of ``chunk_doc_c``, built once per placed bank. Returns replicated ``(scores [B, k], docs [B, k])``
-  like :func:`tiled_top_k` on the unsharded bank.
+  :func:`sharded_layouts` of ``chunk_doc_c``, built once per placed bank. Returns
+  replicated ``(scores [B, k], docs [B, k])`` like :func:`tiled_top_k` on the unsharded bank.
   """
   from jax.experimental.shard_map import shard_map
 
