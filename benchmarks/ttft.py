@@ -81,7 +81,8 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
   return sorted({min(int(s), tokens) for s in sizes.split(",")})
 
 
-ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-nofold", "pallas-nolayout", "pallas-fp8q1")
+ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
+               "pallas-fp8q1")
 
 
 def route_impl_args(impl: str, f: int, layouts) -> dict:
@@ -91,7 +92,7 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from pallas_kernels.block_routing import BlockSizes
   bs = BlockSizes(fused=True, features=128 if f % 128 == 0 else 64,
-                  fold_batch=impl != "pallas-nofold",
+                  fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
                   fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
@@ -125,7 +126,7 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
           "(once per bank, compile included)")
     for impl in impls:
       for b in (1, 8):
-        if impl == "pallas-nofold" and b == 1:
+        if impl in ("pallas-fold", "pallas-nofold") and b == 1:
           continue            # one example: nothing to fold
         if impl == "pallas-fp8q1" and kr_dtype != "float8_e4m3fn":
           continue            # one e4m3 query term: fp8 keys only

@@ -127,6 +127,15 @@ def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks)
                             ("float8_e4m3fn", 2): 0.01}[dtype, terms] * spread
 
 
+@pytest.mark.parametrize("dtype,examples", [("bfloat16", 4), ("float8_e4m3fn", 1),
+                                            ("int8", 1)])
+def test_fold_batch_default_folds_16_bit_keys_only(dtype, examples):
+  """The default (None) follows the H200 measurement: folding pays for bf16 keys only."""
+  bs = dataclasses.replace(SMALL, max_queries=256)
+  assert bs.fold_batch is None
+  assert br.fused_plan(5, 9, 64, bs, jnp.dtype(dtype))[3] == examples
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16"] + QUANT)
 def test_folded_batch_equals_one_pass_per_example_interpret(dtype):
   # 5 examples of 9 tokens (64 columns each): 4 per pass (256 columns, 64-chunk tiles),
@@ -136,10 +145,10 @@ def test_folded_batch_equals_one_pass_per_example_interpret(dtype):
   codes, scale = quantize.quantise(kr, dtype, 1)
   scale = None if scale is None else jnp.asarray(scale)
   args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 8, 5)
-  plan = br.fused_plan(5, 9, 64, dataclasses.replace(SMALL, max_queries=256), codes.dtype)
+  fold = dataclasses.replace(SMALL, max_queries=256, fold_batch=True)
+  plan = br.fused_plan(5, 9, 64, fold, codes.dtype)
   assert plan == ((64, 1, 64, 2) if dtype == "float8_e4m3fn" else (64, 1, 64, 4))
-  folded = br.route_top_k(*args, implementation="pallas", kr_scale_c=scale,
-                          block_sizes=dataclasses.replace(SMALL, max_queries=256))
+  folded = br.route_top_k(*args, implementation="pallas", kr_scale_c=scale, block_sizes=fold)
   single = br.route_top_k(*args, implementation="pallas", kr_scale_c=scale,
                           block_sizes=dataclasses.replace(SMALL, max_queries=256,
                                                           fold_batch=False))
@@ -266,7 +275,8 @@ def test_gpu_fp8_one_query_term_compiled():
 def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):
   """The whole prefill (model + bank memory) on an fp8/int8 synthetic bank placed with
   routing "pallas": the fused kernel reads the fp8 codes (with the layouts the placement
-  built, two examples folded) and the logits equal the XLA scan's (same documents)."""
+  built; 8-bit keys are not folded by default, so one example per pass over 128-chunk
+  tiles) and the logits equal the XLA scan's (same documents)."""
   from jax.sharding import Mesh
   from benchmarks import synth_bank, ttft
   from msa_jax.inference import engine as engine_lib
@@ -290,5 +300,5 @@ def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypa
     start = np.full((2,), engine_lib.active_start(cfg, len(placed.bank.prefix_tokens)), np.int32)
     logits[impl] = np.asarray(eng.prefill(placed.arrays(), engine_lib.bank_prefix(placed.bank, 2),
                                           tokens, np.full((2,), 12, np.int32), start)[0])
-  assert seen and all(s == (jnp.float8_e4m3fn, 2, 64) for s in seen)
+  assert seen and all(s == (jnp.float8_e4m3fn, 1, 128) for s in seen)
   np.testing.assert_array_equal(logits["pallas"], logits["xla"])
