@@ -158,7 +158,7 @@ def ttft_routing(cfg, args) -> str:
   from msa_jax.inference.memory_engine import default_routing
   if args.routing != "auto":
     return args.routing
-  return default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
+  return default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim, args.kr_dtype)
 
 
 def end_to_end(model, params, placed, question: list[int], new_tokens: int = 16) -> dict:

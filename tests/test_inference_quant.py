@@ -408,3 +408,17 @@ def test_encode_cli_flags_write_a_quantised_bank_the_engine_answers_from(tmp_pat
     picks[name] = [a["selected_doc_ids"] for a in engine.generate(rows, max_new_tokens=4)]
   same = np.mean([a == b for a, b in zip(picks["float"], picks["quant"])])
   assert same >= 0.75, same
+
+
+def test_auto_routing_keeps_8_bit_keys_on_the_xla_scan(monkeypatch):
+  """On a GPU 'auto' picks the kernel for bf16 K̄R only; 8-bit K̄R stays on the scan until
+  the kernel's 8-bit path is verified compiled (BENCHMARKS.md)."""
+  from msa_jax.inference.memory_engine import default_routing
+  from pallas_kernels import _platform
+  monkeypatch.setattr(_platform, "on_gpu", lambda: True)
+  assert default_routing(16, 1024, "bfloat16") == "pallas"
+  assert default_routing(16, 1024, "float8_e4m3fn") == "xla"
+  assert default_routing(16, 1024, "int8") == "xla"
+  assert default_routing(16, 96, "bfloat16") == "xla"     # F not a multiple of 64
+  monkeypatch.setattr(_platform, "on_gpu", lambda: False)
+  assert default_routing(16, 1024, "bfloat16") == "xla"

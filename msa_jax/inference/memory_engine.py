@@ -28,12 +28,17 @@ from msa_jax.inference.memory import DeviceBank
 from msa_jax.inference.quantize import is_quantised
 
 
-def default_routing(k: int, features: int) -> str:
-  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list and the key
-  width ``F = Hkv·D`` its tiles (a multiple of 64), else ``xla``."""
+def default_routing(k: int, features: int, kr_dtype: str = "bfloat16") -> str:
+  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list, the key
+  width ``F = Hkv·D`` its tiles (a multiple of 64) and K̄R is 16-bit, else ``xla``.
+
+  8-bit K̄R stays on the XLA scan: the kernel's compiled fp8 result disagreed with its
+  reference on the H200 and its int8 compiled tests have not run (BENCHMARKS.md);
+  ``routing="pallas"`` opts in."""
   from pallas_kernels import _platform
   from pallas_kernels.block_top_k import LIST_SLOTS
-  return "pallas" if _platform.on_gpu() and k <= LIST_SLOTS and features % 64 == 0 else "xla"
+  fits = _platform.on_gpu() and k <= LIST_SLOTS and features % 64 == 0
+  return "pallas" if fits and not is_quantised(kr_dtype) else "xla"
 
 
 class MemoryEngine:
@@ -72,13 +77,7 @@ class MemoryEngine:
                        "tokenizer_dir")
     if routing == "auto":
       cfg = model.config
-      routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim)
-      if routing == "pallas" and is_quantised(bank.kr_dtype):
-        # The 8-bit kernel's compiled fp8 result disagreed with its reference on the H200
-        # and the int8 compiled tests have not run (BENCHMARKS.md): opt in explicitly.
-        log(f"routing: {bank.kr_dtype} K̄R through the XLA scan (routing='pallas' runs "
-            "the 8-bit kernel, not yet verified compiled on a GPU)")
-        routing = "xla"
+      routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim, bank.kr_dtype)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
                                   log=log)
     # The weights are replicated over the bank's mesh (the jitted steps take both).
