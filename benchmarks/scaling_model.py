@@ -84,23 +84,31 @@ def predict_ttft_ms(s: Setting, shape: str, tokens_per_chunk: float, read_gbs: f
           "ttft_ms": total}
 
 
-def _measured(route_json: str) -> tuple[float, float, str]:
-  """(read GB/s, pallas batch-1 ratio to its floor at the largest size, source)."""
-  with open(route_json) as f:
-    d = json.load(f)
-  rows = [r for r in d["route"] if r["impl"] == "pallas" and r["batch"] == 1]
-  if not rows:
-    raise SystemExit(f"{route_json} has no pallas batch-1 route row; run "
+def _measured(route_jsons: str) -> tuple[float, dict, str]:
+  """(read GB/s, {K̄R dtype: pallas batch-1 ratio to its floor at the largest size},
+  sources) from comma-separated ``benchmarks.ttft --stages=route`` results."""
+  read_gbs, ratios, sources = None, {}, []
+  for path in route_jsons.split(","):
+    with open(path) as f:
+      d = json.load(f)
+    rows = [r for r in d["route"] if r["impl"] == "pallas" and r["batch"] == 1]
+    for dtype in {r["kr_dtype"] for r in rows}:
+      best = max((r for r in rows if r["kr_dtype"] == dtype), key=lambda r: r["tokens"])
+      ratios[dtype] = best["x_floor"]
+    read_gbs = read_gbs or d["read_bandwidth_gbs"]
+    sources.append(f"{path} ({d.get('date', '?')})")
+  if "bfloat16" not in ratios:
+    raise SystemExit(f"{route_jsons} has no bf16 pallas batch-1 route row; run "
                      "`python -m benchmarks.ttft --stages=route` on the GPU first")
-  best = max(rows, key=lambda r: r["tokens"])
-  return d["read_bandwidth_gbs"], best["x_floor"], f"{route_json} ({d.get('date', '?')})"
+  return read_gbs, ratios, "; ".join(sources)
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--shape", default="qwen3-4b", choices=sorted(synth_bank.SHAPES))
-  ap.add_argument("--route_json",
-                  default="benchmarks/results/ttft_route_4b_100m_h200.json")
+  ap.add_argument("--route_json", help="comma-separated benchmarks.ttft route results",
+                  default="benchmarks/results/ttft_route_4b_100m_h200.json,"
+                          "benchmarks/results/ttft_route_4b_100m_quant_h200.json")
   ap.add_argument("--tokens_per_chunk", type=float, default=50.0,
                   help="the recipe's 100-token documents in P=64 chunks: 2 chunks each")
   ap.add_argument("--gpu_gb", type=float, default=139.0, help="usable memory of one GPU")
@@ -108,16 +116,16 @@ def main(argv=None):
   ap.add_argument("--host_fetch_us", type=float, default=30.0)
   ap.add_argument("--out", default="")
   args = ap.parse_args(argv)
-  read_gbs, x_floor, source = _measured(args.route_json)
+  read_gbs, ratios, source = _measured(args.route_json)
   w_gb = weights_bytes(args.shape) / GB
   settings = [Setting(100_000_000, 1, "float8_e4m3fn", "int8"),
               Setting(100_000_000, 2, "bfloat16", "bfloat16")]
   settings += [Setting(125_000_000 * g, g, "float8_e4m3fn", "int8") for g in (1, 2, 4, 8)]
   settings += [Setting(1_000_000_000, g, "float8_e4m3fn", "int8") for g in (2, 4, 8)]
   rows = []
-  print(f"PREDICTED, not measured on several GPUs: {args.shape}, read {read_gbs:,.0f} GB/s "
-        f"and kernel {x_floor:.2f}x its floor from {source}; weights {w_gb:.1f} GB")
-  print(f"every K̄R precision is assumed to route at that ratio to its own read floor; "
+  print(f"PREDICTED, not measured on several GPUs: {args.shape}, read {read_gbs:,.0f} GB/s, "
+        f"weights {w_gb:.1f} GB; the fused kernel's measured ratio to its read floor per K̄R "
+        + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(ratios.items())) + f" (from {source}); "
         f"{args.tokens_per_chunk:g} tokens per chunk (the recipe's 100-token documents at P 64)")
   print(f"{'tokens':>14} {'GPUs':>4} {'K̄R':>8} {'K̄/V̄':>8} {'GB/GPU':>7} {'where K̄/V̄':>11} "
         f"{'route':>8} {'merge':>6} {'fwd':>6} {'TTFT ms':>8}")
@@ -127,7 +135,8 @@ def main(argv=None):
     kv_on_host = on_gpu + mem["kv_gb"] > args.gpu_gb
     total_gb = on_gpu + (0.0 if kv_on_host else mem["kv_gb"])
     where = "K̄R too big" if on_gpu > args.gpu_gb else ("host" if kv_on_host else "GPU")
-    t = predict_ttft_ms(s, args.shape, args.tokens_per_chunk, read_gbs, x_floor,
+    t = predict_ttft_ms(s, args.shape, args.tokens_per_chunk, read_gbs,
+                        ratios.get(s.kr_dtype, ratios["bfloat16"]),
                         args.merge_us, args.host_fetch_us, kv_on_host)
     rows.append({**dataclasses.asdict(s), **mem, "weights_gb": w_gb, "gpu_gb": total_gb,
                  "kv_on_host": kv_on_host, "fits": on_gpu <= args.gpu_gb, **t})
@@ -137,7 +146,7 @@ def main(argv=None):
   out_dir = args.out or os.environ.get("OUT") or "benchmarks/results"
   os.makedirs(out_dir, exist_ok=True)
   result = {"predicted": True, "source": source, "read_bandwidth_gbs": read_gbs,
-            "route_x_floor": x_floor, "merge_us": args.merge_us,
+            "route_x_floor": ratios, "merge_us": args.merge_us,
             "host_fetch_us": args.host_fetch_us, "rows": rows}
   with open(os.path.join(out_dir, "scaling_model.json"), "w") as f:
     json.dump(result, f, indent=1)
