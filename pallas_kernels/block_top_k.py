@@ -439,8 +439,27 @@ def route_queries(q_bgjf, key_dtype, fp8_terms: int = 2) -> RouteQueries:
   codes, scale = quantize.quantise_jax(q_bgjf, name, 1)
   if name != "float8_e4m3fn" or fp8_terms == 1:
     return RouteQueries(codes, scale)
-  rest = q_bgjf.astype(jnp.float32) / scale[..., None] - codes.astype(jnp.float32)
+  rest = q_bgjf.astype(jnp.float32) / scale[..., None] - codes_to_float32(codes)
   return RouteQueries(codes, scale, rest.astype(jnp.float8_e4m3fn))
+
+
+# float32 value of every e4m3 bit pattern (NaN for the two NaN codes), from ml_dtypes
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+
+
+def codes_to_float32(codes):
+  """The exact float32 values of key/query codes, also inside a jitted GPU program.
+
+  fp8 codes are looked up by their bits, not converted: XLA's GPU pipeline folds a chain of
+  float converts ``f32 → e4m3 → f32`` into the identity (SimplifyFPConversions, run while
+  ``xla_allow_excess_precision`` is on, the default), so where a code and its float value are
+  made in one program ``code.astype(f32)`` is the unrounded input. That made the query
+  residual ``q/scale - code`` zero on the H200 (BENCHMARKS.md, "fp8 mismatch: analysis").
+  Other dtypes (int8: an integer convert, never folded) are cast.
+  """
+  if jnp.dtype(codes.dtype) != jnp.float8_e4m3fn:
+    return codes.astype(jnp.float32)
+  return jnp.asarray(_E4M3_VALUES)[lax.bitcast_convert_type(codes, jnp.uint8)]
 
 
 def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
@@ -454,10 +473,12 @@ def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
     s_bgjc = jnp.einsum("bgjf,cf->bgjc", queries.q_bgjf.astype(jnp.bfloat16),
                         kr_cf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
   else:
-    q = queries.q_bgjf.astype(jnp.float32)
+    # codes_to_float32, not astype: exact values under jit on a GPU too, and float32
+    # operands that XLA cannot turn back into an fp8 (cuBLASLt) matmul
+    q = codes_to_float32(queries.q_bgjf)
     if queries.lo_bgjf is not None:
-      q = q + queries.lo_bgjf.astype(jnp.float32)     # exact: hi and lo are e4m3
-    s_bgjc = jnp.einsum("bgjf,cf->bgjc", q, kr_cf.astype(jnp.float32),
+      q = q + codes_to_float32(queries.lo_bgjf)     # exact: hi and lo are e4m3
+    s_bgjc = jnp.einsum("bgjf,cf->bgjc", q, codes_to_float32(kr_cf),
                         precision=lax.Precision.HIGHEST)
     s_bgjc = s_bgjc * queries.scale_bgj[..., None]
   s_bc = s_bgjc.max(axis=(1, 2))

@@ -127,6 +127,63 @@ def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks)
                             ("float8_e4m3fn", 2): 0.01}[dtype, terms] * spread
 
 
+def _float_convert_chains(hlo_text):
+  """``(outer, inner)`` HLO instruction names where a float convert reads a float convert:
+  the chains XLA's GPU pipeline folds (SimplifyFPConversions while
+  ``xla_allow_excess_precision``, the default, is on): ``f32 → e4m3 → f32`` becomes the
+  identity, so a rounding written as a convert round trip vanishes under jit on a GPU."""
+  import re
+  is_float = lambda t: t.startswith(("f", "bf"))  # noqa: E731  f16 f32 f8e4m3fn bf16
+  converts = {name: (dtype, operand) for name, dtype, operand in re.findall(
+      r"%?([\w.-]+) = (\w+)\[[^\]]*\]\S* convert\(%?([\w.-]+)\)", hlo_text)}
+  return [(name, operand) for name, (dtype, operand) in converts.items()
+          if is_float(dtype) and operand in converts and is_float(converts[operand][0])]
+
+
+def test_fp8_query_residual_has_no_convert_round_trip():
+  """The two-term fp8 queries and their XLA reference under jit hold no float convert
+  chain: on the H200 XLA folded ``code.astype(f32)`` of ``q/scale → e4m3 → f32`` into
+  ``q/scale``, the residual became 0 and the compiled kernel scored one e4m3 term."""
+  q = jnp.asarray(np.random.default_rng(5).normal(size=(2, 1, 64, 128)), jnp.float32)
+  codes, scale = quantize.quantise(np.asarray(_case(6, 1, 1, 128, [64])[2]), "float8_e4m3fn", 1)
+
+  def route(q, codes, scale):
+    queries = bt.route_queries(q, jnp.float8_e4m3fn, 2)
+    return queries, bt.fused_chunk_scores(queries, codes, scale)
+  hlo = jax.jit(route).lower(q, jnp.asarray(codes), jnp.asarray(scale)).as_text(dialect="hlo")
+  assert "convert" in hlo and not _float_convert_chains(hlo)
+  # the detector finds the chain it is meant to find
+  chain = jax.jit(lambda y: y - y.astype(jnp.float8_e4m3fn).astype(jnp.float32))
+  assert _float_convert_chains(chain.lower(q).as_text(dialect="hlo"))
+
+
+def _check_fp8_query_terms_jitted():
+  q = jnp.asarray(np.random.default_rng(7).normal(size=(2, 1, 64, 256)), jnp.float32)
+  eager = bt.route_queries(q, jnp.float8_e4m3fn, 2)
+  jitted = jax.jit(bt.route_queries, static_argnums=(1, 2))(q, jnp.float8_e4m3fn, 2)
+  # the same queries (to the residual's rounding: a fused division may differ by an ulp)
+  deq = [np.asarray((r.q_bgjf.astype(jnp.float32) + r.lo_bgjf.astype(jnp.float32))
+                    * r.scale_bgj[..., None]) for r in (eager, jitted)]
+  np.testing.assert_allclose(deq[1], deq[0], rtol=0, atol=2.0 ** -8 * float(jnp.abs(q).max()))
+  hi, lo = (np.asarray(x.astype(jnp.float32), np.float64) for x in (jitted.q_bgjf, jitted.lo_bgjf))
+  y = np.asarray(q, np.float64) / np.asarray(jitted.scale_bgj, np.float64)[..., None]
+  assert np.abs(lo).max() > 0.5                     # the residual is there (codes up to 448)
+  # q/scale = hi + lo to the residual's rounding: half an e4m3 ulp of it, or the subnormal step
+  assert np.all(np.abs(y - hi - lo) <= np.maximum(E4M3_REL * np.abs(y - hi), E4M3_SUB) + 1e-6)
+  assert np.abs(y - hi - lo).max() < 2.0 ** -7 * np.abs(y).max()
+
+
+def test_fp8_query_terms_equal_eager_under_jit():
+  """route_queries jitted = eager (to 2^-8), and hi + lo is q/scale to lo's rounding."""
+  _check_fp8_query_terms_jitted()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_query_terms_equal_eager_under_jit():
+  """The same on the GPU, where XLA may fold float convert chains (the fp8 mismatch)."""
+  _check_fp8_query_terms_jitted()
+
+
 @pytest.mark.parametrize("dtype,examples", [("bfloat16", 4), ("float8_e4m3fn", 1),
                                             ("int8", 1)])
 def test_fold_batch_default_folds_16_bit_keys_only(dtype, examples):
