@@ -32,9 +32,10 @@ def default_routing(k: int, features: int, kr_dtype: str = "bfloat16") -> str:
   """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list, the key
   width ``F = Hkv·D`` its tiles (a multiple of 64) and K̄R is 16-bit, else ``xla``.
 
-  8-bit K̄R stays on the XLA scan: the kernel's compiled fp8 result disagreed with its
-  reference on the H200 and its int8 compiled tests have not run (BENCHMARKS.md);
-  ``routing="pallas"`` opts in."""
+  8-bit K̄R stays on the XLA scan until the kernel's 8-bit path passes its compiled tests
+  on a GPU: on the H200 its fp8 result disagreed with its reference (XLA had folded the
+  queries' second e4m3 term away; fixed since, not re-run) and it was no faster than bf16
+  (BENCHMARKS.md); ``routing="pallas"`` opts in."""
   from pallas_kernels import _platform
   from pallas_kernels.block_top_k import LIST_SLOTS
   fits = _platform.on_gpu() and k <= LIST_SLOTS and features % 64 == 0
