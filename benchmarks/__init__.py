@@ -55,9 +55,11 @@ def device_name() -> str:
 
 
 def write_json(path: str, payload: dict) -> None:
-  """Writes ``payload`` with device, jax version and UTC date added."""
+  """Writes ``payload`` with device, jax version, UTC date and ``XLA_FLAGS`` added (XLA
+  flags change compile time and kernel choice, e.g. GPU autotuning)."""
   payload = dict(payload, device=device_name(), jax=jax.__version__,
-                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 xla_flags=os.environ.get("XLA_FLAGS", ""))
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as fh:
     json.dump(payload, fh, indent=1)
