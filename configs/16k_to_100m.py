@@ -70,7 +70,7 @@ def _reading_kv() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       facts_per_doc=6, id_len=4, key_len=4, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=64, hops=1, fact_words=False,
-      question_words=False, bracket_ids=False))
+      question_words=False, bracket_ids=False, fact_slot_len=0))
 
 
 def _reading_niah() -> ml_collections.ConfigDict:
