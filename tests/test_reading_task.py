@@ -78,16 +78,18 @@ def test_shared_corpus_addresses_100m_tokens(tiny):
   assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
-@pytest.mark.parametrize("bracket_ids", [False, True])
-def test_records_equal_documents(tiny, bracket_ids):
+@pytest.mark.parametrize("bracket_ids,slot", [(False, 0), (True, 0), (False, 8), (True, 8)])
+def test_records_equal_documents(tiny, bracket_ids, slot):
   """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
-  per-document path."""
+  per-document path, with facts packed or padded to slots."""
   cfg = get_config("tiny")
   cfg.data.kv.bracket_ids = bracket_ids
+  cfg.data.kv.fact_slot_len = slot
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
   for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
     fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
     assert [d.doc_id for d in fast] == [d.doc_id for d in slow]
+    assert {len(d.tokens) for d in slow} == {corpus.config.doc_length}
     assert [list(d.tokens) for d in fast] == [d.tokens for d in slow]
     assert [d.id_length for d in fast] == [d.id_length for d in slow] == \
         [6 if bracket_ids else 4] * (stop - start)
@@ -222,3 +224,14 @@ def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
     assert r["memory_tokens"] == r["num_docs"] * 8
   assert "skipped" in rows[2]    # 64M documents exceed the task's unique ids
   assert os.path.exists(out / "reading.png") and os.path.exists(out / "router_health_document.png")
+
+
+def test_fact_slots_must_tile_the_chunks():
+  """A fact slot that does not tile the model's chunks is refused before training."""
+  cfg = get_config("tiny")
+  cfg.data.kv.fact_slot_len = 12
+  with pytest.raises(ValueError, match="fact_slot_len=12 does not tile"):
+    from_config.validate_data_config(cfg)
+  for ok in (0, 8, 16):
+    cfg.data.kv.fact_slot_len = ok
+    from_config.validate_data_config(cfg)
