@@ -102,8 +102,9 @@ class KVConfig:
 
   Each document is ``[ id ]`` then ``facts_per_doc`` facts ``key value`` (with
   ``fact_words``: ``key is value .``); with ``fact_slot_len`` the id and each fact are
-  padded with ``-`` to that many tokens (one fact per chunk when it equals P). Keys are unique in memory. For hops>1,
-  gold doc h holds ``key_h -> key_{h+1}`` and the last one ``key -> value``.
+  padded with ``-`` to that many tokens (one fact per chunk when it equals P). Keys are
+  unique in memory. For hops>1, gold doc h holds ``key_h -> key_{h+1}`` and the last one
+  ``key -> value``.
   Alphabet sizes must not exceed the tokenizer's ``WordVocabConfig``.
   """
 

@@ -6,9 +6,10 @@ r"""Writes a synthetic kv task as ONE shared corpus plus questions (JSONL), stre
 
 Corpus rows ``{"id", "tokens", "text"}``: ``tokens`` are what a bank encodes (the id
 tokens, then the facts, each padded to ``data.kv.fact_slot_len`` if set: exactly a
-training memory document of the config's ``data.kv`` task), ``text`` their decoding with the task's word tokenizer. Question
-rows ``{"question_tokens", "question", "answer_tokens", "answer", "doc_id",
-"rounds"}``: the key asked, its value, the gold document and the retrieval chain.
+training memory document of the config's ``data.kv`` task), ``text`` their decoding
+with the task's word tokenizer. Question rows ``{"question_tokens", "question",
+"answer_tokens", "answer", "doc_id", "rounds"}``: the key asked, its value, the gold
+document and the retrieval chain.
 
 Every document has a corpus-unique id and corpus-unique keys, so each question has
 exactly one gold document: document ``n`` takes id number ``P_id(n)`` and key numbers
