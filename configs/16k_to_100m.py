@@ -53,7 +53,7 @@ def _single_fact_kv(bracket_ids: bool) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       facts_per_doc=1, id_len=3, key_len=3, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
-      question_words=False, bracket_ids=bracket_ids))
+      question_words=False, bracket_ids=bracket_ids, fact_slot_len=0))
 
 
 def _reading_kv() -> ml_collections.ConfigDict:
@@ -66,11 +66,14 @@ def _reading_kv() -> ml_collections.ConfigDict:
   268M ids and keys, corpus-unique (``python -m msa_jax.data.write_task``), so each
   question has one gold fact in the bank. Alphabets of 128 symbols, not more: with 512
   key symbols the router never left chance on the CPU calibration (WORKSPACE.md).
+  ``fact_slot_len=8`` (= P) pads the id and each fact with ``-`` to one chunk (56-token
+  documents, every fact inside one chunk); it did not make the router learn on the CPU
+  calibration either (cal9-cal11), so the default stays 0 (packed facts).
   """
   return ml_collections.ConfigDict(dict(
       facts_per_doc=6, id_len=4, key_len=4, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=64, hops=1, fact_words=False,
-      question_words=False, bracket_ids=False))
+      question_words=False, bracket_ids=False, fact_slot_len=0))
 
 
 def _reading_niah() -> ml_collections.ConfigDict:
@@ -141,7 +144,7 @@ def _base() -> ml_collections.ConfigDict:
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,
-      question_words=True, bracket_ids=True))
+      question_words=True, bracket_ids=True, fact_slot_len=0))
   # data.task = "niah": the RULER-style suite (msa_jax.data.niah); subtask "" mixes all
   # 8 subtasks (weights () = uniform, else one weight per subtask in SUBTASKS order).
   # Memory size from data.num_docs / data.memory_tokens like the kv task.

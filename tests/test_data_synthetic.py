@@ -167,3 +167,47 @@ def test_bare_ids_give_one_four_token_chunk():
   parsed = interleave.parse_round(s0.target, ex.docs, sp)
   assert parsed.doc_ids == ex.positive_doc_ids and parsed.all_found
   assert s1.question == ex.question + ex.doc_by_id(parsed.doc_ids[0]).tokens
+
+
+@pytest.mark.parametrize("hops", [1, 2])
+def test_fact_slots_put_every_fact_inside_one_chunk(hops):
+  """``fact_slot_len = P``: the id fills chunk 0 and fact f fills chunk f + 1 (then ``-``
+  padding), so no fact straddles two chunks; the question key heads exactly one chunk
+  of the memory (in the gold document) and, for one hop, the answer follows it there."""
+  p = 8
+  cfg = KVConfig(num_docs=12, facts_per_doc=6, id_len=4, key_len=4, value_len=2,
+                 num_id_symbols=128, num_key_symbols=128, num_value_symbols=64, hops=hops,
+                 bracket_ids=False, fact_slot_len=p)
+  task = KVRetrievalTask(cfg, seed=2)
+  tok = task.tokenizer
+  pad = tok.encode("-")[0]
+  key_ids = {tok.key_symbol(s) for s in range(128)}
+  fact_lens = (6, 8) if hops > 1 else (6,)
+  assert cfg.doc_length == 7 * p
+  for index in range(3):
+    ex = task(index)
+    holders = []
+    for d in ex.docs:
+      assert len(d.tokens) == cfg.doc_length and d.id_length == 4
+      chunks = [d.tokens[c:c + p] for c in range(0, len(d.tokens), p)]
+      assert chunks[0][4:] == [pad] * 4 and pad not in chunks[0][:4]
+      for chunk in chunks[1:]:   # a fact (key value, or key key for a link), then padding
+        fact = [t for t in chunk if t != pad]
+        assert len(fact) in fact_lens and chunk == fact + [pad] * (p - len(fact))
+        assert set(fact[:4]) <= key_ids
+      holders += [(d.doc_id, c[4:6]) for c in chunks if c[:4] == ex.question]
+    gold = ex.rounds[0][0]
+    assert [h[0] for h in holders] == [gold]
+    if hops == 1:
+      assert holders[0][1] == ex.answer
+    # without slots the same facts are packed back to back
+    packed = KVRetrievalTask(dataclasses.replace(cfg, fact_slot_len=0), seed=2)(index)
+    assert [[t for t in d.tokens if t != pad] for d in ex.docs] == \
+        [d.tokens for d in packed.docs]
+
+
+def test_fact_slot_shorter_than_a_fact_is_a_clear_error():
+  with pytest.raises(ValueError, match="fact_slot_len=5 is shorter than a fact"):
+    KVConfig(key_len=4, value_len=2, fact_slot_len=5)
+  with pytest.raises(ValueError, match="must be >= 0"):
+    KVConfig(fact_slot_len=-1)

@@ -78,16 +78,18 @@ def test_shared_corpus_addresses_100m_tokens(tiny):
   assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
-@pytest.mark.parametrize("bracket_ids", [False, True])
-def test_records_equal_documents(tiny, bracket_ids):
+@pytest.mark.parametrize("bracket_ids,slot", [(False, 0), (True, 0), (False, 8), (True, 8)])
+def test_records_equal_documents(tiny, bracket_ids, slot):
   """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
-  per-document path."""
+  per-document path, with facts packed or padded to slots."""
   cfg = get_config("tiny")
   cfg.data.kv.bracket_ids = bracket_ids
+  cfg.data.kv.fact_slot_len = slot
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
   for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
     fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
     assert [d.doc_id for d in fast] == [d.doc_id for d in slow]
+    assert {len(d.tokens) for d in slow} == {corpus.config.doc_length}
     assert [list(d.tokens) for d in fast] == [d.tokens for d in slow]
     assert [d.id_length for d in fast] == [d.id_length for d in slow] == \
         [6 if bracket_ids else 4] * (stop - start)
@@ -113,9 +115,13 @@ def test_multihop_and_niah_on_the_tiny_recipe(tiny, task):
   assert batch.doc_tokens.shape[2] % cfg.model.pooling_chunk_size == 0
 
 
-def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
+@pytest.mark.parametrize("slot", [0, 8])
+def test_generated_bank_equals_the_corpus_file_bank(slot, tmp_path):
   """``encode_documents`` (no JSON) writes the same bank arrays as ``encode_corpus`` over
-  the written corpus file; a resume with another source is refused."""
+  the written corpus file, with facts packed or padded to chunk slots; a resume with
+  another source is refused."""
+  tiny = get_config("tiny")
+  tiny.data.kv.fact_slot_len = slot
   from msa_jax.data.collate import BucketShapes, collate
   from msa_jax.data.example import Document, Example
   from msa_jax.inference.encode import CorpusError, encode_corpus, encode_documents
@@ -124,7 +130,8 @@ def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
   docs = corpus.documents(0, 3)
   ex = Example(prefix=[1], docs=[Document(d.doc_id, d.tokens) for d in docs], question=[3],
                target=[4], positive_doc_ids=[])
-  model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, 40, 2)), 2)
+  doc_len = corpus.config.doc_length   # 40, or 56 with slots
+  model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, doc_len, 2)), 2)
   params = variables["params"]
   path = tmp_path / "corpus.jsonl"
   write_task.write_jsonl(write_task.corpus_rows(tiny, 70, 0), str(path), 70, "corpus")
@@ -134,12 +141,14 @@ def test_generated_bank_equals_the_corpus_file_bank(tiny, tmp_path):
   b = str(tmp_path / "b")
   part = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
                           batch_tokens=16_384, max_windows=1, **quiet)   # a's batches
-  assert not part["complete"] and part["num_docs"] == 13
+  assert not part["complete"] and 0 < part["num_docs"] < 70
+  assert slot or part["num_docs"] == 13
   with pytest.raises(CorpusError, match="changed since the bank"):
     encode_documents(model, params, corpus.records, 70, b, source="other", **quiet)
   done = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
                           batch_tokens=16_384, **quiet)
-  assert a["complete"] and done["complete"] and a["num_tokens"] == done["num_tokens"] == 70 * 40
+  assert a["complete"] and done["complete"]
+  assert a["num_tokens"] == done["num_tokens"] == 70 * doc_len
   for name in a["arrays"]:
     fa, fb = (open(os.path.join(tmp_path, x, name), "rb").read() for x in "ab")
     assert fa == fb, name
@@ -222,3 +231,14 @@ def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
     assert r["memory_tokens"] == r["num_docs"] * 8
   assert "skipped" in rows[2]    # 64M documents exceed the task's unique ids
   assert os.path.exists(out / "reading.png") and os.path.exists(out / "router_health_document.png")
+
+
+def test_fact_slots_must_tile_the_chunks():
+  """A fact slot that does not tile the model's chunks is refused before training."""
+  cfg = get_config("tiny")
+  cfg.data.kv.fact_slot_len = 12
+  with pytest.raises(ValueError, match="fact_slot_len=12 does not tile"):
+    from_config.validate_data_config(cfg)
+  for ok in (0, 8, 16):
+    cfg.data.kv.fact_slot_len = ok
+    from_config.validate_data_config(cfg)

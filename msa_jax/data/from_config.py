@@ -224,6 +224,7 @@ def validate_data_config(cfg) -> None:
   row or a document over ``data.max_doc_len`` is reported with ``file:line`` up front.
   """
   task = _check_task(cfg.data)
+  _check_fact_slots(cfg)
   for key in CAP_KEYS:
     value = cfg.data.get(key) or 0
     if value < 0:
@@ -241,6 +242,17 @@ def validate_data_config(cfg) -> None:
     jsonl_examples(cfg.data, cfg.data.jsonl_path)
     if evaluating and cfg.data.get("eval_jsonl_path"):
       jsonl_examples(cfg.data, cfg.data.eval_jsonl_path)
+
+
+def _check_fact_slots(cfg) -> None:
+  """``data.kv.fact_slot_len`` must tile the model's chunks (one slot per chunk, or whole
+  slots per chunk), else facts straddle chunks as if they were packed."""
+  slot = int(cfg.data.get("kv", {}).get("fact_slot_len", 0) or 0)
+  p = int(cfg.get("model", {}).get("pooling_chunk_size", 0) or 0)
+  if cfg.data.task in ("kv", "multihop") and slot and p and slot % p and p % slot:
+    raise ValueError(
+        f"data.kv.fact_slot_len={slot} does not tile model.pooling_chunk_size={p}: facts "
+        f"would straddle chunks; set data.kv.fact_slot_len={p} (one fact per chunk) or 0")
 
 
 def _check_jsonl_multipliers(multipliers) -> None:

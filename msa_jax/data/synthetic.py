@@ -101,8 +101,10 @@ class KVConfig:
   """Key-value retrieval (hops=1) or multi-hop chain (hops=2-3) task sizes.
 
   Each document is ``[ id ]`` then ``facts_per_doc`` facts ``key value`` (with
-  ``fact_words``: ``key is value .``). Keys are unique in memory. For hops>1,
-  gold doc h holds ``key_h -> key_{h+1}`` and the last one ``key -> value``.
+  ``fact_words``: ``key is value .``); with ``fact_slot_len`` the id and each fact are
+  padded with ``-`` to that many tokens (one fact per chunk when it equals P). Keys are
+  unique in memory. For hops>1, gold doc h holds ``key_h -> key_{h+1}`` and the last one
+  ``key -> value``.
   Alphabet sizes must not exceed the tokenizer's ``WordVocabConfig``.
   """
 
@@ -120,14 +122,41 @@ class KVConfig:
   prefix_bos: bool = True
   link_distractor_rate: float = 0.5  # hops>1: distractor facts whose value is a key
   bracket_ids: bool = True  # False: memory docs start with the bare id (2 fewer tokens)
+  # > 0: the id and every fact are padded with SLOT_PAD words to this many tokens, so
+  # with fact_slot_len = the model's pooling_chunk_size P every chunk holds exactly one
+  # fact (or the id) and no fact straddles two chunks. 0: facts packed back to back.
+  fact_slot_len: int = 0
+
+  def __post_init__(self):
+    slot = self.fact_slot_len
+    if slot < 0:
+      raise ValueError(f"KVConfig.fact_slot_len={slot} must be >= 0 (0: no padding)")
+    if slot and max(self.fact_length, self.id_length) > slot:
+      raise ValueError(
+          f"KVConfig.fact_slot_len={slot} is shorter than a fact ({self.fact_length} "
+          f"tokens) or the id ({self.id_length} tokens); set data.kv.fact_slot_len to "
+          f">= {max(self.fact_length, self.id_length)} (the model's pooling_chunk_size "
+          "to align facts to chunks) or 0")
+
+  @property
+  def id_length(self) -> int:
+    """Tokens of a document's id as stored (with brackets), without slot padding."""
+    return self.id_len + (2 if self.bracket_ids else 0)
+
+  @property
+  def fact_length(self) -> int:
+    """Tokens of one fact, without slot padding (the longest kind for hops > 1)."""
+    fact = self.key_len + (self.key_len if self.hops > 1 else self.value_len)
+    fact = max(fact, self.key_len + self.value_len)
+    return fact + (2 if self.fact_words else 0)
 
   @property
   def doc_length(self) -> int:
-    """Tokens of one memory document (bracketed id + facts)."""
-    fact = self.key_len + (self.key_len if self.hops > 1 else self.value_len)
-    fact = max(fact, self.key_len + self.value_len)
-    brackets = 2 if self.bracket_ids else 0
-    return self.id_len + brackets + self.facts_per_doc * (fact + (2 if self.fact_words else 0))
+    """Tokens of one memory document (id + facts, each padded to its slot if any)."""
+    slot = self.fact_slot_len
+    if slot:
+      return slot * (1 + self.facts_per_doc)
+    return self.id_length + self.facts_per_doc * self.fact_length
 
   def vocab(self) -> WordVocabConfig:
     return WordVocabConfig(num_id_symbols=self.num_id_symbols,
@@ -136,12 +165,32 @@ class KVConfig:
                            bracket_ids=self.bracket_ids)
 
 
+SLOT_PAD = "-"   # the word that pads an id or a fact to KVConfig.fact_slot_len
+
+
+def slot_padding(tok: WordTokenizer, config: KVConfig, length: int) -> list[int]:
+  """The SLOT_PAD tokens that fill ``length`` tokens up to ``config.fact_slot_len``
+  (none when it is 0)."""
+  if not config.fact_slot_len:
+    return []
+  return tok.encode(SLOT_PAD) * (config.fact_slot_len - length)
+
+
 def fact_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int],
                 value: Sequence[int]) -> list[int]:
-  """One fact of a kv document: ``key value`` (``key is value .`` with ``fact_words``)."""
+  """One fact of a kv document: ``key value`` (``key is value .`` with ``fact_words``),
+  padded to ``config.fact_slot_len`` tokens when that is set."""
   if not config.fact_words:
-    return list(key) + list(value)
-  return list(key) + tok.encode("is") + list(value) + tok.encode(".")
+    fact = list(key) + list(value)
+  else:
+    fact = list(key) + tok.encode("is") + list(value) + tok.encode(".")
+  return fact + slot_padding(tok, config, len(fact))
+
+
+def id_padding(tok: WordTokenizer, config: KVConfig) -> list[int]:
+  """The text that follows a document's id before its first fact: the id's slot padding
+  (``config.fact_slot_len``), so that the first fact starts a chunk."""
+  return slot_padding(tok, config, config.id_length)
 
 
 def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) -> list[int]:
@@ -210,7 +259,7 @@ class KVRetrievalTask:
       facts += [fact(k, value_tok()) for k in keys.take(c.facts_per_doc - 1)]
       pos = int(core.integers(0, c.facts_per_doc))
       facts.insert(pos, facts.pop(0))
-      gold.append(make_document(tok, ids.take(1)[0], sum(facts, [])))
+      gold.append(make_document(tok, ids.take(1)[0], id_padding(tok, c) + sum(facts, [])))
 
     distractors = []
     for _ in range(c.num_docs - c.hops):
@@ -220,7 +269,8 @@ class KVRetrievalTask:
           facts.append(fact(k, key_tok(keys.take(1)[0])))
         else:
           facts.append(fact(k, value_tok()))
-      distractors.append(make_document(tok, ids.take(1)[0], sum(facts, [])))
+      distractors.append(make_document(tok, ids.take(1)[0],
+                                       id_padding(tok, c) + sum(facts, [])))
 
     question = question_tokens(tok, c, key_tok(chain_keys[0]))
     prefix = [tok.specials.bos] if c.prefix_bos else []

@@ -5,10 +5,11 @@ r"""Writes a synthetic kv task as ONE shared corpus plus questions (JSONL), stre
       [--num_questions=Q] [--question_pool=M] [--seed=S] [--overwrite]
 
 Corpus rows ``{"id", "tokens", "text"}``: ``tokens`` are what a bank encodes (the id
-tokens, then the facts: exactly a training memory document of the config's
-``data.kv`` task), ``text`` their decoding with the task's word tokenizer. Question
-rows ``{"question_tokens", "question", "answer_tokens", "answer", "doc_id",
-"rounds"}``: the key asked, its value, the gold document and the retrieval chain.
+tokens, then the facts, each padded to ``data.kv.fact_slot_len`` if set: exactly a
+training memory document of the config's ``data.kv`` task), ``text`` their decoding
+with the task's word tokenizer. Question rows ``{"question_tokens", "question",
+"answer_tokens", "answer", "doc_id", "rounds"}``: the key asked, its value, the gold
+document and the retrieval chain.
 
 Every document has a corpus-unique id and corpus-unique keys, so each question has
 exactly one gold document: document ``n`` takes id number ``P_id(n)`` and key numbers
@@ -34,8 +35,9 @@ from typing import Iterator
 import numpy as np
 
 from msa_jax.data.example import Document
-from msa_jax.data.synthetic import (IDS, KEYS, VALUES, KVConfig, doc_id_string,
-                                    fact_tokens, make_document, question_tokens)
+from msa_jax.data.synthetic import (IDS, KEYS, SLOT_PAD, VALUES, KVConfig, doc_id_string,
+                                    fact_tokens, id_padding, make_document,
+                                    question_tokens)
 from msa_jax.data.tokenizer import WordTokenizer
 
 QUESTIONS = 6          # random stream of the question draw (after synthetic's six)
@@ -166,14 +168,16 @@ class SharedCorpus:
     return ids, keys, self._values(start, stop)
 
   def documents(self, start: int, stop: int) -> list[Document]:
-    """Documents ``[start, stop)``: ``id`` then the facts ``key value`` in key order."""
+    """Documents ``[start, stop)``: ``id`` then the facts ``key value`` in key order
+    (each padded to ``fact_slot_len`` if set)."""
     tok, c = self.tokenizer, self.config
     ids, keys, values = self.symbols(start, stop)
     key0, value0 = tok.key_symbol(0), tok.value_symbol(0)
     out = []
     for doc_ids, doc_keys, doc_values in zip(ids.tolist(), (keys + key0).tolist(),
                                              (values + value0).tolist()):
-      text = sum((fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)), [])
+      text = sum((fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)),
+                 id_padding(tok, c))
       out.append(make_document(tok, doc_ids, text))
     return out
 
@@ -193,9 +197,15 @@ class SharedCorpus:
     if c.bracket_ids:
       id_tokens = np.concatenate([np.full((n, 1), tok.open_id), id_tokens,
                                   np.full((n, 1), tok.close_id)], axis=1)
-    facts = np.concatenate([keys + tok.key_symbol(0), values + tok.value_symbol(0)], axis=2)
-    tokens = np.concatenate([id_tokens, facts.reshape(n, -1)], axis=1).astype(np.int32)
     id_len = id_tokens.shape[1]
+    facts = np.concatenate([keys + tok.key_symbol(0), values + tok.value_symbol(0)], axis=2)
+    if c.fact_slot_len:   # the same SLOT_PAD padding as id_padding / fact_tokens
+      pad = tok.encode(SLOT_PAD)[0]
+      id_tokens = np.concatenate(
+          [id_tokens, np.full((n, c.fact_slot_len - id_len), pad)], axis=1)
+      facts = np.concatenate(
+          [facts, np.full(facts.shape[:2] + (c.fact_slot_len - facts.shape[2],), pad)], axis=2)
+    tokens = np.concatenate([id_tokens, facts.reshape(n, -1)], axis=1).astype(np.int32)
     names = [f"i{n}" for n in range(c.num_id_symbols)]   # doc_id_string, without a format per symbol
     return [DocRecord(" ".join(map(names.__getitem__, i)), t, id_len)
             for i, t in zip(ids.tolist(), tokens)]
