@@ -68,7 +68,7 @@ def _reading_kv() -> ml_collections.ConfigDict:
   key symbols the router never left chance on the CPU calibration (WORKSPACE.md).
   ``fact_slot_len=8`` (= P) pads the id and each fact with ``-`` to one chunk (56-token
   documents, every fact inside one chunk); it did not make the router learn on the CPU
-  calibration either (cal9-cal11), so the default stays 0 (packed facts).
+  calibration either (cal9-cal12, cal16, cal22; WORKSPACE.md), so it stays 0 (packed).
   """
   return ml_collections.ConfigDict(dict(
       facts_per_doc=6, id_len=4, key_len=4, value_len=2, num_id_symbols=128,
