@@ -113,16 +113,14 @@ def measure_msa(cfg, model_cfg, batch, steps: int) -> dict:
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev = setup.put_batch(batch)
   t0 = time.perf_counter()
-  with mesh:
-    compiled = setup._step.lower(setup.abstract_state, dev).compile()
+  compiled = setup.lower_step(dev).compile()
   compile_s = time.perf_counter() - t0
   planned = _planned_gib(compiled)
   _check_fits(planned)
   state = [setup.init_state(cfg.seed)]
 
   def run():
-    with mesh:
-      state[0], m = compiled(state[0], dev)
+    state[0], m = compiled(state[0], dev)
     jax.block_until_ready(m["loss"])
   step_s = _timed(run, steps)
   return {"compile_s": compile_s, "step_s": step_s, "planned_gib": planned}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 
@@ -33,7 +34,9 @@ from benchmarks import synth_bank
 GB = 1e9
 
 
+@functools.lru_cache(maxsize=None)
 def _model(shape: str):
+  """The shape's ModelConfig, read from its recipe once (every setting asks for it)."""
   return synth_bank.model_config_of(shape)
 _BYTES = {"bfloat16": 2, "float8_e4m3fn": 1, "int8": 1}
 

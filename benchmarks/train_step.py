@@ -139,8 +139,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev_batch = setup.put_batch(batch)
   t0 = time.perf_counter()
-  with sharding.mesh_context(mesh):
-    compiled = setup._step.lower(setup.abstract_state, dev_batch).compile()
+  compiled = setup.lower_step(dev_batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
   need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes \
@@ -160,13 +159,12 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
     raise err
   state = setup.init_state(cfg.seed)
   times = []
-  with sharding.mesh_context(mesh):
-    for i in range(steps + 1):
-      t0 = time.perf_counter()
-      state, m = compiled(state, dev_batch)
-      jax.block_until_ready(m["loss"])
-      if i:
-        times.append(time.perf_counter() - t0)
+  for i in range(steps + 1):
+    t0 = time.perf_counter()
+    state, m = compiled(state, dev_batch)
+    jax.block_until_ready(m["loss"])
+    if i:
+      times.append(time.perf_counter() - t0)
   step_s = statistics.median(times)
   n_dev = jax.device_count()
   useful = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg))
@@ -300,8 +298,7 @@ def run_compile_layers(args) -> dict:
     setup = trainer.TrainSetup(cfg, mesh, model_cfg)
     dev_batch = setup.put_batch(batch)
     t0 = time.perf_counter()
-    with sharding.mesh_context(mesh):
-      lowered = setup._step.lower(setup.abstract_state, dev_batch)
+    lowered = setup.lower_step(dev_batch)
     lower_s = time.perf_counter() - t0
     c0 = time.process_time()
     lowered.compile()

@@ -15,7 +15,6 @@ is moved aside; the stop names the checkpoint that is good.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os
@@ -125,7 +124,7 @@ class TrainSetup:
     # Parameters do not depend on the attention implementation: initialise through the
     # XLA reference, so the init program holds no GPU kernel calls (on the H200 the 0.6b
     # init took 79 s to compile, longer than the scanned training step).
-    init_model = MSAModel(dataclasses.replace(self.model_cfg, kernels="xla"))
+    init_model = MSAModel(self.model_cfg.replace(kernels="xla"))
     init_boxed = functools.partial(init_train_state, init_model, self.tx)
     with sharding.mesh_context(mesh), nn.logical_axis_rules(self.rules):
       abstract = jax.eval_shape(init_boxed, jax.random.PRNGKey(0), ids)
@@ -146,6 +145,12 @@ class TrainSetup:
 
     self._step = jax.jit(step_in_rules, out_shardings=(self.state_shardings, None),
                          donate_argnums=(0,))
+
+  def lower_step(self, batch: MSABatch):
+    """The step lowered for ``batch``'s shapes (device arrays from ``put_batch``), traced
+    under the mesh like :meth:`step`; ``.compile()`` it to inspect or time it."""
+    with sharding.mesh_context(self.mesh):
+      return self._step.lower(self.abstract_state, batch)
 
   def init_state(self, seed: int) -> TrainState:
     with sharding.mesh_context(self.mesh):
