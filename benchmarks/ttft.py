@@ -90,10 +90,9 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
   if impl.startswith("xla"):
     return {"implementation": "xla",
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
-  from pallas_kernels.block_routing import BlockSizes
-  bs = BlockSizes(fused=True, features=128 if f % 128 == 0 else 64,
-                  fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
-                  fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  bs = engine_block_sizes(f, fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
+                          fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
 

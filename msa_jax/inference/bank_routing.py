@@ -188,14 +188,21 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
                        score_dtype)
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
   b, m, f = rq_bmf.shape
-  bs = block_sizes or block_routing.BlockSizes(fused=True,
-                                               features=128 if f % 128 == 0 else 64)
+  bs = block_sizes or engine_block_sizes(f)
   tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
   layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
       rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, 0, k, implementation="pallas",
       block_sizes=bs, layout=layout, kr_scale_c=kr_scale_c)
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
+
+
+def engine_block_sizes(features: int, **overrides):
+  """The fused kernel's ``block_routing.BlockSizes`` as the engine runs it for keys of
+  ``features`` columns (``overrides``: e.g. ``fold_batch``, ``fp8_query_terms``)."""
+  from pallas_kernels import block_routing
+  return block_routing.BlockSizes(fused=True, features=128 if features % 128 == 0 else 64,
+                                  **overrides)
 
 
 LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)
