@@ -54,6 +54,20 @@ def device_name() -> str:
   return f"{d.platform}:{getattr(d, 'device_kind', '?')}"
 
 
+def device_memory_stat(key: str):
+  """One ``memory_stats()`` entry of the first device (``peak_bytes_in_use``,
+  ``bytes_limit``, ...), or None where the backend does not report it."""
+  return (jax.devices()[0].memory_stats() or {}).get(key)
+
+
+def compiled_need_bytes(compiled) -> int:
+  """Device bytes a compiled program needs by XLA's ``memory_analysis``: temporaries,
+  arguments and outputs, less the outputs that alias arguments."""
+  mem = compiled.memory_analysis()
+  return (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+          - mem.alias_size_in_bytes)
+
+
 def write_json(path: str, payload: dict) -> None:
   """Writes ``payload`` with device, jax version, UTC date and ``XLA_FLAGS`` added (XLA
   flags change compile time and kernel choice, e.g. GPU autotuning)."""

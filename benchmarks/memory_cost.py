@@ -77,21 +77,14 @@ def _planned_gib(compiled) -> float | None:
     return None
   if mem is None:
     return None
-  need = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
-          - mem.alias_size_in_bytes)
-  return need / 2 ** 30
+  from benchmarks import compiled_need_bytes   # jax loads only when measuring
+  return compiled_need_bytes(compiled) / 2 ** 30
 
 
 def _device_peak_gib():
-  import jax
-  stats = jax.devices()[0].memory_stats() or {}
-  peak = stats.get("peak_bytes_in_use")
+  from benchmarks import device_memory_stat
+  peak = device_memory_stat("peak_bytes_in_use")
   return peak / 2 ** 30 if peak is not None else None
-
-
-def _bytes_limit():
-  import jax
-  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 def _timed(run, steps: int) -> float:
@@ -173,7 +166,8 @@ def measure_full(cfg, model_cfg, tokens, steps: int) -> dict:
 
 
 def _check_fits(planned_gib) -> None:
-  limit = _bytes_limit()
+  from benchmarks import device_memory_stat
+  limit = device_memory_stat("bytes_limit")
   if limit and planned_gib is not None and planned_gib * 2 ** 30 > limit:
     raise MemoryError(f"planned {planned_gib:.1f} GiB > device limit {limit / 2 ** 30:.1f} GiB")
 

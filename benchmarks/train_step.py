@@ -85,7 +85,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import device_name, out_dir, write_json  # noqa: E402
+from benchmarks import (compiled_need_bytes, device_memory_stat, device_name, out_dir,
+                        write_json)  # noqa: E402
 from msa_jax import flops as flops_lib, metrics, sharding, trainer  # noqa: E402
 from msa_jax.data import from_config  # noqa: E402
 from msa_jax.train_step import lm_chunk_size  # noqa: E402
@@ -129,11 +130,6 @@ def take_rows(batch, n: int):
   return jax.tree.map(lambda x: np.asarray(x)[:n], batch)
 
 
-def device_bytes_limit():
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("bytes_limit")
-
-
 def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   """Compile and time the training step on ``batch``; raises on out-of-memory."""
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
@@ -142,8 +138,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   compiled = setup.lower_step(dev_batch).compile()
   compile_s = time.perf_counter() - t0
   mem = compiled.memory_analysis()
-  need = mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes \
-      - mem.alias_size_in_bytes
+  need = compiled_need_bytes(compiled)
   row = {"compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
          "args_gib": mem.argument_size_in_bytes / 2 ** 30, "needs_gib": need / 2 ** 30}
   cost = compiled.cost_analysis()
@@ -151,7 +146,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   row["xla_flops"] = float(cost.get("flops", 0.0))
   print(f"    compiled in {compile_s:.1f} s; memory_analysis {need / 2 ** 30:.1f} GiB",
         flush=True)
-  limit = device_bytes_limit()
+  limit = device_memory_stat("bytes_limit")
   if limit and need > limit:
     err = MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
                       f"{limit / 2 ** 30:.1f} GiB")
@@ -170,14 +165,13 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
   useful = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg))
   executed = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg),
                                   mode="executed")
-  stats = jax.devices()[0].memory_stats() or {}
+  peak = device_memory_stat("peak_bytes_in_use")
   row.update(step_s=step_s, tokens_per_s=trainer.count_tokens(batch) / step_s,
              useful_tflops=useful["train"] / 1e12, executed_tflops=executed["executed_total"] / 1e12,
              mfu_vendor=useful["train"] / step_s / (peaks["vendor"] * n_dev),
              mfu_measured=useful["train"] / step_s / (peaks["measured_bf16"] * n_dev),
              loss=float(m["loss"]),
-             device_peak_gib=(stats["peak_bytes_in_use"] / 2 ** 30
-                              if "peak_bytes_in_use" in stats else None))
+             device_peak_gib=peak / 2 ** 30 if peak is not None else None)
   return row
 
 

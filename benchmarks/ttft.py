@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
+from benchmarks import (device_memory_stat, device_name, out_dir, read_bandwidth_gbs, time_ms,
+                        write_json)
 from benchmarks import synth_bank
 from benchmarks.engine import decode_ms
 
@@ -66,11 +67,6 @@ def random_model(shape: str):
 
 def nbytes(tree) -> int:
   return int(sum(x.nbytes for x in jax.tree_util.tree_leaves(tree) if x is not None))
-
-
-def device_peak_bytes() -> int | None:
-  stats = jax.devices()[0].memory_stats() or {}
-  return stats.get("peak_bytes_in_use")
 
 
 def host_peak_bytes() -> int:
@@ -245,7 +241,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                     - row[f"fetch_all_layers_ms_b{b}"])
     row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
   row.update(end_to_end(model, params, placed, rng.integers(8, cfg.vocab_size, q).tolist()))
-  row["device_peak_bytes"] = device_peak_bytes()
+  row["device_peak_bytes"] = device_memory_stat("peak_bytes_in_use")
   row["host_peak_bytes"] = host_peak_bytes()
   rows.append(row)
   log(f"ttft {bank.num_tokens:,} tokens: b1 {row['ttft_ms_b1']:.2f} ms (route "
