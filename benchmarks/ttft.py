@@ -78,7 +78,7 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
 
 
 ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
-               "pallas-fp8q1")
+               "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1")
 
 
 def route_impl_args(impl: str, f: int, layouts) -> dict:
@@ -87,8 +87,10 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
     return {"implementation": "xla",
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from msa_jax.inference.bank_routing import engine_block_sizes
+  fused = {"pallas-fused": True, "pallas-unfused": False, "pallas-unfused-fp8q1": False}
   bs = engine_block_sizes(f, fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
-                          fp8_query_terms=1 if impl == "pallas-fp8q1" else 2)
+                          fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
+                          **({"fused": fused[impl]} if impl in fused else {}))
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
 
@@ -123,7 +125,7 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
       for b in (1, 8):
         if impl in ("pallas-fold", "pallas-nofold") and b == 1:
           continue            # one example: nothing to fold
-        if impl == "pallas-fp8q1" and kr_dtype != "float8_e4m3fn":
+        if impl.endswith("fp8q1") and kr_dtype != "float8_e4m3fn":
           continue            # one e4m3 query term: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
@@ -300,10 +302,17 @@ def main():
                   "pallas-fp8q1 (fp8 keys: queries as one e4m3 term, faster, less exact)")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
+  ap.add_argument("--engine_route", default="", choices=["", "fused", "unfused"],
+                  help="the engine's Pallas route for the TTFT stage (default: "
+                       "bank_routing.ENGINE_FUSED): the fused block top-k kernel or the "
+                       "unfused chunk-score kernel + XLA top-k")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   log = lambda msg: print(msg, flush=True)
   t0 = time.perf_counter()
+  if args.engine_route:
+    from msa_jax.inference import bank_routing
+    bank_routing.ENGINE_FUSED = args.engine_route == "fused"
   stages = args.stages.split(",")
   if not set(stages) <= {"route", "ttft"}:
     raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")

@@ -181,6 +181,89 @@ def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSiz
   )
 
 
+def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
+                          key_dtype: str, query_terms: int, interpret):
+  """``plgpu.kernel`` for quantised keys: ``out[p, c] = max_j q_scale[p, j] · codes[c]·q[p, j]``.
+
+  Inputs: ``kr [≥ num_tiles·tile_c, F]`` fp8 e4m3 / int8 codes, ``query_terms`` query
+  operands ``[passes, cols, F]`` of the same dtype (K-major, as 8-bit wgmma reads both
+  operands), ``q_scale [passes, cols]`` float32. The chunk's own (positive) scale
+  commutes with the max and is applied by the caller. int8 accumulates exactly in s32; fp8
+  starts each K step from a fresh accumulator and sums the steps in float32 registers
+  (Hopper's fp8 wgmma keeps ~14 bits while it accumulates), as the fused kernel does.
+  """
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  fp8 = key_dtype == "float8_e4m3fn"
+  acc_dtype = jnp.float32 if fp8 else jnp.int32
+  transforms = _platform.swizzle_transforms(tile_f, 1)
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  wgmma_layout = plgpu.Layout.WGMMA if compiled else None
+  col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
+  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
+
+  def body(kr_gmem, *refs):
+    q_gmems, qs_gmem, out_gmem = refs[:query_terms], refs[query_terms], refs[query_terms + 1]
+    tile = lax.axis_index("tile")
+    p = lax.axis_index("pass")
+
+    def with_out_smem(out_smem):
+      def step(idx, k_smem, *rest):
+        q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
+        (j,) = idx
+        if compiled and fp8:
+          rhs = [plgpu.transpose_ref(q, (1, 0)) for q in q_smems]
+
+          def fresh(acc_ref):
+            for q in rhs:         # every term multiplies the same key tile into one sum
+              plgpu.wgmma(acc_ref, k_smem, q)
+            return acc_ref[...]
+          acc = acc + pl.run_scoped(fresh, plgpu.ACC((tile_c, cols), jnp.float32))
+        elif compiled:
+          rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
+          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
+              plgpu.ACC.init(acc))
+          plgpu.wgmma_wait(0)
+        else:   # the interpreter's wgmma takes no transposed views: a plain dot
+          for q in q_smems:
+            acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
+                                preferred_element_type=acc_dtype)
+
+        @pl.when(j == num_f - 1)
+        def _():
+          q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
+                                              [1]), wgmma_layout)
+          out_smem[...] = (acc.astype(jnp.float32) * q_scale).max(axis=1)
+        return acc
+
+      q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
+                 for _ in range(query_terms)]
+      plgpu.emit_pipeline(
+          step,
+          grid=(num_f,),
+          in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
+                    *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,))],
+          max_concurrent_steps=min(bs.stages, num_f),
+          init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
+      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p])
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      grid=(num_tiles, passes),
+      grid_names=("tile", "pass"),
+      compiler_params=_platform.lane_params() if compiled else None,
+      interpret=_platform.mosaic_interpret_params(interpret),
+  )
+
+
 def _plan(m: int, f: int, bs: BlockSizes):
   """Query columns per pass, number of passes, and the tiling that fits SMEM."""
   if bs.chunks % 64 or f % bs.features or bs.features % 64:
@@ -272,6 +355,49 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   if c_main < c:  # the ragged tail (< one tile) in plain XLA
     parts.append(block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
   s_bc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
+
+
+def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
+  """``(tiling, query groups, columns)`` of the unfused kernel on quantised keys: as
+  :func:`_plan`, with 1-byte pipeline buffers and, for fp8 (a second, per-step float32
+  accumulator), at most 128 columns and 64-chunk tiles past 64 columns."""
+  fp8 = jnp.dtype(key_dtype).name == "float8_e4m3fn"
+  max_cols = min(bs.max_queries, 128) if fp8 else bs.max_queries
+  bs, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
+  budget = _ACC_ELEMS // 2 if fp8 else _ACC_ELEMS
+  tile_c = bs.chunks if bs.chunks * cols <= budget else min(bs.chunks, 64)
+  terms = bs.fp8_query_terms if fp8 else 1
+  stage_bytes = bs.features * (tile_c + terms * cols) + 4 * cols
+  return dataclasses.replace(bs, chunks=tile_c,
+                             stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes))), groups, cols
+
+
+def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes,
+                               interpret):
+  """Chunk scores ``[B, C]`` of quantised keys through the unfused kernel: queries quantised
+  per column (``block_top_k.route_queries``), ``scale_c · max_j q_scale_j · codes·q_j``."""
+  b, m, f = rq_bmf.shape
+  c = kr_cf.shape[0]
+  bs, groups, cols = quant_plan(m, f, bs, kr_cf.dtype)
+  q_bgjf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
+  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
+  terms = [q.reshape(b * groups, cols, f) for q in (queries.q_bgjf, queries.lo_bgjf)
+           if q is not None]
+  q_scale = queries.scale_bgj.reshape(b * groups, cols).astype(jnp.float32)
+  num_tiles = c // bs.chunks
+  c_main = num_tiles * bs.chunks
+  parts = []
+  if num_tiles:
+    codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))  # TMA: rows % 8
+    call = _chunk_max_quant_call(num_tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,
+                                 len(terms), interpret)
+    s_pc = call(codes, *terms, q_scale)
+    parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
+  if c_main < c:  # the ragged tail (< one tile): the kernel's arithmetic in plain XLA
+    parts.append(block_top_k.fused_chunk_scores(queries, kr_cf[c_main:c]))
+  s_bc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  s_bc = s_bc * kr_scale_c[None, :c].astype(jnp.float32)   # positive: commutes with the max
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
 
@@ -445,17 +571,13 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
     raise ValueError(f"kr_scale_c given with {kr_cf.dtype} keys: scales go with fp8 e4m3 / "
                      "int8 codes only")
   use_pallas = _platform.resolve(implementation) == "pallas"
-  if use_pallas and (fused or quant):
-    if k > block_top_k.LIST_SLOTS or not fused:
-      if quant:
-        raise ValueError(f"quantised K̄R is routed by the fused kernel only (k ≤ "
-                         f"{block_top_k.LIST_SLOTS}, BlockSizes(fused=None or True)); got "
-                         f"k={k}, fused={bs.fused}; use implementation='xla'")
-    else:
-      top_val, top_idx = _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k, bs,
-                                            interpret, layout, kr_scale_c)
-      return selection_from_top_k(top_val, top_idx, k)
-  if quant:
+  if use_pallas and fused and k <= block_top_k.LIST_SLOTS:
+    top_val, top_idx = _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k, bs,
+                                          interpret, layout, kr_scale_c)
+    return selection_from_top_k(top_val, top_idx, k)
+  if quant and use_pallas:   # the unfused kernel on the codes, then the XLA top-k
+    s_bc = _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs, interpret)
+  elif quant:
     s_bc = _chunk_scores_xla_codes(rq_bmf, query_mask_bm, kr_cf, kr_scale_c)
   else:
     s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,

@@ -100,11 +100,14 @@ def _check_against_float(top_s, sel, ref_s, bound, k):
     ([1, 2, 70, 3, 1, 1, 130, 5, 40, 1, 1, 1, 60], 5, 6, 2),  # across tiles, blocks; XLA tail
     ([64, 64, 1, 63, 2], 0, 3, 3),                              # cuts on tile edges, no tail
 ])
-def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks):
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_quantised_route_interpret(dtype, terms, doc_lens, pad, k, blocks, fused):
+  """Both kernels on codes: the fused one (block top-k inside) and the unfused one (chunk
+  scores, then the XLA document max and top-k)."""
   rq, mask, kr, doc = _case(1, 3, 9, 64, doc_lens, pad, valid=[9, 3, 0])
   codes, scale = quantize.quantise(kr, dtype, 1)
   n = len(doc_lens) + 1                                     # one empty document slot
-  bs = dataclasses.replace(SMALL, blocks=blocks, fp8_query_terms=terms)
+  bs = dataclasses.replace(SMALL, blocks=blocks, fp8_query_terms=terms, fused=fused)
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas", block_sizes=bs,
                               kr_scale_c=jnp.asarray(scale))
@@ -219,16 +222,13 @@ def test_folded_batch_equals_one_pass_per_example_interpret(dtype):
     assert _chosen(folded[1]) == want
 
 
-def test_quantised_keys_need_their_scales_and_the_fused_kernel():
+def test_quantised_keys_need_their_scales():
   rq, mask, kr, doc = _case(3, 1, 4, 64, [5, 9])
   codes, scale = quantize.quantise(kr, "int8", 1)
   args = (jnp.asarray(rq), jnp.asarray(mask))
   with pytest.raises(ValueError, match="scales go with fp8 e4m3 / int8 codes"):
     br.route_top_k(*args, jnp.asarray(kr), jnp.asarray(doc), 2, 1, implementation="pallas",
                    kr_scale_c=jnp.asarray(scale))
-  with pytest.raises(ValueError, match="fused kernel only"):
-    br.route_top_k(*args, jnp.asarray(codes), jnp.asarray(doc), 2, 1, implementation="pallas",
-                   kr_scale_c=jnp.asarray(scale), block_sizes=br.BlockSizes(fused=False))
   with pytest.raises(ValueError, match="needs its per-chunk scales"):
     bt.route_top_k_blocks(bt.route_queries(jnp.zeros((1, 1, 64, 64)), jnp.int8),
                           jnp.ones((1,), bool), jnp.asarray(codes),
@@ -251,7 +251,7 @@ def test_engine_routes_with_layouts_built_once_interpret(dtype, monkeypatch):
   scale = None if scale is None else jnp.asarray(scale)
   args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 3)
   layouts = bank_routing.routing_layouts(jnp.asarray(doc))
-  assert sorted(layouts) == [64, 128]
+  assert sorted(layouts) == [bank_routing.RUNS_KEY, 64, 128]
   calls = []
   real = bt.bank_layout
   monkeypatch.setattr(bt, "bank_layout", lambda *a: calls.append(1) or real(*a))
@@ -266,6 +266,43 @@ def test_engine_routes_with_layouts_built_once_interpret(dtype, monkeypatch):
   np.testing.assert_array_equal(np.asarray(s1), np.asarray(s2))
   # and the XLA scan (float32 queries) picks the same documents here
   s3, d3 = bank_routing.local_top_k(*args, implementation="xla", kr_scale_c=scale)
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d3))
+  np.testing.assert_allclose(np.asarray(s1), np.asarray(s3), atol=0.05)
+
+
+def test_chunk_runs_number_each_run_in_chunk_order():
+  doc = jnp.asarray([5, 5, -1, -1, 2, 9, 9, 9, -1, 0], jnp.int32)
+  run_c, run_doc = bank_routing.chunk_runs(doc)
+  np.testing.assert_array_equal(np.asarray(run_c), [0, 0, 1, 1, 2, 3, 3, 3, 4, 5])
+  np.testing.assert_array_equal(np.asarray(run_doc), [5, -1, 2, 9, -1, 0, -1, -1, -1, -1])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_engine_unfused_route_equals_the_xla_scan_interpret(dtype):
+  """local_top_k with the unfused kernel (chunk scores, then the max over each document's run
+  of chunks and the top-k in XLA) on a bank whose document ids are not in chunk order and
+  whose padding chunks sit between documents (scored 0 by the kernel, never chosen): the
+  same documents as the XLA scan over the same codes, scores within query quantisation."""
+  rng = np.random.default_rng(7)
+  lens = [30, 70, 9, 40, 2, 17, 1, 50]
+  rq, mask, kr, _ = _case(5, 2, 6, 64, lens, pad=0)
+  ids = rng.permutation(len(lens)).astype(np.int32)           # document ids out of order
+  doc = np.concatenate([np.full(n, i, np.int32) for i, n in zip(ids, lens)])
+  doc = np.insert(doc, [30, 109, 200], -1)                     # padding between documents
+  kr = np.insert(kr, [30, 109, 200], 0.0, axis=0)
+  rq = -np.abs(rq) * np.sign(kr.sum(0))                         # scores mostly below a pad's 0
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  scale = None if scale is None else jnp.asarray(np.maximum(scale, 1e-6))
+  args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 3)
+  bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2)
+  layouts = bank_routing.routing_layouts(jnp.asarray(doc))
+  s1, d1 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                    layouts=layouts, block_sizes=bs)
+  s2, d2 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                    block_sizes=bs)            # runs built per call
+  np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+  s3, d3 = bank_routing.local_top_k(*args, implementation="xla", kr_scale_c=scale)
+  assert set(np.asarray(d1).ravel()) <= set(ids.tolist())      # never a padding run
   np.testing.assert_array_equal(np.asarray(d1), np.asarray(d3))
   np.testing.assert_allclose(np.asarray(s1), np.asarray(s3), atol=0.05)
 
@@ -285,7 +322,7 @@ def test_sharded_layouts_are_each_shards_own():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("bfloat16", 1)])
 @pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
-def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
+def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=True):
   """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks:
   the kernel equals its numerics reference (same documents; scores to float32 summation
   order) and stays within the query-quantisation bound of the float route."""
@@ -302,8 +339,8 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
   tile = br.fused_plan(b, m, 1024, br.BlockSizes(), codes.dtype)[0]
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas",
-                              layout=layouts[tile],
-                              block_sizes=br.BlockSizes(fp8_query_terms=terms),
+                              layout=layouts[tile] if fused else None,
+                              block_sizes=br.BlockSizes(fp8_query_terms=terms, fused=fused),
                               kr_scale_c=None if scale is None else jnp.asarray(scale))
   doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
   got = _chosen(sel)
@@ -327,6 +364,14 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m):
 @pytest.mark.gpu
 def test_gpu_fp8_one_query_term_compiled():
   test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("float8_e4m3fn", 1)])
+@pytest.mark.parametrize("b,m", [(1, 64), (2, 7)])
+def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m):
+  """The unfused kernel on codes, compiled: chunk scores then the XLA top-k."""
+  test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=False)
 
 
 def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):

@@ -189,6 +189,9 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
   b, m, f = rq_bmf.shape
   bs = block_sizes or engine_block_sizes(f)
+  if bs.fused is False:
+    runs = (layouts or {}).get(RUNS_KEY) or chunk_runs(chunk_doc_c)
+    return _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k, bs, kr_scale_c)
   tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
   layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
@@ -197,12 +200,54 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
 
 
-def engine_block_sizes(features: int, **overrides):
-  """The fused kernel's ``block_routing.BlockSizes`` as the engine runs it for keys of
-  ``features`` columns (``overrides``: e.g. ``fold_batch``, ``fp8_query_terms``)."""
+# routing_layouts' entry for the unfused kernel, (run_c, run_doc_c); an int like the tiles'
+# keys (a pytree dict's keys must sort), and never a tile size
+RUNS_KEY = 0
+
+
+def chunk_runs(chunk_doc_c):
+  """``(run_c, run_doc_c)``, int32 ``[C]`` each: the run of equal ``chunk_doc`` values each
+  chunk belongs to (runs numbered 0, 1, … in chunk order, so non-decreasing) and each run's
+  document (``-1``: a run of padding chunks; unused run slots hold ``-1`` too). A bank stores
+  each document as one run, so a document's score is its run's max: a sorted segment max
+  over at most ``C`` runs, whatever the document ids and wherever padding sits."""
+  doc = chunk_doc_c.astype(jnp.int32)
+  start = jnp.concatenate([jnp.ones((1,), bool), doc[1:] != doc[:-1]])
+  run_c = (jnp.cumsum(start) - 1).astype(jnp.int32)
+  run_doc = jnp.full(doc.shape, -1, jnp.int32).at[run_c].set(doc)
+  return run_c, run_doc
+
+
+def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, kr_scale_c):
+  """The unfused Pallas route: the chunk-score kernel (bf16, or codes against quantised
+  queries), then the document max over runs and an exact top-k in XLA."""
   from pallas_kernels import block_routing
-  return block_routing.BlockSizes(fused=True, features=128 if features % 128 == 0 else 64,
-                                  **overrides)
+  if kr_scale_c is None:
+    s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
+                                      block_sizes=bs)
+  else:
+    s_bc = block_routing._chunk_scores_pallas_quant(rq_bmf, route_mask_bm, kr_cf, kr_scale_c,
+                                                    bs, None)
+  run_c, run_doc = runs
+  s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
+  run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
+  val, idx = block_routing._top_k(run_s, min(k, run_s.shape[1]), bs)
+  doc = jnp.take(run_doc, idx)
+  return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
+
+
+# The engine's Pallas route: the fused block top-k kernel (True) or the unfused chunk-score
+# kernel with the document max and top-k in XLA (False). See BENCHMARKS.md for the choice.
+ENGINE_FUSED = True
+
+
+def engine_block_sizes(features: int, **overrides):
+  """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for keys of
+  ``features`` columns (``overrides``: e.g. ``fused``, ``fold_batch``, ``fp8_query_terms``)."""
+  from pallas_kernels import block_routing
+  return block_routing.BlockSizes(**{"fused": ENGINE_FUSED,
+                                     "features": 128 if features % 128 == 0 else 64,
+                                     **overrides})
 
 
 LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)
@@ -216,7 +261,9 @@ def routing_layouts(chunk_doc_c, tiles=LAYOUT_TILES):
   routed call rebuilds it from the map (a scatter over every chunk).
   """
   from pallas_kernels import block_top_k
-  return {t: block_top_k.bank_layout(chunk_doc_c, t) for t in tiles}
+  layouts = {t: block_top_k.bank_layout(chunk_doc_c, t) for t in tiles}
+  layouts[RUNS_KEY] = chunk_runs(chunk_doc_c)
+  return layouts
 
 
 def sharded_layouts(mesh, chunk_doc_c, axis: str = "memory", tiles=LAYOUT_TILES):
