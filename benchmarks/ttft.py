@@ -78,7 +78,8 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
 
 
 ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
-               "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1")
+               "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1",
+               "pallas-noskip")
 
 
 def route_impl_args(impl: str, f: int, layouts) -> dict:
@@ -90,6 +91,7 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
   fused = {"pallas-fused": True, "pallas-unfused": False, "pallas-unfused-fp8q1": False}
   bs = engine_block_sizes(f, fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
                           fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
+                          skip_beaten=impl != "pallas-noskip",
                           **({"fused": fused[impl]} if impl in fused else {}))
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}

@@ -94,6 +94,8 @@ class BlockSizes:
   fp8_query_terms: fp8 K̄R: the queries as one e4m3 code per element (1: fastest, 2^-4
     relative error) or two, the code plus its e4m3 residual (2: ~2^-8, a second fp8
     wgmma per tile); see :func:`pallas_kernels.block_top_k.route_queries`.
+  skip_beaten: the fused kernel merges a tile into a running list only when its best chunk
+    reaches the list's k-th value (exact; see ``block_top_k._block_top_k_call``).
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
   """
@@ -109,6 +111,7 @@ class BlockSizes:
   blocks: int = 0
   fold_batch: bool | None = None
   fp8_query_terms: int = 2
+  skip_beaten: bool = True
 
 
 # ----------------------------------------------------------------------------
@@ -189,8 +192,8 @@ def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Bl
   operands ``[passes, cols, F]`` of the same dtype (K-major, as 8-bit wgmma reads both
   operands), ``q_scale [passes, cols]`` float32. The chunk's own (positive) scale
   commutes with the max and is applied by the caller. int8 accumulates exactly in s32; fp8
-  starts each K step from a fresh accumulator and sums the steps in float32 registers
-  (Hopper's fp8 wgmma keeps ~14 bits while it accumulates), as the fused kernel does.
+  sums each term of each K step from a fresh accumulator in float32 registers
+  (``block_top_k.fp8_accumulate``), as the fused kernel does.
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -214,13 +217,7 @@ def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Bl
         q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
         (j,) = idx
         if compiled and fp8:
-          rhs = [plgpu.transpose_ref(q, (1, 0)) for q in q_smems]
-
-          def fresh(acc_ref):
-            for q in rhs:         # every term multiplies the same key tile into one sum
-              plgpu.wgmma(acc_ref, k_smem, q)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(fresh, plgpu.ACC((tile_c, cols), jnp.float32))
+          acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
         elif compiled:
           rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
           acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
@@ -338,7 +335,7 @@ def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: Bl
   return block_top_k.route_top_k_blocks(
       queries, jnp.any(query_mask_bm, axis=1), kr_cf, layout, k, tile_f=bs.features,
       stages=bs.stages, blocks=bs.blocks, kr_scale_c=kr_scale_c, examples=examples,
-      interpret=interpret)
+      interpret=interpret, skip_beaten=bs.skip_beaten)
 
 
 def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret):

@@ -32,6 +32,7 @@ beat its true score. Ties go to the lower document, as ``msa_jax.routing.select_
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -108,7 +109,7 @@ QUANT_KEY_DTYPES = ("float8_e4m3fn", "int8")   # K̄R codes the kernel reads wit
 def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols: int,
                       groups: int, passes: int, k: int, tile_c: int, tile_f: int, stages: int,
                       interpret, key_dtype: str = "bfloat16", examples: int = 1,
-                      query_terms: int = 1):
+                      query_terms: int = 1, skip_beaten: bool = True):
   """``plgpu.kernel`` → ``(values, docs)``, each ``[passes, blocks, examples·64]``.
 
   Inputs, bf16 keys: ``kr [≥ num_tiles·tile_c, F]`` bf16, ``q [passes, groups·F, cols]``
@@ -127,6 +128,11 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
   batch folded into the wgmma N dimension: one pass over the keys for all of them);
   each example keeps its own running list, entries ``e·64:(e+1)·64`` of the output.
   The first ``k`` entries of each list are its candidates, best first (``-1`` = empty).
+  ``skip_beaten``: a tile merges into an example's list only if its best chunk reaches the
+  list's ``k``-th value (exact: every list entry is at least that value, so a tile whose
+  chunks are all below it can neither enter the list nor raise an entry). On a large bank
+  the list fills early and nearly every tile skips the merge, the per-tile work that is
+  not the matmul.
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -246,16 +252,7 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
           (k_smem, _, loc_smem, key_smem, acc), qs_smem, ks_smem = operands, None, None
         _, grp, j = idx
         if compiled and key_dtype == "float8_e4m3fn":
-          # Hopper's fp8 wgmma keeps ~14 bits while it accumulates: each K step starts from
-          # zero and is added to the float32 sum in registers ("promotion"), as DeepSeek-V3
-          # does every 128 products.
-          rhs = [plgpu.transpose_ref(q, (1, 0)) for q in q_terms]
-
-          def fresh_fp8(acc_ref):
-            for q in rhs:        # every term multiplies the same key tile into one sum
-              plgpu.wgmma(acc_ref, k_smem, q)
-            return acc_ref[...]
-          acc = acc + pl.run_scoped(fresh_fp8, plgpu.ACC((tile_c, cols), jnp.float32))
+          acc = fp8_accumulate(acc, k_smem, q_terms)
         elif compiled:
           rhs = plgpu.transpose_ref(q_terms[0], (1, 0)) if quant else q_terms[0]
           acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
@@ -287,7 +284,14 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
         @pl.when(last_f & (grp == groups - 1))
         def _():
           for e in range(examples):
-            merge_tile(e, s_smem, loc_smem, key_smem, val_smem, doc_smem, rank_smem)
+            merge = functools.partial(merge_tile, e, s_smem, loc_smem, key_smem, val_smem,
+                                      doc_smem, rank_smem)
+            if not skip_beaten:
+              merge()
+              continue
+            best = cast(s_smem[pl.ds(e * tile_c, tile_c)], col_layout).max()
+            kth = val_smem[e * pool + k - 1]    # -inf until the list holds k entries
+            pl.when(best >= kth)(merge)
 
         if acc_dtype == jnp.int32:
           return acc * jnp.where(last_f, 0, 1).astype(jnp.int32)
@@ -344,6 +348,25 @@ def _block_top_k_call(num_tiles: int, blocks: int, per_block: int, f: int, cols:
                        if compiled else None),
       interpret=_platform.mosaic_interpret_params(interpret),
   )
+
+
+def fp8_accumulate(acc, k_smem, q_smems):
+  """``acc + Σ_terms k_smem · qᵀ`` for fp8 e4m3 SMEM operands (``q`` K-major), compiled.
+
+  Hopper's fp8 wgmma keeps ~14 bits while it accumulates, its running accumulator
+  included: each term of each K step starts from a fresh accumulator and is added to the
+  float32 sum in registers ("promotion", as DeepSeek-V3 does every 128 products). Two
+  terms summed in one accumulator erred by 4e-4 relative on the H200 (the residual term
+  added to the code term's sum at that precision), over the compiled tests' 2e-4 bound.
+  """
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  for q in q_smems:
+    def fresh(acc_ref, q=q):
+      plgpu.wgmma(acc_ref, k_smem, plgpu.transpose_ref(q, (1, 0)))
+      return acc_ref[...]
+    acc = acc + pl.run_scoped(fresh, plgpu.ACC(acc.shape, jnp.float32))
+  return acc
 
 
 def stages_that_fit(tile_c: int, tile_f: int, cols: int, stages: int, itemsize: int = 2,
@@ -527,7 +550,7 @@ def _kernel_query_operands(queries: RouteQueries, examples: int):
 
 def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLayout, k: int, *,
                        tile_f: int, stages: int, blocks: int, kr_scale_c=None,
-                       examples: int = 1, interpret=None):
+                       examples: int = 1, interpret=None, skip_beaten: bool = True):
   """Top-k documents through the fused kernel: ``(values [B, k'], documents [B, k'])``.
 
   ``queries``: :func:`route_queries` of the filled queries (masked rows replaced, as
@@ -564,7 +587,7 @@ def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLa
     st = stages_that_fit(tile_c, tile_f, cols, stages, jnp.dtype(key_dtype).itemsize, examples,
                          len(q_terms))
     call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, passes, k, tile_c, tile_f, st,
-                             interpret, key_dtype, examples, len(q_terms))
+                             interpret, key_dtype, examples, len(q_terms), skip_beaten)
     extra = (q_scale, kr_scale_c.astype(jnp.float32)) if quant else ()
     v, d = call(kr_cf, *q_terms, *extra, layout.loc_tc[:num_tiles].reshape(-1),
                 layout.slot_doc_tc[:num_tiles].reshape(-1))
