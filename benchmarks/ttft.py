@@ -204,14 +204,17 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
          "kr_dtype": args.kr_dtype, "kv_dtype": args.kv_dtype, "kr_bytes": kr_bytes,
          "kv_bytes": kv_bytes, "weight_bytes": w_bytes,
          "floor_ms": (kr_bytes + w_bytes) / bw / 1e6}
-  for b in (1, 8):
+  for b in args.ttft_batches:
     tokens = rng.integers(8, cfg.vocab_size, (b, q + decode_room)).astype(np.int32)
     q_len = np.full((b,), q, np.int32)
     start = np.full((b,), engine_lib.active_start(cfg, len(bank.prefix_tokens)), np.int32)
     prefix = engine_lib.bank_prefix(bank, b)
     arrays = placed.arrays()
     pre = lambda: eng.prefill(arrays, prefix, tokens, q_len, start)
+    t0 = time.perf_counter()
     row[f"ttft_ms_b{b}"] = time_ms(lambda: pre()[0], iters=3)
+    log(f"ttft b{b}: prefill {row[f'ttft_ms_b{b}']:.2f} ms (compile and timing "
+        f"{time.perf_counter() - t0:.0f} s)")
     # routing alone, every router layer (queries: random; the cost does not depend on them)
     rq = jnp.asarray(rng.normal(size=(b, q, f)).astype(np.float32))
     mask = jnp.ones((b, q), bool)
@@ -227,6 +230,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                  layouts=arrays["route_layouts"])[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
+    log(f"ttft b{b}: routing in {len(layers)} layers {row[f'route_all_layers_ms_b{b}']:.2f} ms")
     # the fetch of k selected documents' chunks (dequantised), every router layer
     docs = jnp.asarray(np.sort(rng.choice(bank.num_docs, (b, cfg.top_k), replace=False), 1)
                        .astype(np.int32))
@@ -241,17 +245,23 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                   arrays["scales"]["v"][i]))
       return out
     row[f"fetch_all_layers_ms_b{b}"] = time_ms(jax.jit(fetch_all), arrays, sel, iters=3)
+    log(f"ttft b{b}: fetch in {len(layers)} layers {row[f'fetch_all_layers_ms_b{b}']:.2f} ms")
     row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
                                     - row[f"fetch_all_layers_ms_b{b}"])
     row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
-  row.update(end_to_end(model, params, placed, rng.integers(8, cfg.vocab_size, q).tolist()))
+    log(f"ttft b{b}: decode {row[f'decode_ms_per_token_b{b}']:.2f} ms/token")
+  nan = float("nan")
+  row.update({"e2e_wall_ms": nan, "e2e_new_tokens": 0, "e2e_failure": "not run (--no_e2e)"})
+  if args.e2e:
+    row.update(end_to_end(model, params, placed, rng.integers(8, cfg.vocab_size, q).tolist()))
   row["device_peak_bytes"] = device_memory_stat("peak_bytes_in_use")
   row["host_peak_bytes"] = host_peak_bytes()
   rows.append(row)
-  log(f"ttft {bank.num_tokens:,} tokens: b1 {row['ttft_ms_b1']:.2f} ms (route "
-      f"{row['route_all_layers_ms_b1']:.2f}, fetch {row['fetch_all_layers_ms_b1']:.2f}, rest "
-      f"{row['forward_rest_ms_b1']:.2f}; floor {row['floor_ms']:.2f}); decode b1 "
-      f"{row['decode_ms_per_token_b1']:.2f} ms/token, b8 {row['decode_ms_per_token_b8']:.2f}; "
+  g = lambda key: row.get(key, nan)  # noqa: E731  (batches not run)
+  log(f"ttft {bank.num_tokens:,} tokens: b1 {g('ttft_ms_b1'):.2f} ms (route "
+      f"{g('route_all_layers_ms_b1'):.2f}, fetch {g('fetch_all_layers_ms_b1'):.2f}, rest "
+      f"{g('forward_rest_ms_b1'):.2f}; floor {row['floor_ms']:.2f}); decode b1 "
+      f"{g('decode_ms_per_token_b1'):.2f} ms/token, b8 {g('decode_ms_per_token_b8'):.2f}; "
       f"end to end {row['e2e_wall_ms']:.1f} ms for {row['e2e_new_tokens']} tokens "
       f"({row['e2e_failure'] or 'no failure'})")
   del placed, eng, arrays
@@ -272,6 +282,9 @@ def report(result: dict) -> None:
         f" {'dev peak GB':>11s} {'host GB':>8s}")
   for r in result["ttft"]:
     dev = r["device_peak_bytes"]
+    r = {k: r.get(k, float("nan")) for k in (*r, *(f"{p}_b{b}" for b in (1, 8) for p in (
+        "ttft_ms", "route_all_layers_ms", "fetch_all_layers_ms", "forward_rest_ms",
+        "decode_ms_per_token")))}
     print(f"  K̄R {r['kr_dtype']:9s} K̄V̄ {r['kv_dtype']:5s} {r['tokens']:>12,} "
           f"{r['ttft_ms_b1']:9.2f} {r['route_all_layers_ms_b1']:8.2f} "
           f"{r['fetch_all_layers_ms_b1']:8.2f} {r['forward_rest_ms_b1']:8.2f} "
@@ -308,6 +321,9 @@ def main():
                   help="the engine's Pallas route for the TTFT stage (default: "
                        "bank_routing.ENGINE_FUSED): the fused block top-k kernel or the "
                        "unfused chunk-score kernel + XLA top-k")
+  ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
+  ap.add_argument("--no_e2e", dest="e2e", action="store_false",
+                  help="skip the end-to-end MemoryEngine.generate question (its own compile)")
   ap.add_argument("--out", default="")
   args = ap.parse_args()
   log = lambda msg: print(msg, flush=True)
@@ -316,6 +332,7 @@ def main():
     from msa_jax.inference import bank_routing
     bank_routing.ENGINE_FUSED = args.engine_route == "fused"
   stages = args.stages.split(",")
+  args.ttft_batches = [int(b) for b in args.ttft_batches.split(",")]
   if not set(stages) <= {"route", "ttft"}:
     raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")
   impls = args.route_impls.split(",")
