@@ -415,6 +415,9 @@ def _write(args, name: str, result: dict) -> str:
 
 
 def main(args) -> dict:
+  # the recipes' XLA flags (the trainer applies them too; XLA_FLAGS set outside win)
+  from msa_jax.run_config import load_config_file
+  trainer.apply_xla_flags(load_config_file(CONFIG_FILE).get("xla_flags", ""))
   if args.compilation_cache_dir:
     trainer.use_compilation_cache(args.compilation_cache_dir)
   if args.buckets:

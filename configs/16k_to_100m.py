@@ -100,6 +100,11 @@ def _base() -> ml_collections.ConfigDict:
   # A persistent XLA compilation cache ("" = off): a restart, or another run of the same
   # shapes, loads compiled steps instead of compiling them again.
   c.compilation_cache_dir = ""
+  # Added to XLA_FLAGS before JAX starts (flags the environment sets win). cuBLAS for every
+  # GPU matmul instead of Triton gemm fusions: XLA's autotuning of those fusions kept the
+  # 0.6b step from compiling in 220-280 s on the H200; with this flag it compiled in 64 s
+  # and ran at 453 TFLOP/s executed (BENCHMARKS.md). A known flag on CPU too (ignored there).
+  c.xla_flags = "--xla_gpu_enable_triton_gemm=false"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.warmup_phase_steps = 1_000   # router warm-up: L = 0.1·L_LM + L_aux

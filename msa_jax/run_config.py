@@ -24,7 +24,8 @@ CONFIG_FILE = "config.json"
 # covers a sub-config.
 MAY_CHANGE_ON_RESUME = (
     "num_steps", "log_every_steps", "tensorboard", "mesh_shape", "logical_axis_rules",
-    "compilation_cache_dir", "eval.", "checkpoint.every_steps", "checkpoint.max_to_keep",
+    "compilation_cache_dir", "xla_flags", "eval.", "checkpoint.every_steps",
+    "checkpoint.max_to_keep",
     "checkpoint.async_save",
     # Implementation switches: the same parameters and the same function of them.
     "model.scan_layers", "model.remat_policy", "model.remat",

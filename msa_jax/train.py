@@ -47,6 +47,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:   # keep orbax's per-save INFO lines off the console
     logging.set_verbosity(logging.WARNING)
   from msa_jax import distributed
+  from msa_jax.trainer import apply_xla_flags
+  apply_xla_flags(_CONFIG.value.get("xla_flags", ""))   # before any backend starts
   distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                          mode=_DISTRIBUTED.value)
   from msa_jax.cli import exit_with_error

@@ -62,6 +62,26 @@ def resolve_model_config(cfg) -> ModelConfig:
   return ModelConfig.from_dict(model)
 
 
+def apply_xla_flags(flags: str, log=print) -> str:
+  """Adds ``flags`` (``--name=value`` ...) to ``XLA_FLAGS`` before JAX starts its backends,
+  leaving any flag the environment already sets as it is. Returns the resulting
+  ``XLA_FLAGS``. After the backends started (a test, a notebook) it only warns: XLA reads
+  its flags once."""
+  mine = [f for f in flags.split() if f]
+  if not mine:
+    return os.environ.get("XLA_FLAGS", "")
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    log(f"xla_flags {flags!r} not applied: JAX's backends already started (set XLA_FLAGS "
+        "before the first JAX computation)")
+    return os.environ.get("XLA_FLAGS", "")
+  env = os.environ.get("XLA_FLAGS", "").split()
+  named = {f.split("=")[0] for f in env}
+  merged = env + [f for f in mine if f.split("=")[0] not in named]
+  os.environ["XLA_FLAGS"] = " ".join(merged)
+  return os.environ["XLA_FLAGS"]
+
+
 def use_compilation_cache(directory: str) -> None:
   """Points JAX's persistent compilation cache at ``directory`` ("" leaves it off): a
   restarted run, or another run of the same shapes, loads its compiled steps."""
@@ -305,6 +325,7 @@ def train_and_evaluate(cfg, workdir: str, *,
   when the newest cannot be read (it is moved aside). Without them both are errors.
   """
   model_cfg = validate_config(cfg)
+  apply_xla_flags(cfg.get("xla_flags", ""))
   use_compilation_cache(cfg.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(cfg.mesh_shape)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]

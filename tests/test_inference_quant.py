@@ -415,15 +415,16 @@ def test_encode_cli_flags_write_a_quantised_bank_the_engine_answers_from(tmp_pat
   assert same >= 0.75, same
 
 
-def test_auto_routing_keeps_8_bit_keys_on_the_xla_scan(monkeypatch):
-  """On a GPU 'auto' picks the kernel for bf16 K̄R only; 8-bit K̄R stays on the scan until
-  the kernel's 8-bit path is verified compiled (BENCHMARKS.md)."""
+def test_auto_routing_picks_the_kernel_on_a_gpu_for_every_precision(monkeypatch):
+  """On a GPU 'auto' picks the fused kernel for bf16, fp8 and int8 K̄R (its 8-bit path passed
+  its compiled tests on the H200, BENCHMARKS.md); elsewhere, or for a key width the kernel
+  does not tile, the XLA scan."""
   from msa_jax.inference.memory_engine import default_routing
   from pallas_kernels import _platform
   monkeypatch.setattr(_platform, "on_gpu", lambda: True)
   assert default_routing(16, 1024, "bfloat16") == "pallas"
-  assert default_routing(16, 1024, "float8_e4m3fn") == "xla"
-  assert default_routing(16, 1024, "int8") == "xla"
+  assert default_routing(16, 1024, "float8_e4m3fn") == "pallas"
+  assert default_routing(16, 1024, "int8") == "pallas"
   assert default_routing(16, 96, "bfloat16") == "xla"     # F not a multiple of 64
   monkeypatch.setattr(_platform, "on_gpu", lambda: False)
   assert default_routing(16, 1024, "bfloat16") == "xla"

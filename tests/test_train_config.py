@@ -244,3 +244,38 @@ def test_aux_loss_covers_the_router_layers_of_the_upper_half():
   assert aux_loss_layers(every) == [3, 4, 5]
   assert aux_loss_layers(every.replace(router_layers=None)) == [0, 1, 2]   # default: layers 3-5
   assert aux_loss_layers(every.replace(router_layers=(0, 1))) == []   # none above: no aux term
+
+
+def test_xla_flags_are_added_before_jax_starts_and_the_environment_wins():
+  """``config.xla_flags`` joins XLA_FLAGS before the first computation (a fresh process);
+  a flag the environment already names keeps the environment's value; once the backends
+  started, nothing changes (XLA read its flags) and the caller is told."""
+  import os
+  import subprocess
+  import sys
+  code = (
+      "import jax, jax.numpy as jnp\n"
+      "from msa_jax.trainer import apply_xla_flags\n"
+      "out = apply_xla_flags('--xla_gpu_enable_triton_gemm=false --xla_gpu_autotune_level=1')\n"
+      "print(out)\n"
+      "print(float(jnp.ones(3).sum()))\n")
+  env = dict(os.environ, XLA_FLAGS="--xla_gpu_autotune_level=4", JAX_PLATFORMS="cpu")
+  res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert res.returncode == 0, res.stderr[-2000:]
+  flags_line, total = res.stdout.split("\n")[:2]
+  assert flags_line.split() == ["--xla_gpu_autotune_level=4",
+                                "--xla_gpu_enable_triton_gemm=false"]
+  assert total == "3.0"
+  from msa_jax.trainer import apply_xla_flags
+  import jax.numpy as jnp
+  jnp.ones(1).block_until_ready()                       # backends started in this process
+  seen = []
+  before = os.environ.get("XLA_FLAGS", "")
+  assert apply_xla_flags("--xla_gpu_enable_triton_gemm=false", log=seen.append) == before
+  assert os.environ.get("XLA_FLAGS", "") == before and "not applied" in seen[0]
+
+
+def test_recipes_compile_gpu_matmuls_with_cublas_not_triton():
+  for variant in ("smoke", "tiny", "0.6b", "4b"):
+    assert "--xla_gpu_enable_triton_gemm=false" in get_config(variant).xla_flags.split()
