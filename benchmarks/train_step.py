@@ -71,6 +71,8 @@ def _parse(argv):
                  help="override model.remat_policy (none | full | dots); default the recipe's")
   p.add_argument("--compilation_cache_dir", default="",
                  help="JAX's persistent compilation cache (a later command reuses compiles)")
+  p.add_argument("--profile_dir", default="",
+                 help="profile two more steps per batch size here and print the kernel table")
   p.add_argument("--out", default="", help="JSON path (default $OUT or benchmarks/results)")
   return p.parse_args(argv)
 
@@ -130,8 +132,10 @@ def take_rows(batch, n: int):
   return jax.tree.map(lambda x: np.asarray(x)[:n], batch)
 
 
-def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
-  """Compile and time the training step on ``batch``; raises on out-of-memory."""
+def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: str = "") -> dict:
+  """Compile and time the training step on ``batch``; raises on out-of-memory. With
+  ``profile_dir``, also profiles two more steps and adds the kernel table
+  (``benchmarks.profile_summary``)."""
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev_batch = setup.put_batch(batch)
   t0 = time.perf_counter()
@@ -172,6 +176,16 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict) -> dict:
              mfu_measured=useful["train"] / step_s / (peaks["measured_bf16"] * n_dev),
              loss=float(m["loss"]),
              device_peak_gib=peak / 2 ** 30 if peak is not None else None)
+  if profile_dir:
+    from benchmarks import profile_summary
+    holder = {"state": state}
+
+    def one_step():
+      holder["state"], out = compiled(holder["state"], dev_batch)
+      jax.block_until_ready(out["loss"])
+    row["profile"] = profile_summary.profile_calls(
+        one_step, os.path.join(profile_dir, f"b{len(batch.active_tokens)}"), calls=2,
+        title=f"train step, batch {len(batch.active_tokens)}")
   return row
 
 
@@ -210,7 +224,8 @@ def run_shapes(args, save=None) -> dict:
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
-        entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks))
+        entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks,
+                             args.profile_dir))
       except Exception as err:  # noqa: BLE001 — an OOM ends the search, anything else raises
         if not _oom(err):
           raise

@@ -18,7 +18,10 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
     quantised queries; bank layout built once; batch rows folded into the query columns),
     ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
-    rebuilt in every call), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
+    rebuilt in every call), ``pallas-fused`` / ``pallas-unfused`` (the fused block top-k
+    kernel, or chunk scores + the XLA document max and top-k), ``pallas-noskip`` (every
+    tile merged, ``BlockSizes.skip_beaten=False``), ``pallas-f256`` (256-feature pipeline
+    steps: half the steps for 8-bit keys), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
     ``BlockSizes.fp8_query_terms=1``)), beside its read floor: bytes of K̄R codes + scales over the
     pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
@@ -79,7 +82,7 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
 
 ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
                "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1",
-               "pallas-noskip")
+               "pallas-noskip", "pallas-f256")
 
 
 def route_impl_args(impl: str, f: int, layouts) -> dict:
@@ -92,6 +95,7 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
   bs = engine_block_sizes(f, fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
                           fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
                           skip_beaten=impl != "pallas-noskip",
+                          **({"features": 256} if impl == "pallas-f256" else {}),
                           **({"fused": fused[impl]} if impl in fused else {}))
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
@@ -215,6 +219,12 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     row[f"ttft_ms_b{b}"] = time_ms(lambda: pre()[0], iters=3)
     log(f"ttft b{b}: prefill {row[f'ttft_ms_b{b}']:.2f} ms (compile and timing "
         f"{time.perf_counter() - t0:.0f} s)")
+    if args.profile_dir:
+      from benchmarks import profile_summary
+      row[f"profile_b{b}"] = profile_summary.profile_calls(
+          lambda: jax.block_until_ready(pre()[0]),
+          os.path.join(args.profile_dir, f"prefill_{bank.num_tokens}_b{b}"), calls=3,
+          title=f"prefill, {bank.num_tokens:,} tokens, batch {b}", log=log)
     # routing alone, every router layer (queries: random; the cost does not depend on them)
     rq = jnp.asarray(rng.normal(size=(b, q, f)).astype(np.float32))
     mask = jnp.ones((b, q), bool)
@@ -322,6 +332,8 @@ def main():
                        "bank_routing.ENGINE_FUSED): the fused block top-k kernel or the "
                        "unfused chunk-score kernel + XLA top-k")
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
+  ap.add_argument("--profile_dir", default="",
+                  help="profile 3 prefills per batch size here; print their kernel table")
   ap.add_argument("--no_e2e", dest="e2e", action="store_false",
                   help="skip the end-to-end MemoryEngine.generate question (its own compile)")
   ap.add_argument("--out", default="")
