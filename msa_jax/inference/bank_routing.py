@@ -241,12 +241,13 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
 ENGINE_FUSED = True
 
 
-def engine_block_sizes(features: int, **overrides):
+def engine_block_sizes(key_width: int, **overrides):
   """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for keys of
-  ``features`` columns (``overrides``: e.g. ``fused``, ``fold_batch``, ``fp8_query_terms``)."""
+  ``key_width`` columns (``overrides``: e.g. ``fused``, ``features``, ``fold_batch``,
+  ``fp8_query_terms``)."""
   from pallas_kernels import block_routing
   return block_routing.BlockSizes(**{"fused": ENGINE_FUSED,
-                                     "features": 128 if features % 128 == 0 else 64,
+                                     "features": 128 if key_width % 128 == 0 else 64,
                                      **overrides})
 
 
