@@ -138,37 +138,22 @@ def _fill_masked_queries(rq_bmf, query_mask_bm, num_cols: int):
 # The Mosaic GPU kernel: K̄R tile × queries → max over queries.
 # ----------------------------------------------------------------------------
 
-def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
-  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
+def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
+                      compiler_params=None):
+  """The chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c`` chunk
+  scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
+  ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
+  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  tile_c, tile_f = bs.chunks, bs.features
-  num_f = f // tile_f
-  k_transforms = _platform.swizzle_transforms(tile_f, 2)
-  q_transforms = _platform.swizzle_transforms(cols, 2)
 
-  def body(kr_gmem, q_gmem, out_gmem):
+  def body(*refs):
+    *in_refs, out_gmem = refs
     tile = lax.axis_index("tile")
     p = lax.axis_index("pass")
 
     def with_out_smem(out_smem):
-      def with_acc(acc_ref):
-        def step(_, k_smem, q_smem):
-          plgpu.wgmma(acc_ref, k_smem, q_smem)
-          plgpu.wgmma_wait(0)
-
-        plgpu.emit_pipeline(
-            step,
-            grid=(num_f,),
-            in_specs=[
-                plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
-                plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
-            ],
-            max_concurrent_steps=min(bs.stages, num_f),
-        )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
-        return acc_ref[...].max(axis=1)
-
-      out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
+      fill_tile(tile, p, out_smem, *in_refs)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
       plgpu.wait_smem_to_gmem(0)
@@ -180,8 +165,40 @@ def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSiz
       out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
       grid=(num_tiles, passes),
       grid_names=("tile", "pass"),
+      compiler_params=compiler_params,
       interpret=_platform.mosaic_interpret_params(interpret),
   )
+
+
+def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  k_transforms = _platform.swizzle_transforms(tile_f, 2)
+  q_transforms = _platform.swizzle_transforms(cols, 2)
+
+  def fill_tile(tile, p, out_smem, kr_gmem, q_gmem):
+    def with_acc(acc_ref):
+      def step(_, k_smem, q_smem):
+        plgpu.wgmma(acc_ref, k_smem, q_smem)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(num_f,),
+          in_specs=[
+              plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
+              plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
+          ],
+          max_concurrent_steps=min(bs.stages, num_f),
+      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
+      return acc_ref[...].max(axis=1)
+
+    out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
+
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
 
 
 def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
@@ -207,58 +224,44 @@ def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Bl
   col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
   cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
 
-  def body(kr_gmem, *refs):
-    q_gmems, qs_gmem, out_gmem = refs[:query_terms], refs[query_terms], refs[query_terms + 1]
-    tile = lax.axis_index("tile")
-    p = lax.axis_index("pass")
+  def fill_tile(tile, p, out_smem, kr_gmem, *refs):
+    q_gmems, qs_gmem = refs[:query_terms], refs[query_terms]
 
-    def with_out_smem(out_smem):
-      def step(idx, k_smem, *rest):
-        q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
-        (j,) = idx
-        if compiled and fp8:
-          acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
-        elif compiled:
-          rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
-          acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
-              plgpu.ACC.init(acc))
-          plgpu.wgmma_wait(0)
-        else:   # the interpreter's wgmma takes no transposed views: a plain dot
-          for q in q_smems:
-            acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
-                                preferred_element_type=acc_dtype)
+    def step(idx, k_smem, *rest):
+      q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
+      (j,) = idx
+      if compiled and fp8:
+        acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
+      elif compiled:
+        rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
+        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
+            plgpu.ACC.init(acc))
+        plgpu.wgmma_wait(0)
+      else:   # the interpreter's wgmma takes no transposed views: a plain dot
+        for q in q_smems:
+          acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
+                              preferred_element_type=acc_dtype)
 
-        @pl.when(j == num_f - 1)
-        def _():
-          q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
-                                              [1]), wgmma_layout)
-          out_smem[...] = (acc.astype(jnp.float32) * q_scale).max(axis=1)
-        return acc
+      @pl.when(j == num_f - 1)
+      def _():
+        q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
+                                            [1]), wgmma_layout)
+        out_smem[...] = (acc.astype(jnp.float32) * q_scale).max(axis=1)
+      return acc
 
-      q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
-                 for _ in range(query_terms)]
-      plgpu.emit_pipeline(
-          step,
-          grid=(num_f,),
-          in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
-                    *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,))],
-          max_concurrent_steps=min(bs.stages, num_f),
-          init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
-      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p])
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-      plgpu.wait_smem_to_gmem(0)
+    q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
+               for _ in range(query_terms)]
+    plgpu.emit_pipeline(
+        step,
+        grid=(num_f,),
+        in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
+                  *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,))],
+        max_concurrent_steps=min(bs.stages, num_f),
+        init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
+    )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p])
 
-    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
-
-  return plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
-      grid=(num_tiles, passes),
-      grid_names=("tile", "pass"),
-      compiler_params=_platform.lane_params() if compiled else None,
-      interpret=_platform.mosaic_interpret_params(interpret),
-  )
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
+                           _platform.lane_params() if compiled else None)
 
 
 def _plan(m: int, f: int, bs: BlockSizes):
