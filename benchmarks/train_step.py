@@ -63,6 +63,9 @@ def _parse(argv):
   p.add_argument("--scan_layers", default="recipe", choices=("recipe", "on", "off", "both"),
                  help="model.scan_layers: the recipe's, forced on or off, or (with "
                       "--compile_layers) both, off first")
+  p.add_argument("--flop_check", action="store_true",
+                 help="compare the executed FLOP count with XLA's cost_analysis at the "
+                      "recipe's shape (compile only; unrolled, no remat; runs on a CPU)")
   p.add_argument("--memory_analysis", default="",
                  help="only compile (no run) the loss gradient at these num_layers, e.g. 2,4, "
                       "and report XLA's memory_analysis for the chunked LM loss and the old "
@@ -332,6 +335,49 @@ def run_compile_layers(args) -> dict:
   return {"compile_layers": rows, "variant": variant, "tiny": args.tiny}
 
 
+def run_flop_check(args) -> dict:
+  """``msa_jax.flops.step_flops`` (executed) against XLA's ``cost_analysis`` of the loss
+  gradient at the recipe's full shape: unrolled layers and no remat (XLA counts a scan
+  or while body once), the XLA reference attention (it computes the masked slots the
+  executed count includes), the LM loss in one chunk. Compile only: runs on a CPU."""
+  import jax.numpy as jnp
+  from msa_jax.model import MSAModel
+  from msa_jax.train_step import compute_losses
+  rows = []
+  for variant in args.variants.split(","):
+    for memory in (int(x) for x in args.memory.split(",")):
+      cfg = recipe(variant, memory, args.tiny, args.mesh, "off", "none")
+      cfg.model.kernels = "xla"
+      cfg.loss.lm_chunk_size = 1 << 20               # one chunk: XLA counts it whole
+      model_cfg = trainer.resolve_model_config(cfg)
+      model = MSAModel(model_cfg)
+      full = host_batch(cfg, model_cfg, max(int(b) for b in args.batches.split(",")))
+      params = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                       jnp.zeros((1, 8), jnp.int32)))["params"]
+      for b in sorted(int(x) for x in args.batches.split(",")):
+        batch = take_rows(full, b)
+        grad = jax.grad(lambda p, bb: compute_losses(
+            model, p, bb, jnp.int32(cfg.optim.warmup_phase_steps), cfg)[0])
+        t0 = time.perf_counter()
+        cost = jax.jit(grad).lower(params, batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        xla = float(cost["flops"])
+        ours = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg),
+                                    mode="executed")["executed_total"]
+        useful = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg))
+        row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens, "batch": b,
+               "num_layers": model_cfg.num_layers, "xla_flops": xla, "executed_flops": ours,
+               "useful_flops": useful["train"], "executed_over_xla": ours / xla,
+               "compile_s": time.perf_counter() - t0,
+               **{k: v for k, v in full.shape_summary.items() if k != "batch"}}
+        rows.append(row)
+        print(f"{variant} mem {row['memory_tokens']} B {b} ({row['num_layers']} layers, "
+              f"unrolled, no remat): executed count {ours / 1e12:.2f} TFLOP, XLA "
+              f"{xla / 1e12:.2f} TFLOP: ratio {ours / xla:.3f} (useful {useful['train'] / 1e12:.2f}"
+              f"; compiled in {row['compile_s']:.0f} s)", flush=True)
+  return {"flop_check": rows}
+
+
 def run_memory_analysis(args) -> dict:
   """Temporary memory of the loss gradient (no optimizer) by XLA's ``memory_analysis``,
   the chunked LM loss of the training step against the full ``[B, M, vocab]`` logits."""
@@ -437,6 +483,8 @@ def main(args) -> dict:
     trainer.use_compilation_cache(args.compilation_cache_dir)
   if args.buckets:
     result, name = run_buckets(args), "train_step_buckets.json"
+  elif args.flop_check:
+    result, name = run_flop_check(args), "train_step_flop_check.json"
   elif args.memory_analysis:
     result, name = run_memory_analysis(args), "train_step_memory_analysis.json"
   elif args.compile_layers:
