@@ -19,11 +19,9 @@ import time
 
 
 def plot(rows, path: str, batch: int) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from msa_jax import plots
   x = [r["memory_tokens"] for r in rows]
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (a, b) = plots.subplots(1, 2, figsize=(10, 4))
   a.plot(x, [r["answer_exact_match"] for r in rows], "o-", label="answer exact match")
   a.plot(x, [r["oracle_answer_exact_match"] for r in rows], "s--", label="EM, oracle routing")
   a.plot(x, [r["router_recall@1"] for r in rows], "^-", label="router recall@1")
@@ -42,9 +40,7 @@ def plot(rows, path: str, batch: int) -> None:
   b.set_title("latency by stage")
   b.grid(alpha=0.3)
   b.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def main():

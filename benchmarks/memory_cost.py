@@ -179,10 +179,8 @@ def _is_oom(err: BaseException) -> bool:
 
 
 def plot(rows, path: str, title: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  from msa_jax import plots
+  fig, (a, b) = plots.subplots(1, 2, figsize=(10, 4))
   for method, style in (("msa", "o-"), ("full", "s--")):
     ok = [r for r in rows if r["method"] == method and "step_s" in r]
     if not ok:
@@ -198,9 +196,7 @@ def plot(rows, path: str, title: str) -> None:
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
   a.set_title(title, fontsize=9)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save(fig, path, dpi=110)
 
 
 def run(args) -> dict:

@@ -24,14 +24,12 @@ METRICS = ("router_recall@1", "router_recall@k", "answer_exact_match", "oracle_a
 
 
 def plot(rows, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from msa_jax import plots
   import numpy as np
   labels = [f"K̄R {r['kr_dtype']}\nK̄V̄ {r['kv_dtype']}" for r in rows]
   x = np.arange(len(rows))
   w = 0.8 / len(METRICS)
-  fig, ax = plt.subplots(figsize=(max(7, 1.4 * len(rows)), 4))
+  fig, ax = plots.subplots(figsize=(max(7, 1.4 * len(rows)), 4))
   for j, m in enumerate(METRICS):
     ax.bar(x + (j - (len(METRICS) - 1) / 2) * w, [r[m] for r in rows], w, label=m)
   ax.set_xticks(x)
@@ -42,9 +40,7 @@ def plot(rows, path: str) -> None:
                f"{rows[0]['questions']} questions)", fontsize=9)
   ax.legend(fontsize=7, loc="lower left")
   ax.grid(axis="y", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def main():

@@ -211,18 +211,18 @@ def main():
                                                 "F": F, "M": M, "P": P,
                                                 "k": K_DOCS, "rows": rows})
   try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from msa_jax import plots
     t = [r["tokens"] for r in rows]
-    plt.figure(figsize=(6, 4))
+    fig, ax = plots.subplots(figsize=(6, 4))
     for key, lab in (("floor_ms", "read floor"), ("xla_route_ms", "XLA route"),
                      ("pallas_route_ms", "Pallas route"),
                      ("pallas_fused_route_ms", "Pallas fused route"), ("xla_scores_ms", "XLA scores+max")):
-      plt.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
-    plt.xlabel("memory tokens"); plt.ylabel("ms per router layer"); plt.legend()
-    plt.title(f"Routing, one layer ({device_name()})")
-    plt.savefig(os.path.join(od, "routing.png"), dpi=120, bbox_inches="tight")
+      ax.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
+    ax.set_xlabel("memory tokens")
+    ax.set_ylabel("ms per router layer")
+    ax.legend()
+    ax.set_title(f"Routing, one layer ({device_name()})")
+    plots.save(fig, os.path.join(od, "routing.png"))
   except Exception as e:  # plotting is optional
     print("no plot:", e)
 

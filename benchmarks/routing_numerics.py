@@ -85,10 +85,8 @@ def measure(kr, doc, rq, k: int) -> list[dict]:
 
 
 def plot(rows, k: int, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(8, 3.6))
+  from msa_jax import plots
+  fig, ax = plots.subplots(figsize=(8, 3.6))
   y = np.arange(len(rows))
   ax.barh(y, [100 * (1 - r["top_k_overlap"]) for r in rows],
           color=["C0" if r["queries"] == "float" else "C1" for r in rows])
@@ -99,9 +97,7 @@ def plot(rows, k: int, path: str) -> None:
   ax.set_title("routing agreement: float-query scan (blue) vs the kernel's arithmetic (orange)",
                fontsize=8)
   ax.grid(axis="x", alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def main():

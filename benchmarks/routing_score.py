@@ -49,10 +49,8 @@ def compare(workdir: str, multipliers=None, num_examples=None) -> dict:
 
 def plot(result: dict, path: str) -> None:
   """Recall@1 and exact match against memory size, one line per routing score."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from msa_jax import plots
+  fig, ax = plots.subplots(figsize=(6, 4))
   for score, style in zip(ROUTING_SCORES, ("-", "--")):
     rows = [r for r in result["rows"] if r["routing_score"] == score]
     x = [r["memory_tokens"] for r in rows]
@@ -64,9 +62,7 @@ def plot(result: dict, path: str) -> None:
   ax.set_title("routing_score: cosine (trained) vs scaled_dot (released engine)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def main() -> None:

@@ -157,12 +157,10 @@ def main(argv=None):
 
 
 def _plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from msa_jax import plots
   weak = [r for r in rows if r["tokens"] == 125_000_000 * r["gpus"]]
   strong = [r for r in rows if r["tokens"] == 1_000_000_000 and r["fits"]]
-  fig, ax = plt.subplots(figsize=(5.5, 3.6))
+  fig, ax = plots.subplots(figsize=(5.5, 3.6))
   ax.plot([r["gpus"] for r in weak], [r["ttft_ms"] for r in weak], "o-",
           label="weak: 125M tokens per GPU")
   ax.plot([r["gpus"] for r in strong], [r["ttft_ms"] for r in strong], "s-",
@@ -173,8 +171,7 @@ def _plot(rows, path):
   ax.set_xticks([1, 2, 4, 8])
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  plots.save(fig, path)
 
 
 if __name__ == "__main__":

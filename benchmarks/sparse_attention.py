@@ -221,10 +221,8 @@ COLORS = {"xla": "tab:gray", "cudnn_split": "tab:orange", "cudnn_mask": "tab:gre
 
 
 def plot(rows, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  from msa_jax import plots
+  fig, axes = plots.subplots(1, 2, figsize=(12, 4.5))
   panels = [("forward", ("xla", "cudnn_split", "cudnn_mask", "cudnn_nomask", "pallas"), ""),
             ("backward", ("xla", "cudnn_mask", "cudnn_nomask", "pallas"), "_bwd")]
   for ax, (title, methods, suffix) in zip(axes, panels):
@@ -237,8 +235,7 @@ def plot(rows, path):
     ax.set_ylabel("useful TFLOP/s")
     ax.set_title(f"sparse attention {title} (H 32, Hkv 8, D 128, bf16)")
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  plots.save(fig, path)
 
 
 def main():

@@ -428,10 +428,8 @@ def run_memory_analysis(args) -> dict:
 
 def plot(rows, path: str) -> None:
   """MFU (vendor peak) and step memory vs batch size, one line per variant x memory."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (ax_mfu, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+  from msa_jax import plots
+  fig, (ax_mfu, ax_mem) = plots.subplots(1, 2, figsize=(10, 4))
   keys = sorted({(r["variant"], r["memory_tokens"], r["scan_layers"]) for r in rows
                  if r.get("fits")})
   for variant, memory, scan in keys:
@@ -443,17 +441,13 @@ def plot(rows, path: str) -> None:
   ax_mfu.set(xlabel="batch", ylabel="MFU (% of vendor bf16 peak)", title="training step MFU")
   ax_mem.set(xlabel="batch", ylabel="GiB (memory_analysis)", title="step memory")
   ax_mfu.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def plot_compile_layers(rows, path: str) -> None:
   """Compile seconds vs depth: the step and the loss gradient alone, unrolled and scanned."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from msa_jax import plots
+  fig, ax = plots.subplots(figsize=(6, 4))
   for scan, style in ((False, "o-"), (True, "s--")):
     pts = sorted((r for r in rows if r["scan_layers"] == scan), key=lambda r: r["num_layers"])
     name = "scanned" if scan else "unrolled"
@@ -464,9 +458,7 @@ def plot_compile_layers(rows, path: str) -> None:
                 label=f"{label}, {name}")
   ax.set(xlabel="layers", ylabel="compile seconds", title="training step compile time vs depth")
   ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def _write(args, name: str, result: dict) -> str:

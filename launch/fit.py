@@ -205,10 +205,8 @@ def load_results(path: str) -> list[dict]:
 def plot(groups: dict[str, tuple[list[dict], Fit]], x_key: str, y_key: str, path: str,
          title: str = "") -> None:
   """Points, fitted curve and its 95% bootstrap band per group; log x (and log y for power)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  from msa_jax import plots
+  fig, ax = plots.subplots(figsize=(6.4, 4.2))
   for i, (name, (pts, fit)) in enumerate(groups.items()):
     color = f"C{i}"
     xs = np.asarray([p["x"] for p in pts], np.float64)
@@ -229,9 +227,7 @@ def plot(groups: dict[str, tuple[list[dict], Fit]], x_key: str, y_key: str, path
   ax.set_title(title or f"{y_key} against {x_key}")
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def run(results_path: str, x_key: str, y_key: str, *, law: Optional[str] = None,

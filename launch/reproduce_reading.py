@@ -180,10 +180,8 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
 
 def plot(result: dict, path: str) -> None:
   """EM (routed, oracle) and recall@1 against bank tokens, one colour per RoPE mode."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+  from msa_jax import plots
+  fig, (a, b) = plots.subplots(1, 2, figsize=(11, 4))
   colors = {"document": "C0", "global": "C3"}
   for mode, run in result["runs"].items():
     rows = [r for r in run.get("eval", []) if "answer_exact_match" in r]
@@ -206,9 +204,7 @@ def plot(result: dict, path: str) -> None:
     ax.set_title(f"tiny reading recipe: {title}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  plots.save(fig, path, dpi=110)
 
 
 def main(argv=None) -> None:

@@ -197,13 +197,11 @@ def collect(sweep: Sweep, root: str, plot: bool = True) -> list[dict]:
 
 def plot_summary(results: list[dict], path: str) -> None:
   """Bars: final router recall@1 and answer exact match at 1× memory, per run."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from msa_jax import plots
   names = [r["run"] for r in results]
   recall = [r["final"].get("router_recall@1", float("nan")) for r in results]
   em = [r["eval"][0]["answer_exact_match"] if r["eval"] else float("nan") for r in results]
-  fig, ax = plt.subplots(figsize=(max(5, len(results) * 1.2), 4))
+  fig, ax = plots.subplots(figsize=(max(5, len(results) * 1.2), 4))
   xs = range(len(results))
   ax.bar([x - 0.2 for x in xs], recall, 0.4, label="router recall@1 (final step)")
   ax.bar([x + 0.2 for x in xs], em, 0.4, label="answer EM (1× memory)")
@@ -211,6 +209,4 @@ def plot_summary(results: list[dict], path: str) -> None:
   ax.set_ylim(0, 1.05)
   ax.set_title(results[0]["sweep"])
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)

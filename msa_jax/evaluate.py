@@ -123,11 +123,9 @@ def score_bank_answers(answers: list[dict], k: int) -> dict[str, Any]:
 
 def plot(rows, path: str) -> None:
   """Exact match (routed and oracle) and recall@1 against memory size, log x."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from msa_jax import plots
   x = [r["memory_tokens"] for r in rows]
-  fig, ax = plt.subplots(figsize=(6, 4))
+  fig, ax = plots.subplots(figsize=(6, 4))
   ax.plot(x, [r["answer_exact_match"] for r in rows], "o-", label="answer exact match")
   ax.plot(x, [r["oracle_answer_exact_match"] for r in rows], "s--",
           label="answer EM, oracle routing")
@@ -139,9 +137,7 @@ def plot(rows, path: str) -> None:
   ax.set_title("MSA evaluation vs memory size")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  plots.save(fig, path)
 
 
 def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:

@@ -51,10 +51,8 @@ def plot(workdir: str, router_layers: Optional[list[int]] = None) -> Optional[st
   rows = read_rows(path)
   if not any(f"{PANELS[0]}_per_layer" in r for r in rows):
     return None
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4), sharey=True)
+  from msa_jax import plots
+  fig, axes = plots.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.4), sharey=True)
   for ax, metric in zip(axes, PANELS):
     steps, series = per_layer_series(rows, metric)
     for l, values in enumerate(series):
@@ -66,10 +64,8 @@ def plot(workdir: str, router_layers: Optional[list[int]] = None) -> Optional[st
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7, ncol=2)
   fig.suptitle(f"router health: {os.path.basename(os.path.normpath(workdir))}", fontsize=10)
-  fig.tight_layout()
   out = os.path.join(workdir, "router_health.png")
-  fig.savefig(out, dpi=110)
-  plt.close(fig)
+  plots.save(fig, out, dpi=110)
   return out
 
 
