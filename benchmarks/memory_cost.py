@@ -206,7 +206,7 @@ def run(args) -> dict:
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(args.config)
   cfg.requires_init_from, cfg.init_from, cfg.tensorboard = False, "", False
-  cfg.data.memory_curriculum, cfg.data.num_docs = (), 0
+  cfg.data.memory_curriculum, cfg.data.facts_curriculum, cfg.data.num_docs = (), (), 0
   cfg.batch_size, cfg.mesh_shape = 1, (1, 1, 1)
   for kv in filter(None, args.model.split(",")):
     k, v = kv.split("=")

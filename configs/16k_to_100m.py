@@ -7,7 +7,8 @@ Variants through the config string (``--config=configs/16k_to_100m.py:VARIANT``)
                    memory curriculum 8k → 64k tokens; needs a checkpoint and accelerators.
   ``0.6b``         the same recipe on the Qwen3-0.6B shape (fast ablations).
   ``tiny``         a 4-layer width-128 model from scratch on the reading task (documents of
-                   6 key-value facts; the question names one key), 16K-token memories;
+                   6 key-value facts; the question names one key), 16K-token memories,
+                   1-fact documents for the first 400 steps (``data.facts_curriculum``);
                    one GPU. ``--config.data.task=multihop`` / ``niah`` switch to 2-hop
                    chains / the RULER-style suite with the same alphabets.
   ``smoke``        a 3-layer width-64 model on the synthetic key-value task; a 2-core
@@ -146,6 +147,10 @@ def _base() -> ml_collections.ConfigDict:
   c.data.memory_tokens = 16_384
   # (step, memory tokens) pairs: the SFT curriculum 8k → 64k (paper §3.3.2).
   c.data.memory_curriculum = ((0, 8_192), (10_000, 65_536))
+  # (step, facts per document) pairs, kv / multihop only: documents of fewer facts first,
+  # as many documents a memory as data.kv's; the last entry is data.kv.facts_per_doc
+  # (what evaluation uses). () trains on data.kv's documents throughout.
+  c.data.facts_curriculum = ()
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,
@@ -221,14 +226,16 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.model = _model("tiny", vocab_size=1024, hidden_size=128, intermediate_size=512,
                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
                      pooling_chunk_size=8, top_k=4, dtype="bfloat16")
-    # Sized for ≤ 10 min on one H200 (WORKSPACE.md "Issue 14 on one H200"): a step is
-    # 16 × ~16.4K = 263K tokens, 0.55-0.66 s at the old task's 400-480k tokens/s. The
-    # router warm-up is long: on the CPU calibration a router warmed up for 60 steps and
-    # then trained at aux weight 0.1 stayed at chance (WORKSPACE.md).
-    c.num_steps = 900
+    # Sized for ≤ 10 min on one H200 (WORKSPACE.md "The reading task"): 400 steps of
+    # 1-fact documents (16 × ~4.1K tokens, ~0.15 s) then 800 of the 6-fact task (16 ×
+    # ~16.4K = 263K tokens, 0.55-0.66 s at the old task's 400-480k tokens/s). Router
+    # warm-up (aux loss only) over the first 600: from scratch on 6-fact documents the
+    # router stayed at chance for 220 CPU steps (cal24), while on 1-fact documents it
+    # learns in ~150 and carries over to 6 facts (cal26, cal27; WORKSPACE.md).
+    c.num_steps = 1_200
     c.batch_size = 16
     c.log_every_steps = 10
-    c.optim.warmup_phase_steps = 150
+    c.optim.warmup_phase_steps = 600
     c.optim.warmup_lm_weight = 0.0   # as smoke: route first, then read (see there)
     c.optim.warmup_phase_lr = c.optim.main_phase_lr = 1e-3
     c.optim.final_lr = 1e-5
@@ -238,6 +245,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.memory_tokens = 16_384    # 409 documents of 40 tokens
     c.data.memory_curriculum = ()
     c.data.kv = _reading_kv()
+    c.data.facts_curriculum = ((0, 1), (400, 6))
     c.data.niah = _reading_niah()
     c.data.max_doc_len = 512
     # The answer sample routes with the injected gold document inside its question, so

@@ -242,3 +242,42 @@ def test_fact_slots_must_tile_the_chunks():
   for ok in (0, 8, 16):
     cfg.data.kv.fact_slot_len = ok
     from_config.validate_data_config(cfg)
+
+
+def test_facts_curriculum_trains_fewer_facts_first():
+  """``data.facts_curriculum`` (the tiny recipe's router curriculum): batches before the
+  switch hold documents of 1 fact, as many a memory as the 6-fact task's; after it, the
+  configured 6-fact documents; evaluation always asks the configured task."""
+  cfg = get_config("tiny")
+  assert [f for _, f in cfg.data.facts_curriculum] == [1, 6]
+  stages = from_config.training_stages(cfg.data)
+  assert [(m, f) for _, m, f in stages] == [(None, 1), (None, 6)]
+  first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
+  assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
+  gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
+  assert gold.tokens[4:] == first.question + first.answer   # id, key, value
+  assert {len(d.tokens) for d in from_config.eval_task(cfg.data, 0, 1)(0).docs} == {40}
+
+  cfg.data.num_docs = 6
+  cfg.data.facts_curriculum = ((0, 1), (2, 6))
+  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
+                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  doc_lens = []
+  for _ in range(4):
+    doc_mask = np.asarray(next(it).doc_mask)
+    assert doc_mask.shape[1] == 6
+    doc_lens.append(set(doc_mask.sum(-1).ravel().tolist()))
+  assert doc_lens == [{10}, {10}, {40}, {40}]
+
+
+@pytest.mark.parametrize("pairs, match", [
+    (((0, 1), (300, 4)), "the last must be data.kv.facts_per_doc=6"),
+    (((10, 1), (300, 6)), "must start at 0"),
+    (((0, 1), (300, 2), (300, 6)), "must start at 0 and increase"),
+    (((0, 0), (300, 6)), "facts must be >= 1"),
+    (((0, 1, 2),), "must hold \\(batch, facts\\) pairs")])
+def test_facts_curriculum_is_checked_before_training(pairs, match):
+  cfg = get_config("tiny")
+  cfg.data.facts_curriculum = pairs
+  with pytest.raises(ValueError, match=match):
+    from_config.validate_data_config(cfg)

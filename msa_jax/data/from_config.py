@@ -12,7 +12,9 @@ from the config here; the grain machinery itself lives in ``msa_jax.data.pipelin
                          tokenised with the local Hugging Face tokenizer ``data.tokenizer_dir``.
 Synthetic tasks (kv, multihop, niah) size their memory by ``data.num_docs`` or
 ``data.memory_tokens`` (and ``data.memory_curriculum``) and scale it for eval;
-JSONL memories are what the file says (eval at multiplier 1 only).
+JSONL memories are what the file says (eval at multiplier 1 only). ``data.facts_curriculum``
+(kv, multihop) trains on documents of fewer facts first, with as many documents a memory
+as the configured task; evaluation always uses the configured ``data.kv``.
 """
 from __future__ import annotations
 
@@ -70,16 +72,23 @@ class ExampleList(Sequence):
     return self.examples[index]
 
 
-def _kv_task(data_cfg, seed: int, memory_tokens: int | None) -> KVRetrievalTask:
+def _kv_task(data_cfg, seed: int, memory_tokens: int | None,
+             facts_per_doc: int | None = None) -> KVRetrievalTask:
+  """The kv / multihop task; ``facts_per_doc`` (a ``data.facts_curriculum`` stage) changes
+  what each document holds but not how many documents a memory has (those of ``data.kv``'s
+  documents at the memory size), so a stage of fewer facts has a smaller memory."""
   kv = dict(data_cfg.kv)
   if data_cfg.task == "multihop" and kv.get("hops", 1) < 2:
     kv["hops"] = 2
   task = KVRetrievalTask(KVConfig(num_docs=max(int(data_cfg.num_docs), kv.get("hops", 1)), **kv),
                          seed=seed)
-  if data_cfg.num_docs:
-    return task
-  budget = int(memory_tokens if memory_tokens is not None else data_cfg.memory_tokens)
-  return task.with_memory_tokens(budget)
+  if not data_cfg.num_docs:
+    budget = int(memory_tokens if memory_tokens is not None else data_cfg.memory_tokens)
+    task = task.with_memory_tokens(budget)
+  if facts_per_doc is not None and facts_per_doc != task.config.facts_per_doc:
+    task = KVRetrievalTask(dataclasses.replace(task.config, facts_per_doc=int(facts_per_doc)),
+                           task.tokenizer, seed)
+  return task
 
 
 def _niah_task(data_cfg, seed: int, memory_tokens: int | None) -> TaskMixture:
@@ -112,10 +121,13 @@ def _niah_task(data_cfg, seed: int, memory_tokens: int | None) -> TaskMixture:
   return TaskMixture(tasks, weights, seed=seed)
 
 
-def make_task(data_cfg, seed: int, memory_tokens: int | None = None):
+def make_task(data_cfg, seed: int, memory_tokens: int | None = None,
+              facts_per_doc: int | None = None):
   """The synthetic task of ``data_cfg`` at a memory size (docs or token budget).
 
-  For ``data.task='jsonl'`` use ``make_source`` (a finite ``ExampleList``).
+  ``facts_per_doc`` (kv / multihop only) overrides ``data.kv.facts_per_doc`` at the same
+  number of documents (a ``data.facts_curriculum`` stage). For ``data.task='jsonl'`` use
+  ``make_source`` (a finite ``ExampleList``).
   """
   task = _check_task(data_cfg)
   if task == "jsonl":
@@ -123,7 +135,7 @@ def make_task(data_cfg, seed: int, memory_tokens: int | None = None):
                      "jsonl_examples")
   if task == "niah":
     return _niah_task(data_cfg, seed, memory_tokens)
-  return _kv_task(data_cfg, seed, memory_tokens)
+  return _kv_task(data_cfg, seed, memory_tokens, facts_per_doc)
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -173,11 +185,12 @@ def jsonl_examples(data_cfg, path: str) -> ExampleList:
   return _JSONL[key]
 
 
-def make_source(data_cfg, seed: int, memory_tokens: int | None = None):
+def make_source(data_cfg, seed: int, memory_tokens: int | None = None,
+                facts_per_doc: int | None = None):
   """The training source: a synthetic task (``index -> Example``) or an ``ExampleList``."""
   if _check_task(data_cfg) == "jsonl":
     return jsonl_examples(data_cfg, data_cfg.jsonl_path)
-  return make_task(data_cfg, seed, memory_tokens)
+  return make_task(data_cfg, seed, memory_tokens, facts_per_doc)
 
 
 def tokenizer_of(data_cfg):
@@ -225,6 +238,7 @@ def validate_data_config(cfg) -> None:
   """
   task = _check_task(cfg.data)
   _check_fact_slots(cfg)
+  facts_stages(cfg.data)
   for key in CAP_KEYS:
     value = cfg.data.get(key) or 0
     if value < 0:
@@ -253,6 +267,43 @@ def _check_fact_slots(cfg) -> None:
     raise ValueError(
         f"data.kv.fact_slot_len={slot} does not tile model.pooling_chunk_size={p}: facts "
         f"would straddle chunks; set data.kv.fact_slot_len={p} (one fact per chunk) or 0")
+
+
+def facts_stages(data_cfg) -> list[tuple[int, int | None]]:
+  """``data.facts_curriculum`` checked: ``[(first batch, facts per document)]``, or
+  ``[(0, None)]`` (the configured ``data.kv``) when it is empty or the task has no facts.
+
+  The pairs must start at batch 0, at strictly increasing batches, and end with
+  ``data.kv.facts_per_doc`` (what evaluation uses)."""
+  pairs = [tuple(int(x) for x in p) for p in (data_cfg.get("facts_curriculum") or ())]
+  if not pairs or data_cfg.task not in ("kv", "multihop"):
+    return [(0, None)]
+  fix = ("set data.facts_curriculum to (batch, facts) pairs such as '((0,1),(300,6))' "
+         "(first at batch 0, batches increasing, the last facts = data.kv.facts_per_doc), "
+         "or () for none")
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(f"data.facts_curriculum={pairs} must hold (batch, facts) pairs; {fix}")
+  starts = [b for b, _ in pairs]
+  if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
+    raise ValueError(f"data.facts_curriculum={pairs}: batches {starts} must start at 0 "
+                     f"and increase; {fix}")
+  if any(f < 1 for _, f in pairs) or pairs[-1][1] != int(data_cfg.kv.facts_per_doc):
+    raise ValueError(f"data.facts_curriculum={pairs}: facts must be >= 1 and the last must "
+                     f"be data.kv.facts_per_doc={int(data_cfg.kv.facts_per_doc)}; {fix}")
+  return [(b, f) for b, f in pairs]
+
+
+def training_stages(data_cfg) -> list[tuple[int, int | None, int | None]]:
+  """``[(first batch, memory tokens, facts per document)]``: a stage starts wherever
+  ``data.memory_curriculum`` or ``data.facts_curriculum`` starts one (None: the
+  configured value)."""
+  memory = list(data_cfg.memory_curriculum) or [(0, None)]
+  if data_cfg.num_docs or _check_task(data_cfg) == "jsonl":
+    memory = [(0, None)]
+  facts = facts_stages(data_cfg)
+  at = lambda pairs, b: [v for s, v in pairs if s <= b][-1]
+  starts = sorted({int(s) for s, _ in memory} | {s for s, _ in facts})
+  return [(b, at(memory, b), at(facts, b)) for b in starts]
 
 
 def _check_jsonl_multipliers(multipliers) -> None:
@@ -484,17 +535,15 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
     raise ValueError(f"batch_size {batch_size} must divide evenly over {process_count} processes")
   local_batch = batch_size // process_count
   task_name = _check_task(data_cfg)
-  curriculum = list(data_cfg.memory_curriculum) or [(0, None)]
-  if data_cfg.num_docs:
-    curriculum = [(0, None)]
-  if task_name == "jsonl":
-    if len(curriculum) > 1 and verbose:
-      print("data: memory_curriculum is ignored for data.task='jsonl' (memories come from "
-            "the file)", flush=True)
-    curriculum = [(0, None)]
+  if task_name == "jsonl" and len(data_cfg.memory_curriculum) > 1 and verbose:
+    print("data: memory_curriculum is ignored for data.task='jsonl' (memories come from "
+          "the file)", flush=True)
+  if task_name not in ("kv", "multihop") and data_cfg.get("facts_curriculum") and verbose:
+    print(f"data: facts_curriculum is ignored for data.task={task_name!r} (its documents "
+          "have no facts)", flush=True)
   stages = []
-  for start, memory_tokens in curriculum:
-    source = make_source(data_cfg, seed, memory_tokens)
+  for start, memory_tokens, facts_per_doc in training_stages(data_cfg):
+    source = make_source(data_cfg, seed, memory_tokens, facts_per_doc)
     buckets = buckets_for(source, local_batch, chunk_size,
                           memory_interleave=data_cfg.interleave, caps=_bucket_caps(data_cfg),
                           **bucket_levels(data_cfg))
@@ -508,7 +557,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
       waste = padding_waste_of(source, buckets, memory_interleave=data_cfg.interleave,
                                seed=seed)
       size = f"{len(source)} examples" if finite else "synthetic"
-      print(f"data: task {task_name} ({size}), stage from batch {int(start)}: "
+      facts = f", {facts_per_doc} fact(s) a document" if facts_per_doc is not None else ""
+      print(f"data: task {task_name} ({size}{facts}), stage from batch {int(start)}: "
             f"{len(buckets)} bucket(s) {[tuple(dataclasses.astuple(b)) for b in buckets]} "
             f"(batch, prefix, docs, doc_len, active); padding waste on a sample: "
             f"total {waste['total']:.1%}, doc tokens {waste['doc_tokens']:.1%}, "
