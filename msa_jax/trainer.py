@@ -219,10 +219,38 @@ def count_tokens(batch: MSABatch) -> int:
   return int(np.sum(batch.doc_mask) + np.sum(batch.prefix_mask) + np.sum(batch.active_mask))
 
 
-def _load_pretrained(cfg, setup: TrainSetup):
+# What the recipe decides when it starts from a checkpoint (the MSA design, numerics and
+# implementation); every other field (the shapes) must be the checkpoint's own.
+_RECIPE_FIELDS = ("router_layers", "pooling_chunk_size", "top_k", "rope_mode", "routing_tokens",
+                  "routing_score", "remat_policy", "scan_layers", "kernels")
+_NOT_COMPARED = _RECIPE_FIELDS + ("dtype", "param_dtype", "remat", "initializer_range")
+
+
+def load_pretrained(init_from: str, model_cfg: ModelConfig):
+  """Parameters of ``init_from`` (a Hugging Face Qwen3 or MSA-4B dir, an msa_jax checkpoint
+  or a trainer workdir; ``msa_jax.export.convert.from_pretrained``) for a run of
+  ``model_cfg``: the recipe's MSA fields (router layers, P, k, ...) and dtypes applied, the
+  checkpoint's shapes checked against the recipe's, an error naming each field that differs.
+  """
+  import dataclasses
   from msa_jax.export.convert import from_pretrained
-  _, params = from_pretrained(cfg.init_from, model_config=setup.model_cfg)
+  model, params = from_pretrained(
+      init_from, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
+      **{f: getattr(model_cfg, f) for f in _RECIPE_FIELDS})
+  differ = {f.name: (getattr(model.config, f.name), getattr(model_cfg, f.name))
+            for f in dataclasses.fields(ModelConfig) if f.name not in _NOT_COMPARED
+            and getattr(model.config, f.name) != getattr(model_cfg, f.name)}
+  if differ:
+    listed = ", ".join(f"{k}: checkpoint {a!r}, config {b!r}" for k, (a, b) in differ.items())
+    raise ValueError(f"--config.init_from={init_from}: the checkpoint's model differs from the "
+                     f"config's ({listed}); set --config.model.<field> to the checkpoint's "
+                     "values (model.vocab_size=0 derives it from the data, so set it "
+                     "explicitly), or start from a checkpoint of the recipe's shape")
   return params
+
+
+def _load_pretrained(cfg, setup: TrainSetup):
+  return load_pretrained(cfg.init_from, setup.model_cfg)
 
 
 def step_problem(step_metrics, max_update_ratio: float) -> Optional[str]:

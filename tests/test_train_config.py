@@ -279,3 +279,44 @@ def test_xla_flags_are_added_before_jax_starts_and_the_environment_wins():
 def test_recipes_compile_gpu_matmuls_with_cublas_not_triton():
   for variant in ("smoke", "tiny", "0.6b", "4b"):
     assert "--xla_gpu_enable_triton_gemm=false" in get_config(variant).xla_flags.split()
+
+
+def test_init_from_loads_a_checkpoint_with_the_recipes_msa_fields(tmp_path):
+  """``config.init_from``: the checkpoint's weights under the recipe's MSA fields and dtypes;
+  a checkpoint of another shape is refused with the fields that differ."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  from msa_jax.export.msa_jax_checkpoint import save_msa_jax_checkpoint
+  from msa_jax.model import MSAModel
+  from msa_jax.trainer import load_pretrained
+  saved_cfg = ModelConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_layers=2,
+                          num_heads=2, num_kv_heads=1, head_dim=16, router_layers=(1,),
+                          pooling_chunk_size=4, top_k=2)
+  model = MSAModel(saved_cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 8), jnp.int32)))["params"]
+  ckpt = save_msa_jax_checkpoint(model, params, str(tmp_path / "ckpt"))
+  run_cfg = saved_cfg.replace(pooling_chunk_size=8, top_k=4, dtype="bfloat16",
+                              remat_policy="full", scan_layers=True)
+  got = load_pretrained(ckpt, run_cfg)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match=r"differs from the config's \(hidden_size: checkpoint 32, "
+                     r"config 64.*set --config.model.<field>"):
+    load_pretrained(ckpt, saved_cfg.replace(hidden_size=64))
+
+
+def test_a_trainer_run_starts_from_init_from(tmp_path):
+  """The trainer's path: the smoke recipe's model saved as an msa_jax checkpoint becomes the
+  train state of a new run (``TrainSetup.state_from_params``), optimizer state fresh."""
+  import flax.linen as nn
+  from msa_jax import trainer
+  from msa_jax.export.msa_jax_checkpoint import save_msa_jax_checkpoint
+  cfg = get_config("smoke")
+  setup = trainer.TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.5,
+                        jax.device_get(nn.unbox(setup.init_state(1).params)))
+  cfg.init_from = save_msa_jax_checkpoint(setup.model, params, str(tmp_path / "ckpt"))
+  state = setup.state_from_params(trainer._load_pretrained(cfg, setup))
+  assert int(state.step) == 0
+  for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
