@@ -122,6 +122,7 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
   c.optim.weight_decay = 0.1
+  c.optim.mu_dtype = ""                # Adam's first moment: "" = parameter dtype, or "bfloat16"
   # A step whose update norm exceeds this multiple of the parameters' norm has exploded
   # (e.g. a huge lr): the run stops before saving it (README "When things go wrong").
   c.optim.max_update_ratio = 1.0

@@ -41,10 +41,18 @@ def loss_weights(cfg, step):
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping on the two-phase learning rate."""
+  """AdamW with global-norm clipping on the two-phase learning rate.
+
+  ``optim.mu_dtype`` ("" = the parameters' dtype) stores Adam's first moment in another
+  dtype: "bfloat16" saves 2 bytes a parameter (8 GB at 4b with float32 parameters); the
+  second moment stays in the parameters' dtype.
+  """
   o = cfg.optim
+  mu_dtype = o.get("mu_dtype", "") or None
+  if mu_dtype is not None and mu_dtype not in ("bfloat16", "float32"):
+    raise ValueError(f"optim.mu_dtype must be '', 'bfloat16' or 'float32', got {mu_dtype!r}")
   return optax.chain(
       optax.clip_by_global_norm(o.grad_clip_norm),
       optax.adamw(learning_rate_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps,
-                  weight_decay=o.weight_decay),
+                  weight_decay=o.weight_decay, mu_dtype=mu_dtype),
   )

@@ -320,3 +320,16 @@ def test_a_trainer_run_starts_from_init_from(tmp_path):
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
+
+
+def test_adam_first_moment_dtype_is_configurable():
+  from msa_jax.optimizer import make_optimizer
+  cfg = get_config("smoke")
+  params = {"w": np.ones((4, 4), np.float32)}
+  assert make_optimizer(cfg).init(params)[1][0].mu["w"].dtype == np.float32
+  cfg.optim.mu_dtype = "bfloat16"
+  state = make_optimizer(cfg).init(params)[1][0]
+  assert state.mu["w"].dtype == jax.numpy.bfloat16 and state.nu["w"].dtype == np.float32
+  cfg.optim.mu_dtype = "float16"
+  with pytest.raises(ValueError, match="optim.mu_dtype must be"):
+    make_optimizer(cfg)
