@@ -40,7 +40,7 @@ about 1e-3 relative; near-ties can therefore pick a different document than the
 float32 reference.
 
 Quantised keys (fp8 e4m3 / int8 codes with a positive float32 scale per chunk, as
-``msa_jax.inference.quantize`` stores them; ``kr_scale_c``): the fused kernel reads
+``msa_jax.inference.quantize`` stores them; ``kr_scale_c``): both kernels read
 the 1-byte codes (half the bytes of bf16) and multiplies them on the tensor cores by
 queries quantised per column to the same dtype (8-bit wgmma needs both operands in
 one dtype; Hopper runs it at twice the bf16 rate): e4m3 × e4m3 → f32, or s8 × s8 →
@@ -554,11 +554,11 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
     layout: the bank's ``block_top_k.bank_layout(chunk_doc_c, tile)`` for the fused
       kernel (a bank property; computed here when None; ``fused_plan`` gives the tile).
     kr_scale_c: float32 ``[C]`` positive per-chunk scales of quantised keys (the key is
-      ``scale · code``). The fused kernel reads the codes with fp8 / int8 wgmma against
-      queries quantised to the same dtype with a scale per query column (fp8: two e4m3
-      terms by default, ``BlockSizes.fp8_query_terms``;
-      :func:`pallas_kernels.block_top_k.route_queries`); the XLA path scores the codes
-      with float32 queries and multiplies by the scale.
+      ``scale · code``). Both kernels (fused, and unfused for ``fused=False`` or ``k > 64``)
+      read the codes with fp8 / int8 wgmma against queries quantised to the same dtype
+      with a scale per query column (fp8: two e4m3 terms by default,
+      ``BlockSizes.fp8_query_terms``; :func:`pallas_kernels.block_top_k.route_queries`);
+      the XLA path scores the codes with float32 queries and multiplies by the scale.
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
     ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``

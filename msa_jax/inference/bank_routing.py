@@ -179,9 +179,12 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
   (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
   quantised per column to the same dtype (``block_top_k.route_queries``).
-  ``layouts``: ``{tile: BankLayout}`` of this device's chunks (:func:`routing_layouts`,
-  built once per placed bank); the kernel's tile is looked up, else built here per call.
-  ``block_sizes``: the kernel's ``block_routing.BlockSizes`` (None: the engine's, fused).
+  ``block_sizes.fused=False`` (or ``ENGINE_FUSED = False``) runs the unfused route
+  instead: the chunk-score kernel, then the max over each document's run of chunks and
+  the top-k in XLA (``[B, C]`` chunk scores in memory; slower at 100M tokens, BENCHMARKS.md).
+  ``layouts``: ``{tile: BankLayout, RUNS_KEY: chunk runs}`` of this device's chunks
+  (:func:`routing_layouts`, built once per placed bank); looked up, else built per call.
+  ``block_sizes``: the kernel's ``block_routing.BlockSizes`` (None: the engine's).
   """
   if implementation == "xla":
     return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c,
