@@ -87,26 +87,12 @@ def out_dir() -> str:
 def gpu_kernel_times(fn, *args, calls: int = 3) -> list[tuple[str, float]]:
   """Per-kernel device time (µs per call) of ``fn(*args)`` from a profiler trace.
 
-  Returns ``[(kernel name, µs)]``, longest first, averaged over ``calls`` calls.
+  Returns ``[(kernel name, µs)]``, longest first, averaged over ``calls`` calls (the
+  device stream lines of ``benchmarks.profile_summary``).
   """
-  import glob
   import tempfile
-  from jax.profiler import ProfileData
-  jax.block_until_ready(fn(*args))
+  from benchmarks import profile_summary
   with tempfile.TemporaryDirectory() as tmp:
-    jax.profiler.start_trace(tmp)
-    for _ in range(calls):
-      jax.block_until_ready(fn(*args))
-    jax.profiler.stop_trace()
-    (path,) = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)
-    data = ProfileData.from_file(path)
-  totals: dict[str, float] = {}
-  for plane in data.planes:
-    if not plane.name.startswith("/device:GPU"):
-      continue
-    for line in plane.lines:
-      if "stream" not in line.name.lower() or "memcpy" in line.name.lower():
-        continue
-      for ev in line.events:
-        totals[ev.name] = totals.get(ev.name, 0.0) + ev.duration_ns / 1e3 / calls
-  return sorted(totals.items(), key=lambda kv: -kv[1])
+    summary = profile_summary.profile_calls(lambda: jax.block_until_ready(fn(*args)), tmp,
+                                            calls=calls, top=10_000, log=lambda _: None)
+  return [(r["name"], 1e3 * r["ms"]) for r in summary["rows"]]

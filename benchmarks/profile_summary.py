@@ -1,113 +1,111 @@
-"""Where the device time goes: a table of the kernels of a profiled region, from its trace.
+"""Where the device time goes: a table of the kernels of a profiled region.
 
-  python -m benchmarks.profile_summary /path/to/profile_dir [--top 25]
+  python -m benchmarks.profile_summary /path/to/profile_dir [--top 25] [--calls 1]
 
-Benchmarks record a region with :func:`trace` (``jax.profiler.trace`` writing a Perfetto
-trace) and print :func:`summarize`'s table: device time per kernel name (XLA fusions,
-cuBLAS/cuDNN calls, Pallas kernels), count, share of the device busy time, and the busy
-time against the wall span, so a slow step or prefill says which kernels to look at
-without a profiler UI. Only device (GPU/TPU) events count; on a CPU the table lists the
-host's XLA ops instead (useful to check the tool, not for timing).
+Benchmarks record a region with :func:`profile_calls` (``jax.profiler`` trace, read back
+through ``jax.profiler.ProfileData``) and print :func:`format_summary`'s table: device
+time per kernel name (XLA fusions, cuBLAS/cuDNN calls, Pallas kernels) per call, count,
+share of the device busy time, and the busy time against the wall span of the device
+events, so a slow step or prefill says which kernels to look at without a profiler UI.
+Only the device's stream lines count (memcpy lines and the derived "XLA Ops"/"XLA
+Modules" lines would count the same work twice); a CPU trace has no device plane and
+gives an empty table.
 """
 from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import glob
-import gzip
-import json
 import os
 
 
 def find_trace(profile_dir: str) -> str:
-  """The newest Perfetto trace (``*.trace.json.gz`` / ``perfetto_trace.json.gz``) under
-  ``profile_dir``; an error naming the directory when there is none."""
-  paths = [p for pattern in ("**/*.trace.json.gz", "**/perfetto_trace.json.gz")
-           for p in glob.glob(os.path.join(profile_dir, pattern), recursive=True)]
+  """The newest ``*.xplane.pb`` under ``profile_dir``; an error naming the directory."""
+  paths = glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
   if not paths:
-    raise FileNotFoundError(f"no Perfetto trace under {profile_dir}: record one with "
-                            "benchmarks.profile_summary.trace(dir) (create_perfetto_trace)")
+    raise FileNotFoundError(f"no profiler trace (*.xplane.pb) under {profile_dir}: record one "
+                            "with benchmarks.profile_summary.profile_calls")
   return max(paths, key=os.path.getmtime)
 
 
-def _events(path: str) -> list[dict]:
-  with gzip.open(path, "rt") as f:
-    data = json.load(f)
-  return data["traceEvents"] if isinstance(data, dict) else data
+def _is_device_plane(name: str) -> bool:
+  return name.startswith(("/device:GPU", "/device:TPU"))
 
 
-def summarize(profile_dir: str, top: int = 25) -> dict:
-  """Device kernels of the newest trace under ``profile_dir``, by total time.
+def _is_kernel_line(name: str) -> bool:
+  lower = name.lower()
+  return "stream" in lower and "memcpy" not in lower
 
-  Returns ``{"trace", "device_busy_ms", "span_ms", "rows": [{"name", "ms", "count",
-  "share"}], "other_ms"}``: ``rows`` are the ``top`` kernels by total duration, ``share``
-  their fraction of the busy time; ``span_ms`` runs from the first device event's start
-  to the last one's end (busy / span shows idle gaps: launch or host bound).
+
+def aggregate(planes, calls: int = 1, top: int = 25) -> dict:
+  """The kernel table of profiler planes (``ProfileData.planes`` or objects with the same
+  ``name`` / ``lines`` / ``events`` / ``start_ns`` / ``duration_ns`` attributes).
+
+  Returns ``{"device_events", "device_busy_ms", "span_ms", "rows": [{"name", "ms",
+  "count", "share"}], "other_ms"}``, times per call (divided by ``calls``): ``rows`` are
+  the ``top`` kernels by total time, ``share`` their fraction of the busy time, ``span_ms``
+  from the first kernel's start to the last one's end over all calls, divided by
+  ``calls`` (busy / span shows the device idle: launch or host bound).
   """
-  path = find_trace(profile_dir)
-  events = _events(path)
-  names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-           if e.get("ph") == "M" and e.get("name") == "process_name"}
-  device_pids = {pid for pid, n in names.items()
-                 if any(tag in n for tag in ("/device:GPU", "/device:TPU", "GPU:", "TPU:"))
-                 and "host" not in n.lower()}
-  pids = device_pids or set(names)        # a CPU trace: every process (host XLA ops)
-  # A device process also holds derived lines ("XLA Modules", "XLA Ops") that repeat the
-  # kernels of its stream lines: count the streams only, where there are any.
-  threads = {(e["pid"], e["tid"]): e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and e.get("pid") in pids}
-  streams = {key for key, n in threads.items() if "stream" in n.lower()}
   total = collections.Counter()
   count = collections.Counter()
   start, end = float("inf"), float("-inf")
-  for e in events:
-    if e.get("ph") != "X" or e.get("pid") not in pids or "dur" not in e:
+  for plane in planes:
+    if not _is_device_plane(plane.name):
       continue
-    if streams and (e["pid"], e.get("tid")) not in streams:
-      continue
-    dur = float(e["dur"])                  # microseconds
-    total[e["name"]] += dur
-    count[e["name"]] += 1
-    start, end = min(start, float(e["ts"])), max(end, float(e["ts"]) + dur)
+    for line in plane.lines:
+      if not _is_kernel_line(line.name):
+        continue
+      for ev in line.events:
+        total[ev.name] += ev.duration_ns
+        count[ev.name] += 1
+        start, end = min(start, ev.start_ns), max(end, ev.start_ns + ev.duration_ns)
   busy = sum(total.values())
-  rows = [{"name": n, "ms": us / 1e3, "count": count[n], "share": us / busy if busy else 0.0}
-          for n, us in total.most_common(top)]
-  return {"trace": path, "device_events": bool(device_pids), "device_busy_ms": busy / 1e3,
-          "span_ms": (end - start) / 1e3 if busy else 0.0,
-          "other_ms": (busy - sum(r["ms"] * 1e3 for r in rows)) / 1e3, "rows": rows}
+  per_call = lambda ns: ns / 1e6 / calls  # noqa: E731  ns → ms per call
+  rows = [{"name": n, "ms": per_call(ns), "count": count[n] // calls,
+           "share": ns / busy if busy else 0.0} for n, ns in total.most_common(top)]
+  return {"device_events": bool(total), "device_busy_ms": per_call(busy),
+          "span_ms": per_call(end - start) if total else 0.0,
+          "other_ms": per_call(busy - sum(total[r["name"]] for r in rows)), "rows": rows}
+
+
+def summarize(profile_dir: str, calls: int = 1, top: int = 25) -> dict:
+  """:func:`aggregate` of the newest trace under ``profile_dir`` (its path as ``trace``)."""
+  from jax.profiler import ProfileData
+  path = find_trace(profile_dir)
+  return dict(aggregate(ProfileData.from_file(path).planes, calls, top), trace=path)
 
 
 def format_summary(summary: dict, title: str = "") -> str:
-  """The table :func:`summarize` describes, as text."""
-  kind = "device" if summary["device_events"] else "host (no device events in the trace)"
-  lines = [f"{title}{' ' if title else ''}{kind} busy {summary['device_busy_ms']:.2f} ms over a "
-           f"span of {summary['span_ms']:.2f} ms ({summary['trace']})",
-           f"  {'kernel':70s} {'ms':>9s} {'count':>6s} {'share':>6s}"]
+  """The table :func:`aggregate` describes, as text (times per call)."""
+  head = f"{title} " if title else ""
+  if not summary["device_events"]:
+    return f"{head}no device kernels in the trace ({summary.get('trace', '')})"
+  lines = [f"{head}device busy {summary['device_busy_ms']:.3f} ms per call over a span of "
+           f"{summary['span_ms']:.3f} ms ({summary.get('trace', '')})",
+           f"  {'kernel':72s} {'ms/call':>9s} {'count':>6s} {'share':>6s}"]
   for r in summary["rows"]:
-    lines.append(f"  {r['name'][:70]:70s} {r['ms']:9.3f} {r['count']:6d} {100 * r['share']:5.1f}%")
-  lines.append(f"  {'(the rest)':70s} {summary['other_ms']:9.3f}")
+    lines.append(f"  {r['name'][:72]:72s} {r['ms']:9.3f} {r['count']:6d} "
+                 f"{100 * r['share']:5.1f}%")
+  lines.append(f"  {'(the rest)':72s} {summary['other_ms']:9.3f}")
   return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def trace(profile_dir: str):
-  """``jax.profiler.trace`` into ``profile_dir`` with a Perfetto trace for :func:`summarize`."""
-  import jax
-  os.makedirs(profile_dir, exist_ok=True)
-  with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
-    yield
 
 
 def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: int = 25,
                   log=print) -> dict:
-  """Runs ``fn()`` once to warm up, then ``calls`` times under :func:`trace`, and logs the
-  table. ``fn`` must block until its result is ready (``jax.block_until_ready``)."""
+  """Runs ``fn()`` once to warm up, then ``calls`` times under the profiler into
+  ``profile_dir``, logs the table and returns it. ``fn`` must block until its result is
+  ready (``jax.block_until_ready``)."""
+  import jax
   fn()
-  with trace(profile_dir):
+  os.makedirs(profile_dir, exist_ok=True)
+  jax.profiler.start_trace(profile_dir)
+  try:
     for _ in range(calls):
       fn()
-  summary = summarize(profile_dir, top)
+  finally:
+    jax.profiler.stop_trace()
+  summary = summarize(profile_dir, calls, top)
   summary["calls"] = calls
   log(format_summary(summary, f"{title} ({calls} calls):" if title else f"({calls} calls):"))
   return summary
@@ -117,8 +115,9 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("profile_dir")
   ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--calls", type=int, default=1, help="calls the trace holds (per-call times)")
   args = ap.parse_args()
-  print(format_summary(summarize(args.profile_dir, args.top)))
+  print(format_summary(summarize(args.profile_dir, args.calls, args.top)))
 
 
 if __name__ == "__main__":

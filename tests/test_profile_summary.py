@@ -1,37 +1,29 @@
-"""benchmarks.profile_summary: the kernel table of a Perfetto trace (synthetic trace here)."""
-import gzip
-import json
-import os
+"""benchmarks.profile_summary: the kernel table of a profiler trace."""
+from types import SimpleNamespace as NS
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import profile_summary as ps
 
 
-def _write(tmp_path, events):
-  d = tmp_path / "plugins" / "profile" / "run1"
-  os.makedirs(d)
-  with gzip.open(d / "perfetto_trace.json.gz", "wt") as f:
-    json.dump({"traceEvents": events}, f)
-  return str(tmp_path)
+def _ev(name, start, dur):
+  return NS(name=name, start_ns=start, duration_ns=dur)
 
 
-def test_counts_device_stream_kernels_once(tmp_path):
-  meta = [
-      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
-      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
-      {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
-      {"ph": "M", "name": "thread_name", "pid": 2, "tid": 8, "args": {"name": "XLA Ops"}},
+def test_counts_device_stream_kernels_once_per_call():
+  planes = [
+      NS(name="/host:CPU", lines=[NS(name="python", events=[_ev("step", 0, 900_000)])]),
+      NS(name="/device:GPU:0", lines=[
+          NS(name="Stream #13(Compute)", events=[      # two calls of 60 µs over 100 µs each
+              _ev("gemm", 0, 30_000), _ev("fusion.1", 50_000, 10_000), _ev("gemm", 80_000, 20_000),
+              _ev("gemm", 100_000, 30_000), _ev("fusion.1", 150_000, 10_000),
+              _ev("gemm", 180_000, 20_000)]),
+          NS(name="XLA Ops", events=[_ev("dot.3", 0, 200_000)]),          # the same work again
+          NS(name="Stream #14(MemcpyH2D)", events=[_ev("memcpy", 0, 50_000)])]),
   ]
-  kernels = [  # stream: 3 kernels, 60 µs busy over a 100 µs span
-      {"ph": "X", "pid": 2, "tid": 7, "name": "gemm", "ts": 0, "dur": 30},
-      {"ph": "X", "pid": 2, "tid": 7, "name": "fusion.1", "ts": 50, "dur": 10},
-      {"ph": "X", "pid": 2, "tid": 7, "name": "gemm", "ts": 80, "dur": 20},
-      # the same work on the derived line and the host: not counted
-      {"ph": "X", "pid": 2, "tid": 8, "name": "dot.3", "ts": 0, "dur": 100},
-      {"ph": "X", "pid": 1, "tid": 1, "name": "python", "ts": 0, "dur": 500},
-  ]
-  s = ps.summarize(_write(tmp_path, meta + kernels), top=1)
+  s = ps.aggregate(planes, calls=2, top=1)
   assert s["device_events"]
   assert s["device_busy_ms"] == pytest.approx(0.060)
   assert s["span_ms"] == pytest.approx(0.100)
@@ -41,6 +33,15 @@ def test_counts_device_stream_kernels_once(tmp_path):
   assert "gemm" in ps.format_summary(s, "t")
 
 
+def test_a_cpu_trace_has_no_device_kernels(tmp_path):
+  f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
+  x = jnp.ones((64, 64))
+  seen = []
+  s = ps.profile_calls(lambda: jax.block_until_ready(f(x)), str(tmp_path), calls=2, log=seen.append)
+  assert not s["device_events"] and s["rows"] == [] and s["calls"] == 2
+  assert "no device kernels" in seen[0]
+
+
 def test_missing_trace_names_the_directory_and_the_fix(tmp_path):
-  with pytest.raises(FileNotFoundError, match="no Perfetto trace under .*record one"):
+  with pytest.raises(FileNotFoundError, match="no profiler trace .* under .*profile_calls"):
     ps.summarize(str(tmp_path))
