@@ -274,9 +274,9 @@ def run_buckets(args) -> dict:
       model_cfg = trainer.resolve_model_config(cfg)
       src = from_config.make_source(cfg.data, cfg.seed, cfg.data.memory_tokens)
       for levels in (1, 2, 4):
-        bs = from_config.buckets_for(src, 8, model_cfg.pooling_chunk_size,
-                                     memory_interleave=cfg.data.interleave,
-                                     active_levels=levels)
+        bs = from_config.buckets_for(
+            src, 8, model_cfg.pooling_chunk_size, memory_interleave=cfg.data.interleave,
+            **dict(from_config.bucket_levels(cfg.data), active_levels=levels))
         waste = from_config.padding_waste_of(src, bs, memory_interleave=cfg.data.interleave)
         row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "active_levels": levels,

@@ -12,7 +12,8 @@ from train_common import get_config
 
 def test_bucket_caps_come_from_the_config_and_bound_the_buckets():
   cfg = get_config("smoke")
-  assert from_config.bucket_levels(cfg.data) == {"memory_levels": 3, "active_levels": 4}
+  assert from_config.bucket_levels(cfg.data) == {"memory_levels": 3, "active_levels": 4,
+                                                 "doc_multiple": None}
   source = from_config.make_source(cfg.data, cfg.seed, None)
   four = from_config.buckets_for(source, 8, 2, **from_config.bucket_levels(cfg.data))
   cfg.data.active_buckets = 1
@@ -46,3 +47,50 @@ def test_compilation_cache_dir_is_set_only_when_given(tmp_path):
     assert (tmp_path / "xla_cache").is_dir()
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_document_slots_need_not_be_whole_chunks():
+  """``data.doc_slot_multiple``: slots of 7 tokens with P = 2 (the last chunk partial) give
+  the training forward the same losses and gradients as slots of 8 (whole chunks): pooling
+  masks the partial chunk, so the slot length only sets the padding."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+  import numpy as np
+  from msa_jax.config import ModelConfig
+  from msa_jax.model import MSAModel
+  from msa_jax.train_step import compute_losses
+  from tests import reference_numpy as R
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=16, router_layers=(1,),
+                    pooling_chunk_size=2, top_k=2)
+  rng = np.random.default_rng(0)
+  doc_lens = [[7, 5, 3, 0], [6, 7, 1, 2]]
+  b7 = R.make_batch(rng, vocab=64, prefix_lens=[1, 1], doc_lens=doc_lens, active_lens=[6, 5],
+                    question_lens=[3, 2], T=1, L=7, M=6)
+  pad = lambda x: np.pad(x, [(0, 0), (0, 0), (0, 1)])  # noqa: E731
+  b8 = b7.replace(doc_tokens=pad(b7.doc_tokens), doc_mask=pad(b7.doc_mask))
+  model = MSAModel(cfg)
+  params = nn.unbox(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32)))["params"]
+  train = {"loss": {"infonce_temperature": 0.1, "lm_chunk_size": 64},
+           "optim": {"warmup_phase_steps": 0, "warmup_lm_weight": 0.1, "warmup_aux_weight": 1.0,
+                     "main_lm_weight": 1.0, "main_aux_weight": 0.1}}
+  train = ml_collections.ConfigDict(train)
+  loss = lambda p, b: compute_losses(model, p, b, jnp.int32(5), train)[0]  # noqa: E731
+  (l7, g7), (l8, g8) = (jax.value_and_grad(loss)(params, b) for b in (b7, b8))
+  np.testing.assert_allclose(float(l7), float(l8), rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g7), jax.tree.leaves(g8)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
+
+
+def test_doc_slot_multiple_sets_the_slot_rounding():
+  cfg = get_config("smoke")
+  source = from_config.make_source(cfg.data, cfg.seed, None)
+  cfg.data.doc_slot_multiple = 0
+  whole = from_config.buckets_for(source, 8, 3, **from_config.bucket_levels(cfg.data))
+  cfg.data.doc_slot_multiple = 1
+  tight = from_config.buckets_for(source, 8, 3, **from_config.bucket_levels(cfg.data))
+  # 8-token documents, P = 3: whole chunks pad them to 9 slots, a multiple of 1 to 8
+  assert {b.doc_len for b in whole} == {9} and {b.doc_len for b in tight} == {8}
+  cfg.data.doc_slot_multiple = -1
+  with pytest.raises(ValueError, match="doc_slot_multiple must be >= 0"):
+    from_config.bucket_levels(cfg.data)

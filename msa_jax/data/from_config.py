@@ -381,10 +381,11 @@ def _levels(values: Sequence[int], counts: Sequence[int], max_levels: int) -> li
 
 
 def _fit_shapes(sizes: Sequence[tuple], batch_size: int, chunk_size: int, *,
-                memory_levels: int, active_levels: int, active_slack: int = 0
-                ) -> list[BucketShapes]:
+                memory_levels: int, active_levels: int, active_slack: int = 0,
+                doc_multiple: int | None = None) -> list[BucketShapes]:
   """Buckets covering every sample size in ``sizes`` with little padding.
 
+  Document slots are rounded up to ``doc_multiple`` tokens (None: whole chunks, P).
   Memory shapes (docs, doc_len): up to ``memory_levels`` nested shapes cut at
   quantiles of the per-sample memory slots, the last one covering everything.
   Active lengths: up to ``active_levels`` multiples of 8 chosen by exact DP.
@@ -392,7 +393,7 @@ def _fit_shapes(sizes: Sequence[tuple], batch_size: int, chunk_size: int, *,
   that fits (unused ones are never compiled).
   """
   prefix = max(1, max(s[0] for s in sizes))
-  mem = sorted({(s[1], _round_up(s[2], chunk_size)) for s in sizes},
+  mem = sorted({(s[1], _round_up(s[2], doc_multiple or chunk_size)) for s in sizes},
                key=lambda m: (m[0] * m[1], m))
   shapes = []
   for q in range(1, memory_levels + 1):
@@ -408,7 +409,8 @@ def _fit_shapes(sizes: Sequence[tuple], batch_size: int, chunk_size: int, *,
 
 def buckets_for(source, batch_size: int, chunk_size: int, probe: int = 64, *,
                 memory_interleave: bool = True, memory_levels: int = 3,
-                active_levels: int = 4, caps: dict | None = None) -> list[BucketShapes]:
+                active_levels: int = 4, caps: dict | None = None,
+                doc_multiple: int | None = None) -> list[BucketShapes]:
   """Bucket shapes that fit every interleave sample of ``source``, with little padding.
 
   A synthetic task (endless fresh examples) is probed on ``probe`` examples: one
@@ -418,7 +420,8 @@ def buckets_for(source, batch_size: int, chunk_size: int, probe: int = 64, *,
   (``ExampleList``) is fitted over ALL its examples (nothing is ever truncated):
   up to ``memory_levels`` memory shapes × ``active_levels`` active lengths.
   ``caps`` (``max_docs``, ``max_doc_len``, ``max_active``; None = no cap) raise
-  naming the largest example when the data exceeds them.
+  naming the largest example when the data exceeds them. ``doc_multiple``: document
+  slots are a multiple of it (None: of ``chunk_size``; pooling masks a partial last chunk).
   """
   specials = source.tokenizer.specials
   finite = isinstance(source, Sequence)
@@ -432,9 +435,9 @@ def buckets_for(source, batch_size: int, chunk_size: int, probe: int = 64, *,
   _check_caps(sizes, owner, caps or {}, source)
   if finite:
     return _fit_shapes(sizes, batch_size, chunk_size, memory_levels=memory_levels,
-                       active_levels=active_levels)
+                       active_levels=active_levels, doc_multiple=doc_multiple)
   return _fit_shapes(sizes, batch_size, chunk_size, memory_levels=1,
-                     active_levels=active_levels, active_slack=8)
+                     active_levels=active_levels, active_slack=8, doc_multiple=doc_multiple)
 
 
 def _check_caps(sizes, owner, caps: dict, source) -> None:
@@ -473,15 +476,20 @@ def padding_waste_of(source, buckets: Sequence[BucketShapes], *, memory_interlea
 
 
 def bucket_levels(data_cfg) -> dict:
-  """``buckets_for``'s level caps from ``data.memory_buckets`` / ``data.active_buckets``
-  (defaults 3 and 4 when the config predates them); each must be >= 1."""
+  """``buckets_for``'s shape options from the data config: level caps
+  ``data.memory_buckets`` / ``data.active_buckets`` (defaults 3 and 4 when the config
+  predates them; each >= 1) and ``data.doc_slot_multiple`` (document slots a multiple of
+  it; 0 or absent: whole chunks)."""
   levels = {"memory_levels": int(data_cfg.get("memory_buckets", 3)),
             "active_levels": int(data_cfg.get("active_buckets", 4))}
   for (key, value), field in zip(levels.items(), ("memory_buckets", "active_buckets")):
     if value < 1:
       raise ValueError(f"data.{field} must be >= 1 (the most {key.split('_')[0]} shapes per "
                        f"stage), got {value}; set --config.data.{field}=N")
-  return levels
+  multiple = int(data_cfg.get("doc_slot_multiple", 0) or 0)
+  if multiple < 0:
+    raise ValueError(f"data.doc_slot_multiple must be >= 0 (0: whole chunks), got {multiple}")
+  return dict(levels, doc_multiple=multiple or None)
 
 
 def _bucket_caps(data_cfg) -> dict:
