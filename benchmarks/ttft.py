@@ -320,11 +320,8 @@ def main():
   ap.add_argument("--score_dtype", default="float32", choices=["float32", "bfloat16"],
                   help="XLA routing scores of the TTFT bank (the engine's default: float32)")
   ap.add_argument("--route_impls", default=",".join(ROUTE_IMPLS),
-                  help="routing implementations timed in the route stage: xla (float32 "
-                  "scores), xla-bf16, pallas (fused kernel, bank layout built once, batch "
-                  "folded into the query columns), pallas-nofold (one pass per example), "
-                  "pallas-nolayout (layout rebuilt in every call, the old engine path), "
-                  "pallas-fp8q1 (fp8 keys: queries as one e4m3 term, faster, less exact)")
+                  help="routing implementations timed in the route stage (each is described "
+                       f"in the module docstring): {', '.join(ROUTE_IMPLS)}")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
   ap.add_argument("--engine_route", default="", choices=["", "fused", "unfused"],

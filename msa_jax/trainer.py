@@ -15,6 +15,7 @@ is moved aside; the stop names the checkpoint that is good.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -67,18 +68,17 @@ def apply_xla_flags(flags: str, log=print) -> str:
   leaving any flag the environment already sets as it is. Returns the resulting
   ``XLA_FLAGS``. After the backends started (a test, a notebook) it only warns: XLA reads
   its flags once."""
-  mine = [f for f in flags.split() if f]
-  if not mine:
-    return os.environ.get("XLA_FLAGS", "")
+  env = os.environ.get("XLA_FLAGS", "").split()
+  named = {f.split("=")[0] for f in env}
+  missing = [f for f in flags.split() if f.split("=")[0] not in named]
+  if not missing:   # nothing to add (none given, or set already: the CLI applies them first)
+    return " ".join(env)
   from jax._src import xla_bridge
   if xla_bridge.backends_are_initialized():
     log(f"xla_flags {flags!r} not applied: JAX's backends already started (set XLA_FLAGS "
         "before the first JAX computation)")
-    return os.environ.get("XLA_FLAGS", "")
-  env = os.environ.get("XLA_FLAGS", "").split()
-  named = {f.split("=")[0] for f in env}
-  merged = env + [f for f in mine if f.split("=")[0] not in named]
-  os.environ["XLA_FLAGS"] = " ".join(merged)
+    return " ".join(env)
+  os.environ["XLA_FLAGS"] = " ".join(env + missing)
   return os.environ["XLA_FLAGS"]
 
 
@@ -232,7 +232,6 @@ def load_pretrained(init_from: str, model_cfg: ModelConfig):
   ``model_cfg``: the recipe's MSA fields (router layers, P, k, ...) and dtypes applied, the
   checkpoint's shapes checked against the recipe's, an error naming each field that differs.
   """
-  import dataclasses
   from msa_jax.export.convert import from_pretrained
   model, params = from_pretrained(
       init_from, dtype=model_cfg.param_dtype, compute_dtype=model_cfg.dtype,
@@ -247,10 +246,6 @@ def load_pretrained(init_from: str, model_cfg: ModelConfig):
                      "values (model.vocab_size=0 derives it from the data, so set it "
                      "explicitly), or start from a checkpoint of the recipe's shape")
   return params
-
-
-def _load_pretrained(cfg, setup: TrainSetup):
-  return load_pretrained(cfg.init_from, setup.model_cfg)
 
 
 def step_problem(step_metrics, max_update_ratio: float) -> Optional[str]:
@@ -327,7 +322,7 @@ def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bo
     print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
     return restored
   if cfg.get("init_from"):
-    return 0, setup.state_from_params(_load_pretrained(cfg, setup))
+    return 0, setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg))
   return 0, setup.init_state(cfg.seed)
 
 

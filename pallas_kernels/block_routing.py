@@ -5,7 +5,7 @@ router keys ``K̄R`` (bf16, ``[C, F]`` with ``F = Hkv*D``) and a chunk→documen
 whose documents occupy contiguous chunk ranges. Routing reads every key once, so it
 is bound by memory bandwidth; the work is split as:
 
-1. ``chunk_scores`` (the Pallas Mosaic GPU kernel): streams ``K̄R`` through shared
+1. ``chunk_scores`` (the Pallas Mosaic GPU kernels of :mod:`pallas_kernels.chunk_max`): streams ``K̄R`` through shared
    memory with a TMA pipeline, multiplies each ``[chunks, F]`` tile by the
    group-summed routing queries on the tensor cores (wgmma, f32 accumulation) and
    reduces the ``[chunks, M]`` score tile over the question tokens in registers, so
@@ -62,6 +62,7 @@ from jax import lax
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k
+from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 
 NEG_INF = -jnp.inf
 _SMEM_BUDGET = 200 * 1024   # bytes of pipeline buffers per program (H100: 227 KB max)
@@ -134,136 +135,6 @@ def _fill_masked_queries(rq_bmf, query_mask_bm, num_cols: int):
   return q_bmf
 
 
-# ----------------------------------------------------------------------------
-# The Mosaic GPU kernel: K̄R tile × queries → max over queries.
-# ----------------------------------------------------------------------------
-
-def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
-                      compiler_params=None):
-  """The chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c`` chunk
-  scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
-  ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
-  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
-  import jax.experimental.pallas as pl
-  plgpu = _platform.plgpu()
-
-  def body(*refs):
-    *in_refs, out_gmem = refs
-    tile = lax.axis_index("tile")
-    p = lax.axis_index("pass")
-
-    def with_out_smem(out_smem):
-      fill_tile(tile, p, out_smem, *in_refs)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
-
-  return plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
-      grid=(num_tiles, passes),
-      grid_names=("tile", "pass"),
-      compiler_params=compiler_params,
-      interpret=_platform.mosaic_interpret_params(interpret),
-  )
-
-
-def _chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
-  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
-  import jax.experimental.pallas as pl
-  plgpu = _platform.plgpu()
-  tile_c, tile_f = bs.chunks, bs.features
-  num_f = f // tile_f
-  k_transforms = _platform.swizzle_transforms(tile_f, 2)
-  q_transforms = _platform.swizzle_transforms(cols, 2)
-
-  def fill_tile(tile, p, out_smem, kr_gmem, q_gmem):
-    def with_acc(acc_ref):
-      def step(_, k_smem, q_smem):
-        plgpu.wgmma(acc_ref, k_smem, q_smem)
-        plgpu.wgmma_wait(0)
-
-      plgpu.emit_pipeline(
-          step,
-          grid=(num_f,),
-          in_specs=[
-              plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
-              plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
-          ],
-          max_concurrent_steps=min(bs.stages, num_f),
-      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
-      return acc_ref[...].max(axis=1)
-
-    out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
-
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
-
-
-def _chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
-                          key_dtype: str, query_terms: int, interpret):
-  """``plgpu.kernel`` for quantised keys: ``out[p, c] = max_j q_scale[p, j] · codes[c]·q[p, j]``.
-
-  Inputs: ``kr [≥ num_tiles·tile_c, F]`` fp8 e4m3 / int8 codes, ``query_terms`` query
-  operands ``[passes, cols, F]`` of the same dtype (K-major, as 8-bit wgmma reads both
-  operands), ``q_scale [passes, cols]`` float32. The chunk's own (positive) scale
-  commutes with the max and is applied by the caller. int8 accumulates exactly in s32; fp8
-  sums each term of each K step from a fresh accumulator in float32 registers
-  (``block_top_k.fp8_accumulate``), as the fused kernel does.
-  """
-  import jax.experimental.pallas as pl
-  plgpu = _platform.plgpu()
-  tile_c, tile_f = bs.chunks, bs.features
-  num_f = f // tile_f
-  fp8 = key_dtype == "float8_e4m3fn"
-  acc_dtype = jnp.float32 if fp8 else jnp.int32
-  transforms = _platform.swizzle_transforms(tile_f, 1)
-  compiled = _platform.mosaic_interpret_params(interpret) is None
-  wgmma_layout = plgpu.Layout.WGMMA if compiled else None
-  col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
-  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
-
-  def fill_tile(tile, p, out_smem, kr_gmem, *refs):
-    q_gmems, qs_gmem = refs[:query_terms], refs[query_terms]
-
-    def step(idx, k_smem, *rest):
-      q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
-      (j,) = idx
-      if compiled and fp8:
-        acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
-      elif compiled:
-        rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
-        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
-            plgpu.ACC.init(acc))
-        plgpu.wgmma_wait(0)
-      else:   # the interpreter's wgmma takes no transposed views: a plain dot
-        for q in q_smems:
-          acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
-                              preferred_element_type=acc_dtype)
-
-      @pl.when(j == num_f - 1)
-      def _():
-        q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
-                                            [1]), wgmma_layout)
-        out_smem[...] = (acc.astype(jnp.float32) * q_scale).max(axis=1)
-      return acc
-
-    q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
-               for _ in range(query_terms)]
-    plgpu.emit_pipeline(
-        step,
-        grid=(num_f,),
-        in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
-                  *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,))],
-        max_concurrent_steps=min(bs.stages, num_f),
-        init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
-    )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p])
-
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
-                           _platform.lane_params() if compiled else None)
-
-
 def _plan(m: int, f: int, bs: BlockSizes):
   """Query columns per pass, number of passes, and the tiling that fits SMEM."""
   if bs.chunks % 64 or f % bs.features or bs.features % 64:
@@ -295,6 +166,15 @@ def _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols):
 _ACC_ELEMS = 128 * 128   # f32 accumulator elements per warpgroup: 128 registers a thread
 
 
+def _accumulator_budget(bs: BlockSizes, key_dtype):
+  """``(most query columns per pass, accumulator elements per tile)`` for ``key_dtype``
+  keys: fp8 keys hold a second float32 accumulator (each K step is summed in registers),
+  so they get half the registers: at most 128 columns, half the elements."""
+  if jnp.dtype(key_dtype).name == "float8_e4m3fn":
+    return min(bs.max_queries, 128), _ACC_ELEMS // 2
+  return bs.max_queries, _ACC_ELEMS
+
+
 def fused_plan(b: int, m: int, f: int, bs: BlockSizes, key_dtype="bfloat16"):
   """``(tile chunks, query groups, columns per example, examples per pass)`` of the fused
   kernel for ``b`` examples of ``m`` routing tokens over ``key_dtype`` keys (the bank
@@ -304,14 +184,12 @@ def fused_plan(b: int, m: int, f: int, bs: BlockSizes, key_dtype="bfloat16"):
   hold a second one (each K step is summed in float32 registers), so they get half: at
   most 128 columns per pass and 64-chunk tiles when a pass has more than 64 columns.
   """
-  fp8 = jnp.dtype(key_dtype).name == "float8_e4m3fn"
-  max_cols = min(bs.max_queries, 128) if fp8 else bs.max_queries
-  bs_k, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
+  max_cols, budget = _accumulator_budget(bs, key_dtype)
+  _, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
   examples = 1
   fold = bs.fold_batch if bs.fold_batch is not None else jnp.dtype(key_dtype).itemsize > 1
   if fold and groups == 1:
     examples = max(1, min(b, max_cols // cols))
-  budget = _ACC_ELEMS // 2 if fp8 else _ACC_ELEMS
   tile_c = bs.chunks if bs.chunks * examples * cols <= budget else min(bs.chunks, 64)
   return tile_c, groups, cols, examples
 
@@ -341,20 +219,29 @@ def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: Bl
       interpret=interpret, skip_beaten=bs.skip_beaten)
 
 
+def _tiles_then_tail(c: int, tile_c: int, b: int, groups: int, kernel_scores, tail_scores):
+  """``[B, C]`` chunk scores: ``kernel_scores(num_tiles)`` (``[B·groups, whole tiles]``, the
+  max taken over each example's query groups) then ``tail_scores(c_main)`` for the ragged
+  tail after the last whole tile (``[B, C - c_main]``, plain XLA)."""
+  num_tiles = c // tile_c
+  c_main = num_tiles * tile_c
+  parts = []
+  if num_tiles:
+    parts.append(kernel_scores(num_tiles).reshape(b, groups, c_main).max(axis=1))
+  if c_main < c:
+    parts.append(tail_scores(c_main))
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+
 def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret):
   b, m, f = rq_bmf.shape
   c = kr_cf.shape[0]
   bs, groups, cols = _plan(m, f, bs)
   q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
-  num_tiles = c // bs.chunks
-  c_main = num_tiles * bs.chunks
-  parts = []
-  if num_tiles:
-    s_pc = _chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc)
-    parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
-  if c_main < c:  # the ragged tail (< one tile) in plain XLA
-    parts.append(block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
-  s_bc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  s_bc = _tiles_then_tail(
+      c, bs.chunks, b, groups,
+      lambda tiles: chunk_max_call(tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc),
+      lambda c_main: block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
 
@@ -362,12 +249,10 @@ def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
   """``(tiling, query groups, columns)`` of the unfused kernel on quantised keys: as
   :func:`_plan`, with 1-byte pipeline buffers and, for fp8 (a second, per-step float32
   accumulator), at most 128 columns and 64-chunk tiles past 64 columns."""
-  fp8 = jnp.dtype(key_dtype).name == "float8_e4m3fn"
-  max_cols = min(bs.max_queries, 128) if fp8 else bs.max_queries
+  max_cols, budget = _accumulator_budget(bs, key_dtype)
   bs, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
-  budget = _ACC_ELEMS // 2 if fp8 else _ACC_ELEMS
   tile_c = bs.chunks if bs.chunks * cols <= budget else min(bs.chunks, 64)
-  terms = bs.fp8_query_terms if fp8 else 1
+  terms = bs.fp8_query_terms if jnp.dtype(key_dtype).name == "float8_e4m3fn" else 1
   stage_bytes = bs.features * (tile_c + terms * cols) + 4 * cols
   return dataclasses.replace(bs, chunks=tile_c,
                              stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes))), groups, cols
@@ -385,18 +270,13 @@ def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: Blo
   terms = [q.reshape(b * groups, cols, f) for q in (queries.q_bgjf, queries.lo_bgjf)
            if q is not None]
   q_scale = queries.scale_bgj.reshape(b * groups, cols).astype(jnp.float32)
-  num_tiles = c // bs.chunks
-  c_main = num_tiles * bs.chunks
-  parts = []
-  if num_tiles:
-    codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))  # TMA: rows % 8
-    call = _chunk_max_quant_call(num_tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,
-                                 len(terms), interpret)
-    s_pc = call(codes, *terms, q_scale)
-    parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
-  if c_main < c:  # the ragged tail (< one tile): the kernel's arithmetic in plain XLA
-    parts.append(block_top_k.fused_chunk_scores(queries, kr_cf[c_main:c]))
-  s_bc = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))  # TMA: rows % 8
+
+  def kernel_scores(tiles):
+    return chunk_max_quant_call(tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,
+                                 len(terms), interpret)(codes, *terms, q_scale)
+  s_bc = _tiles_then_tail(c, bs.chunks, b, groups, kernel_scores,
+                          lambda c_main: block_top_k.fused_chunk_scores(queries, kr_cf[c_main:c]))
   s_bc = s_bc * kr_scale_c[None, :c].astype(jnp.float32)   # positive: commutes with the max
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
@@ -415,20 +295,30 @@ def chunk_scores_reference(rq_bmf, query_mask_bm, kr_cf):
 
 @functools.partial(jax.jit, static_argnames=("implementation", "block_sizes", "interpret"))
 def chunk_scores(rq_bmf, query_mask_bm, kr_cf, *, implementation: str = "auto",
-                 block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                 block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                 kr_scale_c=None):
   """Per-chunk routing score ``max_t rq[t]·K̄R[c]`` over routing tokens, ``[B, C]`` f32.
 
   Args:
     rq_bmf: group-summed routing queries ``[B, M, F]`` (``group_sum_queries``).
     query_mask_bm: bool ``[B, M]``, which tokens route.
-    kr_cf: pooled router keys ``[C, F]`` (bf16 in a bank).
+    kr_cf: pooled router keys ``[C, F]`` (bf16 in a bank), or fp8 e4m3 / int8 codes with
+      their positive per-chunk scales ``kr_scale_c`` (float32 ``[C]``): the kernel reads
+      the codes against per-column quantised queries, XLA scores them with float32
+      queries; either way times the chunk's scale.
     implementation: ``auto | pallas | xla``.
     block_sizes: kernel tiling (pallas only).
     interpret: force (True) or forbid (False) interpret mode; None = interpret off GPU.
   Returns:
     float32 ``[B, C]``; ``-inf`` for an example without routing tokens.
   """
-  if _platform.resolve(implementation) == "xla":
+  xla = _platform.resolve(implementation) == "xla"
+  if kr_scale_c is not None:
+    if xla:
+      return _chunk_scores_xla_codes(rq_bmf, query_mask_bm, kr_cf, kr_scale_c)
+    return _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c,
+                                      block_sizes or BlockSizes(), interpret)
+  if xla:
     return _chunk_scores_xla(rq_bmf, query_mask_bm, kr_cf)
   return _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, block_sizes or BlockSizes(),
                               interpret)
@@ -498,7 +388,8 @@ def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
   return val, jnp.take_along_axis(cand_idx, pos, axis=1)
 
 
-def _top_k(doc_s, k: int, bs: BlockSizes):
+def document_top_k(doc_s, k: int, bs: BlockSizes):
+  """Exact top-k ``(values, indices)`` of ``[B, N]`` scores by ``bs.top_k``'s method."""
   if bs.top_k == "two_stage":
     return two_stage_top_k(doc_s, k, bs.block_docs)
   return pruned_top_k(doc_s, k, bs.block_docs, "sort" if bs.top_k == "pruned_sort" else "top_k")
@@ -575,15 +466,10 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
     top_val, top_idx = _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k, bs,
                                           interpret, layout, kr_scale_c)
     return selection_from_top_k(top_val, top_idx, k)
-  if quant and use_pallas:   # the unfused kernel on the codes, then the XLA top-k
-    s_bc = _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs, interpret)
-  elif quant:
-    s_bc = _chunk_scores_xla_codes(rq_bmf, query_mask_bm, kr_cf, kr_scale_c)
-  else:
-    s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
-                        block_sizes=bs, interpret=interpret)
+  s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
+                      block_sizes=bs, interpret=interpret, kr_scale_c=kr_scale_c)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
-  top_val, top_idx = _top_k(doc_s, k, bs)
+  top_val, top_idx = document_top_k(doc_s, k, bs)
   return selection_from_top_k(top_val, top_idx, k)
 
 
@@ -612,6 +498,6 @@ def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k:
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas", block_sizes=bs,
                       interpret=interpret)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
-  top_val, top_idx = _top_k(doc_s, k, bs)
+  top_val, top_idx = document_top_k(doc_s, k, bs)
   _, sel = selection_from_top_k(top_val, top_idx, k)
   return doc_s, sel

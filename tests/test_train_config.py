@@ -316,7 +316,7 @@ def test_a_trainer_run_starts_from_init_from(tmp_path):
   params = jax.tree.map(lambda x: np.asarray(x) + 0.5,
                         jax.device_get(nn.unbox(setup.init_state(1).params)))
   cfg.init_from = save_msa_jax_checkpoint(setup.model, params, str(tmp_path / "ckpt"))
-  state = setup.state_from_params(trainer._load_pretrained(cfg, setup))
+  state = setup.state_from_params(trainer.load_pretrained(cfg.init_from, setup.model_cfg))
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
     np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)

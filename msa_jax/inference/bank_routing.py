@@ -225,16 +225,12 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   """The unfused Pallas route: the chunk-score kernel (bf16, or codes against quantised
   queries), then the document max over runs and an exact top-k in XLA."""
   from pallas_kernels import block_routing
-  if kr_scale_c is None:
-    s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
-                                      block_sizes=bs)
-  else:
-    s_bc = block_routing._chunk_scores_pallas_quant(rq_bmf, route_mask_bm, kr_cf, kr_scale_c,
-                                                    bs, None)
+  s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
+                                    block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
   s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
-  val, idx = block_routing._top_k(run_s, min(k, run_s.shape[1]), bs)
+  val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)
   return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
 

@@ -6,9 +6,9 @@
 
 The bank must come from the same model (its fingerprint is checked); ``K̄R`` is sharded over
 the mesh's ``memory`` axis; ``K̄``/``V̄`` sit on the devices or in host memory
-(``kv_placement``). With ``routing="auto"`` a bf16 K̄R is routed through the Pallas block
-top-k kernel on a GPU, fp8/int8 K̄R and every bank elsewhere through the tiled XLA scan;
-``routing="pallas"`` runs the kernel's 8-bit path (not yet verified compiled on a GPU).
+(``kv_placement``). With ``routing="auto"`` K̄R of every precision (bf16, fp8, int8) is
+routed through the Pallas block top-k kernel on a GPU, and through the tiled XLA scan
+elsewhere (:func:`default_routing`).
 """
 from __future__ import annotations
 

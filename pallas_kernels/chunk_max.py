@@ -1,0 +1,148 @@
+"""The unfused chunk-score kernels (Mosaic GPU): a ``K̄R`` tile × the queries → the max over
+query columns, one ``[tile]`` vector of chunk scores per (tile, pass) program.
+
+``chunk_max_call`` reads bf16 keys; ``chunk_max_quant_call`` reads fp8 e4m3 / int8 codes
+against queries quantised per column to the same dtype. Both share one kernel shell
+(``_chunk_max_kernel``). Their callers, the queries' layout, tiling and the ragged tail are
+in :mod:`pallas_kernels.block_routing` (``chunk_scores``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _platform
+from pallas_kernels import block_top_k
+
+if TYPE_CHECKING:
+  from pallas_kernels.block_routing import BlockSizes
+
+
+
+def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
+                      compiler_params=None):
+  """The chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c`` chunk
+  scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
+  ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
+  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+
+  def body(*refs):
+    *in_refs, out_gmem = refs
+    tile = lax.axis_index("tile")
+    p = lax.axis_index("pass")
+
+    def with_out_smem(out_smem):
+      fill_tile(tile, p, out_smem, *in_refs)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      grid=(num_tiles, passes),
+      grid_names=("tile", "pass"),
+      compiler_params=compiler_params,
+      interpret=_platform.mosaic_interpret_params(interpret),
+  )
+
+
+def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  k_transforms = _platform.swizzle_transforms(tile_f, 2)
+  q_transforms = _platform.swizzle_transforms(cols, 2)
+
+  def fill_tile(tile, p, out_smem, kr_gmem, q_gmem):
+    def with_acc(acc_ref):
+      def step(_, k_smem, q_smem):
+        plgpu.wgmma(acc_ref, k_smem, q_smem)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(num_f,),
+          in_specs=[
+              plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
+              plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
+          ],
+          max_concurrent_steps=min(bs.stages, num_f),
+      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
+      return acc_ref[...].max(axis=1)
+
+    out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
+
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
+
+
+def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
+                          key_dtype: str, query_terms: int, interpret):
+  """``plgpu.kernel`` for quantised keys: ``out[p, c] = max_j q_scale[p, j] · codes[c]·q[p, j]``.
+
+  Inputs: ``kr [≥ num_tiles·tile_c, F]`` fp8 e4m3 / int8 codes, ``query_terms`` query
+  operands ``[passes, cols, F]`` of the same dtype (K-major, as 8-bit wgmma reads both
+  operands), ``q_scale [passes, cols]`` float32. The chunk's own (positive) scale
+  commutes with the max and is applied by the caller. int8 accumulates exactly in s32; fp8
+  sums each term of each K step from a fresh accumulator in float32 registers
+  (``block_top_k.fp8_accumulate``), as the fused kernel does.
+  """
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  fp8 = key_dtype == "float8_e4m3fn"
+  acc_dtype = jnp.float32 if fp8 else jnp.int32
+  transforms = _platform.swizzle_transforms(tile_f, 1)
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  wgmma_layout = plgpu.Layout.WGMMA if compiled else None
+  col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
+  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
+
+  def fill_tile(tile, p, out_smem, kr_gmem, *refs):
+    q_gmems, qs_gmem = refs[:query_terms], refs[query_terms]
+
+    def step(idx, k_smem, *rest):
+      q_smems, qs_smem, acc = rest[:query_terms], rest[query_terms], rest[-1]
+      (j,) = idx
+      if compiled and fp8:
+        acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
+      elif compiled:
+        rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
+        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
+            plgpu.ACC.init(acc))
+        plgpu.wgmma_wait(0)
+      else:   # the interpreter's wgmma takes no transposed views: a plain dot
+        for q in q_smems:
+          acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
+                              preferred_element_type=acc_dtype)
+
+      @pl.when(j == num_f - 1)
+      def _():
+        q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
+                                            [1]), wgmma_layout)
+        out_smem[...] = (acc.astype(jnp.float32) * q_scale).max(axis=1)
+      return acc
+
+    q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
+               for _ in range(query_terms)]
+    plgpu.emit_pipeline(
+        step,
+        grid=(num_f,),
+        in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
+                  *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,))],
+        max_concurrent_steps=min(bs.stages, num_f),
+        init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
+    )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p])
+
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
+                           _platform.lane_params() if compiled else None)
