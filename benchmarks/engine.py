@@ -200,15 +200,21 @@ def encode_mfu(cfg, doc_lengths, seconds: float) -> dict:
           "encode_mfu_vendor": achieved / peak if peak else float("nan")}
 
 
-def decode_ms(model, params, cache, q_len_b, start_b) -> float:
-  """One decoding step from a prefilled KV cache (every row at slot ``q_len_b``), in ms."""
+def decode_ms(model, params, cache, q_len_b, start_b, profile_dir: str = "", log=print) -> float:
+  """One decoding step from a prefilled KV cache (every row at slot ``q_len_b``), in ms;
+  with ``profile_dir``, also logs the step's kernel table (``benchmarks.profile_summary``)."""
   from msa_jax.inference import engine as engine_lib
   tok = jnp.zeros((len(q_len_b),), jnp.int32)
   cur, start = jnp.asarray(q_len_b), jnp.asarray(start_b)
   # The parameters are an argument, not a closure: closed over, they become constants of
   # the program (8 GB at the 4B shape; lowering alone took 17 s on the H200).
   dec = jax.jit(lambda p, c: engine_lib.decode_step(model, p, c, tok, cur, start)[0])
-  return time_ms(dec, params, cache, iters=5)
+  ms = time_ms(dec, params, cache, iters=5)
+  if profile_dir:
+    from benchmarks import profile_summary
+    profile_summary.profile_calls(lambda: jax.block_until_ready(dec(params, cache)), profile_dir,
+                                  calls=3, title=f"decode step, batch {len(q_len_b)}", log=log)
+  return ms
 
 
 def report(rows, impls, bank, bw, kr_bytes, encode_s):

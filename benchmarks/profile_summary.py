@@ -41,19 +41,22 @@ def aggregate(planes, calls: int = 1, top: int = 25) -> dict:
   """The kernel table of profiler planes (``ProfileData.planes`` or objects with the same
   ``name`` / ``lines`` / ``events`` / ``start_ns`` / ``duration_ns`` attributes).
 
-  Returns ``{"device_events", "device_busy_ms", "span_ms", "rows": [{"name", "ms",
+  Returns ``{"device_events", "planes" (each plane's first line names: what an empty table
+  saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms",
   "count", "share"}], "other_ms"}``, times per call (divided by ``calls``): ``rows`` are
   the ``top`` kernels by total time, ``share`` their fraction of the busy time, ``span_ms``
   from the first kernel's start to the last one's end over all calls, divided by
   ``calls`` (busy / span shows the device idle: launch or host bound).
   """
+  # ProfileData's planes, lines and events are iterators: read each once.
+  planes = [(p.name, list(p.lines)) for p in planes]
   total = collections.Counter()
   count = collections.Counter()
   start, end = float("inf"), float("-inf")
-  for plane in planes:
-    if not _is_device_plane(plane.name):
+  for plane_name, lines in planes:
+    if not _is_device_plane(plane_name):
       continue
-    for line in plane.lines:
+    for line in lines:
       if not _is_kernel_line(line.name):
         continue
       for ev in line.events:
@@ -61,10 +64,12 @@ def aggregate(planes, calls: int = 1, top: int = 25) -> dict:
         count[ev.name] += 1
         start, end = min(start, ev.start_ns), max(end, ev.start_ns + ev.duration_ns)
   busy = sum(total.values())
+  planes_seen = {name: [line.name for line in lines][:12] for name, lines in planes}
   per_call = lambda ns: ns / 1e6 / calls  # noqa: E731  ns → ms per call
   rows = [{"name": n, "ms": per_call(ns), "count": count[n] // calls,
            "share": ns / busy if busy else 0.0} for n, ns in total.most_common(top)]
-  return {"device_events": bool(total), "device_busy_ms": per_call(busy),
+  return {"device_events": bool(total), "planes": planes_seen,
+          "device_busy_ms": per_call(busy),
           "span_ms": per_call(end - start) if total else 0.0,
           "other_ms": per_call(busy - sum(total[r["name"]] for r in rows)), "rows": rows}
 
@@ -80,7 +85,10 @@ def format_summary(summary: dict, title: str = "") -> str:
   """The table :func:`aggregate` describes, as text (times per call)."""
   head = f"{title} " if title else ""
   if not summary["device_events"]:
-    return f"{head}no device kernels in the trace ({summary.get('trace', '')})"
+    seen = "; ".join(f"{p}: {', '.join(lines) or 'no lines'}"
+                     for p, lines in summary.get("planes", {}).items())
+    return (f"{head}no device kernels in the trace ({summary.get('trace', '')}); planes and "
+            f"their first lines: {seen or 'none'}")
   lines = [f"{head}device busy {summary['device_busy_ms']:.3f} ms per call over a span of "
            f"{summary['span_ms']:.3f} ms ({summary.get('trace', '')})",
            f"  {'kernel':72s} {'ms/call':>9s} {'count':>6s} {'share':>6s}"]

@@ -57,12 +57,13 @@ from benchmarks.engine import decode_ms
 SIZES = (1_000_000, 10_000_000, 100_000_000)
 
 
-def random_model(shape: str):
-  """The shape's model, random-initialised, parameters in the compute dtype."""
+def random_model(shape: str, kernels: str = ""):
+  """The shape's model, random-initialised, parameters in the compute dtype; ``kernels``
+  overrides the recipe's attention implementation (auto | pallas | xla)."""
   import flax.linen as nn
   from msa_jax.model import MSAModel
   base = synth_bank.model_config_of(shape)
-  cfg = base.replace(param_dtype=base.dtype, remat=False)
+  cfg = base.replace(param_dtype=base.dtype, remat=False, kernels=kernels or base.kernels)
   model = MSAModel(cfg)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
   return model, nn.unbox(params)
@@ -258,7 +259,9 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     log(f"ttft b{b}: fetch in {len(layers)} layers {row[f'fetch_all_layers_ms_b{b}']:.2f} ms")
     row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
                                     - row[f"fetch_all_layers_ms_b{b}"])
-    row[f"decode_ms_per_token_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+    row[f"decode_ms_per_token_b{b}"] = decode_ms(
+        model, params, pre()[2], q_len, start, log=log, profile_dir=args.profile_dir and
+        os.path.join(args.profile_dir, f"decode_{bank.num_tokens}_b{b}"))
     log(f"ttft b{b}: decode {row[f'decode_ms_per_token_b{b}']:.2f} ms/token")
   nan = float("nan")
   row.update({"e2e_wall_ms": nan, "e2e_new_tokens": 0, "e2e_failure": "not run (--no_e2e)"})
@@ -331,6 +334,8 @@ def main():
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
   ap.add_argument("--profile_dir", default="",
                   help="profile 3 prefills per batch size here; print their kernel table")
+  ap.add_argument("--kernels", default="", choices=["", "auto", "pallas", "xla"],
+                  help="the model's attention implementation (default: the recipe's)")
   ap.add_argument("--no_e2e", dest="e2e", action="store_false",
                   help="skip the end-to-end MemoryEngine.generate question (its own compile)")
   ap.add_argument("--out", default="")
@@ -355,7 +360,7 @@ def main():
       f"{args.kv_dtype} {size['kv'] / 1e9:.2f} GB")
   bw = read_bandwidth_gbs()
   log(f"read bandwidth {bw:,.0f} GB/s")
-  result = {"shape": args.shape, "model": cfg.to_dict(), "stages": stages, "random_weights": True,
+  result = {"shape": args.shape, "model": cfg.to_dict(), "kernels": args.kernels or cfg.kernels, "stages": stages, "random_weights": True,
             "synthetic_bank": True, "doc_lengths": args.doc_lengths,
             "question_len": args.question_len, "read_bandwidth_gbs": bw,
             "route": [], "ttft": []}
@@ -364,7 +369,7 @@ def main():
       bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
                   result["route"], log, impls)
   if "ttft" in stages:
-    model, params = random_model(args.shape)
+    model, params = random_model(args.shape, args.kernels)
     result["weight_bytes"] = nbytes(params)
     log(f"model: random weights, {nbytes(params) / 1e9:.2f} GB")
     for n in sizes_for(args.tokens, args.ttft_sizes):
