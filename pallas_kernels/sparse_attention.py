@@ -78,12 +78,6 @@ def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
                               k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
 
 
-# At one query block XLA's fused reference beats the kernel (H200, BENCHMARKS.md "Sparse
-# attention": M 64, S 1024: forward 0.066 vs 0.095 ms, backward 0.047 vs 0.087 ms), and
-# decoding (M 1) would pad each query to a 64-row block.
-AUTO_XLA_MAX_QUERIES = 64
-
-
 def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
   """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0).
 
@@ -325,16 +319,14 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
     self_mask_bm: valid own tokens (query i sees own j iff j <= i and valid).
     k_ctx_bsgd, v_ctx_bsgd: optional context ``[B, S, Hkv, D]`` (prefix, then the
       gathered selected chunks), visible to every query where ``ctx_mask_bs``.
-    implementation: ``auto | pallas | xla``; ``auto`` is the kernel on a GPU for more than
-      ``AUTO_XLA_MAX_QUERIES`` queries, the XLA reference otherwise (decoding, prefills).
+    implementation: ``auto | pallas | xla``.
     block_sizes: kernel tiling; interpret: force/forbid interpret mode.
   Returns:
     ``[B, M, H, D]`` in q's dtype. The pallas path computes in bf16 with float32
     softmax, forward and backward (gradients are rounded to bf16, then cast to the
     inputs' dtypes).
   """
-  few_queries = implementation == "auto" and q_bmhd.shape[1] <= AUTO_XLA_MAX_QUERIES
-  if _platform.resolve(implementation) == "xla" or few_queries:
+  if _platform.resolve(implementation) == "xla":
     return ref_attention.attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
                                 k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
   if k_ctx_bsgd is None:

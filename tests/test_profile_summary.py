@@ -33,6 +33,24 @@ def test_counts_device_stream_kernels_once_per_call():
   assert "gemm" in ps.format_summary(s, "t")
 
 
+def test_a_stream_of_kernels_and_copies_counts():
+  """jax 0.11's GPU trace names its compute stream "Stream #14(Compute,MemcpyD2D,Memset)"."""
+  planes = [
+      NS(name="/device:GPU:0", lines=[
+          NS(name="Stream #14(Compute,MemcpyD2D,Memset)", events=[_ev("gemm", 0, 30_000)]),
+          NS(name="Stream #15(MemcpyH2D)", events=[_ev("memcpy", 0, 50_000)])]),
+  ]
+  s = ps.aggregate(planes)
+  assert s["device_busy_ms"] == pytest.approx(0.030)
+  assert [r["name"] for r in s["rows"]] == ["gemm"]
+
+
+def test_an_empty_table_names_the_planes_and_lines_it_saw():
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="Stream #15(MemcpyH2D)", events=[])])]
+  text = ps.format_summary(ps.aggregate(planes))
+  assert "no device kernels" in text and "/device:GPU:0: Stream #15(MemcpyH2D)" in text
+
+
 def test_a_cpu_trace_has_no_device_kernels(tmp_path):
   f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
   x = jnp.ones((64, 64))
