@@ -213,6 +213,9 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
                      kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
+    # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the
+    # H200's 132.8 (benchmarks.train_step, 2026-12-01); a bf16 first moment saves 7.5 GiB.
+    c.optim.mu_dtype = "bfloat16"
     # One active length per stage (the probe's longest): measured on the 0.6b kv data
     # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
     # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
@@ -225,6 +228,9 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
                      remat_policy="full", scan_layers=True, kernels="auto")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
+    # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the
+    # H200's 132.8 (benchmarks.train_step, 2026-12-01); a bf16 first moment saves 7.5 GiB.
+    c.optim.mu_dtype = "bfloat16"
     # One active length per stage (the probe's longest): measured on the 0.6b kv data
     # (python -m benchmarks.train_step --buckets), padding 22.0-22.2% of all tokens with
     # one bucket against 21.8-21.9% with two (16 and 120 active slots): one compile less.
