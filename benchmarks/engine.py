@@ -183,7 +183,8 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
       q_len = np.full((b,), args.question_len, np.int32)
       start = np.full((b,), engine_lib.active_start(cfg, 1), np.int32)
       prefix = engine_lib.bank_prefix(bank, b)
-      pre = lambda: eng.prefill(placed.arrays(), prefix, tokens, q_len, start)
+      pre = lambda: eng.prefill(placed.arrays(), prefix, tokens, q_len, start,
+                                route_rows=args.question_len)
       rows[f"prefill_ms_{impl}_b{b}"] = time_ms(lambda: pre()[0], iters=3)
       rows[f"decode_ms_per_token_{impl}_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
 

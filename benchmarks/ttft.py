@@ -215,7 +215,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     start = np.full((b,), engine_lib.active_start(cfg, len(bank.prefix_tokens)), np.int32)
     prefix = engine_lib.bank_prefix(bank, b)
     arrays = placed.arrays()
-    pre = lambda: eng.prefill(arrays, prefix, tokens, q_len, start)
+    pre = lambda: eng.prefill(arrays, prefix, tokens, q_len, start, route_rows=q)
     t0 = time.perf_counter()
     row[f"ttft_ms_b{b}"] = time_ms(lambda: pre()[0], iters=3)
     log(f"ttft b{b}: prefill {row[f'ttft_ms_b{b}']:.2f} ms (compile and timing "

@@ -58,7 +58,7 @@ def setup(tmp_path_factory):
   return ex, batch, model, variables["params"], out, str(tmp / "bank")
 
 
-def _engine_logits(setup, shards, placement):
+def _engine_logits(setup, shards, placement, route_rows=None):
   """Prefill the question, then teacher-force the target through the KV cache."""
   ex, _, model, params, _, path = setup
   bank = bank_lib.open_bank(path, bank_lib.model_fingerprint(model.config, params))
@@ -73,7 +73,7 @@ def _engine_logits(setup, shards, placement):
   prefix = engine_lib.bank_prefix(bank, 1)
   logits, decisions, cache = eng._prefill(params, placed.arrays(), prefix, jnp.asarray(tokens),
                                           jnp.array([q], jnp.int32), jnp.asarray(start), None,
-                                          all_logits=True)
+                                          all_logits=True, route_rows=route_rows)
   rows = [np.asarray(logits[0, :q])]
   active = ex.question + ex.target
   for i in range(q, len(active) - 1):
@@ -96,6 +96,28 @@ def test_engine_equals_training_forward(setup, shards, placement):
     want = np.asarray(out.selected_brk[0, j])[np.asarray(out.selected_valid_brk[0, j])]
     np.testing.assert_array_equal(sel, want)
   assert all(len(s) == CFG.top_k for s in selected)
+
+
+@pytest.mark.parametrize("route_rows", [3, 4])
+def test_routing_with_the_question_rows_only_changes_nothing(setup, route_rows):
+  """``route_rows``: the router reads only the leading slots that hold questions (3 tokens
+  here, of an 8-slot buffer); logits and choices equal routing with every slot."""
+  want_logits, want_selected = _engine_logits(setup, 2, "device")
+  logits, selected = _engine_logits(setup, 2, "device", route_rows=route_rows)
+  np.testing.assert_array_equal(logits, want_logits)
+  for got, want in zip(selected, want_selected):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_route_rows_shorter_than_a_question_is_an_error(setup):
+  ex, _, model, params, _, path = setup
+  bank = bank_lib.open_bank(path)
+  placed = DeviceBank.load(bank, Mesh(np.array(jax.devices()[:1]), ("memory",)),
+                           log=lambda *_: None)
+  eng = engine_lib.Engine(model, params, "bank", placed.settings)
+  with pytest.raises(ValueError, match="question of 3 tokens does not fit in route_rows=2"):
+    eng.prefill(placed.arrays(), engine_lib.bank_prefix(bank, 1), np.zeros((1, 8), np.int32),
+                np.array([3]), np.array([4]), route_rows=2)
 
 
 def test_greedy_kv_cache_decoding_equals_full_forward_per_step(setup):

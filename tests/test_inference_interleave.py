@@ -39,7 +39,8 @@ class ScriptedEngine:
       out[i, seq[min(self.pos, len(seq) - 1)]] = 1.0
     return jnp.asarray(out)
 
-  def prefill(self, mem_args, prefix, tokens, q_len, start, forced=None):
+  def prefill(self, mem_args, prefix, tokens, q_len, start, forced=None, route_rows=None):
+    assert route_rows is None or max(q_len) <= route_rows <= tokens.shape[1]
     self.round += 1
     self.pos = 0
     self.questions.append([list(tokens[i, :q_len[i]]) for i in range(len(q_len))])

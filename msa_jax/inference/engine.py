@@ -17,7 +17,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import numpy as np
 
 from msa_jax.inference.memory import BankMemory, BankSettings
 from msa_jax.model import ExampleMemory, LayerContext, MSAModel
@@ -51,8 +50,34 @@ def memory_source(kind: str, settings: Optional[BankSettings], mem_args, forced)
   return ExampleMemory(mem_args, forced)
 
 
+class _LeadingRows:
+  """A memory source whose router layers route with the first ``rows`` slots only.
+
+  The prefill's buffer is the question plus room for generated tokens; those slots never
+  route (the routing mask excludes them), but every query row costs the routing kernel a
+  row of its tile (80 rows pad to two 64-row wgmma tiles). Results are unchanged.
+  """
+
+  def __init__(self, memory, rows: int):
+    self.memory, self.rows = memory, rows
+
+  def layer(self, i: int):
+    inner = self.memory.layer(i)
+    return None if inner is None else _LeadingRowsLayer(inner, self.rows)
+
+
+class _LeadingRowsLayer:
+
+  def __init__(self, inner, rows: int):
+    self.inner, self.rows = inner, rows
+
+  def select(self, rq_bmf, route_mask_bm, top_k: int):
+    return self.inner.select(rq_bmf[:, :self.rows], route_mask_bm[:, :self.rows], top_k)
+
+
 def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: PrefixContext,
-            tokens_bm, q_len_b, active_start_b, forced=None, all_logits: bool = False):
+            tokens_bm, q_len_b, active_start_b, forced=None, all_logits: bool = False,
+            route_rows: Optional[int] = None):
   """Stage 2 on a batch of questions: route in every router layer and fill the KV cache.
 
   Args:
@@ -61,6 +86,9 @@ def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: Pref
     q_len_b: int32 ``[B]`` question lengths (>= 1).
     active_start_b: int32 ``[B]`` position of the first question token (SPEC §2: T + k).
     forced: a ``routing.Selection`` that replaces the router's choice (oracle), or None.
+    route_rows: static; every question fits in the first ``route_rows`` slots
+      (``max(q_len_b) <= route_rows``, checked by ``Engine.prefill``): routing reads only
+      those rows. None routes with all ``M``.
   Returns ``(logits [B, vocab] of each question's last token, decisions per router layer,
   DecodeCache)``; ``all_logits`` returns ``[B, M, vocab]`` instead (tests).
   """
@@ -69,6 +97,8 @@ def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: Pref
   mask = slots[None] < q_len_b[:, None]
   pos = active_start_b[:, None] + slots[None]
   memory = memory_source(kind, settings, mem_args, forced)
+  if route_rows is not None and route_rows < m:
+    memory = _LeadingRows(memory, route_rows)
   logits, decisions, kv = model.apply(
       {"params": params}, tokens_bm, pos, mask, mask, prefix.layer_contexts(), memory,
       return_kv=True, method=MSAModel.decode_active)
@@ -123,16 +153,21 @@ class Engine:
       raise ValueError(f"kind must be 'bank' or 'examples', got {kind!r}")
     self.model, self.params, self.kind, self.settings = model, params, kind, settings
     self._prefill = jax.jit(functools.partial(prefill, model, kind, settings),
-                            static_argnames=("all_logits",))
+                            static_argnames=("all_logits", "route_rows"))
     self._decode = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2, 3))
 
   # Host arguments are copied (``_own``): on CPU a jax array may alias a numpy argument's
   # memory, and a caller that then changes the numpy array in place would race the
   # asynchronously dispatched step (seen: wrong cache slots at large memories).
-  def prefill(self, mem_args, prefix, tokens_bm, q_len_b, active_start_b, forced=None):
+  def prefill(self, mem_args, prefix, tokens_bm, q_len_b, active_start_b, forced=None,
+              route_rows: Optional[int] = None):
+    """``prefill`` (see there); ``route_rows`` must hold the longest question."""
+    if route_rows is not None and int(np.max(q_len_b)) > route_rows:
+      raise ValueError(f"a question of {int(np.max(q_len_b))} tokens does not fit in "
+                       f"route_rows={route_rows}: pass at least the longest question length")
     return self._prefill(self.params, mem_args, prefix, _own(tokens_bm), _own(q_len_b),
-                         _own(active_start_b), forced)
+                         _own(active_start_b), forced, route_rows=route_rows)
 
   def decode(self, cache, token_b, cur_b, active_start_b):
     return self._decode(self.params, cache, _own(token_b), _own(cur_b), _own(active_start_b))

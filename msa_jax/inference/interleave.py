@@ -153,7 +153,8 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
     live = [i for i in range(n) if not done[i]]
     if not live:
       break
-    m = _bucket(max(len(qs[i]) for i in live) + max_new_tokens)
+    longest = max(len(qs[i]) for i in live)
+    m = _bucket(longest + max_new_tokens)
     tokens = np.zeros((b, m), np.int32)
     q_len = np.ones((b,), np.int32)
     for i in range(b):
@@ -166,8 +167,10 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
               for i in range(b)]
       forced = memory.forced(gold, k)
     t0 = time.perf_counter()
+    # Only the question slots route: a power-of-two bucket of the longest (few compiles).
     logits, decisions, cache = engine.prefill(memory.mem_args, memory.prefix, tokens, q_len,
-                                              memory.active_start_b, forced)
+                                              memory.active_start_b, forced,
+                                              route_rows=min(m, _bucket(longest)))
     logits.block_until_ready()
     t1 = time.perf_counter()
     if r == 0:
