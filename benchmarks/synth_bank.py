@@ -204,10 +204,11 @@ class SyntheticBank:
 def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: str, mesh=None,
                           seed: int = 0, routing_impl: str = "xla", tile: Optional[int] = None,
                           pad_to: int = 4096, with_kv: bool = True,
-                          score_dtype: str = "float32", log=print):
+                          score_dtype: str = "float32", route_fused: bool = True, log=print):
   """A ``DeviceBank`` of random keys built directly on the devices (see module doc).
 
   ``with_kv=False`` leaves K̄/V̄ out (``None``): a bank to time routing alone.
+  ``route_fused``: the Pallas route's kernel, as ``DeviceBank.load``'s.
   """
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from msa_jax.inference import quantize
@@ -273,7 +274,8 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
               "num_chunks": int(chunks.sum()), "num_tokens": int(lengths.sum()),
               "max_doc_chunks": cmax, "tokenizer": {}}
   bank = SyntheticBank(manifest, index, chunk_doc, [1], prefix_kv, seed)
-  settings = BankSettings(mesh, cmax, tile, routing_impl, None, cfg.dtype, score_dtype)
+  settings = BankSettings(mesh, cmax, tile, routing_impl, None, cfg.dtype, score_dtype,
+                          route_fused)
   put = lambda x: jax.device_put(x, replicated)
   log(f"synthetic bank: {bank.num_docs:,} documents, {bank.num_tokens:,} tokens, "
       f"{bank.num_chunks:,} chunks over {shards} memory shard(s) of {rows:,} rows; K̄R "

@@ -187,14 +187,15 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   """Time to first token (with its parts) and decode on the full bank at ``n_tokens``."""
   from msa_jax import routing
   from msa_jax.inference import engine as engine_lib
-  from msa_jax.inference.bank_routing import sharded_top_k
+  from msa_jax.inference.bank_routing import engine_block_sizes, sharded_top_k
   from msa_jax.inference.memory import _device_gather
   cfg = model.config
   sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
   placed = synth_bank.synthetic_device_bank(cfg, sub, kr_dtype=args.kr_dtype,
                                             kv_dtype=args.kv_dtype,
                                             routing_impl=ttft_routing(cfg, args),
-                                            score_dtype=args.score_dtype, log=log)
+                                            score_dtype=args.score_dtype,
+                                            route_fused=args.engine_route != "unfused", log=log)
   bank, s = placed.bank, placed.settings
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
@@ -238,7 +239,9 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                  cfg.top_k, tile=s.tile, implementation=s.routing,
                                  kr_scale_c=arrays["scales"]["kr"][i],
                                  score_dtype=s.score_dtype,
-                                 layouts=arrays["route_layouts"])[1])
+                                 layouts=arrays["route_layouts"],
+                                 block_sizes=engine_block_sizes(f, fused=s.route_fused)
+                                 if s.routing == "pallas" else None)[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     log(f"ttft b{b}: routing in {len(layers)} layers {row[f'route_all_layers_ms_b{b}']:.2f} ms")
@@ -327,10 +330,10 @@ def main():
                        f"in the module docstring): {', '.join(ROUTE_IMPLS)}")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
-  ap.add_argument("--engine_route", default="", choices=["", "fused", "unfused"],
-                  help="the engine's Pallas route for the TTFT stage (default: "
-                       "bank_routing.ENGINE_FUSED): the fused block top-k kernel or the "
-                       "unfused chunk-score kernel + XLA top-k")
+  ap.add_argument("--engine_route", default="fused", choices=["fused", "unfused"],
+                  help="the engine's Pallas route for the TTFT stage (BankSettings."
+                       "route_fused): the fused block top-k kernel or the unfused "
+                       "chunk-score kernel + XLA top-k")
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
   ap.add_argument("--profile_dir", default="",
                   help="profile 3 prefills per batch size here; print their kernel table")
@@ -342,9 +345,6 @@ def main():
   args = ap.parse_args()
   log = lambda msg: print(msg, flush=True)
   t0 = time.perf_counter()
-  if args.engine_route:
-    from msa_jax.inference import bank_routing
-    bank_routing.ENGINE_FUSED = args.engine_route == "fused"
   stages = args.stages.split(",")
   args.ttft_batches = [int(b) for b in args.ttft_batches.split(",")]
   if not set(stages) <= {"route", "ttft"}:

@@ -179,7 +179,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
   (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
   quantised per column to the same dtype (``block_top_k.route_queries``).
-  ``block_sizes.fused=False`` (or ``ENGINE_FUSED = False``) runs the unfused route
+  ``block_sizes.fused=False`` (``BankSettings.route_fused``) runs the unfused route
   instead: the chunk-score kernel, then the max over each document's run of chunks and
   the top-k in XLA (``[B, C]`` chunk scores in memory; slower at 100M tokens, BENCHMARKS.md).
   ``layouts``: ``{tile: BankLayout, RUNS_KEY: chunk runs}`` of this device's chunks
@@ -235,17 +235,12 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
 
 
-# The engine's Pallas route: the fused block top-k kernel (True) or the unfused chunk-score
-# kernel with the document max and top-k in XLA (False). See BENCHMARKS.md for the choice.
-ENGINE_FUSED = True
-
-
 def engine_block_sizes(key_width: int, **overrides):
   """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for keys of
-  ``key_width`` columns (``overrides``: e.g. ``fused``, ``features``, ``fold_batch``,
-  ``fp8_query_terms``)."""
+  ``key_width`` columns: the fused kernel unless ``fused=False`` (``overrides``: e.g.
+  ``fused``, ``features``, ``fold_batch``, ``fp8_query_terms``)."""
   from pallas_kernels import block_routing
-  return block_routing.BlockSizes(**{"fused": ENGINE_FUSED,
+  return block_routing.BlockSizes(**{"fused": True,
                                      "features": 128 if key_width % 128 == 0 else 64,
                                      **overrides})
 

@@ -57,6 +57,8 @@ class BankSettings:
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
   compute_dtype: str = "float32"          # what fetched K̄/V̄ are (de)quantised to
   score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
+  route_fused: bool = True                # Pallas routing: the fused block top-k kernel, or
+                                          # the unfused chunk scores + XLA top-k (BENCHMARKS.md)
 
 
 @flax.struct.dataclass
@@ -84,7 +86,9 @@ class BankLayerMemory:
     scores_bk, docs_bk = bank_routing.sharded_top_k(
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
         axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
-        score_dtype=s.score_dtype, layouts=self.route_layouts)
+        score_dtype=s.score_dtype, layouts=self.route_layouts,
+        block_sizes=bank_routing.engine_block_sizes(rq_bmf.shape[-1], fused=s.route_fused)
+        if s.routing == "pallas" else None)
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
@@ -266,8 +270,11 @@ class DeviceBank:
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
            routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
-           score_dtype: str = "float32", log=print) -> "DeviceBank":
+           score_dtype: str = "float32", route_fused: bool = True, log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
+
+    ``route_fused`` (``routing_impl="pallas"``): the fused block top-k kernel (default), or
+    the unfused chunk-score kernel with the document max and top-k in XLA.
 
     ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
     multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries
@@ -318,7 +325,7 @@ class DeviceBank:
             check_scales(bank.scale(i, part), f"layer_{i:02d}.{part}_scale", bank.path)
     host = HostFetch(bank, cmax) if kv_placement == "host" else None
     settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype,
-                            score_dtype)
+                            score_dtype, route_fused)
     put = lambda x: jax.device_put(x, replicated)
     log(f"bank {bank.path}: {bank.num_docs:,} documents, {bank.num_chunks:,} chunks over "
         f"{shards} memory shard(s) of {rows:,} rows; K̄R {bank.kr_dtype}, K̄/V̄ {bank.kv_dtype} "
