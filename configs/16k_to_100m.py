@@ -196,6 +196,9 @@ def _base() -> ml_collections.ConfigDict:
   c.eval.memory_multipliers = (1, 4, 16, 64, 256, 1024, 6104)
   c.eval.max_rounds = 3
   c.eval.max_new_tokens = 16
+  # Also answer with one retrieval round, and with ids injected without the documents'
+  # text (the paper's Table 4 ablations; msa_jax.evaluate.ABLATIONS): 3 more passes.
+  c.eval.interleave_ablations = False
   return c
 
 

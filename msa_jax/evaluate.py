@@ -13,6 +13,7 @@ Both go through ``msa_jax.inference`` (KV-cache decoding, Memory Interleave).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -35,19 +36,38 @@ def _recall(scores_rn: np.ndarray, gold_slots: list[int], k: int) -> float:
   return float(np.mean(per_layer))
 
 
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """How one evaluation pass answers: routed or oracle-routed, how many retrieval rounds
+  (None: the evaluation's ``max_rounds``), and what a round injects (``text`` | ``ids``)."""
+
+  oracle: bool = False
+  max_rounds: Optional[int] = None
+  injection: str = "text"
+
+
+ROUTED, ORACLE = Mode(), Mode(oracle=True)
+# The paper's Memory Interleave ablations (Table 4), on the same trained model: one
+# retrieval round before the answer ("w/o multi-round"), and ids injected without the
+# documents' text ("w/o original text"). ``eval.interleave_ablations`` runs them.
+ABLATIONS = {"single_round": Mode(max_rounds=1), "ids_only": Mode(injection="ids")}
+
+
 def generate_with_memory(model, params, examples, specials, *, batch_size: int,
-                         max_rounds: int, max_new_tokens: int, modes=(False, True)):
-  """Generations per mode (False: routed, True: oracle) over one encoding per batch."""
+                         max_rounds: int, max_new_tokens: int, modes=(ROUTED, ORACLE)):
+  """Generations per :class:`Mode` over one encoding of each batch's memories."""
   engine = Engine(model, params, "examples")
   out = [[] for _ in modes]
   for s in range(0, len(examples), batch_size):
     chunk = examples[s:s + batch_size]
     memory = interleave.example_batch(model, params, chunk, batch_size)
-    for i, oracle in enumerate(modes):
-      gold = ([list(ex.rounds or [ex.positive_doc_ids]) for ex in chunk] if oracle else None)
+    for i, mode in enumerate(modes):
+      gold = ([list(ex.rounds or [ex.positive_doc_ids]) for ex in chunk] if mode.oracle
+              else None)
+      rounds = max_rounds if mode.max_rounds is None else mode.max_rounds
       out[i].extend(interleave.generate(engine, memory, [ex.question for ex in chunk], specials,
-                                        max_rounds=max_rounds, max_new_tokens=max_new_tokens,
-                                        oracle_rounds=gold))
+                                        max_rounds=rounds, max_new_tokens=max_new_tokens,
+                                        oracle_rounds=gold, injection=mode.injection))
   return out
 
 
@@ -62,11 +82,13 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
   n_docs = max(len(ex.docs) for ex in examples)
   # Keep one batch's memory bounded: fewer examples per batch at large memories.
   batch = max(1, min(cfg.eval.batch_size, cfg.eval.get("max_batch_docs", 65_536) // n_docs))
-  routed, oracle = generate_with_memory(model, params, examples, specials, batch_size=batch,
-                                        max_rounds=cfg.eval.max_rounds,
-                                        max_new_tokens=cfg.eval.max_new_tokens)
-  em = np.mean([g.answer == ex.answer for g, ex in zip(routed, examples)])
-  oracle_em = np.mean([g.answer == ex.answer for g, ex in zip(oracle, examples)])
+  ablations = list(ABLATIONS) if cfg.eval.get("interleave_ablations", False) else []
+  routed, oracle, *ablated = generate_with_memory(
+      model, params, examples, specials, batch_size=batch, max_rounds=cfg.eval.max_rounds,
+      max_new_tokens=cfg.eval.max_new_tokens,
+      modes=(ROUTED, ORACLE, *(ABLATIONS[a] for a in ablations)))
+  exact = lambda gens: float(np.mean([g.answer == ex.answer for g, ex in zip(gens, examples)]))
+  em, oracle_em = exact(routed), exact(oracle)
   recall = {k: [] for k in (1, 5)}
   for g, ex in zip(routed, examples):
     first_gold = set(ex.rounds[0]) if ex.rounds else set(ex.positive_doc_ids)
@@ -83,6 +105,7 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
       "router_recall@1": float(np.mean(recall[1])),
       "router_recall@5": float(np.mean(recall[5])),
       "oracle_answer_exact_match": float(oracle_em),
+      **{f"{a}_answer_exact_match": exact(g) for a, g in zip(ablations, ablated)},
       "num_examples": len(examples),
       "failures": _count_failures(routed),
       "timings_ms": _mean_timings(routed),
@@ -131,6 +154,10 @@ def plot(rows, path: str) -> None:
           label="answer EM, oracle routing")
   ax.plot(x, [r["router_recall@1"] for r in rows], "^-", label="router recall@1")
   ax.plot(x, [r["router_recall@5"] for r in rows], "v:", label="router recall@5")
+  for name, style in zip(ABLATIONS, ("x-.", "+-.")):
+    if f"{name}_answer_exact_match" in rows[0]:
+      ax.plot(x, [r[f"{name}_answer_exact_match"] for r in rows], style,
+              label=f"answer EM, {name.replace('_', ' ')}")
   ax.set_xscale("log")
   ax.set_ylim(-0.02, 1.02)
   ax.set_xlabel("memory tokens")
@@ -152,9 +179,11 @@ def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
   for i, mult in enumerate(mults):
     row = evaluate_memory_size(cfg, model, params, mult)
     rows.append(row)
+    ablated = "".join(f"{a} EM {row[f'{a}_answer_exact_match']:.2f} | " for a in ABLATIONS
+                      if f"{a}_answer_exact_match" in row)
     print(f"eval {i + 1}/{len(mults)}: memory {row['memory_tokens']:,} tokens "
           f"({row['num_docs']} docs) | EM {row['answer_exact_match']:.2f} | "
-          f"oracle EM {row['oracle_answer_exact_match']:.2f} | "
+          f"oracle EM {row['oracle_answer_exact_match']:.2f} | {ablated}"
           f"R@1 {row['router_recall@1']:.2f} | R@5 {row['router_recall@5']:.2f} | "
           f"elapsed {time.perf_counter() - t0:.0f}s", flush=True)
   result = {"rows": rows}

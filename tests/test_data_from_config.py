@@ -278,6 +278,7 @@ def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cac
   cfg.eval.batch_size = 8
   cfg.eval.max_rounds = 1
   cfg.eval.max_new_tokens = 4
+  cfg.eval.interleave_ablations = True
   steps = []
   train_and_evaluate(cfg, str(tmp_path), on_step=lambda s, m: steps.append(m))
   assert len(steps) == 3 and all(np.isfinite(m["loss"]) for m in steps)
@@ -285,7 +286,9 @@ def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cac
     (row,) = json.load(f)["rows"]
   assert row["memory_multiplier"] == 1 and row["num_examples"] == 6
   assert set(row) >= {"answer_exact_match", "router_recall@1", "router_recall@5",
-                      "oracle_answer_exact_match", "memory_tokens", "num_docs", "failures"}
+                      "oracle_answer_exact_match", "memory_tokens", "num_docs", "failures",
+                      "single_round_answer_exact_match", "ids_only_answer_exact_match"}
+  assert all(0 <= row[f"{a}_answer_exact_match"] <= 1 for a in ("single_round", "ids_only"))
   assert 3 <= row["num_docs"] <= 5
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["model"]["vocab_size"] == -(-(6 + len(WORDS)) // 64) * 64

@@ -10,6 +10,7 @@ import types
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from msa_jax.data.example import Document, Example
 from msa_jax.data.tokenizer import SpecialTokens
@@ -71,6 +72,35 @@ def test_two_hop_follows_the_named_documents_and_stops_at_the_marker():
   assert gen.answer == [8, 9] and gen.failure == ""
   assert [q[0] for q in eng.questions] == [[5, 6], [5, 6] + DOC_A.tokens,
                                            [5, 6] + DOC_A.tokens + DOC_B.tokens]
+
+
+def test_ids_only_injection_appends_the_named_ids_not_the_text():
+  """The paper's "w/o original text" ablation: each round appends only the ids it named."""
+  script = [[[10, 11, 3], [12, 13, 3], [4, 8, 9, 2]]]
+  eng = ScriptedEngine(script)
+  gen, = interleave.generate(eng, _memory(1), [[5, 6]], SP, max_rounds=3, max_new_tokens=6,
+                             injection="ids")
+  assert gen.rounds == [["A"], ["B"]] and gen.answer == [8, 9]
+  assert [q[0] for q in eng.questions] == [[5, 6], [5, 6, 10, 11], [5, 6, 10, 11, 12, 13]]
+
+
+def test_one_retrieval_round_then_the_answer():
+  """``max_rounds=1`` (the "w/o multi-round" ablation): a second round of ids fails."""
+  script = [[[10, 11, 3], [12, 13, 3], [4, 8, 9, 2]]]
+  gen, = interleave.generate(ScriptedEngine(script), _memory(1), [[5, 6]], SP, max_rounds=1,
+                             max_new_tokens=6)
+  assert gen.answer is None and gen.failure == "no answer after 1 retrieval rounds"
+
+
+def test_bank_batch_injects_text_or_ids():
+  bank = types.SimpleNamespace(doc_tokens=lambda j: [100 + j, 7, 8],
+                               doc_id_tokens=lambda j: [100 + j])
+  batch = object.__new__(interleave.BankBatch)
+  batch.bank = bank
+  assert batch.inject(0, [5], [2, 3]) == [5, 102, 7, 8, 103, 7, 8]
+  assert batch.inject(0, [5], [2, 3], "ids") == [5, 102, 103]
+  with pytest.raises(ValueError, match="injection must be one of"):
+    batch.inject(0, [5], [2], "summary")
 
 
 def test_unknown_id_ends_with_a_failure_and_others_go_on():

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from msa_jax.data import from_config, interleave, write_task
+from msa_jax.inference.bank import open_bank
 from train_common import get_config
 
 from tests import reference_numpy as R
@@ -154,6 +155,10 @@ def test_generated_bank_equals_the_corpus_file_bank(slot, tmp_path):
     assert fa == fb, name
   ids = [json.loads(line)["id"] for line in open(tmp_path / "b" / "docs.jsonl")]
   assert ids == [d.doc_id for d in corpus.documents(0, 70)]
+  bank = open_bank(str(tmp_path / "b"))     # what Memory Interleave injects per document
+  for j, d in enumerate(corpus.documents(0, 5)):
+    assert bank.doc_tokens(j) == d.tokens
+    assert bank.doc_id_tokens(j) == d.tokens[:4] == list(d.id_tokens)
 
 
 def test_encode_time_prediction_uses_the_marginal_rate():

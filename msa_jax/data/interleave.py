@@ -16,11 +16,25 @@ from msa_jax.data.example import Document, Example, answer_target, id_target
 from msa_jax.data.tokenizer import SpecialTokens
 
 
-def inject_documents(question: Sequence[int], docs: Sequence[Document]) -> list[int]:
-  """The next round's question: ``question`` followed by each document's tokens."""
+# What a Memory Interleave round appends to the question for the named documents: their
+# original text (the paper's design, and training's) or only their id tokens (the paper's
+# "w/o original text" ablation, Table 4: an evaluation mode, never trained on).
+INJECTIONS = ("text", "ids")
+
+
+def check_injection(injection: str) -> None:
+  if injection not in INJECTIONS:
+    raise ValueError(f"injection must be one of {INJECTIONS}, got {injection!r}")
+
+
+def inject_documents(question: Sequence[int], docs: Sequence[Document],
+                     injection: str = "text") -> list[int]:
+  """The next round's question: ``question`` followed by each document's tokens (``text``)
+  or by each document's id tokens only (``ids``)."""
+  check_injection(injection)
   out = list(question)
   for d in docs:
-    out += d.tokens
+    out += d.tokens if injection == "text" else list(d.id_tokens)
   return out
 
 
@@ -120,8 +134,9 @@ def parse_round(generated: Sequence[int], docs: Sequence[Document] | Mapping,
 
 
 def next_question(question: Sequence[int], docs: Sequence[Document],
-                  doc_ids: Sequence[str]) -> list[int]:
-  """The question of the next round: ``question`` + the named documents' tokens.
+                  doc_ids: Sequence[str], injection: str = "text") -> list[int]:
+  """The question of the next round: ``question`` + the named documents' tokens (or, with
+  ``injection="ids"``, their id tokens).
 
   Raises KeyError naming an id that is not in memory (check
   ``ParsedRound.unknown`` first).
@@ -131,4 +146,4 @@ def next_question(question: Sequence[int], docs: Sequence[Document],
   if missing:
     raise KeyError(f"document ids {missing} are not in memory; the model named "
                    "a document that does not exist (count it as a retrieval miss)")
-  return inject_documents(question, [by_id[i] for i in doc_ids])
+  return inject_documents(question, [by_id[i] for i in doc_ids], injection)

@@ -430,6 +430,11 @@ class MemoryBank:
     off, n = self.doc_index[j, 0], self.doc_index[j, 1]
     return self.array("doc_tokens.i32")[off:off + n].tolist()
 
+  def doc_id_tokens(self, j: int) -> list[int]:
+    """Document ``j``'s id tokens (empty for a document without an id)."""
+    off, id_len = self.doc_index[j, 0], self.doc_index[j, 2]
+    return self.array("doc_tokens.i32")[off:off + id_len].tolist()
+
   @property
   def doc_ids(self) -> list[str]:
     """Every document's id, in bank order (read from docs.jsonl once)."""

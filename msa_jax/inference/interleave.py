@@ -56,10 +56,12 @@ class BankBatch:
   def parse(self, row: int, generated, specials):
     return data_interleave.parse_round(generated, self.bank.id_table(), specials)
 
-  def inject(self, row: int, question: list[int], docs: Sequence[int]) -> list[int]:
+  def inject(self, row: int, question: list[int], docs: Sequence[int],
+             injection: str = "text") -> list[int]:
+    data_interleave.check_injection(injection)
     out = list(question)
     for j in docs:
-      out += self.bank.doc_tokens(j)
+      out += self.bank.doc_tokens(j) if injection == "text" else self.bank.doc_id_tokens(j)
     return out
 
   def name(self, row: int, doc: int) -> str:
@@ -94,8 +96,9 @@ class ExampleBatch:
   def parse(self, row: int, generated, specials):
     return data_interleave.parse_round(generated, self.examples[row].docs, specials)
 
-  def inject(self, row: int, question: list[int], docs: Sequence[str]) -> list[int]:
-    return data_interleave.next_question(question, self.examples[row].docs, docs)
+  def inject(self, row: int, question: list[int], docs: Sequence[str],
+             injection: str = "text") -> list[int]:
+    return data_interleave.next_question(question, self.examples[row].docs, docs, injection)
 
   def name(self, row: int, doc) -> str:
     """The id of a parsed document (``parse_round`` returns ids here)."""
@@ -131,14 +134,17 @@ def _bucket(n: int, minimum: int = 16) -> int:
 def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
              specials: SpecialTokens, *, max_rounds: int = 3, max_new_tokens: int = 16,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             oracle_rounds: Optional[Sequence[Sequence[Sequence[str]]]] = None
-             ) -> list[Generation]:
+             oracle_rounds: Optional[Sequence[Sequence[Sequence[str]]]] = None,
+             injection: str = "text") -> list[Generation]:
   """Answers ``questions`` (token lists, at most ``memory.batch``) by generative retrieval.
 
   ``oracle_rounds[row][r]`` (gold document ids of round r; the last entry also serves the
   answer round) forces routing to the gold documents: it separates router errors from
-  reader errors.
+  reader errors. ``injection``: what a round appends for the documents it named, their
+  text or only their ids (``data.interleave.INJECTIONS``); ``max_rounds=1`` allows one
+  retrieval round before the answer (the paper's "w/o multi-round" ablation).
   """
+  data_interleave.check_injection(injection)
   n, b = len(questions), memory.batch
   if n > b:
     raise ValueError(f"{n} questions for a batch of {b}")
@@ -195,7 +201,8 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
     for i in live:
       gens[i].timings_ms["prefill"] += 1e3 * (t1 - t0)
       gens[i].timings_ms["decode"] += 1e3 * (t2 - t1)
-      _finish_round(gens[i], memory, i, generated[i], qs, done, r, max_rounds, specials)
+      _finish_round(gens[i], memory, i, generated[i], qs, done, r, max_rounds, specials,
+                    injection)
   return gens
 
 
@@ -220,13 +227,13 @@ def _record_first_round(gens, decisions, memory) -> None:
 
 
 def _finish_round(gen: Generation, memory, i: int, generated, qs, done, r: int,
-                  max_rounds: int, specials) -> None:
+                  max_rounds: int, specials, injection: str = "text") -> None:
   parsed = memory.parse(i, generated, specials)
   if parsed.finished:
     gen.answer, done[i] = parsed.answer, True
   elif parsed.doc_ids and parsed.all_found:
     gen.rounds.append([memory.name(i, d) for d in parsed.doc_ids])
-    qs[i] = memory.inject(i, qs[i], parsed.doc_ids)
+    qs[i] = memory.inject(i, qs[i], parsed.doc_ids, injection)
     if r == max_rounds:
       done[i], gen.failure = True, f"no answer after {max_rounds} retrieval rounds"
   else:
