@@ -40,6 +40,7 @@ fp8/int8 is ~113 GB with the recipe's 100-token documents, plus 8 GB of bf16 wei
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import os
 import resource
@@ -65,8 +66,29 @@ def random_model(shape: str, kernels: str = ""):
   base = synth_bank.model_config_of(shape)
   cfg = base.replace(param_dtype=base.dtype, remat=False, kernels=kernels or base.kernels)
   model = MSAModel(cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return model, nn.unbox(params)
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                                   jnp.zeros((1, 8), jnp.int32))["params"])
+  return model, random_params(shapes)
+
+
+def random_params(shapes, seed: int = 0, std: float = 0.02):
+  """Parameters of the ``jax.ShapeDtypeStruct`` tree ``shapes``: normal(0, ``std``) matrices
+  and embeddings, ones for vectors (the norms' scales), as the model's init draws them.
+
+  Not ``jax.jit(model.init)``: at the 4B shape that one program of 36 unrolled layers
+  took minutes to compile on the H200; here one small program per distinct shape does.
+  """
+  leaves, treedef = jax.tree_util.tree_flatten(shapes)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  out = [_random_leaf(tuple(x.shape), jnp.dtype(x.dtype), std)(k) for x, k in zip(leaves, keys)]
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.lru_cache(maxsize=None)
+def _random_leaf(shape: tuple, dtype, std: float):
+  if len(shape) < 2:
+    return jax.jit(lambda key: jnp.ones(shape, dtype))
+  return jax.jit(lambda key: (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype))
 
 
 def nbytes(tree) -> int:

@@ -107,3 +107,19 @@ def test_ttft_benchmark_runs_at_a_tiny_size(tmp_path):
   (t,) = result["ttft"]
   assert t["tokens"] >= 20_000 and t["ttft_ms_b1"] > 0 and t["decode_ms_per_token_b8"] > 0
   assert t["host_peak_bytes"] > 0 and t["e2e_wall_ms"] > 0
+
+
+def test_ttft_random_model_has_the_init_tree():
+  """``benchmarks.ttft.random_model`` draws parameters leaf by leaf (the 4B init program
+  compiled for minutes): same tree, shapes and dtypes as ``model.init``; norms are ones,
+  matrices normal(0, 0.02)."""
+  import flax.linen as nn
+  from benchmarks import ttft
+  model, params = ttft.random_model("tiny")
+  ref = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  meta = lambda t: jax.tree_util.tree_map(lambda x: (x.shape, x.dtype), t)  # noqa: E731
+  assert meta(params) == meta(ref)
+  leaves = jax.tree_util.tree_leaves(params)
+  assert all(np.all(np.asarray(x) == 1) for x in leaves if x.ndim == 1)
+  emb = np.asarray(params["embed_tokens"]["embedding"], np.float32)
+  assert abs(emb.std() - 0.02) < 1e-3 and abs(emb.mean()) < 1e-3
