@@ -42,7 +42,7 @@ def analyse(log: str) -> dict:
   """Scores of the logged documents under each candidate arithmetic vs ACTUAL/DESIRED."""
   from msa_jax.inference import quantize
   from pallas_kernels import block_routing as br
-  from pallas_kernels import block_top_k as bt
+  from pallas_kernels import quantised_queries as qq
   t = _test_module()
   actual, desired = _log_scores(log, "ACTUAL"), _log_scores(log, "DESIRED")
   b, m = 1, 64                                  # the failing parametrisation's case
@@ -56,7 +56,7 @@ def analyse(log: str) -> dict:
   doc_s, _ = t._numerics_reference(rq, mask, codes, scale, doc, n, 16, 64, 2)
   docs = [int(np.argmin(np.abs(doc_s[0] - v))) for v in desired]   # DESIRED = doc_s[docs]
   q = br._fill_masked_queries(jnp.asarray(rq), jnp.asarray(mask), 64)[:, None]
-  rq2 = bt.route_queries(q, codes.dtype, 2)                  # eager on the CPU: exact terms
+  rq2 = qq.route_queries(q, codes.dtype, 2)                  # eager on the CPU: exact terms
   hi, lo = (np.asarray(x.astype(jnp.float32), np.float64)[0, 0] for x in (rq2.q_bgjf,
                                                                           rq2.lo_bgjf))
   q_scale = np.asarray(rq2.scale_bgj, np.float64)[0, 0]

@@ -8,7 +8,7 @@ queries. This measures, on random unit keys at the Qwen3-4B width (F = 1024) and
 of 64 tokens built around a few target chunks plus noise, how often each arithmetic picks
 the same top-k documents as float64 routing over the unquantised keys:
   * ``float queries``: codes × scale against float32 queries (the XLA scan);
-  * ``kernel``: the kernel's numerics in plain XLA (``block_top_k.fused_chunk_scores``):
+  * ``kernel``: the kernel's numerics in plain XLA (``quantised_queries.fused_chunk_scores``):
     bf16 queries for bf16 keys, int8 queries, e4m3 queries as one term or as two (the
     code plus its e4m3 residual, the default).
 RANDOM KEYS: a stress test of near ties (random keys score close together), not a trained
@@ -60,7 +60,7 @@ def doc_top_k(chunk_scores_bc, doc, k: int):
 
 def measure(kr, doc, rq, k: int) -> list[dict]:
   from msa_jax.inference import quantize
-  from pallas_kernels import block_top_k as bt
+  from pallas_kernels import quantised_queries as qq
   ref = doc_top_k((rq.astype(np.float64) @ kr.astype(np.float64).T).max(1), doc, k)
   rows = []
   for kr_dtype, arith, terms in CASES:
@@ -69,8 +69,8 @@ def measure(kr, doc, rq, k: int) -> list[dict]:
       deq = quantize.dequantise_np(codes, scale)
       s = (rq @ deq.T).max(1)
     else:
-      queries = bt.route_queries(jnp.asarray(rq)[:, None], codes.dtype, terms)
-      s = bt.fused_chunk_scores(queries, jnp.asarray(codes),
+      queries = qq.route_queries(jnp.asarray(rq)[:, None], codes.dtype, terms)
+      s = qq.fused_chunk_scores(queries, jnp.asarray(codes),
                                 None if scale is None else jnp.asarray(scale))
     got = doc_top_k(s, doc, k)
     overlap = float(np.mean([len(a & g) / k for a, g in zip(ref, got)]))

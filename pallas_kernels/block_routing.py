@@ -61,7 +61,7 @@ from jax import lax
 
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
-from pallas_kernels import block_top_k
+from pallas_kernels import block_top_k, quantised_queries
 from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 
 NEG_INF = -jnp.inf
@@ -94,7 +94,7 @@ class BlockSizes:
     its per-tile work, not by reading keys.
   fp8_query_terms: fp8 K̄R: the queries as one e4m3 code per element (1: fastest, 2^-4
     relative error) or two, the code plus its e4m3 residual (2: ~2^-8, a second fp8
-    wgmma per tile); see :func:`pallas_kernels.block_top_k.route_queries`.
+    wgmma per tile); see :func:`pallas_kernels.quantised_queries.route_queries`.
   skip_beaten: the fused kernel merges a tile into a running list only when its best chunk
     reaches the list's k-th value (exact; see ``block_top_k._block_top_k_call``).
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
@@ -205,7 +205,7 @@ def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: Bl
                      f"kernel uses {tile_c} here (batch {b}, {m} routing tokens); rebuild it "
                      f"with bank_layout(chunk_doc, {tile_c}) (fused_plan gives the tile)")
   q_bgjf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
-  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
+  queries = quantised_queries.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
   if kr_scale_c is None:
     kr_cf = kr_cf.astype(jnp.bfloat16)
   c = kr_cf.shape[0]
@@ -261,12 +261,12 @@ def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
 def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes,
                                interpret):
   """Chunk scores ``[B, C]`` of quantised keys through the unfused kernel: queries quantised
-  per column (``block_top_k.route_queries``), ``scale_c · max_j q_scale_j · codes·q_j``."""
+  per column (``quantised_queries.route_queries``), ``scale_c · max_j q_scale_j · codes·q_j``."""
   b, m, f = rq_bmf.shape
   c = kr_cf.shape[0]
   bs, groups, cols = quant_plan(m, f, bs, kr_cf.dtype)
   q_bgjf = _fill_masked_queries(rq_bmf, query_mask_bm, groups * cols).reshape(b, groups, cols, f)
-  queries = block_top_k.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
+  queries = quantised_queries.route_queries(q_bgjf, kr_cf.dtype, bs.fp8_query_terms)
   terms = [q.reshape(b * groups, cols, f) for q in (queries.q_bgjf, queries.lo_bgjf)
            if q is not None]
   q_scale = queries.scale_bgj.reshape(b * groups, cols).astype(jnp.float32)
@@ -276,7 +276,7 @@ def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: Blo
     return chunk_max_quant_call(tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,
                                  len(terms), interpret)(codes, *terms, q_scale)
   s_bc = _tiles_then_tail(c, bs.chunks, b, groups, kernel_scores,
-                          lambda c_main: block_top_k.fused_chunk_scores(queries, kr_cf[c_main:c]))
+                          lambda c_main: quantised_queries.fused_chunk_scores(queries, kr_cf[c_main:c]))
   s_bc = s_bc * kr_scale_c[None, :c].astype(jnp.float32)   # positive: commutes with the max
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
@@ -448,7 +448,7 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
       ``scale · code``). Both kernels (fused, and unfused for ``fused=False`` or ``k > 64``)
       read the codes with fp8 / int8 wgmma against queries quantised to the same dtype
       with a scale per query column (fp8: two e4m3 terms by default,
-      ``BlockSizes.fp8_query_terms``; :func:`pallas_kernels.block_top_k.route_queries`);
+      ``BlockSizes.fp8_query_terms``; :func:`pallas_kernels.quantised_queries.route_queries`);
       the XLA path scores the codes with float32 queries and multiplies by the scale.
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
@@ -458,7 +458,7 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
   bs = block_sizes or BlockSizes()
   quant = kr_scale_c is not None
   fused = (layout is not None or quant) if bs.fused is None else bs.fused
-  if quant and jnp.dtype(kr_cf.dtype).name not in block_top_k.QUANT_KEY_DTYPES:
+  if quant and jnp.dtype(kr_cf.dtype).name not in quantised_queries.QUANT_KEY_DTYPES:
     raise ValueError(f"kr_scale_c given with {kr_cf.dtype} keys: scales go with fp8 e4m3 / "
                      "int8 codes only")
   use_pallas = _platform.resolve(implementation) == "pallas"

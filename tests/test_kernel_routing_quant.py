@@ -2,7 +2,7 @@
 batch rows folded into its query columns, and bank layouts built once.
 
 CPU runs the Mosaic GPU kernel in interpret mode; tests marked ``gpu`` run it compiled.
-Two references: the kernel's own numerics in plain XLA (``block_top_k.fused_chunk_scores``:
+Two references: the kernel's own numerics in plain XLA (``quantised_queries.fused_chunk_scores``:
 queries quantised per column, codes, scales), which it must match exactly up to float32
 summation order; and the pure-JAX float route over the dequantised keys (codes × scale) with
 float queries, which it must match within the bound the query quantisation allows.
@@ -18,6 +18,7 @@ from msa_jax import routing as rr
 from msa_jax.inference import bank_routing, quantize
 from pallas_kernels import block_routing as br
 from pallas_kernels import block_top_k as bt
+from pallas_kernels import quantised_queries as qq
 
 QUANT = ["int8", "float8_e4m3fn"]
 SMALL = br.BlockSizes(chunks=64, features=64, stages=2, block_docs=8, fused=True, blocks=2)
@@ -39,7 +40,7 @@ def _case(seed, b, m, f, doc_lens, pad=0, valid=None):
 def _numerics_reference(rq, mask, codes, scale, doc, n, k, cols, terms=2):
   """The kernel's arithmetic in plain XLA → (document scores [B, N], chosen sets)."""
   q = br._fill_masked_queries(jnp.asarray(rq), jnp.asarray(mask), cols)[:, None]
-  s_bc = bt.fused_chunk_scores(bt.route_queries(q, codes.dtype, terms), jnp.asarray(codes),
+  s_bc = qq.fused_chunk_scores(qq.route_queries(q, codes.dtype, terms), jnp.asarray(codes),
                                None if scale is None else jnp.asarray(scale))
   s_bc = jnp.where(jnp.asarray(mask).any(1)[:, None], s_bc, -jnp.inf)
   doc_s = rr.document_scores(s_bc, jnp.asarray(doc), n)
@@ -151,8 +152,8 @@ def test_fp8_query_residual_has_no_convert_round_trip():
   codes, scale = quantize.quantise(np.asarray(_case(6, 1, 1, 128, [64])[2]), "float8_e4m3fn", 1)
 
   def route(q, codes, scale):
-    queries = bt.route_queries(q, jnp.float8_e4m3fn, 2)
-    return queries, bt.fused_chunk_scores(queries, codes, scale)
+    queries = qq.route_queries(q, jnp.float8_e4m3fn, 2)
+    return queries, qq.fused_chunk_scores(queries, codes, scale)
   hlo = jax.jit(route).lower(q, jnp.asarray(codes), jnp.asarray(scale)).as_text(dialect="hlo")
   assert "convert" in hlo and not _float_convert_chains(hlo)
   # the detector finds the chain it is meant to find
@@ -162,8 +163,8 @@ def test_fp8_query_residual_has_no_convert_round_trip():
 
 def _check_fp8_query_terms_jitted():
   q = jnp.asarray(np.random.default_rng(7).normal(size=(2, 1, 64, 256)), jnp.float32)
-  eager = bt.route_queries(q, jnp.float8_e4m3fn, 2)
-  jitted = jax.jit(bt.route_queries, static_argnums=(1, 2))(q, jnp.float8_e4m3fn, 2)
+  eager = qq.route_queries(q, jnp.float8_e4m3fn, 2)
+  jitted = jax.jit(qq.route_queries, static_argnums=(1, 2))(q, jnp.float8_e4m3fn, 2)
   # the same queries (to the residual's rounding: a fused division may differ by an ulp)
   deq = [np.asarray((r.q_bgjf.astype(jnp.float32) + r.lo_bgjf.astype(jnp.float32))
                     * r.scale_bgj[..., None]) for r in (eager, jitted)]
@@ -230,7 +231,7 @@ def test_quantised_keys_need_their_scales():
     br.route_top_k(*args, jnp.asarray(kr), jnp.asarray(doc), 2, 1, implementation="pallas",
                    kr_scale_c=jnp.asarray(scale))
   with pytest.raises(ValueError, match="needs its per-chunk scales"):
-    bt.route_top_k_blocks(bt.route_queries(jnp.zeros((1, 1, 64, 64)), jnp.int8),
+    bt.route_top_k_blocks(qq.route_queries(jnp.zeros((1, 1, 64, 64)), jnp.int8),
                           jnp.ones((1,), bool), jnp.asarray(codes),
                           bt.bank_layout(jnp.asarray(doc), 64), 1, tile_f=64, stages=1, blocks=1)
   # XLA on codes: float32 queries · codes · scale, the float route over the dequantised keys.

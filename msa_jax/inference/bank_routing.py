@@ -178,7 +178,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   block-local top-k in one pass; only k candidates per block leave it), so memory stays
   bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
   (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
-  quantised per column to the same dtype (``block_top_k.route_queries``).
+  quantised per column to the same dtype (``quantised_queries.route_queries``).
   ``block_sizes.fused=False`` (``BankSettings.route_fused``) runs the unfused route
   instead: the chunk-score kernel, then the max over each document's run of chunks and
   the top-k in XLA (``[B, C]`` chunk scores in memory; slower at 100M tokens, BENCHMARKS.md).
