@@ -86,6 +86,9 @@ def main():
   ap.add_argument("--encode_repeats", type=int, default=1,
                   help="encode the corpus this many times (fresh banks); the last, warm run "
                        "(no compiles) is the one reported")
+  ap.add_argument("--width_multiple", type=int, default=-1,
+                  help="the encoder's document padding (msa_jax.inference.encode."
+                       "padded_widths); -1: the recipe's data.doc_slot_multiple (0 if unset)")
   ap.add_argument("--encode_only", action="store_true",
                   help="stop after encode throughput and MFU (no routing, prefill, decode)")
   args = ap.parse_args()
@@ -102,6 +105,8 @@ def main():
   corpus, bank_dir = os.path.join(work, "corpus.jsonl"), os.path.join(work, "bank")
   mean_len = doc_lengths_of_recipe(args.config, 4096).mean()
   lengths = doc_lengths_of_recipe(args.config, int(args.tokens / mean_len) + 1)
+  width_multiple = (args.width_multiple if args.width_multiple >= 0 else
+                    int(_load_config(args.config).data.get("doc_slot_multiple", 0) or 0))
   t0 = time.perf_counter()
   total = write_corpus(corpus, lengths, cfg.vocab_size)
   print(f"corpus: {len(lengths):,} documents, {total:,} tokens ({time.perf_counter() - t0:.0f}s)",
@@ -113,7 +118,8 @@ def main():
     t0 = time.perf_counter()
     encode_corpus(model, params, corpus, bank_dir, tokenizer=None, prefix_tokens=[1],
                   window_tokens=args.window_tokens, batch_tokens=args.batch_tokens,
-                  kr_dtype=args.kr_dtype or None, kv_dtype=args.kv_dtype or None)
+                  kr_dtype=args.kr_dtype or None, kv_dtype=args.kv_dtype or None,
+                  width_multiple=width_multiple)
     encode_seconds.append(time.perf_counter() - t0)
     print(f"encode run {rep + 1}: {total / encode_seconds[-1]:,.0f} tokens/s "
           f"({encode_seconds[-1]:.1f}s)", flush=True)
@@ -122,6 +128,7 @@ def main():
   rows = {"model": cfg.to_dict(), "memory_tokens": bank.num_tokens, "num_docs": bank.num_docs,
           "kr_dtype": bank.kr_dtype, "kv_dtype": bank.kv_dtype,
           "num_chunks": bank.num_chunks, "encode_seconds": encode_s,
+          "encode_width_multiple": width_multiple,
           "encode_seconds_all_runs": encode_seconds,
           "encode_tokens_per_s": bank.num_tokens / encode_s,
           **encode_mfu(cfg, lengths, encode_s),

@@ -16,6 +16,10 @@ flags.DEFINE_string("bank", None, "Output bank directory (created, or resumed)."
 flags.DEFINE_string("tokenizer_dir", "", "Local HF tokenizer (default: the checkpoint's).")
 flags.DEFINE_integer("window_tokens", 1 << 20, "Tokens encoded and committed per window.")
 flags.DEFINE_integer("batch_tokens", 16_384, "Padded tokens per encoder batch.")
+flags.DEFINE_integer("width_multiple", 0,
+                     "Pad each document to a multiple of this many tokens (one batch shape per "
+                     "distinct padded length: for corpora of few lengths); 0: to chunk-size "
+                     "levels P·{1, 2, 3, 4, 6, 8, ...} (at most 1/3 padding, few shapes).")
 flags.DEFINE_enum("kr_dtype", "", ["", "float32", "bfloat16", "float16", "float8_e4m3fn", "int8"],
                   "Precision of the pooled router keys K̄R ('': the model dtype; float8_e4m3fn "
                   "and int8 store one float32 scale per chunk).")

@@ -190,6 +190,33 @@ def test_interrupted_encode_resumes_to_an_identical_bank(tiny):
   assert bank.doc_tokens(5) == json.loads(open(tiny[2]).readlines()[5])["tokens"]
 
 
+def test_padded_widths():
+  from msa_jax.inference.encode import padded_widths
+  lengths = np.array([100, 100, 37, 128, 129])
+  widths, level = padded_widths(lengths, 64)
+  assert widths == [64, 128, 192] and level.tolist() == [1, 1, 0, 1, 2]
+  widths, level = padded_widths(lengths, 64, width_multiple=8)
+  assert widths == [40, 104, 128, 136] and level.tolist() == [1, 1, 0, 2, 3]
+  with pytest.raises(ValueError, match="width_multiple=-8"):
+    padded_widths(lengths, 64, width_multiple=-8)
+
+
+def test_documents_padded_to_a_token_multiple_encode_the_same_bank(tiny):
+  """``width_multiple`` only changes the encoder's batch shapes (documents of 1-11 tokens
+  padded to a multiple of 2 tokens, often ending mid-chunk, not to chunk-size levels 3,
+  6, 9, 12): the same chunks, to float rounding."""
+  _, _, _, tmp = tiny
+  levels, tight = str(tmp / "levels"), str(tmp / "tight")
+  assert _encode(tiny, levels)["complete"] and _encode(tiny, tight, width_multiple=2)["complete"]
+  a, b = bank_lib.open_bank(levels), bank_lib.open_bank(tight)
+  np.testing.assert_array_equal(np.asarray(a.doc_index), np.asarray(b.doc_index))
+  np.testing.assert_array_equal(np.asarray(a.chunk_doc), np.asarray(b.chunk_doc))
+  for i in a.router_layers:
+    for part in ("kr", "k", "v"):
+      x, y = (np.asarray(getattr(bank, part)(i), np.float32) for bank in (a, b))
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
+
+
 def test_bank_from_another_model_is_refused(tiny):
   model, params, _, tmp = tiny
   path = str(tmp / "whole")

@@ -159,15 +159,40 @@ def length_buckets(chunk_size: int, max_len: int) -> list[int]:
     n *= 2
 
 
+def padded_widths(lengths: np.ndarray, chunk_size: int, width_multiple: int = 0):
+  """``(widths, level of each document)``: the padded lengths documents are batched at.
+
+  ``width_multiple=0``: :func:`length_buckets` (at most 1/3 padding, few shapes for any
+  corpus); else each document's length rounded up to that multiple, one shape per distinct
+  rounded length: for corpora of few lengths (synthetic tasks), where whole chunks waste
+  more (the 4b recipe's 100-token documents: 128 slots of P 64, 22 % padding; 104 with a
+  multiple of 8, 4 %). Pooling masks a partial last chunk, so the bank's content is the
+  same either way (to float rounding)."""
+  if width_multiple < 0:
+    raise ValueError(f"width_multiple={width_multiple}: 0 (chunk-size levels) or a positive "
+                     "multiple of tokens")
+  if width_multiple:
+    rounded = -(-lengths // width_multiple) * width_multiple
+    widths = sorted(int(w) for w in np.unique(rounded))
+    return widths, np.searchsorted(widths, rounded)
+  widths = length_buckets(chunk_size, int(lengths.max()))
+  return widths, np.searchsorted(widths, lengths)
+
+
 class Encoder:
-  """Runs the model's stage-1 functions on batches of documents of one padded shape."""
+  """Runs the model's stage-1 functions on batches of documents of one padded shape.
+
+  ``width_multiple``: how documents are padded into batches (:func:`padded_widths`).
+  """
 
   def __init__(self, model, params, *, batch_tokens: int = 16_384,
-               kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None):
+               kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
+               width_multiple: int = 0):
     self.model, self.params = model, params
     cfg = model.config
     self.cfg = cfg
     self.batch_tokens = batch_tokens
+    self.width_multiple = width_multiple
     self.kr_dtype = kr_dtype or cfg.dtype
     self.kv_dtype = kv_dtype or cfg.dtype
     self._encode = jax.jit(functools.partial(_encode_docs, model))
@@ -194,8 +219,7 @@ class Encoder:
     starts = np.asarray(starts, np.int64)
     chunks = -(-lengths // p)
     first_row = np.concatenate([[0], np.cumsum(chunks)])      # window order
-    levels = length_buckets(p, int(lengths.max()))
-    level_of = np.searchsorted(levels, lengths)
+    levels, level_of = padded_widths(lengths, p, self.width_multiple)
     out = {i: {part: None for part in ("kr", "k", "v")} for i in cfg.router_layer_ids}
     for lv in np.unique(level_of):
       width = levels[lv]
@@ -266,12 +290,14 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
                   prefix_tokens: Sequence[int], fingerprint: Optional[str] = None,
                   window_tokens: int = 1 << 20, batch_tokens: int = 16_384,
                   kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
-                  max_windows: Optional[int] = None, log=print) -> dict:
+                  max_windows: Optional[int] = None, width_multiple: int = 0,
+                  log=print) -> dict:
   """Encodes ``corpus_path`` into the bank at ``bank_path`` (created, or resumed).
 
   ``kr_dtype``/``kv_dtype``: the bank's precisions (``quantize.KR_DTYPES``/``KV_DTYPES``;
   None: the model dtype, or on resume the bank's own). ``max_windows`` stops after that
-  many windows, as an interruption would (tests).
+  many windows, as an interruption would (tests). ``width_multiple``: the encoder's
+  padding of documents (``padded_widths``; 0: chunk-size levels).
   Returns the bank's manifest (``complete`` tells whether the corpus is done).
   """
   info = validate_corpus(corpus_path, tokenizer, model.config.vocab_size)
@@ -281,7 +307,8 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
                  rows_from=lambda done: read_rows(corpus_path, tokenizer,
                                                   model.config.vocab_size, start_row=done),
                  window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                 kv_dtype=kv_dtype, max_windows=max_windows, log=log)
+                 kv_dtype=kv_dtype, max_windows=max_windows, log=log,
+                 width_multiple=width_multiple)
 
 
 def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
@@ -289,11 +316,13 @@ def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
                      fingerprint: Optional[str] = None, window_tokens: int = 1 << 22,
                      batch_tokens: int = 262_144, kr_dtype: Optional[str] = None,
                      kv_dtype: Optional[str] = None, max_windows: Optional[int] = None,
-                     encoder: Optional["Encoder"] = None, log=print) -> dict:
+                     encoder: Optional["Encoder"] = None, width_multiple: int = 0,
+                     log=print) -> dict:
   """Encodes generated documents into a bank, without a corpus file (no JSON to write,
   validate and parse again: the fast path for synthetic corpora of 100M tokens).
   ``encoder``: an ``Encoder`` of the same model and parameters to reuse (its compiled
-  shapes too, e.g. across banks of several sizes); by default a new one.
+  shapes too, e.g. across banks of several sizes); by default a new one, padding documents
+  as ``width_multiple`` says (``padded_widths``).
 
   ``documents(start, stop)`` returns the ``DocRecord``s of rows ``[start, stop)``, the same
   every call; ``source`` names the corpus in the manifest (e.g. ``"write_task:tiny:seed0"``)
@@ -315,12 +344,14 @@ def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
   return _encode(model, params, bank_path, corpus, tokenizer=tokenizer,
                  prefix_tokens=prefix_tokens, fingerprint=fingerprint, rows_from=rows_from,
                  window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                 kv_dtype=kv_dtype, max_windows=max_windows, log=log, encoder=encoder)
+                 kv_dtype=kv_dtype, max_windows=max_windows, log=log, encoder=encoder,
+                 width_multiple=width_multiple)
 
 
 def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_tokens,
             fingerprint, rows_from, window_tokens: int, batch_tokens: int, kr_dtype,
-            kv_dtype, max_windows, log, encoder: Optional[Encoder] = None) -> dict:
+            kv_dtype, max_windows, log, encoder: Optional[Encoder] = None,
+            width_multiple: int = 0) -> dict:
   """The encode loop shared by a corpus file and generated documents: ``corpus`` is the
   manifest's record of the source, ``rows_from(done)`` its documents from row ``done``."""
   cfg = model.config
@@ -331,7 +362,7 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
   fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
   if encoder is None or encoder.model is not model or encoder.params is not params:
     encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                      kv_dtype=kv_dtype)
+                      kv_dtype=kv_dtype, width_multiple=width_multiple)
   elif (kr_dtype or encoder.kr_dtype, kv_dtype or encoder.kv_dtype) != (encoder.kr_dtype,
                                                                         encoder.kv_dtype):
     raise ValueError(f"the encoder given writes K̄R {encoder.kr_dtype}, K̄/V̄ "
@@ -424,6 +455,7 @@ def main(argv) -> None:
   prefix = task_prefix(f.checkpoint, tokenizer)
   m = encode_corpus(model, params, f.corpus, f.bank, tokenizer=tokenizer, prefix_tokens=prefix,
                     window_tokens=f.window_tokens, batch_tokens=f.batch_tokens,
+                    width_multiple=f.width_multiple,
                     kr_dtype=f.kr_dtype or None, kv_dtype=f.kv_dtype or None)
   if m["complete"]:
     print(f"bank {f.bank}: {m['num_docs']:,} documents, {m['num_tokens']:,} tokens, "
