@@ -93,6 +93,7 @@ import numpy as np  # noqa: E402
 from benchmarks import (compiled_need_bytes, device_memory_stat, device_name, out_dir,
                         write_json)  # noqa: E402
 from msa_jax import flops as flops_lib, metrics, sharding, trainer  # noqa: E402
+from msa_jax.data import buckets as bucket_lib  # noqa: E402
 from msa_jax.data import from_config  # noqa: E402
 from msa_jax.train_step import lm_chunk_size  # noqa: E402
 
@@ -274,10 +275,10 @@ def run_buckets(args) -> dict:
       model_cfg = trainer.resolve_model_config(cfg)
       src = from_config.make_source(cfg.data, cfg.seed, cfg.data.memory_tokens)
       for levels in (1, 2, 4):
-        bs = from_config.buckets_for(
+        bs = bucket_lib.buckets_for(
             src, 8, model_cfg.pooling_chunk_size, memory_interleave=cfg.data.interleave,
-            **dict(from_config.bucket_levels(cfg.data), active_levels=levels))
-        waste = from_config.padding_waste_of(src, bs, memory_interleave=cfg.data.interleave)
+            **dict(bucket_lib.bucket_levels(cfg.data), active_levels=levels))
+        waste = bucket_lib.padding_waste_of(src, bs, memory_interleave=cfg.data.interleave)
         row = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "active_levels": levels,
                "buckets": [dataclasses.astuple(b)[1:] for b in bs], "padding": waste}

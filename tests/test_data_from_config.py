@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from msa_jax.data import buckets as bucket_lib
 from msa_jax.data import from_config as ip
 from msa_jax.batch import MSABatch
 from msa_jax.data.collate import BucketShapes
@@ -118,7 +119,7 @@ def test_synthetic_iterators(task, subtask, capsys):
   it = ip.make_train_iterator(cfg.data, seed=0, batch_size=8, chunk_size=2)
   assert "padding waste" in capsys.readouterr().out
   source = ip.make_source(cfg.data, 0)
-  buckets = ip.buckets_for(source, 8, 2)
+  buckets = bucket_lib.buckets_for(source, 8, 2)
   tasks = set()
   for _ in range(6):
     b = next(it)
@@ -171,7 +172,7 @@ def test_jsonl_iterator(hf_dir, jsonl_files, corpus, capsys):
   cfg = _jsonl_cfg(hf_dir, jsonl_files, corpus)
   source = ip.make_source(cfg.data, 0)
   assert isinstance(source, ip.ExampleList) and len(source) == (12 if corpus else 40)
-  buckets = ip.buckets_for(source, 4, 2)
+  buckets = bucket_lib.buckets_for(source, 4, 2)
   for ex in source:          # every sample of the data fits (nothing is truncated)
     from msa_jax.data import interleave
     for s in interleave.expand(ex, source.tokenizer.specials):
@@ -200,13 +201,13 @@ def test_jsonl_iterator(hf_dir, jsonl_files, corpus, capsys):
 def test_jsonl_buckets_follow_the_data(hf_dir, jsonl_files):
   cfg = _jsonl_cfg(hf_dir, jsonl_files)
   source = ip.make_source(cfg.data, 0)
-  buckets = ip.buckets_for(source, 4, 2)
+  buckets = bucket_lib.buckets_for(source, 4, 2)
   assert max(b.docs for b in buckets) == max(len(ex.docs) for ex in source)
   assert min(b.docs for b in buckets) < max(b.docs for b in buckets)   # several memory sizes
-  waste = ip.padding_waste_of(source, buckets, num_examples=40)
+  waste = bucket_lib.padding_waste_of(source, buckets, num_examples=40)
   one = [BucketShapes(4, max(b.prefix for b in buckets), max(b.docs for b in buckets),
                       max(b.doc_len for b in buckets), max(b.active for b in buckets))]
-  assert waste["total"] < ip.padding_waste_of(source, one, num_examples=40)["total"]
+  assert waste["total"] < bucket_lib.padding_waste_of(source, one, num_examples=40)["total"]
   cfg.data.max_doc_len = 8     # JSONL documents are checked as they are read: file:line
   with pytest.raises(ValueError, match=r"train.jsonl:1: document 'd\d+' has \d+ tokens "
                      r"\(with its id\), over data.max_doc_len=8"):

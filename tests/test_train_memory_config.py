@@ -3,6 +3,7 @@ import jax
 import ml_collections
 import pytest
 
+from msa_jax.data import buckets as bucket_lib
 from msa_jax.data import from_config
 from msa_jax.train_step import lm_chunk_size
 from msa_jax.trainer import use_compilation_cache
@@ -12,12 +13,12 @@ from train_common import get_config
 
 def test_bucket_caps_come_from_the_config_and_bound_the_buckets():
   cfg = get_config("smoke")
-  assert from_config.bucket_levels(cfg.data) == {"memory_levels": 3, "active_levels": 4,
+  assert bucket_lib.bucket_levels(cfg.data) == {"memory_levels": 3, "active_levels": 4,
                                                  "doc_multiple": None}
   source = from_config.make_source(cfg.data, cfg.seed, None)
-  four = from_config.buckets_for(source, 8, 2, **from_config.bucket_levels(cfg.data))
+  four = bucket_lib.buckets_for(source, 8, 2, **bucket_lib.bucket_levels(cfg.data))
   cfg.data.active_buckets = 1
-  one = from_config.buckets_for(source, 8, 2, **from_config.bucket_levels(cfg.data))
+  one = bucket_lib.buckets_for(source, 8, 2, **bucket_lib.bucket_levels(cfg.data))
   assert len(one) == 1 < len(four)
   assert one[0].active == max(b.active for b in four)   # still fits every sample
   for variant in ("0.6b", "4b"):
@@ -28,7 +29,7 @@ def test_a_zero_bucket_cap_is_refused_naming_the_key():
   cfg = get_config("smoke")
   cfg.data.memory_buckets = 0
   with pytest.raises(ValueError, match=r"data.memory_buckets must be >= 1.*--config.data"):
-    from_config.bucket_levels(cfg.data)
+    bucket_lib.bucket_levels(cfg.data)
 
 
 def test_lm_chunk_size_default_and_override():
@@ -86,11 +87,11 @@ def test_doc_slot_multiple_sets_the_slot_rounding():
   cfg = get_config("smoke")
   source = from_config.make_source(cfg.data, cfg.seed, None)
   cfg.data.doc_slot_multiple = 0
-  whole = from_config.buckets_for(source, 8, 3, **from_config.bucket_levels(cfg.data))
+  whole = bucket_lib.buckets_for(source, 8, 3, **bucket_lib.bucket_levels(cfg.data))
   cfg.data.doc_slot_multiple = 1
-  tight = from_config.buckets_for(source, 8, 3, **from_config.bucket_levels(cfg.data))
+  tight = bucket_lib.buckets_for(source, 8, 3, **bucket_lib.bucket_levels(cfg.data))
   # 8-token documents, P = 3: whole chunks pad them to 9 slots, a multiple of 1 to 8
   assert {b.doc_len for b in whole} == {9} and {b.doc_len for b in tight} == {8}
   cfg.data.doc_slot_multiple = -1
   with pytest.raises(ValueError, match="doc_slot_multiple must be >= 0"):
-    from_config.bucket_levels(cfg.data)
+    bucket_lib.bucket_levels(cfg.data)
