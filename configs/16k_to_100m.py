@@ -129,6 +129,10 @@ def _base() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.infonce_temperature = 0.1
+  # > 0: also a next-token loss inside the memory documents at this weight (each document
+  # alone through the causal LM, train_step.doc_lm_loss): a backbone trained from scratch
+  # learns what its documents say; the paper's is pretrained.
+  c.loss.doc_lm_weight = 0.0
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
   c.loss.lm_chunk_size = 64

@@ -328,10 +328,22 @@ class MSAModel(nn.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = jnp.ones((b, t), bool) if mask is None else jnp.asarray(mask, bool)
-    x = self._embed(tokens)
+    return self._logits(self._causal_stream(tokens, positions, mask))
+
+  def lm_hidden(self, tokens_bt, mask_bt):
+    """The plain causal LM's final-normed hidden states ``[B, T, D]`` (positions
+    ``0..T-1``): what ``model.apply(vars, tokens)`` applies the LM head to. The training
+    step's document LM loss (``loss.doc_lm_weight``) runs each document through it."""
+    tokens = jnp.asarray(tokens_bt, jnp.int32)
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    return self.norm(self._causal_stream(tokens, positions, jnp.asarray(mask_bt, bool)))
+
+  def _causal_stream(self, tokens_bt, positions_bt, mask_bt):
+    x = self._embed(tokens_bt)
     for layer in self.layers:
-      x, _, _, _ = layer.encode(x, positions, mask)
-    return self._logits(x)
+      x, _, _, _ = layer.encode(x, positions_bt, mask_bt)
+    return x
 
   def encode_documents(self, doc_tokens_bnl, doc_mask_bnl, doc_pos_bnl) -> dict[int, LayerMemory]:
     """Stage 1: runs each document alone and pools every router layer's memory.

@@ -62,6 +62,32 @@ def lm_chunk_size(cfg) -> int:
   return int((loss_cfg or {}).get("lm_chunk_size", 64))   # < 1 is refused by the loss
 
 
+def doc_lm_weight(cfg) -> float:
+  """Weight of the document LM loss (``loss.doc_lm_weight``, default 0: none)."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  w = float((loss_cfg or {}).get("doc_lm_weight", 0.0))
+  if w < 0:
+    raise ValueError(f"loss.doc_lm_weight must be >= 0 (0: no document LM loss), got {w}; "
+                     "set --config.loss.doc_lm_weight")
+  return w
+
+
+def doc_lm_loss(model: MSAModel, params, batch: MSABatch, chunk_size: int):
+  """Next-token loss inside the memory documents: ``(mean loss, predicted tokens)``.
+
+  Each document slot runs alone through the plain causal LM (``MSAModel.lm_hidden``) and
+  predicts its own next tokens, so the backbone learns what its documents say (which
+  value follows which key), the representation routing to a key inside a document needs;
+  a pretrained backbone (the paper's) comes with it. Padding slots predict nothing.
+  """
+  b, n, l = batch.doc_tokens.shape
+  tokens = jnp.asarray(batch.doc_tokens, jnp.int32).reshape(b * n, l)
+  mask = jnp.asarray(batch.doc_mask, bool).reshape(b * n, l)
+  hidden = model.apply({"params": params}, tokens, mask, method=MSAModel.lm_hidden)
+  return losses.lm_loss_chunked(hidden[:, :-1], lm_head_weight_vd(params, model.config),
+                                tokens[:, 1:], mask[:, 1:] & mask[:, :-1], chunk_size)
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
   out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
@@ -78,10 +104,16 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
     aux, pairs = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux
+  extra = {}
+  doc_w = doc_lm_weight(cfg)
+  if doc_w > 0:
+    doc_lm, doc_targets = doc_lm_loss(model, params, batch, lm_chunk_size(cfg))
+    total = total + doc_w * doc_lm
+    extra = {"doc_lm_loss": doc_lm, "doc_target_tokens": doc_targets}
   router = losses.router_metrics(out.doc_scores_brn, out.selected_brk, out.selected_valid_brk,
                                  batch.positive_docs, valid_bn)
   metrics = {"loss": total, "lm_loss": lm, "aux_loss": aux, "target_tokens": num_targets,
-             "routing_pairs": pairs, "lm_weight": lm_w, "aux_weight": aux_w}
+             "routing_pairs": pairs, "lm_weight": lm_w, "aux_weight": aux_w, **extra}
   for name, per_layer in router.items():
     metrics[f"router_{name}"] = jnp.mean(per_layer)
     metrics[f"router_{name}_per_layer"] = per_layer
