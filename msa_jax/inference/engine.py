@@ -67,6 +67,7 @@ class _LeadingRows:
 
 
 class _LeadingRowsLayer:
+  """One layer of :class:`_LeadingRows`: routes with the first ``rows`` query rows."""
 
   def __init__(self, inner, rows: int):
     self.inner, self.rows = inner, rows
