@@ -129,6 +129,10 @@ def _base() -> ml_collections.ConfigDict:
 
   c.loss = ml_collections.ConfigDict()
   c.loss.infonce_temperature = 0.1
+  # > 0: the routing loss scores a document by the smooth maximum τ·log mean exp(s/τ) of
+  # its (routing token, chunk) scores at this τ, so its gradient reaches every chunk;
+  # 0: the hard max (one pair a document). Selection, metrics and inference keep the max.
+  c.loss.aux_softmax = 0.0
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
   c.loss.lm_chunk_size = 64

@@ -62,16 +62,29 @@ def lm_chunk_size(cfg) -> int:
   return int((loss_cfg or {}).get("lm_chunk_size", 64))   # < 1 is refused by the loss
 
 
+def aux_softmax(cfg) -> float:
+  """The temperature of the routing loss's smooth document score (``loss.aux_softmax``,
+  default 0: the hard max over tokens and chunks, as routing itself uses;
+  ``routing.smooth_document_scores``)."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  tau = float((loss_cfg or {}).get("aux_softmax", 0.0))
+  if tau < 0:
+    raise ValueError(f"loss.aux_softmax must be >= 0 (0: hard max), got {tau}; "
+                     "set --config.loss.aux_softmax")
+  return tau
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
-  out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
+  out = model.apply({"params": params}, batch, aux_softmax(cfg), method=MSAModel.forward_train)
   lm, num_targets = losses.lm_loss_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
   valid_bn = losses.doc_valid(batch.doc_mask)
   aux_layers = aux_loss_layers(model.config)
   if aux_layers:
-    aux, pairs = losses.infonce_decoupled(out.doc_scores_brn[:, jnp.asarray(aux_layers)],
+    scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
+    aux, pairs = losses.infonce_decoupled(scores_brn[:, jnp.asarray(aux_layers)],
                                           batch.positive_docs, valid_bn,
                                           cfg.loss.infonce_temperature)
   else:   # no router layer in the upper half: no aux term (SPEC §4)
