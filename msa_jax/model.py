@@ -571,7 +571,8 @@ class MSAModel(nn.Module):
                              aux_softmax: float = 0.0):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
     context and (router runs) memory are scanned inputs, its routing a stacked output
-    (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s). Returns ``(x [B, M, D] before the final norm, decisions)`` like the unrolled path."""
+    (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s).
+    Returns ``(x [B, M, D] before the final norm, decisions)`` like the unrolled path."""
     cfg = self.config
     x = self._embed(active_tokens_bm)
     mask = jnp.asarray(active_mask_bm, bool)
