@@ -56,6 +56,9 @@ class Routing:
   doc_scores_bn: jax.Array   # float32 [B, N]; -inf for padding / empty documents
   doc_idx_bk: jax.Array      # int32 [B, k] selected documents in document order
   valid_bk: jax.Array        # bool [B, k]
+  # float32 [B, N]: the routing loss's smooth scores (routing.smooth_document_scores),
+  # only where the training forward asks for them; None otherwise.
+  aux_scores_bn: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -76,6 +79,9 @@ class MSATrainOutput:
   doc_scores_brn: jax.Array   # float32 [B, R, N]
   selected_brk: jax.Array     # int32 [B, R, k]
   selected_valid_brk: jax.Array  # bool [B, R, k]
+  # float32 [B, R, N]: the smooth scores for the routing loss (``forward_train``'s
+  # ``aux_softmax`` > 0); None: the loss uses ``doc_scores_brn``.
+  aux_scores_brn: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -120,17 +126,20 @@ class ExampleMemory:
   ``(decision, k [B, S, Hkv, D], v, mask [B, S])``, the selected documents' pooled
   chunks in document order. Here each example routes against its own documents;
   ``forced`` (a ``routing.Selection``) replaces the router's choice in every layer
-  (oracle routing) while scores are still computed. The inference engine's shared
-  bank is another source (``msa_jax.inference.engine``).
+  (oracle routing) while scores are still computed. ``aux_softmax`` > 0 adds the routing
+  loss's smooth scores to each decision (``routing.smooth_document_scores`` at that
+  temperature; training only). The inference engine's shared bank is another source
+  (``msa_jax.inference.engine``).
   """
 
-  def __init__(self, memory: dict, forced: Optional[routing.Selection] = None):
-    self.memory, self.forced = memory, forced
+  def __init__(self, memory: dict, forced: Optional[routing.Selection] = None,
+               aux_softmax: float = 0.0):
+    self.memory, self.forced, self.aux_softmax = memory, forced, aux_softmax
 
   def layer(self, i: int) -> Optional["ExampleLayerMemory"]:
     if i not in self.memory:
       return None
-    return ExampleLayerMemory(self.memory[i], self.forced)
+    return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax)
 
 
 @flax.struct.dataclass
@@ -139,13 +148,18 @@ class ExampleLayerMemory:
 
   memory: "LayerMemory"
   forced: Optional[routing.Selection] = None
+  aux_softmax: float = flax.struct.field(pytree_node=False, default=0.0)
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
     doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
     if self.forced is not None:
       selection = self.forced
+    aux_scores = None
+    if self.aux_softmax > 0:
+      aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
+                                                  self.memory.chunk_mask_bnc, self.aux_softmax)
     k, v, mask = gather_selected_memory(self.memory, selection)
-    return Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk), k, v, mask
+    return Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk, aux_scores), k, v, mask
 
 
 def routing_mask(batch: MSABatch, cfg: ModelConfig):
@@ -435,17 +449,23 @@ class MSAModel(nn.Module):
     x, decisions = self._forward_active_hidden(batch)
     return MSAOutput(logits_bmv=self._logits(x), **_stack_decisions(decisions))
 
-  def forward_train(self, batch: MSABatch) -> "MSATrainOutput":
+  def forward_train(self, batch: MSABatch, aux_softmax: float = 0.0) -> "MSATrainOutput":
     """The training forward: :meth:`forward_memory` without the LM head.
 
     Returns the final-normed hidden states of the active slots; the loss applies
     the LM head itself, in chunks over target positions (``losses.lm_loss_chunked``),
-    so ``[B, M, vocab]`` logits never exist.
+    so ``[B, M, vocab]`` logits never exist. ``aux_softmax`` > 0 (``loss.aux_softmax``)
+    also returns the routing loss's smooth document scores at that temperature
+    (``routing.smooth_document_scores``); selection and ``doc_scores_brn`` keep the max.
     """
-    x, decisions = self._forward_active_hidden(batch)
-    return MSATrainOutput(hidden_bmd=self.norm(x), **_stack_decisions(decisions))
+    x, decisions = self._forward_active_hidden(batch, aux_softmax)
+    aux = None
+    if aux_softmax > 0:
+      aux = jnp.stack([d.aux_scores_bn for d in decisions], axis=1)
+    return MSATrainOutput(hidden_bmd=self.norm(x), aux_scores_brn=aux,
+                          **_stack_decisions(decisions))
 
-  def _forward_active_hidden(self, batch: MSABatch):
+  def _forward_active_hidden(self, batch: MSABatch, aux_softmax: float = 0.0):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
@@ -458,8 +478,10 @@ class MSAModel(nn.Module):
                                               prefix_pos, params)
       return self._active_hidden_scanned(batch.active_tokens, active_pos, batch.active_mask,
                                          routing_mask(batch, cfg), batch.prefix_mask,
-                                         prefix_kv, memory, params)
-    memory = self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos)
+                                         prefix_kv, memory, params, aux_softmax)
+    memory = ExampleMemory(
+        self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos),
+        aux_softmax=aux_softmax)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
                                           routing_mask(batch, cfg),
@@ -557,9 +579,11 @@ class MSAModel(nn.Module):
     return out
 
   def _active_hidden_scanned(self, active_tokens_bm, active_pos_bm, active_mask_bm,
-                             route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked):
+                             route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked,
+                             aux_softmax: float = 0.0):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
-    context and (router runs) memory are scanned inputs, its routing a stacked output.
+    context and (router runs) memory are scanned inputs, its routing a stacked output
+    (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s).
     Returns ``(x [B, M, D] before the final norm, decisions)`` like the unrolled path."""
     cfg = self.config
     x = self._embed(active_tokens_bm)
@@ -572,7 +596,7 @@ class MSAModel(nn.Module):
 
       def body(x, xs):
         p, k, v, mem = xs
-        layer_memory = None if mem is None else ExampleLayerMemory(mem)
+        layer_memory = None if mem is None else ExampleLayerMemory(mem, aux_softmax=aux_softmax)
         x, _, _, decision, _ = active(p, x, active_pos_bm, mask,
                                       LayerContext(k, v, prefix_mask), layer_memory,
                                       route_mask_bm)

@@ -118,6 +118,42 @@ def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int):
   return per_doc[:, :num_docs]
 
 
+def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, temperature: float):
+  """A smooth maximum of the routing scores of each document, for the routing loss only.
+
+  ``τ·log mean exp(s/τ)`` over the document's valid (routing token, chunk) pairs, ``s``
+  the scores whose hard maximum is :func:`document_scores`. Its gradient reaches every
+  pair in proportion to ``softmax(s/τ)``, where the hard max's reaches one. Subtracting
+  ``τ·log(count)`` (a mean, not a sum, of the exponentials) keeps it between the mean
+  and the maximum score, so a document with more chunks is not scored higher for that
+  alone; as ``τ → 0`` it tends to the hard maximum.
+
+  Args:
+    rq_bmf: group-summed queries (:func:`group_sum_queries`), ``[B, M, F]``.
+    query_mask_bm: which tokens route.
+    kr_bncf: pooled router keys (:func:`router_keys`) of each example's own documents,
+      ``[B, N, C, F]``.
+    chunk_mask_bnc: which chunks exist.
+    temperature: ``τ > 0``.
+  Returns:
+    float32 ``[B, N]``; ``-inf`` for a document with no chunk (or no routing token).
+  """
+  if not temperature > 0:
+    raise ValueError(f"the smooth maximum needs a temperature > 0, got {temperature}; "
+                     "0 means the hard maximum (document_scores)")
+  s_bmnc = jnp.einsum("bmf,bncf->bmnc", rq_bmf.astype(jnp.float32),
+                      kr_bncf.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  valid_bmnc = (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
+                & jnp.asarray(chunk_mask_bnc, bool)[:, None])
+  # Finite filler, not -inf: an empty document's logsumexp and its gradient stay finite
+  # (the gradient is then masked to 0), where -inf would give NaN.
+  x_bmnc = jnp.where(valid_bmnc, s_bmnc / temperature, -1e30)
+  count_bn = jnp.sum(valid_bmnc, axis=(1, 3))
+  lse_bn = jax.nn.logsumexp(x_bmnc, axis=(1, 3))
+  mean_bn = temperature * (lse_bn - jnp.log(jnp.maximum(count_bn, 1)))
+  return jnp.where(count_bn > 0, mean_bn, NEG_INF)
+
+
 class Selection(NamedTuple):
   """Top-k documents of one routing step, in document (ascending index) order."""
 

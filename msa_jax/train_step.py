@@ -55,30 +55,35 @@ def _warn_no_aux_layers(router_ids: tuple[int, ...], num_layers: int) -> None:
       "to train the router.", list(router_ids), num_layers, num_layers // 2, num_layers // 2)
 
 
+def _loss_setting(cfg, key: str, default, meaning_of_zero: str = ""):
+  """``cfg.loss[key]`` (``default`` when the config predates it); with
+  ``meaning_of_zero``, a negative value is an error naming the field."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  value = type(default)((loss_cfg or {}).get(key, default))
+  if meaning_of_zero and value < 0:
+    raise ValueError(f"loss.{key} must be >= 0 (0: {meaning_of_zero}), got {value}; "
+                     f"set --config.loss.{key}")
+  return value
+
+
 def lm_chunk_size(cfg) -> int:
   """Active positions per example in one chunk of the LM loss (``loss.lm_chunk_size``,
   default 64): one chunk's float32 logits take ``local batch x this x vocab x 4`` bytes."""
-  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
-  return int((loss_cfg or {}).get("lm_chunk_size", 64))   # < 1 is refused by the loss
+  return _loss_setting(cfg, "lm_chunk_size", 64)   # < 1 is refused by the loss
 
 
 def doc_lm_weight(cfg) -> float:
   """Weight of the document LM loss (``loss.doc_lm_weight``, default 0: none)."""
-  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
-  w = float((loss_cfg or {}).get("doc_lm_weight", 0.0))
-  if w < 0:
-    raise ValueError(f"loss.doc_lm_weight must be >= 0 (0: no document LM loss), got {w}; "
-                     "set --config.loss.doc_lm_weight")
-  return w
+  return _loss_setting(cfg, "doc_lm_weight", 0.0, "no document LM loss")
 
 
 def doc_lm_loss(model: MSAModel, params, batch: MSABatch, chunk_size: int):
   """Next-token loss inside the memory documents: ``(mean loss, predicted tokens)``.
 
   Each document slot runs alone through the plain causal LM (``MSAModel.lm_hidden``) and
-  predicts its own next tokens, so the backbone learns what its documents say (which
-  value follows which key), the representation routing to a key inside a document needs;
-  a pretrained backbone (the paper's) comes with it. Padding slots predict nothing.
+  predicts its own next tokens, so a backbone trained from scratch learns what its
+  documents say, as a pretrained one (the paper's) already has. Padding slots predict
+  nothing.
   """
   b, n, l = batch.doc_tokens.shape
   tokens = jnp.asarray(batch.doc_tokens, jnp.int32).reshape(b * n, l)
@@ -88,16 +93,24 @@ def doc_lm_loss(model: MSAModel, params, batch: MSABatch, chunk_size: int):
                                 tokens[:, 1:], mask[:, 1:] & mask[:, :-1], chunk_size)
 
 
+def aux_softmax(cfg) -> float:
+  """The temperature of the routing loss's smooth document score (``loss.aux_softmax``,
+  default 0: the hard max over tokens and chunks, as routing itself uses;
+  ``routing.smooth_document_scores``)."""
+  return _loss_setting(cfg, "aux_softmax", 0.0, "hard max")
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
-  out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
+  out = model.apply({"params": params}, batch, aux_softmax(cfg), method=MSAModel.forward_train)
   lm, num_targets = losses.lm_loss_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
   valid_bn = losses.doc_valid(batch.doc_mask)
   aux_layers = aux_loss_layers(model.config)
   if aux_layers:
-    aux, pairs = losses.infonce_decoupled(out.doc_scores_brn[:, jnp.asarray(aux_layers)],
+    scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
+    aux, pairs = losses.infonce_decoupled(scores_brn[:, jnp.asarray(aux_layers)],
                                           batch.positive_docs, valid_bn,
                                           cfg.loss.infonce_temperature)
   else:   # no router layer in the upper half: no aux term (SPEC §4)
