@@ -209,7 +209,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   """Time to first token (with its parts) and decode on the full bank at ``n_tokens``."""
   from msa_jax import routing
   from msa_jax.inference import engine as engine_lib
-  from msa_jax.inference.bank_routing import engine_block_sizes, sharded_top_k
+  from msa_jax.inference.bank_routing import sharded_top_k
   from msa_jax.inference.memory import _device_gather
   cfg = model.config
   sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
@@ -262,8 +262,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                  kr_scale_c=arrays["scales"]["kr"][i],
                                  score_dtype=s.score_dtype,
                                  layouts=arrays["route_layouts"],
-                                 block_sizes=engine_block_sizes(f, fused=s.route_fused)
-                                 if s.routing == "pallas" else None)[1])
+                                 block_sizes=s.route_block_sizes(f))[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     log(f"ttft b{b}: routing in {len(layers)} layers {row[f'route_all_layers_ms_b{b}']:.2f} ms")

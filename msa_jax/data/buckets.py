@@ -25,7 +25,6 @@ def _round_up(x: int, m: int) -> int:
   return -(-x // m) * m
 
 
-
 def _sample_sizes(ex: Example, specials, memory_interleave: bool, doc_len_of) -> list[tuple]:
   """(prefix, docs, max doc length, active) of each sample of ``ex``, without expanding it
   (cheap for shared-corpus memories; ``doc_len_of`` memoises the doc scan)."""

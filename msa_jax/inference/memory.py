@@ -60,6 +60,12 @@ class BankSettings:
   route_fused: bool = True                # Pallas routing: the fused block top-k kernel, or
                                           # the unfused chunk scores + XLA top-k (BENCHMARKS.md)
 
+  def route_block_sizes(self, key_width: int):
+    """The Pallas route's ``BlockSizes`` for keys of ``key_width`` columns (None: XLA)."""
+    if self.routing != "pallas":
+      return None
+    return bank_routing.engine_block_sizes(key_width, fused=self.route_fused)
+
 
 @flax.struct.dataclass
 class BankLayerMemory:
@@ -87,8 +93,7 @@ class BankLayerMemory:
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
         axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
         score_dtype=s.score_dtype, layouts=self.route_layouts,
-        block_sizes=bank_routing.engine_block_sizes(rq_bmf.shape[-1], fused=s.route_fused)
-        if s.routing == "pallas" else None)
+        block_sizes=s.route_block_sizes(rq_bmf.shape[-1]))
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
