@@ -221,7 +221,8 @@ def decode_ms(model, params, cache, q_len_b, start_b, profile_dir: str = "", log
   if profile_dir:
     from benchmarks import profile_summary
     profile_summary.profile_calls(lambda: jax.block_until_ready(dec(params, cache)), profile_dir,
-                                  calls=3, title=f"decode step, batch {len(q_len_b)}", log=log)
+                                  calls=3, title=f"decode step, batch {len(q_len_b)}", log=log,
+                                  hlo_text=dec.lower(params, cache).compile().as_text())
   return ms
 
 

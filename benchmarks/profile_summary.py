@@ -17,6 +17,7 @@ import argparse
 import collections
 import glob
 import os
+import re
 
 
 def find_trace(profile_dir: str) -> str:
@@ -105,11 +106,36 @@ def format_summary(summary: dict, title: str = "") -> str:
   return "\n".join(lines)
 
 
+_HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def describe_kernels(hlo_text: str, names) -> dict:
+  """What each profiled kernel is in the compiled program: ``{kernel: "shape op ...
+  (op_name)"}`` for the kernels named after an HLO instruction (XLA names a fusion's
+  kernel after the instruction, ``.`` → ``_``; library kernels such as cuBLAS's have other
+  names and are left out)."""
+  want = set(names)
+  found = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_DEF.match(line)
+    if not m:
+      continue
+    name = m.group(1).replace(".", "_")
+    if name in want and name not in found:
+      body = m.group(2)
+      op = _OP_NAME.search(body)
+      head = body.split(", metadata=")[0].split(", backend_config=")[0]
+      found[name] = head[:160] + (f"  [{op.group(1)[-120:]}]" if op else "")
+  return found
+
+
 def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: int = 25,
-                  log=print) -> dict:
+                  log=print, hlo_text: str = "") -> dict:
   """Runs ``fn()`` once to warm up, then ``calls`` times under the profiler into
   ``profile_dir``, logs the table and returns it. ``fn`` must block until its result is
-  ready (``jax.block_until_ready``)."""
+  ready (``jax.block_until_ready``). ``hlo_text``: the compiled program
+  (``compiled.as_text()``); each kernel it defines is logged with its HLO instruction."""
   import jax
   fn()
   os.makedirs(profile_dir, exist_ok=True)
@@ -125,6 +151,10 @@ def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: in
   summary = summarize(profile_dir, calls, top)
   summary["calls"] = calls
   log(format_summary(summary, f"{title} ({calls} calls):" if title else f"({calls} calls):"))
+  if hlo_text:
+    summary["hlo"] = describe_kernels(hlo_text, [r["name"] for r in summary["rows"]])
+    for name, what in summary["hlo"].items():
+      log(f"    {name}: {what}")
   return summary
 
 

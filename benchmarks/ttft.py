@@ -22,7 +22,8 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     kernel, or chunk scores + the XLA document max and top-k), ``pallas-noskip`` (every
     tile merged, ``BlockSizes.skip_beaten=False``), ``pallas-f256`` (256-feature pipeline
     steps: half the steps for 8-bit keys), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
-    ``BlockSizes.fp8_query_terms=1``)), beside its read floor: bytes of K̄R codes + scales over the
+    ``BlockSizes.fp8_query_terms=1``); any of them with ``:FIELD=VALUE`` overrides of
+    ``BlockSizes``, e.g. ``pallas-f256:programs_per_sm=2``), beside its read floor: bytes of K̄R codes + scales over the
     pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
     full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
@@ -108,8 +109,33 @@ ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pal
                "pallas-noskip", "pallas-f256")
 
 
+def split_impl(impl: str) -> tuple[str, dict]:
+  """``"pallas-f256:programs_per_sm=2:stages=3"`` → ``("pallas-f256", {"programs_per_sm": 2,
+  "stages": 3})``: a ``ROUTE_IMPLS`` name, then ``BlockSizes`` fields to override (ints, or
+  true/false), each after a colon."""
+  import dataclasses
+  from pallas_kernels.block_routing import BlockSizes
+  name, *opts = impl.split(":")
+  if name not in ROUTE_IMPLS:
+    raise ValueError(f"route implementation {name!r}: choose from {', '.join(ROUTE_IMPLS)}")
+  fields = {fl.name for fl in dataclasses.fields(BlockSizes)}
+  overrides = {}
+  for opt in opts:
+    key, _, value = opt.partition("=")
+    if key not in fields or not value:
+      raise ValueError(f"route implementation {impl!r}: {opt!r} is not FIELD=VALUE with a "
+                       f"BlockSizes field ({', '.join(sorted(fields))})")
+    if name.startswith("xla"):
+      raise ValueError(f"route implementation {impl!r}: BlockSizes options need a pallas route")
+    overrides[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in (
+        "true", "false") else int(value)
+  return name, overrides
+
+
 def route_impl_args(impl: str, f: int, layouts) -> dict:
-  """``sharded_top_k`` keyword arguments of a ``--route_impls`` name (see module doc)."""
+  """``sharded_top_k`` keyword arguments of a ``--route_impls`` name (see module doc and
+  :func:`split_impl`)."""
+  impl, overrides = split_impl(impl)
   if impl.startswith("xla"):
     return {"implementation": "xla",
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
@@ -119,7 +145,7 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
                           fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
                           skip_beaten=impl != "pallas-noskip",
                           **({"features": 256} if impl == "pallas-f256" else {}),
-                          **({"fused": fused[impl]} if impl in fused else {}))
+                          **({"fused": fused[impl]} if impl in fused else {}), **overrides)
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
 
@@ -152,9 +178,9 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
           "(once per bank, compile included)")
     for impl in impls:
       for b in (1, 8):
-        if impl in ("pallas-fold", "pallas-nofold") and b == 1:
+        if impl.startswith(("pallas-fold", "pallas-nofold")) and b == 1:
           continue            # one example: nothing to fold
-        if impl.endswith("fp8q1") and kr_dtype != "float8_e4m3fn":
+        if split_impl(impl)[0].endswith("fp8q1") and kr_dtype != "float8_e4m3fn":
           continue            # one e4m3 query term: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
@@ -248,7 +274,9 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
       row[f"profile_b{b}"] = profile_summary.profile_calls(
           lambda: jax.block_until_ready(pre()[0]),
           os.path.join(args.profile_dir, f"prefill_{bank.num_tokens}_b{b}"), calls=3,
-          title=f"prefill, {bank.num_tokens:,} tokens, batch {b}", log=log)
+          title=f"prefill, {bank.num_tokens:,} tokens, batch {b}", log=log,
+          hlo_text=eng._prefill.lower(eng.params, arrays, prefix, tokens, q_len, start, None,
+                                      route_rows=q).compile().as_text())
     # routing alone, every router layer (queries: random; the cost does not depend on them)
     rq = jnp.asarray(rng.normal(size=(b, q, f)).astype(np.float32))
     mask = jnp.ones((b, q), bool)
@@ -371,8 +399,11 @@ def main():
   if not set(stages) <= {"route", "ttft"}:
     raise SystemExit(f"--stages={args.stages!r}: choose from route, ttft")
   impls = args.route_impls.split(",")
-  if not set(impls) <= set(ROUTE_IMPLS):
-    raise SystemExit(f"--route_impls={args.route_impls!r}: choose from {', '.join(ROUTE_IMPLS)}")
+  try:
+    for impl in impls:
+      split_impl(impl)
+  except ValueError as e:
+    raise SystemExit(f"--route_impls={args.route_impls!r}: {e}") from None
   cfg = synth_bank.model_config_of(args.shape)
   lengths = synth_bank.doc_lengths(args.shape, args.tokens, args.doc_lengths)
   size = synth_bank.bank_bytes(cfg, lengths, args.kr_dtype, args.kv_dtype)

@@ -84,7 +84,11 @@ class BlockSizes:
     top-k inside it, :mod:`pallas_kernels.block_top_k`; needs ``k ≤ 64``). None
     (default): fused when the caller passes the bank's ``layout``, which a bank
     builds once; without it the layout costs ~0.06 ms per call on an H100.
-  blocks: programs of the fused kernel (0: one per streaming multiprocessor).
+  blocks: programs of the fused kernel (0: ``programs_per_sm`` per streaming
+    multiprocessor).
+  programs_per_sm: with ``blocks=0``, fused-kernel programs per streaming multiprocessor;
+    each gets ``1/programs_per_sm`` of the shared memory (a shallower pipeline), and the
+    programs sharing an SM overlap one's per-tile work and waits with the other's loads.
   fold_batch: the fused kernel folds several examples into one pass's query columns
     (``examples · cols ≤ max_queries``, wgmma N): one read of the bank serves them all,
     each example keeping its own max over question tokens and running list. False: one
@@ -110,6 +114,7 @@ class BlockSizes:
   top_k: str = "pruned_sort"
   fused: bool | None = None
   blocks: int = 0
+  programs_per_sm: int = 1
   fold_batch: bool | None = None
   fp8_query_terms: int = 2
   skip_beaten: bool = True
@@ -216,7 +221,7 @@ def _route_top_k_fused(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, k: int, bs: Bl
   return block_top_k.route_top_k_blocks(
       queries, jnp.any(query_mask_bm, axis=1), kr_cf, layout, k, tile_f=bs.features,
       stages=bs.stages, blocks=bs.blocks, kr_scale_c=kr_scale_c, examples=examples,
-      interpret=interpret, skip_beaten=bs.skip_beaten)
+      interpret=interpret, skip_beaten=bs.skip_beaten, programs_per_sm=bs.programs_per_sm)
 
 
 def _tiles_then_tail(c: int, tile_c: int, b: int, groups: int, kernel_scores, tail_scores):

@@ -96,10 +96,14 @@ def _check_contiguous(doc_c: np.ndarray) -> None:
                      "contiguously (padding chunks, -1, may sit anywhere)")
 
 
-def num_blocks_for(num_tiles: int, blocks: int) -> tuple[int, int]:
-  """``(blocks, tiles per block)`` for ``num_tiles`` tiles; ``blocks=0``: one per SM."""
+def num_blocks_for(num_tiles: int, blocks: int, programs_per_sm: int = 1) -> tuple[int, int]:
+  """``(blocks, tiles per block)`` for ``num_tiles`` tiles; ``blocks=0``:
+  ``programs_per_sm`` per SM (8 in all off a GPU)."""
+  if programs_per_sm < 1:
+    raise ValueError(f"programs_per_sm must be >= 1, got {programs_per_sm}")
   if blocks <= 0:
-    blocks = (getattr(jax.devices()[0], "core_count", 0) if _platform.on_gpu() else 0) or 8
+    sms = getattr(jax.devices()[0], "core_count", 0) if _platform.on_gpu() else 0
+    blocks = sms * programs_per_sm if sms else 8
   per = -(-num_tiles // blocks)
   return -(-num_tiles // per), per
 
@@ -370,17 +374,17 @@ def fp8_accumulate(acc, k_smem, q_smems):
 
 
 def stages_that_fit(tile_c: int, tile_f: int, cols: int, stages: int, itemsize: int = 2,
-                    examples: int = 1, query_terms: int = 1) -> int:
+                    examples: int = 1, query_terms: int = 1, programs_per_sm: int = 1) -> int:
   """Pipeline depth whose buffers (K̄R, queries, per-tile vectors) fit SMEM.
 
   ``itemsize`` 1: quantised keys and ``query_terms`` query operands, plus their float32
-  scales per stage.
+  scales per stage. ``programs_per_sm``: programs sharing one SM's shared memory.
   """
   scratch = examples * (4 * tile_c + 12 * (LIST_SLOTS + tile_c))
   per_stage = itemsize * tile_f * (tile_c + query_terms * cols) + 8 * tile_c
   if itemsize == 1:
     per_stage += 4 * (tile_c + cols)
-  return max(1, min(stages, (_SMEM_LIMIT - scratch) // per_stage))
+  return max(1, min(stages, (_SMEM_LIMIT // programs_per_sm - scratch) // per_stage))
 
 
 def merge_candidates(val_bn, doc_bn, k: int):
@@ -469,7 +473,8 @@ def _kernel_query_operands(queries: RouteQueries, examples: int):
 
 def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLayout, k: int, *,
                        tile_f: int, stages: int, blocks: int, kr_scale_c=None,
-                       examples: int = 1, interpret=None, skip_beaten: bool = True):
+                       examples: int = 1, interpret=None, skip_beaten: bool = True,
+                       programs_per_sm: int = 1):
   """Top-k documents through the fused kernel: ``(values [B, k'], documents [B, k'])``.
 
   ``queries``: :func:`pallas_kernels.quantised_queries.route_queries` of the filled queries (masked rows replaced, as
@@ -501,10 +506,10 @@ def route_top_k_blocks(queries: RouteQueries, any_query_b, kr_cf, layout: BankLa
   vals, docs = [], []
   if num_tiles:
     cols = examples * cols_e
-    nb, per = num_blocks_for(num_tiles, blocks)
+    nb, per = num_blocks_for(num_tiles, blocks, programs_per_sm)
     q_terms, q_scale, passes = _kernel_query_operands(queries, examples)
     st = stages_that_fit(tile_c, tile_f, cols, stages, jnp.dtype(key_dtype).itemsize, examples,
-                         len(q_terms))
+                         len(q_terms), programs_per_sm)
     call = _block_top_k_call(num_tiles, nb, per, f, cols, groups, passes, k, tile_c, tile_f, st,
                              interpret, key_dtype, examples, len(q_terms), skip_beaten)
     extra = (q_scale, kr_scale_c.astype(jnp.float32)) if quant else ()

@@ -123,3 +123,14 @@ def test_ttft_random_model_has_the_init_tree():
   assert all(np.all(np.asarray(x) == 1) for x in leaves if x.ndim == 1)
   emb = np.asarray(params["embed_tokens"]["embedding"], np.float32)
   assert abs(emb.std() - 0.02) < 1e-3 and abs(emb.mean()) < 1e-3
+
+
+def test_ttft_route_impl_options_override_block_sizes():
+  from benchmarks import ttft
+  assert ttft.split_impl("pallas-f256:programs_per_sm=2:skip_beaten=false") == (
+      "pallas-f256", {"programs_per_sm": 2, "skip_beaten": False})
+  bs = ttft.route_impl_args("pallas-f256:programs_per_sm=2:stages=3", 1024, None)["block_sizes"]
+  assert (bs.features, bs.programs_per_sm, bs.stages, bs.fused) == (256, 2, 3, True)
+  for bad in ("pallas:nonsense=1", "pallas:stages", "xla:stages=2", "pallas-f512"):
+    with pytest.raises(ValueError, match="route implementation"):
+      ttft.split_impl(bad)

@@ -282,3 +282,17 @@ def test_bank_layout_turns_fused_on_and_must_match_tiles(monkeypatch):
   with pytest.raises(ValueError, match="bank_layout"):
     br.route_top_k(rq_bmf, mask, kr_cf, doc_c, 4, 2, implementation="pallas", block_sizes=bs,
                    layout=bt.bank_layout(doc_c, 128))
+
+
+def test_programs_per_sm_split_blocks_and_shared_memory():
+  from pallas_kernels import block_top_k as bt
+  # off a GPU: 8 blocks whatever the SM share; an explicit count is kept
+  assert bt.num_blocks_for(100, 0, 2) == (8, 13)
+  assert bt.num_blocks_for(100, 5, 3) == (5, 20)
+  with pytest.raises(ValueError, match="programs_per_sm"):
+    bt.num_blocks_for(100, 0, 0)
+  # two programs on one SM each get half its shared memory: a shallower pipeline
+  one = bt.stages_that_fit(128, 128, 64, 8, itemsize=1)
+  two = bt.stages_that_fit(128, 128, 64, 8, itemsize=1, programs_per_sm=2)
+  per_stage = 128 * (128 + 64) + 8 * 128 + 4 * (128 + 64)
+  assert one == 8 and two == (bt._SMEM_LIMIT // 2 - 4 * 128 - 12 * (64 + 128)) // per_stage == 4

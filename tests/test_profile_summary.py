@@ -63,3 +63,20 @@ def test_a_cpu_trace_has_no_device_kernels(tmp_path):
 def test_missing_trace_names_the_directory_and_the_fix(tmp_path):
   with pytest.raises(FileNotFoundError, match="no profiler trace .* under .*profile_calls"):
     ps.summarize(str(tmp_path))
+
+
+def test_kernels_are_described_by_their_hlo_instruction():
+  import jax
+  import jax.numpy as jnp
+  text = jax.jit(lambda x, w: jnp.tanh(x @ w).sum()).lower(
+      jnp.ones((4, 8)), jnp.ones((8, 16))).compile().as_text()
+  names = [line.split("=")[0].strip().removeprefix("ROOT ").lstrip("%")
+           for line in text.splitlines() if " = " in line and "fusion" in line.split("=")[0]]
+  assert names, text
+  kernel = names[0].replace(".", "_")      # XLA's kernel name for the instruction
+  found = ps.describe_kernels(text, [kernel, "nvjet_sm90_tst_64x8"])
+  assert list(found) == [kernel] and "fusion(" in found[kernel]
+  hand = ('  %gemm_fusion_dot.291 = bf16[1,9728]{1,0} fusion(bf16[1,2560]{1,0} %a), '
+          'kind=kCustom, metadata={op_name="jit(f)/mlp/dot_general" source_file="m.py"}')
+  (what,) = ps.describe_kernels(hand, ["gemm_fusion_dot_291"]).values()
+  assert what.startswith("bf16[1,9728]{1,0} fusion(") and what.endswith("[jit(f)/mlp/dot_general]")
