@@ -41,6 +41,7 @@ fp8/int8 is ~113 GB with the recipe's 100-token documents, plus 8 GB of bf16 wei
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import os
@@ -245,6 +246,10 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                             score_dtype=args.score_dtype,
                                             route_fused=args.engine_route != "unfused", log=log)
   bank, s = placed.bank, placed.settings
+  if args.engine_route_options:
+    s = dataclasses.replace(s, route_options=tuple(sorted(
+        split_impl("pallas:" + args.engine_route_options)[1].items())))
+    log(f"engine route: {s.route_block_sizes(cfg.num_kv_heads * cfg.head_dim)}")
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
       + nbytes(placed.scales["v"])
@@ -379,6 +384,9 @@ def main():
                        f"in the module docstring): {', '.join(ROUTE_IMPLS)}")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
+  ap.add_argument("--engine_route_options", default="",
+                  help="BlockSizes overrides of the engine's Pallas route in the ttft stage, "
+                       "FIELD=VALUE joined by colons (e.g. features=256:programs_per_sm=2)")
   ap.add_argument("--engine_route", default="fused", choices=["fused", "unfused"],
                   help="the engine's Pallas route for the TTFT stage (BankSettings."
                        "route_fused): the fused block top-k kernel or the unfused "
@@ -402,8 +410,11 @@ def main():
   try:
     for impl in impls:
       split_impl(impl)
+    if args.engine_route_options:
+      split_impl("pallas:" + args.engine_route_options)
   except ValueError as e:
-    raise SystemExit(f"--route_impls={args.route_impls!r}: {e}") from None
+    raise SystemExit(f"--route_impls={args.route_impls!r} / --engine_route_options="
+                     f"{args.engine_route_options!r}: {e}") from None
   cfg = synth_bank.model_config_of(args.shape)
   lengths = synth_bank.doc_lengths(args.shape, args.tokens, args.doc_lengths)
   size = synth_bank.bank_bytes(cfg, lengths, args.kr_dtype, args.kv_dtype)

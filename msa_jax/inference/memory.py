@@ -59,12 +59,15 @@ class BankSettings:
   score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
   route_fused: bool = True                # Pallas routing: the fused block top-k kernel, or
                                           # the unfused chunk scores + XLA top-k (BENCHMARKS.md)
+  route_options: tuple = ()               # Pallas routing: (BlockSizes field, value) pairs over
+                                          # the engine's defaults (benchmarks, tuning)
 
   def route_block_sizes(self, key_width: int):
     """The Pallas route's ``BlockSizes`` for keys of ``key_width`` columns (None: XLA)."""
     if self.routing != "pallas":
       return None
-    return bank_routing.engine_block_sizes(key_width, fused=self.route_fused)
+    return bank_routing.engine_block_sizes(key_width, fused=self.route_fused,
+                                           **dict(self.route_options))
 
 
 @flax.struct.dataclass
