@@ -16,14 +16,16 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     (``xla``: the tiled scan, float32 HIGHEST scores; ``xla-bf16``: bfloat16 operands with
     float32 accumulation; on a GPU only: ``pallas``, the fused kernel as the engine runs it
     (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
-    quantised queries; bank layout built once; batch rows folded into the query columns),
+    quantised queries; bank layout built once; batch rows folded into the query columns;
+    two programs per SM, 256-feature steps for 8-bit keys: ``engine_block_sizes``),
     ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
     rebuilt in every call), ``pallas-fused`` / ``pallas-unfused`` (the fused block top-k
     kernel, or chunk scores + the XLA document max and top-k), ``pallas-noskip`` (every
     tile merged, ``BlockSizes.skip_beaten=False``), ``pallas-f256`` (256-feature pipeline
-    steps: half the steps for 8-bit keys), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
+    steps for every key dtype), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
     ``BlockSizes.fp8_query_terms=1``); any of them with ``:FIELD=VALUE`` overrides of
-    ``BlockSizes``, e.g. ``pallas-f256:programs_per_sm=2``), beside its read floor: bytes of K̄R codes + scales over the
+    ``BlockSizes``, e.g. ``pallas:features=128:programs_per_sm=1``, the route before
+    2026-12-01T23Z), beside its read floor: bytes of K̄R codes + scales over the
     pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
     full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
@@ -133,7 +135,7 @@ def split_impl(impl: str) -> tuple[str, dict]:
   return name, overrides
 
 
-def route_impl_args(impl: str, f: int, layouts) -> dict:
+def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> dict:
   """``sharded_top_k`` keyword arguments of a ``--route_impls`` name (see module doc and
   :func:`split_impl`)."""
   impl, overrides = split_impl(impl)
@@ -142,7 +144,8 @@ def route_impl_args(impl: str, f: int, layouts) -> dict:
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from msa_jax.inference.bank_routing import engine_block_sizes
   fused = {"pallas-fused": True, "pallas-unfused": False, "pallas-unfused-fp8q1": False}
-  bs = engine_block_sizes(f, fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
+  bs = engine_block_sizes(f, key_dtype,
+                          fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
                           fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
                           skip_beaten=impl != "pallas-noskip",
                           **({"features": 256} if impl == "pallas-f256" else {}),
@@ -185,7 +188,7 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
           continue            # one e4m3 query term: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
-        kw = route_impl_args(impl, f, layouts)
+        kw = route_impl_args(impl, f, layouts, kr_dtype)
         lay = kw.pop("layouts", None)
         fn = jax.jit(lambda q, m, kr, doc, sc, lay, kw=kw: sharded_top_k(
             placed.settings.mesh, q, m, kr, doc, cfg.top_k, kr_scale_c=sc, layouts=lay, **kw))
@@ -249,7 +252,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   if args.engine_route_options:
     s = dataclasses.replace(s, route_options=tuple(sorted(
         split_impl("pallas:" + args.engine_route_options)[1].items())))
-    log(f"engine route: {s.route_block_sizes(cfg.num_kv_heads * cfg.head_dim)}")
+    log(f"engine route: {s.route_block_sizes(cfg.num_kv_heads * cfg.head_dim, args.kr_dtype)}")
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
       + nbytes(placed.scales["v"])
@@ -295,7 +298,7 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                  kr_scale_c=arrays["scales"]["kr"][i],
                                  score_dtype=s.score_dtype,
                                  layouts=arrays["route_layouts"],
-                                 block_sizes=s.route_block_sizes(f))[1])
+                                 block_sizes=s.route_block_sizes(f, args.kr_dtype))[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     log(f"ttft b{b}: routing in {len(layers)} layers {row[f'route_all_layers_ms_b{b}']:.2f} ms")

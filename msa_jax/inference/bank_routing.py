@@ -191,7 +191,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
                        score_dtype)
   from pallas_kernels import block_routing   # GPU kernels load only when asked for
   b, m, f = rq_bmf.shape
-  bs = block_sizes or engine_block_sizes(f)
+  bs = block_sizes or engine_block_sizes(f, kr_cf.dtype)
   if bs.fused is False:
     runs = (layouts or {}).get(RUNS_KEY) or chunk_runs(chunk_doc_c)
     return _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k, bs, kr_scale_c)
@@ -235,14 +235,22 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
 
 
-def engine_block_sizes(key_width: int, **overrides):
-  """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for keys of
-  ``key_width`` columns: the fused kernel unless ``fused=False`` (``overrides``: e.g.
-  ``fused``, ``features``, ``fold_batch``, ``fp8_query_terms``)."""
+def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
+  """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for
+  ``key_dtype`` keys of ``key_width`` columns: the fused kernel unless ``fused=False``
+  (``overrides``: e.g. ``fused``, ``features``, ``fold_batch``, ``fp8_query_terms``).
+
+  Two programs per SM, and 256-feature pipeline steps for 8-bit keys (32 KB of keys a
+  step, as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from
+  1.03 to 0.74 ms a layer, fp8 from 1.31 to 1.03 and bf16 (two programs, 128 features)
+  from 1.21 to 1.12 (BENCHMARKS.md, 2026-12-01T22:45Z).
+  """
   from pallas_kernels import block_routing
-  return block_routing.BlockSizes(**{"fused": True,
-                                     "features": 128 if key_width % 128 == 0 else 64,
-                                     **overrides})
+  eight_bit = jnp.dtype(key_dtype).itemsize == 1
+  features = (256 if eight_bit and key_width % 256 == 0 else
+              128 if key_width % 128 == 0 else 64)
+  return block_routing.BlockSizes(**{"fused": True, "features": features,
+                                     "programs_per_sm": 2, **overrides})
 
 
 LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)

@@ -62,11 +62,12 @@ class BankSettings:
   route_options: tuple = ()               # Pallas routing: (BlockSizes field, value) pairs over
                                           # the engine's defaults (benchmarks, tuning)
 
-  def route_block_sizes(self, key_width: int):
-    """The Pallas route's ``BlockSizes`` for keys of ``key_width`` columns (None: XLA)."""
+  def route_block_sizes(self, key_width: int, key_dtype="bfloat16"):
+    """The Pallas route's ``BlockSizes`` for ``key_dtype`` keys of ``key_width`` columns
+    (None: XLA)."""
     if self.routing != "pallas":
       return None
-    return bank_routing.engine_block_sizes(key_width, fused=self.route_fused,
+    return bank_routing.engine_block_sizes(key_width, key_dtype, fused=self.route_fused,
                                            **dict(self.route_options))
 
 
@@ -96,7 +97,7 @@ class BankLayerMemory:
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
         axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
         score_dtype=s.score_dtype, layouts=self.route_layouts,
-        block_sizes=s.route_block_sizes(rq_bmf.shape[-1]))
+        block_sizes=s.route_block_sizes(rq_bmf.shape[-1], self.kr_cf.dtype))
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
