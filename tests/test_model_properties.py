@@ -391,3 +391,13 @@ def test_aux_loss_gradient_reaches_router_projections(setup, loss_grads):
   g, _ = loss_grads[1]
   for i, (gq, gk) in router_grads(g).items():
     assert np.abs(gq).max() > 0 and np.abs(gk).max() > 0, i
+
+
+def test_gemm_rows_pads_only_small_token_counts():
+  from msa_jax.model import _gemm_rows
+  h = jnp.arange(2 * 1 * 3, dtype=jnp.float32).reshape(2, 1, 3)
+  hp = _gemm_rows(h)
+  assert hp.shape == (2, 4, 3) and np.array_equal(hp[:, :1], h) and not np.any(hp[:, 1:])
+  for shape in [(8, 1, 3), (1, 9, 3), (4, 0, 3)]:
+    x = jnp.ones(shape)
+    assert _gemm_rows(x) is x
