@@ -189,7 +189,7 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: s
       jax.block_until_ready(out["loss"])
     row["profile"] = profile_summary.profile_calls(
         one_step, os.path.join(profile_dir, f"b{len(batch.active_tokens)}"), calls=2,
-        title=f"train step, batch {len(batch.active_tokens)}")
+        title=f"train step, batch {len(batch.active_tokens)}", hlo_text=compiled.as_text())
   return row
 
 
