@@ -296,3 +296,12 @@ def test_programs_per_sm_split_blocks_and_shared_memory():
   two = bt.stages_that_fit(128, 128, 64, 8, itemsize=1, programs_per_sm=2)
   per_stage = 128 * (128 + 64) + 8 * 128 + 4 * (128 + 64)
   assert one == 8 and two == (bt._SMEM_LIMIT // 2 - 4 * 128 - 12 * (64 + 128)) // per_stage == 4
+
+
+def test_engine_block_sizes_by_key_dtype():
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  got = {d: engine_block_sizes(1024, d) for d in ("bfloat16", "float8_e4m3fn", "int8")}
+  assert {d: (b.features, b.programs_per_sm, b.fused) for d, b in got.items()} == {
+      "bfloat16": (128, 2, True), "float8_e4m3fn": (128, 2, True), "int8": (256, 2, True)}
+  assert engine_block_sizes(1024, "int8", fused=False).features == 128
+  assert engine_block_sizes(192, "int8").features == 64

@@ -323,10 +323,13 @@ def test_sharded_layouts_are_each_shards_own():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("bfloat16", 1)])
 @pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
-def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=True):
-  """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks:
-  the kernel equals its numerics reference (same documents; scores to float32 summation
-  order) and stays within the query-quantisation bound of the float route."""
+@pytest.mark.parametrize("features", [0, 256])
+def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=True):
+  """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks,
+  with the engine's block sizes (``features=0``) and with 256-feature steps: the kernel
+  equals its numerics reference (same documents; scores to float32 summation order) and
+  stays within the query-quantisation bound of the float route. (fp8 at 256 features: does
+  a 256-product wgmma step stay within the tolerance? The engine uses 128 until it does.)"""
   rng = np.random.default_rng(b * 100 + m)
   doc_lens = []
   while sum(doc_lens) < 60_000 - 300:
@@ -338,10 +341,12 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=True):
   n, k = len(doc_lens), 16
   layouts = bank_routing.routing_layouts(jnp.asarray(doc))
   tile = br.fused_plan(b, m, 1024, br.BlockSizes(), codes.dtype)[0]
+  bs = bank_routing.engine_block_sizes(1024, codes.dtype, fp8_query_terms=terms, fused=fused,
+                                       **({"features": features} if features else {}))
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas",
                               layout=layouts[tile] if fused else None,
-                              block_sizes=br.BlockSizes(fp8_query_terms=terms, fused=fused),
+                              block_sizes=bs,
                               kr_scale_c=None if scale is None else jnp.asarray(scale))
   doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
   got = _chosen(sel)
@@ -364,7 +369,7 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=True):
 
 @pytest.mark.gpu
 def test_gpu_fp8_one_query_term_compiled():
-  test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64)
+  test_gpu_fused_quantised_route_compiled("float8_e4m3fn", 1, 1, 64, 0)
 
 
 @pytest.mark.gpu
@@ -372,7 +377,7 @@ def test_gpu_fp8_one_query_term_compiled():
 @pytest.mark.parametrize("b,m", [(1, 64), (2, 7)])
 def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m):
   """The unfused kernel on codes, compiled: chunk scores then the XLA top-k."""
-  test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, fused=False)
+  test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, 0, fused=False)
 
 
 def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):

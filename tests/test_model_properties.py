@@ -394,7 +394,7 @@ def test_aux_loss_gradient_reaches_router_projections(setup, loss_grads):
 
 
 def test_gemm_rows_pads_only_small_token_counts():
-  from msa_jax.model import _gemm_rows
+  from msa_jax.decoder_layer import _gemm_rows
   h = jnp.arange(2 * 1 * 3, dtype=jnp.float32).reshape(2, 1, 3)
   hp = _gemm_rows(h)
   assert hp.shape == (2, 4, 3) and np.array_equal(hp[:, :1], h) and not np.any(hp[:, 1:])

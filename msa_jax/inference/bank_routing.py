@@ -240,14 +240,17 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   ``key_dtype`` keys of ``key_width`` columns: the fused kernel unless ``fused=False``
   (``overrides``: e.g. ``fused``, ``features``, ``fold_batch``, ``fp8_query_terms``).
 
-  Two programs per SM, and 256-feature pipeline steps for 8-bit keys (32 KB of keys a
-  step, as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from
-  1.03 to 0.74 ms a layer, fp8 from 1.31 to 1.03 and bf16 (two programs, 128 features)
-  from 1.21 to 1.12 (BENCHMARKS.md, 2026-12-01T22:45Z).
+  Two programs per SM, and 256-feature pipeline steps for int8 keys (32 KB of keys a step,
+  as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from 1.03 to
+  0.74 ms a layer, fp8 (two programs) from 1.31 to 1.09 and bf16 from 1.21 to 1.12
+  (BENCHMARKS.md, 2026-12-01T22:45Z). fp8 keeps 128-feature steps: its wgmma accumulates a
+  step's products at ~14 bits before the float32 sum (``block_top_k.fp8_accumulate``), and
+  256 of them (1.03 ms) are not yet checked against the compiled tests' tolerance.
   """
   from pallas_kernels import block_routing
-  eight_bit = jnp.dtype(key_dtype).itemsize == 1
-  features = (256 if eight_bit and key_width % 256 == 0 else
+  integer = jnp.dtype(key_dtype) == jnp.int8        # exact int32 accumulation
+  fused = overrides.get("fused", True) is not False   # the unfused kernel keeps its tiling
+  features = (256 if fused and integer and key_width % 256 == 0 else
               128 if key_width % 128 == 0 else 64)
   return block_routing.BlockSizes(**{"fused": True, "features": features,
                                      "programs_per_sm": 2, **overrides})
