@@ -75,6 +75,9 @@ def _engine_logits(setup, shards, placement, route_rows=None):
                                           jnp.array([q], jnp.int32), jnp.asarray(start), None,
                                           all_logits=True, route_rows=route_rows)
   rows = [np.asarray(logits[0, :q])]
+  # one buffer a layer, [context ; active slots ; padding], read by the attention as it is
+  assert all(k.shape[1] % engine_lib.KV_TILE == 0 and k.shape[1] >= c.shape[1] + m
+             for k, c in zip(cache.k, cache.context_mask))
   active = ex.question + ex.target
   for i in range(q, len(active) - 1):
     step_logits, cache = eng.decode(cache, np.array([active[i]]), np.array([i]), start)

@@ -22,13 +22,51 @@ from msa_jax.inference.memory import BankMemory, BankSettings
 from msa_jax.model import ExampleMemory, LayerContext, MSAModel
 
 
+KV_TILE = 128   # the attention kernel's key tile: a cache this long is read without padding
+
+
 @flax.struct.dataclass
 class DecodeCache:
-  """The KV cache of a batch: per layer, the context and the active tokens' K/V."""
+  """The KV cache of a batch, one buffer per layer: ``[context ; active tokens ; padding]``.
 
-  context: list          # per layer LayerContext: [prefix ; selected chunks]
-  k: list                # per layer [B, M, Hkv, D]: active tokens' keys (valid below cur)
+  ``k[i]``, ``v[i]``: ``[B, L_i, Hkv, D]``: layer ``i``'s context (prefix ; selected
+  chunks: ``S_i`` slots), then the active tokens' K/V (token ``j`` at slot ``S_i + j``,
+  valid below the row's current slot), zero-padded to a multiple of ``KV_TILE``. A decoding
+  step attends to the buffer as it is and writes its token in place: no per-step
+  concatenation of context and cache, and no padding copy for the attention kernel.
+  ``context_mask[i]``: bool ``[B, S_i]``, the valid context slots.
+  """
+
+  k: list
   v: list
+  context_mask: list
+
+  @classmethod
+  def from_prefill(cls, kv, m: int) -> "DecodeCache":
+    """The cache of a prefill's per-layer ``LayerKV`` over ``m`` active slots."""
+    k, v, masks = [], [], []
+    for x in kv:
+      b, s, g, d = x.context.k_bsgd.shape
+      pad = -(-(s + m) // KV_TILE) * KV_TILE - s - m
+      dt = x.k_bmgd.dtype
+
+      def full(ctx, own):
+        return jnp.concatenate([ctx.astype(dt), own.astype(dt),
+                                jnp.zeros((b, pad, g, d), dt)], axis=1)
+      k.append(full(x.context.k_bsgd, x.k_bmgd))
+      v.append(full(x.context.v_bsgd, x.v_bmgd))
+      masks.append(jnp.asarray(x.context.mask_bs, bool))
+    return cls(k, v, masks)
+
+  def contexts(self, cur_b) -> list[LayerContext]:
+    """Each layer's buffer as the context of the token at active slot ``cur_b``: the
+    valid context slots and the active tokens before it."""
+    out = []
+    for k, v, ctx_mask in zip(self.k, self.v, self.context_mask):
+      active = jnp.arange(k.shape[1] - ctx_mask.shape[1], dtype=jnp.int32)
+      mask = jnp.concatenate([ctx_mask, active[None] < cur_b[:, None]], axis=1)
+      out.append(LayerContext(k, v, mask))
+    return out
 
 
 @flax.struct.dataclass
@@ -105,8 +143,7 @@ def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: Pref
       return_kv=True, method=MSAModel.decode_active)
   last = (logits if all_logits else
           jnp.take_along_axis(logits, (q_len_b - 1)[:, None, None], axis=1)[:, 0])
-  cache = DecodeCache([x.context for x in kv], [x.k_bmgd for x in kv], [x.v_bmgd for x in kv])
-  return last, decisions, cache
+  return last, decisions, DecodeCache.from_prefill(kv, m)
 
 
 def decode_step(model: MSAModel, params, cache: DecodeCache, token_b, cur_b, active_start_b):
@@ -114,17 +151,15 @@ def decode_step(model: MSAModel, params, cache: DecodeCache, token_b, cur_b, act
 
   Returns ``(logits [B, vocab], cache with the token's K/V written at cur_b)``.
   """
-  m = cache.k[0].shape[1]
-  earlier = jnp.arange(m, dtype=jnp.int32)[None] < cur_b[:, None]
-  context = [ctx.extend(k, v, earlier) for ctx, k, v in zip(cache.context, cache.k, cache.v)]
   one = jnp.ones((token_b.shape[0], 1), bool)
   logits, _, kv = model.apply(
       {"params": params}, token_b[:, None], (active_start_b + cur_b)[:, None], one, one,
-      context, None, return_kv=True, method=MSAModel.decode_active)
+      cache.contexts(cur_b), None, return_kv=True, method=MSAModel.decode_active)
   write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
-  k = [write(c, x.k_bmgd.astype(c.dtype), cur_b) for c, x in zip(cache.k, kv)]
-  v = [write(c, x.v_bmgd.astype(c.dtype), cur_b) for c, x in zip(cache.v, kv)]
-  return logits[:, 0], DecodeCache(cache.context, k, v)
+  slot = [mask.shape[1] + cur_b for mask in cache.context_mask]
+  k = [write(c, x.k_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.k, kv, slot)]
+  v = [write(c, x.v_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.v, kv, slot)]
+  return logits[:, 0], DecodeCache(k, v, cache.context_mask)
 
 
 def sample(logits_bv, key, temperature: float, top_p: float):
