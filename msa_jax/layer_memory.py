@@ -110,13 +110,18 @@ class ExampleLayerMemory:
   aux_softmax: float = flax.struct.field(pytree_node=False, default=0.0)
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
-    doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
+    aux_scores = None
+    if self.aux_softmax > 0:   # one [B, M, N, C] score tensor feeds both maxima
+      s_bmnc = routing.pair_scores(rq_bmf, self.memory.kr_bncf)
+      doc_scores = routing.hard_document_scores(s_bmnc, route_mask_bm, self.memory.chunk_mask_bnc)
+      selection = routing.select_top_k(doc_scores, top_k)
+      aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
+                                                  self.memory.chunk_mask_bnc, self.aux_softmax,
+                                                  s_bmnc=s_bmnc)
+    else:
+      doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
     if self.forced is not None:
       selection = self.forced
-    aux_scores = None
-    if self.aux_softmax > 0:
-      aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
-                                                  self.memory.chunk_mask_bnc, self.aux_softmax)
     k, v, mask = gather_selected_memory(self.memory, selection)
     return Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk, aux_scores), k, v, mask
 

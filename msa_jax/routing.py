@@ -118,7 +118,24 @@ def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int):
   return per_doc[:, :num_docs]
 
 
-def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, temperature: float):
+def pair_scores(rq_bmf, kr_bncf):
+  """float32 ``[B, M, N, C]``: ``rq · K̄R`` of every (routing token, chunk) pair of each
+  example's own documents (training layout), at HIGHEST precision as :func:`chunk_scores`."""
+  return jnp.einsum("bmf,bncf->bmnc", rq_bmf.astype(jnp.float32), kr_bncf.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+def hard_document_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
+  """float32 ``[B, N]``: the max of :func:`pair_scores` over a document's valid (routing
+  token, chunk) pairs, ``-inf`` where there is none: :func:`chunk_scores` then
+  :func:`document_scores` for the training layout, from scores already computed."""
+  valid_bmnc = (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
+                & jnp.asarray(chunk_mask_bnc, bool)[:, None])
+  return jnp.max(jnp.where(valid_bmnc, s_bmnc, NEG_INF), axis=(1, 3))
+
+
+def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, temperature: float,
+                           s_bmnc=None):
   """A smooth maximum of the routing scores of each document, for the routing loss only.
 
   ``τ·log mean exp(s/τ)`` over the document's valid (routing token, chunk) pairs, ``s``
@@ -135,14 +152,16 @@ def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, tempe
       ``[B, N, C, F]``.
     chunk_mask_bnc: which chunks exist.
     temperature: ``τ > 0``.
+    s_bmnc: :func:`pair_scores` of ``rq_bmf`` and ``kr_bncf`` when already computed (the
+      training forward shares them with :func:`hard_document_scores`).
   Returns:
     float32 ``[B, N]``; ``-inf`` for a document with no chunk (or no routing token).
   """
   if not temperature > 0:
     raise ValueError(f"the smooth maximum needs a temperature > 0, got {temperature}; "
                      "0 means the hard maximum (document_scores)")
-  s_bmnc = jnp.einsum("bmf,bncf->bmnc", rq_bmf.astype(jnp.float32),
-                      kr_bncf.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+  if s_bmnc is None:
+    s_bmnc = pair_scores(rq_bmf, kr_bncf)
   valid_bmnc = (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
                 & jnp.asarray(chunk_mask_bnc, bool)[:, None])
   # Finite filler, not -inf: an empty document's logsumexp and its gradient stay finite

@@ -203,3 +203,28 @@ def test_scanned_forward_gives_the_unrolled_smooth_scores_and_gradients():
   # The router projections get a gradient from the smooth aux loss.
   top = f"layers_{SMOKE.num_layers - 1}"
   assert float(jnp.max(jnp.abs(grads_u[top]["router_q_proj"]["kernel"]))) > 0
+
+
+def test_shared_pair_scores_give_the_hard_and_smooth_maxima():
+  """The training forward computes the [B, M, N, C] scores once for both maxima: the hard
+  one equals chunk_scores + document_scores (-inf where a document or example has no
+  valid pair), the smooth one its own computation; and a memory's selection agrees."""
+  from msa_jax.layer_memory import ExampleLayerMemory, LayerMemory
+  rq, query_mask, kr, chunk_mask = _routing_case()
+  s = routing.pair_scores(rq, kr)
+  hard = np.asarray(routing.hard_document_scores(s, query_mask, chunk_mask))
+  want = np.asarray(_hard_scores(rq, query_mask, kr, chunk_mask))
+  np.testing.assert_array_equal(np.isneginf(hard), np.isneginf(want))
+  assert np.isneginf(hard).any()
+  np.testing.assert_allclose(hard[np.isfinite(want)], want[np.isfinite(want)], rtol=1e-6)
+  np.testing.assert_array_equal(
+      np.asarray(routing.smooth_document_scores(rq, query_mask, kr, chunk_mask, 0.1, s_bmnc=s)),
+      np.asarray(routing.smooth_document_scores(rq, query_mask, kr, chunk_mask, 0.1)))
+  b, n, c, f = kr.shape
+  mem = LayerMemory(jnp.zeros((b, n, c, 1, 2)), jnp.zeros((b, n, c, 1, 2)), kr, chunk_mask)
+  shared, *_ = ExampleLayerMemory(mem, aux_softmax=0.1).select(rq, query_mask, 2)
+  plain, *_ = ExampleLayerMemory(mem).select(rq, query_mask, 2)
+  np.testing.assert_array_equal(np.asarray(shared.doc_idx_bk), np.asarray(plain.doc_idx_bk))
+  np.testing.assert_array_equal(np.asarray(shared.valid_bk), np.asarray(plain.valid_bk))
+  np.testing.assert_allclose(np.asarray(shared.doc_scores_bn)[np.isfinite(want)],
+                             want[np.isfinite(want)], rtol=1e-6)
