@@ -82,6 +82,8 @@ def _engine_logits(setup, shards, placement, route_rows=None):
   for i in range(q, len(active) - 1):
     step_logits, cache = eng.decode(cache, np.array([active[i]]), np.array([i]), start)
     rows.append(np.asarray(step_logits))
+  with pytest.raises(ValueError, match=f"holds {m} active slots"):
+    eng.decode(cache, np.array([0]), np.array([m]), start)
   selected = [np.asarray(d.doc_idx_bk[0])[np.asarray(d.valid_bk[0])] for d in decisions]
   return np.concatenate(rows, 0), selected
 

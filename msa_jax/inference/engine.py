@@ -34,12 +34,14 @@ class DecodeCache:
   valid below the row's current slot), zero-padded to a multiple of ``KV_TILE``. A decoding
   step attends to the buffer as it is and writes its token in place: no per-step
   concatenation of context and cache, and no padding copy for the attention kernel.
-  ``context_mask[i]``: bool ``[B, S_i]``, the valid context slots.
+  ``context_mask[i]``: bool ``[B, S_i]``, the valid context slots. ``active_slots``: the
+  prefill's buffer length ``M``, the most active tokens the cache holds.
   """
 
   k: list
   v: list
   context_mask: list
+  active_slots: int = flax.struct.field(pytree_node=False, default=0)
 
   @classmethod
   def from_prefill(cls, kv, m: int) -> "DecodeCache":
@@ -56,7 +58,7 @@ class DecodeCache:
       k.append(full(x.context.k_bsgd, x.k_bmgd))
       v.append(full(x.context.v_bsgd, x.v_bmgd))
       masks.append(jnp.asarray(x.context.mask_bs, bool))
-    return cls(k, v, masks)
+    return cls(k, v, masks, m)
 
   def contexts(self, cur_b) -> list[LayerContext]:
     """Each layer's buffer as the context of the token at active slot ``cur_b``: the
@@ -159,7 +161,7 @@ def decode_step(model: MSAModel, params, cache: DecodeCache, token_b, cur_b, act
   slot = [mask.shape[1] + cur_b for mask in cache.context_mask]
   k = [write(c, x.k_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.k, kv, slot)]
   v = [write(c, x.v_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.v, kv, slot)]
-  return logits[:, 0], DecodeCache(k, v, cache.context_mask)
+  return logits[:, 0], DecodeCache(k, v, cache.context_mask, cache.active_slots)
 
 
 def sample(logits_bv, key, temperature: float, top_p: float):
@@ -206,6 +208,11 @@ class Engine:
                          _own(active_start_b), forced, route_rows=route_rows)
 
   def decode(self, cache, token_b, cur_b, active_start_b):
+    """``decode_step`` (see there); a host ``cur_b`` beyond the cache's slots is refused."""
+    if not isinstance(cur_b, jax.Array) and int(np.max(cur_b)) >= cache.active_slots:
+      raise ValueError(f"decoding at active slot {int(np.max(cur_b))}, but the KV cache holds "
+                       f"{cache.active_slots} active slots (the prefill's buffer): prefill "
+                       "with a buffer long enough for the question and every new token")
     return self._decode(self.params, cache, _own(token_b), _own(cur_b), _own(active_start_b))
 
   def sample(self, logits_bv, key, temperature: float = 0.0, top_p: float = 1.0):
