@@ -16,7 +16,9 @@ Two forms:
     fingerprint: ``MemoryEngine.load`` refuses it unless ``allow_synthetic=True``.
   * in device memory (:func:`synthetic_device_bank`): the placed ``DeviceBank`` built
     directly on the devices, for banks that do not fit on disk (a 100M-token Qwen3-4B bank
-    is ~110 GB at fp8/int8; the H200 machine has a 64 GiB disk). K̄/V̄ on the devices only.
+    is ~110 GB at fp8/int8; the H200 machine has a 64 GiB disk). K̄/V̄ on the devices, or
+    (``kv_placement="host"``) in host memory, read through the engine's ``HostFetch`` as a
+    bank on disk would be (host K̄/V̄ hold random bit patterns: only their bytes matter).
 """
 from __future__ import annotations
 
@@ -164,8 +166,10 @@ def write_synthetic_bank(path: str, cfg, lengths: np.ndarray, *, kr_dtype: str, 
 # ------------------------------------------------------------------------------- in memory
 @dataclasses.dataclass
 class SyntheticBank:
-  """What the engine reads of a bank's host side, for a bank that lives only on the devices
-  (no K̄/V̄ on the host: ``kv_placement="device"`` only). Documents have no id tokens."""
+  """What the engine reads of a bank's host side. ``host_kv`` (``kv_placement="host"``):
+  per router layer ``{"k", "v", "k_scale", "v_scale"}`` numpy arrays in global chunk order,
+  read as a bank on disk's ``k(layer)``/``v(layer)``/``scale(layer, part)``; None when
+  K̄/V̄ live on the devices. Documents have no id tokens."""
 
   manifest: dict
   doc_index: np.ndarray
@@ -174,6 +178,7 @@ class SyntheticBank:
   prefix_kv: list
   seed: int
   path: str = "<synthetic bank in device memory>"
+  host_kv: Optional[dict] = None
 
   num_docs = property(lambda self: self.manifest["num_docs"])
   num_chunks = property(lambda self: self.manifest["num_chunks"])
@@ -200,23 +205,65 @@ class SyntheticBank:
   def id_table(self) -> dict:
     return {}
 
+  def k(self, layer: int) -> np.ndarray:
+    return self._host(layer)["k"]
+
+  def v(self, layer: int) -> np.ndarray:
+    return self._host(layer)["v"]
+
+  def scale(self, layer: int, part: str) -> Optional[np.ndarray]:
+    """int8 K̄/V̄ scales ``[C, Hkv]`` of a host-placed layer (None for float K̄/V̄)."""
+    if part not in ("k", "v"):
+      raise ValueError(f"a synthetic bank keeps only K̄/V̄ on the host, not {part!r}")
+    return self._host(layer)[f"{part}_scale"]
+
+  def _host(self, layer: int) -> dict:
+    if self.host_kv is None:
+      raise ValueError("this synthetic bank keeps K̄/V̄ on the devices; build it with "
+                       "kv_placement='host' to read them from host memory")
+    return self.host_kv[layer]
+
+
+def random_host_kv(num_chunks: int, g: int, d: int, kv_dtype: str, seed: int) -> dict:
+  """One layer's host K̄/V̄ of ``num_chunks`` chunks: random bit patterns of finite values
+  (bf16/f32 in [0.125, 1), int8 codes with scales 0.01): what a host fetch moves, fast to
+  draw (no normal samples; the values never matter for timing)."""
+  rng = np.random.default_rng(seed)
+  shape = (num_chunks, g, d)
+
+  def one():
+    if kv_dtype == "int8":
+      return rng.integers(-127, 128, shape, dtype=np.int8)
+    if kv_dtype == "bfloat16":      # exponents of 0.125 .. 0.99: finite, normal
+      return rng.integers(0x3E00, 0x3F80, shape, dtype=np.uint16).view(jnp.bfloat16)
+    return rng.uniform(0.125, 1.0, shape).astype(kv_dtype)
+  scale = (lambda: np.full((num_chunks, g), 0.01, np.float32)) if kv_dtype == "int8" else (
+      lambda: None)
+  return {"k": one(), "v": one(), "k_scale": scale(), "v_scale": scale()}
+
 
 def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: str, mesh=None,
                           seed: int = 0, routing_impl: str = "xla", tile: Optional[int] = None,
                           pad_to: int = 4096, with_kv: bool = True,
-                          score_dtype: str = "float32", route_fused: bool = True, log=print):
+                          score_dtype: str = "float32", route_fused: bool = True,
+                          kv_placement: str = "device", log=print):
   """A ``DeviceBank`` of random keys built directly on the devices (see module doc).
 
   ``with_kv=False`` leaves K̄/V̄ out (``None``): a bank to time routing alone.
   ``route_fused``: the Pallas route's kernel, as ``DeviceBank.load``'s.
+  ``kv_placement="host"``: K̄/V̄ in host memory (``random_host_kv``), fetched as
+  ``DeviceBank.load(kv_placement="host")`` fetches a bank's.
   """
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
   from msa_jax.inference import quantize
   from msa_jax.inference.bank import INDEX_COLUMNS
-  from msa_jax.inference.memory import (MEMORY_AXIS, BankSettings, DeviceBank, bank_layout,
-                                       place_rows, route_layouts_for)
+  from msa_jax.inference.memory import (MEMORY_AXIS, BankSettings, DeviceBank, HostFetch,
+                                       bank_layout, place_rows, route_layouts_for)
   quantize.check_dtype(kr_dtype, "kr")
   quantize.check_dtype(kv_dtype, "kv")
+  if kv_placement not in ("device", "host"):
+    raise ValueError(f"kv_placement must be 'device' or 'host', got {kv_placement!r}")
+  on_host = kv_placement == "host" and with_kv
   if mesh is None:
     mesh = Mesh(np.array(jax.devices()), (MEMORY_AXIS,))
   shards = mesh.shape[MEMORY_AXIS]
@@ -252,12 +299,15 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
   t0 = time.perf_counter()
   chunk_doc_dev = place_rows(lambda lo, hi: chunk_doc[lo:hi], (), np.int32, -1,
                              sharding=sharding, chunk_bounds=chunk_bounds, rows=rows)
-  kr, k, v = {}, {}, {}
+  kr, k, v, host_kv = {}, {}, {}, {}
   scales = {"kr": {}, "k": {}, "v": {}}
   for i in cfg.router_layer_ids:
     ki = jax.random.fold_in(key, i)
     kr[i], scales["kr"][i] = place_random(jax.random.fold_in(ki, 0), (g * d,), kr_dtype, True)
-    if with_kv:
+    if on_host:
+      host_kv[i] = random_host_kv(int(chunks.sum()), g, d, kv_dtype, seed * 1000 + i)
+      k[i] = v[i] = scales["k"][i] = scales["v"][i] = None
+    elif with_kv:
       k[i], scales["k"][i] = place_random(jax.random.fold_in(ki, 1), (g, d), kv_dtype, False)
       v[i], scales["v"][i] = place_random(jax.random.fold_in(ki, 2), (g, d), kv_dtype, False)
     else:
@@ -273,13 +323,16 @@ def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: 
               "kr_dtype": kr_dtype, "kv_dtype": kv_dtype, "num_docs": int(len(lengths)),
               "num_chunks": int(chunks.sum()), "num_tokens": int(lengths.sum()),
               "max_doc_chunks": cmax, "tokenizer": {}}
-  bank = SyntheticBank(manifest, index, chunk_doc, [1], prefix_kv, seed)
-  settings = BankSettings(mesh, cmax, tile, routing_impl, None, cfg.dtype, score_dtype,
+  bank = SyntheticBank(manifest, index, chunk_doc, [1], prefix_kv, seed,
+                       host_kv=host_kv if on_host else None)
+  settings = BankSettings(mesh, cmax, tile, routing_impl,
+                          HostFetch(bank, cmax) if on_host else None, cfg.dtype, score_dtype,
                           route_fused)
   put = lambda x: jax.device_put(x, replicated)
   log(f"synthetic bank: {bank.num_docs:,} documents, {bank.num_tokens:,} tokens, "
       f"{bank.num_chunks:,} chunks over {shards} memory shard(s) of {rows:,} rows; K̄R "
-      f"{kr_dtype}, K̄/V̄ {kv_dtype} on the device ({time.perf_counter() - t0:.1f}s)")
+      f"{kr_dtype}, K̄/V̄ {kv_dtype} on the {'host' if on_host else 'device'} "
+      f"({time.perf_counter() - t0:.1f}s)")
   return DeviceBank(bank, settings, kr, k, v, chunk_doc_dev, put(doc_shard), put(doc_row),
                     put(chunks.astype(np.int32)), scales,
                     route_layouts_for(settings, chunk_doc_dev))

@@ -240,14 +240,15 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   from msa_jax import routing
   from msa_jax.inference import engine as engine_lib
   from msa_jax.inference.bank_routing import sharded_top_k
-  from msa_jax.inference.memory import _device_gather
+  from msa_jax.inference.memory import _device_gather, _host_gather
   cfg = model.config
   sub = lengths[:int(np.searchsorted(np.cumsum(lengths), n_tokens) + 1)]
   placed = synth_bank.synthetic_device_bank(cfg, sub, kr_dtype=args.kr_dtype,
                                             kv_dtype=args.kv_dtype,
                                             routing_impl=ttft_routing(cfg, args),
                                             score_dtype=args.score_dtype,
-                                            route_fused=args.engine_route != "unfused", log=log)
+                                            route_fused=args.engine_route != "unfused",
+                                            kv_placement=args.kv_placement, log=log)
   bank, s = placed.bank, placed.settings
   if args.engine_route_options:
     s = dataclasses.replace(s, route_options=tuple(sorted(
@@ -255,7 +256,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     log(f"engine route: {s.route_block_sizes(cfg.num_kv_heads * cfg.head_dim, args.kr_dtype)}")
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
-      + nbytes(placed.scales["v"])
+      + nbytes(placed.scales["v"]) + sum(x.nbytes for layer in (bank.host_kv or {}).values()
+                                         for x in layer.values() if x is not None)
   w_bytes = nbytes(params)
   eng = engine_lib.Engine(model, params, "bank", s)
   f = cfg.num_kv_heads * cfg.head_dim
@@ -263,7 +265,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
   q, decode_room = args.question_len, 16
   row = {"stage": "ttft", "tokens": bank.num_tokens, "chunks": bank.num_chunks,
          "routing": s.routing, "score_dtype": s.score_dtype,
-         "kr_dtype": args.kr_dtype, "kv_dtype": args.kv_dtype, "kr_bytes": kr_bytes,
+         "kr_dtype": args.kr_dtype, "kv_dtype": args.kv_dtype, "kv_placement": args.kv_placement,
+         "kr_bytes": kr_bytes,
          "kv_bytes": kv_bytes, "weight_bytes": w_bytes,
          "floor_ms": (kr_bytes + w_bytes) / bw / 1e6}
   for b in args.ttft_batches:
@@ -310,6 +313,9 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     def fetch_all(arrays, sel):
       out = []
       for i in layers:
+        if s.host_fetch is not None:     # host K̄/V̄: a host callback per layer, as the engine
+          out.append(_host_gather(s.host_fetch, i, sel, s.max_doc_chunks, b, s.compute_dtype))
+          continue
         out.append(_device_gather(s.mesh, arrays["k"][i], arrays["v"][i], arrays["doc_shard"],
                                   arrays["doc_row"], arrays["doc_chunks"], sel,
                                   s.max_doc_chunks, s.compute_dtype, arrays["scales"]["k"][i],
@@ -387,6 +393,9 @@ def main():
                        f"in the module docstring): {', '.join(ROUTE_IMPLS)}")
   ap.add_argument("--stages", default="route,ttft",
                   help="route and/or ttft (split them when one call has a time limit)")
+  ap.add_argument("--kv_placement", default="device", choices=["device", "host"],
+                  help="the ttft stage's K̄/V̄: on the device, or in host memory fetched per "
+                       "router layer through a host callback (DeviceBank.load's 'host')")
   ap.add_argument("--engine_route_options", default="",
                   help="BlockSizes overrides of the engine's Pallas route in the ttft stage, "
                        "FIELD=VALUE joined by colons (e.g. features=256:programs_per_sm=2)")

@@ -134,3 +134,43 @@ def test_ttft_route_impl_options_override_block_sizes():
   for bad in ("pallas:nonsense=1", "pallas:stages", "xla:stages=2", "pallas-f512"):
     with pytest.raises(ValueError, match="route implementation"):
       ttft.split_impl(bad)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "int8"])
+def test_host_placed_synthetic_bank_fetches_its_host_rows(tiny_cfg, kv_dtype):
+  """``kv_placement="host"``: no K̄/V̄ on the devices; the engine's host fetch returns each
+  selected document's rows of the host arrays (dequantised), padding slots masked; a
+  device-placed bank has no host K̄/V̄ to read and says so."""
+  from msa_jax import routing
+  from msa_jax.inference import memory
+  lengths = synth_bank.doc_lengths("tiny", 3_000, "lognormal:12:0.8")
+  mem = synth_bank.synthetic_device_bank(tiny_cfg, lengths, kr_dtype="int8", kv_dtype=kv_dtype,
+                                         kv_placement="host", pad_to=256, log=lambda *_: None)
+  layer = mem.bank.router_layers[0]
+  assert mem.k[layer] is None and mem.settings.host_fetch is not None
+  host = mem.bank.host_kv[layer]
+  assert host["k"].shape == (mem.bank.num_chunks, tiny_cfg.num_kv_heads, tiny_cfg.head_dim)
+  assert np.all(np.isfinite(np.asarray(host["v"], np.float32)))
+  docs = np.array([[3, 17], [0, 40]], np.int32)
+  sel = routing.Selection(jnp.asarray(docs), jnp.array([[True, True], [True, False]]))
+  cmax = mem.settings.max_doc_chunks
+  k, v, mask = memory._host_gather(mem.settings.host_fetch, layer, sel, cmax, 2, "float32")
+  start, n = mem.bank.doc_index[:, 3], mem.bank.doc_index[:, 4]
+  scale = np.ones((mem.bank.num_chunks, tiny_cfg.num_kv_heads), np.float32) \
+      if host["k_scale"] is None else host["k_scale"]
+  for row in range(2):
+    for slot in range(2):
+      got_k = np.asarray(k)[row, slot * cmax:(slot + 1) * cmax]
+      got_mask = np.asarray(mask)[row, slot * cmax:(slot + 1) * cmax]
+      if row == 1 and slot == 1:                       # an invalid selection: nothing
+        assert not got_mask.any()
+        continue
+      j = docs[row, slot]
+      rows = slice(start[j], start[j] + n[j])
+      want = np.asarray(host["k"][rows], np.float32) * scale[rows][..., None]
+      np.testing.assert_allclose(got_k[:n[j]], want, rtol=1e-6)
+      assert got_mask[:n[j]].all() and not got_mask[n[j]:].any()
+  device = synth_bank.synthetic_device_bank(tiny_cfg, lengths, kr_dtype="int8", kv_dtype="int8",
+                                            pad_to=256, log=lambda *_: None)
+  with pytest.raises(ValueError, match="kv_placement='host'"):
+    device.bank.k(layer)
