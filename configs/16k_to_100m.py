@@ -139,6 +139,10 @@ def _base() -> ml_collections.ConfigDict:
   # 0: the hard max (one pair a document). Selection, metrics and inference keep the max.
   # The tiny recipe sets 0.1 (below).
   c.loss.aux_softmax = 0.0
+  # > 0: also a chunk-level routing loss at this weight (same schedule as the document-level
+  # one): InfoNCE whose positives are the chunks holding the routing query verbatim (the
+  # key's chunk in the reading task), against every other chunk of the memory.
+  c.loss.aux_chunk_weight = 0.0
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
   c.loss.lm_chunk_size = 64

@@ -41,6 +41,9 @@ class Routing:
   # float32 [B, N]: the routing loss's smooth scores (routing.smooth_document_scores),
   # only where the training forward asks for them; None otherwise.
   aux_scores_bn: Optional[jax.Array] = None
+  # float32 [B, N, C]: each chunk's score (max over the routing tokens; -inf for a missing
+  # chunk), for the chunk-level routing loss (loss.aux_chunk_weight); None otherwise.
+  chunk_scores_bnc: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -92,13 +95,14 @@ class ExampleMemory:
   """
 
   def __init__(self, memory: dict, forced: Optional[routing.Selection] = None,
-               aux_softmax: float = 0.0):
+               aux_softmax: float = 0.0, chunk_scores: bool = False):
     self.memory, self.forced, self.aux_softmax = memory, forced, aux_softmax
+    self.chunk_scores = chunk_scores
 
   def layer(self, i: int) -> Optional["ExampleLayerMemory"]:
     if i not in self.memory:
       return None
-    return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax)
+    return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax, self.chunk_scores)
 
 
 @flax.struct.dataclass
@@ -108,22 +112,27 @@ class ExampleLayerMemory:
   memory: "LayerMemory"
   forced: Optional[routing.Selection] = None
   aux_softmax: float = flax.struct.field(pytree_node=False, default=0.0)
+  chunk_scores: bool = flax.struct.field(pytree_node=False, default=False)
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
-    aux_scores = None
-    if self.aux_softmax > 0:   # one [B, M, N, C] score tensor feeds both maxima
+    aux_scores = chunk_scores = None
+    if self.aux_softmax > 0 or self.chunk_scores:   # one [B, M, N, C] tensor feeds them all
+      chunk_mask = self.memory.chunk_mask_bnc
       s_bmnc = routing.pair_scores(rq_bmf, self.memory.kr_bncf)
-      doc_scores = routing.hard_document_scores(s_bmnc, route_mask_bm, self.memory.chunk_mask_bnc)
+      doc_scores = routing.hard_document_scores(s_bmnc, route_mask_bm, chunk_mask)
       selection = routing.select_top_k(doc_scores, top_k)
-      aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
-                                                  self.memory.chunk_mask_bnc, self.aux_softmax,
-                                                  s_bmnc=s_bmnc)
+      if self.aux_softmax > 0:
+        aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
+                                                    chunk_mask, self.aux_softmax, s_bmnc=s_bmnc)
+      if self.chunk_scores:
+        chunk_scores = routing.hard_chunk_scores(s_bmnc, route_mask_bm, chunk_mask)
     else:
       doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
     if self.forced is not None:
       selection = self.forced
     k, v, mask = gather_selected_memory(self.memory, selection)
-    return Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk, aux_scores), k, v, mask
+    return (Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk, aux_scores,
+                    chunk_scores), k, v, mask)
 
 
 def routing_mask(batch: MSABatch, cfg: ModelConfig):

@@ -154,6 +154,50 @@ def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: fl
   return jnp.sum(per_pair * has_pos) / jnp.maximum(pairs, 1.0), pairs
 
 
+EVIDENCE_MAX_QUERY = 32   # longest routing query matched verbatim by evidence_chunks
+
+
+def evidence_chunks(doc_tokens_bnl, doc_mask_bnl, query_tokens_bm, query_mask_bm, positive_bn,
+                    chunk_size: int):
+  """bool ``[B, N, C]``: the chunks of each positive document that hold the routing query
+  verbatim (all its tokens, in order, contiguous), ``C = ceil(L / P)`` as the pooling's.
+
+  The chunk-level routing loss's positives: in the reading task a retrieval question is a
+  key, and the chunk(s) holding that key, not the document's other facts, are what the
+  router should find. An example whose query is longer than ``EVIDENCE_MAX_QUERY`` tokens,
+  or appears in none of its positive documents, has no evidence chunk.
+  """
+  doc = jnp.asarray(doc_tokens_bnl, jnp.int32)
+  dmask = jnp.asarray(doc_mask_bnl, bool)
+  qmask = jnp.asarray(query_mask_bm, bool)
+  b, n, l = doc.shape
+  w = min(qmask.shape[1], EVIDENCE_MAX_QUERY)
+  qlen = jnp.sum(qmask, axis=1)
+  order = jnp.argsort(~qmask, axis=1, stable=True)       # the query's tokens, left-aligned
+  query = jnp.take_along_axis(jnp.asarray(query_tokens_bm, jnp.int32), order, axis=1)
+  match = jnp.broadcast_to(((qlen > 0) & (qlen <= w))[:, None, None], (b, n, l))
+  for i in range(w):                                     # query token i at document t + i
+    tok = jnp.pad(doc[..., i:], ((0, 0), (0, 0), (0, i)), constant_values=-1)
+    ok = jnp.pad(dmask[..., i:], ((0, 0), (0, 0), (0, i))) & (tok == query[:, i, None, None])
+    match = match & (ok | (i >= qlen)[:, None, None])
+  cover = jnp.zeros((b, n, l), bool)
+  for i in range(w):                                     # tokens t .. t + qlen - 1 of a match
+    shifted = jnp.pad(match[..., :l - i], ((0, 0), (0, 0), (i, 0))) if i else match
+    cover = cover | (shifted & (i < qlen)[:, None, None])
+  c = -(-l // chunk_size)
+  cover = jnp.pad(cover, ((0, 0), (0, 0), (0, c * chunk_size - l)))
+  return cover.reshape(b, n, c, chunk_size).any(-1) & jnp.asarray(positive_bn, bool)[..., None]
+
+
+def chunk_infonce(chunk_scores_brnc, evidence_bnc, chunk_valid_bnc, temperature: float = 0.1):
+  """:func:`infonce_decoupled` over chunks: each evidence chunk against every other valid
+  chunk of the example's memory (the positive document's other chunks included).
+  Returns ``(loss, number of (example, layer) pairs with an evidence chunk)``."""
+  b, r, n, c = chunk_scores_brnc.shape
+  return infonce_decoupled(chunk_scores_brnc.reshape(b, r, n * c), evidence_bnc.reshape(b, n * c),
+                           jnp.asarray(chunk_valid_bnc, bool).reshape(b, n * c), temperature)
+
+
 def recall_at_k(doc_scores_brn, positive_bn, doc_valid_bn, k: int):
   """Per example and router layer, ``|Pos ∩ top-K scored valid documents| / |Pos|``: ``[B, R]``.
 

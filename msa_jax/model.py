@@ -56,6 +56,9 @@ class MSATrainOutput:
   # float32 [B, R, N]: the smooth scores for the routing loss (``forward_train``'s
   # ``aux_softmax`` > 0); None: the loss uses ``doc_scores_brn``.
   aux_scores_brn: Optional[jax.Array] = None
+  # float32 [B, R, N, C]: chunk scores for the chunk-level routing loss (``forward_train``'s
+  # ``chunk_scores``); None otherwise.
+  chunk_scores_brnc: Optional[jax.Array] = None
 
 
 class MSAModel(nn.Module):
@@ -213,7 +216,8 @@ class MSAModel(nn.Module):
     x, decisions = self._forward_active_hidden(batch)
     return MSAOutput(logits_bmv=self._logits(x), **_stack_decisions(decisions))
 
-  def forward_train(self, batch: MSABatch, aux_softmax: float = 0.0) -> "MSATrainOutput":
+  def forward_train(self, batch: MSABatch, aux_softmax: float = 0.0,
+                    chunk_scores: bool = False) -> "MSATrainOutput":
     """The training forward: :meth:`forward_memory` without the LM head.
 
     Returns the final-normed hidden states of the active slots; the loss applies
@@ -221,15 +225,20 @@ class MSAModel(nn.Module):
     so ``[B, M, vocab]`` logits never exist. ``aux_softmax`` > 0 (``loss.aux_softmax``)
     also returns the routing loss's smooth document scores at that temperature
     (``routing.smooth_document_scores``); selection and ``doc_scores_brn`` keep the max.
+    ``chunk_scores`` also returns every chunk's score (``routing.hard_chunk_scores``) for
+    the chunk-level routing loss.
     """
-    x, decisions = self._forward_active_hidden(batch, aux_softmax)
-    aux = None
+    x, decisions = self._forward_active_hidden(batch, aux_softmax, chunk_scores)
+    aux = chunks = None
     if aux_softmax > 0:
       aux = jnp.stack([d.aux_scores_bn for d in decisions], axis=1)
-    return MSATrainOutput(hidden_bmd=self.norm(x), aux_scores_brn=aux,
+    if chunk_scores:
+      chunks = jnp.stack([d.chunk_scores_bnc for d in decisions], axis=1)
+    return MSATrainOutput(hidden_bmd=self.norm(x), aux_scores_brn=aux, chunk_scores_brnc=chunks,
                           **_stack_decisions(decisions))
 
-  def _forward_active_hidden(self, batch: MSABatch, aux_softmax: float = 0.0):
+  def _forward_active_hidden(self, batch: MSABatch, aux_softmax: float = 0.0,
+                             chunk_scores: bool = False):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
@@ -242,10 +251,11 @@ class MSAModel(nn.Module):
                                               prefix_pos, params)
       return self._active_hidden_scanned(batch.active_tokens, active_pos, batch.active_mask,
                                          routing_mask(batch, cfg), batch.prefix_mask,
-                                         prefix_kv, memory, params, aux_softmax)
+                                         prefix_kv, memory, params, aux_softmax,
+                                         chunk_scores)
     memory = ExampleMemory(
         self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos),
-        aux_softmax=aux_softmax)
+        aux_softmax=aux_softmax, chunk_scores=chunk_scores)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
                                           routing_mask(batch, cfg),
@@ -344,7 +354,7 @@ class MSAModel(nn.Module):
 
   def _active_hidden_scanned(self, active_tokens_bm, active_pos_bm, active_mask_bm,
                              route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked,
-                             aux_softmax: float = 0.0):
+                             aux_softmax: float = 0.0, chunk_scores: bool = False):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
     context and (router runs) memory are scanned inputs, its routing a stacked output
     (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s).
@@ -360,7 +370,8 @@ class MSAModel(nn.Module):
 
       def body(x, xs):
         p, k, v, mem = xs
-        layer_memory = None if mem is None else ExampleLayerMemory(mem, aux_softmax=aux_softmax)
+        layer_memory = None if mem is None else ExampleLayerMemory(
+            mem, aux_softmax=aux_softmax, chunk_scores=chunk_scores)
         x, _, _, decision, _ = active(p, x, active_pos_bm, mask,
                                       LayerContext(k, v, prefix_mask), layer_memory,
                                       route_mask_bm)

@@ -134,6 +134,14 @@ def hard_document_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
   return jnp.max(jnp.where(valid_bmnc, s_bmnc, NEG_INF), axis=(1, 3))
 
 
+def hard_chunk_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
+  """float32 ``[B, N, C]``: each chunk's max of :func:`pair_scores` over the routing tokens
+  (:func:`chunk_scores` in the training layout), ``-inf`` for a missing chunk or an
+  example without a routing token."""
+  s = jnp.where(jnp.asarray(query_mask_bm, bool)[:, :, None, None], s_bmnc, NEG_INF).max(axis=1)
+  return jnp.where(jnp.asarray(chunk_mask_bnc, bool), s, NEG_INF)
+
+
 def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, temperature: float,
                            s_bmnc=None):
   """A smooth maximum of the routing scores of each document, for the routing loss only.

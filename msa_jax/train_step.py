@@ -12,7 +12,7 @@ from absl import logging
 
 from msa_jax import losses
 from msa_jax.batch import MSABatch
-from msa_jax.model import MSAModel, lm_head_weight_vd
+from msa_jax.model import MSAModel, lm_head_weight_vd, routing_mask
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 
 
@@ -100,14 +100,23 @@ def aux_softmax(cfg) -> float:
   return _loss_setting(cfg, "aux_softmax", 0.0, "hard max")
 
 
+def aux_chunk_weight(cfg) -> float:
+  """Weight of the chunk-level routing loss (``loss.aux_chunk_weight``, default 0: none),
+  relative to the document-level one and under the same schedule: InfoNCE whose positives
+  are the chunks holding the routing query verbatim (``losses.evidence_chunks``)."""
+  return _loss_setting(cfg, "aux_chunk_weight", 0.0, "no chunk-level routing loss")
+
+
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   """Weighted loss and the metrics of one batch (no parameter update)."""
-  out = model.apply({"params": params}, batch, aux_softmax(cfg), method=MSAModel.forward_train)
+  chunk_w = aux_chunk_weight(cfg)
+  aux_layers = aux_loss_layers(model.config)
+  out = model.apply({"params": params}, batch, aux_softmax(cfg), chunk_w > 0 and bool(aux_layers),
+                    method=MSAModel.forward_train)
   lm, num_targets = losses.lm_loss_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
   valid_bn = losses.doc_valid(batch.doc_mask)
-  aux_layers = aux_loss_layers(model.config)
   if aux_layers:
     scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
     aux, pairs = losses.infonce_decoupled(scores_brn[:, jnp.asarray(aux_layers)],
@@ -118,11 +127,22 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux
   extra = {}
+  if out.chunk_scores_brnc is not None:
+    cfg_m = model.config
+    evidence = losses.evidence_chunks(batch.doc_tokens, batch.doc_mask, batch.active_tokens,
+                                      routing_mask(batch, cfg_m), batch.positive_docs,
+                                      cfg_m.pooling_chunk_size)
+    chunk_valid = jnp.isfinite(out.chunk_scores_brnc[:, 0])
+    chunk_aux, chunk_pairs = losses.chunk_infonce(
+        out.chunk_scores_brnc[:, jnp.asarray(aux_layers)], evidence, chunk_valid,
+        cfg.loss.infonce_temperature)
+    total = total + aux_w * chunk_w * chunk_aux
+    extra = {"chunk_aux_loss": chunk_aux, "chunk_routing_pairs": chunk_pairs}
   doc_w = doc_lm_weight(cfg)
   if doc_w > 0:
     doc_lm, doc_targets = doc_lm_loss(model, params, batch, lm_chunk_size(cfg))
     total = total + doc_w * doc_lm
-    extra = {"doc_lm_loss": doc_lm, "doc_target_tokens": doc_targets}
+    extra.update(doc_lm_loss=doc_lm, doc_target_tokens=doc_targets)
   router = losses.router_metrics(out.doc_scores_brn, out.selected_brk, out.selected_valid_brk,
                                  batch.positive_docs, valid_bn)
   metrics = {"loss": total, "lm_loss": lm, "aux_loss": aux, "target_tokens": num_targets,
