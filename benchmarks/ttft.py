@@ -17,7 +17,7 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     float32 accumulation; on a GPU only: ``pallas``, the fused kernel as the engine runs it
     (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
     quantised queries; bank layout built once; batch rows folded into the query columns;
-    two programs per SM, 256-feature steps for 8-bit keys: ``engine_block_sizes``),
+    two programs per SM, 256-feature steps for int8 keys: ``engine_block_sizes``),
     ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
     rebuilt in every call), ``pallas-fused`` / ``pallas-unfused`` (the fused block top-k
     kernel, or chunk scores + the XLA document max and top-k), ``pallas-noskip`` (every
@@ -116,7 +116,6 @@ def split_impl(impl: str) -> tuple[str, dict]:
   """``"pallas-f256:programs_per_sm=2:stages=3"`` → ``("pallas-f256", {"programs_per_sm": 2,
   "stages": 3})``: a ``ROUTE_IMPLS`` name, then ``BlockSizes`` fields to override (ints, or
   true/false), each after a colon."""
-  import dataclasses
   from pallas_kernels.block_routing import BlockSizes
   name, *opts = impl.split(":")
   if name not in ROUTE_IMPLS:
@@ -250,14 +249,12 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                             route_fused=args.engine_route != "unfused",
                                             kv_placement=args.kv_placement, log=log)
   bank, s = placed.bank, placed.settings
-  if args.engine_route_options:
-    s = dataclasses.replace(s, route_options=tuple(sorted(
-        split_impl("pallas:" + args.engine_route_options)[1].items())))
+  if args.route_options:
+    s = dataclasses.replace(s, route_options=args.route_options)
     log(f"engine route: {s.route_block_sizes(cfg.num_kv_heads * cfg.head_dim, args.kr_dtype)}")
   kr_bytes = nbytes(placed.kr) + nbytes(placed.scales["kr"])
   kv_bytes = nbytes(placed.k) + nbytes(placed.v) + nbytes(placed.scales["k"]) \
-      + nbytes(placed.scales["v"]) + sum(x.nbytes for layer in (bank.host_kv or {}).values()
-                                         for x in layer.values() if x is not None)
+      + nbytes(placed.scales["v"]) + nbytes(bank.host_kv)
   w_bytes = nbytes(params)
   eng = engine_lib.Engine(model, params, "bank", s)
   f = cfg.num_kv_heads * cfg.head_dim
@@ -282,12 +279,15 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
         f"{time.perf_counter() - t0:.0f} s)")
     if args.profile_dir:
       from benchmarks import profile_summary
+      # the compiled prefill itself, so the kernel names are the printed program's
+      exe = eng._prefill.lower(eng.params, arrays, prefix, tokens, q_len, start, None,
+                               route_rows=q).compile()
       row[f"profile_b{b}"] = profile_summary.profile_calls(
-          lambda: jax.block_until_ready(pre()[0]),
+          lambda: jax.block_until_ready(exe(eng.params, arrays, prefix, tokens, q_len, start,
+                                            None)[0]),
           os.path.join(args.profile_dir, f"prefill_{bank.num_tokens}_b{b}"), calls=3,
           title=f"prefill, {bank.num_tokens:,} tokens, batch {b}", log=log,
-          hlo_text=eng._prefill.lower(eng.params, arrays, prefix, tokens, q_len, start, None,
-                                      route_rows=q).compile().as_text())
+          hlo_text=exe.as_text())
     # routing alone, every router layer (queries: random; the cost does not depend on them)
     rq = jnp.asarray(rng.normal(size=(b, q, f)).astype(np.float32))
     mask = jnp.ones((b, q), bool)
@@ -422,8 +422,8 @@ def main():
   try:
     for impl in impls:
       split_impl(impl)
-    if args.engine_route_options:
-      split_impl("pallas:" + args.engine_route_options)
+    args.route_options = tuple(sorted(split_impl(
+        "pallas:" + args.engine_route_options)[1].items())) if args.engine_route_options else ()
   except ValueError as e:
     raise SystemExit(f"--route_impls={args.route_impls!r} / --engine_route_options="
                      f"{args.engine_route_options!r}: {e}") from None

@@ -90,7 +90,8 @@ class ExampleMemory:
   ``forced`` (a ``routing.Selection``) replaces the router's choice in every layer
   (oracle routing) while scores are still computed. ``aux_softmax`` > 0 adds the routing
   loss's smooth scores to each decision (``routing.smooth_document_scores`` at that
-  temperature; training only). The inference engine's shared bank is another source
+  temperature; training only), ``chunk_scores`` every chunk's score (the chunk-level
+  routing loss's, ``routing.hard_chunk_scores``). The inference engine's shared bank is another source
   (``msa_jax.inference.engine``).
   """
 
@@ -119,13 +120,14 @@ class ExampleLayerMemory:
     if self.aux_softmax > 0 or self.chunk_scores:   # one [B, M, N, C] tensor feeds them all
       chunk_mask = self.memory.chunk_mask_bnc
       s_bmnc = routing.pair_scores(rq_bmf, self.memory.kr_bncf)
-      doc_scores = routing.hard_document_scores(s_bmnc, route_mask_bm, chunk_mask)
+      chunk_s = routing.hard_chunk_scores(s_bmnc, route_mask_bm, chunk_mask)
+      doc_scores = chunk_s.max(axis=-1)               # routing.hard_document_scores
       selection = routing.select_top_k(doc_scores, top_k)
       if self.aux_softmax > 0:
         aux_scores = routing.smooth_document_scores(rq_bmf, route_mask_bm, self.memory.kr_bncf,
                                                     chunk_mask, self.aux_softmax, s_bmnc=s_bmnc)
       if self.chunk_scores:
-        chunk_scores = routing.hard_chunk_scores(s_bmnc, route_mask_bm, chunk_mask)
+        chunk_scores = chunk_s
     else:
       doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
     if self.forced is not None:

@@ -125,21 +125,24 @@ def pair_scores(rq_bmf, kr_bncf):
                     precision=jax.lax.Precision.HIGHEST)
 
 
-def hard_document_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
-  """float32 ``[B, N]``: the max of :func:`pair_scores` over a document's valid (routing
-  token, chunk) pairs, ``-inf`` where there is none: :func:`chunk_scores` then
-  :func:`document_scores` for the training layout, from scores already computed."""
-  valid_bmnc = (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
-                & jnp.asarray(chunk_mask_bnc, bool)[:, None])
-  return jnp.max(jnp.where(valid_bmnc, s_bmnc, NEG_INF), axis=(1, 3))
+def _valid_pairs(query_mask_bm, chunk_mask_bnc):
+  """bool ``[B, M, N, C]``: routing token ``m`` and chunk ``(n, c)`` both present."""
+  return (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
+          & jnp.asarray(chunk_mask_bnc, bool)[:, None])
 
 
 def hard_chunk_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
   """float32 ``[B, N, C]``: each chunk's max of :func:`pair_scores` over the routing tokens
   (:func:`chunk_scores` in the training layout), ``-inf`` for a missing chunk or an
   example without a routing token."""
-  s = jnp.where(jnp.asarray(query_mask_bm, bool)[:, :, None, None], s_bmnc, NEG_INF).max(axis=1)
-  return jnp.where(jnp.asarray(chunk_mask_bnc, bool), s, NEG_INF)
+  return jnp.max(jnp.where(_valid_pairs(query_mask_bm, chunk_mask_bnc), s_bmnc, NEG_INF), axis=1)
+
+
+def hard_document_scores(s_bmnc, query_mask_bm, chunk_mask_bnc):
+  """float32 ``[B, N]``: the max of :func:`pair_scores` over a document's valid (routing
+  token, chunk) pairs, ``-inf`` where there is none: :func:`chunk_scores` then
+  :func:`document_scores` for the training layout, from scores already computed."""
+  return hard_chunk_scores(s_bmnc, query_mask_bm, chunk_mask_bnc).max(axis=-1)
 
 
 def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, temperature: float,
@@ -170,8 +173,7 @@ def smooth_document_scores(rq_bmf, query_mask_bm, kr_bncf, chunk_mask_bnc, tempe
                      "0 means the hard maximum (document_scores)")
   if s_bmnc is None:
     s_bmnc = pair_scores(rq_bmf, kr_bncf)
-  valid_bmnc = (jnp.asarray(query_mask_bm, bool)[:, :, None, None]
-                & jnp.asarray(chunk_mask_bnc, bool)[:, None])
+  valid_bmnc = _valid_pairs(query_mask_bm, chunk_mask_bnc)
   # Finite filler, not -inf: an empty document's logsumexp and its gradient stay finite
   # (the gradient is then masked to 0), where -inf would give NaN.
   x_bmnc = jnp.where(valid_bmnc, s_bmnc / temperature, -1e30)
