@@ -143,12 +143,13 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from msa_jax.inference.bank_routing import engine_block_sizes
   fused = {"pallas-fused": True, "pallas-unfused": False, "pallas-unfused-fp8q1": False}
-  bs = engine_block_sizes(f, key_dtype,
-                          fold_batch={"pallas-fold": True, "pallas-nofold": False}.get(impl),
-                          fp8_query_terms=1 if impl.endswith("fp8q1") else 2,
-                          skip_beaten=impl != "pallas-noskip",
-                          **({"features": 256} if impl == "pallas-f256" else {}),
-                          **({"fused": fused[impl]} if impl in fused else {}), **overrides)
+  named = {"fold_batch": {"pallas-fold": True, "pallas-nofold": False}.get(impl),
+           "fp8_query_terms": 1 if impl.endswith("fp8q1") else 2,
+           "skip_beaten": impl != "pallas-noskip",
+           **({"features": 256} if impl == "pallas-f256" else {}),
+           **({"fused": fused[impl]} if impl in fused else {})}
+  # An explicit FIELD=VALUE wins over the name's default (e.g. pallas:fp8_query_terms=1).
+  bs = engine_block_sizes(f, key_dtype, **{**named, **overrides})
   return {"implementation": "pallas", "block_sizes": bs,
           "layouts": None if impl == "pallas-nolayout" else layouts}
 

@@ -131,6 +131,13 @@ def test_ttft_route_impl_options_override_block_sizes():
       "pallas-f256", {"programs_per_sm": 2, "skip_beaten": False})
   bs = ttft.route_impl_args("pallas-f256:programs_per_sm=2:stages=3", 1024, None)["block_sizes"]
   assert (bs.features, bs.programs_per_sm, bs.stages, bs.fused) == (256, 2, 3, True)
+  # A field the name also sets: the explicit value wins (it raised a TypeError before).
+  bs = ttft.route_impl_args("pallas:fp8_query_terms=1:features=256", 1024, None,
+                            "float8_e4m3fn")["block_sizes"]
+  assert (bs.fp8_query_terms, bs.features) == (1, 256)
+  bs = ttft.route_impl_args("pallas-fp8q1:fp8_query_terms=2", 1024, None,
+                            "float8_e4m3fn")["block_sizes"]
+  assert bs.fp8_query_terms == 2
   for bad in ("pallas:nonsense=1", "pallas:stages", "xla:stages=2", "pallas-f512"):
     with pytest.raises(ValueError, match="route implementation"):
       ttft.split_impl(bad)
