@@ -166,6 +166,10 @@ def _base() -> ml_collections.ConfigDict:
   # as many documents a memory as data.kv's; the last entry is data.kv.facts_per_doc
   # (what evaluation uses). () trains on data.kv's documents throughout.
   c.data.facts_curriculum = ()
+  # (step, global batch size) pairs: a batch size per stage, the last = batch_size (what
+  # the rest of the run uses); e.g. small memories (memory_curriculum) with a large batch
+  # first, so the reader sees many answers a step. () trains at batch_size throughout.
+  c.data.batch_curriculum = ()
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,

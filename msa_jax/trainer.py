@@ -104,6 +104,7 @@ def validate_config(cfg) -> ModelConfig:
     raise ValueError(f"num_steps must be >= 1, got {cfg.num_steps}")
   if cfg.batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+  from_config.batch_stages(cfg.data, cfg.batch_size)   # a bad data.batch_curriculum fails here
   if cfg.optim.warmup_phase_steps > cfg.num_steps:
     raise ValueError(f"optim.warmup_phase_steps ({cfg.optim.warmup_phase_steps}) exceeds "
                      f"num_steps ({cfg.num_steps})")
@@ -352,10 +353,11 @@ def train_and_evaluate(cfg, workdir: str, *,
   use_compilation_cache(cfg.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(cfg.mesh_shape)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.batch_size % batch_shards:
-    raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of {batch_shards} (the "
-                     f"data × fsdp mesh axes of mesh {dict(mesh.shape)}); change batch_size "
-                     "or config.mesh_shape")
+  for start, size in from_config.batch_stages(cfg.data, cfg.batch_size):
+    if size % batch_shards:
+      where = "batch_size" if size == cfg.batch_size else f"data.batch_curriculum (from batch {start})"
+      raise ValueError(f"{where} {size} must be a multiple of {batch_shards} (the data × fsdp "
+                       f"mesh axes of mesh {dict(mesh.shape)}); change it or config.mesh_shape")
   config = run_config.run_config_dict(cfg, model_cfg)
   diffs = run_config.check_resume(workdir, config, allow_change=allow_config_change)
   setup = TrainSetup(cfg, mesh, model_cfg)

@@ -256,7 +256,7 @@ def test_facts_curriculum_trains_fewer_facts_first():
   cfg = get_config("tiny")
   assert [f for _, f in cfg.data.facts_curriculum] == [1, 6]
   stages = from_config.training_stages(cfg.data)
-  assert [(m, f) for _, m, f in stages] == [(None, 1), (None, 6)]
+  assert [(m, f) for _, m, f, _ in stages] == [(None, 1), (None, 6)]
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
@@ -286,3 +286,47 @@ def test_facts_curriculum_is_checked_before_training(pairs, match):
   cfg.data.facts_curriculum = pairs
   with pytest.raises(ValueError, match=match):
     from_config.validate_data_config(cfg)
+
+
+def test_batch_curriculum_serves_each_stage_its_batch_size():
+  """``data.batch_curriculum``: batches before the switch have the stage's size, with the
+  stage's memory (small memories and a large batch first); then ``batch_size``."""
+  cfg = get_config("tiny")
+  cfg.data.num_docs = 0
+  cfg.data.memory_tokens = 400                         # 10 documents of 40 tokens
+  cfg.data.memory_curriculum = ((0, 80), (3, 400))     # 2 documents first
+  cfg.data.facts_curriculum = ()
+  cfg.data.batch_curriculum = ((0, 8), (2, 4))
+  assert from_config.training_stages(cfg.data, 4) == [(0, 80, None, 8), (2, 80, None, 4),
+                                                      (3, 400, None, 4)]
+  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
+                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  shapes = [np.asarray(next(it).doc_mask).shape[:2] for _ in range(4)]
+  assert shapes == [(8, 2), (8, 2), (4, 2), (4, 10)]
+
+
+@pytest.mark.parametrize("pairs, message", [
+    (((1, 8), (5, 4)), "must start at 0"),
+    (((0, 8), (0, 4)), "must start at 0 and increase"),
+    (((0, 8), (5, 16)), "the last must be batch_size=4"),
+    (((0, 0), (5, 4)), "sizes must be >= 1"),
+    (((0, 8, 1),), "must hold .batch, batch size. pairs"),
+])
+def test_bad_batch_curriculum_is_refused_naming_the_fix(pairs, message):
+  from msa_jax.trainer import validate_config
+  cfg = get_config("tiny")
+  cfg.batch_size = 4
+  cfg.data.batch_curriculum = pairs
+  with pytest.raises(ValueError, match=message) as err:
+    validate_config(cfg)
+  assert "data.batch_curriculum" in str(err.value)
+
+
+def test_batch_curriculum_sizes_must_split_over_the_mesh(tmp_path):
+  from msa_jax.trainer import train_and_evaluate
+  cfg = get_config("smoke")
+  cfg.batch_size, cfg.mesh_shape = 8, (8, 1, 1)
+  cfg.data.batch_curriculum = ((0, 12), (2, 8))
+  with pytest.raises(ValueError, match=r"data.batch_curriculum \(from batch 0\) 12 must be a "
+                                       r"multiple of 8"):
+    train_and_evaluate(cfg, str(tmp_path / "run"))

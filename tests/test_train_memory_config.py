@@ -1,6 +1,7 @@
 """The training-scale config keys: bucket caps, the LM-loss chunk, the compilation cache."""
 import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from msa_jax.data import buckets as bucket_lib
@@ -8,7 +9,7 @@ from msa_jax.data import from_config
 from msa_jax.train_step import lm_chunk_size
 from msa_jax.trainer import use_compilation_cache
 
-from train_common import get_config
+from train_common import compilation_cache, get_config, small_cfg  # noqa: F401
 
 
 def test_bucket_caps_come_from_the_config_and_bound_the_buckets():
@@ -95,3 +96,19 @@ def test_doc_slot_multiple_sets_the_slot_rounding():
   cfg.data.doc_slot_multiple = -1
   with pytest.raises(ValueError, match="doc_slot_multiple must be >= 0"):
     bucket_lib.bucket_levels(cfg.data)
+
+
+def test_a_run_trains_each_batch_curriculum_stage_at_its_size(tmp_path, compilation_cache):
+  """Two stages of ``data.batch_curriculum``: each logged step's tokens and target count
+  come from its stage's batch (16 examples, then the configured 8)."""
+  from msa_jax.trainer import train_and_evaluate
+  cfg = small_cfg()
+  cfg.num_steps, cfg.optim.warmup_phase_steps = 4, 1
+  cfg.data.batch_curriculum = ((0, 16), (2, 8))
+  steps, rows = [], []
+  train_and_evaluate(cfg, str(tmp_path), on_step=lambda s, m: (steps.append(s), rows.append(m)))
+  assert steps == [1, 2, 3, 4]
+  tokens = [r["tokens_per_step"] for r in rows]
+  # A step's tokens depend on its bucket (active length 8 or 24) and its batch size.
+  assert min(tokens[:2]) > 1.6 * max(tokens[2:]), tokens
+  assert all(np.isfinite(r["loss"]) for r in rows)

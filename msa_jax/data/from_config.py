@@ -285,17 +285,46 @@ def facts_stages(data_cfg) -> list[tuple[int, int | None]]:
   return [(b, f) for b, f in pairs]
 
 
-def training_stages(data_cfg) -> list[tuple[int, int | None, int | None]]:
-  """``[(first batch, memory tokens, facts per document)]``: a stage starts wherever
-  ``data.memory_curriculum`` or ``data.facts_curriculum`` starts one (None: the
-  configured value)."""
+def batch_stages(data_cfg, batch_size: int) -> list[tuple[int, int]]:
+  """``data.batch_curriculum`` checked: ``[(first batch, global batch size)]``, or
+  ``[(0, batch_size)]`` when it is empty.
+
+  The pairs must start at batch 0, at strictly increasing batches, and end with
+  ``batch_size`` (the configured batch, what the rest of the run uses). A stage of small
+  memories and a large batch gives the reader many more answers a step for the same
+  tokens (the reading task's 16K-token memories carry 8 answers a batch of 16)."""
+  pairs = [tuple(int(x) for x in p) for p in (data_cfg.get("batch_curriculum") or ())]
+  if not pairs:
+    return [(0, int(batch_size))]
+  fix = ("set data.batch_curriculum to (batch, batch size) pairs such as "
+         f"'((0,256),(400,{int(batch_size)}))' (first at batch 0, batches increasing, the last "
+         "size = batch_size), or () for none")
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(f"data.batch_curriculum={pairs} must hold (batch, batch size) pairs; {fix}")
+  starts = [b for b, _ in pairs]
+  if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
+    raise ValueError(f"data.batch_curriculum={pairs}: batches {starts} must start at 0 and "
+                     f"increase; {fix}")
+  if any(n < 1 for _, n in pairs) or pairs[-1][1] != int(batch_size):
+    raise ValueError(f"data.batch_curriculum={pairs}: sizes must be >= 1 and the last must be "
+                     f"batch_size={int(batch_size)}; {fix}")
+  return pairs
+
+
+def training_stages(data_cfg, batch_size: int = 0
+                    ) -> list[tuple[int, int | None, int | None, int]]:
+  """``[(first batch, memory tokens, facts per document, global batch size)]``: a stage
+  starts wherever ``data.memory_curriculum``, ``data.facts_curriculum`` or
+  ``data.batch_curriculum`` starts one (None: the configured value; batch size 0 when
+  ``batch_size`` is not given and there is no batch curriculum)."""
   memory = list(data_cfg.memory_curriculum) or [(0, None)]
   if data_cfg.num_docs or _check_task(data_cfg) == "jsonl":
     memory = [(0, None)]
   facts = facts_stages(data_cfg)
+  batches = batch_stages(data_cfg, batch_size)
   at = lambda pairs, b: [v for s, v in pairs if s <= b][-1]
-  starts = sorted({int(s) for s, _ in memory} | {s for s, _ in facts})
-  return [(b, at(memory, b), at(facts, b)) for b in starts]
+  starts = sorted({int(s) for s, _ in memory} | {s for s, _ in facts} | {s for s, _ in batches})
+  return [(b, at(memory, b), at(facts, b), at(batches, b)) for b in starts]
 
 
 def _check_jsonl_multipliers(multipliers) -> None:
@@ -350,9 +379,6 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
   repeats its example list forever, reshuffled by ``seed`` every epoch. The
   chosen buckets and their padding waste (on a sample) are printed once.
   """
-  if batch_size % process_count:
-    raise ValueError(f"batch_size {batch_size} must divide evenly over {process_count} processes")
-  local_batch = batch_size // process_count
   task_name = _check_task(data_cfg)
   if task_name == "jsonl" and len(data_cfg.memory_curriculum) > 1 and verbose:
     print("data: memory_curriculum is ignored for data.task='jsonl' (memories come from "
@@ -361,7 +387,11 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
     print(f"data: facts_curriculum is ignored for data.task={task_name!r} (its documents "
           "have no facts)", flush=True)
   stages = []
-  for start, memory_tokens, facts_per_doc in training_stages(data_cfg):
+  for start, memory_tokens, facts_per_doc, stage_batch in training_stages(data_cfg, batch_size):
+    if stage_batch % process_count:
+      raise ValueError(f"batch size {stage_batch} (from batch {start}) must divide evenly over "
+                       f"{process_count} processes")
+    local_batch = stage_batch // process_count
     source = make_source(data_cfg, seed, memory_tokens, facts_per_doc)
     buckets = buckets_for(source, local_batch, chunk_size,
                           memory_interleave=data_cfg.interleave, caps=bucket_caps(data_cfg),
@@ -377,7 +407,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
                                seed=seed)
       size = f"{len(source)} examples" if finite else "synthetic"
       facts = f", {facts_per_doc} fact(s) a document" if facts_per_doc is not None else ""
-      print(f"data: task {task_name} ({size}{facts}), stage from batch {int(start)}: "
+      print(f"data: task {task_name} ({size}{facts}, batch {stage_batch}), stage from batch "
+            f"{int(start)}: "
             f"{len(buckets)} bucket(s) {[tuple(dataclasses.astuple(b)) for b in buckets]} "
             f"(batch, prefix, docs, doc_len, active); padding waste on a sample: "
             f"total {waste['total']:.1%}, doc tokens {waste['doc_tokens']:.1%}, "
