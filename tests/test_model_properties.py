@@ -401,3 +401,19 @@ def test_gemm_rows_pads_only_small_token_counts():
   for shape in [(8, 1, 3), (1, 9, 3), (4, 0, 3)]:
     x = jnp.ones(shape)
     assert _gemm_rows(x) is x
+
+
+def test_one_token_projections_equal_the_unpadded_rows():
+  """A decoding step's Q/K/V projections run on rows padded to 8 (``_gemm_rows``): the
+  real row's q, k, v equal the same token's in a 9-token call (no padding there)."""
+  from msa_jax.decoder_layer import DecoderLayer
+  layer = DecoderLayer(CFG)
+  x9 = jax.random.normal(jax.random.PRNGKey(3), (1, 9, CFG.hidden_size), jnp.float32)
+  pos9 = jnp.arange(9)[None] + 5
+  params = layer.init(jax.random.PRNGKey(4), x9, pos9, method=DecoderLayer._project)
+  full = layer.apply(params, x9, pos9, method=DecoderLayer._project)
+  one = layer.apply(params, x9[:, 4:5], pos9[:, 4:5], method=DecoderLayer._project)
+  for name, a, b in zip("hqkv", one, full):
+    assert a.shape[1] == 1, name
+    np.testing.assert_allclose(np.asarray(a[:, 0]), np.asarray(b[:, 4]), rtol=1e-5, atol=1e-6,
+                               err_msg=name)
