@@ -217,6 +217,22 @@ def test_documents_padded_to_a_token_multiple_encode_the_same_bank(tiny):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
 
 
+def test_many_small_batches_encode_the_same_bank_as_one_window_of_large_ones(tiny):
+  """The encoder keeps one batch in flight (the next is dispatched before the previous
+  one's rows come back): batches of 12 tokens (many a level, rows put back in window
+  order) give the bank that batches of 4,096 tokens (one a level) give."""
+  _, _, _, tmp = tiny
+  small, large = str(tmp / "small_batches"), str(tmp / "large_batches")
+  assert _encode(tiny, small, batch_tokens=12)["complete"]
+  assert _encode(tiny, large, batch_tokens=4096)["complete"]
+  a, b = bank_lib.open_bank(small), bank_lib.open_bank(large)
+  np.testing.assert_array_equal(np.asarray(a.chunk_doc), np.asarray(b.chunk_doc))
+  for i in a.router_layers:
+    for part in ("kr", "k", "v"):
+      x, y = (np.asarray(getattr(bank, part)(i), np.float32) for bank in (a, b))
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
+
+
 def test_bank_from_another_model_is_refused(tiny):
   model, params, _, tmp = tiny
   path = str(tmp / "whole")

@@ -221,6 +221,18 @@ class Encoder:
     first_row = np.concatenate([[0], np.cumsum(chunks)])      # window order
     levels, level_of = padded_widths(lengths, p, self.width_multiple)
     out = {i: {part: None for part in ("kr", "k", "v")} for i in cfg.router_layer_ids}
+
+    def collect(group, present, dest, memory):
+      for i, mem in memory.items():
+        for part, arr in (("kr", mem.kr_bncf), ("k", mem.k_bncgd), ("v", mem.v_bncgd)):
+          rows_ = np.asarray(arr[0, :len(group)])[present]
+          if out[i][part] is None:
+            out[i][part] = np.empty((first_row[-1], *rows_.shape[1:]), rows_.dtype)
+          out[i][part][dest] = rows_
+
+    # One batch in flight: the next batch is built and dispatched before the previous
+    # one's rows are copied back, so the device never waits for the host's numpy work.
+    in_flight = None
     for lv in np.unique(level_of):
       width = levels[lv]
       rows = max(1, self.batch_tokens // width)
@@ -240,12 +252,11 @@ class Encoder:
         c_max = -(-width // p)
         present = np.arange(c_max)[None] < chunks[group][:, None]        # [g, C]
         dest = (first_row[group][:, None] + np.arange(c_max)[None])[present]
-        for i, mem in memory.items():
-          for part, arr in (("kr", mem.kr_bncf), ("k", mem.k_bncgd), ("v", mem.v_bncgd)):
-            rows_ = np.asarray(arr[0, :len(group)])[present]
-            if out[i][part] is None:
-              out[i][part] = np.empty((first_row[-1], *rows_.shape[1:]), rows_.dtype)
-            out[i][part][dest] = rows_
+        if in_flight is not None:
+          collect(*in_flight)
+        in_flight = (group, present, dest, memory)
+    if in_flight is not None:
+      collect(*in_flight)
     return out, chunks.tolist()
 
 
