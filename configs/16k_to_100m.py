@@ -6,9 +6,11 @@ Variants through the config string (``--config=configs/16k_to_100m.py:VARIANT``)
                    router layers 18-35, τ 0.1, router warm-up then main phase,
                    memory curriculum 8k → 64k tokens; needs a checkpoint and accelerators.
   ``0.6b``         the same recipe on the Qwen3-0.6B shape (fast ablations).
-  ``tiny``         a 4-layer width-128 model from scratch on the reading task (documents of
-                   6 key-value facts; the question names one key), 16K-token memories,
-                   1-fact documents for the first 400 steps (``data.facts_curriculum``),
+  ``tiny``         a 2-layer width-128 model from scratch on the reading task (documents of
+                   6 key-value facts; the question names one key), 16K-token memories
+                   after a reader stage of 8-document memories at batch 256
+                   (``data.memory_curriculum``, ``data.batch_curriculum``), 1-fact
+                   documents for the first 150 steps (``data.facts_curriculum``),
                    routing loss on the smooth max (``loss.aux_softmax``); one GPU. ``--config.data.task=multihop`` / ``niah`` switch to 2-hop
                    chains / the RULER-style suite with the same alphabets.
   ``smoke``        a 3-layer width-64 model on the synthetic key-value task; a 2-core
@@ -160,14 +162,15 @@ def _base() -> ml_collections.ConfigDict:
   c.data.answer_positives = True
   c.data.num_docs = 0              # 0: derived from memory_tokens
   c.data.memory_tokens = 16_384
-  # (step, memory tokens) pairs: the SFT curriculum 8k → 64k (paper §3.3.2).
+  # (step, memory tokens) pairs: the SFT curriculum 8k → 64k (paper §3.3.2); tokens None
+  # means data.memory_tokens (e.g. '((0,320),(600,None))': small memories first).
   c.data.memory_curriculum = ((0, 8_192), (10_000, 65_536))
   # (step, facts per document) pairs, kv / multihop only: documents of fewer facts first,
   # as many documents a memory as data.kv's; the last entry is data.kv.facts_per_doc
   # (what evaluation uses). () trains on data.kv's documents throughout.
   c.data.facts_curriculum = ()
-  # (step, global batch size) pairs: a batch size per stage, the last = batch_size (what
-  # the rest of the run uses); e.g. small memories (memory_curriculum) with a large batch
+  # (step, global batch size) pairs: a batch size per stage, the last None or batch_size
+  # (what the rest of the run uses; None means batch_size); e.g. small memories (memory_curriculum) with a large batch
   # first, so the reader sees many answers a step. () trains at batch_size throughout.
   c.data.batch_curriculum = ()
   c.data.kv = ml_collections.ConfigDict(dict(
@@ -261,28 +264,39 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.doc_slot_multiple = 8
   elif variant == "tiny":
     c.model = _model("tiny", vocab_size=1024, hidden_size=128, intermediate_size=512,
-                     num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32,
                      pooling_chunk_size=8, top_k=4, dtype="bfloat16")
-    # Sized for ≤ 10 min on one H200 (WORKSPACE.md "The reading task"): 400 steps of
-    # 1-fact documents (16 × ~4.1K tokens, ~0.15 s) then 800 of the 6-fact task (16 ×
-    # ~16.4K = 263K tokens, 0.55-0.66 s at the old task's 400-480k tokens/s). Router
-    # warm-up (aux loss only) over the first 600: from scratch on 6-fact documents the
-    # router stayed at chance for 220 CPU steps (cal24), while on 1-fact documents it
-    # learns in ~150 and carries over to 6 facts (cal26, cal27; WORKSPACE.md).
+    # Two layers (the router at layer 1): from scratch the 6-fact router learnt with 2
+    # layers and stayed at chance with 4 (CPU, depth-cal1-4), and on the H200 the recipe
+    # routed at recall@1 0.75 with 2 layers against 0.40 with 4 (WORKSPACE.md).
+    #
+    # Two stages, sized for ≤ 10 min on one H200 (estimates; this schedule has not yet
+    # run on a GPU). Reader stage, steps 0-599: memories of 8 documents (320 tokens)
+    # and batches of 256, i.e. 128 answers a step where a 16K-token batch of 16 has 8.
+    # The reader must find a key among a document's 6 and copy its value, which a tiny
+    # model learns only after a plateau: on the CPU (one-document memories, 32 answers a
+    # step, lr 2e-3) the LM loss left chance after ~450 steps (s8-e1; 16 answers a step
+    # for 600 steps, the old recipe's main phase, never did). Then the training memory,
+    # 16K tokens (409 documents), at batch 16 for routing at scale.
     c.num_steps = 1_200
     c.batch_size = 16
     c.log_every_steps = 10
-    c.optim.warmup_phase_steps = 600
+    c.data.memory_curriculum = ((0, 320), (600, None))   # None: data.memory_tokens
+    c.data.batch_curriculum = ((0, 256), (600, None))     # None: batch_size
+    # Router warm-up (routing loss only) on 1-fact documents for 150 steps: from scratch
+    # on 6-fact documents the router stayed at chance (cal24), on 1-fact documents it
+    # learns in ~150 and carries over (cal26, cal27); then the LM from step 150.
+    c.optim.warmup_phase_steps = 150
     c.optim.warmup_lm_weight = 0.0   # as smoke: route first, then read (see there)
-    c.optim.warmup_phase_lr = c.optim.main_phase_lr = 1e-3
+    c.optim.warmup_phase_lr = c.optim.main_phase_lr = 2e-3
     c.optim.final_lr = 1e-5
     c.optim.lr_ramp_steps = 20
+    c.optim.weight_decay = 0.0
     c.checkpoint.every_steps = 300
     c.checkpoint.max_to_keep = 1
     c.data.memory_tokens = 16_384    # 409 documents of 40 tokens
-    c.data.memory_curriculum = ()
     c.data.kv = _reading_kv()
-    c.data.facts_curriculum = ((0, 1), (400, 6))
+    c.data.facts_curriculum = ((0, 1), (150, 6))
     # Routing loss on the smooth max (c.loss.aux_softmax; WORKSPACE.md cal33-cal38, CPU,
     # 32 documents, one seed): from scratch on 6-fact documents it stays at chance like
     # the hard max (τ 0.03-0.3), but with the 1-fact stage first it learnt faster (1 fact:

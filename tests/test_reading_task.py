@@ -255,8 +255,10 @@ def test_facts_curriculum_trains_fewer_facts_first():
   configured 6-fact documents; evaluation always asks the configured task."""
   cfg = get_config("tiny")
   assert [f for _, f in cfg.data.facts_curriculum] == [1, 6]
-  stages = from_config.training_stages(cfg.data)
-  assert [(m, f) for _, m, f, _ in stages] == [(None, 1), (None, 6)]
+  stages = from_config.training_stages(cfg.data, cfg.batch_size)
+  # The recipe: 1 fact for 150 steps, a reader stage of 8-document memories at batch 256
+  # until step 600, then the 16K-token training memory (None) at batch 16.
+  assert stages == [(0, 320, 1, 256), (150, 320, 6, 256), (600, None, 6, 16)]
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
@@ -265,6 +267,7 @@ def test_facts_curriculum_trains_fewer_facts_first():
 
   cfg.data.num_docs = 6
   cfg.data.facts_curriculum = ((0, 1), (2, 6))
+  cfg.data.batch_curriculum = ()
   it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
                                        chunk_size=cfg.model.pooling_chunk_size, verbose=False)
   doc_lens = []
@@ -296,7 +299,7 @@ def test_batch_curriculum_serves_each_stage_its_batch_size():
   cfg.data.memory_tokens = 400                         # 10 documents of 40 tokens
   cfg.data.memory_curriculum = ((0, 80), (3, 400))     # 2 documents first
   cfg.data.facts_curriculum = ()
-  cfg.data.batch_curriculum = ((0, 8), (2, 4))
+  cfg.data.batch_curriculum = ((0, 8), (2, None))      # None: batch_size
   assert from_config.training_stages(cfg.data, 4) == [(0, 80, None, 8), (2, 80, None, 4),
                                                       (3, 400, None, 4)]
   it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
@@ -308,7 +311,7 @@ def test_batch_curriculum_serves_each_stage_its_batch_size():
 @pytest.mark.parametrize("pairs, message", [
     (((1, 8), (5, 4)), "must start at 0"),
     (((0, 8), (0, 4)), "must start at 0 and increase"),
-    (((0, 8), (5, 16)), "the last must be batch_size=4"),
+    (((0, 8), (5, 16)), "the last must be None or batch_size=4"),
     (((0, 0), (5, 4)), "sizes must be >= 1"),
     (((0, 8, 1),), "must hold .batch, batch size. pairs"),
 ])

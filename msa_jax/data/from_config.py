@@ -287,27 +287,28 @@ def facts_stages(data_cfg) -> list[tuple[int, int | None]]:
 
 def batch_stages(data_cfg, batch_size: int) -> list[tuple[int, int]]:
   """``data.batch_curriculum`` checked: ``[(first batch, global batch size)]``, or
-  ``[(0, batch_size)]`` when it is empty.
+  ``[(0, batch_size)]`` when it is empty. A size of None means ``batch_size``.
 
-  The pairs must start at batch 0, at strictly increasing batches, and end with
+  The pairs must start at batch 0, at strictly increasing batches, and end with None or
   ``batch_size`` (the configured batch, what the rest of the run uses). A stage of small
   memories and a large batch gives the reader many more answers a step for the same
   tokens (the reading task's 16K-token memories carry 8 answers a batch of 16)."""
-  pairs = [tuple(int(x) for x in p) for p in (data_cfg.get("batch_curriculum") or ())]
-  if not pairs:
+  raw = [tuple(p) for p in (data_cfg.get("batch_curriculum") or ())]
+  if not raw:
     return [(0, int(batch_size))]
   fix = ("set data.batch_curriculum to (batch, batch size) pairs such as "
-         f"'((0,256),(400,{int(batch_size)}))' (first at batch 0, batches increasing, the last "
-         "size = batch_size), or () for none")
-  if any(len(p) != 2 for p in pairs):
-    raise ValueError(f"data.batch_curriculum={pairs} must hold (batch, batch size) pairs; {fix}")
+         "'((0,256),(400,None))' (first at batch 0, batches increasing, the last size None "
+         "or batch_size; None means batch_size), or () for none")
+  if any(len(p) != 2 for p in raw):
+    raise ValueError(f"data.batch_curriculum={raw} must hold (batch, batch size) pairs; {fix}")
+  pairs = [(int(b), int(batch_size) if n is None else int(n)) for b, n in raw]
   starts = [b for b, _ in pairs]
   if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
-    raise ValueError(f"data.batch_curriculum={pairs}: batches {starts} must start at 0 and "
+    raise ValueError(f"data.batch_curriculum={raw}: batches {starts} must start at 0 and "
                      f"increase; {fix}")
   if any(n < 1 for _, n in pairs) or pairs[-1][1] != int(batch_size):
-    raise ValueError(f"data.batch_curriculum={pairs}: sizes must be >= 1 and the last must be "
-                     f"batch_size={int(batch_size)}; {fix}")
+    raise ValueError(f"data.batch_curriculum={raw}: sizes must be >= 1 and the last must be "
+                     f"None or batch_size={int(batch_size)}; {fix}")
   return pairs
 
 
@@ -407,7 +408,7 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
                                seed=seed)
       size = f"{len(source)} examples" if finite else "synthetic"
       facts = f", {facts_per_doc} fact(s) a document" if facts_per_doc is not None else ""
-      print(f"data: task {task_name} ({size}{facts}, batch {stage_batch}), stage from batch "
+      print(f"data: task {task_name} ({size}{facts}), batch {stage_batch}, stage from batch "
             f"{int(start)}: "
             f"{len(buckets)} bucket(s) {[tuple(dataclasses.astuple(b)) for b in buckets]} "
             f"(batch, prefix, docs, doc_len, active); padding waste on a sample: "
