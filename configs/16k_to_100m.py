@@ -8,7 +8,7 @@ Variants through the config string (``--config=configs/16k_to_100m.py:VARIANT``)
   ``0.6b``         the same recipe on the Qwen3-0.6B shape (fast ablations).
   ``tiny``         a 2-layer width-128 model from scratch on the reading task (documents of
                    6 key-value facts; the question names one key), 16K-token memories
-                   after a reader stage of 8-document memories at batch 256
+                   after a 1,000-step reader stage of 8-document memories at batch 256
                    (``data.memory_curriculum``, ``data.batch_curriculum``), 1-fact
                    documents for the first 150 steps (``data.facts_curriculum``),
                    routing loss on the smooth max (``loss.aux_softmax``); one GPU. ``--config.data.task=multihop`` / ``niah`` switch to 2-hop
@@ -270,19 +270,21 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     # layers and stayed at chance with 4 (CPU, depth-cal1-4), and on the H200 the recipe
     # routed at recall@1 0.75 with 2 layers against 0.40 with 4 (WORKSPACE.md).
     #
-    # Two stages, sized for ≤ 10 min on one H200 (estimates; this schedule has not yet
-    # run on a GPU). Reader stage, steps 0-599: memories of 8 documents (320 tokens)
-    # and batches of 256, i.e. 128 answers a step where a 16K-token batch of 16 has 8.
-    # The reader must find a key among a document's 6 and copy its value, which a tiny
-    # model learns only after a plateau: on the CPU (one-document memories, 32 answers a
-    # step, lr 2e-3) the LM loss left chance after ~450 steps (s8-e1; 16 answers a step
-    # for 600 steps, the old recipe's main phase, never did). Then the training memory,
-    # 16K tokens (409 documents), at batch 16 for routing at scale.
-    c.num_steps = 1_200
+    # Two stages, sized for ≤ 10 min on one H200 (estimates; the whole schedule has not
+    # yet run on a GPU). Reader stage, steps 0-999: memories of 8 documents (320 tokens)
+    # and batches of 256, i.e. 128 answers a step where a 16K-token batch of 16 has 8
+    # (~0.23 s a step on the H200). The reader must find a key among a document's 6 and
+    # copy its value, which a tiny model learns only after a plateau: on the CPU
+    # (one-document memories, 32 answers a step, lr 2e-3) the LM loss left chance after
+    # ~450 steps (s8-e1), and on the H200 this stage was still on the plateau at step 503
+    # (350 LM steps) while its router reached recall@1 0.98 on 6-fact documents (its
+    # first 503 steps, the call's time limit; WORKSPACE.md). Then the training memory,
+    # 16K tokens (409 documents), at batch 16 for routing at scale (~0.4 s a step).
+    c.num_steps = 1_400
     c.batch_size = 16
     c.log_every_steps = 10
-    c.data.memory_curriculum = ((0, 320), (600, None))   # None: data.memory_tokens
-    c.data.batch_curriculum = ((0, 256), (600, None))     # None: batch_size
+    c.data.memory_curriculum = ((0, 320), (1_000, None))   # None: data.memory_tokens
+    c.data.batch_curriculum = ((0, 256), (1_000, None))    # None: batch_size
     # Router warm-up (routing loss only) on 1-fact documents for 150 steps: from scratch
     # on 6-fact documents the router stayed at chance (cal24), on 1-fact documents it
     # learns in ~150 and carries over (cal26, cal27); then the LM from step 150.
