@@ -111,6 +111,7 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
   cfg.init_from = ""
   cfg.tensorboard = False
   cfg.data.memory_curriculum = cfg.data.facts_curriculum = ()   # the recipe's own task shape
+  cfg.data.batch_curriculum = ()                                 # at the batch asked for
   cfg.data.memory_tokens = memory_tokens
   cfg.mesh_shape = tuple(int(s) for s in mesh.split(","))
   if tiny:   # same structure (router layers in the upper half, remat, kernels), small sizes

@@ -44,6 +44,32 @@ def test_dry_run_of_every_sweep_file_lists_its_runs(path, tmp_path, capsys, monk
   assert not os.listdir(tmp_path), "a dry run wrote files"
 
 
+@pytest.mark.parametrize("path", [_rel(p) for p in SWEEP_FILES])
+def test_every_sweep_point_passes_the_trainers_checks(path, monkeypatch):
+  """Each point's config (the recipe with its overrides) passes ``validate_config``: e.g. a
+  60-step point must not inherit a 150-step router warm-up, nor a batch curriculum whose
+  stages it never leaves."""
+  from msa_jax.trainer import validate_config
+  from launch.spec import _load_config
+  monkeypatch.chdir(REPO)
+  for arg in ("", ":smoke"):
+    sweep = load_sweep(path + arg)
+    for point in sweep.points:
+      cfg = _load_config(sweep.config)
+      with cfg.unlocked():
+        for key, value in point.overrides.items():
+          node = cfg
+          *parents, leaf = key.split(".")
+          for part in parents:
+            node = node[part]
+          node[leaf] = value
+      validate_config(cfg)
+      from msa_jax.data import from_config
+      stages = from_config.training_stages(cfg.data, cfg.batch_size)
+      if sweep.name == "memory_cost":   # one stage: what the timed steps measure
+        assert len(stages) == 1, stages
+
+
 def test_sweep_cli_dry_run(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "launch.sweep", "--sweep=configs/sweeps/rope_mode.py:smoke",

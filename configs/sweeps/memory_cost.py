@@ -15,7 +15,12 @@ def get_sweep(arg: str = ""):
             "fixed": smoke_fixed(num_steps=20, evaluate=False),
             "grid": {"data.num_docs": [8, 32]}}
   return {"name": "memory_cost", "config": f"{RECIPE}:tiny",
+          # One stage at the grid's memory: without these the recipe's curricula (1-fact
+          # documents, then a reader stage of 8-document memories at batch 256) would be
+          # what the 60 timed steps run.
           "fixed": {"num_steps": 60, "log_every_steps": 20, "eval.at_end": False,
-                    "checkpoint.every_steps": 1_000_000},
+                    "checkpoint.every_steps": 1_000_000, "data.memory_curriculum": (),
+                    "data.batch_curriculum": (), "data.facts_curriculum": (),
+                    "optim.warmup_phase_steps": 10},   # the recipe's 150 exceed 60 steps
           "grid": {"data.memory_tokens": [4_096, 8_192, 16_384, 32_768, 65_536, 131_072]},
           "resources": {"gpus_per_node": 1, "time": "01:00:00"}}
