@@ -233,6 +233,19 @@ def test_many_small_batches_encode_the_same_bank_as_one_window_of_large_ones(tin
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
 
 
+def test_each_batch_shape_logs_its_first_call_once(tiny):
+  """The encoder logs each batch shape's first call (its compile) with its time, once."""
+  model, params, corpus, tmp = tiny
+  lines = []
+  encode_corpus(model, params, corpus, str(tmp / "logged"), tokenizer=None,
+                prefix_tokens=[1, 2], window_tokens=60, batch_tokens=12, log=lines.append)
+  compiled = [l for l in lines if l.startswith("encoder: batches of ")]
+  shapes = [l.split(" compiled")[0] for l in compiled]
+  assert compiled and len(shapes) == len(set(shapes)), compiled
+  assert all(l.endswith("s") and " compiled and ran in " in l for l in compiled)
+  assert any(l.startswith("encode: 40/40 documents") for l in lines)
+
+
 def test_bank_from_another_model_is_refused(tiny):
   model, params, _, tmp = tiny
   path = str(tmp / "whole")

@@ -23,7 +23,7 @@ import json
 import os
 import signal
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -187,8 +187,12 @@ class Encoder:
 
   def __init__(self, model, params, *, batch_tokens: int = 16_384,
                kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
-               width_multiple: int = 0):
+               width_multiple: int = 0, log: Optional[Callable[[str], None]] = None):
     self.model, self.params = model, params
+    # Each batch shape's first call (its compile) is timed and logged: at large model
+    # shapes it can take minutes before the first window's progress line.
+    self.log = log
+    self._compiled_shapes: set[tuple[int, int]] = set()
     cfg = model.config
     self.cfg = cfg
     self.batch_tokens = batch_tokens
@@ -247,8 +251,15 @@ class Encoder:
         tokens[:len(group)] = np.where(mask[:len(group)], flat[take], 0)
         pos = np.zeros((rows, width), np.int32)
         pos[:len(group)] = starts[group][:, None] + col[None]
+        t_call = time.perf_counter()
         memory = self._encode(self.params, jnp.asarray(tokens), jnp.asarray(mask),
                               jnp.asarray(pos))
+        if (rows, width) not in self._compiled_shapes:
+          self._compiled_shapes.add((rows, width))
+          if self.log is not None:
+            jax.block_until_ready(memory)
+            self.log(f"encoder: batches of {rows} × {width} tokens compiled and ran in "
+                     f"{time.perf_counter() - t_call:.1f}s")
         c_max = -(-width // p)
         present = np.arange(c_max)[None] < chunks[group][:, None]        # [g, C]
         dest = (first_row[group][:, None] + np.arange(c_max)[None])[present]
@@ -373,7 +384,7 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
   fingerprint = fingerprint or bank_lib.model_fingerprint(cfg, params)
   if encoder is None or encoder.model is not model or encoder.params is not params:
     encoder = Encoder(model, params, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
-                      kv_dtype=kv_dtype, width_multiple=width_multiple)
+                      kv_dtype=kv_dtype, width_multiple=width_multiple, log=log)
   elif (kr_dtype or encoder.kr_dtype, kv_dtype or encoder.kv_dtype) != (encoder.kr_dtype,
                                                                         encoder.kv_dtype):
     raise ValueError(f"the encoder given writes K̄R {encoder.kr_dtype}, K̄/V̄ "
