@@ -237,9 +237,8 @@ def random_host_kv(num_chunks: int, g: int, d: int, kv_dtype: str, seed: int) ->
     if kv_dtype == "bfloat16":      # exponents of 0.125 .. 0.99: finite, normal
       return rng.integers(0x3E00, 0x3F80, shape, dtype=np.uint16).view(jnp.bfloat16)
     return rng.uniform(0.125, 1.0, shape).astype(kv_dtype)
-  scale = (lambda: np.full((num_chunks, g), 0.01, np.float32)) if kv_dtype == "int8" else (
-      lambda: None)
-  return {"k": one(), "v": one(), "k_scale": scale(), "v_scale": scale()}
+  scale = np.full((num_chunks, g), 0.01, np.float32) if kv_dtype == "int8" else None
+  return {"k": one(), "v": one(), "k_scale": scale, "v_scale": scale}   # read-only, shared
 
 
 def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: str, mesh=None,

@@ -170,8 +170,9 @@ def _base() -> ml_collections.ConfigDict:
   # (what evaluation uses). () trains on data.kv's documents throughout.
   c.data.facts_curriculum = ()
   # (step, global batch size) pairs: a batch size per stage, the last None or batch_size
-  # (what the rest of the run uses; None means batch_size); e.g. small memories (memory_curriculum) with a large batch
-  # first, so the reader sees many answers a step. () trains at batch_size throughout.
+  # (what the rest of the run uses; None means batch_size); e.g. small memories
+  # (memory_curriculum) with a large batch first, so the reader sees many answers a step.
+  # () trains at batch_size throughout.
   c.data.batch_curriculum = ()
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,

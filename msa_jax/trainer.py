@@ -355,7 +355,8 @@ def train_and_evaluate(cfg, workdir: str, *,
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for start, size in from_config.batch_stages(cfg.data, cfg.batch_size):
     if size % batch_shards:
-      where = "batch_size" if size == cfg.batch_size else f"data.batch_curriculum (from batch {start})"
+      where = ("batch_size" if size == cfg.batch_size
+               else f"data.batch_curriculum (from batch {start})")
       raise ValueError(f"{where} {size} must be a multiple of {batch_shards} (the data × fsdp "
                        f"mesh axes of mesh {dict(mesh.shape)}); change it or config.mesh_shape")
   config = run_config.run_config_dict(cfg, model_cfg)

@@ -201,6 +201,15 @@ def test_padded_widths():
     padded_widths(lengths, 64, width_multiple=-8)
 
 
+def _assert_same_chunks(a, b):
+  """Two banks hold the same chunks: chunk→document map exactly, K̄R/K̄/V̄ to float rounding."""
+  np.testing.assert_array_equal(np.asarray(a.chunk_doc), np.asarray(b.chunk_doc))
+  for i in a.router_layers:
+    for part in ("kr", "k", "v"):
+      x, y = (np.asarray(getattr(bank, part)(i), np.float32) for bank in (a, b))
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
+
+
 def test_documents_padded_to_a_token_multiple_encode_the_same_bank(tiny):
   """``width_multiple`` only changes the encoder's batch shapes (documents of 1-11 tokens
   padded to a multiple of 2 tokens, often ending mid-chunk, not to chunk-size levels 3,
@@ -210,11 +219,7 @@ def test_documents_padded_to_a_token_multiple_encode_the_same_bank(tiny):
   assert _encode(tiny, levels)["complete"] and _encode(tiny, tight, width_multiple=2)["complete"]
   a, b = bank_lib.open_bank(levels), bank_lib.open_bank(tight)
   np.testing.assert_array_equal(np.asarray(a.doc_index), np.asarray(b.doc_index))
-  np.testing.assert_array_equal(np.asarray(a.chunk_doc), np.asarray(b.chunk_doc))
-  for i in a.router_layers:
-    for part in ("kr", "k", "v"):
-      x, y = (np.asarray(getattr(bank, part)(i), np.float32) for bank in (a, b))
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
+  _assert_same_chunks(a, b)
 
 
 def test_many_small_batches_encode_the_same_bank_as_one_window_of_large_ones(tiny):
@@ -226,11 +231,7 @@ def test_many_small_batches_encode_the_same_bank_as_one_window_of_large_ones(tin
   assert _encode(tiny, small, batch_tokens=12)["complete"]
   assert _encode(tiny, large, batch_tokens=4096)["complete"]
   a, b = bank_lib.open_bank(small), bank_lib.open_bank(large)
-  np.testing.assert_array_equal(np.asarray(a.chunk_doc), np.asarray(b.chunk_doc))
-  for i in a.router_layers:
-    for part in ("kr", "k", "v"):
-      x, y = (np.asarray(getattr(bank, part)(i), np.float32) for bank in (a, b))
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5, err_msg=f"layer {i} {part}")
+  _assert_same_chunks(a, b)
 
 
 def test_each_batch_shape_logs_its_first_call_once(tiny):

@@ -261,6 +261,17 @@ def _check_fact_slots(cfg) -> None:
         f"would straddle chunks; set data.kv.fact_slot_len={p} (one fact per chunk) or 0")
 
 
+def _check_stage_order(field: str, pairs, value_name: str, fix: str) -> None:
+  """A curriculum's ``(first batch, value)`` pairs: two items each, the first at batch 0,
+  batches strictly increasing; else a ``ValueError`` naming ``data.<field>`` and ``fix``."""
+  if any(len(p) != 2 for p in pairs):
+    raise ValueError(f"data.{field}={pairs} must hold (batch, {value_name}) pairs; {fix}")
+  starts = [int(b) for b, _ in pairs]
+  if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
+    raise ValueError(f"data.{field}={pairs}: batches {starts} must start at 0 and increase; "
+                     f"{fix}")
+
+
 def facts_stages(data_cfg) -> list[tuple[int, int | None]]:
   """``data.facts_curriculum`` checked: ``[(first batch, facts per document)]``, or
   ``[(0, None)]`` (the configured ``data.kv``) when it is empty or the task has no facts.
@@ -273,12 +284,7 @@ def facts_stages(data_cfg) -> list[tuple[int, int | None]]:
   fix = ("set data.facts_curriculum to (batch, facts) pairs such as '((0,1),(300,6))' "
          "(first at batch 0, batches increasing, the last facts = data.kv.facts_per_doc), "
          "or () for none")
-  if any(len(p) != 2 for p in pairs):
-    raise ValueError(f"data.facts_curriculum={pairs} must hold (batch, facts) pairs; {fix}")
-  starts = [b for b, _ in pairs]
-  if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
-    raise ValueError(f"data.facts_curriculum={pairs}: batches {starts} must start at 0 "
-                     f"and increase; {fix}")
+  _check_stage_order("facts_curriculum", pairs, "facts", fix)
   if any(f < 1 for _, f in pairs) or pairs[-1][1] != int(data_cfg.kv.facts_per_doc):
     raise ValueError(f"data.facts_curriculum={pairs}: facts must be >= 1 and the last must "
                      f"be data.kv.facts_per_doc={int(data_cfg.kv.facts_per_doc)}; {fix}")
@@ -299,13 +305,8 @@ def batch_stages(data_cfg, batch_size: int) -> list[tuple[int, int]]:
   fix = ("set data.batch_curriculum to (batch, batch size) pairs such as "
          "'((0,256),(400,None))' (first at batch 0, batches increasing, the last size None "
          "or batch_size; None means batch_size), or () for none")
-  if any(len(p) != 2 for p in raw):
-    raise ValueError(f"data.batch_curriculum={raw} must hold (batch, batch size) pairs; {fix}")
+  _check_stage_order("batch_curriculum", raw, "batch size", fix)
   pairs = [(int(b), int(batch_size) if n is None else int(n)) for b, n in raw]
-  starts = [b for b, _ in pairs]
-  if starts[0] != 0 or any(b >= c for b, c in zip(starts, starts[1:])):
-    raise ValueError(f"data.batch_curriculum={raw}: batches {starts} must start at 0 and "
-                     f"increase; {fix}")
   if any(n < 1 for _, n in pairs) or pairs[-1][1] != int(batch_size):
     raise ValueError(f"data.batch_curriculum={raw}: sizes must be >= 1 and the last must be "
                      f"None or batch_size={int(batch_size)}; {fix}")

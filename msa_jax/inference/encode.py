@@ -251,10 +251,11 @@ class Encoder:
         tokens[:len(group)] = np.where(mask[:len(group)], flat[take], 0)
         pos = np.zeros((rows, width), np.int32)
         pos[:len(group)] = starts[group][:, None] + col[None]
+        first_call = (rows, width) not in self._compiled_shapes
         t_call = time.perf_counter()
         memory = self._encode(self.params, jnp.asarray(tokens), jnp.asarray(mask),
                               jnp.asarray(pos))
-        if (rows, width) not in self._compiled_shapes:
+        if first_call:
           self._compiled_shapes.add((rows, width))
           if self.log is not None:
             jax.block_until_ready(memory)
