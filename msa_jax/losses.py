@@ -22,6 +22,18 @@ def lm_loss(logits_bmv, targets_bm, loss_mask_bm):
 def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: int = 64):
   """:func:`lm_loss` from final hidden states, never forming ``[B, M, vocab]`` logits.
 
+  Returns ``(loss, num_target_tokens)``; :func:`lm_nll_rows_chunked` computes it, with
+  each row's summed NLL.
+  """
+  nll_b, count_b = lm_nll_rows_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm,
+                                       chunk_size)
+  count = jnp.sum(count_b)
+  return jnp.sum(nll_b) / jnp.maximum(count, 1.0), count
+
+
+def lm_nll_rows_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: int = 64):
+  """Each row's summed next-token NLL over its target positions, and its target count.
+
   Each row's target positions are moved to its front (a stable sort, so the sum is
   over the same positions), then a scan over chunks of ``chunk_size``
   positions computes ``logsumexp`` and the target logit from ``hidden @ head_vd.T``
@@ -36,7 +48,7 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
     head_vd: the LM head ``[vocab, D]`` (``model.lm_head_weight_vd``).
     targets_bm, loss_mask_bm: as in :func:`lm_loss`.
     chunk_size: positions per chunk (per example).
-  Returns ``(loss, num_target_tokens)``; the loss is 0 when there is no target.
+  Returns float32 ``(nll_b, count_b)``, both ``[B]``; a row without targets has 0, 0.
   """
   if chunk_size < 1:
     raise ValueError(f"LM loss chunk size must be >= 1, got {chunk_size}; set "
@@ -58,9 +70,8 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
   longest = jnp.max(jnp.sum(mask_bm, axis=-1))
 
   live_n = jnp.arange(nc) * chunk < longest   # chunks holding any row's target
-  total = _chunked_nll(per_chunk(h_bmd), head_vd, per_chunk(t_bm), per_chunk(w_bm), live_n)
-  count = jnp.sum(mask_bm.astype(jnp.float32))
-  return total / jnp.maximum(count, 1.0), count
+  nll_b = _chunked_nll(per_chunk(h_bmd), head_vd, per_chunk(t_bm), per_chunk(w_bm), live_n)
+  return nll_b, jnp.sum(mask_bm.astype(jnp.float32), axis=-1)
 
 
 def _chunk_logits(h_bcd, head_vd):
@@ -69,8 +80,9 @@ def _chunk_logits(h_bcd, head_vd):
 
 @jax.custom_vjp
 def _chunked_nll(h_nbcd, head_vd, t_nbc, w_nbc, live_n):
-  """``sum w (logsumexp(h @ head.T) - h . head[t])`` over chunks ``n`` (float32); chunks
-  with ``live_n`` False are skipped (they hold no target)."""
+  """Per row ``b``: ``sum w (logsumexp(h @ head.T) - h . head[t])`` over chunks ``n`` and
+  their positions (float32 ``[B]``); chunks with ``live_n`` False are skipped (they hold
+  no target)."""
   return _chunked_nll_fwd(h_nbcd, head_vd, t_nbc, w_nbc, live_n)[0]
 
 
@@ -80,17 +92,17 @@ def _chunked_nll_fwd(h_nbcd, head_param_vd, t_nbc, w_nbc, live_n):
   def one(h_bcd, t_bc, w_bc):
     lse = jax.nn.logsumexp(_chunk_logits(h_bcd, head_vd), axis=-1)
     target = jnp.einsum("bcd,bcd->bc", h_bcd, head_vd[t_bc], preferred_element_type=jnp.float32)
-    return jnp.sum((lse - target) * w_bc), lse
+    return jnp.sum((lse - target) * w_bc, axis=-1), lse
 
   def skip(h_bcd, t_bc, w_bc):
-    return jnp.zeros((), jnp.float32), jnp.zeros(t_bc.shape, jnp.float32)
+    return jnp.zeros(t_bc.shape[:1], jnp.float32), jnp.zeros(t_bc.shape, jnp.float32)
 
   def body(total, xs):
     live, h_bcd, t_bc, w_bc = xs
     nll, lse = jax.lax.cond(live, one, skip, h_bcd, t_bc, w_bc)
     return total + nll, lse
 
-  total, lse_nbc = jax.lax.scan(body, jnp.zeros((), jnp.float32),
+  total, lse_nbc = jax.lax.scan(body, jnp.zeros(t_nbc.shape[1:2], jnp.float32),
                                 (live_n, h_nbcd, t_nbc, w_nbc))
   # Kept for the backward: the inputs and the per-position logsumexp ([n, B, chunk]).
   return total, (h_nbcd, head_param_vd, t_nbc, w_nbc, live_n, lse_nbc)
@@ -104,7 +116,7 @@ def _chunked_nll_bwd(res, g):
   head_vd = head_param_vd.astype(h_nbcd.dtype)
 
   def one(dhead_vd, h_bcd, t_bc, w_bc, lse_bc):
-    gw_bc = g * w_bc
+    gw_bc = g[:, None] * w_bc   # g: the cotangent of each row's total
     probs = jnp.exp(_chunk_logits(h_bcd, head_vd) - lse_bc[..., None])
     dlogits = (probs * gw_bc[..., None]).astype(h_bcd.dtype)
     dh = (jnp.einsum("bcv,vd->bcd", dlogits, head_vd, preferred_element_type=jnp.float32)

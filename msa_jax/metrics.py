@@ -159,7 +159,8 @@ class Progress:
     elapsed = time.perf_counter() - self.t0
     done = max(step - self.start, 1)
     eta = elapsed / done * max(self.total - step, 0)
-    keys = [("lm_loss", "lm {:.3f}"), ("aux_loss", "aux {:.3f}"),
+    keys = [("lm_loss", "lm {:.3f}"), ("lm_loss_answer", "lm answers {:.3f}"),
+            ("lm_loss_retrieval", "lm ids {:.3f}"), ("aux_loss", "aux {:.3f}"),
             ("router_recall@1", "R@1 {:.2f}"), ("router_recall@5", "R@5 {:.2f}"),
             ("tokens_per_sec", "{:,.0f} tok/s"), ("mfu", "MFU {:.1%}"),
             ("mfu_measured", "({:.1%} of measured)")]

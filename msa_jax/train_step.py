@@ -107,15 +107,38 @@ def aux_chunk_weight(cfg) -> float:
   return _loss_setting(cfg, "aux_chunk_weight", 0.0, "no chunk-level routing loss")
 
 
-def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
-  """Weighted loss and the metrics of one batch (no parameter update)."""
+def lm_loss_by_round(nll_b, count_b, batch: MSABatch, answer_token: int) -> dict:
+  """The LM loss of the answer samples (target starts with ``answer_token``, the
+  end-of-retrieval marker) and of the retrieval samples (document ids) apart: one mean
+  hides a reader at chance behind ids that are learnt, as the tiny recipe's did."""
+  mask_bm = jnp.asarray(batch.loss_mask, bool)
+  first_m = jnp.argmax(mask_bm, axis=-1)
+  first_b = jnp.take_along_axis(jnp.asarray(batch.targets), first_m[:, None], axis=-1)[:, 0]
+  has_b = jnp.any(mask_bm, axis=-1)
+  answer_b = has_b & (first_b == answer_token)
+  retrieval_b = has_b & ~answer_b
+  mean = lambda rows: (jnp.sum(jnp.where(rows, nll_b, 0.0))
+                       / jnp.maximum(jnp.sum(jnp.where(rows, count_b, 0.0)), 1.0))
+  return {"lm_loss_answer": mean(answer_b), "lm_loss_retrieval": mean(retrieval_b),
+          "answer_samples": jnp.sum(answer_b.astype(jnp.float32))}
+
+
+def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
+                   answer_token: int | None = None):
+  """Weighted loss and the metrics of one batch (no parameter update).
+
+  ``answer_token`` (the data's end-of-retrieval id) adds the answer and retrieval
+  samples' LM losses apart (:func:`lm_loss_by_round`); None leaves them out.
+  """
   chunk_w = aux_chunk_weight(cfg)
   aux_layers = aux_loss_layers(model.config)
   out = model.apply({"params": params}, batch, aux_softmax(cfg), chunk_w > 0 and bool(aux_layers),
                     method=MSAModel.forward_train)
-  lm, num_targets = losses.lm_loss_chunked(
+  nll_b, count_b = losses.lm_nll_rows_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
+  num_targets = jnp.sum(count_b)
+  lm = jnp.sum(nll_b) / jnp.maximum(num_targets, 1.0)
   valid_bn = losses.doc_valid(batch.doc_mask)
   if aux_layers:
     scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
@@ -126,7 +149,8 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
     aux, pairs = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux
-  extra = {}
+  extra = {} if answer_token is None else lm_loss_by_round(
+      jax.lax.stop_gradient(nll_b), count_b, batch, answer_token)
   if out.chunk_scores_brnc is not None:
     cfg_m = model.config
     evidence = losses.evidence_chunks(batch.doc_tokens, batch.doc_mask, batch.active_tokens,
@@ -137,7 +161,7 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
         out.chunk_scores_brnc[:, jnp.asarray(aux_layers)], evidence, chunk_valid,
         cfg.loss.infonce_temperature)
     total = total + aux_w * chunk_w * chunk_aux
-    extra = {"chunk_aux_loss": chunk_aux, "chunk_routing_pairs": chunk_pairs}
+    extra.update(chunk_aux_loss=chunk_aux, chunk_routing_pairs=chunk_pairs)
   doc_w = doc_lm_weight(cfg)
   if doc_w > 0:
     doc_lm, doc_targets = doc_lm_loss(model, params, batch, lm_chunk_size(cfg))
@@ -154,10 +178,11 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg):
 
 
 def train_step(model: MSAModel, tx: optax.GradientTransformation, cfg, state: TrainState,
-               batch: MSABatch):
-  """One AdamW step on ``batch``; returns the new state and the step's metrics."""
+               batch: MSABatch, answer_token: int | None = None):
+  """One AdamW step on ``batch``; returns the new state and the step's metrics
+  (``answer_token``: as :func:`compute_losses`)."""
   grad_fn = jax.value_and_grad(
-      lambda p: compute_losses(model, p, batch, state.step, cfg), has_aux=True)
+      lambda p: compute_losses(model, p, batch, state.step, cfg, answer_token), has_aux=True)
   (_, metrics), grads = grad_fn(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -131,6 +131,14 @@ def _validate_cadence_and_rates(cfg) -> None:
     raise ValueError(f"optim.max_update_ratio must be > 0, got {ratio}")
 
 
+def _answer_token(cfg) -> Optional[int]:
+  """The data's end-of-retrieval id (answer targets start with it), so the step logs the
+  answer and retrieval samples' LM losses apart; None when the config has no data."""
+  if cfg.get("data") is None or not cfg.data.get("interleave", True):
+    return None
+  return int(from_config.tokenizer_of(cfg.data).specials.end_of_retrieval)
+
+
 class TrainSetup:
   """Model, optimizer, shardings and the jitted step for one mesh."""
 
@@ -157,7 +165,8 @@ class TrainSetup:
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nn.unbox(abstract), self.state_shardings)
     self.batch_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-    step = functools.partial(train_step, self.model, self.tx, cfg)
+    step = functools.partial(train_step, self.model, self.tx, cfg,
+                             answer_token=_answer_token(cfg))
 
     def step_in_rules(state, batch):
       with nn.logical_axis_rules(self.rules):

@@ -126,3 +126,35 @@ def test_bf16_chunked_loss_is_as_close_to_float32_as_the_full_logits_loss():
                                                       jax.tree.leaves(truth_g)))
   assert err(new_g) <= 1.25 * err(old_g), (err(new_g), err(old_g))
   assert err(new_g) < 0.05
+
+
+def test_per_row_nll_and_the_answer_and_id_losses_against_float64():
+  """``lm_nll_rows_chunked`` gives each row's NLL sum (float64 numpy from the same hidden
+  states), and ``lm_loss_by_round`` splits rows by their first target token."""
+  from msa_jax.train_step import lm_loss_by_round
+  rng = np.random.default_rng(3)
+  b, m, d, v = 4, 9, 8, 13
+  h = rng.standard_normal((b, m, d)).astype(np.float32)
+  head = rng.standard_normal((v, d)).astype(np.float32)
+  targets = rng.integers(0, v, (b, m)).astype(np.int32)
+  mask = np.zeros((b, m), bool)
+  mask[0, 2:5] = mask[1, 4:9] = mask[3, 0:2] = True   # row 2: no target
+  answer_token = 7
+  targets[0, 2] = answer_token                           # row 0: an answer sample
+  targets[1, 4] = (answer_token + 1) % v                 # rows 1, 3: retrieval samples
+  targets[3, 0] = (answer_token + 2) % v
+  for chunk in (2, 64):
+    nll_b, count_b = losses.lm_nll_rows_chunked(jnp.asarray(h), jnp.asarray(head), targets,
+                                                mask, chunk)
+    logits = h.astype(np.float64) @ head.astype(np.float64).T
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    want_b = (nll * mask).sum(1)
+    np.testing.assert_allclose(np.asarray(nll_b), want_b, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(count_b), mask.sum(1))
+    batch = MSABatch(*([None] * 7), targets=targets, loss_mask=mask, positive_docs=None)
+    split = lm_loss_by_round(nll_b, count_b, batch, answer_token)
+    np.testing.assert_allclose(float(split["lm_loss_answer"]), want_b[0] / 3, rtol=1e-5)
+    np.testing.assert_allclose(float(split["lm_loss_retrieval"]),
+                               (want_b[1] + want_b[3]) / 7, rtol=1e-5)
+    assert float(split["answer_samples"]) == 1.0
