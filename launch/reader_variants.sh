@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Train several variants of the `tiny` recipe side by side on ONE GPU (each a few hundred MB
+# of memory), each for at most RUN_S seconds, and keep their metrics: the question "which
+# setting makes the reader leave chance soonest" in one call. Each variant is
+# NAME=overrides, variants separated by ';'. Outputs in $OUT/<NAME>/: metrics.jsonl,
+# config.json, train.log (stdout, progress lines with the answer / id LM losses).
+#
+#   OUT=/tmp/rv RUN_S=420 VARIANTS='base=;lr5e-3=--config.optim.main_phase_lr=5e-3' \
+#     bash launch/reader_variants.sh
+# Common overrides (COMMON) make every variant the reader stage alone by default: 8-document
+# memories (320 tokens) at batch 256, no evaluation, no mid-run checkpoints.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-results/reader_variants}
+ROOT=${ROOT:-/tmp/reader_variants}
+PYTHON=${PYTHON:-python}
+RUN_S=${RUN_S:-420}
+MEM_FRACTION=${MEM_FRACTION:-0.15}
+COMMON=${COMMON-"--config.num_steps=1000 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
+VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
+mkdir -p "$OUT" "$ROOT"
+echo "reader_variants.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) RUN_S=$RUN_S"
+IFS=';' read -ra SPECS <<< "$VARIANTS"
+pids=()
+for spec in "${SPECS[@]}"; do
+  name=${spec%%=*}; args=${spec#*=}
+  mkdir -p "$OUT/$name"; rm -rf "${ROOT:?}/$name"
+  echo "$name: $COMMON $args" | tee "$OUT/$name/args.txt"
+  # shellcheck disable=SC2086
+  XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION timeout --signal=TERM --kill-after=10 "$RUN_S" \
+    "$PYTHON" -m msa_jax.train --config=configs/16k_to_100m.py:tiny --workdir="$ROOT/$name" \
+    $COMMON $args > "$OUT/$name/train.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+for spec in "${SPECS[@]}"; do
+  name=${spec%%=*}
+  cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
+  grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
+done
