@@ -3,7 +3,8 @@
 # of memory), each for at most RUN_S seconds, and keep their metrics: the question "which
 # setting makes the reader leave chance soonest" in one call. Each variant is
 # NAME=overrides, variants separated by ';'. Outputs in $OUT/<NAME>/: metrics.jsonl,
-# config.json, train.log (stdout, progress lines with the answer / id LM losses).
+# config.json, train.log (stdout, progress lines with the answer / id LM losses), and all of
+# them in $OUT/variants.tgz.
 #
 #   OUT=/tmp/rv RUN_S=420 VARIANTS='base=;lr5e-3=--config.optim.main_phase_lr=5e-3' \
 #     bash launch/reader_variants.sh
@@ -33,8 +34,11 @@ for spec in "${SPECS[@]}"; do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
+names=()
 for spec in "${SPECS[@]}"; do
-  name=${spec%%=*}
+  name=${spec%%=*}; names+=("$name")
   cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
 done
+# One archive as well: a device call returns only a few files.
+tar -czf "$OUT/variants.tgz" -C "$OUT" "${names[@]}"

@@ -79,13 +79,16 @@ def test_shared_corpus_addresses_100m_tokens(tiny):
   assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
-@pytest.mark.parametrize("bracket_ids,slot", [(False, 0), (True, 0), (False, 8), (True, 8)])
-def test_records_equal_documents(tiny, bracket_ids, slot):
+@pytest.mark.parametrize("bracket_ids,slot,positional", [
+    (False, 0, False), (True, 0, False), (False, 8, False), (True, 8, False),
+    (False, 0, True)])
+def test_records_equal_documents(tiny, bracket_ids, slot, positional):
   """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
-  per-document path, with facts packed or padded to slots."""
+  per-document path, with facts packed or padded to slots, ids positional or not."""
   cfg = get_config("tiny")
   cfg.data.kv.bracket_ids = bracket_ids
   cfg.data.kv.fact_slot_len = slot
+  cfg.data.kv.positional_ids = positional
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
   for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
     fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
@@ -333,3 +336,20 @@ def test_batch_curriculum_sizes_must_split_over_the_mesh(tmp_path):
   with pytest.raises(ValueError, match=r"data.batch_curriculum \(from batch 0\) 12 must be a "
                                        r"multiple of 8"):
     train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_positional_ids_use_one_alphabet_per_position(tiny):
+  """With ``positional_ids`` id position j draws only from id words j·n .. j·n+n-1 (train
+  task and shared corpus alike), and ids stay unique."""
+  cfg = get_config("tiny")
+  cfg.data.kv.positional_ids = True
+  n, length = cfg.data.kv.num_id_symbols, cfg.data.kv.id_len
+  task = from_config.make_task(cfg.data, 0)
+  tok = task.tokenizer
+  corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 0)
+  docs = [d for i in range(3) for d in task(i).docs] + corpus.documents(0, 500)
+  ids = [d.tokens[:d.id_length] for d in docs]
+  assert len({tuple(i) for i in ids[-500:]}) == 500
+  for i in ids:
+    words = [int(t) - tok.id_symbol(0) for t in i]
+    assert [w // n for w in words] == list(range(length)), words

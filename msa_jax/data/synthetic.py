@@ -126,6 +126,11 @@ class KVConfig:
   # with fact_slot_len = the model's pooling_chunk_size P every chunk holds exactly one
   # fact (or the id) and no fact straddles two chunks. 0: facts packed back to back.
   fact_slot_len: int = 0
+  # True: id position j has its own alphabet (id words j·n .. j·n+n-1, n = num_id_symbols),
+  # so an id is a set of tokens, one per alphabet, with no order to recover: what a chunk's
+  # mean-pooled K̄/V̄ keeps of it is enough to name it. Same id space (n^id_len);
+  # id_len × n id words in the vocabulary.
+  positional_ids: bool = False
 
   def __post_init__(self):
     slot = self.fact_slot_len
@@ -158,8 +163,23 @@ class KVConfig:
       return slot * (1 + self.facts_per_doc)
     return self.id_length + self.facts_per_doc * self.fact_length
 
+  @property
+  def id_words(self) -> int:
+    """Id words in the vocabulary: ``num_id_symbols``, × ``id_len`` with positional ids."""
+    return self.num_id_symbols * (self.id_len if self.positional_ids else 1)
+
+  def id_word_symbols(self, symbols):
+    """An id's symbols (each < ``num_id_symbols``; a tuple, or an array whose last axis is
+    the id position) as id words: position j offset by j·num_id_symbols with positional
+    ids, else unchanged."""
+    if not self.positional_ids:
+      return symbols
+    if isinstance(symbols, np.ndarray):
+      return symbols + self.num_id_symbols * np.arange(symbols.shape[-1])
+    return tuple(int(s) + self.num_id_symbols * j for j, s in enumerate(symbols))
+
   def vocab(self) -> WordVocabConfig:
-    return WordVocabConfig(num_id_symbols=self.num_id_symbols,
+    return WordVocabConfig(num_id_symbols=self.id_words,
                            num_key_symbols=self.num_key_symbols,
                            num_value_symbols=self.num_value_symbols,
                            bracket_ids=self.bracket_ids)
@@ -210,9 +230,11 @@ class KVRetrievalTask:
     self.tokenizer = tokenizer or WordTokenizer(config.vocab())
     self.seed = seed
     c, v = config, self.tokenizer.config
-    for name in ("num_id_symbols", "num_key_symbols", "num_value_symbols"):
-      if getattr(c, name) > getattr(v, name):
-        raise ValueError(f"KVConfig.{name}={getattr(c, name)} exceeds the "
+    needed = {"num_id_symbols": c.id_words, "num_key_symbols": c.num_key_symbols,
+              "num_value_symbols": c.num_value_symbols}
+    for name, n in needed.items():
+      if n > getattr(v, name):
+        raise ValueError(f"KVConfig needs {n} {name.split('_')[1]} words, more than the "
                          f"tokenizer's {getattr(v, name)}; enlarge WordVocabConfig")
     if not 1 <= c.hops <= 3:
       raise ValueError(f"hops={c.hops}; use 1 (kv retrieval) or 2-3 (multi-hop)")
@@ -259,7 +281,7 @@ class KVRetrievalTask:
       facts += [fact(k, value_tok()) for k in keys.take(c.facts_per_doc - 1)]
       pos = int(core.integers(0, c.facts_per_doc))
       facts.insert(pos, facts.pop(0))
-      gold.append(make_document(tok, ids.take(1)[0], id_padding(tok, c) + sum(facts, [])))
+      gold.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]), id_padding(tok, c) + sum(facts, [])))
 
     distractors = []
     for _ in range(c.num_docs - c.hops):
@@ -269,7 +291,7 @@ class KVRetrievalTask:
           facts.append(fact(k, key_tok(keys.take(1)[0])))
         else:
           facts.append(fact(k, value_tok()))
-      distractors.append(make_document(tok, ids.take(1)[0],
+      distractors.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]),
                                        id_padding(tok, c) + sum(facts, [])))
 
     question = question_tokens(tok, c, key_tok(chain_keys[0]))

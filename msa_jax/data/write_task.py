@@ -159,10 +159,11 @@ class SharedCorpus:
 
   def symbols(self, start: int, stop: int):
     """(ids (B, id_len), keys (B, F, key_len), values (B, F, value_len)) of documents
-    ``[start, stop)`` as symbol indices of their alphabets."""
+    ``[start, stop)`` as symbol indices of their alphabets (ids as id words:
+    ``KVConfig.id_word_symbols``)."""
     c = self.config
     docs = np.arange(start, stop, dtype=np.int64)
-    ids = _digits(self._ids(docs), c.num_id_symbols, c.id_len)
+    ids = c.id_word_symbols(_digits(self._ids(docs), c.num_id_symbols, c.id_len))
     key_numbers = self._keys(docs[:, None] * c.facts_per_doc + np.arange(c.facts_per_doc))
     keys = _digits(key_numbers, c.num_key_symbols, c.key_len)
     return ids, keys, self._values(start, stop)
@@ -206,7 +207,7 @@ class SharedCorpus:
       facts = np.concatenate(
           [facts, np.full(facts.shape[:2] + (c.fact_slot_len - facts.shape[2],), pad)], axis=2)
     tokens = np.concatenate([id_tokens, facts.reshape(n, -1)], axis=1).astype(np.int32)
-    names = [f"i{n}" for n in range(c.num_id_symbols)]   # doc_id_string, without a format per symbol
+    names = [f"i{n}" for n in range(c.id_words)]   # doc_id_string, without a format per symbol
     return [DocRecord(" ".join(map(names.__getitem__, i)), t, id_len)
             for i, t in zip(ids.tolist(), tokens)]
 
