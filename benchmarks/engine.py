@@ -45,8 +45,15 @@ def build_model(config: str, checkpoint: str):
   from msa_jax.trainer import resolve_model_config
   cfg = _load_config(config)
   model = MSAModel(resolve_model_config(cfg))
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
-  return model, nn.unbox(params)
+  compute = jnp.dtype(model.config.dtype)
+
+  def init(rng):
+    # Held in the compute dtype, as a served bf16 checkpoint is: float32 copies would
+    # double the 4B model's 8 GB and be cast again by every encode call.
+    params = nn.unbox(model.init(rng, jnp.zeros((1, 8), jnp.int32))["params"])
+    return jax.tree.map(lambda p: p.astype(compute) if jnp.issubdtype(p.dtype, jnp.floating)
+                        else p, params)
+  return model, jax.jit(init)(jax.random.PRNGKey(0))
 
 
 def _load_config(spec: str):
