@@ -314,13 +314,16 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
                   window_tokens: int = 1 << 20, batch_tokens: int = 16_384,
                   kr_dtype: Optional[str] = None, kv_dtype: Optional[str] = None,
                   max_windows: Optional[int] = None, width_multiple: int = 0,
-                  log=print) -> dict:
+                  log=print, encoder: Optional["Encoder"] = None) -> dict:
   """Encodes ``corpus_path`` into the bank at ``bank_path`` (created, or resumed).
 
   ``kr_dtype``/``kv_dtype``: the bank's precisions (``quantize.KR_DTYPES``/``KV_DTYPES``;
   None: the model dtype, or on resume the bank's own). ``max_windows`` stops after that
   many windows, as an interruption would (tests). ``width_multiple``: the encoder's
-  padding of documents (``padded_widths``; 0: chunk-size levels).
+  padding of documents (``padded_widths``; 0: chunk-size levels). ``fingerprint`` (the
+  model's, ``bank.model_fingerprint``) and ``encoder`` (an :class:`Encoder` of the same
+  model, params and precisions) may be given to skip hashing every parameter and
+  compiling again, e.g. when encoding several corpora with one model.
   Returns the bank's manifest (``complete`` tells whether the corpus is done).
   """
   info = validate_corpus(corpus_path, tokenizer, model.config.vocab_size)
@@ -331,7 +334,7 @@ def encode_corpus(model, params, corpus_path: str, bank_path: str, *, tokenizer,
                                                   model.config.vocab_size, start_row=done),
                  window_tokens=window_tokens, batch_tokens=batch_tokens, kr_dtype=kr_dtype,
                  kv_dtype=kv_dtype, max_windows=max_windows, log=log,
-                 width_multiple=width_multiple)
+                 width_multiple=width_multiple, encoder=encoder)
 
 
 def encode_documents(model, params, documents, num_docs: int, bank_path: str, *,
