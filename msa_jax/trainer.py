@@ -434,6 +434,8 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
       # Before logging: a bad step is neither logged nor saved.
       guard.check(step, step_metrics, force=log_now or manager.should_save(step))
       if log_now:
+        # The interval ends when this step's work does, not when it was dispatched.
+        jax.block_until_ready(step_metrics)
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
