@@ -193,6 +193,10 @@ def _base() -> ml_collections.ConfigDict:
   c.data.corpus_path = ""
   c.data.tokenizer_dir = ""
   c.data.shuffle_buffer = 0
+  # > 0: synthetic examples are made in this many worker processes (grain mp_prefetch; the
+  # same batches as 0), at most half the CPU cores and none below 2 (a 2-core CPU runs
+  # in-process). A small model's GPU step waits on the Python that makes its examples.
+  c.data.worker_count = 0
   # Caps (0: none), checked before training starts: a JSONL document longer than
   # max_doc_len tokens is reported with file:line (documents are never truncated; a
   # batch's memory is padded to its longest document, so one very long document can
@@ -298,6 +302,10 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.checkpoint.every_steps = 300
     c.checkpoint.max_to_keep = 1
     c.data.memory_tokens = 16_384    # 409 documents of 40 tokens
+    # The reader stage's 128 examples a step take ~0.1-0.2 s of Python in one process (0.76
+    # ms an 8-document example on a CPU core); on the H200 its steps took ~0.23 s whatever
+    # the model's width (WORKSPACE.md, reader variants): data-bound. Eight workers.
+    c.data.worker_count = 8
     c.data.kv = _reading_kv()
     c.data.facts_curriculum = ((0, 1), (150, 6))
     # Routing loss on the smooth max (c.loss.aux_softmax; WORKSPACE.md cal33-cal38, CPU,

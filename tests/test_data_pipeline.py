@@ -103,3 +103,29 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
   restored = iter(_smoke_ds())
   ckptr.restore(tmp_path / "data", args=grain.checkpoint.CheckpointRestore(restored))
   assert _same(next(restored), expected)
+
+
+def test_example_workers_give_the_same_batches_and_resume():
+  """``worker_count`` moves example generation to worker processes without changing the
+  batches, and the iterator's state resumes there as in-process."""
+  in_process = iter(_smoke_ds())
+  workers = iter(_smoke_ds(worker_count=2))
+  for _ in range(3):
+    assert _same(next(in_process), next(workers))
+  state = json.loads(json.dumps(workers.get_state()))
+  expected = [next(in_process) for _ in range(3)]
+  resumed = iter(_smoke_ds(worker_count=2))
+  resumed.set_state(state)
+  for e in expected:
+    assert _same(next(resumed), e)
+
+
+def test_example_workers_are_capped_by_the_cpu_cores(monkeypatch):
+  from msa_jax.data import from_config
+  monkeypatch.setattr(from_config.os, "cpu_count", lambda: 16)
+  assert from_config.example_workers(8, verbose=False) == 8
+  assert from_config.example_workers(12, verbose=False) == 8
+  monkeypatch.setattr(from_config.os, "cpu_count", lambda: 2)
+  assert from_config.example_workers(8, verbose=False) == 0   # 1 usable: in-process
+  with pytest.raises(ValueError, match="worker_count"):
+    from_config.example_workers(-1)

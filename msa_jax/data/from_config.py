@@ -372,6 +372,21 @@ class CurriculumIterator(grain.DatasetIterator):
     self._inner.set_state(state["inner"])
 
 
+def example_workers(requested: int, verbose: bool = True) -> int:
+  """The example-generating worker processes to use for ``data.worker_count``: as asked,
+  but at most half the CPU cores (the rest feed the step), and none when that leaves
+  fewer than 2 (a worker process costs more than it gives on a small machine)."""
+  if requested < 0:
+    raise ValueError(f"data.worker_count must be >= 0, got {requested}")
+  cores = os.cpu_count() or 1
+  usable = min(requested, cores // 2)
+  usable = usable if usable >= 2 else 0
+  if verbose and requested and usable != requested:
+    print(f"data: {requested} example workers asked (data.worker_count), {usable} used on "
+          f"{cores} CPU cores", flush=True)
+  return usable
+
+
 def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int,
                         process_index: int = 0, process_count: int = 1,
                         verbose: bool = True) -> CurriculumIterator:
@@ -388,6 +403,7 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
   if task_name not in ("kv", "multihop") and data_cfg.get("facts_curriculum") and verbose:
     print(f"data: facts_curriculum is ignored for data.task={task_name!r} (its documents "
           "have no facts)", flush=True)
+  workers = example_workers(int(data_cfg.get("worker_count", 0) or 0), verbose)
   stages = []
   for start, memory_tokens, facts_per_doc, stage_batch in training_stages(data_cfg, batch_size):
     if stage_batch % process_count:
@@ -403,7 +419,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
                        seed=seed + int(start), num_examples=len(source) if finite else None,
                        num_epochs=None, memory_interleave=data_cfg.interleave,
                        process_index=process_index, process_count=process_count,
-                       answer_positives=bool(data_cfg.get("answer_positives", True)))
+                       answer_positives=bool(data_cfg.get("answer_positives", True)),
+                       worker_count=workers)
     if verbose:
       waste = padding_waste_of(source, buckets, memory_interleave=data_cfg.interleave,
                                seed=seed)
