@@ -120,7 +120,8 @@ def lm_loss_by_round(nll_b, count_b, batch: MSABatch, answer_token: int) -> dict
   mean = lambda rows: (jnp.sum(jnp.where(rows, nll_b, 0.0))
                        / jnp.maximum(jnp.sum(jnp.where(rows, count_b, 0.0)), 1.0))
   return {"lm_loss_answer": mean(answer_b), "lm_loss_retrieval": mean(retrieval_b),
-          "answer_samples": jnp.sum(answer_b.astype(jnp.float32))}
+          "answer_samples": jnp.sum(answer_b.astype(jnp.float32)),
+          "retrieval_samples": jnp.sum(retrieval_b.astype(jnp.float32))}
 
 
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,

@@ -438,6 +438,11 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
         jax.block_until_ready(step_metrics)
         elapsed = time.perf_counter() - t_since
         row = {k: v for k, v in metrics_lib.to_python(step_metrics).items()}
+        # A batch without answer (or retrieval) samples has no such loss: not logged as 0.
+        for loss, count in (("lm_loss_answer", "answer_samples"),
+                            ("lm_loss_retrieval", "retrieval_samples")):
+          if row.get(count) == 0:
+            row.pop(loss, None)
         row["tokens_per_sec"] = tokens_since / max(elapsed, 1e-9)
         row["tokens_per_step"] = tokens_since / max(step - logged_at, 1)   # sweeps sum it
         # Useful model FLOPs (msa_jax.flops: valid tokens, causal attention, LM head on

@@ -158,3 +158,4 @@ def test_per_row_nll_and_the_answer_and_id_losses_against_float64():
     np.testing.assert_allclose(float(split["lm_loss_retrieval"]),
                                (want_b[1] + want_b[3]) / 7, rtol=1e-5)
     assert float(split["answer_samples"]) == 1.0
+    assert float(split["retrieval_samples"]) == 2.0
