@@ -46,6 +46,10 @@ class ModelConfig:
   rope_mode: str = "document"          # "document" (parallel + global) | "global" (ablation)
   routing_tokens: str = "question"     # "question" | "question_and_target"
   routing_score: str = "cosine"        # "cosine" (SPEC §3) | "scaled_dot" (released engine)
+  # True: router_q_proj/router_k_proj read the hidden state through stop_gradient, so the
+  # routing loss trains the router projections only, never the shared layers (training
+  # ablation; SPEC trains them jointly). The forward is the same.
+  router_detach: bool = False
   # Numerics and implementation.
   dtype: str = "float32"               # compute dtype of activations and matmuls
   param_dtype: str = "float32"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from msa_jax import attention as attention_lib
@@ -86,10 +87,14 @@ class DecoderLayer(nn.Module):
     attn = self._attend(q, k, v, mask_bt)
     rk = None
     if self.is_router:
-      rk = self._heads(self.router_k_proj(h), self.cfg.num_kv_heads)
+      rk = self._heads(self.router_k_proj(self._router_input(h)), self.cfg.num_kv_heads)
       if self.is_initializing():  # create router_q_proj even from a plain-LM init
         self.router_q_proj(h)
     return self._finish(x_btd, attn), k, v, rk
+
+  def _router_input(self, h):
+    """What the router projections read: ``h``, without its gradient if ``router_detach``."""
+    return jax.lax.stop_gradient(h) if self.cfg.router_detach else h
 
   def active(self, x_bmd, pos_bm, mask_bm, context: Optional[LayerContext], memory,
              route_mask_bm):
@@ -104,7 +109,7 @@ class DecoderLayer(nn.Module):
     h, q, k, v = self._project(x_bmd, pos_bm)
     decision = None
     if self.is_router and memory is not None:
-      rq = self._heads(self.router_q_proj(h), cfg.num_heads)
+      rq = self._heads(self.router_q_proj(self._router_input(h)), cfg.num_heads)
       rq_bmf = routing.group_sum_queries(rq, cfg.num_kv_heads, cfg.routing_score)
       decision, mem_k, mem_v, mem_mask = memory.select(rq_bmf, route_mask_bm, cfg.top_k)
       mem_k, mem_v = mem_k.astype(k.dtype), mem_v.astype(v.dtype)
