@@ -25,8 +25,15 @@ def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: i
   Returns ``(loss, num_target_tokens)``; :func:`lm_nll_rows_chunked` computes it, with
   each row's summed NLL.
   """
-  nll_b, count_b = lm_nll_rows_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm,
-                                       chunk_size)
+  return mean_nll(*lm_nll_rows_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm,
+                                       chunk_size))
+
+
+def mean_nll(nll_b, count_b, rows_b=None):
+  """``(mean NLL per target token, target count)`` over the rows ``rows_b`` (bool ``[B]``;
+  None: all) from per-row sums and counts; the mean is 0 when there is no target."""
+  if rows_b is not None:
+    nll_b, count_b = jnp.where(rows_b, nll_b, 0.0), jnp.where(rows_b, count_b, 0.0)
   count = jnp.sum(count_b)
   return jnp.sum(nll_b) / jnp.maximum(count, 1.0), count
 

@@ -117,9 +117,8 @@ def lm_loss_by_round(nll_b, count_b, batch: MSABatch, answer_token: int) -> dict
   has_b = jnp.any(mask_bm, axis=-1)
   answer_b = has_b & (first_b == answer_token)
   retrieval_b = has_b & ~answer_b
-  mean = lambda rows: (jnp.sum(jnp.where(rows, nll_b, 0.0))
-                       / jnp.maximum(jnp.sum(jnp.where(rows, count_b, 0.0)), 1.0))
-  return {"lm_loss_answer": mean(answer_b), "lm_loss_retrieval": mean(retrieval_b),
+  return {"lm_loss_answer": losses.mean_nll(nll_b, count_b, answer_b)[0],
+          "lm_loss_retrieval": losses.mean_nll(nll_b, count_b, retrieval_b)[0],
           "answer_samples": jnp.sum(answer_b.astype(jnp.float32)),
           "retrieval_samples": jnp.sum(retrieval_b.astype(jnp.float32))}
 
@@ -138,8 +137,7 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
   nll_b, count_b = losses.lm_nll_rows_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
-  num_targets = jnp.sum(count_b)
-  lm = jnp.sum(nll_b) / jnp.maximum(num_targets, 1.0)
+  lm, num_targets = losses.mean_nll(nll_b, count_b)
   valid_bn = losses.doc_valid(batch.doc_mask)
   if aux_layers:
     scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
@@ -150,8 +148,7 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
     aux, pairs = jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   lm_w, aux_w = loss_weights(cfg, step)
   total = lm_w * lm + aux_w * aux
-  extra = {} if answer_token is None else lm_loss_by_round(
-      jax.lax.stop_gradient(nll_b), count_b, batch, answer_token)
+  extra = {} if answer_token is None else lm_loss_by_round(nll_b, count_b, batch, answer_token)
   if out.chunk_scores_brnc is not None:
     cfg_m = model.config
     evidence = losses.evidence_chunks(batch.doc_tokens, batch.doc_mask, batch.active_tokens,
