@@ -145,6 +145,11 @@ def _base() -> ml_collections.ConfigDict:
   # one): InfoNCE whose positives are the chunks holding the routing query verbatim (the
   # key's chunk in the reading task), against every other chunk of the memory.
   c.loss.aux_chunk_weight = 0.0
+  # True: the training forward selects each example's gold documents in every router layer
+  # (the router's best others fill the rest of top-k); scores, recall and the routing loss
+  # stay the router's. An ablation (does misrouting hold the reader back?); evaluation
+  # always routes with the router.
+  c.loss.oracle_routing = False
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
   c.loss.lm_chunk_size = 64

@@ -50,6 +50,11 @@ class ModelConfig:
   # routing loss trains the router projections only, never the shared layers (training
   # ablation; SPEC trains them jointly). The forward is the same.
   router_detach: bool = False
+  # The fraction of the routing loss's gradient that reaches the shared layers through the
+  # router projections' input (1: SPEC's joint training; 0: as router_detach). The forward
+  # is the same. On the reading task the full gradient keeps the reader from learning to
+  # name documents (WORKSPACE.md "Why the ids stay at chance").
+  router_trunk_grad: float = 1.0
   # Numerics and implementation.
   dtype: str = "float32"               # compute dtype of activations and matmuls
   param_dtype: str = "float32"
@@ -77,6 +82,9 @@ class ModelConfig:
     need(self.num_heads % self.num_kv_heads == 0,
          f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
     need(self.head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.head_dim}")
+    need(0.0 <= float(self.router_trunk_grad) <= 1.0,
+         f"router_trunk_grad must be in [0, 1] (the fraction of the routing loss's gradient "
+         f"reaching the shared layers), got {self.router_trunk_grad}")
     need(self.pooling_chunk_size >= 1,
          f"pooling_chunk_size (P) must be >= 1, got {self.pooling_chunk_size}")
     need(self.top_k >= 1, f"top_k (k) must be >= 1, got {self.top_k}")

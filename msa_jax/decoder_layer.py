@@ -93,8 +93,14 @@ class DecoderLayer(nn.Module):
     return self._finish(x_btd, attn), k, v, rk
 
   def _router_input(self, h):
-    """What the router projections read: ``h``, without its gradient if ``router_detach``."""
-    return jax.lax.stop_gradient(h) if self.cfg.router_detach else h
+    """What the router projections read: ``h``; its gradient scaled by
+    ``router_trunk_grad`` (none if ``router_detach``)."""
+    scale = 0.0 if self.cfg.router_detach else float(self.cfg.router_trunk_grad)
+    if scale == 1.0:
+      return h
+    fixed = jax.lax.stop_gradient(h)
+    # fixed + s·(h − fixed) is exactly h in the forward (h − fixed = 0); its gradient is s.
+    return fixed if scale == 0.0 else fixed + scale * (h - fixed)
 
   def active(self, x_bmd, pos_bm, mask_bm, context: Optional[LayerContext], memory,
              route_mask_bm):

@@ -88,7 +88,9 @@ class ExampleMemory:
   ``(decision, k [B, S, Hkv, D], v, mask [B, S])``, the selected documents' pooled
   chunks in document order. Here each example routes against its own documents;
   ``forced`` (a ``routing.Selection``) replaces the router's choice in every layer
-  (oracle routing) while scores are still computed. ``aux_softmax`` > 0 adds the routing
+  (oracle routing) while scores are still computed; ``gold_bn`` ([B, N] bool, training's
+  ``loss.oracle_routing``) forces each example's gold documents into the router's top-k
+  (``routing.select_with_gold``), the scores and their metrics still the router's. ``aux_softmax`` > 0 adds the routing
   loss's smooth scores to each decision (``routing.smooth_document_scores`` at that
   temperature; training only), ``chunk_scores`` every chunk's score (the chunk-level
   routing loss's, ``routing.hard_chunk_scores``). The inference engine's shared bank is another source
@@ -96,14 +98,15 @@ class ExampleMemory:
   """
 
   def __init__(self, memory: dict, forced: Optional[routing.Selection] = None,
-               aux_softmax: float = 0.0, chunk_scores: bool = False):
+               aux_softmax: float = 0.0, chunk_scores: bool = False, gold_bn=None):
     self.memory, self.forced, self.aux_softmax = memory, forced, aux_softmax
-    self.chunk_scores = chunk_scores
+    self.chunk_scores, self.gold_bn = chunk_scores, gold_bn
 
   def layer(self, i: int) -> Optional["ExampleLayerMemory"]:
     if i not in self.memory:
       return None
-    return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax, self.chunk_scores)
+    return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax, self.chunk_scores,
+                              self.gold_bn)
 
 
 @flax.struct.dataclass
@@ -114,6 +117,7 @@ class ExampleLayerMemory:
   forced: Optional[routing.Selection] = None
   aux_softmax: float = flax.struct.field(pytree_node=False, default=0.0)
   chunk_scores: bool = flax.struct.field(pytree_node=False, default=False)
+  gold_bn: Optional[jax.Array] = None
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
     aux_scores = chunk_scores = None
@@ -130,6 +134,8 @@ class ExampleLayerMemory:
         chunk_scores = chunk_s
     else:
       doc_scores, selection = route_in_memory(rq_bmf, route_mask_bm, self.memory, top_k)
+    if self.gold_bn is not None:
+      selection = routing.select_with_gold(doc_scores, self.gold_bn, top_k)
     if self.forced is not None:
       selection = self.forced
     k, v, mask = gather_selected_memory(self.memory, selection)

@@ -217,7 +217,8 @@ class MSAModel(nn.Module):
     return MSAOutput(logits_bmv=self._logits(x), **_stack_decisions(decisions))
 
   def forward_train(self, batch: MSABatch, aux_softmax: float = 0.0,
-                    chunk_scores: bool = False) -> "MSATrainOutput":
+                    chunk_scores: bool = False, oracle_routing: bool = False
+                    ) -> "MSATrainOutput":
     """The training forward: :meth:`forward_memory` without the LM head.
 
     Returns the final-normed hidden states of the active slots; the loss applies
@@ -226,9 +227,12 @@ class MSAModel(nn.Module):
     also returns the routing loss's smooth document scores at that temperature
     (``routing.smooth_document_scores``); selection and ``doc_scores_brn`` keep the max.
     ``chunk_scores`` also returns every chunk's score (``routing.hard_chunk_scores``) for
-    the chunk-level routing loss.
+    the chunk-level routing loss. ``oracle_routing`` (``loss.oracle_routing``) puts each
+    example's gold documents (``batch.positive_docs``) into every router layer's top-k
+    (``routing.select_with_gold``); scores, recall and the routing loss stay the router's.
     """
-    x, decisions = self._forward_active_hidden(batch, aux_softmax, chunk_scores)
+    gold_bn = jnp.asarray(batch.positive_docs, bool) if oracle_routing else None
+    x, decisions = self._forward_active_hidden(batch, aux_softmax, chunk_scores, gold_bn)
     aux = chunks = None
     if aux_softmax > 0:
       aux = jnp.stack([d.aux_scores_bn for d in decisions], axis=1)
@@ -238,7 +242,7 @@ class MSAModel(nn.Module):
                           **_stack_decisions(decisions))
 
   def _forward_active_hidden(self, batch: MSABatch, aux_softmax: float = 0.0,
-                             chunk_scores: bool = False):
+                             chunk_scores: bool = False, gold_bn=None):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
@@ -252,10 +256,10 @@ class MSAModel(nn.Module):
       return self._active_hidden_scanned(batch.active_tokens, active_pos, batch.active_mask,
                                          routing_mask(batch, cfg), batch.prefix_mask,
                                          prefix_kv, memory, params, aux_softmax,
-                                         chunk_scores)
+                                         chunk_scores, gold_bn)
     memory = ExampleMemory(
         self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos),
-        aux_softmax=aux_softmax, chunk_scores=chunk_scores)
+        aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
                                           routing_mask(batch, cfg),
@@ -354,7 +358,8 @@ class MSAModel(nn.Module):
 
   def _active_hidden_scanned(self, active_tokens_bm, active_pos_bm, active_mask_bm,
                              route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked,
-                             aux_softmax: float = 0.0, chunk_scores: bool = False):
+                             aux_softmax: float = 0.0, chunk_scores: bool = False,
+                             gold_bn=None):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
     context and (router runs) memory are scanned inputs, its routing a stacked output
     (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s).
@@ -371,7 +376,7 @@ class MSAModel(nn.Module):
       def body(x, xs):
         p, k, v, mem = xs
         layer_memory = None if mem is None else ExampleLayerMemory(
-            mem, aux_softmax=aux_softmax, chunk_scores=chunk_scores)
+            mem, aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn)
         x, _, _, decision, _ = active(p, x, active_pos_bm, mask,
                                       LayerContext(k, v, prefix_mask), layer_memory,
                                       route_mask_bm)

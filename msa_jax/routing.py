@@ -215,6 +215,18 @@ def select_top_k(doc_scores_bn, k: int) -> Selection:
   return Selection(idx.astype(jnp.int32), valid)
 
 
+def select_with_gold(doc_scores_bn, gold_bn, k: int) -> Selection:
+  """:func:`select_top_k` with the gold documents forced in (oracle routing in training,
+  ``loss.oracle_routing``): every valid gold document is selected, the remaining slots go
+  to the router's highest-scoring others. A row without gold documents is routed as usual;
+  with more than ``k`` gold ones, the ``k`` best-scored of them are taken."""
+  scores = jax.lax.stop_gradient(doc_scores_bn)
+  forced = jnp.asarray(gold_bn, bool) & (scores > NEG_INF)
+  # Above every finite score, and gold documents keep their order among themselves.
+  lift = jnp.max(jnp.where(scores > NEG_INF, jnp.abs(scores), 0.0)) * 2 + 1
+  return select_top_k(jnp.where(forced, scores + lift, scores), k)
+
+
 def route_documents(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int):
   """Scores every document of one bank and picks the top k (reference path).
 

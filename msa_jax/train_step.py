@@ -100,6 +100,20 @@ def aux_softmax(cfg) -> float:
   return _loss_setting(cfg, "aux_softmax", 0.0, "hard max")
 
 
+def oracle_routing(cfg) -> bool:
+  """``loss.oracle_routing`` (default False): every router layer selects the example's gold
+  documents (plus the router's best others up to top-k) in the training forward, so the
+  reader learns on the right documents whatever the router does; scores, recall and the
+  routing loss remain the router's. An ablation (is a reader held back by misrouting?),
+  not a recipe setting: evaluation routes with the router."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  value = (loss_cfg or {}).get("oracle_routing", False)
+  if value not in (True, False):
+    raise ValueError(f"loss.oracle_routing must be True or False, got {value!r}; "
+                     "set --config.loss.oracle_routing=True or False")
+  return bool(value)
+
+
 def aux_chunk_weight(cfg) -> float:
   """Weight of the chunk-level routing loss (``loss.aux_chunk_weight``, default 0: none),
   relative to the document-level one and under the same schedule: InfoNCE whose positives
@@ -133,7 +147,7 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
   chunk_w = aux_chunk_weight(cfg)
   aux_layers = aux_loss_layers(model.config)
   out = model.apply({"params": params}, batch, aux_softmax(cfg), chunk_w > 0 and bool(aux_layers),
-                    method=MSAModel.forward_train)
+                    oracle_routing(cfg), method=MSAModel.forward_train)
   nll_b, count_b = losses.lm_nll_rows_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))

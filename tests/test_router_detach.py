@@ -9,6 +9,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from msa_jax import losses
 from msa_jax.config import ModelConfig
@@ -54,3 +55,37 @@ def test_router_detach_keeps_the_aux_gradient_out_of_the_shared_layers():
       assert norm(list(shared.values())) == 0.0
     else:
       assert norm(list(shared.values())) > 1e-4
+
+
+def test_router_trunk_grad_scales_the_aux_gradient_into_the_shared_layers():
+  cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                    num_heads=2, num_kv_heads=1, head_dim=8, router_layers=(1,),
+                    pooling_chunk_size=2, top_k=1, initializer_range=0.3)
+  batch = R.make_batch(np.random.default_rng(0), vocab=32, prefix_lens=[1, 0],
+                       doc_lens=[[3, 4, 2], [2, 3, 2]], active_lens=[4, 3],
+                       question_lens=[2, 2])
+  model, variables = R.init_model(cfg, batch, seed=1)
+  params = variables["params"]
+  grads, hidden, aux = {}, {}, {}
+  for scale in (1.0, 0.25):
+    m = MSAModel(dataclasses.replace(cfg, router_trunk_grad=scale))
+    (aux[scale], hidden[scale]), grads[scale] = jax.jit(jax.value_and_grad(
+        lambda p: _aux_loss(m, p, batch), has_aux=True))(params)
+  np.testing.assert_array_equal(np.asarray(hidden[1.0]), np.asarray(hidden[0.25]))
+  assert float(aux[1.0]) == float(aux[0.25]) > 0
+  flat = {s: {jax.tree_util.keystr(k): np.asarray(v)
+              for k, v in jax.tree_util.tree_leaves_with_path(grads[s])} for s in grads}
+  checked_shared = 0
+  for name, g1 in flat[1.0].items():
+    g = flat[0.25][name]
+    # Router projections keep their whole gradient; everything below them gets a quarter.
+    want = g1 if "router_" in name else 0.25 * g1
+    np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-7, err_msg=name)
+    checked_shared += "router_" not in name and np.abs(g1).max() > 1e-4
+  assert checked_shared >= 3
+
+
+def test_router_trunk_grad_outside_zero_one_is_refused():
+  with pytest.raises(ValueError, match="router_trunk_grad must be in"):
+    ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+                num_heads=2, num_kv_heads=1, head_dim=8, router_trunk_grad=1.5)
