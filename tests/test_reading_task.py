@@ -261,7 +261,7 @@ def test_facts_curriculum_trains_fewer_facts_first():
   stages = from_config.training_stages(cfg.data, cfg.batch_size)
   # The recipe: 1 fact for 150 steps, a reader stage of 8-document memories at batch 256
   # until step 1,000, then the 16K-token training memory (None) at batch 16.
-  assert stages == [(0, 320, 1, 256), (150, 320, 6, 256), (1000, None, 6, 16)]
+  assert stages == [(0, 320, 1, 512), (150, 320, 6, 512), (3000, None, 6, 16)]
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
