@@ -428,3 +428,21 @@ def test_auto_routing_picks_the_kernel_on_a_gpu_for_every_precision(monkeypatch)
   assert default_routing(16, 96, "bfloat16") == "xla"     # F not a multiple of 64
   monkeypatch.setattr(_platform, "on_gpu", lambda: False)
   assert default_routing(16, 1024, "bfloat16") == "xla"
+
+
+@pytest.mark.parametrize("kr_dtype", ["int8", "float32"])
+def test_encoder_refuses_non_finite_chunks(setup, tmp_path, kr_dtype):  # noqa: F811
+  """A checkpoint that encodes to NaN is named, for quantised and float banks alike, and
+  nothing of it is committed."""
+  ex, _, model, params, _, _ = setup
+  bad = jax.tree.map(lambda x: x * jnp.nan, params)
+  corpus = str(tmp_path / "corpus.jsonl")
+  with open(corpus, "w") as f:
+    for d in ex.docs:
+      f.write(json.dumps({"id": d.doc_id, "tokens": d.tokens}) + "\n")
+  path = str(tmp_path / "bank")
+  with pytest.raises(ValueError, match="non-finite keys/values"):
+    encode_corpus(model, bad, corpus, path, tokenizer=None, prefix_tokens=ex.prefix,
+                  window_tokens=10, kr_dtype=kr_dtype, kv_dtype="int8", log=lambda *_: None)
+  m = json.load(open(os.path.join(path, bank_lib.MANIFEST)))
+  assert m["num_docs"] == 0 and not m["complete"]

@@ -49,11 +49,26 @@ _IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels", "ro
                          "router_trunk_grad")
 
 
+def _bank_codes(arrs: dict, part: str, dtype: str, name: str):
+  """``(codes, scale)`` of ``arrs[part]`` in the bank precision ``dtype``: as given when
+  the rows are already in it (with ``arrs[part + "_scale"]`` for 8-bit), else quantised."""
+  x, scale = arrs[part], arrs.get(part + "_scale")
+  already = np.dtype(x.dtype) == quantize.np_dtype(dtype)
+  if not already:
+    if scale is not None:
+      raise ValueError(f"{name}: rows in {x.dtype} with a scale, but the bank stores {dtype}; "
+                       "encode with the bank's precisions")
+    return quantize.quantise(x, dtype, 1)
+  if quantize.is_quantised(dtype) and scale is None:
+    raise ValueError(f"{name}: {dtype} codes without their {part}_scale")
+  return x, scale
+
+
 class BankError(ValueError):
   """A bank that cannot be used: missing, truncated, corrupt, or from another model."""
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
   import jax.numpy as jnp
   return np.dtype(jnp.dtype(name))
 
@@ -235,7 +250,7 @@ class BankWriter:
   # ------------------------------------------------------------------ writing
   def _write(self, name: str, rows: np.ndarray) -> None:
     spec = self.manifest["arrays"][name]
-    data = np.ascontiguousarray(rows, dtype=_np_dtype(spec["dtype"]))
+    data = np.ascontiguousarray(rows, dtype=np_dtype(spec["dtype"]))
     if tuple(data.shape[1:]) != tuple(spec["row_shape"]):
       raise ValueError(f"{name}: rows of shape {data.shape[1:]}, expected {spec['row_shape']}")
     buf = data.tobytes()
@@ -248,7 +263,9 @@ class BankWriter:
     """Appends documents (in bank order) and their pooled chunks.
 
     ``layers[i]`` holds ``kr [c, F]``, ``k [c, Hkv, D]``, ``v`` for the ``c =
-    sum(chunks_per_doc)`` chunks of these documents, in the same order.
+    sum(chunks_per_doc)`` chunks of these documents, in the same order: float rows
+    (quantised here to the bank's precisions) or rows already in them, 8-bit ones with
+    their ``kr_scale`` / ``k_scale`` / ``v_scale`` (the encoder's, quantised on the device).
     """
     m = self.manifest
     n_chunks = int(sum(chunks_per_doc))
@@ -270,7 +287,7 @@ class BankWriter:
           raise ValueError(f"layer {i} {part}: {arrs[part].shape[0]} chunk rows for "
                            f"{n_chunks} chunks")
         name = f"layer_{i:02d}.{part}"
-        codes, scale = quantize.quantise(arrs[part], self.manifest["arrays"][name]["dtype"], 1)
+        codes, scale = _bank_codes(arrs, part, self.manifest["arrays"][name]["dtype"], name)
         self._write(name, codes)
         if scale is not None:
           self._write(name + "_scale", scale)
@@ -299,7 +316,7 @@ class BankWriter:
 
 
 def _row_bytes(spec: dict) -> int:
-  return int(np.prod(spec["row_shape"], dtype=np.int64)) * _np_dtype(spec["dtype"]).itemsize
+  return int(np.prod(spec["row_shape"], dtype=np.int64)) * np_dtype(spec["dtype"]).itemsize
 
 
 def read_manifest(path: str) -> dict:
@@ -354,7 +371,7 @@ class MemoryBank:
     with np.load(os.path.join(path, PREFIX_FILE)) as z:
       self.prefix_tokens = z["tokens"].tolist()
       n_layers = manifest["model_config"]["num_layers"]
-      dtype = _np_dtype(_prefix_dtype(manifest))
+      dtype = np_dtype(_prefix_dtype(manifest))
       self.prefix_kv = [(z[f"k_{i}"].astype(dtype), z[f"v_{i}"].astype(dtype))
                         for i in range(n_layers)]
 
@@ -384,9 +401,9 @@ class MemoryBank:
       spec = self.manifest["arrays"][name]
       shape = (spec["rows"], *spec["row_shape"])
       if spec["rows"] == 0:
-        self._maps[name] = np.zeros(shape, _np_dtype(spec["dtype"]))
+        self._maps[name] = np.zeros(shape, np_dtype(spec["dtype"]))
       else:
-        self._maps[name] = np.memmap(os.path.join(self.path, name), _np_dtype(spec["dtype"]),
+        self._maps[name] = np.memmap(os.path.join(self.path, name), np_dtype(spec["dtype"]),
                                      mode="r", shape=shape)
     return self._maps[name]
 

@@ -44,7 +44,8 @@ def check_dtype(dtype: str, kind: str) -> str:
   return dtype
 
 
-def _np_dtype(name: str) -> np.dtype:
+def np_dtype(name: str) -> np.dtype:
+  """The numpy dtype of a bank precision name (ml_dtypes for bfloat16 and fp8)."""
   import jax.numpy as jnp
   return np.dtype(jnp.dtype(name))
 
@@ -56,7 +57,7 @@ def quantise(x: np.ndarray, dtype: str, group_ndim: int) -> tuple[np.ndarray, Op
   head): ``group_ndim=1`` (scale ``[C, Hkv]``). A float ``dtype`` returns ``(x cast, None)``.
   """
   if not is_quantised(dtype):
-    return np.asarray(x).astype(_np_dtype(dtype)), None
+    return np.asarray(x).astype(np_dtype(dtype)), None
   x = np.asarray(x, np.float32)
   axes = tuple(range(x.ndim - group_ndim, x.ndim))
   amax = np.max(np.abs(x), axis=axes) if x.size else np.zeros(x.shape[:x.ndim - group_ndim])
@@ -69,7 +70,7 @@ def quantise(x: np.ndarray, dtype: str, group_ndim: int) -> tuple[np.ndarray, Op
   if dtype == "int8":
     codes = np.clip(np.rint(y), -127, 127).astype(np.int8)
   else:
-    codes = np.clip(y, -QMAX[dtype], QMAX[dtype]).astype(_np_dtype(dtype))
+    codes = np.clip(y, -QMAX[dtype], QMAX[dtype]).astype(np_dtype(dtype))
   return codes, scale
 
 
