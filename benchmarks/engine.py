@@ -127,10 +127,11 @@ def main():
   encoder = Encoder(model, params, batch_tokens=args.batch_tokens,
                     kr_dtype=args.kr_dtype or None, kv_dtype=args.kv_dtype or None,
                     width_multiple=width_multiple, log=print)
-  encode_seconds = []
+  encode_seconds, split = [], {}
   for rep in range(max(1, args.encode_repeats)):
     if rep:
       shutil.rmtree(bank_dir)
+    encoder.seconds = {"encode": 0.0, "write": 0.0}
     t0 = time.perf_counter()
     encode_corpus(model, params, corpus, bank_dir, tokenizer=None, prefix_tokens=[1],
                   fingerprint=fingerprint, encoder=encoder,
@@ -138,8 +139,10 @@ def main():
                   kr_dtype=args.kr_dtype or None, kv_dtype=args.kv_dtype or None,
                   width_multiple=width_multiple)
     encode_seconds.append(time.perf_counter() - t0)
+    split = dict(encoder.seconds)
     print(f"encode run {rep + 1}: {total / encode_seconds[-1]:,.0f} tokens/s "
-          f"({encode_seconds[-1]:.1f}s)", flush=True)
+          f"({encode_seconds[-1]:.1f}s: encoder {split['encode']:.1f}s, bank writes "
+          f"{split['write']:.1f}s)", flush=True)
   encode_s = encode_seconds[-1]
   bank = bank_lib.open_bank(bank_dir)
   rows = {"model": cfg.to_dict(), "memory_tokens": bank.num_tokens, "num_docs": bank.num_docs,
@@ -147,6 +150,7 @@ def main():
           "num_chunks": bank.num_chunks, "encode_seconds": encode_s,
           "encode_width_multiple": width_multiple,
           "encode_seconds_all_runs": encode_seconds, "fingerprint_seconds": fingerprint_s,
+          "encode_seconds_encoder": split["encode"], "encode_seconds_bank_writes": split["write"],
           "encode_tokens_per_s": bank.num_tokens / encode_s,
           **encode_mfu(cfg, lengths, encode_s),
           "bank_bytes": sum(os.path.getsize(os.path.join(bank_dir, f))

@@ -204,6 +204,9 @@ class Encoder:
     # which took ~2/3 of a 4B encode's time (numpy fp8/int8 over 18 layers × 3 arrays).
     self._encode = jax.jit(functools.partial(_encode_docs_quantised, model, self.kr_dtype,
                                              self.kv_dtype))
+    # Seconds spent in encode() (device work and the copy back) and in writing banks
+    # (BankWriter.append + commit, by the encode loop): where an encode's time goes.
+    self.seconds = {"encode": 0.0, "write": 0.0}
     self._prefix = jax.jit(functools.partial(_encode_prefix, model))
 
   def prefix_kv(self, prefix_tokens: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -470,10 +473,14 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
         if not window:
           break
         starts = _positions_start(cfg, m, window)
+        t_enc = time.perf_counter()
         layers, chunks = encoder.encode(window, starts)
+        t_write = time.perf_counter()
         writer.append(window, layers, chunks)
         done += len(window)
         writer.commit(done, complete=done >= total)
+        encoder.seconds["encode"] += t_write - t_enc
+        encoder.seconds["write"] += time.perf_counter() - t_write
         tokens_here += n_tok
         windows += 1
         elapsed = time.perf_counter() - t0
@@ -481,6 +488,7 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
         left = (total - done) * tokens_here / max(done - start_done, 1)   # tokens to go
         log(f"encode: {done:,}/{total:,} documents ({100 * done / total:.0f}%) | "
             f"{m['num_tokens']:,} tokens | {rate:,.0f} tok/s | elapsed {_fmt_time(elapsed)} "
+            f"(encode {encoder.seconds['encode']:.1f}s, write {encoder.seconds['write']:.1f}s) "
             f"ETA {_fmt_time(left / max(rate, 1e-9))}")
         if stop.requested or (max_windows is not None and windows >= max_windows):
           if done < total:
