@@ -44,6 +44,8 @@ def main():
   fig, axes = plots.subplots(1, 2, figsize=(12, 4.5))
   summary, chance = {}, {}
   for run in sorted(args.runs):
+    if not os.path.isdir(run):   # a shell glob also matches the plot and summary files
+      continue
     name = os.path.basename(os.path.normpath(run))
     rows = read_metrics(run)
     if not rows:
