@@ -55,11 +55,16 @@ def _warn_no_aux_layers(router_ids: tuple[int, ...], num_layers: int) -> None:
       "to train the router.", list(router_ids), num_layers, num_layers // 2, num_layers // 2)
 
 
+def _loss_value(cfg, key: str, default):
+  """``cfg.loss[key]`` as stored, ``default`` when the config predates it."""
+  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
+  return (loss_cfg or {}).get(key, default)
+
+
 def _loss_setting(cfg, key: str, default, meaning_of_zero: str = ""):
   """``cfg.loss[key]`` (``default`` when the config predates it); with
   ``meaning_of_zero``, a negative value is an error naming the field."""
-  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
-  value = type(default)((loss_cfg or {}).get(key, default))
+  value = type(default)(_loss_value(cfg, key, default))
   if meaning_of_zero and value < 0:
     raise ValueError(f"loss.{key} must be >= 0 (0: {meaning_of_zero}), got {value}; "
                      f"set --config.loss.{key}")
@@ -106,8 +111,7 @@ def oracle_routing(cfg) -> bool:
   reader learns on the right documents whatever the router does; scores, recall and the
   routing loss remain the router's. An ablation (is a reader held back by misrouting?),
   not a recipe setting: evaluation routes with the router."""
-  loss_cfg = cfg.get("loss") if hasattr(cfg, "get") else None
-  value = (loss_cfg or {}).get("oracle_routing", False)
+  value = _loss_value(cfg, "oracle_routing", False)
   if value not in (True, False):
     raise ValueError(f"loss.oracle_routing must be True or False, got {value!r}; "
                      "set --config.loss.oracle_routing=True or False")

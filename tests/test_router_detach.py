@@ -27,15 +27,20 @@ def _aux_loss(model, params, batch):
   return aux, out.hidden_bmd
 
 
-def test_router_detach_keeps_the_aux_gradient_out_of_the_shared_layers():
+def _case():
+  """A one-router-layer model, a batch with positives, and its initial parameters."""
   cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
                     num_heads=2, num_kv_heads=1, head_dim=8, router_layers=(1,),
                     pooling_chunk_size=2, top_k=1, initializer_range=0.3)
   batch = R.make_batch(np.random.default_rng(0), vocab=32, prefix_lens=[1, 0],
                        doc_lens=[[3, 4, 2], [2, 3, 2]], active_lens=[4, 3],
                        question_lens=[2, 2])
-  model, variables = R.init_model(cfg, batch, seed=1)
-  params = variables["params"]
+  _, variables = R.init_model(cfg, batch, seed=1)
+  return cfg, batch, variables["params"]
+
+
+def test_router_detach_keeps_the_aux_gradient_out_of_the_shared_layers():
+  cfg, batch, params = _case()
   grads, hidden = {}, {}
   for detach in (False, True):
     m = MSAModel(dataclasses.replace(cfg, router_detach=detach))
@@ -58,14 +63,7 @@ def test_router_detach_keeps_the_aux_gradient_out_of_the_shared_layers():
 
 
 def test_router_trunk_grad_scales_the_aux_gradient_into_the_shared_layers():
-  cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
-                    num_heads=2, num_kv_heads=1, head_dim=8, router_layers=(1,),
-                    pooling_chunk_size=2, top_k=1, initializer_range=0.3)
-  batch = R.make_batch(np.random.default_rng(0), vocab=32, prefix_lens=[1, 0],
-                       doc_lens=[[3, 4, 2], [2, 3, 2]], active_lens=[4, 3],
-                       question_lens=[2, 2])
-  model, variables = R.init_model(cfg, batch, seed=1)
-  params = variables["params"]
+  cfg, batch, params = _case()
   grads, hidden, aux = {}, {}, {}
   for scale in (1.0, 0.25):
     m = MSAModel(dataclasses.replace(cfg, router_trunk_grad=scale))

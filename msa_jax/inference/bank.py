@@ -68,11 +68,6 @@ class BankError(ValueError):
   """A bank that cannot be used: missing, truncated, corrupt, or from another model."""
 
 
-def np_dtype(name: str) -> np.dtype:
-  import jax.numpy as jnp
-  return np.dtype(jnp.dtype(name))
-
-
 def _digest(data: bytes | memoryview) -> str:
   return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -250,7 +245,7 @@ class BankWriter:
   # ------------------------------------------------------------------ writing
   def _write(self, name: str, rows: np.ndarray) -> None:
     spec = self.manifest["arrays"][name]
-    data = np.ascontiguousarray(rows, dtype=np_dtype(spec["dtype"]))
+    data = np.ascontiguousarray(rows, dtype=quantize.np_dtype(spec["dtype"]))
     if tuple(data.shape[1:]) != tuple(spec["row_shape"]):
       raise ValueError(f"{name}: rows of shape {data.shape[1:]}, expected {spec['row_shape']}")
     buf = data.tobytes()
@@ -316,7 +311,7 @@ class BankWriter:
 
 
 def _row_bytes(spec: dict) -> int:
-  return int(np.prod(spec["row_shape"], dtype=np.int64)) * np_dtype(spec["dtype"]).itemsize
+  return int(np.prod(spec["row_shape"], dtype=np.int64)) * quantize.np_dtype(spec["dtype"]).itemsize
 
 
 def read_manifest(path: str) -> dict:
@@ -371,7 +366,7 @@ class MemoryBank:
     with np.load(os.path.join(path, PREFIX_FILE)) as z:
       self.prefix_tokens = z["tokens"].tolist()
       n_layers = manifest["model_config"]["num_layers"]
-      dtype = np_dtype(_prefix_dtype(manifest))
+      dtype = quantize.np_dtype(_prefix_dtype(manifest))
       self.prefix_kv = [(z[f"k_{i}"].astype(dtype), z[f"v_{i}"].astype(dtype))
                         for i in range(n_layers)]
 
@@ -401,9 +396,9 @@ class MemoryBank:
       spec = self.manifest["arrays"][name]
       shape = (spec["rows"], *spec["row_shape"])
       if spec["rows"] == 0:
-        self._maps[name] = np.zeros(shape, np_dtype(spec["dtype"]))
+        self._maps[name] = np.zeros(shape, quantize.np_dtype(spec["dtype"]))
       else:
-        self._maps[name] = np.memmap(os.path.join(self.path, name), np_dtype(spec["dtype"]),
+        self._maps[name] = np.memmap(os.path.join(self.path, name), quantize.np_dtype(spec["dtype"]),
                                      mode="r", shape=shape)
     return self._maps[name]
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from msa_jax import positions as positions_lib
 from msa_jax.inference import bank as bank_lib
+from msa_jax.inference import quantize
 from msa_jax.inference.bank import DocRecord
 
 
@@ -239,8 +240,7 @@ class Encoder:
     def collect(group, present, dest, encoded):
       arrays, finite_gc = encoded
       if not np.all(np.asarray(finite_gc)[:len(group)][present]):
-        raise ValueError("cannot quantise non-finite keys/values (NaN or inf in the "
-                         "encoder's output); check the checkpoint")
+        raise ValueError(quantize.NON_FINITE)
       for i, parts in arrays.items():
         for name, arr in parts.items():
           rows_ = np.asarray(arr[:len(group)])[present]
@@ -298,14 +298,13 @@ def _encode_docs_quantised(model, kr_dtype: str, kv_dtype: str, params, tokens_n
   ``({layer: {"kr": codes [n, C, F], "kr_scale": [n, C], "k": ..., "v": ...}}, finite
   [n, C])`` (no ``*_scale`` for float precisions; ``finite``: every value of the chunk
   is finite, checked by the caller on the chunks that exist)."""
-  from msa_jax.inference import quantize
   memory = _encode_docs(model, params, tokens_nl, mask_nl, pos_nl)
   out, finite = {}, None
   for i, mem in memory.items():
     parts = {}
     for part, arr, dtype in (("kr", mem.kr_bncf[0], kr_dtype), ("k", mem.k_bncgd[0], kv_dtype),
                              ("v", mem.v_bncgd[0], kv_dtype)):
-      ok = jnp.all(jnp.isfinite(arr.astype(jnp.float32)).reshape(*arr.shape[:2], -1), axis=-1)
+      ok = jnp.all(jnp.isfinite(arr).reshape(*arr.shape[:2], -1), axis=-1)
       finite = ok if finite is None else finite & ok
       codes, scale = quantize.quantise_jax(arr, dtype, 1)
       parts[part] = codes
@@ -418,7 +417,6 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
   """The encode loop shared by a corpus file and generated documents: ``corpus`` is the
   manifest's record of the source, ``rows_from(done)`` its documents from row ``done``."""
   cfg = model.config
-  from msa_jax.inference import quantize
   for dtype, kind in ((kr_dtype, "kr"), (kv_dtype, "kv")):
     if dtype is not None:
       quantize.check_dtype(dtype, kind)

@@ -44,6 +44,11 @@ def check_dtype(dtype: str, kind: str) -> str:
   return dtype
 
 
+# The error for keys/values that are NaN or inf (host quantisation and the encoder's check).
+NON_FINITE = ("cannot quantise non-finite keys/values (NaN or inf in the encoder's output); "
+              "check the checkpoint")
+
+
 def np_dtype(name: str) -> np.dtype:
   """The numpy dtype of a bank precision name (ml_dtypes for bfloat16 and fp8)."""
   import jax.numpy as jnp
@@ -62,8 +67,7 @@ def quantise(x: np.ndarray, dtype: str, group_ndim: int) -> tuple[np.ndarray, Op
   axes = tuple(range(x.ndim - group_ndim, x.ndim))
   amax = np.max(np.abs(x), axis=axes) if x.size else np.zeros(x.shape[:x.ndim - group_ndim])
   if not np.all(np.isfinite(amax)):
-    raise ValueError("cannot quantise non-finite keys/values (NaN or inf in the encoder's "
-                     "output); check the checkpoint")
+    raise ValueError(NON_FINITE)
   # amax times the float32 reciprocal, as XLA computes a division by a constant
   scale = np.where(amax > 0, amax * np.float32(1 / QMAX[dtype]), 1.0).astype(np.float32)
   y = x / scale.reshape(scale.shape + (1,) * group_ndim)
