@@ -44,6 +44,33 @@ def test_reading_documents_need_the_key_found_inside(tiny):
     assert len(key) == 4 and len(ex.answer) == 2
 
 
+def test_answer_with_key_restates_the_question_key(tiny):
+  """``data.kv.answer_with_key``: the answer is the question's key then its value (EM needs
+  both); the same example otherwise (documents, question, gold), and the answer round's
+  target is ``<end-of-retrieval> key value <eos>``. Multi-hop restates the last hop's key
+  (the one whose fact holds the value)."""
+  plain = from_config.make_task(tiny.data, 0, memory_tokens=320)
+  cfg = get_config("tiny")
+  cfg.data.kv.answer_with_key = True
+  keyed = from_config.make_task(cfg.data, 0, memory_tokens=320)
+  sp = keyed.tokenizer.specials
+  for i in range(3):
+    a, b = plain(i), keyed(i)
+    assert [d.tokens for d in a.docs] == [d.tokens for d in b.docs]
+    assert a.question == b.question and a.positive_doc_ids == b.positive_doc_ids
+    assert b.answer == list(b.question) + list(a.answer)
+    gold = next(d for d in b.docs if d.doc_id == b.positive_doc_ids[0])
+    facts = [gold.tokens[4 + 6 * f:4 + 6 * (f + 1)] for f in range(6)]
+    assert b.answer in [list(f) for f in facts]
+    answer_sample = interleave.expand(b, sp, answer_positives=False)[-1]
+    assert answer_sample.target == [sp.end_of_retrieval] + b.answer + [sp.eos]
+  cfg.data.task = "multihop"
+  hop = from_config.make_task(cfg.data, 0, memory_tokens=320)(0)
+  last = next(d for d in hop.docs if d.doc_id == hop.rounds[-1][0])
+  assert hop.answer[:4] != list(hop.question)
+  assert any(last.tokens[j:j + 6] == hop.answer for j in range(len(last.tokens) - 5))
+
+
 def test_answer_samples_without_routing_positives(tiny):
   """``data.answer_positives=False`` (the tiny recipe): the retrieval sample keeps the gold
   document as its positive, the answer sample has none; both share one active bucket."""

@@ -131,6 +131,12 @@ class KVConfig:
   # mean-pooled K̄/V̄ keeps of it is enough to name it. Same id space (n^id_len);
   # id_len × n id words in the vocabulary.
   positional_ids: bool = False
+  # True: the answer restates the key it answers, then gives the value (``k k k k v v``,
+  # ``key is value`` read back); the last hop's key for hops > 1. The key is the
+  # question's, so the model copies it; each value token then follows the key it reads
+  # in the injected document (an induction step) instead of a lookup from the far
+  # question (WORKSPACE.md, "The answers' lookup"). Exact match needs key and value.
+  answer_with_key: bool = False
 
   def __post_init__(self):
     slot = self.fact_slot_len
@@ -295,6 +301,8 @@ class KVRetrievalTask:
                                        id_padding(tok, c) + sum(facts, [])))
 
     question = question_tokens(tok, c, key_tok(chain_keys[0]))
+    if c.answer_with_key:
+      answer = key_tok(chain_keys[c.hops - 1]) + answer
     prefix = [tok.specials.bos] if c.prefix_bos else []
     return assemble(tok, task=self.name, seed=self.seed, index=index, gold=gold,
                     distractors=distractors, question=question, answer=answer,
