@@ -127,18 +127,23 @@ def aux_chunk_weight(cfg) -> float:
 
 def lm_loss_by_round(nll_b, count_b, batch: MSABatch, answer_token: int) -> dict:
   """The LM loss of the answer samples (target starts with ``answer_token``, the
-  end-of-retrieval marker) and of the retrieval samples (document ids) apart: one mean
-  hides a reader at chance behind ids that are learnt, as the tiny recipe's did."""
+  end-of-retrieval marker) and of the retrieval samples (document ids; no marker in the
+  target) apart: one mean hides a reader at chance behind ids that are learnt, as the
+  tiny recipe's did. A direct sample (ids, then the marker and the answer in one target:
+  a task without Memory Interleave) is neither; ``direct_samples`` counts them."""
   mask_bm = jnp.asarray(batch.loss_mask, bool)
+  targets_bm = jnp.asarray(batch.targets)
   first_m = jnp.argmax(mask_bm, axis=-1)
-  first_b = jnp.take_along_axis(jnp.asarray(batch.targets), first_m[:, None], axis=-1)[:, 0]
+  first_b = jnp.take_along_axis(targets_bm, first_m[:, None], axis=-1)[:, 0]
   has_b = jnp.any(mask_bm, axis=-1)
+  marker_b = jnp.any(mask_bm & (targets_bm == answer_token), axis=-1)
   answer_b = has_b & (first_b == answer_token)
-  retrieval_b = has_b & ~answer_b
+  retrieval_b = has_b & ~marker_b
+  count = lambda rows_b: jnp.sum(rows_b.astype(jnp.float32))
   return {"lm_loss_answer": losses.mean_nll(nll_b, count_b, answer_b)[0],
           "lm_loss_retrieval": losses.mean_nll(nll_b, count_b, retrieval_b)[0],
-          "answer_samples": jnp.sum(answer_b.astype(jnp.float32)),
-          "retrieval_samples": jnp.sum(retrieval_b.astype(jnp.float32))}
+          "answer_samples": count(answer_b), "retrieval_samples": count(retrieval_b),
+          "direct_samples": count(marker_b & ~answer_b)}
 
 
 def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,

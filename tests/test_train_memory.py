@@ -130,19 +130,20 @@ def test_bf16_chunked_loss_is_as_close_to_float32_as_the_full_logits_loss():
 
 def test_per_row_nll_and_the_answer_and_id_losses_against_float64():
   """``lm_nll_rows_chunked`` gives each row's NLL sum (float64 numpy from the same hidden
-  states), and ``lm_loss_by_round`` splits rows by their first target token."""
+  states), and ``lm_loss_by_round`` splits rows by their first target token, leaving
+  direct samples (ids, then the marker, in one target) out of both."""
   from msa_jax.train_step import lm_loss_by_round
   rng = np.random.default_rng(3)
-  b, m, d, v = 4, 9, 8, 13
+  b, m, d, v = 5, 9, 8, 13
+  answer_token = 7
   h = rng.standard_normal((b, m, d)).astype(np.float32)
   head = rng.standard_normal((v, d)).astype(np.float32)
-  targets = rng.integers(0, v, (b, m)).astype(np.int32)
+  targets = rng.integers(0, v - 1, (b, m)).astype(np.int32)
+  targets[targets == answer_token] = v - 1               # the marker only where set below
   mask = np.zeros((b, m), bool)
-  mask[0, 2:5] = mask[1, 4:9] = mask[3, 0:2] = True   # row 2: no target
-  answer_token = 7
+  mask[0, 2:5] = mask[1, 4:9] = mask[3, 0:2] = mask[4, 1:8] = True   # row 2: no target
   targets[0, 2] = answer_token                           # row 0: an answer sample
-  targets[1, 4] = (answer_token + 1) % v                 # rows 1, 3: retrieval samples
-  targets[3, 0] = (answer_token + 2) % v
+  targets[4, 5] = answer_token                           # row 4: a direct sample
   for chunk in (2, 64):
     nll_b, count_b = losses.lm_nll_rows_chunked(jnp.asarray(h), jnp.asarray(head), targets,
                                                 mask, chunk)
@@ -158,4 +159,5 @@ def test_per_row_nll_and_the_answer_and_id_losses_against_float64():
     np.testing.assert_allclose(float(split["lm_loss_retrieval"]),
                                (want_b[1] + want_b[3]) / 7, rtol=1e-5)
     assert float(split["answer_samples"]) == 1.0
+    assert float(split["direct_samples"]) == 1.0
     assert float(split["retrieval_samples"]) == 2.0
