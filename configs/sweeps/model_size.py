@@ -1,9 +1,16 @@
 """Issue 14 (5): ≥ 4 model sizes on the same data and token budget; loss against compute.
 
-Fit: ``python -m launch.fit --results=runs/model_size/results.jsonl --x=compute --y=loss``.
-Full: ``tiny``-family shapes from width 64 to 512 on one H200 each (the largest two get
-two GPUs: per-point resources). ``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each,
-no evaluation: the example sweep of WORKSPACE.md.
+Fit: ``python -m launch.fit --results=runs/model_size/results.jsonl --x=compute --y=lm_loss``.
+Full: the ``tiny`` recipe's reader stage (8-document memories of 6-fact documents, 320
+memory tokens, batch 256, no evaluation) for 2,000 steps at six widths, 64 to 512, all with
+the recipe's 2 layers (router layer 1) and heads of 32: from scratch a router deeper than
+one attention layer did not learn the 6-fact task (WORKSPACE.md, depth-cal1-4), and the
+routing loss covers only upper-half router layers, so depth would change what is learnt,
+not only the size. Every point fits one GPU beside the others (a few hundred MB each):
+``XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 python -m launch.sweep
+--sweep=configs/sweeps/model_size.py --runner=local --parallel=6`` on one H200.
+``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each, no evaluation: the example
+sweep of WORKSPACE.md.
 """
 from configs.sweeps._common import RECIPE, smoke_fixed
 
@@ -13,15 +20,21 @@ def _shape(width: int, layers: int) -> dict:
           "model.num_layers": layers}   # router layers: the upper half (the default)
 
 
+def _reader_shape(width: int) -> dict:
+  """The tiny recipe's 2 layers (router layer 1) at ``width``, heads of 32."""
+  return {"model.hidden_size": width, "model.intermediate_size": 4 * width,
+          "model.num_heads": width // 32}
+
+
 def get_sweep(arg: str = ""):
   if arg == "smoke":
     return {"name": "model_size_smoke", "config": f"{RECIPE}:smoke",
             "fixed": smoke_fixed(num_steps=40, evaluate=False),
             "points": [_shape(32, 1), _shape(64, 1), _shape(96, 2), _shape(128, 2)]}
-  big = {"gpus_per_node": 2}
-  return {"name": "model_size", "config": f"{RECIPE}:tiny",
-          "fixed": {"num_steps": 2_000},
-          "points": [_shape(64, 2), _shape(128, 4), _shape(192, 4),
-                     {"overrides": _shape(256, 6), "resources": big},
-                     {"overrides": _shape(512, 8), "resources": big}],
-          "resources": {"gpus_per_node": 1, "time": "04:00:00"}}
+  reader_stage = {"num_steps": 2_000, "batch_size": 256, "data.memory_tokens": 320,
+                  "data.memory_curriculum": (), "data.batch_curriculum": (),
+                  "eval.at_end": False, "checkpoint.every_steps": 1_000,
+                  "log_every_steps": 50, "tensorboard": False, "data.worker_count": 2}
+  return {"name": "model_size", "config": f"{RECIPE}:tiny", "fixed": reader_stage,
+          "points": [_reader_shape(w) for w in (64, 128, 192, 256, 384, 512)],
+          "resources": {"gpus_per_node": 1, "time": "01:00:00"}}
