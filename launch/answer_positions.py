@@ -1,0 +1,143 @@
+r"""Per-position NLL of a trained run's answer targets: which answer token is still at chance.
+
+The trainer logs one mean over an answer's target tokens (``lm_loss_answer``); a plateau of
+that mean can be one token at chance (the reading task's first value token: ln 64 / 4 =
+1.04) or all of them partly learnt. This tool runs the training forward of a checkpoint on
+fresh answer samples (Memory Interleave's last round, teacher-forced, the training memory
+size and routing) and prints the mean NLL of each target position, beside the uniform
+chance of the alphabet the target token comes from::
+
+  python -m launch.answer_positions --workdir=runs/tiny --num_examples=256 [--step=N] \
+      [--seed=12345] [--memory_tokens=320] [--out=PATH.json]
+
+Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+
+
+def _parse(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--workdir", required=True, help="a trainer workdir (config.json, checkpoints)")
+  p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+  p.add_argument("--num_examples", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=64)
+  p.add_argument("--seed", type=int, default=12345, help="data seed (not the training one)")
+  p.add_argument("--memory_tokens", type=int, default=None,
+                 help="memory per example (default: the config's data.memory_tokens)")
+  p.add_argument("--out", default="")
+  return p.parse_args(argv)
+
+
+def _log_probs_fn(model, aux_softmax: float, oracle: bool):
+  """A jitted ``(params, batch) -> [B, M, vocab]`` float32 log-probabilities."""
+  import jax
+  import jax.numpy as jnp
+  from msa_jax.model import MSAModel, lm_head_weight_vd
+
+  def log_probs(params, batch):
+    out = model.apply({"params": params}, batch, aux_softmax, False, oracle,
+                      method=MSAModel.forward_train)
+    logits = jnp.einsum("bmd,vd->bmv", out.hidden_bmd.astype(jnp.float32),
+                        lm_head_weight_vd(params, model.config).astype(jnp.float32))
+    return jax.nn.log_softmax(logits, axis=-1)
+  return jax.jit(log_probs)
+
+
+def position_nll(model, params, batch, answer_token: int, aux_softmax: float = 0.0,
+                 oracle: bool = False, log_probs_fn=None):
+  """``[B, P]`` NLL of each answer target position (P = the longest target) and the
+  ``[B, P]`` mask of positions present; rows whose target does not start with
+  ``answer_token`` are all False. ``log_probs_fn`` (from ``_log_probs_fn``) reuses one
+  compiled forward over batches of one shape."""
+  fn = log_probs_fn or _log_probs_fn(model, aux_softmax, oracle)
+  logp = fn(params, batch)
+  targets = np.asarray(batch.targets)
+  nll_bm = -np.take_along_axis(np.asarray(logp), targets[..., None], -1)[..., 0]
+  mask_bm = np.asarray(batch.loss_mask, bool)
+  width = int(mask_bm.sum(-1).max(initial=0))
+  nll_bp, has_bp = np.zeros((len(mask_bm), width)), np.zeros((len(mask_bm), width), bool)
+  for row in range(len(mask_bm)):
+    cols = np.flatnonzero(mask_bm[row])
+    if len(cols) and targets[row, cols[0]] == answer_token:
+      nll_bp[row, :len(cols)] = nll_bm[row, cols]
+      has_bp[row, :len(cols)] = True
+  return nll_bp, has_bp, targets
+
+
+def main(argv=None) -> dict:
+  args = _parse(argv)
+  from msa_jax import from_pretrained
+  from msa_jax.data import from_config, interleave
+  from msa_jax.data.collate import collate, fit_bucket
+  import ml_collections
+  from msa_jax.run_config import read_saved
+  from msa_jax.train_step import aux_softmax, oracle_routing
+
+  saved = read_saved(args.workdir)
+  if saved is None:
+    raise FileNotFoundError(f"{args.workdir} has no config.json: --workdir must be a "
+                            "training run's directory")
+  cfg = ml_collections.ConfigDict(saved)
+  model, params = from_pretrained(args.workdir, step=args.step)
+  task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens)
+  tok = task.tokenizer
+  sp = tok.specials
+  answers = [interleave.expand(task(i), sp, cfg.data.answer_positives)[-1]
+             for i in range(args.num_examples)]
+  bucket = fit_bucket(answers, args.batch_size)
+  log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
+  sums, counts, kinds = None, None, None
+  for start in range(0, len(answers), args.batch_size):
+    part = answers[start:start + args.batch_size]
+    batch = collate(part, bucket)
+    nll_bp, has_bp, _ = position_nll(model, params, batch, sp.end_of_retrieval,
+                                     log_probs_fn=log_probs)
+    if sums is None:
+      sums, counts = np.zeros(nll_bp.shape[1]), np.zeros(nll_bp.shape[1])
+      kinds = [_kind(tok, t) for t in part[0].target]
+    n = min(len(sums), nll_bp.shape[1])
+    sums[:n] += (nll_bp * has_bp).sum(0)[:n]
+    counts[:n] += has_bp.sum(0)[:n]
+  rows = []
+  for pos, (kind, total, n) in enumerate(zip(kinds, sums, counts)):
+    rows.append({"position": pos, "token": kind, "nll": float(total / max(n, 1)),
+                 "chance": _chance(task, kind), "samples": int(n)})
+  result = {"workdir": os.path.abspath(args.workdir), "step": args.step,
+            "seed": args.seed, "num_examples": args.num_examples, "positions": rows}
+  print(f"answer targets of {args.num_examples} held-out examples (seed {args.seed}):")
+  print("| position | target token | NLL | uniform chance |\n|---:|---|---:|---:|")
+  for r in rows:
+    chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
+    print(f"| {r['position']} | {r['token']} | {r['nll']:.3f} | {chance} |")
+  out = args.out or os.path.join(args.workdir, "answer_positions.json")
+  with open(out, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"wrote {out}")
+  return result
+
+
+def _kind(tok, token: int) -> str:
+  """The alphabet a target token belongs to: ``key``, ``value``, ``id`` or its word."""
+  word = tok.decode([token]).strip()
+  for kind in ("k", "v", "i"):
+    if word[:1] == kind and word[1:].isdigit():
+      return {"k": "key", "v": "value", "i": "id"}[kind]
+  return word
+
+
+def _chance(task, kind: str):
+  """ln(alphabet size) of a key / value / id token (None for marker words)."""
+  c = task.config
+  n = {"key": c.num_key_symbols, "value": c.num_value_symbols, "id": c.num_id_symbols}
+  return math.log(n[kind]) if kind in n else None
+
+
+if __name__ == "__main__":
+  main()

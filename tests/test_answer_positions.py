@@ -1,0 +1,60 @@
+"""``launch.answer_positions``: the per-position NLL of answer targets adds up to the
+training loss's per-row NLL, only answer rows count, and each position is named by its
+alphabet with that alphabet's chance."""
+import math
+
+import jax
+import numpy as np
+
+from launch import answer_positions as ap
+from msa_jax import losses
+from msa_jax.config import ModelConfig
+from msa_jax.data import from_config, interleave
+from msa_jax.data.collate import collate, fit_bucket
+from msa_jax.model import MSAModel, lm_head_weight_vd
+from train_common import get_config
+
+from tests import reference_numpy as R
+
+fast_compile = R.fast_compile_fixture()
+
+
+def test_position_nll_adds_up_to_the_row_loss_of_answer_rows():
+  cfg = get_config("tiny")
+  task = from_config.make_task(cfg.data, 7, memory_tokens=80)
+  sp = task.tokenizer.specials
+  samples = [s for i in range(3) for s in interleave.expand(task(i), sp, False)]
+  batch = collate(samples, fit_bucket(samples, len(samples)))
+  model_cfg = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=32,
+                          intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
+                          head_dim=16, pooling_chunk_size=8, top_k=1, router_layers=(1,))
+  model = MSAModel(model_cfg)
+  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+  nll_bp, has_bp, _ = ap.position_nll(model, params, batch, sp.end_of_retrieval)
+  @jax.jit
+  def row_nll(params, batch):
+    out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
+    return losses.lm_nll_rows_chunked(out.hidden_bmd, lm_head_weight_vd(params, model_cfg),
+                                      batch.targets, batch.loss_mask)[0]
+  row_nll_b = row_nll(params, batch)
+  answer_b = np.array([s.target[0] == sp.end_of_retrieval for s in samples])
+  assert answer_b.sum() == 3 and (~answer_b).sum() == 3
+  np.testing.assert_array_equal(has_bp.any(-1), answer_b)
+  np.testing.assert_array_equal(has_bp[answer_b].sum(-1), [len(s.target) for s in samples
+                                                           if s.target[0] == sp.end_of_retrieval])
+  np.testing.assert_allclose((nll_bp * has_bp).sum(-1)[answer_b], np.asarray(row_nll_b)[answer_b],
+                             rtol=2e-5)
+  # An untrained model is near chance on every position (vocabulary-wide, not per alphabet).
+  assert np.all(np.abs(nll_bp[has_bp] - math.log(model_cfg.vocab_size)) < 2.0)
+
+
+def test_position_kinds_and_chances():
+  cfg = get_config("tiny")
+  task = from_config.make_task(cfg.data, 0, memory_tokens=80)
+  sp = task.tokenizer.specials
+  answer = interleave.expand(task(0), sp, False)[-1]
+  kinds = [ap._kind(task.tokenizer, t) for t in answer.target]
+  assert kinds[1:3] == ["value", "value"] and len(kinds) == 4
+  assert ap._chance(task, "value") == math.log(64)
+  assert ap._chance(task, "key") == math.log(128)
+  assert ap._chance(task, kinds[0]) is None and ap._chance(task, kinds[-1]) is None
