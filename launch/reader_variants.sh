@@ -10,6 +10,10 @@
 #     bash launch/reader_variants.sh
 # Common overrides (COMMON) make every variant the reader stage alone by default: 8-document
 # memories (320 tokens) at batch 256, no evaluation, no mid-run checkpoints.
+# POSITIONS=N (default 0: off): after training, each variant's last checkpoint (the trainer
+# saves one when the time limit's SIGTERM stops it) answers N held-out examples and
+# launch.answer_positions writes the NLL of each answer target position to
+# $OUT/<NAME>/answer_positions.json (and prints its table).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/reader_variants}
@@ -17,6 +21,7 @@ ROOT=${ROOT:-/tmp/reader_variants}
 PYTHON=${PYTHON:-python}
 RUN_S=${RUN_S:-420}
 MEM_FRACTION=${MEM_FRACTION:-0.15}
+POSITIONS=${POSITIONS:-0}
 COMMON=${COMMON-"--config.num_steps=1000 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
 VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
 mkdir -p "$OUT" "$ROOT"
@@ -38,6 +43,13 @@ names=()
 for spec in "${SPECS[@]}"; do
   name=${spec%%=*}; names+=("$name")
   cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
+  if [ "$POSITIONS" -gt 0 ]; then
+    # The memory the variant trained with (its last data.memory_tokens override), if any.
+    mem=$(grep -o 'data.memory_tokens=[0-9]*' "$OUT/$name/args.txt" | tail -1 | cut -d= -f2)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m launch.answer_positions \
+      --workdir="$ROOT/$name" --num_examples="$POSITIONS" ${mem:+--memory_tokens=$mem} \
+      --out="$OUT/$name/answer_positions.json" 2>&1 | grep "^|\|Error" | sed "s/^/$name: /"
+  fi
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
 done
 # One archive as well: a device call returns only a few files.
