@@ -14,6 +14,7 @@ A, B and resumed B compile the same step, so only A pays for compiling.
 import json
 import os
 import signal
+import time
 
 import grain.checkpoint
 import jax
@@ -116,3 +117,31 @@ def test_data_iterator_resumes_at_the_next_batch(runs):
   assert any(x.shape != y.shape or (x != y).any()
              for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(first)))
   manager.close()
+
+
+def test_data_workers_outlive_a_sigterm_to_the_process_group(tmp_path, compilation_cache,
+                                                            monkeypatch):
+  """A SIGTERM to every process of the job (``timeout``, SLURM) reaches the data workers
+  too; they ignore it and the trainer, which saves and exits on its own SIGTERM, keeps its
+  data. Here only the workers are signalled (at step 2): they must be alive a second
+  later and the run must finish all its steps (a worker killed by the signal fails the
+  next batch once the buffers run dry: 'Worker process was terminated unexpectedly')."""
+  import multiprocessing
+  monkeypatch.setattr(from_config.os, "cpu_count", lambda: 8)   # 2 workers on a 2-core CI
+  cfg = small_cfg()
+  cfg.data.worker_count = 2
+  signalled = []
+
+  def term_workers(step, row):
+    if step == 2:
+      workers = multiprocessing.active_children()
+      assert workers, "the data workers should be this process's children"
+      for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+      time.sleep(1.0)
+      signalled.extend(w.is_alive() for w in workers)
+
+  last = train_and_evaluate(cfg, str(tmp_path), on_step=term_workers)
+  assert signalled and all(signalled), "a data worker died of SIGTERM"
+  assert last["step"] == NUM_STEPS and "stopped_early" not in last
+  assert [r["step"] for r in read_rows(str(tmp_path))] == list(range(1, NUM_STEPS + 1))

@@ -23,6 +23,7 @@ per-process sharding below (``process_index``/``process_count``, e.g.
 """
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, Callable, Sequence
 
@@ -253,7 +254,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
   if worker_count > 0:
     _absl_flags_for_grain()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
-                                                     per_worker_buffer_size=64))
+                                                     per_worker_buffer_size=64),
+                        worker_init_fn=_workers_ignore_sigterm)
   ds = grain.experimental.FlatMapIterDataset(
       ds, _ExpandInterleave(specials, memory_interleave, max_fan_out=64,
                             answer_positives=answer_positives))
@@ -263,6 +265,16 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=prefetch_batches)
   return ds
+
+
+def _workers_ignore_sigterm(worker_index: int, worker_count: int) -> None:
+  """Data workers leave SIGTERM to the trainer. ``timeout``, SLURM and Kubernetes signal a
+  job's whole process group; a worker that died of it made the trainer's next batch fail
+  before its SIGTERM save (H200, 2026-12-02: "Worker process was terminated unexpectedly
+  with exit code -15", no checkpoint). Grain stops its workers itself when the iterator
+  closes (a stop event, then SIGKILL)."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _absl_flags_for_grain() -> None:
