@@ -93,18 +93,16 @@ def main(argv=None) -> dict:
              for i in range(args.num_examples)]
   bucket = fit_bucket(answers, args.batch_size)
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
-  sums, counts, kinds = None, None, None
+  longest = max(answers, key=lambda s: len(s.target)).target
+  kinds = [_kind(tok, t) for t in longest]   # the alphabet of each position (kv: fixed)
+  sums, counts = np.zeros(len(longest)), np.zeros(len(longest))
   for start in range(0, len(answers), args.batch_size):
-    part = answers[start:start + args.batch_size]
-    batch = collate(part, bucket)
+    batch = collate(answers[start:start + args.batch_size], bucket)
     nll_bp, has_bp, _ = position_nll(model, params, batch, sp.end_of_retrieval,
                                      log_probs_fn=log_probs)
-    if sums is None:
-      sums, counts = np.zeros(nll_bp.shape[1]), np.zeros(nll_bp.shape[1])
-      kinds = [_kind(tok, t) for t in part[0].target]
-    n = min(len(sums), nll_bp.shape[1])
-    sums[:n] += (nll_bp * has_bp).sum(0)[:n]
-    counts[:n] += has_bp.sum(0)[:n]
+    n = nll_bp.shape[1]
+    sums[:n] += (nll_bp * has_bp).sum(0)
+    counts[:n] += has_bp.sum(0)
   rows = []
   for pos, (kind, total, n) in enumerate(zip(kinds, sums, counts)):
     rows.append({"position": pos, "token": kind, "nll": float(total / max(n, 1)),
