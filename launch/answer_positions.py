@@ -68,15 +68,15 @@ def position_nll(model, params, batch, answer_token: int, aux_softmax: float = 0
     if len(cols) and targets[row, cols[0]] == answer_token:
       nll_bp[row, :len(cols)] = nll_bm[row, cols]
       has_bp[row, :len(cols)] = True
-  return nll_bp, has_bp, targets
+  return nll_bp, has_bp
 
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  import ml_collections
   from msa_jax import from_pretrained
   from msa_jax.data import from_config, interleave
   from msa_jax.data.collate import collate, fit_bucket
-  import ml_collections
   from msa_jax.run_config import read_saved
   from msa_jax.train_step import aux_softmax, oracle_routing
 
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
   sums, counts = np.zeros(len(longest)), np.zeros(len(longest))
   for start in range(0, len(answers), args.batch_size):
     batch = collate(answers[start:start + args.batch_size], bucket)
-    nll_bp, has_bp, _ = position_nll(model, params, batch, sp.end_of_retrieval,
+    nll_bp, has_bp = position_nll(model, params, batch, sp.end_of_retrieval,
                                      log_probs_fn=log_probs)
     n = nll_bp.shape[1]
     sums[:n] += (nll_bp * has_bp).sum(0)

@@ -30,7 +30,7 @@ def test_position_nll_adds_up_to_the_row_loss_of_answer_rows():
                           head_dim=16, pooling_chunk_size=8, top_k=1, router_layers=(1,))
   model = MSAModel(model_cfg)
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
-  nll_bp, has_bp, _ = ap.position_nll(model, params, batch, sp.end_of_retrieval)
+  nll_bp, has_bp = ap.position_nll(model, params, batch, sp.end_of_retrieval)
   @jax.jit
   def row_nll(params, batch):
     out = model.apply({"params": params}, batch, method=MSAModel.forward_train)
