@@ -14,6 +14,10 @@
 # saves one when the time limit's SIGTERM stops it) answers N held-out examples and
 # launch.answer_positions writes the NLL of each answer target position to
 # $OUT/<NAME>/answer_positions.json (and prints its table).
+# EVAL=1 (default 0: off): after training, msa_jax.evaluate asks each variant's last
+# checkpoint its config's eval questions (answer exact match and router recall through the
+# engine; set e.g. --config.eval.memory_multipliers=(1,) in COMMON) -> $OUT/<NAME>/eval.json.
+# The variants' post-training steps run side by side.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/reader_variants}
@@ -22,6 +26,7 @@ PYTHON=${PYTHON:-python}
 RUN_S=${RUN_S:-420}
 MEM_FRACTION=${MEM_FRACTION:-0.15}
 POSITIONS=${POSITIONS:-0}
+EVAL=${EVAL:-0}
 COMMON=${COMMON-"--config.num_steps=1000 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
 VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
 mkdir -p "$OUT" "$ROOT"
@@ -40,16 +45,30 @@ for spec in "${SPECS[@]}"; do
 done
 for p in "${pids[@]}"; do wait "$p"; done
 names=()
+post_pids=()
 for spec in "${SPECS[@]}"; do
   name=${spec%%=*}; names+=("$name")
   cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
-  if [ "$POSITIONS" -gt 0 ]; then
-    # The memory the variant trained with (its last data.memory_tokens override), if any.
-    mem=$(grep -o 'data.memory_tokens=[0-9]*' "$OUT/$name/args.txt" | tail -1 | cut -d= -f2)
-    XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m launch.answer_positions \
-      --workdir="$ROOT/$name" --num_examples="$POSITIONS" ${mem:+--memory_tokens=$mem} \
-      --out="$OUT/$name/answer_positions.json" 2>&1 | grep "^|\|Error" | sed "s/^/$name: /"
-  fi
+  (
+    if [ "$POSITIONS" -gt 0 ]; then
+      # The memory the variant trained with (its last data.memory_tokens override), if any.
+      mem=$(grep -o 'data.memory_tokens=[0-9]*' "$OUT/$name/args.txt" | tail -1 | cut -d= -f2)
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m launch.answer_positions \
+        --workdir="$ROOT/$name" --num_examples="$POSITIONS" ${mem:+--memory_tokens=$mem} \
+        --out="$OUT/$name/answer_positions.json" > "$OUT/$name/positions.log" 2>&1
+    fi
+    if [ "$EVAL" -gt 0 ]; then
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m msa_jax.evaluate \
+        --workdir="$ROOT/$name" > "$OUT/$name/eval.log" 2>&1
+      cp "$ROOT/$name/eval.json" "$OUT/$name/" 2>/dev/null
+    fi
+  ) &
+  post_pids+=($!)
+done
+for p in "${post_pids[@]}"; do wait "$p"; done
+for name in "${names[@]}"; do
+  grep -h "^|\|Error" "$OUT/$name/positions.log" 2>/dev/null | sed "s/^/$name: /"
+  grep -h "EM\|exact\|Error" "$OUT/$name/eval.log" 2>/dev/null | grep -v "Warning\|warn(" | tail -6 | sed "s/^/$name: /"
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
 done
 # One archive as well: a device call returns only a few files.
