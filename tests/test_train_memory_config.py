@@ -78,7 +78,7 @@ def test_document_slots_need_not_be_whole_chunks():
                      "main_lm_weight": 1.0, "main_aux_weight": 0.1}}
   train = ml_collections.ConfigDict(train)
   loss = lambda p, b: compute_losses(model, p, b, jnp.int32(5), train)[0]  # noqa: E731
-  (l7, g7), (l8, g8) = (jax.value_and_grad(loss)(params, b) for b in (b7, b8))
+  (l7, g7), (l8, g8) = (jax.jit(jax.value_and_grad(loss))(params, b) for b in (b7, b8))
   np.testing.assert_allclose(float(l7), float(l8), rtol=1e-5)
   for a, b in zip(jax.tree.leaves(g7), jax.tree.leaves(g8)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=1e-6)
