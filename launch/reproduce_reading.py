@@ -6,7 +6,9 @@ memories, then ask the same questions through the engine over shared banks of 1Ã
       [--rope=document|global|document,global] [--budget_s=450] [--train_s=220] \
       [--multipliers=1,16,256,1024,6104] [--num_questions=64] [--train_args=...]
 
-``launch/reproduce_reading.sh`` wraps it in a hard ``timeout`` (the GPU call).
+``launch/reproduce_reading.sh`` wraps it in a hard ``timeout`` (the GPU call). The recipe
+trains for ~9 minutes: ``--train_only`` in one call, then ``--reuse_training`` with the
+run unpacked under ``--root`` in the next (``STAGE=train`` / ``STAGE=eval`` of the script).
 
 Per RoPE mode (``model.rope_mode``; the second one is a second training run):
   1. ``python -m msa_jax.train --config=configs/16k_to_100m.py:tiny`` under ``timeout
@@ -75,6 +77,24 @@ def train(workdir: str, rope: str, train_s: float, extra_args: list[str], config
   log(f"train ({rope}): rc {rc}, {seconds:.0f}s, "
       f"{len(rows)} logged rows, last step {rows[-1]['step'] if rows else None}")
   return summary
+
+
+def reused_training(workdir: str, rope: str) -> dict:
+  """The training summary of a run trained before (``--reuse_training``), from its
+  metrics; its config must have the mode asked for."""
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise SystemExit(f"--reuse_training: {workdir} holds no trained run (no checkpoints/): "
+                     "unpack the --train_only call's train_<mode>.tgz under --root")
+  with open(os.path.join(workdir, "config.json")) as f:
+    trained_mode = json.load(f)["model"].get("rope_mode", "document")
+  if trained_mode != rope:
+    raise SystemExit(f"{workdir} was trained with rope_mode={trained_mode!r}, not {rope!r}: "
+                     "unpack the right run there or leave out --reuse_training")
+  rows = read_metrics(workdir)
+  log(f"train ({rope}): reusing {workdir}, last step {rows[-1]['step'] if rows else None}")
+  return {"rope_mode": rope, "reused": workdir,
+          "curve": [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in rows],
+          "final": rows[-1] if rows else None}
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -165,7 +185,7 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
     t0 = time.perf_counter()
     res = evaluate.run_bank(workdir, bank, questions,
                             out=os.path.join(root, f"eval_{os.path.basename(workdir)}_{m}x.json"),
-                            batch_size=batch_size, max_new_tokens=8)
+                            batch_size=batch_size, max_new_tokens=int(cfg.eval.max_new_tokens))
     last_eval_s = time.perf_counter() - t0
     row.update({k: v for k, v in res.items() if k not in ("bank",)})
     row.update(encode_seconds=encode_s, encode_tokens_per_s=rate, eval_seconds=last_eval_s)
@@ -223,6 +243,12 @@ def main(argv=None) -> None:
   ap.add_argument("--batch_size", type=int, default=16, help="questions decoded together")
   ap.add_argument("--train_args", default="", help="extra msa_jax.train flags (space list)")
   ap.add_argument("--keep_banks", action="store_true")
+  ap.add_argument("--train_only", action="store_true",
+                  help="train each mode and stop (the recipe's ~9 min and the evaluation do "
+                       "not fit in one 10-minute GPU call: evaluate in a second one)")
+  ap.add_argument("--reuse_training", action="store_true",
+                  help="evaluate the runs a --train_only call left in ROOT/train_<mode> "
+                       "(unpacked there) instead of training")
   args = ap.parse_args(argv)
   deadline = time.time() + args.budget_s
   os.makedirs(args.out, exist_ok=True)
@@ -244,19 +270,25 @@ def main(argv=None) -> None:
 
   for i, mode in enumerate(modes):
     workdir = os.path.join(args.root, f"train_{mode}")
-    left = deadline - time.time()
-    # Leave the other modes their share of the training time.
-    train_s = min(args.train_s, left - 30.0 * (len(modes) - i))
-    if train_s < 60:
-      result["runs"][mode] = {"skipped": f"only {left:.0f}s left for training"}
-      save()
-      continue
-    run = {"train": train(workdir, mode, train_s, args.train_args.split(), args.config)}
+    if args.reuse_training:
+      run = {"train": reused_training(workdir, mode)}
+    else:
+      left = deadline - time.time()
+      # Leave the other modes their share of the training time (and, unless only
+      # training, this one's evaluation some).
+      train_s = min(args.train_s, left - 30.0 * (len(modes) - i - args.train_only))
+      if train_s < 60:
+        result["runs"][mode] = {"skipped": f"only {left:.0f}s left for training"}
+        save()
+        continue
+      run = {"train": train(workdir, mode, train_s, args.train_args.split(), args.config)}
     result["runs"][mode] = run
     save()
     health = os.path.join(workdir, "router_health.png")
     if os.path.exists(health):
       shutil.copy(health, os.path.join(args.out, f"router_health_{mode}.png"))
+    if args.train_only:
+      continue
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
       run["eval_error"] = "no checkpoint was saved; nothing to evaluate"
       save()

@@ -54,7 +54,8 @@ def test_position_kinds_and_chances():
   sp = task.tokenizer.specials
   answer = interleave.expand(task(0), sp, False)[-1]
   kinds = [ap._kind(task.tokenizer, t) for t in answer.target]
-  assert kinds[1:3] == ["value", "value"] and len(kinds) == 4
+  # <end-of-retrieval>, the restated key (data.kv.answer_with_key), the value, <eos>
+  assert kinds[1:7] == ["key"] * 4 + ["value"] * 2 and len(kinds) == 8
   assert ap._chance(task, "value") == math.log(64)
   assert ap._chance(task, "key") == math.log(128)
   assert ap._chance(task, kinds[0]) is None and ap._chance(task, kinds[-1]) is None

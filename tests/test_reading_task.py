@@ -24,8 +24,8 @@ def tiny():
 
 def test_reading_documents_need_the_key_found_inside(tiny):
   """409 documents of 40 tokens (5 whole chunks of P 8) fill the 16K memory; the question
-  key occurs in exactly one document, among its 6 facts, and the answer is the value
-  after it there."""
+  key occurs in exactly one document, among its 6 facts, and the answer restates that key
+  and then the value after it there (``data.kv.answer_with_key``, the recipe's default)."""
   p = tiny.model.pooling_chunk_size
   task = from_config.make_task(tiny.data, 0)
   tok = task.tokenizer
@@ -40,8 +40,8 @@ def test_reading_documents_need_the_key_found_inside(tiny):
       facts = [d.tokens[4 + 6 * f:4 + 6 * (f + 1)] for f in range(6)]
       assert len(facts) == 6 and all(len(f) == 6 for f in facts)
       holders += [(d.doc_id, f[4:]) for f in facts if f[:4] == key]
-    assert holders == [(ex.positive_doc_ids[0], ex.answer)]
-    assert len(key) == 4 and len(ex.answer) == 2
+    assert holders == [(ex.positive_doc_ids[0], ex.answer[4:])]
+    assert len(key) == 4 and ex.answer[:4] == key and len(ex.answer) == 6
 
 
 def test_answer_with_key_restates_the_question_key(tiny):
@@ -49,10 +49,12 @@ def test_answer_with_key_restates_the_question_key(tiny):
   both); the same example otherwise (documents, question, gold), and the answer round's
   target is ``<end-of-retrieval> key value <eos>``. Multi-hop restates the last hop's key
   (the one whose fact holds the value)."""
-  plain = from_config.make_task(tiny.data, 0, memory_tokens=320)
   cfg = get_config("tiny")
-  cfg.data.kv.answer_with_key = True
+  assert cfg.data.kv.answer_with_key   # the recipe's default
   keyed = from_config.make_task(cfg.data, 0, memory_tokens=320)
+  cfg.data.kv.answer_with_key = False
+  plain = from_config.make_task(cfg.data, 0, memory_tokens=320)
+  cfg.data.kv.answer_with_key = True
   sp = keyed.tokenizer.specials
   for i in range(3):
     a, b = plain(i), keyed(i)
@@ -268,6 +270,31 @@ def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
   assert os.path.exists(out / "reading.png") and os.path.exists(out / "router_health_document.png")
 
 
+@pytest.mark.slow
+def test_training_and_evaluation_in_two_calls(tmp_path):
+  """``--train_only`` then ``--reuse_training`` (the recipe's two GPU calls): the second
+  run does not train again, evaluates the first one's checkpoint and keeps its curve; a
+  run of the other RoPE mode is refused (~1 min)."""
+  from launch import reproduce_reading
+  out, root = tmp_path / "out", tmp_path / "root"
+  common = ["--config=configs/16k_to_100m.py:smoke", f"--root={root}", "--budget_s=600",
+            "--num_questions=8", "--batch_size=8"]
+  reproduce_reading.main(common + [
+      f"--out={out}/train", "--train_only", "--train_s=400", "--train_args=--config.num_steps=4 "
+      "--config.log_every_steps=2 --config.checkpoint.every_steps=4 --config.batch_size=8 "
+      "--config.optim.warmup_phase_steps=2 --config.optim.lr_ramp_steps=1"])
+  trained = json.load(open(out / "train" / "reading.json"))["runs"]["document"]
+  assert trained["train"]["final"]["step"] == 4 and "eval" not in trained
+  reproduce_reading.main(common + [f"--out={out}/eval", "--reuse_training", "--multipliers=1"])
+  run = json.load(open(out / "eval" / "reading.json"))["runs"]["document"]
+  assert run["train"]["reused"] == str(root / "train_document") and "command" not in run["train"]
+  assert run["train"]["curve"] == trained["train"]["curve"]
+  assert [r["multiplier"] for r in run["eval"]] == [1] and "answer_exact_match" in run["eval"][0]
+  os.rename(root / "train_document", root / "train_global")
+  with pytest.raises(SystemExit, match="trained with rope_mode='document', not 'global'"):
+    reproduce_reading.main(common + [f"--out={out}/g", "--reuse_training", "--rope=global"])
+
+
 def test_fact_slots_must_tile_the_chunks():
   """A fact slot that does not tile the model's chunks is refused before training."""
   cfg = get_config("tiny")
@@ -286,13 +313,14 @@ def test_facts_curriculum_trains_fewer_facts_first():
   cfg = get_config("tiny")
   assert [f for _, f in cfg.data.facts_curriculum] == [1, 6]
   stages = from_config.training_stages(cfg.data, cfg.batch_size)
-  # The recipe: 1 fact for 150 steps, a reader stage of 8-document memories at batch 256
-  # until step 1,000, then the 16K-token training memory (None) at batch 16.
-  assert stages == [(0, 320, 1, 512), (150, 320, 6, 512), (3000, None, 6, 16)]
+  # The recipe: 1 fact for 150 steps, a reader stage of 8-document memories at batch 128
+  # until step 10,000, then the 16K-token training memory (None) at batch 16.
+  assert stages == [(0, 320, 1, 128), (150, 320, 6, 128), (10000, None, 6, 16)]
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
-  assert gold.tokens[4:] == first.question + first.answer   # id, key, value
+  # id, key, value; the answer restates the key (data.kv.answer_with_key)
+  assert gold.tokens[4:] == first.question + first.answer[4:] and first.answer[:4] == first.question
   assert {len(d.tokens) for d in from_config.eval_task(cfg.data, 0, 1)(0).docs} == {40}
 
   cfg.data.num_docs = 6
