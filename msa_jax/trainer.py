@@ -109,7 +109,25 @@ def validate_config(cfg) -> ModelConfig:
     raise ValueError(f"optim.warmup_phase_steps ({cfg.optim.warmup_phase_steps}) exceeds "
                      f"num_steps ({cfg.num_steps})")
   _validate_cadence_and_rates(cfg)
+  _check_routing_loss_has_a_term(cfg, model_cfg)
   return model_cfg
+
+
+def _check_routing_loss_has_a_term(cfg, model_cfg: ModelConfig) -> None:
+  """A positive routing-loss weight with no router layer in the upper half (SPEC §4: the
+  loss covers those only) would train with aux 0 and an untrained router; refuse it."""
+  from msa_jax.train_step import aux_loss_layers, oracle_routing
+  weighted = max(float(cfg.optim.warmup_aux_weight), float(cfg.optim.main_aux_weight)) > 0
+  ids = model_cfg.router_layer_ids
+  if weighted and ids and not oracle_routing(cfg) and not aux_loss_layers(model_cfg):
+    half = model_cfg.num_layers // 2
+    raise ValueError(
+        f"model.router_layers {list(ids)} of {model_cfg.num_layers} layers are all below "
+        f"layer {half}: the routing loss (SPEC §4: upper-half router layers only) would "
+        f"have no term and the router would stay untrained. Put a router layer at index "
+        f">= {half} (e.g. --config.model.router_layers=({model_cfg.num_layers - 1},)), or "
+        "set --config.optim.warmup_aux_weight=0 --config.optim.main_aux_weight=0 to train "
+        "without the routing loss on purpose")
 
 
 def _validate_cadence_and_rates(cfg) -> None:

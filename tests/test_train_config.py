@@ -234,6 +234,25 @@ def test_cli_bad_override_exits_nonzero_with_the_message(tmp_path):
   assert "top_k (k) must be >= 1, got 0" in r.stderr
 
 
+def test_a_weighted_routing_loss_without_an_upper_half_router_layer_is_refused():
+  """The tiny recipe with 4 layers and router layer 1 (session 11's invalid "l4" run: 8 GPU
+  minutes with aux 0): refused before any work, naming both fixes; allowed with the
+  routing loss off or with oracle routing, and with a router layer in the upper half."""
+  cfg = get_config("tiny")
+  cfg.model.num_layers, cfg.model.router_layers = 4, (1,)
+  with pytest.raises(ValueError, match=r"router_layers \[1\] of 4 layers are all below layer 2.*"
+                     r"router_layers=\(3,\).*main_aux_weight=0"):
+    validate_config(cfg)
+  cfg.model.router_layers = (2,)
+  validate_config(cfg)
+  cfg.model.router_layers = (1,)
+  cfg.loss.oracle_routing = True
+  validate_config(cfg)
+  cfg.loss.oracle_routing = False
+  cfg.optim.warmup_aux_weight = cfg.optim.main_aux_weight = 0.0
+  validate_config(cfg)
+
+
 def test_aux_loss_covers_the_router_layers_of_the_upper_half():
   """SPEC §4: L_aux is averaged over the router layers in the upper half of the model."""
   from msa_jax.config import ModelConfig

@@ -3,7 +3,7 @@
 Fit: ``python -m launch.fit --results=runs/model_size/results.jsonl --x=compute --y=lm_loss``.
 Full: the ``tiny`` recipe's reader stage (8-document memories of 6-fact documents, 320
 memory tokens, batch 256, no evaluation) for 2,000 steps at six widths, 64 to 512, all with
-the recipe's 2 layers (router layer 1) and heads of 32: from scratch a router deeper than
+the recipe's 2 layers (router layer 1), heads of 32 and as many KV heads: from scratch a router deeper than
 one attention layer did not learn the 6-fact task (WORKSPACE.md, depth-cal1-4), and the
 routing loss covers only upper-half router layers, so depth would change what is learnt,
 not only the size. Every point fits one GPU beside the others (a few hundred MB each):
@@ -21,9 +21,10 @@ def _shape(width: int, layers: int) -> dict:
 
 
 def _reader_shape(width: int) -> dict:
-  """The tiny recipe's 2 layers (router layer 1) at ``width``, heads of 32."""
+  """The tiny recipe's 2 layers (router layer 1) at ``width``, heads of 32, one KV head a
+  head as the recipe (no GQA: the answers' lookup needs it, WORKSPACE.md)."""
   return {"model.hidden_size": width, "model.intermediate_size": 4 * width,
-          "model.num_heads": width // 32}
+          "model.num_heads": width // 32, "model.num_kv_heads": width // 32}
 
 
 def get_sweep(arg: str = ""):
