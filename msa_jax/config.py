@@ -46,14 +46,12 @@ class ModelConfig:
   rope_mode: str = "document"          # "document" (parallel + global) | "global" (ablation)
   routing_tokens: str = "question"     # "question" | "question_and_target"
   routing_score: str = "cosine"        # "cosine" (SPEC §3) | "scaled_dot" (released engine)
-  # True: router_q_proj/router_k_proj read the hidden state through stop_gradient, so the
-  # routing loss trains the router projections only, never the shared layers (training
-  # ablation; SPEC trains them jointly). The forward is the same.
-  router_detach: bool = False
   # The fraction of the routing loss's gradient that reaches the shared layers through the
-  # router projections' input (1: SPEC's joint training; 0: as router_detach). The forward
-  # is the same. On the reading task the full gradient keeps the reader from learning to
-  # name documents (WORKSPACE.md "Why the ids stay at chance").
+  # router projections' input (1: SPEC's joint training; 0: the router projections read
+  # the hidden state through stop_gradient, so the routing loss trains them only). The
+  # forward is the same. On the reading task the full gradient keeps the reader from
+  # learning to name documents (WORKSPACE.md "Why the ids stay at chance"). Configs saved
+  # before this field replaced ``router_detach`` load with ``router_detach=True`` as 0.
   router_trunk_grad: float = 1.0
   # Numerics and implementation.
   dtype: str = "float32"               # compute dtype of activations and matmuls
@@ -140,6 +138,7 @@ class ModelConfig:
   def from_dict(cls, d: Any) -> "ModelConfig":
     """Builds from a dict or ``ml_collections.ConfigDict``; unknown keys are errors."""
     d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
+    _upgrade_router_detach(d)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -156,6 +155,22 @@ class ModelConfig:
     if d["router_layers"] is not None:
       d["router_layers"] = list(d["router_layers"])
     return d
+
+
+def _upgrade_router_detach(d: dict) -> None:
+  """A saved config's ``router_detach`` (the switch ``router_trunk_grad`` replaced): True
+  is ``router_trunk_grad=0``, False changes nothing; both set and disagreeing is an error."""
+  if "router_detach" not in d:
+    return
+  detach = d.pop("router_detach")
+  if detach not in (True, False):
+    raise ValueError(f"bad model config: router_detach must be True or False, got {detach!r}")
+  if detach:
+    if float(d.get("router_trunk_grad", 0.0)) != 0.0:
+      raise ValueError(f"bad model config: router_detach=True and router_trunk_grad="
+                       f"{d['router_trunk_grad']} disagree; router_trunk_grad alone says it "
+                       "(0 is what router_detach=True was)")
+    d["router_trunk_grad"] = 0.0
 
 
 def _resolve_remat(remat: Optional[bool], policy: str) -> str:

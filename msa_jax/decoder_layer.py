@@ -94,8 +94,8 @@ class DecoderLayer(nn.Module):
 
   def _router_input(self, h):
     """What the router projections read: ``h``; its gradient scaled by
-    ``router_trunk_grad`` (none if ``router_detach``)."""
-    scale = 0.0 if self.cfg.router_detach else float(self.cfg.router_trunk_grad)
+    ``router_trunk_grad``."""
+    scale = float(self.cfg.router_trunk_grad)
     if scale == 1.0:
       return h
     fixed = jax.lax.stop_gradient(h)

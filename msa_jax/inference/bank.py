@@ -45,8 +45,8 @@ PREFIX_FILE = "prefix.npz"
 DOCS_FILE = "docs.jsonl"
 INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_chunks")
 # Fields of ModelConfig that do not change what the model computes.
-_IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels", "router_detach",
-                         "router_trunk_grad")
+_IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels",
+                          "router_trunk_grad")
 
 
 def _bank_codes(arrs: dict, part: str, dtype: str, name: str):

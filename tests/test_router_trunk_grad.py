@@ -1,8 +1,10 @@
-"""``model.router_detach``: the routing loss trains the router projections only.
+"""``model.router_trunk_grad``: the share of the routing loss's gradient that reaches the
+shared layers; at 0 the routing loss trains the router projections only.
 
-With the switch off (SPEC's joint training) the aux loss's gradient reaches the shared
-layers (embeddings, lower layers); with it on, only ``router_q_proj``/``router_k_proj``
-get it, and the forward (scores, logits) is unchanged.
+With 1 (SPEC's joint training) the aux loss's gradient reaches the shared layers
+(embeddings, lower layers); with 0, only ``router_q_proj``/``router_k_proj`` get it, and
+the forward (scores, logits) is unchanged. Configs saved with the older ``router_detach``
+switch load as ``router_trunk_grad`` 0 (True) or unchanged (False).
 """
 import dataclasses
 
@@ -39,11 +41,11 @@ def _case():
   return cfg, batch, variables["params"]
 
 
-def test_router_detach_keeps_the_aux_gradient_out_of_the_shared_layers():
+def test_router_trunk_grad_zero_keeps_the_aux_gradient_out_of_the_shared_layers():
   cfg, batch, params = _case()
   grads, hidden = {}, {}
   for detach in (False, True):
-    m = MSAModel(dataclasses.replace(cfg, router_detach=detach))
+    m = MSAModel(dataclasses.replace(cfg, router_trunk_grad=0.0 if detach else 1.0))
     (aux, hidden[detach]), grads[detach] = jax.jit(jax.value_and_grad(
         lambda p: _aux_loss(m, p, batch), has_aux=True))(params)
     assert float(aux) > 0
@@ -87,3 +89,14 @@ def test_router_trunk_grad_outside_zero_one_is_refused():
   with pytest.raises(ValueError, match="router_trunk_grad must be in"):
     ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
                 num_heads=2, num_kv_heads=1, head_dim=8, router_trunk_grad=1.5)
+
+
+def test_a_saved_router_detach_loads_as_router_trunk_grad():
+  base = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_layers=2,
+              num_heads=2, num_kv_heads=1, head_dim=8)
+  assert ModelConfig.from_dict({**base, "router_detach": True}).router_trunk_grad == 0.0
+  assert ModelConfig.from_dict({**base, "router_detach": False,
+                                "router_trunk_grad": 0.1}).router_trunk_grad == 0.1
+  assert "router_detach" not in ModelConfig.from_dict(base).to_dict()
+  with pytest.raises(ValueError, match="router_detach=True and router_trunk_grad=0.1 disagree"):
+    ModelConfig.from_dict({**base, "router_detach": True, "router_trunk_grad": 0.1})
