@@ -13,9 +13,10 @@
 # The recipe trains ~9 minutes (10,400 steps), so training and evaluation take two device
 # calls (each at most 10 minutes), one RoPE mode at a time:
 #   STAGE=train bash launch/reproduce_reading.sh
-#       trains (TRAIN_S, default 540 s) and packs the run into $TRAINED/train_<mode>.tgz
-#       (TRAINED defaults to $OUT, so the device call returns it; copy it to
-#       runs/reading_trained/ here, a git-ignored folder);
+#       trains (TRAIN_S, default 540 s) and packs the run into
+#       $TRAINED/train_<mode>.tgz.part-aa, -ab, ... (15 MiB parts; TRAINED defaults to $OUT,
+#       so the device call returns them; copy them to runs/reading_trained/ here, a
+#       git-ignored folder);
 #   STAGE=eval TRAINED=runs/reading_trained bash launch/reproduce_reading.sh
 #       (a device call with carry ["runs/reading_trained"]) unpacks it and evaluates the banks.
 #   STAGE=both (default) does both in one call: only with a shortened recipe (TRAIN_ARGS).
@@ -48,9 +49,10 @@ echo "reproduce_reading.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HE
   "BASE_TOKENS=$BASE_TOKENS TRAIN_ARGS=$TRAIN_ARGS"
 if [ "$STAGE" = eval ]; then
   for mode in ${ROPE//,/ }; do
-    tgz="$TRAINED/train_$mode.tgz"
-    [ -f "$tgz" ] || { echo "$tgz not found: run STAGE=train first and carry $TRAINED" >&2; exit 2; }
-    rm -rf "${ROOT:?}/train_$mode" && tar -xzf "$tgz" -C "$ROOT"
+    parts=("$TRAINED/train_$mode.tgz.part-"*)
+    [ -f "${parts[0]}" ] || { echo "$TRAINED/train_$mode.tgz.part-* not found: run STAGE=train" \
+      "first and carry $TRAINED" >&2; exit 2; }
+    rm -rf "${ROOT:?}/train_$mode" && cat "${parts[@]}" | tar -xzf - -C "$ROOT" || exit 2
   done
 fi
 
@@ -71,7 +73,11 @@ if [ "$STAGE" = train ]; then
   mkdir -p "$TRAINED"
   for mode in ${ROPE//,/ }; do
     [ -d "$ROOT/train_$mode/checkpoints" ] || { echo "train_$mode: no checkpoint to pack" >&2; exit 1; }
-    tar -czf "$TRAINED/train_$mode.tgz" -C "$ROOT" "train_$mode" && ls -la "$TRAINED/train_$mode.tgz"
+    # In parts of 15 MiB: a device call returns files of at most 16 MiB (the tiny run with
+    # its Adam moments is ~29 MiB).
+    rm -f "$TRAINED/train_$mode.tgz.part-"*
+    tar -czf - -C "$ROOT" "train_$mode" | split -b 15m - "$TRAINED/train_$mode.tgz.part-"
+    ls -la "$TRAINED/train_$mode.tgz.part-"*
   done
 fi
 rm -f "$OUT"/*.partial
