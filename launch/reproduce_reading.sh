@@ -21,6 +21,9 @@
 #       (a device call with carry ["runs/reading_trained"]) unpacks it and evaluates the banks.
 #   STAGE=both (default) does both in one call: only with a shortened recipe (TRAIN_ARGS).
 #   ROPE=global: the RoPE ablation (another pair of calls).
+#   QUANT_DOCS=N (STAGE=eval; default 0: off): then benchmarks.quant_accuracy on the same
+#   run, a bank of N documents in every K̄R/K̄V̄ precision (issue 11's accuracy question;
+#   25000 is 1M tokens), for at most QUANT_S=150 s -> $OUT/quant_<mode>/quant_accuracy.{json,png}.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/reading}
@@ -62,6 +65,18 @@ timeout --signal=TERM --kill-after=15 "$READING_S" "$PYTHON" -m launch.reproduce
   --train_s="$TRAIN_S" --base_tokens="$BASE_TOKENS" --num_questions="$NUM_QUESTIONS" \
   --train_args="$TRAIN_ARGS" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" | awk '!/^step/ || NR % 50 == 0'
 echo "reproduce_reading: exit ${PIPESTATUS[0]}"
+
+QUANT_DOCS=${QUANT_DOCS:-0}
+QUANT_S=${QUANT_S:-150}
+if [ "$STAGE" = eval ] && [ "$QUANT_DOCS" -gt 0 ]; then
+  for mode in ${ROPE//,/ }; do
+    timeout --signal=TERM --kill-after=10 "$QUANT_S" "$PYTHON" -m benchmarks.quant_accuracy \
+      --workdir="$ROOT/train_$mode" --num_docs="$QUANT_DOCS" --num_questions="$NUM_QUESTIONS" \
+      --data="$ROOT/quant_$mode" --out="$OUT/quant_$mode" 2>&1 | tee "$OUT/quant_accuracy_$mode.log" \
+      | grep -v "Warning\|warn("
+    echo "quant_accuracy ($mode): exit ${PIPESTATUS[0]}"
+  done
+fi
 
 if [ "$MEMORY_COST_S" -gt 0 ]; then
   timeout --signal=TERM --kill-after=10 "$MEMORY_COST_S" "$PYTHON" -m benchmarks.memory_cost \
