@@ -293,7 +293,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     #
     # Eight KV heads (no GQA) and answers that restate their key (data.kv.answer_with_key):
     # the answers' lookup, at chance in every earlier variant, was learnt only with both
-    # (H200, session 12, WORKSPACE.md "The answers' lookup"): answers 0.12 nats by step
+    # (H200, session 12, WORKSPACE.md "The answers' lookup learnt"): answers 0.12 nats by step
     # 4,250 and exact match 0.78 at 9,700 at batch 128 (2 KV heads: 0.65 at 5,000, EM 0.04).
     #
     # Two stages. Reader stage, steps 0-9,999: memories of 8 documents (320 tokens) at

@@ -84,7 +84,8 @@ def reused_training(workdir: str, rope: str) -> dict:
   metrics; its config must have the mode asked for."""
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise SystemExit(f"--reuse_training: {workdir} holds no trained run (no checkpoints/): "
-                     "unpack the --train_only call's train_<mode>.tgz under --root")
+                     "unpack the --train_only call's packed run there "
+                     "(reproduce_reading.sh STAGE=eval)")
   with open(os.path.join(workdir, "config.json")) as f:
     trained_mode = json.load(f)["model"].get("rope_mode", "document")
   if trained_mode != rope:

@@ -3,11 +3,11 @@
 Fit: ``python -m launch.fit --results=runs/model_size/results.jsonl --x=compute --y=lm_loss``.
 Full: the ``tiny`` recipe's reader stage (8-document memories of 6-fact documents, 320
 memory tokens, batch 256, no evaluation) for 2,000 steps at six widths, 64 to 512, all with
-the recipe's 2 layers (router layer 1), heads of 32 and as many KV heads: from scratch a router deeper than
-one attention layer did not learn the 6-fact task (WORKSPACE.md, depth-cal1-4), and the
-routing loss covers only upper-half router layers, so depth would change what is learnt,
-not only the size. Every point fits one GPU beside the others (a few hundred MB each):
-``XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 python -m launch.sweep
+the recipe's 2 layers (router layer 1), heads of 32 and as many KV heads: from scratch a
+router deeper than one attention layer did not learn the 6-fact task (WORKSPACE.md,
+depth-cal1-4), and the routing loss covers only upper-half router layers, so depth would
+change what is learnt, not only the size. Every point fits one GPU beside the others (a
+few hundred MB each): ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.12 python -m launch.sweep
 --sweep=configs/sweeps/model_size.py --runner=local --parallel=6`` on one H200.
 ``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each, no evaluation: the example
 sweep of WORKSPACE.md.
