@@ -237,7 +237,8 @@ def main(argv=None) -> None:
   ap.add_argument("--budget_s", type=float, default=450.0,
                   help="wall seconds for everything; sizes that would not fit are skipped")
   ap.add_argument("--train_s", type=float, default=220.0, help="hard limit per training run")
-  ap.add_argument("--multipliers", default="1,16,256,1024,6104")
+  ap.add_argument("--multipliers", default="1,16,256,1024,6104",
+                  help="bank sizes in multiples of --base_tokens; empty: no bank evaluation")
   ap.add_argument("--base_tokens", type=int, default=0,
                   help="bank sizes are multiples of this many tokens (0: the training memory)")
   ap.add_argument("--num_questions", type=int, default=64)
@@ -258,7 +259,7 @@ def main(argv=None) -> None:
   for m in modes:
     if m not in ("document", "global"):
       raise SystemExit(f"--rope={args.rope}: each mode must be 'document' or 'global'")
-  multipliers = [int(x) for x in args.multipliers.split(",")]
+  multipliers = [int(x) for x in args.multipliers.split(",") if x.strip()]
   # No JAX device in this process before the first training run (see _PARENT_PREALLOCATE).
   result = {"recipe": args.config, "argv": sys.argv, "budget_s": args.budget_s, "runs": {}}
   out_json = os.path.join(args.out, "reading.json")

@@ -21,6 +21,13 @@
 #       (a device call with carry ["runs/reading_trained"]) unpacks it and evaluates the banks.
 #   STAGE=both (default) does both in one call: only with a shortened recipe (TRAIN_ARGS).
 #   ROPE=global: the RoPE ablation (another pair of calls).
+#   MULTIPLIERS (default 1,16,256,1024,6104; empty: none): the bank sizes STAGE=eval/both ask.
+#   EVALUATE=1 (STAGE=eval; default 0): then `python -m msa_jax.evaluate` on the run (its
+#   config's eval: per-question memories at eval.memory_multipliers, and the Memory
+#   Interleave ablations when trained with --config.eval.interleave_ablations=True) for at
+#   most EVALUATE_S=240 s -> $OUT/evaluate_<mode>/eval.{json,png}. For issue 14 item 3:
+#   TRAIN_ARGS="--config.data.task=multihop --config.eval.interleave_ablations=True
+#   --config.eval.memory_multipliers=(1,16)" at STAGE=train, MULTIPLIERS= EVALUATE=1 at eval.
 #   QUANT_DOCS=N (STAGE=eval; default 0: off): then benchmarks.quant_accuracy on the same
 #   run, a bank of N documents in every K̄R/K̄V̄ precision (issue 11's accuracy question;
 #   25000 is 1M tokens), for at most QUANT_S=150 s -> $OUT/quant_<mode>/quant_accuracy.{json,png}.
@@ -40,6 +47,7 @@ MEMORY_COST_S=${MEMORY_COST_S:-0}
 TRAIN_ARGS=${TRAIN_ARGS-"--config.checkpoint.every_steps=500"}
 NUM_QUESTIONS=${NUM_QUESTIONS:-64}
 BASE_TOKENS=${BASE_TOKENS:-16384}   # bank sizes are multiples of this (16K: 1x .. 6104x = 100M)
+MULTIPLIERS=${MULTIPLIERS-1,16,256,1024,6104}
 case "$STAGE" in
   train) TRAIN_S=${TRAIN_S:-540}; READING_S=${READING_S:-$((TRAIN_S + 45))}; FLAGS=--train_only ;;
   eval) TRAIN_S=${TRAIN_S:-0}; READING_S=${READING_S:-540}; FLAGS=--reuse_training ;;
@@ -63,8 +71,21 @@ fi
 timeout --signal=TERM --kill-after=15 "$READING_S" "$PYTHON" -m launch.reproduce_reading \
   --out="$OUT" --root="$ROOT" --rope="$ROPE" --budget_s=$((READING_S - 20)) $FLAGS \
   --train_s="$TRAIN_S" --base_tokens="$BASE_TOKENS" --num_questions="$NUM_QUESTIONS" \
+  --multipliers="$MULTIPLIERS" \
   --train_args="$TRAIN_ARGS" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" | awk '!/^step/ || NR % 50 == 0'
 echo "reproduce_reading: exit ${PIPESTATUS[0]}"
+
+EVALUATE=${EVALUATE:-0}
+EVALUATE_S=${EVALUATE_S:-240}
+if [ "$STAGE" = eval ] && [ "$EVALUATE" -gt 0 ]; then
+  for mode in ${ROPE//,/ }; do
+    mkdir -p "$OUT/evaluate_$mode"
+    timeout --signal=TERM --kill-after=10 "$EVALUATE_S" "$PYTHON" -m msa_jax.evaluate \
+      --workdir="$ROOT/train_$mode" 2>&1 | tee "$OUT/evaluate_$mode/eval.log" | grep -v "Warning\|warn("
+    echo "evaluate ($mode): exit ${PIPESTATUS[0]}"
+    cp "$ROOT/train_$mode/eval.json" "$ROOT/train_$mode/eval.png" "$OUT/evaluate_$mode/" 2>/dev/null
+  done
+fi
 
 QUANT_DOCS=${QUANT_DOCS:-0}
 QUANT_S=${QUANT_S:-150}
