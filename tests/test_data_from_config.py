@@ -264,6 +264,7 @@ def test_resolve_vocab_from_jsonl_tokenizer(hf_dir, jsonl_files):
     resolve_model_config(cfg)
 
 
+@pytest.mark.slow   # ~40 s on the CI CPU
 def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cache):  # noqa: F811
   from msa_jax.trainer import train_and_evaluate
   cfg = small_cfg()

@@ -105,6 +105,7 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
   assert _same(next(restored), expected)
 
 
+@pytest.mark.slow   # ~40 s on the CI CPU
 def test_example_workers_give_the_same_batches_and_resume():
   """``worker_count`` moves example generation to worker processes without changing the
   batches, and the iterator's state resumes there as in-process."""

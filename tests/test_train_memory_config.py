@@ -98,6 +98,7 @@ def test_doc_slot_multiple_sets_the_slot_rounding():
     bucket_lib.bucket_levels(cfg.data)
 
 
+@pytest.mark.slow   # ~40 s on the CI CPU
 def test_a_run_trains_each_batch_curriculum_stage_at_its_size(tmp_path, compilation_cache):
   """Two stages of ``data.batch_curriculum``: each logged step's tokens and target count
   come from its stage's batch (16 examples, then the configured 8)."""
