@@ -69,14 +69,18 @@ def train(workdir: str, rope: str, train_s: float, extra_args: list[str], config
   t0 = time.perf_counter()
   rc = subprocess.call(cmd, env=env)
   seconds = time.perf_counter() - t0
-  rows = read_metrics(workdir)
   summary = {"rope_mode": rope, "command": cmd, "returncode": rc, "seconds": seconds,
-             "timed_out": rc in (124, 137) or rc < 0,
-             "curve": [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in rows],
-             "final": rows[-1] if rows else None}
-  log(f"train ({rope}): rc {rc}, {seconds:.0f}s, "
-      f"{len(rows)} logged rows, last step {rows[-1]['step'] if rows else None}")
+             "timed_out": rc in (124, 137) or rc < 0, **training_curve(workdir)}
+  log(f"train ({rope}): rc {rc}, {seconds:.0f}s, {len(summary['curve'])} logged rows, "
+      f"last step {summary['final']['step'] if summary['final'] else None}")
   return summary
+
+
+def training_curve(workdir: str) -> dict:
+  """``{"curve": SUMMARY_KEYS of each logged row, "final": the last row}`` of a run."""
+  rows = read_metrics(workdir)
+  return {"curve": [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in rows],
+          "final": rows[-1] if rows else None}
 
 
 def reused_training(workdir: str, rope: str) -> dict:
@@ -91,11 +95,10 @@ def reused_training(workdir: str, rope: str) -> dict:
   if trained_mode != rope:
     raise SystemExit(f"{workdir} was trained with rope_mode={trained_mode!r}, not {rope!r}: "
                      "unpack the right run there or leave out --reuse_training")
-  rows = read_metrics(workdir)
-  log(f"train ({rope}): reusing {workdir}, last step {rows[-1]['step'] if rows else None}")
-  return {"rope_mode": rope, "reused": workdir,
-          "curve": [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in rows],
-          "final": rows[-1] if rows else None}
+  summary = {"rope_mode": rope, "reused": workdir, **training_curve(workdir)}
+  log(f"train ({rope}): reusing {workdir}, "
+      f"last step {summary['final']['step'] if summary['final'] else None}")
+  return summary
 
 
 def read_metrics(workdir: str) -> list[dict]:

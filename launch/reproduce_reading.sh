@@ -48,6 +48,10 @@ TRAIN_ARGS=${TRAIN_ARGS-"--config.checkpoint.every_steps=500"}
 NUM_QUESTIONS=${NUM_QUESTIONS:-64}
 BASE_TOKENS=${BASE_TOKENS:-16384}   # bank sizes are multiples of this (16K: 1x .. 6104x = 100M)
 MULTIPLIERS=${MULTIPLIERS-1,16,256,1024,6104}
+EVALUATE=${EVALUATE:-0}
+EVALUATE_S=${EVALUATE_S:-240}
+QUANT_DOCS=${QUANT_DOCS:-0}
+QUANT_S=${QUANT_S:-150}
 case "$STAGE" in
   train) TRAIN_S=${TRAIN_S:-540}; READING_S=${READING_S:-$((TRAIN_S + 45))}; FLAGS=--train_only ;;
   eval) TRAIN_S=${TRAIN_S:-0}; READING_S=${READING_S:-540}; FLAGS=--reuse_training ;;
@@ -75,27 +79,23 @@ timeout --signal=TERM --kill-after=15 "$READING_S" "$PYTHON" -m launch.reproduce
   --train_args="$TRAIN_ARGS" 2>&1 | tee "$OUT/reading.log" | grep -v "Warning\|warn(" | awk '!/^step/ || NR % 50 == 0'
 echo "reproduce_reading: exit ${PIPESTATUS[0]}"
 
-EVALUATE=${EVALUATE:-0}
-EVALUATE_S=${EVALUATE_S:-240}
-if [ "$STAGE" = eval ] && [ "$EVALUATE" -gt 0 ]; then
+if [ "$STAGE" = eval ]; then
   for mode in ${ROPE//,/ }; do
-    mkdir -p "$OUT/evaluate_$mode"
-    timeout --signal=TERM --kill-after=10 "$EVALUATE_S" "$PYTHON" -m msa_jax.evaluate \
-      --workdir="$ROOT/train_$mode" 2>&1 | tee "$OUT/evaluate_$mode/eval.log" | grep -v "Warning\|warn("
-    echo "evaluate ($mode): exit ${PIPESTATUS[0]}"
-    cp "$ROOT/train_$mode/eval.json" "$ROOT/train_$mode/eval.png" "$OUT/evaluate_$mode/" 2>/dev/null
-  done
-fi
-
-QUANT_DOCS=${QUANT_DOCS:-0}
-QUANT_S=${QUANT_S:-150}
-if [ "$STAGE" = eval ] && [ "$QUANT_DOCS" -gt 0 ]; then
-  for mode in ${ROPE//,/ }; do
-    timeout --signal=TERM --kill-after=10 "$QUANT_S" "$PYTHON" -m benchmarks.quant_accuracy \
-      --workdir="$ROOT/train_$mode" --num_docs="$QUANT_DOCS" --num_questions="$NUM_QUESTIONS" \
-      --data="$ROOT/quant_$mode" --out="$OUT/quant_$mode" 2>&1 | tee "$OUT/quant_accuracy_$mode.log" \
-      | grep -v "Warning\|warn("
-    echo "quant_accuracy ($mode): exit ${PIPESTATUS[0]}"
+    run="$ROOT/train_$mode"
+    if [ "$EVALUATE" -gt 0 ]; then
+      mkdir -p "$OUT/evaluate_$mode"
+      timeout --signal=TERM --kill-after=10 "$EVALUATE_S" "$PYTHON" -m msa_jax.evaluate \
+        --workdir="$run" 2>&1 | tee "$OUT/evaluate_$mode/eval.log" | grep -v "Warning\|warn("
+      echo "evaluate ($mode): exit ${PIPESTATUS[0]}"
+      cp "$run/eval.json" "$run/eval.png" "$OUT/evaluate_$mode/" 2>/dev/null
+    fi
+    if [ "$QUANT_DOCS" -gt 0 ]; then
+      timeout --signal=TERM --kill-after=10 "$QUANT_S" "$PYTHON" -m benchmarks.quant_accuracy \
+        --workdir="$run" --num_docs="$QUANT_DOCS" --num_questions="$NUM_QUESTIONS" \
+        --data="$ROOT/quant_$mode" --out="$OUT/quant_$mode" 2>&1 \
+        | tee "$OUT/quant_accuracy_$mode.log" | grep -v "Warning\|warn("
+      echo "quant_accuracy ($mode): exit ${PIPESTATUS[0]}"
+    fi
   done
 fi
 

@@ -245,7 +245,7 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
       f.write(json.dumps(a) + "\n")
   print(f"bank eval: {result['memory_tokens']:,} tokens ({result['num_docs']:,} docs) | "
         f"EM {result['answer_exact_match']:.3f} | R@1 {result['router_recall@1']:.3f} | "
-        + (f"R@{k} {result[f'router_recall@{k}']:.3f} | " if k > 1 else "") + f"oracle EM "
+        + (f"R@{k} {result[f'router_recall@{k}']:.3f} | " if k > 1 else "") + "oracle EM "
         f"{result.get('oracle_answer_exact_match', float('nan')):.3f} | prefill "
         f"{result['timings_ms']['prefill']:.1f} ms, decode {result['timings_ms']['decode']:.1f} ms "
         f"per question | wrote {out}", flush=True)
