@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 METRICS = ("router_recall@1", "router_recall@k", "answer_exact_match", "oracle_answer_exact_match")
@@ -68,11 +69,13 @@ def main():
   os.makedirs(args.data, exist_ok=True)
   os.makedirs(args.out, exist_ok=True)
   n, pool = args.num_docs, min(args.question_pool, args.num_docs)
+  # Questions are rewritten every run (a few rows): one kept from another run's task (e.g.
+  # answers without the restated key) would score every answer wrong. The corpus, slower to
+  # write, is kept under a name that holds the task's fingerprint.
   questions = os.path.join(args.data, f"questions_{pool}_{args.num_questions}.jsonl")
-  if not os.path.exists(questions):
-    write_task.write_jsonl(write_task.question_rows(cfg, pool, cfg.seed, args.num_questions),
-                           questions, args.num_questions, "questions")
-  corpus = os.path.join(args.data, f"corpus_{n}.jsonl")
+  write_task.write_jsonl(write_task.question_rows(cfg, pool, cfg.seed, args.num_questions),
+                         questions, args.num_questions, "questions")
+  corpus = os.path.join(args.data, f"corpus_{n}_{write_task.task_fingerprint(cfg)}.jsonl")
   if not os.path.exists(corpus):
     write_task.write_jsonl(write_task.corpus_rows(cfg, n, cfg.seed), corpus, n, "corpus")
   model, params = load_model(args.workdir)
@@ -88,7 +91,8 @@ def main():
     kr, kv = (model_dtype if d == "model" else d for d in pair.split("/"))
     bank = base if (kr, kv) == (model_dtype, model_dtype) else \
         os.path.join(args.data, f"bank_{n}_{kr}_{kv}")
-    if not os.path.exists(os.path.join(bank, bank_lib.MANIFEST)):
+    if bank != base:   # converted afresh from the bank just encoded, never a stale one
+      shutil.rmtree(bank, ignore_errors=True)
       bank_lib.convert_bank(base, bank, kr_dtype=kr, kv_dtype=kv)
     res = evaluate.run_bank(args.workdir, bank, questions,
                             out=os.path.join(args.data, f"eval_{kr}_{kv}.json"),

@@ -146,11 +146,12 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), cfg.seed)
   doc_len = corpus.config.doc_length
   base = base_tokens // doc_len if base_tokens else base_docs_of(cfg)
+  # Rewritten every run (a few rows): one kept from another run's task would be scored
+  # against this run's answers.
   questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
-  if not os.path.exists(questions):
-    write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
-                                                    question_pool=base),
-                           questions, num_questions, "questions")
+  write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
+                                                  question_pool=base),
+                         questions, num_questions, "questions")
   model, params = load_model(workdir)
   tokenizer = load_tokenizer(workdir)
   prefix = task_prefix(workdir, tokenizer)

@@ -97,6 +97,18 @@ def test_tiny_and_multi_fact_tasks():
   assert all(r["text"].startswith("i") for r in rows)
   keys = [tuple(r["tokens"][i:i + 4]) for r in rows for i in range(4, 40, 6)]
   assert len(set(keys)) == 300 * 6
+  # The recipe's answers restate the key (data.kv.answer_with_key): the gold answer a bank
+  # question is scored against is the key then its value, as the training samples' answer.
+  assert tiny.data.kv.answer_with_key
+  docs = {r["id"]: r["tokens"] for r in rows}
+  for q in write_task.question_rows(tiny, 300, seed=3, num_questions=10):
+    assert q["answer_tokens"][:4] == q["question_tokens"][-4:]
+    fact_at = [i for i in range(4, 40, 6) if docs[q["doc_id"]][i:i + 4] == q["answer_tokens"][:4]]
+    assert len(fact_at) == 1 and docs[q["doc_id"]][fact_at[0]:fact_at[0] + 6] == q["answer_tokens"]
+  plain = get_config("tiny")
+  plain.data.kv.answer_with_key = False
+  q = next(write_task.question_rows(plain, 300, seed=3, num_questions=1))
+  assert len(q["answer_tokens"]) == 2
   # the paper recipe's kv block: 16 facts "k k is v v ." per document, worded questions
   paper = get_config("4b")
   rows = list(write_task.corpus_rows(paper, 200, seed=0))
@@ -148,3 +160,14 @@ def test_cli_writes_corpus_and_questions(tmp_path):
   with pytest.raises(FileExistsError, match="--overwrite"):   # nothing written is lost
     write_task.write_jsonl(iter([{"a": 1}]), str(corpus), 1, "corpus")
   assert [json.loads(line) for line in corpus.read_text().splitlines()] == rows
+
+
+def test_task_fingerprint_names_the_documents():
+  tiny = get_config("tiny")
+  same = get_config("tiny")
+  assert write_task.task_fingerprint(tiny) == write_task.task_fingerprint(same)
+  same.seed = tiny.seed + 1
+  assert write_task.task_fingerprint(same) != write_task.task_fingerprint(tiny)
+  other = get_config("tiny")
+  other.data.kv.facts_per_doc = 5
+  assert write_task.task_fingerprint(other) != write_task.task_fingerprint(tiny)

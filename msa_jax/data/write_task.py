@@ -27,6 +27,8 @@ and ``prefix_of(cfg.data)`` give the tokenizer and the shared prefix of a run's
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -100,6 +102,13 @@ def _digits(numbers: np.ndarray, base: int, length: int) -> np.ndarray:
 def _data_config(cfg):
   """``cfg.data`` of a full config, or ``cfg`` itself when it is the data block."""
   return cfg.data if "data" in cfg else cfg
+
+
+def task_fingerprint(cfg) -> str:
+  """A short hash of a config's kv task and seed: the same for the same documents."""
+  kv = dataclasses.asdict(kv_config_of(cfg))
+  return hashlib.sha256(json.dumps([kv, int(cfg.seed)], sort_keys=True,
+                                   default=str).encode()).hexdigest()[:10]
 
 
 def kv_config_of(cfg) -> KVConfig:
@@ -217,6 +226,8 @@ class SharedCorpus:
     ids, keys, values = self.symbols(doc, doc + 1)
     key = [tok.key_symbol(int(s)) for s in keys[0, fact]]
     answer = [tok.value_symbol(int(s)) for s in values[0, fact]]
+    if c.answer_with_key:   # the trained answer restates the key (as the training samples)
+      answer = key + answer
     question = question_tokens(tok, c, key)
     doc_id = doc_id_string(ids[0].tolist())
     return {"question_tokens": question, "question": tok.decode(question),
