@@ -6,7 +6,8 @@
 Each argument is a run directory with ``metrics.jsonl`` (``msa_jax.train`` or
 ``launch/reader_variants.sh``); writes ``variants.png`` (two panels: ``lm_loss_answer``,
 ``lm_loss_retrieval`` against step, with each loss's chance level) and ``variants.json``
-(per run: the last logged step and its losses, router recall@1).
+(per run: the last logged step and its losses, router recall@1, and with an ``eval.json``
+beside the metrics its first row's exact match, oracle exact match and recall@1).
 """
 from __future__ import annotations
 
@@ -59,6 +60,12 @@ def main():
     last = rows[-1]
     summary[name] = {k: last.get(k) for k in ("step", "lm_loss_answer", "lm_loss_retrieval",
                                               "router_recall@1")}
+    eval_path = os.path.join(run, "eval.json")   # launch/reader_variants.sh EVAL=1
+    if os.path.exists(eval_path):
+      with open(eval_path) as f:
+        first = json.load(f)["rows"][0]
+      summary[name].update({f"eval_{k}": first[k] for k in (
+          "answer_exact_match", "oracle_answer_exact_match", "router_recall@1")})
     print(f"{name}: step {last['step']} answers {last['lm_loss_answer']:.3f} "
           f"ids {last['lm_loss_retrieval']:.3f} R@1 {last.get('router_recall@1', 0):.2f}")
   for ax, key, title in zip(axes, ("lm_loss_answer", "lm_loss_retrieval"),

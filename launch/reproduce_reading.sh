@@ -13,13 +13,20 @@
 # The recipe trains ~9 minutes (10,400 steps), so training and evaluation take two device
 # calls (each at most 10 minutes), one RoPE mode at a time:
 #   STAGE=train bash launch/reproduce_reading.sh
-#       trains (TRAIN_S, default 540 s) and packs the run into
+#       trains (TRAIN_S, default 480 s) and packs the run into
 #       $TRAINED/train_<mode>.tgz.part-aa, -ab, ... (15 MiB parts; TRAINED defaults to $OUT,
 #       so the device call returns them; copy them to runs/reading_trained/ here, a
 #       git-ignored folder);
 #   STAGE=eval TRAINED=runs/reading_trained bash launch/reproduce_reading.sh
 #       (a device call with carry ["runs/reading_trained"]) unpacks it and evaluates the banks.
-#   STAGE=both (default) does both in one call: only with a shortened recipe (TRAIN_ARGS).
+#   STAGE=both (default) does both in one call: only with a shortened recipe (TRAIN_ARGS),
+#   or to finish a run: RESUME_FROM below.
+#   RESUME_FROM=runs/reading_trained (STAGE=train or both; carry it): unpacks that folder's
+#   train_<mode>.tgz.part-* and the trainer resumes the run from its last checkpoint (data
+#   position included) for TRAIN_S more seconds. A 600 s device call holds ~480 s of training
+#   with margin for start-up and packing; the recipe needs ~540 s (10,400 steps at ~20 steps/s
+#   on one H200, session 13), so: STAGE=train (480 s), then STAGE=both
+#   RESUME_FROM=runs/reading_trained TRAIN_S=120 (finishes the run and evaluates it).
 #   ROPE=global: the RoPE ablation (another pair of calls).
 #   MULTIPLIERS (default 1,16,256,1024,6104; empty: none): the bank sizes STAGE=eval/both ask.
 #   EVALUATE=1 (STAGE=eval; default 0): then `python -m msa_jax.evaluate` on the run (its
@@ -52,8 +59,9 @@ EVALUATE=${EVALUATE:-0}
 EVALUATE_S=${EVALUATE_S:-240}
 QUANT_DOCS=${QUANT_DOCS:-0}
 QUANT_S=${QUANT_S:-150}
+RESUME_FROM=${RESUME_FROM:-}
 case "$STAGE" in
-  train) TRAIN_S=${TRAIN_S:-540}; READING_S=${READING_S:-$((TRAIN_S + 45))}; FLAGS=--train_only ;;
+  train) TRAIN_S=${TRAIN_S:-480}; READING_S=${READING_S:-$((TRAIN_S + 45))}; FLAGS=--train_only ;;
   eval) TRAIN_S=${TRAIN_S:-0}; READING_S=${READING_S:-540}; FLAGS=--reuse_training ;;
   both) TRAIN_S=${TRAIN_S:-300}; READING_S=${READING_S:-540}; FLAGS= ;;
   *) echo "STAGE must be train, eval or both, got '$STAGE'" >&2; exit 2 ;;
@@ -62,13 +70,22 @@ mkdir -p "$OUT" "$ROOT"
 echo "reproduce_reading.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null)" \
   "STAGE=$STAGE READING_S=$READING_S TRAIN_S=$TRAIN_S MEMORY_COST_S=$MEMORY_COST_S ROPE=$ROPE" \
   "BASE_TOKENS=$BASE_TOKENS TRAIN_ARGS=$TRAIN_ARGS"
-if [ "$STAGE" = eval ]; then
+# unpack DIR: each mode's packed run in DIR (train_<mode>.tgz.part-*) -> $ROOT/train_<mode>.
+unpack() {
   for mode in ${ROPE//,/ }; do
-    parts=("$TRAINED/train_$mode.tgz.part-"*)
-    [ -f "${parts[0]}" ] || { echo "$TRAINED/train_$mode.tgz.part-* not found: run STAGE=train" \
-      "first and carry $TRAINED" >&2; exit 2; }
+    parts=("$1/train_$mode.tgz.part-"*)
+    [ -f "${parts[0]}" ] || { echo "$1/train_$mode.tgz.part-* not found: run STAGE=train" \
+      "first and carry $1" >&2; exit 2; }
     rm -rf "${ROOT:?}/train_$mode" && cat "${parts[@]}" | tar -xzf - -C "$ROOT" || exit 2
+    echo "unpacked $1/train_$mode.tgz.part-* into $ROOT/train_$mode"
   done
+}
+if [ "$STAGE" = eval ]; then
+  [ -z "$RESUME_FROM" ] || { echo "RESUME_FROM is for STAGE=train or both (eval reads" \
+    "TRAINED)" >&2; exit 2; }
+  unpack "$TRAINED"
+elif [ -n "$RESUME_FROM" ]; then
+  unpack "$RESUME_FROM"
 fi
 
 # shellcheck disable=SC2086

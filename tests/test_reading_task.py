@@ -273,8 +273,8 @@ def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
 @pytest.mark.slow
 def test_training_and_evaluation_in_two_calls(tmp_path):
   """``--train_only`` then ``--reuse_training`` (the recipe's two GPU calls): the second
-  run does not train again, evaluates the first one's checkpoint and keeps its curve; a
-  run of the other RoPE mode is refused (~1 min)."""
+  run does not train again, evaluates the first one's checkpoint and keeps its curve;
+  training again resumes the run; a run of the other RoPE mode is refused (~1.5 min)."""
   from launch import reproduce_reading
   out, root = tmp_path / "out", tmp_path / "root"
   common = ["--config=configs/16k_to_100m.py:smoke", f"--root={root}", "--budget_s=600",
@@ -290,6 +290,15 @@ def test_training_and_evaluation_in_two_calls(tmp_path):
   assert run["train"]["reused"] == str(root / "train_document") and "command" not in run["train"]
   assert run["train"]["curve"] == trained["train"]["curve"]
   assert [r["multiplier"] for r in run["eval"]] == [1] and "answer_exact_match" in run["eval"][0]
+  # Training again in the same root resumes the run (reproduce_reading.sh RESUME_FROM):
+  # the trainer continues from step 4 to the longer schedule's end, the curve keeps step 2.
+  reproduce_reading.main(common + [
+      f"--out={out}/resume", "--train_only", "--train_s=400", "--train_args=--config.num_steps=6 "
+      "--config.log_every_steps=2 --config.checkpoint.every_steps=4 --config.batch_size=8 "
+      "--config.optim.warmup_phase_steps=2 --config.optim.lr_ramp_steps=1"])
+  resumed = json.load(open(out / "resume" / "reading.json"))["runs"]["document"]["train"]
+  assert [r["step"] for r in resumed["curve"]] == [2, 4, 6]
+  assert resumed["curve"][:2] == trained["train"]["curve"]
   os.rename(root / "train_document", root / "train_global")
   with pytest.raises(SystemExit, match="trained with rope_mode='document', not 'global'"):
     reproduce_reading.main(common + [f"--out={out}/g", "--reuse_training", "--rope=global"])
