@@ -44,6 +44,9 @@ class Routing:
   # float32 [B, N, C]: each chunk's score (max over the routing tokens; -inf for a missing
   # chunk), for the chunk-level routing loss (loss.aux_chunk_weight); None otherwise.
   chunk_scores_bnc: Optional[jax.Array] = None
+  # float32 [B, B*N]: each example's routing-loss score (hard or smooth, as aux_scores_bn)
+  # of every document of the batch, example-major (loss.aux_batch_negatives); None otherwise.
+  batch_scores_bx: Optional[jax.Array] = None
 
 
 @flax.struct.dataclass
@@ -93,20 +96,24 @@ class ExampleMemory:
   (``routing.select_with_gold``), the scores and their metrics still the router's. ``aux_softmax`` > 0 adds the routing
   loss's smooth scores to each decision (``routing.smooth_document_scores`` at that
   temperature; training only), ``chunk_scores`` every chunk's score (the chunk-level
-  routing loss's, ``routing.hard_chunk_scores``). The inference engine's shared bank is another source
-  (``msa_jax.inference.engine``).
+  routing loss's, ``routing.hard_chunk_scores``), ``batch_negatives`` each example's
+  routing-loss scores of every document of the batch (``Routing.batch_scores_bx``; the
+  routing loss's in-batch negatives, ``loss.aux_batch_negatives``). The inference engine's
+  shared bank is another source (``msa_jax.inference.engine``).
   """
 
   def __init__(self, memory: dict, forced: Optional[routing.Selection] = None,
-               aux_softmax: float = 0.0, chunk_scores: bool = False, gold_bn=None):
+               aux_softmax: float = 0.0, chunk_scores: bool = False, gold_bn=None,
+               batch_negatives: bool = False):
     self.memory, self.forced, self.aux_softmax = memory, forced, aux_softmax
     self.chunk_scores, self.gold_bn = chunk_scores, gold_bn
+    self.batch_negatives = batch_negatives
 
   def layer(self, i: int) -> Optional["ExampleLayerMemory"]:
     if i not in self.memory:
       return None
     return ExampleLayerMemory(self.memory[i], self.forced, self.aux_softmax, self.chunk_scores,
-                              self.gold_bn)
+                              self.gold_bn, self.batch_negatives)
 
 
 @flax.struct.dataclass
@@ -118,6 +125,21 @@ class ExampleLayerMemory:
   aux_softmax: float = flax.struct.field(pytree_node=False, default=0.0)
   chunk_scores: bool = flax.struct.field(pytree_node=False, default=False)
   gold_bn: Optional[jax.Array] = None
+  batch_negatives: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def batch_scores(self, rq_bmf, route_mask_bm):
+    """float32 ``[B, B*N]``: each example's routing tokens scored against every document of
+    the batch (example-major), as the routing loss scores its own documents: the smooth
+    maximum at ``aux_softmax`` > 0, else the hard one. Training only: ``[B, M, B*N, C]``
+    pair scores exist for it."""
+    kr_bncf, chunk_mask_bnc = self.memory.kr_bncf, self.memory.chunk_mask_bnc
+    b, n, c, f = kr_bncf.shape
+    s_bmxc = routing.batch_pair_scores(rq_bmf, kr_bncf.reshape(b * n, c, f))
+    mask_bxc = jnp.broadcast_to(chunk_mask_bnc.reshape(1, b * n, c), (b, b * n, c))
+    if self.aux_softmax > 0:
+      return routing.smooth_document_scores(rq_bmf, route_mask_bm, None, mask_bxc,
+                                            self.aux_softmax, s_bmnc=s_bmxc)
+    return routing.hard_document_scores(s_bmxc, route_mask_bm, mask_bxc)
 
   def select(self, rq_bmf, route_mask_bm, top_k: int):
     aux_scores = chunk_scores = None
@@ -139,8 +161,9 @@ class ExampleLayerMemory:
     if self.forced is not None:
       selection = self.forced
     k, v, mask = gather_selected_memory(self.memory, selection)
+    batch_scores = self.batch_scores(rq_bmf, route_mask_bm) if self.batch_negatives else None
     return (Routing(doc_scores, selection.doc_idx_bk, selection.valid_bk, aux_scores,
-                    chunk_scores), k, v, mask)
+                    chunk_scores, batch_scores), k, v, mask)
 
 
 def routing_mask(batch: MSABatch, cfg: ModelConfig):

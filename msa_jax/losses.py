@@ -173,6 +173,45 @@ def infonce_decoupled(doc_scores_brn, positive_bn, doc_valid_bn, temperature: fl
   return jnp.sum(per_pair * has_pos) / jnp.maximum(pairs, 1.0), pairs
 
 
+# Odd multipliers of the two document fingerprints (uint32 arithmetic wraps).
+_FINGERPRINT_SEEDS = (0x9E3779B1, 0x85EBCA77)
+
+
+def _doc_fingerprints(doc_tokens_bnl, doc_mask_bnl):
+  """Two uint32 ``[B, N]`` hashes of each document's tokens (position-weighted sums):
+  equal documents get equal pairs; unequal ones collide with probability ~2^-64."""
+  tok = jnp.asarray(doc_tokens_bnl).astype(jnp.uint32) + jnp.uint32(1)
+  mask = jnp.asarray(doc_mask_bnl, bool)
+  pos = jnp.arange(tok.shape[-1], dtype=jnp.uint32)
+  out = []
+  for seed in _FINGERPRINT_SEEDS:
+    w = (pos + jnp.uint32(1)) * jnp.uint32(seed) ^ jnp.uint32(seed >> 7)
+    weighted = tok * (w | jnp.uint32(1))[None, None]
+    out.append(jnp.sum(jnp.where(mask, weighted, jnp.uint32(0)), axis=-1, dtype=jnp.uint32))
+  return out
+
+
+def batch_negative_targets(positive_bn, doc_valid_bn, doc_tokens_bnl, doc_mask_bnl):
+  """Positives and candidates of the routing loss over every document of the batch
+  (``loss.aux_batch_negatives``; scores ``[B, R, B*N]``, example-major).
+
+  Row ``b``'s positives are its own gold documents (block ``b``); its candidates are every
+  valid document of the batch, except another example's copy of one of its gold
+  documents (same tokens: e.g. the retrieval and answer samples of one question share
+  their memory), which is neither positive nor negative. Returns bool ``(pos_bx, valid_bx)``.
+  """
+  b, n = jnp.shape(positive_bn)
+  pos = jnp.asarray(positive_bn, bool) & jnp.asarray(doc_valid_bn, bool)
+  own_bx = jnp.eye(b, dtype=bool)[:, :, None].repeat(n, axis=2).reshape(b, b * n)
+  pos_bx = own_bx & jnp.tile(pos, (1, b))
+  h1, h2 = _doc_fingerprints(doc_tokens_bnl, doc_mask_bnl)
+  same_bnx = ((h1[:, :, None] == h1.reshape(1, 1, b * n))
+              & (h2[:, :, None] == h2.reshape(1, 1, b * n)))
+  gold_copy_bx = jnp.any(pos[:, :, None] & same_bnx, axis=1) & ~own_bx
+  valid_bx = jnp.asarray(doc_valid_bn, bool).reshape(1, b * n) & ~gold_copy_bx
+  return pos_bx, valid_bx
+
+
 EVIDENCE_MAX_QUERY = 32   # longest routing query matched verbatim by evidence_chunks
 
 

@@ -59,6 +59,9 @@ class MSATrainOutput:
   # float32 [B, R, N, C]: chunk scores for the chunk-level routing loss (``forward_train``'s
   # ``chunk_scores``); None otherwise.
   chunk_scores_brnc: Optional[jax.Array] = None
+  # float32 [B, R, B*N]: each example's routing-loss scores of every document of the batch
+  # (``forward_train``'s ``batch_negatives``); None otherwise.
+  batch_scores_brx: Optional[jax.Array] = None
 
 
 class MSAModel(nn.Module):
@@ -217,8 +220,8 @@ class MSAModel(nn.Module):
     return MSAOutput(logits_bmv=self._logits(x), **_stack_decisions(decisions))
 
   def forward_train(self, batch: MSABatch, aux_softmax: float = 0.0,
-                    chunk_scores: bool = False, oracle_routing: bool = False
-                    ) -> "MSATrainOutput":
+                    chunk_scores: bool = False, oracle_routing: bool = False,
+                    batch_negatives: bool = False) -> "MSATrainOutput":
     """The training forward: :meth:`forward_memory` without the LM head.
 
     Returns the final-normed hidden states of the active slots; the loss applies
@@ -230,19 +233,25 @@ class MSAModel(nn.Module):
     the chunk-level routing loss. ``oracle_routing`` (``loss.oracle_routing``) puts each
     example's gold documents (``batch.positive_docs``) into every router layer's top-k
     (``routing.select_with_gold``); scores, recall and the routing loss stay the router's.
+    ``batch_negatives`` (``loss.aux_batch_negatives``) also returns each example's
+    routing-loss scores of every document of the batch (``ExampleLayerMemory.batch_scores``).
     """
     gold_bn = jnp.asarray(batch.positive_docs, bool) if oracle_routing else None
-    x, decisions = self._forward_active_hidden(batch, aux_softmax, chunk_scores, gold_bn)
-    aux = chunks = None
+    x, decisions = self._forward_active_hidden(batch, aux_softmax, chunk_scores, gold_bn,
+                                               batch_negatives)
+    aux = chunks = batch_scores = None
     if aux_softmax > 0:
       aux = jnp.stack([d.aux_scores_bn for d in decisions], axis=1)
     if chunk_scores:
       chunks = jnp.stack([d.chunk_scores_bnc for d in decisions], axis=1)
+    if batch_negatives:
+      batch_scores = jnp.stack([d.batch_scores_bx for d in decisions], axis=1)
     return MSATrainOutput(hidden_bmd=self.norm(x), aux_scores_brn=aux, chunk_scores_brnc=chunks,
-                          **_stack_decisions(decisions))
+                          batch_scores_brx=batch_scores, **_stack_decisions(decisions))
 
   def _forward_active_hidden(self, batch: MSABatch, aux_softmax: float = 0.0,
-                             chunk_scores: bool = False, gold_bn=None):
+                             chunk_scores: bool = False, gold_bn=None,
+                             batch_negatives: bool = False):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
@@ -256,10 +265,11 @@ class MSAModel(nn.Module):
       return self._active_hidden_scanned(batch.active_tokens, active_pos, batch.active_mask,
                                          routing_mask(batch, cfg), batch.prefix_mask,
                                          prefix_kv, memory, params, aux_softmax,
-                                         chunk_scores, gold_bn)
+                                         chunk_scores, gold_bn, batch_negatives)
     memory = ExampleMemory(
         self.encode_documents(jnp.asarray(batch.doc_tokens), batch.doc_mask, doc_pos),
-        aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn)
+        aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn,
+        batch_negatives=batch_negatives)
     prefix_kv = self.encode_prefix(batch.prefix_tokens, batch.prefix_mask, prefix_pos)
     x, decisions, _ = self._active_hidden(batch.active_tokens, active_pos, batch.active_mask,
                                           routing_mask(batch, cfg),
@@ -359,7 +369,7 @@ class MSAModel(nn.Module):
   def _active_hidden_scanned(self, active_tokens_bm, active_pos_bm, active_mask_bm,
                              route_mask_bm, prefix_mask_bt, prefix_kv, memory, stacked,
                              aux_softmax: float = 0.0, chunk_scores: bool = False,
-                             gold_bn=None):
+                             gold_bn=None, batch_negatives: bool = False):
     """:meth:`_active_hidden` over per-example memory, scanned: each layer's prefix
     context and (router runs) memory are scanned inputs, its routing a stacked output
     (with the smooth aux scores when ``aux_softmax`` > 0, as ``ExampleMemory``'s).
@@ -376,7 +386,8 @@ class MSAModel(nn.Module):
       def body(x, xs):
         p, k, v, mem = xs
         layer_memory = None if mem is None else ExampleLayerMemory(
-            mem, aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn)
+            mem, aux_softmax=aux_softmax, chunk_scores=chunk_scores, gold_bn=gold_bn,
+            batch_negatives=batch_negatives)
         x, _, _, decision, _ = active(p, x, active_pos_bm, mask,
                                       LayerContext(k, v, prefix_mask), layer_memory,
                                       route_mask_bm)

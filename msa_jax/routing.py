@@ -125,6 +125,14 @@ def pair_scores(rq_bmf, kr_bncf):
                     precision=jax.lax.Precision.HIGHEST)
 
 
+def batch_pair_scores(rq_bmf, kr_xcf):
+  """float32 ``[B, M, X, C]``: ``rq · K̄R`` of each example's routing tokens against every
+  chunk of ``X`` documents shared by the batch (the routing loss's in-batch negatives:
+  ``X = B·N``, every example's documents), at HIGHEST precision as :func:`pair_scores`."""
+  return jnp.einsum("bmf,xcf->bmxc", rq_bmf.astype(jnp.float32), kr_xcf.astype(jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
 def _valid_pairs(query_mask_bm, chunk_mask_bnc):
   """bool ``[B, M, N, C]``: routing token ``m`` and chunk ``(n, c)`` both present."""
   return (jnp.asarray(query_mask_bm, bool)[:, :, None, None]

@@ -125,6 +125,19 @@ def aux_chunk_weight(cfg) -> float:
   return _loss_setting(cfg, "aux_chunk_weight", 0.0, "no chunk-level routing loss")
 
 
+def aux_batch_negatives(cfg) -> bool:
+  """``loss.aux_batch_negatives`` (default False): the routing loss scores each example's
+  query against every document of the batch, its own gold documents the positives
+  (``losses.batch_negative_targets``), so a batch of B examples of N documents trains the
+  router against B·N candidates instead of N: routing at banks far larger than a training
+  memory is what it is for. Costs ``[B, M, B·N, C]`` float32 scores a router layer."""
+  value = _loss_value(cfg, "aux_batch_negatives", False)
+  if value not in (True, False):
+    raise ValueError(f"loss.aux_batch_negatives must be True or False, got {value!r}; "
+                     "set --config.loss.aux_batch_negatives=True or False")
+  return bool(value)
+
+
 def lm_loss_by_round(nll_b, count_b, batch: MSABatch, answer_token: int) -> dict:
   """The LM loss of the answer samples (target starts with ``answer_token``, the
   end-of-retrieval marker) and of the retrieval samples (document ids; no marker in the
@@ -155,14 +168,20 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
   """
   chunk_w = aux_chunk_weight(cfg)
   aux_layers = aux_loss_layers(model.config)
+  batch_negatives = aux_batch_negatives(cfg) and bool(aux_layers)
   out = model.apply({"params": params}, batch, aux_softmax(cfg), chunk_w > 0 and bool(aux_layers),
-                    oracle_routing(cfg), method=MSAModel.forward_train)
+                    oracle_routing(cfg), batch_negatives, method=MSAModel.forward_train)
   nll_b, count_b = losses.lm_nll_rows_chunked(
       out.hidden_bmd, lm_head_weight_vd(params, model.config), batch.targets, batch.loss_mask,
       lm_chunk_size(cfg))
   lm, num_targets = losses.mean_nll(nll_b, count_b)
   valid_bn = losses.doc_valid(batch.doc_mask)
-  if aux_layers:
+  if batch_negatives:
+    pos_bx, valid_bx = losses.batch_negative_targets(batch.positive_docs, valid_bn,
+                                                     batch.doc_tokens, batch.doc_mask)
+    aux, pairs = losses.infonce_decoupled(out.batch_scores_brx[:, jnp.asarray(aux_layers)],
+                                          pos_bx, valid_bx, cfg.loss.infonce_temperature)
+  elif aux_layers:
     scores_brn = out.doc_scores_brn if out.aux_scores_brn is None else out.aux_scores_brn
     aux, pairs = losses.infonce_decoupled(scores_brn[:, jnp.asarray(aux_layers)],
                                           batch.positive_docs, valid_bn,
