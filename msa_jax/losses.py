@@ -179,7 +179,8 @@ _FINGERPRINT_SEEDS = (0x9E3779B1, 0x85EBCA77)
 
 def _doc_fingerprints(doc_tokens_bnl, doc_mask_bnl):
   """Two uint32 ``[B, N]`` hashes of each document's tokens (position-weighted sums):
-  equal documents get equal pairs; unequal ones collide with probability ~2^-64."""
+  equal documents get equal pairs; unequal ones rarely share both (a collision would only
+  leave one negative out of the loss, never make a wrong positive)."""
   tok = jnp.asarray(doc_tokens_bnl).astype(jnp.uint32) + jnp.uint32(1)
   mask = jnp.asarray(doc_mask_bnl, bool)
   pos = jnp.arange(tok.shape[-1], dtype=jnp.uint32)

@@ -22,6 +22,7 @@ from msa_jax.model import MSAModel
 from msa_jax.train_step import aux_batch_negatives, aux_loss_layers, compute_losses
 
 from tests import reference_numpy as R
+from tests.test_router_aux_softmax import _train_cfg
 from tests.test_scan_layers import SMOKE, _batch
 
 fast_compile = R.fast_compile_fixture()
@@ -66,14 +67,9 @@ def test_targets_match_reference_and_leave_out_copies_of_gold():
   assert not bool(ok[2, 3 * n + 1])                              # padding tokens ignored
 
 
-def _cfg(batch_negatives=True, tau=None):
-  cfg = ml_collections.ConfigDict({
-      "loss": {"infonce_temperature": 0.1, "lm_chunk_size": 4,
-               "aux_batch_negatives": batch_negatives},
-      "optim": {"warmup_phase_steps": 10, "warmup_lm_weight": 0.0, "warmup_aux_weight": 1.0,
-                "main_lm_weight": 1.0, "main_aux_weight": 0.1}})
-  if tau is not None:
-    cfg.loss.aux_softmax = tau
+def _cfg(batch_negatives=True):
+  cfg = _train_cfg()   # the router warm-up's weights (LM 0, aux 1 at step 0)
+  cfg.loss.aux_batch_negatives = batch_negatives
   return cfg
 
 
