@@ -155,7 +155,9 @@ def _base() -> ml_collections.ConfigDict:
   # True: the routing loss scores each example's query against every document of the batch
   # (B·N candidates, not N; another example's copy of a gold document is left out), so
   # the router trains against far more distractors than one memory holds. Costs
-  # [B, M, B·N, C] float32 scores per router layer. Untested on the GPU recipes yet.
+  # [B, M, B·N, C] float32 scores per router layer (B times the usual routing FLOPs, which
+  # msa_jax.flops does not count: the MFU line leaves them out). First CPU check in
+  # WORKSPACE.md (session 13, part 5); untested on the GPU recipes yet.
   c.loss.aux_batch_negatives = False
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
