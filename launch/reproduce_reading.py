@@ -72,7 +72,7 @@ def train(workdir: str, rope: str, train_s: float, extra_args: list[str], config
   summary = {"rope_mode": rope, "command": cmd, "returncode": rc, "seconds": seconds,
              "timed_out": rc in (124, 137) or rc < 0, **training_curve(workdir)}
   log(f"train ({rope}): rc {rc}, {seconds:.0f}s, {len(summary['curve'])} logged rows, "
-      f"last step {summary['final']['step'] if summary['final'] else None}")
+      f"last step {last_step(summary)}")
   return summary
 
 
@@ -81,6 +81,11 @@ def training_curve(workdir: str) -> dict:
   rows = read_metrics(workdir)
   return {"curve": [{k: r.get(k) for k in SUMMARY_KEYS if k in r} for r in rows],
           "final": rows[-1] if rows else None}
+
+
+def last_step(summary: dict):
+  """The last logged step of a :func:`training_curve` summary (None: nothing logged)."""
+  return summary["final"]["step"] if summary["final"] else None
 
 
 def reused_training(workdir: str, rope: str) -> dict:
@@ -96,8 +101,7 @@ def reused_training(workdir: str, rope: str) -> dict:
     raise SystemExit(f"{workdir} was trained with rope_mode={trained_mode!r}, not {rope!r}: "
                      "unpack the right run there or leave out --reuse_training")
   summary = {"rope_mode": rope, "reused": workdir, **training_curve(workdir)}
-  log(f"train ({rope}): reusing {workdir}, "
-      f"last step {summary['final']['step'] if summary['final'] else None}")
+  log(f"train ({rope}): reusing {workdir}, last step {last_step(summary)}")
   return summary
 
 

@@ -227,6 +227,12 @@ def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) ->
   return tok.encode("what is the value for") + list(key) + tok.encode("?")
 
 
+def answer_tokens(config: KVConfig, key: Sequence[int], value: Sequence[int]) -> list[int]:
+  """The answer a question is trained and scored on: ``value``, or ``key value`` with
+  ``answer_with_key`` (the training samples and the shared corpus's questions alike)."""
+  return list(key) + list(value) if config.answer_with_key else list(value)
+
+
 class KVRetrievalTask:
   """``task(index) -> Example`` for key-value retrieval / multi-hop chains."""
 
@@ -301,8 +307,7 @@ class KVRetrievalTask:
                                        id_padding(tok, c) + sum(facts, [])))
 
     question = question_tokens(tok, c, key_tok(chain_keys[0]))
-    if c.answer_with_key:
-      answer = key_tok(chain_keys[c.hops - 1]) + answer
+    answer = answer_tokens(c, key_tok(chain_keys[c.hops - 1]), answer)
     prefix = [tok.specials.bos] if c.prefix_bos else []
     return assemble(tok, task=self.name, seed=self.seed, index=index, gold=gold,
                     distractors=distractors, question=question, answer=answer,

@@ -37,8 +37,8 @@ from typing import Iterator
 import numpy as np
 
 from msa_jax.data.example import Document
-from msa_jax.data.synthetic import (IDS, KEYS, SLOT_PAD, VALUES, KVConfig, doc_id_string,
-                                    fact_tokens, id_padding, make_document,
+from msa_jax.data.synthetic import (IDS, KEYS, SLOT_PAD, VALUES, KVConfig, answer_tokens,
+                                    doc_id_string, fact_tokens, id_padding, make_document,
                                     question_tokens)
 from msa_jax.data.tokenizer import WordTokenizer
 
@@ -225,9 +225,7 @@ class SharedCorpus:
     tok, c = self.tokenizer, self.config
     ids, keys, values = self.symbols(doc, doc + 1)
     key = [tok.key_symbol(int(s)) for s in keys[0, fact]]
-    answer = [tok.value_symbol(int(s)) for s in values[0, fact]]
-    if c.answer_with_key:   # the trained answer restates the key (as the training samples)
-      answer = key + answer
+    answer = answer_tokens(c, key, [tok.value_symbol(int(s)) for s in values[0, fact]])
     question = question_tokens(tok, c, key)
     doc_id = doc_id_string(ids[0].tolist())
     return {"question_tokens": question, "question": tok.decode(question),
