@@ -18,6 +18,10 @@
 # checkpoint its config's eval questions (answer exact match and router recall through the
 # engine; set e.g. --config.eval.memory_multipliers=(1,) in COMMON) -> $OUT/<NAME>/eval.json.
 # The variants' post-training steps run side by side.
+# PACK_BEST=1 (with EVAL=1; default 0): the variant whose eval.json has the highest answer
+# exact match is packed as $PACK_DIR/train_document.tgz.part-* (PACK_DIR defaults to $OUT;
+# 15 MiB parts a device call returns), ready for reproduce_reading.sh STAGE=eval or
+# RESUME_FROM (session 13: the seed that read, evaluated on shared banks).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/reader_variants}
@@ -27,6 +31,8 @@ RUN_S=${RUN_S:-420}
 MEM_FRACTION=${MEM_FRACTION:-0.15}
 POSITIONS=${POSITIONS:-0}
 EVAL=${EVAL:-0}
+PACK_BEST=${PACK_BEST:-0}
+PACK_DIR=${PACK_DIR:-$OUT}
 COMMON=${COMMON-"--config.num_steps=1000 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
 VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
 mkdir -p "$OUT" "$ROOT"
@@ -73,3 +79,16 @@ for name in "${names[@]}"; do
 done
 # One archive as well: a device call returns only a few files.
 tar -czf "$OUT/variants.tgz" -C "$OUT" "${names[@]}"
+if [ "$PACK_BEST" -gt 0 ]; then
+  best=$("$PYTHON" -c 'import glob, json, os, sys
+runs = [(json.load(open(f))["rows"][0]["answer_exact_match"], os.path.basename(os.path.dirname(f)))
+        for f in glob.glob(os.path.join(sys.argv[1], "*", "eval.json"))]
+print(max(runs)[1] if runs else "")' "$OUT")
+  if [ -z "$best" ]; then
+    echo "PACK_BEST: no variant has an eval.json (set EVAL=1)" >&2; exit 1
+  fi
+  echo "PACK_BEST: $best -> $PACK_DIR/train_document.tgz.part-*"
+  mkdir -p "$PACK_DIR" && rm -f "$PACK_DIR/train_document.tgz.part-"*
+  tar -czf - -C "$ROOT" --transform "s,^$best,train_document," "$best" \
+    | split -b 15m - "$PACK_DIR/train_document.tgz.part-"
+fi
