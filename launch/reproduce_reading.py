@@ -155,7 +155,7 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
   write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
                                                   question_pool=base),
-                         questions, num_questions, "questions")
+                         questions, num_questions, "questions", overwrite=True)
   model, params = load_model(workdir)
   tokenizer = load_tokenizer(workdir)
   prefix = task_prefix(workdir, tokenizer)
@@ -236,6 +236,31 @@ def plot(result: dict, path: str) -> None:
   plots.save(fig, path, dpi=110)
 
 
+def merge_results(results: list[dict]) -> dict:
+  """One result from several ``reading.json`` of the same trained runs (e.g. the 6104×
+  size evaluated in a call of its own): each mode's bank rows by multiplier (a later file's
+  row replaces an earlier one's), relative degradation recomputed against the 1× row.
+  Refuses runs whose training differs (another final step or RoPE mode)."""
+  merged = {k: v for k, v in results[0].items() if k != "runs"}
+  merged["merged_from"] = [r.get("argv") for r in results]
+  merged["runs"] = {}
+  for res in results:
+    for mode, run in res.get("runs", {}).items():
+      into = merged["runs"].setdefault(mode, {"train": run.get("train"), "eval": []})
+      step = (run.get("train") or {}).get("final", {}).get("step")
+      first = (into["train"] or {}).get("final", {}).get("step")
+      if step != first:
+        raise SystemExit(f"cannot merge {mode}: one file's run ends at step {first}, "
+                         f"another's at {step}; merge evaluations of the same trained run")
+      rows = {r["multiplier"]: r for r in into["eval"]}
+      rows.update({r["multiplier"]: dict(r) for r in run.get("eval", [])})
+      into["eval"] = [rows[m] for m in sorted(rows)]
+  for run in merged["runs"].values():
+    for key in ("answer_exact_match", "router_recall@1"):
+      relative_degradation(run["eval"], key)
+  return merged
+
+
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=os.environ.get("OUT") or "results/reading")
@@ -259,7 +284,22 @@ def main(argv=None) -> None:
   ap.add_argument("--reuse_training", action="store_true",
                   help="evaluate the runs a --train_only call left in ROOT/train_<mode> "
                        "(unpacked there) instead of training")
+  ap.add_argument("--merge", default="",
+                  help="comma list of reading.json files of the same trained runs: write "
+                       "their rows as one OUT/reading.json and reading.png, and stop")
   args = ap.parse_args(argv)
+  if args.merge:
+    results = []
+    for path in args.merge.split(","):
+      with open(path) as f:
+        results.append(json.load(f))
+    merged = merge_results(results)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "reading.json"), "w") as f:
+      json.dump(merged, f, indent=1, default=str)
+    plot(merged, os.path.join(args.out, "reading.png"))
+    log(f"merged {len(results)} files into {args.out}/reading.json and reading.png")
+    return
   deadline = time.time() + args.budget_s
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.root, exist_ok=True)

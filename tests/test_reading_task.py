@@ -274,7 +274,8 @@ def test_reproduce_reading_end_to_end_on_cpu(tmp_path):
 def test_training_and_evaluation_in_two_calls(tmp_path):
   """``--train_only`` then ``--reuse_training`` (the recipe's two GPU calls): the second
   run does not train again, evaluates the first one's checkpoint and keeps its curve;
-  training again resumes the run; a run of the other RoPE mode is refused (~1.5 min)."""
+  evaluating again in the same root works; training again resumes the run; a run of the
+  other RoPE mode is refused (~2 min)."""
   from launch import reproduce_reading
   out, root = tmp_path / "out", tmp_path / "root"
   common = ["--config=configs/16k_to_100m.py:smoke", f"--root={root}", "--budget_s=600",
@@ -290,6 +291,11 @@ def test_training_and_evaluation_in_two_calls(tmp_path):
   assert run["train"]["reused"] == str(root / "train_document") and "command" not in run["train"]
   assert run["train"]["curve"] == trained["train"]["curve"]
   assert [r["multiplier"] for r in run["eval"]] == [1] and "answer_exact_match" in run["eval"][0]
+  # A second evaluation in the same root rewrites its questions file (session 15's second
+  # call on a warm machine failed on the file the first had left) and scores the same.
+  reproduce_reading.main(common + [f"--out={out}/eval2", "--reuse_training", "--multipliers=1"])
+  again = json.load(open(out / "eval2" / "reading.json"))["runs"]["document"]["eval"]
+  assert again[0]["answer_exact_match"] == run["eval"][0]["answer_exact_match"]
   # Training again in the same root resumes the run (reproduce_reading.sh RESUME_FROM):
   # the trainer continues from step 4 to the longer schedule's end, the curve keeps step 2.
   reproduce_reading.main(common + [
@@ -417,3 +423,30 @@ def test_positional_ids_use_one_alphabet_per_position(tiny):
   for i in ids:
     words = [int(t) - tok.id_symbol(0) for t in i]
     assert [w // n for w in words] == list(range(length)), words
+
+
+def test_merge_results_joins_the_sizes_of_one_run(tmp_path):
+  """The 6104× size evaluated in a call of its own joins the other sizes' rows; the
+  degradation is recomputed against 1×; another run's rows are refused."""
+  from launch import reproduce_reading
+
+  def result(step, rows):
+    return {"argv": ["x"], "runs": {"document": {
+        "train": {"final": {"step": step}}, "eval": [
+            {"multiplier": m, "memory_tokens": 16_000 * m, "answer_exact_match": em,
+             "router_recall@1": r1} for m, em, r1 in rows]}}}
+
+  first = result(5700, [(1, 0.8, 1.0), (16, 0.6, 0.5)])
+  second = result(5700, [(6104, 0.4, 0.25)])
+  for i, res in enumerate((first, second)):
+    with open(tmp_path / f"r{i}.json", "w") as f:
+      json.dump(res, f)
+  reproduce_reading.main([f"--out={tmp_path}/m",
+                          f"--merge={tmp_path}/r0.json,{tmp_path}/r1.json"])
+  rows = json.load(open(tmp_path / "m" / "reading.json"))["runs"]["document"]["eval"]
+  assert [r["multiplier"] for r in rows] == [1, 16, 6104]
+  assert rows[2]["answer_exact_match_rel_degradation"] == pytest.approx(0.5)
+  assert rows[2]["router_recall@1_rel_degradation"] == pytest.approx(0.75)
+  assert os.path.exists(tmp_path / "m" / "reading.png")
+  with pytest.raises(SystemExit, match="ends at step 5700, another's at 300"):
+    reproduce_reading.merge_results([first, result(300, [(1, 0.1, 0.1)])])
