@@ -6,13 +6,15 @@ Variants through the config string (``--config=configs/16k_to_100m.py:VARIANT``)
                    router layers 18-35, τ 0.1, router warm-up then main phase,
                    memory curriculum 8k → 64k tokens; needs a checkpoint and accelerators.
   ``0.6b``         the same recipe on the Qwen3-0.6B shape (fast ablations).
-  ``tiny``         a 2-layer width-128 model from scratch on the reading task (documents of
+  ``tiny``         a 2-layer width-256 model from scratch on the reading task (documents of
                    6 key-value facts; the question names one key), 16K-token memories
-                   after a 1,000-step reader stage of 8-document memories at batch 256
-                   (``data.memory_curriculum``, ``data.batch_curriculum``), 1-fact
-                   documents for the first 150 steps (``data.facts_curriculum``),
-                   routing loss on the smooth max (``loss.aux_softmax``); one GPU. ``--config.data.task=multihop`` / ``niah`` switch to 2-hop
-                   chains / the RULER-style suite with the same alphabets.
+                   after a 10,000-step reader stage of 8-document memories at batch 128
+                   (``data.memory_curriculum``, ``data.batch_curriculum``), documents of
+                   1, 2, 4 then 6 facts (``data.facts_curriculum``), routing loss on the
+                   smooth max against the whole batch's documents (``loss.aux_softmax``,
+                   ``loss.aux_batch_negatives``); one GPU. ``--config.data.task=multihop``
+                   / ``niah`` switch to 2-hop chains / the RULER-style suite with the same
+                   alphabets.
   ``smoke``        a 3-layer width-64 model on the synthetic key-value task; a 2-core
                    CPU learns to route (recall@1 ≥ 0.9) and answer in minutes.
 Any field can be overridden: ``--config.num_steps=100 --config.model.top_k=4``; tuple
@@ -156,8 +158,8 @@ def _base() -> ml_collections.ConfigDict:
   # (B·N candidates, not N; another example's copy of a gold document is left out), so
   # the router trains against far more distractors than one memory holds. Costs
   # [B, M, B·N, C] float32 scores per router layer (B times the usual routing FLOPs, which
-  # msa_jax.flops does not count: the MFU line leaves them out). First CPU check in
-  # WORKSPACE.md (session 13, part 5); untested on the GPU recipes yet.
+  # msa_jax.flops does not count: the MFU line leaves them out). The tiny recipe sets it
+  # (WORKSPACE.md: CPU session 13, H200 sessions 14-15).
   c.loss.aux_batch_negatives = False
   # Active positions per example in one chunk of the LM loss: the head's float32 logits
   # exist for one chunk at a time (local batch x this x vocab x 4 bytes), never [B, M, vocab].
@@ -304,12 +306,15 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     # 4,250 and exact match 0.78 at 9,700 at batch 128 (2 KV heads: 0.65 at 5,000, EM 0.04).
     #
     # Two stages. Reader stage, steps 0-9,999: memories of 8 documents (320 tokens) at
-    # batch 128 (64 answers a step): faster per step than batch 256 (answers 0.13 against
-    # 0.44 nats at step 4,850, 8 KV heads), ~30 steps/s alone on the H200 (~5.5 min). Long,
-    # so the cosine keeps the lr high while the lookup is learnt: cut to 4,000 steps (the
-    # lr annealed by then) the answers were at 0.56 nats, against 0.12 at step 4,250 of a
-    # 12,000-step schedule. Then the training memory, 16K tokens (409 documents), at batch
-    # 16 (~0.4 s a step). The whole recipe (~9 min) has not run end to end yet.
+    # batch 128 (64 answers a step), ~22 steps/s alone on the H200 (session 13: 10,000
+    # steps in 7 min 29 s); then the training memory, 16K tokens (409 documents), at batch
+    # 16 for 400 steps (~0.17 s a step): ~8 min 40 s in all. Long, so the cosine keeps the
+    # lr high while the lookup and the ids are learnt (H200, session 15, WORKSPACE.md
+    # "Graded facts and in-batch negatives"): with this recipe's data and losses, 5 seeds
+    # of a 12,000-step schedule stopped at ~6,000 steps had learnt the ids in 4 and were
+    # still lowering their answers' loss (EM 0.00-0.95 at 408 documents); the same recipe
+    # compressed to 5,700 steps (stage switch at 5,500) learnt the ids in 1 seed of 4, whose
+    # EM at 16K was 0.83. This 10,400-step schedule with them has not run end to end yet.
     c.num_steps = 10_400
     c.batch_size = 16
     c.log_every_steps = 10
@@ -338,7 +343,14 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.kv.answer_with_key = True   # `<end-of-retrieval> k k k k v v <eos>`
     # One alphabet per id position: every run whose ids were learnt used it (H200, session 10).
     c.data.kv.positional_ids = True
-    c.data.facts_curriculum = ((0, 1), (150, 6))
+    # Graded facts: 1, 2, 4, then 6 facts a document from steps 0, 500, 1,500, 3,000. The
+    # answers' lookup, learnt by 2 of 6 runs with the direct (0, 1), (150, 6) switch, is
+    # learnt on 1 fact at once and kept through each stage (H200, sessions 13 and 15).
+    c.data.facts_curriculum = ((0, 1), (500, 2), (1_500, 4), (3_000, 6))
+    # The routing loss against every document of the batch (1,024 candidates at the reader
+    # stage), not the example's 8: the 8-document router then finds the gold document among
+    # 408 at recall@1 0.95-0.99 (0.04 without; H200, sessions 14 and 15).
+    c.loss.aux_batch_negatives = True
     # Routing loss on the smooth max (c.loss.aux_softmax; WORKSPACE.md cal33-cal38, CPU,
     # 32 documents, one seed): from scratch on 6-fact documents it stays at chance like
     # the hard max (τ 0.03-0.3), but with the 1-fact stage first it learnt faster (1 fact:
