@@ -123,6 +123,9 @@ def _base() -> ml_collections.ConfigDict:
   c.optim.main_lm_weight = 1.0
   c.optim.main_aux_weight = 0.1
   c.optim.lr_ramp_steps = 100
+  # > 0: hold main_phase_lr and anneal (cosine) only over the last this many steps
+  # (warmup-stable-decay); 0: cosine over the whole main phase.
+  c.optim.decay_steps = 0
   c.optim.grad_clip_norm = 1.0
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95

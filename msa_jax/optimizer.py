@@ -3,12 +3,36 @@
 Phase 1, router warm-up (``step < warmup_phase_steps``): ``L = 0.1·L_LM + L_aux``
 at ``warmup_phase_lr`` (1e-4) after a short linear ramp. Phase 2, main:
 ``L = L_LM + 0.1·L_aux`` with the learning rate annealed (cosine) from
-``main_phase_lr`` to ``final_lr`` (6e-6) at ``num_steps``.
+``main_phase_lr`` to ``final_lr`` (6e-6) at ``num_steps``. ``optim.decay_steps`` > 0
+holds the main phase's lr at ``main_phase_lr`` and anneals (cosine) only over the last
+``decay_steps`` steps (warmup-stable-decay): a short run then keeps its peak lr as long as a
+long run's cosine would.
 """
 from __future__ import annotations
 
 import jax.numpy as jnp
 import optax
+
+
+def main_phase_steps(cfg) -> int:
+  """Steps of the main phase's schedule: after the warm-up phase, or after the lr ramp
+  when there is no warm-up phase."""
+  o = cfg.optim
+  warm = int(o.warmup_phase_steps)
+  ramp = 0 if warm else max(1, int(o.lr_ramp_steps))
+  return max(1, int(cfg.num_steps) - warm - ramp)
+
+
+def _anneal(o, steps: int) -> optax.Schedule:
+  """``main_phase_lr`` → ``final_lr`` over ``steps``: cosine throughout, or held and then
+  cosine over the last ``optim.decay_steps``."""
+  alpha = o.final_lr / max(o.main_phase_lr, 1e-30)
+  decay = int(o.get("decay_steps", 0))
+  if decay <= 0:
+    return optax.cosine_decay_schedule(o.main_phase_lr, steps, alpha=alpha)
+  return optax.join_schedules(
+      [optax.constant_schedule(o.main_phase_lr),
+       optax.cosine_decay_schedule(o.main_phase_lr, decay, alpha=alpha)], [steps - decay])
 
 
 def learning_rate_schedule(cfg) -> optax.Schedule:
@@ -21,14 +45,10 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
     phase1 = optax.join_schedules(
         [optax.linear_schedule(0.0, o.warmup_phase_lr, ramp), optax.constant_schedule(o.warmup_phase_lr)],
         [ramp])
-    phase2 = optax.cosine_decay_schedule(o.main_phase_lr, main_steps,
-                                         alpha=o.final_lr / max(o.main_phase_lr, 1e-30))
-    return optax.join_schedules([phase1, phase2], [warm])
+    return optax.join_schedules([phase1, _anneal(o, main_steps)], [warm])
   return optax.join_schedules(
       [optax.linear_schedule(0.0, o.main_phase_lr, ramp),
-       optax.cosine_decay_schedule(o.main_phase_lr, max(1, main_steps - ramp),
-                                   alpha=o.final_lr / max(o.main_phase_lr, 1e-30))],
-      [ramp])
+       _anneal(o, max(1, main_steps - ramp))], [ramp])
 
 
 def loss_weights(cfg, step):

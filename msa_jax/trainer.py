@@ -35,7 +35,7 @@ from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
 from msa_jax.distributed import gather_to_host, is_primary, pad_to_common_shape, wait_for_primary
 from msa_jax.model import MSAModel
-from msa_jax.optimizer import make_optimizer
+from msa_jax.optimizer import main_phase_steps, make_optimizer
 from msa_jax.train_step import TrainState, init_train_state, lm_chunk_size, train_step
 
 
@@ -144,6 +144,12 @@ def _validate_cadence_and_rates(cfg) -> None:
     if not (np.isfinite(lr) and floor_ok):
       raise ValueError(f"optim.{name} must be a finite number {'>= 0' if name == 'final_lr' else '> 0'}, "
                        f"got {lr}; set --config.optim.{name}")
+  decay, main = int(cfg.optim.get("decay_steps", 0)), main_phase_steps(cfg)
+  if not 0 <= decay <= main:
+    raise ValueError(
+        f"optim.decay_steps={decay} must be between 0 (cosine over the whole main phase) "
+        f"and the main phase's {main} steps (num_steps {cfg.num_steps} less the warm-up "
+        f"phase or the lr ramp); set --config.optim.decay_steps=N with 0 <= N <= {main}")
   ratio = float(cfg.optim.get("max_update_ratio", 1.0))
   if not ratio > 0:
     raise ValueError(f"optim.max_update_ratio must be > 0, got {ratio}")

@@ -86,6 +86,39 @@ def test_schedule_without_warmup_phase_ramps_then_anneals():
   assert weights_at(c, 0) == pytest.approx((1.0, 0.1), rel=1e-6)         # main phase at once
 
 
+def _cosine(lr0, lr1, frac):
+  """float64 reference: cosine from lr0 at frac 0 to lr1 at frac 1."""
+  return lr1 + (lr0 - lr1) * 0.5 * (1 + np.cos(np.pi * frac))
+
+
+@pytest.mark.parametrize("warm", [150, 0])
+def test_decay_steps_hold_the_lr_then_anneal(warm):
+  """optim.decay_steps > 0 (warmup-stable-decay): main_phase_lr held until the last
+  decay_steps steps, then the cosine to final_lr over exactly those; 0 keeps the cosine
+  over the whole main phase."""
+  c = get_config("tiny")
+  c.num_steps, c.optim.warmup_phase_steps, c.optim.lr_ramp_steps = 6000, warm, 20
+  c.optim.main_phase_lr, c.optim.final_lr, c.optim.decay_steps = 2e-3, 1e-5, 1000
+  start = warm if warm else 20                 # main phase begins after warm-up or ramp
+  for i in (start, start + 1, 3000, 4999):
+    assert lr_at(c, i) == pytest.approx(2e-3, rel=1e-6), i
+  for i in (5000, 5250, 5500, 5999, 6000):
+    assert lr_at(c, i) == pytest.approx(_cosine(2e-3, 1e-5, (i - 5000) / 1000), rel=1e-4), i
+  c.optim.decay_steps = 0
+  mid = start + (6000 - start) // 2
+  assert lr_at(c, mid) == pytest.approx(_cosine(2e-3, 1e-5, 0.5), rel=1e-4)
+  validate_config(c)
+
+
+@pytest.mark.parametrize("decay", [-1, 5851])
+def test_decay_steps_outside_the_main_phase_are_refused(decay):
+  c = get_config("tiny")
+  c.num_steps, c.optim.warmup_phase_steps, c.optim.decay_steps = 6000, 150, decay
+  with pytest.raises(ValueError, match=r"optim.decay_steps=-?\d+ must be between 0 .* "
+                                       r"main phase's 5850 steps"):
+    validate_config(c)
+
+
 def test_smoke_recipe_phases():
   c = get_config("smoke")
   warm = c.optim.warmup_phase_steps
