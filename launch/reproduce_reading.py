@@ -240,7 +240,7 @@ def merge_results(results: list[dict]) -> dict:
   """One result from several ``reading.json`` of the same trained runs (e.g. the 6104×
   size evaluated in a call of its own): each mode's bank rows by multiplier (a later file's
   row replaces an earlier one's), relative degradation recomputed against the 1× row.
-  Refuses runs whose training differs (another final step or RoPE mode)."""
+  Refuses to mix runs of one RoPE mode whose trainings ended at different steps."""
   merged = {k: v for k, v in results[0].items() if k != "runs"}
   merged["merged_from"] = [r.get("argv") for r in results]
   merged["runs"] = {}
