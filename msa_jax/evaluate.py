@@ -196,8 +196,9 @@ def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
 def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = "",
              batch_size: int = 8, max_new_tokens: int = 16, max_rounds: int = 3,
              kv_placement: str = "device", routing: str = "auto", oracle: bool = True,
-             limit: int = 0) -> dict[str, Any]:
-  """Scores the questions of ``questions_path`` over one shared bank (see module doc).
+             limit: int = 0, top_k: int = 0) -> dict[str, Any]:
+  """Scores the questions of ``questions_path`` over one shared bank (see module doc);
+  ``top_k`` > 0 routes to that many documents instead of the model's own (recorded).
 
   Writes ``out`` (default ``WORKDIR/eval_bank_<bank name>.json``) with exact match, router
   recall@1/@k, oracle exact match and mean per-stage latency (after a compiling warm-up
@@ -218,7 +219,7 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
     row["gold_answer_tokens"] = row.pop("answer_tokens")
     row["rounds_gold"] = row.pop("rounds", None) or [[str(row["doc_id"])]]
   engine = MemoryEngine.load(workdir, bank_path, kv_placement=kv_placement, routing=routing,
-                             batch_size=batch_size, max_rounds=max_rounds)
+                             batch_size=batch_size, max_rounds=max_rounds, top_k=top_k)
   k = engine.model.config.top_k
   # Compile first (one batch, not scored), so that timings are steady-state latency.
   engine.generate(rows[:batch_size], max_new_tokens=max_new_tokens)
@@ -227,7 +228,7 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
   elapsed = time.perf_counter() - t0
   result = {"bank": os.path.abspath(bank_path), "memory_tokens": engine.device_bank.bank.num_tokens,
             "num_docs": engine.device_bank.bank.num_docs, "routing": engine.device_bank.settings.routing,
-            "kv_placement": kv_placement, **score_bank_answers(answers, k),
+            "kv_placement": kv_placement, "top_k": k, **score_bank_answers(answers, k),
             "timings_ms": {key: float(np.mean([a["timings_ms"][key] for a in answers]))
                            for key in ("prefill", "decode")},
             "seconds": elapsed, "failures": {}}
@@ -279,7 +280,8 @@ def main(argv):
       if not (f.bank and f.questions):
         raise ValueError("--bank and --questions go together")
       run_bank(workdir, f.bank, f.questions, out=f.out, batch_size=f.batch_size,
-               max_new_tokens=f.max_new_tokens, kv_placement=f.kv_placement, limit=f.limit)
+               max_new_tokens=f.max_new_tokens, kv_placement=f.kv_placement, limit=f.limit,
+               top_k=f.top_k)
     except Exception as e:  # noqa: BLE001 - the cause as the last lines
       exit_with_error(e, "msa_jax.evaluate")
     return
@@ -301,4 +303,6 @@ if __name__ == "__main__":
   flags.DEFINE_integer("max_new_tokens", 8, "Tokens per round (bank mode).")
   flags.DEFINE_integer("limit", 0, "Only the first N questions (bank mode; 0 = all).")
   flags.DEFINE_enum("kv_placement", "device", ["device", "host"], "Where K̄/V̄ live (bank mode).")
+  flags.DEFINE_integer("top_k", 0, "Documents each question routes to (bank mode; 0 = the "
+                       "model's trained top_k).")
   app.run(main)

@@ -15,21 +15,27 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("checkpoint", None, "Training workdir, HF Qwen3, MSA-4B or msa_jax dir.",
-                    required=True)
-flags.DEFINE_string("bank", None, "A bank written by python -m msa_jax.encode.", required=True)
-flags.DEFINE_string("questions", None, "JSONL question rows.", required=True)
-flags.DEFINE_string("out", None, "Where to write the answer rows (JSONL).", required=True)
-flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per round.")
-flags.DEFINE_float("temperature", 0.0, "0: greedy.")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("batch_size", 8, "Questions decoded together.")
-flags.DEFINE_integer("max_rounds", 3, "Memory Interleave retrieval rounds at most.")
-flags.DEFINE_enum("kv_placement", "device", ["device", "host"], "Where K̄/V̄ live.")
-flags.DEFINE_enum("routing", "auto", ["auto", "pallas", "xla"], "Routing implementation.")
-flags.DEFINE_string("tokenizer_dir", "", "Local HF tokenizer (default: the checkpoint's).")
-flags.DEFINE_bool("oracle", False, "Force the gold documents (rows' rounds / doc_id).")
+
+def _define_flags() -> None:
+  # Defined when run as a script only: msa_jax.evaluate imports read_questions from here,
+  # and absl refuses a flag defined twice ('bank', 'questions', ... are its flags too).
+  flags.DEFINE_string("checkpoint", None, "Training workdir, HF Qwen3, MSA-4B or msa_jax dir.",
+                      required=True)
+  flags.DEFINE_string("bank", None, "A bank written by python -m msa_jax.encode.", required=True)
+  flags.DEFINE_string("questions", None, "JSONL question rows.", required=True)
+  flags.DEFINE_string("out", None, "Where to write the answer rows (JSONL).", required=True)
+  flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per round.")
+  flags.DEFINE_float("temperature", 0.0, "0: greedy.")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("batch_size", 8, "Questions decoded together.")
+  flags.DEFINE_integer("max_rounds", 3, "Memory Interleave retrieval rounds at most.")
+  flags.DEFINE_enum("kv_placement", "device", ["device", "host"], "Where K̄/V̄ live.")
+  flags.DEFINE_enum("routing", "auto", ["auto", "pallas", "xla"], "Routing implementation.")
+  flags.DEFINE_string("tokenizer_dir", "", "Local HF tokenizer (default: the checkpoint's).")
+  flags.DEFINE_bool("oracle", False, "Force the gold documents (rows' rounds / doc_id).")
+  flags.DEFINE_integer("top_k", 0, "Documents each question routes to (0: the model's "
+                       "trained top_k).")
 
 
 def read_questions(path: str) -> list[dict]:
@@ -60,7 +66,7 @@ def main(argv):
   check_writable(os.path.dirname(os.path.abspath(f.out)), os.path.basename(f.out))
   engine = MemoryEngine.load(f.checkpoint, f.bank, kv_placement=f.kv_placement,
                              routing=f.routing, tokenizer_dir=f.tokenizer_dir,
-                             batch_size=f.batch_size, max_rounds=f.max_rounds)
+                             batch_size=f.batch_size, max_rounds=f.max_rounds, top_k=f.top_k)
   t0 = time.perf_counter()
 
   def progress(done, total):
@@ -77,4 +83,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

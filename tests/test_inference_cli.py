@@ -62,6 +62,14 @@ def test_engine_answers_from_the_encoded_bank(run_and_task):
     assert (ans["answer_tokens"] is None) == ("failure" in ans)
   forced = engine.generate(rows[:2], max_new_tokens=6, oracle=True)
   assert len(forced) == 2
+  # top_k at inference: the same bank, each question routed to k + 1 documents.
+  wider = MemoryEngine.load(workdir, bank_path, batch_size=4, top_k=k + 1, log=lambda *_: None)
+  assert wider.model.config.top_k == k + 1
+  for ans in wider.generate(rows[:2], max_new_tokens=6):
+    for layer in ans["selected_doc_ids"]:
+      assert len(layer) == k + 1 and len(set(layer)) == k + 1 and set(layer) <= set(ids)
+  with pytest.raises(ValueError, match="top_k=-1: pass a number of documents >= 1"):
+    MemoryEngine.load(workdir, bank_path, top_k=-1, log=lambda *_: None)
 
 
 def test_generate_cli_and_bank_evaluation(run_and_task):
@@ -84,6 +92,16 @@ def test_generate_cli_and_bank_evaluation(run_and_task):
     assert 0.0 <= result[key] <= 1.0, key
   assert result["router_recall@1"] <= result[f"router_recall@{k}"]
   assert json.load(open(tmp / "eval_bank.json"))["num_questions"] == NUM_QUESTIONS
+  # The same through the evaluation CLI, each question routed to k + 1 documents (the CLI
+  # once failed at import: msa_jax.generate defined the same absl flags).
+  res = subprocess.run([sys.executable, "-m", "msa_jax.evaluate", f"--workdir={workdir}",
+                        f"--bank={bank}", f"--questions={questions}", "--max_new_tokens=6",
+                        f"--top_k={k + 1}", f"--out={tmp}/eval_cli.json"], capture_output=True,
+                       text=True, env=env, cwd=REPO, timeout=600)
+  assert res.returncode == 0, res.stderr[-2000:]
+  wider = json.load(open(tmp / "eval_cli.json"))
+  assert wider["top_k"] == k + 1 and wider["num_questions"] == NUM_QUESTIONS
+  assert wider[f"router_recall@{k + 1}"] >= result[f"router_recall@{k}"]
 
 
 def test_a_bank_from_another_model_is_refused(run_and_task, tmp_path):

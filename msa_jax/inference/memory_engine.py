@@ -54,15 +54,24 @@ class MemoryEngine:
   def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
            routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
            batch_size: int = 8, max_rounds: int = 3, allow_synthetic: bool = False,
-           log=print) -> "MemoryEngine":
+           top_k: int = 0, log=print) -> "MemoryEngine":
     """Loads the model, checks and places the bank (see module doc).
 
     ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
-    timing only) in place of one this model encoded.
+    timing only) in place of one this model encoded. ``top_k`` > 0 routes each question to
+    that many documents instead of the model's trained ``top_k`` (an inference-time
+    setting: the bank, encoded by the trained model, is the same).
     """
     model, params = load_model(checkpoint)
     bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify,
                      allow_synthetic=allow_synthetic)
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k}: pass a number of documents >= 1, or 0 for the "
+                       f"model's own top_k ({model.config.top_k})")
+    if top_k and top_k != model.config.top_k:
+      log(f"routing to top_k={top_k} documents (the model was trained with "
+          f"{model.config.top_k})")
+      model = type(model)(model.config.replace(top_k=top_k))
     try:
       tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
     except ValueError:
