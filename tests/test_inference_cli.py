@@ -62,12 +62,19 @@ def test_engine_answers_from_the_encoded_bank(run_and_task):
     assert (ans["answer_tokens"] is None) == ("failure" in ans)
   forced = engine.generate(rows[:2], max_new_tokens=6, oracle=True)
   assert len(forced) == 2
-  # top_k at inference: the same bank, each question routed to k + 1 documents.
+  # top_k at inference: the same bank, each question routed to k + 1 documents, its
+  # positions at the trained offset T + k, so its top k + 1 hold the trained top k.
   wider = MemoryEngine.load(workdir, bank_path, batch_size=4, top_k=k + 1, log=lambda *_: None)
   assert wider.model.config.top_k == k + 1
-  for ans in wider.generate(rows[:2], max_new_tokens=6):
-    for layer in ans["selected_doc_ids"]:
+  for ans, trained in zip(wider.generate(rows, max_new_tokens=6), answers):
+    for layer, trained_layer in zip(ans["selected_doc_ids"], trained["selected_doc_ids"]):
       assert len(layer) == k + 1 and len(set(layer)) == k + 1 and set(layer) <= set(ids)
+      assert set(trained_layer) <= set(layer)
+  # The question starts at the trained offset T + k (SPEC §2), not T + k + 1: the smoke
+  # model's routing above happens not to move with it, the reading recipe's does.
+  from msa_jax.inference import interleave
+  start = interleave.BankBatch(wider.device_bank, 1, wider.position_config).active_start_b[0]
+  assert start == len(bank.prefix_tokens) + k
   with pytest.raises(ValueError, match="top_k=-1: pass a number of documents >= 1"):
     MemoryEngine.load(workdir, bank_path, top_k=-1, log=lambda *_: None)
 

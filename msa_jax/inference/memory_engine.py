@@ -44,8 +44,11 @@ class MemoryEngine:
   """Answers question rows from one bank with Memory Interleave (see module doc)."""
 
   def __init__(self, model, params, device_bank: DeviceBank, tokenizer, specials: SpecialTokens,
-               batch_size: int = 8, max_rounds: int = 3):
+               batch_size: int = 8, max_rounds: int = 3, position_config=None):
     self.model, self.params, self.device_bank = model, params, device_bank
+    # The config whose top_k fixes the question's first position T + k (SPEC §2): the
+    # trained model's, also when top_k is changed at inference.
+    self.position_config = position_config or model.config
     self.tokenizer, self.specials = tokenizer, specials
     self.batch_size, self.max_rounds = batch_size, max_rounds
     self.engine = Engine(model, params, "bank", device_bank.settings)
@@ -60,7 +63,9 @@ class MemoryEngine:
     ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
     timing only) in place of one this model encoded. ``top_k`` > 0 routes each question to
     that many documents instead of the model's trained ``top_k`` (an inference-time
-    setting: the bank, encoded by the trained model, is the same).
+    setting: the bank, encoded by the trained model, is the same; the question's positions
+    keep the trained offset ``T + k``, so its first round's routing, and hence the top
+    documents it shares with the trained k, do not change).
     """
     model, params = load_model(checkpoint)
     bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify,
@@ -68,10 +73,11 @@ class MemoryEngine:
     if top_k < 0:
       raise ValueError(f"top_k={top_k}: pass a number of documents >= 1, or 0 for the "
                        f"model's own top_k ({model.config.top_k})")
-    if top_k and top_k != model.config.top_k:
-      log(f"routing to top_k={top_k} documents (the model was trained with "
-          f"{model.config.top_k})")
-      model = type(model)(model.config.replace(top_k=top_k))
+    trained = model.config
+    if top_k and top_k != trained.top_k:
+      log(f"routing to top_k={top_k} documents (the model was trained with {trained.top_k}; "
+          f"the question's positions keep the trained offset)")
+      model = type(model)(trained.replace(top_k=top_k))
     try:
       tokenizer = load_tokenizer(checkpoint, tokenizer_dir)
     except ValueError:
@@ -91,7 +97,8 @@ class MemoryEngine:
     # The weights are replicated over the bank's mesh (the jitted steps take both).
     replicated = NamedSharding(device_bank.settings.mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
-    return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds)
+    return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds,
+               position_config=trained)
 
   def _question_tokens(self, row: dict, n: int) -> list[int]:
     if "question_tokens" in row:
@@ -119,7 +126,7 @@ class MemoryEngine:
     ``doc_id``) instead of the router's choice.
     """
     questions = [self._question_tokens(r, n) for n, r in enumerate(rows, start=1)]
-    memory = interleave.BankBatch(self.device_bank, self.batch_size, self.model.config)
+    memory = interleave.BankBatch(self.device_bank, self.batch_size, self.position_config)
     out = []
     for s in range(0, len(rows), self.batch_size):
       chunk = list(rows[s:s + self.batch_size])
