@@ -236,6 +236,17 @@ def plot(result: dict, path: str) -> None:
   plots.save(fig, path, dpi=110)
 
 
+def write_result(result: dict, out_dir: str) -> str:
+  """``out_dir/reading.json`` (through a partial file: a stop never leaves half of it) and
+  ``reading.png``; returns the JSON's path."""
+  out_json = os.path.join(out_dir, "reading.json")
+  with open(out_json + ".partial", "w") as f:
+    json.dump(result, f, indent=1, default=str)
+  os.replace(out_json + ".partial", out_json)
+  plot(result, os.path.join(out_dir, "reading.png"))
+  return out_json
+
+
 def merge_results(results: list[dict]) -> dict:
   """One result from several ``reading.json`` of the same trained runs (e.g. the 6104×
   size evaluated in a call of its own): each mode's bank rows by multiplier (a later file's
@@ -293,12 +304,9 @@ def main(argv=None) -> None:
     for path in args.merge.split(","):
       with open(path) as f:
         results.append(json.load(f))
-    merged = merge_results(results)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "reading.json"), "w") as f:
-      json.dump(merged, f, indent=1, default=str)
-    plot(merged, os.path.join(args.out, "reading.png"))
-    log(f"merged {len(results)} files into {args.out}/reading.json and reading.png")
+    out_json = write_result(merge_results(results), args.out)
+    log(f"merged {len(results)} files into {out_json} and reading.png")
     return
   deadline = time.time() + args.budget_s
   os.makedirs(args.out, exist_ok=True)
@@ -313,10 +321,7 @@ def main(argv=None) -> None:
   out_json = os.path.join(args.out, "reading.json")
 
   def save() -> None:
-    with open(out_json + ".partial", "w") as f:
-      json.dump(result, f, indent=1, default=str)
-    os.replace(out_json + ".partial", out_json)
-    plot(result, os.path.join(args.out, "reading.png"))
+    write_result(result, args.out)
 
   for i, mode in enumerate(modes):
     workdir = os.path.join(args.root, f"train_{mode}")

@@ -40,15 +40,13 @@ def learning_rate_schedule(cfg) -> optax.Schedule:
   o = cfg.optim
   warm = int(o.warmup_phase_steps)
   ramp = max(1, min(int(o.lr_ramp_steps), warm) if warm else int(o.lr_ramp_steps))
-  main_steps = max(1, int(cfg.num_steps) - warm)
+  anneal = _anneal(o, main_phase_steps(cfg))
   if warm:
     phase1 = optax.join_schedules(
         [optax.linear_schedule(0.0, o.warmup_phase_lr, ramp), optax.constant_schedule(o.warmup_phase_lr)],
         [ramp])
-    return optax.join_schedules([phase1, _anneal(o, main_steps)], [warm])
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, o.main_phase_lr, ramp),
-       _anneal(o, max(1, main_steps - ramp))], [ramp])
+    return optax.join_schedules([phase1, anneal], [warm])
+  return optax.join_schedules([optax.linear_schedule(0.0, o.main_phase_lr, ramp), anneal], [ramp])
 
 
 def loss_weights(cfg, step):

@@ -67,12 +67,12 @@ class MemoryEngine:
     keep the trained offset ``T + k``, so its first round's routing, and hence the top
     documents it shares with the trained k, do not change).
     """
+    if top_k < 0:
+      raise ValueError(f"top_k={top_k}: pass a number of documents >= 1, or 0 for the "
+                       "model's own top_k")
     model, params = load_model(checkpoint)
     bank = open_bank(bank_path, model_fingerprint(model.config, params), verify=verify,
                      allow_synthetic=allow_synthetic)
-    if top_k < 0:
-      raise ValueError(f"top_k={top_k}: pass a number of documents >= 1, or 0 for the "
-                       f"model's own top_k ({model.config.top_k})")
     trained = model.config
     if top_k and top_k != trained.top_k:
       log(f"routing to top_k={top_k} documents (the model was trained with {trained.top_k}; "
