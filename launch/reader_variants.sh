@@ -18,8 +18,9 @@
 # checkpoint its config's eval questions (answer exact match and router recall through the
 # engine; set e.g. --config.eval.memory_multipliers=(1,) in COMMON) -> $OUT/<NAME>/eval.json.
 # The variants' post-training steps run side by side.
-# PACK_BEST=1 (with EVAL=1; default 0): the variant whose eval.json has the highest answer
-# exact match is packed as $PACK_DIR/train_document.tgz.part-* (PACK_DIR defaults to $OUT;
+# PACK_BEST=1 (with EVAL=1; default 0): for each RoPE mode among the variants, the one whose
+# eval.json has the highest answer exact match is packed as $PACK_DIR/train_<mode>.tgz.part-*
+# (e.g. a variant with --config.model.rope_mode=global -> train_global; PACK_DIR defaults to $OUT;
 # 15 MiB parts a device call returns), ready for reproduce_reading.sh STAGE=eval or
 # RESUME_FROM (session 13: the seed that read, evaluated on shared banks).
 set -u
@@ -80,15 +81,27 @@ done
 # One archive as well: a device call returns only a few files.
 tar -czf "$OUT/variants.tgz" -C "$OUT" "${names[@]}"
 if [ "$PACK_BEST" -gt 0 ]; then
+  # One pack per RoPE mode among the variants (model.rope_mode of each config.json): the
+  # variant of that mode whose eval.json has the highest answer exact match.
   best=$("$PYTHON" -c 'import glob, json, os, sys
-runs = [(json.load(open(f))["rows"][0]["answer_exact_match"], os.path.basename(os.path.dirname(f)))
-        for f in glob.glob(os.path.join(sys.argv[1], "*", "eval.json"))]
-print(max(runs)[1] if runs else "")' "$OUT")
+best = {}
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "*", "eval.json"))):
+  run_dir = os.path.dirname(f)
+  with open(os.path.join(run_dir, "config.json")) as cf:
+    mode = json.load(cf)["model"].get("rope_mode", "document")
+  with open(f) as ef:
+    em = json.load(ef)["rows"][0]["answer_exact_match"]
+  best[mode] = max(best.get(mode, (-1.0, "")), (em, os.path.basename(run_dir)))
+print(" ".join(f"{mode}={name}" for mode, (_, name) in sorted(best.items())))' "$OUT")
   if [ -z "$best" ]; then
     echo "PACK_BEST: no variant has an eval.json (set EVAL=1)" >&2; exit 1
   fi
-  echo "PACK_BEST: $best -> $PACK_DIR/train_document.tgz.part-*"
-  mkdir -p "$PACK_DIR" && rm -f "$PACK_DIR/train_document.tgz.part-"*
-  tar -czf - -C "$ROOT" --transform "s,^$best,train_document," "$best" \
-    | split -b 15m - "$PACK_DIR/train_document.tgz.part-"
+  mkdir -p "$PACK_DIR"
+  for pair in $best; do
+    mode=${pair%%=*}; name=${pair#*=}
+    echo "PACK_BEST: $name -> $PACK_DIR/train_$mode.tgz.part-*"
+    rm -f "$PACK_DIR/train_$mode.tgz.part-"*
+    tar -czf - -C "$ROOT" --transform "s,^$name,train_$mode," "$name" \
+      | split -b 15m - "$PACK_DIR/train_$mode.tgz.part-"
+  done
 fi
