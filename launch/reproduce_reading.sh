@@ -10,8 +10,8 @@
 # Outputs in $OUT: reading.json, reading.png, router_health_<mode>.png, reading.log,
 # memory_cost.json, memory_cost.png, memory_cost.log.
 #
-# The recipe trains ~9 minutes (10,400 steps), so training and evaluation take two device
-# calls (each at most 10 minutes), one RoPE mode at a time:
+# The recipe trains ~5 minutes (6,000 steps), and the five sizes take ~6 minutes to
+# evaluate, so training and evaluation take two device calls (each at most 10 minutes):
 #   STAGE=train bash launch/reproduce_reading.sh
 #       trains (TRAIN_S, default 480 s) and packs the run into
 #       $TRAINED/train_<mode>.tgz.part-aa, -ab, ... (15 MiB parts; TRAINED defaults to $OUT,
@@ -24,9 +24,8 @@
 #   RESUME_FROM=runs/reading_trained (STAGE=train or both; carry it): unpacks that folder's
 #   train_<mode>.tgz.part-* and the trainer resumes the run from its last checkpoint (data
 #   position included) for TRAIN_S more seconds. A 600 s device call holds ~480 s of training
-#   with margin for start-up and packing; the recipe needs ~540 s (10,400 steps at ~20 steps/s
-#   on one H200, session 13), so: STAGE=train (480 s), then STAGE=both
-#   RESUME_FROM=runs/reading_trained TRAIN_S=120 (finishes the run and evaluates it).
+#   with margin for start-up and packing: enough for the recipe (~330 s), not for a longer
+#   schedule (TRAIN_ARGS="--config.num_steps=..."), which RESUME_FROM finishes.
 #   ROPE=global: the RoPE ablation (another pair of calls).
 #   MULTIPLIERS (default 1,16,256,1024,6104; empty: none): the bank sizes STAGE=eval/both ask.
 #   EVALUATE=1 (STAGE=eval; default 0): then `python -m msa_jax.evaluate` on the run (its
