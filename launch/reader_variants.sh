@@ -34,7 +34,7 @@ POSITIONS=${POSITIONS:-0}
 EVAL=${EVAL:-0}
 PACK_BEST=${PACK_BEST:-0}
 PACK_DIR=${PACK_DIR:-$OUT}
-COMMON=${COMMON-"--config.num_steps=1000 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
+COMMON=${COMMON-"--config.num_steps=1000 --config.optim.decay_steps=0 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
 VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
 mkdir -p "$OUT" "$ROOT"
 echo "reader_variants.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) RUN_S=$RUN_S"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from msa_jax.config import ModelConfig
 
@@ -37,11 +38,45 @@ class RMSNorm(nn.Module):
     return y.astype(self.dtype)
 
 
+# RoPE angles past 4,096 positions: position × ω in float32 (as transformers computes it)
+# is off by up to half an ulp of the product, 0.4 rad at 16.8M and π at 100M positions
+# (WORKSPACE.md, session 16), which global-RoPE banks of that size reach. The position is
+# split as (a·2¹⁰ + b)·2¹² + c (exact for any int32), and the angle is c·ω plus the high
+# digits' a·(2²²ω mod 2π) and b·(2¹²ω mod 2π), each reduced mod 2π in float32 from
+# float64 constants: within ~1e-3 rad of the float64 angle at any position, and equal to
+# the plain float32 product c·ω (bit for bit) below position 4,096.
+_ROPE_LOW_BITS = 12
+_ROPE_MID_BITS = 10
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+  """The rotation frequencies ``ω_i = θ^(-2i/D)``, ``[D/2]`` float32 (float64, rounded)."""
+  return (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)).astype(
+      np.float32)
+
+
+def rope_angles(positions, head_dim: int, theta: float):
+  """RoPE angles ``[..., D/2]`` float32 for integer positions, ``position × ω`` reduced
+  exactly enough for any int32 position (see the comment above)."""
+  inv_freq = rope_inv_freq(head_dim, theta)
+  two_pi = 2.0 * np.pi
+  w64 = inv_freq.astype(np.float64)
+  step_mid = np.float32(np.mod(w64 * 2.0 ** _ROPE_LOW_BITS, two_pi))
+  step_high = np.float32(np.mod(w64 * 2.0 ** (_ROPE_LOW_BITS + _ROPE_MID_BITS), two_pi))
+  pos = jnp.asarray(positions).astype(jnp.int32)[..., None]
+  low = jnp.bitwise_and(pos, (1 << _ROPE_LOW_BITS) - 1).astype(jnp.float32)
+  high = jnp.right_shift(pos, _ROPE_LOW_BITS)
+  mid = jnp.bitwise_and(high, (1 << _ROPE_MID_BITS) - 1).astype(jnp.float32)
+  top = jnp.right_shift(high, _ROPE_MID_BITS).astype(jnp.float32)
+  shape = (1,) * (pos.ndim - 1) + (-1,)
+  wrapped = (jnp.fmod(mid * step_mid.reshape(shape), np.float32(two_pi))
+             + jnp.fmod(top * step_high.reshape(shape), np.float32(two_pi)))
+  return low * inv_freq.reshape(shape) + wrapped
+
+
 def rope_cos_sin(positions, head_dim: int, theta: float):
   """cos/sin tables ``[..., D]`` for integer positions (rotate-half layout)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  pos = positions.astype(jnp.float32)[..., None]
-  angles = pos * inv_freq.reshape((1,) * (pos.ndim - 1) + (-1,))
+  angles = rope_angles(positions, head_dim, theta)
   angles = jnp.concatenate([angles, angles], axis=-1)
   return jnp.cos(angles), jnp.sin(angles)
 

@@ -60,6 +60,8 @@ def test_engine_answers_from_the_encoded_bank(run_and_task):
       assert len(layer) == k and set(layer) <= set(ids)
     assert set(ans["timings_ms"]) >= {"prefill", "decode"}
     assert (ans["answer_tokens"] is None) == ("failure" in ans)
+    if "failure" in ans:
+      assert isinstance(ans["failed_tokens"], list) and "failed_text" in ans
   forced = engine.generate(rows[:2], max_new_tokens=6, oracle=True)
   assert len(forced) == 2
   # top_k at inference: the same bank, each question routed to k + 1 documents, its

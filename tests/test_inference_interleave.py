@@ -108,7 +108,8 @@ def test_unknown_id_ends_with_a_failure_and_others_go_on():
   gen_bad, gen_ok = interleave.generate(ScriptedEngine(script), _memory(2), [[5], [6]], SP,
                                         max_rounds=3, max_new_tokens=4)
   assert gen_bad.answer is None and gen_bad.failure == "named a document that is not in memory"
-  assert gen_ok.rounds == [["C"]] and gen_ok.answer == [7]
+  assert gen_bad.failed_tokens == [30, 31, 3]     # what it wrote, to read the failure by
+  assert gen_ok.rounds == [["C"]] and gen_ok.answer == [7] and gen_ok.failed_tokens is None
 
 
 def test_round_budget_is_enforced():
@@ -117,3 +118,4 @@ def test_round_budget_is_enforced():
                              max_new_tokens=4)
   assert gen.rounds == [["A"], ["A"], ["A"]]
   assert gen.answer is None and gen.failure == "no answer after 2 retrieval rounds"
+  assert gen.failed_tokens == [10, 11, 3]

@@ -329,10 +329,10 @@ def test_facts_curriculum_trains_fewer_facts_first():
   assert [f for _, f in cfg.data.facts_curriculum] == [1, 2, 4, 6]
   stages = from_config.training_stages(cfg.data, cfg.batch_size)
   # The recipe: 1, 2, 4, then 6 facts from steps 0, 500, 1,500, 3,000, a reader stage of
-  # 8-document memories at batch 128 until step 10,000, then the 16K-token training
+  # 8-document memories at batch 128 until step 5,800, then the 16K-token training
   # memory (None) at batch 16.
   assert stages == [(0, 320, 1, 128), (500, 320, 2, 128), (1500, 320, 4, 128),
-                    (3000, 320, 6, 128), (10000, None, 6, 16)]
+                    (3000, 320, 6, 128), (5800, None, 6, 16)]
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]

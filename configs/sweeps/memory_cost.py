@@ -21,6 +21,7 @@ def get_sweep(arg: str = ""):
           "fixed": {"num_steps": 60, "log_every_steps": 20, "eval.at_end": False,
                     "checkpoint.every_steps": 1_000_000, "data.memory_curriculum": (),
                     "data.batch_curriculum": (), "data.facts_curriculum": (),
-                    "optim.warmup_phase_steps": 10},   # the recipe's 150 exceed 60 steps
+                    # the recipe's 150 warm-up and 1,000 anneal steps exceed 60 steps
+                    "optim.warmup_phase_steps": 10, "optim.decay_steps": 0},
           "grid": {"data.memory_tokens": [4_096, 8_192, 16_384, 32_768, 65_536, 131_072]},
           "resources": {"gpus_per_node": 1, "time": "01:00:00"}}

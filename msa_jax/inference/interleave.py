@@ -36,6 +36,9 @@ class Generation:
   first_ranked: list[list[str]]      # the same, best score first
   first_scores: Optional[np.ndarray]  # [R, N] router scores of round 1 (per-example memory)
   failure: str = ""
+  # The tokens of the round that failed (an unknown id, neither id nor answer, or the
+  # round budget spent), so a failure can be read token by token; None otherwise.
+  failed_tokens: Optional[list[int]] = None
   timings_ms: dict = dataclasses.field(default_factory=dict)
 
 
@@ -236,10 +239,12 @@ def _finish_round(gen: Generation, memory, i: int, generated, qs, done, r: int,
     qs[i] = memory.inject(i, qs[i], parsed.doc_ids, injection)
     if r == max_rounds:
       done[i], gen.failure = True, f"no answer after {max_rounds} retrieval rounds"
+      gen.failed_tokens = list(generated)
   else:
     done[i] = True
     gen.failure = ("named a document that is not in memory" if parsed.unknown
                    else "generated neither an id nor an answer")
+    gen.failed_tokens = list(generated)
   if done[i] and gen.answer is None and not gen.failure:
     gen.failure = "unfinished"
 

@@ -120,7 +120,9 @@ class MemoryEngine:
                top_p: float = 1.0, seed: int = 0, oracle: bool = False,
                progress=None) -> list[dict]:
     """Answers each row; returns the rows with ``answer``, ``answer_tokens``, ``rounds``,
-    ``selected_doc_ids`` (per router layer, first round), ``timings_ms`` (and ``failure``).
+    ``selected_doc_ids`` (per router layer, first round), ``timings_ms`` (and, for a
+    question that failed, ``failure`` with the failed round's ``failed_tokens`` and their
+    text ``failed_text``).
 
     ``oracle=True`` forces each round's gold documents (the row's ``rounds``, or its
     ``doc_id``) instead of the router's choice.
@@ -149,6 +151,10 @@ class MemoryEngine:
                              "batch": round(batch_ms, 3)}
         if g.failure:
           res["failure"] = g.failure
+          if g.failed_tokens is not None:
+            res["failed_tokens"] = g.failed_tokens
+            res["failed_text"] = (self.tokenizer.decode(g.failed_tokens)
+                                  if self.tokenizer is not None else None)
         out.append(res)
       if progress is not None:
         progress(len(out), len(rows))
