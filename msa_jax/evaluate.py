@@ -108,6 +108,7 @@ def evaluate_memory_size(cfg, model, params, multiplier: int) -> dict[str, Any]:
       **{f"{a}_answer_exact_match": exact(g) for a, g in zip(ablations, ablated)},
       "num_examples": len(examples),
       "failures": _count_failures(routed),
+      **{f"{a}_failures": _count_failures(g) for a, g in zip(ablations, ablated)},
       "timings_ms": _mean_timings(routed),
   }
 

@@ -289,8 +289,12 @@ def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cac
   assert row["memory_multiplier"] == 1 and row["num_examples"] == 6
   assert set(row) >= {"answer_exact_match", "router_recall@1", "router_recall@5",
                       "oracle_answer_exact_match", "memory_tokens", "num_docs", "failures",
-                      "single_round_answer_exact_match", "ids_only_answer_exact_match"}
+                      "single_round_answer_exact_match", "ids_only_answer_exact_match",
+                      "single_round_failures", "ids_only_failures"}
   assert all(0 <= row[f"{a}_answer_exact_match"] <= 1 for a in ("single_round", "ids_only"))
+  # Each ablation's failures, counted by reason, add up to its wrong answers at most.
+  for a in ("single_round", "ids_only"):
+    assert sum(row[f"{a}_failures"].values()) <= round(6 * (1 - row[f"{a}_answer_exact_match"]))
   assert 3 <= row["num_docs"] <= 5
   with open(tmp_path / "config.json") as f:
     assert json.load(f)["model"]["vocab_size"] == -(-(6 + len(WORDS)) // 64) * 64
