@@ -190,6 +190,71 @@ def test_interrupted_encode_resumes_to_an_identical_bank(tiny):
   assert bank.doc_tokens(5) == json.loads(open(tiny[2]).readlines()[5])["tokens"]
 
 
+def test_a_failed_write_stops_the_encode_and_the_bank_resumes_from_its_last_commit(
+    tiny, monkeypatch):
+  """Windows are written on a thread while the next is encoded: an error in a write
+  reaches the caller, the windows committed before it stay, and a rerun completes the
+  bank byte for byte as an uninterrupted encode."""
+  _, _, _, tmp = tiny
+  whole, part = str(tmp / "whole_w"), str(tmp / "failed_w")
+  assert _encode(tiny, whole)["complete"]
+  real_append, calls = bank_lib.BankWriter.append, []
+
+  def failing_append(self, *args, **kw):
+    calls.append(1)
+    if len(calls) == 3:
+      raise OSError("disk full (injected)")
+    return real_append(self, *args, **kw)
+
+  monkeypatch.setattr(bank_lib.BankWriter, "append", failing_append)
+  with pytest.raises(OSError, match="disk full"):
+    _encode(tiny, part)
+  monkeypatch.setattr(bank_lib.BankWriter, "append", real_append)
+  with open(os.path.join(part, bank_lib.MANIFEST)) as f:
+    m = json.load(f)
+  assert not m["complete"] and 0 < m["corpus"]["rows_done"] < 40   # two windows committed
+  assert _encode(tiny, part)["complete"]
+  assert _files(part) == _files(whole)
+
+
+def test_global_rope_positions_continue_across_windows(tiny):
+  """Global RoPE numbers each document after every token before it, across windows
+  written while the next is encoded: windows of 60 tokens give the bank one window
+  gives; and the positions matter (document-wise RoPE gives other keys)."""
+  import dataclasses
+  model, params, corpus, tmp = tiny
+  glob = type(model)(dataclasses.replace(model.config, rope_mode="global"))
+  banks = {}
+  for name, m_, window in (("g60", glob, 60), ("g_all", glob, 1 << 20), ("d_all", model, 1 << 20)):
+    path = str(tmp / name)
+    assert encode_corpus(m_, params, corpus, path, tokenizer=None, prefix_tokens=[1, 2],
+                         window_tokens=window, log=lambda *_: None)["complete"]
+    banks[name] = bank_lib.open_bank(path)
+  _assert_same_chunks(banks["g60"], banks["g_all"])
+  last = banks["g_all"].router_layers[-1]
+  assert not np.allclose(np.asarray(banks["g_all"].k(last), np.float32),
+                         np.asarray(banks["d_all"].k(last), np.float32), atol=1e-3)
+
+
+def test_router_keys_do_not_depend_on_a_documents_global_offset(tiny):
+  """K̄R has no RoPE and a document attends only to itself, so its router keys depend on
+  relative positions alone: the same at offset 0 and at 99.9M (where a global-RoPE bank
+  of 100M tokens numbers its last documents). With float32 angles `position × ω` they
+  were not (up to 3 rad off there)."""
+  import dataclasses
+  from msa_jax.inference.encode import Encoder
+  model, params, _, _ = tiny
+  glob = type(model)(dataclasses.replace(model.config, rope_mode="global"))
+  rng = np.random.default_rng(3)
+  docs = [bank_lib.DocRecord(f"d{i}", rng.integers(1, CFG.vocab_size, 11).tolist(), 0)
+          for i in range(4)]
+  enc = Encoder(glob, params, batch_tokens=64)
+  near, _ = enc.encode(docs, [0, 11, 22, 33])
+  far, _ = enc.encode(docs, [99_861_000 + 11 * i for i in range(4)])
+  for i in near:
+    np.testing.assert_allclose(far[i]["kr"], near[i]["kr"], rtol=1e-4, atol=2e-5)
+
+
 def test_padded_widths():
   from msa_jax.inference.encode import padded_widths
   lengths = np.array([100, 100, 37, 128, 129])
