@@ -13,8 +13,8 @@ into length-bucketed batches (few shapes, so few compiles), encoded with the mod
 ``encode_documents`` and ``pool_layer_memory``, written in corpus order and committed.
 A window is written and committed on a thread while the next one is encoded.
 SIGTERM or Ctrl-C stops after the window in flight; a kill loses at most the uncommitted
-windows (the one being written and the one being encoded). Rerunning the same command resumes after the last committed corpus row, so no
-document is lost or duplicated.
+windows (the one being written and the one being encoded). Rerunning the same command
+resumes after the last committed corpus row, so no document is lost or duplicated.
 """
 from __future__ import annotations
 
