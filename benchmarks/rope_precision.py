@@ -35,12 +35,19 @@ def angle_error(angles_f32, positions: np.ndarray, inv_freq: np.ndarray) -> np.n
   return np.abs(np.angle(np.exp(1j * exact) * (c - 1j * s)))
 
 
+def float32_product_angles(positions, head_dim: int, theta: float):
+  """``[N, D/2]`` angles as ``float32(p) × ω``: the computation ``rope_angles`` replaced
+  (and transformers' own), the baseline here."""
+  inv_freq = rope_inv_freq(head_dim, theta)
+  return jnp.asarray(positions, jnp.float32)[:, None] * jnp.asarray(inv_freq)[None]
+
+
 def measure(position: int, head_dim: int, theta: float, window: int = 64) -> dict:
   """The plain float32 product and ``rope_angles`` at the ``window`` positions below
   ``position``: the largest error and the frequencies off by more than 0.1 rad."""
   pos = np.arange(position - window, position, dtype=np.int64)
   inv_freq = rope_inv_freq(head_dim, theta)
-  plain = jnp.asarray(pos, jnp.float32)[:, None] * jnp.asarray(inv_freq)[None]
+  plain = float32_product_angles(pos, head_dim, theta)
   reduced = rope_angles(jnp.asarray(pos, jnp.int32), head_dim, theta)
   row = {"position": position}
   for name, angles in (("float32_product", plain), ("rope_angles", reduced)):

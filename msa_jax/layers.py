@@ -39,11 +39,11 @@ class RMSNorm(nn.Module):
 
 
 # RoPE angles past 4,096 positions: position × ω in float32 (as transformers computes it)
-# is off by up to half an ulp of the product, 0.4 rad at 16.8M and π at 100M positions
-# (WORKSPACE.md, session 16), which global-RoPE banks of that size reach. The position is
+# is off by up to half an ulp of the product, 0.25 rad at 16.8M and 3 rad at 99.9M positions
+# (benchmarks/rope_precision.py), which global-RoPE banks of that size reach. The position is
 # split as (a·2¹⁰ + b)·2¹² + c (exact for any int32), and the angle is c·ω plus the high
 # digits' a·(2²²ω mod 2π) and b·(2¹²ω mod 2π), each reduced mod 2π in float32 from
-# float64 constants: within ~1e-3 rad of the float64 angle at any position, and equal to
+# float64 constants: within ~5e-4 rad of the float64 angle at any position, and equal to
 # the plain float32 product c·ω (bit for bit) below position 4,096.
 _ROPE_LOW_BITS = 12
 _ROPE_MID_BITS = 10

@@ -217,13 +217,17 @@ def test_a_failed_write_stops_the_encode_and_the_bank_resumes_from_its_last_comm
   assert _files(part) == _files(whole)
 
 
+def _global_rope(model):
+  """The same model (same parameters fit it) with global RoPE positions."""
+  return type(model)(model.config.replace(rope_mode="global"))
+
+
 def test_global_rope_positions_continue_across_windows(tiny):
   """Global RoPE numbers each document after every token before it, across windows
   written while the next is encoded: windows of 60 tokens give the bank one window
   gives; and the positions matter (document-wise RoPE gives other keys)."""
-  import dataclasses
   model, params, corpus, tmp = tiny
-  glob = type(model)(dataclasses.replace(model.config, rope_mode="global"))
+  glob = _global_rope(model)
   banks = {}
   for name, m_, window in (("g60", glob, 60), ("g_all", glob, 1 << 20), ("d_all", model, 1 << 20)):
     path = str(tmp / name)
@@ -241,10 +245,9 @@ def test_router_keys_do_not_depend_on_a_documents_global_offset(tiny):
   relative positions alone: the same at offset 0 and at 99.9M (where a global-RoPE bank
   of 100M tokens numbers its last documents). With float32 angles `position × ω` they
   were not (up to 3 rad off there)."""
-  import dataclasses
   from msa_jax.inference.encode import Encoder
   model, params, _, _ = tiny
-  glob = type(model)(dataclasses.replace(model.config, rope_mode="global"))
+  glob = _global_rope(model)
   rng = np.random.default_rng(3)
   docs = [bank_lib.DocRecord(f"d{i}", rng.integers(1, CFG.vocab_size, 11).tolist(), 0)
           for i in range(4)]

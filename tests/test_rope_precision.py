@@ -17,16 +17,15 @@ def test_rope_angles_match_float64_at_every_int32_scale(head_dim):
   err = rope_precision.angle_error(angles, pos, inv_freq)
   assert err.max() < 2e-3, err.max()
   # The old float32 product is wrong by radians at 100M (the failure this guards against).
-  plain = jnp.asarray(pos, jnp.float32)[:, None] * jnp.asarray(inv_freq)[None]
+  plain = rope_precision.float32_product_angles(pos, head_dim, 1e6)
   assert rope_precision.angle_error(plain, pos, inv_freq).max() > 1.0
 
 
 def test_rope_angles_are_the_float32_product_below_4096():
   """Bit for bit what transformers computes (float32 position × float32 frequency) where
   a document-RoPE model ever looks: the HF parity of the model is untouched."""
-  pos = np.arange(4096, dtype=np.int32).reshape(2, 2048)
-  inv_freq = layers.rope_inv_freq(64, 1e6)
-  expect = jnp.asarray(pos, jnp.float32)[..., None] * jnp.asarray(inv_freq)[None, None]
+  pos = np.arange(4096, dtype=np.int32)
+  expect = rope_precision.float32_product_angles(pos, 64, 1e6)
   np.testing.assert_array_equal(np.asarray(layers.rope_angles(jnp.asarray(pos), 64, 1e6)),
                                 np.asarray(expect))
 

@@ -474,11 +474,13 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
   # One window is written (append, digests, fsync, manifest) on a thread while the next
   # is encoded: the two overlapped, instead of the write (80 s of a 132 s 100M-token
   # encode on the H200, session 15) following each encode. Writes stay in corpus order
-  # (at most one in flight) and a write's error is raised here at the next wait.
-  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-write")
+  # (at most one in flight) and a write's error is raised here at the next wait; on any
+  # exit the pool's shutdown lets the write in flight end before the files are closed.
   pending: Optional[concurrent.futures.Future] = None
+  stopped = False
   try:
-    with _Stop() as stop:
+    with _Stop() as stop, concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="bank-write") as pool:
       while done < total:
         window: list[DocRecord] = []
         n_tok = 0
@@ -508,19 +510,14 @@ def _encode(model, params, bank_path: str, corpus: dict, *, tokenizer, prefix_to
             f"(encode {encoder.seconds['encode']:.1f}s, write {encoder.seconds['write']:.1f}s,"
             f" overlapped) ETA {_fmt_time(left / max(rate, 1e-9))}")
         if stop.requested or (max_windows is not None and windows >= max_windows):
-          pending.result()
-          pending = None
-          if done < total:
-            log(f"stopped after corpus row {done:,}: the bank is committed up to there; rerun "
-                "the same command to resume")
+          stopped = done < total
           break
       if pending is not None:
         pending.result()
-        pending = None
+    if stopped:
+      log(f"stopped after corpus row {done:,}: the bank is committed up to there; rerun "
+          "the same command to resume")
   finally:
-    if pending is not None:        # an error above: let the write in flight end first
-      concurrent.futures.wait([pending])
-    pool.shutdown(wait=True)
     writer.close()
   return m
 
