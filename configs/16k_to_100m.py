@@ -193,6 +193,12 @@ def _base() -> ml_collections.ConfigDict:
   # (memory_curriculum) with a large batch first, so the reader sees many answers a step.
   # () trains at batch_size throughout.
   c.data.batch_curriculum = ()
+  # > 0, global RoPE only (model.rope_mode="global"): a memory shorter than this many
+  # tokens is numbered as if spread over this many (its documents in order, at random
+  # gaps; the question after all of them), so a curriculum's short memories show the
+  # position distances of the long one. Without it a global model trained on 320-token
+  # memories lost its ids at the switch to 16K (WORKSPACE.md, session 16). 0: off.
+  c.data.global_position_span = 0
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,

@@ -37,6 +37,10 @@ class MSABatch:
   targets: Any         # int32 [B, M]  next token after each active position
   loss_mask: Any       # bool  [B, M]  positions whose next token is a target token
   positive_docs: Any   # bool  [B, N]  gold documents (aux loss, router recall)
+  # int32 [B, N + 1] or None. Global RoPE only: positions skipped before document slot n
+  # (n < N) and before the active tokens (n = N), so a short training memory is numbered
+  # as if it were spread over a longer one (``data.global_position_span``). None: no gaps.
+  doc_position_gaps: Any = None
 
   @property
   def shape_summary(self) -> dict[str, int]:

@@ -138,7 +138,17 @@ def pad_to_common_shape(batch, allgather: Callable[[np.ndarray], np.ndarray] = _
     return np.pad(x, widths) if any(w for _, w in widths) else x
 
   b = int(dims[0])
-  return batch.replace(
+  gaps = batch.doc_position_gaps
+  if gaps is not None:
+    # [B, N+1]: the last column is the gap before the active tokens; new document slots
+    # (padding) go before it, with no gap.
+    gaps = np.asarray(gaps)
+    local_n = gaps.shape[1] - 1
+    padded = np.zeros((b, n + 1), gaps.dtype)
+    padded[:, :local_n] = gaps[:, :local_n]
+    padded[:, n] = gaps[:, local_n]
+    gaps = padded
+  return batch.replace(doc_position_gaps=gaps,
       prefix_tokens=pad(batch.prefix_tokens, (b, t)), prefix_mask=pad(batch.prefix_mask, (b, t)),
       doc_tokens=pad(batch.doc_tokens, (b, n, l)), doc_mask=pad(batch.doc_mask, (b, n, l)),
       active_tokens=pad(batch.active_tokens, (b, m)), active_mask=pad(batch.active_mask, (b, m)),

@@ -255,7 +255,8 @@ class MSAModel(nn.Module):
     cfg = self.config
     prefix_pos, doc_pos, active_pos = positions_lib.stream_positions(
         jnp.asarray(batch.prefix_mask, bool), jnp.asarray(batch.doc_mask, bool),
-        jnp.asarray(batch.active_mask, bool), top_k=cfg.top_k, rope_mode=cfg.rope_mode)
+        jnp.asarray(batch.active_mask, bool), top_k=cfg.top_k, rope_mode=cfg.rope_mode,
+        doc_gaps_bn1=batch.doc_position_gaps)
     if self._scanning():
       params = self._stacked_params()   # stacked once, used by the three passes
       memory = self._encode_documents_scanned(jnp.asarray(batch.doc_tokens), batch.doc_mask,

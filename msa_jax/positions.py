@@ -12,11 +12,14 @@ import jax.numpy as jnp
 
 
 def stream_positions(prefix_mask_bt, doc_mask_bnl, active_mask_bm, *, top_k: int,
-                     rope_mode: str):
+                     rope_mode: str, doc_gaps_bn1=None):
   """Returns ``(prefix_pos [B,T], doc_pos [B,N,L], active_pos [B,M])`` int32.
 
   Masks are left-aligned: valid tokens first in each row. Positions of padding
-  slots are well defined but never matter.
+  slots are well defined but never matter. ``doc_gaps_bn1`` (int [B, N+1], global
+  RoPE only; ``MSABatch.doc_position_gaps``): positions skipped before each document
+  slot and, in the last column, before the active tokens. Document-wise RoPE
+  ignores it (its positions do not depend on where a document sits).
   """
   b, t = prefix_mask_bt.shape
   _, n, l = doc_mask_bnl.shape
@@ -30,9 +33,15 @@ def stream_positions(prefix_mask_bt, doc_mask_bnl, active_mask_bm, *, top_k: int
     active_start_b = prefix_len_b + top_k
   elif rope_mode == "global":
     doc_len_bn = jnp.sum(doc_mask_bnl, axis=-1, dtype=jnp.int32)
-    doc_start_bn = prefix_len_b[:, None] + jnp.cumsum(doc_len_bn, axis=-1) - doc_len_bn
+    span_bn = doc_len_bn
+    active_gap_b = jnp.zeros((b,), jnp.int32)
+    if doc_gaps_bn1 is not None:
+      gaps_bn1 = jnp.asarray(doc_gaps_bn1, jnp.int32)
+      span_bn = doc_len_bn + gaps_bn1[:, :n]
+      active_gap_b = gaps_bn1[:, n]
+    doc_start_bn = prefix_len_b[:, None] + jnp.cumsum(span_bn, axis=-1) - doc_len_bn
     doc_pos = doc_start_bn[..., None] + arange_l[None, None, :]
-    active_start_b = prefix_len_b + jnp.sum(doc_len_bn, axis=-1)
+    active_start_b = prefix_len_b + jnp.sum(span_bn, axis=-1) + active_gap_b
   else:
     raise ValueError(f"rope_mode must be 'document' or 'global', got {rope_mode!r}")
   active_pos = active_start_b[:, None] + arange_m[None, :]

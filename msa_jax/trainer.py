@@ -110,7 +110,22 @@ def validate_config(cfg) -> ModelConfig:
                      f"num_steps ({cfg.num_steps})")
   _validate_cadence_and_rates(cfg)
   _check_routing_loss_has_a_term(cfg, model_cfg)
+  _check_global_position_span(cfg, model_cfg)
   return model_cfg
+
+
+def _check_global_position_span(cfg, model_cfg: ModelConfig) -> None:
+  """``data.global_position_span`` moves global-RoPE positions; with document-wise RoPE
+  it would do nothing, silently, so it is refused there."""
+  data = cfg.get("data")
+  span = int(data.get("global_position_span", 0) or 0) if data is not None else 0
+  if span < 0:
+    raise ValueError(f"data.global_position_span must be >= 0 (0: off), got {span}")
+  if span and model_cfg.rope_mode != "global":
+    raise ValueError(
+        f"data.global_position_span={span} spreads a memory's global RoPE positions, but "
+        f"model.rope_mode is {model_cfg.rope_mode!r}, whose document positions restart at 0: "
+        "set --config.model.rope_mode=global, or --config.data.global_position_span=0")
 
 
 def _check_routing_loss_has_a_term(cfg, model_cfg: ModelConfig) -> None:

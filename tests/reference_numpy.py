@@ -147,22 +147,26 @@ def qwen3_logits(p, cfg, ids_bt):
 # --------------------------------------------------------------------------- SPEC §2 positions
 
 
-def positions(prefix_len, doc_lens, num_active, top_k, rope_mode):
+def positions(prefix_len, doc_lens, num_active, top_k, rope_mode, gaps=None):
   """``(prefix_pos, [doc_pos per doc], active_pos)`` for one example (SPEC §2).
 
   document mode: prefix 0..T-1, every document 0..len-1, active from T + k.
-  global mode: prefix, documents (in slot order) and active tokens numbered continuously.
+  global mode: prefix, documents (in slot order) and active tokens numbered continuously,
+  skipping ``gaps[i]`` positions before document i and ``gaps[-1]`` before the active
+  tokens (``data.global_position_span``; document mode ignores them).
   """
   prefix_pos = np.arange(prefix_len)
+  gaps = [0] * (len(doc_lens) + 1) if gaps is None else list(gaps)
   if rope_mode == "document":
     doc_pos = [np.arange(n) for n in doc_lens]
     start = prefix_len + top_k
   elif rope_mode == "global":
     doc_pos, off = [], prefix_len
-    for n in doc_lens:
+    for n, gap in zip(doc_lens, gaps):
+      off += gap
       doc_pos.append(off + np.arange(n))
       off += n
-    start = off
+    start = off + gaps[-1]
   else:
     raise ValueError(rope_mode)
   return prefix_pos, doc_pos, start + np.arange(num_active)
@@ -237,7 +241,7 @@ def router_ids(cfg):
   return sorted(cfg.router_layers)
 
 
-def msa_example(p, cfg, prefix, docs, active, question_len, routing_tokens=None):
+def msa_example(p, cfg, prefix, docs, active, question_len, routing_tokens=None, gaps=None):
   """The MSA forward of one unpadded example (SPEC §2-§3).
 
   Args:
@@ -245,6 +249,8 @@ def msa_example(p, cfg, prefix, docs, active, question_len, routing_tokens=None)
     docs: list of ``(slot_index, token ids)`` of the real documents, slot order.
     active: active token ids (question then target).
     question_len: number of question tokens at the start of ``active``.
+    gaps: global RoPE only, positions skipped before each real document and (last) before
+      the active tokens (``MSABatch.doc_position_gaps``; see ``example_gaps``).
   Returns dict: ``logits [M, V]``, ``scores {layer: {slot: score}}``,
   ``selected {layer: [slots]}``, ``memory {slot: {layer: (K̄, V̄, K̄R)}}``,
   ``doc_hidden {slot: per-layer}``.
@@ -253,7 +259,7 @@ def msa_example(p, cfg, prefix, docs, active, question_len, routing_tokens=None)
   routing_tokens = routing_tokens or cfg.routing_tokens
   t_len, m = len(prefix), len(active)
   prefix_pos, doc_pos, active_pos = positions(t_len, [len(d) for _, d in docs], m, cfg.top_k,
-                                              cfg.rope_mode)
+                                              cfg.rope_mode, gaps)
   memory, doc_hidden = {}, {}
   for (slot, toks), pos in zip(docs, doc_pos):
     memory[slot], doc_hidden[slot] = encode_document(p, cfg, toks, pos)
@@ -304,12 +310,27 @@ def unpad(batch, b):
   return prefix, docs, active, q_len
 
 
+def example_gaps(batch, b, docs):
+  """Example ``b``'s ``doc_position_gaps`` for its real documents ``docs`` (from ``unpad``):
+  a padding slot's gap (none in practice) joins the next real document's, or the active
+  tokens' after the last. None without gaps."""
+  if getattr(batch, "doc_position_gaps", None) is None:
+    return None
+  row = [int(g) for g in np.asarray(batch.doc_position_gaps[b])]
+  out, start = [], 0
+  for slot, _ in docs:
+    out.append(sum(row[start:slot + 1]))
+    start = slot + 1
+  return out + [sum(row[start:])]
+
+
 def msa_forward(p, cfg, batch):
   """The training forward on an ``MSABatch``, example by example (list of dicts)."""
   out = []
   for b in range(np.shape(batch.active_tokens)[0]):
     prefix, docs, active, q_len = unpad(batch, b)
-    out.append(msa_example(p, cfg, prefix, docs, active, q_len))
+    out.append(msa_example(p, cfg, prefix, docs, active, q_len,
+                           gaps=example_gaps(batch, b, docs)))
   return out
 
 

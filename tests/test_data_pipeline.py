@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from msa_jax.data import pipeline
-from msa_jax.data.collate import BucketShapes, WasteMeter
+from msa_jax.data.collate import BucketShapes, WasteMeter, global_position_gaps
 from msa_jax.data.synthetic import KVConfig, KVRetrievalTask, smoke_kv_task
 
 SMOKE_BUCKET = BucketShapes(batch=8, prefix=1, docs=32, doc_len=8, active=16)
@@ -130,3 +130,50 @@ def test_example_workers_are_capped_by_the_cpu_cores(monkeypatch):
   assert from_config.example_workers(8, verbose=False) == 0   # 1 usable: in-process
   with pytest.raises(ValueError, match="worker_count"):
     from_config.example_workers(-1)
+
+
+def _mask(doc_lens_bn, l=8):
+  return np.arange(l)[None, None, :] < np.asarray(doc_lens_bn)[..., None]
+
+
+def test_global_position_gaps_fill_the_span_on_documents_and_the_question_only():
+  rng = np.random.default_rng(0)
+  gaps = global_position_gaps(_mask([[5, 3, 0, 0], [8, 8, 8, 8], [0, 0, 0, 0]]), 20, rng)
+  assert gaps.shape == (3, 5) and gaps.dtype == np.int32 and (gaps >= 0).all()
+  assert gaps[0].sum() == 20 - 8                  # the question starts at prefix + span
+  assert gaps[0, 2:4].tolist() == [0, 0]          # padding slots get no gap
+  assert gaps[1].tolist() == [0] * 5              # 32 tokens: already over the span
+  assert gaps[2].tolist() == [0] * 5              # an empty (padding) row
+
+
+def test_global_position_gaps_are_uniform_spacings():
+  """The free positions are cut at sorted uniform points: each of the k + 1 parts has
+  mean free / (k + 1), so a document is as likely near the question as far from it."""
+  rng = np.random.default_rng(1)
+  parts = np.stack([global_position_gaps(_mask([[1, 1, 1]]), 303, rng)[0] for _ in range(4000)])
+  np.testing.assert_array_equal(parts.sum(1), 300)
+  np.testing.assert_allclose(parts.mean(0), 75.0, rtol=0.05)
+  assert parts.min() == 0 and parts.max() > 200
+
+
+def test_global_position_span_draws_gaps_that_resume_and_fill_the_span():
+  assert next(iter(_smoke_ds())).doc_position_gaps is None   # off by default
+  it = iter(_smoke_ds(global_position_span=1000))
+  for _ in range(3):
+    next(it)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(it) for _ in range(3)]
+  resumed = iter(_smoke_ds(global_position_span=1000))
+  resumed.set_state(state)
+  for e in expected:
+    assert _same(next(resumed), e)
+  for batch in expected:
+    doc_tokens_b = batch.doc_mask.sum((1, 2))
+    rows = doc_tokens_b > 0
+    np.testing.assert_array_equal(batch.doc_position_gaps[rows].sum(1), 1000 - doc_tokens_b[rows])
+  assert not np.array_equal(expected[0].doc_position_gaps, expected[1].doc_position_gaps)
+
+
+def test_negative_global_position_span_is_refused():
+  with pytest.raises(ValueError, match="global_position_span=-1 must be >= 0"):
+    _smoke_ds(global_position_span=-1)

@@ -90,6 +90,24 @@ def test_pad_to_common_shape_pads_with_masked_slots():
         mine, allgather=lambda dims: np.stack([dims, np.asarray([3, 1, 3, 4, 5])]))
 
 
+def test_pad_to_common_shape_keeps_the_active_gap_last():
+  """Global-RoPE gaps [B, N+1]: new document slots get no gap and the gap before the active
+  tokens stays in the last column, so every position is unchanged by the padding."""
+  from msa_jax import positions
+  mine = _batch(2, 1, 3, 4, 5, fill=1).replace(
+      doc_position_gaps=np.asarray([[10, 20, 30, 40], [1, 2, 3, 4]], np.int32))
+  other = np.asarray([2, 1, 5, 4, 5])
+  padded = distributed.pad_to_common_shape(mine, allgather=lambda dims: np.stack([dims, other]))
+  np.testing.assert_array_equal(padded.doc_position_gaps,
+                                [[10, 20, 30, 0, 0, 40], [1, 2, 3, 0, 0, 4]])
+  before, after = (positions.stream_positions(
+      x.prefix_mask, x.doc_mask, x.active_mask, top_k=1, rope_mode="global",
+      doc_gaps_bn1=x.doc_position_gaps) for x in (mine, padded))
+  np.testing.assert_array_equal(after[2], before[2])               # active positions
+  np.testing.assert_array_equal(after[1][:, :3], before[1])        # the real documents
+  np.testing.assert_array_equal(before[2][:, 0], [1 + (10 + 20 + 30 + 40) + 3 * 4, 1 + (1 + 2 + 3 + 4) + 3 * 4])
+
+
 def test_grain_shard_options_give_disjoint_equal_shards():
   source = list(range(10))
   shards = [list(example_dataset(source, seed=3, num_epochs=1,

@@ -117,6 +117,29 @@ def test_forward_matches_reference(case):
 FIXED_DOC_LENS = [[5, 0, 7, 2, 4], [4, 4, 0, 1, 0]]
 
 
+def test_global_rope_with_position_gaps_matches_reference():
+  """``data.global_position_span``'s gaps (``MSABatch.doc_position_gaps``) move global-RoPE
+  documents and the question as the float64 reference numbers them; a gap before the
+  question changes the logits, one shift of everything (no prefix) does not."""
+  cfg = tiny_config(rope_mode="global")
+  batch = fixed_batch(seed=5, prefix_lens=[0, 0])
+  model, variables = R.init_model(cfg, batch, 5)
+  apply = jax.jit(model.apply)
+  n = batch.doc_tokens.shape[1]
+  gaps = np.asarray([[40, 0, 90, 7, 120, 33], [0, 61, 0, 18, 0, 200]], np.int32)
+  assert gaps.shape == (2, n + 1)
+  gapped = batch.replace(doc_position_gaps=gaps)
+  out = apply(variables, gapped)
+  ref = R.msa_forward(R.to_numpy_params(variables), cfg, gapped)
+  check_against_reference(cfg, gapped, out, ref)
+  plain = apply(variables, batch)
+  assert R.rel_err(out.logits_bmv, plain.logits_bmv) > 1e-3
+  shifted = np.zeros_like(gaps)
+  shifted[:, 0] = 500
+  same = apply(variables, batch.replace(doc_position_gaps=shifted))
+  assert R.rel_err(same.logits_bmv, plain.logits_bmv) < 1e-4
+
+
 def fixed_batch(seed=0, **kw):
   args = dict(vocab=VOCAB, prefix_lens=[3, 0], doc_lens=FIXED_DOC_LENS, active_lens=[6, 4],
               question_lens=[3, 2])

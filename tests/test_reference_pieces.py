@@ -215,21 +215,27 @@ def test_attend_matches_reference(data, heads, s_ctx):
 
 @FAST
 @given(data=st.data(), k=st.integers(1, 16), mode=st.sampled_from(["document", "global"]),
-       t=st.sampled_from([0, 4]))
-def test_stream_positions_match_reference(data, k, mode, t):
+       t=st.sampled_from([0, 4]), with_gaps=st.booleans())
+def test_stream_positions_match_reference(data, k, mode, t, with_gaps):
   """SPEC §2: document mode: prefix 0..T-1, every document 0..len-1, active from T+k;
-  global mode (ablation): prefix, documents in slot order and active numbered continuously."""
+  global mode (ablation): prefix, documents in slot order and active numbered continuously,
+  with ``doc_position_gaps`` skipped before each document and before the active tokens
+  (document mode ignores them)."""
   b, n, l, m = 2, 4, 5, 5
   t_lens = data.draw(st.lists(st.integers(0, t), min_size=b, max_size=b))
   d_lens = [data.draw(st.lists(st.integers(0, l), min_size=n, max_size=n)) for _ in range(b)]
   m_lens = data.draw(st.lists(st.integers(0, m), min_size=b, max_size=b))
+  gaps = ([data.draw(st.lists(st.integers(0, 10_000), min_size=n + 1, max_size=n + 1))
+           for _ in range(b)] if with_gaps else None)
   pm = np.arange(t)[None, :] < np.asarray(t_lens)[:, None]
   dm = np.arange(l)[None, None, :] < np.asarray(d_lens)[:, :, None]
   am = np.arange(m)[None, :] < np.asarray(m_lens)[:, None]
   pp, dp, ap = _positions(jnp.asarray(pm), jnp.asarray(dm), jnp.asarray(am), top_k=k,
-                          rope_mode=mode)
+                          rope_mode=mode,
+                          doc_gaps_bn1=None if gaps is None else jnp.asarray(gaps, jnp.int32))
   for bb in range(b):
-    rp, rd, ra = R.positions(t_lens[bb], d_lens[bb], m_lens[bb], k, mode)
+    rp, rd, ra = R.positions(t_lens[bb], d_lens[bb], m_lens[bb], k, mode,
+                             None if gaps is None else gaps[bb])
     np.testing.assert_array_equal(np.asarray(pp[bb])[pm[bb]], rp)
     for nn_ in range(n):
       np.testing.assert_array_equal(np.asarray(dp[bb, nn_])[dm[bb, nn_]], rd[nn_])

@@ -119,6 +119,18 @@ def test_decay_steps_outside_the_main_phase_are_refused(decay):
     validate_config(c)
 
 
+def test_global_position_span_needs_global_rope():
+  c = get_config("tiny")
+  c.data.global_position_span = 16_384
+  with pytest.raises(ValueError, match="model.rope_mode is 'document'.*rope_mode=global"):
+    validate_config(c)
+  c.model.rope_mode = "global"
+  validate_config(c)
+  c.data.global_position_span = -5
+  with pytest.raises(ValueError, match="global_position_span must be >= 0"):
+    validate_config(c)
+
+
 def test_smoke_recipe_phases():
   c = get_config("smoke")
   warm = c.optim.warmup_phase_steps

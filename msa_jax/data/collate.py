@@ -135,6 +135,32 @@ def collate(examples: Sequence[Example], shapes: BucketShapes) -> MSABatch:
       positive_docs=positive_docs)
 
 
+def global_position_gaps(doc_mask_bnl, span: int, rng: np.random.Generator) -> np.ndarray:
+  """Random position gaps (``MSABatch.doc_position_gaps``, int32 [B, N+1]) that spread each
+  row's documents over ``span`` positions, for global RoPE.
+
+  A row whose documents hold ``total < span`` tokens gets ``span - total`` positions
+  split uniformly at random (sorted uniform cut points) between the gaps before each of
+  its documents and the gap before its active tokens, so its question starts at
+  ``prefix + span`` and its documents keep their order at random distances from it: the
+  position distances of a ``span``-token memory, seen on a short one. Rows already at
+  or over ``span`` tokens, empty rows and padding document slots get no gap.
+  """
+  doc_len_bn = np.asarray(doc_mask_bnl, bool).sum(-1)
+  b, n = doc_len_bn.shape
+  gaps_bn1 = np.zeros((b, n + 1), np.int32)
+  for row in range(b):
+    docs = np.flatnonzero(doc_len_bn[row])
+    free = int(span) - int(doc_len_bn[row].sum())
+    if free <= 0 or docs.size == 0:
+      continue
+    cuts = np.sort(rng.integers(0, free + 1, size=docs.size))
+    parts = np.diff(np.concatenate([[0], cuts, [free]]))
+    gaps_bn1[row, docs] = parts[:-1]
+    gaps_bn1[row, n] = parts[-1]
+  return gaps_bn1
+
+
 def padding_waste(batch: MSABatch) -> dict[str, float]:
   """Fraction of padded slots per field of a collated batch.
 

@@ -420,7 +420,8 @@ def make_train_iterator(data_cfg, *, seed: int, batch_size: int, chunk_size: int
                        num_epochs=None, memory_interleave=data_cfg.interleave,
                        process_index=process_index, process_count=process_count,
                        answer_positives=bool(data_cfg.get("answer_positives", True)),
-                       worker_count=workers)
+                       worker_count=workers,
+                       global_position_span=int(data_cfg.get("global_position_span", 0)))
     if verbose:
       waste = padding_waste_of(source, buckets, memory_interleave=data_cfg.interleave,
                                seed=seed)

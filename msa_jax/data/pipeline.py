@@ -32,7 +32,8 @@ import numpy as np
 
 from msa_jax.batch import MSABatch
 from msa_jax.data import interleave
-from msa_jax.data.collate import BucketShapes, choose_bucket, collate, size_key
+from msa_jax.data.collate import (BucketShapes, choose_bucket, collate,
+                                   global_position_gaps, size_key)
 from msa_jax.data.example import Example
 from msa_jax.data.tokenizer import SpecialTokens
 
@@ -140,10 +141,11 @@ class _BucketBatchIterator(grain.DatasetIterator):
   window (deterministic) and skips the emitted batches.
   """
 
-  def __init__(self, parent, buckets, window, seed, drop_remainder):
+  def __init__(self, parent, buckets, window, seed, drop_remainder, global_position_span=0):
     super().__init__(parent)
     self._buckets, self._window_size = list(buckets), window
     self._seed, self._drop_remainder = seed, drop_remainder
+    self._global_position_span = global_position_span
     self._window = -1
     self._window_start = self._parent.get_state()
     self._planned: list[tuple[int, list[Example]]] = []
@@ -172,7 +174,13 @@ class _BucketBatchIterator(grain.DatasetIterator):
         raise StopIteration
     b, group = self._planned[self._emitted]
     self._emitted += 1
-    return collate(group, self._buckets[b])
+    batch = collate(group, self._buckets[b])
+    if self._global_position_span > 0:
+      # Seeded by the batch's place in the stream, so a restored iterator draws the same.
+      rng = np.random.default_rng([self._seed, self._window, self._emitted, 0x9A95])
+      batch = batch.replace(doc_position_gaps=global_position_gaps(
+          batch.doc_mask, self._global_position_span, rng))
+    return batch
 
   def get_state(self) -> dict[str, Any]:
     return {"parent": self._window_start, "window": self._window,
@@ -191,17 +199,22 @@ class BucketBatchIterDataset(grain.IterDataset):
   """Length-aware bucketing + collation of a stream of Examples into MSABatch."""
 
   def __init__(self, parent: grain.IterDataset, buckets: Sequence[BucketShapes], *,
-               window_batches: int = 16, seed: int = 0, drop_remainder: bool = False):
+               window_batches: int = 16, seed: int = 0, drop_remainder: bool = False,
+               global_position_span: int = 0):
     super().__init__(parent)
     if not buckets:
       raise ValueError("give at least one BucketShapes")
+    if global_position_span < 0:
+      raise ValueError(f"global_position_span={global_position_span} must be >= 0 (0: off)")
     self._buckets = list(buckets)
     self._window = window_batches * max(b.batch for b in buckets)
     self._seed, self._drop_remainder = seed, drop_remainder
+    self._global_position_span = int(global_position_span)
 
   def __iter__(self) -> _BucketBatchIterator:
     return _BucketBatchIterator(self._parent.__iter__(), self._buckets,
-                                self._window, self._seed, self._drop_remainder)
+                                self._window, self._seed, self._drop_remainder,
+                                self._global_position_span)
 
   def __str__(self) -> str:
     return f"BucketBatchIterDataset(buckets={self._buckets}, window={self._window})"
@@ -217,7 +230,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
                   read_options: grain.ReadOptions | None = None,
                   prefetch_batches: int = 0,
                   answer_positives: bool = True,
-                  worker_count: int = 0) -> grain.IterDataset:
+                  worker_count: int = 0,
+                  global_position_span: int = 0) -> grain.IterDataset:
   """The full pipeline: an ``IterDataset`` of ``MSABatch`` (numpy arrays).
 
   Args:
@@ -244,6 +258,9 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
       batches and the checkpointed state are those of ``worker_count=0``). A synthetic
       task's examples are pure Python (~0.8 ms each for the tiny recipe's 8-document
       memories), which bounds a small model's step on a GPU.
+    global_position_span: > 0 gives each batch random ``doc_position_gaps`` that number
+      a shorter memory as if it held this many tokens (global RoPE; ``collate.
+      global_position_gaps``). 0: none.
   """
   examples = example_dataset(source, seed=seed, num_examples=num_examples,
                              num_epochs=num_epochs, shuffle=shuffle,
@@ -260,7 +277,8 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
       ds, _ExpandInterleave(specials, memory_interleave, max_fan_out=64,
                             answer_positives=answer_positives))
   ds = BucketBatchIterDataset(ds, buckets, window_batches=window_batches, seed=seed,
-                              drop_remainder=drop_remainder)
+                              drop_remainder=drop_remainder,
+                              global_position_span=global_position_span)
   if prefetch_batches > 0:
     ds = grain.experimental.ThreadPrefetchIterDataset(
         ds, prefetch_buffer_size=prefetch_batches)
