@@ -5,12 +5,16 @@ that mean can be one token at chance (the reading task's first value token: ln 6
 1.04) or all of them partly learnt. This tool runs the training forward of a checkpoint on
 fresh answer samples (Memory Interleave's last round, teacher-forced, the training memory
 size and routing) and prints the mean NLL of each target position, beside the uniform
-chance of the alphabet the target token comes from::
+chance of the alphabet the target token comes from. The same for the retrieval samples
+(the first round: question -> the gold document's id), whose logged mean
+(``lm_loss_retrieval``) steps down one id token at a time in the reading recipe: the table
+says which id positions are learnt::
 
   python -m launch.answer_positions --workdir=runs/tiny --num_examples=256 [--step=N] \
       [--seed=12345] [--memory_tokens=320] [--out=PATH.json]
 
-Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``).
+Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``): ``positions`` (answer
+targets) and ``retrieval_positions`` (id targets), one row per target position.
 """
 from __future__ import annotations
 
@@ -51,11 +55,12 @@ def _log_probs_fn(model, aux_softmax: float, oracle: bool):
 
 
 def position_nll(model, params, batch, answer_token: int, aux_softmax: float = 0.0,
-                 oracle: bool = False, log_probs_fn=None):
+                 oracle: bool = False, log_probs_fn=None, retrieval: bool = False):
   """``[B, P]`` NLL of each answer target position (P = the longest target) and the
   ``[B, P]`` mask of positions present; rows whose target does not start with
-  ``answer_token`` are all False. ``log_probs_fn`` (from ``_log_probs_fn``) reuses one
-  compiled forward over batches of one shape."""
+  ``answer_token`` are all False (``retrieval=True``: the rows whose target does not
+  start with it, i.e. the retrieval rounds' id targets). ``log_probs_fn`` (from
+  ``_log_probs_fn``) reuses one compiled forward over batches of one shape."""
   fn = log_probs_fn or _log_probs_fn(model, aux_softmax, oracle)
   logp = fn(params, batch)
   targets = np.asarray(batch.targets)
@@ -65,7 +70,7 @@ def position_nll(model, params, batch, answer_token: int, aux_softmax: float = 0
   nll_bp, has_bp = np.zeros((len(mask_bm), width)), np.zeros((len(mask_bm), width), bool)
   for row in range(len(mask_bm)):
     cols = np.flatnonzero(mask_bm[row])
-    if len(cols) and targets[row, cols[0]] == answer_token:
+    if len(cols) and (targets[row, cols[0]] == answer_token) != retrieval:
       nll_bp[row, :len(cols)] = nll_bm[row, cols]
       has_bp[row, :len(cols)] = True
   return nll_bp, has_bp
@@ -89,36 +94,47 @@ def main(argv=None) -> dict:
   task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens)
   tok = task.tokenizer
   sp = tok.specials
-  answers = [interleave.expand(task(i), sp, cfg.data.answer_positives)[-1]
-             for i in range(args.num_examples)]
-  bucket = fit_bucket(answers, args.batch_size)
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
-  longest = max(answers, key=lambda s: len(s.target)).target
-  kinds = [_kind(tok, t) for t in longest]   # the alphabet of each position (kv: fixed)
-  sums, counts = np.zeros(len(longest)), np.zeros(len(longest))
-  for start in range(0, len(answers), args.batch_size):
-    batch = collate(answers[start:start + args.batch_size], bucket)
-    nll_bp, has_bp = position_nll(model, params, batch, sp.end_of_retrieval,
-                                     log_probs_fn=log_probs)
-    n = nll_bp.shape[1]
-    sums[:n] += (nll_bp * has_bp).sum(0)
-    counts[:n] += has_bp.sum(0)
-  rows = []
-  for pos, (kind, total, n) in enumerate(zip(kinds, sums, counts)):
-    rows.append({"position": pos, "token": kind, "nll": float(total / max(n, 1)),
-                 "chance": _chance(task, kind), "samples": int(n)})
+  samples = [interleave.expand(task(i), sp, cfg.data.answer_positives)
+             for i in range(args.num_examples)]
   result = {"workdir": os.path.abspath(args.workdir), "step": args.step,
-            "seed": args.seed, "num_examples": args.num_examples, "positions": rows}
-  print(f"answer targets of {args.num_examples} held-out examples (seed {args.seed}):")
-  print("| position | target token | NLL | uniform chance |\n|---:|---|---:|---:|")
-  for r in rows:
-    chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
-    print(f"| {r['position']} | {r['token']} | {r['nll']:.3f} | {chance} |")
+            "seed": args.seed, "num_examples": args.num_examples}
+  for key, name, retrieval, pick in (("positions", "answer", False, -1),
+                                     ("retrieval_positions", "retrieval (id)", True, 0)):
+    rows = _position_rows(model, params, task, [s[pick] for s in samples], retrieval,
+                          log_probs, args.batch_size, collate, fit_bucket)
+    result[key] = rows
+    print(f"{name} targets of {args.num_examples} held-out examples (seed {args.seed}):")
+    print("| position | target token | NLL | uniform chance |\n|---:|---|---:|---:|")
+    for r in rows:
+      chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
+      print(f"| {r['position']} | {r['token']} | {r['nll']:.3f} | {chance} |")
   out = args.out or os.path.join(args.workdir, "answer_positions.json")
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"wrote {out}")
   return result
+
+
+def _position_rows(model, params, task, samples, retrieval: bool, log_probs, batch_size,
+                   collate, fit_bucket) -> list[dict]:
+  """Mean NLL of each target position of ``samples`` (one interleave round of each
+  example), with the alphabet of the position's token and its uniform chance."""
+  sp = task.tokenizer.specials
+  bucket = fit_bucket(samples, batch_size)
+  longest = max(samples, key=lambda s: len(s.target)).target
+  kinds = [_kind(task.tokenizer, t) for t in longest]   # the alphabet of each position
+  sums, counts = np.zeros(len(longest)), np.zeros(len(longest))
+  for start in range(0, len(samples), batch_size):
+    batch = collate(samples[start:start + batch_size], bucket)
+    nll_bp, has_bp = position_nll(model, params, batch, sp.end_of_retrieval,
+                                  log_probs_fn=log_probs, retrieval=retrieval)
+    n = nll_bp.shape[1]
+    sums[:n] += (nll_bp * has_bp).sum(0)
+    counts[:n] += has_bp.sum(0)
+  return [{"position": pos, "token": kind, "nll": float(total / max(n, 1)),
+           "chance": _chance(task, kind), "samples": int(n)}
+          for pos, (kind, total, n) in enumerate(zip(kinds, sums, counts))]
 
 
 def _kind(tok, token: int) -> str:

@@ -46,6 +46,13 @@ def test_position_nll_adds_up_to_the_row_loss_of_answer_rows():
                              rtol=2e-5)
   # An untrained model is near chance on every position (vocabulary-wide, not per alphabet).
   assert np.all(np.abs(nll_bp[has_bp] - math.log(model_cfg.vocab_size)) < 2.0)
+  # retrieval=True: the other rows (the id targets), adding up to their row loss likewise.
+  nll_r, has_r = ap.position_nll(model, params, batch, sp.end_of_retrieval, retrieval=True)
+  np.testing.assert_array_equal(has_r.any(-1), ~answer_b)
+  np.testing.assert_allclose((nll_r * has_r).sum(-1)[~answer_b], np.asarray(row_nll_b)[~answer_b],
+                             rtol=2e-5)
+  retrieval = [s for s in samples if s.target[0] != sp.end_of_retrieval]
+  assert [ap._kind(task.tokenizer, t) for t in retrieval[0].target][:4] == ["id"] * 4
 
 
 def test_position_kinds_and_chances():

@@ -353,6 +353,33 @@ def test_facts_curriculum_trains_fewer_facts_first():
   assert doc_lens == [{10}, {10}, {40}, {40}]
 
 
+def test_each_curriculum_stage_draws_fresh_examples():
+  """Every stage's stream starts at example 0, and example n of one seed asks the same key
+  with the same gold id and answer at any facts per document: a stage must not reuse the
+  seed of another, or it replays the same pairs (a trained model had memorised them).
+  Stage 0 keeps the run's seed."""
+  cfg = get_config("tiny")
+  one, six = (from_config.make_source(cfg.data, 0, 320, f)(0) for f in (1, 6))
+  assert one.question == six.question and one.answer == six.answer   # why seeds must differ
+  assert from_config.stage_seed(5, 0) == 5
+  seeds = {from_config.stage_seed(5, k) for k in range(6)}
+  assert len(seeds) == 6 and 5 + from_config.EVAL_SEED_OFFSET not in seeds
+
+  cfg.data.num_docs = 6
+  cfg.data.facts_curriculum = ((0, 1), (3, 6))
+  cfg.data.batch_curriculum = ()
+  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
+                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  questions = []
+  for _ in range(6):
+    batch = next(it)
+    q_mask = np.asarray(batch.question_mask) & np.asarray(batch.active_mask)
+    questions.append({tuple(np.asarray(batch.active_tokens)[r][q_mask[r]].tolist())
+                      for r in range(q_mask.shape[0]) if q_mask[r].any()})
+  first_stage, second_stage = set().union(*questions[:3]), set().union(*questions[3:])
+  assert first_stage and second_stage and not first_stage & second_stage
+
+
 @pytest.mark.parametrize("pairs, match", [
     (((0, 1), (300, 4)), "the last must be data.kv.facts_per_doc=6"),
     (((10, 1), (300, 6)), "must start at 0"),
