@@ -37,16 +37,25 @@ def test_smoke_batches_are_full_and_deterministic():
   assert waste["active"] < 0.4  # interleave samples of 7 and 14 tokens in 16 slots
 
 
-def test_resume_from_state_gives_same_batches():
-  it = iter(_smoke_ds())
-  for _ in range(3):  # stop mid-window (window = 2 batches)
+def _assert_resumes(make_ds, reference=None, skip: int = 3, count: int = 4) -> list:
+  """Reads ``skip`` batches of ``make_ds()`` (stopping mid-window: a window is 2 batches),
+  saves its state through JSON (as orbax does), and checks that a fresh ``make_ds()`` set
+  to it gives the next ``count`` batches of ``reference`` (default: the first iterator);
+  returns those batches."""
+  it = iter(make_ds())
+  for _ in range(skip):
     next(it)
-  state = json.loads(json.dumps(it.get_state()))  # JSON round trip like orbax
-  expected = [next(it) for _ in range(4)]
-  resumed = iter(_smoke_ds())
+  state = json.loads(json.dumps(it.get_state()))
+  expected = [next(reference or it) for _ in range(count)]
+  resumed = iter(make_ds())
   resumed.set_state(state)
   for e in expected:
     assert _same(next(resumed), e)
+  return expected
+
+
+def test_resume_from_state_gives_same_batches():
+  _assert_resumes(_smoke_ds)
 
 
 def test_finite_epoch_sharding_and_remainder():
@@ -113,12 +122,7 @@ def test_example_workers_give_the_same_batches_and_resume():
   workers = iter(_smoke_ds(worker_count=2))
   for _ in range(3):
     assert _same(next(in_process), next(workers))
-  state = json.loads(json.dumps(workers.get_state()))
-  expected = [next(in_process) for _ in range(3)]
-  resumed = iter(_smoke_ds(worker_count=2))
-  resumed.set_state(state)
-  for e in expected:
-    assert _same(next(resumed), e)
+  _assert_resumes(lambda: _smoke_ds(worker_count=2), reference=in_process, skip=3, count=3)
 
 
 def test_example_workers_are_capped_by_the_cpu_cores(monkeypatch):
@@ -158,15 +162,7 @@ def test_global_position_gaps_are_uniform_spacings():
 
 def test_global_position_span_draws_gaps_that_resume_and_fill_the_span():
   assert next(iter(_smoke_ds())).doc_position_gaps is None   # off by default
-  it = iter(_smoke_ds(global_position_span=1000))
-  for _ in range(3):
-    next(it)
-  state = json.loads(json.dumps(it.get_state()))
-  expected = [next(it) for _ in range(3)]
-  resumed = iter(_smoke_ds(global_position_span=1000))
-  resumed.set_state(state)
-  for e in expected:
-    assert _same(next(resumed), e)
+  expected = _assert_resumes(lambda: _smoke_ds(global_position_span=1000), count=3)
   for batch in expected:
     doc_tokens_b = batch.doc_mask.sum((1, 2))
     rows = doc_tokens_b > 0

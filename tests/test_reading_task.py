@@ -321,6 +321,16 @@ def test_fact_slots_must_tile_the_chunks():
     from_config.validate_data_config(cfg)
 
 
+def _one_then_six_facts(cfg, switch: int):
+  """The training stream of ``cfg`` (tiny) at 6 documents a memory and batch 4: 1-fact
+  documents until batch ``switch``, then the configured 6."""
+  cfg.data.num_docs = 6
+  cfg.data.facts_curriculum = ((0, 1), (switch, 6))
+  cfg.data.batch_curriculum = ()
+  return from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
+                                         chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+
+
 def test_facts_curriculum_trains_fewer_facts_first():
   """``data.facts_curriculum`` (the tiny recipe's graded facts): batches of a stage hold
   documents of its facts, as many a memory as the 6-fact task's; from the last stage on,
@@ -340,11 +350,7 @@ def test_facts_curriculum_trains_fewer_facts_first():
   assert gold.tokens[4:] == first.question + first.answer[4:] and first.answer[:4] == first.question
   assert {len(d.tokens) for d in from_config.eval_task(cfg.data, 0, 1)(0).docs} == {40}
 
-  cfg.data.num_docs = 6
-  cfg.data.facts_curriculum = ((0, 1), (2, 6))
-  cfg.data.batch_curriculum = ()
-  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
-                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  it = _one_then_six_facts(cfg, switch=2)
   doc_lens = []
   for _ in range(4):
     doc_mask = np.asarray(next(it).doc_mask)
@@ -365,11 +371,7 @@ def test_each_curriculum_stage_draws_fresh_examples():
   seeds = {from_config.stage_seed(5, k) for k in range(6)}
   assert len(seeds) == 6 and 5 + from_config.EVAL_SEED_OFFSET not in seeds
 
-  cfg.data.num_docs = 6
-  cfg.data.facts_curriculum = ((0, 1), (3, 6))
-  cfg.data.batch_curriculum = ()
-  it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
-                                       chunk_size=cfg.model.pooling_chunk_size, verbose=False)
+  it = _one_then_six_facts(cfg, switch=3)
   questions = []
   for _ in range(6):
     batch = next(it)
