@@ -12,8 +12,9 @@
 # memories (320 tokens) at batch 256, no evaluation, no mid-run checkpoints.
 # POSITIONS=N (default 0: off): after training, each variant's last checkpoint (the trainer
 # saves one when the time limit's SIGTERM stops it) answers N held-out examples and
-# launch.answer_positions writes the NLL of each answer target position to
-# $OUT/<NAME>/answer_positions.json (and prints its table).
+# launch.answer_positions writes the NLL of each answer target position and of each id
+# target position (the retrieval round) to $OUT/<NAME>/answer_positions.json (and prints
+# both tables).
 # EVAL=1 (default 0: off): after training, msa_jax.evaluate asks each variant's last
 # checkpoint its config's eval questions (answer exact match and router recall through the
 # engine; set e.g. --config.eval.memory_multipliers=(1,) in COMMON) -> $OUT/<NAME>/eval.json.
@@ -74,7 +75,7 @@ for spec in "${SPECS[@]}"; do
 done
 for p in "${post_pids[@]}"; do wait "$p"; done
 for name in "${names[@]}"; do
-  grep -h "^|\|Error" "$OUT/$name/positions.log" 2>/dev/null | sed "s/^/$name: /"
+  grep -h "^|\|targets of\|Error" "$OUT/$name/positions.log" 2>/dev/null | sed "s/^/$name: /"
   grep -h "EM\|exact\|Error" "$OUT/$name/eval.log" 2>/dev/null | grep -v "Warning\|warn(" | tail -6 | sed "s/^/$name: /"
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
 done
