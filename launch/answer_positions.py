@@ -81,7 +81,6 @@ def main(argv=None) -> dict:
   import ml_collections
   from msa_jax import from_pretrained
   from msa_jax.data import from_config, interleave
-  from msa_jax.data.collate import collate, fit_bucket
   from msa_jax.run_config import read_saved
   from msa_jax.train_step import aux_softmax, oracle_routing
 
@@ -92,8 +91,7 @@ def main(argv=None) -> dict:
   cfg = ml_collections.ConfigDict(saved)
   model, params = from_pretrained(args.workdir, step=args.step)
   task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens)
-  tok = task.tokenizer
-  sp = tok.specials
+  sp = task.tokenizer.specials
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
   samples = [interleave.expand(task(i), sp, cfg.data.answer_positives)
              for i in range(args.num_examples)]
@@ -102,7 +100,7 @@ def main(argv=None) -> dict:
   for key, name, retrieval, pick in (("positions", "answer", False, -1),
                                      ("retrieval_positions", "retrieval (id)", True, 0)):
     rows = _position_rows(model, params, task, [s[pick] for s in samples], retrieval,
-                          log_probs, args.batch_size, collate, fit_bucket)
+                          log_probs, args.batch_size)
     result[key] = rows
     print(f"{name} targets of {args.num_examples} held-out examples (seed {args.seed}):")
     print("| position | target token | NLL | uniform chance |\n|---:|---|---:|---:|")
@@ -116,10 +114,11 @@ def main(argv=None) -> dict:
   return result
 
 
-def _position_rows(model, params, task, samples, retrieval: bool, log_probs, batch_size,
-                   collate, fit_bucket) -> list[dict]:
+def _position_rows(model, params, task, samples, retrieval: bool, log_probs,
+                   batch_size: int) -> list[dict]:
   """Mean NLL of each target position of ``samples`` (one interleave round of each
   example), with the alphabet of the position's token and its uniform chance."""
+  from msa_jax.data.collate import collate, fit_bucket
   sp = task.tokenizer.specials
   bucket = fit_bucket(samples, batch_size)
   longest = max(samples, key=lambda s: len(s.target)).target

@@ -314,7 +314,7 @@ def example_gaps(batch, b, docs):
   """Example ``b``'s ``doc_position_gaps`` for its real documents ``docs`` (from ``unpad``):
   a padding slot's gap (none in practice) joins the next real document's, or the active
   tokens' after the last. None without gaps."""
-  if getattr(batch, "doc_position_gaps", None) is None:
+  if batch.doc_position_gaps is None:
     return None
   row = [int(g) for g in np.asarray(batch.doc_position_gaps[b])]
   out, start = [], 0
