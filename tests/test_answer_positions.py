@@ -66,3 +66,18 @@ def test_position_kinds_and_chances():
   assert ap._chance(task, "value") == math.log(64)
   assert ap._chance(task, "key") == math.log(128)
   assert ap._chance(task, kinds[0]) is None and ap._chance(task, kinds[-1]) is None
+
+
+def test_position_stats_median_and_miss_share_see_past_one_outlier():
+  # 31 examples read the id at 0.01 nats, one (a routing miss) at 17: the mean says
+  # ~0.54 nats, the median and the miss share say the position is learnt.
+  nll_bp = np.full((32, 2), 0.01)
+  nll_bp[22] = 17.0
+  has_bp = np.ones((32, 2), bool)
+  has_bp[5:, 1] = False                      # position 1 only on the first 5 rows
+  rows = ap.position_stats(nll_bp, has_bp)
+  np.testing.assert_allclose(rows[0]["nll"], (31 * 0.01 + 17.0) / 32)
+  assert rows[0]["median_nll"] == 0.01 and rows[0]["miss_share"] == 1 / 32
+  assert rows[0]["samples"] == 32
+  assert rows[1]["samples"] == 5 and rows[1]["miss_share"] == 0.0   # row 22 absent there
+  np.testing.assert_allclose(rows[1]["nll"], 0.01)
