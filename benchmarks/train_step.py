@@ -72,6 +72,9 @@ def _parse(argv):
                       "full-logits one (kernels forced to xla: the CPU has no Pallas)")
   p.add_argument("--remat_policy", default="",
                  help="override model.remat_policy (none | full | dots); default the recipe's")
+  p.add_argument("--microbatches", type=int, default=1,
+                 help="config.microbatches: gradient accumulation over this many slices of "
+                      "each batch (e.g. 4 with --remat_policy dots at batch 32)")
   p.add_argument("--compilation_cache_dir", default="",
                  help="JAX's persistent compilation cache (a later command reuses compiles)")
   p.add_argument("--profile_dir", default="",
@@ -211,21 +214,22 @@ def run_shapes(args, save=None) -> dict:
   for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
                                 for m in args.memory.split(",") for s in scans):
     cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy)
+    cfg.microbatches = args.microbatches
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
     print(f"{variant} memory {cfg.data.memory_tokens}: building a batch of {batches[-1]} "
-          f"(scan_layers {model_cfg.scan_layers}, remat_policy {model_cfg.remat_policy})...",
-          flush=True)
+          f"(scan_layers {model_cfg.scan_layers}, remat_policy {model_cfg.remat_policy}, "
+          f"microbatches {args.microbatches})...", flush=True)
     full = host_batch(cfg, model_cfg, batches[-1])
     shape = full.shape_summary
     largest = None
     for b in batches:
-      if b % (mesh.shape["data"] * mesh.shape["fsdp"]):
+      if b % (mesh.shape["data"] * mesh.shape["fsdp"] * args.microbatches):
         continue
       cfg.batch_size = b
       entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "batch": b, "scan_layers": model_cfg.scan_layers,
-               "remat_policy": model_cfg.remat_policy,
+               "remat_policy": model_cfg.remat_policy, "microbatches": args.microbatches,
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
@@ -258,6 +262,7 @@ def _row_text(e: dict) -> str:
   peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
   return (f"{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
           f"scan {'on' if e['scan_layers'] else 'off'} remat {e['remat_policy']} "
+          f"{'mb ' + str(e['microbatches']) + ' ' if e.get('microbatches', 1) > 1 else ''}"
           f"(N {e['docs']} L {e['doc_len']} M {e['active']}) | compile {e['compile_s']:6.1f} s | "
           f"step {e['step_s'] * 1e3:8.1f} ms | {e['tokens_per_s']:>11,.0f} tok/s | "
           f"MFU {e['mfu_vendor']:6.1%} vendor {e['mfu_measured']:6.1%} measured | "

@@ -100,6 +100,10 @@ def _base() -> ml_collections.ConfigDict:
   c.requires_init_from = False
   c.num_steps = 20_000
   c.batch_size = 64
+  # Gradient accumulation: each step's batch runs as this many slices (a lax.scan), their
+  # gradients summed into the full batch's (msa_jax.microbatch); activation memory is a
+  # slice's. E.g. 0.6b at batch 32 with model.remat_policy="dots" needs 4.
+  c.microbatches = 1
   c.log_every_steps = 50
   c.mesh_shape = (-1, 1, 1)    # (data, fsdp, tensor); -1 takes the remaining devices
   c.logical_axis_rules = _tuple_field(None)  # None: msa_jax.sharding.DEFAULT_RULES

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from msa_jax import losses
+from msa_jax import losses, microbatch
 from msa_jax.batch import MSABatch
 from msa_jax.model import MSAModel, lm_head_weight_vd, routing_mask
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
@@ -220,10 +220,15 @@ def compute_losses(model: MSAModel, params, batch: MSABatch, step, cfg,
 def train_step(model: MSAModel, tx: optax.GradientTransformation, cfg, state: TrainState,
                batch: MSABatch, answer_token: int | None = None):
   """One AdamW step on ``batch``; returns the new state and the step's metrics
-  (``answer_token``: as :func:`compute_losses`)."""
-  grad_fn = jax.value_and_grad(
-      lambda p: compute_losses(model, p, batch, state.step, cfg, answer_token), has_aux=True)
-  (_, metrics), grads = grad_fn(state.params)
+  (``answer_token``: as :func:`compute_losses`). With ``config.microbatches`` k > 1 the
+  gradient is accumulated over k slices of the batch (``msa_jax.microbatch``)."""
+  loss_fn = lambda p, b: compute_losses(model, p, b, state.step, cfg, answer_token)
+  k = microbatch.microbatches_of(cfg)
+  if k == 1:
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+  else:
+    grads, metrics = microbatch.accumulate(loss_fn, state.params, batch, k,
+                                           len(aux_loss_layers(model.config)))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)

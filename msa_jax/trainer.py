@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from msa_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, run_config, sharding
+from msa_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, microbatch
+from msa_jax import run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
@@ -105,6 +106,7 @@ def validate_config(cfg) -> ModelConfig:
   if cfg.batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
   from_config.batch_stages(cfg.data, cfg.batch_size)   # a bad data.batch_curriculum fails here
+  microbatch.microbatches_of(cfg)                      # a bad microbatches fails here
   if cfg.optim.warmup_phase_steps > cfg.num_steps:
     raise ValueError(f"optim.warmup_phase_steps ({cfg.optim.warmup_phase_steps}) exceeds "
                      f"num_steps ({cfg.num_steps})")
@@ -407,6 +409,9 @@ def train_and_evaluate(cfg, workdir: str, *,
                else f"data.batch_curriculum (from batch {start})")
       raise ValueError(f"{where} {size} must be a multiple of {batch_shards} (the data × fsdp "
                        f"mesh axes of mesh {dict(mesh.shape)}); change it or config.mesh_shape")
+  microbatch.check_microbatches(
+      cfg, [size for _, size in from_config.batch_stages(cfg.data, cfg.batch_size)],
+      batch_shards)
   config = run_config.run_config_dict(cfg, model_cfg)
   diffs = run_config.check_resume(workdir, config, allow_change=allow_config_change)
   setup = TrainSetup(cfg, mesh, model_cfg)
