@@ -18,7 +18,8 @@ the real number of selected chunks and routing tokens, LM head on target tokens.
 longest row's target count): what ``compiled.cost_analysis()`` sees, for checking.
 The backward is 2x the forward (a gradient for the input and for the weight of every
 matmul); ``nn.remat`` recomputes each layer's forward once more (``remat_recompute``,
-reported apart: it is work done, not model FLOPs).
+reported apart: it is work done, not model FLOPs); with ``remat_policy="dots"`` only the
+attention's and the routing's batched products are recomputed.
 """
 from __future__ import annotations
 
@@ -146,6 +147,13 @@ def step_flops(cfg: ModelConfig, batch, *, lm_chunk_size: int = 64,
   down = 2 * cfg.hidden_size * cfg.intermediate_size * (
       last_router * doc_tokens + (nl - 1) * prefix_tokens + nl * active_tokens)
   layers_recompute = doc + prefix + active + routing - down
+  if cfg.remat_policy == "dots":
+    # The projections' and MLP's outputs (dots without batch dimensions) are saved; the
+    # attention's and the routing's batched products run again.
+    layers_recompute = routing + (max(routers) * _attn(cfg, doc_pairs)
+                                  + (nl - 1) * _attn(cfg, prefix_pairs)
+                                  + nl * _attn(cfg, own_pairs + prefix_ctx)
+                                  + len(routers) * _attn(cfg, chunk_ctx))
   out["remat_recompute"] = (layers_recompute if cfg.remat else 0.0) + lm_head
   out["executed_total"] = out["train"] + out["remat_recompute"]
   return {k: float(v) for k, v in out.items()}
