@@ -24,6 +24,9 @@
 # (e.g. a variant with --config.model.rope_mode=global -> train_global; PACK_DIR defaults to $OUT;
 # 15 MiB parts a device call returns), ready for reproduce_reading.sh STAGE=eval or
 # RESUME_FROM (session 13: the seed that read, evaluated on shared banks).
+# POST_S=N (default 0: no limit): each post-training command (answer_positions, evaluate)
+# is stopped after N seconds, so a device call's limit is not spent waiting on it.
+# A SIGTERM (e.g. an outer `timeout`) still writes $OUT/variants.tgz of what exists.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-results/reader_variants}
@@ -35,11 +38,23 @@ POSITIONS=${POSITIONS:-0}
 EVAL=${EVAL:-0}
 PACK_BEST=${PACK_BEST:-0}
 PACK_DIR=${PACK_DIR:-$OUT}
+POST_S=${POST_S:-0}
 COMMON=${COMMON-"--config.num_steps=1000 --config.optim.decay_steps=0 --config.eval.at_end=False --config.checkpoint.every_steps=100000 --config.data.memory_curriculum=() --config.data.memory_tokens=320 --config.data.batch_curriculum=() --config.batch_size=256 --config.log_every_steps=25"}
 VARIANTS=${VARIANTS:?set VARIANTS='name=overrides;name=overrides'}
 mkdir -p "$OUT" "$ROOT"
 echo "reader_variants.sh: $(date -u +%FT%TZ) commit $(git rev-parse --short HEAD 2>/dev/null) RUN_S=$RUN_S"
 IFS=';' read -ra SPECS <<< "$VARIANTS"
+all_names=(); for spec in "${SPECS[@]}"; do all_names+=("${spec%%=*}"); done
+archive() {   # one archive as well (with each run's metrics): a device call returns few files
+  for name in "${all_names[@]}"; do
+    cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
+  done
+  (cd "$OUT" && tar -czf variants.tgz --ignore-failed-read "${all_names[@]}" 2>/dev/null)
+}
+trap 'echo "reader_variants.sh: SIGTERM, archiving what exists" >&2; archive; exit 143' TERM
+limited() {   # a post-training command, stopped after POST_S seconds when set
+  if [ "$POST_S" -gt 0 ]; then timeout --signal=TERM --kill-after=5 "$POST_S" "$@"; else "$@"; fi
+}
 pids=()
 for spec in "${SPECS[@]}"; do
   name=${spec%%=*}; args=${spec#*=}
@@ -61,12 +76,12 @@ for spec in "${SPECS[@]}"; do
     if [ "$POSITIONS" -gt 0 ]; then
       # The memory the variant trained with (its last data.memory_tokens override), if any.
       mem=$(grep -o 'data.memory_tokens=[0-9]*' "$OUT/$name/args.txt" | tail -1 | cut -d= -f2)
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m launch.answer_positions \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION limited "$PYTHON" -m launch.answer_positions \
         --workdir="$ROOT/$name" --num_examples="$POSITIONS" ${mem:+--memory_tokens=$mem} \
         --out="$OUT/$name/answer_positions.json" > "$OUT/$name/positions.log" 2>&1
     fi
     if [ "$EVAL" -gt 0 ]; then
-      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION "$PYTHON" -m msa_jax.evaluate \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION limited "$PYTHON" -m msa_jax.evaluate \
         --workdir="$ROOT/$name" > "$OUT/$name/eval.log" 2>&1
       cp "$ROOT/$name/eval.json" "$OUT/$name/" 2>/dev/null
     fi
@@ -79,8 +94,7 @@ for name in "${names[@]}"; do
   grep -h "EM\|exact\|Error" "$OUT/$name/eval.log" 2>/dev/null | grep -v "Warning\|warn(" | tail -6 | sed "s/^/$name: /"
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"
 done
-# One archive as well: a device call returns only a few files.
-tar -czf "$OUT/variants.tgz" -C "$OUT" "${names[@]}"
+archive
 if [ "$PACK_BEST" -gt 0 ]; then
   # One pack per RoPE mode among the variants (model.rope_mode of each config.json): the
   # variant of that mode whose eval.json has the highest answer exact match.
