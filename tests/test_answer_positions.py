@@ -8,11 +8,10 @@ import numpy as np
 
 from launch import answer_positions as ap
 from msa_jax import losses
-from msa_jax.config import ModelConfig
 from msa_jax.data import from_config, interleave
 from msa_jax.data.collate import collate, fit_bucket
 from msa_jax.model import MSAModel, lm_head_weight_vd
-from train_common import get_config
+from train_common import get_config, small_reading_model
 
 from tests import reference_numpy as R
 
@@ -25,11 +24,8 @@ def test_position_nll_adds_up_to_the_row_loss_of_answer_rows():
   sp = task.tokenizer.specials
   samples = [s for i in range(3) for s in interleave.expand(task(i), sp, False)]
   batch = collate(samples, fit_bucket(samples, len(samples)))
-  model_cfg = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=32,
-                          intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                          head_dim=16, pooling_chunk_size=8, top_k=1, router_layers=(1,))
-  model = MSAModel(model_cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+  model, params = small_reading_model(task.tokenizer.vocab_size, batch)
+  model_cfg = model.config
   nll_bp, has_bp = ap.position_nll(model, params, batch, sp.end_of_retrieval)
   @jax.jit
   def row_nll(params, batch):

@@ -7,12 +7,10 @@ import numpy as np
 import pytest
 
 from msa_jax import microbatch
-from msa_jax.config import ModelConfig
 from msa_jax.data import from_config, interleave
 from msa_jax.data.collate import collate, fit_bucket
-from msa_jax.model import MSAModel
 from msa_jax.train_step import aux_loss_layers, compute_losses
-from train_common import get_config
+from train_common import get_config, small_reading_model
 
 from tests import reference_numpy as R
 
@@ -29,11 +27,7 @@ def _setup():
   pairs = [interleave.expand(task(i), sp, False) for i in range(3)]
   samples = [pairs[0][0], pairs[0][1], pairs[1][0], pairs[2][0], pairs[1][1], pairs[2][1]]
   batch = collate(samples, fit_bucket(samples, len(samples)))
-  model_cfg = ModelConfig(vocab_size=task.tokenizer.vocab_size, hidden_size=32,
-                          intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1,
-                          head_dim=16, pooling_chunk_size=8, top_k=1, router_layers=(1,))
-  model = MSAModel(model_cfg)
-  params = jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+  model, params = small_reading_model(task.tokenizer.vocab_size, batch)
   return cfg, model, params, batch, sp.end_of_retrieval
 
 

@@ -17,6 +17,17 @@ def get_config(variant: str):
   return load_config_file(f"{CONFIG_FILE}:{variant}")
 
 
+def small_reading_model(vocab_size: int, batch):
+  """``(model, params)``: a 2-layer model (router layer 1, width 32) initialised on
+  ``batch``, for checks of the training losses on a few reading-task samples."""
+  from msa_jax.config import ModelConfig
+  from msa_jax.model import MSAModel
+  model = MSAModel(ModelConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                               num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                               pooling_chunk_size=8, top_k=1, router_layers=(1,)))
+  return model, jax.jit(model.init)(jax.random.PRNGKey(0), batch)["params"]
+
+
 def small_cfg():
   """The smoke recipe cut to 1 layer (a router layer) and 12 steps, logging every step.
 
