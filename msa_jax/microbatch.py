@@ -95,10 +95,12 @@ def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layer
 
   def body(grads_acc, part):
     (_, m), g = grad_fn(params, part)
-    return jax.tree.map(jnp.add, grads_acc, g), m
+    return jax.tree.map(lambda acc, x: acc + x.astype(jnp.float32), grads_acc, g), m
 
-  zeros = jax.tree.map(jnp.zeros_like, params)
+  # float32 sums whatever the parameters' dtype; the result in the parameters' dtype.
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   grads, per_slice = jax.lax.scan(body, zeros, split(batch, k))
+  grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
   return grads, combine_metrics(per_slice)
 
 
