@@ -29,6 +29,8 @@ MAY_CHANGE_ON_RESUME = (
     "checkpoint.async_save",
     # Implementation switches: the same parameters and the same function of them.
     "model.scan_layers", "model.remat_policy", "model.remat",
+    # The same gradient in slices (in-batch routing negatives then come from each slice).
+    "microbatches",
 )
 _ABSENT = "(absent)"
 

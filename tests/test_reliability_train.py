@@ -148,7 +148,7 @@ def test_fields_from_another_code_version_are_recorded_not_refused(run, tmp_path
 
 def test_may_change_list():
   assert run_config.may_change("num_steps") and run_config.may_change("eval.num_examples")
-  assert run_config.may_change("checkpoint.every_steps")
+  assert run_config.may_change("checkpoint.every_steps") and run_config.may_change("microbatches")
   assert not run_config.may_change("optim.main_phase_lr")
   assert not run_config.may_change("model.top_k") and not run_config.may_change("evaluation")
 
