@@ -452,7 +452,10 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
   measured_flops = metrics_lib.matmul_rate(jnp.bfloat16)
   mesh = setup.mesh
   print(f"training {cfg.num_steps} steps on {jax.device_count()} {jax.devices()[0].platform} "
-        f"device(s), mesh {dict(mesh.shape)}; MFU against {peak_source} "
+        f"device(s), mesh {dict(mesh.shape)}"
+        + (f", each batch in {microbatch.microbatches_of(cfg)} microbatches"
+           if microbatch.microbatches_of(cfg) > 1 else "")
+        + f"; MFU against {peak_source} "
         f"{peak_flops / 1e12:.2f} TFLOP/s per device (mfu) and a measured bf16 matmul "
         f"{measured_flops / 1e12:.2f} TFLOP/s (mfu_measured)", flush=True)
   guard = _SaveGuard(manager, float(cfg.optim.get("max_update_ratio", 1.0)),
