@@ -10,13 +10,16 @@ from (a routing miss puts one example's id at ~17 nats a token: read the median 
 share, not the mean alone). The same for the retrieval samples
 (the first round: question -> the gold document's id), whose logged mean
 (``lm_loss_retrieval``) steps down one id token at a time in the reading recipe: the table
-says which id positions are learnt::
+says which id positions are learnt. Last, the lookup: at each answer's first value token,
+whether the model's top choice is the key's value, one of the gold document's values, and
+how much probability those values get, per fact the key is in (``value_choice``)::
 
   python -m launch.answer_positions --workdir=runs/tiny --num_examples=256 [--step=N] \
       [--seed=12345] [--memory_tokens=320] [--out=PATH.json]
 
 Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``): ``positions`` (answer
-targets) and ``retrieval_positions`` (id targets), one row per target position.
+targets) and ``retrieval_positions`` (id targets), one row per target position, and
+``value_choice`` (one row per fact index).
 """
 from __future__ import annotations
 
@@ -111,6 +114,16 @@ def main(argv=None) -> dict:
       chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
       print(f"| {r['position']} | {r['token']} | {r['nll']:.3f} | {r['median_nll']:.3f} "
             f"| {r['miss_share']:.3f} | {chance} |")
+  examples = [task(i) for i in range(args.num_examples)]
+  result["value_choice"] = rows = _value_choice_rows(
+      params, task, examples, [s[-1] for s in samples], log_probs, args.batch_size)
+  print("the first value token, by the fact the question's key is in (the lookup: does the "
+        "model pick the key's value among the document's values?):")
+  print("| key in fact | questions | right | one of the document's values | probability on "
+        "them |\n|---:|---:|---:|---:|---:|")
+  for r in rows:
+    print(f"| {r['fact']} | {r['questions']} | {r['right']:.2f} | {r['in_document']:.2f} "
+          f"| {r['mass_on_document']:.2f} |")
   out = args.out or os.path.join(args.workdir, "answer_positions.json")
   with open(out, "w") as f:
     json.dump(result, f, indent=1)
@@ -163,6 +176,61 @@ def position_stats(nll_bp: np.ndarray, has_bp: np.ndarray) -> list[dict]:
                  "miss_share": float((values > MISS_NATS).mean()) if n else 0.0,
                  "samples": n})
   return rows
+
+
+def value_choice(logp_v: np.ndarray, gold: int, doc_tokens, key_tokens, kinds) -> dict:
+  """What the model's distribution ``logp_v`` at an answer's first value token chooses.
+
+  ``doc_tokens``: the gold document; its "values" are the value tokens right after a run
+  of key tokens (each fact's first value); ``key_tokens``: the key the answer restates;
+  ``kinds(token)``: its alphabet (``_kind``). Returns ``right`` (top-1 is ``gold``),
+  ``in_document`` (top-1 is one of the document's values), ``mass_on_document`` (their
+  total probability) and ``fact`` (the index of the fact holding the key; -1 if absent).
+  A reader that copies some value of the document without matching the key puts its mass
+  on the document's values and is right ~1/facts of the time.
+  """
+  doc = list(doc_tokens)
+  kind = [kinds(t) for t in doc]
+  firsts, fact, n = [], -1, len(key_tokens)
+  for j in range(1, len(doc)):
+    if kind[j] == "value" and kind[j - 1] == "key":
+      if doc[j - n:j] == list(key_tokens):
+        fact = len(firsts)
+      firsts.append(doc[j])
+  top = int(np.argmax(logp_v))
+  values = sorted(set(firsts))
+  return {"right": top == gold, "in_document": top in values,
+          "mass_on_document": float(np.exp(logp_v[values]).sum()) if values else 0.0,
+          "fact": fact}
+
+
+def _value_choice_rows(params, task, examples, samples, log_probs, batch_size: int):
+  """``value_choice`` of each answer sample (Memory Interleave's last round), averaged per
+  fact index of the key."""
+  from msa_jax.data.collate import collate, fit_bucket
+  tok = task.tokenizer
+  kinds = lambda t: _kind(tok, t)
+  bucket = fit_bucket(samples, batch_size)
+  per_fact: dict[int, list[dict]] = {}
+  for start in range(0, len(samples), batch_size):
+    batch = collate(samples[start:start + batch_size], bucket)
+    logp = np.asarray(log_probs(params, batch))
+    targets, mask = np.asarray(batch.targets), np.asarray(batch.loss_mask, bool)
+    for row in range(logp.shape[0]):
+      ex, cols = examples[start + row], np.flatnonzero(mask[row])
+      target = [int(targets[row, c]) for c in cols]
+      value_at = [i for i, t in enumerate(target) if kinds(t) == "value"]
+      if not value_at:
+        continue
+      key = [t for t in target[:value_at[0]] if kinds(t) == "key"]
+      gold_doc = next(d for d in ex.docs if d.doc_id in ex.positive_doc_ids)
+      choice = value_choice(logp[row, cols[value_at[0]]], target[value_at[0]],
+                            gold_doc.tokens, key, kinds)
+      per_fact.setdefault(choice["fact"], []).append(choice)
+  return [{"fact": fact, "questions": len(c),
+           **{k: float(np.mean([x[k] for x in c]))
+              for k in ("right", "in_document", "mass_on_document")}}
+          for fact, c in sorted(per_fact.items())]
 
 
 def _kind(tok, token: int) -> str:

@@ -77,3 +77,37 @@ def test_position_stats_median_and_miss_share_see_past_one_outlier():
   assert rows[0]["samples"] == 32
   assert rows[1]["samples"] == 5 and rows[1]["miss_share"] == 0.0   # row 22 absent there
   np.testing.assert_allclose(rows[1]["nll"], 0.01)
+
+
+def test_value_choice_tells_a_copy_of_any_value_from_the_lookup():
+  cfg = get_config("tiny")
+  task = from_config.make_task(cfg.data, 0, memory_tokens=80)
+  tok = task.tokenizer
+  ex = task(0)
+  gold = next(d for d in ex.docs if d.doc_id in ex.positive_doc_ids)
+  answer = interleave.expand(ex, tok.specials, False)[-1]
+  kinds = lambda t: ap._kind(tok, t)
+  target = list(answer.target)
+  v_at = [i for i, t in enumerate(target) if kinds(t) == "value"][0]
+  key, right = [t for t in target[:v_at] if kinds(t) == "key"], target[v_at]
+  doc = list(gold.tokens)
+  firsts = [doc[j] for j in range(1, len(doc)) if kinds(doc[j]) == "value"
+            and kinds(doc[j - 1]) == "key"]
+  fact = next(i for i, j in enumerate(j for j in range(1, len(doc)) if kinds(doc[j]) == "value"
+                                      and kinds(doc[j - 1]) == "key")
+              if doc[j - len(key):j] == key)
+  assert len(set(firsts)) >= 2 and firsts[fact] == right
+  wrong = next(v for v in firsts if v != right)
+  # 90 % spread evenly over the document's values, the top-1 on a wrong one of them.
+  p = np.full(tok.vocab_size, 0.1 / (tok.vocab_size - len(set(firsts))))
+  p[sorted(set(firsts))] = 0.9 / len(set(firsts))
+  p[wrong] += 1e-3
+  p /= p.sum()
+  c = ap.value_choice(np.log(p), right, doc, key, kinds)
+  assert c["fact"] == fact and not c["right"] and c["in_document"]
+  np.testing.assert_allclose(c["mass_on_document"], (0.9 + 1e-3) / (1 + 1e-3), rtol=1e-6)
+  # The lookup learnt: the top-1 on the key's own value.
+  p2 = np.full(tok.vocab_size, 1e-4)
+  p2[right] = 1.0
+  c2 = ap.value_choice(np.log(p2 / p2.sum()), right, doc, key, kinds)
+  assert c2["right"] and c2["in_document"] and c2["fact"] == fact
