@@ -15,7 +15,7 @@ whether the model's top choice is the key's value, one of the gold document's va
 how much probability those values get, per fact the key is in (``value_choice``)::
 
   python -m launch.answer_positions --workdir=runs/tiny --num_examples=256 [--step=N] \
-      [--seed=12345] [--memory_tokens=320] [--out=PATH.json]
+      [--seed=12345] [--memory_tokens=320] [--facts_per_doc=4] [--out=PATH.json]
 
 Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``): ``positions`` (answer
 targets) and ``retrieval_positions`` (id targets), one row per target position, and
@@ -40,6 +40,8 @@ def _parse(argv=None):
   p.add_argument("--seed", type=int, default=12345, help="data seed (not the training one)")
   p.add_argument("--memory_tokens", type=int, default=None,
                  help="memory per example (default: the config's data.memory_tokens)")
+  p.add_argument("--facts_per_doc", type=int, default=None,
+                 help="facts per document (kv tasks; default: the config's data.kv)")
   p.add_argument("--out", default="")
   return p.parse_args(argv)
 
@@ -95,13 +97,15 @@ def main(argv=None) -> dict:
                             "training run's directory")
   cfg = ml_collections.ConfigDict(saved)
   model, params = from_pretrained(args.workdir, step=args.step)
-  task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens)
+  task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens,
+                               facts_per_doc=args.facts_per_doc)
   sp = task.tokenizer.specials
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
   samples = [interleave.expand(task(i), sp, cfg.data.answer_positives)
              for i in range(args.num_examples)]
   result = {"workdir": os.path.abspath(args.workdir), "step": args.step,
-            "seed": args.seed, "num_examples": args.num_examples}
+            "seed": args.seed, "num_examples": args.num_examples,
+            "facts_per_doc": task.config.facts_per_doc}
   for key, name, retrieval, pick in (("positions", "answer", False, -1),
                                      ("retrieval_positions", "retrieval (id)", True, 0)):
     rows = _position_rows(model, params, task, [s[pick] for s in samples], retrieval,
