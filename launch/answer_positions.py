@@ -69,7 +69,11 @@ def position_nll(model, params, batch, answer_token: int, aux_softmax: float = 0
   start with it, i.e. the retrieval rounds' id targets). ``log_probs_fn`` (from
   ``_log_probs_fn``) reuses one compiled forward over batches of one shape."""
   fn = log_probs_fn or _log_probs_fn(model, aux_softmax, oracle)
-  logp = fn(params, batch)
+  return _target_nll(np.asarray(fn(params, batch)), batch, answer_token, retrieval)
+
+
+def _target_nll(logp, batch, answer_token: int, retrieval: bool):
+  """``position_nll`` from the batch's ``[B, M, vocab]`` log-probabilities."""
   targets = np.asarray(batch.targets)
   nll_bm = -np.take_along_axis(np.asarray(logp), targets[..., None], -1)[..., 0]
   mask_bm = np.asarray(batch.loss_mask, bool)
@@ -101,16 +105,19 @@ def main(argv=None) -> dict:
                                facts_per_doc=args.facts_per_doc)
   sp = task.tokenizer.specials
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
-  samples = [interleave.expand(task(i), sp, cfg.data.answer_positives)
-             for i in range(args.num_examples)]
+  examples = [task(i) for i in range(args.num_examples)]
+  rounds = [interleave.expand(ex, sp, cfg.data.answer_positives) for ex in examples]
   result = {"workdir": os.path.abspath(args.workdir), "step": args.step,
             "seed": args.seed, "num_examples": args.num_examples,
             "facts_per_doc": task.config.facts_per_doc}
   for key, name, retrieval, pick in (("positions", "answer", False, -1),
                                      ("retrieval_positions", "retrieval (id)", True, 0)):
-    rows = _position_rows(model, params, task, [s[pick] for s in samples], retrieval,
-                          log_probs, args.batch_size)
+    rows, choices = _round_tables(params, task, [r[pick] for r in rounds], log_probs,
+                                  args.batch_size, retrieval,
+                                  None if retrieval else examples)
     result[key] = rows
+    if choices is not None:
+      result["value_choice"] = choices
     print(f"{name} targets of {args.num_examples} held-out examples (seed {args.seed}):")
     print(f"| position | target token | mean NLL | median NLL | share > {MISS_NATS:g} nat "
           "| uniform chance |\n|---:|---|---:|---:|---:|---:|")
@@ -118,14 +125,11 @@ def main(argv=None) -> dict:
       chance = "" if r["chance"] is None else f"{r['chance']:.2f}"
       print(f"| {r['position']} | {r['token']} | {r['nll']:.3f} | {r['median_nll']:.3f} "
             f"| {r['miss_share']:.3f} | {chance} |")
-  examples = [task(i) for i in range(args.num_examples)]
-  result["value_choice"] = rows = _value_choice_rows(
-      params, task, examples, [s[-1] for s in samples], log_probs, args.batch_size)
   print("the first value token, by the fact the question's key is in (the lookup: does the "
         "model pick the key's value among the document's values?):")
   print("| key in fact | questions | right | one of the document's values | probability on "
         "them |\n|---:|---:|---:|---:|---:|")
-  for r in rows:
+  for r in result["value_choice"]:
     print(f"| {r['fact']} | {r['questions']} | {r['right']:.2f} | {r['in_document']:.2f} "
           f"| {r['mass_on_document']:.2f} |")
   out = args.out or os.path.join(args.workdir, "answer_positions.json")
@@ -135,27 +139,30 @@ def main(argv=None) -> dict:
   return result
 
 
-def _position_rows(model, params, task, samples, retrieval: bool, log_probs,
-                   batch_size: int) -> list[dict]:
-  """The ``position_stats`` of ``samples`` (one interleave round of each example), each
-  row with the alphabet of the position's token and its uniform chance."""
+def _round_tables(params, task, samples, log_probs, batch_size: int, retrieval: bool,
+                 examples=None) -> tuple[list[dict], list[dict] | None]:
+  """One forward per batch of ``samples`` (one interleave round of each example): the
+  ``position_stats`` rows, each with its position's alphabet and uniform chance, and, given
+  the ``examples`` (answer rounds), the ``value_choice`` rows per fact index."""
   from msa_jax.data.collate import collate, fit_bucket
-  sp = task.tokenizer.specials
+  tok = task.tokenizer
+  kinds = lambda t: _kind(tok, t)
   bucket = fit_bucket(samples, batch_size)
   longest = max(samples, key=lambda s: len(s.target)).target
-  kinds = [_kind(task.tokenizer, t) for t in longest]   # the alphabet of each position
-  nll_parts, has_parts = [], []
+  nll_parts, has_parts, choices = [], [], []
   for start in range(0, len(samples), batch_size):
     batch = collate(samples[start:start + batch_size], bucket)
-    nll_bp, has_bp = position_nll(model, params, batch, sp.end_of_retrieval,
-                                  log_probs_fn=log_probs, retrieval=retrieval)
+    logp = np.asarray(log_probs(params, batch))
+    nll_bp, has_bp = _target_nll(logp, batch, tok.specials.end_of_retrieval, retrieval)
     pad = len(longest) - nll_bp.shape[1]
     nll_parts.append(np.pad(nll_bp, ((0, 0), (0, pad))))
     has_parts.append(np.pad(has_bp, ((0, 0), (0, pad))))
+    if examples is not None:
+      choices += _value_choices(logp, batch, examples[start:start + batch_size], kinds)
   rows = position_stats(np.concatenate(nll_parts), np.concatenate(has_parts))
-  for row, kind in zip(rows, kinds):
+  for row, kind in zip(rows, map(kinds, longest)):
     row.update(token=kind, chance=_chance(task, kind))
-  return rows
+  return rows, (None if examples is None else _per_fact(choices))
 
 
 MISS_NATS = 1.0   # a position "missed" on an example: NLL above this (p(target) < 0.37)
@@ -208,29 +215,28 @@ def value_choice(logp_v: np.ndarray, gold: int, doc_tokens, key_tokens, kinds) -
           "fact": fact}
 
 
-def _value_choice_rows(params, task, examples, samples, log_probs, batch_size: int):
-  """``value_choice`` of each answer sample (Memory Interleave's last round), averaged per
-  fact index of the key."""
-  from msa_jax.data.collate import collate, fit_bucket
-  tok = task.tokenizer
-  kinds = lambda t: _kind(tok, t)
-  bucket = fit_bucket(samples, batch_size)
+def _value_choices(logp, batch, examples, kinds) -> list[dict]:
+  """``value_choice`` of each answer row of ``batch`` (``logp``: its log-probabilities)."""
+  targets, mask = np.asarray(batch.targets), np.asarray(batch.loss_mask, bool)
+  out = []
+  for row, ex in enumerate(examples):
+    cols = np.flatnonzero(mask[row])
+    target = [int(targets[row, c]) for c in cols]
+    value_at = [i for i, t in enumerate(target) if kinds(t) == "value"]
+    if not value_at:
+      continue
+    key = [t for t in target[:value_at[0]] if kinds(t) == "key"]
+    gold_doc = next(d for d in ex.docs if d.doc_id in ex.positive_doc_ids)
+    out.append(value_choice(logp[row, cols[value_at[0]]], target[value_at[0]],
+                            gold_doc.tokens, key, kinds))
+  return out
+
+
+def _per_fact(choices: list[dict]) -> list[dict]:
+  """``value_choice`` results averaged per fact index of the key."""
   per_fact: dict[int, list[dict]] = {}
-  for start in range(0, len(samples), batch_size):
-    batch = collate(samples[start:start + batch_size], bucket)
-    logp = np.asarray(log_probs(params, batch))
-    targets, mask = np.asarray(batch.targets), np.asarray(batch.loss_mask, bool)
-    for row in range(logp.shape[0]):
-      ex, cols = examples[start + row], np.flatnonzero(mask[row])
-      target = [int(targets[row, c]) for c in cols]
-      value_at = [i for i, t in enumerate(target) if kinds(t) == "value"]
-      if not value_at:
-        continue
-      key = [t for t in target[:value_at[0]] if kinds(t) == "key"]
-      gold_doc = next(d for d in ex.docs if d.doc_id in ex.positive_doc_ids)
-      choice = value_choice(logp[row, cols[value_at[0]]], target[value_at[0]],
-                            gold_doc.tokens, key, kinds)
-      per_fact.setdefault(choice["fact"], []).append(choice)
+  for c in choices:
+    per_fact.setdefault(c["fact"], []).append(c)
   return [{"fact": fact, "questions": len(c),
            **{k: float(np.mean([x[k] for x in c]))
               for k in ("right", "in_document", "mass_on_document")}}

@@ -67,11 +67,8 @@ for spec in "${SPECS[@]}"; do
   pids+=($!)
 done
 for p in "${pids[@]}"; do wait "$p"; done
-names=()
 post_pids=()
-for spec in "${SPECS[@]}"; do
-  name=${spec%%=*}; names+=("$name")
-  cp "$ROOT/$name/metrics.jsonl" "$ROOT/$name/config.json" "$OUT/$name/" 2>/dev/null
+for name in "${all_names[@]}"; do
   (
     if [ "$POSITIONS" -gt 0 ]; then
       # The memory the variant trained with (its last data.memory_tokens override), if any.
@@ -89,7 +86,7 @@ for spec in "${SPECS[@]}"; do
   post_pids+=($!)
 done
 for p in "${post_pids[@]}"; do wait "$p"; done
-for name in "${names[@]}"; do
+for name in "${all_names[@]}"; do
   grep -h "^|\|targets of\|Error" "$OUT/$name/positions.log" 2>/dev/null | sed "s/^/$name: /"
   grep -h "EM\|exact\|Error" "$OUT/$name/eval.log" 2>/dev/null | grep -v "Warning\|warn(" | tail -6 | sed "s/^/$name: /"
   grep -v "Warning\|warn(" "$OUT/$name/train.log" | grep "^step" | tail -4 | sed "s/^/$name: /"

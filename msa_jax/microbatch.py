@@ -89,7 +89,8 @@ def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layer
     _, m = loss_fn(p, part)
     share_lm = jax.lax.stop_gradient(m["target_tokens"]) / tokens
     share_aux = jax.lax.stop_gradient(m["routing_pairs"]) / pairs
-    return m["lm_weight"] * m["lm_loss"] * share_lm + m["aux_weight"] * m["aux_loss"] * share_aux, m
+    total = m["lm_weight"] * m["lm_loss"] * share_lm + m["aux_weight"] * m["aux_loss"] * share_aux
+    return total, m
 
   grad_fn = jax.value_and_grad(weighted, has_aux=True)
 

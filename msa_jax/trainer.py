@@ -403,15 +403,14 @@ def train_and_evaluate(cfg, workdir: str, *,
   use_compilation_cache(cfg.get("compilation_cache_dir", ""))
   mesh = sharding.make_mesh(cfg.mesh_shape)
   batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-  for start, size in from_config.batch_stages(cfg.data, cfg.batch_size):
+  stages = from_config.batch_stages(cfg.data, cfg.batch_size)
+  for start, size in stages:
     if size % batch_shards:
       where = ("batch_size" if size == cfg.batch_size
                else f"data.batch_curriculum (from batch {start})")
       raise ValueError(f"{where} {size} must be a multiple of {batch_shards} (the data × fsdp "
                        f"mesh axes of mesh {dict(mesh.shape)}); change it or config.mesh_shape")
-  microbatch.check_microbatches(
-      cfg, [size for _, size in from_config.batch_stages(cfg.data, cfg.batch_size)],
-      batch_shards)
+  microbatch.check_microbatches(cfg, [size for _, size in stages], batch_shards)
   config = run_config.run_config_dict(cfg, model_cfg)
   diffs = run_config.check_resume(workdir, config, allow_change=allow_config_change)
   setup = TrainSetup(cfg, mesh, model_cfg)
@@ -451,10 +450,10 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
   peak_flops, peak_source = metrics_lib.device_peak_flops()
   measured_flops = metrics_lib.matmul_rate(jnp.bfloat16)
   mesh = setup.mesh
+  slices = microbatch.microbatches_of(cfg)
   print(f"training {cfg.num_steps} steps on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), mesh {dict(mesh.shape)}"
-        + (f", each batch in {microbatch.microbatches_of(cfg)} microbatches"
-           if microbatch.microbatches_of(cfg) > 1 else "")
+        + (f", each batch in {slices} microbatches" if slices > 1 else "")
         + f"; MFU against {peak_source} "
         f"{peak_flops / 1e12:.2f} TFLOP/s per device (mfu) and a measured bf16 matmul "
         f"{measured_flops / 1e12:.2f} TFLOP/s (mfu_measured)", flush=True)

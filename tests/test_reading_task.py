@@ -362,7 +362,7 @@ def test_facts_curriculum_trains_fewer_facts_first():
 def test_each_curriculum_stage_draws_fresh_examples():
   """Every stage's stream starts at example 0, and example n of one seed asks the same key
   with the same gold id and answer at any facts per document: a stage must not reuse the
-  seed of another, or it replays the same pairs (a trained model had memorised them).
+  seed of another, or it replays the same pairs.
   Stage 0 keeps the run's seed."""
   cfg = get_config("tiny")
   one, six = (from_config.make_source(cfg.data, 0, 320, f)(0) for f in (1, 6))
