@@ -17,8 +17,9 @@ resamples of the points. Writes ``OUT.json`` (parameters, intervals, points) and
 the results.
 
 x: ``compute`` (6 · params · tokens), ``params``, ``tokens`` (one point per run; y from
-the final metrics row, or, for eval metrics, the eval row at 1× memory) or
-``memory_tokens`` (one point per run and evaluated memory size).
+the mean of the logged rows over the last 10 % of the run's steps, ``--y_from=tail``, the
+default, or the final row alone, ``--y_from=final``; for eval metrics, the eval row at 1×
+memory) or ``memory_tokens`` (one point per run and evaluated memory size).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 X_KEYS = ("compute", "params", "tokens", "memory_tokens")
+Y_FROM = ("tail", "final")
 EVAL_KEYS = ("answer_exact_match", "router_recall@1", "router_recall@5",
              "oracle_answer_exact_match")
 LAWS = ("power", "saturating")
@@ -165,10 +167,13 @@ def fit_law(x: Sequence[float], y: Sequence[float], law: str = "power", *,
 # ----------------------------------------------------------------------- results → points
 
 def points_from_results(records: list[dict], x_key: str, y_key: str,
-                        where: Optional[dict] = None) -> list[dict]:
-  """``[{"x", "y", "run", "overrides"}]`` of the finished runs (filtered by ``where``)."""
+                        where: Optional[dict] = None, y_from: str = "tail") -> list[dict]:
+  """``[{"x", "y", "run", "overrides"}]`` of the finished runs (filtered by ``where``);
+  a training metric's y from the run's ``tail`` means or its ``final`` row (``y_from``)."""
   if x_key not in X_KEYS:
     raise ValueError(f"--x={x_key}: choose one of {X_KEYS}")
+  if y_from not in Y_FROM:
+    raise ValueError(f"--y_from={y_from}: choose one of {Y_FROM}")
   out = []
   for r in records:
     if where and any(str(r["overrides"].get(k)) != str(v) for k, v in where.items()):
@@ -183,8 +188,12 @@ def points_from_results(records: list[dict], x_key: str, y_key: str,
       continue
     if y_key in EVAL_KEYS and r.get("eval"):
       y = r["eval"][0].get(y_key)
+    elif y_from == "tail" and "tail" not in r:
+      raise ValueError(f"run {r['run']!r} has no tail means (results collected before "
+                       "launch.results wrote them): re-collect with `python -m launch.sweep "
+                       "--sweep=... --collect`, or fit its final row with --y_from=final")
     else:
-      y = r.get("final", {}).get(y_key)
+      y = r.get(y_from, {}).get(y_key)
     out.append({"x": r.get(x_key), "y": y, "run": r["run"], "overrides": r["overrides"]})
   missing = [p["run"] for p in out if p["x"] is None or p["y"] is None]
   if missing:
@@ -232,10 +241,10 @@ def plot(groups: dict[str, tuple[list[dict], Fit]], x_key: str, y_key: str, path
 
 def run(results_path: str, x_key: str, y_key: str, *, law: Optional[str] = None,
         group_by: Optional[str] = None, where: Optional[dict] = None, out: Optional[str] = None,
-        bootstrap: int = 1000, seed: int = 0) -> dict:
+        bootstrap: int = 1000, seed: int = 0, y_from: str = "tail") -> dict:
   """Fits every group; writes ``out``.json and ``out``.png; returns the JSON dict."""
   law = law or ("power" if y_key in ("loss", "lm_loss", "aux_loss") else "saturating")
-  pts = points_from_results(load_results(results_path), x_key, y_key, where)
+  pts = points_from_results(load_results(results_path), x_key, y_key, where, y_from)
   grouped: dict[str, list[dict]] = {}
   for p in pts:
     name = f"{group_by}={p['overrides'].get(group_by)}" if group_by else ""
@@ -244,7 +253,8 @@ def run(results_path: str, x_key: str, y_key: str, *, law: Optional[str] = None,
                             bootstrap=bootstrap, seed=seed)) for name, g in grouped.items()}
   out = out or os.path.join(os.path.dirname(os.path.abspath(results_path)),
                             f"fit_{y_key.replace('@', '_at_')}_vs_{x_key}")
-  result = {"results": results_path, "x": x_key, "y": y_key, "law": law, "where": where or {},
+  result = {"results": results_path, "x": x_key, "y": y_key, "y_from": y_from, "law": law,
+            "where": where or {},
             "group_by": group_by, "bootstrap": bootstrap, "fits": {}}
   for name, (g, fit) in fits.items():
     result["fits"][name or "all"] = {
@@ -266,7 +276,7 @@ def main(argv):
   f = flags.FLAGS
   where = dict(kv.split("=", 1) for kv in (f.where or []))
   run(f.results, f.x, f.y, law=f.law, group_by=f.group_by, where=where, out=f.out,
-      bootstrap=f.bootstrap, seed=f.seed)
+      bootstrap=f.bootstrap, seed=f.seed, y_from=f.y_from)
 
 
 if __name__ == "__main__":
@@ -275,6 +285,8 @@ if __name__ == "__main__":
   flags.DEFINE_enum("x", "compute", list(X_KEYS), "The x axis.")
   flags.DEFINE_string("y", "loss", "A final metric (loss, lm_loss, router_recall@1, ...) or an "
                       "eval metric (answer_exact_match, router_recall@1 at 1× memory).")
+  flags.DEFINE_enum("y_from", "tail", list(Y_FROM), "A training metric's y: the mean of the "
+                    "logged rows over the last 10% of steps (tail) or the final row.")
   flags.DEFINE_enum("law", None, list(LAWS), "Default: power for losses, saturating else.")
   flags.DEFINE_string("group_by", None, "An override key: one fit per value.")
   flags.DEFINE_list("where", None, "key=value filters on the overrides.")

@@ -139,6 +139,31 @@ def _scalars(row: dict) -> dict[str, Any]:
   return {k: v for k, v in row.items() if isinstance(v, (int, float, str, bool)) or v is None}
 
 
+TAIL_SHARE = 0.1   # the tail: logged rows in the last 10 % of a run's steps
+
+
+def tail_means(rows: list[dict], share: float = TAIL_SHARE) -> dict[str, Any]:
+  """Each numeric metric's mean over the logged rows in the last ``share`` of the run's
+  steps (at least the last row), with ``tail_rows`` and ``tail_from_step``.
+
+  One logged row is one step's loss: on a synthetic task whose batches differ a lot, a
+  law fitted to final rows fits their noise. Every training batch is fresh data, so the
+  tail's mean is a held-out estimate of the end of training.
+  """
+  if not rows:
+    return {}
+  last = rows[-1]["step"]
+  tail = [r for r in rows if r["step"] > last * (1.0 - share)] or rows[-1:]
+  keys = [k for k, v in tail[-1].items() if k != "step" and isinstance(v, (int, float))
+          and not isinstance(v, bool)]
+  out: dict[str, Any] = {}
+  for k in keys:
+    values = [r[k] for r in tail if isinstance(r.get(k), (int, float)) and r[k] is not None]
+    out[k] = float(sum(values) / len(values))
+  out.update(tail_rows=len(tail), tail_from_step=int(tail[0]["step"]))
+  return out
+
+
 def run_result(sweep: Sweep, point: Point, root: str) -> dict[str, Any]:
   """The result record of one run (``status`` says whether it finished)."""
   wd = workdir(sweep, point, root)
@@ -157,6 +182,7 @@ def run_result(sweep: Sweep, point: Point, root: str) -> dict[str, Any]:
       "params": params, "tokens": tokens,
       "compute": 6.0 * params * tokens if params and tokens else None,
       "final": _scalars(rows[-1]) if rows else {},
+      "tail": tail_means(rows),
       "eval": evaluation["rows"] if evaluation else [],
   }
 
@@ -167,6 +193,7 @@ def _flat_rows(results: list[dict]) -> list[dict]:
     base = {k: r[k] for k in ("sweep", "run", "status", "commit", "params", "tokens", "compute")}
     base.update({f"overrides.{k}": v for k, v in r["overrides"].items()})
     base.update({f"final.{k}": v for k, v in r["final"].items()})
+    base.update({f"tail.{k}": v for k, v in r.get("tail", {}).items()})
     for e in r["eval"] or [{}]:
       out.append({**base, **{f"eval.{k}": v for k, v in _scalars(e).items()}})
   return out

@@ -89,8 +89,10 @@ def _records(tmp_path):
                  "eval": evals, "final": {"loss": 1.0}, "compute": 1.0, "params": 1,
                  "tokens": 1.0})
   for i, c in enumerate(np.geomspace(1e12, 1e15, 5)):
+    # The tail means follow the law; the final rows (one noisy batch each) do not.
     rows.append({"run": f"size{i}", "overrides": {"model.hidden_size": 64 * (i + 1)},
-                 "eval": [], "final": {"loss": float(50 * c ** -0.1)}, "compute": float(c),
+                 "eval": [], "final": {"loss": float(50 * c ** -0.1) * (1.2 if i % 2 else 0.8)},
+                 "tail": {"loss": float(50 * c ** -0.1)}, "compute": float(c),
                  "params": 1, "tokens": 1.0})
   path = tmp_path / "results.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -113,6 +115,20 @@ def test_run_writes_json_and_png_per_group(tmp_path):
                 out=str(tmp_path / "loss"))
   assert out["law"] == "power" and len(out["fits"]["all"]["points"]) == 5
   assert out["fits"]["all"]["params"]["b"] == pytest.approx(-0.1, abs=1e-9)
+  assert out["y_from"] == "tail"
+  final = fit.run(path, "compute", "loss", where={"model.rope_mode": "None"}, bootstrap=50,
+                  out=str(tmp_path / "loss_final"), y_from="final")
+  ys = [p["y"] for p in final["fits"]["all"]["points"]]
+  assert ys[1] / ys[0] > 1.2 and final["fits"]["all"]["r2"] < 0.9    # the noisy rows
+  with pytest.raises(ValueError, match="choose one of"):
+    fit.run(path, "compute", "loss", y_from="best")
+  records = [json.loads(l) for l in open(path)]
+  for r in records:
+    r.pop("tail", None)
+  old = tmp_path / "old.jsonl"
+  old.write_text("".join(json.dumps(r) + "\n" for r in records))
+  with pytest.raises(ValueError, match="--y_from=final"):
+    fit.run(str(old), "compute", "loss", where={"model.rope_mode": "None"})
   with pytest.raises(ValueError, match="pairs with an eval metric"):
     fit.run(path, "memory_tokens", "loss")
   with pytest.raises(FileNotFoundError, match="--collect"):

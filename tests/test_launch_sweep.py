@@ -283,6 +283,7 @@ def test_results_jsonl_and_csv(tmp_path, fake_python):
     assert r["overrides"] == {"num_steps": 4, "model.hidden_size": width}
     assert r["final"]["step"] == 4 and r["final"]["loss"] == pytest.approx(10.0 / width)
     assert "grad_norm_per_layer" not in r["final"]          # lists stay in metrics.jsonl
+    assert r["tail"]["loss"] == pytest.approx(10.0 / width) and r["tail"]["tail_rows"] == 1
     assert r["tokens"] == 400.0
     # Params: tied embedding + one layer (q, k, v, o and a 3-matrix MLP), by hand.
     d, hd = width, 8
@@ -306,3 +307,16 @@ def test_collect_flag_and_unfinished_runs_are_left_out(tmp_path, fake_python, mo
   assert [r["status"] for r in records] == ["finished", "unfinished", "finished"]
   with open(os.path.join(root, "toy", "results.jsonl")) as f:
     assert len(f.readlines()) == 2
+
+
+def test_tail_means_average_the_last_tenth_of_steps():
+  rows = [{"step": s, "loss": float(s), "router_recall@1": 0.5, "note": "x", "flag": True}
+          for s in range(10, 210, 10)]
+  tail = results.tail_means(rows)
+  # Steps > 180 of 200: 190 and 200.
+  assert tail["loss"] == pytest.approx(195.0) and tail["tail_rows"] == 2
+  assert tail["tail_from_step"] == 190 and tail["router_recall@1"] == 0.5
+  assert "note" not in tail and "flag" not in tail and "step" not in tail
+  rows[-1]["lm_loss_answer"] = 4.0             # a metric only some rows carry
+  assert results.tail_means(rows)["lm_loss_answer"] == 4.0
+  assert results.tail_means(rows[:1])["loss"] == 10.0 and results.tail_means([]) == {}
