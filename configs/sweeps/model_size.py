@@ -12,7 +12,7 @@ GPU beside the others (a few hundred MB each): ``XLA_PYTHON_CLIENT_MEM_FRACTION=
 python -m launch.sweep --sweep=configs/sweeps/model_size.py --runner=local --parallel=6``
 on one H200 (16 cores: 3 example workers a run). Logged every 20 steps, so the fit's
 default y (``--y_from=tail``: the mean over the last 10 % of steps) averages 10 rows.
-``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each, no evaluation: the example
+``:seeds``: the same widths with seeds 1 and 2 (12 runs). ``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each, no evaluation: the example
 sweep of WORKSPACE.md.
 """
 from configs.sweeps._common import RECIPE, smoke_fixed
@@ -39,6 +39,17 @@ def get_sweep(arg: str = ""):
                   "data.memory_curriculum": (), "data.batch_curriculum": (),
                   "eval.at_end": False, "checkpoint.every_steps": 1_000,
                   "log_every_steps": 20, "tensorboard": False, "data.worker_count": 3}
+  widths = (64, 128, 192, 256, 384, 512)
+  if arg == "seeds":
+    # The same six widths with seeds 1 and 2 (the plain sweep is seed 0): how much of the
+    # loss against size is the seed's. 12 runs side by side on one H200: --parallel=12,
+    # XLA_PYTHON_CLIENT_MEM_FRACTION=0.06, 1 example worker a run.
+    return {"name": "model_size_seeds", "config": f"{RECIPE}:tiny",
+            "fixed": {**reader_stage, "data.worker_count": 1},
+            "points": [{**_reader_shape(w), "seed": seed} for seed in (1, 2) for w in widths],
+            "resources": {"gpus_per_node": 1, "time": "01:00:00"}}
+  if arg:
+    raise ValueError(f"model_size.py:{arg}: the argument is '', 'smoke' or 'seeds'")
   return {"name": "model_size", "config": f"{RECIPE}:tiny", "fixed": reader_stage,
-          "points": [_reader_shape(w) for w in (64, 128, 192, 256, 384, 512)],
+          "points": [_reader_shape(w) for w in widths],
           "resources": {"gpus_per_node": 1, "time": "01:00:00"}}
