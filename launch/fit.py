@@ -4,7 +4,8 @@ r"""Fits a scaling law to a sweep's results, with bootstrap confidence intervals
   python -m launch.fit --results=runs/rope_mode/results.jsonl --x=memory_tokens \
       --y=answer_exact_match --group_by=model.rope_mode
 
-Laws (``--law``; default: ``power`` for loss, ``saturating`` for accuracies):
+Laws (``--law``; default: ``power`` for losses (any y named *loss*), ``saturating`` for
+accuracies):
   power       y = a · x^b               (least squares on log y against log x)
   saturating  y = c + a · x^b, b < 0    (y tends to c: accuracy against memory size,
                                          loss against compute with an irreducible part)
@@ -243,7 +244,7 @@ def run(results_path: str, x_key: str, y_key: str, *, law: Optional[str] = None,
         group_by: Optional[str] = None, where: Optional[dict] = None, out: Optional[str] = None,
         bootstrap: int = 1000, seed: int = 0, y_from: str = "tail") -> dict:
   """Fits every group; writes ``out``.json and ``out``.png; returns the JSON dict."""
-  law = law or ("power" if y_key in ("loss", "lm_loss", "aux_loss") else "saturating")
+  law = law or ("power" if "loss" in y_key else "saturating")
   pts = points_from_results(load_results(results_path), x_key, y_key, where, y_from)
   grouped: dict[str, list[dict]] = {}
   for p in pts:
