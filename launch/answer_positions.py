@@ -15,7 +15,11 @@ whether the model's top choice is the key's value, one of the gold document's va
 how much probability those values get, per fact the key is in (``value_choice``)::
 
   python -m launch.answer_positions --workdir=runs/tiny --num_examples=256 [--step=N] \
-      [--seed=12345] [--memory_tokens=320] [--facts_per_doc=4] [--out=PATH.json]
+      [--seed=12345] [--memory_tokens=320] [--facts_per_doc=4] \
+      [--ablate=no_injection|no_gold_memory] [--out=PATH.json]
+
+``--ablate`` removes one of the answer round's two copies of the gold document (the text
+injected into the question, or the document in memory) to say which one the lookup reads.
 
 Writes ``PATH.json`` (default ``WORKDIR/answer_positions.json``): ``positions`` (answer
 targets) and ``retrieval_positions`` (id targets), one row per target position, and
@@ -42,8 +46,34 @@ def _parse(argv=None):
                  help="memory per example (default: the config's data.memory_tokens)")
   p.add_argument("--facts_per_doc", type=int, default=None,
                  help="facts per document (kv tasks; default: the config's data.kv)")
+  p.add_argument("--ablate", default="none", choices=ABLATIONS,
+                 help="answer rounds only: no_injection drops the injected gold document "
+                      "from the question (the answer must come from memory); no_gold_memory "
+                      "drops the gold document from the memory (it must come from the "
+                      "injected text)")
   p.add_argument("--out", default="")
   return p.parse_args(argv)
+
+
+ABLATIONS = ("none", "no_injection", "no_gold_memory")
+
+
+def ablate_answer_round(answer, example, ablation: str):
+  """The answer round ``answer`` of ``example`` with one of its two sources of the gold
+  document removed (``ABLATIONS``): which one the model reads the value from."""
+  import dataclasses
+  if ablation == "none":
+    return answer
+  if ablation == "no_injection":
+    return dataclasses.replace(answer, question=list(example.question))
+  if ablation == "no_gold_memory":
+    gold = set(example.positive_doc_ids)
+    docs = [d for d in answer.docs if d.doc_id not in gold]
+    # rounds=None: its retrieval chain names the gold document, now not in memory.
+    return dataclasses.replace(answer, docs=docs, rounds=None,
+                               positive_doc_ids=[i for i in answer.positive_doc_ids
+                                                 if i not in gold])
+  raise ValueError(f"--ablate={ablation}: choose one of {ABLATIONS}")
 
 
 def _log_probs_fn(model, aux_softmax: float, oracle: bool):
@@ -107,9 +137,11 @@ def main(argv=None) -> dict:
   log_probs = _log_probs_fn(model, aux_softmax(cfg), oracle_routing(cfg))
   examples = [task(i) for i in range(args.num_examples)]
   rounds = [interleave.expand(ex, sp, cfg.data.answer_positives) for ex in examples]
+  rounds = [r[:-1] + [ablate_answer_round(r[-1], ex, args.ablate)]
+            for r, ex in zip(rounds, examples)]
   result = {"workdir": os.path.abspath(args.workdir), "step": args.step,
             "seed": args.seed, "num_examples": args.num_examples,
-            "facts_per_doc": task.config.facts_per_doc}
+            "facts_per_doc": task.config.facts_per_doc, "ablate": args.ablate}
   for key, name, retrieval, pick in (("positions", "answer", False, -1),
                                      ("retrieval_positions", "retrieval (id)", True, 0)):
     rows, choices = _round_tables(params, task, [r[pick] for r in rounds], log_probs,

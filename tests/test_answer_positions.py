@@ -111,3 +111,23 @@ def test_value_choice_tells_a_copy_of_any_value_from_the_lookup():
   p2[right] = 1.0
   c2 = ap.value_choice(np.log(p2 / p2.sum()), right, doc, key, kinds)
   assert c2["right"] and c2["in_document"] and c2["fact"] == fact
+
+
+def test_ablations_remove_one_copy_of_the_gold_document():
+  cfg = get_config("tiny")
+  task = from_config.make_task(cfg.data, 3, memory_tokens=200)
+  sp = task.tokenizer.specials
+  example = task(0)
+  answer = interleave.expand(example, sp, False)[-1]
+  gold = next(d for d in example.docs if d.doc_id in example.positive_doc_ids)
+  assert answer.question == list(example.question) + gold.tokens
+  assert ap.ablate_answer_round(answer, example, "none") is answer
+  cut = ap.ablate_answer_round(answer, example, "no_injection")
+  assert cut.question == list(example.question) and cut.docs == answer.docs
+  assert cut.target == answer.target
+  gone = ap.ablate_answer_round(answer, example, "no_gold_memory")
+  assert [d.doc_id for d in gone.docs] == [d.doc_id for d in answer.docs if d is not gold]
+  assert len(gone.docs) == len(answer.docs) - 1 and gone.question == answer.question
+  import pytest
+  with pytest.raises(ValueError, match="choose one of"):
+    ap.ablate_answer_round(answer, example, "both")

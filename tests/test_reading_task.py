@@ -481,3 +481,43 @@ def test_merge_results_joins_the_sizes_of_one_run(tmp_path):
   assert os.path.exists(tmp_path / "m" / "reading.png")
   with pytest.raises(SystemExit, match="ends at step 5700, another's at 300"):
     reproduce_reading.merge_results([first, result(300, [(1, 0.1, 0.1)])])
+
+
+def test_fact_gaps_move_facts_and_keep_the_length(tiny):
+  """``data.kv.fact_gaps``: the same keys, values and ids as without gaps, each document
+  ``fact_gaps`` tokens longer, its facts at offsets that vary between documents; the
+  default (0) draws nothing, so packed documents are unchanged."""
+  cfg = get_config("tiny")
+  cfg.data.kv.fact_gaps = 6
+  gapped = from_config.make_task(cfg.data, 0, memory_tokens=460)
+  packed = from_config.make_task(tiny.data, 0, memory_tokens=400)
+  tok = gapped.tokenizer
+  pad = tok.encode("-")[0]
+  assert gapped.config.doc_length == 46 and len(gapped(0).docs) == 10 == len(packed(0).docs)
+  offsets = set()
+  for i in range(3):
+    g, p = gapped(i), packed(i)
+    assert g.question == p.question and g.target == p.target and g.rounds == p.rounds
+    for dg, dp in zip(g.docs, p.docs):
+      assert len(dg.tokens) == 46 and dg.tokens.count(pad) == 6 and pad not in dp.tokens
+      assert dg.doc_id == dp.doc_id
+      assert [t for t in dg.tokens if t != pad] == dp.tokens   # same id, facts, order
+      starts, j = [], 4
+      text = dg.tokens
+      for f in range(6):
+        while text[j] == pad:
+          j += 1
+        starts.append(j)
+        j += 6
+      offsets.add(tuple(starts))
+  assert len(offsets) > 20          # 30 documents, offsets drawn per document
+  assert gapped(1).docs[0].tokens == from_config.make_task(cfg.data, 0, memory_tokens=460)(1).docs[0].tokens
+  cfg.data.kv.fact_slot_len = 8
+  with pytest.raises(ValueError, match="set one of them to 0"):
+    from_config.make_task(cfg.data, 0)
+  cfg.data.kv.fact_slot_len, cfg.data.kv.fact_gaps = 0, -1
+  with pytest.raises(ValueError, match="fact_gaps=-1 must be >= 0"):
+    from_config.make_task(cfg.data, 0)
+  cfg.data.kv.fact_gaps = 6
+  with pytest.raises(ValueError, match="write_task writes documents of packed facts only"):
+    write_task.kv_config_of(cfg)

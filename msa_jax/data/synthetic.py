@@ -22,7 +22,7 @@ from msa_jax.data.example import Document, Example, answer_target, id_target
 from msa_jax.data.tokenizer import WordTokenizer, WordVocabConfig
 
 # Stream codes of the random generators of one example.
-CORE, IDS, KEYS, VALUES, FILLER, ORDER = range(6)
+CORE, IDS, KEYS, VALUES, FILLER, ORDER, GAPS = range(7)
 
 
 def example_rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
@@ -137,11 +137,25 @@ class KVConfig:
   # in the injected document (an induction step) instead of a lookup from the far
   # question (WORKSPACE.md, "The answers' lookup"). Exact match needs key and value.
   answer_with_key: bool = False
+  # > 0: that many SLOT_PAD words spread at random over a document's facts_per_doc + 1 gaps
+  # (after the id, between facts, after the last), a fresh spread per document: the length
+  # stays fixed, each fact's offset varies. Why: with packed facts every fact sits at a
+  # fixed offset, and a trained tiny reader looked facts up with one layer-0 head per fact
+  # slot (each attends to one slot's value, gated by the key token before it) and read
+  # only the slots it had heads for (WORKSPACE.md, "The lookup reads fixed slots"); with
+  # varying offsets that shortcut is gone and the lookup must match the key's content.
+  fact_gaps: int = 0
 
   def __post_init__(self):
     slot = self.fact_slot_len
     if slot < 0:
       raise ValueError(f"KVConfig.fact_slot_len={slot} must be >= 0 (0: no padding)")
+    if self.fact_gaps < 0:
+      raise ValueError(f"KVConfig.fact_gaps={self.fact_gaps} must be >= 0 (0: facts at "
+                       "fixed offsets)")
+    if self.fact_gaps and slot:
+      raise ValueError(f"KVConfig.fact_gaps={self.fact_gaps} with fact_slot_len={slot}: "
+                       "slots fix each fact's chunk, gaps move it; set one of them to 0")
     if slot and max(self.fact_length, self.id_length) > slot:
       raise ValueError(
           f"KVConfig.fact_slot_len={slot} is shorter than a fact ({self.fact_length} "
@@ -167,7 +181,7 @@ class KVConfig:
     slot = self.fact_slot_len
     if slot:
       return slot * (1 + self.facts_per_doc)
-    return self.id_length + self.facts_per_doc * self.fact_length
+    return self.id_length + self.facts_per_doc * self.fact_length + self.fact_gaps
 
   @property
   def id_words(self) -> int:
@@ -217,6 +231,21 @@ def id_padding(tok: WordTokenizer, config: KVConfig) -> list[int]:
   """The text that follows a document's id before its first fact: the id's slot padding
   (``config.fact_slot_len``), so that the first fact starts a chunk."""
   return slot_padding(tok, config, config.id_length)
+
+
+def document_text(tok: WordTokenizer, config: KVConfig, facts: Sequence[Sequence[int]],
+                  gaps_rng: np.random.Generator | None = None) -> list[int]:
+  """A document's text after its id: the id's slot padding, then the facts, with
+  ``config.fact_gaps`` SLOT_PAD words spread uniformly at random over the
+  ``len(facts) + 1`` gaps (a multinomial draw from ``gaps_rng``) when that is set."""
+  if not config.fact_gaps:
+    return id_padding(tok, config) + [t for f in facts for t in f]
+  counts = gaps_rng.multinomial(config.fact_gaps, [1.0 / (len(facts) + 1)] * (len(facts) + 1))
+  pad = tok.encode(SLOT_PAD)
+  out = pad * int(counts[0])
+  for fact, gap in zip(facts, counts[1:]):
+    out += list(fact) + pad * int(gap)
+  return out
 
 
 def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) -> list[int]:
@@ -282,6 +311,9 @@ class KVRetrievalTask:
     value_tok = lambda: [tok.value_symbol(int(s)) for s in
                          values.integers(0, c.num_value_symbols, c.value_len)]
     fact = lambda k, v: fact_tokens(tok, c, key_tok(k), v)
+    # Its own stream: with fact_gaps 0 nothing is drawn and every other draw is unchanged.
+    gaps = example_rng(self.seed, index, GAPS) if c.fact_gaps else None
+    text = lambda facts: document_text(tok, c, facts, gaps)
 
     # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
     chain_keys = keys.take(c.hops)
@@ -293,7 +325,7 @@ class KVRetrievalTask:
       facts += [fact(k, value_tok()) for k in keys.take(c.facts_per_doc - 1)]
       pos = int(core.integers(0, c.facts_per_doc))
       facts.insert(pos, facts.pop(0))
-      gold.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]), id_padding(tok, c) + sum(facts, [])))
+      gold.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]), text(facts)))
 
     distractors = []
     for _ in range(c.num_docs - c.hops):
@@ -303,8 +335,7 @@ class KVRetrievalTask:
           facts.append(fact(k, key_tok(keys.take(1)[0])))
         else:
           facts.append(fact(k, value_tok()))
-      distractors.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]),
-                                       id_padding(tok, c) + sum(facts, [])))
+      distractors.append(make_document(tok, c.id_word_symbols(ids.take(1)[0]), text(facts)))
 
     question = question_tokens(tok, c, key_tok(chain_keys[0]))
     answer = answer_tokens(c, key_tok(chain_keys[c.hops - 1]), answer)

@@ -119,6 +119,11 @@ def kv_config_of(cfg) -> KVConfig:
                      f"data.task={data.task!r} (use a kv recipe, e.g. "
                      "configs/16k_to_100m.py:smoke or :tiny)")
   kv = KVConfig(**dict(data.kv))
+  if kv.fact_gaps:
+    raise ValueError(f"data.kv.fact_gaps={kv.fact_gaps}: write_task writes documents of "
+                     "packed facts only (spread gaps are not implemented in its vectorised "
+                     "writer); evaluate such a run with per-question memories "
+                     "(msa_jax.evaluate) or set --config.data.kv.fact_gaps=0")
   if kv.hops != 1:
     raise ValueError(f"data.kv.hops={kv.hops}: write_task writes single-hop questions only "
                      "(multi-hop shared corpora are not implemented); set "
