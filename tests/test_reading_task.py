@@ -108,16 +108,18 @@ def test_shared_corpus_addresses_100m_tokens(tiny):
   assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
-@pytest.mark.parametrize("bracket_ids,slot,positional", [
-    (False, 0, False), (True, 0, False), (False, 8, False), (True, 8, False),
-    (False, 0, True)])
-def test_records_equal_documents(tiny, bracket_ids, slot, positional):
+@pytest.mark.parametrize("bracket_ids,slot,positional,gaps", [
+    (False, 0, False, 0), (True, 0, False, 0), (False, 8, False, 0), (True, 8, False, 0),
+    (False, 0, True, 0), (False, 0, True, 6)])
+def test_records_equal_documents(tiny, bracket_ids, slot, positional, gaps):
   """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
-  per-document path, with facts packed or padded to slots, ids positional or not."""
+  per-document path, with facts packed, padded to slots or spread by gaps, ids positional
+  or not."""
   cfg = get_config("tiny")
   cfg.data.kv.bracket_ids = bracket_ids
   cfg.data.kv.fact_slot_len = slot
   cfg.data.kv.positional_ids = positional
+  cfg.data.kv.fact_gaps = gaps
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
   for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
     fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
@@ -126,6 +128,16 @@ def test_records_equal_documents(tiny, bracket_ids, slot, positional):
     assert [list(d.tokens) for d in fast] == [d.tokens for d in slow]
     assert [d.id_length for d in fast] == [d.id_length for d in slow] == \
         [6 if bracket_ids else 4] * (stop - start)
+  if gaps:   # the pads are spread per document, the same for a document in any range
+    pad = corpus.tokenizer.encode("-")[0]
+    docs = corpus.documents(0, 50)
+    assert all(d.tokens.count(pad) == gaps for d in docs)
+    assert len({tuple(t == pad for t in d.tokens) for d in docs}) > 25
+    assert corpus.documents(10, 12)[1].tokens == docs[11].tokens
+    packed = get_config("tiny")
+    packed.data.kv.positional_ids = True
+    plain = write_task.SharedCorpus(write_task.kv_config_of(packed), 5).documents(0, 50)
+    assert [[t for t in d.tokens if t != pad] for d in docs] == [d.tokens for d in plain]
 
 
 @pytest.mark.parametrize("task", ["multihop", "niah"])
@@ -518,6 +530,3 @@ def test_fact_gaps_move_facts_and_keep_the_length(tiny):
   cfg.data.kv.fact_slot_len, cfg.data.kv.fact_gaps = 0, -1
   with pytest.raises(ValueError, match="fact_gaps=-1 must be >= 0"):
     from_config.make_task(cfg.data, 0)
-  cfg.data.kv.fact_gaps = 6
-  with pytest.raises(ValueError, match="write_task writes documents of packed facts only"):
-    write_task.kv_config_of(cfg)

@@ -22,7 +22,8 @@ from msa_jax.data.example import Document, Example, answer_target, id_target
 from msa_jax.data.tokenizer import WordTokenizer, WordVocabConfig
 
 # Stream codes of the random generators of one example.
-CORE, IDS, KEYS, VALUES, FILLER, ORDER, GAPS = range(7)
+CORE, IDS, KEYS, VALUES, FILLER, ORDER = range(6)
+GAPS = 7   # KVConfig.fact_gaps (6 is write_task.QUESTIONS)
 
 
 def example_rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
@@ -233,17 +234,24 @@ def id_padding(tok: WordTokenizer, config: KVConfig) -> list[int]:
   return slot_padding(tok, config, config.id_length)
 
 
+def gap_counts(rng: np.random.Generator, config: KVConfig, num_facts: int,
+               size: int | None = None) -> np.ndarray:
+  """Pad words in each of a document's ``num_facts + 1`` gaps: ``config.fact_gaps``
+  spread uniformly at random (a multinomial draw; ``size`` documents at once)."""
+  return rng.multinomial(config.fact_gaps, [1.0 / (num_facts + 1)] * (num_facts + 1),
+                         size=size)
+
+
 def document_text(tok: WordTokenizer, config: KVConfig, facts: Sequence[Sequence[int]],
-                  gaps_rng: np.random.Generator | None = None) -> list[int]:
-  """A document's text after its id: the id's slot padding, then the facts, with
-  ``config.fact_gaps`` SLOT_PAD words spread uniformly at random over the
-  ``len(facts) + 1`` gaps (a multinomial draw from ``gaps_rng``) when that is set."""
+                  gaps: Sequence[int] | None = None) -> list[int]:
+  """A document's text after its id: the id's slot padding, then the facts; with
+  ``config.fact_gaps`` set, ``gaps[i]`` SLOT_PAD words before fact i and ``gaps[-1]``
+  after the last (``gap_counts``)."""
   if not config.fact_gaps:
     return id_padding(tok, config) + [t for f in facts for t in f]
-  counts = gaps_rng.multinomial(config.fact_gaps, [1.0 / (len(facts) + 1)] * (len(facts) + 1))
   pad = tok.encode(SLOT_PAD)
-  out = pad * int(counts[0])
-  for fact, gap in zip(facts, counts[1:]):
+  out = pad * int(gaps[0])
+  for fact, gap in zip(facts, gaps[1:]):
     out += list(fact) + pad * int(gap)
   return out
 
@@ -313,7 +321,8 @@ class KVRetrievalTask:
     fact = lambda k, v: fact_tokens(tok, c, key_tok(k), v)
     # Its own stream: with fact_gaps 0 nothing is drawn and every other draw is unchanged.
     gaps = example_rng(self.seed, index, GAPS) if c.fact_gaps else None
-    text = lambda facts: document_text(tok, c, facts, gaps)
+    text = lambda facts: document_text(
+        tok, c, facts, gap_counts(gaps, c, len(facts)) if gaps else None)
 
     # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
     chain_keys = keys.take(c.hops)

@@ -5,7 +5,8 @@ r"""Writes a synthetic kv task as ONE shared corpus plus questions (JSONL), stre
       [--num_questions=Q] [--question_pool=M] [--seed=S] [--overwrite]
 
 Corpus rows ``{"id", "tokens", "text"}``: ``tokens`` are what a bank encodes (the id
-tokens, then the facts, each padded to ``data.kv.fact_slot_len`` if set: exactly a
+tokens, then the facts, each padded to ``data.kv.fact_slot_len`` if set, or with
+``data.kv.fact_gaps`` pad words spread between them, drawn per document: exactly a
 training memory document of the config's ``data.kv`` task), ``text`` their decoding
 with the task's word tokenizer. Question rows ``{"question_tokens", "question",
 "answer_tokens", "answer", "doc_id", "rounds"}``: the key asked, its value, the gold
@@ -37,9 +38,9 @@ from typing import Iterator
 import numpy as np
 
 from msa_jax.data.example import Document
-from msa_jax.data.synthetic import (IDS, KEYS, SLOT_PAD, VALUES, KVConfig, answer_tokens,
-                                    doc_id_string, fact_tokens, id_padding, make_document,
-                                    question_tokens)
+from msa_jax.data.synthetic import (GAPS, IDS, KEYS, SLOT_PAD, VALUES, KVConfig,
+                                    answer_tokens, doc_id_string, document_text, fact_tokens,
+                                    gap_counts, id_padding, make_document, question_tokens)
 from msa_jax.data.tokenizer import WordTokenizer
 
 QUESTIONS = 6          # random stream of the question draw (after synthetic's six)
@@ -119,11 +120,6 @@ def kv_config_of(cfg) -> KVConfig:
                      f"data.task={data.task!r} (use a kv recipe, e.g. "
                      "configs/16k_to_100m.py:smoke or :tiny)")
   kv = KVConfig(**dict(data.kv))
-  if kv.fact_gaps:
-    raise ValueError(f"data.kv.fact_gaps={kv.fact_gaps}: write_task writes documents of "
-                     "packed facts only (spread gaps are not implemented in its vectorised "
-                     "writer); evaluate such a run with per-question memories "
-                     "(msa_jax.evaluate) or set --config.data.kv.fact_gaps=0")
   if kv.hops != 1:
     raise ValueError(f"data.kv.hops={kv.hops}: write_task writes single-hop questions only "
                      "(multi-hop shared corpora are not implemented); set "
@@ -171,6 +167,18 @@ class SharedCorpus:
       parts.append(values[lo:hi])
     return np.concatenate(parts)
 
+  def _gaps(self, start: int, stop: int) -> np.ndarray:
+    """Pad words in each gap of documents ``[start, stop)`` (``KVConfig.fact_gaps``):
+    (docs, facts + 1), drawn per block of ``VALUE_BLOCK`` documents like the values."""
+    c, parts = self.config, []
+    for block in range(start // VALUE_BLOCK, (stop - 1) // VALUE_BLOCK + 1):
+      gaps = gap_counts(np.random.default_rng([self.seed, GAPS, block]), c, c.facts_per_doc,
+                        size=VALUE_BLOCK)
+      lo = max(start, block * VALUE_BLOCK) - block * VALUE_BLOCK
+      hi = min(stop, (block + 1) * VALUE_BLOCK) - block * VALUE_BLOCK
+      parts.append(gaps[lo:hi])
+    return np.concatenate(parts)
+
   def symbols(self, start: int, stop: int):
     """(ids (B, id_len), keys (B, F, key_len), values (B, F, value_len)) of documents
     ``[start, stop)`` as symbol indices of their alphabets (ids as id words:
@@ -184,16 +192,17 @@ class SharedCorpus:
 
   def documents(self, start: int, stop: int) -> list[Document]:
     """Documents ``[start, stop)``: ``id`` then the facts ``key value`` in key order
-    (each padded to ``fact_slot_len`` if set)."""
+    (each padded to ``fact_slot_len`` if set, or with ``fact_gaps`` pad words spread
+    between them)."""
     tok, c = self.tokenizer, self.config
     ids, keys, values = self.symbols(start, stop)
+    gaps = self._gaps(start, stop).tolist() if c.fact_gaps else [None] * len(ids)
     key0, value0 = tok.key_symbol(0), tok.value_symbol(0)
     out = []
-    for doc_ids, doc_keys, doc_values in zip(ids.tolist(), (keys + key0).tolist(),
-                                             (values + value0).tolist()):
-      text = sum((fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)),
-                 id_padding(tok, c))
-      out.append(make_document(tok, doc_ids, text))
+    for doc_ids, doc_keys, doc_values, doc_gaps in zip(ids.tolist(), (keys + key0).tolist(),
+                                                       (values + value0).tolist(), gaps):
+      facts = [fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)]
+      out.append(make_document(tok, doc_ids, document_text(tok, c, facts, doc_gaps)))
     return out
 
   def records(self, start: int, stop: int) -> list:
@@ -203,7 +212,7 @@ class SharedCorpus:
     fact), for ``inference.encode.encode_documents``."""
     from msa_jax.inference.bank import DocRecord
     c, tok = self.config, self.tokenizer
-    if c.fact_words:
+    if c.fact_words or c.fact_gaps:   # facts at varying offsets: one list per document
       return [DocRecord(d.doc_id, d.tokens, d.id_length)
               for d in self.documents(start, stop)]
     ids, keys, values = self.symbols(start, stop)
