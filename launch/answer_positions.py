@@ -117,20 +117,26 @@ def _target_nll(logp, batch, answer_token: int, retrieval: bool):
   return nll_bp, has_bp
 
 
-def main(argv=None) -> dict:
-  args = _parse(argv)
+def load_run(workdir: str, step=None):
+  """``(config, model, params)`` of a training run's directory (its newest checkpoint, or
+  ``step``'s)."""
   import ml_collections
   from msa_jax import from_pretrained
-  from msa_jax.data import from_config, interleave
   from msa_jax.run_config import read_saved
+  saved = read_saved(workdir)
+  if saved is None:
+    raise FileNotFoundError(f"{workdir} has no config.json: --workdir must be a "
+                            "training run's directory")
+  model, params = from_pretrained(workdir, step=step)
+  return ml_collections.ConfigDict(saved), model, params
+
+
+def main(argv=None) -> dict:
+  args = _parse(argv)
+  from msa_jax.data import from_config, interleave
   from msa_jax.train_step import aux_softmax, oracle_routing
 
-  saved = read_saved(args.workdir)
-  if saved is None:
-    raise FileNotFoundError(f"{args.workdir} has no config.json: --workdir must be a "
-                            "training run's directory")
-  cfg = ml_collections.ConfigDict(saved)
-  model, params = from_pretrained(args.workdir, step=args.step)
+  cfg, model, params = load_run(args.workdir, args.step)
   task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens,
                                facts_per_doc=args.facts_per_doc)
   sp = task.tokenizer.specials

@@ -138,20 +138,12 @@ def head_table(store, batch, examples, kinds) -> list[dict]:
 
 def main(argv=None) -> dict:
   args = _parse(argv)
-  import ml_collections
-  from msa_jax import from_pretrained
   from msa_jax.data import from_config, interleave
   from msa_jax.data.collate import collate, fit_bucket
-  from msa_jax.run_config import read_saved
   from msa_jax.train_step import aux_softmax, oracle_routing
-  from launch.answer_positions import _kind
+  from launch.answer_positions import _kind, load_run
 
-  saved = read_saved(args.workdir)
-  if saved is None:
-    raise FileNotFoundError(f"{args.workdir} has no config.json: --workdir must be a "
-                            "training run's directory")
-  cfg = ml_collections.ConfigDict(saved)
-  model, params = from_pretrained(args.workdir, step=args.step)
+  cfg, model, params = load_run(args.workdir, args.step)
   task = from_config.make_task(cfg.data, args.seed, memory_tokens=args.memory_tokens)
   kinds = lambda t: _kind(task.tokenizer, t)
   examples = [task(i) for i in range(args.num_examples)]
