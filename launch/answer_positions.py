@@ -238,19 +238,25 @@ def value_choice(logp_v: np.ndarray, gold: int, doc_tokens, key_tokens, kinds) -
   A reader that copies some value of the document without matching the key puts its mass
   on the document's values and is right ~1/facts of the time.
   """
-  doc = list(doc_tokens)
-  kind = [kinds(t) for t in doc]
-  firsts, fact, n = [], -1, len(key_tokens)
-  for j in range(1, len(doc)):
-    if kind[j] == "value" and kind[j - 1] == "key":
-      if doc[j - n:j] == list(key_tokens):
-        fact = len(firsts)
-      firsts.append(doc[j])
+  offsets, fact = fact_values(doc_tokens, key_tokens, kinds)
   top = int(np.argmax(logp_v))
-  values = sorted(set(firsts))
+  values = sorted({int(doc_tokens[j]) for j in offsets})
   return {"right": top == gold, "in_document": top in values,
           "mass_on_document": float(np.exp(logp_v[values]).sum()) if values else 0.0,
           "fact": fact}
+
+
+def fact_values(doc, key_tokens, kinds) -> tuple[list[int], int]:
+  """The offsets in ``doc`` of each fact's first value token (a value right after a key
+  token) and the index of the fact whose key is ``key_tokens`` (-1 if none)."""
+  doc, n = list(doc), len(key_tokens)
+  firsts, fact = [], -1
+  for j in range(1, len(doc)):
+    if kinds(doc[j]) == "value" and kinds(doc[j - 1]) == "key":
+      if doc[j - n:j] == list(key_tokens):
+        fact = len(firsts)
+      firsts.append(j)
+  return firsts, fact
 
 
 def _value_choices(logp, batch, examples, kinds) -> list[dict]:

@@ -30,6 +30,8 @@ import os
 
 import numpy as np
 
+from launch.answer_positions import fact_values
+
 
 def _parse(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -80,19 +82,6 @@ def record_attention(model, params, batch, aux_softmax: float, oracle: bool) -> 
   finally:
     attention_lib.attend = plain
   return store
-
-
-def fact_values(doc, key_tokens, kinds) -> tuple[list[int], int]:
-  """The offsets in ``doc`` of each fact's first value token (a value right after a key
-  token) and the index of the fact whose key is ``key_tokens`` (-1 if none)."""
-  doc, n = list(doc), len(key_tokens)
-  firsts, fact = [], -1
-  for j in range(1, len(doc)):
-    if kinds(doc[j]) == "value" and kinds(doc[j - 1]) == "key":
-      if doc[j - n:j] == list(key_tokens):
-        fact = len(firsts)
-      firsts.append(j)
-  return firsts, fact
 
 
 def head_table(store, batch, examples, kinds) -> list[dict]:

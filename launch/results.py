@@ -158,7 +158,7 @@ def tail_means(rows: list[dict], share: float = TAIL_SHARE) -> dict[str, Any]:
           and not isinstance(v, bool)]
   out: dict[str, Any] = {}
   for k in keys:
-    values = [r[k] for r in tail if isinstance(r.get(k), (int, float)) and r[k] is not None]
+    values = [r[k] for r in tail if isinstance(r.get(k), (int, float))]
     out[k] = float(sum(values) / len(values))
   out.update(tail_rows=len(tail), tail_from_step=int(tail[0]["step"]))
   return out

@@ -12,8 +12,8 @@ GPU beside the others (a few hundred MB each): ``XLA_PYTHON_CLIENT_MEM_FRACTION=
 python -m launch.sweep --sweep=configs/sweeps/model_size.py --runner=local --parallel=6``
 on one H200 (16 cores: 3 example workers a run). Logged every 20 steps, so the fit's
 default y (``--y_from=tail``: the mean over the last 10 % of steps) averages 10 rows.
-``:seeds``: the same widths with seeds 1 and 2 (12 runs). ``:smoke``: widths 32-128 (1-2 layers), 40 CPU steps each, no evaluation: the example
-sweep of WORKSPACE.md.
+``:seeds``: the same widths with seeds 1 and 2 (12 runs). ``:smoke``: widths 32-128
+(1-2 layers), 40 CPU steps each, no evaluation: the example sweep of WORKSPACE.md.
 """
 from configs.sweeps._common import RECIPE, smoke_fixed
 

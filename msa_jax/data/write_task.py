@@ -40,7 +40,7 @@ import numpy as np
 from msa_jax.data.example import Document
 from msa_jax.data.synthetic import (GAPS, IDS, KEYS, SLOT_PAD, VALUES, KVConfig,
                                     answer_tokens, doc_id_string, document_text, fact_tokens,
-                                    gap_counts, id_padding, make_document, question_tokens)
+                                    gap_counts, make_document, question_tokens)
 from msa_jax.data.tokenizer import WordTokenizer
 
 QUESTIONS = 6          # random stream of the question draw (after synthetic's six)
@@ -155,29 +155,30 @@ class SharedCorpus:
           f"{c.facts_per_doc} fact(s) per document); lower --num_docs or raise "
           "data.kv.id_len / key_len / num_id_symbols / num_key_symbols")
 
-  def _values(self, start: int, stop: int) -> np.ndarray:
-    """Value symbols of documents ``[start, stop)``: (docs, facts, value_len)."""
-    c, parts = self.config, []
+  def _per_block(self, start: int, stop: int, stream: int, draw) -> np.ndarray:
+    """Rows ``[start, stop)`` of per-document draws made per block of ``VALUE_BLOCK``
+    documents (``draw(rng)`` gives a block's rows), so document n's never depend on the
+    range asked."""
+    parts = []
     for block in range(start // VALUE_BLOCK, (stop - 1) // VALUE_BLOCK + 1):
-      rng = np.random.default_rng([self.seed, VALUES, block])
-      values = rng.integers(0, c.num_value_symbols,
-                            size=(VALUE_BLOCK, c.facts_per_doc, c.value_len))
+      rows = draw(np.random.default_rng([self.seed, stream, block]))
       lo = max(start, block * VALUE_BLOCK) - block * VALUE_BLOCK
       hi = min(stop, (block + 1) * VALUE_BLOCK) - block * VALUE_BLOCK
-      parts.append(values[lo:hi])
+      parts.append(rows[lo:hi])
     return np.concatenate(parts)
+
+  def _values(self, start: int, stop: int) -> np.ndarray:
+    """Value symbols of documents ``[start, stop)``: (docs, facts, value_len)."""
+    c = self.config
+    return self._per_block(start, stop, VALUES, lambda rng: rng.integers(
+        0, c.num_value_symbols, size=(VALUE_BLOCK, c.facts_per_doc, c.value_len)))
 
   def _gaps(self, start: int, stop: int) -> np.ndarray:
     """Pad words in each gap of documents ``[start, stop)`` (``KVConfig.fact_gaps``):
-    (docs, facts + 1), drawn per block of ``VALUE_BLOCK`` documents like the values."""
-    c, parts = self.config, []
-    for block in range(start // VALUE_BLOCK, (stop - 1) // VALUE_BLOCK + 1):
-      gaps = gap_counts(np.random.default_rng([self.seed, GAPS, block]), c, c.facts_per_doc,
-                        size=VALUE_BLOCK)
-      lo = max(start, block * VALUE_BLOCK) - block * VALUE_BLOCK
-      hi = min(stop, (block + 1) * VALUE_BLOCK) - block * VALUE_BLOCK
-      parts.append(gaps[lo:hi])
-    return np.concatenate(parts)
+    (docs, facts + 1), drawn per block like the values."""
+    c = self.config
+    return self._per_block(start, stop, GAPS, lambda rng: gap_counts(
+        rng, c, c.facts_per_doc, size=VALUE_BLOCK))
 
   def symbols(self, start: int, stop: int):
     """(ids (B, id_len), keys (B, F, key_len), values (B, F, value_len)) of documents
