@@ -48,7 +48,6 @@ def record_attention(model, params, batch, aux_softmax: float, oracle: bool) -> 
   """The forward of ``batch`` with every active-token attention's probabilities recorded:
   ``[(probs [B, Hkv, r, M, S+M], S)]``, one per layer in order (``S``: memory slots)."""
   import jax
-  import jax.numpy as jnp
   from msa_jax import attention as attention_lib
   from msa_jax.model import MSAModel
 
@@ -57,18 +56,8 @@ def record_attention(model, params, batch, aux_softmax: float, oracle: bool) -> 
   plain = attention_lib.attend
 
   def recording(q, k_self, v_self, mask, k_ctx=None, v_ctx=None, ctx_mask=None):
-    b, m, h, d = q.shape
-    if (b, m) == (b_size, m_len):   # the active tokens, not a document or the prefix
-      g = k_self.shape[2]
-      allow = jnp.tril(jnp.ones((m, m), bool))[None] & mask[:, None, :]
-      k = k_self
-      if k_ctx is not None:
-        k = jnp.concatenate([k_ctx.astype(k_self.dtype), k_self], 1)
-        allow = jnp.concatenate(
-            [jnp.broadcast_to(ctx_mask[:, None, :], (b, m, k_ctx.shape[1])), allow], -1)
-      logits = jnp.einsum("bmgrd,bkgd->bgrmk", q.reshape(b, m, g, h // g, d), k,
-                          preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-      probs = jax.nn.softmax(jnp.where(allow[:, None, None], logits, -jnp.inf), -1)
+    if q.shape[:2] == (b_size, m_len):   # the active tokens, not a document or the prefix
+      probs = attention_lib.attention_probs(q, k_self, mask, k_ctx, ctx_mask)
       slots = 0 if k_ctx is None else k_ctx.shape[1]
       jax.debug.callback(lambda p, s=slots: store.append((np.asarray(p), s)), probs)
     return plain(q, k_self, v_self, mask, k_ctx, v_ctx, ctx_mask)

@@ -13,6 +13,37 @@ import jax
 import jax.numpy as jnp
 
 
+def attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd=None, ctx_mask_bs=None):
+  """The attention probabilities of :func:`attend`: ``[B, Hkv, H/Hkv, M, S+M]`` float32.
+
+  Key axis: the ``S`` context slots (none without context), then the ``M`` own tokens.
+  A query with no visible key gets an all-zero row. Also what interpretability tools
+  record (``launch.lookup_attention``), so they see exactly the model's attention.
+  """
+  b, m, h, d = q_bmhd.shape
+  g = k_self_bmgd.shape[2]
+  if h % g:
+    raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
+  r = h // g
+  causal_mm = jnp.tril(jnp.ones((m, m), bool))
+  self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
+  if k_ctx_bsgd is not None:
+    k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
+    s = k_ctx_bsgd.shape[1]
+    ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
+    allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
+  else:
+    k, allow_bmk = k_self_bmgd, self_allow_bmm
+  q_bmgrd = q_bmhd.reshape(b, m, g, r, d)
+  logits = jnp.einsum("bmgrd,bkgd->bgrmk", q_bmgrd, k,
+                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
+  logits = jnp.where(allow_bmk[:, None, None], logits, -jnp.inf)
+  any_key = jnp.any(allow_bmk, axis=-1)[:, None, None, :, None]
+  logits = jnp.where(any_key, logits, 0.0)
+  probs = jax.nn.softmax(logits, axis=-1)
+  return jnp.where(any_key, probs, 0.0)
+
+
 def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
            k_ctx_bsgd=None, v_ctx_bsgd=None, ctx_mask_bs=None):
   """Softmax attention of each query to valid context slots and earlier own tokens.
@@ -28,28 +59,10 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
     A query with no visible key (only padding rows) returns zeros.
   """
   b, m, h, d = q_bmhd.shape
-  g = k_self_bmgd.shape[2]
-  if h % g:
-    raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
-  r = h // g
-  causal_mm = jnp.tril(jnp.ones((m, m), bool))
-  self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
+  probs = attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd, ctx_mask_bs)
+  v = v_self_bmgd
   if k_ctx_bsgd is not None:
-    k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
     v = jnp.concatenate([v_ctx_bsgd.astype(v_self_bmgd.dtype), v_self_bmgd], axis=1)
-    s = k_ctx_bsgd.shape[1]
-    ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
-    allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
-  else:
-    k, v, allow_bmk = k_self_bmgd, v_self_bmgd, self_allow_bmm
-  q_bmgrd = q_bmhd.reshape(b, m, g, r, d)
-  logits = jnp.einsum("bmgrd,bkgd->bgrmk", q_bmgrd, k,
-                      preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
-  logits = jnp.where(allow_bmk[:, None, None], logits, -jnp.inf)
-  any_key = jnp.any(allow_bmk, axis=-1)[:, None, None, :, None]
-  logits = jnp.where(any_key, logits, 0.0)
-  probs = jax.nn.softmax(logits, axis=-1)
-  probs = jnp.where(any_key, probs, 0.0)
   out = jnp.einsum("bgrmk,bkgd->bmgrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, m, h, d).astype(q_bmhd.dtype)
