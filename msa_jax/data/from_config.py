@@ -368,6 +368,12 @@ class CurriculumIterator(grain.DatasetIterator):
     self._served += 1
     return next(self._inner)
 
+  @property
+  def stages(self) -> list[tuple[int, grain.IterDataset]]:
+    """``[(first batch, dataset)]`` of each training stage (``benchmarks.data_pipeline``
+    times each one)."""
+    return list(self._stages)
+
   def get_state(self) -> dict[str, Any]:
     return {"stage": self._stage, "served": self._served, "inner": self._inner.get_state()}
 
