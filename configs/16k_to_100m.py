@@ -59,6 +59,7 @@ def _single_fact_kv(bracket_ids: bool) -> ml_collections.ConfigDict:
       facts_per_doc=1, id_len=3, key_len=3, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=32, hops=1, fact_words=False,
       question_words=False, bracket_ids=bracket_ids, fact_slot_len=0, fact_gaps=0,
+      restate_facts=0,
       positional_ids=False, answer_with_key=False))
 
 
@@ -79,7 +80,8 @@ def _reading_kv() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       facts_per_doc=6, id_len=4, key_len=4, value_len=2, num_id_symbols=128,
       num_key_symbols=128, num_value_symbols=64, hops=1, fact_words=False,
-      question_words=False, bracket_ids=False, fact_slot_len=0, fact_gaps=0, positional_ids=False,
+      question_words=False, bracket_ids=False, fact_slot_len=0, fact_gaps=0, restate_facts=0,
+      positional_ids=False,
       answer_with_key=False))
 
 
@@ -206,7 +208,8 @@ def _base() -> ml_collections.ConfigDict:
   c.data.kv = ml_collections.ConfigDict(dict(
       facts_per_doc=16, id_len=2, key_len=2, value_len=2, num_id_symbols=128,
       num_key_symbols=256, num_value_symbols=256, hops=1, fact_words=True,
-      question_words=True, bracket_ids=True, fact_slot_len=0, fact_gaps=0, positional_ids=False,
+      question_words=True, bracket_ids=True, fact_slot_len=0, fact_gaps=0, restate_facts=0,
+      positional_ids=False,
       answer_with_key=False))
   # data.task = "niah": the RULER-style suite (msa_jax.data.niah); subtask "" mixes all
   # 8 subtasks (weights () = uniform, else one weight per subtask in SUBTASKS order).

@@ -248,12 +248,13 @@ def value_choice(logp_v: np.ndarray, gold: int, doc_tokens, key_tokens, kinds) -
 
 def fact_values(doc, key_tokens, kinds) -> tuple[list[int], int]:
   """The offsets in ``doc`` of each fact's first value token (a value right after a key
-  token) and the index of the fact whose key is ``key_tokens`` (-1 if none)."""
+  token) and the index of the first fact whose key is ``key_tokens`` (-1 if none; a fact
+  restated at the end, ``data.kv.restate_facts``, is counted at its first statement)."""
   doc, n = list(doc), len(key_tokens)
   firsts, fact = [], -1
   for j in range(1, len(doc)):
     if kinds(doc[j]) == "value" and kinds(doc[j - 1]) == "key":
-      if doc[j - n:j] == list(key_tokens):
+      if fact < 0 and doc[j - n:j] == list(key_tokens):
         fact = len(firsts)
       firsts.append(j)
   return firsts, fact

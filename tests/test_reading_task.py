@@ -530,3 +530,40 @@ def test_fact_gaps_move_facts_and_keep_the_length(tiny):
   cfg.data.kv.fact_slot_len, cfg.data.kv.fact_gaps = 0, -1
   with pytest.raises(ValueError, match="fact_gaps=-1 must be >= 0"):
     from_config.make_task(cfg.data, 0)
+
+
+def test_restate_facts_repeats_the_documents_own_facts(tiny):
+  """``data.kv.restate_facts``: R of a document's own facts stated again, in a random
+  order, after its last fact; everything before is the unrestated document; the default
+  (0) draws nothing; the shared corpus refuses it by name; fact_values counts a restated
+  fact at its first statement."""
+  import dataclasses
+  from launch.answer_positions import _kind, fact_values
+  cfg = get_config("tiny")
+  cfg.data.kv.restate_facts = 2
+  again = from_config.make_task(cfg.data, 0, memory_tokens=520)
+  plain = from_config.make_task(tiny.data, 0, memory_tokens=400)
+  assert again.config.doc_length == 52 and len(again(0).docs) == 10 == len(plain(0).docs)
+  orders = set()
+  for i in range(3):
+    a, p = again(i), plain(i)
+    assert a.question == p.question and a.target == p.target
+    for da, dp in zip(a.docs, p.docs):
+      assert da.tokens[:40] == dp.tokens and da.doc_id == dp.doc_id
+      facts = [tuple(dp.tokens[4 + 6 * f:10 + 6 * f]) for f in range(6)]
+      tail = [tuple(da.tokens[40:46]), tuple(da.tokens[46:52])]
+      assert tail[0] != tail[1] and all(t in facts for t in tail)
+      orders.add(tuple(facts.index(t) for t in tail))
+  assert len(orders) > 10           # 30 documents, the restated facts drawn per document
+  doc = again(0).docs[0].tokens
+  restated_key = doc[40:44]   # the first restated fact's key, also stated above
+  firsts, fact = fact_values(doc, restated_key, lambda t: _kind(again.tokenizer, t))
+  assert len(firsts) == 8 and firsts[:6] == [8 + 6 * f for f in range(6)]
+  assert doc[4 + 6 * fact:8 + 6 * fact] == restated_key and fact < 6
+  one = dataclasses.replace(again.config, facts_per_doc=1)
+  assert one.doc_length == 4 + 2 * 6   # at most the document's own facts, once each
+  with pytest.raises(ValueError, match="restate_facts=2: write_task does not write"):
+    write_task.kv_config_of(cfg)
+  cfg.data.kv.restate_facts = -1
+  with pytest.raises(ValueError, match="restate_facts=-1 must be >= 0"):
+    from_config.make_task(cfg.data, 0)

@@ -24,6 +24,7 @@ from msa_jax.data.tokenizer import WordTokenizer, WordVocabConfig
 # Stream codes of the random generators of one example.
 CORE, IDS, KEYS, VALUES, FILLER, ORDER = range(6)
 GAPS = 7   # KVConfig.fact_gaps (6 is write_task.QUESTIONS)
+RESTATE = 8   # KVConfig.restate_facts
 
 
 def example_rng(seed: int, index: int, stream: int, *extra: int) -> np.random.Generator:
@@ -146,9 +147,19 @@ class KVConfig:
   # only the slots it had heads for (WORKSPACE.md, "The lookup reads fixed slots"); with
   # varying offsets that shortcut is gone and the lookup must match the key's content.
   fact_gaps: int = 0
+  # > 0: that many of the document's facts (fewer if it has fewer), in a random order,
+  # stated again after its last fact (and last gap): ``[id] f0 .. f5 f3 f0``. With a
+  # document LM loss (``loss.doc_lm_weight``) every restated key and value is a lookup
+  # inside the document (the value that followed this key above), thousands a step
+  # instead of one answer per example: a drill for the content match that the answers'
+  # lookup needs (WORKSPACE.md, "Facts at varying offsets": slot heads, not a match).
+  restate_facts: int = 0
 
   def __post_init__(self):
     slot = self.fact_slot_len
+    if self.restate_facts < 0:
+      raise ValueError(f"KVConfig.restate_facts={self.restate_facts} must be >= 0 (0: no "
+                       "fact stated twice)")
     if slot < 0:
       raise ValueError(f"KVConfig.fact_slot_len={slot} must be >= 0 (0: no padding)")
     if self.fact_gaps < 0:
@@ -182,7 +193,8 @@ class KVConfig:
     slot = self.fact_slot_len
     if slot:
       return slot * (1 + self.facts_per_doc)
-    return self.id_length + self.facts_per_doc * self.fact_length + self.fact_gaps
+    facts = self.facts_per_doc + min(self.restate_facts, self.facts_per_doc)
+    return self.id_length + facts * self.fact_length + self.fact_gaps
 
   @property
   def id_words(self) -> int:
@@ -256,6 +268,16 @@ def document_text(tok: WordTokenizer, config: KVConfig, facts: Sequence[Sequence
   return out
 
 
+def restated(rng: np.random.Generator, config: KVConfig,
+             facts: Sequence[Sequence[int]]) -> list[int]:
+  """``config.restate_facts`` of ``facts`` (all if fewer), in a random order, back to back:
+  the text appended to a document after its facts (none when it is 0)."""
+  count = min(config.restate_facts, len(facts))
+  if not count:
+    return []
+  return [t for i in rng.permutation(len(facts))[:count] for t in facts[int(i)]]
+
+
 def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) -> list[int]:
   """The question asking for ``key``'s value (``what is the value for key ?`` with
   ``question_words``)."""
@@ -321,8 +343,10 @@ class KVRetrievalTask:
     fact = lambda k, v: fact_tokens(tok, c, key_tok(k), v)
     # Its own stream: with fact_gaps 0 nothing is drawn and every other draw is unchanged.
     gaps = example_rng(self.seed, index, GAPS) if c.fact_gaps else None
+    again = example_rng(self.seed, index, RESTATE) if c.restate_facts else None
     text = lambda facts: document_text(
-        tok, c, facts, gap_counts(gaps, c, len(facts)) if gaps else None)
+        tok, c, facts, gap_counts(gaps, c, len(facts)) if gaps else None) + (
+            restated(again, c, facts) if again else [])
 
     # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
     chain_keys = keys.take(c.hops)

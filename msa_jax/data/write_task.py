@@ -124,6 +124,11 @@ def kv_config_of(cfg) -> KVConfig:
     raise ValueError(f"data.kv.hops={kv.hops}: write_task writes single-hop questions only "
                      "(multi-hop shared corpora are not implemented); set "
                      "--config.data.kv.hops=1")
+  if kv.restate_facts:
+    raise ValueError(f"data.kv.restate_facts={kv.restate_facts}: write_task does not write "
+                     "restated facts (not implemented for the shared corpus); evaluate such "
+                     "a run with msa_jax.evaluate (its own memories), or train with "
+                     "--config.data.kv.restate_facts=0")
   return kv
 
 
