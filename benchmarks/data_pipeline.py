@@ -4,9 +4,10 @@ recipe, for several example-worker counts.
   python -m benchmarks.data_pipeline [--config=configs/16k_to_100m.py:tiny]
       [--workers=0,3,6] [--batches=100] [--stages=all|0,3] [--set data.kv.fact_gaps=6 ...]
 
-The ``tiny`` recipe's reader stage is data-bound on the GPU (a step of the model takes
-milliseconds; 128 examples of Python take tens), so its steps per second are at most the
-batches per second measured here. For each stage (``from_config.training_stages``: a
+The ``tiny`` recipe's reader stage was data-bound on the H200 (its steps took ~0.23 s
+whatever the model's width: a step of the model takes milliseconds, 128 examples of
+Python tens; configs/16k_to_100m.py), so its steps per second are at most the batches
+per second measured here. For each stage (``from_config.training_stages``: a
 stage starts wherever a memory, facts or batch curriculum does) and each worker count
 (``data.worker_count``, capped by ``example_workers`` at half the CPU cores), the stage's
 dataset (``from_config.make_train_iterator``, exactly what training reads) serves
