@@ -62,25 +62,28 @@ def softmax(x):
   return e / e.sum()
 
 
-def attention(q_mhd, k_sgd, v_sgd, allowed_ms):
-  """GQA softmax attention; query head h reads kv head ``h // (H/Hkv)``; scale 1/sqrt(D).
-
-  ``allowed_ms[i, j]`` says whether query i may read key slot j. A query with no
-  allowed slot gets zeros.
-  """
+def attention_probs(q_mhd, k_sgd, allowed_ms):
+  """GQA softmax probabilities ``[H, M, S]``; query head h reads kv head ``h // (H/Hkv)``;
+  scale 1/sqrt(D). ``allowed_ms[i, j]``: query i may read key slot j; a query with no
+  allowed slot gets a zero row."""
   m, h, d = q_mhd.shape
-  g = k_sgd.shape[1]
-  r = h // g
-  out = np.zeros((m, h, d))
+  r = h // k_sgd.shape[1]
+  probs = np.zeros((h, m, k_sgd.shape[0]))
   for i in range(m):
     idx = np.nonzero(allowed_ms[i])[0]
     if idx.size == 0:
       continue
     for hh in range(h):
-      kv = hh // r
-      logits = k_sgd[idx, kv, :] @ q_mhd[i, hh] / math.sqrt(d)
-      out[i, hh] = softmax(logits) @ v_sgd[idx, kv, :]
-  return out
+      probs[hh, i, idx] = softmax(k_sgd[idx, hh // r, :] @ q_mhd[i, hh] / math.sqrt(d))
+  return probs
+
+
+def attention(q_mhd, k_sgd, v_sgd, allowed_ms):
+  """GQA softmax attention (``attention_probs`` applied to ``v``): ``[M, H, D]``; a query
+  with no allowed slot gets zeros."""
+  r = q_mhd.shape[1] // k_sgd.shape[1]
+  probs = attention_probs(q_mhd, k_sgd, allowed_ms)
+  return np.stack([probs[hh] @ v_sgd[:, hh // r, :] for hh in range(q_mhd.shape[1])], axis=1)
 
 
 def _layer_params(p, i):
