@@ -108,18 +108,20 @@ def test_shared_corpus_addresses_100m_tokens(tiny):
   assert len({tuple(k) for r in keys.tolist() for k in r}) == 2_000 * 6
 
 
-@pytest.mark.parametrize("bracket_ids,slot,positional,gaps", [
-    (False, 0, False, 0), (True, 0, False, 0), (False, 8, False, 0), (True, 8, False, 0),
-    (False, 0, True, 0), (False, 0, True, 6)])
-def test_records_equal_documents(tiny, bracket_ids, slot, positional, gaps):
+@pytest.mark.parametrize("bracket_ids,slot,positional,gaps,again", [
+    (False, 0, False, 0, 0), (True, 0, False, 0, 0), (False, 8, False, 0, 0),
+    (True, 8, False, 0, 0), (False, 0, True, 0, 0), (False, 0, True, 6, 0),
+    (False, 0, True, 0, 2), (True, 8, False, 0, 3), (False, 0, True, 6, 2)])
+def test_records_equal_documents(tiny, bracket_ids, slot, positional, gaps, again):
   """The numpy fast path of the shared corpus gives the tokens, ids and id lengths of the
   per-document path, with facts packed, padded to slots or spread by gaps, ids positional
-  or not."""
+  or not, facts restated or not."""
   cfg = get_config("tiny")
   cfg.data.kv.bracket_ids = bracket_ids
   cfg.data.kv.fact_slot_len = slot
   cfg.data.kv.positional_ids = positional
   cfg.data.kv.fact_gaps = gaps
+  cfg.data.kv.restate_facts = again
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 5)
   for start, stop in ((0, 50), (4_090, 4_100)):   # across a value block
     fast, slow = corpus.records(start, stop), corpus.documents(start, stop)
@@ -135,7 +137,7 @@ def test_records_equal_documents(tiny, bracket_ids, slot, positional, gaps):
     assert len({tuple(t == pad for t in d.tokens) for d in docs}) > 25
     assert corpus.documents(10, 12)[1].tokens == docs[11].tokens
     packed = get_config("tiny")
-    packed.data.kv.positional_ids = True
+    packed.data.kv.positional_ids, packed.data.kv.restate_facts = True, again
     plain = write_task.SharedCorpus(write_task.kv_config_of(packed), 5).documents(0, 50)
     assert [[t for t in d.tokens if t != pad] for d in docs] == [d.tokens for d in plain]
 
@@ -535,8 +537,8 @@ def test_fact_gaps_move_facts_and_keep_the_length(tiny):
 def test_restate_facts_repeats_the_documents_own_facts(tiny):
   """``data.kv.restate_facts``: R of a document's own facts stated again, in a random
   order, after its last fact; everything before is the unrestated document; the default
-  (0) draws nothing; the shared corpus refuses it by name; fact_values counts a restated
-  fact at its first statement."""
+  (0) draws nothing; the shared corpus writes the same layout; fact_values counts a
+  restated fact at its first statement."""
   import dataclasses
   from launch.answer_positions import _kind, fact_values
   cfg = get_config("tiny")
@@ -562,8 +564,22 @@ def test_restate_facts_repeats_the_documents_own_facts(tiny):
   assert doc[4 + 6 * fact:8 + 6 * fact] == restated_key and fact < 6
   one = dataclasses.replace(again.config, facts_per_doc=1)
   assert one.doc_length == 4 + 2 * 6   # at most the document's own facts, once each
-  with pytest.raises(ValueError, match="restate_facts=2: write_task does not write"):
-    write_task.kv_config_of(cfg)
+  # The shared corpus: the same layout (its documents' own facts after the last one,
+  # drawn per document and the same in any range), and its questions unchanged.
+  corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), 3)
+  docs = corpus.documents(0, 40)
+  assert {len(d.tokens) for d in docs} == {52}
+  tails = set()
+  for d, p in zip(docs, write_task.SharedCorpus(write_task.kv_config_of(tiny), 3).documents(0, 40)):
+    assert d.tokens[:40] == p.tokens
+    facts = [tuple(p.tokens[4 + 6 * f:10 + 6 * f]) for f in range(6)]
+    tail = [tuple(d.tokens[40:46]), tuple(d.tokens[46:52])]
+    assert tail[0] != tail[1] and all(t in facts for t in tail)
+    tails.add(tuple(facts.index(t) for t in tail))
+  assert len(tails) > 15 and [d.tokens for d in corpus.documents(7, 9)] == \
+      [d.tokens for d in docs[7:9]]
+  assert list(write_task.question_rows(cfg, 40, 3, 5)) == \
+      list(write_task.question_rows(tiny, 40, 3, 5))
   cfg.data.kv.restate_facts = -1
   with pytest.raises(ValueError, match="restate_facts=-1 must be >= 0"):
     from_config.make_task(cfg.data, 0)

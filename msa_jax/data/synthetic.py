@@ -189,11 +189,12 @@ class KVConfig:
 
   @property
   def doc_length(self) -> int:
-    """Tokens of one memory document (id + facts, each padded to its slot if any)."""
+    """Tokens of one memory document (id + facts + restated facts, each padded to its
+    slot if any, + gap words)."""
     slot = self.fact_slot_len
-    if slot:
-      return slot * (1 + self.facts_per_doc)
     facts = self.facts_per_doc + min(self.restate_facts, self.facts_per_doc)
+    if slot:
+      return slot * (1 + facts)
     return self.id_length + facts * self.fact_length + self.fact_gaps
 
   @property

@@ -6,8 +6,9 @@ r"""Writes a synthetic kv task as ONE shared corpus plus questions (JSONL), stre
 
 Corpus rows ``{"id", "tokens", "text"}``: ``tokens`` are what a bank encodes (the id
 tokens, then the facts, each padded to ``data.kv.fact_slot_len`` if set, or with
-``data.kv.fact_gaps`` pad words spread between them, drawn per document: exactly a
-training memory document of the config's ``data.kv`` task), ``text`` their decoding
+``data.kv.fact_gaps`` pad words spread between them, then ``data.kv.restate_facts`` of
+them again, drawn per document: exactly a training memory document of the config's
+``data.kv`` task), ``text`` their decoding
 with the task's word tokenizer. Question rows ``{"question_tokens", "question",
 "answer_tokens", "answer", "doc_id", "rounds"}``: the key asked, its value, the gold
 document and the retrieval chain.
@@ -38,7 +39,7 @@ from typing import Iterator
 import numpy as np
 
 from msa_jax.data.example import Document
-from msa_jax.data.synthetic import (GAPS, IDS, KEYS, SLOT_PAD, VALUES, KVConfig,
+from msa_jax.data.synthetic import (GAPS, IDS, KEYS, RESTATE, SLOT_PAD, VALUES, KVConfig,
                                     answer_tokens, doc_id_string, document_text, fact_tokens,
                                     gap_counts, make_document, question_tokens)
 from msa_jax.data.tokenizer import WordTokenizer
@@ -124,11 +125,6 @@ def kv_config_of(cfg) -> KVConfig:
     raise ValueError(f"data.kv.hops={kv.hops}: write_task writes single-hop questions only "
                      "(multi-hop shared corpora are not implemented); set "
                      "--config.data.kv.hops=1")
-  if kv.restate_facts:
-    raise ValueError(f"data.kv.restate_facts={kv.restate_facts}: write_task does not write "
-                     "restated facts (not implemented for the shared corpus); evaluate such "
-                     "a run with msa_jax.evaluate (its own memories), or train with "
-                     "--config.data.kv.restate_facts=0")
   return kv
 
 
@@ -185,6 +181,15 @@ class SharedCorpus:
     return self._per_block(start, stop, GAPS, lambda rng: gap_counts(
         rng, c, c.facts_per_doc, size=VALUE_BLOCK))
 
+  def _restated(self, start: int, stop: int) -> np.ndarray:
+    """Which facts documents ``[start, stop)`` state again after their last one
+    (``KVConfig.restate_facts``), in order: (docs, R) fact indices, the first R of a
+    random permutation of each document's facts, drawn per block like the values."""
+    c = self.config
+    count = min(c.restate_facts, c.facts_per_doc)
+    return self._per_block(start, stop, RESTATE, lambda rng: rng.permuted(
+        np.tile(np.arange(c.facts_per_doc), (VALUE_BLOCK, 1)), axis=1)[:, :count])
+
   def symbols(self, start: int, stop: int):
     """(ids (B, id_len), keys (B, F, key_len), values (B, F, value_len)) of documents
     ``[start, stop)`` as symbol indices of their alphabets (ids as id words:
@@ -199,16 +204,18 @@ class SharedCorpus:
   def documents(self, start: int, stop: int) -> list[Document]:
     """Documents ``[start, stop)``: ``id`` then the facts ``key value`` in key order
     (each padded to ``fact_slot_len`` if set, or with ``fact_gaps`` pad words spread
-    between them)."""
+    between them), then ``restate_facts`` of them again in a random order."""
     tok, c = self.tokenizer, self.config
     ids, keys, values = self.symbols(start, stop)
     gaps = self._gaps(start, stop).tolist() if c.fact_gaps else [None] * len(ids)
+    again = self._restated(start, stop).tolist() if c.restate_facts else [[]] * len(ids)
     key0, value0 = tok.key_symbol(0), tok.value_symbol(0)
     out = []
-    for doc_ids, doc_keys, doc_values, doc_gaps in zip(ids.tolist(), (keys + key0).tolist(),
-                                                       (values + value0).tolist(), gaps):
+    for doc_ids, doc_keys, doc_values, doc_gaps, doc_again in zip(
+        ids.tolist(), (keys + key0).tolist(), (values + value0).tolist(), gaps, again):
       facts = [fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)]
-      out.append(make_document(tok, doc_ids, document_text(tok, c, facts, doc_gaps)))
+      text = document_text(tok, c, facts, doc_gaps) + [t for f in doc_again for t in facts[f]]
+      out.append(make_document(tok, doc_ids, text))
     return out
 
   def records(self, start: int, stop: int) -> list:
@@ -235,6 +242,9 @@ class SharedCorpus:
           [id_tokens, np.full((n, c.fact_slot_len - id_len), pad)], axis=1)
       facts = np.concatenate(
           [facts, np.full(facts.shape[:2] + (c.fact_slot_len - facts.shape[2],), pad)], axis=2)
+    if c.restate_facts:   # the restated facts after the last one, as in documents()
+      again = np.take_along_axis(facts, self._restated(start, stop)[:, :, None], axis=1)
+      facts = np.concatenate([facts, again], axis=1)
     tokens = np.concatenate([id_tokens, facts.reshape(n, -1)], axis=1).astype(np.int32)
     names = [f"i{n}" for n in range(c.id_words)]   # doc_id_string, without a format per symbol
     return [DocRecord(" ".join(map(names.__getitem__, i)), t, id_len)
