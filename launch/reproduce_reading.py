@@ -14,7 +14,7 @@ Per RoPE mode (``model.rope_mode``; the second one is a second training run):
   1. ``python -m msa_jax.train --config=configs/16k_to_100m.py:tiny`` under ``timeout
      --train_s`` (SIGTERM: the trainer saves its step and exits), no in-training eval.
   2. For each multiplier m, the run's task as ONE shared corpus of m × B documents (B: the
-     documents of ``--base_tokens``, default the training memory: 409 for 16K tokens)
+     documents of ``--base_tokens``, default the training memory: 315 for 16K tokens)
      (``msa_jax.data.write_task.SharedCorpus``: corpus-unique ids and keys, document n the
      same at every size), generated and encoded straight into a bank
      (``msa_jax.inference.encode.encode_documents``: no JSON), and the same
@@ -114,7 +114,8 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 def base_docs_of(cfg) -> int:
-  """Documents of one training memory (409 for the tiny recipe's 16K tokens)."""
+  """Documents of one training memory (315 for the tiny recipe's 16K tokens of 52-token
+  documents)."""
   from msa_jax.data import from_config
   return int(from_config.make_task(cfg.data, 0).config.num_docs)
 

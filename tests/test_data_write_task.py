@@ -89,9 +89,12 @@ def test_deterministic_and_prefix_stable(smoke, big_corpus):
 
 
 def test_tiny_and_multi_fact_tasks():
-  tiny = get_config("tiny")   # the reading task: bare 4-token id, 6 facts "k k k k v v"
+  # the reading task: bare 4-token id, 6 facts "k k k k v v", then 2 of them again
+  tiny = get_config("tiny")
   rows = list(write_task.corpus_rows(tiny, 300, seed=3))
-  assert {len(r["tokens"]) for r in rows} == {40}
+  assert {len(r["tokens"]) for r in rows} == {52}
+  assert all(r["tokens"][40:46] in [r["tokens"][i:i + 6] for i in range(4, 40, 6)]
+             for r in rows)
   tok = from_config.tokenizer_of(tiny.data)
   assert all(tok.encode_doc_id(r["id"]) == r["tokens"][:4] for r in rows)
   assert all(r["text"].startswith("i") for r in rows)

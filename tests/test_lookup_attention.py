@@ -51,7 +51,7 @@ def test_recorded_attention_and_head_table(gaps):
 
 def test_fact_values_finds_each_first_value_and_the_asked_fact():
   cfg = get_config("tiny")
-  cfg.data.kv.fact_gaps = 4
+  cfg.data.kv.fact_gaps, cfg.data.kv.restate_facts = 4, 0   # restated: test_reading_task
   task = from_config.make_task(cfg.data, 1, memory_tokens=200)
   tok = task.tokenizer
   kinds = lambda t: _kind(tok, t)

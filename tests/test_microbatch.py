@@ -19,7 +19,8 @@ fast_compile = R.fast_compile_fixture()
 
 def _setup():
   cfg = get_config("tiny")
-  cfg.loss.aux_batch_negatives = False
+  # Microbatches refuse the document LM (test below), which the recipe's drill sets.
+  cfg.loss.aux_batch_negatives, cfg.loss.doc_lm_weight = False, 0.0
   task = from_config.make_task(cfg.data, 3, memory_tokens=80)
   sp = task.tokenizer.specials
   # (retrieval, answer) pairs of 3 examples reordered r0 a0 r1 r2 a1 a2: slices of 2 and
@@ -73,7 +74,7 @@ def test_bad_microbatches_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="microbatches must be an integer"):
       microbatch.microbatches_of({"microbatches": bad})
   cfg = get_config("tiny")
-  cfg.microbatches = 4
+  cfg.microbatches, cfg.loss.doc_lm_weight = 4, 0.0
   with pytest.raises(ValueError, match="multiple of 8"):
     microbatch.check_microbatches(cfg, [128, 12], batch_shards=2)
   microbatch.check_microbatches(cfg, [128, 16], batch_shards=2)

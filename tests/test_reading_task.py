@@ -22,23 +22,33 @@ def tiny():
   return get_config("tiny")
 
 
+def bare_tiny():
+  """The tiny recipe without its drill's restated facts (``data.kv.restate_facts``):
+  40-token documents, the id then 6 facts, for the layout checks of other options."""
+  cfg = get_config("tiny")
+  cfg.data.kv.restate_facts = 0
+  return cfg
+
+
 def test_reading_documents_need_the_key_found_inside(tiny):
-  """409 documents of 40 tokens (5 whole chunks of P 8) fill the 16K memory; the question
-  key occurs in exactly one document, among its 6 facts, and the answer restates that key
-  and then the value after it there (``data.kv.answer_with_key``, the recipe's default)."""
-  p = tiny.model.pooling_chunk_size
+  """315 documents of 52 tokens (6 facts after a 4-token id, then 2 of them again:
+  ``data.kv.restate_facts``, the recipe's drill) fill the 16K memory; the question key
+  occurs in exactly one document, among its 6 facts, and the answer restates that key and
+  then the value after it there (``data.kv.answer_with_key``, the recipe's default)."""
   task = from_config.make_task(tiny.data, 0)
   tok = task.tokenizer
   assert tok.vocab_size <= tiny.model.vocab_size
+  assert tiny.data.kv.restate_facts == 2 and tiny.loss.doc_lm_weight == 0.1
   for i in range(4):
     ex = task(i)
-    assert len(ex.docs) == 409 == tiny.data.memory_tokens // 40
-    assert {len(d.tokens) for d in ex.docs} == {40} and 40 % p == 0
+    assert len(ex.docs) == 315 == tiny.data.memory_tokens // 52
+    assert {len(d.tokens) for d in ex.docs} == {52}
     key = ex.question
     holders = []
     for d in ex.docs:
       facts = [d.tokens[4 + 6 * f:4 + 6 * (f + 1)] for f in range(6)]
       assert len(facts) == 6 and all(len(f) == 6 for f in facts)
+      assert d.tokens[40:46] in facts and d.tokens[46:52] in facts
       holders += [(d.doc_id, f[4:]) for f in facts if f[:4] == key]
     assert holders == [(ex.positive_doc_ids[0], ex.answer[4:])]
     assert len(key) == 4 and ex.answer[:4] == key and len(ex.answer) == 6
@@ -97,8 +107,8 @@ def test_answer_samples_without_routing_positives(tiny):
 def test_shared_corpus_addresses_100m_tokens(tiny):
   """6104 × the training memory (100M tokens) fits the unique ids and keys."""
   corpus = write_task.SharedCorpus(write_task.kv_config_of(tiny), 0)
-  docs = 6104 * 409
-  assert docs * 40 >= 99_800_000
+  docs = 6104 * 315
+  assert docs * corpus.config.doc_length >= 99_800_000
   assert corpus.id_space == 128 ** 4 >= 2_000_000 and corpus.capacity >= docs
   assert corpus.key_space >= 6 * docs
   corpus.check_size(docs)
@@ -177,7 +187,7 @@ def test_generated_bank_equals_the_corpus_file_bank(slot, tmp_path):
   docs = corpus.documents(0, 3)
   ex = Example(prefix=[1], docs=[Document(d.doc_id, d.tokens) for d in docs], question=[3],
                target=[4], positive_doc_ids=[])
-  doc_len = corpus.config.doc_length   # 40, or 56 with slots
+  doc_len = corpus.config.doc_length   # 52 (6 facts, 2 restated), or 72 with slots
   model, variables = R.init_model(cfg, collate([ex], BucketShapes(1, 1, 3, doc_len, 2)), 2)
   params = variables["params"]
   path = tmp_path / "corpus.jsonl"
@@ -189,7 +199,7 @@ def test_generated_bank_equals_the_corpus_file_bank(slot, tmp_path):
   part = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
                           batch_tokens=16_384, max_windows=1, **quiet)   # a's batches
   assert not part["complete"] and 0 < part["num_docs"] < 70
-  assert slot or part["num_docs"] == 13
+  assert slot or part["num_docs"] == 500 // doc_len + 1   # the window's last document whole
   with pytest.raises(CorpusError, match="changed since the bank"):
     encode_documents(model, params, corpus.records, 70, b, source="other", **quiet)
   done = encode_documents(model, params, corpus.records, 70, b, source="s", window_tokens=500,
@@ -355,8 +365,9 @@ def test_facts_curriculum_trains_fewer_facts_first():
   # The recipe: 1, 2, 4, then 6 facts from steps 0, 500, 1,500, 3,000, a reader stage of
   # 8-document memories at batch 128 until step 5,800, then the 16K-token training
   # memory (None) at batch 16.
-  assert stages == [(0, 320, 1, 128), (500, 320, 2, 128), (1500, 320, 4, 128),
-                    (3000, 320, 6, 128), (5800, None, 6, 16)]
+  assert stages == [(0, 416, 1, 128), (500, 416, 2, 128), (1500, 416, 4, 128),
+                    (3000, 416, 6, 128), (5800, None, 6, 16)]
+  cfg.data.kv.restate_facts = 0   # the layout below without the drill's restated facts
   first = from_config.make_source(cfg.data, 0, facts_per_doc=1)(0)
   assert len(first.docs) == 409 and {len(d.tokens) for d in first.docs} == {10}
   gold = [d for d in first.docs if d.doc_id == first.positive_doc_ids[0]][0]
@@ -414,12 +425,12 @@ def test_batch_curriculum_serves_each_stage_its_batch_size():
   stage's memory (small memories and a large batch first); then ``batch_size``."""
   cfg = get_config("tiny")
   cfg.data.num_docs = 0
-  cfg.data.memory_tokens = 400                         # 10 documents of 40 tokens
-  cfg.data.memory_curriculum = ((0, 80), (3, 400))     # 2 documents first
+  cfg.data.memory_tokens = 520                         # 10 documents of 52 tokens
+  cfg.data.memory_curriculum = ((0, 104), (3, 520))    # 2 documents first
   cfg.data.facts_curriculum = ()
   cfg.data.batch_curriculum = ((0, 8), (2, None))      # None: batch_size
-  assert from_config.training_stages(cfg.data, 4) == [(0, 80, None, 8), (2, 80, None, 4),
-                                                      (3, 400, None, 4)]
+  assert from_config.training_stages(cfg.data, 4) == [(0, 104, None, 8), (2, 104, None, 4),
+                                                      (3, 520, None, 4)]
   it = from_config.make_train_iterator(cfg.data, seed=0, batch_size=4,
                                        chunk_size=cfg.model.pooling_chunk_size, verbose=False)
   shapes = [np.asarray(next(it).doc_mask).shape[:2] for _ in range(4)]
@@ -501,10 +512,10 @@ def test_fact_gaps_move_facts_and_keep_the_length(tiny):
   """``data.kv.fact_gaps``: the same keys, values and ids as without gaps, each document
   ``fact_gaps`` tokens longer, its facts at offsets that vary between documents; the
   default (0) draws nothing, so packed documents are unchanged."""
-  cfg = get_config("tiny")
+  cfg = bare_tiny()
   cfg.data.kv.fact_gaps = 6
   gapped = from_config.make_task(cfg.data, 0, memory_tokens=460)
-  packed = from_config.make_task(tiny.data, 0, memory_tokens=400)
+  packed = from_config.make_task(bare_tiny().data, 0, memory_tokens=400)
   tok = gapped.tokenizer
   pad = tok.encode("-")[0]
   assert gapped.config.doc_length == 46 and len(gapped(0).docs) == 10 == len(packed(0).docs)
@@ -542,9 +553,10 @@ def test_restate_facts_repeats_the_documents_own_facts(tiny):
   import dataclasses
   from launch.answer_positions import _kind, fact_values
   cfg = get_config("tiny")
-  cfg.data.kv.restate_facts = 2
+  assert cfg.data.kv.restate_facts == 2   # the recipe's drill
+  bare = bare_tiny()
   again = from_config.make_task(cfg.data, 0, memory_tokens=520)
-  plain = from_config.make_task(tiny.data, 0, memory_tokens=400)
+  plain = from_config.make_task(bare.data, 0, memory_tokens=400)
   assert again.config.doc_length == 52 and len(again(0).docs) == 10 == len(plain(0).docs)
   orders = set()
   for i in range(3):
@@ -570,7 +582,7 @@ def test_restate_facts_repeats_the_documents_own_facts(tiny):
   docs = corpus.documents(0, 40)
   assert {len(d.tokens) for d in docs} == {52}
   tails = set()
-  for d, p in zip(docs, write_task.SharedCorpus(write_task.kv_config_of(tiny), 3).documents(0, 40)):
+  for d, p in zip(docs, write_task.SharedCorpus(write_task.kv_config_of(bare), 3).documents(0, 40)):
     assert d.tokens[:40] == p.tokens
     facts = [tuple(p.tokens[4 + 6 * f:10 + 6 * f]) for f in range(6)]
     tail = [tuple(d.tokens[40:46]), tuple(d.tokens[46:52])]
@@ -579,7 +591,7 @@ def test_restate_facts_repeats_the_documents_own_facts(tiny):
   assert len(tails) > 15 and [d.tokens for d in corpus.documents(7, 9)] == \
       [d.tokens for d in docs[7:9]]
   assert list(write_task.question_rows(cfg, 40, 3, 5)) == \
-      list(write_task.question_rows(tiny, 40, 3, 5))
+      list(write_task.question_rows(bare, 40, 3, 5))
   cfg.data.kv.restate_facts = -1
   with pytest.raises(ValueError, match="restate_facts=-1 must be >= 0"):
     from_config.make_task(cfg.data, 0)
