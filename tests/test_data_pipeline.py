@@ -1,5 +1,6 @@
 """Tests of the grain pipeline: determinism, bucketing, sharding, checkpoint/resume."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -173,3 +174,45 @@ def test_global_position_span_draws_gaps_that_resume_and_fill_the_span():
 def test_negative_global_position_span_is_refused():
   with pytest.raises(ValueError, match="global_position_span=-1 must be >= 0"):
     _smoke_ds(global_position_span=-1)
+
+
+def _alive(pid: int) -> bool:
+  """Whether process ``pid`` runs (a zombie waiting for its reaper counts as ended)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_worker_exits_when_its_parent_dies():
+  """``exit_with_parent`` (every data worker runs it): a child whose parent is killed
+  without closing it ends within a poll, where an orphan would run on."""
+  import subprocess
+  import sys
+  import time
+  child = ("from msa_jax.data.pipeline import exit_with_parent; import time; "
+           "exit_with_parent(0.1); print('up', flush=True); time.sleep(60)")
+  orphan = "import time; print('up', flush=True); time.sleep(60)"
+  pids = {}
+  for name, code in (("watched", child), ("orphan", orphan)):
+    parent = ("import subprocess, sys, os; "
+              f"p = subprocess.Popen([sys.executable, '-c', {code!r}], stdout=subprocess.PIPE, "
+              "stderr=subprocess.DEVNULL, text=True); p.stdout.readline(); "
+              "print(p.pid, flush=True); os._exit(0)")
+    out = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.dirname(__file__)))
+    pids[name] = int(out.stdout.split()[-1])
+  try:
+    deadline = time.time() + 10
+    while _alive(pids["watched"]) and time.time() < deadline:
+      time.sleep(0.1)
+    assert not _alive(pids["watched"])
+    assert _alive(pids["orphan"])      # without the watch, the child outlives its parent
+  finally:
+    for pid in pids.values():
+      try:
+        os.kill(pid, 9)
+      except ProcessLookupError:
+        pass

@@ -23,8 +23,11 @@ per-process sharding below (``process_index``/``process_count``, e.g.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import grain
@@ -286,13 +289,34 @@ def batch_dataset(source: ExampleSource, *, buckets: Sequence[BucketShapes],
 
 
 def _workers_ignore_sigterm(worker_index: int, worker_count: int) -> None:
-  """Data workers leave SIGTERM to the trainer. ``timeout``, SLURM and Kubernetes signal a
-  job's whole process group; a worker that died of it made the trainer's next batch fail
-  before its SIGTERM save (H200, 2026-12-02: "Worker process was terminated unexpectedly
-  with exit code -15", no checkpoint). Grain stops its workers itself when the iterator
-  closes (a stop event, then SIGKILL)."""
+  """Data workers leave SIGTERM to the trainer, and exit when it is gone.
+
+  ``timeout``, SLURM and Kubernetes signal a job's whole process group; a worker that died
+  of it made the trainer's next batch fail before its SIGTERM save (H200, 2026-12-02:
+  "Worker process was terminated unexpectedly with exit code -15", no checkpoint). Grain
+  stops its workers itself when the iterator closes (a stop event, then SIGKILL); when
+  the parent dies without closing it (SIGKILL, or a plain process killed by SIGTERM) the
+  workers would run on as orphans, holding the CPU and any pipe of the job's output
+  (H200, 2026-12-04: a ``timeout ... | tee`` that never ended), so each also watches its
+  parent (``exit_with_parent``)."""
   del worker_index, worker_count
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
+  exit_with_parent()
+
+
+def exit_with_parent(poll_s: float = 1.0) -> threading.Thread:
+  """Starts a daemon thread that ends this process (``os._exit(1)``) within ``poll_s``
+  seconds of its parent's death (its parent pid changes when it is re-parented)."""
+  parent = os.getppid()
+
+  def watch():
+    while os.getppid() == parent:
+      time.sleep(poll_s)
+    os._exit(1)
+
+  thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+  thread.start()
+  return thread
 
 
 def _absl_flags_for_grain() -> None:
