@@ -6,12 +6,13 @@ B/k rows: what lets a cheaper remat policy (``model.remat_policy="dots"``, no se
 forward) or a larger batch fit on one device.
 
 The gradient is that of the full batch's loss, not a mean of the slices' losses: each
-slice's LM loss is weighted by its share of the batch's target tokens and its routing loss
-by its share of the (example, router layer) pairs, both counted from the data before the
-scan. Two terms couple the rows of a batch and are not reproduced exactly:
-``loss.aux_batch_negatives`` scores each query against the documents of its slice (B/k·N
-candidates, not B·N), and the chunk-level routing loss and the document LM loss, whose
-normalisers are not counted here, are refused with ``microbatches > 1``.
+slice's LM loss is weighted by its share of the batch's target tokens, its routing loss
+by its share of the (example, router layer) pairs and its document LM loss
+(``loss.doc_lm_weight``) by its share of the document target tokens, all counted from the
+data before the scan. Two terms couple the rows of a batch and are not reproduced
+exactly: ``loss.aux_batch_negatives`` scores each query against the documents of its
+slice (B/k·N candidates, not B·N), and the chunk-level routing loss, whose normaliser is
+not counted here, is refused with ``microbatches > 1``.
 """
 from __future__ import annotations
 
@@ -26,9 +27,10 @@ from msa_jax.batch import MSABatch
 # Metrics that are counts (summed over slices) and means with their weights (the count
 # each slice's mean is over); the rest are per-example means of equal-size slices.
 SUMMED = ("target_tokens", "routing_pairs", "answer_samples", "retrieval_samples",
-          "direct_samples")
+          "direct_samples", "doc_target_tokens")
 WEIGHTED = {"lm_loss": "target_tokens", "aux_loss": "routing_pairs",
-            "lm_loss_answer": "answer_samples", "lm_loss_retrieval": "retrieval_samples"}
+            "lm_loss_answer": "answer_samples", "lm_loss_retrieval": "retrieval_samples",
+            "doc_lm_loss": "doc_target_tokens"}
 
 
 def microbatches_of(cfg) -> int:
@@ -54,7 +56,7 @@ def check_microbatches(cfg, batch_sizes, batch_shards: int) -> None:
           f"{batch_shards} rows (the data × fsdp devices): use a batch size that is a "
           f"multiple of {k * batch_shards}, or another --config.microbatches")
   loss = cfg.get("loss", {})
-  for name in ("aux_chunk_weight", "doc_lm_weight"):
+  for name in ("aux_chunk_weight",):
     if float(loss.get(name, 0.0) or 0.0) > 0:
       raise ValueError(f"loss.{name} > 0 is not supported with microbatches={k} (its "
                        f"normaliser is not counted across slices): set "
@@ -78,18 +80,31 @@ def routing_pairs(batch: MSABatch, num_aux_layers: int):
   return jnp.sum(has_gold_b.astype(jnp.float32)) * num_aux_layers
 
 
-def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layers: int):
+def doc_lm_targets(batch: MSABatch):
+  """The document LM loss's target count (``train_step.doc_lm_loss``) from the data: in
+  every document slot, the valid tokens that follow a valid token."""
+  mask = jnp.asarray(batch.doc_mask, bool)
+  return jnp.sum((mask[..., 1:] & mask[..., :-1]).astype(jnp.float32))
+
+
+def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layers: int,
+               doc_lm_weight: float = 0.0):
   """``(grads, metrics)`` of the full batch from k slices. ``loss_fn(params, slice)``
   returns ``(total, metrics)`` with ``lm_loss``, ``aux_loss``, ``lm_weight``,
-  ``aux_weight``, ``target_tokens`` and ``routing_pairs`` (``train_step.compute_losses``)."""
+  ``aux_weight``, ``target_tokens`` and ``routing_pairs`` (``train_step.compute_losses``),
+  and ``doc_lm_loss`` and ``doc_target_tokens`` when ``doc_lm_weight`` > 0."""
   tokens = jnp.maximum(jnp.sum(jnp.asarray(batch.loss_mask, jnp.float32)), 1.0)
   pairs = jnp.maximum(routing_pairs(batch, num_aux_layers), 1.0)
+  doc_tokens = jnp.maximum(doc_lm_targets(batch), 1.0)
 
   def weighted(p, part):
     _, m = loss_fn(p, part)
     share_lm = jax.lax.stop_gradient(m["target_tokens"]) / tokens
     share_aux = jax.lax.stop_gradient(m["routing_pairs"]) / pairs
     total = m["lm_weight"] * m["lm_loss"] * share_lm + m["aux_weight"] * m["aux_loss"] * share_aux
+    if doc_lm_weight > 0:
+      share_doc = jax.lax.stop_gradient(m["doc_target_tokens"]) / doc_tokens
+      total = total + doc_lm_weight * m["doc_lm_loss"] * share_doc
     return total, m
 
   grad_fn = jax.value_and_grad(weighted, has_aux=True)
@@ -102,10 +117,10 @@ def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layer
   zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   grads, per_slice = jax.lax.scan(body, zeros, split(batch, k))
   grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
-  return grads, combine_metrics(per_slice)
+  return grads, combine_metrics(per_slice, doc_lm_weight)
 
 
-def combine_metrics(per_slice: dict) -> dict:
+def combine_metrics(per_slice: dict, doc_lm_weight: float = 0.0) -> dict:
   """One batch's metrics from ``[k, ...]`` per-slice metrics (``SUMMED``, ``WEIGHTED``,
   the rest averaged); ``loss`` is rebuilt from the combined terms."""
   out = {}
@@ -118,4 +133,6 @@ def combine_metrics(per_slice: dict) -> dict:
     else:
       out[name] = jnp.mean(value, axis=0)
   out["loss"] = out["lm_weight"] * out["lm_loss"] + out["aux_weight"] * out["aux_loss"]
+  if doc_lm_weight > 0:
+    out["loss"] = out["loss"] + doc_lm_weight * out["doc_lm_loss"]
   return out

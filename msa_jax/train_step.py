@@ -228,7 +228,8 @@ def train_step(model: MSAModel, tx: optax.GradientTransformation, cfg, state: Tr
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
   else:
     grads, metrics = microbatch.accumulate(loss_fn, state.params, batch, k,
-                                           len(aux_loss_layers(model.config)))
+                                           len(aux_loss_layers(model.config)),
+                                           doc_lm_weight(cfg))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics["grad_norm"] = optax.global_norm(grads)

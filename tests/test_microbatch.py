@@ -17,10 +17,9 @@ from tests import reference_numpy as R
 fast_compile = R.fast_compile_fixture()
 
 
-def _setup():
+def _setup(doc_lm_weight=0.0):
   cfg = get_config("tiny")
-  # Microbatches refuse the document LM (test below), which the recipe's drill sets.
-  cfg.loss.aux_batch_negatives, cfg.loss.doc_lm_weight = False, 0.0
+  cfg.loss.aux_batch_negatives, cfg.loss.doc_lm_weight = False, doc_lm_weight
   task = from_config.make_task(cfg.data, 3, memory_tokens=80)
   sp = task.tokenizer.specials
   # (retrieval, answer) pairs of 3 examples reordered r0 a0 r1 r2 a1 a2: slices of 2 and
@@ -32,14 +31,20 @@ def _setup():
   return cfg, model, params, batch, sp.end_of_retrieval
 
 
-@pytest.mark.parametrize("k", [2, 3])
-def test_accumulated_gradient_and_metrics_equal_the_full_batch(k):
-  cfg, model, params, batch, answer = _setup()
+@pytest.mark.parametrize("k,doc_lm", [(2, 0.0), (3, 0.0), (3, 0.5)])
+def test_accumulated_gradient_and_metrics_equal_the_full_batch(k, doc_lm):
+  """Also with the document LM loss (the tiny recipe's drill): its slices' document target
+  counts differ too, and each is weighted by its share."""
+  cfg, model, params, batch, answer = _setup(doc_lm)
+  if doc_lm:   # the first row's last document shorter, so the slices' doc targets differ
+    doc_mask = np.array(batch.doc_mask)
+    doc_mask[0, -1, doc_mask[0, -1].sum() // 2:] = False
+    batch = batch.replace(doc_mask=doc_mask)
   step = jnp.int32(10_000)          # past the warm-up: both loss terms weighted
   loss_fn = lambda p, b: compute_losses(model, p, b, step, cfg, answer)
   (_, full), grads_full = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params, batch)
   grads, metrics = jax.jit(lambda p, b: microbatch.accumulate(
-      loss_fn, p, b, k, len(aux_loss_layers(model.config))))(params, batch)
+      loss_fn, p, b, k, len(aux_loss_layers(model.config)), doc_lm))(params, batch)
   assert float(full["lm_weight"]) > 0 and float(full["aux_weight"]) > 0
   flat_full, flat = jax.tree.leaves(grads_full), jax.tree.leaves(grads)
   assert len(flat) == len(flat_full)
@@ -52,6 +57,13 @@ def test_accumulated_gradient_and_metrics_equal_the_full_batch(k):
   # The slices' token counts differ, so an unweighted mean of slice losses would not do.
   per_slice = np.asarray(microbatch.split(batch, k).loss_mask).sum(axis=(1, 2))
   assert len(set(per_slice.tolist())) > 1
+  if doc_lm:
+    for name in ("doc_lm_loss", "doc_target_tokens"):
+      np.testing.assert_allclose(float(metrics[name]), float(full[name]), rtol=1e-5,
+                                 err_msg=name)
+    assert float(microbatch.doc_lm_targets(batch)) == float(full["doc_target_tokens"]) > 0
+    docs = np.asarray(microbatch.split(batch, k).doc_mask).sum(axis=(1, 2, 3))
+    assert len(set(docs.tolist())) > 1
 
 
 def test_routing_pairs_counted_from_the_data_match_the_loss():
@@ -74,12 +86,12 @@ def test_bad_microbatches_are_refused_with_the_fix():
     with pytest.raises(ValueError, match="microbatches must be an integer"):
       microbatch.microbatches_of({"microbatches": bad})
   cfg = get_config("tiny")
-  cfg.microbatches, cfg.loss.doc_lm_weight = 4, 0.0
+  cfg.microbatches = 4
   with pytest.raises(ValueError, match="multiple of 8"):
     microbatch.check_microbatches(cfg, [128, 12], batch_shards=2)
-  microbatch.check_microbatches(cfg, [128, 16], batch_shards=2)
-  cfg.loss.doc_lm_weight = 0.1
-  with pytest.raises(ValueError, match="loss.doc_lm_weight"):
+  microbatch.check_microbatches(cfg, [128, 16], batch_shards=2)   # the doc LM is accepted
+  cfg.loss.aux_chunk_weight = 0.1
+  with pytest.raises(ValueError, match="loss.aux_chunk_weight"):
     microbatch.check_microbatches(cfg, [128], batch_shards=1)
 
 
