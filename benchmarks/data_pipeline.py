@@ -51,12 +51,11 @@ def apply_override(cfg, assignment: str) -> None:
     value = ast.literal_eval(raw)
   except (ValueError, SyntaxError):
     value = raw
-  *parents, leaf = key.split(".")
-  node = cfg
-  for name in parents:
-    node = getattr(node, name)
-  if leaf not in node:
-    raise ValueError(f"--set {assignment!r}: the config has no field {key!r}")
+  from msa_jax.run_config import config_field
+  try:
+    node, leaf = config_field(cfg, key)
+  except KeyError as missing:
+    raise ValueError(f"--set {assignment!r}: the config has no field {missing}") from None
   setattr(node, leaf, value)
 
 

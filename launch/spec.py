@@ -105,15 +105,15 @@ def _load_config(config: str):
 
 def check_overrides(sweep: Sweep) -> None:
   """Every override names a field of the sweep's config that the command line can set."""
+  from msa_jax.run_config import config_field
   cfg = _load_config(sweep.config)
   for key in sorted({k for p in sweep.points for k in p.overrides}):
-    node = cfg
-    for part in key.split("."):
-      if not hasattr(node, "keys") or part not in node:
-        raise ValueError(f"{sweep.source}: override {key!r} is not a field of {sweep.config}; "
-                         "check the spelling (fields: configs/*.py)")
-      node = node[part]
-    if node is None:
+    try:
+      node, leaf = config_field(cfg, key)
+    except KeyError:
+      raise ValueError(f"{sweep.source}: override {key!r} is not a field of {sweep.config}; "
+                       "check the spelling (fields: configs/*.py)") from None
+    if node[leaf] is None:
       raise ValueError(f"{sweep.source}: {key!r} defaults to None in {sweep.config}, which "
                        "--config.KEY=VALUE cannot override; drop it or give the recipe a "
                        "typed default")

@@ -171,3 +171,16 @@ def load_config_file(spec: str):
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module.get_config(arg) if arg else module.get_config()
+
+
+def config_field(cfg, key: str):
+  """``(node, leaf)`` of a dotted config key, so that ``node[leaf]`` is the field (e.g.
+  ``data.kv.fact_gaps``); a ``KeyError`` names the first part the config lacks."""
+  *parents, leaf = key.split(".")
+  node = cfg
+  for depth, part in enumerate(parents + [leaf]):
+    if not hasattr(node, "keys") or part not in node:
+      raise KeyError(".".join((parents + [leaf])[:depth + 1]))
+    if depth < len(parents):
+      node = node[part]
+  return node, leaf

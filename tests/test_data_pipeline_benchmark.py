@@ -17,6 +17,10 @@ def test_override_parses_literals_and_refuses_unknown_fields():
   assert tuple(map(tuple, cfg.data.memory_curriculum)) == ((0, 368), (5800, None))
   with pytest.raises(ValueError, match="no field 'data.kv.fact_gap'"):
     data_pipeline.apply_override(cfg, "data.kv.fact_gap=6")
+  with pytest.raises(ValueError, match="no field 'data.kvv'"):   # the first missing part
+    data_pipeline.apply_override(cfg, "data.kvv.fact_gaps=6")
+  with pytest.raises(ValueError, match="no field 'seed.x'"):      # a leaf is no parent
+    data_pipeline.apply_override(cfg, "seed.x=6")
   with pytest.raises(ValueError, match="expected KEY=VALUE"):
     data_pipeline.apply_override(cfg, "data.kv.fact_gaps")
 
