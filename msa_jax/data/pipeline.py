@@ -296,7 +296,7 @@ def _workers_ignore_sigterm(worker_index: int, worker_count: int) -> None:
   "Worker process was terminated unexpectedly with exit code -15", no checkpoint). Grain
   stops its workers itself when the iterator closes (a stop event, then SIGKILL); when
   the parent dies without closing it (SIGKILL, or a plain process killed by SIGTERM) the
-  workers would run on as orphans, holding the CPU and any pipe of the job's output
+  workers would live on as orphans, holding their memory and any pipe of the job's output
   (H200, 2026-12-04: a ``timeout ... | tee`` that never ended), so each also watches its
   parent (``exit_with_parent``)."""
   del worker_index, worker_count
