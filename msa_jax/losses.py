@@ -19,6 +19,15 @@ def lm_loss(logits_bmv, targets_bm, loss_mask_bm):
   return jnp.sum(nll * w) / jnp.maximum(count, 1.0), count
 
 
+def next_token_target_mask(mask_bl):
+  """Which positions of token rows ``[..., L]`` are next-token targets inside each row: a
+  valid token that follows a valid one (``[..., L-1]``, aligned with ``tokens[..., 1:]``).
+  The document LM loss's targets (``train_step.doc_lm_loss``), also counted by
+  ``microbatch.doc_lm_targets``."""
+  mask = jnp.asarray(mask_bl, bool)
+  return mask[..., 1:] & mask[..., :-1]
+
+
 def lm_loss_chunked(hidden_bmd, head_vd, targets_bm, loss_mask_bm, chunk_size: int = 64):
   """:func:`lm_loss` from final hidden states, never forming ``[B, M, vocab]`` logits.
 

@@ -83,8 +83,7 @@ def routing_pairs(batch: MSABatch, num_aux_layers: int):
 def doc_lm_targets(batch: MSABatch):
   """The document LM loss's target count (``train_step.doc_lm_loss``) from the data: in
   every document slot, the valid tokens that follow a valid token."""
-  mask = jnp.asarray(batch.doc_mask, bool)
-  return jnp.sum((mask[..., 1:] & mask[..., :-1]).astype(jnp.float32))
+  return jnp.sum(losses.next_token_target_mask(batch.doc_mask).astype(jnp.float32))
 
 
 def accumulate(loss_fn: Callable, params, batch: MSABatch, k: int, num_aux_layers: int,

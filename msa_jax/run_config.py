@@ -176,11 +176,10 @@ def load_config_file(spec: str):
 def config_field(cfg, key: str):
   """``(node, leaf)`` of a dotted config key, so that ``node[leaf]`` is the field (e.g.
   ``data.kv.fact_gaps``); a ``KeyError`` names the first part the config lacks."""
-  *parents, leaf = key.split(".")
-  node = cfg
-  for depth, part in enumerate(parents + [leaf]):
+  parts = key.split(".")
+  parent, node = None, cfg
+  for depth, part in enumerate(parts):
     if not hasattr(node, "keys") or part not in node:
-      raise KeyError(".".join((parents + [leaf])[:depth + 1]))
-    if depth < len(parents):
-      node = node[part]
-  return node, leaf
+      raise KeyError(".".join(parts[:depth + 1]))
+    parent, node = node, node[part]
+  return parent, parts[-1]

@@ -95,7 +95,8 @@ def doc_lm_loss(model: MSAModel, params, batch: MSABatch, chunk_size: int):
   mask = jnp.asarray(batch.doc_mask, bool).reshape(b * n, l)
   hidden = model.apply({"params": params}, tokens, mask, method=MSAModel.lm_hidden)
   return losses.lm_loss_chunked(hidden[:, :-1], lm_head_weight_vd(params, model.config),
-                                tokens[:, 1:], mask[:, 1:] & mask[:, :-1], chunk_size)
+                                tokens[:, 1:], losses.next_token_target_mask(mask),
+                                chunk_size)
 
 
 def aux_softmax(cfg) -> float:

@@ -256,27 +256,29 @@ def gap_counts(rng: np.random.Generator, config: KVConfig, num_facts: int,
 
 
 def document_text(tok: WordTokenizer, config: KVConfig, facts: Sequence[Sequence[int]],
-                  gaps: Sequence[int] | None = None) -> list[int]:
+                  gaps: Sequence[int] | None = None, again: Sequence[int] = ()) -> list[int]:
   """A document's text after its id: the id's slot padding, then the facts; with
   ``config.fact_gaps`` set, ``gaps[i]`` SLOT_PAD words before fact i and ``gaps[-1]``
-  after the last (``gap_counts``)."""
+  after the last (``gap_counts``); then the facts at indices ``again`` stated again
+  (``config.restate_facts``, ``restated_order``)."""
   if not config.fact_gaps:
-    return id_padding(tok, config) + [t for f in facts for t in f]
-  pad = tok.encode(SLOT_PAD)
-  out = pad * int(gaps[0])
-  for fact, gap in zip(facts, gaps[1:]):
-    out += list(fact) + pad * int(gap)
-  return out
+    out = id_padding(tok, config) + [t for f in facts for t in f]
+  else:
+    pad = tok.encode(SLOT_PAD)
+    out = pad * int(gaps[0])
+    for fact, gap in zip(facts, gaps[1:]):
+      out += list(fact) + pad * int(gap)
+  return out + [t for i in again for t in facts[int(i)]]
 
 
-def restated(rng: np.random.Generator, config: KVConfig,
-             facts: Sequence[Sequence[int]]) -> list[int]:
-  """``config.restate_facts`` of ``facts`` (all if fewer), in a random order, back to back:
-  the text appended to a document after its facts (none when it is 0)."""
-  count = min(config.restate_facts, len(facts))
+def restated_order(rng: np.random.Generator, config: KVConfig, num_facts: int) -> list[int]:
+  """Which of a document's ``num_facts`` facts it states again after its last one, in
+  order: ``config.restate_facts`` of them (all if fewer) in a random order (none, and
+  nothing drawn, when it is 0)."""
+  count = min(config.restate_facts, num_facts)
   if not count:
     return []
-  return [t for i in rng.permutation(len(facts))[:count] for t in facts[int(i)]]
+  return [int(i) for i in rng.permutation(num_facts)[:count]]
 
 
 def question_tokens(tok: WordTokenizer, config: KVConfig, key: Sequence[int]) -> list[int]:
@@ -346,8 +348,8 @@ class KVRetrievalTask:
     gaps = example_rng(self.seed, index, GAPS) if c.fact_gaps else None
     again = example_rng(self.seed, index, RESTATE) if c.restate_facts else None
     text = lambda facts: document_text(
-        tok, c, facts, gap_counts(gaps, c, len(facts)) if gaps else None) + (
-            restated(again, c, facts) if again else [])
+        tok, c, facts, gap_counts(gaps, c, len(facts)) if gaps else None,
+        restated_order(again, c, len(facts)) if again else ())
 
     # Gold chain: doc h holds chain_keys[h] -> chain_keys[h+1] (or the answer).
     chain_keys = keys.take(c.hops)

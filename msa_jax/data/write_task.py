@@ -208,14 +208,13 @@ class SharedCorpus:
     tok, c = self.tokenizer, self.config
     ids, keys, values = self.symbols(start, stop)
     gaps = self._gaps(start, stop).tolist() if c.fact_gaps else [None] * len(ids)
-    again = self._restated(start, stop).tolist() if c.restate_facts else [[]] * len(ids)
+    again = self._restated(start, stop).tolist() if c.restate_facts else [()] * len(ids)
     key0, value0 = tok.key_symbol(0), tok.value_symbol(0)
     out = []
     for doc_ids, doc_keys, doc_values, doc_gaps, doc_again in zip(
         ids.tolist(), (keys + key0).tolist(), (values + value0).tolist(), gaps, again):
       facts = [fact_tokens(tok, c, k, v) for k, v in zip(doc_keys, doc_values)]
-      text = document_text(tok, c, facts, doc_gaps) + [t for f in doc_again for t in facts[f]]
-      out.append(make_document(tok, doc_ids, text))
+      out.append(make_document(tok, doc_ids, document_text(tok, c, facts, doc_gaps, doc_again)))
     return out
 
   def records(self, start: int, stop: int) -> list:
