@@ -152,7 +152,10 @@ def main(argv=None) -> dict:
                                      ("retrieval_positions", "retrieval (id)", True, 0)):
     rows, choices = _round_tables(params, task, [r[pick] for r in rounds], log_probs,
                                   args.batch_size, retrieval,
-                                  None if retrieval else examples)
+                                  None if retrieval else examples,
+                                  global_position_span=int(
+                                      cfg.data.get("global_position_span", 0) or 0),
+                                  seed=args.seed)
     result[key] = rows
     if choices is not None:
       result["value_choice"] = choices
@@ -178,11 +181,15 @@ def main(argv=None) -> dict:
 
 
 def _round_tables(params, task, samples, log_probs, batch_size: int, retrieval: bool,
-                 examples=None) -> tuple[list[dict], list[dict] | None]:
+                 examples=None, global_position_span: int = 0,
+                 seed: int = 0) -> tuple[list[dict], list[dict] | None]:
   """One forward per batch of ``samples`` (one interleave round of each example): the
   ``position_stats`` rows, each with its position's alphabet and uniform chance, and, given
-  the ``examples`` (answer rounds), the ``value_choice`` rows per fact index."""
-  from msa_jax.data.collate import collate, fit_bucket
+  the ``examples`` (answer rounds), the ``value_choice`` rows per fact index.
+  ``global_position_span`` > 0 (a global-RoPE run trained with ``data.global_position_span``):
+  each batch's documents spread over that many positions as the training pipeline does
+  (without it the question sits where that run never saw one)."""
+  from msa_jax.data.collate import collate, fit_bucket, global_position_gaps
   tok = task.tokenizer
   kinds = lambda t: _kind(tok, t)
   bucket = fit_bucket(samples, batch_size)
@@ -190,6 +197,10 @@ def _round_tables(params, task, samples, log_probs, batch_size: int, retrieval: 
   nll_parts, has_parts, choices = [], [], []
   for start in range(0, len(samples), batch_size):
     batch = collate(samples[start:start + batch_size], bucket)
+    if global_position_span > 0:
+      rng = np.random.default_rng([seed, start])
+      batch = batch.replace(doc_position_gaps=global_position_gaps(
+          batch.doc_mask, global_position_span, rng))
     logp = np.asarray(log_probs(params, batch))
     nll_bp, has_bp = _target_nll(logp, batch, tok.specials.end_of_retrieval, retrieval)
     pad = len(longest) - nll_bp.shape[1]

@@ -131,3 +131,29 @@ def test_ablations_remove_one_copy_of_the_gold_document():
   import pytest
   with pytest.raises(ValueError, match="choose one of"):
     ap.ablate_answer_round(answer, example, "both")
+
+
+def test_global_position_span_spreads_the_documents_as_in_training():
+  """A run trained with ``data.global_position_span`` is probed with its documents spread
+  over that many positions (the training pipeline's gaps), not packed at the start."""
+  cfg = get_config("tiny")
+  task = from_config.make_task(cfg.data, 3, memory_tokens=80)
+  sp = task.tokenizer.specials
+  samples = [interleave.expand(task(i), sp, False)[-1] for i in range(4)]
+  seen = []
+
+  def log_probs(params, batch):
+    seen.append(batch.doc_position_gaps)
+    b, length = batch.active_tokens.shape
+    return np.zeros((b, length, task.tokenizer.vocab_size), np.float32)
+
+  ap._round_tables(None, task, samples, log_probs, 2, False, global_position_span=0)
+  assert all(g is None for g in seen)
+  seen.clear()
+  ap._round_tables(None, task, samples, log_probs, 2, False, global_position_span=4096, seed=5)
+  assert len(seen) == 2
+  for start, gaps in zip((0, 2), seen):
+    batch = collate(samples[start:start + 2], fit_bucket(samples, 2))
+    doc_tokens_b = np.asarray(batch.doc_mask).reshape(2, -1).sum(-1)
+    # Gaps and document tokens fill the span exactly: the question starts at position 4096.
+    np.testing.assert_array_equal(np.asarray(gaps).sum(-1) + doc_tokens_b, [4096, 4096])
