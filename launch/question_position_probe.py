@@ -48,7 +48,7 @@ def question_at(tokens: int):
 def probe(workdir: str, root: str, placements: list[int], num_questions: int,
           batch_size: int = 16) -> list[dict]:
   """Router recall@1 and EM of ``num_questions`` over one 1× bank for each placement."""
-  from launch.reproduce_reading import base_docs_of
+  from launch.reproduce_reading import base_docs_of, write_questions
   from msa_jax import evaluate
   from msa_jax.data import write_task
   from msa_jax.inference.checkpoint import (load_model, load_tokenizer, task_prefix,
@@ -62,10 +62,7 @@ def probe(workdir: str, root: str, placements: list[int], num_questions: int,
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), cfg.seed)
   base = base_docs_of(cfg)
   os.makedirs(root, exist_ok=True)
-  questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
-  write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
-                                                  question_pool=base),
-                         questions, num_questions, "questions", overwrite=True)
+  questions = write_questions(cfg, root, base, num_questions)
   model, params = load_model(workdir)
   tokenizer = load_tokenizer(workdir)
   bank = os.path.join(root, "bank_1x")

@@ -136,6 +136,19 @@ def predict_encode_seconds(done: list[tuple[int, float]], tokens: int) -> float:
   return s2 + max(tokens - t2, 0) / marginal
 
 
+def write_questions(cfg, root: str, base: int, num_questions: int) -> str:
+  """``num_questions`` questions of the run's task whose gold documents are among the first
+  ``base`` of its shared corpus, as ``ROOT/questions_<base>_<n>.jsonl`` (its path).
+  Rewritten every call (a few rows): a file kept from another run's task would be scored
+  against this run's answers."""
+  from msa_jax.data import write_task
+  questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
+  write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
+                                                  question_pool=base),
+                         questions, num_questions, "questions", overwrite=True)
+  return questions
+
+
 def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_questions: int,
                    deadline: float, on_row, batch_size: int = 16,
                    keep_banks: bool = False, base_tokens: int = 0) -> list[dict]:
@@ -151,12 +164,7 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   corpus = write_task.SharedCorpus(write_task.kv_config_of(cfg), cfg.seed)
   doc_len = corpus.config.doc_length
   base = base_tokens // doc_len if base_tokens else base_docs_of(cfg)
-  # Rewritten every run (a few rows): one kept from another run's task would be scored
-  # against this run's answers.
-  questions = os.path.join(root, f"questions_{base}_{num_questions}.jsonl")
-  write_task.write_jsonl(write_task.question_rows(cfg, base, cfg.seed, num_questions,
-                                                  question_pool=base),
-                         questions, num_questions, "questions", overwrite=True)
+  questions = write_questions(cfg, root, base, num_questions)
   model, params = load_model(workdir)
   tokenizer = load_tokenizer(workdir)
   prefix = task_prefix(workdir, tokenizer)
