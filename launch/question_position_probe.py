@@ -48,7 +48,7 @@ def question_at(tokens: int):
 def probe(workdir: str, root: str, placements: list[int], num_questions: int,
           batch_size: int = 16) -> list[dict]:
   """Router recall@1 and EM of ``num_questions`` over one 1× bank for each placement."""
-  from launch.reproduce_reading import base_docs_of, write_questions
+  from launch.reproduce_reading import base_docs_of, corpus_source, write_questions
   from msa_jax import evaluate
   from msa_jax.data import write_task
   from msa_jax.inference.checkpoint import (load_model, load_tokenizer, task_prefix,
@@ -68,7 +68,7 @@ def probe(workdir: str, root: str, placements: list[int], num_questions: int,
   bank = os.path.join(root, "bank_1x")
   shutil.rmtree(bank, ignore_errors=True)
   manifest = encode_documents(model, params, corpus.records, base, bank,
-                              source=f"write_task:{os.path.abspath(workdir)}:seed{cfg.seed}:{base}",
+                              source=corpus_source(workdir, cfg, base),
                               tokenizer=tokenizer, prefix_tokens=task_prefix(workdir, tokenizer))
   rows = []
   for tokens in placements:

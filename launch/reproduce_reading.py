@@ -136,6 +136,12 @@ def predict_encode_seconds(done: list[tuple[int, float]], tokens: int) -> float:
   return s2 + max(tokens - t2, 0) / marginal
 
 
+def corpus_source(workdir: str, cfg, num_docs: int) -> str:
+  """The ``source`` a bank of the first ``num_docs`` documents of the run's shared corpus
+  records in its manifest."""
+  return f"write_task:{os.path.abspath(workdir)}:seed{cfg.seed}:{num_docs}"
+
+
 def write_questions(cfg, root: str, base: int, num_questions: int) -> str:
   """``num_questions`` questions of the run's task whose gold documents are among the first
   ``base`` of its shared corpus, as ``ROOT/questions_<base>_<n>.jsonl`` (its path).
@@ -168,7 +174,6 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
   model, params = load_model(workdir)
   tokenizer = load_tokenizer(workdir)
   prefix = task_prefix(workdir, tokenizer)
-  source = f"write_task:{os.path.abspath(workdir)}:seed{cfg.seed}"
   encoder = Encoder(model, params, batch_tokens=262_144)   # one compile for every size
   rows: list[dict] = []
   done: list[tuple[int, float]] = []   # (tokens, encode seconds) of the sizes encoded
@@ -194,7 +199,8 @@ def evaluate_sizes(workdir: str, root: str, multipliers: list[int], num_question
     bank = os.path.join(root, "banks", f"{os.path.basename(workdir)}_{m}x")
     shutil.rmtree(bank, ignore_errors=True)
     t0 = time.perf_counter()
-    manifest = encode_documents(model, params, corpus.records, n, bank, source=f"{source}:{n}",
+    manifest = encode_documents(model, params, corpus.records, n, bank,
+                                source=corpus_source(workdir, cfg, n),
                                 tokenizer=tokenizer, prefix_tokens=prefix, encoder=encoder,
                                 log=lambda s: log(s) if "100%" in s else None)
     encode_s = time.perf_counter() - t0

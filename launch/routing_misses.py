@@ -21,33 +21,37 @@ import json
 import numpy as np
 
 
-def key_overlaps(corpus, num_docs: int, answers: list[dict], block: int = 200_000) -> dict:
+def key_overlaps(corpus, num_docs: int, answers: list[dict], block: int = 50_000) -> dict:
   """Per question (router layer 0's first routed document): ``routed_overlap`` (the most
   key positions any fact of the routed document shares with the question's key; None
   when it is the gold document) and ``bank_best`` (the most any key but the gold fact's
-  shares), and a summary."""
+  shares), and a summary. One pass over the corpus's symbols, block by block (1.9M
+  documents at 100M tokens): the gold and routed documents are found there by their id
+  symbols, without building the documents."""
   tok = corpus.tokenizer
   key_len = corpus.config.key_len
-  key0 = tok.key_symbol(0)
-  index = {r.doc_id: i for i, r in enumerate(corpus.records(0, num_docs))}
+  key0, id0 = tok.key_symbol(0), tok.id_symbol(0)
   q_qk = np.array([[t - key0 for t in row["question_tokens"][:key_len]] for row in answers])
-  # The bank's best overlap per question, block by block (1.9M documents at 100M tokens).
+  routed_ids = [row["ranked_doc_ids"][0][0] if row["ranked_doc_ids"][0] else None
+                for row in answers]
+  names = sorted({row["doc_id"] for row in answers} | set(filter(None, routed_ids)))
+  names_ws = np.array([[t - id0 for t in tok.encode(name)] for name in names])
+  index, keys_of = {}, {}             # doc id -> its index and its keys [F, key_len]
   hist_qo = np.zeros((len(answers), key_len + 1), np.int64)
   for start in range(0, num_docs, block):
-    _, keys_bfk, _ = corpus.symbols(start, min(num_docs, start + block))
+    ids_bw, keys_bfk, _ = corpus.symbols(start, min(num_docs, start + block))
+    for b, w in zip(*np.nonzero((ids_bw[:, None, :] == names_ws[None]).all(-1))):
+      index[names[w]], keys_of[names[w]] = start + int(b), keys_bfk[b]
     keys_nk = keys_bfk.reshape(-1, key_len)
     for i, q_k in enumerate(q_qk):
       hist_qo[i] += np.bincount((keys_nk == q_k).sum(-1), minlength=key_len + 1)
   hist_qo[:, key_len] -= 1            # the gold fact itself
   rows = []
-  for i, row in enumerate(answers):
-    gold = index[row["doc_id"]]
-    routed_id = row["ranked_doc_ids"][0][0] if row["ranked_doc_ids"][0] else None
-    routed = index.get(routed_id)
+  for i, (row, routed_id) in enumerate(zip(answers, routed_ids)):
+    gold, routed = index[row["doc_id"]], index.get(routed_id)
     overlap = None
     if routed != gold and routed is not None:
-      _, keys_1fk, _ = corpus.symbols(routed, routed + 1)
-      overlap = int((keys_1fk[0] == q_qk[i]).sum(-1).max())
+      overlap = int((keys_of[routed_id] == q_qk[i]).sum(-1).max())
     rows.append({"doc_id": row["doc_id"], "gold": gold, "routed": routed,
                  "routed_overlap": overlap,
                  "bank_best": int(np.flatnonzero(hist_qo[i])[-1])})
