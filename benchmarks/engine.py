@@ -199,7 +199,8 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
       mask = jnp.ones((b, args.question_len), bool)
       route = jax.jit(lambda q, m, kr, doc, sc: sharded_top_k(mesh, q, m, kr, doc, cfg.top_k,
                                                               tile=placed.settings.tile,
-                                                              implementation=impl, kr_scale_c=sc))
+                                                              implementation=impl, kr_scale_c=sc,
+                                                              max_doc_chunks=placed.settings.max_doc_chunks))
       ms = time_ms(route, rq, mask, placed.kr[layer], placed.chunk_doc,
                    placed.scales["kr"][layer])
       rows[f"route_ms_{impl}_b{b}"] = ms

@@ -8,6 +8,8 @@ documents of ``--doc-chunks`` chunks. For each memory size it times:
   * xla_route: xla_scores + segment max + top-k (the full XLA path, same tail);
   * pallas_scores: the Mosaic GPU chunk-score kernel (each ``--configs`` tiling);
   * pallas_route: the full ``route_top_k`` with the kernel;
+  * pallas_route_runs: the same with ``max_doc_chunks`` (documents ranked from the chunk
+    scores' row maxima, ``block_routing.run_top_k``: no segment max over the bank);
   * pallas_fused_route: ``route_top_k`` with ``BlockSizes(fused=True)``: per-document
     max and block-local top-k inside the kernel, candidates merged in XLA (each
     ``--fused-blocks`` count; the bank layout is built once, its time reported apart);
@@ -107,6 +109,14 @@ def bench_size(tokens: int, doc_chunks: int, bw_gbs: float, configs: dict, best:
     row["pallas_config"] = pick
     row["pallas_scores_ms"] = ok[pick]
     row["pallas_route_ms"] = time_ms(route, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    # the same route ranking documents from the chunk scores' row maxima (run_top_k)
+    runs = jax.jit(lambda q, m, kr, d: br.route_top_k(q, m, kr, d, n, K_DOCS,
+                                                      implementation="pallas", block_sizes=bs,
+                                                      max_doc_chunks=doc_chunks))
+    _, sel_r = runs(rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    row["pallas_route_runs_ms"] = time_ms(runs, rq_bmf, mask_bm, kr_cf, chunk_doc_c)
+    row["runs_selection_equal_xla"] = bool(np.array_equal(np.asarray(sel_r.doc_idx_bk),
+                                                          np.asarray(sel_xla.doc_idx_bk)))
     # Fused kernel (document max + block top-k inside): the bank layout is a bank
     # property built once with the bank; its build time is reported on its own.
     tile = br.fused_plan(*rq_bmf.shape, dataclasses.replace(bs, fused=True))[0]
@@ -195,16 +205,16 @@ def main():
     print(row, flush=True)
   rows.sort(key=lambda r: r["tokens"])
   hdr = (f"{'tokens':>10} {'chunks':>9} {'floor':>7} {'xla_sc':>7} {'xla_rt':>7} "
-         f"{'pl_sc':>7} {'pl_rt':>7} {'fused':>7} {'tail':>6} {'pl/floor':>8} {'fu/floor':>8} "
+         f"{'pl_sc':>7} {'pl_runs':>7} {'fused':>7} {'tail':>6} {'pl/floor':>8} {'fu/floor':>8} "
          f"{'cfg':>11} sel==xla fused==unfused")
   print(hdr)
   for r in rows:
-    pr = r.get("pallas_route_ms", float("nan"))
+    pr = r.get("pallas_route_runs_ms", float("nan"))
     fu = r.get("pallas_fused_route_ms", float("nan"))
     print(f"{r['tokens']:>10.0e} {r['chunks']:>9} {r['floor_ms']:>7.3f} {r['xla_scores_ms']:>7.3f} "
           f"{r['xla_route_ms']:>7.3f} {r.get('pallas_scores_ms', float('nan')):>7.3f} {pr:>7.3f} "
           f"{fu:>7.3f} {r['tail_ms']:>6.3f} {pr / r['floor_ms']:>8.3f} {fu / r['floor_ms']:>8.3f} "
-          f"{r.get('pallas_config', '-'):>11} {r.get('selection_equal_xla')} "
+          f"{r.get('pallas_config', '-'):>11} {r.get('runs_selection_equal_xla')} "
           f"{r.get('fused_selection_equal_unfused')}")
   od = out_dir()
   write_json(os.path.join(od, "routing.json"), {"read_bw_gbs": bw, "copy_bw_gbs": copy_bw,
@@ -216,6 +226,7 @@ def main():
     fig, ax = plots.subplots(figsize=(6, 4))
     for key, lab in (("floor_ms", "read floor"), ("xla_route_ms", "XLA route"),
                      ("pallas_route_ms", "Pallas route"),
+                     ("pallas_route_runs_ms", "Pallas route, row-max tail"),
                      ("pallas_fused_route_ms", "Pallas fused route"), ("xla_scores_ms", "XLA scores+max")):
       ax.loglog(t, [r.get(key, np.nan) for r in rows], marker="o", label=lab)
     ax.set_xlabel("memory tokens")

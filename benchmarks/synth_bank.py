@@ -244,7 +244,7 @@ def random_host_kv(num_chunks: int, g: int, d: int, kv_dtype: str, seed: int) ->
 def synthetic_device_bank(cfg, lengths: np.ndarray, *, kr_dtype: str, kv_dtype: str, mesh=None,
                           seed: int = 0, routing_impl: str = "xla", tile: Optional[int] = None,
                           pad_to: int = 4096, with_kv: bool = True,
-                          score_dtype: str = "float32", route_fused: bool = True,
+                          score_dtype: str = "float32", route_fused: bool = False,
                           kv_placement: str = "device", log=print):
   """A ``DeviceBank`` of random keys built directly on the devices (see module doc).
 

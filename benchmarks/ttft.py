@@ -14,13 +14,17 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
   * route: one router layer's top-k over 1M / 10M / 100M tokens (capped at ``--tokens``)
     for each ``--kr_dtypes`` precision and each ``--route_impls`` implementation
     (``xla``: the tiled scan, float32 HIGHEST scores; ``xla-bf16``: bfloat16 operands with
-    float32 accumulation; on a GPU only: ``pallas``, the fused kernel as the engine runs it
-    (bf16 keys with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column
-    quantised queries; bank layout built once; batch rows folded into the query columns;
-    two programs per SM, 256-feature steps for int8 keys: ``engine_block_sizes``),
-    ``pallas-nofold`` (batch 8 as one pass per example), ``pallas-nolayout`` (the layout
-    rebuilt in every call), ``pallas-fused`` / ``pallas-unfused`` (the fused block top-k
-    kernel, or chunk scores + the XLA document max and top-k), ``pallas-noskip`` (every
+    float32 accumulation; on a GPU only: ``pallas``, the route as the engine runs it
+    (``engine_block_sizes``: since 2026-12-04 the unfused chunk-score kernel, bf16 keys
+    with bf16 wgmma, fp8/int8 codes with fp8/int8 wgmma against per-column quantised
+    queries, then the top-k from the chunk scores' row maxima), ``pallas-nolayout`` (the
+    same, chunk runs rebuilt in every call); the fused kernel's variants (bank layout
+    built once; two programs per SM, 256-feature steps for int8 keys): ``pallas-fold`` /
+    ``pallas-nofold`` (batch 8 folded into the query columns, or one pass per example),
+    ``pallas-fused`` / ``pallas-unfused`` (the fused block top-k
+    kernel, or chunk scores + the XLA top-k over the chunk scores' row maxima,
+    ``block_routing.run_top_k``), ``pallas-unfused-segmax`` (the unfused route through a
+    segment max over every document before its top-k, as before 2026-12-04), ``pallas-noskip`` (every
     tile merged, ``BlockSizes.skip_beaten=False``), ``pallas-f256`` (256-feature pipeline
     steps for every key dtype), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
     ``BlockSizes.fp8_query_terms=1``); any of them with ``:FIELD=VALUE`` overrides of
@@ -109,7 +113,7 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
 
 ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
                "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1",
-               "pallas-noskip", "pallas-f256")
+               "pallas-noskip", "pallas-f256", "pallas-unfused-segmax")
 
 
 def split_impl(impl: str) -> tuple[str, dict]:
@@ -142,7 +146,12 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
     return {"implementation": "xla",
             "score_dtype": "bfloat16" if impl == "xla-bf16" else "float32"}
   from msa_jax.inference.bank_routing import engine_block_sizes
-  fused = {"pallas-fused": True, "pallas-unfused": False, "pallas-unfused-fp8q1": False}
+  # the fused kernel's options name the fused kernel; "pallas" / "pallas-nolayout" are the
+  # engine's default route (unfused since 2026-12-04)
+  fused = {"pallas-fused": True, "pallas-fold": True, "pallas-nofold": True,
+           "pallas-fp8q1": True, "pallas-noskip": True, "pallas-f256": True,
+           "pallas-unfused": False, "pallas-unfused-fp8q1": False,
+           "pallas-unfused-segmax": False}
   named = {"fold_batch": {"pallas-fold": True, "pallas-nofold": False}.get(impl),
            "fp8_query_terms": 1 if impl.endswith("fp8q1") else 2,
            "skip_beaten": impl != "pallas-noskip",
@@ -151,7 +160,8 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
   # An explicit FIELD=VALUE wins over the name's default (e.g. pallas:fp8_query_terms=1).
   bs = engine_block_sizes(f, key_dtype, **{**named, **overrides})
   return {"implementation": "pallas", "block_sizes": bs,
-          "layouts": None if impl == "pallas-nolayout" else layouts}
+          "layouts": None if impl == "pallas-nolayout" else layouts,
+          **({"max_doc_chunks": None} if impl == "pallas-unfused-segmax" else {})}
 
 
 def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
@@ -190,6 +200,7 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
         mask = jnp.ones((b, question_len), bool)
         kw = route_impl_args(impl, f, layouts, kr_dtype)
         lay = kw.pop("layouts", None)
+        kw.setdefault("max_doc_chunks", placed.settings.max_doc_chunks)   # as the engine
         fn = jax.jit(lambda q, m, kr, doc, sc, lay, kw=kw: sharded_top_k(
             placed.settings.mesh, q, m, kr, doc, cfg.top_k, kr_scale_c=sc, layouts=lay, **kw))
         try:
@@ -302,7 +313,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
                                  kr_scale_c=arrays["scales"]["kr"][i],
                                  score_dtype=s.score_dtype,
                                  layouts=arrays["route_layouts"],
-                                 block_sizes=s.route_block_sizes(f, args.kr_dtype))[1])
+                                 block_sizes=s.route_block_sizes(f, args.kr_dtype),
+                                 max_doc_chunks=s.max_doc_chunks)[1])
       return out
     row[f"route_all_layers_ms_b{b}"] = time_ms(jax.jit(route_all), rq, mask, arrays, iters=3)
     log(f"ttft b{b}: routing in {len(layers)} layers {row[f'route_all_layers_ms_b{b}']:.2f} ms")
@@ -400,10 +412,10 @@ def main():
   ap.add_argument("--engine_route_options", default="",
                   help="BlockSizes overrides of the engine's Pallas route in the ttft stage, "
                        "FIELD=VALUE joined by colons (e.g. features=256:programs_per_sm=2)")
-  ap.add_argument("--engine_route", default="fused", choices=["fused", "unfused"],
+  ap.add_argument("--engine_route", default="unfused", choices=["fused", "unfused"],
                   help="the engine's Pallas route for the TTFT stage (BankSettings."
-                       "route_fused): the fused block top-k kernel or the unfused "
-                       "chunk-score kernel + XLA top-k")
+                       "route_fused): the unfused chunk-score kernel + XLA top-k (the "
+                       "engine's default since 2026-12-04) or the fused block top-k kernel")
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
   ap.add_argument("--profile_dir", default="",
                   help="profile 3 prefills per batch size here; print their kernel table")

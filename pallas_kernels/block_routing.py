@@ -393,6 +393,127 @@ def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
   return val, jnp.take_along_axis(cand_idx, pos, axis=1)
 
 
+def tree_top_k(x_bn, k: int, row: int = 128):
+  """Exact ``lax.top_k`` (ties → lower index) as a tree of top-k's over short rows.
+
+  XLA's GPU top-k sorts many short rows in one fast kernel, but takes one long row through
+  a single-block kernel: on the H200 (jax 0.11.2) the top 16 of ``[1, n]`` cost 44 µs of
+  device time at n = 2,048 and 102 µs at 15,625, against 3-5 µs for ``[n / 128, 128]``
+  (``benchmarks.routing_tail --primitives``). So: split into rows of ``row``, keep each
+  row's top k (candidates stay in index order, so ties still go to the lower index),
+  repeat while that shrinks the candidates and more than ``2 · row`` remain, then one
+  top-k. Returns ``(values [B, k'], indices [B, k'])``, ``k' = min(k, n)``; indices of
+  ``-inf`` entries past the real ones are clipped to ``n - 1``.
+  """
+  b, n = x_bn.shape
+  kk = min(k, n)
+  idx_bn = None                                   # candidates' original indices
+  while x_bn.shape[1] > 2 * row and min(kk, row) * -(-x_bn.shape[1] // row) < x_bn.shape[1]:
+    m = x_bn.shape[1]
+    rows = -(-m // row)
+    x_brr = jnp.pad(x_bn, ((0, 0), (0, rows * row - m)),
+                    constant_values=NEG_INF).reshape(b, rows, row)
+    val, pos = lax.top_k(x_brr, min(kk, row))
+    pos = (pos + (jnp.arange(rows, dtype=pos.dtype) * row)[None, :, None]).reshape(b, -1)
+    if idx_bn is not None:
+      idx_bn = jnp.take_along_axis(
+          jnp.pad(idx_bn, ((0, 0), (0, rows * row - m)), constant_values=n - 1), pos, axis=1)
+    else:
+      idx_bn = pos
+    x_bn = val.reshape(b, -1)
+  val, pos = lax.top_k(x_bn, kk)
+  idx = pos if idx_bn is None else jnp.take_along_axis(idx_bn, pos, axis=1)
+  return val, jnp.minimum(idx, n - 1)
+
+
+def rows_per_run(max_run_chunks: int, row: int) -> int:
+  """Most rows of ``row`` chunks that one run of ``max_run_chunks`` chunks can touch."""
+  return 1 if max_run_chunks <= 1 else (max_run_chunks - 2) // row + 2
+
+
+def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
+  """Exact top-k runs of chunks by their max (ties → lower position), no pass over runs.
+
+  ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
+  run; ``-1`` = padding, never chosen); a run's score is the max of its chunks' scores.
+  The usual tail takes a segment max over every chunk of the bank (a scatter of ``C``
+  scores) before its top-k. Here the ``[B, C]`` scores are read once, for maxima over rows
+  of ``row`` chunks, and only the rows that can hold a winner are gathered, their runs'
+  maxima taken and ranked:
+
+  * runs of at most ``row + 1`` chunks (two rows at most; a bank of 100-token documents
+    has 2-chunk runs): each run's score is credited to the row it starts in (the row's
+    own runs, plus the continuation of its last run at the head of the next row); every
+    winner starts in one of the ``k`` rows with the largest credited maxima, so those
+    ``k`` rows and their next rows' heads are all that is gathered, and XLA's top-k runs
+    with ``k``;
+  * longer runs: a winner's best chunk lies in one of the ``k · rows_per_run`` rows with
+    the largest plain maxima (each such row's max belongs to a winner, and a winner
+    touches at most ``rows_per_run`` rows), and those rows are gathered.
+
+  Each top-k is a :func:`tree_top_k` (XLA's top-k of one long row is slow on the GPU).
+
+  Args:
+    chunk_scores_bc: float32 ``[B, C]``.
+    run_id_c: int32 ``[C]``; a label occurs in one contiguous run only.
+    k: runs to keep; row: chunks per row (any; 128 suits the GPU).
+    max_run_chunks: longest run in chunks (a bank's ``max_doc_chunks``), static.
+  Returns:
+    ``(values [B, k'], run_ids [B, k'])``, ``k' = min(k, candidates)``, best first;
+    ``-inf`` values (with arbitrary ids) where fewer than k runs score.
+  """
+  b, c = chunk_scores_bc.shape
+  rows = -(-c // row)
+  ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
+                   constant_values=-1).reshape(rows, row)
+  s = jnp.where(run_id_c[None] >= 0, chunk_scores_bc.astype(jnp.float32), NEG_INF)
+  x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
+  if max_run_chunks <= row + 1:
+    return _run_top_k_start_rows(x_brr, ids_rr, k)
+  t = min(rows, k * rows_per_run(max_run_chunks, row))
+  _, top_rows = tree_top_k(x_brr.max(axis=2), t)
+  top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
+  cand_s = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, t * row)
+  cand_id = jnp.take(ids_rr, top_rows, axis=0).reshape(b, t * row)
+  return _rank_candidate_runs(cand_s, cand_id, k)
+
+
+def _run_top_k_start_rows(x_brr, ids_rr, k: int):
+  """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
+  it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels."""
+  b, rows, row = x_brr.shape
+  prev_last = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ids_rr[:-1, -1]])
+  cont_rr = (ids_rr == prev_last[:, None]) & (ids_rr >= 0)   # a prefix: the last run goes on
+  own = jnp.where(cont_rr[None], NEG_INF, x_brr)              # runs that start in the row
+  head = jnp.where(cont_rr[None], x_brr, NEG_INF)             # the previous row's last run
+  head_next = jnp.pad(head[:, 1:], ((0, 0), (0, 1), (0, 0)), constant_values=NEG_INF)
+  credited = jnp.maximum(own.max(axis=2), head_next.max(axis=2))
+  kr = min(k, rows)
+  _, top_rows = tree_top_k(credited, kr)
+  top_rows = jnp.sort(top_rows, axis=1)
+  pick = lambda a: jnp.take_along_axis(a, top_rows[:, :, None], axis=1)  # noqa: E731
+  ids_next = jnp.pad(ids_rr[1:], ((0, 1), (0, 0)), constant_values=-1)
+  cont_next = jnp.pad(cont_rr[1:], ((0, 1), (0, 0)))
+  # window of a chosen row: its own runs (a suffix), then their heads in the next row
+  win_s = jnp.concatenate([pick(own), pick(head_next)], axis=2).reshape(b, kr * 2 * row)
+  win_id = jnp.concatenate([jnp.where(cont_rr, -1, ids_rr)[top_rows],
+                            jnp.where(cont_next, ids_next, -1)[top_rows]], axis=2)
+  return _rank_candidate_runs(win_s, win_id.reshape(b, kr * 2 * row), k)
+
+
+def _rank_candidate_runs(cand_s, cand_id, k: int):
+  """Top-k runs of candidate chunks ``[B, n]`` (chunk order; a run contiguous)."""
+  b, n = cand_s.shape
+  start = jnp.concatenate([jnp.ones((b, 1), bool), cand_id[:, 1:] != cand_id[:, :-1]], axis=1)
+  seg = jnp.cumsum(start, axis=1) - 1                    # run number among the candidates
+  # (not indices_are_sorted: XLA's sorted segment max was the slower one on the GPU)
+  run_max = jax.vmap(lambda v, g: jax.ops.segment_max(v, g, num_segments=n))(cand_s, seg)
+  # one entry per candidate run, at its first chunk, holding the run's max
+  rep = jnp.where(start, jnp.take_along_axis(run_max, seg, axis=1), NEG_INF)
+  val, pos = tree_top_k(rep, min(k, n))
+  return val, jnp.take_along_axis(cand_id, pos, axis=1)
+
+
 def document_top_k(doc_s, k: int, bs: BlockSizes):
   """Exact top-k ``(values, indices)`` of ``[B, N]`` scores by ``bs.top_k``'s method."""
   if bs.top_k == "two_stage":
@@ -432,10 +553,11 @@ def route_top_k_reference(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: i
 
 
 @functools.partial(jax.jit, static_argnames=("num_docs", "k", "implementation", "block_sizes",
-                                             "interpret"))
+                                             "interpret", "max_doc_chunks"))
 def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int, *,
                 implementation: str = "auto", block_sizes: BlockSizes | None = None,
-                interpret: bool | None = None, layout=None, kr_scale_c=None):
+                interpret: bool | None = None, layout=None, kr_scale_c=None,
+                max_doc_chunks: int | None = None):
   """Top-k documents of one bank: the inference path (no full score vector returned).
 
   Args:
@@ -455,6 +577,11 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
       with a scale per query column (fp8: two e4m3 terms by default,
       ``BlockSizes.fp8_query_terms``; :func:`pallas_kernels.quantised_queries.route_queries`);
       the XLA path scores the codes with float32 queries and multiplies by the scale.
+    max_doc_chunks: the longest document in chunks (static; a bank's ``max_doc_chunks``).
+      Given, the unfused route ranks documents from the chunk scores with
+      :func:`run_top_k` (no segment max over the bank; ``chunk_doc_c`` must then be
+      non-decreasing over real chunks, as a bank's is, for ties to go to the lower
+      document); None: segment max over documents, then ``bs.top_k``'s top-k.
   Returns:
     ``(top_scores [B, k], Selection)``: ``top_scores[b, i]`` is the score of document
     ``Selection.doc_idx_bk[b, i]`` (document order, as ``select_top_k``), ``-inf``
@@ -473,6 +600,9 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
     return selection_from_top_k(top_val, top_idx, k)
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
                       block_sizes=bs, interpret=interpret, kr_scale_c=kr_scale_c)
+  if max_doc_chunks is not None:
+    top_val, top_idx = run_top_k(s_bc, chunk_doc_c, k, bs.block_docs, max_doc_chunks)
+    return selection_from_top_k(top_val, top_idx, k)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
   top_val, top_idx = document_top_k(doc_s, k, bs)
   return selection_from_top_k(top_val, top_idx, k)

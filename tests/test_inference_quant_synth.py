@@ -138,6 +138,14 @@ def test_ttft_route_impl_options_override_block_sizes():
   bs = ttft.route_impl_args("pallas-fp8q1:fp8_query_terms=2", 1024, None,
                             "float8_e4m3fn")["block_sizes"]
   assert bs.fp8_query_terms == 2
+  # "pallas" is the engine's route: unfused since 2026-12-04, tiles by key dtype; the
+  # fused kernel's options name the fused kernel; -segmax is the unfused route's old tail
+  for dtype, chunks in (("bfloat16", 128), ("int8", 256), ("float8_e4m3fn", 64)):
+    kw = ttft.route_impl_args("pallas", 1024, None, dtype)
+    assert (kw["block_sizes"].fused, kw["block_sizes"].chunks) == (False, chunks)
+    assert "max_doc_chunks" not in kw                     # the bank's own bound is used
+  assert ttft.route_impl_args("pallas-nofold", 1024, None)["block_sizes"].fused is True
+  assert ttft.route_impl_args("pallas-unfused-segmax", 1024, None)["max_doc_chunks"] is None
   for bad in ("pallas:nonsense=1", "pallas:stages", "xla:stages=2", "pallas-f512"):
     with pytest.raises(ValueError, match="route implementation"):
       ttft.split_impl(bad)

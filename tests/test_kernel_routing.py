@@ -167,6 +167,11 @@ def test_gpu_route_top_k_compiled(c, m):
   np.testing.assert_allclose(np.asarray(top_s), np.asarray(want_s), atol=1e-5)
   # Equal sets unless two documents are within rounding of each other.
   assert _chosen(sel) == _chosen(want_sel)
+  # The row-max tail (run_top_k, no segment max over documents): same selection, scores.
+  top_r, sel_r = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas",
+                                max_doc_chunks=max(doc_lens))
+  np.testing.assert_array_equal(np.asarray(sel_r.doc_idx_bk), np.asarray(sel.doc_idx_bk))
+  np.testing.assert_array_equal(np.asarray(top_r), np.asarray(top_s))
   # The fused kernel (document max and block top-k in the kernel): same selection, scores.
   top_f, sel_f = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas",
                                 block_sizes=br.BlockSizes(fused=True))
@@ -300,8 +305,15 @@ def test_programs_per_sm_split_blocks_and_shared_memory():
 
 def test_engine_block_sizes_by_key_dtype():
   from msa_jax.inference.bank_routing import engine_block_sizes
+  # the default (since 2026-12-04): the unfused route, tiles by key dtype
   got = {d: engine_block_sizes(1024, d) for d in ("bfloat16", "float8_e4m3fn", "int8")}
-  assert {d: (b.features, b.programs_per_sm, b.fused) for d, b in got.items()} == {
-      "bfloat16": (128, 2, True), "float8_e4m3fn": (128, 2, True), "int8": (256, 2, True)}
-  assert engine_block_sizes(1024, "int8", fused=False).features == 128
-  assert engine_block_sizes(192, "int8").features == 64
+  assert {d: (b.features, b.chunks, b.stages, b.fused) for d, b in got.items()} == {
+      "bfloat16": (128, 128, 4, False), "float8_e4m3fn": (128, 64, 2, False),
+      "int8": (128, 256, 2, False)}
+  # the fused kernel: two programs per SM, 256-feature steps for int8
+  got = {d: engine_block_sizes(1024, d, fused=True) for d in ("bfloat16", "float8_e4m3fn", "int8")}
+  assert {d: (b.features, b.programs_per_sm, b.chunks, b.fused) for d, b in got.items()} == {
+      "bfloat16": (128, 2, 128, True), "float8_e4m3fn": (128, 2, 128, True),
+      "int8": (256, 2, 128, True)}
+  assert engine_block_sizes(192, "int8", fused=True).features == 64
+  assert engine_block_sizes(1024, "int8", chunks=64).chunks == 64     # overrides win

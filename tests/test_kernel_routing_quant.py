@@ -324,7 +324,8 @@ def test_sharded_layouts_are_each_shards_own():
 @pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("bfloat16", 1)])
 @pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
 @pytest.mark.parametrize("features", [0, 256])
-def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=True):
+def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=True,
+                                            runs_tail=False):
   """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks,
   with the engine's block sizes (``features=0``) and with 256-feature steps: the kernel
   equals its numerics reference (same documents; scores to float32 summation order) and
@@ -347,7 +348,8 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=
                               jnp.asarray(doc), n, k, implementation="pallas",
                               layout=layouts[tile] if fused else None,
                               block_sizes=bs,
-                              kr_scale_c=None if scale is None else jnp.asarray(scale))
+                              kr_scale_c=None if scale is None else jnp.asarray(scale),
+                              max_doc_chunks=max(doc_lens) if runs_tail else None)
   doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
   got = _chosen(sel)
   # int8: exact s32 sums; bf16: float32 summation order; fp8: the tensor cores' ~14-bit
@@ -375,16 +377,22 @@ def test_gpu_fp8_one_query_term_compiled():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,terms", [("int8", 1), ("float8_e4m3fn", 2), ("float8_e4m3fn", 1)])
 @pytest.mark.parametrize("b,m", [(1, 64), (2, 7)])
-def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m):
-  """The unfused kernel on codes, compiled: chunk scores then the XLA top-k."""
-  test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, 0, fused=False)
+@pytest.mark.parametrize("runs_tail", [False, True])
+def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m, runs_tail):
+  """The unfused kernel on codes, compiled: chunk scores then the XLA top-k (through a
+  segment max over documents, or from the chunk scores' row maxima, ``run_top_k``)."""
+  test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, 0, fused=False,
+                                          runs_tail=runs_tail)
 
 
-def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch):
+@pytest.mark.parametrize("route_fused", [False, True])
+def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypatch, route_fused):
   """The whole prefill (model + bank memory) on an fp8/int8 synthetic bank placed with
-  routing "pallas": the fused kernel reads the fp8 codes (with the layouts the placement
-  built; 8-bit keys are not folded by default, so one example per pass over 128-chunk
-  tiles) and the logits equal the XLA scan's (same documents)."""
+  routing "pallas", and the logits equal the XLA scan's (same documents). The engine's
+  default route (unfused): the chunk-score kernel reads the fp8 codes, then the top-k from
+  the chunk scores' row maxima (``run_top_k``, bounded by the bank's ``max_doc_chunks``);
+  ``route_fused=True``: the fused kernel reads them (with the layouts the placement built;
+  8-bit keys are not folded by default, so one example per pass over 128-chunk tiles)."""
   from jax.sharding import Mesh
   from benchmarks import synth_bank, ttft
   from msa_jax.inference import engine as engine_lib
@@ -392,15 +400,17 @@ def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypa
   cfg = model.config
   lengths = synth_bank.doc_lengths("tiny", 2000)
   mesh = Mesh(np.array(jax.devices()[:1]), ("memory",))
-  seen = []
-  real = bt.route_top_k_blocks
-  monkeypatch.setattr(bt, "route_top_k_blocks", lambda *a, **kw: seen.append(
-      (a[2].dtype, kw["examples"], a[3].loc_tc.shape[1])) or real(*a, **kw))
+  fused_calls, run_calls = [], []
+  real_fused, real_runs = bt.route_top_k_blocks, br.run_top_k
+  monkeypatch.setattr(bt, "route_top_k_blocks", lambda *a, **kw: fused_calls.append(
+      (a[2].dtype, kw["examples"], a[3].loc_tc.shape[1])) or real_fused(*a, **kw))
+  monkeypatch.setattr(br, "run_top_k", lambda *a, **kw: run_calls.append(a[4]) or real_runs(
+      *a, **kw))
   logits = {}
   for impl in ("xla", "pallas"):
     placed = synth_bank.synthetic_device_bank(cfg, lengths, kr_dtype="float8_e4m3fn",
                                               kv_dtype="int8", routing_impl=impl, mesh=mesh,
-                                              pad_to=512,
+                                              pad_to=512, route_fused=route_fused,
                                               log=lambda *_: None)
     assert (placed.route_layouts is None) == (impl == "xla")
     eng = engine_lib.Engine(model, params, "bank", placed.settings)
@@ -408,7 +418,12 @@ def test_engine_prefill_routes_an_fp8_bank_through_the_kernel_interpret(monkeypa
     start = np.full((2,), engine_lib.active_start(cfg, len(placed.bank.prefix_tokens)), np.int32)
     logits[impl] = np.asarray(eng.prefill(placed.arrays(), engine_lib.bank_prefix(placed.bank, 2),
                                           tokens, np.full((2,), 12, np.int32), start)[0])
-  assert seen and all(s == (jnp.float8_e4m3fn, 1, 128) for s in seen)
+  if route_fused:
+    assert fused_calls and not run_calls
+    assert all(s == (jnp.float8_e4m3fn, 1, 128) for s in fused_calls)
+  else:
+    assert run_calls and not fused_calls
+    assert set(run_calls) == {placed.settings.max_doc_chunks}
   np.testing.assert_array_equal(logits["pallas"], logits["xla"])
 
 

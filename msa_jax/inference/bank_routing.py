@@ -170,21 +170,26 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
 
 def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int | None = None,
                 implementation: str = "xla", kr_scale_c=None, score_dtype: str = "float32",
-                layouts=None, block_sizes=None):
-  """Top-k of one device's chunks: the tiled XLA scan, or the fused Pallas routing kernel.
+                layouts=None, block_sizes=None, max_doc_chunks: int | None = None):
+  """Top-k of one device's chunks: the tiled XLA scan, or a Pallas route.
 
-  ``implementation="pallas"`` runs ``pallas_kernels.block_routing.route_top_k`` with the
-  fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
+  ``implementation="pallas"`` with ``block_sizes.fused=True`` runs
+  ``pallas_kernels.block_routing.route_top_k`` with the fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
   block-local top-k in one pass; only k candidates per block leave it), so memory stays
   bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
   (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
   quantised per column to the same dtype (``quantised_queries.route_queries``).
-  ``block_sizes.fused=False`` (``BankSettings.route_fused``) runs the unfused route
-  instead: the chunk-score kernel, then the max over each document's run of chunks and
-  the top-k in XLA (``[B, C]`` chunk scores in memory; slower at 100M tokens, BENCHMARKS.md).
+  ``block_sizes.fused=False`` (``BankSettings.route_fused=False``, the engine's default)
+  runs the unfused route instead: the chunk-score kernel, then the documents' top-k in XLA
+  (``[B, C]`` float32 chunk scores in memory, 4 bytes a chunk and example: as much as the
+  chunk→document map, 1/256 of bf16 keys at F = 1024; the top-k from their row maxima when
+  ``max_doc_chunks`` is given, else through a segment max over every run; BENCHMARKS.md).
   ``layouts``: ``{tile: BankLayout, RUNS_KEY: chunk runs}`` of this device's chunks
   (:func:`routing_layouts`, built once per placed bank); looked up, else built per call.
   ``block_sizes``: the kernel's ``block_routing.BlockSizes`` (None: the engine's).
+  ``max_doc_chunks``: the bank's longest document (static); the unfused route then ranks
+  documents from the chunk scores without a segment max over the bank
+  (``block_routing.run_top_k``).
   """
   if implementation == "xla":
     return tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k, tile, kr_scale_c,
@@ -194,7 +199,8 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   bs = block_sizes or engine_block_sizes(f, kr_cf.dtype)
   if bs.fused is False:
     runs = (layouts or {}).get(RUNS_KEY) or chunk_runs(chunk_doc_c)
-    return _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k, bs, kr_scale_c)
+    return _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k, bs, kr_scale_c,
+                          max_doc_chunks)
   tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
   layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
@@ -221,39 +227,56 @@ def chunk_runs(chunk_doc_c):
   return run_c, run_doc
 
 
-def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, kr_scale_c):
+def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, kr_scale_c,
+                   max_doc_chunks: int | None = None):
   """The unfused Pallas route: the chunk-score kernel (bf16, or codes against quantised
-  queries), then the document max over runs and an exact top-k in XLA."""
+  queries), then an exact top-k of the documents (runs of chunks) in XLA: from the chunk
+  scores' row maxima when the longest document is known (``block_routing.run_top_k``),
+  else through a segment max over every run."""
   from pallas_kernels import block_routing
   s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
                                     block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
   s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
-  run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
-  val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
+  if max_doc_chunks is not None:
+    val, idx = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max(1, max_doc_chunks))
+  else:
+    run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
+    val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)
   return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
 
 
 def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
-  """The Pallas route's ``block_routing.BlockSizes`` as the engine runs it for
-  ``key_dtype`` keys of ``key_width`` columns: the fused kernel unless ``fused=False``
-  (``overrides``: e.g. ``fused``, ``features``, ``fold_batch``, ``fp8_query_terms``).
+  """The Pallas route's ``block_routing.BlockSizes`` for ``key_dtype`` keys of ``key_width``
+  columns as the engine runs it: the unfused route unless ``fused=True``
+  (``overrides``: e.g. ``fused``, ``chunks``, ``features``, ``fold_batch``,
+  ``fp8_query_terms``).
 
-  Two programs per SM, and 256-feature pipeline steps for int8 keys (32 KB of keys a step,
-  as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from 1.03 to
-  0.74 ms a layer, fp8 (two programs) from 1.31 to 1.09 and bf16 from 1.21 to 1.12
-  (BENCHMARKS.md, 2026-12-01T22:45Z). fp8 keeps 128-feature steps: its wgmma accumulates a
-  step's products at ~14 bits before the float32 sum (``block_top_k.fp8_accumulate``), and
-  with 256 of them (1.00 ms) the compiled test fails (top scores off by up to 1.8e-3 on
-  the H200, 2026-12-02).
+  Unfused (the default since 2026-12-04): the chunk-score kernel, then the documents' top-k
+  from the chunk scores' row maxima (``block_routing.run_top_k``, given the bank's
+  ``max_doc_chunks``). 8-bit keys: two pipeline stages (a small shared-memory footprint, so
+  several programs share an SM), 256-chunk tiles for int8 and 64-chunk tiles for fp8 (two
+  query terms, two accumulators): on the H200 at 100M tokens these took int8 from 0.64 to
+  0.63 ms a layer at batch 1 and from 2.44 to 2.09 at batch 8, fp8 from 0.88 to 0.74 at
+  batch 1 (BENCHMARKS.md, 2026-12-04).
+
+  Fused: two programs per SM, and 256-feature pipeline steps for int8 keys (32 KB of keys
+  a step, as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from
+  1.03 to 0.74 ms a layer, fp8 (two programs) from 1.31 to 1.09 and bf16 from 1.21 to
+  1.12 (BENCHMARKS.md, 2026-12-01T22:45Z). fp8 keeps 128-feature steps: its wgmma
+  accumulates a step's products at ~14 bits before the float32 sum
+  (``block_top_k.fp8_accumulate``), and with 256 of them (1.00 ms) the compiled test
+  fails (top scores off by up to 1.8e-3 on the H200, 2026-12-02).
   """
   from pallas_kernels import block_routing
-  integer = jnp.dtype(key_dtype) == jnp.int8        # exact int32 accumulation
-  fused = overrides.get("fused", True) is not False   # the unfused kernel keeps its tiling
-  features = (256 if fused and integer and key_width % 256 == 0 else
+  name = jnp.dtype(key_dtype).name
+  fused = overrides.get("fused", False) is True
+  features = (256 if fused and name == "int8" and key_width % 256 == 0 else
               128 if key_width % 128 == 0 else 64)
-  return block_routing.BlockSizes(**{"fused": True, "features": features,
+  tiling = {} if fused else {"int8": {"chunks": 256, "stages": 2},
+                             "float8_e4m3fn": {"chunks": 64, "stages": 2}}.get(name, {})
+  return block_routing.BlockSizes(**{"fused": fused, "features": features, **tiling,
                                      "programs_per_sm": 2, **overrides})
 
 
@@ -286,13 +309,15 @@ def sharded_layouts(mesh, chunk_doc_c, axis: str = "memory", tiles=LAYOUT_TILES)
 def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
                   tile: int | None = None, axis: str = "memory", implementation: str = "xla",
                   kr_scale_c=None, score_dtype: str = "float32", layouts=None,
-                  block_sizes=None):
+                  block_sizes=None, max_doc_chunks: int | None = None):
   """Memory parallel routing: each ``axis`` shard scores its chunks, a global merge picks k.
 
   ``kr_cf``/``chunk_doc_c`` are sharded by chunk over ``axis`` (each shard holding whole
   documents, see ``bank.shard_plan``); queries are replicated; ``kr_scale_c`` (quantised
   keys) is sharded like ``chunk_doc_c``; ``layouts`` (pallas only) is
-  :func:`sharded_layouts` of ``chunk_doc_c``, built once per placed bank. Returns
+  :func:`sharded_layouts` of ``chunk_doc_c``, built once per placed bank;
+  ``max_doc_chunks`` (static) lets the unfused Pallas route skip its segment max (see
+  :func:`local_top_k`). Returns
   replicated ``(scores [B, k], docs [B, k])`` like :func:`tiled_top_k` on the unsharded bank.
   """
   from jax.experimental.shard_map import shard_map
@@ -300,7 +325,7 @@ def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
   def per_shard(rq, mask, kr, doc, lay, *scale):
     s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation,
                        kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype,
-                       layouts=lay, block_sizes=block_sizes)
+                       layouts=lay, block_sizes=block_sizes, max_doc_chunks=max_doc_chunks)
     s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
     d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
     return merge_top_k(s_all, d_all, k)

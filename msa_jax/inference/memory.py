@@ -57,8 +57,9 @@ class BankSettings:
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
   compute_dtype: str = "float32"          # what fetched K̄/V̄ are (de)quantised to
   score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
-  route_fused: bool = True                # Pallas routing: the fused block top-k kernel, or
-                                          # the unfused chunk scores + XLA top-k (BENCHMARKS.md)
+  route_fused: bool = False               # Pallas routing: the unfused chunk scores + the XLA
+                                          # top-k from their row maxima (default), or the fused
+                                          # block top-k kernel (BENCHMARKS.md)
   route_options: tuple = ()               # Pallas routing: (BlockSizes field, value) pairs over
                                           # the engine's defaults (benchmarks, tuning)
 
@@ -97,7 +98,8 @@ class BankLayerMemory:
         s.mesh, rq_bmf, route_mask_bm, self.kr_cf, self.chunk_doc_c, top_k, tile=s.tile,
         axis=MEMORY_AXIS, implementation=s.routing, kr_scale_c=self.kr_scale_c,
         score_dtype=s.score_dtype, layouts=self.route_layouts,
-        block_sizes=s.route_block_sizes(rq_bmf.shape[-1], self.kr_cf.dtype))
+        block_sizes=s.route_block_sizes(rq_bmf.shape[-1], self.kr_cf.dtype),
+        max_doc_chunks=s.max_doc_chunks)
     selection, sel_scores = bank_routing.selection_in_document_order(scores_bk, docs_bk)
     if self.forced is not None:
       selection = self.forced
@@ -279,11 +281,13 @@ class DeviceBank:
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
            routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
-           score_dtype: str = "float32", route_fused: bool = True, log=print) -> "DeviceBank":
+           score_dtype: str = "float32", route_fused: bool = False, log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
 
-    ``route_fused`` (``routing_impl="pallas"``): the fused block top-k kernel (default), or
-    the unfused chunk-score kernel with the document max and top-k in XLA.
+    ``route_fused`` (``routing_impl="pallas"``): the unfused chunk-score kernel with the
+    documents' top-k in XLA from the chunk scores' row maxima (default:
+    ``block_routing.run_top_k``; faster on the H200 at 10M-100M tokens for bf16, fp8 and
+    int8 keys, batch 1 and 8, BENCHMARKS.md), or the fused block top-k kernel (True).
 
     ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
     multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries

@@ -1,0 +1,150 @@
+"""The unfused route's tail alone: from chunk scores ``[B, C]`` to the top-k documents.
+
+At 100M tokens the chunk-score kernel reads K̄R at ~1.02× its read floor; what the unfused
+route adds is this tail. It times, on random float32 chunk scores (the tail's cost does not
+depend on their values) and a contiguous chunk→document map:
+  * ``read``: one pass over the ``[B, C]`` scores (a sum): the tail's own floor;
+  * ``segmax_sorted``: segment max over the documents with sorted indices, then the
+    pruned top-k (the engine's unfused tail before 2026-12-04);
+  * ``segmax``: the same with an unsorted segment max (``benchmarks.routing``'s tail);
+  * ``runs``: ``block_routing.run_top_k`` as the engine runs it (runs credited to the row
+    they start in when documents span at most two rows of 128 chunks);
+  * ``runs_plain``: ``run_top_k``'s path for longer documents (the ``k · rows_per_run``
+    rows with the largest maxima), forced;
+each beside its per-kernel device times (profiler) for ``runs``. Every tail must choose the
+same documents (checked). Prints a table, writes ``routing_tail.json`` to ``$OUT`` (or
+benchmarks/results).
+
+  python -m benchmarks.routing_tail                  # 100M tokens: 2M chunks of 2-chunk docs
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import device_name, gpu_kernel_times, out_dir, time_ms, write_json
+from pallas_kernels import block_routing as br
+
+K_DOCS, ROW = 16, 128
+
+
+def tails(num_docs: int, doc_chunks: int):
+  """name → jitted ``(scores_bc, chunk_doc_c) → (values, docs)``."""
+  bs = br.BlockSizes(top_k="pruned_sort", block_docs=ROW)
+
+  def segmax(sorted_docs):
+    def fn(s, d):
+      doc_s = br.document_scores(s, d, num_docs, sorted_docs)
+      return br.document_top_k(doc_s, K_DOCS, bs)
+    return jax.jit(fn)
+
+  return {
+      "read": jax.jit(lambda s, d: jnp.sum(s, axis=1)),
+      "segmax_sorted": segmax(True),
+      "segmax": segmax(False),
+      "runs": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks)),
+      "runs_plain": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW,
+                                                      max(doc_chunks, ROW + 2))),
+  }
+
+
+def bench(tokens: int, doc_chunks: int, batch: int, profile: bool) -> dict:
+  chunks = tokens // 64
+  num_docs = -(-chunks // doc_chunks)
+  doc = jnp.asarray(np.arange(chunks, dtype=np.int32) // doc_chunks)
+  s = jax.random.normal(jax.random.key(0), (batch, chunks), jnp.float32)
+  row = {"tokens": tokens, "chunks": chunks, "doc_chunks": doc_chunks, "batch": batch,
+         "score_bytes": 4 * batch * chunks}
+  fns = tails(num_docs, doc_chunks)
+  want = None
+  for name, fn in fns.items():
+    row[f"{name}_ms"] = time_ms(fn, s, doc)
+    if name != "read":
+      v, d = fn(s, doc)
+      got = (np.asarray(v), np.asarray(d))
+      want = got if want is None else want
+      row[f"{name}_same_documents"] = bool(np.array_equal(got[1], want[1]))
+  if profile:
+    row["runs_kernels_us"] = gpu_kernel_times(fns["runs"], s, doc)
+  return row
+
+
+def top16_primitives(n: int, batch: int = 1) -> dict:
+  """ms (wall, one jitted call) and device µs (profiler, sum of kernels) of ways to take the
+  16 largest of ``[batch, n]`` float32 (indices too)."""
+  x = jax.random.normal(jax.random.key(1), (batch, n), jnp.float32)
+  iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
+
+  def by_sort(x):
+    neg, idx = jax.lax.sort((-x, iota), dimension=1, num_keys=1)
+    return -neg[:, :16], idx[:, :16]
+
+  def by_argmax(x):
+    vals, idxs = [], []
+    for _ in range(16):
+      i = jnp.argmax(x, axis=1)
+      vals.append(jnp.take_along_axis(x, i[:, None], axis=1))
+      idxs.append(i[:, None])
+      x = x.at[jnp.arange(x.shape[0]), i].set(-jnp.inf)
+    return jnp.concatenate(vals, 1), jnp.concatenate(idxs, 1)
+
+  fns = {"top_k": lambda x: jax.lax.top_k(x, 16), "sort": by_sort, "argmax16": by_argmax,
+         "two_stage128": lambda x: br.two_stage_top_k(x, 16, 128),
+         "pruned_sort128": lambda x: br.pruned_top_k(x, 16, 128, "sort")}
+  out = {"n": n, "batch": batch}
+  want = None
+  for name, fn in fns.items():
+    f = jax.jit(fn)
+    out[f"{name}_ms"] = time_ms(f, x)      # host-dispatch bound at these sizes
+    if jax.default_backend() == "gpu":     # device time: what it costs inside a route
+      ker = gpu_kernel_times(f, x)
+      out[f"{name}_device_us"] = sum(t for _, t in ker)
+      out[f"{name}_kernels_us"] = ker[:4]
+    got = np.asarray(f(x)[1])
+    want = got if want is None else want
+    out[f"{name}_same"] = bool(np.array_equal(got, want))
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--tokens", default="1e7,1e8", help="bank sizes ('' for none)")
+  ap.add_argument("--doc_chunks", default="2,16", help="chunks per document (100-token docs: 2)")
+  ap.add_argument("--batches", default="1")
+  ap.add_argument("--profile", action="store_true", help="kernel times of the runs tail")
+  ap.add_argument("--primitives", default="", help="sizes n: time top-16 of [1, n] ways")
+  args = ap.parse_args()
+  prims = [top16_primitives(int(float(n))) for n in args.primitives.split(",") if n]
+  for p in prims:
+    print(f"top-16 of [1, {p['n']}], device us: " + ", ".join(
+        f"{k[:-10]} {v:.1f}" for k, v in p.items() if k.endswith("_device_us")), flush=True)
+    for k, v in p.items():
+      if k.endswith("_kernels_us"):
+        print(f"    {k[:-11]}: " + "; ".join(f"{nm[:50]} {t:.1f}" for nm, t in v), flush=True)
+  rows = []
+  for t in (int(float(x)) for x in args.tokens.split(",") if x):
+    for dc in (int(x) for x in args.doc_chunks.split(",")):
+      for b in (int(x) for x in args.batches.split(",")):
+        r = bench(t, dc, b, args.profile)
+        rows.append(r)
+        print(r, flush=True)
+  names = ["read", "segmax_sorted", "segmax", "runs", "runs_plain"]
+  print(f"\n{'tokens':>8} {'doc_ch':>6} {'B':>2} " + " ".join(f"{n:>13}" for n in names)
+        + "  same documents")
+  for r in rows:
+    print(f"{r['tokens']:>8.0e} {r['doc_chunks']:>6} {r['batch']:>2} "
+          + " ".join(f"{r[n + '_ms']:>13.4f}" for n in names) + "  "
+          + str(all(r[f"{n}_same_documents"] for n in names[1:])))
+    for name, us in r.get("runs_kernels_us", [])[:12]:
+      print(f"      {us:8.1f} us  {name[:100]}")
+  write_json(os.path.join(out_dir(), "routing_tail.json"),
+             {"device": device_name(), "jax": jax.__version__, "k": K_DOCS, "row": ROW,
+              "rows": rows, "top16_primitives": prims})
+
+
+if __name__ == "__main__":
+  main()

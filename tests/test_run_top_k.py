@@ -1,0 +1,145 @@
+"""The routing tail that ranks documents from chunk scores without a segment max over the
+bank (``block_routing.run_top_k``): exact against a float64 numpy reference (ties to the
+lower document, padding, empty examples, documents longer than a row), the row budget
+shown to be needed, and the unfused Pallas route (interpret mode on CPU) giving the same
+documents with and without it."""
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import routing as rr
+from msa_jax.inference import bank_routing, quantize
+from pallas_kernels import block_routing as br
+
+
+def _reference(s_bc, run_c, k):
+  """float64 numpy: max over each run, then the k best (score desc, run's first chunk asc)."""
+  s_bc = np.asarray(s_bc, np.float64)
+  out_v, out_id = [], []
+  for s in s_bc:
+    best = {}
+    for pos, (v, r) in enumerate(zip(s, run_c)):
+      if r < 0:
+        continue
+      first, top = best.get(r, (pos, -np.inf))
+      best[r] = (first, max(top, v))
+    ranked = sorted(((-top, first, r) for r, (first, top) in best.items() if top > -np.inf))
+    out_v.append([-t for t, _, _ in ranked[:k]])
+    out_id.append([r for _, _, r in ranked[:k]])
+  return out_v, out_id
+
+
+def _bank(rng, lens, pad_after=(), pad_end=0):
+  """Runs of ``lens`` chunks labelled 0, 1, …; a padding chunk after each run in
+  ``pad_after`` and ``pad_end`` at the end."""
+  doc = np.concatenate([np.full(n, i, np.int32) for i, n in enumerate(lens)])
+  doc = np.insert(doc, [int(np.sum(lens[:i + 1])) for i in pad_after], -1)
+  return np.concatenate([doc, np.full(pad_end, -1, np.int32)])
+
+
+def _check(s_bc, run_c, k, row, max_run):
+  val, ids = br.run_top_k(jnp.asarray(s_bc, jnp.float32), jnp.asarray(run_c), k, row, max_run)
+  val, ids = np.asarray(val), np.asarray(ids)
+  want_v, want_id = _reference(np.asarray(s_bc, np.float32), run_c, k)
+  for b in range(len(want_v)):
+    n = len(want_v[b])
+    np.testing.assert_array_equal(ids[b, :n], want_id[b])
+    np.testing.assert_array_equal(val[b, :n], np.asarray(want_v[b], np.float32))
+    assert np.all(val[b, n:] == -np.inf)
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("row", [4, 8, 128])
+def test_run_top_k_equals_the_segment_max_reference(seed, row):
+  rng = np.random.default_rng(seed)
+  lens = rng.integers(1, 30, size=60)                      # runs up to 3+ rows of 8
+  run_c = _bank(rng, lens, pad_after=(5, 37), pad_end=11)
+  s_bc = rng.normal(size=(3, run_c.size)).astype(np.float32)
+  s_bc[1] = np.round(s_bc[1] * 2) / 2                      # many exact ties
+  s_bc[2] = -np.inf                                         # an example with no routing token
+  for k in (1, 5, 16):
+    _check(s_bc, run_c, k, row, int(lens.max()))     # plain-max path for row 4 / 8
+    if lens.max() <= row + 1:
+      continue
+    short = np.minimum(lens, row + 1)                # runs of ≤ row + 1: start-row path
+    run_s = _bank(rng, short, pad_after=(5, 37), pad_end=11)
+    _check(s_bc[:, :run_s.size], run_s, k, row, int(short.max()))
+
+
+def test_run_top_k_fewer_runs_than_k():
+  run_c = _bank(None, [3, 1, 2], pad_end=5)
+  s_bc = np.array([[0.5, 0.1, 0.2, 0.9, 0.3, 0.3, 7, 7, 7, 7, 7]], np.float32)
+  _check(s_bc, run_c, 8, 4, 3)                                # padding's 7s never win
+
+
+def test_run_top_k_when_one_winner_holds_the_largest_row_maxima():
+  """Winner A fills two rows with its two chunks (9.0, 8.9), so the k = 2 rows with the
+  largest maxima are both A's and B (8.0, third row) is not in them: taking the top-k rows
+  by their plain max would miss it (checked here, so the case is a real trap). Both paths
+  get it right: runs credited to the row they start in (runs of ≤ row + 1 chunks), and
+  k · rows_per_run rows by plain max (longer runs)."""
+  #                 row 0         | row 1           | row 2          | row 3
+  run_c = np.array([0, 0, 0, 1,     1, 2, 2, 2,       3, 3, 3, 3,      4, 4, 4, 4], np.int32)
+  s = np.array([[0.1, 0.1, 0.1, 9.0, 8.9, 0.2, 0.2, 0.2, 8.0, 0.3, 0.3, 0.3, 7.0, 0, 0, 0]],
+               np.float32)
+  naive_rows = np.argsort(-s.reshape(4, 4).max(1), kind="stable")[:2]
+  assert set(run_c.reshape(4, 4)[naive_rows].ravel()) == {0, 1, 2}   # B (3) missed
+  for max_run in (2, 4, 6):               # start-row path (≤ 5), plain-max path (6)
+    _check(s, run_c, 2, 4, max_run)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_unfused_route_with_the_run_tail_interpret(dtype):
+  """The unfused Pallas route (interpret mode) with ``max_doc_chunks`` chooses the documents
+  of the segment-max tail, the same as the float32 reference for bf16 keys, with the
+  same scores; through ``route_top_k`` and through the engine's ``local_top_k``."""
+  rng = np.random.default_rng(3)
+  lens = [int(x) for x in rng.integers(1, 20, size=40)]
+  doc = _bank(rng, lens, pad_end=9)
+  c, f, m = doc.size, 64, 6
+  kr = rng.normal(size=(c, f)).astype(np.float32)
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  rq = jnp.asarray(rng.normal(size=(2, m, f)).astype(np.float32))
+  mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [3]]))
+  bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2)
+  if dtype == "bfloat16":
+    keys, scale = jnp.asarray(kr, jnp.bfloat16), None
+  else:
+    codes, sc = quantize.quantise(kr, dtype, 1)
+    keys, scale = jnp.asarray(codes), jnp.asarray(sc)
+  kw = dict(implementation="pallas", block_sizes=bs, kr_scale_c=scale)
+  n, k = len(lens), 8
+  s_old, sel_old = br.route_top_k(rq, mask, keys, jnp.asarray(doc), n, k, **kw)
+  s_new, sel_new = br.route_top_k(rq, mask, keys, jnp.asarray(doc), n, k,
+                                  max_doc_chunks=max(lens), **kw)
+  np.testing.assert_array_equal(np.asarray(sel_new.doc_idx_bk), np.asarray(sel_old.doc_idx_bk))
+  np.testing.assert_array_equal(np.asarray(sel_new.valid_bk), np.asarray(sel_old.valid_bk))
+  np.testing.assert_array_equal(np.asarray(s_new), np.asarray(s_old))
+  if dtype == "bfloat16":
+    _, sel_ref = rr.route_documents(rq, mask, jnp.asarray(kr, jnp.bfloat16).astype(jnp.float32),
+                                    jnp.asarray(doc), n, k)
+    np.testing.assert_array_equal(np.asarray(sel_new.doc_idx_bk), np.asarray(sel_ref.doc_idx_bk))
+  args = (rq, mask, keys, jnp.asarray(doc), k)
+  e_old = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                   block_sizes=bs)
+  e_new = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                   block_sizes=bs, max_doc_chunks=max(lens))
+  for a, b in zip(e_old, e_new):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("n,k,row", [(15625, 16, 128), (4096, 16, 128), (300, 7, 8),
+                                      (100, 16, 8), (5, 16, 4), (2000, 40, 16)])
+def test_tree_top_k_equals_lax_top_k_ties_included(n, k, row):
+  import jax
+  rng = np.random.default_rng(n)
+  x = np.round(rng.normal(size=(3, n)) * 4) / 4            # many ties
+  x[1, n // 2:] = -np.inf                                   # fewer finite entries than rows
+  x[2] = -np.inf
+  x = jnp.asarray(x, jnp.float32)
+  val, idx = br.tree_top_k(x, k, row)
+  want_v, want_i = jax.lax.top_k(x, min(k, n))
+  np.testing.assert_array_equal(np.asarray(val), np.asarray(want_v))
+  finite = np.isfinite(np.asarray(want_v))
+  np.testing.assert_array_equal(np.asarray(idx)[finite], np.asarray(want_i)[finite])
+  assert np.asarray(idx).max() < n
