@@ -176,7 +176,7 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   ``implementation="pallas"`` with ``block_sizes.fused=True`` runs
   ``pallas_kernels.block_routing.route_top_k`` with the fused block top-k kernel (Mosaic GPU: matmul, max over queries, per-document max and a
   block-local top-k in one pass; only k candidates per block leave it), so memory stays
-  bounded as with the scan. Needs k ≤ ``block_top_k.LIST_SLOTS``. Quantised keys
+  bounded as with the scan (k ≤ ``block_top_k.LIST_SLOTS``; larger k take the unfused route). Quantised keys
   (``kr_scale_c`` given) are read as fp8 / int8 codes by the kernel, against queries
   quantised per column to the same dtype (``quantised_queries.route_queries``).
   ``block_sizes.fused=False`` (``BankSettings.route_fused=False``, the engine's default)

@@ -28,15 +28,16 @@ from msa_jax.inference.memory import DeviceBank
 
 
 def default_routing(k: int, features: int, kr_dtype: str = "bfloat16") -> str:
-  """``pallas`` (the fused block top-k kernel) on a GPU when k fits its list and the key
-  width ``F = Hkv·D`` its tiles (a multiple of 64), else ``xla``; for every K̄R precision.
+  """``pallas`` on a GPU when the key width ``F = Hkv·D`` fits the kernels' tiles (a
+  multiple of 64), else ``xla``; for every K̄R precision and any k (the engine's unfused
+  route takes any k; the fused kernel, ``route_fused=True``, falls back to it past its
+  ``LIST_SLOTS``).
 
-  bf16, fp8 and int8 K̄R pass the kernel's compiled tests on the H200 (2026-12-01) and route
-  a 100M-token bank in 1.0-1.3 ms a layer there (BENCHMARKS.md), far below the XLA scan."""
+  bf16, fp8 and int8 K̄R pass the kernels' compiled tests on the H200 and route a
+  100M-token bank in 0.6-1.1 ms a layer there (BENCHMARKS.md), far below the XLA scan."""
   from pallas_kernels import _platform
-  from pallas_kernels.block_top_k import LIST_SLOTS
-  del kr_dtype   # every precision: the kernel reads bf16 keys and fp8 / int8 codes
-  fits = _platform.on_gpu() and k <= LIST_SLOTS and features % 64 == 0
+  del k, kr_dtype   # every precision: the kernels read bf16 keys and fp8 / int8 codes
+  fits = _platform.on_gpu() and features % 64 == 0
   return "pallas" if fits else "xla"
 
 
