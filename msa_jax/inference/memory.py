@@ -274,8 +274,8 @@ class DeviceBank:
   doc_chunks: jax.Array
   scales: dict[str, dict[int, Optional[jax.Array]]] = dataclasses.field(
       default_factory=lambda: {"kr": {}, "k": {}, "v": {}})   # quantised parts only
-  # pallas routing: the fused kernel's per-tile document slots of chunk_doc, built once
-  # here (bank_routing.sharded_layouts) instead of in every routed call
+  # pallas routing: the unfused route's chunk runs and the fused kernel's per-tile document
+  # slots of chunk_doc, built once here (bank_routing.sharded_layouts), not in every call
   route_layouts: Optional[dict] = None
 
   @classmethod
@@ -354,8 +354,9 @@ class DeviceBank:
 
 
 def route_layouts_for(settings: BankSettings, chunk_doc: jax.Array) -> Optional[dict]:
-  """The fused kernel's bank layouts (``bank_routing.sharded_layouts``) when the bank is
-  routed by it (``settings.routing == "pallas"``), else None."""
+  """The Pallas routes' bank layouts (``bank_routing.sharded_layouts``: chunk runs for the
+  unfused route, per-tile document slots for the fused kernel) when the bank is routed by
+  them (``settings.routing == "pallas"``), else None."""
   if settings.routing != "pallas":
     return None
   return bank_routing.sharded_layouts(settings.mesh, chunk_doc, MEMORY_AXIS)
