@@ -20,7 +20,6 @@ RoPE numbers the question after the top-k slots whatever the bank holds).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -29,20 +28,6 @@ import time
 
 def log(msg: str) -> None:
   print(f"[question_position_probe {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def question_at(tokens: int):
-  """The engine numbers each question's first token ``prefix + tokens`` instead of
-  ``prefix + bank tokens`` (global RoPE), for the duration of the block."""
-  from msa_jax.inference import interleave
-  original = interleave.active_start
-  interleave.active_start = lambda model_config, prefix_len, memory_tokens=0: (
-      prefix_len + tokens)
-  try:
-    yield
-  finally:
-    interleave.active_start = original
 
 
 def probe(workdir: str, root: str, placements: list[int], num_questions: int,
@@ -72,10 +57,9 @@ def probe(workdir: str, root: str, placements: list[int], num_questions: int,
                               tokenizer=tokenizer, prefix_tokens=task_prefix(workdir, tokenizer))
   rows = []
   for tokens in placements:
-    with question_at(tokens):
-      res = evaluate.run_bank(workdir, bank, questions, batch_size=batch_size, oracle=False,
-                              max_new_tokens=int(cfg.eval.max_new_tokens),
-                              out=os.path.join(root, f"probe_{tokens}.json"))
+    res = evaluate.run_bank(workdir, bank, questions, batch_size=batch_size, oracle=False,
+                            max_new_tokens=int(cfg.eval.max_new_tokens), question_at=tokens,
+                            out=os.path.join(root, f"probe_{tokens}.json"))
     row = {"question_at": tokens, "bank_tokens": manifest["num_tokens"],
            "router_recall@1": res["router_recall@1"],
            "answer_exact_match": res["answer_exact_match"]}
@@ -112,8 +96,8 @@ def main(argv=None) -> None:
   ap.add_argument("--num_questions", type=int, default=64)
   args = ap.parse_args(argv)
   placements = [int(x) for x in args.question_at.split(",") if x.strip()]
-  if not placements or min(placements) < 0:
-    raise SystemExit(f"--question_at needs non-negative positions, got {args.question_at!r}")
+  if not placements or min(placements) < 1:
+    raise SystemExit(f"--question_at needs positive positions, got {args.question_at!r}")
   rows = probe(args.workdir, args.root, placements, args.num_questions)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "question_position.json"), "w") as f:

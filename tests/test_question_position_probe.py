@@ -9,16 +9,23 @@ from msa_jax.config import ModelConfig
 from msa_jax.inference import engine, interleave
 
 
-def test_question_at_moves_the_global_question_and_restores_the_engine():
-  cfg = ModelConfig(rope_mode="global")
-  assert interleave.active_start(cfg, 3, 99) == 102
-  with question_position_probe.question_at(5_000):
-    assert interleave.active_start(cfg, 3, 99) == 5_003
-  assert interleave.active_start is engine.active_start
-  with pytest.raises(RuntimeError):
-    with question_position_probe.question_at(7):
-      raise RuntimeError("inside")
-  assert interleave.active_start is engine.active_start
+def test_question_at_numbers_the_question_after_so_many_tokens():
+  """A bank batch numbers a global-RoPE question after the bank's tokens, or, with
+  ``question_at``, after that many; document-wise RoPE after the top-k slots either way."""
+  import types
+  import numpy as np
+  bank = types.SimpleNamespace(prefix_tokens=[1, 2, 3], prefix_kv=[], num_tokens=99)
+  device_bank = types.SimpleNamespace(bank=bank, arrays=lambda: {})
+  glob, doc = ModelConfig(rope_mode="global"), ModelConfig(rope_mode="document", top_k=2)
+  starts = {(cfg.rope_mode, q): interleave.BankBatch(device_bank, 2, cfg, q).active_start_b
+            for cfg in (glob, doc) for q in (0, 5_000)}
+  np.testing.assert_array_equal(starts["global", 0], [102, 102])
+  np.testing.assert_array_equal(starts["global", 5_000], [5_003, 5_003])
+  np.testing.assert_array_equal(starts["document", 0], [5, 5])
+  np.testing.assert_array_equal(starts["document", 5_000], [5, 5])
+  assert engine.active_start(glob, 3, 99) == 102            # the engine itself untouched
+  with pytest.raises(SystemExit, match="positive"):
+    question_position_probe.main(["--workdir=x", "--out=y", "--question_at=0"])
 
 
 @pytest.mark.slow
@@ -46,7 +53,6 @@ def test_probe_at_the_banks_own_size_equals_the_engines_evaluation(tmp_path):
                             oracle=False, out=str(tmp_path / "plain.json"))
   assert rows[0]["router_recall@1"] == plain["router_recall@1"]
   assert rows[0]["answer_exact_match"] == plain["answer_exact_match"]
-  assert interleave.active_start is engine.active_start
   question_position_probe.main([f"--workdir={run}", f"--out={tmp_path / 'out'}",
                                 f"--root={probe_root}", "--question_at=256", "--num_questions=8"])
   saved = json.load(open(tmp_path / "out" / "question_position.json"))

@@ -47,12 +47,16 @@ class BankBatch:
 
   kind = "bank"
 
-  def __init__(self, device_bank, batch: int, model_config):
+  def __init__(self, device_bank, batch: int, model_config, question_at: int = 0):
+    """``question_at`` > 0 numbers each question (global RoPE) as if the bank held that many
+    tokens (a probe of the question's position, ``launch.question_position_probe``); 0:
+    after the bank's own tokens."""
     self.device_bank, self.bank = device_bank, device_bank.bank
     self.batch = batch
     self.mem_args = device_bank.arrays()
     self.prefix = bank_prefix(self.bank, batch)
-    start = active_start(model_config, len(self.bank.prefix_tokens), self.bank.num_tokens)
+    start = active_start(model_config, len(self.bank.prefix_tokens),
+                         question_at or self.bank.num_tokens)
     self.active_start_b = np.full((batch,), start, np.int32)
     self._ids: Optional[dict[str, int]] = None
 

@@ -45,8 +45,10 @@ class MemoryEngine:
   """Answers question rows from one bank with Memory Interleave (see module doc)."""
 
   def __init__(self, model, params, device_bank: DeviceBank, tokenizer, specials: SpecialTokens,
-               batch_size: int = 8, max_rounds: int = 3, position_config=None):
+               batch_size: int = 8, max_rounds: int = 3, position_config=None,
+               question_at: int = 0):
     self.model, self.params, self.device_bank = model, params, device_bank
+    self.question_at = question_at   # > 0: global RoPE numbers questions as if after so many
     # The config whose top_k fixes the question's first position T + k (SPEC §2): the
     # trained model's, also when top_k is changed at inference.
     self.position_config = position_config or model.config
@@ -58,7 +60,7 @@ class MemoryEngine:
   def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
            routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
            batch_size: int = 8, max_rounds: int = 3, allow_synthetic: bool = False,
-           top_k: int = 0, log=print) -> "MemoryEngine":
+           top_k: int = 0, question_at: int = 0, log=print) -> "MemoryEngine":
     """Loads the model, checks and places the bank (see module doc).
 
     ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
@@ -66,8 +68,13 @@ class MemoryEngine:
     that many documents instead of the model's trained ``top_k`` (an inference-time
     setting: the bank, encoded by the trained model, is the same; the question's positions
     keep the trained offset ``T + k``, so its first round's routing, and hence the top
-    documents it shares with the trained k, do not change).
+    documents it shares with the trained k, do not change). ``question_at`` > 0 (global RoPE
+    only; a probe) numbers each question's first token ``prefix + question_at`` instead of
+    ``prefix + bank tokens``.
     """
+    if question_at < 0:
+      raise ValueError(f"question_at={question_at}: pass a token position >= 1, or 0 for "
+                       "after the bank")
     if top_k < 0:
       raise ValueError(f"top_k={top_k}: pass a number of documents >= 1, or 0 for the "
                        "model's own top_k")
@@ -99,7 +106,7 @@ class MemoryEngine:
     replicated = NamedSharding(device_bank.settings.mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
     return cls(model, params, device_bank, tokenizer, specials, batch_size, max_rounds,
-               position_config=trained)
+               position_config=trained, question_at=question_at)
 
   def _question_tokens(self, row: dict, n: int) -> list[int]:
     if "question_tokens" in row:
@@ -129,7 +136,8 @@ class MemoryEngine:
     ``doc_id``) instead of the router's choice.
     """
     questions = [self._question_tokens(r, n) for n, r in enumerate(rows, start=1)]
-    memory = interleave.BankBatch(self.device_bank, self.batch_size, self.position_config)
+    memory = interleave.BankBatch(self.device_bank, self.batch_size, self.position_config,
+                                  self.question_at)
     out = []
     for s in range(0, len(rows), self.batch_size):
       chunk = list(rows[s:s + self.batch_size])
