@@ -143,3 +143,41 @@ def test_tree_top_k_equals_lax_top_k_ties_included(n, k, row):
   finite = np.isfinite(np.asarray(want_v))
   np.testing.assert_array_equal(np.asarray(idx)[finite], np.asarray(want_i)[finite])
   assert np.asarray(idx).max() < n
+
+
+def test_memory_parallel_unfused_route_with_the_run_tail_interpret():
+  """The engine's default Pallas route over a bank sharded on a 2-device ``memory`` axis
+  (each shard whole documents, padded at its end; chunk runs built once per shard by
+  ``sharded_layouts``): the same documents and scores as the tiled XLA scan with the same
+  bf16 query rounding, and as the unsharded route."""
+  import jax
+  from jax.sharding import Mesh
+  rng = np.random.default_rng(5)
+  f, shard_rows, k = 64, 192, 6
+  docs, rows, d = [], [], 0
+  for _ in range(2):                                       # per shard: documents, then padding
+    lens = []
+    while sum(lens) < shard_rows - 40:
+      lens.append(int(rng.integers(1, 20)))
+    shard = np.concatenate([np.full(n, d + i, np.int32) for i, n in enumerate(lens)])
+    d += len(lens)
+    docs.append(np.concatenate([shard, np.full(shard_rows - shard.size, -1, np.int32)]))
+    rows.append(max(lens))
+  doc = np.concatenate(docs)
+  kr = rng.normal(size=(doc.size, f)).astype(np.float32)
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  kr = jnp.asarray(kr, jnp.bfloat16)
+  rq = jnp.asarray(rng.normal(size=(2, 5, f)).astype(np.float32))
+  mask = jnp.asarray(np.arange(5)[None] < np.array([[5], [2]]))
+  mesh = Mesh(np.array(jax.devices()[:2]), ("memory",))
+  bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2)
+  layouts = bank_routing.sharded_layouts(mesh, jnp.asarray(doc))
+  s2, d2 = bank_routing.sharded_top_k(mesh, rq, mask, kr, jnp.asarray(doc), k,
+                                      implementation="pallas", block_sizes=bs, layouts=layouts,
+                                      max_doc_chunks=max(rows))
+  s1, d1 = bank_routing.tiled_top_k(rq, mask, kr, jnp.asarray(doc), k, score_dtype="bfloat16")
+  np.testing.assert_array_equal(np.asarray(d2), np.asarray(d1))
+  np.testing.assert_allclose(np.asarray(s2), np.asarray(s1), rtol=1e-5, atol=1e-6)
+  s0, d0 = bank_routing.local_top_k(rq, mask, kr, jnp.asarray(doc), k, implementation="pallas",
+                                    block_sizes=bs, max_doc_chunks=max(rows))
+  np.testing.assert_array_equal(np.asarray(d0), np.asarray(d1))
