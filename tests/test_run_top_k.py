@@ -181,3 +181,13 @@ def test_memory_parallel_unfused_route_with_the_run_tail_interpret():
   s0, d0 = bank_routing.local_top_k(rq, mask, kr, jnp.asarray(doc), k, implementation="pallas",
                                     block_sizes=bs, max_doc_chunks=max(rows))
   np.testing.assert_array_equal(np.asarray(d0), np.asarray(d1))
+
+
+def test_routing_tail_benchmark_tails_agree_on_cpu():
+  """``benchmarks.routing_tail`` at a CPU size: every tail picks the same documents."""
+  from benchmarks import routing_tail
+  for doc_chunks in (2, 16):
+    row = routing_tail.bench(64 * 3000, doc_chunks, 2, profile=False)
+    assert all(row[f"{n}_same_documents"] for n in ("segmax_sorted", "segmax", "runs",
+                                                     "runs_plain"))
+    assert row["runs_ms"] > 0
