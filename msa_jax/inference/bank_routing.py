@@ -16,11 +16,12 @@ Quantised keys (``quantize.py``): ``kr_cf`` may hold fp8 e4m3 / int8 codes with 
 scale per chunk, ``kr_scale_c``. The scan scores the codes and multiplies each chunk's score
 by its scale, which equals scoring the dequantised keys (``rq · s q = s (rq · q)``, and
 ``s > 0`` commutes with the max over routing tokens); only the codes and ``4`` bytes per
-chunk are read. The fused Pallas kernel (``implementation="pallas"``) reads the codes too:
-fp8 / int8 wgmma against queries quantised per column to the same dtype, the column scales
-applied before the max over routing tokens and the chunk scale after it.
+chunk are read. The Pallas routes (``implementation="pallas"``: the unfused chunk-score
+kernel with an XLA top-k, the engine's default, or the fused block top-k kernel) read the
+codes too: fp8 / int8 wgmma against queries quantised per column to the same dtype, the
+column scales applied before the max over routing tokens and the chunk scale after it.
 
-Memory parallel: ``sharded_top_k`` runs the tiled scan on each shard of a ``memory``
+Memory parallel: ``sharded_top_k`` runs the tiled scan (or a Pallas route) on each shard of a ``memory``
 mesh axis (each shard holds whole documents), all-gathers the k local winners and merges
 them; only ``k`` (score, document) pairs per shard cross devices.
 """
