@@ -16,6 +16,8 @@ same documents (checked). Prints a table, writes ``routing_tail.json`` to ``$OUT
 benchmarks/results).
 
   python -m benchmarks.routing_tail                  # 100M tokens: 2M chunks of 2-chunk docs
+  python -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
+      --scores_profile bfloat16,int8,float8_e4m3fn    # + the chunk-score step per key dtype
 """
 from __future__ import annotations
 
@@ -110,6 +112,33 @@ def top16_primitives(n: int, batch: int = 1) -> dict:
   return out
 
 
+def chunk_scores_profile(tokens: int, key_dtype: str, bw_gbs: float) -> dict:
+  """The engine's chunk-score step alone (kernel + glue: query quantisation, scales, the
+  max over query groups) for ``key_dtype`` keys at ``tokens`` memory tokens (P 64, F 1024,
+  64 query tokens, batch 1, the engine's block sizes), against its read floor; with each
+  kernel's device time. GPU only (the Mosaic GPU kernels)."""
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  f, c = 1024, tokens // 64
+  key = jax.random.key(2)
+  if key_dtype == "int8":
+    kr = jax.random.randint(key, (c, f), -127, 128, jnp.int32).astype(jnp.int8)
+  else:
+    kr = (jax.random.normal(key, (c, f), jnp.float32) * 100).astype(key_dtype)
+  scale = None if key_dtype == "bfloat16" else jnp.full((c,), 1e-3, jnp.float32)
+  rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
+  mask = jnp.ones((1, 64), bool)
+  bs = engine_block_sizes(f, key_dtype)
+  fn = jax.jit(lambda q, m, k, sc: br.chunk_scores(q, m, k, implementation="pallas",
+                                                   block_sizes=bs, kr_scale_c=sc))
+  key_bytes = c * f * jnp.dtype(key_dtype).itemsize + (0 if scale is None else 4 * c)
+  floor = key_bytes / bw_gbs / 1e6
+  ms = time_ms(fn, rq, mask, kr, scale)
+  ker = gpu_kernel_times(fn, rq, mask, kr, scale)
+  return {"tokens": tokens, "key_dtype": key_dtype, "chunks": c, "block_sizes": str(bs),
+          "floor_ms": floor, "ms": ms, "x_floor": ms / floor,
+          "device_us": sum(t for _, t in ker), "kernels_us": ker[:8]}
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--tokens", default="1e7,1e8", help="bank sizes ('' for none)")
@@ -117,7 +146,23 @@ def main():
   ap.add_argument("--batches", default="1")
   ap.add_argument("--profile", action="store_true", help="kernel times of the runs tail")
   ap.add_argument("--primitives", default="", help="sizes n: time top-16 of [1, n] ways")
+  ap.add_argument("--scores_profile", default="",
+                  help="key dtypes (e.g. bfloat16,int8,float8_e4m3fn): the chunk-score step "
+                       "alone at the largest --tokens, its kernels and read floor (GPU)")
   args = ap.parse_args()
+  scores = []
+  if args.scores_profile and jax.default_backend() == "gpu":
+    from benchmarks import read_bandwidth_gbs
+    bw = read_bandwidth_gbs()
+    top = max(int(float(x)) for x in args.tokens.split(",") if x)
+    for dtype in args.scores_profile.split(","):
+      r = chunk_scores_profile(top, dtype, bw)
+      scores.append(r)
+      print(f"chunk scores {dtype:14s} {r['ms']:.3f} ms (floor {r['floor_ms']:.3f}, "
+            f"{r['x_floor']:.2f}x), device {r['device_us']:.1f} us: " + "; ".join(
+                f"{n[:40]} {t:.1f}" for n, t in r["kernels_us"]), flush=True)
+  elif args.scores_profile:
+    print("--scores_profile needs a GPU (the Mosaic GPU kernels): skipped", flush=True)
   prims = [top16_primitives(int(float(n))) for n in args.primitives.split(",") if n]
   for p in prims:
     print(f"top-16 of [1, {p['n']}], device us: " + ", ".join(
@@ -143,7 +188,7 @@ def main():
       print(f"      {us:8.1f} us  {name[:100]}")
   write_json(os.path.join(out_dir(), "routing_tail.json"),
              {"device": device_name(), "jax": jax.__version__, "k": K_DOCS, "row": ROW,
-              "rows": rows, "top16_primitives": prims})
+              "rows": rows, "top16_primitives": prims, "chunk_scores": scores})
 
 
 if __name__ == "__main__":
