@@ -145,13 +145,19 @@ def test_tree_top_k_equals_lax_top_k_ties_included(n, k, row):
   assert np.asarray(idx).max() < n
 
 
-def test_memory_parallel_unfused_route_with_the_run_tail_interpret():
+def test_memory_parallel_unfused_route_with_the_run_tail(monkeypatch):
   """The engine's default Pallas route over a bank sharded on a 2-device ``memory`` axis
   (each shard whole documents, padded at its end; chunk runs built once per shard by
   ``sharded_layouts``): the same documents and scores as the tiled XLA scan with the same
-  bf16 query rounding, and as the unsharded route."""
+  bf16 query rounding, and as the unsharded route. The chunk scores come from their XLA
+  formulation (bf16 operands, as the kernel's): the kernel in interpret mode inside a
+  2-device ``shard_map`` hung the CPU suite (2026-12-04); the kernel itself is tested
+  above and compiled on the GPU; what is tested here is the tail under memory parallel."""
   import jax
   from jax.sharding import Mesh
+  real = br.chunk_scores
+  monkeypatch.setattr(br, "chunk_scores", lambda *a, **kw: real(*a, **{
+      **kw, "implementation": "xla", "block_sizes": None}))
   rng = np.random.default_rng(5)
   f, shard_rows, k = 64, 192, 6
   docs, rows, d = [], [], 0
