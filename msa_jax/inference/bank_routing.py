@@ -240,7 +240,7 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   run_c, run_doc = runs
   s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
-    val, idx = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max(1, max_doc_chunks))
+    val, idx = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks)
   else:
     run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
     val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)

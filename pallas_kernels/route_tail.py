@@ -1,0 +1,242 @@
+"""The routing tail: from ``[B, C]`` chunk scores to the top-k documents (small XLA ops).
+
+What the unfused Pallas route (:mod:`pallas_kernels.block_routing`) runs after its
+chunk-score kernel, and what the engine's route (``msa_jax.inference.bank_routing``)
+runs on each memory shard:
+
+* :func:`run_top_k` (the engine's, given the bank's longest document): documents ranked
+  from the chunk scores' row maxima, no pass over documents;
+* :func:`document_scores` (a segment max over documents) then :func:`document_top_k`
+  (:func:`pruned_top_k` or :func:`two_stage_top_k` by ``BlockSizes.top_k``);
+* :func:`tree_top_k`: every top-k of :func:`run_top_k` (XLA's GPU top-k of one long row
+  runs in one thread block, 44-102 µs on an H200 against 3-5 µs for many short rows);
+* :func:`selection_from_top_k`: the winners in document order, as a ``Selection``.
+
+All exact, ties to the lower index (document), as ``msa_jax.routing.select_top_k``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from msa_jax import routing as ref_routing
+
+if TYPE_CHECKING:
+  from pallas_kernels.block_routing import BlockSizes
+
+NEG_INF = -jnp.inf
+
+
+
+def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int, sorted_docs: bool = False):
+  """Max over each document's chunks, ``[B, N]`` (``msa_jax.routing.document_scores``)."""
+  if not sorted_docs:
+    return ref_routing.document_scores(chunk_scores_bc, chunk_doc_c, num_docs)
+  seg_c = jnp.where(chunk_doc_c < 0, num_docs, chunk_doc_c)
+  per_doc = jax.vmap(lambda s: jax.ops.segment_max(
+      s, seg_c, num_segments=num_docs + 1, indices_are_sorted=True))(chunk_scores_bc)
+  return per_doc[:, :num_docs]
+
+
+def two_stage_top_k(scores_bn, k: int, block: int):
+  """Exact ``lax.top_k`` (ties → lower index) in two stages for long rows.
+
+  Stage 1 takes the top ``k`` of each run of ``block`` entries (many short rows
+  spread over the whole GPU); stage 2 the top ``k`` of those candidates. Candidates
+  keep index order across rows and ``lax.top_k`` is stable, so ties still go to the
+  lower index. Returns ``(values [B, k'], indices [B, k'])``, ``k' = min(k, N)``.
+  """
+  b, n = scores_bn.shape
+  kk = min(k, n)
+  if block <= 0 or n <= block or n <= 2 * kk:
+    return lax.top_k(scores_bn, kk)
+  rows = -(-n // block)
+  padded = jnp.pad(scores_bn, ((0, 0), (0, rows * block - n)), constant_values=NEG_INF)
+  kr = min(kk, block)
+  val_brk, idx_brk = lax.top_k(padded.reshape(b, rows, block), kr)
+  idx_brk = idx_brk + (jnp.arange(rows, dtype=idx_brk.dtype) * block)[None, :, None]
+  val2, pos2 = lax.top_k(val_brk.reshape(b, rows * kr), kk)
+  return val2, jnp.take_along_axis(idx_brk.reshape(b, rows * kr), pos2, axis=1)
+
+
+def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
+  """Exact top-k (ties → lower index) that reads long rows only through row maxima.
+
+  The ``k`` rows of ``row`` entries with the largest maxima (ties → lower row)
+  hold the top-k entries: an entry outside them is beaten by each of those ``k``
+  row maxima. So: row maxima (one fused reduce), top-k rows, gather their
+  ``k·row`` entries in index order, then a top-k (``final="top_k"``) or a stable
+  two-key sort (``final="sort"``) of those few entries.
+  """
+  b, n = scores_bn.shape
+  kk = min(k, n)
+  rows = -(-n // row)
+  if rows <= 1:
+    return lax.top_k(scores_bn, kk)
+  x_brr = jnp.pad(scores_bn, ((0, 0), (0, rows * row - n)),
+                  constant_values=NEG_INF).reshape(b, rows, row)
+  kr = min(kk, rows)
+  _, top_rows = lax.top_k(x_brr.max(axis=2), kr)
+  top_rows = jnp.sort(top_rows, axis=1)                       # index order
+  cand = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, kr * row)
+  cand_idx = (top_rows[:, :, None] * row
+              + jnp.arange(row, dtype=top_rows.dtype)[None, None, :]).reshape(b, -1)
+  if final == "sort":
+    neg, idx = lax.sort((-cand, cand_idx), dimension=1, num_keys=2)
+    return -neg[:, :kk], idx[:, :kk]
+  val, pos = lax.top_k(cand, kk)
+  return val, jnp.take_along_axis(cand_idx, pos, axis=1)
+
+
+def tree_top_k(x_bn, k: int, row: int = 128):
+  """Exact ``lax.top_k`` (ties → lower index) as a tree of top-k's over short rows.
+
+  XLA's GPU top-k sorts many short rows in one fast kernel, but takes one long row through
+  a single-block kernel: on the H200 (jax 0.11.2) the top 16 of ``[1, n]`` cost 44 µs of
+  device time at n = 2,048 and 102 µs at 15,625, against 3-5 µs for ``[n / 128, 128]``
+  (``benchmarks.routing_tail --primitives``). So: split into rows of ``row``, keep each
+  row's top k (candidates stay in index order, so ties still go to the lower index),
+  repeat while that shrinks the candidates and more than ``2 · row`` remain, then one
+  top-k. Returns ``(values [B, k'], indices [B, k'])``, ``k' = min(k, n)``; indices of
+  ``-inf`` entries past the real ones are clipped to ``n - 1``.
+  """
+  b, n = x_bn.shape
+  kk = min(k, n)
+  idx_bn = None                                   # candidates' original indices
+  while x_bn.shape[1] > 2 * row and min(kk, row) * -(-x_bn.shape[1] // row) < x_bn.shape[1]:
+    m = x_bn.shape[1]
+    rows = -(-m // row)
+    x_brr = jnp.pad(x_bn, ((0, 0), (0, rows * row - m)),
+                    constant_values=NEG_INF).reshape(b, rows, row)
+    val, pos = lax.top_k(x_brr, min(kk, row))
+    pos = (pos + (jnp.arange(rows, dtype=pos.dtype) * row)[None, :, None]).reshape(b, -1)
+    if idx_bn is not None:
+      idx_bn = jnp.take_along_axis(
+          jnp.pad(idx_bn, ((0, 0), (0, rows * row - m)), constant_values=n - 1), pos, axis=1)
+    else:
+      idx_bn = pos
+    x_bn = val.reshape(b, -1)
+  val, pos = lax.top_k(x_bn, kk)
+  idx = pos if idx_bn is None else jnp.take_along_axis(idx_bn, pos, axis=1)
+  return val, jnp.minimum(idx, n - 1)
+
+
+def rows_per_run(max_run_chunks: int, row: int) -> int:
+  """Most rows of ``row`` chunks that one run of ``max_run_chunks`` chunks can touch."""
+  return 1 if max_run_chunks <= 1 else (max_run_chunks - 2) // row + 2
+
+
+def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
+  """Exact top-k runs of chunks by their max (ties → lower position), no pass over runs.
+
+  ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
+  run; ``-1`` = padding, never chosen); a run's score is the max of its chunks' scores.
+  The usual tail takes a segment max over every chunk of the bank (a scatter of ``C``
+  scores) before its top-k. Here the ``[B, C]`` scores are read once, for maxima over rows
+  of ``row`` chunks, and only the rows that can hold a winner are gathered, their runs'
+  maxima taken and ranked:
+
+  * runs of at most ``row + 1`` chunks (two rows at most; a bank of 100-token documents
+    has 2-chunk runs): each run's score is credited to the row it starts in (the row's
+    own runs, plus the continuation of its last run at the head of the next row); every
+    winner starts in one of the ``k`` rows with the largest credited maxima, so those
+    ``k`` rows and their next rows' heads are all that is gathered, and XLA's top-k runs
+    with ``k``;
+  * longer runs: a winner's best chunk lies in one of the ``k · rows_per_run`` rows with
+    the largest plain maxima (each such row's max belongs to a winner, and a winner
+    touches at most ``rows_per_run`` rows), and those rows are gathered.
+
+  Each top-k is a :func:`tree_top_k` (XLA's top-k of one long row is slow on the GPU).
+
+  Args:
+    chunk_scores_bc: float32 ``[B, C]``.
+    run_id_c: int32 ``[C]``; a label occurs in one contiguous run only.
+    k: runs to keep; row: chunks per row (any; 128 suits the GPU).
+    max_run_chunks: longest run in chunks (a bank's ``max_doc_chunks``), static.
+  Returns:
+    ``(values [B, k'], run_ids [B, k'])``, ``k' = min(k, candidates)``, best first;
+    ``-inf`` values (with arbitrary ids) where fewer than k runs score.
+  """
+  b, c = chunk_scores_bc.shape
+  rows = -(-c // row)
+  ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
+                   constant_values=-1).reshape(rows, row)
+  s = jnp.where(run_id_c[None] >= 0, chunk_scores_bc.astype(jnp.float32), NEG_INF)
+  x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
+  if max_run_chunks <= row + 1:
+    return _run_top_k_start_rows(x_brr, ids_rr, k)
+  t = min(rows, k * rows_per_run(max_run_chunks, row))
+  _, top_rows = tree_top_k(x_brr.max(axis=2), t)
+  top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
+  cand_s = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, t * row)
+  cand_id = jnp.take(ids_rr, top_rows, axis=0).reshape(b, t * row)
+  return _rank_candidate_runs(cand_s, cand_id, k)
+
+
+def _run_top_k_start_rows(x_brr, ids_rr, k: int):
+  """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
+  it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels."""
+  b, rows, row = x_brr.shape
+  prev_last = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ids_rr[:-1, -1]])
+  cont_rr = (ids_rr == prev_last[:, None]) & (ids_rr >= 0)   # a prefix: the last run goes on
+  own = jnp.where(cont_rr[None], NEG_INF, x_brr)              # runs that start in the row
+  head = jnp.where(cont_rr[None], x_brr, NEG_INF)             # the previous row's last run
+  head_next = jnp.pad(head[:, 1:], ((0, 0), (0, 1), (0, 0)), constant_values=NEG_INF)
+  credited = jnp.maximum(own.max(axis=2), head_next.max(axis=2))
+  kr = min(k, rows)
+  _, top_rows = tree_top_k(credited, kr)
+  top_rows = jnp.sort(top_rows, axis=1)
+  pick = lambda a: jnp.take_along_axis(a, top_rows[:, :, None], axis=1)  # noqa: E731
+  ids_next = jnp.pad(ids_rr[1:], ((0, 1), (0, 0)), constant_values=-1)
+  cont_next = jnp.pad(cont_rr[1:], ((0, 1), (0, 0)))
+  # window of a chosen row: its own runs (a suffix), then their heads in the next row
+  win_s = jnp.concatenate([pick(own), pick(head_next)], axis=2).reshape(b, kr * 2 * row)
+  win_id = jnp.concatenate([jnp.where(cont_rr, -1, ids_rr)[top_rows],
+                            jnp.where(cont_next, ids_next, -1)[top_rows]], axis=2)
+  return _rank_candidate_runs(win_s, win_id.reshape(b, kr * 2 * row), k)
+
+
+def _rank_candidate_runs(cand_s, cand_id, k: int):
+  """Top-k runs of candidate chunks ``[B, n]`` (chunk order; a run contiguous)."""
+  b, n = cand_s.shape
+  start = jnp.concatenate([jnp.ones((b, 1), bool), cand_id[:, 1:] != cand_id[:, :-1]], axis=1)
+  seg = jnp.cumsum(start, axis=1) - 1                    # run number among the candidates
+  # (not indices_are_sorted: XLA's sorted segment max was the slower one on the GPU)
+  run_max = jax.vmap(lambda v, g: jax.ops.segment_max(v, g, num_segments=n))(cand_s, seg)
+  # one entry per candidate run, at its first chunk, holding the run's max
+  rep = jnp.where(start, jnp.take_along_axis(run_max, seg, axis=1), NEG_INF)
+  val, pos = tree_top_k(rep, min(k, n))
+  return val, jnp.take_along_axis(cand_id, pos, axis=1)
+
+
+def document_top_k(doc_s, k: int, bs: BlockSizes):
+  """Exact top-k ``(values, indices)`` of ``[B, N]`` scores by ``bs.top_k``'s method."""
+  if bs.top_k == "two_stage":
+    return two_stage_top_k(doc_s, k, bs.block_docs)
+  return pruned_top_k(doc_s, k, bs.block_docs, "sort" if bs.top_k == "pruned_sort" else "top_k")
+
+
+def selection_from_top_k(top_val_bk, top_idx_bk, k: int):
+  """Sorts chosen documents into document order (invalid last) → (scores, Selection).
+
+  Same rules as ``msa_jax.routing.select_top_k``: ``-inf`` entries are invalid and
+  hold index 0; fewer than ``k`` entries are padded as invalid.
+  """
+  kk = top_val_bk.shape[-1]
+  valid = top_val_bk > NEG_INF
+  sort_key = jnp.where(valid, top_idx_bk, jnp.iinfo(jnp.int32).max - kk + jnp.arange(kk))
+  order = jnp.argsort(sort_key, axis=-1)
+  idx = jnp.take_along_axis(top_idx_bk, order, axis=-1)
+  val = jnp.take_along_axis(top_val_bk, order, axis=-1)
+  valid = jnp.take_along_axis(valid, order, axis=-1)
+  idx = jnp.where(valid, idx, 0)
+  val = jnp.where(valid, val, NEG_INF)
+  if kk < k:
+    pad = ((0, 0), (0, k - kk))
+    idx, valid = jnp.pad(idx, pad), jnp.pad(valid, pad)
+    val = jnp.pad(val, pad, constant_values=NEG_INF)
+  sel = ref_routing.Selection(lax.stop_gradient(idx).astype(jnp.int32), valid)
+  return lax.stop_gradient(val), sel
