@@ -112,13 +112,27 @@ def top16_primitives(n: int, batch: int = 1) -> dict:
   return out
 
 
-def chunk_scores_profile(tokens: int, key_dtype: str, bw_gbs: float) -> dict:
+def parse_scores_spec(spec: str) -> tuple[str, dict]:
+  """``dtype[@chunks x features x stages[x terms]]`` → (dtype, BlockSizes overrides), e.g.
+  ``int8@128x128x4`` or ``float8_e4m3fn@64x128x2x1`` (one fp8 query term)."""
+  dtype, _, tiling = spec.partition("@")
+  if not tiling:
+    return dtype, {}
+  vals = [int(v) for v in tiling.split("x")]
+  names = ("chunks", "features", "stages", "fp8_query_terms")[:len(vals)]
+  return dtype, dict(zip(names, vals))
+
+
+def chunk_scores_profile(tokens: int, spec: str, bw_gbs: float) -> dict:
   """The engine's chunk-score step alone (kernel + glue: query quantisation, scales, the
-  max over query groups) for ``key_dtype`` keys at ``tokens`` memory tokens (P 64, F 1024,
-  64 query tokens, batch 1, the engine's block sizes), against its read floor; with each
-  kernel's device time. GPU only (the Mosaic GPU kernels)."""
+  max over query groups) for keys of the dtype in ``spec`` at ``tokens`` memory tokens
+  (P 64, F 1024, 64 query tokens, batch 1, the engine's block sizes with ``spec``'s
+  overrides, :func:`parse_scores_spec`), against its read floor; with each kernel's device
+  time. GPU only (the Mosaic GPU kernels)."""
   from msa_jax.inference.bank_routing import engine_block_sizes
-  f, c = 1024, tokens // 64
+  key_dtype, overrides = parse_scores_spec(spec)
+  f = 1024
+  c = tokens // 64 // 256 * 256    # whole tiles (as a bank: else TMA's row padding copies K̄R)
   key = jax.random.key(2)
   if key_dtype == "int8":
     kr = jax.random.randint(key, (c, f), -127, 128, jnp.int32).astype(jnp.int8)
@@ -127,16 +141,50 @@ def chunk_scores_profile(tokens: int, key_dtype: str, bw_gbs: float) -> dict:
   scale = None if key_dtype == "bfloat16" else jnp.full((c,), 1e-3, jnp.float32)
   rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
   mask = jnp.ones((1, 64), bool)
-  bs = engine_block_sizes(f, key_dtype)
+  bs = engine_block_sizes(f, key_dtype, **overrides)
   fn = jax.jit(lambda q, m, k, sc: br.chunk_scores(q, m, k, implementation="pallas",
                                                    block_sizes=bs, kr_scale_c=sc))
   key_bytes = c * f * jnp.dtype(key_dtype).itemsize + (0 if scale is None else 4 * c)
   floor = key_bytes / bw_gbs / 1e6
   ms = time_ms(fn, rq, mask, kr, scale)
   ker = gpu_kernel_times(fn, rq, mask, kr, scale)
-  return {"tokens": tokens, "key_dtype": key_dtype, "chunks": c, "block_sizes": str(bs),
+  return {"tokens": tokens, "spec": spec, "key_dtype": key_dtype, "chunks": c, "block_sizes": str(bs),
           "floor_ms": floor, "ms": ms, "x_floor": ms / floor,
           "device_us": sum(t for _, t in ker), "kernels_us": ker[:8]}
+
+
+def call_overheads(tokens: int) -> list[dict]:
+  """Wall time of one call (``time_ms``: back-to-back calls) against the device time of its
+  kernels (profiler) for a pure XLA read, the chunk-score step (the Mosaic GPU kernel), two
+  chunk-score steps in one program, and the run tail alone: where a route's wall time goes
+  beyond its kernels (launch gaps, host work the device waits for). GPU only."""
+  f = 1024
+  c = tokens // 64 // 256 * 256
+  kr = (jax.random.normal(jax.random.key(2), (c, f), jnp.float32) / 32).astype(jnp.bfloat16)
+  rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
+  mask = jnp.ones((1, 64), bool)
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  bs = engine_block_sizes(f, "bfloat16")
+  scores = lambda q, k: br.chunk_scores(q, mask, k, implementation="pallas",  # noqa: E731
+                                        block_sizes=bs)
+  doc = jnp.asarray(np.arange(c, dtype=np.int32) // 2)
+  s = jax.random.normal(jax.random.key(0), (1, c), jnp.float32)
+  cases = {
+      "xla_read": (jax.jit(lambda q, k: jnp.sum(k, dtype=jnp.float32)), (rq, kr)),
+      "chunk_scores": (jax.jit(scores), (rq, kr)),
+      "chunk_scores_x2": (jax.jit(lambda q, k: scores(q, k) + scores(q * 2, k)), (rq, kr)),
+      "run_tail": (jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, 2)), (s, doc)),
+  }
+  out = []
+  for name, (fn, args) in cases.items():
+    ms = time_ms(fn, *args, iters=5)
+    ker = gpu_kernel_times(fn, *args)
+    dev = sum(t for _, t in ker) / 1e3
+    out.append({"case": name, "ms": ms, "device_ms": dev, "gap_us": 1e3 * (ms - dev),
+                "kernels": len(ker)})
+    print(f"overhead {name:16s} wall {ms:.4f} ms, device {dev:.4f} ms, gap "
+          f"{1e3 * (ms - dev):6.1f} us over {len(ker)} kernels", flush=True)
+  return out
 
 
 def main():
@@ -147,9 +195,16 @@ def main():
   ap.add_argument("--profile", action="store_true", help="kernel times of the runs tail")
   ap.add_argument("--primitives", default="", help="sizes n: time top-16 of [1, n] ways")
   ap.add_argument("--scores_profile", default="",
-                  help="key dtypes (e.g. bfloat16,int8,float8_e4m3fn): the chunk-score step "
-                       "alone at the largest --tokens, its kernels and read floor (GPU)")
+                  help="key dtypes (e.g. bfloat16,int8,float8_e4m3fn), each optionally with a "
+                       "tiling (int8@128x128x4: chunks x features x stages [x fp8 terms]): the "
+                       "chunk-score step alone at the largest --tokens, its kernels and read "
+                       "floor (GPU)")
+  ap.add_argument("--overheads", action="store_true",
+                  help="wall vs device time of a read, the chunk-score kernel and the tail (GPU)")
   args = ap.parse_args()
+  overheads = []
+  if args.overheads and jax.default_backend() == "gpu":
+    overheads = call_overheads(max(int(float(x)) for x in args.tokens.split(",") if x))
   scores = []
   if args.scores_profile and jax.default_backend() == "gpu":
     from benchmarks import read_bandwidth_gbs
@@ -158,7 +213,7 @@ def main():
     for dtype in args.scores_profile.split(","):
       r = chunk_scores_profile(top, dtype, bw)
       scores.append(r)
-      print(f"chunk scores {dtype:14s} {r['ms']:.3f} ms (floor {r['floor_ms']:.3f}, "
+      print(f"chunk scores {dtype:24s} {r['ms']:.3f} ms (floor {r['floor_ms']:.3f}, "
             f"{r['x_floor']:.2f}x), device {r['device_us']:.1f} us: " + "; ".join(
                 f"{n[:40]} {t:.1f}" for n, t in r["kernels_us"]), flush=True)
   elif args.scores_profile:
@@ -188,7 +243,8 @@ def main():
       print(f"      {us:8.1f} us  {name[:100]}")
   write_json(os.path.join(out_dir(), "routing_tail.json"),
              {"device": device_name(), "jax": jax.__version__, "k": K_DOCS, "row": ROW,
-              "rows": rows, "top16_primitives": prims, "chunk_scores": scores})
+              "rows": rows, "top16_primitives": prims, "chunk_scores": scores,
+              "overheads": overheads})
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import (device_memory_stat, device_name, out_dir, read_bandwidth_gbs, time_ms,
+from benchmarks import (device_memory_stat, device_name, gpu_kernel_times, out_dir,
+                        read_bandwidth_gbs, time_ms,
                         write_json)
 from benchmarks import synth_bank
 from benchmarks.engine import decode_ms
@@ -165,8 +166,9 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
 
 
 def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
-                impls=ROUTE_IMPLS):
-  """One router layer at ``n_tokens`` for each K̄R precision and implementation."""
+                impls=ROUTE_IMPLS, profile: bool = False):
+  """One router layer at ``n_tokens`` for each K̄R precision and implementation
+  (``profile``: each batch-1 route's kernels and their device time, from the profiler)."""
   from msa_jax.inference.bank_routing import sharded_layouts, sharded_top_k
   on_gpu = jax.devices()[0].platform == "gpu"
   if not on_gpu and any(i.startswith("pallas") for i in impls):
@@ -210,12 +212,19 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
           rows.append({"stage": "route", "tokens": int(sub.sum()), "kr_dtype": kr_dtype,
                        "impl": impl, "batch": b, "error": f"{type(e).__name__}: {str(e)[:300]}"})
           continue
-        rows.append({"stage": "route", "tokens": int(sub.sum()), "chunks": placed.bank.num_chunks,
-                     "kr_dtype": kr_dtype, "impl": impl, "batch": b, "ms": ms,
-                     "floor_ms": floor, "x_floor": ms / floor, "key_bytes": key_bytes,
-                     "scale_bytes": scale_bytes})
+        row = {"stage": "route", "tokens": int(sub.sum()), "chunks": placed.bank.num_chunks,
+               "kr_dtype": kr_dtype, "impl": impl, "batch": b, "ms": ms,
+               "floor_ms": floor, "x_floor": ms / floor, "key_bytes": key_bytes,
+               "scale_bytes": scale_bytes}
+        rows.append(row)
         log(f"route {int(sub.sum()):>12,} tokens {kr_dtype:14s} {impl:15s} b{b}: {ms:8.3f} ms "
             f"(floor {floor:.3f} ms, {ms / floor:.2f}x)")
+        if profile and b == 1:
+          ker = gpu_kernel_times(fn, rq, mask, kr, placed.chunk_doc, scale, lay)
+          row["device_us"] = sum(t for _, t in ker)
+          row["kernels_us"] = ker[:16]
+          log(f"    device {row['device_us']:.1f} us: " + "; ".join(
+              f"{n[:32]} {t:.1f}" for n, t in ker[:16]))
     del placed, kr, scale, layouts
     gc.collect()
 
@@ -417,6 +426,8 @@ def main():
                        "route_fused): the unfused chunk-score kernel + XLA top-k (the "
                        "engine's default since 2026-12-04) or the fused block top-k kernel")
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
+  ap.add_argument("--route_profile", action="store_true",
+                  help="route stage: each batch-1 route's kernels and device time (profiler)")
   ap.add_argument("--profile_dir", default="",
                   help="profile 3 prefills per batch size here; print their kernel table")
   ap.add_argument("--kernels", default="", choices=["", "auto", "pallas", "xla"],
@@ -455,7 +466,7 @@ def main():
   if "route" in stages:
     for n in sizes_for(args.tokens, args.route_sizes):
       bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
-                  result["route"], log, impls)
+                  result["route"], log, impls, args.route_profile)
   if "ttft" in stages:
     model, params = random_model(args.shape, args.kernels)
     result["weight_bytes"] = nbytes(params)

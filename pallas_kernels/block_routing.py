@@ -262,7 +262,7 @@ def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
   bs, groups, cols = _plan(m, f, dataclasses.replace(bs, max_queries=max_cols))
   tile_c = bs.chunks if bs.chunks * cols <= budget else min(bs.chunks, 64)
   terms = bs.fp8_query_terms if jnp.dtype(key_dtype).name == "float8_e4m3fn" else 1
-  stage_bytes = bs.features * (tile_c + terms * cols) + 4 * cols
+  stage_bytes = bs.features * (tile_c + terms * cols) + 4 * (cols + tile_c)   # + the scales
   return dataclasses.replace(bs, chunks=tile_c,
                              stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes))), groups, cols
 
@@ -280,13 +280,14 @@ def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: Blo
            if q is not None]
   q_scale = queries.scale_bgj.reshape(b * groups, cols).astype(jnp.float32)
   codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))  # TMA: rows % 8
+  kr_scale_c = kr_scale_c.astype(jnp.float32)
 
-  def kernel_scores(tiles):
+  def kernel_scores(tiles):   # the chunk scale (positive: commutes with the max) in-kernel
     return chunk_max_quant_call(tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,
-                                 len(terms), interpret)(codes, *terms, q_scale)
+                                 len(terms), interpret)(codes, *terms, q_scale, kr_scale_c)
   s_bc = _tiles_then_tail(c, bs.chunks, b, groups, kernel_scores,
-                          lambda c_main: quantised_queries.fused_chunk_scores(queries, kr_cf[c_main:c]))
-  s_bc = s_bc * kr_scale_c[None, :c].astype(jnp.float32)   # positive: commutes with the max
+                          lambda c_main: quantised_queries.fused_chunk_scores(
+                              queries, kr_cf[c_main:c], kr_scale_c[c_main:c]))
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
 

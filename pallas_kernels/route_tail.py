@@ -91,37 +91,46 @@ def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
   return val, jnp.take_along_axis(cand_idx, pos, axis=1)
 
 
-def tree_top_k(x_bn, k: int, row: int = 128):
-  """Exact ``lax.top_k`` (ties → lower index) as a tree of top-k's over short rows.
+def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None):
+  """Exact top-k as a tree of sorts over short rows: ties → lower index (or lower key).
 
   XLA's GPU top-k sorts many short rows in one fast kernel, but takes one long row through
   a single-block kernel: on the H200 (jax 0.11.2) the top 16 of ``[1, n]`` cost 44 µs of
   device time at n = 2,048 and 102 µs at 15,625, against 3-5 µs for ``[n / 128, 128]``
   (``benchmarks.routing_tail --primitives``). So: split into rows of ``row``, keep each
-  row's top k (candidates stay in index order, so ties still go to the lower index),
-  repeat while that shrinks the candidates and more than ``2 · row`` remain, then one
-  top-k. Returns ``(values [B, k'], indices [B, k'])``, ``k' = min(k, n)``; indices of
-  ``-inf`` entries past the real ones are clipped to ``n - 1``.
+  row's best k, repeat while that shrinks the candidates and more than ``2 · row`` remain,
+  then one sort. Each level is one two-key sort of ``(-x, key)`` that carries the keys
+  along (no index gather between levels, no copy of an iota: ``lax.top_k`` cost a sort, a
+  copy and a gather per level on the GPU).
+
+  Args:
+    x_bn: ``[B, n]`` scores (float32 or narrower; NaN not allowed).
+    k: entries to keep; row: entries per row of the tree (any ≥ 1).
+    keys_bn: int32 ``[B, n]`` tie-breakers returned in place of indices (unique among
+      finite entries of a row); None: the indices ``0..n-1``.
+  Returns:
+    ``(values [B, k'], indices or keys [B, k'])``, best first, ``k' = min(k, n)``; past
+    the finite entries the values are ``-inf`` and indices are clipped to ``n - 1``
+    (keys: arbitrary).
   """
   b, n = x_bn.shape
   kk = min(k, n)
-  idx_bn = None                                   # candidates' original indices
-  while x_bn.shape[1] > 2 * row and min(kk, row) * -(-x_bn.shape[1] // row) < x_bn.shape[1]:
-    m = x_bn.shape[1]
+  neg = -x_bn.astype(jnp.float32)
+  big = jnp.iinfo(jnp.int32).max
+  key = (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) if keys_bn is None
+         else keys_bn.astype(jnp.int32))
+  while neg.shape[1] > 2 * row and min(kk, row) * -(-neg.shape[1] // row) < neg.shape[1]:
+    m = neg.shape[1]
     rows = -(-m // row)
-    x_brr = jnp.pad(x_bn, ((0, 0), (0, rows * row - m)),
-                    constant_values=NEG_INF).reshape(b, rows, row)
-    val, pos = lax.top_k(x_brr, min(kk, row))
-    pos = (pos + (jnp.arange(rows, dtype=pos.dtype) * row)[None, :, None]).reshape(b, -1)
-    if idx_bn is not None:
-      idx_bn = jnp.take_along_axis(
-          jnp.pad(idx_bn, ((0, 0), (0, rows * row - m)), constant_values=n - 1), pos, axis=1)
-    else:
-      idx_bn = pos
-    x_bn = val.reshape(b, -1)
-  val, pos = lax.top_k(x_bn, kk)
-  idx = pos if idx_bn is None else jnp.take_along_axis(idx_bn, pos, axis=1)
-  return val, jnp.minimum(idx, n - 1)
+    pad = ((0, 0), (0, rows * row - m))
+    neg, key = lax.sort((jnp.pad(neg, pad, constant_values=jnp.inf).reshape(b, rows, row),
+                         jnp.pad(key, pad, constant_values=big).reshape(b, rows, row)),
+                        dimension=2, num_keys=2)
+    kr = min(kk, row)
+    neg, key = neg[:, :, :kr].reshape(b, rows * kr), key[:, :, :kr].reshape(b, rows * kr)
+  neg, key = lax.sort((neg, key), dimension=1, num_keys=2)
+  val, key = -neg[:, :kk], key[:, :kk]
+  return val, (jnp.minimum(key, n - 1) if keys_bn is None else key)
 
 
 def rows_per_run(max_run_chunks: int, row: int) -> int:
@@ -129,11 +138,13 @@ def rows_per_run(max_run_chunks: int, row: int) -> int:
   return 1 if max_run_chunks <= 1 else (max_run_chunks - 2) // row + 2
 
 
-def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
-  """Exact top-k runs of chunks by their max (ties → lower position), no pass over runs.
+def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
+              run_key_r=None):
+  """Exact top-k runs of chunks by their max (ties → lower key), no pass over runs.
 
   ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
-  run; ``-1`` = padding, never chosen); a run's score is the max of its chunks' scores.
+  run, labels increasing along the chunks as ``bank_routing.chunk_runs`` numbers them;
+  ``-1`` = padding, never chosen); a run's score is the max of its chunks' scores.
   The usual tail takes a segment max over every chunk of the bank (a scatter of ``C``
   scores) before its top-k. Here the ``[B, C]`` scores are read once, for maxima over rows
   of ``row`` chunks, and only the rows that can hold a winner are gathered, their runs'
@@ -143,8 +154,8 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
     has 2-chunk runs): each run's score is credited to the row it starts in (the row's
     own runs, plus the continuation of its last run at the head of the next row); every
     winner starts in one of the ``k`` rows with the largest credited maxima, so those
-    ``k`` rows and their next rows' heads are all that is gathered, and XLA's top-k runs
-    with ``k``;
+    ``k`` rows and their next rows' heads are all that is gathered, and each run's max is
+    taken inside its row's window;
   * longer runs: a winner's best chunk lies in one of the ``k · rows_per_run`` rows with
     the largest plain maxima (each such row's max belongs to a winner, and a winner
     touches at most ``rows_per_run`` rows), and those rows are gathered.
@@ -156,9 +167,12 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
     run_id_c: int32 ``[C]``; a label occurs in one contiguous run only.
     k: runs to keep; row: chunks per row (any; 128 suits the GPU).
     max_run_chunks: longest run in chunks (a bank's ``max_doc_chunks``), static.
+    run_key_r: optional int32 ``[labels]``: the key each run is reported and tie-broken
+      by (a bank's ``run_doc``: its document, so the list is already in the engine's
+      (score desc, document asc) order; one key per run). None: the label itself.
   Returns:
-    ``(values [B, k'], run_ids [B, k'])``, ``k' = min(k, candidates)``, best first;
-    ``-inf`` values (with arbitrary ids) where fewer than k runs score.
+    ``(values [B, k'], keys [B, k'])``, ``k' = min(k, candidates)``, best first;
+    ``-inf`` values (with arbitrary keys) where fewer than k runs score.
   """
   b, c = chunk_scores_bc.shape
   rows = -(-c // row)
@@ -166,50 +180,73 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int):
                    constant_values=-1).reshape(rows, row)
   s = jnp.where(run_id_c[None] >= 0, chunk_scores_bc.astype(jnp.float32), NEG_INF)
   x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
+  key_of = (lambda ids: ids) if run_key_r is None else (  # noqa: E731
+      lambda ids: jnp.where(ids >= 0, run_key_r.astype(jnp.int32)[jnp.maximum(ids, 0)], -1))
   if max_run_chunks <= row + 1:
-    return _run_top_k_start_rows(x_brr, ids_rr, k)
+    return _run_top_k_start_rows(x_brr, ids_rr, k, key_of)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
   _, top_rows = tree_top_k(x_brr.max(axis=2), t)
   top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
   cand_s = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, t * row)
   cand_id = jnp.take(ids_rr, top_rows, axis=0).reshape(b, t * row)
-  return _rank_candidate_runs(cand_s, cand_id, k)
+  return _rank_candidate_runs(cand_s, cand_id, k, key_of)
 
 
-def _run_top_k_start_rows(x_brr, ids_rr, k: int):
+def _continues(ids_rr):
+  """bool ``[rows, row]``: the chunk continues the run the previous row ends with (a
+  prefix of each row; padding never continues)."""
+  prev_last = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ids_rr[:-1, -1]])
+  return (ids_rr == prev_last[:, None]) & (ids_rr >= 0)
+
+
+def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of):
   """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
   it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels."""
   b, rows, row = x_brr.shape
-  prev_last = jnp.concatenate([jnp.full((1,), -1, jnp.int32), ids_rr[:-1, -1]])
-  cont_rr = (ids_rr == prev_last[:, None]) & (ids_rr >= 0)   # a prefix: the last run goes on
-  own = jnp.where(cont_rr[None], NEG_INF, x_brr)              # runs that start in the row
-  head = jnp.where(cont_rr[None], x_brr, NEG_INF)             # the previous row's last run
-  head_next = jnp.pad(head[:, 1:], ((0, 0), (0, 1), (0, 0)), constant_values=NEG_INF)
-  credited = jnp.maximum(own.max(axis=2), head_next.max(axis=2))
+  cont_rr = _continues(ids_rr)
+  own_max = jnp.where(cont_rr[None], NEG_INF, x_brr).max(axis=2)    # runs starting in the row
+  head_max = jnp.where(cont_rr[None], x_brr, NEG_INF).max(axis=2)   # the previous row's last run
+  credited = jnp.maximum(own_max, jnp.pad(head_max[:, 1:], ((0, 0), (0, 1)),
+                                          constant_values=NEG_INF))
   kr = min(k, rows)
-  _, top_rows = tree_top_k(credited, kr)
-  top_rows = jnp.sort(top_rows, axis=1)
-  pick = lambda a: jnp.take_along_axis(a, top_rows[:, :, None], axis=1)  # noqa: E731
-  ids_next = jnp.pad(ids_rr[1:], ((0, 1), (0, 0)), constant_values=-1)
-  cont_next = jnp.pad(cont_rr[1:], ((0, 1), (0, 0)))
-  # window of a chosen row: its own runs (a suffix), then their heads in the next row
-  win_s = jnp.concatenate([pick(own), pick(head_next)], axis=2).reshape(b, kr * 2 * row)
-  win_id = jnp.concatenate([jnp.where(cont_rr, -1, ids_rr)[top_rows],
-                            jnp.where(cont_next, ids_next, -1)[top_rows]], axis=2)
-  return _rank_candidate_runs(win_s, win_id.reshape(b, kr * 2 * row), k)
+  _, top_rows = tree_top_k(credited, kr)                 # [B, kr], any order
+  nxt = jnp.minimum(top_rows + 1, rows - 1)
+  has_next = (top_rows + 1 < rows)[:, :, None]
+  pick = lambda a, r: jnp.take_along_axis(a, r[:, :, None], axis=1)  # noqa: E731
+  # a chosen row's window: its own runs, then their continuation at the next row's head
+  win_s = jnp.concatenate([pick(x_brr, top_rows), pick(x_brr, nxt)], axis=2)
+  own_id = jnp.where(cont_rr, -1, ids_rr)[top_rows]
+  head_id = jnp.where(cont_rr[nxt] & has_next, ids_rr[nxt], -1)
+  win_id = jnp.concatenate([own_id, head_id], axis=2)
+  return _rank_window_runs(win_s, win_id, k, key_of)
 
 
-def _rank_candidate_runs(cand_s, cand_id, k: int):
-  """Top-k runs of candidate chunks ``[B, n]`` (chunk order; a run contiguous)."""
+def _rank_window_runs(win_s, win_id, k: int, key_of):
+  """Top-k runs of ``[B, W, L]`` windows, each run (label ≥ 0) contiguous inside one
+  window, as ``(values, key_of(labels))``; ties → lower key. A run's max is a masked max over its window (``L²`` compares
+  a window in one fused reduce: at :func:`run_top_k`'s windows, ``L = 2 · row``, cheaper
+  than a segment max's cumsum and scatter), kept at the run's first entry."""
+  b, w, l = win_s.shape
+  s = jnp.where(win_id >= 0, win_s, NEG_INF)
+  same = win_id[:, :, :, None] == win_id[:, :, None, :]
+  run_max = jnp.where(same, s[:, :, None, :], NEG_INF).max(axis=3)
+  first = jnp.concatenate([jnp.ones((b, w, 1), bool), win_id[:, :, 1:] != win_id[:, :, :-1]],
+                          axis=2)
+  rep = jnp.where(first & (win_id >= 0), run_max, NEG_INF)
+  return tree_top_k(rep.reshape(b, w * l), min(k, w * l), l, key_of(win_id).reshape(b, w * l))
+
+
+def _rank_candidate_runs(cand_s, cand_id, k: int, key_of):
+  """Top-k runs of candidate chunks ``[B, n]`` (chunk order; a run contiguous) as
+  ``(values, key_of(labels))``; ties → lower key."""
   b, n = cand_s.shape
   start = jnp.concatenate([jnp.ones((b, 1), bool), cand_id[:, 1:] != cand_id[:, :-1]], axis=1)
   seg = jnp.cumsum(start, axis=1) - 1                    # run number among the candidates
   # (not indices_are_sorted: XLA's sorted segment max was the slower one on the GPU)
   run_max = jax.vmap(lambda v, g: jax.ops.segment_max(v, g, num_segments=n))(cand_s, seg)
   # one entry per candidate run, at its first chunk, holding the run's max
-  rep = jnp.where(start, jnp.take_along_axis(run_max, seg, axis=1), NEG_INF)
-  val, pos = tree_top_k(rep, min(k, n))
-  return val, jnp.take_along_axis(cand_id, pos, axis=1)
+  rep = jnp.where(start & (cand_id >= 0), jnp.take_along_axis(run_max, seg, axis=1), NEG_INF)
+  return tree_top_k(rep, min(k, n), keys_bn=key_of(cand_id))
 
 
 def document_top_k(doc_s, k: int, bs: BlockSizes):

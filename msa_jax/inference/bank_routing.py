@@ -240,10 +240,17 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   run_c, run_doc = runs
   s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
-    val, idx = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks)
-  else:
-    run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
-    val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
+    # ranked by (score desc, document asc) already: merge_top_k's order without its sort
+    val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
+                                       run_key_r=run_doc)
+    doc = jnp.where(val > NEG_INF, doc, NO_DOC)
+    if val.shape[1] < k:
+      pad = ((0, 0), (0, k - val.shape[1]))
+      val, doc = (jnp.pad(val, pad, constant_values=NEG_INF),
+                  jnp.pad(doc, pad, constant_values=NO_DOC))
+    return val, doc
+  run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
+  val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)
   return merge_top_k(val, jnp.where((val > NEG_INF) & (doc >= 0), doc, NO_DOC), k)
 
@@ -327,6 +334,8 @@ def sharded_top_k(mesh, rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *,
     s, d = local_top_k(rq, mask, kr, doc, k, tile=tile, implementation=implementation,
                        kr_scale_c=scale[0] if scale else None, score_dtype=score_dtype,
                        layouts=lay, block_sizes=block_sizes, max_doc_chunks=max_doc_chunks)
+    if mesh.shape[axis] == 1:       # one shard: its list is already the merged one
+      return s, d
     s_all = jax.lax.all_gather(s, axis, axis=1, tiled=True)    # [B, shards*k]
     d_all = jax.lax.all_gather(d, axis, axis=1, tiled=True)
     return merge_top_k(s_all, d_all, k)
