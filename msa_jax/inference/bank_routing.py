@@ -284,8 +284,9 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
               128 if key_width % 128 == 0 else 64)
   tiling = {} if fused else {"int8": {"chunks": 256, "stages": 2},
                              "float8_e4m3fn": {"chunks": 64, "stages": 2}}.get(name, {})
+  per_sm = {"programs_per_sm": 2} if fused else {}    # the unfused kernel has no such knob
   return block_routing.BlockSizes(**{"fused": fused, "features": features, **tiling,
-                                     "programs_per_sm": 2, **overrides})
+                                     **per_sm, **overrides})
 
 
 LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)
