@@ -57,6 +57,10 @@ def main():
   ap.add_argument("--data", default="/tmp/quant_accuracy", help="corpus and banks")
   ap.add_argument("--out", default="results/quantisation")
   ap.add_argument("--batch_size", type=int, default=16)
+  ap.add_argument("--score_dtype", default="float32",
+                  help="the XLA route's numerics: float32, bfloat16, or the GPU kernels' "
+                       "(kernel: queries quantised to the codes' dtype, fp8 as two e4m3 terms; "
+                       "kernel_fp8q1: one term)")
   args = ap.parse_args()
   from msa_jax import evaluate
   from msa_jax.data import write_task
@@ -74,7 +78,7 @@ def main():
   # write, is kept under a name that holds the task's fingerprint.
   questions = os.path.join(args.data, f"questions_{pool}_{args.num_questions}.jsonl")
   write_task.write_jsonl(write_task.question_rows(cfg, pool, cfg.seed, args.num_questions),
-                         questions, args.num_questions, "questions")
+                         questions, args.num_questions, "questions", overwrite=True)
   corpus = os.path.join(args.data, f"corpus_{n}_{write_task.task_fingerprint(cfg)}.jsonl")
   if not os.path.exists(corpus):
     write_task.write_jsonl(write_task.corpus_rows(cfg, n, cfg.seed), corpus, n, "corpus")
@@ -96,10 +100,11 @@ def main():
       bank_lib.convert_bank(base, bank, kr_dtype=kr, kv_dtype=kv)
     res = evaluate.run_bank(args.workdir, bank, questions,
                             out=os.path.join(args.data, f"eval_{kr}_{kv}.json"),
-                            batch_size=args.batch_size)
+                            batch_size=args.batch_size, score_dtype=args.score_dtype)
     bank_bytes = sum(os.path.getsize(os.path.join(bank, f)) for f in os.listdir(bank))
     res["router_recall@k"] = res[f"router_recall@{model.config.top_k}"]
-    rows.append({"kr_dtype": kr, "kv_dtype": kv, "questions": args.num_questions,
+    rows.append({"kr_dtype": kr, "kv_dtype": kv, "score_dtype": args.score_dtype,
+                 "questions": args.num_questions,
                  "top_k": model.config.top_k, "bank_bytes": bank_bytes, **{k: res[k] for k in (
                      "memory_tokens", "num_docs", "routing", *METRICS, "timings_ms")}})
     print(f"K̄R {kr:14s} K̄V̄ {kv:9s} | R@1 {res['router_recall@1']:.3f} R@k "

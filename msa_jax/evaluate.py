@@ -197,11 +197,13 @@ def run(cfg, workdir: str, model=None, params=None) -> dict[str, Any]:
 def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = "",
              batch_size: int = 8, max_new_tokens: int = 16, max_rounds: int = 3,
              kv_placement: str = "device", routing: str = "auto", oracle: bool = True,
-             limit: int = 0, top_k: int = 0, question_at: int = 0) -> dict[str, Any]:
+             limit: int = 0, top_k: int = 0, question_at: int = 0,
+             score_dtype: str = "float32") -> dict[str, Any]:
   """Scores the questions of ``questions_path`` over one shared bank (see module doc);
   ``top_k`` > 0 routes to that many documents instead of the model's own (recorded);
   ``question_at`` > 0 numbers each question as if the bank held that many tokens (global
-  RoPE; ``launch.question_position_probe``).
+  RoPE; ``launch.question_position_probe``); ``score_dtype``: the XLA route's numerics
+  (``MemoryEngine.load``; recorded).
 
   Writes ``out`` (default ``WORKDIR/eval_bank_<bank name>.json``) with exact match, router
   recall@1/@k, oracle exact match and mean per-stage latency (after a compiling warm-up
@@ -223,7 +225,7 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
     row["rounds_gold"] = row.pop("rounds", None) or [[str(row["doc_id"])]]
   engine = MemoryEngine.load(workdir, bank_path, kv_placement=kv_placement, routing=routing,
                              batch_size=batch_size, max_rounds=max_rounds, top_k=top_k,
-                             question_at=question_at)
+                             question_at=question_at, score_dtype=score_dtype)
   k = engine.model.config.top_k
   # Compile first (one batch, not scored), so that timings are steady-state latency.
   engine.generate(rows[:batch_size], max_new_tokens=max_new_tokens)
@@ -234,6 +236,7 @@ def run_bank(workdir: str, bank_path: str, questions_path: str, *, out: str = ""
             "num_docs": engine.device_bank.bank.num_docs, "routing": engine.device_bank.settings.routing,
             "kv_placement": kv_placement, "top_k": k, **score_bank_answers(answers, k),
             **({"question_at": question_at} if question_at else {}),
+            "score_dtype": engine.device_bank.settings.score_dtype,
             "timings_ms": {key: float(np.mean([a["timings_ms"][key] for a in answers]))
                            for key in ("prefill", "decode")},
             "seconds": elapsed, "failures": {}}

@@ -83,6 +83,14 @@ def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
   codes ``kr_scale · max_j (q_scale_j · codes·q_j)`` (exact products, float32 sums).
   Scores the ragged tail of a bank, and is the kernel's numerics reference in tests.
   """
+  s_bc = column_scores(queries, kr_cf).max(axis=(1, 2))
+  return s_bc if kr_scale_c is None else s_bc * kr_scale_c[None].astype(jnp.float32)
+
+
+def column_scores(queries: RouteQueries, kr_cf):
+  """Each query column's score of each chunk as the routing kernels compute it, before the
+  max over columns and the chunk's scale: float32 ``[B, groups, cols, C]`` (bf16 operands
+  with float32 accumulation; for codes ``q_scale_j · codes·q_j``, exact products)."""
   if queries.scale_bgj is None:
     s_bgjc = jnp.einsum("bgjf,cf->bgjc", queries.q_bgjf.astype(jnp.bfloat16),
                         kr_cf.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
@@ -95,5 +103,4 @@ def fused_chunk_scores(queries: RouteQueries, kr_cf, kr_scale_c=None):
     s_bgjc = jnp.einsum("bgjf,cf->bgjc", q, codes_to_float32(kr_cf),
                         precision=lax.Precision.HIGHEST)
     s_bgjc = s_bgjc * queries.scale_bgj[..., None]
-  s_bc = s_bgjc.max(axis=(1, 2))
-  return s_bc if kr_scale_c is None else s_bc * kr_scale_c[None].astype(jnp.float32)
+  return s_bgjc

@@ -197,3 +197,37 @@ def test_routing_tail_benchmark_tails_agree_on_cpu():
     assert all(row[f"{n}_same_documents"] for n in ("segmax_sorted", "segmax", "runs",
                                                      "runs_plain"))
     assert row["runs_ms"] > 0
+
+
+@pytest.mark.parametrize("dtype,score_dtype", [("int8", "kernel"), ("float8_e4m3fn", "kernel"),
+                                               ("float8_e4m3fn", "kernel_fp8q1"),
+                                               ("bfloat16", "kernel")])
+def test_xla_scan_with_kernel_numerics_equals_the_pallas_route_interpret(dtype, score_dtype):
+  """``score_dtype="kernel"`` makes the XLA scan score as the GPU kernels do (queries
+  quantised per token to the codes' dtype; fp8 as one or two e4m3 terms): the same
+  documents and scores as the unfused Pallas route (interpret mode), and not the float32
+  scan's scores (so the option is not ignored)."""
+  rng = np.random.default_rng(5)
+  lens = [int(x) for x in rng.integers(1, 12, size=50)]
+  doc = jnp.asarray(_bank(rng, lens, pad_end=7))
+  c, f, m, k = doc.shape[0], 64, 6, 8
+  kr = rng.normal(size=(c, f)).astype(np.float32)
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  rq = jnp.asarray(rng.normal(size=(2, m, f)).astype(np.float32))
+  mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [4]]))
+  if dtype == "bfloat16":
+    keys, scale = jnp.asarray(kr, jnp.bfloat16), None
+  else:
+    codes, sc = quantize.quantise(kr, dtype, 1)
+    keys, scale = jnp.asarray(codes), jnp.asarray(sc)
+  terms = 1 if score_dtype == "kernel_fp8q1" else 2
+  bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2, fp8_query_terms=terms)
+  got_s, got_d = bank_routing.tiled_top_k(rq, mask, keys, doc, k, tile=64, kr_scale_c=scale,
+                                          score_dtype=score_dtype)
+  want_s, want_d = bank_routing.local_top_k(rq, mask, keys, doc, k, implementation="pallas",
+                                            kr_scale_c=scale, block_sizes=bs,
+                                            max_doc_chunks=max(lens))
+  np.testing.assert_array_equal(np.asarray(got_d), np.asarray(want_d))
+  np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s), rtol=1e-6, atol=1e-6)
+  f32_s, _ = bank_routing.tiled_top_k(rq, mask, keys, doc, k, tile=64, kr_scale_c=scale)
+  assert np.max(np.abs(np.asarray(f32_s) - np.asarray(got_s))) > 1e-5

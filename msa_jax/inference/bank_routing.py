@@ -58,7 +58,7 @@ def merge_top_k(scores_bn, docs_bn, k: int):
   return -neg[:, :k], docs[:, :k]
 
 
-SCORE_DTYPES = ("float32", "bfloat16")
+SCORE_DTYPES = ("float32", "bfloat16", "kernel", "kernel_fp8q1")
 
 
 def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="float32"):
@@ -68,8 +68,20 @@ def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="
   ``score_dtype``: ``float32`` multiplies in float32 at HIGHEST precision (exact reference);
   ``bfloat16`` multiplies bfloat16 operands with float32 accumulation (tensor cores): int8
   and e4m3 codes are exact in bfloat16, so only the queries are rounded (2^-9 relative).
+  ``kernel`` / ``kernel_fp8q1``: the GPU routing kernels' numerics on any platform
+  (``pallas_kernels.quantised_queries.column_scores``): against fp8 / int8 codes each
+  routing token is quantised per token to the keys' dtype (fp8 as two e4m3 terms, or one
+  with ``kernel_fp8q1``); against float keys, bf16 operands (as ``bfloat16``). What the
+  engine's Pallas route scores, so its accuracy can be measured where the kernels do not run.
   """
-  if score_dtype == "bfloat16":
+  if score_dtype.startswith("kernel") and scale_t is not None:
+    from pallas_kernels import quantised_queries as qq
+    queries = qq.route_queries(rq_bmf[:, None], kr_tf.dtype,
+                               1 if score_dtype == "kernel_fp8q1" else 2)
+    s_bmt = qq.column_scores(queries, kr_tf)[:, 0]
+    s_bt = jnp.max(jnp.where(route_mask_bm[:, :, None], s_bmt, NEG_INF), axis=1)
+    return s_bt * scale_t[None]
+  if score_dtype != "float32":
     s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf.astype(jnp.bfloat16), kr_tf.astype(jnp.bfloat16),
                        preferred_element_type=jnp.float32)
   else:
@@ -103,8 +115,9 @@ def tiled_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, tile: int | N
       as ``SCORE_BUDGET_BYTES`` of scores allow (:func:`auto_tile`).
     kr_scale_c: float32 ``[C]`` positive per-chunk scales when ``kr_cf`` holds quantised
       codes (fp8 / int8), else None.
-    score_dtype: ``float32`` (HIGHEST precision) or ``bfloat16`` operands with float32
-      accumulation (see ``_tile_chunk_scores``).
+    score_dtype: ``float32`` (HIGHEST precision), ``bfloat16`` operands with float32
+      accumulation, or the GPU kernels' numerics, ``kernel`` / ``kernel_fp8q1`` (queries
+      quantised to the codes' dtype; see ``_tile_chunk_scores``).
   Returns:
     ``(scores [B, k], docs [B, k])`` best first, ``(-inf, NO_DOC)`` where fewer than k
     documents exist (or no token routes).

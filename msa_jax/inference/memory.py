@@ -56,7 +56,8 @@ class BankSettings:
   routing: str                  # "xla" | "pallas"
   host_fetch: Optional[Callable] = None   # kv_placement="host": numpy gather of chunks
   compute_dtype: str = "float32"          # what fetched K̄/V̄ are (de)quantised to
-  score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST) or bfloat16 operands
+  score_dtype: str = "float32"            # XLA routing: float32 (HIGHEST), bfloat16 operands,
+                                          # or the GPU kernels' numerics ("kernel", "kernel_fp8q1")
   route_fused: bool = False               # Pallas routing: the unfused chunk scores + the XLA
                                           # top-k from their row maxima (default), or the fused
                                           # block top-k kernel (BENCHMARKS.md)
@@ -291,7 +292,9 @@ class DeviceBank:
 
     ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
     multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries
-    are rounded), see ``bank_routing._tile_chunk_scores``.
+    are rounded); ``kernel`` / ``kernel_fp8q1`` score as the GPU routing kernels do (queries
+    quantised to the codes' dtype; fp8 as two e4m3 terms or one), to measure the Pallas
+    route's accuracy on any platform; see ``bank_routing._tile_chunk_scores``.
 
     Reads the memory maps one shard at a time: host RAM never holds a whole array.
     """

@@ -60,7 +60,8 @@ class MemoryEngine:
   def load(cls, checkpoint: str, bank_path: str, *, mesh=None, kv_placement: str = "device",
            routing: str = "auto", tokenizer_dir: str = "", verify: bool = False,
            batch_size: int = 8, max_rounds: int = 3, allow_synthetic: bool = False,
-           top_k: int = 0, question_at: int = 0, log=print) -> "MemoryEngine":
+           top_k: int = 0, question_at: int = 0, score_dtype: str = "float32",
+           log=print) -> "MemoryEngine":
     """Loads the model, checks and places the bank (see module doc).
 
     ``allow_synthetic`` accepts a synthetic bank (``benchmarks.synth_bank``, random keys: for
@@ -70,7 +71,8 @@ class MemoryEngine:
     keep the trained offset ``T + k``, so its first round's routing, and hence the top
     documents it shares with the trained k, do not change). ``question_at`` > 0 (global RoPE
     only; a probe) numbers each question's first token ``prefix + question_at`` instead of
-    ``prefix + bank tokens``.
+    ``prefix + bank tokens``. ``score_dtype``: the XLA route's score numerics
+    (``DeviceBank.load``; ``kernel`` / ``kernel_fp8q1`` score as the GPU kernels do).
     """
     if question_at < 0:
       raise ValueError(f"question_at={question_at}: pass a token position >= 1, or 0 for "
@@ -101,7 +103,7 @@ class MemoryEngine:
       cfg = model.config
       routing = default_routing(cfg.top_k, cfg.num_kv_heads * cfg.head_dim, bank.kr_dtype)
     device_bank = DeviceBank.load(bank, mesh, kv_placement=kv_placement, routing_impl=routing,
-                                  log=log)
+                                  score_dtype=score_dtype, log=log)
     # The weights are replicated over the bank's mesh (the jitted steps take both).
     replicated = NamedSharding(device_bank.settings.mesh, PartitionSpec())
     params = jax.device_put(params, replicated)
