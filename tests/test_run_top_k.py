@@ -199,6 +199,14 @@ def test_routing_tail_benchmark_tails_agree_on_cpu():
     assert row["runs_ms"] > 0
 
 
+def test_routing_tail_scores_spec_parses_tilings():
+  from benchmarks.routing_tail import parse_scores_spec
+  assert parse_scores_spec("int8") == ("int8", {})
+  assert parse_scores_spec("int8@256x128x2") == ("int8", {"chunks": 256, "features": 128,
+                                                          "stages": 2})
+  assert parse_scores_spec("float8_e4m3fn@128x256x2x1")[1]["fp8_query_terms"] == 1
+
+
 @pytest.mark.parametrize("dtype,score_dtype", [("int8", "kernel"), ("float8_e4m3fn", "kernel"),
                                                ("float8_e4m3fn", "kernel_fp8q1"),
                                                ("bfloat16", "kernel")])
