@@ -299,6 +299,8 @@ def test_bank_without_precision_fields_still_opens(setup, tmp_path):  # noqa: F8
   assert bank.scale(bank.router_layers[0], "kr") is None
   placed = DeviceBank.load(bank, log=lambda *_: None)
   assert all(s is None for s in placed.scales["kr"].values())
+  with pytest.raises(ValueError, match="score_dtype must be one of .*'kernel'"):
+    DeviceBank.load(bank, score_dtype="float16", log=lambda *_: None)
 
 
 def test_pallas_placement_of_a_quantised_bank_builds_its_layouts_once(quant_banks):

@@ -300,6 +300,9 @@ class DeviceBank:
     """
     if kv_placement not in ("device", "host"):
       raise ValueError(f"kv_placement must be 'device' or 'host', got {kv_placement!r}")
+    from msa_jax.inference.bank_routing import SCORE_DTYPES
+    if score_dtype not in SCORE_DTYPES:   # before placing the bank, not at the first route
+      raise ValueError(f"score_dtype must be one of {SCORE_DTYPES}, got {score_dtype!r}")
     if mesh is None:
       mesh = Mesh(np.array(jax.devices()), (MEMORY_AXIS,))
     if MEMORY_AXIS not in mesh.axis_names:
