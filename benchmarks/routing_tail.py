@@ -123,6 +123,14 @@ def parse_scores_spec(spec: str) -> tuple[str, dict]:
   return dtype, dict(zip(names, vals))
 
 
+def _route_shape(tokens: int):
+  """``(F, C, queries [1, 64, F], mask)`` of one Qwen3-4B router layer at ``tokens`` memory
+  tokens: whole 256-chunk tiles, as a bank (else TMA's row padding copies K̄R each call)."""
+  f = 1024
+  rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
+  return f, tokens // 64 // 256 * 256, rq, jnp.ones((1, 64), bool)
+
+
 def chunk_scores_profile(tokens: int, spec: str, bw_gbs: float) -> dict:
   """The engine's chunk-score step alone (kernel + glue: query quantisation, scales, the
   max over query groups) for keys of the dtype in ``spec`` at ``tokens`` memory tokens
@@ -131,16 +139,13 @@ def chunk_scores_profile(tokens: int, spec: str, bw_gbs: float) -> dict:
   time. GPU only (the Mosaic GPU kernels)."""
   from msa_jax.inference.bank_routing import engine_block_sizes
   key_dtype, overrides = parse_scores_spec(spec)
-  f = 1024
-  c = tokens // 64 // 256 * 256    # whole tiles (as a bank: else TMA's row padding copies K̄R)
+  f, c, rq, mask = _route_shape(tokens)
   key = jax.random.key(2)
   if key_dtype == "int8":
     kr = jax.random.randint(key, (c, f), -127, 128, jnp.int32).astype(jnp.int8)
   else:
     kr = (jax.random.normal(key, (c, f), jnp.float32) * 100).astype(key_dtype)
   scale = None if key_dtype == "bfloat16" else jnp.full((c,), 1e-3, jnp.float32)
-  rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
-  mask = jnp.ones((1, 64), bool)
   bs = engine_block_sizes(f, key_dtype, **overrides)
   fn = jax.jit(lambda q, m, k, sc: br.chunk_scores(q, m, k, implementation="pallas",
                                                    block_sizes=bs, kr_scale_c=sc))
@@ -158,12 +163,9 @@ def call_overheads(tokens: int) -> list[dict]:
   kernels (profiler) for a pure XLA read, the chunk-score step (the Mosaic GPU kernel), two
   chunk-score steps in one program, and the run tail alone: where a route's wall time goes
   beyond its kernels (launch gaps, host work the device waits for). GPU only."""
-  f = 1024
-  c = tokens // 64 // 256 * 256
-  kr = (jax.random.normal(jax.random.key(2), (c, f), jnp.float32) / 32).astype(jnp.bfloat16)
-  rq = jax.random.normal(jax.random.key(3), (1, 64, f), jnp.float32)
-  mask = jnp.ones((1, 64), bool)
   from msa_jax.inference.bank_routing import engine_block_sizes
+  f, c, rq, mask = _route_shape(tokens)
+  kr = (jax.random.normal(jax.random.key(2), (c, f), jnp.float32) / 32).astype(jnp.bfloat16)
   bs = engine_block_sizes(f, "bfloat16")
   scores = lambda q, k: br.chunk_scores(q, mask, k, implementation="pallas",  # noqa: E731
                                         block_sizes=bs)

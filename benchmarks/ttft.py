@@ -59,8 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import (device_memory_stat, device_name, gpu_kernel_times, out_dir,
-                        read_bandwidth_gbs, time_ms,
-                        write_json)
+                        read_bandwidth_gbs, time_ms, write_json)
 from benchmarks import synth_bank
 from benchmarks.engine import decode_ms
 

@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 NEG_INF = -jnp.inf
 
 
-
 def document_scores(chunk_scores_bc, chunk_doc_c, num_docs: int, sorted_docs: bool = False):
   """Max over each document's chunks, ``[B, N]`` (``msa_jax.routing.document_scores``)."""
   if not sorted_docs:

@@ -88,25 +88,31 @@ def test_run_top_k_when_one_winner_holds_the_largest_row_maxima():
     _check(s, run_c, 2, 4, max_run)
 
 
+def _route_case(seed, max_len, num_docs, pad_end, second_valid, dtype, f=64, m=6):
+  """A small bank for the interpret-mode routes: runs of 1..max_len-1 chunks and padding at
+  the end, unit-norm keys as ``dtype`` (codes with per-chunk scales for 8-bit), two
+  examples of ``m`` routing tokens (the second with ``second_valid`` valid).
+  Returns ``(lens, doc, kr float32, rq, mask, keys, scale or None)``."""
+  rng = np.random.default_rng(seed)
+  lens = [int(x) for x in rng.integers(1, max_len, size=num_docs)]
+  doc = _bank(rng, lens, pad_end=pad_end)
+  kr = rng.normal(size=(doc.size, f)).astype(np.float32)
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  rq = jnp.asarray(rng.normal(size=(2, m, f)).astype(np.float32))
+  mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [second_valid]]))
+  if dtype == "bfloat16":
+    return lens, doc, kr, rq, mask, jnp.asarray(kr, jnp.bfloat16), None
+  codes, sc = quantize.quantise(kr, dtype, 1)
+  return lens, doc, kr, rq, mask, jnp.asarray(codes), jnp.asarray(sc)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float8_e4m3fn"])
 def test_unfused_route_with_the_run_tail_interpret(dtype):
   """The unfused Pallas route (interpret mode) with ``max_doc_chunks`` chooses the documents
   of the segment-max tail, the same as the float32 reference for bf16 keys, with the
   same scores; through ``route_top_k`` and through the engine's ``local_top_k``."""
-  rng = np.random.default_rng(3)
-  lens = [int(x) for x in rng.integers(1, 20, size=40)]
-  doc = _bank(rng, lens, pad_end=9)
-  c, f, m = doc.size, 64, 6
-  kr = rng.normal(size=(c, f)).astype(np.float32)
-  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
-  rq = jnp.asarray(rng.normal(size=(2, m, f)).astype(np.float32))
-  mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [3]]))
+  lens, doc, kr, rq, mask, keys, scale = _route_case(3, 20, 40, 9, 3, dtype)
   bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2)
-  if dtype == "bfloat16":
-    keys, scale = jnp.asarray(kr, jnp.bfloat16), None
-  else:
-    codes, sc = quantize.quantise(kr, dtype, 1)
-    keys, scale = jnp.asarray(codes), jnp.asarray(sc)
   kw = dict(implementation="pallas", block_sizes=bs, kr_scale_c=scale)
   n, k = len(lens), 8
   s_old, sel_old = br.route_top_k(rq, mask, keys, jnp.asarray(doc), n, k, **kw)
@@ -215,19 +221,8 @@ def test_xla_scan_with_kernel_numerics_equals_the_pallas_route_interpret(dtype, 
   quantised per token to the codes' dtype; fp8 as one or two e4m3 terms): the same
   documents and scores as the unfused Pallas route (interpret mode), and not the float32
   scan's scores (so the option is not ignored)."""
-  rng = np.random.default_rng(5)
-  lens = [int(x) for x in rng.integers(1, 12, size=50)]
-  doc = jnp.asarray(_bank(rng, lens, pad_end=7))
-  c, f, m, k = doc.shape[0], 64, 6, 8
-  kr = rng.normal(size=(c, f)).astype(np.float32)
-  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
-  rq = jnp.asarray(rng.normal(size=(2, m, f)).astype(np.float32))
-  mask = jnp.asarray(np.arange(m)[None] < np.array([[m], [4]]))
-  if dtype == "bfloat16":
-    keys, scale = jnp.asarray(kr, jnp.bfloat16), None
-  else:
-    codes, sc = quantize.quantise(kr, dtype, 1)
-    keys, scale = jnp.asarray(codes), jnp.asarray(sc)
+  lens, doc, _, rq, mask, keys, scale = _route_case(5, 12, 50, 7, 4, dtype)
+  doc, k = jnp.asarray(doc), 8
   terms = 1 if score_dtype == "kernel_fp8q1" else 2
   bs = br.BlockSizes(fused=False, chunks=64, features=64, stages=2, fp8_query_terms=terms)
   got_s, got_d = bank_routing.tiled_top_k(rq, mask, keys, doc, k, tile=64, kr_scale_c=scale,

@@ -51,11 +51,17 @@ def merge_top_k(scores_bn, docs_bn, k: int):
   """
   docs = jnp.where(scores_bn > NEG_INF, docs_bn, NO_DOC).astype(jnp.int32)
   neg, docs = jax.lax.sort((-scores_bn.astype(jnp.float32), docs), dimension=1, num_keys=2)
-  n = neg.shape[1]
-  if n < k:
-    neg = jnp.pad(neg, ((0, 0), (0, k - n)), constant_values=jnp.inf)
-    docs = jnp.pad(docs, ((0, 0), (0, k - n)), constant_values=NO_DOC)
-  return -neg[:, :k], docs[:, :k]
+  return pad_top_k(-neg[:, :k], docs[:, :k], k)
+
+
+def pad_top_k(scores_bn, docs_bn, k: int):
+  """A ranked list of ``n ≤ k`` entries padded to ``k`` with ``(-inf, NO_DOC)``."""
+  n = scores_bn.shape[1]
+  if n >= k:
+    return scores_bn, docs_bn
+  pad = ((0, 0), (0, k - n))
+  return (jnp.pad(scores_bn, pad, constant_values=NEG_INF),
+          jnp.pad(docs_bn, pad, constant_values=NO_DOC))
 
 
 SCORE_DTYPES = ("float32", "bfloat16", "kernel", "kernel_fp8q1")
@@ -79,9 +85,7 @@ def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="
     queries = qq.route_queries(rq_bmf[:, None], kr_tf.dtype,
                                1 if score_dtype == "kernel_fp8q1" else 2)
     s_bmt = qq.column_scores(queries, kr_tf)[:, 0]
-    s_bt = jnp.max(jnp.where(route_mask_bm[:, :, None], s_bmt, NEG_INF), axis=1)
-    return s_bt * scale_t[None]
-  if score_dtype != "float32":
+  elif score_dtype != "float32":
     s_bmt = jnp.einsum("bmf,tf->bmt", rq_bmf.astype(jnp.bfloat16), kr_tf.astype(jnp.bfloat16),
                        preferred_element_type=jnp.float32)
   else:
@@ -256,12 +260,7 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
                                        run_key_r=run_doc)
-    doc = jnp.where(val > NEG_INF, doc, NO_DOC)
-    if val.shape[1] < k:
-      pad = ((0, 0), (0, k - val.shape[1]))
-      val, doc = (jnp.pad(val, pad, constant_values=NEG_INF),
-                  jnp.pad(doc, pad, constant_values=NO_DOC))
-    return val, doc
+    return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)
