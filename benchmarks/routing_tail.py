@@ -8,7 +8,11 @@ depend on their values) and a contiguous chunk→document map:
     pruned top-k (the engine's unfused tail before 2026-12-04);
   * ``segmax``: the same with an unsorted segment max (``benchmarks.routing``'s tail);
   * ``runs``: ``block_routing.run_top_k`` as the engine runs it (runs credited to the row
-    they start in when documents span at most two rows of 128 chunks);
+    they start in when documents span at most two rows of 128 chunks; each top-k a tree of
+    rank-and-select levels over 128-entry rows);
+  * ``runs_sort``: the same with two-key sorts as the tree's levels (the engine's tail
+    before 2026-12-04T21Z); ``runs_rank1k`` / ``runs_rank4k``: rank levels over 1,024- /
+    4,096-entry rows (fewer levels, more compares);
   * ``runs_plain``: ``run_top_k``'s path for longer documents (the ``k · rows_per_run``
     rows with the largest maxima), forced;
 each beside its per-kernel device times (profiler) for ``runs``. Every tail must choose the
@@ -49,6 +53,12 @@ def tails(num_docs: int, doc_chunks: int):
       "segmax_sorted": segmax(True),
       "segmax": segmax(False),
       "runs": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks)),
+      "runs_sort": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
+                                                     method="sort")),
+      "runs_rank1k": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
+                                                       tree_row=1024)),
+      "runs_rank4k": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
+                                                       tree_row=4096)),
       "runs_plain": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW,
                                                       max(doc_chunks, ROW + 2))),
   }
@@ -71,7 +81,12 @@ def bench(tokens: int, doc_chunks: int, batch: int, profile: bool) -> dict:
       want = got if want is None else want
       row[f"{name}_same_documents"] = bool(np.array_equal(got[1], want[1]))
   if profile:
-    row["runs_kernels_us"] = gpu_kernel_times(fns["runs"], s, doc)
+    for name in fns:
+      if name.startswith("runs"):
+        ker = gpu_kernel_times(fns[name], s, doc)
+        row[f"{name}_device_us"] = sum(t for _, t in ker)
+        row[f"{name}_kernel_count"] = len(ker)
+        row[f"{name}_kernels_us"] = ker
   return row
 
 
@@ -183,9 +198,10 @@ def call_overheads(tokens: int) -> list[dict]:
     ker = gpu_kernel_times(fn, *args)
     dev = sum(t for _, t in ker) / 1e3
     out.append({"case": name, "ms": ms, "device_ms": dev, "gap_us": 1e3 * (ms - dev),
-                "kernels": len(ker)})
+                "kernels": len(ker), "kernels_us": ker[:8]})
     print(f"overhead {name:16s} wall {ms:.4f} ms, device {dev:.4f} ms, gap "
-          f"{1e3 * (ms - dev):6.1f} us over {len(ker)} kernels", flush=True)
+          f"{1e3 * (ms - dev):6.1f} us over {len(ker)} kernels: " + "; ".join(
+              f"{nm[:28]} {us:.1f}" for nm, us in ker[:6]), flush=True)
   return out
 
 
@@ -234,15 +250,19 @@ def main():
         r = bench(t, dc, b, args.profile)
         rows.append(r)
         print(r, flush=True)
-  names = ["read", "segmax_sorted", "segmax", "runs", "runs_plain"]
+  names = ["read", "segmax_sorted", "segmax", "runs", "runs_sort", "runs_rank1k",
+           "runs_rank4k", "runs_plain"]
   print(f"\n{'tokens':>8} {'doc_ch':>6} {'B':>2} " + " ".join(f"{n:>13}" for n in names)
         + "  same documents")
   for r in rows:
     print(f"{r['tokens']:>8.0e} {r['doc_chunks']:>6} {r['batch']:>2} "
           + " ".join(f"{r[n + '_ms']:>13.4f}" for n in names) + "  "
           + str(all(r[f"{n}_same_documents"] for n in names[1:])))
-    for name, us in r.get("runs_kernels_us", [])[:12]:
-      print(f"      {us:8.1f} us  {name[:100]}")
+    for name in names:
+      if f"{name}_device_us" in r:
+        print(f"    {name}: device {r[name + '_device_us']:.1f} us in "
+              f"{r[name + '_kernel_count']} kernels: " + "; ".join(
+                  f"{nm[:28]} {us:.1f}" for nm, us in r[name + "_kernels_us"][:12]))
   write_json(os.path.join(out_dir(), "routing_tail.json"),
              {"device": device_name(), "jax": jax.__version__, "k": K_DOCS, "row": ROW,
               "rows": rows, "top16_primitives": prims, "chunk_scores": scores,

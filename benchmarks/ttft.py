@@ -118,8 +118,8 @@ ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pal
 
 def split_impl(impl: str) -> tuple[str, dict]:
   """``"pallas-f256:programs_per_sm=2:stages=3"`` → ``("pallas-f256", {"programs_per_sm": 2,
-  "stages": 3})``: a ``ROUTE_IMPLS`` name, then ``BlockSizes`` fields to override (ints, or
-  true/false), each after a colon."""
+  "stages": 3})``: a ``ROUTE_IMPLS`` name, then ``BlockSizes`` fields to override (ints,
+  true/false, or words such as ``tail_method=sort``), each after a colon."""
   from pallas_kernels.block_routing import BlockSizes
   name, *opts = impl.split(":")
   if name not in ROUTE_IMPLS:
@@ -133,8 +133,9 @@ def split_impl(impl: str) -> tuple[str, dict]:
                        f"BlockSizes field ({', '.join(sorted(fields))})")
     if name.startswith("xla"):
       raise ValueError(f"route implementation {impl!r}: BlockSizes options need a pallas route")
-    overrides[key] = {"true": True, "false": False}.get(value.lower()) if value.lower() in (
-        "true", "false") else int(value)
+    lowered = value.lower()
+    overrides[key] = ({"true": True, "false": False}[lowered] if lowered in ("true", "false")
+                      else int(value) if value.lstrip("-").isdigit() else value)
   return name, overrides
 
 

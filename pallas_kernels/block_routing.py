@@ -107,6 +107,9 @@ class BlockSizes:
     reaches the list's k-th value (exact; see ``block_top_k._block_top_k_call``).
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
+  tail_method, tail_row: the unfused route's :func:`run_top_k` tree (``"rank"``: rank and
+    select reduces, ``"sort"``: two-key sorts) and its row length for the row maxima'
+    top-k (:func:`pallas_kernels.route_tail.tree_top_k`); the same documents either way.
   """
 
   chunks: int = 128
@@ -122,6 +125,8 @@ class BlockSizes:
   fold_batch: bool | None = None
   fp8_query_terms: int = 2
   skip_beaten: bool = True
+  tail_method: str = "rank"
+  tail_row: int = 128
 
 
 # ----------------------------------------------------------------------------
@@ -391,7 +396,8 @@ def route_top_k(rq_bmf, query_mask_bm, kr_cf, chunk_doc_c, num_docs: int, k: int
   s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation=implementation,
                       block_sizes=bs, interpret=interpret, kr_scale_c=kr_scale_c)
   if max_doc_chunks is not None:
-    top_val, top_idx = run_top_k(s_bc, chunk_doc_c, k, bs.block_docs, max_doc_chunks)
+    top_val, top_idx = run_top_k(s_bc, chunk_doc_c, k, bs.block_docs, max_doc_chunks,
+                                 method=bs.tail_method, tree_row=bs.tail_row)
     return selection_from_top_k(top_val, top_idx, k)
   doc_s = document_scores(s_bc, chunk_doc_c, num_docs, bs.sorted_docs)
   top_val, top_idx = document_top_k(doc_s, k, bs)

@@ -90,45 +90,82 @@ def pruned_top_k(scores_bn, k: int, row: int, final: str = "top_k"):
   return val, jnp.take_along_axis(cand_idx, pos, axis=1)
 
 
-def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None):
-  """Exact top-k as a tree of sorts over short rows: ties → lower index (or lower key).
+def rank_select(neg, key, kk: int):
+  """The ``kk`` smallest of each last-axis row of ``neg`` by ``(neg, key, position)``,
+  ascending, as ``(neg [..., kk], key [..., kk])``: a sort's first ``kk`` entries without a
+  sort. Each entry's rank is the number of entries that precede it (a compare-and-count
+  over the row's ``n²`` pairs, one fused reduce, nothing ``n²`` in memory), then slot ``r``
+  takes the entry of rank ``r`` (a second reduce). Ranks are unique (position breaks the
+  last tie), so every slot gets exactly one entry. ``neg`` float32 without NaN."""
+  n = neg.shape[-1]
+  pos = lax.broadcasted_iota(jnp.int32, neg.shape, neg.ndim - 1)
+  ni, nj = neg[..., :, None], neg[..., None, :]
+  ki, kj = key[..., :, None], key[..., None, :]
+  pi, pj = pos[..., :, None], pos[..., None, :]
+  precedes = (nj < ni) | ((nj == ni) & ((kj < ki) | ((kj == ki) & (pj < pi))))
+  rank = jnp.sum(precedes, axis=-1, dtype=jnp.int32)                   # [..., n]
+  slot = lax.broadcasted_iota(jnp.int32, neg.shape[:-1] + (min(kk, n), 1), neg.ndim - 1)
+  hit = rank[..., None, :] == slot                                      # [..., kk, n]
+  out_neg = jnp.min(jnp.where(hit, neg[..., None, :], jnp.inf), axis=-1)
+  out_key = jnp.max(jnp.where(hit, key[..., None, :], jnp.iinfo(jnp.int32).min), axis=-1)
+  return out_neg, out_key
+
+
+TREE_METHODS = ("rank", "sort")
+
+
+def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None, method: str = "rank"):
+  """Exact top-k as a tree over short rows: ties → lower index (or lower key).
 
   XLA's GPU top-k sorts many short rows in one fast kernel, but takes one long row through
   a single-block kernel: on the H200 (jax 0.11.2) the top 16 of ``[1, n]`` cost 44 µs of
   device time at n = 2,048 and 102 µs at 15,625, against 3-5 µs for ``[n / 128, 128]``
   (``benchmarks.routing_tail --primitives``). So: split into rows of ``row``, keep each
   row's best k, repeat while that shrinks the candidates and more than ``2 · row`` remain,
-  then one sort. Each level is one two-key sort of ``(-x, key)`` that carries the keys
-  along (no index gather between levels, no copy of an iota: ``lax.top_k`` cost a sort, a
-  copy and a gather per level on the GPU).
+  then take the best k of what is left. Each level carries ``(-x, key)`` (no index gather
+  between levels) and keeps each row's best by ``method``:
+
+  * ``"rank"`` (:func:`rank_select`): a compare-and-count reduce and a select reduce, two
+    fused kernels a level;
+  * ``"sort"``: a two-key ``lax.sort`` of each row (on the GPU a sort kernel plus two
+    copies a level, ~5 µs each at 16-256-entry rows on the H200, 2026-12-04).
 
   Args:
     x_bn: ``[B, n]`` scores (float32 or narrower; NaN not allowed).
     k: entries to keep; row: entries per row of the tree (any ≥ 1).
     keys_bn: int32 ``[B, n]`` tie-breakers returned in place of indices (unique among
       finite entries of a row); None: the indices ``0..n-1``.
+    method: ``"rank"`` or ``"sort"`` (same result).
   Returns:
     ``(values [B, k'], indices or keys [B, k'])``, best first, ``k' = min(k, n)``; past
     the finite entries the values are ``-inf`` and indices are clipped to ``n - 1``
     (keys: arbitrary).
   """
+  if method not in TREE_METHODS:
+    raise ValueError(f"tree_top_k method {method!r}: use one of {TREE_METHODS}")
   b, n = x_bn.shape
   kk = min(k, n)
   neg = -x_bn.astype(jnp.float32)
   big = jnp.iinfo(jnp.int32).max
   key = (jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)) if keys_bn is None
          else keys_bn.astype(jnp.int32))
+
+  def best(neg, key, kr):          # each last-axis row's kr best, ascending (neg, key)
+    if method == "rank":
+      return rank_select(neg, key, kr)
+    neg, key = lax.sort((neg, key), dimension=neg.ndim - 1, num_keys=2)
+    return neg[..., :kr], key[..., :kr]
+
   while neg.shape[1] > 2 * row and min(kk, row) * -(-neg.shape[1] // row) < neg.shape[1]:
     m = neg.shape[1]
     rows = -(-m // row)
     pad = ((0, 0), (0, rows * row - m))
-    neg, key = lax.sort((jnp.pad(neg, pad, constant_values=jnp.inf).reshape(b, rows, row),
-                         jnp.pad(key, pad, constant_values=big).reshape(b, rows, row)),
-                        dimension=2, num_keys=2)
     kr = min(kk, row)
-    neg, key = neg[:, :, :kr].reshape(b, rows * kr), key[:, :, :kr].reshape(b, rows * kr)
-  neg, key = lax.sort((neg, key), dimension=1, num_keys=2)
-  val, key = -neg[:, :kk], key[:, :kk]
+    neg, key = best(jnp.pad(neg, pad, constant_values=jnp.inf).reshape(b, rows, row),
+                    jnp.pad(key, pad, constant_values=big).reshape(b, rows, row), kr)
+    neg, key = neg.reshape(b, rows * kr), key.reshape(b, rows * kr)
+  neg, key = best(neg, key, kk)
+  val = -neg
   return val, (jnp.minimum(key, n - 1) if keys_bn is None else key)
 
 
@@ -138,7 +175,7 @@ def rows_per_run(max_run_chunks: int, row: int) -> int:
 
 
 def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
-              run_key_r=None):
+              run_key_r=None, method: str = "rank", tree_row: int = 128):
   """Exact top-k runs of chunks by their max (ties → lower key), no pass over runs.
 
   ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
@@ -169,6 +206,9 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
     run_key_r: optional int32 ``[labels]``: the key each run is reported and tie-broken
       by (a bank's ``run_doc``: its document, so the list is already in the engine's
       (score desc, document asc) order; one key per run). None: the label itself.
+    method, tree_row: each :func:`tree_top_k`'s ``method``, and its ``row`` for the top-k
+      of the row maxima (at least the window's length for the runs' top-k); same result for
+      any.
   Returns:
     ``(values [B, k'], keys [B, k'])``, ``k' = min(k, candidates)``, best first;
     ``-inf`` values (with arbitrary keys) where fewer than k runs score.
@@ -182,13 +222,13 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
   key_of = (lambda ids: ids) if run_key_r is None else (  # noqa: E731
       lambda ids: jnp.where(ids >= 0, run_key_r.astype(jnp.int32)[jnp.maximum(ids, 0)], -1))
   if max_run_chunks <= row + 1:
-    return _run_top_k_start_rows(x_brr, ids_rr, k, key_of)
+    return _run_top_k_start_rows(x_brr, ids_rr, k, key_of, method, tree_row)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
-  _, top_rows = tree_top_k(x_brr.max(axis=2), t)
+  _, top_rows = tree_top_k(x_brr.max(axis=2), t, tree_row, method=method)
   top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
   cand_s = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, t * row)
   cand_id = jnp.take(ids_rr, top_rows, axis=0).reshape(b, t * row)
-  return _rank_candidate_runs(cand_s, cand_id, k, key_of)
+  return _rank_candidate_runs(cand_s, cand_id, k, key_of, method)
 
 
 def _continues(ids_rr):
@@ -198,7 +238,7 @@ def _continues(ids_rr):
   return (ids_rr == prev_last[:, None]) & (ids_rr >= 0)
 
 
-def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of):
+def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of, method: str, tree_row: int):
   """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
   it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels."""
   b, rows, row = x_brr.shape
@@ -208,7 +248,7 @@ def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of):
   credited = jnp.maximum(own_max, jnp.pad(head_max[:, 1:], ((0, 0), (0, 1)),
                                           constant_values=NEG_INF))
   kr = min(k, rows)
-  _, top_rows = tree_top_k(credited, kr)                 # [B, kr], any order
+  _, top_rows = tree_top_k(credited, kr, tree_row, method=method)   # [B, kr], any order
   nxt = jnp.minimum(top_rows + 1, rows - 1)
   has_next = (top_rows + 1 < rows)[:, :, None]
   pick = lambda a, r: jnp.take_along_axis(a, r[:, :, None], axis=1)  # noqa: E731
@@ -217,10 +257,10 @@ def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of):
   own_id = jnp.where(cont_rr, -1, ids_rr)[top_rows]
   head_id = jnp.where(cont_rr[nxt] & has_next, ids_rr[nxt], -1)
   win_id = jnp.concatenate([own_id, head_id], axis=2)
-  return _rank_window_runs(win_s, win_id, k, key_of)
+  return _rank_window_runs(win_s, win_id, k, key_of, method, tree_row)
 
 
-def _rank_window_runs(win_s, win_id, k: int, key_of):
+def _rank_window_runs(win_s, win_id, k: int, key_of, method: str, tree_row: int):
   """Top-k runs of ``[B, W, L]`` windows, each run (label ≥ 0) contiguous inside one
   window, as ``(values, key_of(labels))``; ties → lower key. A run's max is a masked max over its window (``L²`` compares
   a window in one fused reduce: at :func:`run_top_k`'s windows, ``L = 2 · row``, cheaper
@@ -232,10 +272,11 @@ def _rank_window_runs(win_s, win_id, k: int, key_of):
   first = jnp.concatenate([jnp.ones((b, w, 1), bool), win_id[:, :, 1:] != win_id[:, :, :-1]],
                           axis=2)
   rep = jnp.where(first & (win_id >= 0), run_max, NEG_INF)
-  return tree_top_k(rep.reshape(b, w * l), min(k, w * l), l, key_of(win_id).reshape(b, w * l))
+  return tree_top_k(rep.reshape(b, w * l), min(k, w * l), max(l, tree_row),
+                    key_of(win_id).reshape(b, w * l), method=method)
 
 
-def _rank_candidate_runs(cand_s, cand_id, k: int, key_of):
+def _rank_candidate_runs(cand_s, cand_id, k: int, key_of, method: str):
   """Top-k runs of candidate chunks ``[B, n]`` (chunk order; a run contiguous) as
   ``(values, key_of(labels))``; ties → lower key."""
   b, n = cand_s.shape
@@ -245,7 +286,7 @@ def _rank_candidate_runs(cand_s, cand_id, k: int, key_of):
   run_max = jax.vmap(lambda v, g: jax.ops.segment_max(v, g, num_segments=n))(cand_s, seg)
   # one entry per candidate run, at its first chunk, holding the run's max
   rep = jnp.where(start & (cand_id >= 0), jnp.take_along_axis(run_max, seg, axis=1), NEG_INF)
-  return tree_top_k(rep, min(k, n), keys_bn=key_of(cand_id))
+  return tree_top_k(rep, min(k, n), keys_bn=key_of(cand_id), method=method)
 
 
 def document_top_k(doc_s, k: int, bs: BlockSizes):

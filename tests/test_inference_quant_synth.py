@@ -138,6 +138,8 @@ def test_ttft_route_impl_options_override_block_sizes():
   bs = ttft.route_impl_args("pallas-fp8q1:fp8_query_terms=2", 1024, None,
                             "float8_e4m3fn")["block_sizes"]
   assert bs.fp8_query_terms == 2
+  bs = ttft.route_impl_args("pallas:tail_method=sort:tail_row=1024", 1024, None)["block_sizes"]
+  assert (bs.tail_method, bs.tail_row) == ("sort", 1024)
   # "pallas" is the engine's route: unfused since 2026-12-04, tiles by key dtype; the
   # fused kernel's options name the fused kernel; -segmax is the unfused route's old tail
   for dtype, chunks in (("bfloat16", 128), ("int8", 256), ("float8_e4m3fn", 64)):

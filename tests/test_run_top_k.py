@@ -3,6 +3,7 @@ bank (``block_routing.run_top_k``): exact against a float64 numpy reference (tie
 lower document, padding, empty examples, documents longer than a row), the row budget
 shown to be needed, and the unfused Pallas route (interpret mode on CPU) giving the same
 documents with and without it."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,8 +38,11 @@ def _bank(rng, lens, pad_after=(), pad_end=0):
   return np.concatenate([doc, np.full(pad_end, -1, np.int32)])
 
 
+_run_top_k_jit = jax.jit(br.run_top_k, static_argnums=(2, 3, 4))
+
+
 def _check(s_bc, run_c, k, row, max_run):
-  val, ids = br.run_top_k(jnp.asarray(s_bc, jnp.float32), jnp.asarray(run_c), k, row, max_run)
+  val, ids = _run_top_k_jit(jnp.asarray(s_bc, jnp.float32), jnp.asarray(run_c), k, row, max_run)
   val, ids = np.asarray(val), np.asarray(ids)
   want_v, want_id = _reference(np.asarray(s_bc, np.float32), run_c, k)
   for b in range(len(want_v)):
@@ -134,21 +138,58 @@ def test_unfused_route_with_the_run_tail_interpret(dtype):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("method", ["rank", "sort"])
 @pytest.mark.parametrize("n,k,row", [(15625, 16, 128), (4096, 16, 128), (300, 7, 8),
                                       (100, 16, 8), (5, 16, 4), (2000, 40, 16)])
-def test_tree_top_k_equals_lax_top_k_ties_included(n, k, row):
+def test_tree_top_k_equals_lax_top_k_ties_included(n, k, row, method):
   import jax
   rng = np.random.default_rng(n)
   x = np.round(rng.normal(size=(3, n)) * 4) / 4            # many ties
   x[1, n // 2:] = -np.inf                                   # fewer finite entries than rows
   x[2] = -np.inf
   x = jnp.asarray(x, jnp.float32)
-  val, idx = br.tree_top_k(x, k, row)
+  val, idx = jax.jit(br.tree_top_k, static_argnums=(1, 2), static_argnames="method")(
+      x, k, row, method=method)
   want_v, want_i = jax.lax.top_k(x, min(k, n))
   np.testing.assert_array_equal(np.asarray(val), np.asarray(want_v))
   finite = np.isfinite(np.asarray(want_v))
   np.testing.assert_array_equal(np.asarray(idx)[finite], np.asarray(want_i)[finite])
   assert np.asarray(idx).max() < n
+
+
+def test_rank_select_is_a_sorts_prefix():
+  """``rank_select`` against numpy's lexicographic sort by (value, key, position): ties in
+  value, ties in value and key (position decides), ``+inf`` padding, batched rows."""
+  from pallas_kernels import route_tail
+  rng = np.random.default_rng(7)
+  neg = np.round(rng.normal(size=(2, 3, 40)) * 2) / 2
+  neg[0, 1, 25:] = np.inf
+  key = rng.integers(0, 6, size=neg.shape).astype(np.int32)   # keys repeat
+  for kk in (1, 5, 40):
+    got_n, got_k = route_tail.rank_select(jnp.asarray(neg, jnp.float32), jnp.asarray(key), kk)
+    pos = np.broadcast_to(np.arange(40), neg.shape)
+    order = np.lexsort((pos, key, neg), axis=-1)[..., :kk]
+    np.testing.assert_array_equal(np.asarray(got_n), np.take_along_axis(neg, order, -1))
+    np.testing.assert_array_equal(np.asarray(got_k), np.take_along_axis(key, order, -1))
+  with pytest.raises(ValueError, match="method 'heap'"):
+    br.tree_top_k(jnp.zeros((1, 8)), 2, method="heap")
+
+
+@pytest.mark.parametrize("max_run,tree_row", [(3, 8), (3, 128), (40, 16)])
+def test_run_top_k_rank_and_sort_trees_agree(max_run, tree_row):
+  """``run_top_k``'s two tree methods and tree rows give the same ranked list, run keys
+  included (both paths: runs credited to their start row, and the plain-max rows)."""
+  rng = np.random.default_rng(max_run)
+  lens = rng.integers(1, max_run + 1, size=400)
+  run_c = jnp.asarray(_bank(rng, lens, pad_after=(9,), pad_end=13))
+  s = jnp.asarray(np.round(rng.normal(size=(2, run_c.size)) * 3) / 3, jnp.float32)
+  run_key = jnp.asarray(rng.permutation(run_c.size).astype(np.int32))
+  import jax
+  fn = jax.jit(br.run_top_k, static_argnums=(2, 3, 4), static_argnames=("method", "tree_row"))
+  outs = [fn(s, run_c, 12, 16, max_run, run_key_r=run_key, method=m, tree_row=r)
+          for m, r in (("sort", 128), ("rank", tree_row))]
+  for a, b in zip(*outs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_memory_parallel_unfused_route_with_the_run_tail(monkeypatch):

@@ -259,7 +259,8 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   if max_doc_chunks is not None:
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
-                                       run_key_r=run_doc)
+                                       run_key_r=run_doc, method=bs.tail_method,
+                                       tree_row=bs.tail_row)
     return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
