@@ -65,7 +65,7 @@ from pallas_kernels import block_top_k, quantised_queries
 from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 # the tail after the chunk scores (pallas_kernels.route_tail); its names stay importable here
 from pallas_kernels.route_tail import (document_scores, document_top_k,  # noqa: F401
-                                       pruned_top_k, rows_per_run, run_top_k,
+                                       pruned_top_k, rows_per_run, run_codes, run_top_k,
                                        selection_from_top_k, tree_top_k, two_stage_top_k)
 
 NEG_INF = -jnp.inf

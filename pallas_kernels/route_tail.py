@@ -175,7 +175,7 @@ def rows_per_run(max_run_chunks: int, row: int) -> int:
 
 
 def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
-              run_key_r=None, method: str = "rank", tree_row: int = 128):
+              run_key_r=None, method: str = "rank", tree_row: int = 128, codes_c=None):
   """Exact top-k runs of chunks by their max (ties → lower key), no pass over runs.
 
   ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
@@ -209,6 +209,10 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
     method, tree_row: each :func:`tree_top_k`'s ``method``, and its ``row`` for the top-k
       of the row maxima (at least the window's length for the runs' top-k); same result for
       any.
+    codes_c: optional int8 ``[C]``, :func:`run_codes` of ``run_id_c`` for this ``row`` (a
+      bank property, built once): the first pass then reads one byte a chunk beside the
+      scores instead of the labels (4 bytes), and the labels are read only in the chosen
+      rows. Also masks chunks that :func:`run_codes` was told are not valid.
   Returns:
     ``(values [B, k'], keys [B, k'])``, ``k' = min(k, candidates)``, best first;
     ``-inf`` values (with arbitrary keys) where fewer than k runs score.
@@ -217,12 +221,18 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
   rows = -(-c // row)
   ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
                    constant_values=-1).reshape(rows, row)
-  s = jnp.where(run_id_c[None] >= 0, chunk_scores_bc.astype(jnp.float32), NEG_INF)
+  valid_c = run_id_c >= 0 if codes_c is None else codes_c != PAD_CODE
+  s = jnp.where(valid_c[None], chunk_scores_bc.astype(jnp.float32), NEG_INF)
   x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
   key_of = (lambda ids: ids) if run_key_r is None else (  # noqa: E731
       lambda ids: jnp.where(ids >= 0, run_key_r.astype(jnp.int32)[jnp.maximum(ids, 0)], -1))
   if max_run_chunks <= row + 1:
-    return _run_top_k_start_rows(x_brr, ids_rr, k, key_of, method, tree_row)
+    if codes_c is None:
+      cont_rr = _continues(ids_rr)
+    else:
+      cont_rr = jnp.pad(codes_c, (0, rows * row - c)).reshape(rows, row) == HEAD_CODE
+      ids_rr = jnp.where(jnp.pad(valid_c, (0, rows * row - c)).reshape(rows, row), ids_rr, -1)
+    return _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k, key_of, method, tree_row)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
   _, top_rows = tree_top_k(x_brr.max(axis=2), t, tree_row, method=method)
   top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
@@ -238,11 +248,29 @@ def _continues(ids_rr):
   return (ids_rr == prev_last[:, None]) & (ids_rr >= 0)
 
 
-def _run_top_k_start_rows(x_brr, ids_rr, k: int, key_of, method: str, tree_row: int):
+PAD_CODE, OWN_CODE, HEAD_CODE = 0, 1, 2
+
+
+def run_codes(run_id_c, row: int, valid_c=None):
+  """int8 ``[C]``: each chunk's role in :func:`run_top_k`'s first pass with rows of ``row``
+  chunks: ``PAD_CODE`` (a label < 0, or ``valid_c`` false: never scores), ``HEAD_CODE``
+  (continues the run the previous row ends with: credited to that row) or ``OWN_CODE``.
+  A property of the bank's chunk→run map: build it once (``bank_routing.routing_layouts``)."""
+  c = run_id_c.shape[0]
+  rows = -(-c // row)
+  ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
+                   constant_values=-1).reshape(rows, row)
+  cont_c = _continues(ids_rr).reshape(-1)[:c]
+  valid = run_id_c >= 0 if valid_c is None else (run_id_c >= 0) & valid_c
+  return jnp.where(valid, jnp.where(cont_c, HEAD_CODE, OWN_CODE), PAD_CODE).astype(jnp.int8)
+
+
+def _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k: int, key_of, method: str,
+                          tree_row: int):
   """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
-  it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels."""
+  it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels,
+  ``cont_rr`` :func:`_continues` of them."""
   b, rows, row = x_brr.shape
-  cont_rr = _continues(ids_rr)
   own_max = jnp.where(cont_rr[None], NEG_INF, x_brr).max(axis=2)    # runs starting in the row
   head_max = jnp.where(cont_rr[None], x_brr, NEG_INF).max(axis=2)   # the previous row's last run
   credited = jnp.maximum(own_max, jnp.pad(head_max[:, 1:], ((0, 0), (0, 1)),

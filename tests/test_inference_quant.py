@@ -306,14 +306,16 @@ def test_bank_without_precision_fields_still_opens(setup, tmp_path):  # noqa: F8
 def test_pallas_placement_of_a_quantised_bank_builds_its_layouts_once(quant_banks):
   """routing_impl="pallas" places fp8 K̄R as codes (the fused kernel reads them) and builds the
   kernel's bank layouts once, per memory shard, from each shard's own chunk map."""
-  from msa_jax.inference.bank_routing import LAYOUT_TILES, RUNS_KEY, chunk_runs, routing_layouts
+  from msa_jax.inference.bank_routing import (CODES_KEY, CODES_ROW, LAYOUT_TILES, RUNS_KEY,
+                                              chunk_runs, routing_layouts)
+  from pallas_kernels.route_tail import run_codes
   bank = bank_lib.open_bank(quant_banks[("float8_e4m3fn", "int8")])
   mesh = Mesh(np.array(jax.devices()[:2]), ("memory",))
   placed = DeviceBank.load(bank, mesh, routing_impl="pallas", log=lambda *_: None)
   assert placed.settings.routing == "pallas"
   layer = bank.router_layers[0]
   assert placed.kr[layer].dtype == jnp.float8_e4m3fn and placed.scales["kr"][layer] is not None
-  assert sorted(placed.route_layouts) == sorted((RUNS_KEY,) + LAYOUT_TILES)
+  assert sorted(placed.route_layouts) == sorted((RUNS_KEY, CODES_KEY) + LAYOUT_TILES)
   assert placed.arrays()["route_layouts"] is placed.route_layouts
   doc = np.asarray(placed.chunk_doc).reshape(2, -1)
   for tile in LAYOUT_TILES:
@@ -329,6 +331,11 @@ def test_pallas_placement_of_a_quantised_bank_builds_its_layouts_once(quant_bank
     for got, want in zip(runs, chunk_runs(jnp.asarray(doc[s]))):
       n = want.shape[0]
       np.testing.assert_array_equal(np.asarray(got)[s * n:(s + 1) * n], want)
+    d = jnp.asarray(doc[s])
+    want = run_codes(chunk_runs(d)[0], CODES_ROW, d >= 0)
+    n = want.shape[0]
+    np.testing.assert_array_equal(np.asarray(placed.route_layouts[CODES_KEY])[s * n:(s + 1) * n],
+                                  want)
   assert DeviceBank.load(bank, mesh, log=lambda *_: None).route_layouts is None   # xla
 
 

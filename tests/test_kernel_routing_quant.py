@@ -252,7 +252,7 @@ def test_engine_routes_with_layouts_built_once_interpret(dtype, monkeypatch):
   scale = None if scale is None else jnp.asarray(scale)
   args = (jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes), jnp.asarray(doc), 3)
   layouts = bank_routing.routing_layouts(jnp.asarray(doc))
-  assert sorted(layouts) == [bank_routing.RUNS_KEY, 64, 128]
+  assert sorted(layouts) == [bank_routing.RUNS_KEY, bank_routing.CODES_KEY, 64, 128]
   calls = []
   real = bt.bank_layout
   monkeypatch.setattr(bt, "bank_layout", lambda *a: calls.append(1) or real(*a))

@@ -192,6 +192,43 @@ def test_run_top_k_rank_and_sort_trees_agree(max_run, tree_row):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_run_codes_mark_padding_and_row_heads():
+  """``run_codes``: 0 padding (negative label or not valid), 2 a chunk continuing the run the
+  previous row ends with (rows of 4 here), 1 otherwise."""
+  from pallas_kernels import route_tail
+  #                 row 0       | row 1       | row 2
+  run_c = np.array([0, 1, 1, 1,   1, 2, 2, 3,   3, -1, 4, 4], np.int32)
+  valid = np.array([1, 1, 1, 1,   1, 1, 1, 1,   1, 1, 1, 0], bool)
+  got = route_tail.run_codes(jnp.asarray(run_c), 4, jnp.asarray(valid))
+  np.testing.assert_array_equal(np.asarray(got), [1, 1, 1, 1, 2, 1, 1, 1, 2, 0, 1, 0])
+  assert got.dtype == jnp.int8
+
+
+@pytest.mark.parametrize("max_run", [3, 40])
+def test_run_top_k_with_codes_equals_masking_the_scores(max_run):
+  """``run_top_k(codes_c=run_codes(...))`` (the engine's, codes built with the bank) gives the
+  list of the same tail on scores masked to ``-inf`` wherever a chunk is not valid (the
+  engine's padding chunks: a run of their own, document -1); both tail paths, run keys."""
+  rng = np.random.default_rng(max_run + 1)
+  lens = rng.integers(1, max_run + 1, size=300)
+  run_c = _bank(rng, lens, pad_after=(4, 50), pad_end=9)
+  valid = run_c >= 0
+  run_c = np.where(valid, run_c, 10_000 + np.arange(run_c.size)).astype(np.int32)  # own runs
+  s = jnp.asarray(np.round(rng.normal(size=(2, run_c.size)) * 3) / 3, jnp.float32)
+  s = s.at[:, :5].set(9.0)          # padding would win if it were not masked
+  valid = valid.copy()
+  valid[:5] = False
+  key = jnp.asarray(rng.permutation(20_000).astype(np.int32))
+  codes = br.run_codes(jnp.asarray(run_c), 16, jnp.asarray(valid))
+  fn = jax.jit(br.run_top_k, static_argnums=(2, 3, 4))
+  got = fn(s, jnp.asarray(run_c), 10, 16, max_run, run_key_r=key, codes_c=codes)
+  want = fn(jnp.where(jnp.asarray(valid)[None], s, -jnp.inf), jnp.asarray(run_c), 10, 16,
+            max_run, run_key_r=key)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.all(np.asarray(got[0]) < 9.0)
+
+
 def test_memory_parallel_unfused_route_with_the_run_tail(monkeypatch):
   """The engine's default Pallas route over a bank sharded on a 2-device ``memory`` axis
   (each shard whole documents, padded at its end; chunk runs built once per shard by

@@ -202,7 +202,8 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   (``[B, C]`` float32 chunk scores in memory, 4 bytes a chunk and example: as much as the
   chunk→document map, 1/256 of bf16 keys at F = 1024; the top-k from their row maxima when
   ``max_doc_chunks`` is given, else through a segment max over every run; BENCHMARKS.md).
-  ``layouts``: ``{tile: BankLayout, RUNS_KEY: chunk runs}`` of this device's chunks
+  ``layouts``: ``{tile: BankLayout, RUNS_KEY: chunk runs, CODES_KEY: chunk codes}`` of this
+  device's chunks
   (:func:`routing_layouts`, built once per placed bank); looked up, else built per call.
   ``block_sizes``: the kernel's ``block_routing.BlockSizes`` (None: the engine's).
   ``max_doc_chunks``: the bank's longest document (static); the unfused route then ranks
@@ -217,8 +218,9 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   bs = block_sizes or engine_block_sizes(f, kr_cf.dtype)
   if bs.fused is False:
     runs = (layouts or {}).get(RUNS_KEY) or chunk_runs(chunk_doc_c)
+    codes = (layouts or {}).get(CODES_KEY) if bs.block_docs == CODES_ROW else None
     return _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k, bs, kr_scale_c,
-                          max_doc_chunks)
+                          max_doc_chunks, codes)
   tile_c = block_routing.fused_plan(b, m, f, bs, kr_cf.dtype)[0]
   layout = (layouts or {}).get(tile_c)
   scores, sel = block_routing.route_top_k(
@@ -227,9 +229,11 @@ def local_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, k: int, *, tile: int 
   return merge_top_k(scores, jnp.where(sel.valid_bk, sel.doc_idx_bk, NO_DOC), k)
 
 
-# routing_layouts' entry for the unfused kernel, (run_c, run_doc_c); an int like the tiles'
-# keys (a pytree dict's keys must sort), and never a tile size
-RUNS_KEY = 0
+# routing_layouts' entries for the unfused kernel: (run_c, run_doc_c), and the run tail's
+# chunk codes for rows of CODES_ROW chunks (route_tail.run_codes); ints like the tiles' keys
+# (a pytree dict's keys must sort), and never a tile size
+RUNS_KEY, CODES_KEY = 0, 1
+CODES_ROW = 128     # BlockSizes.block_docs, the run tail's row
 
 
 def chunk_runs(chunk_doc_c):
@@ -246,7 +250,7 @@ def chunk_runs(chunk_doc_c):
 
 
 def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, kr_scale_c,
-                   max_doc_chunks: int | None = None):
+                   max_doc_chunks: int | None = None, codes_c=None):
   """The unfused Pallas route: the chunk-score kernel (bf16, or codes against quantised
   queries), then an exact top-k of the documents (runs of chunks) in XLA: from the chunk
   scores' row maxima when the longest document is known (``block_routing.run_top_k``),
@@ -255,13 +259,15 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
                                     block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
-  s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
+    if codes_c is None:    # the codes (built with the bank) also mask padding chunks
+      s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
                                        run_key_r=run_doc, method=bs.tail_method,
-                                       tree_row=bs.tail_row)
+                                       tree_row=bs.tail_row, codes_c=codes_c)
     return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
+  s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)
@@ -306,15 +312,19 @@ LAYOUT_TILES = (64, 128)   # the fused kernel's tiles (block_routing.fused_plan)
 
 
 def routing_layouts(chunk_doc_c, tiles=LAYOUT_TILES):
-  """``{tile: BankLayout}`` of a device's chunk→document map for the fused kernel.
+  """``{tile: BankLayout}`` of a device's chunk→document map for the fused kernel, with the
+  unfused route's chunk runs (``RUNS_KEY``: :func:`chunk_runs`) and its run tail's chunk
+  codes (``CODES_KEY``: ``route_tail.run_codes`` for rows of ``CODES_ROW`` chunks).
 
   A property of the bank: build it once when the bank is placed (``sharded_layouts`` for a
   sharded map) and pass it to :func:`local_top_k` / :func:`sharded_top_k`; otherwise each
   routed call rebuilds it from the map (a scatter over every chunk).
   """
   from pallas_kernels import block_top_k
+  from pallas_kernels import route_tail
   layouts = {t: block_top_k.bank_layout(chunk_doc_c, t) for t in tiles}
   layouts[RUNS_KEY] = chunk_runs(chunk_doc_c)
+  layouts[CODES_KEY] = route_tail.run_codes(layouts[RUNS_KEY][0], CODES_ROW, chunk_doc_c >= 0)
   return layouts
 
 
