@@ -250,6 +250,17 @@ def decode_ms(model, params, cache, q_len_b, start_b, profile_dir: str = "", log
   return ms
 
 
+def decode_loop_ms(eng, cache, logits_bv, q_len_b, start_b, new_tokens: int = 16) -> float:
+  """ms per token of ``Engine.decode_tokens``: ``new_tokens`` greedy tokens per row sampled
+  and decoded in one device loop (no stop token, so every step runs), as
+  ``interleave.generate`` answers: per-token host work and dispatch are gone from it."""
+  key = jax.random.PRNGKey(0)
+  finished = np.zeros((len(q_len_b),), bool)
+  run = lambda: eng.decode_tokens(cache, logits_bv, key, q_len_b, start_b, finished,  # noqa: E731
+                                  max_new_tokens=new_tokens)[0]
+  return time_ms(run, iters=3) / new_tokens
+
+
 def report(rows, impls, bank, bw, kr_bytes, encode_s):
   print(f"\n{device_name()}  bank {rows['memory_tokens']:,} tokens, {rows['num_chunks']:,} "
         f"chunks, {len(bank.router_layers)} router layers")

@@ -158,6 +158,62 @@ def test_greedy_kv_cache_decoding_equals_full_forward_per_step(setup):
     generated.append(got_tokens[i])
 
 
+@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (1.0, 0.9)])
+def test_device_decode_loop_equals_the_host_loop(setup, temperature, top_p):
+  """``Engine.decode_tokens`` (sample and decode in one device loop) gives the tokens and the
+  final key of the host loop it replaced (split the key, sample, stop a row at a stop token,
+  decode unless every row stopped or the last token was sampled), batch 2 with one row
+  already finished (samples nothing) and a stop token that ends the other row early."""
+  ex, _, model, params, _, path = setup
+  bank = bank_lib.open_bank(path)
+  placed = DeviceBank.load(bank, Mesh(np.array(jax.devices()[:1]), ("memory",)),
+                           log=lambda *_: None)
+  eng = engine_lib.Engine(model, params, "bank", placed.settings)
+  q, m, new = len(ex.question), 16, 6
+  tokens = np.zeros((2, m), np.int32)
+  tokens[:, :q] = ex.question
+  tokens[1, 0] = 7
+  start = np.full((2,), engine_lib.active_start(model.config, len(ex.prefix)), np.int32)
+  prefix = engine_lib.bank_prefix(bank, 2)
+
+  def prefill():
+    return eng.prefill(placed.arrays(), prefix, tokens, np.array([q, q]), start)
+
+  def host_loop(stops, finished):
+    logits, _, cache = prefill()
+    key, out, cur = jax.random.PRNGKey(4), [[], []], np.array([q, q])
+    finished = np.array(finished)
+    for step in range(new):
+      key, sub = jax.random.split(key)
+      tok = np.asarray(eng.sample(logits, sub, temperature, top_p))
+      for i in range(2):
+        if not finished[i]:
+          out[i].append(int(tok[i]))
+          finished[i] = int(tok[i]) in stops
+      if finished.all() or step == new - 1:
+        break
+      logits, cache = eng.decode(cache, tok, cur, start)
+      cur = cur + 1
+    return out, key
+
+  free, _ = host_loop(set(), [False, False])
+  stop = free[1][2]                              # row 1 stops at its third token
+  for stops, finished in ((set(), [False, False]), ({stop}, [True, False])):
+    want, want_key = host_loop(stops, finished)
+    logits, _, cache = prefill()
+    toks, key = eng.decode_tokens(cache, logits, jax.random.PRNGKey(4), np.array([q, q]), start,
+                                  np.array(finished), max_new_tokens=new,
+                                  temperature=temperature, top_p=top_p, stop_ids=stops)
+    got = [[int(t) for t in row if t >= 0] for row in np.asarray(toks)]
+    assert got == want, (stops, finished)
+    np.testing.assert_array_equal(np.asarray(key), np.asarray(want_key))
+  assert want[0] == [] and want[1][-1] == stop and len(want[1]) <= 3
+  logits, _, cache = prefill()
+  with pytest.raises(ValueError, match="need 17 active slots, but the KV cache holds 16"):
+    eng.decode_tokens(cache, logits, jax.random.PRNGKey(0), np.array([q, 12]), start,
+                      np.array([False, False]), max_new_tokens=6)
+
+
 def test_sampling_is_seeded_and_respects_top_p():
   """temperature 0 is argmax; top_p keeps only the nucleus; the same key gives the same draw."""
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))

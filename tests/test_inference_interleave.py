@@ -57,6 +57,21 @@ class ScriptedEngine:
     self.pos += 1
     return self._logits(), cache
 
+  def decode_tokens(self, cache, logits, key, cur, start, finished, *, max_new_tokens,
+                    temperature=0.0, top_p=1.0, stop_ids=()):
+    """``Engine.decode_tokens``' contract on the script (its equality with the host loop is
+    tested in test_inference_engine): a row's tokens until its stop id, -1 after."""
+    finished = np.array(finished)
+    out = np.full((len(self.script), max_new_tokens), -1, np.int32)
+    for step in range(max_new_tokens):
+      tok = np.asarray(self.sample(logits, key, temperature, top_p))
+      out[:, step] = np.where(finished, -1, tok)
+      finished |= np.isin(tok, list(stop_ids))
+      if finished.all() or step == max_new_tokens - 1:
+        break
+      logits, cache = self.decode(cache, tok, cur, start)
+    return jnp.asarray(out), key
+
 
 def _memory(n_rows):
   ex = Example(prefix=[], docs=[DOC_A, DOC_B, DOC_C], question=[5, 6], target=[7],

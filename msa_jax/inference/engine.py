@@ -5,8 +5,9 @@
 a shared bank placed on a mesh, ``memory.BankMemory``, or per-example memories as in
 training, ``model.ExampleMemory``) and returns each layer's context and K/V: the KV cache
 is exactly that. Each decoding step is ``decode_active`` on one token whose context is
-``[prefix ; selected chunks ; earlier active tokens]``. Sampling and the Memory Interleave
-loop (``interleave.py``) run on the host around these two jitted functions.
+``[prefix ; selected chunks ; earlier active tokens]``; ``decode_tokens`` samples and decodes
+a round's tokens in one device loop. The Memory Interleave loop (``interleave.py``) runs on
+the host around these jitted functions.
 """
 from __future__ import annotations
 
@@ -178,6 +179,46 @@ def sample(logits_bv, key, temperature: float, top_p: float):
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def decode_tokens(model: MSAModel, params, cache: DecodeCache, logits_bv, key, cur_b,
+                  active_start_b, finished_b, *, max_new_tokens: int, temperature: float,
+                  top_p: float, stop_ids: tuple):
+  """Up to ``max_new_tokens`` tokens per row in one device loop: sample, then (unless every
+  row has stopped or this was the last token) one :func:`decode_step`, as the host loop of
+  ``interleave.generate`` did token by token (the same key splits, so the same tokens).
+
+  A row stops after sampling a token in ``stop_ids`` (kept) and samples nothing once
+  ``finished_b`` holds for it (rows not in this round). No host round trip per token: the
+  host loop paid a device→host copy of each token and two dispatches (with the model's
+  parameters as arguments) per step.
+
+  Returns ``(tokens [B, max_new_tokens] int32, -1 where nothing was sampled; key)``.
+  """
+  b = logits_bv.shape[0]
+  stops = jnp.asarray(stop_ids if stop_ids else (-1,), jnp.int32)
+
+  def cond(carry):
+    step, stopped = carry[0], carry[6]
+    return (step < max_new_tokens) & ~jnp.all(stopped)
+
+  def body(carry):
+    step, key, logits, cache, cur, toks, finished = carry
+    key, sub = jax.random.split(key)
+    tok = sample(logits, sub, temperature, top_p)
+    toks = toks.at[:, step].set(jnp.where(finished, -1, tok))
+    finished = finished | jnp.any(tok[:, None] == stops[None, :], axis=1)
+    more = (step + 1 < max_new_tokens) & ~jnp.all(finished)
+    logits, cache = jax.lax.cond(
+        more, lambda: decode_step(model, params, cache, tok, cur, active_start_b),
+        lambda: (logits, cache))
+    return step + 1, key, logits, cache, cur + 1, toks, finished
+
+  toks = jnp.full((b, max_new_tokens), -1, jnp.int32)
+  init = (jnp.int32(0), key, logits_bv, cache, cur_b.astype(jnp.int32), toks,
+          finished_b.astype(bool))
+  _, key, _, _, _, toks, _ = jax.lax.while_loop(cond, body, init)
+  return toks, key
+
+
 class Engine:
   """Jitted prefill / decode / sample for one model and one kind of memory.
 
@@ -194,6 +235,9 @@ class Engine:
                             static_argnames=("all_logits", "route_rows"))
     self._decode = jax.jit(functools.partial(decode_step, model), donate_argnums=(1,))
     self._sample = jax.jit(sample, static_argnums=(2, 3))
+    self._decode_tokens = jax.jit(
+        functools.partial(decode_tokens, model),
+        static_argnames=("max_new_tokens", "temperature", "top_p", "stop_ids"))
 
   # Host arguments are copied (``_own``): on CPU a jax array may alias a numpy argument's
   # memory, and a caller that then changes the numpy array in place would race the
@@ -217,6 +261,22 @@ class Engine:
 
   def sample(self, logits_bv, key, temperature: float = 0.0, top_p: float = 1.0):
     return self._sample(logits_bv, key, float(temperature), float(top_p))
+
+  def decode_tokens(self, cache, logits_bv, key, cur_b, active_start_b, finished_b, *,
+                    max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                    stop_ids=()):
+    """:func:`decode_tokens` (see there): ``(tokens [B, max_new_tokens], key)``. The cache
+    must hold ``cur_b + max_new_tokens - 1`` active slots."""
+    if not isinstance(cur_b, jax.Array) and (
+        int(np.max(cur_b)) + max_new_tokens - 1 > cache.active_slots):
+      raise ValueError(f"{max_new_tokens} new tokens from active slot {int(np.max(cur_b))} "
+                       f"need {int(np.max(cur_b)) + max_new_tokens - 1} active slots, but the "
+                       f"KV cache holds {cache.active_slots} (the prefill's buffer): prefill "
+                       "with a buffer long enough for the question and every new token")
+    return self._decode_tokens(self.params, cache, logits_bv, key, _own(cur_b),
+                               _own(active_start_b), jnp.asarray(np.asarray(finished_b, bool)),
+                               max_new_tokens=int(max_new_tokens), temperature=float(temperature),
+                               top_p=float(top_p), stop_ids=tuple(sorted(int(t) for t in stop_ids)))
 
 
 def _own(x):

@@ -188,22 +188,12 @@ def generate(engine: Engine, memory, questions: Sequence[Sequence[int]],
     t1 = time.perf_counter()
     if r == 0:
       _record_first_round(gens, decisions, memory)
-    generated = [[] for _ in range(b)]
-    finished = np.array(done)
-    cur = q_len.copy()
-    for step in range(max_new_tokens):
-      key, sub = jax.random.split(key)
-      tok = np.asarray(engine.sample(logits, sub, temperature, top_p))
-      for i in live:
-        if not finished[i]:
-          generated[i].append(int(tok[i]))
-          finished[i] = int(tok[i]) in stops
-      if finished.all() or step == max_new_tokens - 1:
-        break
-      logits, cache = engine.decode(cache, tok, cur, memory.active_start_b)
-      # A new array, never ``cur += 1``: on CPU jax may alias a numpy argument's memory,
-      # and the asynchronously dispatched step must not see it change.
-      cur = cur + 1
+    # the round's tokens in one device loop (sample, decode; no host round trip per token)
+    toks, key = engine.decode_tokens(cache, logits, key, q_len, memory.active_start_b,
+                                     np.array(done), max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, stop_ids=stops)
+    toks = np.asarray(toks)
+    generated = [[int(t) for t in toks[i] if t >= 0] for i in range(b)]
     t2 = time.perf_counter()
     for i in live:
       gens[i].timings_ms["prefill"] += 1e3 * (t1 - t0)
