@@ -17,7 +17,8 @@ and times, medians after warm-up:
     this run);
   * prefill: a question's stage 2 (all layers, routing in every router layer, the fetch of
     the selected chunks, KV cache) at batch 1 and 8;
-  * decode: one token per row from the KV cache at batch 1 and 8.
+  * decode: one token per row from the KV cache at batch 1 and 8, one step per call and in
+    the engine's device loop (``Engine.decode_tokens``, up to 16 tokens a call).
 Prints a table and writes ``engine.json`` to ``$OUT`` (or benchmarks/results).
 """
 from __future__ import annotations
@@ -216,6 +217,11 @@ def bench_impl(impl, bank, model, params, args, rows, bw, rng):
                                 route_rows=args.question_len)
       rows[f"prefill_ms_{impl}_b{b}"] = time_ms(lambda: pre()[0], iters=3)
       rows[f"decode_ms_per_token_{impl}_b{b}"] = decode_ms(model, params, pre()[2], q_len, start)
+      new = min(16, m + 1 - args.question_len)      # the buffer's room for new tokens
+      if new >= 2:
+        logits, _, cache = pre()
+        rows[f"decode_loop_ms_per_token_{impl}_b{b}"] = decode_loop_ms(eng, cache, logits, q_len,
+                                                                       start, new)
 
 
 def encode_mfu(cfg, doc_lengths, seconds: float) -> dict:
@@ -268,7 +274,8 @@ def report(rows, impls, bank, bw, kr_bytes, encode_s):
   print(f"read bandwidth {bw:,.0f} GB/s; one layer's K̄R {kr_bytes / 1e6:,.1f} MB")
   print(f"{'stage':32s} {'batch 1':>10s} {'batch 8':>10s}")
   for key in ["route_floor_ms"] + [f"{s}_{i}" for i in impls
-                                   for s in ("route_ms", "prefill_ms", "decode_ms_per_token")]:
+                                   for s in ("route_ms", "prefill_ms", "decode_ms_per_token",
+                                             "decode_loop_ms_per_token")]:
     print(f"{key:32s} {rows.get(key + '_b1', float('nan')):10.3f} "
           f"{rows.get(key + '_b8', float('nan')):10.3f}")
   write_json(os.path.join(out_dir(), "engine.json"), rows)
