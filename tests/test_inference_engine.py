@@ -125,14 +125,20 @@ def test_route_rows_shorter_than_a_question_is_an_error(setup):
                 np.array([3]), np.array([4]), route_rows=2)
 
 
+def _bank_engine(setup, shards: int):
+  """``(bank, placed bank on a memory mesh of shards devices, Engine)`` of the setup's bank."""
+  _, _, model, params, _, path = setup
+  bank = bank_lib.open_bank(path)
+  placed = DeviceBank.load(bank, Mesh(np.array(jax.devices()[:shards]), ("memory",)),
+                           log=lambda *_: None)
+  return bank, placed, engine_lib.Engine(model, params, "bank", placed.settings)
+
+
 def test_greedy_kv_cache_decoding_equals_full_forward_per_step(setup):
   """Greedy decoding from the KV cache picks the tokens (and logits, ≤ 1e-5) that re-running
   the whole training forward on question + tokens so far picks at every step."""
-  ex, _, model, params, _, path = setup
-  bank = bank_lib.open_bank(path)
-  placed = DeviceBank.load(bank, Mesh(np.array(jax.devices()[:2]), ("memory",)),
-                           log=lambda *_: None)
-  eng = engine_lib.Engine(model, params, "bank", placed.settings)
+  ex, _, model, params, _, _ = setup
+  bank, placed, eng = _bank_engine(setup, shards=2)
   q, steps, m = len(ex.question), 5, 16
   tokens = np.zeros((1, m), np.int32)
   tokens[0, :q] = ex.question
@@ -164,11 +170,8 @@ def test_device_decode_loop_equals_the_host_loop(setup, temperature, top_p):
   final key of the host loop it replaced (split the key, sample, stop a row at a stop token,
   decode unless every row stopped or the last token was sampled), batch 2 with one row
   already finished (samples nothing) and a stop token that ends the other row early."""
-  ex, _, model, params, _, path = setup
-  bank = bank_lib.open_bank(path)
-  placed = DeviceBank.load(bank, Mesh(np.array(jax.devices()[:1]), ("memory",)),
-                           log=lambda *_: None)
-  eng = engine_lib.Engine(model, params, "bank", placed.settings)
+  ex, _, model, _, _, _ = setup
+  bank, placed, eng = _bank_engine(setup, shards=1)
   q, m, new = len(ex.question), 16, 6
   tokens = np.zeros((2, m), np.int32)
   tokens[:, :q] = ex.question
