@@ -325,7 +325,7 @@ def test_sharded_layouts_are_each_shards_own():
 @pytest.mark.parametrize("b,m", [(1, 64), (8, 64), (2, 7)])
 @pytest.mark.parametrize("features", [0, 256])
 def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=True,
-                                            runs_tail=False):
+                                            runs_tail=False, chunks=0):
   """Compiled at the Qwen3-4B key width (F = 1024), 60k chunks over many tiles and blocks,
   with the engine's block sizes (``features=0``) and with 256-feature steps: the kernel
   equals its numerics reference (same documents; scores to float32 summation order) and
@@ -344,7 +344,8 @@ def test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, features, fused=
   layouts = bank_routing.routing_layouts(jnp.asarray(doc))
   tile = br.fused_plan(b, m, 1024, br.BlockSizes(), codes.dtype)[0]
   bs = bank_routing.engine_block_sizes(1024, codes.dtype, fp8_query_terms=terms, fused=fused,
-                                       **({"features": features} if features else {}))
+                                       **({"features": features} if features else {}),
+                                       **({"chunks": chunks} if chunks else {}))
   top_s, sel = br.route_top_k(jnp.asarray(rq), jnp.asarray(mask), jnp.asarray(codes),
                               jnp.asarray(doc), n, k, implementation="pallas",
                               layout=layouts[tile] if fused else None,
@@ -397,6 +398,17 @@ def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m, runs_tail):
   segment max over documents, or from the chunk scores' row maxima, ``run_top_k``)."""
   test_gpu_fused_quantised_route_compiled(dtype, terms, b, m, 0, fused=False,
                                           runs_tail=runs_tail)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("terms,chunks,features", [(2, 128, 0), (1, 128, 0), (1, 128, 256)])
+@pytest.mark.parametrize("b,m", [(1, 64), (8, 64)])
+def test_gpu_unfused_fp8_tilings_compiled(terms, chunks, features, b, m):
+  """The unfused fp8 tilings measured faster than the engine's 64 × 128 on the H200
+  (BENCHMARKS.md, 2026-12-04T21Z: two terms at 128-chunk tiles, one term at 128 × 128 and
+  128 × 256), compiled, with the run tail: what switching ``engine_block_sizes`` needs."""
+  test_gpu_fused_quantised_route_compiled("float8_e4m3fn", terms, b, m, features, fused=False,
+                                          runs_tail=True, chunks=chunks)
 
 
 @pytest.mark.parametrize("route_fused", [False, True])
