@@ -10,6 +10,8 @@ depend on their values) and a contiguous chunk→document map:
   * ``runs``: ``block_routing.run_top_k`` as the engine runs it (runs credited to the row
     they start in when documents span at most two rows of 128 chunks; each top-k a tree of
     rank-and-select levels over 128-entry rows);
+  * ``runs_codes``: ``runs`` reading the map's chunk codes (``run_codes``, one byte a chunk)
+    instead of its labels in the first pass, as the engine does;
   * ``runs_sort``: the same with two-key sorts as the tree's levels (the engine's tail
     before 2026-12-04T21Z); ``runs_rank1k`` / ``runs_rank4k``: rank levels over 1,024- /
     4,096-entry rows (fewer levels, more compares);
@@ -38,9 +40,11 @@ from pallas_kernels import block_routing as br
 K_DOCS, ROW = 16, 128
 
 
-def tails(num_docs: int, doc_chunks: int):
-  """name → jitted ``(scores_bc, chunk_doc_c) → (values, docs)``."""
+def tails(num_docs: int, doc_chunks: int, codes_c):
+  """name → jitted ``(scores_bc, chunk_doc_c) → (values, docs)``; ``codes_c`` the map's
+  ``run_codes`` (a bank builds them once; passed to ``runs_codes`` as an argument)."""
   bs = br.BlockSizes(top_k="pruned_sort", block_docs=ROW)
+  with_codes = jax.jit(lambda s, d, c: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks, codes_c=c))
 
   def segmax(sorted_docs):
     def fn(s, d):
@@ -53,6 +57,7 @@ def tails(num_docs: int, doc_chunks: int):
       "segmax_sorted": segmax(True),
       "segmax": segmax(False),
       "runs": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks)),
+      "runs_codes": lambda s, d: with_codes(s, d, codes_c),
       "runs_sort": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
                                                      method="sort")),
       "runs_rank1k": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
@@ -71,7 +76,7 @@ def bench(tokens: int, doc_chunks: int, batch: int, profile: bool) -> dict:
   s = jax.random.normal(jax.random.key(0), (batch, chunks), jnp.float32)
   row = {"tokens": tokens, "chunks": chunks, "doc_chunks": doc_chunks, "batch": batch,
          "score_bytes": 4 * batch * chunks}
-  fns = tails(num_docs, doc_chunks)
+  fns = tails(num_docs, doc_chunks, br.run_codes(doc, ROW))
   want = None
   for name, fn in fns.items():
     row[f"{name}_ms"] = time_ms(fn, s, doc)
@@ -250,7 +255,7 @@ def main():
         r = bench(t, dc, b, args.profile)
         rows.append(r)
         print(r, flush=True)
-  names = ["read", "segmax_sorted", "segmax", "runs", "runs_sort", "runs_rank1k",
+  names = ["read", "segmax_sorted", "segmax", "runs", "runs_codes", "runs_sort", "runs_rank1k",
            "runs_rank4k", "runs_plain"]
   print(f"\n{'tokens':>8} {'doc_ch':>6} {'B':>2} " + " ".join(f"{n:>13}" for n in names)
         + "  same documents")

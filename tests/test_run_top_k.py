@@ -278,8 +278,9 @@ def test_routing_tail_benchmark_tails_agree_on_cpu():
   from benchmarks import routing_tail
   for doc_chunks in (2, 16):
     row = routing_tail.bench(64 * 3000, doc_chunks, 2, profile=False)
-    assert all(row[f"{n}_same_documents"] for n in ("segmax_sorted", "segmax", "runs",
-                                                     "runs_plain"))
+    assert all(row[f"{n}_same_documents"] for n in (
+        "segmax_sorted", "segmax", "runs", "runs_codes", "runs_sort", "runs_rank1k",
+        "runs_rank4k", "runs_plain"))
     assert row["runs_ms"] > 0
 
 
