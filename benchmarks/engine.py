@@ -257,14 +257,18 @@ def decode_ms(model, params, cache, q_len_b, start_b, profile_dir: str = "", log
 
 
 def decode_loop_ms(eng, cache, logits_bv, q_len_b, start_b, new_tokens: int = 16) -> float:
-  """ms per token of ``Engine.decode_tokens``: ``new_tokens`` greedy tokens per row sampled
-  and decoded in one device loop (no stop token, so every step runs), as
-  ``interleave.generate`` answers: per-token host work and dispatch are gone from it."""
+  """ms per decoding step of ``Engine.decode_tokens``: ``new_tokens`` greedy tokens per row
+  sampled in one device loop (no stop token, so every step runs), as ``interleave.generate``
+  answers: per-token host work and dispatch are gone from it. The first token comes from
+  the prefill's logits, so a call runs ``new_tokens - 1`` decoding steps (and
+  ``new_tokens`` samplings): the call's time over ``new_tokens - 1``."""
+  if new_tokens < 2:
+    raise ValueError(f"new_tokens={new_tokens}: at least 2 (one decoding step)")
   key = jax.random.PRNGKey(0)
   finished = np.zeros((len(q_len_b),), bool)
   run = lambda: eng.decode_tokens(cache, logits_bv, key, q_len_b, start_b, finished,  # noqa: E731
                                   max_new_tokens=new_tokens)[0]
-  return time_ms(run, iters=3) / new_tokens
+  return time_ms(run, iters=3) / (new_tokens - 1)
 
 
 def report(rows, impls, bank, bw, kr_bytes, encode_s):

@@ -355,7 +355,8 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     row[f"decode_loop_ms_per_token_b{b}"] = decode_loop_ms(eng, cache_b, logits_b, q_len, start,
                                                            decode_room)
     log(f"ttft b{b}: decode {row[f'decode_loop_ms_per_token_b{b}']:.2f} ms/token in the "
-        f"engine's device loop ({decode_room} greedy tokens a call)")
+        f"engine's device loop ({decode_room} greedy tokens, {decode_room - 1} decoding steps "
+        "a call)")
   nan = float("nan")
   row.update({"e2e_wall_ms": nan, "e2e_new_tokens": 0, "e2e_failure": "not run (--no_e2e)"})
   if args.e2e:
