@@ -347,11 +347,11 @@ def bench_ttft(model, params, lengths, n_tokens, args, bw, rows, log):
     log(f"ttft b{b}: fetch in {len(layers)} layers {row[f'fetch_all_layers_ms_b{b}']:.2f} ms")
     row[f"forward_rest_ms_b{b}"] = (row[f"ttft_ms_b{b}"] - row[f"route_all_layers_ms_b{b}"]
                                     - row[f"fetch_all_layers_ms_b{b}"])
+    logits_b, _, cache_b = pre()     # neither decode timing consumes the cache
     row[f"decode_ms_per_token_b{b}"] = decode_ms(
-        model, params, pre()[2], q_len, start, log=log, profile_dir=args.profile_dir and
+        model, params, cache_b, q_len, start, log=log, profile_dir=args.profile_dir and
         os.path.join(args.profile_dir, f"decode_{bank.num_tokens}_b{b}"))
     log(f"ttft b{b}: decode {row[f'decode_ms_per_token_b{b}']:.2f} ms/token")
-    logits_b, _, cache_b = pre()
     row[f"decode_loop_ms_per_token_b{b}"] = decode_loop_ms(eng, cache_b, logits_b, q_len, start,
                                                            decode_room)
     log(f"ttft b{b}: decode {row[f'decode_loop_ms_per_token_b{b}']:.2f} ms/token in the "

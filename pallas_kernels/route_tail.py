@@ -219,8 +219,7 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
   """
   b, c = chunk_scores_bc.shape
   rows = -(-c // row)
-  ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
-                   constant_values=-1).reshape(rows, row)
+  ids_rr = _as_rows(run_id_c.astype(jnp.int32), row, -1)
   valid_c = run_id_c >= 0 if codes_c is None else codes_c != PAD_CODE
   s = jnp.where(valid_c[None], chunk_scores_bc.astype(jnp.float32), NEG_INF)
   x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
@@ -230,8 +229,8 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
     if codes_c is None:
       cont_rr = _continues(ids_rr)
     else:
-      cont_rr = jnp.pad(codes_c, (0, rows * row - c)).reshape(rows, row) == HEAD_CODE
-      ids_rr = jnp.where(jnp.pad(valid_c, (0, rows * row - c)).reshape(rows, row), ids_rr, -1)
+      cont_rr = _as_rows(codes_c, row, PAD_CODE) == HEAD_CODE
+      ids_rr = jnp.where(_as_rows(valid_c, row, False), ids_rr, -1)
     return _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k, key_of, method, tree_row)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
   _, top_rows = tree_top_k(x_brr.max(axis=2), t, tree_row, method=method)
@@ -239,6 +238,13 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
   cand_s = jnp.take_along_axis(x_brr, top_rows[:, :, None], axis=1).reshape(b, t * row)
   cand_id = jnp.take(ids_rr, top_rows, axis=0).reshape(b, t * row)
   return _rank_candidate_runs(cand_s, cand_id, k, key_of, method)
+
+
+def _as_rows(x_c, row: int, fill):
+  """``[C]`` → ``[rows, row]``, the last row filled with ``fill``."""
+  c = x_c.shape[0]
+  rows = -(-c // row)
+  return jnp.pad(x_c, (0, rows * row - c), constant_values=fill).reshape(rows, row)
 
 
 def _continues(ids_rr):
@@ -257,10 +263,7 @@ def run_codes(run_id_c, row: int, valid_c=None):
   (continues the run the previous row ends with: credited to that row) or ``OWN_CODE``.
   A property of the bank's chunk→run map: build it once (``bank_routing.routing_layouts``)."""
   c = run_id_c.shape[0]
-  rows = -(-c // row)
-  ids_rr = jnp.pad(run_id_c.astype(jnp.int32), (0, rows * row - c),
-                   constant_values=-1).reshape(rows, row)
-  cont_c = _continues(ids_rr).reshape(-1)[:c]
+  cont_c = _continues(_as_rows(run_id_c.astype(jnp.int32), row, -1)).reshape(-1)[:c]
   valid = run_id_c >= 0 if valid_c is None else (run_id_c >= 0) & valid_c
   return jnp.where(valid, jnp.where(cont_c, HEAD_CODE, OWN_CODE), PAD_CODE).astype(jnp.int8)
 

@@ -259,15 +259,14 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
                                     block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
+  if max_doc_chunks is None or codes_c is None:   # (the bank's codes mask padding chunks)
+    s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
-    if codes_c is None:    # the codes (built with the bank) also mask padding chunks
-      s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
                                        run_key_r=run_doc, method=bs.tail_method,
                                        tree_row=bs.tail_row, codes_c=codes_c)
     return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
-  s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
   doc = jnp.take(run_doc, idx)

@@ -253,10 +253,9 @@ class Engine:
 
   def decode(self, cache, token_b, cur_b, active_start_b):
     """``decode_step`` (see there); a host ``cur_b`` beyond the cache's slots is refused."""
-    if not isinstance(cur_b, jax.Array) and int(np.max(cur_b)) >= cache.active_slots:
-      raise ValueError(f"decoding at active slot {int(np.max(cur_b))}, but the KV cache holds "
-                       f"{cache.active_slots} active slots (the prefill's buffer): prefill "
-                       "with a buffer long enough for the question and every new token")
+    if not isinstance(cur_b, jax.Array):
+      cur = int(np.max(cur_b))
+      _check_room(cache, cur, f"decoding at active slot {cur}")
     return self._decode(self.params, cache, _own(token_b), _own(cur_b), _own(active_start_b))
 
   def sample(self, logits_bv, key, temperature: float = 0.0, top_p: float = 1.0):
@@ -267,16 +266,22 @@ class Engine:
                     stop_ids=()):
     """:func:`decode_tokens` (see there): ``(tokens [B, max_new_tokens], key)``. The cache
     must hold ``cur_b + max_new_tokens - 1`` active slots."""
-    if not isinstance(cur_b, jax.Array) and (
-        int(np.max(cur_b)) + max_new_tokens - 1 > cache.active_slots):
-      raise ValueError(f"{max_new_tokens} new tokens from active slot {int(np.max(cur_b))} "
-                       f"need {int(np.max(cur_b)) + max_new_tokens - 1} active slots, but the "
-                       f"KV cache holds {cache.active_slots} (the prefill's buffer): prefill "
-                       "with a buffer long enough for the question and every new token")
+    if not isinstance(cur_b, jax.Array):   # the last step writes slot cur + new - 2
+      cur = int(np.max(cur_b))
+      _check_room(cache, cur + max_new_tokens - 2,
+                  f"{max_new_tokens} new tokens from active slot {cur}")
     return self._decode_tokens(self.params, cache, logits_bv, key, _own(cur_b),
                                _own(active_start_b), jnp.asarray(np.asarray(finished_b, bool)),
                                max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                top_p=float(top_p), stop_ids=tuple(sorted(int(t) for t in stop_ids)))
+
+
+def _check_room(cache: DecodeCache, last_slot: int, what: str) -> None:
+  """Refuses a write at active slot ``last_slot`` beyond the cache's ``active_slots``."""
+  if last_slot >= cache.active_slots:
+    raise ValueError(f"{what}: its writes need {last_slot + 1} active slots, but the KV cache holds "
+                     f"{cache.active_slots} active slots (the prefill's buffer): prefill with "
+                     "a buffer long enough for the question and every new token")
 
 
 def _own(x):
