@@ -30,7 +30,9 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     ``BlockSizes.fp8_query_terms=1``); any of them with ``:FIELD=VALUE`` overrides of
     ``BlockSizes``, e.g. ``pallas:features=128:programs_per_sm=1``, the route before
     2026-12-01T23Z), beside its read floor: bytes of K̄R codes + scales over the
-    pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``);
+    pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``), and a
+    pure read of the same K̄R arrays timed the same way (``read_ms``; with
+    ``--route_profile`` also both device times, ``x_read_device``);
   * time to first token of a ``--question_len``-token question at batch 1 (and 8) on the
     full bank (``--kr_dtype``/``--kv_dtype``, K̄/V̄ on the device) at each size: the whole
     prefill, and its parts timed alone: routing in every router layer, the fetch of the
@@ -165,10 +167,23 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
           **({"max_doc_chunks": None} if impl == "pallas-unfused-segmax" else {})}
 
 
+def read_keys(kr, scale):
+  """A pure read of one layer's K̄R codes (and scales): the route's floor as a program of
+  its own (a sum, converted in registers; one scalar written)."""
+  total = jnp.sum(kr, dtype=jnp.float32)
+  return total if scale is None else total + jnp.sum(scale, dtype=jnp.float32)
+
+
 def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
-                impls=ROUTE_IMPLS, profile: bool = False):
+                impls=ROUTE_IMPLS, profile: bool = False, iters: int = 5):
   """One router layer at ``n_tokens`` for each K̄R precision and implementation
-  (``profile``: each batch-1 route's kernels and their device time, from the profiler)."""
+  (``profile``: each batch-1 route's kernels and their device time, from the profiler).
+
+  Each route is compared with two floors: the layer's bytes over the read bandwidth of
+  ``bw`` (``floor_ms``), and a pure read of the same K̄R arrays timed the same way
+  (``read_ms``, ``time_ms`` with ``iters`` calls a sample: a sample's first dispatch and
+  last synchronisation are shared by its calls, so more ``iters`` amortise them; with
+  ``profile`` also the read's device time, ``read_device_us``)."""
   from msa_jax.inference.bank_routing import sharded_layouts, sharded_top_k
   on_gpu = jax.devices()[0].platform == "gpu"
   if not on_gpu and any(i.startswith("pallas") for i in impls):
@@ -186,6 +201,13 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
     key_bytes = placed.bank.num_chunks * f * np.dtype(jnp.dtype(kr_dtype)).itemsize
     scale_bytes = 4 * placed.bank.num_chunks if scale is not None else 0
     floor = (key_bytes + scale_bytes) / bw / 1e6
+    read_fn = jax.jit(read_keys)
+    read_ms = time_ms(read_fn, kr, scale, iters=iters)
+    read_dev = (sum(t for _, t in gpu_kernel_times(read_fn, kr, scale))
+                if profile and on_gpu else None)
+    log(f"route: a pure read of the layer's {(key_bytes + scale_bytes) / 1e9:.2f} GB of "
+        f"{kr_dtype} K̄R {read_ms:.3f} ms ({(key_bytes + scale_bytes) / read_ms / 1e6:,.0f} GB/s)"
+        + (f", device {read_dev:.1f} us" if read_dev is not None else ""))
     layouts = None
     if any(i.startswith("pallas") for i in impls):   # a bank property: built once, timed
       t0 = time.perf_counter()
@@ -206,7 +228,7 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
         fn = jax.jit(lambda q, m, kr, doc, sc, lay, kw=kw: sharded_top_k(
             placed.settings.mesh, q, m, kr, doc, cfg.top_k, kr_scale_c=sc, layouts=lay, **kw))
         try:
-          ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, lay, iters=5)
+          ms = time_ms(fn, rq, mask, kr, placed.chunk_doc, scale, lay, iters=iters)
         except Exception as e:  # noqa: BLE001  (a kernel that does not run here is reported)
           log(f"route {kr_dtype} {impl}: failed: {type(e).__name__}: {str(e)[:300]}")
           rows.append({"stage": "route", "tokens": int(sub.sum()), "kr_dtype": kr_dtype,
@@ -215,16 +237,23 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
         row = {"stage": "route", "tokens": int(sub.sum()), "chunks": placed.bank.num_chunks,
                "kr_dtype": kr_dtype, "impl": impl, "batch": b, "ms": ms,
                "floor_ms": floor, "x_floor": ms / floor, "key_bytes": key_bytes,
-               "scale_bytes": scale_bytes}
+               "scale_bytes": scale_bytes, "read_ms": read_ms, "x_read": ms / read_ms,
+               "timing_iters": iters}
         rows.append(row)
         log(f"route {int(sub.sum()):>12,} tokens {kr_dtype:14s} {impl:15s} b{b}: {ms:8.3f} ms "
-            f"(floor {floor:.3f} ms, {ms / floor:.2f}x)")
+            f"(floor {floor:.3f} ms, {ms / floor:.2f}x; read {read_ms:.3f} ms, "
+            f"{ms / read_ms:.2f}x)")
         if profile and b == 1:
           ker = gpu_kernel_times(fn, rq, mask, kr, placed.chunk_doc, scale, lay)
           row["device_us"] = sum(t for _, t in ker)
           row["kernels_us"] = ker[:16]
-          log(f"    device {row['device_us']:.1f} us: " + "; ".join(
-              f"{n[:32]} {t:.1f}" for n, t in ker[:16]))
+          if read_dev:
+            row["read_device_us"] = read_dev
+            row["x_read_device"] = row["device_us"] / read_dev
+          log(f"    device {row['device_us']:.1f} us"
+              + (f" ({row['device_us'] / read_dev:.3f}x the read's {read_dev:.1f})"
+                 if read_dev else "") + f" in {len(ker)} kernels: "
+              + "; ".join(f"{n[:32]} {t:.1f}" for n, t in ker[:16]))
     del placed, kr, scale, layouts
     gc.collect()
 
@@ -381,11 +410,13 @@ def report(result: dict) -> None:
   print(f"\n{result['device']}  shape {result['shape']}  read bandwidth "
         f"{result['read_bandwidth_gbs']:,.0f} GB/s  (random weights, synthetic bank)")
   print(f"{'route one layer':32s} {'tokens':>12s} {'batch':>5s} {'ms':>9s} {'floor':>9s} "
-        f"{'x floor':>8s}")
+        f"{'x floor':>8s} {'read':>9s} {'x read':>7s} {'x read (device)':>16s}")
   for r in result["route"]:
     if "ms" in r:
       print(f"  {r['kr_dtype'] + ' ' + r['impl']:30s} {r['tokens']:>12,} {r['batch']:>5d} "
-            f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['x_floor']:8.2f}")
+            f"{r['ms']:9.3f} {r['floor_ms']:9.3f} {r['x_floor']:8.2f} "
+            f"{r.get('read_ms', float('nan')):9.3f} {r.get('x_read', float('nan')):7.2f} "
+            f"{r.get('x_read_device', float('nan')):16.3f}")
   print(f"\n{'time to first token':22s} {'tokens':>12s} {'TTFT b1':>9s} {'route':>8s} "
         f"{'fetch':>8s} {'rest':>8s} {'floor':>8s} {'TTFT b8':>9s} {'dec b1':>8s} {'dec b8':>8s}"
         f" {'dev peak GB':>11s} {'host GB':>8s}")
@@ -434,6 +465,9 @@ def main():
                        "route_fused): the unfused chunk-score kernel + XLA top-k (the "
                        "engine's default since 2026-12-04) or the fused block top-k kernel")
   ap.add_argument("--ttft_batches", default="1,8", help="batch sizes of the TTFT stage")
+  ap.add_argument("--timing_iters", type=int, default=5,
+                  help="route stage: calls launched back to back per timing sample (the "
+                       "sample's first dispatch and final sync are shared by them)")
   ap.add_argument("--route_profile", action="store_true",
                   help="route stage: each batch-1 route's kernels and device time (profiler)")
   ap.add_argument("--profile_dir", default="",
@@ -474,7 +508,7 @@ def main():
   if "route" in stages:
     for n in sizes_for(args.tokens, args.route_sizes):
       bench_route(cfg, lengths, n, args.kr_dtypes.split(","), args.question_len, bw,
-                  result["route"], log, impls, args.route_profile)
+                  result["route"], log, impls, args.route_profile, args.timing_iters)
   if "ttft" in stages:
     model, params = random_model(args.shape, args.kernels)
     result["weight_bytes"] = nbytes(params)

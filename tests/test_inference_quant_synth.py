@@ -104,6 +104,8 @@ def test_ttft_benchmark_runs_at_a_tiny_size(tmp_path):
   result = json.load(open(tmp_path / "ttft.json"))
   assert {r["kr_dtype"] for r in result["route"]} == {"bfloat16", "float8_e4m3fn", "int8"}
   assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in result["route"])
+  assert all(r["read_ms"] > 0 and r["x_read"] == pytest.approx(r["ms"] / r["read_ms"])
+             for r in result["route"])
   (t,) = result["ttft"]
   assert t["tokens"] >= 20_000 and t["ttft_ms_b1"] > 0 and t["decode_ms_per_token_b8"] > 0
   assert t["decode_loop_ms_per_token_b1"] > 0 and t["decode_loop_ms_per_token_b8"] > 0

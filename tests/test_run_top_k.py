@@ -313,3 +313,20 @@ def test_xla_scan_with_kernel_numerics_equals_the_pallas_route_interpret(dtype, 
   np.testing.assert_allclose(np.asarray(got_s), np.asarray(want_s), rtol=1e-6, atol=1e-6)
   f32_s, _ = bank_routing.tiled_top_k(rq, mask, keys, doc, k, tile=64, kr_scale_c=scale)
   assert np.max(np.abs(np.asarray(f32_s) - np.asarray(got_s))) > 1e-5
+
+
+def test_own_and_head_maxima_in_one_reduce():
+  """The run tail's first pass: each row's max over its own runs and over its head (the
+  previous row's last run) equal the two masked maxima, and come from ONE reduce over the
+  scores (a variadic reduce: the two plain ``.max`` reduces were two kernels on the GPU,
+  each reading every chunk score)."""
+  from pallas_kernels import route_tail
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(3, 40, 16)).astype(np.float32)
+  x[1, 5] = -np.inf                                   # a padding row
+  cont = rng.random((40, 16)) < 0.3
+  own, head = route_tail._own_and_head_maxima(jnp.asarray(x), jnp.asarray(cont))
+  np.testing.assert_array_equal(np.asarray(own), np.where(cont[None], -np.inf, x).max(axis=2))
+  np.testing.assert_array_equal(np.asarray(head), np.where(cont[None], x, -np.inf).max(axis=2))
+  hlo = jax.jit(route_tail._own_and_head_maxima).lower(jnp.asarray(x), jnp.asarray(cont)).as_text()
+  assert hlo.count("stablehlo.reduce") == 1
