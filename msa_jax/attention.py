@@ -4,7 +4,9 @@ Every attention in the model is one call of :func:`attend`:
   * a document or the prefix: no context, causal over its own tokens;
   * active tokens of a lower layer: context = prefix K/V;
   * active tokens of a router layer: context = prefix K/V then the pooled
-    chunks of the selected documents (SPEC §3 step 4).
+    chunks of the selected documents (SPEC §3 step 4);
+  * a decoding step whose own K/V is already in its KV cache: the cache buffer is the
+    whole context (:func:`attend_context`).
 ``pallas_kernels.sparse_attention`` implements the same signature.
 """
 from __future__ import annotations
@@ -21,19 +23,24 @@ def attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd=None, ctx_mask
   record (``launch.lookup_attention``), so they see exactly the model's attention.
   """
   b, m, h, d = q_bmhd.shape
-  g = k_self_bmgd.shape[2]
+  g = (k_ctx_bsgd if k_self_bmgd is None else k_self_bmgd).shape[2]
   if h % g:
     raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
   r = h // g
-  causal_mm = jnp.tril(jnp.ones((m, m), bool))
-  self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
-  if k_ctx_bsgd is not None:
-    k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
+  if k_self_bmgd is None:                      # context only (attend_context)
     s = k_ctx_bsgd.shape[1]
-    ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
-    allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
+    k = k_ctx_bsgd
+    allow_bmk = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
   else:
-    k, allow_bmk = k_self_bmgd, self_allow_bmm
+    causal_mm = jnp.tril(jnp.ones((m, m), bool))
+    self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
+    if k_ctx_bsgd is not None:
+      k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
+      s = k_ctx_bsgd.shape[1]
+      ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
+      allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
+    else:
+      k, allow_bmk = k_self_bmgd, self_allow_bmm
   q_bmgrd = q_bmhd.reshape(b, m, g, r, d)
   logits = jnp.einsum("bmgrd,bkgd->bgrmk", q_bmgrd, k,
                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
@@ -60,9 +67,22 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
   """
   b, m, h, d = q_bmhd.shape
   probs = attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd, ctx_mask_bs)
-  v = v_self_bmgd
-  if k_ctx_bsgd is not None:
+  if v_self_bmgd is None:
+    v = v_ctx_bsgd
+  elif k_ctx_bsgd is not None:
     v = jnp.concatenate([v_ctx_bsgd.astype(v_self_bmgd.dtype), v_self_bmgd], axis=1)
+  else:
+    v = v_self_bmgd
   out = jnp.einsum("bgrmk,bkgd->bmgrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, m, h, d).astype(q_bmhd.dtype)
+
+
+def attend_context(q_bmhd, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs):
+  """Softmax attention of each query to the valid context slots only (no own tokens).
+
+  A decoding step whose own K/V is already written into its KV cache buffer (the buffer
+  is the whole context; ``ctx_mask_bs`` marks the valid slots, the token's own included).
+  ``[B, M, H, D]`` in the dtype of ``q``; a query with no valid slot returns zeros.
+  """
+  return attend(q_bmhd, None, None, None, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)

@@ -77,6 +77,14 @@ class DecoderLayer(nn.Module):
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
     return sparse_attention.attend(*args, implementation=self.cfg.kernels)
 
+  def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):
+    """:meth:`_attend` over the context alone (``attention.attend_context``)."""
+    if self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64):
+      return attention_lib.attend_context(q, k_ctx, v_ctx, ctx_mask)
+    from pallas_kernels import sparse_attention
+    return sparse_attention.attend_context(q, k_ctx, v_ctx, ctx_mask,
+                                           implementation=self.cfg.kernels)
+
   def encode(self, x_btd, pos_bt, mask_bt):
     """A causal, self-contained stream (a document or the prefix).
 
@@ -123,6 +131,13 @@ class DecoderLayer(nn.Module):
                  else context.extend(mem_k, mem_v, mem_mask))
     if context is None:
       attn = self._attend(q, k, v, mask_bm)
+    elif context.own_slot_b is not None:    # a decoding step: its own K/V into the cache first
+      if decision is not None:
+        raise ValueError("a context with own_slot_b (a decoding step's KV cache) is not "
+                         "routed: pass memory=None")
+      context = context.with_own(k, v)
+      attn = self._attend_context(q, context.k_bsgd.astype(k.dtype),
+                                  context.v_bsgd.astype(v.dtype), context.mask_bs)
     else:
       attn = self._attend(q, k, v, mask_bm, context.k_bsgd.astype(k.dtype),
                           context.v_bsgd.astype(v.dtype), context.mask_bs)

@@ -55,11 +55,26 @@ class LayerContext:
 
   Built from the prefix K/V (``prefix_context``); in decoding it also holds the selected
   memory slots and the KV cache of earlier active tokens.
+
+  ``own_slot_b`` (a decoding step's KV cache buffer, one active token a row): the token
+  writes its K/V into the buffer at this slot (``with_own``) and attends to the buffer
+  alone; ``mask_bs`` already marks the slot valid. None: own tokens are attended apart.
   """
 
   k_bsgd: jax.Array     # [B, S, Hkv, D]
   v_bsgd: jax.Array     # [B, S, Hkv, D]
   mask_bs: jax.Array    # bool [B, S]
+  own_slot_b: Optional[jax.Array] = None   # int32 [B]
+
+  def with_own(self, k_bmgd, v_bmgd) -> "LayerContext":
+    """The buffer with the active token's K/V written at ``own_slot_b`` (cast to the
+    buffer's dtype; in place where the buffer is donated)."""
+    if k_bmgd.shape[1] != 1:
+      raise ValueError(f"own_slot_b takes one active token a row, got {k_bmgd.shape[1]}")
+    write = jax.vmap(lambda buf, x, i: jax.lax.dynamic_update_slice_in_dim(buf, x, i, axis=0))
+    return LayerContext(write(self.k_bsgd, k_bmgd.astype(self.k_bsgd.dtype), self.own_slot_b),
+                        write(self.v_bsgd, v_bmgd.astype(self.v_bsgd.dtype), self.own_slot_b),
+                        self.mask_bs, self.own_slot_b)
 
   def extend(self, k_bsgd, v_bsgd, mask_bs) -> "LayerContext":
     """This context followed by more slots (cast to this context's dtype)."""

@@ -61,7 +61,8 @@ def sweep_keys(step, carry, *, tile: Tile, d: int, s: int, m: int, stages: int, 
   carry)`` gets the tile's first key position among the own tokens in ``k0`` (None
   where ``causal`` is False).
   ``ctx_refs``: ``(K, V, bias)`` of the context; ``self_refs(first, size)``: those of
-  own tokens ``[first, first + size)``. Returns the final carry.
+  own tokens ``[first, first + size)``, or None (no own tokens: the context only).
+  Returns the final carry.
   """
   plgpu = _platform.plgpu()
   bk = tile.cols
@@ -84,6 +85,8 @@ def sweep_keys(step, carry, *, tile: Tile, d: int, s: int, m: int, stages: int, 
 
   if s:
     carry = run(False, 0, s // bk, min(stages, s // bk), ctx_refs, carry)
+  if self_refs is None:
+    return carry
   num_full = lax.div(q0, jnp.array(bk, q0.dtype))
   num_diag = max(1, tile.rows // bk)
   carry = run(False, 0, num_full, stages, self_refs(0, m), carry)

@@ -106,9 +106,12 @@ def rank_select(neg, key, kk: int):
   rank = jnp.sum(precedes, axis=-1, dtype=jnp.int32)                   # [..., n]
   slot = lax.broadcasted_iota(jnp.int32, neg.shape[:-1] + (min(kk, n), 1), neg.ndim - 1)
   hit = rank[..., None, :] == slot                                      # [..., kk, n]
-  out_neg = jnp.min(jnp.where(hit, neg[..., None, :], jnp.inf), axis=-1)
-  out_key = jnp.max(jnp.where(hit, key[..., None, :], jnp.iinfo(jnp.int32).min), axis=-1)
-  return out_neg, out_key
+  # the one entry of rank r, value and key in one variadic reduce (one pass, one kernel)
+  return lax.reduce(
+      (jnp.where(hit, neg[..., None, :], jnp.inf),
+       jnp.where(hit, key[..., None, :], jnp.iinfo(jnp.int32).min)),
+      (jnp.float32(jnp.inf), jnp.int32(jnp.iinfo(jnp.int32).min)),
+      lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (neg.ndim,))
 
 
 TREE_METHODS = ("rank", "sort")

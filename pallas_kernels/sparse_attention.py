@@ -78,12 +78,13 @@ def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
                               k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
 
 
-def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
+def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params, self_keys: bool = True):
   """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0).
 
   Returns ``(out [B, M, H, D] bf16, lse [B, H, M] f32)``; ``lse`` is the log-sum-exp of
   each row's logits in base 2 (``logits·log2(e)/sqrt(D)`` plus mask biases), which the
-  backward kernels use to recompute probabilities.
+  backward kernels use to recompute probabilities. ``self_keys=False``: the context only
+  (no own-token operands: ``(q, kc, vc, cbias) -> (out, lse)``).
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -94,7 +95,9 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
   p_regs = bs.p_in_registers or not compiled
   tile = tiles.Tile(bq, bk, compiled)
 
-  def kernel(q_ref, kc_ref, vc_ref, cbias_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref):
+  def kernel(q_ref, kc_ref, vc_ref, cbias_ref, *refs):
+    ks_ref, vs_ref, sbias_ref, out_ref, lse_ref = (refs if self_keys else
+                                                   (None, None, None, *refs))
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
     qi = lax.axis_index("q")
@@ -130,7 +133,7 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params):
       acc, m_i, l_i = tiles.sweep_keys(
           step, carry, tile=tile, d=d, s=s, m=m, stages=bs.stages, q0=q0,
           ctx_refs=(kc_ref.at[bi, :, gi], vc_ref.at[bi, :, gi], cbias_ref.at[bi]),
-          self_refs=lambda first, size: (
+          self_refs=None if not self_keys else lambda first, size: (
               ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
               sbias_ref.at[bi, pl.ds(first, size)]))
       out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0])
@@ -338,3 +341,36 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
   bs = (block_sizes or BlockSizes()).resolved(compiled)
   return _attend_pallas_vjp(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd,
                             v_ctx_bsgd, ctx_mask_bs, bs, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "block_sizes", "interpret"))
+def attend_context(q_bmhd, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs, *,
+                   implementation: str = "auto", block_sizes: BlockSizes | None = None,
+                   interpret: bool | None = None):
+  """Attention to the context only; drop-in for ``msa_jax.attention.attend_context``.
+
+  A decoding step whose own K/V is already written into its KV cache buffer attends to
+  that buffer alone: the forward kernel without the own-token sweep, so the token's K and V
+  are never padded into a tile of their own and only ``q`` is padded (to ``block_q`` rows,
+  not to the ``lcm`` of every kernel's tiles). Forward only: decoding takes no gradient.
+  """
+  if _platform.resolve(implementation) == "xla":
+    return ref_attention.attend_context(q_bmhd, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  bs = (block_sizes or BlockSizes()).resolved(compiled)
+  _check(q_bmhd, k_ctx_bsgd, bs)
+  b, m, h, d = q_bmhd.shape
+  g, s = k_ctx_bsgd.shape[2], k_ctx_bsgd.shape[1]
+  visible_b = jnp.any(ctx_mask_bs, axis=1)
+  if s == 0:
+    return jnp.zeros_like(q_bmhd)
+  bf = jnp.bfloat16
+  m_pad, s_pad = _round_up(m, bs.block_q), _round_up(s, bs.block_kv)
+  cmask = _pad_axis(ctx_mask_bs, 1, s_pad, False)
+  call = _forward_call(b, m_pad, h, g, d, s_pad, bs, _platform.mosaic_interpret_params(interpret),
+                       self_keys=False)
+  out, _ = call(_pad_axis(q_bmhd.astype(bf), 1, m_pad),
+                _pad_axis(k_ctx_bsgd.astype(bf), 1, s_pad),
+                _pad_axis(v_ctx_bsgd.astype(bf), 1, s_pad),
+                jnp.where(cmask, 0.0, MASKED).astype(jnp.float32))
+  return jnp.where(visible_b[:, None, None, None], out[:, :m], 0).astype(q_bmhd.dtype)

@@ -209,3 +209,62 @@ def test_gpu_pallas_compiled(b, m, s, bs):
   grads = _grads("pallas", (q, k, v, smask, kc, vc, cmask), w, bs)
   want = _grads("xla", (*_f32(q, k, v), smask, *_f32(kc, vc), cmask), w)
   _assert_bf16_close(grads, want)
+
+
+def _numpy_attend_context(q, kc, vc, cmask):
+  """Float64 numpy: softmax over the valid context slots only (zeros where none)."""
+  q, kc, vc = (np.asarray(x, np.float64) for x in (q, kc, vc))
+  b, m, h, d = q.shape
+  r = h // kc.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    allow = np.asarray(cmask[bi])
+    if not allow.any():
+      continue
+    for hi in range(h):
+      logit = q[bi, :, hi] @ kc[bi, allow, hi // r].T / np.sqrt(d)        # [m, valid]
+      p = np.exp(logit - logit.max(axis=1, keepdims=True))
+      out[bi, :, hi] = (p / p.sum(axis=1, keepdims=True)) @ vc[bi, allow, hi // r]
+  return out
+
+
+def test_attend_context_reference_matches_float64_numpy():
+  """``attention.attend_context`` (a decoding step's own K/V already in its cache buffer):
+  softmax over the valid slots only; an example with no valid slot gets zeros."""
+  from msa_jax import attention
+  q, _, _, _, kc, vc, cmask = _inputs(3, 2, 3, 4, 2, 8, 9, dtype=jnp.float32)
+  cmask = cmask.at[1].set(False)
+  got = attention.attend_context(q, kc, vc, cmask)
+  np.testing.assert_allclose(np.asarray(got), _numpy_attend_context(q, kc, vc, cmask),
+                             rtol=2e-5, atol=2e-6)
+  assert np.all(np.asarray(got[1]) == 0)
+
+
+@pytest.mark.parametrize("m,s", [(1, 128), (3, 200), (70, 64)])
+def test_pallas_attend_context_matches_reference_interpret(m, s):
+  """The forward kernel without its own-token sweep (``self_keys=False``), interpreted:
+  one decoding token against a cache buffer, a few tokens against an unaligned buffer
+  (padded to the key tile), and two query blocks; example 1 sees nothing."""
+  q, _, _, _, kc, vc, cmask = _inputs(m + s, 2, m, 4, 2, 64, s)
+  cmask = cmask.at[1].set(False)
+  got = sa.attend_context(q, kc, vc, cmask, implementation="pallas")
+  want = sa.attend_context(*_f32(q, kc, vc), cmask, implementation="xla")
+  assert got.dtype == q.dtype and got.shape == q.shape
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=1e-2)
+  np.testing.assert_allclose(np.asarray(want), _numpy_attend_context(q, kc, vc, cmask),
+                             atol=1e-2)
+  assert np.all(np.asarray(got[1]) == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,m,s", [(1, 1, 256), (8, 1, 384), (2, 5, 1000)])
+def test_gpu_pallas_attend_context_compiled(b, m, s):
+  """Compiled at the 4B head shape: decoding steps (one token, batch 1 and 8) against cache
+  buffers of whole 128-slot tiles, and a few tokens against an unaligned one."""
+  q, _, _, _, kc, vc, cmask = _inputs(s, b, m, 32, 8, 128, s)
+  cmask = cmask.at[0].set(False)                     # example 0: nothing visible
+  got = sa.attend_context(q, kc, vc, cmask, implementation="pallas")
+  want = sa.attend_context(*_f32(q, kc, vc), cmask, implementation="xla")
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+  assert err.max() < 2e-2, err.max()
+  assert np.all(np.asarray(got[0]) == 0)

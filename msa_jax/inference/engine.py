@@ -62,13 +62,15 @@ class DecodeCache:
     return cls(k, v, masks, m)
 
   def contexts(self, cur_b) -> list[LayerContext]:
-    """Each layer's buffer as the context of the token at active slot ``cur_b``: the
-    valid context slots and the active tokens before it."""
+    """Each layer's buffer as the whole context of the token at active slot ``cur_b``: the
+    valid context slots, the active tokens before it, and its own slot, where the layer
+    writes the token's K/V before attending (``LayerContext.own_slot_b``)."""
     out = []
     for k, v, ctx_mask in zip(self.k, self.v, self.context_mask):
-      active = jnp.arange(k.shape[1] - ctx_mask.shape[1], dtype=jnp.int32)
-      mask = jnp.concatenate([ctx_mask, active[None] < cur_b[:, None]], axis=1)
-      out.append(LayerContext(k, v, mask))
+      s = ctx_mask.shape[1]
+      active = jnp.arange(k.shape[1] - s, dtype=jnp.int32)
+      mask = jnp.concatenate([ctx_mask, active[None] <= cur_b[:, None]], axis=1)
+      out.append(LayerContext(k, v, mask, (s + cur_b).astype(jnp.int32)))
     return out
 
 
@@ -152,16 +154,17 @@ def prefill(model: MSAModel, kind: str, settings, params, mem_args, prefix: Pref
 def decode_step(model: MSAModel, params, cache: DecodeCache, token_b, cur_b, active_start_b):
   """Stage 3, one token per row: the token at slot ``cur_b`` attends to its cached context.
 
+  Each layer writes the token's K/V into its cache buffer first and attends to the buffer
+  alone (``LayerContext.own_slot_b``): the attention kernel never pads a one-token own part
+  into a tile of its own (two pads a layer, on the H200 ~3 µs and two launches).
   Returns ``(logits [B, vocab], cache with the token's K/V written at cur_b)``.
   """
   one = jnp.ones((token_b.shape[0], 1), bool)
   logits, _, kv = model.apply(
       {"params": params}, token_b[:, None], (active_start_b + cur_b)[:, None], one, one,
       cache.contexts(cur_b), None, return_kv=True, method=MSAModel.decode_active)
-  write = jax.vmap(lambda c, x, i: jax.lax.dynamic_update_slice_in_dim(c, x, i, axis=0))
-  slot = [mask.shape[1] + cur_b for mask in cache.context_mask]
-  k = [write(c, x.k_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.k, kv, slot)]
-  v = [write(c, x.v_bmgd.astype(c.dtype), i) for c, x, i in zip(cache.v, kv, slot)]
+  k = [x.context.k_bsgd for x in kv]
+  v = [x.context.v_bsgd for x in kv]
   return logits[:, 0], DecodeCache(k, v, cache.context_mask, cache.active_slots)
 
 
