@@ -44,14 +44,14 @@ def _is_kernel_line(name: str) -> bool:
       or "(" not in lower
 
 
-def aggregate(planes, calls: int = 1, top: int = 25) -> dict:
+def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   """The kernel table of profiler planes (``ProfileData.planes`` or objects with the same
   ``name`` / ``lines`` / ``events`` / ``start_ns`` / ``duration_ns`` attributes).
 
   Returns ``{"device_events", "planes" (each plane's first line names: what an empty table
   saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms",
   "count", "share"}], "other_ms"}``, times per call (divided by ``calls``): ``rows`` are
-  the ``top`` kernels by total time, ``share`` their fraction of the busy time, ``span_ms``
+  the ``top`` kernels by total time (None: every kernel), ``share`` their fraction of the busy time, ``span_ms``
   from the first kernel's start to the last one's end over all calls, divided by
   ``calls`` (busy / span shows the device idle: launch or host bound).
   """
@@ -81,7 +81,7 @@ def aggregate(planes, calls: int = 1, top: int = 25) -> dict:
           "other_ms": per_call(busy - sum(total[r["name"]] for r in rows)), "rows": rows}
 
 
-def summarize(profile_dir: str, calls: int = 1, top: int = 25) -> dict:
+def summarize(profile_dir: str, calls: int = 1, top: int | None = 25) -> dict:
   """:func:`aggregate` of the newest trace under ``profile_dir`` (its path as ``trace``)."""
   from jax.profiler import ProfileData
   path = find_trace(profile_dir)
@@ -130,6 +130,70 @@ def describe_kernels(hlo_text: str, names) -> dict:
   return found
 
 
+_WRAPPER = re.compile(r"^(jit|pjit|jvp|transpose|vmap|checkpoint|remat|custom_jvp_call|"
+                      r"custom_vjp_call|while|cond|scan|body|cond_fun|body_fun|closed_call|"
+                      r"core_call|shard_map|xla_pmap|pmap)\b")
+
+
+def op_category(op_name: str) -> str:
+  """A kernel's place in the model, from its HLO ``op_name``: the last two components of
+  the source path with transformation wrappers (``jit(..)``, ``jvp(..)``, ``while/body``),
+  layer numbers (``layers_17.active`` → ``active``) and module prefixes dropped, and
+  ``[bwd]`` where the op is under ``transpose(..)`` (the backward pass). For example
+  ``jit(step)/transpose(jvp(MSAModel.forward_train))/layers_3._finish/mlp/mul`` →
+  ``mlp/mul [bwd]``."""
+  bwd = "transpose(" in op_name
+  parts = []
+  for part in op_name.split("/"):
+    if not part or _WRAPPER.match(part):
+      continue
+    part = re.sub(r"^layers_\d+\.?", "", part) or part   # layers_3._finish -> _finish
+    part = re.sub(r"^[A-Z]\w*\.", "", part)              # MSAModel._logits -> _logits
+    parts.append(part)
+  name = "/".join(parts[-2:]) if parts else "(no source)"
+  return f"{name} [bwd]" if bwd else name
+
+
+def _kernel_op_names(hlo_text: str) -> dict:
+  """``{kernel name: op_name}`` of every instruction of a compiled program that has one."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _HLO_DEF.match(line)
+    if m:
+      op = _OP_NAME.search(m.group(2))
+      if op:
+        out.setdefault(m.group(1).replace(".", "_"), op.group(1))
+  return out
+
+
+def by_source_op(rows, hlo_text: str, top: int = 30) -> list[dict]:
+  """Device time grouped by where each kernel comes from in the model (:func:`op_category`
+  of its HLO instruction's ``op_name``): ``[{"op", "ms", "kernels", "share"}]``, largest
+  first. Kernels that are not an HLO instruction (cuBLAS's ``nvjet_*``, ``memcpy*``) are
+  grouped by their name's first word. ``rows``: :func:`aggregate`'s rows, all of them
+  (``top=None``) for a complete account."""
+  ops = _kernel_op_names(hlo_text)
+  total = collections.Counter()
+  kernels = collections.Counter()
+  for r in rows:
+    op = ops.get(r["name"])
+    cat = op_category(op) if op else "(library) " + re.split(r"[_\d]", r["name"], maxsplit=1)[0]
+    total[cat] += r["ms"]
+    kernels[cat] += 1
+  busy = sum(total.values())
+  return [{"op": c, "ms": ms, "kernels": kernels[c], "share": ms / busy if busy else 0.0}
+          for c, ms in total.most_common(top)]
+
+
+def format_by_source_op(groups: list[dict]) -> str:
+  """:func:`by_source_op`'s table as text."""
+  lines = [f"  {'by source op':72s} {'ms/call':>9s} {'kernels':>7s} {'share':>6s}"]
+  for g in groups:
+    lines.append(f"  {g['op'][:72]:72s} {g['ms']:9.3f} {g['kernels']:7d} "
+                 f"{100 * g['share']:5.1f}%")
+  return "\n".join(lines)
+
+
 def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: int = 25,
                   log=print, hlo_text: str = "") -> dict:
   """Runs ``fn()`` once to warm up, then ``calls`` times under the profiler into
@@ -155,6 +219,10 @@ def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: in
     summary["hlo"] = describe_kernels(hlo_text, [r["name"] for r in summary["rows"]])
     for name, what in summary["hlo"].items():
       log(f"    {name}: {what}")
+    every_kernel = summarize(profile_dir, calls, top=None)["rows"]
+    summary["by_source_op"] = by_source_op(every_kernel, hlo_text)
+    if summary["by_source_op"]:
+      log(format_by_source_op(summary["by_source_op"]))
   return summary
 
 

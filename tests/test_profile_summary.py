@@ -80,3 +80,38 @@ def test_kernels_are_described_by_their_hlo_instruction():
           'kind=kCustom, metadata={op_name="jit(f)/mlp/dot_general" source_file="m.py"}')
   (what,) = ps.describe_kernels(hand, ["gemm_fusion_dot_291"]).values()
   assert what.startswith("bf16[1,9728]{1,0} fusion(") and what.endswith("[jit(f)/mlp/dot_general]")
+
+
+def test_op_category_names_the_model_op_and_the_pass():
+  fwd = "jit(step)/jit(main)/jvp(MSAModel.forward_train)/MSAModel._forward_active_hidden/layers_3.active/layers_3._finish/mlp/mul"
+  bwd = ("jit(step)/jit(main)/transpose(jvp(MSAModel.forward_train))/while/body/"
+         "layers_17._finish/mlp/mul")
+  assert ps.op_category(fwd) == "mlp/mul"
+  assert ps.op_category(bwd) == "mlp/mul [bwd]"
+  assert ps.op_category("jit(prefill)/MSAModel.decode_active/MSAModel._logits/norm/convert_element_type") \
+      == "norm/convert_element_type"
+  assert ps.op_category("jit(f)/layers_0.active/layers_0._attend/jit(attend)/jit(_pad)/pad") \
+      == "_attend/pad"
+  assert ps.op_category("") == "(no source)"
+
+
+def test_device_time_by_source_op_sums_every_kernel():
+  """Kernels of the same model op (two layers' SwiGLU multiplies, forward and backward
+  apart) are summed; a library kernel (cuBLAS) is grouped by its name's first word."""
+  hlo = "\n".join([
+      '  %loop_multiply_fusion.1 = bf16[8,16]{1,0} fusion(%a), kind=kLoop, '
+      'metadata={op_name="jit(step)/layers_0._finish/mlp/mul"}',
+      '  %loop_multiply_fusion.2 = bf16[8,16]{1,0} fusion(%b), kind=kLoop, '
+      'metadata={op_name="jit(step)/layers_1._finish/mlp/mul"}',
+      '  ROOT %fusion.7 = bf16[8,16]{1,0} fusion(%c), kind=kLoop, '
+      'metadata={op_name="jit(step)/transpose(jvp(f))/layers_1._finish/mlp/mul"}',
+  ])
+  rows = [{"name": "loop_multiply_fusion_1", "ms": 1.0}, {"name": "loop_multiply_fusion_2", "ms": 2.0},
+          {"name": "fusion_7", "ms": 0.5}, {"name": "nvjet_sm90_tst_64x8", "ms": 4.0},
+          {"name": "nvjet_sm90_tss_128x8", "ms": 1.0}]
+  groups = ps.by_source_op(rows, hlo)
+  assert groups == [
+      {"op": "(library) nvjet", "ms": 5.0, "kernels": 2, "share": pytest.approx(5 / 8.5)},
+      {"op": "mlp/mul", "ms": 3.0, "kernels": 2, "share": pytest.approx(3 / 8.5)},
+      {"op": "mlp/mul [bwd]", "ms": 0.5, "kernels": 1, "share": pytest.approx(0.5 / 8.5)}]
+  assert "mlp/mul [bwd]" in ps.format_by_source_op(groups)
