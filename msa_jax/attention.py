@@ -59,6 +59,7 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
     q_bmhd: queries ``[B, M, H, D]`` (already RoPE'd).
     k_self_bmgd, v_self_bmgd: the sequence's own keys/values ``[B, M, Hkv, D]``.
     self_mask_bm: valid own tokens; token i sees own token j iff j <= i and valid.
+      All three None: no own tokens, the context alone (:func:`attend_context`).
     k_ctx_bsgd, v_ctx_bsgd: optional context ``[B, S, Hkv, D]`` visible to every query.
     ctx_mask_bs: valid context slots.
   Returns:
