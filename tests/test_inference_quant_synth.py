@@ -108,6 +108,7 @@ def test_ttft_benchmark_runs_at_a_tiny_size(tmp_path):
              for r in result["route"])
   (t,) = result["ttft"]
   assert t["tokens"] >= 20_000 and t["ttft_ms_b1"] > 0 and t["decode_ms_per_token_b8"] > 0
+  assert t["read_all_layers_ms"] > 0 and t["route_all_layers_ms_b1"] > 0
   assert t["decode_loop_ms_per_token_b1"] > 0 and t["decode_loop_ms_per_token_b8"] > 0
   assert t["host_peak_bytes"] > 0 and t["e2e_wall_ms"] > 0
 
