@@ -234,7 +234,8 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
     else:
       cont_rr = _as_rows(codes_c, row, PAD_CODE) == HEAD_CODE
       ids_rr = jnp.where(_as_rows(valid_c, row, False), ids_rr, -1)
-    return _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k, key_of, method, tree_row)
+    return _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k, key_of, method, tree_row,
+                                 max_run_chunks)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
   _, top_rows = tree_top_k(x_brr.max(axis=2), t, tree_row, method=method)
   top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
@@ -272,7 +273,7 @@ def run_codes(run_id_c, row: int, valid_c=None):
 
 
 def _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k: int, key_of, method: str,
-                          tree_row: int):
+                          tree_row: int, max_run_chunks: int):
   """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
   it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels,
   ``cont_rr`` :func:`_continues` of them."""
@@ -290,7 +291,7 @@ def _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k: int, key_of, method: str,
   own_id = jnp.where(cont_rr, -1, ids_rr)[top_rows]
   head_id = jnp.where(cont_rr[nxt] & has_next, ids_rr[nxt], -1)
   win_id = jnp.concatenate([own_id, head_id], axis=2)
-  return _rank_window_runs(win_s, win_id, k, key_of, method, tree_row)
+  return _rank_window_runs(win_s, win_id, k, key_of, method, tree_row, max_run_chunks)
 
 
 def _own_and_head_maxima(x_brr, cont_rr):
@@ -306,15 +307,36 @@ def _own_and_head_maxima(x_brr, cont_rr):
                     lambda a, b: (jnp.maximum(a[0], b[0]), jnp.maximum(a[1], b[1])), (2,))
 
 
-def _rank_window_runs(win_s, win_id, k: int, key_of, method: str, tree_row: int):
-  """Top-k runs of ``[B, W, L]`` windows, each run (label ≥ 0) contiguous inside one
-  window, as ``(values, key_of(labels))``; ties → lower key. A run's max is a masked max over its window (``L²`` compares
-  a window in one fused reduce: at :func:`run_top_k`'s windows, ``L = 2 · row``, cheaper
-  than a segment max's cumsum and scatter), kept at the run's first entry."""
+SHIFT_MAX_RUN = 8   # runs of at most this many chunks: their max from shifted copies
+
+
+def _window_run_max(s, win_id, max_run: int):
+  """``[B, W, L]``: at each run's first entry, the max of the run's scores (elsewhere a
+  partial max). Runs of at most :data:`SHIFT_MAX_RUN` chunks (a bank of 100-token documents
+  at P 64 has 2): the max of ``max_run`` shifted copies, elementwise, so it fuses into the
+  next reduce instead of being a kernel of its own; longer: a masked max over the window
+  (``L²`` compares in one reduce, cheaper at these windows than a segment max's cumsum and
+  scatter)."""
+  if max_run <= SHIFT_MAX_RUN:
+    out = s
+    for d in range(1, min(max_run, s.shape[2])):
+      pad = ((0, 0), (0, 0), (0, d))
+      later_s = jnp.pad(s[:, :, d:], pad, constant_values=NEG_INF)
+      later_id = jnp.pad(win_id[:, :, d:], pad, constant_values=-2)
+      out = jnp.maximum(out, jnp.where(later_id == win_id, later_s, NEG_INF))
+    return out
+  same = win_id[:, :, :, None] == win_id[:, :, None, :]
+  return jnp.where(same, s[:, :, None, :], NEG_INF).max(axis=3)
+
+
+def _rank_window_runs(win_s, win_id, k: int, key_of, method: str, tree_row: int,
+                      max_run: int):
+  """Top-k runs of ``[B, W, L]`` windows, each run (label ≥ 0, at most ``max_run`` entries)
+  contiguous inside one window, as ``(values, key_of(labels))``; ties → lower key. A run's
+  max (:func:`_window_run_max`) is kept at its first entry."""
   b, w, l = win_s.shape
   s = jnp.where(win_id >= 0, win_s, NEG_INF)
-  same = win_id[:, :, :, None] == win_id[:, :, None, :]
-  run_max = jnp.where(same, s[:, :, None, :], NEG_INF).max(axis=3)
+  run_max = _window_run_max(s, win_id, max_run)
   first = jnp.concatenate([jnp.ones((b, w, 1), bool), win_id[:, :, 1:] != win_id[:, :, :-1]],
                           axis=2)
   rep = jnp.where(first & (win_id >= 0), run_max, NEG_INF)

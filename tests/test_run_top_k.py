@@ -330,3 +330,27 @@ def test_own_and_head_maxima_in_one_reduce():
   np.testing.assert_array_equal(np.asarray(head), np.where(cont[None], x, -np.inf).max(axis=2))
   hlo = jax.jit(route_tail._own_and_head_maxima).lower(jnp.asarray(x), jnp.asarray(cont)).as_text()
   assert hlo.count("stablehlo.reduce") == 1
+
+
+@pytest.mark.parametrize("max_run", [1, 2, 5, 8])
+def test_window_run_max_by_shifts_equals_the_masked_max(max_run):
+  """Runs of at most ``SHIFT_MAX_RUN`` chunks take their max from shifted copies (fusable,
+  no ``L²`` reduce): at every run's first entry it equals the masked max over the window."""
+  from pallas_kernels import route_tail
+  rng = np.random.default_rng(max_run)
+  ids = []
+  for _ in range(2 * 3):                              # windows of 40 entries, runs of 1..max_run
+    row, label = [], 0
+    while len(row) < 40:
+      n = int(rng.integers(1, max_run + 1))
+      row += [label if rng.random() > 0.2 else -1] * n
+      label += 1
+    ids.append(row[:40])
+  win_id = jnp.asarray(np.array(ids, np.int32).reshape(2, 3, 40))
+  s = jnp.asarray(np.round(rng.normal(size=(2, 3, 40)) * 2) / 2, jnp.float32)
+  s = jnp.where(win_id >= 0, s, -jnp.inf)
+  got = np.asarray(route_tail._window_run_max(s, win_id, max_run))
+  want = np.asarray(route_tail._window_run_max(s, win_id, route_tail.SHIFT_MAX_RUN + 1))
+  wid = np.asarray(win_id)
+  first = np.concatenate([np.ones((2, 3, 1), bool), wid[:, :, 1:] != wid[:, :, :-1]], axis=2)
+  np.testing.assert_array_equal(got[first & (wid >= 0)], want[first & (wid >= 0)])
