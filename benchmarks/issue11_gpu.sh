@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 11's measurements on one H200, one stage a device call (each well inside a call's 600 s):
+#
+#   STAGE=tests bash benchmarks/issue11_gpu.sh   # compiled GPU tests: attention, routing, run tail (~400 s)
+#   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 5 and 20 calls a sample, profiled (~300 s)
+#   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
+#
+# Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
+# commands instead of running them. Each command runs under its own `timeout`, inside the call's
+# limit, so a stuck step still leaves the others' logs.
+set -u
+STAGE=${STAGE:?set STAGE=tests, route or ttft}
+OUT=${OUT:-/tmp/out}
+DIR="$OUT/issue11_$STAGE"
+PY=${PYTHON:-python3}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export PYTHONUNBUFFERED=1
+mkdir -p "$DIR"
+
+step() {   # step NAME SECONDS command...: runs the command under `timeout`, logging to NAME.log
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name ($seconds s): $*" | tee -a "$DIR/steps.log"
+  if [ -n "${DRY:-}" ]; then return 0; fi
+  timeout "$seconds" "$@" 2>&1 | tee "$DIR/$name.log"
+  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$DIR/steps.log"
+}
+
+ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
+       --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
+       --route_impls=pallas,pallas-unfused-fp8q1:chunks=128:features=256)
+
+case "$STAGE" in
+  tests)
+    step attention 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_sparse_attention.py
+    step routing 380 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_routing_quant.py \
+      tests/test_run_top_k.py tests/test_kernel_routing.py ;;
+  route)
+    step route_it5 240 $PY "${ROUTE[@]}" --timing_iters=5 --out="$DIR/it5"
+    step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20" ;;
+  ttft)
+    step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
+      --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
+      --kr_dtype=int8 --out="$DIR" ;;
+  *)
+    echo "STAGE=$STAGE: choose tests, route or ttft" >&2
+    exit 2 ;;
+esac
