@@ -74,11 +74,18 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   planes_seen = {name: [line.name for line in lines][:12] for name, lines in planes}
   per_call = lambda ns: ns / 1e6 / calls  # noqa: E731  ns → ms per call
   rows = [{"name": n, "ms": per_call(ns), "count": count[n] // calls,
-           "share": ns / busy if busy else 0.0} for n, ns in total.most_common(top)]
-  return {"device_events": bool(total), "planes": planes_seen,
-          "device_busy_ms": per_call(busy),
-          "span_ms": per_call(end - start) if total else 0.0,
-          "other_ms": per_call(busy - sum(total[r["name"]] for r in rows)), "rows": rows}
+           "share": ns / busy if busy else 0.0} for n, ns in total.most_common()]
+  return top_rows({"device_events": bool(total), "planes": planes_seen,
+                   "device_busy_ms": per_call(busy),
+                   "span_ms": per_call(end - start) if total else 0.0, "rows": rows}, top)
+
+
+def top_rows(summary: dict, top: int | None) -> dict:
+  """``summary`` with its ``top`` longest kernels as ``rows`` (None: all) and the time of
+  the others as ``other_ms``."""
+  rows = summary["rows"][:top]
+  return dict(summary, rows=rows,
+              other_ms=summary["device_busy_ms"] - sum(r["ms"] for r in rows))
 
 
 def summarize(profile_dir: str, calls: int = 1, top: int | None = 25) -> dict:
@@ -212,15 +219,15 @@ def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: in
       fn()
   finally:
     jax.profiler.stop_trace()
-  summary = summarize(profile_dir, calls, top)
+  every_kernel = summarize(profile_dir, calls, top=None)     # the trace, read once
+  summary = top_rows(every_kernel, top)
   summary["calls"] = calls
   log(format_summary(summary, f"{title} ({calls} calls):" if title else f"({calls} calls):"))
   if hlo_text:
     summary["hlo"] = describe_kernels(hlo_text, [r["name"] for r in summary["rows"]])
     for name, what in summary["hlo"].items():
       log(f"    {name}: {what}")
-    every_kernel = summarize(profile_dir, calls, top=None)["rows"]
-    summary["by_source_op"] = by_source_op(every_kernel, hlo_text)
+    summary["by_source_op"] = by_source_op(every_kernel["rows"], hlo_text)
     if summary["by_source_op"]:
       log(format_by_source_op(summary["by_source_op"]))
   return summary

@@ -15,6 +15,16 @@ import jax
 import jax.numpy as jnp
 
 
+def _context_then_own(ctx_bsgd, own_bmgd):
+  """``[context ; own]`` along the key axis (the context cast to the own tokens' dtype);
+  either may be None."""
+  if own_bmgd is None:
+    return ctx_bsgd
+  if ctx_bsgd is None:
+    return own_bmgd
+  return jnp.concatenate([ctx_bsgd.astype(own_bmgd.dtype), own_bmgd], axis=1)
+
+
 def attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd=None, ctx_mask_bs=None):
   """The attention probabilities of :func:`attend`: ``[B, Hkv, H/Hkv, M, S+M]`` float32.
 
@@ -23,24 +33,17 @@ def attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd=None, ctx_mask
   record (``launch.lookup_attention``), so they see exactly the model's attention.
   """
   b, m, h, d = q_bmhd.shape
-  g = (k_ctx_bsgd if k_self_bmgd is None else k_self_bmgd).shape[2]
+  k = _context_then_own(k_ctx_bsgd, k_self_bmgd)
+  g = k.shape[2]
   if h % g:
     raise ValueError(f"{h} query heads are not a multiple of {g} kv heads")
   r = h // g
-  if k_self_bmgd is None:                      # context only (attend_context)
-    s = k_ctx_bsgd.shape[1]
-    k = k_ctx_bsgd
-    allow_bmk = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
-  else:
-    causal_mm = jnp.tril(jnp.ones((m, m), bool))
-    self_allow_bmm = causal_mm[None] & self_mask_bm[:, None, :]
-    if k_ctx_bsgd is not None:
-      k = jnp.concatenate([k_ctx_bsgd.astype(k_self_bmgd.dtype), k_self_bmgd], axis=1)
-      s = k_ctx_bsgd.shape[1]
-      ctx_allow = jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, s))
-      allow_bmk = jnp.concatenate([ctx_allow, self_allow_bmm], axis=-1)
-    else:
-      k, allow_bmk = k_self_bmgd, self_allow_bmm
+  allow = []
+  if k_ctx_bsgd is not None:
+    allow.append(jnp.broadcast_to(ctx_mask_bs[:, None, :], (b, m, k_ctx_bsgd.shape[1])))
+  if k_self_bmgd is not None:
+    allow.append(jnp.tril(jnp.ones((m, m), bool))[None] & self_mask_bm[:, None, :])
+  allow_bmk = jnp.concatenate(allow, axis=-1) if len(allow) > 1 else allow[0]
   q_bmgrd = q_bmhd.reshape(b, m, g, r, d)
   logits = jnp.einsum("bmgrd,bkgd->bgrmk", q_bmgrd, k,
                       preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(d))
@@ -68,12 +71,7 @@ def attend(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
   """
   b, m, h, d = q_bmhd.shape
   probs = attention_probs(q_bmhd, k_self_bmgd, self_mask_bm, k_ctx_bsgd, ctx_mask_bs)
-  if v_self_bmgd is None:
-    v = v_ctx_bsgd
-  elif k_ctx_bsgd is not None:
-    v = jnp.concatenate([v_ctx_bsgd.astype(v_self_bmgd.dtype), v_self_bmgd], axis=1)
-  else:
-    v = v_self_bmgd
+  v = _context_then_own(v_ctx_bsgd, v_self_bmgd)
   out = jnp.einsum("bgrmk,bkgd->bmgrd", probs.astype(v.dtype), v,
                    preferred_element_type=jnp.float32)
   return out.reshape(b, m, h, d).astype(q_bmhd.dtype)

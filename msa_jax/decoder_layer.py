@@ -69,17 +69,21 @@ class DecoderLayer(nn.Module):
     x = x + self.mlp(self.post_attention_layernorm(x))
     return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 
+  def _xla_attention(self) -> bool:
+    """The configured attention (``kernels``: auto | pallas | xla) is the XLA reference. The
+    Mosaic GPU kernel tiles head_dim by 64: "auto" falls back to XLA elsewhere."""
+    return self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64)
+
   def _attend(self, *args):
-    """Attention through the configured implementation (``kernels``: auto | pallas | xla)."""
-    # The Mosaic GPU kernel tiles head_dim by 64: "auto" falls back to XLA elsewhere.
-    if self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64):
+    """Attention through the configured implementation."""
+    if self._xla_attention():
       return attention_lib.attend(*args)
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
     return sparse_attention.attend(*args, implementation=self.cfg.kernels)
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):
     """:meth:`_attend` over the context alone (``attention.attend_context``)."""
-    if self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64):
+    if self._xla_attention():
       return attention_lib.attend_context(q, k_ctx, v_ctx, ctx_mask)
     from pallas_kernels import sparse_attention
     return sparse_attention.attend_context(q, k_ctx, v_ctx, ctx_mask,

@@ -298,9 +298,9 @@ def _own_and_head_maxima(x_brr, cont_rr):
   """``(own [B, rows], head [B, rows])``: each row's max over the runs that start in it,
   and over its head (the previous row's last run), in ONE pass over the scores.
 
-  Two ``.max`` reduces over the two masked copies compiled to two kernels on the GPU, each
-  reading all ``[B, C]`` scores (3.2-4.5 µs apiece at 2M chunks on the H200, the largest
-  of the tail's kernels); a variadic reduce reads them once."""
+  Two ``.max`` reduces over the two masked copies can compile to two kernels on the GPU,
+  each reading all ``[B, C]`` scores (the tail's two largest kernels on the H200 were two
+  such reduces, 3.2-4.5 µs apiece at 2M chunks); a variadic reduce reads them once."""
   own = jnp.where(cont_rr[None], NEG_INF, x_brr)
   head = jnp.where(cont_rr[None], x_brr, NEG_INF)
   return lax.reduce((own, head), (jnp.float32(NEG_INF), jnp.float32(NEG_INF)),

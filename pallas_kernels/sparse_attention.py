@@ -207,6 +207,11 @@ def _use_ws(bs: BlockSizes, m: int) -> bool:
   return bs.warp_specialized and m > bs.block_q
 
 
+def _bias(mask):
+  """A mask as the kernels' additive f32 bias: 0 where visible, ``MASKED`` where not."""
+  return jnp.where(mask, 0.0, MASKED).astype(jnp.float32)
+
+
 def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
          ctx_mask_bs, bs: BlockSizes) -> _Padded:
   """Pads every operand to whole tiles of both the forward and the backward kernels."""
@@ -226,11 +231,10 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
     s_pad = 0
     kc = vc = jnp.zeros((b, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
     cmask = jnp.zeros((b, kc.shape[1]), bool)
-  bias = lambda mask: jnp.where(mask, 0.0, MASKED).astype(jnp.float32)  # noqa: E731
   return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, m_pad),
                  ks=_pad_axis(k_self_bmgd.astype(bf), 1, m_pad),
                  vs=_pad_axis(v_self_bmgd.astype(bf), 1, m_pad),
-                 sbias=bias(smask), kc=kc, vc=vc, cbias=bias(cmask), m=m_pad, s=s_pad)
+                 sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad)
 
 
 def _visible(self_mask_bm, ctx_mask_bs):
@@ -356,21 +360,19 @@ def attend_context(q_bmhd, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs, *,
   """
   if _platform.resolve(implementation) == "xla":
     return ref_attention.attend_context(q_bmhd, k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
-  compiled = _platform.mosaic_interpret_params(interpret) is None
-  bs = (block_sizes or BlockSizes()).resolved(compiled)
-  _check(q_bmhd, k_ctx_bsgd, bs)
   b, m, h, d = q_bmhd.shape
   g, s = k_ctx_bsgd.shape[2], k_ctx_bsgd.shape[1]
-  visible_b = jnp.any(ctx_mask_bs, axis=1)
   if s == 0:
     return jnp.zeros_like(q_bmhd)
+  params = _platform.mosaic_interpret_params(interpret)
+  bs = (block_sizes or BlockSizes()).resolved(params is None)
+  _check(q_bmhd, k_ctx_bsgd, bs)
   bf = jnp.bfloat16
   m_pad, s_pad = _round_up(m, bs.block_q), _round_up(s, bs.block_kv)
-  cmask = _pad_axis(ctx_mask_bs, 1, s_pad, False)
-  call = _forward_call(b, m_pad, h, g, d, s_pad, bs, _platform.mosaic_interpret_params(interpret),
-                       self_keys=False)
+  call = _forward_call(b, m_pad, h, g, d, s_pad, bs, params, self_keys=False)
   out, _ = call(_pad_axis(q_bmhd.astype(bf), 1, m_pad),
                 _pad_axis(k_ctx_bsgd.astype(bf), 1, s_pad),
                 _pad_axis(v_ctx_bsgd.astype(bf), 1, s_pad),
-                jnp.where(cmask, 0.0, MASKED).astype(jnp.float32))
+                _bias(_pad_axis(ctx_mask_bs, 1, s_pad, False)))
+  visible_b = jnp.any(ctx_mask_bs, axis=1)
   return jnp.where(visible_b[:, None, None, None], out[:, :m], 0).astype(q_bmhd.dtype)
