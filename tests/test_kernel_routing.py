@@ -309,7 +309,7 @@ def test_engine_block_sizes_by_key_dtype():
   got = {d: engine_block_sizes(1024, d) for d in ("bfloat16", "float8_e4m3fn", "int8")}
   assert {d: (b.features, b.chunks, b.stages, b.fused, b.programs_per_sm)
           for d, b in got.items()} == {
-      "bfloat16": (128, 128, 4, False, 1), "float8_e4m3fn": (128, 64, 2, False, 1),
+      "bfloat16": (128, 128, 4, False, 1), "float8_e4m3fn": (128, 128, 2, False, 1),
       "int8": (128, 256, 2, False, 1)}
   # the fused kernel: two programs per SM, 256-feature steps for int8
   got = {d: engine_block_sizes(1024, d, fused=True) for d in ("bfloat16", "float8_e4m3fn", "int8")}

@@ -406,7 +406,9 @@ def test_gpu_unfused_quantised_route_compiled(dtype, terms, b, m, runs_tail):
 def test_gpu_unfused_fp8_tilings_compiled(terms, chunks, features, b, m):
   """The unfused fp8 tilings measured faster than the engine's 64 × 128 on the H200
   (BENCHMARKS.md, 2026-12-04T21Z: two terms at 128-chunk tiles, one term at 128 × 128 and
-  128 × 256), compiled, with the run tail: what switching ``engine_block_sizes`` needs."""
+  128 × 256), compiled, with the run tail: what switching ``engine_block_sizes`` needs. On
+  the H200 (2026-12-05) both 128 × 128 tilings passed and 128 × 256 took the expected
+  failure (256-product fp8 steps), so the engine's fp8 tiles are 128 × 128."""
   test_gpu_fused_quantised_route_compiled("float8_e4m3fn", terms, b, m, features, fused=False,
                                           runs_tail=True, chunks=chunks)
 

@@ -282,10 +282,13 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   Unfused (the default since 2026-12-04): the chunk-score kernel, then the documents' top-k
   from the chunk scores' row maxima (``block_routing.run_top_k``, given the bank's
   ``max_doc_chunks``). 8-bit keys: two pipeline stages (a small shared-memory footprint, so
-  several programs share an SM), 256-chunk tiles for int8 and 64-chunk tiles for fp8 (two
-  query terms, two accumulators): on the H200 at 100M tokens these took int8 from 0.64 to
-  0.63 ms a layer at batch 1 and from 2.44 to 2.09 at batch 8, fp8 from 0.88 to 0.74 at
-  batch 1 (BENCHMARKS.md, 2026-12-04).
+  several programs share an SM), 256-chunk tiles for int8 and 128-chunk tiles for fp8: on
+  the H200 at 100M tokens these took int8 from 0.64 to 0.63 ms a layer at batch 1 and from
+  2.44 to 2.09 at batch 8, fp8 (two query terms) from 0.88 to 0.74 at batch 1 with 64-chunk
+  tiles (BENCHMARKS.md, 2026-12-04), then to 0.67 with 128-chunk tiles (2026-12-04T21Z;
+  compiled tests at 128 chunks, one and two terms, passed on the H200 2026-12-05). fp8
+  at 128 x 256 (one term, 0.54 ms) fails the compiled test as the fused kernel's 256-feature
+  steps do (below), so fp8 keeps 128-feature steps here too.
 
   Fused: two programs per SM, and 256-feature pipeline steps for int8 keys (32 KB of keys
   a step, as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from
@@ -301,7 +304,7 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   features = (256 if fused and name == "int8" and key_width % 256 == 0 else
               128 if key_width % 128 == 0 else 64)
   tiling = {} if fused else {"int8": {"chunks": 256, "stages": 2},
-                             "float8_e4m3fn": {"chunks": 64, "stages": 2}}.get(name, {})
+                             "float8_e4m3fn": {"chunks": 128, "stages": 2}}.get(name, {})
   per_sm = {"programs_per_sm": 2} if fused else {}    # the unfused kernel has no such knob
   return block_routing.BlockSizes(**{"fused": fused, "features": features, **tiling,
                                      **per_sm, **overrides})
