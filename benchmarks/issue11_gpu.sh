@@ -28,7 +28,7 @@ step() {   # step NAME SECONDS command...: runs the command under `timeout`, log
 
 ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
        --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
-       --route_impls=pallas,pallas-unfused-fp8q1)
+       --route_impls=pallas,pallas-unfused-fp8q2)
 
 case "$STAGE" in
   tests)

@@ -27,7 +27,9 @@ Measures, medians after warm-up (``benchmarks.time_ms``):
     segment max over every document before its top-k, as before 2026-12-04), ``pallas-noskip`` (every
     tile merged, ``BlockSizes.skip_beaten=False``), ``pallas-f256`` (256-feature pipeline
     steps for every key dtype), ``pallas-fp8q1`` (fp8 keys against one-term e4m3 queries,
-    ``BlockSizes.fp8_query_terms=1``); any of them with ``:FIELD=VALUE`` overrides of
+    ``BlockSizes.fp8_query_terms=1``; the unfused route's default since 2026-12-05),
+    ``pallas-unfused-fp8q2`` (the unfused route with two query terms, the code and its
+    e4m3 residual); any of them with ``:FIELD=VALUE`` overrides of
     ``BlockSizes``, e.g. ``pallas:features=128:programs_per_sm=1``, the route before
     2026-12-01T23Z), beside its read floor: bytes of K̄R codes + scales over the
     pure-read bandwidth measured in this run (``benchmarks.read_bandwidth_gbs``), and a
@@ -118,7 +120,7 @@ def sizes_for(tokens: int, sizes: str) -> list[int]:
 
 ROUTE_IMPLS = ("xla", "xla-bf16", "pallas", "pallas-fold", "pallas-nofold", "pallas-nolayout",
                "pallas-fp8q1", "pallas-fused", "pallas-unfused", "pallas-unfused-fp8q1",
-               "pallas-noskip", "pallas-f256", "pallas-unfused-segmax")
+               "pallas-unfused-fp8q2", "pallas-noskip", "pallas-f256", "pallas-unfused-segmax")
 
 
 def split_impl(impl: str) -> tuple[str, dict]:
@@ -157,9 +159,11 @@ def route_impl_args(impl: str, f: int, layouts, key_dtype: str = "bfloat16") -> 
   fused = {"pallas-fused": True, "pallas-fold": True, "pallas-nofold": True,
            "pallas-fp8q1": True, "pallas-noskip": True, "pallas-f256": True,
            "pallas-unfused": False, "pallas-unfused-fp8q1": False,
-           "pallas-unfused-segmax": False}
+           "pallas-unfused-fp8q2": False, "pallas-unfused-segmax": False}
   named = {"fold_batch": {"pallas-fold": True, "pallas-nofold": False}.get(impl),
-           "fp8_query_terms": 1 if impl.endswith("fp8q1") else 2,
+           # the engine's default terms (one for the unfused fp8 route) unless named
+           **({"fp8_query_terms": 1} if impl.endswith("fp8q1") else
+              {"fp8_query_terms": 2} if impl.endswith("fp8q2") else {}),
            "skip_beaten": impl != "pallas-noskip",
            **({"features": 256} if impl == "pallas-f256" else {}),
            **({"fused": fused[impl]} if impl in fused else {})}
@@ -225,8 +229,8 @@ def bench_route(cfg, lengths, n_tokens, kr_dtypes, question_len, bw, rows, log,
       for b in (1, 8):
         if impl.startswith(("pallas-fold", "pallas-nofold")) and b == 1:
           continue            # one example: nothing to fold
-        if split_impl(impl)[0].endswith("fp8q1") and kr_dtype != "float8_e4m3fn":
-          continue            # one e4m3 query term: fp8 keys only
+        if split_impl(impl)[0].endswith(("fp8q1", "fp8q2")) and kr_dtype != "float8_e4m3fn":
+          continue            # e4m3 query terms: fp8 keys only
         rq = jnp.asarray(rng.normal(size=(b, question_len, f)).astype(np.float32))
         mask = jnp.ones((b, question_len), bool)
         kw = route_impl_args(impl, f, layouts, kr_dtype)

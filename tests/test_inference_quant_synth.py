@@ -150,6 +150,11 @@ def test_ttft_route_impl_options_override_block_sizes():
     kw = ttft.route_impl_args("pallas", 1024, None, dtype)
     assert (kw["block_sizes"].fused, kw["block_sizes"].chunks) == (False, chunks)
     assert "max_doc_chunks" not in kw                     # the bank's own bound is used
+  # fp8 query terms: the unfused route's default is one (2026-12-05); -fp8q2 names two
+  terms = {i: ttft.route_impl_args(i, 1024, None, "float8_e4m3fn")["block_sizes"].fp8_query_terms
+           for i in ("pallas", "pallas-unfused-fp8q2", "pallas-unfused-fp8q1", "pallas-fused")}
+  assert terms == {"pallas": 1, "pallas-unfused-fp8q2": 2, "pallas-unfused-fp8q1": 1,
+                   "pallas-fused": 2}
   assert ttft.route_impl_args("pallas-nofold", 1024, None)["block_sizes"].fused is True
   assert ttft.route_impl_args("pallas-unfused-segmax", 1024, None)["max_doc_chunks"] is None
   for bad in ("pallas:nonsense=1", "pallas:stages", "xla:stages=2", "pallas-f512"):

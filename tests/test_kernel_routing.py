@@ -318,3 +318,6 @@ def test_engine_block_sizes_by_key_dtype():
       "int8": (256, 2, 128, True)}
   assert engine_block_sizes(192, "int8", fused=True).features == 64
   assert engine_block_sizes(1024, "int8", chunks=64).chunks == 64     # overrides win
+  # fp8: one e4m3 query term unfused (2026-12-05), two in the fused kernel; overrides win
+  assert [engine_block_sizes(1024, "float8_e4m3fn", **kw).fp8_query_terms
+          for kw in ({}, {"fused": True}, {"fp8_query_terms": 2})] == [1, 2, 2]

@@ -77,7 +77,8 @@ def _tile_chunk_scores(rq_bmf, route_mask_bm, kr_tf, scale_t=None, score_dtype="
   ``kernel`` / ``kernel_fp8q1``: the GPU routing kernels' numerics on any platform
   (``pallas_kernels.quantised_queries.column_scores``): against fp8 / int8 codes each
   routing token is quantised per token to the keys' dtype (fp8 as two e4m3 terms, or one
-  with ``kernel_fp8q1``); against float keys, bf16 operands (as ``bfloat16``). What the
+  with ``kernel_fp8q1``: the engine's unfused fp8 route since 2026-12-05, see
+  :func:`engine_block_sizes`); against float keys, bf16 operands (as ``bfloat16``). What the
   engine's Pallas route scores, so its accuracy can be measured where the kernels do not run.
   """
   if score_dtype.startswith("kernel") and scale_t is not None:
@@ -288,7 +289,12 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   tiles (BENCHMARKS.md, 2026-12-04), then to 0.67 with 128-chunk tiles (2026-12-04T21Z;
   compiled tests at 128 chunks, one and two terms, passed on the H200 2026-12-05). fp8
   at 128 x 256 (one term, 0.54 ms) fails the compiled test as the fused kernel's 256-feature
-  steps do (below), so fp8 keeps 128-feature steps here too.
+  steps do (below), so fp8 keeps 128-feature steps here too. The unfused fp8 route takes
+  one e4m3 query term since 2026-12-05 (``fp8_query_terms=2`` in ``overrides`` keeps the
+  residual term): 0.52 ms a layer against two terms' 0.645 at batch 1 on the H200 (0.54 x
+  bf16's 0.964; BENCHMARKS.md), and on the trained router measured with the kernels'
+  numerics (1.3M tokens, 512 questions) one term and two both score bf16's recall@1 and EM
+  (WORKSPACE.md "Bank quantisation"). The fused kernel keeps two terms.
 
   Fused: two programs per SM, and 256-feature pipeline steps for int8 keys (32 KB of keys
   a step, as bf16's 128): on the H200 at 100M tokens, batch 1, this took int8 routing from
@@ -304,7 +310,8 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   features = (256 if fused and name == "int8" and key_width % 256 == 0 else
               128 if key_width % 128 == 0 else 64)
   tiling = {} if fused else {"int8": {"chunks": 256, "stages": 2},
-                             "float8_e4m3fn": {"chunks": 128, "stages": 2}}.get(name, {})
+                             "float8_e4m3fn": {"chunks": 128, "stages": 2,
+                                                       "fp8_query_terms": 1}}.get(name, {})
   per_sm = {"programs_per_sm": 2} if fused else {}    # the unfused kernel has no such knob
   return block_routing.BlockSizes(**{"fused": fused, "features": features, **tiling,
                                      **per_sm, **overrides})
