@@ -282,13 +282,17 @@ class DeviceBank:
   @classmethod
   def load(cls, bank: MemoryBank, mesh: Optional[Mesh] = None, *, kv_placement: str = "device",
            routing_impl: str = "xla", tile: Optional[int] = None, pad_to: int = 4096,
-           score_dtype: str = "float32", route_fused: bool = False, log=print) -> "DeviceBank":
+           score_dtype: str = "float32", route_fused: bool = False, route_options=(),
+           log=print) -> "DeviceBank":
     """Places ``bank`` on ``mesh`` (default: every device on one ``memory`` axis).
 
     ``route_fused`` (``routing_impl="pallas"``): the unfused chunk-score kernel with the
     documents' top-k in XLA from the chunk scores' row maxima (default:
     ``block_routing.run_top_k``; faster on the H200 at 10M-100M tokens for bf16, fp8 and
     int8 keys, batch 1 and 8, BENCHMARKS.md), or the fused block top-k kernel (True).
+    ``route_options``: ``(BlockSizes field, value)`` pairs over the route's defaults
+    (``bank_routing.engine_block_sizes``), e.g. ``(("fp8_query_terms", 2),)`` for fp8 keys
+    scored against two e4m3 query terms instead of the default one.
 
     ``score_dtype`` (XLA routing): ``float32`` scores at HIGHEST precision; ``bfloat16``
     multiplies bfloat16 operands on tensor cores (exact for fp8/int8 codes; the queries
@@ -344,7 +348,7 @@ class DeviceBank:
             check_scales(bank.scale(i, part), f"layer_{i:02d}.{part}_scale", bank.path)
     host = HostFetch(bank, cmax) if kv_placement == "host" else None
     settings = BankSettings(mesh, cmax, tile, routing_impl, host, bank.compute_dtype,
-                            score_dtype, route_fused)
+                            score_dtype, route_fused, tuple(map(tuple, route_options)))
     put = lambda x: jax.device_put(x, replicated)
     log(f"bank {bank.path}: {bank.num_docs:,} documents, {bank.num_chunks:,} chunks over "
         f"{shards} memory shard(s) of {rows:,} rows; K̄R {bank.kr_dtype}, K̄/V̄ {bank.kv_dtype} "
