@@ -228,3 +228,14 @@ def test_sampling_is_seeded_and_respects_top_p():
   all_draws = {int(engine_lib.sample(logits, jax.random.PRNGKey(s), 1.0, 1.0)[0])
                for s in range(200)}
   assert all_draws == {0, 1, 2, 3}
+
+
+def test_device_bank_route_options_reach_the_pallas_route(setup):
+  """``DeviceBank.load(route_options=...)`` overrides the Pallas route's block sizes (e.g.
+  two fp8 query terms instead of the engine's one); without it the engine's defaults."""
+  bank = bank_lib.open_bank(setup[-1])
+  mesh = Mesh(np.array(jax.devices()[:1]), ("memory",))
+  terms = [DeviceBank.load(bank, mesh, routing_impl="pallas", log=lambda *_: None, **kw)
+           .settings.route_block_sizes(1024, "float8_e4m3fn").fp8_query_terms
+           for kw in ({}, {"route_options": [("fp8_query_terms", 2)]})]
+  assert terms == [1, 2]
