@@ -5,30 +5,18 @@
 #   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 5 and 20 calls a sample, profiled (~300 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #
-# Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
-# commands instead of running them. Each command runs under its own `timeout`, inside the call's
-# limit, so a stuck step still leaves the others' logs.
+# Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
+# DRY=1 prints the commands instead of running them (benchmarks/gpu_stage.sh).
 set -u
 STAGE=${STAGE:?set STAGE=tests, route or ttft}
-OUT=${OUT:-/tmp/out}
-DIR="$OUT/issue11_$STAGE"
-PY=${PYTHON:-python3}
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-export PYTHONUNBUFFERED=1
-mkdir -p "$DIR"
-
-step() {   # step NAME SECONDS command...: runs the command under `timeout`, logging to NAME.log
-  local name=$1 seconds=$2
-  shift 2
-  echo "== $name ($seconds s): $*" | tee -a "$DIR/steps.log"
-  if [ -n "${DRY:-}" ]; then return 0; fi
-  timeout "$seconds" "$@" 2>&1 | tee "$DIR/$name.log"
-  echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$DIR/steps.log"
-}
+ISSUE=issue11
+source "$(dirname "$0")/gpu_stage.sh"
 
 ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
        --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
-       --route_impls=pallas,pallas-unfused-fp8q2)
+       --route_impls=pallas,pallas-unfused-fp8q2,pallas:stages=4)
+# (pallas:stages=4: four pipeline stages for the 8-bit keys too, untried in the route; the
+# chunk-score step alone ran fp8 one term at 372 µs with 4 stages, BENCHMARKS.md)
 
 case "$STAGE" in
   tests)
