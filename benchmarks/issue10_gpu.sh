@@ -5,6 +5,8 @@
 #   STAGE=profile bash benchmarks/issue10_gpu.sh  # the recipe's step (cuBLAS, the recipes'
 #                                                  # xla_flags), profiled: the
 #                                                  # by-source-op table of where the time goes
+#   STAGE=lean_norm bash benchmarks/issue10_gpu.sh  # the same with model.rms_norm_vjp="lean"
+#                                                  # (RMSNorm's hand-written backward), profiled
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -12,7 +14,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -24,12 +26,16 @@ case "$STAGE" in
     step profile 420 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc --profile_dir /tmp/prof \
       --out "$DIR/train_step_0.6b_b32_profiled.json" ;;
+  lean_norm)
+    step lean_norm 420 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --rms_norm_vjp lean --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_lean --out "$DIR/train_step_0.6b_b32_lean_norm.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm or triton" >&2
     exit 2 ;;
 esac

@@ -72,6 +72,8 @@ def _parse(argv):
                       "full-logits one (kernels forced to xla: the CPU has no Pallas)")
   p.add_argument("--remat_policy", default="",
                  help="override model.remat_policy (none | full | dots); default the recipe's")
+  p.add_argument("--rms_norm_vjp", default="",
+                 help="override model.rms_norm_vjp (autodiff | lean); default the recipe's")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
                       "each batch (e.g. 4 with --remat_policy dots at batch 32)")
@@ -105,9 +107,10 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = "recipe",
-           remat_policy: str = ""):
+           remat_policy: str = "", rms_norm_vjp: str = ""):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
-  ``scan`` "on"/"off" and ``remat_policy`` (if given) override the recipe's model."""
+  ``scan`` "on"/"off", ``remat_policy`` and ``rms_norm_vjp`` (if given) override the
+  recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False
@@ -126,6 +129,8 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
     cfg.model.scan_layers = scan == "on"
   if remat_policy:
     cfg.model.remat_policy = remat_policy
+  if rms_norm_vjp:
+    cfg.model.rms_norm_vjp = rms_norm_vjp
   return cfg
 
 
@@ -213,7 +218,8 @@ def run_shapes(args, save=None) -> dict:
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
                                 for m in args.memory.split(",") for s in scans):
-    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy)
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
+                 args.rms_norm_vjp)
     cfg.microbatches = args.microbatches
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -230,6 +236,7 @@ def run_shapes(args, save=None) -> dict:
       entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "batch": b, "scan_layers": model_cfg.scan_layers,
                "remat_policy": model_cfg.remat_policy, "microbatches": args.microbatches,
+               "rms_norm_vjp": model_cfg.rms_norm_vjp,
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
@@ -307,7 +314,8 @@ def run_compile_layers(args) -> dict:
   memory = int(args.memory.split(",")[0])
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   for scan, layers in ((s, int(x)) for s in scans for x in args.compile_layers.split(",")):
-    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy)
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
+                 args.rms_norm_vjp)
     cfg.model.num_layers = layers
     cfg.model.router_layers = tuple(range(layers // 2, layers))
     cfg.batch_size = int(args.batches.split(",")[0])

@@ -60,6 +60,10 @@ class ModelConfig:
   remat: Optional[bool] = None         # legacy switch, see the class docstring
   scan_layers: bool = False
   kernels: str = "xla"                 # "auto" | "pallas" | "xla"
+  # How RMSNorm's gradient is computed (layers.RMS_NORM_VJPS): "autodiff" (JAX's own) or
+  # "lean" (a hand-written backward from the bf16 inputs; the same gradients to float32
+  # rounding; not yet timed on a GPU, BENCHMARKS.md "Training step at the recipes' shapes").
+  rms_norm_vjp: str = "autodiff"
 
   def __post_init__(self):
     if self.router_layers is not None:
@@ -106,6 +110,8 @@ class ModelConfig:
          f"scan_layers must be True or False, got {self.scan_layers!r}")
     need(self.kernels in ("auto", "pallas", "xla"),
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
+    need(self.rms_norm_vjp in ("autodiff", "lean"),
+         f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
 
   @property
   def router_layer_ids(self) -> tuple[int, ...]:

@@ -28,7 +28,8 @@ class DecoderLayer(nn.Module):
   def setup(self):
     cfg = self.cfg
     norm = lambda name, axis="norm": RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype,
-                                            cfg.jnp_param_dtype, axis, name=name)
+                                            cfg.jnp_param_dtype, axis, cfg.rms_norm_vjp,
+                                            name=name)
     hd = cfg.num_heads * cfg.head_dim
     kvd = cfg.num_kv_heads * cfg.head_dim
     self.input_layernorm = norm("input_layernorm")

@@ -1,6 +1,8 @@
 """Qwen3 building blocks: RMSNorm, RoPE, SwiGLU MLP, projections (SPEC §1)."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,24 +20,66 @@ def dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> 
       name=name)
 
 
+def rms_norm(x, scale, eps: float, dtype):
+  """``x · rsqrt(mean(x²) + eps) · scale`` over the last axis, in float32; output in
+  ``dtype``. Differentiated by JAX."""
+  x32 = x.astype(jnp.float32)
+  var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
+  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  return (x32 * jax.lax.rsqrt(var + eps) * scale).astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm_lean_vjp(x, scale, eps: float, dtype):
+  """:func:`rms_norm` with a hand-written backward that keeps only ``x`` and ``scale`` and
+  recomputes each row's ``r = rsqrt(mean(x²) + eps)``:
+
+      dx = r·(g·w) − x·r³·mean(g·w·x),   dw = Σ_rows g·x·r
+
+  each from the inputs in their own dtype (two row reductions, one elementwise pass, one
+  column reduction), where JAX's own backward of the float32 formula may keep float32
+  copies of whole activations between its fusions (on the H200 the q/k norms' backward
+  wrote an ``f32[5216, 104, 16, 128]`` array in the 0.6b step, 266 ms of its 4,543:
+  BENCHMARKS.md). The same function; gradients equal to float32 rounding
+  (``tests/test_layers.py``). Selected by ``ModelConfig.rms_norm_vjp="lean"``."""
+  return rms_norm(x, scale, eps, dtype)
+
+
+def _rms_norm_lean_fwd(x, scale, eps, dtype):
+  return rms_norm(x, scale, eps, dtype), (x, scale)
+
+
+def _rms_norm_lean_bwd(eps, dtype, res, g):
+  x, scale = res
+  x32 = x.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  gw = g.astype(jnp.float32) * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  dx = r * gw - x32 * (r * r * r) * jnp.mean(gw * x32, axis=-1, keepdims=True)
+  dscale = jnp.sum((g.astype(jnp.float32) * x32 * r).reshape(-1, x.shape[-1]), axis=0)
+  return dx.astype(x.dtype), dscale.astype(scale.dtype)
+
+
+rms_norm_lean_vjp.defvjp(_rms_norm_lean_fwd, _rms_norm_lean_bwd)
+
+RMS_NORM_VJPS = {"autodiff": rms_norm, "lean": rms_norm_lean_vjp}
+
+
 class RMSNorm(nn.Module):
-  """RMSNorm in float32 with a learned scale; output in ``dtype``."""
+  """RMSNorm in float32 with a learned scale; output in ``dtype``. ``vjp``: how its
+  gradient is computed (``RMS_NORM_VJPS``; the same values)."""
 
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = "norm"
+  vjp: str = "autodiff"
 
   @nn.compact
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-    scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-    y = x32 * jax.lax.rsqrt(var + self.eps) * scale
-    return y.astype(self.dtype)
+    return RMS_NORM_VJPS[self.vjp](x, scale, self.eps, self.dtype)
 
 
 # RoPE angles past 4,096 positions: position × ω in float32 (as transformers computes it)

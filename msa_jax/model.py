@@ -87,7 +87,8 @@ class MSAModel(nn.Module):
     router_ids = set(cfg.router_layer_ids)
     self.layers = [layer_cls(cfg, is_router=i in router_ids, name=f"layers_{i}")
                    for i in range(cfg.num_layers)]
-    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name="norm")
+    self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype,
+                        vjp=cfg.rms_norm_vjp, name="norm")
     if not cfg.tie_word_embeddings:
       self.lm_head = dense(cfg.vocab_size, cfg, ("embed", "vocab"), "lm_head")
 

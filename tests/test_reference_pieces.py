@@ -37,6 +37,50 @@ def _doc_scores(rq, route, kr_cf, chunk_doc):
 # --------------------------------------------------------------------------- SPEC §1
 
 
+@pytest.mark.parametrize("vjp", sorted(layers.RMS_NORM_VJPS))
+def test_rms_norm_gradients_match_float64_finite_differences(vjp):
+  """RMSNorm's gradients (``x`` and the scale) by each ``ModelConfig.rms_norm_vjp``: JAX's
+  autodiff and the hand-written lean backward, float32, against central differences of the
+  float64 numpy reference of ``sum(g · rms_norm(x))``."""
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(3, 4, 16)).astype(np.float32)
+  scale = rng.normal(1.0, 0.3, size=(16,)).astype(np.float32)
+  g = rng.normal(size=x.shape).astype(np.float32)
+  norm = layers.RMSNorm(1e-6, vjp=vjp)
+  _, pull = jax.vjp(lambda xx, ss: norm.apply({"params": {"scale": ss}}, xx), x, scale)
+  dx, dscale = jax.jit(pull)(jnp.asarray(g))
+  loss = lambda xx, ss: float(np.sum(g * R.rms_norm(xx, ss, 1e-6)))  # noqa: E731
+  h = 1e-6
+  x64, s64 = x.astype(np.float64), scale.astype(np.float64)
+  want_dx = np.zeros_like(x64)
+  for i in np.ndindex(x.shape):
+    e = np.zeros_like(x64)
+    e[i] = h
+    want_dx[i] = (loss(x64 + e, s64) - loss(x64 - e, s64)) / (2 * h)
+  want_ds = np.array([(loss(x64, s64 + h * np.eye(16)[j]) - loss(x64, s64 - h * np.eye(16)[j]))
+                      / (2 * h) for j in range(16)])
+  assert R.rel_err(dx, want_dx) < 1e-5
+  assert R.rel_err(dscale, want_ds) < 1e-5
+
+
+def test_rms_norm_lean_backward_in_bfloat16_equals_autodiff():
+  """bf16 activations (the recipes' dtype): the lean backward's gradients equal JAX's
+  within bf16 rounding of ``dx`` (2^-8), and the float32 scale gradient to 1e-4."""
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(8, 5, 128)), jnp.bfloat16)
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=(128,)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+  grads = {}
+  for vjp in ("autodiff", "lean"):
+    norm = layers.RMSNorm(1e-6, jnp.bfloat16, vjp=vjp)
+    _, pull = jax.vjp(lambda xx, ss: norm.apply({"params": {"scale": ss}}, xx), x, scale)
+    grads[vjp] = jax.jit(pull)(g)
+  (ax, as_), (lx, ls) = grads["autodiff"], grads["lean"]
+  assert lx.dtype == jnp.bfloat16 and ls.dtype == jnp.float32
+  assert 0 <= R.rel_err(lx.astype(jnp.float32), ax.astype(jnp.float32)) < 8e-3
+  assert R.rel_err(ls, as_) < 1e-4
+
+
 def test_rms_norm_and_rope_match_reference():
   """SPEC §1: RMSNorm (float32, learned scale) and rotate-half RoPE with theta 1e6."""
   rng = np.random.default_rng(0)
