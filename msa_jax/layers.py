@@ -41,7 +41,7 @@ def rms_norm_lean_vjp(x, scale, eps: float, dtype):
   copies of whole activations between its fusions (on the H200 the q/k norms' backward
   wrote an ``f32[5216, 104, 16, 128]`` array in the 0.6b step, 266 ms of its 4,543:
   BENCHMARKS.md). The same function; gradients equal to float32 rounding
-  (``tests/test_layers.py``). Selected by ``ModelConfig.rms_norm_vjp="lean"``."""
+  (``tests/test_reference_pieces.py``). Selected by ``ModelConfig.rms_norm_vjp="lean"``."""
   return rms_norm(x, scale, eps, dtype)
 
 

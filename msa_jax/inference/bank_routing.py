@@ -291,8 +291,8 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   at 128 x 256 (one term, 0.54 ms) fails the compiled test as the fused kernel's 256-feature
   steps do (below), so fp8 keeps 128-feature steps here too. The unfused fp8 route takes
   one e4m3 query term since 2026-12-05 (``fp8_query_terms=2`` in ``overrides`` keeps the
-  residual term): 0.52 ms a layer against two terms' 0.645 at batch 1 on the H200 (0.54 x
-  bf16's 0.964; BENCHMARKS.md), and on the trained router measured with the kernels'
+  residual term): 0.530 ms a layer against two terms' 0.651 at batch 1 on the H200 (0.54 x
+  bf16's 0.985; BENCHMARKS.md, 2026-12-05), and on the trained router measured with the kernels'
   numerics (1.3M tokens, 512 questions) one term and two both score bf16's recall@1 and EM
   (WORKSPACE.md "Bank quantisation"). The fused kernel keeps two terms.
 
