@@ -7,6 +7,8 @@
 #                                                  # by-source-op table of where the time goes
 #   STAGE=lean_norm bash benchmarks/issue10_gpu.sh  # the same with model.rms_norm_vjp="lean"
 #                                                  # (RMSNorm's hand-written backward), profiled
+#   STAGE=pad_free bash benchmarks/issue10_gpu.sh  # the pad-free attention's compiled tests,
+#                                                  # then the step with it, profiled
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -14,7 +16,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -30,12 +32,19 @@ case "$STAGE" in
     step lean_norm 420 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --rms_norm_vjp lean --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_lean --out "$DIR/train_step_0.6b_b32_lean_norm.json" ;;
+  pad_free)   # the compiled tests first: the step only if the kernels are right
+    step pad_free_tests 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+      tests/test_kernel_sparse_attention.py -k pad_free
+    if [ -z "${DRY:-}" ] && grep -q "failed\|error" "$DIR/pad_free_tests.log"; then exit 1; fi
+    step pad_free 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --attention_pad_free --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_pad_free --out "$DIR/train_step_0.6b_b32_pad_free.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free or triton" >&2
     exit 2 ;;
 esac

@@ -64,6 +64,9 @@ class ModelConfig:
   # "lean" (a hand-written backward from the bf16 inputs; the same gradients to float32
   # rounding; not yet timed on a GPU, BENCHMARKS.md "Training step at the recipes' shapes").
   rms_norm_vjp: str = "autodiff"
+  # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
+  # BlockSizes.pad_free: TMA reads and writes past the rows); not yet run on a GPU.
+  attention_pad_free: bool = False
 
   def __post_init__(self):
     if self.router_layers is not None:
@@ -110,6 +113,8 @@ class ModelConfig:
          f"scan_layers must be True or False, got {self.scan_layers!r}")
     need(self.kernels in ("auto", "pallas", "xla"),
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
+    need(isinstance(self.attention_pad_free, bool),
+         f"attention_pad_free must be True or False, got {self.attention_pad_free!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
 

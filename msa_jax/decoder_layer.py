@@ -80,7 +80,8 @@ class DecoderLayer(nn.Module):
     if self._xla_attention():
       return attention_lib.attend(*args)
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
-    return sparse_attention.attend(*args, implementation=self.cfg.kernels)
+    bs = sparse_attention.BlockSizes(pad_free=True) if self.cfg.attention_pad_free else None
+    return sparse_attention.attend(*args, implementation=self.cfg.kernels, block_sizes=bs)
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):
     """:meth:`_attend` over the context alone (``attention.attend_context``)."""

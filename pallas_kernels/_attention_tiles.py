@@ -14,6 +14,23 @@ from pallas_kernels import _platform
 MASKED = -1e30
 
 
+def finish_rows(acc, m_i, l_i, d: int, zero_unseen: bool):
+  """A forward kernel's ``(out [bq, d] f32, lse [bq] f32)`` from its online-softmax state
+  (``acc``, running max ``m_i`` and sum ``l_i``, base-2 logits).
+
+  ``zero_unseen``: a row that saw no key (every logit ``MASKED``, so ``m_i`` never rose
+  above it) outputs zeros and a log-sum-exp of ``-MASKED``, so the backward kernels give
+  its probabilities ``exp2(logit − lse) = 0``: no gradient, as for the zeros the caller
+  would otherwise select in and out. Otherwise such a row averages the values it swept."""
+  out = acc / lax.broadcast_in_dim(l_i, (acc.shape[0], d), [0])
+  lse = m_i + jnp.log2(l_i)
+  if not zero_unseen:
+    return out, lse
+  # (the max broadcast, not the mask: f32 row vectors broadcast in every register layout)
+  out = jnp.where(lax.broadcast_in_dim(m_i, out.shape, [0]) > 0.5 * MASKED, out, 0.0)
+  return out, jnp.where(m_i > 0.5 * MASKED, lse, -MASKED)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tile:
   """A ``[rows, cols]`` f32 register tile in the WGMMA layout (plain arrays interpreted)."""

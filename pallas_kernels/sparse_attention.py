@@ -53,6 +53,15 @@ class BlockSizes:
     warpgroup and two compute warpgroups, each of ``block_q`` rows) when there is
     more than one query block; None: when compiled (interpreted, the
     single-warpgroup kernel is much faster to run on a CPU).
+  pad_free: the kernels zero the rows that see no key themselves (output 0, and a
+    log-sum-exp of ``-MASKED`` so the backward gives them no probability), so no select
+    surrounds them; and, compiled, own tokens stay at their ``M`` rows: the kernels'
+    TMA copies zero-fill the rows past ``M`` on loads and drop them on stores, so q, k,
+    v and dO are neither padded to whole tiles nor sliced back (on the H200 the 0.6b
+    step spent ~7.7 % of its time padding 104-token documents to 128 rows, and ~1.9 %
+    in the select; BENCHMARKS.md). Interpreted, the operands are still padded (the
+    interpreter clamps out-of-range slices). Not yet run compiled: off by default until
+    ``test_gpu_pallas_pad_free_compiled`` has passed on a GPU.
   """
 
   block_q: int = 64
@@ -63,6 +72,7 @@ class BlockSizes:
   bwd_block_kv: int = 64
   bwd_stages: int = 2
   warp_specialized: bool | None = None
+  pad_free: bool = False
 
   def resolved(self, compiled: bool) -> "BlockSizes":
     """Every ``None`` replaced: the fastest settings measured on an H200 (BENCHMARKS.md)."""
@@ -78,13 +88,16 @@ def attend_reference(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm,
                               k_ctx_bsgd, v_ctx_bsgd, ctx_mask_bs)
 
 
-def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params, self_keys: bool = True):
+def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params, self_keys: bool = True,
+                  rows: int | None = None, zero_unseen: bool = False):
   """``plgpu.kernel`` over padded inputs (m % block_q == 0, s % block_kv == 0).
 
   Returns ``(out [B, M, H, D] bf16, lse [B, H, M] f32)``; ``lse`` is the log-sum-exp of
   each row's logits in base 2 (``logits·log2(e)/sqrt(D)`` plus mask biases), which the
   backward kernels use to recompute probabilities. ``self_keys=False``: the context only
-  (no own-token operands: ``(q, kc, vc, cbias) -> (out, lse)``).
+  (no own-token operands: ``(q, kc, vc, cbias) -> (out, lse)``). ``rows``: the own-token
+  arrays' (and ``out``'s) rows when fewer than the ``m`` the grid covers (TMA fills the rest
+  with zeros and drops their stores); ``zero_unseen``: :func:`tiles.finish_rows`.
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -136,9 +149,9 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params, self_keys:
           self_refs=None if not self_keys else lambda first, size: (
               ks_ref.at[bi, pl.ds(first, size), gi], vs_ref.at[bi, pl.ds(first, size), gi],
               sbias_ref.at[bi, pl.ds(first, size)]))
-      out = acc / lax.broadcast_in_dim(l_i, (bq, d), [0])
+      out, lse = tiles.finish_rows(acc, m_i, l_i, d, zero_unseen)
       q_smem[...] = out.astype(jnp.bfloat16)
-      lse_smem[...] = m_i + jnp.log2(l_i)
+      lse_smem[...] = lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(q_smem, out_ref.at[bi, pl.ds(q0, bq), hi])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
@@ -152,7 +165,7 @@ def _forward_call(b, m, h, g, d, s, bs: BlockSizes, interpret_params, self_keys:
 
   return plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((b, m, h, d), jnp.bfloat16),
+      out_type=(jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
                 jax.ShapeDtypeStruct((b, h, m), jnp.float32)),
       grid=(b, h, m // bq),
       grid_names=("b", "h", "q"),
@@ -175,8 +188,9 @@ def _round_up(n: int, tile: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Padded:
-  """Kernel operands: bf16, own tokens padded to ``m`` rows, context to ``s`` slots,
-  masks as additive f32 biases (0 visible, ``MASKED`` not)."""
+  """Kernel operands: bf16, own tokens padded to ``m`` rows (the kernels' grid; the arrays
+  keep ``rows`` rows, ``m`` unless pad-free), context to ``s`` slots, masks as additive f32
+  biases (0 visible, ``MASKED`` not; always ``m`` wide)."""
   q: jax.Array
   ks: jax.Array
   vs: jax.Array
@@ -186,6 +200,7 @@ class _Padded:
   cbias: jax.Array
   m: int
   s: int
+  rows: int
 
 
 def _check(q_bmhd, k_self_bmgd, bs: BlockSizes):
@@ -213,8 +228,9 @@ def _bias(mask):
 
 
 def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
-         ctx_mask_bs, bs: BlockSizes) -> _Padded:
-  """Pads every operand to whole tiles of both the forward and the backward kernels."""
+         ctx_mask_bs, bs: BlockSizes, compiled: bool) -> _Padded:
+  """Pads every operand to whole tiles of both the forward and the backward kernels
+  (pad-free and compiled: the masks only)."""
   b, m, _, d = q_bmhd.shape
   g = k_self_bmgd.shape[2]
   bf = jnp.bfloat16
@@ -231,10 +247,17 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
     s_pad = 0
     kc = vc = jnp.zeros((b, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
     cmask = jnp.zeros((b, kc.shape[1]), bool)
-  return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, m_pad),
-                 ks=_pad_axis(k_self_bmgd.astype(bf), 1, m_pad),
-                 vs=_pad_axis(v_self_bmgd.astype(bf), 1, m_pad),
-                 sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad)
+  rows = m if _pad_free(bs, compiled) else m_pad
+  return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, rows),
+                 ks=_pad_axis(k_self_bmgd.astype(bf), 1, rows),
+                 vs=_pad_axis(v_self_bmgd.astype(bf), 1, rows),
+                 sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad,
+                 rows=rows)
+
+
+def _pad_free(bs: BlockSizes, compiled: bool) -> bool:
+  """Own tokens left at their rows (``BlockSizes.pad_free``, compiled kernels only)."""
+  return bs.pad_free and compiled
 
 
 def _visible(self_mask_bm, ctx_mask_bs):
@@ -249,14 +272,18 @@ def _forward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_b
   _check(q_bmhd, k_self_bmgd, bs)
   b, m, h, d = q_bmhd.shape
   g = k_self_bmgd.shape[2]
-  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
-           ctx_mask_bs, bs)
   params = _platform.mosaic_interpret_params(interpret)
+  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+           ctx_mask_bs, bs, params is None)
   if _use_ws(bs, m):
-    call = fwd_ws.forward_call(b, x.m, h, g, d, x.s, bs.block_q, bs.block_kv, bs.stages, params)
+    call = fwd_ws.forward_call(b, x.m, h, g, d, x.s, bs.block_q, bs.block_kv, bs.stages, params,
+                               rows=x.rows, zero_unseen=bs.pad_free)
   else:
-    call = _forward_call(b, x.m, h, g, d, x.s, bs, params)
+    call = _forward_call(b, x.m, h, g, d, x.s, bs, params, rows=x.rows,
+                         zero_unseen=bs.pad_free)
   out, lse = call(x.q, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
+  if bs.pad_free:          # unseen rows are zeros already; no slice when rows == m
+    return out[:, :m].astype(q_bmhd.dtype), lse
   visible_bm = _visible(self_mask_bm, ctx_mask_bs)
   out = jnp.where(visible_bm[:, :, None, None], out[:, :m], 0).astype(q_bmhd.dtype)
   return out, lse
@@ -268,23 +295,25 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   b, m, h, d = q_bmhd.shape
   g = k_self_bmgd.shape[2]
   s = k_ctx_bsgd.shape[1]
-  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
-           ctx_mask_bs, bs)
   params = _platform.mosaic_interpret_params(interpret)
-  # Rows that see no key output a constant zero: no gradient flows through them.
-  visible_bm = _visible(self_mask_bm, ctx_mask_bs)
-  dout = jnp.where(visible_bm[:, :, None, None], dout_bmhd, 0)
+  x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
+           ctx_mask_bs, bs, params is None)
+  # Rows that see no key output a constant zero: no gradient flows through them (pad-free:
+  # their log-sum-exp of -MASKED gives them no probability in the backward kernels).
+  dout = dout_bmhd
+  if not bs.pad_free:
+    dout = jnp.where(_visible(self_mask_bm, ctx_mask_bs)[:, :, None, None], dout_bmhd, 0)
   delta_bhm = jnp.einsum("bmhd,bmhd->bhm", out_bmhd.astype(jnp.float32),
                          dout.astype(jnp.float32))
   delta_bhm = _pad_axis(delta_bhm, 2, x.m)
-  do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.m)
+  do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.rows)
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
-  dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params)(
+  dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
       x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
   k_all = jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1)
   v_all = jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1)
   bias_all = jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)
-  dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params)(
+  dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
       x.q, do, lse_bhm, delta_bhm, k_all, v_all, bias_all)
   return (dq[:, :m].astype(q_bmhd.dtype),
           dk[:, x.s:x.s + m].astype(k_self_bmgd.dtype),

@@ -33,12 +33,14 @@ MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
 
 
-def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
+def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows=None):
   """dQ kernel: ``(q, do, lse, delta, kc, vc, cbias, ks, vs, sbias) -> dq [B, M, H, D]``.
 
   Shapes: q, do ``[B, M, H, D]`` bf16; lse, delta ``[B, H, M]`` f32; kc, vc
   ``[B, S, G, D]``, ks, vs ``[B, M, G, D]`` bf16; cbias ``[B, S]``, sbias ``[B, M]`` f32.
-  ``m % block_q == 0``, ``s % block_kv == 0`` and ``m % block_kv == 0``.
+  ``m % block_q == 0``, ``s % block_kv == 0`` and ``m % block_kv == 0``. ``rows``: the
+  own-token arrays' (q, do, ks, vs, dq) rows when fewer than ``m`` (TMA zero-fills the
+  rest on loads and drops them on stores); lse, delta and sbias stay ``m`` wide.
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -96,7 +98,7 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
 
   return plgpu.kernel(
       kernel,
-      out_type=jax.ShapeDtypeStruct((b, m, h, d), jnp.bfloat16),
+      out_type=jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
       grid=(b, h, m // bq),
       grid_names=("b", "h", "q"),
       compiler_params=_platform.lane_params(approx_math=True) if compiled else None,
@@ -104,13 +106,14 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
   )
 
 
-def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
+def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows=None):
   """dK/dV kernel: ``(q, do, lse, delta, k, v, bias) -> (dk, dv)``, each ``[B, S+M, G, D]``.
 
   ``k, v`` are ``[context ; own]`` keys/values ``[B, S + M, G, D]`` bf16 and ``bias``
   their ``[B, S + M]`` f32 mask bias; q, do, lse, delta as in :func:`dq_call`. Key
   tiles ``< S / block_kv`` are context (seen by every query), the rest own tokens
   (seen causally). ``m % block_q == 0``, ``s % block_kv == 0``, ``m % block_kv == 0``.
+  ``rows`` as in :func:`dq_call` (k, v, dk, dv then have ``S + rows`` rows; bias ``S + M``).
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -202,7 +205,7 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params):
                   plgpu.SMEM((bk,), jnp.float32),
                   plgpu.Barrier(num_barriers=3))
 
-  kv_type = jax.ShapeDtypeStruct((b, s + m, g, d), jnp.bfloat16)
+  kv_type = jax.ShapeDtypeStruct((b, s + (m if rows is None else rows), g, d), jnp.bfloat16)
   return plgpu.kernel(
       kernel,
       out_type=(kv_type, kv_type),

@@ -16,15 +16,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 
-MASKED = -1e30
+MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
 COMPUTE_WGS = 2
 
 
-def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=None):
-  """``plgpu.kernel``: ``(q, kc, vc, cbias, ks, vs, sbias) -> (out, lse)``.
+def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=None,
+                 rows=None, zero_unseen=False):
+  """``plgpu.kernel``: ``(q, kc, vc, cbias, ks, vs, sbias) -> (out, lse)``. ``rows`` and
+  ``zero_unseen`` as in ``sparse_attention._forward_call``.
 
   ``m % (2·block_q) == 0``, ``m % block_kv == 0``, ``s % block_kv == 0``, ``block_kv``
   a multiple of ``block_q`` or dividing it.
@@ -124,8 +127,9 @@ def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=N
       lax.fori_loop(diag_end, num_steps, skip, None)
       pl.when(wg == 0)(take_turn)
       acc, m_i, l_i = carry
-      qo_smem[...] = (acc / lax.broadcast_in_dim(l_i, (bq, d), [0])).astype(jnp.bfloat16)
-      lse_smem[...] = m_i + jnp.log2(l_i)
+      out, lse = tiles.finish_rows(acc, m_i, l_i, d, zero_unseen)
+      qo_smem[...] = out.astype(jnp.bfloat16)
+      lse_smem[...] = lse
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(qo_smem, out_ref.at[bi, pl.ds(q0, bq), hi])
       plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(q0, bq)])
@@ -199,7 +203,7 @@ def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=N
 
   return plgpu.kernel(
       entry,
-      out_type=(jax.ShapeDtypeStruct((b, m, h, d), jnp.bfloat16),
+      out_type=(jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
                 jax.ShapeDtypeStruct((b, h, m), jnp.float32)),
       grid=(b, h, m // (COMPUTE_WGS * bq)),
       grid_names=("b", "h", "q"),

@@ -268,3 +268,77 @@ def test_gpu_pallas_attend_context_compiled(b, m, s):
   err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
   assert err.max() < 2e-2, err.max()
   assert np.all(np.asarray(got[0]) == 0)
+
+
+@pytest.mark.parametrize("ws", [False, True])
+def test_pad_free_kernels_zero_unseen_rows_interpret(ws):
+  """``BlockSizes(pad_free=True)``, interpreted (operands still padded; the kernels zero the
+  rows that see no key and give them a log-sum-exp of -MASKED): values and gradients equal
+  the reference's, unseen rows (an example without context, leading padding) are zeros and
+  pass no gradient; a ragged 104-row document stream as the 0.6b recipe's slots."""
+  valid = [[0] * 3 + [1] * 101, [1] * 90 + [0] * 14]
+  args = _inputs(11, 2, 104, 2, 1, 64, 65, self_valid=valid, dtype=jnp.float32)
+  args = (*args[:6], args[6].at[0].set(False))     # example 0: rows 0-2 see nothing
+  bs = sa.BlockSizes(pad_free=True, block_kv=64, warp_specialized=ws)
+  q, k, v, smask, kc, vc, cmask = args
+  got = sa.attend(q, k, v, smask, kc, vc, cmask, implementation="pallas", block_sizes=bs)
+  want = sa.attend_reference(q, k, v, smask, kc, vc, cmask)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-2)
+  assert np.all(np.asarray(got[0, :3]) == 0)
+  w = jax.random.normal(jax.random.key(12), q.shape)
+  grads = _grads("pallas", args, w, bs)
+  _assert_bf16_close(grads, _grads("xla", args, w))
+  assert np.all(np.asarray(grads[0][0, :3]) == 0)
+
+
+def test_pad_free_compiled_path_lowers_for_the_gpu():
+  """The compiled pad-free path (own tokens at 104 rows, the kernels' TMA copies reaching
+  past them) lowers for CUDA: Mosaic GPU's static checks of every copy pass (lowering runs
+  on a CPU; whether the copies zero-fill as intended needs the GPU test below). Its
+  program pads and slices nothing of the own-token size, unlike the padded path."""
+  b, m, h, g, d = 2, 104, 4, 2, 128
+  f32 = jax.ShapeDtypeStruct
+  q, k = f32((b, m, h, d), jnp.bfloat16), f32((b, m, g, d), jnp.bfloat16)
+  mask = f32((b, m), bool)
+
+  def grad_fn(pad_free):
+    bs = sa.BlockSizes(pad_free=pad_free)
+    def loss(q_, k_, v_, mask_):
+      out = sa.attend(q_, k_, v_, mask_, implementation="pallas", block_sizes=bs,
+                      interpret=False)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  own_sized = (f"{b}x128x{h}x{d}xbf16", f"{b}x128x{g}x{d}xbf16")   # own tokens at 128 rows
+  for pad_free in (False, True):
+    text = grad_fn(pad_free).trace(q, k, k, mask).lower(lowering_platforms=("cuda",)).as_text()
+    pads = [line for line in text.splitlines()        # padded to 128 rows, or sliced back
+            if ("stablehlo.pad" in line and any(f"-> tensor<{x}>" in line for x in own_sized))
+            or ("stablehlo.slice" in line and any(f"tensor<{x}>" in line for x in own_sized)
+                and f"-> tensor<{b}x{m}x" in line)]
+    assert bool(pads) != pad_free, (pad_free, pads[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,m,s,ws", [(4, 104, 0, True), (2, 300, 1000, True),
+                                      (2, 104, 0, False), (1, 70, 128, False)])
+def test_gpu_pallas_pad_free_compiled(b, m, s, ws):
+  """``BlockSizes(pad_free=True)`` compiled: own tokens at their rows (104: the 0.6b
+  recipe's document slots), TMA reading and writing past them; values and gradients as
+  the padded kernels', unseen rows zeros."""
+  rng = np.random.default_rng(m + s)
+  valid = rng.random((b, m)) < 0.9
+  valid[:, :2] = False
+  q, k, v, smask, kc, vc, cmask = _inputs(m, b, m, 32, 8, 128, s, self_valid=valid)
+  if s == 0:
+    kc = vc = cmask = None
+  else:
+    cmask = cmask.at[0].set(False)
+  bs = sa.BlockSizes(pad_free=True, warp_specialized=ws)
+  got = sa.attend(q, k, v, smask, kc, vc, cmask, implementation="pallas", block_sizes=bs)
+  want = sa.attend_reference(*_f32(q, k, v), smask, *_f32(kc, vc), cmask)
+  err = np.abs(np.asarray(got, np.float32) - np.asarray(want))
+  assert err.max() < 2e-2, err.max()
+  assert np.all(np.asarray(got[0, :2]) == 0)
+  w = jax.random.normal(jax.random.key(m), q.shape)
+  grads = _grads("pallas", (q, k, v, smask, kc, vc, cmask), w, bs)
+  _assert_bf16_close(grads, _grads("xla", (*_f32(q, k, v), smask, *_f32(kc, vc), cmask), w))
