@@ -296,6 +296,13 @@ def test_remat_equals_no_remat_values_and_grads(setup):
   remat_model = type(model)(CFG.replace(remat=True))
   shapes = nn.meta.unbox(jax.eval_shape(remat_model.init, jax.random.PRNGKey(0), batch))
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
+  _assert_same_values_and_grads(setup, remat_model, 1e-5)
+
+
+def _assert_same_values_and_grads(setup, other, logits_rtol):
+  """``other`` (the setup's model with another implementation) gives the same logits
+  (normwise ``logits_rtol``), selection and gradients of L_LM + 0.1 L_aux (normwise 1e-5)."""
+  model, variables, batch = setup
 
   def value_and_grad(m):
     def f(v):
@@ -303,8 +310,8 @@ def test_remat_equals_no_remat_values_and_grads(setup):
       return lm + 0.1 * aux, out
     return jax.jit(jax.value_and_grad(f, has_aux=True))(variables)
   (_, a), ga = value_and_grad(model)
-  (_, b_), gb = value_and_grad(remat_model)
-  assert R.rel_err(b_.logits_bmv, a.logits_bmv) < 1e-5
+  (_, b_), gb = value_and_grad(other)
+  assert R.rel_err(b_.logits_bmv, a.logits_bmv) < logits_rtol
   np.testing.assert_array_equal(np.asarray(b_.selected_brk), np.asarray(a.selected_brk))
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
@@ -313,19 +320,7 @@ def test_remat_equals_no_remat_values_and_grads(setup):
 def test_lean_rms_norm_backward_equals_autodiff_through_the_model(setup):
   """``ModelConfig(rms_norm_vjp="lean")``: the same parameters, logits and gradients of
   L_LM + 0.1 L_aux as JAX's own norm backward (normwise 1e-5, float32)."""
-  model, variables, batch = setup
-  lean = type(model)(CFG.replace(rms_norm_vjp="lean"))
-
-  def grads(m):
-    def f(v):
-      lm, aux, out = loss_terms(m, v, batch)
-      return lm + 0.1 * aux, out
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables)
-  (_, a), ga = grads(model)
-  (_, b_), gb = grads(lean)
-  assert R.rel_err(b_.logits_bmv, a.logits_bmv) < 1e-6
-  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
-    assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
+  _assert_same_values_and_grads(setup, type(setup[0])(CFG.replace(rms_norm_vjp="lean")), 1e-6)
 
 
 BF16_RTOL = 6e-2         # logits, normwise relative; measured 3.3e-2 on this model
