@@ -25,8 +25,12 @@ def rms_norm(x, scale, eps: float, dtype):
   ``dtype``. Differentiated by JAX."""
   x32 = x.astype(jnp.float32)
   var = jnp.mean(x32 * x32, axis=-1, keepdims=True)
-  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
-  return (x32 * jax.lax.rsqrt(var + eps) * scale).astype(dtype)
+  return (x32 * jax.lax.rsqrt(var + eps) * _last_axis(scale, x.ndim)).astype(dtype)
+
+
+def _last_axis(scale, ndim: int):
+  """A ``[D]`` scale as float32 ``[1, ..., 1, D]`` (``ndim`` axes), to multiply rows."""
+  return scale.astype(jnp.float32).reshape((1,) * (ndim - 1) + (-1,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -51,11 +55,11 @@ def _rms_norm_lean_fwd(x, scale, eps, dtype):
 
 def _rms_norm_lean_bwd(eps, dtype, res, g):
   x, scale = res
-  x32 = x.astype(jnp.float32)
+  x32, g32 = x.astype(jnp.float32), g.astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  gw = g.astype(jnp.float32) * scale.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  gw = g32 * _last_axis(scale, x.ndim)
   dx = r * gw - x32 * (r * r * r) * jnp.mean(gw * x32, axis=-1, keepdims=True)
-  dscale = jnp.sum((g.astype(jnp.float32) * x32 * r).reshape(-1, x.shape[-1]), axis=0)
+  dscale = jnp.sum((g32 * x32 * r).reshape(-1, x.shape[-1]), axis=0)
   return dx.astype(x.dtype), dscale.astype(scale.dtype)
 
 

@@ -106,7 +106,7 @@ def rank_select(neg, key, kk: int):
   rank = jnp.sum(precedes, axis=-1, dtype=jnp.int32)                   # [..., n]
   slot = lax.broadcasted_iota(jnp.int32, neg.shape[:-1] + (min(kk, n), 1), neg.ndim - 1)
   hit = rank[..., None, :] == slot                                      # [..., kk, n]
-  # the one entry of rank r, value and key in one variadic reduce (one pass, one kernel)
+  # the one entry of rank r, value and key in one variadic reduce (one pass over the pairs)
   return lax.reduce(
       (jnp.where(hit, neg[..., None, :], jnp.inf),
        jnp.where(hit, key[..., None, :], jnp.iinfo(jnp.int32).min)),
@@ -298,9 +298,10 @@ def _own_and_head_maxima(x_brr, cont_rr):
   """``(own [B, rows], head [B, rows])``: each row's max over the runs that start in it,
   and over its head (the previous row's last run), in ONE pass over the scores.
 
-  Two ``.max`` reduces over the two masked copies can compile to two kernels on the GPU,
-  each reading all ``[B, C]`` scores (the tail's two largest kernels on the H200 were two
-  such reduces, 3.2-4.5 µs apiece at 2M chunks); a variadic reduce reads them once."""
+  A variadic reduce states the single pass outright; two ``.max`` reduces over the two
+  masked copies could compile to two kernels each reading all ``[B, C]`` scores. On the
+  H200 (2026-12-05) the route's kernel count did not change with it: XLA had already fused
+  the pair (BENCHMARKS.md, "One-term fp8 routing")."""
   own = jnp.where(cont_rr[None], NEG_INF, x_brr)
   head = jnp.where(cont_rr[None], x_brr, NEG_INF)
   return lax.reduce((own, head), (jnp.float32(NEG_INF), jnp.float32(NEG_INF)),
@@ -313,8 +314,8 @@ SHIFT_MAX_RUN = 8   # runs of at most this many chunks: their max from shifted c
 def _window_run_max(s, win_id, max_run: int):
   """``[B, W, L]``: at each run's first entry, the max of the run's scores (elsewhere a
   partial max). Runs of at most :data:`SHIFT_MAX_RUN` chunks (a bank of 100-token documents
-  at P 64 has 2): the max of ``max_run`` shifted copies, elementwise, so it fuses into the
-  next reduce instead of being a kernel of its own; longer: a masked max over the window
+  at P 64 has 2): the max of ``max_run`` shifted copies, elementwise, which XLA can fuse
+  into the next reduce; longer: a masked max over the window
   (``L²`` compares in one reduce, cheaper at these windows than a segment max's cumsum and
   scatter)."""
   if max_run <= SHIFT_MAX_RUN:

@@ -188,8 +188,8 @@ def _round_up(n: int, tile: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class _Padded:
-  """Kernel operands: bf16, own tokens padded to ``m`` rows (the kernels' grid; the arrays
-  keep ``rows`` rows, ``m`` unless pad-free), context to ``s`` slots, masks as additive f32
+  """Kernel operands: bf16, own tokens padded to ``m`` rows (the kernels' grid; pad-free,
+  the arrays keep their own ``rows``), context to ``s`` slots, masks as additive f32
   biases (0 visible, ``MASKED`` not; always ``m`` wide)."""
   q: jax.Array
   ks: jax.Array
@@ -200,7 +200,11 @@ class _Padded:
   cbias: jax.Array
   m: int
   s: int
-  rows: int
+
+  @property
+  def rows(self) -> int:
+    """The own-token arrays' rows: ``m``, or fewer where pad-free."""
+    return self.q.shape[1]
 
 
 def _check(q_bmhd, k_self_bmgd, bs: BlockSizes):
@@ -251,8 +255,7 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
   return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, rows),
                  ks=_pad_axis(k_self_bmgd.astype(bf), 1, rows),
                  vs=_pad_axis(v_self_bmgd.astype(bf), 1, rows),
-                 sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad,
-                 rows=rows)
+                 sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad)
 
 
 def _pad_free(bs: BlockSizes, compiled: bool) -> bool:
