@@ -5,8 +5,11 @@
 #   STAGE=profile bash benchmarks/issue10_gpu.sh  # the recipe's step (cuBLAS, the recipes'
 #                                                  # xla_flags), profiled: the
 #                                                  # by-source-op table of where the time goes
-#   STAGE=lean_norm bash benchmarks/issue10_gpu.sh  # the same with model.rms_norm_vjp="lean"
-#                                                  # (RMSNorm's hand-written backward), profiled
+#   STAGE=lean_norm bash benchmarks/issue10_gpu.sh  # the embedding gradient's methods alone
+#                                                  # (benchmarks.embed_grad), then the step
+#                                                  # with model.rms_norm_vjp="lean" (RMSNorm's
+#                                                  # hand-written backward) and
+#                                                  # model.embed_grad="f32_scatter", profiled
 #   STAGE=pad_free bash benchmarks/issue10_gpu.sh  # the pad-free attention's compiled tests,
 #                                                  # then the step with it, profiled
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
@@ -29,8 +32,10 @@ case "$STAGE" in
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc --profile_dir /tmp/prof \
       --out "$DIR/train_step_0.6b_b32_profiled.json" ;;
   lean_norm)
-    step lean_norm 420 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY "${STEP[@]}" --rms_norm_vjp lean --compilation_cache_dir /tmp/jcc \
+    step embed_grad 90 $PY -m benchmarks.embed_grad --out "$DIR/embed_grad.json"
+    step lean_norm 400 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --rms_norm_vjp lean --embed_grad f32_scatter \
+      --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_lean --out "$DIR/train_step_0.6b_b32_lean_norm.json" ;;
   pad_free)   # the compiled tests first: the step only if the kernels are right
     step pad_free_tests 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \

@@ -74,6 +74,8 @@ def _parse(argv):
                  help="override model.remat_policy (none | full | dots); default the recipe's")
   p.add_argument("--rms_norm_vjp", default="",
                  help="override model.rms_norm_vjp (autodiff | lean); default the recipe's")
+  p.add_argument("--embed_grad", default="",
+                 help="override model.embed_grad (autodiff | f32_scatter | sorted)")
   p.add_argument("--attention_pad_free", action="store_true",
                  help="model.attention_pad_free=True (the Pallas attention without pads)")
   p.add_argument("--microbatches", type=int, default=1,
@@ -109,10 +111,11 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = "recipe",
-           remat_policy: str = "", rms_norm_vjp: str = "", attention_pad_free: bool = False):
+           remat_policy: str = "", rms_norm_vjp: str = "", attention_pad_free: bool = False,
+           embed_grad: str = ""):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
-  ``scan`` "on"/"off", ``remat_policy``, ``rms_norm_vjp`` and ``attention_pad_free`` (if
-  given) override the recipe's model."""
+  ``scan`` "on"/"off", ``remat_policy``, ``rms_norm_vjp``, ``attention_pad_free`` and
+  ``embed_grad`` (if given) override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False
@@ -135,6 +138,8 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
     cfg.model.rms_norm_vjp = rms_norm_vjp
   if attention_pad_free:
     cfg.model.attention_pad_free = True
+  if embed_grad:
+    cfg.model.embed_grad = embed_grad
   return cfg
 
 
@@ -223,7 +228,7 @@ def run_shapes(args, save=None) -> dict:
   for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
                                 for m in args.memory.split(",") for s in scans):
     cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
-                 args.rms_norm_vjp, args.attention_pad_free)
+                 args.rms_norm_vjp, args.attention_pad_free, args.embed_grad)
     cfg.microbatches = args.microbatches
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -242,6 +247,7 @@ def run_shapes(args, save=None) -> dict:
                "remat_policy": model_cfg.remat_policy, "microbatches": args.microbatches,
                "rms_norm_vjp": model_cfg.rms_norm_vjp,
                "attention_pad_free": model_cfg.attention_pad_free,
+               "embed_grad": model_cfg.embed_grad,
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
@@ -320,7 +326,7 @@ def run_compile_layers(args) -> dict:
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   for scan, layers in ((s, int(x)) for s in scans for x in args.compile_layers.split(",")):
     cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
-                 args.rms_norm_vjp, args.attention_pad_free)
+                 args.rms_norm_vjp, args.attention_pad_free, args.embed_grad)
     cfg.model.num_layers = layers
     cfg.model.router_layers = tuple(range(layers // 2, layers))
     cfg.batch_size = int(args.batches.split(",")[0])

@@ -67,6 +67,10 @@ class ModelConfig:
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows); not yet run on a GPU.
   attention_pad_free: bool = False
+  # How the token embedding's gradient is summed (layers.EMBED_GRADS): "autodiff" (JAX's
+  # scatter-add into the compute dtype), "f32_scatter" or "sorted" (into float32, the ids
+  # sorted first); the same values. Timed by benchmarks/embed_grad.py.
+  embed_grad: str = "autodiff"
 
   def __post_init__(self):
     if self.router_layers is not None:
@@ -115,6 +119,8 @@ class ModelConfig:
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
     need(isinstance(self.attention_pad_free, bool),
          f"attention_pad_free must be True or False, got {self.attention_pad_free!r}")
+    need(self.embed_grad in ("autodiff", "f32_scatter", "sorted"),
+         f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
 

@@ -68,6 +68,68 @@ rms_norm_lean_vjp.defvjp(_rms_norm_lean_fwd, _rms_norm_lean_bwd)
 RMS_NORM_VJPS = {"autodiff": rms_norm, "lean": rms_norm_lean_vjp}
 
 
+def embed_take(table_vd, ids, dtype):
+  """Rows ``table_vd[ids]`` in ``dtype`` (``flax.linen.Embed``'s lookup), differentiated by
+  JAX: the table's gradient is a scatter-add of the rows' cotangents into a ``dtype``
+  (bf16 in the recipes) copy of the table, cast to the parameter's dtype after."""
+  return jnp.take(table_vd.astype(dtype), ids, axis=0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _embed_take_scatter32(table_vd, ids, dtype, sort: bool):
+  return embed_take(table_vd, ids, dtype)
+
+
+def _embed_scatter32_fwd(table_vd, ids, dtype, sort):
+  # the table is a parameter (alive through the step anyway): no extra memory as residual
+  return embed_take(table_vd, ids, dtype), (table_vd, ids)
+
+
+def _embed_scatter32_bwd(dtype, sort, res, g):
+  table_vd, ids = res
+  ids_n = ids.reshape(-1).astype(jnp.int32)
+  rows_nd = g.reshape(-1, table_vd.shape[-1]).astype(jnp.float32)
+  if sort:   # equal ids next to each other: fewer atomic collisions in flight at once
+    ids_n, order = jax.lax.sort_key_val(ids_n, jnp.arange(ids_n.shape[0], dtype=jnp.int32))
+    rows_nd = jnp.take(rows_nd, order, axis=0)
+  grad_vd = jnp.zeros(table_vd.shape, jnp.float32).at[ids_n].add(
+      rows_nd, indices_are_sorted=sort, mode="drop")
+  return grad_vd.astype(table_vd.dtype), None
+
+
+_embed_take_scatter32.defvjp(_embed_scatter32_fwd, _embed_scatter32_bwd)
+
+
+def embed_take_f32_grad(table_vd, ids, dtype):
+  """:func:`embed_take` whose table gradient is scattered into float32 (the hardware's
+  native atomic add; bf16 scatter-adds of many rows onto few vocabulary entries, as the
+  kv task's 644 distinct tokens in 68K, contend). The same values; the gradient summed in
+  float32 rather than bf16 (closer to the float64 sum)."""
+  return _embed_take_scatter32(table_vd, ids, dtype, False)
+
+
+def embed_take_sorted_grad(table_vd, ids, dtype):
+  """:func:`embed_take_f32_grad` with the ids sorted (and the cotangent rows permuted to
+  match) before the float32 scatter-add, promised sorted to XLA."""
+  return _embed_take_scatter32(table_vd, ids, dtype, True)
+
+
+EMBED_GRADS = {"autodiff": embed_take, "f32_scatter": embed_take_f32_grad,
+               "sorted": embed_take_sorted_grad}
+
+
+class Embed(nn.Embed):
+  """``flax.linen.Embed`` (same parameter, same ``attend``) whose lookup's gradient is
+  computed by ``grad`` (``EMBED_GRADS``; the same values)."""
+
+  grad: str = "autodiff"
+
+  def __call__(self, inputs):
+    if not jnp.issubdtype(inputs.dtype, jnp.integer):
+      raise ValueError(f"Embed takes integer token ids, got {inputs.dtype}")
+    return EMBED_GRADS[self.grad](self.embedding, inputs, self.dtype)
+
+
 class RMSNorm(nn.Module):
   """RMSNorm in float32 with a learned scale; output in ``dtype``. ``vjp``: how its
   gradient is computed (``RMS_NORM_VJPS``; the same values)."""

@@ -32,7 +32,7 @@ from msa_jax.layer_memory import (  # noqa: F401  (re-exported: the model's publ
     pool_layer_memory, prefix_context, routing_mask)
 from msa_jax.layer_runs import (  # noqa: F401
     LayerRun, kernels_in, layer_param_axes, layer_runs, pure_layer, remat_policy_fn)
-from msa_jax.layers import RMSNorm, dense
+from msa_jax.layers import Embed, RMSNorm, dense
 
 
 @flax.struct.dataclass
@@ -76,8 +76,9 @@ class MSAModel(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.embed_tokens = nn.Embed(
+    self.embed_tokens = Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+        grad=cfg.embed_grad,
         embedding_init=nn.with_logical_partitioning(
             nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
         name="embed_tokens")

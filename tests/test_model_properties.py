@@ -317,10 +317,12 @@ def _assert_same_values_and_grads(setup, other, logits_rtol):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
 
 
-def test_lean_rms_norm_backward_equals_autodiff_through_the_model(setup):
-  """``ModelConfig(rms_norm_vjp="lean")``: the same parameters, logits and gradients of
-  L_LM + 0.1 L_aux as JAX's own norm backward (normwise 1e-5, float32)."""
-  _assert_same_values_and_grads(setup, type(setup[0])(CFG.replace(rms_norm_vjp="lean")), 1e-6)
+def test_lean_rms_norm_and_sorted_embedding_backward_equal_autodiff_through_the_model(setup):
+  """``ModelConfig(rms_norm_vjp="lean", embed_grad="sorted")`` (the hand-written norm
+  backward; the embedding gradient sorted and summed in float32): the same parameters,
+  logits and gradients of L_LM + 0.1 L_aux as JAX's own backward (normwise 1e-5, float32)."""
+  other = type(setup[0])(CFG.replace(rms_norm_vjp="lean", embed_grad="sorted"))
+  _assert_same_values_and_grads(setup, other, 1e-6)
 
 
 BF16_RTOL = 6e-2         # logits, normwise relative; measured 3.3e-2 on this model

@@ -63,6 +63,36 @@ def test_rms_norm_gradients_match_float64_finite_differences(vjp):
   assert R.rel_err(dscale, want_ds) < 1e-5
 
 
+@pytest.mark.parametrize("grad", sorted(layers.EMBED_GRADS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_embedding_lookup_and_its_gradient_match_float64(grad, dtype):
+  """The token embedding by each ``ModelConfig.embed_grad``: rows ``table[ids]`` in the
+  compute dtype, and the float32 table's gradient equal to the float64 scatter-add
+  (``np.add.at``) of the rows' cotangents, with ids repeated many times (as a small
+  vocabulary in a long batch does) and unsorted. float32 compute: 1e-5; bf16: each
+  cotangent row is rounded to bf16 first (the compute dtype), then summed, to 1e-5 for the
+  float32-summed gradients and to bf16's summation error (2^-6) for autodiff's bf16 sum."""
+  rng = np.random.default_rng(5)
+  v, d = 37, 24
+  table = rng.normal(size=(v, d)).astype(np.float32)
+  ids = rng.choice([0, 3, 4, 9, 36], size=(6, 50)).astype(np.int32)
+  g = rng.normal(size=ids.shape + (d,)).astype(np.float32)
+  emb = layers.Embed(v, d, dtype=jnp.dtype(dtype), grad=grad)
+  rows, pull = jax.vjp(lambda t: emb.apply({"params": {"embedding": t}}, jnp.asarray(ids)),
+                       jnp.asarray(table))
+  assert rows.dtype == jnp.dtype(dtype)
+  np.testing.assert_array_equal(np.asarray(rows, np.float32),
+                                np.asarray(jnp.asarray(table[ids], dtype), np.float32))
+  (dtable,) = jax.jit(pull)(jnp.asarray(g, dtype))
+  assert dtable.dtype == jnp.float32
+  g64 = np.asarray(jnp.asarray(g, dtype), np.float64)
+  want = np.zeros((v, d))
+  np.add.at(want, ids.reshape(-1), g64.reshape(-1, d))
+  tol = 2.0 ** -6 if (dtype == "bfloat16" and grad == "autodiff") else 1e-5
+  assert R.rel_err(dtable, want) < tol
+  assert np.all(np.asarray(dtable)[[1, 2, 5]] == 0)   # ids never looked up: no gradient
+
+
 def test_rms_norm_lean_backward_in_bfloat16_equals_autodiff():
   """bf16 activations (the recipes' dtype): the lean backward's gradients equal JAX's
   within bf16 rounding of ``dx`` (2^-8), and the float32 scale gradient to 1e-4."""

@@ -180,12 +180,16 @@ def test_remat_policy_and_the_legacy_remat_switch():
 
 
 def test_bank_fingerprint_ignores_scan_and_remat_switches():
-  """A memory bank encoded by a model stays usable when only these switches change."""
+  """A memory bank encoded by a model stays usable when only these switches change (and
+  keeps the fingerprint it had before the gradient switches existed)."""
   from msa_jax.inference import bank
   params = {"w": np.arange(4, dtype=np.float32).reshape(2, 2)}
   base = bank.model_fingerprint(SMOKE, params)
   assert bank.model_fingerprint(SMOKE.replace(scan_layers=True, remat_policy="dots"),
                                 params) == base
+  assert bank.model_fingerprint(SMOKE.replace(rms_norm_vjp="lean", attention_pad_free=True,
+                                              embed_grad="sorted"), params) == base
+  assert base == "a1bee46efd02692415741bb1fb2201c2"   # before those switches (6bc5aae^)
   assert bank.model_fingerprint(SMOKE.replace(top_k=3), params) != base
 
 

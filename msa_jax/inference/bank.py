@@ -46,7 +46,8 @@ DOCS_FILE = "docs.jsonl"
 INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_chunks")
 # Fields of ModelConfig that do not change what the model computes.
 _IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels",
-                          "router_trunk_grad")
+                          "router_trunk_grad", "rms_norm_vjp", "attention_pad_free",
+                          "embed_grad")
 
 
 def _bank_codes(arrs: dict, part: str, dtype: str, name: str):
@@ -75,8 +76,8 @@ def _digest(data: bytes | memoryview) -> str:
 def model_fingerprint(model_config, params) -> str:
   """A hash of what fixes the bank's contents: the model config and every parameter.
 
-  Implementation switches (``remat``, ``remat_policy``, ``scan_layers``, ``kernels``) are
-  left out: they do not change the computation (and a bank fingerprinted before a switch
+  Implementation switches (``_IMPLEMENTATION_FIELDS``: remat, layer scan, kernels, how a
+  gradient is computed) are left out: they do not change the computation (and a bank fingerprinted before a switch
   existed keeps its fingerprint).
   """
   import jax
