@@ -14,9 +14,11 @@ source "$(dirname "$0")/gpu_stage.sh"
 
 ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
        --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
-       --route_impls=pallas,pallas-unfused-fp8q2,pallas:stages=4)
+       --route_impls=pallas,pallas-unfused-fp8q2,pallas:stages=4,pallas:features=64:stages=8)
 # (pallas:stages=4: four pipeline stages for the 8-bit keys too, untried in the route; the
-# chunk-score step alone ran fp8 one term at 372 µs with 4 stages, BENCHMARKS.md)
+# chunk-score step alone ran fp8 one term at 372 µs with 4 stages, BENCHMARKS.md.
+# pallas:features=64:stages=8: half-width steps, twice as many in flight: the bf16 kernel
+# ran 912 µs against a read's 890 with 128-feature steps, 4 deep)
 
 case "$STAGE" in
   tests)
