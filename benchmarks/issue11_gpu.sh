@@ -27,7 +27,13 @@ case "$STAGE" in
       tests/test_run_top_k.py tests/test_kernel_routing.py ;;
   route)
     step route_it5 240 $PY "${ROUTE[@]}" --timing_iters=5 --out="$DIR/it5"
-    step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20" ;;
+    step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20"
+    # the tail's 14 small kernels with XLA's command buffers (CUDA graphs) off: does the
+    # graph launch cost or save time between them?
+    step route_nocmdbuf 150 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" $PY -m benchmarks.ttft \
+      --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000 --stages=route \
+      --kr_dtypes=bfloat16 --route_profile --route_impls=pallas --timing_iters=20 \
+      --out="$DIR/nocmdbuf" ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
