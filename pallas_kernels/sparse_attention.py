@@ -59,9 +59,11 @@ class BlockSizes:
     TMA copies zero-fill the rows past ``M`` on loads and drop them on stores, so q, k,
     v and dO are neither padded to whole tiles nor sliced back (on the H200 the 0.6b
     step spent ~7.7 % of its time padding 104-token documents to 128 rows, and ~1.9 %
-    in the select; BENCHMARKS.md). Interpreted, the operands are still padded (the
-    interpreter clamps out-of-range slices). Not yet run compiled: off by default until
-    ``test_gpu_pallas_pad_free_compiled`` has passed on a GPU.
+    in the select; BENCHMARKS.md), only to a multiple of 8 rows (TMA's row tiling) where
+    ``M`` is not one. Interpreted, the operands are still padded (the interpreter clamps
+    out-of-range slices). On the H200 (2026-12-05) the compiled tests passed at 104 rows and
+    failed at 70 and 300 (the 8-row rule, added after); the 0.6b step went from 4,543 to
+    4,265 ms with it.
   """
 
   block_q: int = 64
@@ -251,11 +253,19 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
     s_pad = 0
     kc = vc = jnp.zeros((b, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
     cmask = jnp.zeros((b, kc.shape[1]), bool)
-  rows = m if _pad_free(bs, compiled) else m_pad
+  # pad-free: rows to a multiple of 8 only (TMA tiles the row axis by 8; the 0.6b and 4b
+  # recipes' 104-token documents need none), the copies reach past them to whole tiles
+  rows = _round_up(m, _TMA_ROW_TILE) if _pad_free(bs, compiled) else m_pad
   return _Padded(q=_pad_axis(q_bmhd.astype(bf), 1, rows),
                  ks=_pad_axis(k_self_bmgd.astype(bf), 1, rows),
                  vs=_pad_axis(v_self_bmgd.astype(bf), 1, rows),
                  sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad)
+
+
+# A TMA copy's gmem row axis must be a multiple of its 8-row tiling ("dimension 2 must have
+# size smaller or a multiple of its tiling 8, but got 70": test_gpu_pallas_pad_free_compiled
+# on the H200, 2026-12-05, M 70 and 300; M 104 passed).
+_TMA_ROW_TILE = 8
 
 
 def _pad_free(bs: BlockSizes, compiled: bool) -> bool:

@@ -328,6 +328,27 @@ def test_pad_free_compiled_path_lowers_for_the_gpu():
     assert bool(pads) != pad_free, (pad_free, pads[:2])
 
 
+@pytest.mark.parametrize("m,s,ws", [(70, 128, False), (300, 1000, True)])
+def test_pad_free_compiled_path_lowers_for_rows_not_a_multiple_of_8(m, s, ws):
+  """Own-token counts that are not a multiple of 8 (TMA tiles the row axis by 8): the
+  pad-free path pads them to one and lowers for CUDA, forward and backward (these shapes
+  failed Mosaic GPU's copy check on the H200, 2026-12-05, before the 8-row padding)."""
+  b, h, g, d = 1, 4, 2, 64
+  sds = jax.ShapeDtypeStruct
+  q, k = sds((b, m, h, d), jnp.bfloat16), sds((b, m, g, d), jnp.bfloat16)
+  kc = sds((b, s, g, d), jnp.bfloat16)
+  bs = sa.BlockSizes(pad_free=True, warp_specialized=ws)
+
+  def loss(q_, k_, v_, mask_, kc_, vc_, cmask_):
+    out = sa.attend(q_, k_, v_, mask_, kc_, vc_, cmask_, implementation="pallas",
+                    block_sizes=bs, interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 4, 5))).trace(
+      q, k, k, sds((b, m), bool), kc, kc, sds((b, s), bool)).lower(
+          lowering_platforms=("cuda",)).as_text()
+  assert f"tensor<{b}x{-(-m // 8) * 8}x{h}x{d}xbf16>" in text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,m,s,ws", [(4, 104, 0, True), (2, 300, 1000, True),
                                       (2, 104, 0, False), (1, 70, 128, False)])
