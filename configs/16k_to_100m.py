@@ -275,7 +275,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
   if variant == "4b":
     c.model = _model("qwen3-4b", router_layers=tuple(range(18, 36)), pooling_chunk_size=64,
                      top_k=16, dtype="bfloat16", remat_policy="full", scan_layers=True,
-                     kernels="auto")
+                     kernels="auto", attention_pad_free=True)
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the
@@ -289,8 +289,11 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     # cut the document stream's executed work by 19% (its padding from 22% to 4%).
     c.data.doc_slot_multiple = 8
   elif variant == "0.6b":
+    # attention_pad_free: the documents' q/k/v are not padded to the attention kernel's
+    # 128-row tiles (4,543 -> 4,265 ms a step on the H200, 2026-12-05, BENCHMARKS.md)
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
-                     remat_policy="full", scan_layers=True, kernels="auto")
+                     remat_policy="full", scan_layers=True, kernels="auto",
+                     attention_pad_free=True)
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the

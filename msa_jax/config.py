@@ -62,15 +62,18 @@ class ModelConfig:
   kernels: str = "xla"                 # "auto" | "pallas" | "xla"
   # How RMSNorm's gradient is computed (layers.RMS_NORM_VJPS): "autodiff" (JAX's own) or
   # "lean" (a hand-written backward from the bf16 inputs; the same gradients to float32
-  # rounding; not yet timed on a GPU, BENCHMARKS.md "Training step at the recipes' shapes").
+  # rounding; on the H200 the 0.6b step's norm backward took as long with it, 2026-12-05,
+  # BENCHMARKS.md "Training step at the recipes' shapes").
   rms_norm_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
-  # BlockSizes.pad_free: TMA reads and writes past the rows); not yet run on a GPU.
+  # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
+  # went from 4,543 to 4,265 ms with it (2026-12-05); on in the 0.6b and 4b recipes.
   attention_pad_free: bool = False
-  # How the token embedding's gradient is summed (layers.EMBED_GRADS): "autodiff" (JAX's
-  # scatter-add into the compute dtype), "f32_scatter" or "sorted" (into float32, the ids
-  # sorted first); the same values. Timed by benchmarks/embed_grad.py.
-  embed_grad: str = "autodiff"
+  # How the token embedding's gradient is summed (layers.EMBED_GRADS): "f32_scatter" or
+  # "sorted" (into float32; sorted: the ids sorted first) or "autodiff" (JAX's scatter-add
+  # into the compute dtype: in bf16 it lost up to 49 % of the kv task's gradient, and took
+  # 521 ms against 1.8 at the 0.6b step's shape on the H200; benchmarks/embed_grad.py).
+  embed_grad: str = "f32_scatter"
 
   def __post_init__(self):
     if self.router_layers is not None:
