@@ -12,6 +12,11 @@
 #                                                  # model.embed_grad="f32_scatter", profiled
 #   STAGE=pad_free bash benchmarks/issue10_gpu.sh  # the pad-free attention's compiled tests,
 #                                                  # then the step with it, profiled
+#   STAGE=recipes bash benchmarks/issue10_gpu.sh  # the pad-free compiled tests, then the
+#                                                  # 0.6b step as the recipe now stands
+#                                                  # (pad-free attention, float32 embedding
+#                                                  # gradient), no overrides
+#   STAGE=recipe_4b bash benchmarks/issue10_gpu.sh  # the same for 4b at batch 8
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -19,7 +24,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -44,12 +49,22 @@ case "$STAGE" in
     step pad_free 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --attention_pad_free --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_pad_free --out "$DIR/train_step_0.6b_b32_pad_free.json" ;;
+  recipes)
+    step pad_free_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+      tests/test_kernel_sparse_attention.py -k pad_free
+    step recipe_0.6b 240 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b32_recipe.json" ;;
+  recipe_4b)
+    step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 3 \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b8_recipe.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b or triton" >&2
     exit 2 ;;
 esac
