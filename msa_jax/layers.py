@@ -101,16 +101,18 @@ _embed_take_scatter32.defvjp(_embed_scatter32_fwd, _embed_scatter32_bwd)
 
 
 def embed_take_f32_grad(table_vd, ids, dtype):
-  """:func:`embed_take` whose table gradient is scattered into float32 (the hardware's
-  native atomic add; bf16 scatter-adds of many rows onto few vocabulary entries, as the
-  kv task's 644 distinct tokens in 68K, contend). The same values; the gradient summed in
-  float32 rather than bf16 (closer to the float64 sum)."""
+  """:func:`embed_take` whose table gradient is scattered into float32 (``ModelConfig``'s
+  default). The same values; the gradient summed in float32, not in the compute dtype: at
+  the 0.6b step's shape on the H200 (542K document tokens of the kv task, 635 distinct)
+  JAX's bf16 scatter-add took 521 ms and its worst entry was off by 49 % of the largest,
+  this one 1.8 ms and float32-exact (``benchmarks/embed_grad.py``, BENCHMARKS.md)."""
   return _embed_take_scatter32(table_vd, ids, dtype, False)
 
 
 def embed_take_sorted_grad(table_vd, ids, dtype):
   """:func:`embed_take_f32_grad` with the ids sorted (and the cotangent rows permuted to
-  match) before the float32 scatter-add, promised sorted to XLA."""
+  match) before the float32 scatter-add, promised sorted to XLA: 1.1 ms against 1.8 in the
+  same H200 measurement (the sort and the permutation included)."""
   return _embed_take_scatter32(table_vd, ids, dtype, True)
 
 

@@ -77,8 +77,8 @@ def model_fingerprint(model_config, params) -> str:
   """A hash of what fixes the bank's contents: the model config and every parameter.
 
   Implementation switches (``_IMPLEMENTATION_FIELDS``: remat, layer scan, kernels, how a
-  gradient is computed) are left out: they do not change the computation (and a bank fingerprinted before a switch
-  existed keeps its fingerprint).
+  gradient is computed) are left out: they do not change the computation (and a bank
+  fingerprinted before a switch existed keeps its fingerprint).
   """
   import jax
   cfg = model_config.to_dict()
