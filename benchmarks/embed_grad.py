@@ -57,10 +57,12 @@ def main(argv=None) -> dict:
   p.add_argument("--tokens", type=int, default=5216 * 104)
   p.add_argument("--vocab", type=int, default=151936)
   p.add_argument("--dim", type=int, default=1024)
+  p.add_argument("--read_bytes", type=int, default=4 << 30,
+                 help="size of the read-bandwidth probe (the floor's bandwidth)")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   n, v, d = args.tokens, args.vocab, args.dim
-  bw = read_bandwidth_gbs()
+  bw = read_bandwidth_gbs(args.read_bytes)
   floor_ms = (n * d * 2 + v * d * 4) / bw / 1e6
   table = jnp.asarray(np.random.default_rng(1).normal(size=(v, d)), jnp.float32)
   g = jnp.asarray(np.random.default_rng(2).normal(size=(n, d)), jnp.bfloat16)
