@@ -2,7 +2,7 @@
 # Issue 11's measurements on one H200, one stage a device call (each well inside a call's 600 s):
 #
 #   STAGE=tests bash benchmarks/issue11_gpu.sh   # compiled GPU tests: attention, routing, run tail (~400 s)
-#   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 5 and 20 calls a sample, profiled (~300 s)
+#   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 20 calls a sample, profiled (~150 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #
 # Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
@@ -14,11 +14,11 @@ source "$(dirname "$0")/gpu_stage.sh"
 
 ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
        --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
-       --route_impls=pallas,pallas-unfused-fp8q2,pallas:stages=4,pallas:features=64:stages=8)
-# (pallas:stages=4: four pipeline stages for the 8-bit keys too, untried in the route; the
-# chunk-score step alone ran fp8 one term at 372 µs with 4 stages, BENCHMARKS.md.
-# pallas:features=64:stages=8: half-width steps, twice as many in flight: the bf16 kernel
-# ran 912 µs against a read's 890 with 128-feature steps, 4 deep)
+       --route_impls=pallas,pallas:persistent=true,pallas:stages=4)
+# (pallas:persistent=true: the bf16 chunk-score kernel as one program an SM streaming its
+# tiles through one pipeline, not yet run on a GPU; 8-bit keys ignore it. pallas:stages=4:
+# fp8 one term at 1.10 x its read against 1.11 with 2 stages, batch 8 8 % slower,
+# BENCHMARKS.md 2026-12-05T05:27Z)
 
 case "$STAGE" in
   tests)
@@ -26,14 +26,9 @@ case "$STAGE" in
     step routing 380 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_routing_quant.py \
       tests/test_run_top_k.py tests/test_kernel_routing.py ;;
   route)
-    step route_it5 240 $PY "${ROUTE[@]}" --timing_iters=5 --out="$DIR/it5"
-    step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20"
-    # the tail's 14 small kernels with XLA's command buffers (CUDA graphs) off: does the
-    # graph launch cost or save time between them?
-    step route_nocmdbuf 150 env XLA_FLAGS="--xla_gpu_enable_command_buffer=" $PY -m benchmarks.ttft \
-      --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000 --stages=route \
-      --kr_dtypes=bfloat16 --route_profile --route_impls=pallas --timing_iters=20 \
-      --out="$DIR/nocmdbuf" ;;
+    step persistent_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+      tests/test_kernel_routing.py -k test_gpu_route_top_k_compiled
+    step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20" ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \

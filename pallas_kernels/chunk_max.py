@@ -155,3 +155,77 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
 
   return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
                            _platform.lane_params() if compiled else None)
+
+
+def chunk_max_persistent_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
+                              interpret):
+  """:func:`chunk_max_call` (bf16 keys, the same output) with ``bs.blocks`` programs a pass
+  (0: one per streaming multiprocessor), each streaming a contiguous run of tiles through
+  ONE TMA pipeline: no program ends and starts between tiles, so the copies of a tile's
+  first steps are in flight while the previous tile's last steps multiply.
+
+  Why: with one program per tile (:func:`chunk_max_call`, 192 KB of pipeline buffers, one
+  program an SM) each of the ~118 tiles an SM takes at 100M tokens starts with an empty
+  pipeline; the kernel ran 912 µs against a pure read's 890 (H200, 2026-12-05). Each
+  tile's scores leave through one SMEM buffer as an asynchronous copy, waited for (long
+  done) only before the next tile's scores overwrite it. The last program may repeat the
+  final tile (the same values to the same place). Not yet run on a GPU
+  (``BlockSizes.persistent``, off by default).
+  """
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  blocks, per_block = block_top_k.num_blocks_for(num_tiles, bs.blocks)
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  wgmma_layout = plgpu.Layout.WGMMA if compiled else None
+  k_transforms = _platform.swizzle_transforms(tile_f, 2)
+  q_transforms = _platform.swizzle_transforms(cols, 2)
+
+  def body(kr_gmem, q_gmem, out_gmem):
+    blk = lax.axis_index("block")
+    p = lax.axis_index("pass")
+
+    def tile_of(g):
+      return jnp.minimum(blk * per_block + g, num_tiles - 1)
+
+    def with_out_smem(out_smem):
+      def step(idx, k_smem, q_smem, acc):
+        g, j = idx
+        acc = _platform.mma_accumulate(acc, k_smem, q_smem, compiled=compiled)
+        if compiled:
+          plgpu.wgmma_wait(0)
+        last_f = j == num_f - 1
+
+        @pl.when(last_f)
+        def _():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's copy
+          out_smem[...] = acc.max(axis=1)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile_of(g) * tile_c, tile_c)])
+        return acc * jnp.where(last_f, 0.0, 1.0).astype(jnp.float32)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(per_block, num_f),
+          in_specs=[
+              plgpu.BlockSpec((tile_c, tile_f), lambda g, j: (tile_of(g), j),
+                              transforms=k_transforms),
+              plgpu.BlockSpec((tile_f, cols), lambda g, j: (j, 0), transforms=q_transforms),
+          ],
+          max_concurrent_steps=min(bs.stages, per_block * num_f),
+          init_carry=_platform.layout_cast(jnp.zeros((tile_c, cols), jnp.float32),
+                                           wgmma_layout, compiled),
+      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      grid=(blocks, passes),
+      grid_names=("block", "pass"),
+      compiler_params=_platform.lane_params() if compiled else None,
+      interpret=_platform.mosaic_interpret_params(interpret),
+  )

@@ -87,13 +87,16 @@ def _bf16_queries(rq_bmf):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_pallas_chunk_scores_interpret(seed):
+@pytest.mark.parametrize("persistent", [False, True])
+def test_pallas_chunk_scores_interpret(seed, persistent):
   # 197 chunks: three full 64-chunk tiles plus a ragged tail; one example has no
-  # routing token; M=70 > max_queries=64 forces two passes over the bank.
+  # routing token; M=70 > max_queries=64 forces two passes over the bank. Persistent: two
+  # programs a pass, two tiles each (the second program repeats the last tile).
   rq, kr, doc_c, mask = _bank(seed, 3, 70, 4, 2, 64, [197], valid_tokens=[70, 5, 0])
   rq_bmf = rr.group_sum_queries(rq, 2)
   kr_cf = kr.reshape(kr.shape[0], -1).astype(jnp.bfloat16)
-  bs = br.BlockSizes(chunks=64, features=64, stages=2, max_queries=64)
+  bs = br.BlockSizes(chunks=64, features=64, stages=2, max_queries=64, persistent=persistent,
+                     blocks=2)
   got = br.chunk_scores(rq_bmf, mask, kr_cf, implementation="pallas", block_sizes=bs)
   want = br.chunk_scores_reference(_bf16_queries(rq_bmf), mask, kr_cf)
   assert got.shape == (3, 197)
@@ -161,6 +164,10 @@ def test_gpu_route_top_k_compiled(c, m):
   got = br.chunk_scores(rq_bmf, mask, kr_cf, implementation="pallas")
   want = br.chunk_scores_reference(_bf16_queries(rq_bmf), mask, kr_cf)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  # one program an SM streaming its tiles (BlockSizes.persistent): the same scores
+  persistent = br.chunk_scores(rq_bmf, mask, kr_cf, implementation="pallas",
+                               block_sizes=br.BlockSizes(persistent=True))
+  np.testing.assert_array_equal(np.asarray(persistent), np.asarray(got))
   top_s, sel = br.route_top_k(rq_bmf, mask, kr_cf, doc_c, n, 16, implementation="pallas")
   want_s, want_sel = br.route_top_k_reference(_bf16_queries(rq_bmf), mask,
                                               kr_cf.astype(jnp.float32), doc_c, n, 16)
@@ -321,3 +328,18 @@ def test_engine_block_sizes_by_key_dtype():
   # fp8: one e4m3 query term unfused (2026-12-05), two in the fused kernel; overrides win
   assert [engine_block_sizes(1024, "float8_e4m3fn", **kw).fp8_query_terms
           for kw in ({}, {"fused": True}, {"fp8_query_terms": 2})] == [1, 2, 2]
+
+
+def test_persistent_chunk_score_kernel_lowers_for_the_gpu():
+  """``BlockSizes(persistent=True)`` compiled at the 100M shape's tiling (128 × 128 tiles, 4
+  stages, 1,024 features, 132 programs): Mosaic GPU's static checks of its copies and
+  register layouts pass (lowering runs on a CPU; the GPU timing is issue11_gpu.sh's route
+  stage)."""
+  from pallas_kernels.chunk_max import chunk_max_persistent_call
+  bs = br.BlockSizes(chunks=128, features=128, stages=4, persistent=True, blocks=132)
+  tiles, f, cols = 1000, 1024, 64
+  call = chunk_max_persistent_call(tiles, f, cols, 1, bs, False)
+  text = jax.jit(call).trace(jax.ShapeDtypeStruct((tiles * 128, f), jnp.bfloat16),
+                             jax.ShapeDtypeStruct((1, f, cols), jnp.bfloat16)).lower(
+                                 lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
