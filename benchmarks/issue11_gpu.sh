@@ -15,8 +15,9 @@ source "$(dirname "$0")/gpu_stage.sh"
 ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=100000000
        --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn --route_profile
        --route_impls=pallas,pallas:persistent=true,pallas:stages=4)
-# (pallas:persistent=true: the bf16 chunk-score kernel as one program an SM streaming its
-# tiles through one pipeline, not yet run on a GPU; 8-bit keys ignore it. pallas:stages=4:
+# (pallas:persistent=true: the chunk-score kernel as one program an SM streaming its tiles
+# through one pipeline, not yet run on a GPU; the stage's compiled test checks it first for
+# bf16 keys (tests/test_kernel_routing.py). pallas:stages=4:
 # fp8 one term at 1.10 x its read against 1.11 with 2 stages, batch 8 8 % slower,
 # BENCHMARKS.md 2026-12-05T05:27Z)
 
@@ -27,7 +28,8 @@ case "$STAGE" in
       tests/test_run_top_k.py tests/test_kernel_routing.py ;;
   route)
     step persistent_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
-      tests/test_kernel_routing.py -k test_gpu_route_top_k_compiled
+      tests/test_kernel_routing.py tests/test_kernel_routing_quant.py \
+      -k "test_gpu_route_top_k_compiled or persistent"
     step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20" ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \

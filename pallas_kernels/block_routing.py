@@ -108,10 +108,10 @@ class BlockSizes:
     reaches the list's k-th value (exact; see ``block_top_k._block_top_k_call``).
   sorted_docs: promise that ``chunk_doc`` is non-decreasing with padding (-1) only
     at the end (the bank layout), letting the segment max use sorted indices.
-  persistent: the unfused kernel on bf16 keys runs ``blocks`` programs a pass (0: one per
+  persistent: the unfused chunk-score kernel runs ``blocks`` programs a pass (0: one per
     SM), each streaming its run of tiles through one pipeline
-    (:func:`pallas_kernels.chunk_max.chunk_max_persistent_call`); else one program per
-    tile. Not yet run on a GPU; quantised keys ignore it.
+    (``pallas_kernels.chunk_max._persistent_kernel``; bf16 and 8-bit keys); else one
+    program per tile. Equal to the per-tile kernel interpreted; not yet run on a GPU.
   tail_method, tail_row: the unfused route's :func:`run_top_k` tree (``"rank"``: rank and
     select reduces, ``"sort"``: two-key sorts) and its row length for the row maxima'
     top-k (:func:`pallas_kernels.route_tail.tree_top_k`); the same documents either way.

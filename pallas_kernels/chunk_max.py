@@ -85,6 +85,109 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
   return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
 
 
+def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs: BlockSizes,
+                       interpret, in_specs, operands, accumulate, tile_scores, acc0,
+                       compiler_params=None):
+  """The persistent shell: ``bs.blocks`` programs a pass (0: one per SM), each streaming
+  its contiguous run of tiles through ONE pipeline over ``(tile, feature step)``.
+
+  ``in_specs(tile_of)``: the BlockSpecs over ``(g, j)`` (``tile_of(g)`` the bank tile of
+  the program's g-th); ``operands(p, *in_gmem_refs)``: the refs they slice;
+  ``accumulate(acc, *smem)``: one feature step into the carried accumulator;
+  ``tile_scores(acc, *smem)``: the tile's ``[tile_c]`` scores after its last step;
+  ``acc0()``: the zero accumulator (built inside the kernel: no captured constants). Each
+  tile's scores leave through one SMEM buffer by an asynchronous copy, waited for (long
+  done) only before the next tile's overwrite it; the last program may repeat the final
+  tile (the same values to the same place)."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  blocks, per_block = block_top_k.num_blocks_for(num_tiles, bs.blocks)
+
+  def body(*refs):
+    *in_refs, out_gmem = refs
+    blk = lax.axis_index("block")
+    p = lax.axis_index("pass")
+
+    def tile_of(g):
+      return jnp.minimum(blk * per_block + g, num_tiles - 1)
+
+    def with_out_smem(out_smem):
+      def step(idx, *smem_and_acc):
+        g, j = idx
+        *smem, acc = smem_and_acc
+        acc = accumulate(acc, *smem)
+        last_f = j == num_f - 1
+
+        @pl.when(last_f)
+        def _():
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's copy
+          out_smem[...] = tile_scores(acc, *smem)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile_of(g) * tile_c, tile_c)])
+        return acc * jnp.where(last_f, 0, 1).astype(acc.dtype)
+
+      plgpu.emit_pipeline(
+          step, grid=(per_block, num_f), in_specs=in_specs(tile_of),
+          max_concurrent_steps=min(bs.stages, per_block * num_f), init_carry=acc0(),
+      )(*operands(p, *in_refs))
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+
+  return plgpu.kernel(
+      body,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      grid=(blocks, passes),
+      grid_names=("block", "pass"),
+      compiler_params=compiler_params,
+      interpret=_platform.mosaic_interpret_params(interpret),
+  )
+
+
+def chunk_max_persistent_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
+                              interpret):
+  """:func:`chunk_max_call` (bf16 keys, the same output) as a persistent kernel
+  (:func:`_persistent_kernel`): no program ends and starts between tiles, so the copies of
+  a tile's first steps are in flight while the previous tile's last steps multiply.
+
+  Why: with one program per tile (:func:`chunk_max_call`, 192 KB of pipeline buffers, one
+  program an SM) each of the ~118 tiles an SM takes at 100M tokens starts with an empty
+  pipeline; the kernel ran 912 µs against a pure read's 890 (H200, 2026-12-05). Not yet
+  run on a GPU (``BlockSizes.persistent``, off by default).
+  """
+  plgpu = _platform.plgpu()
+  tile_c, tile_f = bs.chunks, bs.features
+  num_f = f // tile_f
+  compiled = _platform.mosaic_interpret_params(interpret) is None
+  k_transforms = _platform.swizzle_transforms(tile_f, 2)
+  q_transforms = _platform.swizzle_transforms(cols, 2)
+
+  def accumulate(acc, k_smem, q_smem):
+    acc = _platform.mma_accumulate(acc, k_smem, q_smem, compiled=compiled)
+    if compiled:
+      plgpu.wgmma_wait(0)
+    return acc
+
+  return _persistent_kernel(
+      num_tiles, tile_c, num_f, passes, bs, interpret,
+      in_specs=lambda tile_of: [
+          plgpu.BlockSpec((tile_c, tile_f), lambda g, j: (tile_of(g), j), transforms=k_transforms),
+          plgpu.BlockSpec((tile_f, cols), lambda g, j: (j, 0), transforms=q_transforms)],
+      operands=lambda p, kr_gmem, q_gmem: (kr_gmem.at[_rows(num_tiles * tile_c)],
+                                           q_gmem.at[p]),
+      accumulate=accumulate,
+      tile_scores=lambda acc, k_smem, q_smem: acc.max(axis=1),
+      acc0=lambda: _platform.layout_cast(jnp.zeros((tile_c, cols), jnp.float32),
+                                         plgpu.Layout.WGMMA if compiled else None, compiled),
+      compiler_params=_platform.lane_params() if compiled else None)
+
+
+def _rows(n: int):
+  """The first ``n`` rows of a ref (``pl.ds(0, n)``)."""
+  import jax.experimental.pallas as pl
+  return pl.ds(0, n)
+
+
 def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
                           key_dtype: str, query_terms: int, interpret):
   """``plgpu.kernel`` for quantised keys:
@@ -98,7 +201,9 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
   tail's first reduction, took that reduction from 10 to 30-37 µs of device time at 2M
   chunks on the H200, 2026-12-04). int8 accumulates exactly in s32; fp8
   sums each term of each K step from a fresh accumulator in float32 registers
-  (``block_top_k.fp8_accumulate``), as the fused kernel does.
+  (``block_top_k.fp8_accumulate``), as the fused kernel does. ``bs.persistent``: as a
+  persistent kernel (:func:`_persistent_kernel`; not yet run on a GPU), else one program
+  per (tile, pass).
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
@@ -112,120 +217,64 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
   col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
   row_layout = plgpu.Layout.WGMMA.reduce(1) if compiled else None
   cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
+  params = _platform.lane_params() if compiled else None
+  acc0 = lambda: cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout)  # noqa: E731
 
-  def fill_tile(tile, p, out_smem, kr_gmem, *refs):
+  def accumulate(acc, k_smem, *rest):     # rest: the query terms, q_scale, kr_scale
+    q_smems = rest[:query_terms]
+    if compiled and fp8:
+      return block_top_k.fp8_accumulate(acc, k_smem, q_smems)
+    if compiled:
+      rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
+      acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(plgpu.ACC.init(acc))
+      plgpu.wgmma_wait(0)
+      return acc
+    for q in q_smems:   # the interpreter's wgmma takes no transposed views: a plain dot
+      acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
+                          preferred_element_type=acc_dtype)
+    return acc
+
+  def tile_scores(acc, k_smem, *rest):
+    qs_smem, ks_smem = rest[query_terms], rest[query_terms + 1]
+    q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols), [1]),
+                   wgmma_layout)
+    return (acc.astype(jnp.float32) * q_scale).max(axis=1) * cast(ks_smem[...], row_layout)
+
+  def specs(k_index, q_index, scale_index, chunk_index):
+    return [plgpu.BlockSpec((tile_c, tile_f), k_index, transforms=transforms),
+            *[plgpu.BlockSpec((cols, tile_f), q_index, transforms=transforms)
+              for _ in range(query_terms)],
+            plgpu.BlockSpec((cols,), scale_index), plgpu.BlockSpec((tile_c,), chunk_index)]
+
+  def operands(p, kr_gmem, *refs):
     q_gmems, qs_gmem, ks_gmem = refs[:query_terms], refs[query_terms], refs[query_terms + 1]
+    return (kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems),
+            qs_gmem.at[p], ks_gmem.at[pl.ds(0, num_tiles * tile_c)])
 
-    def step(idx, k_smem, *rest):
-      q_smems, qs_smem, ks_smem, acc = (rest[:query_terms], rest[query_terms],
-                                        rest[query_terms + 1], rest[-1])
+  if bs.persistent:
+    return _persistent_kernel(
+        num_tiles, tile_c, num_f, passes, bs, interpret,
+        in_specs=lambda tile_of: specs(lambda g, j: (tile_of(g), j), lambda g, j: (0, j),
+                                       lambda g, j: (0,), lambda g, j: (tile_of(g),)),
+        operands=operands, accumulate=accumulate, tile_scores=tile_scores, acc0=acc0,
+        compiler_params=params)
+
+  def fill_tile(tile, p, out_smem, *in_refs):
+    def step(idx, *smem_and_acc):
       (j,) = idx
-      if compiled and fp8:
-        acc = block_top_k.fp8_accumulate(acc, k_smem, q_smems)
-      elif compiled:
-        rhs = plgpu.transpose_ref(q_smems[0], (1, 0))
-        acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, k_smem, rhs))(
-            plgpu.ACC.init(acc))
-        plgpu.wgmma_wait(0)
-      else:   # the interpreter's wgmma takes no transposed views: a plain dot
-        for q in q_smems:
-          acc = acc + jnp.dot(k_smem[...].astype(acc_dtype), q[...].astype(acc_dtype).T,
-                              preferred_element_type=acc_dtype)
+      *smem, acc = smem_and_acc
+      acc = accumulate(acc, *smem)
 
       @pl.when(j == num_f - 1)
       def _():
-        q_scale = cast(lax.broadcast_in_dim(cast(qs_smem[...], col_layout), (tile_c, cols),
-                                            [1]), wgmma_layout)
-        maxima = (acc.astype(jnp.float32) * q_scale).max(axis=1)
-        out_smem[...] = maxima * cast(ks_smem[...], row_layout)
+        out_smem[...] = tile_scores(acc, *smem)
       return acc
 
-    q_specs = [plgpu.BlockSpec((cols, tile_f), lambda j: (0, j), transforms=transforms)
-               for _ in range(query_terms)]
     plgpu.emit_pipeline(
-        step,
-        grid=(num_f,),
-        in_specs=[plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=transforms),
-                  *q_specs, plgpu.BlockSpec((cols,), lambda j: (0,)),
-                  plgpu.BlockSpec((tile_c,), lambda j: (tile,))],
-        max_concurrent_steps=min(bs.stages, num_f),
-        init_carry=cast(jnp.zeros((tile_c, cols), acc_dtype), wgmma_layout),
-    )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], *(q.at[p] for q in q_gmems), qs_gmem.at[p],
-      ks_gmem.at[pl.ds(0, num_tiles * tile_c)])
+        step, grid=(num_f,),
+        in_specs=specs(lambda j: (tile, j), lambda j: (0, j), lambda j: (0,),
+                       lambda j: (tile,)),
+        max_concurrent_steps=min(bs.stages, num_f), init_carry=acc0(),
+    )(*operands(p, *in_refs))
 
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
-                           _platform.lane_params() if compiled else None)
-
-
-def chunk_max_persistent_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
-                              interpret):
-  """:func:`chunk_max_call` (bf16 keys, the same output) with ``bs.blocks`` programs a pass
-  (0: one per streaming multiprocessor), each streaming a contiguous run of tiles through
-  ONE TMA pipeline: no program ends and starts between tiles, so the copies of a tile's
-  first steps are in flight while the previous tile's last steps multiply.
-
-  Why: with one program per tile (:func:`chunk_max_call`, 192 KB of pipeline buffers, one
-  program an SM) each of the ~118 tiles an SM takes at 100M tokens starts with an empty
-  pipeline; the kernel ran 912 µs against a pure read's 890 (H200, 2026-12-05). Each
-  tile's scores leave through one SMEM buffer as an asynchronous copy, waited for (long
-  done) only before the next tile's scores overwrite it. The last program may repeat the
-  final tile (the same values to the same place). Not yet run on a GPU
-  (``BlockSizes.persistent``, off by default).
-  """
-  import jax.experimental.pallas as pl
-  plgpu = _platform.plgpu()
-  tile_c, tile_f = bs.chunks, bs.features
-  num_f = f // tile_f
-  blocks, per_block = block_top_k.num_blocks_for(num_tiles, bs.blocks)
-  compiled = _platform.mosaic_interpret_params(interpret) is None
-  wgmma_layout = plgpu.Layout.WGMMA if compiled else None
-  k_transforms = _platform.swizzle_transforms(tile_f, 2)
-  q_transforms = _platform.swizzle_transforms(cols, 2)
-
-  def body(kr_gmem, q_gmem, out_gmem):
-    blk = lax.axis_index("block")
-    p = lax.axis_index("pass")
-
-    def tile_of(g):
-      return jnp.minimum(blk * per_block + g, num_tiles - 1)
-
-    def with_out_smem(out_smem):
-      def step(idx, k_smem, q_smem, acc):
-        g, j = idx
-        acc = _platform.mma_accumulate(acc, k_smem, q_smem, compiled=compiled)
-        if compiled:
-          plgpu.wgmma_wait(0)
-        last_f = j == num_f - 1
-
-        @pl.when(last_f)
-        def _():
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's copy
-          out_smem[...] = acc.max(axis=1)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile_of(g) * tile_c, tile_c)])
-        return acc * jnp.where(last_f, 0.0, 1.0).astype(jnp.float32)
-
-      plgpu.emit_pipeline(
-          step,
-          grid=(per_block, num_f),
-          in_specs=[
-              plgpu.BlockSpec((tile_c, tile_f), lambda g, j: (tile_of(g), j),
-                              transforms=k_transforms),
-              plgpu.BlockSpec((tile_f, cols), lambda g, j: (j, 0), transforms=q_transforms),
-          ],
-          max_concurrent_steps=min(bs.stages, per_block * num_f),
-          init_carry=_platform.layout_cast(jnp.zeros((tile_c, cols), jnp.float32),
-                                           wgmma_layout, compiled),
-      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
-
-  return plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
-      grid=(blocks, passes),
-      grid_names=("block", "pass"),
-      compiler_params=_platform.lane_params() if compiled else None,
-      interpret=_platform.mosaic_interpret_params(interpret),
-  )
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret, params)

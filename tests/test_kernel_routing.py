@@ -4,6 +4,7 @@ CPU runs the Mosaic GPU kernel in interpret mode on small banks; tests marked
 ``gpu`` run it compiled at bank sizes with many tiles.
 """
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -330,16 +331,19 @@ def test_engine_block_sizes_by_key_dtype():
           for kw in ({}, {"fused": True}, {"fp8_query_terms": 2})] == [1, 2, 2]
 
 
-def test_persistent_chunk_score_kernel_lowers_for_the_gpu():
-  """``BlockSizes(persistent=True)`` compiled at the 100M shape's tiling (128 × 128 tiles, 4
-  stages, 1,024 features, 132 programs): Mosaic GPU's static checks of its copies and
-  register layouts pass (lowering runs on a CPU; the GPU timing is issue11_gpu.sh's route
-  stage)."""
-  from pallas_kernels.chunk_max import chunk_max_persistent_call
-  bs = br.BlockSizes(chunks=128, features=128, stages=4, persistent=True, blocks=132)
-  tiles, f, cols = 1000, 1024, 64
-  call = chunk_max_persistent_call(tiles, f, cols, 1, bs, False)
-  text = jax.jit(call).trace(jax.ShapeDtypeStruct((tiles * 128, f), jnp.bfloat16),
-                             jax.ShapeDtypeStruct((1, f, cols), jnp.bfloat16)).lower(
-                                 lowering_platforms=("cuda",)).as_text()
+@pytest.mark.parametrize("key_dtype", ["bfloat16", "int8", "float8_e4m3fn"])
+def test_persistent_chunk_score_kernel_lowers_for_the_gpu(key_dtype):
+  """``BlockSizes(persistent=True)`` compiled at the engine's 100M-token tilings (bf16 128 ×
+  128 tiles 4 deep, int8 256 × 128 and fp8 128 × 128 2 deep; 1,024 features; 132
+  programs): Mosaic GPU's static checks of the copies and register layouts pass (lowering
+  runs on a CPU; the GPU test and timing are issue11_gpu.sh's route stage)."""
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  bs = dataclasses.replace(engine_block_sizes(1024, key_dtype), persistent=True, blocks=132)
+  c, f = 1000 * bs.chunks, 1024
+  sds = jax.ShapeDtypeStruct
+  scale = None if key_dtype == "bfloat16" else sds((c,), jnp.float32)
+  fn = jax.jit(functools.partial(br.chunk_scores, implementation="pallas", block_sizes=bs,
+                                 interpret=False))
+  text = fn.trace(sds((1, 64, f), jnp.float32), sds((1, 64), bool), sds((c, f), key_dtype),
+                  kr_scale_c=scale).lower(lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text

@@ -302,6 +302,12 @@ def test_engine_unfused_route_equals_the_xla_scan_interpret(dtype):
   s2, d2 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
                                     block_sizes=bs)            # runs built per call
   np.testing.assert_array_equal(np.asarray(d1), np.asarray(d2))
+  # the persistent kernel (two programs streaming two tiles each): the same scores
+  s4, d4 = bank_routing.local_top_k(*args, implementation="pallas", kr_scale_c=scale,
+                                    layouts=layouts, block_sizes=dataclasses.replace(
+                                        bs, persistent=True, blocks=2))
+  np.testing.assert_array_equal(np.asarray(d4), np.asarray(d1))
+  np.testing.assert_array_equal(np.asarray(s4), np.asarray(s1))
   s3, d3 = bank_routing.local_top_k(*args, implementation="xla", kr_scale_c=scale)
   assert set(np.asarray(d1).ravel()) <= set(ids.tolist())      # never a padding run
   np.testing.assert_array_equal(np.asarray(d1), np.asarray(d3))
@@ -476,3 +482,24 @@ def test_skipping_beaten_tiles_changes_nothing_interpret(dtype):
   _, want = _numerics_reference(rq, mask, codes, None if scale is None else np.asarray(scale),
                                 doc, len(lens), 4, 64, 1)
   assert _chosen(out[True][1]) == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["int8", "float8_e4m3fn"])
+def test_gpu_persistent_quantised_chunk_scores_compiled(dtype):
+  """``BlockSizes(persistent=True)`` on 8-bit keys, compiled at the engine's tiling: the
+  same chunk scores as the per-tile kernel (the same products in the same order), over
+  50,000 chunks (hundreds of tiles a program) with a ragged tail."""
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  rng = np.random.default_rng(11)
+  kr = rng.normal(size=(50_003, 1024)).astype(np.float32)
+  kr /= np.linalg.norm(kr, axis=1, keepdims=True)
+  codes, scale = quantize.quantise(kr, dtype, 1)
+  rq = jnp.asarray(rng.normal(size=(2, 64, 1024)), jnp.float32)
+  mask = jnp.ones((2, 64), bool).at[1, 20:].set(False)
+  bs = engine_block_sizes(1024, dtype)
+  got = {p: br.chunk_scores(rq, mask, jnp.asarray(codes), implementation="pallas",
+                            block_sizes=dataclasses.replace(bs, persistent=p),
+                            kr_scale_c=jnp.asarray(scale))
+         for p in (False, True)}
+  np.testing.assert_array_equal(np.asarray(got[True]), np.asarray(got[False]))
