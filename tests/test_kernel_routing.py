@@ -331,14 +331,17 @@ def test_engine_block_sizes_by_key_dtype():
           for kw in ({}, {"fused": True}, {"fp8_query_terms": 2})] == [1, 2, 2]
 
 
+@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "int8", "float8_e4m3fn"])
-def test_persistent_chunk_score_kernel_lowers_for_the_gpu(key_dtype):
-  """``BlockSizes(persistent=True)`` compiled at the engine's 100M-token tilings (bf16 128 ×
-  128 tiles 4 deep, int8 256 × 128 and fp8 128 × 128 2 deep; 1,024 features; 132
-  programs): Mosaic GPU's static checks of the copies and register layouts pass (lowering
-  runs on a CPU; the GPU test and timing are issue11_gpu.sh's route stage)."""
+def test_chunk_score_kernels_lower_for_the_gpu(key_dtype, persistent):
+  """The per-tile and the persistent (``BlockSizes(persistent=True)``) chunk-score kernels
+  compiled at the engine's 100M-token tilings (bf16 128 × 128 tiles 4 deep, int8 256 × 128
+  and fp8 128 × 128 2 deep; 1,024 features; 132 persistent programs): Mosaic GPU's static
+  checks of the copies and register layouts pass (lowering runs on a CPU; the GPU test and
+  timing are issue11_gpu.sh's route stage)."""
   from msa_jax.inference.bank_routing import engine_block_sizes
-  bs = dataclasses.replace(engine_block_sizes(1024, key_dtype), persistent=True, blocks=132)
+  bs = dataclasses.replace(engine_block_sizes(1024, key_dtype), persistent=persistent,
+                           blocks=132)
   c, f = 1000 * bs.chunks, 1024
   sds = jax.ShapeDtypeStruct
   scale = None if key_dtype == "bfloat16" else sds((c,), jnp.float32)
