@@ -22,36 +22,48 @@ if TYPE_CHECKING:
 
 
 
-def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
-                      compiler_params=None):
-  """The chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c`` chunk
-  scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
-  ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
-  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
+def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, passes: int,
+                   interpret, compiler_params=None):
+  """A ``plgpu.kernel`` writing ``[passes, num_tiles·tile_c]`` float32 chunk scores:
+  ``per_program(out_smem, out_gmem, in_gmem_refs)`` runs in each program of ``grid`` with
+  an SMEM ``[tile_c]`` float32 buffer for the scores on their way out."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
 
   def body(*refs):
     *in_refs, out_gmem = refs
-    tile = lax.axis_index("tile")
-    p = lax.axis_index("pass")
-
-    def with_out_smem(out_smem):
-      fill_tile(tile, p, out_smem, *in_refs)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
+    pl.run_scoped(lambda out_smem: per_program(out_smem, out_gmem, in_refs),
+                  plgpu.SMEM((tile_c,), jnp.float32))
 
   return plgpu.kernel(
       body,
       out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
-      grid=(num_tiles, passes),
-      grid_names=("tile", "pass"),
+      grid=grid,
+      grid_names=grid_names,
       compiler_params=compiler_params,
       interpret=_platform.mosaic_interpret_params(interpret),
   )
+
+
+def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
+                      compiler_params=None):
+  """The per-tile chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c``
+  chunk scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
+  ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
+  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+
+  def per_program(out_smem, out_gmem, in_refs):
+    tile = lax.axis_index("tile")
+    p = lax.axis_index("pass")
+    fill_tile(tile, p, out_smem, *in_refs)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+    plgpu.wait_smem_to_gmem(0)
+
+  return _scores_kernel(per_program, (num_tiles, passes), ("tile", "pass"), num_tiles, tile_c,
+                        passes, interpret, compiler_params)
 
 
 def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
@@ -103,45 +115,35 @@ def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs:
   plgpu = _platform.plgpu()
   blocks, per_block = block_top_k.num_blocks_for(num_tiles, bs.blocks)
 
-  def body(*refs):
-    *in_refs, out_gmem = refs
+  def per_program(out_smem, out_gmem, in_refs):
     blk = lax.axis_index("block")
     p = lax.axis_index("pass")
 
     def tile_of(g):
       return jnp.minimum(blk * per_block + g, num_tiles - 1)
 
-    def with_out_smem(out_smem):
-      def step(idx, *smem_and_acc):
-        g, j = idx
-        *smem, acc = smem_and_acc
-        acc = accumulate(acc, *smem)
-        last_f = j == num_f - 1
+    def step(idx, *smem_and_acc):
+      g, j = idx
+      *smem, acc = smem_and_acc
+      acc = accumulate(acc, *smem)
+      last_f = j == num_f - 1
 
-        @pl.when(last_f)
-        def _():
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's copy
-          out_smem[...] = tile_scores(acc, *smem)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile_of(g) * tile_c, tile_c)])
-        return acc * jnp.where(last_f, 0, 1).astype(acc.dtype)
+      @pl.when(last_f)
+      def _():
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # the previous tile's copy
+        out_smem[...] = tile_scores(acc, *smem)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile_of(g) * tile_c, tile_c)])
+      return acc * jnp.where(last_f, 0, 1).astype(acc.dtype)
 
-      plgpu.emit_pipeline(
-          step, grid=(per_block, num_f), in_specs=in_specs(tile_of),
-          max_concurrent_steps=min(bs.stages, per_block * num_f), init_carry=acc0(),
-      )(*operands(p, *in_refs))
-      plgpu.wait_smem_to_gmem(0)
+    plgpu.emit_pipeline(
+        step, grid=(per_block, num_f), in_specs=in_specs(tile_of),
+        max_concurrent_steps=min(bs.stages, per_block * num_f), init_carry=acc0(),
+    )(*operands(p, *in_refs))
+    plgpu.wait_smem_to_gmem(0)
 
-    pl.run_scoped(with_out_smem, plgpu.SMEM((tile_c,), jnp.float32))
-
-  return plgpu.kernel(
-      body,
-      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
-      grid=(blocks, passes),
-      grid_names=("block", "pass"),
-      compiler_params=compiler_params,
-      interpret=_platform.mosaic_interpret_params(interpret),
-  )
+  return _scores_kernel(per_program, (blocks, passes), ("block", "pass"), num_tiles, tile_c,
+                        passes, interpret, compiler_params)
 
 
 def chunk_max_persistent_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
