@@ -111,11 +111,11 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 
 def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = "recipe",
-           remat_policy: str = "", rms_norm_vjp: str = "", attention_pad_free: bool = False,
-           embed_grad: str = ""):
+           **model_overrides):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
-  ``scan`` "on"/"off", ``remat_policy``, ``rms_norm_vjp``, ``attention_pad_free`` and
-  ``embed_grad`` (if given) override the recipe's model."""
+  ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
+  ``rms_norm_vjp``, ``attention_pad_free``, ``embed_grad``; empty or False: the recipe's)
+  override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False
@@ -132,15 +132,14 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
     cfg.data.memory_tokens = min(memory_tokens, 1024)
   if scan in ("on", "off"):
     cfg.model.scan_layers = scan == "on"
-  if remat_policy:
-    cfg.model.remat_policy = remat_policy
-  if rms_norm_vjp:
-    cfg.model.rms_norm_vjp = rms_norm_vjp
-  if attention_pad_free:
-    cfg.model.attention_pad_free = True
-  if embed_grad:
-    cfg.model.embed_grad = embed_grad
+  cfg.model.update({k: v for k, v in model_overrides.items() if v})
   return cfg
+
+
+def cli_model_overrides(args) -> dict:
+  """The model fields the command line overrides (empty or False: the recipe's)."""
+  return dict(remat_policy=args.remat_policy, rms_norm_vjp=args.rms_norm_vjp,
+              attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad)
 
 
 def host_batch(cfg, model_cfg, batch_size: int):
@@ -227,8 +226,7 @@ def run_shapes(args, save=None) -> dict:
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
                                 for m in args.memory.split(",") for s in scans):
-    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
-                 args.rms_norm_vjp, args.attention_pad_free, args.embed_grad)
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, **cli_model_overrides(args))
     cfg.microbatches = args.microbatches
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
@@ -295,7 +293,7 @@ def run_buckets(args) -> dict:
   for variant in args.variants.split(","):
     for memory in (int(x) for x in args.memory.split(",")):
       cfg = recipe(variant, memory, args.tiny, args.mesh, args.scan_layers,
-                 args.remat_policy)
+                   remat_policy=args.remat_policy)
       model_cfg = trainer.resolve_model_config(cfg)
       src = from_config.make_source(cfg.data, cfg.seed, cfg.data.memory_tokens)
       for levels in (1, 2, 4):
@@ -325,8 +323,7 @@ def run_compile_layers(args) -> dict:
   memory = int(args.memory.split(",")[0])
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   for scan, layers in ((s, int(x)) for s in scans for x in args.compile_layers.split(",")):
-    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, args.remat_policy,
-                 args.rms_norm_vjp, args.attention_pad_free, args.embed_grad)
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, **cli_model_overrides(args))
     cfg.model.num_layers = layers
     cfg.model.router_layers = tuple(range(layers // 2, layers))
     cfg.batch_size = int(args.batches.split(",")[0])
@@ -372,7 +369,7 @@ def run_flop_check(args) -> dict:
   rows = []
   for variant in args.variants.split(","):
     for memory in (int(x) for x in args.memory.split(",")):
-      cfg = recipe(variant, memory, args.tiny, args.mesh, "off", "none")
+      cfg = recipe(variant, memory, args.tiny, args.mesh, "off", remat_policy="none")
       cfg.model.kernels = "xla"
       cfg.loss.lm_chunk_size = 1 << 20               # one chunk: XLA counts it whole
       model_cfg = trainer.resolve_model_config(cfg)
@@ -416,7 +413,7 @@ def run_memory_analysis(args) -> dict:
     for memory in (int(x) for x in args.memory.split(",")):
       for layers in (int(x) for x in args.memory_analysis.split(",")):
         cfg = recipe(variant, memory, args.tiny, args.mesh, args.scan_layers,
-                 args.remat_policy)
+                   remat_policy=args.remat_policy)
         cfg.model.num_layers = layers
         cfg.model.router_layers = tuple(range(layers // 2, layers))
         cfg.model.kernels = "xla"

@@ -44,7 +44,9 @@ def rms_norm_lean_vjp(x, scale, eps: float, dtype):
   column reduction), where JAX's own backward of the float32 formula may keep float32
   copies of whole activations between its fusions (on the H200 the q/k norms' backward
   wrote an ``f32[5216, 104, 16, 128]`` array in the 0.6b step, 266 ms of its 4,543:
-  BENCHMARKS.md). The same function; gradients equal to float32 rounding
+  BENCHMARKS.md). Measured there (2026-12-05) it changed nothing: that array is the
+  cotangent arriving from RoPE's float32 backward, kept in float32 for the two reductions,
+  not the norm's own. The same function; gradients equal to float32 rounding
   (``tests/test_reference_pieces.py``). Selected by ``ModelConfig.rms_norm_vjp="lean"``."""
   return rms_norm(x, scale, eps, dtype)
 

@@ -62,8 +62,7 @@ from jax import lax
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k, quantised_queries
-from pallas_kernels.chunk_max import (chunk_max_call, chunk_max_persistent_call,
-                                     chunk_max_quant_call)
+from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 # the tail after the chunk scores (pallas_kernels.route_tail); its names stay importable here
 from pallas_kernels.route_tail import (document_scores, document_top_k,  # noqa: F401
                                        pruned_top_k, rows_per_run, run_codes, run_top_k,
@@ -260,8 +259,7 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
   s_bc = _tiles_then_tail(
       c, bs.chunks, b, groups,
-      lambda tiles: (chunk_max_persistent_call if bs.persistent else chunk_max_call)(
-          tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc),
+      lambda tiles: chunk_max_call(tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc),
       lambda c_main: block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 

@@ -1,9 +1,10 @@
 """The unfused chunk-score kernels (Mosaic GPU): a ``K̄R`` tile × the queries → the max over
-query columns, one ``[tile]`` vector of chunk scores per (tile, pass) program.
+query columns, one ``[tile]`` vector of chunk scores per tile.
 
 ``chunk_max_call`` reads bf16 keys; ``chunk_max_quant_call`` reads fp8 e4m3 / int8 codes
-against queries quantised per column to the same dtype. Both share one kernel shell
-(``_chunk_max_kernel``). Their callers, the queries' layout, tiling and the ragged tail are
+against queries quantised per column to the same dtype. Each runs in one of two shells:
+one program per (tile, pass) (``_chunk_max_kernel``), or with ``BlockSizes.persistent``
+a few programs each streaming a run of tiles (``_persistent_kernel``). Their callers, the queries' layout, tiling and the ragged tail are
 in :mod:`pallas_kernels.block_routing` (``chunk_scores``).
 """
 from __future__ import annotations
@@ -66,37 +67,6 @@ def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, inter
                         passes, interpret, compiler_params)
 
 
-def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
-  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles."""
-  import jax.experimental.pallas as pl
-  plgpu = _platform.plgpu()
-  tile_c, tile_f = bs.chunks, bs.features
-  num_f = f // tile_f
-  k_transforms = _platform.swizzle_transforms(tile_f, 2)
-  q_transforms = _platform.swizzle_transforms(cols, 2)
-
-  def fill_tile(tile, p, out_smem, kr_gmem, q_gmem):
-    def with_acc(acc_ref):
-      def step(_, k_smem, q_smem):
-        plgpu.wgmma(acc_ref, k_smem, q_smem)
-        plgpu.wgmma_wait(0)
-
-      plgpu.emit_pipeline(
-          step,
-          grid=(num_f,),
-          in_specs=[
-              plgpu.BlockSpec((tile_c, tile_f), lambda j: (tile, j), transforms=k_transforms),
-              plgpu.BlockSpec((tile_f, cols), lambda j: (j, 0), transforms=q_transforms),
-          ],
-          max_concurrent_steps=min(bs.stages, num_f),
-      )(kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p])
-      return acc_ref[...].max(axis=1)
-
-    out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
-
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
-
-
 def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs: BlockSizes,
                        interpret, in_specs, operands, accumulate, tile_scores, acc0,
                        compiler_params=None):
@@ -146,48 +116,66 @@ def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs:
                         passes, interpret, compiler_params)
 
 
-def chunk_max_persistent_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
-                              interpret):
-  """:func:`chunk_max_call` (bf16 keys, the same output) as a persistent kernel
+def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+  """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles of
+  bf16 keys: one program per (tile, pass), or with ``bs.persistent`` a persistent kernel
   (:func:`_persistent_kernel`): no program ends and starts between tiles, so the copies of
   a tile's first steps are in flight while the previous tile's last steps multiply.
 
-  Why: with one program per tile (:func:`chunk_max_call`, 192 KB of pipeline buffers, one
+  Why the persistent one: with one program per tile (192 KB of pipeline buffers, one
   program an SM) each of the ~118 tiles an SM takes at 100M tokens starts with an empty
   pipeline; the kernel ran 912 µs against a pure read's 890 (H200, 2026-12-05). Not yet
   run on a GPU (``BlockSizes.persistent``, off by default).
   """
+  import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
   num_f = f // tile_f
-  compiled = _platform.mosaic_interpret_params(interpret) is None
   k_transforms = _platform.swizzle_transforms(tile_f, 2)
   q_transforms = _platform.swizzle_transforms(cols, 2)
 
-  def accumulate(acc, k_smem, q_smem):
-    acc = _platform.mma_accumulate(acc, k_smem, q_smem, compiled=compiled)
-    if compiled:
-      plgpu.wgmma_wait(0)
-    return acc
+  def specs(k_index, q_index):
+    return [plgpu.BlockSpec((tile_c, tile_f), k_index, transforms=k_transforms),
+            plgpu.BlockSpec((tile_f, cols), q_index, transforms=q_transforms)]
 
-  return _persistent_kernel(
-      num_tiles, tile_c, num_f, passes, bs, interpret,
-      in_specs=lambda tile_of: [
-          plgpu.BlockSpec((tile_c, tile_f), lambda g, j: (tile_of(g), j), transforms=k_transforms),
-          plgpu.BlockSpec((tile_f, cols), lambda g, j: (j, 0), transforms=q_transforms)],
-      operands=lambda p, kr_gmem, q_gmem: (kr_gmem.at[_rows(num_tiles * tile_c)],
-                                           q_gmem.at[p]),
-      accumulate=accumulate,
-      tile_scores=lambda acc, k_smem, q_smem: acc.max(axis=1),
-      acc0=lambda: _platform.layout_cast(jnp.zeros((tile_c, cols), jnp.float32),
-                                         plgpu.Layout.WGMMA if compiled else None, compiled),
-      compiler_params=_platform.lane_params() if compiled else None)
+  def operands(p, kr_gmem, q_gmem):
+    return kr_gmem.at[pl.ds(0, num_tiles * tile_c)], q_gmem.at[p]
 
+  if bs.persistent:
+    compiled = _platform.mosaic_interpret_params(interpret) is None
 
-def _rows(n: int):
-  """The first ``n`` rows of a ref (``pl.ds(0, n)``)."""
-  import jax.experimental.pallas as pl
-  return pl.ds(0, n)
+    def accumulate(acc, k_smem, q_smem):
+      acc = _platform.mma_accumulate(acc, k_smem, q_smem, compiled=compiled)
+      if compiled:
+        plgpu.wgmma_wait(0)
+      return acc
+
+    return _persistent_kernel(
+        num_tiles, tile_c, num_f, passes, bs, interpret,
+        in_specs=lambda tile_of: specs(lambda g, j: (tile_of(g), j), lambda g, j: (j, 0)),
+        operands=operands, accumulate=accumulate,
+        tile_scores=lambda acc, k_smem, q_smem: acc.max(axis=1),
+        acc0=lambda: _platform.layout_cast(jnp.zeros((tile_c, cols), jnp.float32),
+                                           plgpu.Layout.WGMMA if compiled else None, compiled),
+        compiler_params=_platform.lane_params() if compiled else None)
+
+  def fill_tile(tile, p, out_smem, kr_gmem, q_gmem):
+    def with_acc(acc_ref):
+      def step(_, k_smem, q_smem):
+        plgpu.wgmma(acc_ref, k_smem, q_smem)
+        plgpu.wgmma_wait(0)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(num_f,),
+          in_specs=specs(lambda j: (tile, j), lambda j: (j, 0)),
+          max_concurrent_steps=min(bs.stages, num_f),
+      )(*operands(p, kr_gmem, q_gmem))
+      return acc_ref[...].max(axis=1)
+
+    out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
+
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
 
 
 def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,

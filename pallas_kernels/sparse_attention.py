@@ -233,6 +233,17 @@ def _bias(mask):
   return jnp.where(mask, 0.0, MASKED).astype(jnp.float32)
 
 
+# A TMA copy's gmem row axis must be a multiple of its 8-row tiling ("dimension 2 must have
+# size smaller or a multiple of its tiling 8, but got 70": test_gpu_pallas_pad_free_compiled
+# on the H200, 2026-12-05, M 70 and 300; M 104 passed).
+_TMA_ROW_TILE = 8
+
+
+def _pad_free(bs: BlockSizes, compiled: bool) -> bool:
+  """Own tokens left at their rows (``BlockSizes.pad_free``, compiled kernels only)."""
+  return bs.pad_free and compiled
+
+
 def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
          ctx_mask_bs, bs: BlockSizes, compiled: bool) -> _Padded:
   """Pads every operand to whole tiles of both the forward and the backward kernels
@@ -260,17 +271,6 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
                  ks=_pad_axis(k_self_bmgd.astype(bf), 1, rows),
                  vs=_pad_axis(v_self_bmgd.astype(bf), 1, rows),
                  sbias=_bias(smask), kc=kc, vc=vc, cbias=_bias(cmask), m=m_pad, s=s_pad)
-
-
-# A TMA copy's gmem row axis must be a multiple of its 8-row tiling ("dimension 2 must have
-# size smaller or a multiple of its tiling 8, but got 70": test_gpu_pallas_pad_free_compiled
-# on the H200, 2026-12-05, M 70 and 300; M 104 passed).
-_TMA_ROW_TILE = 8
-
-
-def _pad_free(bs: BlockSizes, compiled: bool) -> bool:
-  """Own tokens left at their rows (``BlockSizes.pad_free``, compiled kernels only)."""
-  return bs.pad_free and compiled
 
 
 def _visible(self_mask_bm, ctx_mask_bs):
