@@ -17,6 +17,11 @@
 #                                                  # (pad-free attention, float32 embedding
 #                                                  # gradient), no overrides
 #   STAGE=recipe_4b bash benchmarks/issue10_gpu.sh  # the same for 4b at batch 8
+#   STAGE=fused_norm bash benchmarks/issue10_gpu.sh  # the q/k norm + RoPE alone at one
+#                                                  # layer's q shape (benchmarks.norm_rope:
+#                                                  # autodiff, lean, fused against floors),
+#                                                  # then the step with
+#                                                  # model.qk_norm_rope_vjp="fused", profiled
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -24,7 +29,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -59,12 +64,17 @@ case "$STAGE" in
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 3 \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b8_recipe.json" ;;
+  fused_norm)
+    step norm_rope 120 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
+    step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm or triton" >&2
     exit 2 ;;
 esac

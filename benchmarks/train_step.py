@@ -74,6 +74,8 @@ def _parse(argv):
                  help="override model.remat_policy (none | full | dots); default the recipe's")
   p.add_argument("--rms_norm_vjp", default="",
                  help="override model.rms_norm_vjp (autodiff | lean); default the recipe's")
+  p.add_argument("--qk_norm_rope_vjp", default="",
+                 help="override model.qk_norm_rope_vjp (autodiff | fused); default the recipe's")
   p.add_argument("--embed_grad", default="",
                  help="override model.embed_grad (autodiff | f32_scatter | sorted)")
   p.add_argument("--attention_pad_free", action="store_true",
@@ -114,7 +116,8 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
            **model_overrides):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
   ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
-  ``rms_norm_vjp``, ``attention_pad_free``, ``embed_grad``; empty or False: the recipe's)
+  ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``; empty or
+  False: the recipe's)
   override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
@@ -139,6 +142,7 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
 def cli_model_overrides(args) -> dict:
   """The model fields the command line overrides (empty or False: the recipe's)."""
   return dict(remat_policy=args.remat_policy, rms_norm_vjp=args.rms_norm_vjp,
+              qk_norm_rope_vjp=args.qk_norm_rope_vjp,
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad)
 
 
@@ -244,6 +248,7 @@ def run_shapes(args, save=None) -> dict:
                "batch": b, "scan_layers": model_cfg.scan_layers,
                "remat_policy": model_cfg.remat_policy, "microbatches": args.microbatches,
                "rms_norm_vjp": model_cfg.rms_norm_vjp,
+               "qk_norm_rope_vjp": model_cfg.qk_norm_rope_vjp,
                "attention_pad_free": model_cfg.attention_pad_free,
                "embed_grad": model_cfg.embed_grad,
                **{k: v for k, v in shape.items() if k != "batch"}}

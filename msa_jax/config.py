@@ -65,6 +65,11 @@ class ModelConfig:
   # rounding; on the H200 the 0.6b step's norm backward took as long with it, 2026-12-05,
   # BENCHMARKS.md "Training step at the recipes' shapes").
   rms_norm_vjp: str = "autodiff"
+  # How the q/k norms and RoPE are differentiated (layers.NORM_ROPE_VJPS): "autodiff" (each
+  # by JAX, the norm by rms_norm_vjp) or "fused" (one hand-written backward for both,
+  # layers.norm_rope_fused_vjp: no float32 copy of q between them; the same forward).
+  # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
+  qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
   # went from 4,543 to 4,265 ms with it (2026-12-05); on in the 0.6b and 4b recipes.
@@ -126,6 +131,8 @@ class ModelConfig:
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
+    need(self.qk_norm_rope_vjp in ("autodiff", "fused"),
+         f"qk_norm_rope_vjp must be 'autodiff' or 'fused', got {self.qk_norm_rope_vjp!r}")
 
   @property
   def router_layer_ids(self) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from msa_jax import attention as attention_lib
 from msa_jax import routing
 from msa_jax.config import ModelConfig
 from msa_jax.layer_memory import LayerContext
-from msa_jax.layers import MLP, RMSNorm, apply_rope, dense
+from msa_jax.layers import MLP, RMSNorm, dense
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 BATCH_LENGTH_HEADS = ("batch", "length", "heads", "head_dim")
@@ -29,7 +29,7 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     norm = lambda name, axis="norm": RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype,
                                             cfg.jnp_param_dtype, axis, cfg.rms_norm_vjp,
-                                            name=name)
+                                            cfg.qk_norm_rope_vjp, name=name)
     hd = cfg.num_heads * cfg.head_dim
     kvd = cfg.num_kv_heads * cfg.head_dim
     self.input_layernorm = norm("input_layernorm")
@@ -54,10 +54,10 @@ class DecoderLayer(nn.Module):
     # All three projections read the same (padded) rows, so XLA can merge them into one
     # GEMM, as it does for the prefill; a decoding step's Q alone was a cuBLAS GEMV.
     h_rows, t = _gemm_rows(h), h.shape[1]
-    q = apply_rope(self.q_norm(self._heads(self.q_proj(h_rows)[:, :t], cfg.num_heads)), pos_bt,
-                   cfg.rope_theta)
-    k = apply_rope(self.k_norm(self._heads(self.k_proj(h_rows)[:, :t], cfg.num_kv_heads)),
-                   pos_bt, cfg.rope_theta)
+    q = self.q_norm(self._heads(self.q_proj(h_rows)[:, :t], cfg.num_heads), pos_bt,
+                    cfg.rope_theta)
+    k = self.k_norm(self._heads(self.k_proj(h_rows)[:, :t], cfg.num_kv_heads), pos_bt,
+                    cfg.rope_theta)
     v = self._heads(self.v_proj(h_rows)[:, :t], cfg.num_kv_heads)
     q = nn.with_logical_constraint(q, BATCH_LENGTH_HEADS)
     k = nn.with_logical_constraint(k, BATCH_LENGTH_KV)

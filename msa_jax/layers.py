@@ -136,20 +136,29 @@ class Embed(nn.Embed):
 
 class RMSNorm(nn.Module):
   """RMSNorm in float32 with a learned scale; output in ``dtype``. ``vjp``: how its
-  gradient is computed (``RMS_NORM_VJPS``; the same values)."""
+  gradient is computed (``RMS_NORM_VJPS``; the same values). Qwen3's q/k norms also take
+  RoPE's positions (see ``__call__``)."""
 
   eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   axis_name: str = "norm"
   vjp: str = "autodiff"
+  rope_vjp: str = "autodiff"
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, rope_positions=None, rope_theta: float = 0.0):
+    """The norm of ``x``; given ``rope_positions`` (``[B, T]``, ``x`` being ``[B, T, H,
+    D]``), then RoPE (:func:`norm_rope`), differentiated as ``rope_vjp`` says
+    ("autodiff" or "fused": :func:`norm_rope_fused_vjp`; ``NORM_ROPE_VJPS``)."""
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
-    return RMS_NORM_VJPS[self.vjp](x, scale, self.eps, self.dtype)
+    if rope_positions is None:
+      return RMS_NORM_VJPS[self.vjp](x, scale, self.eps, self.dtype)
+    if self.rope_vjp == "fused":
+      return norm_rope_fused_vjp(x, scale, rope_positions, self.eps, rope_theta, self.dtype)
+    return norm_rope(x, scale, rope_positions, self.eps, rope_theta, self.dtype, self.vjp)
 
 
 # RoPE angles past 4,096 positions: position × ω in float32 (as transformers computes it)
@@ -203,6 +212,65 @@ def apply_rope(x_bthd, positions_bt, theta: float):
   half = x.shape[-1] // 2
   rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
   return (x * cos + rotated * sin).astype(x_bthd.dtype)
+
+
+def norm_rope(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
+              norm_vjp: str = "autodiff"):
+  """Qwen3's q/k path: :func:`apply_rope` of the per-head RMSNorm (in ``dtype``), both
+  differentiated as written (the norm by ``norm_vjp``, ``RMS_NORM_VJPS``)."""
+  return apply_rope(RMS_NORM_VJPS[norm_vjp](x_bthd, scale_d, eps, dtype), positions_bt, theta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def norm_rope_fused_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype):
+  """:func:`norm_rope` (the same forward ops) with one hand-written backward for both:
+  RoPE's transpose and the norm's backward in float32 from the bf16 cotangent and the bf16
+  input, with nothing float32 of the activations' size between them.
+
+  With ``n = x·r·w`` (``r = rsqrt(mean(x²) + eps)``) and ``y = n·cos + rot(n)·sin``
+  (``rot(n) = [-n₂, n₁]``, the rotate-half halves):
+
+      dn = g·cos + [u₂, −u₁]  (u = g·sin),   dx = r·(dn·w) − x·r³·mean(dn·w·x),
+      dw = Σ_rows dn·x·r
+
+  JAX's own backward of the two (on the H200 in the 0.6b step, 2026-12-05) passes the
+  cotangent from RoPE's float32 transpose to the norm's reductions as a float32 array of
+  q's size (``f32[5216, 104, 16, 128]``): the q/k norms' backward took 271 ms of the
+  4,189 ms step, and their converts more. Here ``dn`` is elementwise in ``g`` and the
+  cos/sin tables (recomputed from the integer positions), so XLA may fuse it into each
+  pass that reads it. The gradients differ from JAX's only in that ``dn`` is not rounded
+  to ``dtype`` between the two: closer to float32's (the scale's exactly so;
+  ``tests/test_reference_pieces.py``, ``benchmarks/norm_rope.py``). Selected by
+  ``ModelConfig.qk_norm_rope_vjp="fused"``.
+  """
+  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype)
+
+
+def _norm_rope_fused_fwd(x_bthd, scale_d, positions_bt, eps, theta, dtype):
+  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype), (x_bthd, scale_d,
+                                                                       positions_bt)
+
+
+def _norm_rope_fused_bwd(eps, theta, dtype, res, g_bthd):
+  x_bthd, scale_d, positions_bt = res
+  d = x_bthd.shape[-1]
+  cos, sin = rope_cos_sin(positions_bt, d, theta)
+  cos, sin = cos[..., None, :], sin[..., None, :]
+  g32 = g_bthd.astype(jnp.float32)
+  u = g32 * sin
+  half = d // 2
+  dn = g32 * cos + jnp.concatenate([u[..., half:], -u[..., :half]], axis=-1)
+  x32 = x_bthd.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  dnw = dn * _last_axis(scale_d, x_bthd.ndim)
+  dx = r * dnw - x32 * (r * r * r) * jnp.mean(dnw * x32, axis=-1, keepdims=True)
+  dscale = jnp.sum((dn * x32 * r).reshape(-1, d), axis=0)
+  return dx.astype(x_bthd.dtype), dscale.astype(scale_d.dtype), None
+
+
+norm_rope_fused_vjp.defvjp(_norm_rope_fused_fwd, _norm_rope_fused_bwd)
+
+NORM_ROPE_VJPS = ("autodiff", "fused")
 
 
 class MLP(nn.Module):

@@ -317,13 +317,17 @@ def _assert_same_values_and_grads(setup, other, logits_rtol):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
 
 
-def test_lean_rms_norm_and_embedding_backward_equal_autodiff_through_the_model(setup):
+@pytest.mark.parametrize("switches", [dict(rms_norm_vjp="lean", embed_grad="autodiff"),
+                                      dict(qk_norm_rope_vjp="fused")])
+def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
-  backward; JAX's own embedding gradient) against the defaults (JAX's norm backward; the
-  embedding gradient scattered into float32): the same parameters, logits and gradients of
+  backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one backward for
+  the q/k norms and RoPE) against the defaults (JAX's backward of each; the embedding
+  gradient scattered into float32): the same parameters, logits and gradients of
   L_LM + 0.1 L_aux (normwise 1e-5, float32)."""
   assert CFG.embed_grad == "f32_scatter" and CFG.rms_norm_vjp == "autodiff"
-  other = type(setup[0])(CFG.replace(rms_norm_vjp="lean", embed_grad="autodiff"))
+  assert CFG.qk_norm_rope_vjp == "autodiff"
+  other = type(setup[0])(CFG.replace(**switches))
   _assert_same_values_and_grads(setup, other, 1e-6)
 
 

@@ -111,6 +111,71 @@ def test_rms_norm_lean_backward_in_bfloat16_equals_autodiff():
   assert R.rel_err(ls, as_) < 1e-4
 
 
+def _norm_rope_module(vjp: str, dtype=jnp.float32):
+  """The q/k norm followed by RoPE (``RMSNorm`` given positions), differentiated by
+  ``vjp`` (``layers.NORM_ROPE_VJPS``)."""
+  norm = layers.RMSNorm(1e-6, dtype, rope_vjp=vjp)
+  return lambda x, scale, pos: norm.apply({"params": {"scale": scale}}, x, pos, 1e6)
+
+
+@pytest.mark.parametrize("vjp", layers.NORM_ROPE_VJPS)
+def test_norm_rope_gradients_match_float64_finite_differences(vjp):
+  """The q/k path ``rope(rms_norm(x))`` by each ``ModelConfig.qk_norm_rope_vjp``: float32
+  values (the fused forward equal to the composition bit for bit) and the gradients of
+  ``x`` and the scale against central differences of the float64 numpy reference of
+  ``sum(g · rope(rms_norm(x)))``."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 3, 2, 16)).astype(np.float32)
+  scale = rng.normal(1.0, 0.3, size=(16,)).astype(np.float32)
+  pos = np.array([[0, 5, 63], [17, 300, 2]], np.int32)   # float32 angles: exact enough here
+  g = rng.normal(size=x.shape).astype(np.float32)
+  f = _norm_rope_module(vjp)
+  y, pull = jax.vjp(lambda xx, ss: f(xx, ss, jnp.asarray(pos)), jnp.asarray(x),
+                    jnp.asarray(scale))
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(_norm_rope_module("autodiff")(
+      jnp.asarray(x), jnp.asarray(scale), jnp.asarray(pos))))
+  dx, dscale = jax.jit(pull)(jnp.asarray(g))
+
+  def loss(xx, ss):
+    return float(np.sum(g * np.stack([R.rope(R.rms_norm(xx[b], ss, 1e-6), pos[b], 1e6)
+                                      for b in range(2)])))
+  h = 1e-6
+  x64, s64 = x.astype(np.float64), scale.astype(np.float64)
+  want_dx = np.zeros_like(x64)
+  for i in np.ndindex(x.shape):
+    e = np.zeros_like(x64)
+    e[i] = h
+    want_dx[i] = (loss(x64 + e, s64) - loss(x64 - e, s64)) / (2 * h)
+  want_ds = np.array([(loss(x64, s64 + h * np.eye(16)[j]) - loss(x64, s64 - h * np.eye(16)[j]))
+                      / (2 * h) for j in range(16)])
+  assert R.rel_err(dx, want_dx) < 1e-5
+  assert R.rel_err(dscale, want_ds) < 1e-5
+
+
+def test_norm_rope_fused_backward_in_bfloat16_equals_autodiff():
+  """bf16 activations (the recipes'): the fused q/k norm + RoPE gives JAX's composition's
+  values bit for bit, ``dx`` within bf16 rounding (2^-8 normwise: the fused backward keeps
+  the cotangent between RoPE and the norm in float32, where JAX's rounds it to bf16) and
+  the float32 scale gradient to 1e-2 (a sum of ~5K bf16-rounded products either way)."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(4, 20, 2, 128)), jnp.bfloat16)
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=(128,)), jnp.float32)
+  pos = jnp.asarray(rng.integers(0, 200_000, size=(4, 20)), jnp.int32)
+  g = jnp.asarray(rng.normal(size=x.shape), jnp.bfloat16)
+  out, grads = {}, {}
+  for vjp in layers.NORM_ROPE_VJPS:
+    f = _norm_rope_module(vjp, jnp.bfloat16)
+    out[vjp], pull = jax.vjp(lambda xx, ss: f(xx, ss, pos), x, scale)
+    grads[vjp] = jax.jit(pull)(g)
+  assert out["fused"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out["fused"], np.float32),
+                                np.asarray(out["autodiff"], np.float32))
+  (ax, as_), (fx, fs) = grads["autodiff"], grads["fused"]
+  assert fx.dtype == jnp.bfloat16 and fs.dtype == jnp.float32
+  assert 0 < R.rel_err(fx.astype(jnp.float32), ax.astype(jnp.float32)) < 8e-3
+  assert R.rel_err(fs, as_) < 1e-2
+
+
 def test_rms_norm_and_rope_match_reference():
   """SPEC §1: RMSNorm (float32, learned scale) and rotate-half RoPE with theta 1e6."""
   rng = np.random.default_rng(0)

@@ -1,0 +1,113 @@
+r"""The q/k norms and RoPE at the 0.6b step's shape, forward and backward: each way of
+differentiating them (``model.rms_norm_vjp``, ``model.qk_norm_rope_vjp``).
+
+In the 0.6b training step on the H200 (16K memory tokens, batch 32; BENCHMARKS.md) the q/k
+norms' backward took 271 ms of a 4,189 ms step and the norms' and RoPE's converts 202 more:
+JAX's backward passes RoPE's float32 cotangent to the norm's reductions as a float32 array
+of q's size. This times one layer's q path (``[5216, 104, 16, 128]`` bf16 by default; k is
+half of it) three ways:
+
+* ``autodiff``: JAX's backward of the norm (``layers.rms_norm``) and of RoPE;
+* ``lean``: the norm's hand-written backward (``layers.rms_norm_lean_vjp``), RoPE's by JAX;
+* ``fused``: one backward for both (``layers.norm_rope_fused_vjp``);
+
+the forward alone, and forward plus backward in one program (what the step runs once a
+layer, the forward again under remat), against floors from a pure read in the same run:
+the forward reads ``x`` and writes ``y``; with the backward it also reads the cotangent and
+writes ``dx`` (4 arrays of the activation's size, the least any order of passes moves).
+Each method's forward is compared with ``autodiff``'s (the same ops; inside a program with
+its backward XLA may keep the norm's output in float32 for RoPE, a bf16 rounding apart),
+its ``dx`` and scale gradient with float32 autodiff from the same bf16 inputs (the errors
+printed), before timing.
+
+Run: python -m benchmarks.norm_rope [--tokens 542464] [--heads 16] [--head_dim 128]
+Prints a table and writes ``norm_rope.json`` to ``$OUT`` (or benchmarks/results).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import out_dir, read_bandwidth_gbs, time_ms, write_json
+from msa_jax import layers
+
+SLOT = 104          # the 0.6b recipe's document slot: tokens are [tokens / 104, 104]
+METHODS = {"autodiff": ("autodiff", "autodiff"), "lean": ("lean", "autodiff"),
+           "fused": ("autodiff", "fused")}   # method: (rms_norm_vjp, qk_norm_rope_vjp)
+
+
+def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):
+  """jitted ``forward(x, scale, pos) -> y`` and ``step(x, scale, pos, g) -> (y, dx,
+  dscale)`` of the q/k norm + RoPE differentiated by ``method`` (``METHODS``), computing
+  in ``dtype``."""
+  norm_vjp, rope_vjp = METHODS[method]
+  norm = layers.RMSNorm(1e-6, dtype, vjp=norm_vjp, rope_vjp=rope_vjp)
+
+  def forward(x, scale, pos):
+    return norm.apply({"params": {"scale": scale}}, x, pos, theta)
+
+  def step(x, scale, pos, g):
+    y, pull = jax.vjp(lambda xx, ss: forward(xx, ss, pos), x, scale)
+    return (y, *pull(g))
+  return jax.jit(forward), jax.jit(step)
+
+
+def main(argv=None) -> dict:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--tokens", type=int, default=5216 * SLOT)
+  p.add_argument("--heads", type=int, default=16)
+  p.add_argument("--head_dim", type=int, default=128)
+  p.add_argument("--read_bytes", type=int, default=4 << 30,
+                 help="size of the read-bandwidth probe (the floors' bandwidth)")
+  p.add_argument("--out", default="")
+  args = p.parse_args(argv)
+  slots = -(-args.tokens // SLOT)
+  shape = (slots, SLOT, args.heads, args.head_dim)
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  g = jnp.asarray(rng.normal(size=shape), jnp.bfloat16)
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=(args.head_dim,)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(SLOT, dtype=jnp.int32), shape[:2])
+  bw = read_bandwidth_gbs(args.read_bytes)
+  act_bytes = x.size * 2
+  floors = {"forward": 2 * act_bytes / bw / 1e6, "step": 4 * act_bytes / bw / 1e6}
+  print(f"{jax.devices()[0]}: x {list(shape)} bf16 ({act_bytes / 1e9:.2f} GB); read "
+        f"{bw:.0f} GB/s; floors: forward {floors['forward']:.3f} ms, forward + backward "
+        f"{floors['step']:.3f} ms")
+  print(f"{'method':10} {'fwd ms':>8} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8} "
+        f"{'dx err':>9} {'dscale err':>10}  (errors against float32)")
+  # the gradients' reference: the same bf16 inputs through float32 autodiff
+  _, want_dx, want_dscale = programs("autodiff", dtype=jnp.float32)[1](
+      x.astype(jnp.float32), scale, pos, g.astype(jnp.float32))
+  rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
+  rows, y_autodiff = [], None
+  for method in METHODS:
+    forward, step = programs(method)
+    y, dx, dscale = step(x, scale, pos, g)
+    y_autodiff = y if y_autodiff is None else y_autodiff
+    row = {"method": method,
+           "y_rel_diff_autodiff": rel(y.astype(jnp.float32), y_autodiff.astype(jnp.float32)),
+           "dx_rel_err_f32": rel(dx.astype(jnp.float32), want_dx),
+           "dscale_rel_err_f32": rel(dscale, want_dscale),
+           "forward_ms": time_ms(forward, x, scale, pos, iters=5),
+           "step_ms": time_ms(step, x, scale, pos, g, iters=5)}
+    row["forward_x_floor"] = row["forward_ms"] / floors["forward"]
+    row["step_x_floor"] = row["step_ms"] / floors["step"]
+    rows.append(row)
+    print(f"{method:10} {row['forward_ms']:8.3f} {row['forward_x_floor']:8.2f} "
+          f"{row['step_ms']:11.3f} {row['step_x_floor']:8.2f} {row['dx_rel_err_f32']:9.2e} "
+          f"{row['dscale_rel_err_f32']:10.2e}")
+  result = {"shape": list(shape), "read_gbs": bw, "floor_forward_ms": floors["forward"],
+            "floor_step_ms": floors["step"], "rows": rows}
+  path = args.out or os.path.join(out_dir(), "norm_rope.json")
+  write_json(path, result)
+  print(f"wrote {path}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,20 @@
+"""``benchmarks/norm_rope.py`` at a small shape: every method timed against its floors, the
+forwards the same up to a bf16 rounding, and the fused backward's scale gradient float32-exact where JAX's rounds
+RoPE's cotangent to bf16 first."""
+from benchmarks import norm_rope
+
+
+def test_norm_rope_benchmark_rows(tmp_path):
+  out = tmp_path / "norm_rope.json"
+  result = norm_rope.main(["--tokens", "2000", "--heads", "2", "--read_bytes", str(1 << 22),
+                           "--out", str(out)])
+  assert out.exists()
+  assert result["shape"] == [20, 104, 2, 128]
+  rows = {r["method"]: r for r in result["rows"]}
+  assert set(rows) == {"autodiff", "lean", "fused"}
+  for r in rows.values():
+    assert r["y_rel_diff_autodiff"] < 2.0 ** -7     # the same ops, up to a bf16 rounding
+    assert r["forward_ms"] > 0 and r["step_ms"] > 0 and r["step_x_floor"] > 0
+    assert 0 < r["dx_rel_err_f32"] < 8e-3           # dx is rounded to bf16 by every method
+  assert rows["fused"]["dscale_rel_err_f32"] < 1e-5
+  assert rows["autodiff"]["dscale_rel_err_f32"] > 1e-4
