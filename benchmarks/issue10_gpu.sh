@@ -22,6 +22,10 @@
 #                                                  # autodiff, lean, fused against floors),
 #                                                  # then the step with
 #                                                  # model.qk_norm_rope_vjp="fused", profiled
+#   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
+#                                                  # at the 0.6b and 4b steps' shapes:
+#                                                  # Pallas tilings, XLA, cuDNN causal,
+#                                                  # against byte floors
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -29,7 +33,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -69,12 +73,17 @@ case "$STAGE" in
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
+  doc_attention)
+    step doc_attention_0.6b 240 $PY -m benchmarks.doc_attention --shape 0.6b \
+      --out "$DIR/doc_attention_0.6b.json"
+    step doc_attention_4b 180 $PY -m benchmarks.doc_attention --shape 4b \
+      --out "$DIR/doc_attention_4b.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, doc_attention or triton" >&2
     exit 2 ;;
 esac
