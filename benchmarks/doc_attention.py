@@ -3,7 +3,7 @@ sequences (the 0.6b step: 5,216 documents of 104-token slots a layer, 16 query h
 kv heads, D 128), forward and forward + backward, against their byte floors.
 
 In the 0.6b step on the H200 (BENCHMARKS.md, 2026-12-05) the Pallas attention took 417 ms
-of 4,189, nearly all of it the documents'. At 104 tokens a document's attention does ~40
+of 4,189, nearly all of it the documents'. At 104 tokens a document's attention does ~35
 FLOPs a byte of q/k/v/o: it is bound by memory, so the floors are bytes over the read
 bandwidth measured in the same run: the forward reads q, k, v and writes o; forward +
 backward also reads dO and writes dq, dk, dv (the kernels read q, k, v and o again: the

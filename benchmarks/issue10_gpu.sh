@@ -22,6 +22,10 @@
 #                                                  # autodiff, lean, fused against floors),
 #                                                  # then the step with
 #                                                  # model.qk_norm_rope_vjp="fused", profiled
+#   STAGE=mlp_input bash benchmarks/issue10_gpu.sh  # the step with
+#                                                  # model.remat_policy="mlp_input" (each
+#                                                  # layer's residual after attention kept:
+#                                                  # o_proj not recomputed; ~31 GB more)
 #   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
 #                                                  # at the 0.6b and 4b steps' shapes:
 #                                                  # Pallas tilings, XLA, cuDNN causal,
@@ -33,7 +37,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, mlp_input, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -73,6 +77,10 @@ case "$STAGE" in
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
+  mlp_input)
+    step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --remat_policy mlp_input --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b32_mlp_input.json" ;;
   doc_attention)
     step doc_attention_0.6b 240 $PY -m benchmarks.doc_attention --shape 0.6b \
       --out "$DIR/doc_attention_0.6b.json"
@@ -84,6 +92,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, mlp_input, doc_attention or triton" >&2
     exit 2 ;;
 esac

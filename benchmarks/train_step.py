@@ -71,7 +71,8 @@ def _parse(argv):
                       "and report XLA's memory_analysis for the chunked LM loss and the old "
                       "full-logits one (kernels forced to xla: the CPU has no Pallas)")
   p.add_argument("--remat_policy", default="",
-                 help="override model.remat_policy (none | full | dots); default the recipe's")
+                 help="override model.remat_policy (none | full | dots | mlp_input); default "
+                      "the recipe's")
   p.add_argument("--rms_norm_vjp", default="",
                  help="override model.rms_norm_vjp (autodiff | lean); default the recipe's")
   p.add_argument("--qk_norm_rope_vjp", default="",

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What a rematerialised layer keeps for the backward (``model.remat_policy_fn``): "none"
 # (no remat: every activation is kept), "full" (nothing: the layer's forward runs again in
-# the backward), "dots" (matmul outputs without batch dimensions; the rest is recomputed).
-REMAT_POLICIES = ("none", "full", "dots")
+# the backward), "dots" (matmul outputs without batch dimensions; the rest is recomputed),
+# "mlp_input" (the residual after attention, the MLP block's input: one hidden-size
+# activation a token a layer; the backward recomputes all but o_proj).
+REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +207,8 @@ def _resolve_remat(remat: Optional[bool], policy: str) -> str:
   if policy not in REMAT_POLICIES:
     raise ValueError(f"bad model config: remat_policy must be one of {list(REMAT_POLICIES)} "
                      f"(none: keep every activation; full: recompute each layer in the "
-                     f"backward; dots: keep matmul outputs, recompute the rest), got {policy!r}")
+                     f"backward; dots: keep matmul outputs, recompute the rest; mlp_input: "
+                     f"keep the residual after attention), got {policy!r}")
   if remat is None:
     return policy
   if remat not in (True, False):

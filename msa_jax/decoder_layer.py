@@ -7,6 +7,7 @@ from typing import Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from msa_jax import attention as attention_lib
 from msa_jax import routing
@@ -17,6 +18,8 @@ from msa_jax.layers import MLP, RMSNorm, dense
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 BATCH_LENGTH_HEADS = ("batch", "length", "heads", "head_dim")
 BATCH_LENGTH_KV = ("batch", "length", "kv_heads", "head_dim")
+# The residual after attention (the MLP block's input), named for remat_policy="mlp_input".
+MLP_INPUT = "mlp_input"
 
 
 class DecoderLayer(nn.Module):
@@ -67,6 +70,7 @@ class DecoderLayer(nn.Module):
   def _finish(self, x_btd, attn_bthd):
     b, t, h, d = attn_bthd.shape
     x = x_btd + self.o_proj(attn_bthd.reshape(b, t, h * d))   # no -1: T may be 0 (no prefix)
+    x = checkpoint_name(x, MLP_INPUT)
     x = x + self.mlp(self.post_attention_layernorm(x))
     return nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
 

@@ -19,7 +19,8 @@ longest row's target count): what ``compiled.cost_analysis()`` sees, for checkin
 The backward is 2x the forward (a gradient for the input and for the weight of every
 matmul); ``nn.remat`` recomputes each layer's forward once more (``remat_recompute``,
 reported apart: it is work done, not model FLOPs); with ``remat_policy="dots"`` only the
-attention's and the routing's batched products are recomputed.
+attention's and the routing's batched products are recomputed; with ``"mlp_input"`` all
+but ``o_proj``.
 """
 from __future__ import annotations
 
@@ -144,9 +145,12 @@ def step_flops(cfg: ModelConfig, batch, *, lm_chunk_size: int = 64,
   # nn.remat recomputes every layer's forward (routing included) in the backward, but
   # for its last matmul (down_proj): the gradient needs its input, not its output. The
   # LM-loss chunks are jax.checkpoint'ed, so their head matmul runs once more too.
-  down = 2 * cfg.hidden_size * cfg.intermediate_size * (
-      last_router * doc_tokens + (nl - 1) * prefix_tokens + nl * active_tokens)
+  full_layer_tokens = last_router * doc_tokens + (nl - 1) * prefix_tokens + nl * active_tokens
+  down = 2 * cfg.hidden_size * cfg.intermediate_size * full_layer_tokens
   layers_recompute = doc + prefix + active + routing - down
+  if cfg.remat_policy == "mlp_input":
+    # Each layer's residual after attention is saved: o_proj's output is never recomputed.
+    layers_recompute -= _layer_matmul_per_token(cfg)["o"] * full_layer_tokens
   if cfg.remat_policy == "dots":
     # The projections' and MLP's outputs (dots without batch dimensions) are saved; the
     # attention's and the routing's batched products run again.

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from msa_jax.config import ModelConfig
-from msa_jax.decoder_layer import DecoderLayer
+from msa_jax.decoder_layer import MLP_INPUT, DecoderLayer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,8 @@ def layer_runs(cfg: ModelConfig, stop: Optional[int] = None) -> list[LayerRun]:
 def remat_policy_fn(name: str):
   """``jax.checkpoint``'s policy for ``ModelConfig.remat_policy`` ("none" has none)."""
   return {"none": None, "full": None,
-          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
+          "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+          "mlp_input": jax.checkpoint_policies.save_only_these_names(MLP_INPUT)}[name]
 
 
 def pure_layer(cfg: ModelConfig, is_router: bool, method: str, in_scan: bool = True):

@@ -191,8 +191,9 @@ def _round_up(n: int, tile: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class _Padded:
   """Kernel operands: bf16, own tokens padded to ``m`` rows (the kernels' grid; pad-free,
-  the arrays keep their own ``rows``), context to ``s`` slots, masks as additive f32
-  biases (0 visible, ``MASKED`` not; always ``m`` wide)."""
+  the arrays keep their own ``rows``), context to ``s`` slots (``s == 0``: a never-read
+  stand-in of batch 1), masks as additive f32 biases (0 visible, ``MASKED`` not; always
+  ``m`` wide)."""
   q: jax.Array
   ks: jax.Array
   vs: jax.Array
@@ -260,10 +261,12 @@ def _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
     kc = _pad_axis(k_ctx_bsgd.astype(bf), 1, s_pad)
     vc = _pad_axis(v_ctx_bsgd.astype(bf), 1, s_pad)
     cmask = _pad_axis(ctx_mask_bs, 1, s_pad, False)
-  else:  # the kernels take a context operand; a zero-length one is never read
+  else:  # the kernels take a context operand; a zero-length one is never read, so one
+    # example's worth stands for all (a [B, ...] one was written whole each call: 24 ms of
+    # the 0.6b step on the H200, its 5,216 documents' zeros)
     s_pad = 0
-    kc = vc = jnp.zeros((b, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
-    cmask = jnp.zeros((b, kc.shape[1]), bool)
+    kc = vc = jnp.zeros((1, max(bs.block_kv, bs.bwd_block_kv), g, d), bf)
+    cmask = jnp.zeros((1, kc.shape[1]), bool)
   # pad-free: rows to a multiple of 8 only (TMA tiles the row axis by 8; the 0.6b and 4b
   # recipes' 104-token documents need none), the copies reach past them to whole tiles
   rows = _round_up(m, _TMA_ROW_TILE) if _pad_free(bs, compiled) else m_pad
@@ -323,9 +326,10 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
   dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
       x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
-  k_all = jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1)
-  v_all = jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1)
-  bias_all = jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)
+  k_all, v_all, bias_all = ((x.ks, x.vs, x.sbias) if not x.s else (
+      jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1),
+      jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1),
+      jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)))
   dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
       x.q, do, lse_bhm, delta_bhm, k_all, v_all, bias_all)
   return (dq[:, :m].astype(q_bmhd.dtype),

@@ -37,6 +37,21 @@ def _doc_scores(rq, route, kr_cf, chunk_doc):
 # --------------------------------------------------------------------------- SPEC §1
 
 
+def _central_differences(loss, x, scale, h=1e-6):
+  """float64 central differences of ``loss(x, scale)`` (a float) in each entry of ``x``
+  and of the ``[D]`` ``scale``: ``(d loss / dx, d loss / d scale)``."""
+  x64, s64 = x.astype(np.float64), scale.astype(np.float64)
+  want_dx = np.zeros_like(x64)
+  for i in np.ndindex(x.shape):
+    e = np.zeros_like(x64)
+    e[i] = h
+    want_dx[i] = (loss(x64 + e, s64) - loss(x64 - e, s64)) / (2 * h)
+  eye = np.eye(s64.size)
+  want_ds = np.array([(loss(x64, s64 + h * eye[j]) - loss(x64, s64 - h * eye[j])) / (2 * h)
+                      for j in range(s64.size)])
+  return want_dx, want_ds
+
+
 @pytest.mark.parametrize("vjp", sorted(layers.RMS_NORM_VJPS))
 def test_rms_norm_gradients_match_float64_finite_differences(vjp):
   """RMSNorm's gradients (``x`` and the scale) by each ``ModelConfig.rms_norm_vjp``: JAX's
@@ -50,15 +65,7 @@ def test_rms_norm_gradients_match_float64_finite_differences(vjp):
   _, pull = jax.vjp(lambda xx, ss: norm.apply({"params": {"scale": ss}}, xx), x, scale)
   dx, dscale = jax.jit(pull)(jnp.asarray(g))
   loss = lambda xx, ss: float(np.sum(g * R.rms_norm(xx, ss, 1e-6)))  # noqa: E731
-  h = 1e-6
-  x64, s64 = x.astype(np.float64), scale.astype(np.float64)
-  want_dx = np.zeros_like(x64)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x64)
-    e[i] = h
-    want_dx[i] = (loss(x64 + e, s64) - loss(x64 - e, s64)) / (2 * h)
-  want_ds = np.array([(loss(x64, s64 + h * np.eye(16)[j]) - loss(x64, s64 - h * np.eye(16)[j]))
-                      / (2 * h) for j in range(16)])
+  want_dx, want_ds = _central_differences(loss, x, scale)
   assert R.rel_err(dx, want_dx) < 1e-5
   assert R.rel_err(dscale, want_ds) < 1e-5
 
@@ -139,15 +146,7 @@ def test_norm_rope_gradients_match_float64_finite_differences(vjp):
   def loss(xx, ss):
     return float(np.sum(g * np.stack([R.rope(R.rms_norm(xx[b], ss, 1e-6), pos[b], 1e6)
                                       for b in range(2)])))
-  h = 1e-6
-  x64, s64 = x.astype(np.float64), scale.astype(np.float64)
-  want_dx = np.zeros_like(x64)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x64)
-    e[i] = h
-    want_dx[i] = (loss(x64 + e, s64) - loss(x64 - e, s64)) / (2 * h)
-  want_ds = np.array([(loss(x64, s64 + h * np.eye(16)[j]) - loss(x64, s64 - h * np.eye(16)[j]))
-                      / (2 * h) for j in range(16)])
+  want_dx, want_ds = _central_differences(loss, x, scale)
   assert R.rel_err(dx, want_dx) < 1e-5
   assert R.rel_err(dscale, want_ds) < 1e-5
 

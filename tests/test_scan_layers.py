@@ -98,7 +98,7 @@ def test_scanned_forward_and_grads_equal_unrolled(cfg):
 
 
 @pytest.mark.parametrize("cfg,policy", [
-    (SMOKE, "full"), pytest.param(SPLIT, "dots", marks=pytest.mark.slow)])
+    (SMOKE, "full"), (SMOKE, "mlp_input"), pytest.param(SPLIT, "dots", marks=pytest.mark.slow)])
 def test_scan_with_remat_policy_equals_unrolled_without_remat(cfg, policy):
   batch, params = _case(cfg, seed=3)
   want = _step_fn(cfg)(params, batch)
@@ -171,7 +171,7 @@ def test_remat_policy_and_the_legacy_remat_switch():
   assert ModelConfig(remat=True).replace(remat_policy="none").remat is False
   assert "remat" not in dots.to_dict()        # the policy alone says it
   assert ModelConfig.from_dict(dots.to_dict()) == dots
-  with pytest.raises(ValueError, match=r"remat_policy must be one of \['none', 'full', 'dots'\]"):
+  with pytest.raises(ValueError, match=r"remat_policy must be one of \['none', 'full', 'dots', 'mlp_input'\]"):
     ModelConfig(remat_policy="everything")
   with pytest.raises(ValueError, match="remat=False contradicts remat_policy='full'"):
     ModelConfig(remat=False, remat_policy="full")
