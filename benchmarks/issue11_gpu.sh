@@ -4,11 +4,15 @@
 #   STAGE=tests bash benchmarks/issue11_gpu.sh   # compiled GPU tests: attention, routing, run tail (~400 s)
 #   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 20 calls a sample, profiled (~150 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
+#   STAGE=host_kv bash benchmarks/issue11_gpu.sh # bf16 K̄/V̄ in host memory against on the
+#                                                # device at 10M (14.7 GB; at 100M 147 GB,
+#                                                # more than the machine's 128 GiB)
+#   STAGE=host_kv_100m bash benchmarks/issue11_gpu.sh  # int8 K̄/V̄ (74 GB) in host memory at 100M
 #
 # Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
 # DRY=1 prints the commands instead of running them (benchmarks/gpu_stage.sh).
 set -u
-STAGE=${STAGE:?set STAGE=tests, route or ttft}
+STAGE=${STAGE:?set STAGE=tests, route, ttft, host_kv or host_kv_100m}
 ISSUE=issue11
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -35,7 +39,18 @@ case "$STAGE" in
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
       --kr_dtype=int8 --out="$DIR" ;;
+  host_kv)
+    for placement in host device; do
+      step "${placement}_10m_bf16" 240 $PY -m benchmarks.ttft --shape=qwen3-4b \
+        --tokens=10000000 --ttft_sizes=10000000 --stages=ttft --ttft_batches=1,8 --no_e2e \
+        --routing=pallas --kr_dtype=int8 --kv_dtype=bfloat16 --kv_placement=$placement \
+        --out="$DIR/${placement}_10m_bf16"
+    done ;;
+  host_kv_100m)
+    step host_100m_int8 500 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
+      --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
+      --kr_dtype=int8 --kv_dtype=int8 --kv_placement=host --out="$DIR/host_100m_int8" ;;
   *)
-    echo "STAGE=$STAGE: choose tests, route or ttft" >&2
+    echo "STAGE=$STAGE: choose tests, route, ttft, host_kv or host_kv_100m" >&2
     exit 2 ;;
 esac
