@@ -305,7 +305,8 @@ def test_pad_free_compiled_path_lowers_for_the_gpu():
   """The compiled pad-free path (own tokens at 104 rows, the kernels' TMA copies reaching
   past them) lowers for CUDA: Mosaic GPU's static checks of every copy pass (lowering runs
   on a CPU; whether the copies zero-fill as intended needs the GPU test below). Its
-  program pads and slices nothing of the own-token size, unlike the padded path."""
+  program pads and slices nothing of the own-token size, unlike the padded path, and
+  writes no batch of zeros for the absent context."""
   b, m, h, g, d = 2, 104, 4, 2, 128
   f32 = jax.ShapeDtypeStruct
   q, k = f32((b, m, h, d), jnp.bfloat16), f32((b, m, g, d), jnp.bfloat16)
@@ -326,6 +327,9 @@ def test_pad_free_compiled_path_lowers_for_the_gpu():
             or ("stablehlo.slice" in line and any(f"tensor<{x}>" in line for x in own_sized)
                 and f"-> tensor<{b}x{m}x" in line)]
     assert bool(pads) != pad_free, (pad_free, pads[:2])
+    if pad_free:   # no context: its never-read stand-in is one example's, not B zero tiles
+      assert f"tensor<1x128x{g}x{d}xbf16>" in text
+      assert f"tensor<{b}x128x{g}x{d}xbf16>" not in text
 
 
 @pytest.mark.parametrize("m,s,ws", [(70, 128, False), (300, 1000, True)])
