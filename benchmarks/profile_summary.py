@@ -50,7 +50,9 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
 
   Returns ``{"device_events", "planes" (each plane's first line names: what an empty table
   saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms",
-  "count", "share"}], "other_ms"}``, times per call (divided by ``calls``): ``rows`` are
+  "count", "share"}], "other_ms", "hlo_ops": [{"hlo_op", "ms", "count"}] (the time by the
+  HLO instruction each kernel ran for, where its stats say: :func:`event_hlo_op`),
+  "kernel_stat_sample" (the first kernels' stats, to see what a trace holds)}``, times per call (divided by ``calls``): ``rows`` are
   the ``top`` kernels by total time (None: every kernel), ``share`` their fraction of the busy time, ``span_ms``
   from the first kernel's start to the last one's end over all calls, divided by
   ``calls`` (busy / span shows the device idle: launch or host bound).
@@ -59,6 +61,9 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   planes = [(p.name, list(p.lines)) for p in planes]
   total = collections.Counter()
   count = collections.Counter()
+  op_total = collections.Counter()      # by the HLO instruction a kernel ran for
+  op_count = collections.Counter()
+  stat_sample = {}
   start, end = float("inf"), float("-inf")
   for plane_name, lines in planes:
     if not _is_device_plane(plane_name):
@@ -70,14 +75,41 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
         total[ev.name] += ev.duration_ns
         count[ev.name] += 1
         start, end = min(start, ev.start_ns), max(end, ev.start_ns + ev.duration_ns)
+        stats = list(getattr(ev, "stats", None) or ())
+        if ev.name not in stat_sample and len(stat_sample) < 3:
+          stat_sample[ev.name] = [(str(k), str(v)[:160]) for k, v in stats]
+        op = event_hlo_op(stats)
+        if op:
+          op_total[op] += ev.duration_ns
+          op_count[op] += 1
   busy = sum(total.values())
   planes_seen = {name: [line.name for line in lines][:12] for name, lines in planes}
   per_call = lambda ns: ns / 1e6 / calls  # noqa: E731  ns → ms per call
   rows = [{"name": n, "ms": per_call(ns), "count": count[n] // calls,
            "share": ns / busy if busy else 0.0} for n, ns in total.most_common()]
+  hlo_ops = [{"hlo_op": op, "ms": per_call(ns), "count": op_count[op] // calls}
+             for op, ns in op_total.most_common()]
   return top_rows({"device_events": bool(total), "planes": planes_seen,
                    "device_busy_ms": per_call(busy),
-                   "span_ms": per_call(end - start) if total else 0.0, "rows": rows}, top)
+                   "span_ms": per_call(end - start) if total else 0.0, "rows": rows,
+                   "hlo_ops": hlo_ops, "kernel_stat_sample": stat_sample}, top)
+
+
+_HLO_OP_IN_TEXT = re.compile(r"hlo_op=([^,#\s]+)")
+
+
+def event_hlo_op(stats) -> str | None:
+  """The HLO instruction a device kernel ran for, from its profiler stats: an ``hlo_op``
+  stat, or ``hlo_op=NAME`` inside a string stat (the XLA kernel annotation); None if
+  neither (the trace does not say)."""
+  for key, value in stats:
+    if key == "hlo_op":
+      return str(value)
+    if isinstance(value, str) and "hlo_op=" in value:
+      m = _HLO_OP_IN_TEXT.search(value)
+      if m:
+        return m.group(1)
+  return None
 
 
 def top_rows(summary: dict, top: int | None) -> dict:
@@ -201,6 +233,106 @@ def format_by_source_op(groups: list[dict]) -> str:
   return "\n".join(lines)
 
 
+_SHAPE = re.compile(r"^\(?\s*\w+\[([\d,]*)\]")
+_OPERANDS = re.compile(r"\b(?:dot|custom-call)\(([^)]*)\)")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_GEMM_TARGET = re.compile(r'custom_call_target="__cublas\$(?:gemm|lt\$matmul)[^"]*"')
+_CUSTOM_CONTRACTING = re.compile(r'"lhs_contracting_dimensions":\[([^\]]*)\]')
+_DOT_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_COMPUTATION = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+
+
+def _dims(shape_text: str) -> list[int] | None:
+  """``[d0, d1, ...]`` of an HLO result ``bf16[4096,1024]{1,0}`` (a tuple: its first)."""
+  m = _SHAPE.match(shape_text.strip())
+  return None if m is None else [int(x) for x in m.group(1).split(",") if x]
+
+
+def _hlo_index(hlo_text: str):
+  """``(defs {name: body}, computations {name: [bodies]})`` of a program's HLO text
+  (instruction names are unique within a module)."""
+  defs, comps, current = {}, collections.defaultdict(list), None
+  for line in hlo_text.splitlines():
+    c = _COMPUTATION.match(line)
+    if c and "=" not in line.split("(")[0]:
+      current = c.group(1)
+      continue
+    m = _HLO_DEF.match(line)
+    if m:
+      defs[m.group(1)] = m.group(2)
+      if current:
+        comps[current].append(m.group(2))
+  return defs, comps
+
+
+def gemm_flops(body: str, defs: dict, comps: dict) -> tuple[float, str] | None:
+  """``(flops, "M x K x N")`` of an instruction that is a matmul: a cuBLAS custom call, a
+  ``dot``, or a fusion whose computation holds one (XLA's Triton GEMMs); None otherwise.
+  FLOPs: 2 · (output elements) · (the contracted size), from the operand and output
+  shapes and the contracting dimensions."""
+  if " fusion(" in body:
+    called = _CALLS.search(body)
+    for inner in comps.get(called.group(1), []) if called else []:
+      if " dot(" in inner:
+        return gemm_flops(inner, defs, comps)
+    return None
+  is_custom = _GEMM_TARGET.search(body)
+  if not is_custom and " dot(" not in body:
+    return None
+  out, ops = _dims(body), _OPERANDS.search(body)
+  contracting = (_CUSTOM_CONTRACTING if is_custom else _DOT_CONTRACTING).search(body)
+  if out is None or ops is None or contracting is None:
+    return None
+  lhs = re.search(r"%?([\w.\-]+)\s*(?:,|$)", ops.group(1).strip())  # shapes may precede names
+  lhs_dims = _dims(defs.get(lhs.group(1), "")) if lhs else None
+  if lhs_dims is None:
+    return None
+  k = 1
+  for c in re.findall(r"\d+", contracting.group(1)):
+    k *= lhs_dims[int(c)]
+  n_out = 1
+  for x in out:
+    n_out *= x
+  rows = n_out // out[-1] if out else 1
+  return 2.0 * n_out * k, f"{rows} x {k} x {out[-1] if out else 1}"
+
+
+def gemm_table(hlo_ops, hlo_text: str) -> list[dict]:
+  """The matmuls among profiled HLO instructions (:func:`aggregate`'s ``hlo_ops``), each
+  with its rate: ``[{"hlo_op", "op", "dims", "count", "ms", "tflops"}]``, longest first;
+  ``op`` is :func:`op_category` of its source and ``dims`` rows x contracted x columns of
+  one call (a scanned layer's matmul runs once a layer: ``count`` of them a step)."""
+  defs, comps = _hlo_index(hlo_text)
+  out = []
+  for r in hlo_ops:
+    body = defs.get(r["hlo_op"].lstrip("%"))
+    found = gemm_flops(body, defs, comps) if body else None
+    if not found or r["ms"] <= 0:
+      continue
+    flops, dims = found
+    src = _OP_NAME.search(body)
+    out.append({"hlo_op": r["hlo_op"], "op": op_category(src.group(1)) if src else "(no source)",
+                "dims": dims, "count": r["count"], "ms": r["ms"],
+                "tflops": flops * r["count"] / r["ms"] / 1e9})
+  return out
+
+
+def format_gemm_table(rows: list[dict], top: int = 20) -> str:
+  """:func:`gemm_table` as text, with the matmuls' total time and rate."""
+  if not rows:
+    return "  (no matmul among the kernels' HLO instructions)"
+  ms = sum(r["ms"] for r in rows)
+  tflop = sum(r["tflops"] * r["ms"] / 1e3 for r in rows)
+  lines = [f"  matmuls: {ms:.3f} ms/call at {tflop / ms * 1e3:.0f} TFLOP/s over {len(rows)} "
+           f"instructions; the longest:",
+           f"  {'source op':44s} {'rows x K x cols':>26s} {'count':>5s} {'ms/call':>9s} "
+           f"{'TFLOP/s':>8s}"]
+  for r in rows[:top]:
+    lines.append(f"  {r['op'][:44]:44s} {r['dims']:>26s} {r['count']:5d} {r['ms']:9.3f} "
+                 f"{r['tflops']:8.0f}")
+  return "\n".join(lines)
+
+
 def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: int = 25,
                   log=print, hlo_text: str = "") -> dict:
   """Runs ``fn()`` once to warm up, then ``calls`` times under the profiler into
@@ -230,6 +362,12 @@ def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: in
     summary["by_source_op"] = by_source_op(every_kernel["rows"], hlo_text)
     if summary["by_source_op"]:
       log(format_by_source_op(summary["by_source_op"]))
+    summary["gemms"] = gemm_table(every_kernel["hlo_ops"], hlo_text)
+    if every_kernel["hlo_ops"]:
+      log(format_gemm_table(summary["gemms"]))
+    elif every_kernel["device_events"]:
+      log(f"  (the kernels carry no hlo_op; their stats, e.g.: "
+          f"{every_kernel['kernel_stat_sample']})")
   return summary
 
 

@@ -115,3 +115,51 @@ def test_device_time_by_source_op_sums_every_kernel():
       {"op": "mlp/mul", "ms": 3.0, "kernels": 2, "share": pytest.approx(3 / 8.5)},
       {"op": "mlp/mul [bwd]", "ms": 0.5, "kernels": 1, "share": pytest.approx(0.5 / 8.5)}]
   assert "mlp/mul [bwd]" in ps.format_by_source_op(groups)
+
+
+def _ev_op(name, start, dur, stats):
+  return NS(name=name, start_ns=start, duration_ns=dur, stats=stats)
+
+
+# A cuBLAS GEMM as XLA's GPU backend writes it (operands by name; a workspace in the tuple).
+_CUBLAS_HLO = """HloModule jit_step, entry_computation_layout={()->bf16[4096,3072]{1,0}}
+
+ENTRY %main.9 (p.1: bf16[4096,1024], w.2: bf16[1024,3072]) -> bf16[4096,3072] {
+  %p.1 = bf16[4096,1024]{1,0} parameter(0)
+  %w.2 = bf16[1024,3072]{1,0} parameter(1)
+  %custom-call.12 = (bf16[4096,3072]{1,0}, s8[4194304]{0}) custom-call(%p.1, %w.2), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/transpose(jvp(MSAModel.forward_train))/layers_3._finish/mlp/gate_proj/dot_general"}, backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  ROOT %get-tuple-element.3 = bf16[4096,3072]{1,0} get-tuple-element(%custom-call.12), index=0
+}
+"""
+
+
+def test_gemm_table_from_kernels_hlo_ops():
+  """Each GEMM's time (kernels grouped by the HLO instruction their stats name, as an
+  ``hlo_op`` stat or inside XLA's annotation) and its rate from the instruction's shapes:
+  a cuBLAS custom call and a batched ``dot`` as XLA prints them."""
+  f = jax.jit(lambda a, b: jnp.einsum("bij,bjk->bik", jnp.tanh(a), b))
+  cpu_hlo = f.lower(jnp.ones((2, 64, 32)), jnp.ones((2, 32, 16))).compile().as_text()
+  dot = next(line.split("=")[0].split()[-1].lstrip("%") for line in cpu_hlo.splitlines()
+             if " dot(" in line)
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="Stream #14(Compute)", events=[
+      _ev_op("nvjet_sm90_tst_256x128", 0, 2_000_000, [("hlo_op", "custom-call.12")]),
+      _ev_op("nvjet_sm90_tst_256x128", 3_000_000, 2_000_000,
+             [("annotation", "x:#hlo_op=custom-call.12,hlo_module=jit_step#")]),
+      _ev_op("loop_fusion", 6_000_000, 1_000, [("hlo_op", dot)]),
+      _ev_op("loop_fusion", 6_500_000, 1_000, [("hlo_op", dot)]),
+      _ev_op("memset", 7_000_000, 1_000, [])])])]
+  s = ps.aggregate(planes, calls=2, top=None)
+  assert s["hlo_ops"][0] == {"hlo_op": "custom-call.12", "ms": pytest.approx(2.0), "count": 1}
+  rows = {r["hlo_op"]: r for r in ps.gemm_table(s["hlo_ops"], _CUBLAS_HLO + cpu_hlo)}
+  gemm = rows["custom-call.12"]
+  assert gemm["dims"] == "4096 x 1024 x 3072" and gemm["op"] == "gate_proj/dot_general [bwd]"
+  assert gemm["tflops"] == pytest.approx(2 * 4096 * 1024 * 3072 / 2e-3 / 1e12)
+  assert rows[dot]["dims"] == "128 x 32 x 16"          # batch folded into rows
+  assert rows[dot]["tflops"] == pytest.approx(2 * 2 * 64 * 32 * 16 / 1e-6 / 1e12)
+  assert "custom-call.12" not in ps.format_gemm_table([]) and "TFLOP/s" in \
+      ps.format_gemm_table(list(rows.values()))
+
+
+def test_event_hlo_op_absent():
+  assert ps.event_hlo_op([("correlation_id", 7), ("kernel_details", "regs:32")]) is None
+  assert ps.event_hlo_op([]) is None
