@@ -17,6 +17,11 @@
 #                                                  # (pad-free attention, float32 embedding
 #                                                  # gradient), no overrides
 #   STAGE=recipe_4b bash benchmarks/issue10_gpu.sh  # the same for 4b at batch 8
+#   STAGE=recipe_64k bash benchmarks/issue10_gpu.sh  # 0.6b at 64K memory tokens, batch 8,
+#                                                  # as the recipe now stands
+#   STAGE=recipe_4b_64k bash benchmarks/issue10_gpu.sh  # 4b at 64K memory tokens, batch 2,
+#                                                  # then 16K at batch 10 (the largest
+#                                                  # batch that fits: an OOM ends the search)
 #   STAGE=fused_norm bash benchmarks/issue10_gpu.sh  # the q/k norm + RoPE alone at one
 #                                                  # layer's q shape (benchmarks.norm_rope:
 #                                                  # autodiff, lean, fused against floors),
@@ -37,7 +42,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, mlp_input, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -72,6 +77,17 @@ case "$STAGE" in
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 3 \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b8_recipe.json" ;;
+  recipe_64k)
+    step recipe_0.6b_64k 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 65536 --batches 8 --steps 3 \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_64k_b8_recipe.json" ;;
+  recipe_4b_64k)
+    step recipe_4b_64k 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 4b --memory 65536 --batches 2 --steps 3 \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_64k_b2_recipe.json"
+    step recipe_4b_b10 240 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 10 --steps 3 \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b10_recipe.json" ;;
   fused_norm)
     step norm_rope 120 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
@@ -92,6 +108,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, fused_norm, mlp_input, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, doc_attention or triton" >&2
     exit 2 ;;
 esac
