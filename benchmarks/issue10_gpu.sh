@@ -31,6 +31,10 @@
 #                                                  # model.remat_policy="mlp_input" (each
 #                                                  # layer's residual after attention kept:
 #                                                  # o_proj not recomputed; ~31 GB more)
+#   STAGE=short_step bash benchmarks/issue10_gpu.sh  # the step with
+#                                                  # model.attention_short_persistent=True
+#                                                  # (the documents' attention forward as one
+#                                                  # persistent kernel), profiled
 #   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
 #                                                  # at the 0.6b and 4b steps' shapes:
 #                                                  # Pallas tilings, XLA, cuDNN causal,
@@ -42,7 +46,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -93,14 +97,20 @@ case "$STAGE" in
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
+  short_step)
+    step short_step 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --attention_short_persistent --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b32_short.json" ;;
   mlp_input)
     step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --remat_policy mlp_input --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b32_mlp_input.json" ;;
-  doc_attention)
+  doc_attention)   # the short kernel's compiled tests first (its timing rows need them)
+    step short_tests 120 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+      tests/test_kernel_sparse_attention.py -k short
     step doc_attention_0.6b 240 $PY -m benchmarks.doc_attention --shape 0.6b \
       --out "$DIR/doc_attention_0.6b.json"
-    step doc_attention_4b 180 $PY -m benchmarks.doc_attention --shape 4b \
+    step doc_attention_4b 150 $PY -m benchmarks.doc_attention --shape 4b \
       --out "$DIR/doc_attention_4b.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
@@ -108,6 +118,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, doc_attention or triton" >&2
     exit 2 ;;
 esac

@@ -27,8 +27,8 @@ ROUTE=(-m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 --route_sizes=1000
 
 case "$STAGE" in
   tests)
-    step attention 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_sparse_attention.py
-    step routing 380 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_routing_quant.py \
+    step attention 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_sparse_attention.py
+    step routing 350 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_routing_quant.py \
       tests/test_run_top_k.py tests/test_kernel_routing.py ;;
   route)
     step persistent_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \

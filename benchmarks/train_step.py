@@ -81,6 +81,9 @@ def _parse(argv):
                  help="override model.embed_grad (autodiff | f32_scatter | sorted)")
   p.add_argument("--attention_pad_free", action="store_true",
                  help="model.attention_pad_free=True (the Pallas attention without pads)")
+  p.add_argument("--attention_short_persistent", action="store_true",
+                 help="model.attention_short_persistent=True (the documents' attention "
+                      "forward as one persistent kernel)")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
                       "each batch (e.g. 4 with --remat_policy dots at batch 32)")
@@ -117,8 +120,8 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
            **model_overrides):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
   ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
-  ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``; empty or
-  False: the recipe's)
+  ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``,
+  ``attention_short_persistent``; empty or False: the recipe's)
   override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
@@ -144,7 +147,8 @@ def cli_model_overrides(args) -> dict:
   """The model fields the command line overrides (empty or False: the recipe's)."""
   return dict(remat_policy=args.remat_policy, rms_norm_vjp=args.rms_norm_vjp,
               qk_norm_rope_vjp=args.qk_norm_rope_vjp,
-              attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad)
+              attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
+              attention_short_persistent=args.attention_short_persistent)
 
 
 def host_batch(cfg, model_cfg, batch_size: int):
@@ -251,6 +255,7 @@ def run_shapes(args, save=None) -> dict:
                "rms_norm_vjp": model_cfg.rms_norm_vjp,
                "qk_norm_rope_vjp": model_cfg.qk_norm_rope_vjp,
                "attention_pad_free": model_cfg.attention_pad_free,
+               "attention_short_persistent": model_cfg.attention_short_persistent,
                "embed_grad": model_cfg.embed_grad,
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)

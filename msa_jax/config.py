@@ -76,6 +76,10 @@ class ModelConfig:
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
   # went from 4,543 to 4,265 ms with it (2026-12-05); on in the 0.6b and 4b recipes.
   attention_pad_free: bool = False
+  # The documents' attention forward (no context, at most 128 tokens) as one persistent
+  # kernel streaming (document, head) items (sparse_attention BlockSizes.short_persistent);
+  # not yet run on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
+  attention_short_persistent: bool = False
   # How the token embedding's gradient is summed (layers.EMBED_GRADS): "f32_scatter" or
   # "sorted" (into float32; sorted: the ids sorted first) or "autodiff" (JAX's scatter-add
   # into the compute dtype: in bf16 it lost up to 49 % of the kv task's gradient, and took
@@ -129,6 +133,9 @@ class ModelConfig:
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
     need(isinstance(self.attention_pad_free, bool),
          f"attention_pad_free must be True or False, got {self.attention_pad_free!r}")
+    need(isinstance(self.attention_short_persistent, bool),
+         f"attention_short_persistent must be True or False, got "
+         f"{self.attention_short_persistent!r}")
     need(self.embed_grad in ("autodiff", "f32_scatter", "sorted"),
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),

@@ -84,7 +84,10 @@ class DecoderLayer(nn.Module):
     if self._xla_attention():
       return attention_lib.attend(*args)
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
-    bs = sparse_attention.BlockSizes(pad_free=True) if self.cfg.attention_pad_free else None
+    cfg = self.cfg
+    bs = (sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
+                                      short_persistent=cfg.attention_short_persistent)
+          if cfg.attention_pad_free or cfg.attention_short_persistent else None)
     return sparse_attention.attend(*args, implementation=self.cfg.kernels, block_sizes=bs)
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):

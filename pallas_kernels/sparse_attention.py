@@ -32,6 +32,7 @@ from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import sparse_attention_bwd as bwd
 from pallas_kernels import sparse_attention_fwd_ws as fwd_ws
+from pallas_kernels import sparse_attention_short as short
 
 MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
@@ -64,6 +65,11 @@ class BlockSizes:
     out-of-range slices). On the H200 (2026-12-05) the compiled tests passed at 104 rows and
     failed at 70 and 300 (the 8-row rule, added after); the 0.6b step went from 4,543 to
     4,265 ms with it.
+  short_persistent: where there is no context and the own tokens fit one 128-row tile
+    (``sparse_attention_short.applies``: the documents), the forward runs as
+    ``sparse_attention_short``'s persistent kernel (one program an SM streaming its
+    (example, head, 64-query) items through one TMA pipeline) instead of one program per
+    item. Not yet run on a GPU (``benchmarks/doc_attention.py`` times it); off by default.
   """
 
   block_q: int = 64
@@ -75,6 +81,7 @@ class BlockSizes:
   bwd_stages: int = 2
   warp_specialized: bool | None = None
   pad_free: bool = False
+  short_persistent: bool = False
 
   def resolved(self, compiled: bool) -> "BlockSizes":
     """Every ``None`` replaced: the fastest settings measured on an H200 (BENCHMARKS.md)."""
@@ -291,7 +298,11 @@ def _forward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_b
   params = _platform.mosaic_interpret_params(interpret)
   x = _pad(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_bsgd,
            ctx_mask_bs, bs, params is None)
-  if _use_ws(bs, m):
+  if bs.short_persistent and short.applies(x.m, x.s):
+    short_call = short.forward_call(b, x.m, h, g, d, bs.stages, interpret_params=params,
+                                    rows=x.rows, zero_unseen=bs.pad_free)
+    call = lambda q, kc, vc, cbias, ks, vs, sbias: short_call(q, ks, vs, sbias)  # noqa: E731
+  elif _use_ws(bs, m):
     call = fwd_ws.forward_call(b, x.m, h, g, d, x.s, bs.block_q, bs.block_kv, bs.stages, params,
                                rows=x.rows, zero_unseen=bs.pad_free)
   else:

@@ -361,3 +361,81 @@ def test_gpu_pallas_pad_free_compiled(b, m, s, ws):
   recipe's document slots), TMA reading and writing past them; values and gradients as
   the padded kernels', unseen rows zeros."""
   _check_compiled(b, m, s, sa.BlockSizes(pad_free=True, warp_specialized=ws), seed=m + s)
+
+
+@pytest.mark.parametrize("m,pad_free", [(104, True), (104, False), (64, False), (128, True)])
+def test_short_persistent_forward_matches_reference_interpret(m, pad_free):
+  """``BlockSizes(short_persistent=True)`` (interpreted): documents with no context and at
+  most 128 own tokens go through ``sparse_attention_short``'s persistent forward (fewer
+  programs than items, so each streams several, the last repeating one): values and
+  gradients (the backward kernels read its log-sum-exp) equal the reference's; a ragged
+  document, one with leading padding and an empty slot output zeros where nothing is
+  seen, and pass no gradient there."""
+  from pallas_kernels import sparse_attention_short as short
+  assert short.applies(-(-m // 64) * 64, 0) and not short.applies(128, 64)
+  assert not short.applies(192, 0)
+  valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
+  q, k, v, smask = _inputs(13, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
+  bs = sa.BlockSizes(short_persistent=True, pad_free=pad_free, warp_specialized=False)
+  got = sa.attend(q, k, v, smask, implementation="pallas", block_sizes=bs)
+  want = sa.attend_reference(*_f32(q, k, v), smask)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want), atol=1e-2)
+  assert np.all(np.asarray(got[3]) == 0) and np.all(np.asarray(got[2, :2]) == 0)
+  w = jax.random.normal(jax.random.key(14), q.shape)
+  grads = _grads("pallas", (q, k, v, smask, None, None, None), w, bs)
+  _assert_bf16_close(grads, _grads("xla", (*_f32(q, k, v), smask, None, None, None), w),
+                     names=("dq", "dk", "dv"))
+  assert np.all(np.asarray(grads[0][3]) == 0) and np.all(np.asarray(grads[0][2, :2]) == 0)
+
+
+def test_short_persistent_forward_any_number_of_programs_interpret():
+  """``sparse_attention_short.forward_call`` with 1, 5 (32 items: the last program repeats
+  the final item) and 32 programs gives the same outputs and log-sum-exps, bit for bit, and
+  the reference's values on every row that sees a key (``zero_unseen`` off: the others are
+  the caller's to zero)."""
+  from pallas_kernels import _platform
+  from pallas_kernels import sparse_attention_short as short
+  b, m, h, g, d = 4, 128, 4, 2, 64
+  q, k, v, smask = _inputs(15, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
+      [[128], [100], [3], [0]]))[:4]
+  bias = jnp.where(smask, 0.0, sa.MASKED).astype(jnp.float32)
+  params = _platform.mosaic_interpret_params(True)
+  outs = [short.forward_call(b, m, h, g, d, blocks=n, interpret_params=params)(q, k, v, bias)
+          for n in (1, 5, 32)]
+  for out, lse in outs[1:]:
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(outs[0][0], np.float32))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(outs[0][1]))
+  want = sa.attend_reference(*_f32(q, k, v), smask)
+  keep = (np.cumsum(np.asarray(smask), axis=1) > 0)[:, :, None, None]  # rows that see a key
+  np.testing.assert_allclose(np.where(keep, np.asarray(outs[0][0], np.float32), 0),
+                             np.where(keep, np.asarray(want), 0), atol=1e-2)
+
+
+def test_short_persistent_path_lowers_for_the_gpu():
+  """The compiled short forward (own tokens at 104 rows, pad-free: the copies reach past
+  them) lowers for CUDA, forward and backward: Mosaic GPU's static checks of its
+  pipeline's copies pass (whether the kernel runs as designed needs the GPU test)."""
+  b, m, h, g, d = 3, 104, 4, 2, 128
+  sds = jax.ShapeDtypeStruct
+  q, k = sds((b, m, h, d), jnp.bfloat16), sds((b, m, g, d), jnp.bfloat16)
+  bs = sa.BlockSizes(short_persistent=True, pad_free=True)
+
+  def loss(q_, k_, v_, mask_):
+    out = sa.attend(q_, k_, v_, mask_, implementation="pallas", block_sizes=bs,
+                    interpret=False)
+    return jnp.sum(out.astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, k, sds((b, m), bool)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  import re
+  operands = [len(x.split(",")) for x in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)",
+                                                    text)]
+  # the short forward takes (q, k, v, bias); the other forwards also the context's three
+  assert sorted(operands) == [4, 7, 10], operands
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,m", [(4, 104), (3, 64), (5, 128)])
+def test_gpu_short_persistent_compiled(b, m):
+  """``BlockSizes(short_persistent=True, pad_free=True)`` compiled at Qwen3-4B heads: the
+  documents' forward as one persistent kernel; values and gradients as the reference's."""
+  _check_compiled(b, m, 0, sa.BlockSizes(short_persistent=True, pad_free=True), seed=m + 7)

@@ -32,12 +32,14 @@ def _batch(rng, b=2, t=2, n=3, l=6, m=5):
       loss_mask=active_mask & ~question_mask, positive_docs=np.eye(n, dtype=bool)[:b])
 
 
-@pytest.mark.parametrize("pad_free", [False, True])
-def test_pallas_attention_path_matches_xla(pad_free):
+@pytest.mark.parametrize("pad_free,short", [(False, False), (True, False), (True, True)])
+def test_pallas_attention_path_matches_xla(pad_free, short):
   """``attention_pad_free``: the kernels zero rows that see no key themselves (example 1's
-  third document slot is empty); interpreted, the operands are still padded."""
+  third document slot is empty); interpreted, the operands are still padded.
+  ``attention_short_persistent``: the documents' forward through the persistent kernel."""
   cfg = preset("tiny", num_layers=2, router_layers=(1,), top_k=2, pooling_chunk_size=4,
-               head_dim=64, attention_pad_free=pad_free)   # the kernel tiles head_dim by 64
+               head_dim=64, attention_pad_free=pad_free,   # the kernel tiles head_dim by 64
+               attention_short_persistent=short)
   batch = _batch(np.random.default_rng(0))
   xla_model = MSAModel(cfg.replace(kernels="xla"))
   params = nn.unbox(xla_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
