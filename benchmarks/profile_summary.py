@@ -52,6 +52,7 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms",
   "count", "share"}], "other_ms", "hlo_ops": [{"hlo_op", "ms", "count"}] (the time by the
   HLO instruction each kernel ran for, where its stats say: :func:`event_hlo_op`),
+  "kernel_hlo_ops": [{"name", "hlo_op" (None if unsaid), "ms"}] (by both),
   "kernel_stat_sample" (the first kernels' stats, to see what a trace holds)}``, times per call (divided by ``calls``): ``rows`` are
   the ``top`` kernels by total time (None: every kernel), ``share`` their fraction of the busy time, ``span_ms``
   from the first kernel's start to the last one's end over all calls, divided by
@@ -63,6 +64,7 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   count = collections.Counter()
   op_total = collections.Counter()      # by the HLO instruction a kernel ran for
   op_count = collections.Counter()
+  pair_total = collections.Counter()    # by (kernel name, HLO instruction)
   stat_sample = {}
   start, end = float("inf"), float("-inf")
   for plane_name, lines in planes:
@@ -79,6 +81,7 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
         if ev.name not in stat_sample and len(stat_sample) < 3:
           stat_sample[ev.name] = [(str(k), str(v)[:160]) for k, v in stats]
         op = event_hlo_op(stats)
+        pair_total[(ev.name, op)] += ev.duration_ns
         if op:
           op_total[op] += ev.duration_ns
           op_count[op] += 1
@@ -92,7 +95,9 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   return top_rows({"device_events": bool(total), "planes": planes_seen,
                    "device_busy_ms": per_call(busy),
                    "span_ms": per_call(end - start) if total else 0.0, "rows": rows,
-                   "hlo_ops": hlo_ops, "kernel_stat_sample": stat_sample}, top)
+                   "hlo_ops": hlo_ops, "kernel_stat_sample": stat_sample,
+                   "kernel_hlo_ops": [{"name": n, "hlo_op": op, "ms": per_call(ns)}
+                                      for (n, op), ns in pair_total.most_common()]}, top)
 
 
 _HLO_OP_IN_TEXT = re.compile(r"hlo_op=([^,#\s]+)")
@@ -208,14 +213,17 @@ def _kernel_op_names(hlo_text: str) -> dict:
 def by_source_op(rows, hlo_text: str, top: int = 30) -> list[dict]:
   """Device time grouped by where each kernel comes from in the model (:func:`op_category`
   of its HLO instruction's ``op_name``): ``[{"op", "ms", "kernels", "share"}]``, largest
-  first. Kernels that are not an HLO instruction (cuBLAS's ``nvjet_*``, ``memcpy*``) are
-  grouped by their name's first word. ``rows``: :func:`aggregate`'s rows, all of them
-  (``top=None``) for a complete account."""
+  first. A kernel is placed by the HLO instruction its profiler stats name (``rows`` from
+  :func:`aggregate`'s ``kernel_hlo_ops``: cuBLAS's ``nvjet_*`` and copies too), else by its
+  own name (XLA names a fusion's kernel after its instruction); the rest are grouped by
+  their name's first word. ``rows``: all of them (``top=None``) for a complete account."""
   ops = _kernel_op_names(hlo_text)
   total = collections.Counter()
   kernels = collections.Counter()
   for r in rows:
     op = ops.get(r["name"])
+    if r.get("hlo_op"):
+      op = ops.get(r["hlo_op"].lstrip("%").replace(".", "_"), op)
     cat = op_category(op) if op else "(library) " + re.split(r"[_\d]", r["name"], maxsplit=1)[0]
     total[cat] += r["ms"]
     kernels[cat] += 1
@@ -359,7 +367,8 @@ def profile_calls(fn, profile_dir: str, calls: int = 3, title: str = "", top: in
     summary["hlo"] = describe_kernels(hlo_text, [r["name"] for r in summary["rows"]])
     for name, what in summary["hlo"].items():
       log(f"    {name}: {what}")
-    summary["by_source_op"] = by_source_op(every_kernel["rows"], hlo_text)
+    placed = every_kernel["kernel_hlo_ops"] if every_kernel["hlo_ops"] else every_kernel["rows"]
+    summary["by_source_op"] = by_source_op(placed, hlo_text)
     if summary["by_source_op"]:
       log(format_by_source_op(summary["by_source_op"]))
     summary["gemms"] = gemm_table(every_kernel["hlo_ops"], hlo_text)

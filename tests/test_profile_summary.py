@@ -163,3 +163,16 @@ def test_gemm_table_from_kernels_hlo_ops():
 def test_event_hlo_op_absent():
   assert ps.event_hlo_op([("correlation_id", 7), ("kernel_details", "regs:32")]) is None
   assert ps.event_hlo_op([]) is None
+
+
+def test_by_source_op_places_library_kernels_by_their_hlo_op():
+  """A cuBLAS kernel (no HLO instruction of its name) is placed under its custom call's
+  source op when its stats name the call; without them, under "(library) nvjet"."""
+  planes = [NS(name="/device:GPU:0", lines=[NS(name="Stream #14(Compute)", events=[
+      _ev_op("nvjet_sm90_tst_256x128", 0, 2_000_000, [("hlo_op", "custom-call.12")]),
+      _ev_op("nvjet_sm90_tst_256x128", 3_000_000, 1_000_000, [])])])]
+  s = ps.aggregate(planes, top=None)
+  groups = {g["op"]: g["ms"] for g in ps.by_source_op(s["kernel_hlo_ops"], _CUBLAS_HLO)}
+  assert groups == {"gate_proj/dot_general [bwd]": pytest.approx(2.0),
+                    "(library) nvjet": pytest.approx(1.0)}
+  assert {g["op"] for g in ps.by_source_op(s["rows"], _CUBLAS_HLO)} == {"(library) nvjet"}
