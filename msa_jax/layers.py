@@ -156,6 +156,9 @@ class RMSNorm(nn.Module):
                        (x.shape[-1],), self.param_dtype)
     if rope_positions is None:
       return RMS_NORM_VJPS[self.vjp](x, scale, self.eps, self.dtype)
+    if not rope_theta > 0:
+      raise ValueError(f"RMSNorm given RoPE positions needs rope_theta > 0 (the model's "
+                       f"rope_theta), got {rope_theta!r}")
     if self.rope_vjp == "fused":
       return norm_rope_fused_vjp(x, scale, rope_positions, self.eps, rope_theta, self.dtype)
     return norm_rope(x, scale, rope_positions, self.eps, rope_theta, self.dtype, self.vjp)
@@ -225,7 +228,8 @@ def norm_rope(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
 def norm_rope_fused_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype):
   """:func:`norm_rope` (the same forward ops) with one hand-written backward for both:
   RoPE's transpose and the norm's backward in float32 from the bf16 cotangent and the bf16
-  input, with nothing float32 of the activations' size between them.
+  input, written so that no float32 array of the activations' size need pass between them
+  (whether XLA's fusions keep it so is the GPU's to show).
 
   With ``n = x·r·w`` (``r = rsqrt(mean(x²) + eps)``) and ``y = n·cos + rot(n)·sin``
   (``rot(n) = [-n₂, n₁]``, the rotate-half halves):

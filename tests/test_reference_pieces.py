@@ -151,6 +151,12 @@ def test_norm_rope_gradients_match_float64_finite_differences(vjp):
   assert R.rel_err(dscale, want_ds) < 1e-5
 
 
+def test_norm_rope_without_theta_is_an_error():
+  norm = layers.RMSNorm(1e-6)
+  with pytest.raises(ValueError, match="rope_theta > 0"):
+    norm.init(jax.random.PRNGKey(0), jnp.ones((1, 2, 1, 4)), jnp.zeros((1, 2), jnp.int32))
+
+
 def test_norm_rope_fused_backward_in_bfloat16_equals_autodiff():
   """bf16 activations (the recipes'): the fused q/k norm + RoPE gives JAX's composition's
   values bit for bit, ``dx`` within bf16 rounding (2^-8 normwise: the fused backward keeps
