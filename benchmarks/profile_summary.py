@@ -49,14 +49,15 @@ def aggregate(planes, calls: int = 1, top: int | None = 25) -> dict:
   ``name`` / ``lines`` / ``events`` / ``start_ns`` / ``duration_ns`` attributes).
 
   Returns ``{"device_events", "planes" (each plane's first line names: what an empty table
-  saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms",
-  "count", "share"}], "other_ms", "hlo_ops": [{"hlo_op", "ms", "count"}] (the time by the
-  HLO instruction each kernel ran for, where its stats say: :func:`event_hlo_op`),
-  "kernel_hlo_ops": [{"name", "hlo_op" (None if unsaid), "ms"}] (by both),
-  "kernel_stat_sample" (the first kernels' stats, to see what a trace holds)}``, times per call (divided by ``calls``): ``rows`` are
-  the ``top`` kernels by total time (None: every kernel), ``share`` their fraction of the busy time, ``span_ms``
-  from the first kernel's start to the last one's end over all calls, divided by
-  ``calls`` (busy / span shows the device idle: launch or host bound).
+  saw), "device_busy_ms", "span_ms", "rows": [{"name", "ms", "count", "share"}],
+  "other_ms", "hlo_ops": [{"hlo_op", "ms", "count"}] (the time by the HLO instruction
+  each kernel ran for, where its stats say: :func:`event_hlo_op`), "kernel_hlo_ops":
+  [{"name", "hlo_op" (None if unsaid), "ms"}] (by both), "kernel_stat_sample" (the first
+  kernels' stats, to see what a trace holds)}``, times per call (divided by ``calls``):
+  ``rows`` are the ``top`` kernels by total time (None: every kernel), ``share`` their
+  fraction of the busy time, ``span_ms`` from the first kernel's start to the last one's
+  end over all calls, divided by ``calls`` (busy / span shows the device idle: launch or
+  host bound).
   """
   # ProfileData's planes, lines and events are iterators: read each once.
   planes = [(p.name, list(p.lines)) for p in planes]
