@@ -29,7 +29,13 @@ from pallas_kernels import block_top_k
 
 SHORT_ROWS = 128     # the most own tokens a sequence may have (one K/V tile)
 BLOCK_Q = 64         # queries per item (one warpgroup's wgmma rows)
+SMEM_BYTES = 227 * 1024   # an H100/H200 SM's shared memory a block may use
 LOG2E = math.log2(math.e)
+
+
+def smem_bytes(m: int, d: int, stages: int) -> int:
+  """Shared memory of the kernel: ``stages`` items' q, K, V and bias, and the output."""
+  return stages * (BLOCK_Q * d * 2 + 2 * m * d * 2 + m * 4) + BLOCK_Q * d * 2 + BLOCK_Q * 4
 
 
 def applies(m: int, s: int) -> bool:
@@ -50,6 +56,10 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
   if not applies(m, 0):
     raise ValueError(f"the short forward takes one tile of at most {SHORT_ROWS} own rows "
                      f"in blocks of {BLOCK_Q}, got m={m}")
+  if smem_bytes(m, d, stages) > SMEM_BYTES:
+    raise ValueError(f"the short forward's {stages} stages need {smem_bytes(m, d, stages)} "
+                     f"bytes of shared memory at m={m}, D={d}, more than an SM's "
+                     f"{SMEM_BYTES}: use fewer stages (BlockSizes.stages)")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK_Q

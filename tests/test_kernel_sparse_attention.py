@@ -374,6 +374,8 @@ def test_short_persistent_forward_matches_reference_interpret(m, pad_free):
   from pallas_kernels import sparse_attention_short as short
   assert short.applies(-(-m // 64) * 64, 0) and not short.applies(128, 64)
   assert not short.applies(192, 0)
+  with pytest.raises(ValueError, match="fewer stages"):
+    short.forward_call(1, 128, 2, 1, 128, stages=3)
   valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
   q, k, v, smask = _inputs(13, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
   bs = sa.BlockSizes(short_persistent=True, pad_free=pad_free, warp_specialized=False)
