@@ -35,6 +35,11 @@
 #                                                  # model.attention_short_persistent=True
 #                                                  # (the documents' attention forward as one
 #                                                  # persistent kernel), profiled
+#   STAGE=levers bash benchmarks/issue10_gpu.sh  # the step with all three above at once
+#                                                  # (fused q/k norm + RoPE backward,
+#                                                  # mlp_input remat, short persistent
+#                                                  # forward), profiled: the profile's
+#                                                  # by-source table says what each did
 #   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
 #                                                  # at the 0.6b and 4b steps' shapes:
 #                                                  # Pallas tilings, XLA, cuDNN causal,
@@ -46,7 +51,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, levers, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -101,6 +106,11 @@ case "$STAGE" in
     step short_step 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --attention_short_persistent --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b32_short.json" ;;
+  levers)
+    step levers 400 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --qk_norm_rope_vjp fused --remat_policy mlp_input \
+      --attention_short_persistent --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b32_levers.json" ;;
   mlp_input)
     step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --remat_policy mlp_input --compilation_cache_dir /tmp/jcc \
@@ -118,6 +128,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, levers, doc_attention or triton" >&2
     exit 2 ;;
 esac
