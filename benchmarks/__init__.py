@@ -68,6 +68,15 @@ def compiled_need_bytes(compiled) -> int:
           - mem.alias_size_in_bytes)
 
 
+def attempt(row: dict, key: str, fn) -> None:
+  """``row[key] = fn()``, or the error under ``key + '_error'`` (its type and first 300
+  characters): a baseline or tiling that does not compile is a result, not a crash."""
+  try:
+    row[key] = fn()
+  except Exception as e:  # noqa: BLE001
+    row[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def write_json(path: str, payload: dict) -> None:
   """Writes ``payload`` with device, jax version, UTC date and ``XLA_FLAGS`` added (XLA
   flags change compile time and kernel choice, e.g. GPU autotuning)."""

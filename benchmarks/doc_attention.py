@@ -27,7 +27,7 @@ import os
 import jax
 import jax.numpy as jnp
 
-from benchmarks import device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
+from benchmarks import attempt, device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
 from pallas_kernels import sparse_attention as sa
 
 SLOT = 104
@@ -65,14 +65,6 @@ def make_inputs(docs: int, heads: int, kv_heads: int, d: int, rows: int = SLOT, 
   return (q, k, v, mask), dout
 
 
-def _attempt(row: dict, key: str, fn):
-  """``row[key] = fn()``, or the error's first line under ``key + '_error'``."""
-  try:
-    row[key] = fn()
-  except Exception as e:  # noqa: BLE001 — a tiling that does not compile is a result
-    row[key + "_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-
-
 def _forward_backward(f):
   """jit of ``(dout, q, k, v) -> (dq, dk, dv)`` through ``f(q, k, v)``'s VJP."""
   def run(dout, q, k, v):
@@ -103,22 +95,22 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None) -> dict:
     cudnn = lambda q_, k_, v_: jnp.where(keep, jax.nn.dot_product_attention(  # noqa: E731
         q_, k_, v_, is_causal=True, implementation="cudnn"), 0)
     r = row["cudnn"] = {}
-    _attempt(r, "fwd_err", lambda: _rel(jax.jit(cudnn)(q, k, v), out_ref))
-    _attempt(r, "fwd_ms", lambda: time_ms(jax.jit(cudnn), q, k, v, iters=3))
-    _attempt(r, "fb_ms", lambda: time_ms(_forward_backward(cudnn), dout, q, k, v, iters=3))
+    attempt(r, "fwd_err", lambda: _rel(jax.jit(cudnn)(q, k, v), out_ref))
+    attempt(r, "fwd_ms", lambda: time_ms(jax.jit(cudnn), q, k, v, iters=3))
+    attempt(r, "fb_ms", lambda: time_ms(_forward_backward(cudnn), dout, q, k, v, iters=3))
   for name, bs in fwd_cfgs.items():
     fn = jax.jit(attend("pallas", bs))
     r = row[f"pallas_fwd_{name}"] = {}
-    _attempt(r, "fwd_err", lambda fn=fn: _rel(fn(q, k, v), out_ref))
+    attempt(r, "fwd_err", lambda fn=fn: _rel(fn(q, k, v), out_ref))
     if "fwd_err" in r:
-      _attempt(r, "fwd_ms", lambda fn=fn: time_ms(fn, q, k, v, iters=3))
+      attempt(r, "fwd_ms", lambda fn=fn: time_ms(fn, q, k, v, iters=3))
   for name, bs in bwd_cfgs.items():
     fb = _forward_backward(attend("pallas", bs))
     r = row[f"pallas_bwd_{name}"] = {}
-    _attempt(r, "grad_err", lambda fb=fb: max(
+    attempt(r, "grad_err", lambda fb=fb: max(
         _rel(a, w) for a, w in zip(fb(dout, q, k, v), grads_ref)))
     if "grad_err" in r:
-      _attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, iters=3))
+      attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, iters=3))
   return row
 
 

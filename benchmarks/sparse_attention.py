@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import device_name, out_dir, time_ms, write_json
+from benchmarks import attempt, device_name, out_dir, time_ms, write_json
 from pallas_kernels import sparse_attention as sa
 
 H, G, D = 32, 8, 128
@@ -85,14 +85,6 @@ def cudnn_split(q, k, v, kc, vc):
   return out.astype(q.dtype)
 
 
-def _attempt(row, key, fn):
-  """``row[key] = fn()``, or the error's first line under ``key + '_error'``."""
-  try:
-    row[key] = fn()
-  except Exception as e:  # a baseline that does not compile is reported, not fatal
-    row[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
-
-
 def _with_grad(f):
   """jit of ``f``'s forward + backward: ``(dout, *args) -> grads``."""
   def run(dout, *a):
@@ -117,22 +109,22 @@ def bench_shape(name, b, m, s, configs, bwd_configs, backward):
   allow = jnp.broadcast_to(allow[None, None], (b, 1, m, s + m))
 
   split = jax.jit(cudnn_split)
-  _attempt(row, "cudnn_split_err",
+  attempt(row, "cudnn_split_err",
            lambda: float(jnp.max(jnp.abs(f32(split(q, k, v, kc, vc)) - out_ref))))
-  _attempt(row, "cudnn_split_ms", lambda: time_ms(split, q, k, v, kc, vc))
+  attempt(row, "cudnn_split_ms", lambda: time_ms(split, q, k, v, kc, vc))
   masked = jax.jit(lambda q, k, v, mk: _cudnn(q, k, v, mask=mk))
-  _attempt(row, "cudnn_mask_err",
+  attempt(row, "cudnn_mask_err",
            lambda: float(jnp.max(jnp.abs(f32(masked(q, k_all, v_all, allow)) - out_ref))))
-  _attempt(row, "cudnn_mask_ms", lambda: time_ms(masked, q, k_all, v_all, allow))
+  attempt(row, "cudnn_mask_ms", lambda: time_ms(masked, q, k_all, v_all, allow))
   nomask = jax.jit(lambda q, k, v: _cudnn(q, k, v))
-  _attempt(row, "cudnn_nomask_ms", lambda: time_ms(nomask, q, k_all, v_all))
+  attempt(row, "cudnn_nomask_ms", lambda: time_ms(nomask, q, k_all, v_all))
 
   row["pallas"] = {}
   for cname, bs in configs.items():
     fn = jax.jit(lambda *a, bs=bs: sa.attend(*a, implementation="pallas", block_sizes=bs))
     r = row["pallas"][cname] = {}
-    _attempt(r, "max_abs_err", lambda fn=fn: float(jnp.max(jnp.abs(f32(fn(*args)) - out_ref))))
-    _attempt(r, "ms", lambda fn=fn: time_ms(fn, *args))
+    attempt(r, "max_abs_err", lambda fn=fn: float(jnp.max(jnp.abs(f32(fn(*args)) - out_ref))))
+    attempt(r, "ms", lambda fn=fn: time_ms(fn, *args))
   ok = {c: r["ms"] for c, r in row["pallas"].items() if "ms" in r}
   if ok:
     row["pallas_config"] = min(ok, key=ok.get)
@@ -155,9 +147,9 @@ def bench_backward(row, args, dout, k_all, v_all, allow, flops, bwd_configs):
   row["xla_bwd_ms"] = row["xla_fb_ms"] - row["xla_ms"]
 
   masked_fb = _with_grad(lambda q_, k_, v_: _cudnn(q_, k_, v_, mask=allow))
-  _attempt(row, "cudnn_mask_fb_ms", lambda: time_ms(masked_fb, dout, q, k_all, v_all))
+  attempt(row, "cudnn_mask_fb_ms", lambda: time_ms(masked_fb, dout, q, k_all, v_all))
   nomask_fb = _with_grad(lambda q_, k_, v_: _cudnn(q_, k_, v_))
-  _attempt(row, "cudnn_nomask_fb_ms", lambda: time_ms(nomask_fb, dout, q, k_all, v_all))
+  attempt(row, "cudnn_nomask_fb_ms", lambda: time_ms(nomask_fb, dout, q, k_all, v_all))
   for key in ("cudnn_mask", "cudnn_nomask"):
     if f"{key}_fb_ms" in row and f"{key}_ms" in row:
       row[f"{key}_bwd_ms"] = row[f"{key}_fb_ms"] - row[f"{key}_ms"]
@@ -175,15 +167,15 @@ def bench_backward(row, args, dout, k_all, v_all, allow, flops, bwd_configs):
       got = fb(dout, q, k, v, kc, vc)
       return {n: float(jnp.linalg.norm(f32(a) - w) / jnp.linalg.norm(w))
               for n, a, w in zip(("dq", "dk", "dv", "dk_ctx", "dv_ctx"), got, grads_ref)}
-    _attempt(r, "rel_err", check)
+    attempt(r, "rel_err", check)
     if "rel_err" not in r:
       continue
 
     def time_bwd(fwd=fwd, bwd=bwd):
       out, lse = fwd(*args)
       return time_ms(bwd, out, lse, dout, *args)
-    _attempt(r, "ms", time_bwd)
-    _attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, kc, vc))
+    attempt(r, "ms", time_bwd)
+    attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, kc, vc))
   ok = {c: r["ms"] for c, r in row["pallas_bwd"].items() if "ms" in r}
   if ok:
     row["pallas_bwd_config"] = min(ok, key=ok.get)
