@@ -50,7 +50,8 @@ def _parse(argv):
   p.add_argument("--memory", default="16384,65536", help="memory tokens per example")
   p.add_argument("--batches", default="8,16,32,48,64",
                  help="batch sizes to try, ascending; stops at the first that does not fit")
-  p.add_argument("--steps", type=int, default=5, help="timed steps per batch size")
+  p.add_argument("--steps", type=int, default=5,
+                 help="timed steps per batch size (0: compile only, report memory_analysis)")
   p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (-1: the rest)")
   p.add_argument("--tiny", action="store_true",
                  help="the variants' structure at a small width and memory (CPU checks)")
@@ -186,6 +187,8 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: s
                       f"{limit / 2 ** 30:.1f} GiB")
     err.partial_row = row   # a batch that does not fit still reports its compile time
     raise err
+  if steps == 0:      # compile only: what XLA's memory_analysis says the step needs
+    return row
   state = setup.init_state(cfg.seed)
   times = []
   for i in range(steps + 1):
@@ -274,7 +277,10 @@ def run_shapes(args, save=None) -> dict:
       entry["fits"] = True
       largest = b
       results.append(entry)
-      print("  " + _row_text(entry), flush=True)
+      print("  " + (_row_text(entry) if "step_s" in entry else
+                    f"{variant} batch {b}: compiled only ({entry['compile_s']:.1f} s), "
+                    f"memory_analysis {entry['needs_gib']:.1f} GiB (temp "
+                    f"{entry['temp_gib']:.1f})"), flush=True)
       if save is not None:   # a command stopped by a time limit keeps what it measured
         save({"peaks": peaks, "rows": results, "partial": True})
     for e in results:
@@ -464,11 +470,11 @@ def plot(rows, path: str) -> None:
   """MFU (vendor peak) and step memory vs batch size, one line per variant x memory."""
   from msa_jax import plots
   fig, (ax_mfu, ax_mem) = plots.subplots(1, 2, figsize=(10, 4))
-  keys = sorted({(r["variant"], r["memory_tokens"], r["scan_layers"]) for r in rows
-                 if r.get("fits")})
+  timed = [r for r in rows if r.get("fits") and "mfu_vendor" in r]   # not compile-only rows
+  keys = sorted({(r["variant"], r["memory_tokens"], r["scan_layers"]) for r in timed})
   for variant, memory, scan in keys:
-    pts = [r for r in rows if r.get("fits")
-           and (r["variant"], r["memory_tokens"], r["scan_layers"]) == (variant, memory, scan)]
+    pts = [r for r in timed
+           if (r["variant"], r["memory_tokens"], r["scan_layers"]) == (variant, memory, scan)]
     label = f"{variant}, {memory // 1024}K memory, scan {'on' if scan else 'off'}"
     ax_mfu.plot([r["batch"] for r in pts], [100 * r["mfu_vendor"] for r in pts], "o-", label=label)
     ax_mem.plot([r["batch"] for r in pts], [r["needs_gib"] for r in pts], "o-", label=label)
@@ -518,9 +524,9 @@ def main(args) -> dict:
   else:
     name = "train_step.json" if jax.devices()[0].platform != "cpu" else "train_step_cpu.json"
     result = run_shapes(args, save=lambda partial: _write(args, name, partial))
-    print("\n" + "\n".join(_row_text(e) for e in result["rows"] if e.get("fits")), flush=True)
+    print("\n" + "\n".join(_row_text(e) for e in result["rows"] if "step_s" in e), flush=True)
   path = _write(args, name, result)
-  if "rows" in result and any(r.get("fits") for r in result["rows"]):
+  if "rows" in result and any("mfu_vendor" in r for r in result["rows"]):   # timed rows
     plot(result["rows"], path[:-len(".json")] + ".png")
   if result.get("compile_layers"):
     plot_compile_layers(result["compile_layers"], path[:-len(".json")] + ".png")
