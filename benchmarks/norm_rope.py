@@ -5,11 +5,13 @@ In the 0.6b training step on the H200 (16K memory tokens, batch 32; BENCHMARKS.m
 norms' backward took 271 ms of a 4,189 ms step and the norms' and RoPE's converts 202 more:
 JAX's backward passes RoPE's float32 cotangent to the norm's reductions as a float32 array
 of q's size. This times one layer's q path (``[5216, 104, 16, 128]`` bf16 by default; k is
-half of it) three ways:
+half of it) four ways:
 
 * ``autodiff``: JAX's backward of the norm (``layers.rms_norm``) and of RoPE;
 * ``lean``: the norm's hand-written backward (``layers.rms_norm_lean_vjp``), RoPE's by JAX;
 * ``fused``: one backward for both (``layers.norm_rope_fused_vjp``);
+* ``fused_bf16``: the same with RoPE's cotangent written once in bf16
+  (``layers.norm_rope_fused_bf16_vjp``);
 
 the forward alone, and forward plus backward in one program (what the step runs once a
 layer, the forward again under remat), against floors from a pure read in the same run:
@@ -37,7 +39,8 @@ from msa_jax import layers
 
 SLOT = 104          # the 0.6b recipe's document slot: tokens are [tokens / 104, 104]
 METHODS = {"autodiff": ("autodiff", "autodiff"), "lean": ("lean", "autodiff"),
-           "fused": ("autodiff", "fused")}   # method: (rms_norm_vjp, qk_norm_rope_vjp)
+           "fused": ("autodiff", "fused"), "fused_bf16": ("autodiff", "fused_bf16")}
+# method: (rms_norm_vjp, qk_norm_rope_vjp)
 
 
 def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):

@@ -68,8 +68,9 @@ class ModelConfig:
   # BENCHMARKS.md "Training step at the recipes' shapes").
   rms_norm_vjp: str = "autodiff"
   # How the q/k norms and RoPE are differentiated (layers.NORM_ROPE_VJPS): "autodiff" (each
-  # by JAX, the norm by rms_norm_vjp) or "fused" (one hand-written backward for both,
-  # layers.norm_rope_fused_vjp: no float32 copy of q between them; the same forward).
+  # by JAX, the norm by rms_norm_vjp), "fused" (one hand-written backward for both,
+  # layers.norm_rope_fused_vjp: no float32 copy of q need pass between them; the same
+  # forward) or "fused_bf16" (the same with RoPE's cotangent written once in bf16).
   # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
   qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
@@ -140,8 +141,9 @@ class ModelConfig:
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
-    need(self.qk_norm_rope_vjp in ("autodiff", "fused"),
-         f"qk_norm_rope_vjp must be 'autodiff' or 'fused', got {self.qk_norm_rope_vjp!r}")
+    need(self.qk_norm_rope_vjp in ("autodiff", "fused", "fused_bf16"),
+         f"qk_norm_rope_vjp must be 'autodiff', 'fused' or 'fused_bf16', got "
+         f"{self.qk_norm_rope_vjp!r}")
 
   @property
   def router_layer_ids(self) -> tuple[int, ...]:

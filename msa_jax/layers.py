@@ -150,7 +150,8 @@ class RMSNorm(nn.Module):
   def __call__(self, x, rope_positions=None, rope_theta: float = 0.0):
     """The norm of ``x``; given ``rope_positions`` (``[B, T]``, ``x`` being ``[B, T, H,
     D]``), then RoPE (:func:`norm_rope`), differentiated as ``rope_vjp`` says
-    ("autodiff" or "fused": :func:`norm_rope_fused_vjp`; ``NORM_ROPE_VJPS``)."""
+    (``NORM_ROPE_VJPS``: "autodiff", "fused" (:func:`norm_rope_fused_vjp`) or "fused_bf16"
+    (:func:`norm_rope_fused_bf16_vjp`))."""
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
@@ -159,8 +160,9 @@ class RMSNorm(nn.Module):
     if not rope_theta > 0:
       raise ValueError(f"RMSNorm given RoPE positions needs rope_theta > 0 (the model's "
                        f"rope_theta), got {rope_theta!r}")
-    if self.rope_vjp == "fused":
-      return norm_rope_fused_vjp(x, scale, rope_positions, self.eps, rope_theta, self.dtype)
+    if self.rope_vjp in _NORM_ROPE_CUSTOM:
+      return _NORM_ROPE_CUSTOM[self.rope_vjp](x, scale, rope_positions, self.eps, rope_theta,
+                                              self.dtype)
     return norm_rope(x, scale, rope_positions, self.eps, rope_theta, self.dtype, self.vjp)
 
 
@@ -224,7 +226,39 @@ def norm_rope(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
   return apply_rope(RMS_NORM_VJPS[norm_vjp](x_bthd, scale_d, eps, dtype), positions_bt, theta)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _norm_rope_custom(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
+                      round_dn: bool):
+  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype)
+
+
+def _norm_rope_custom_fwd(x_bthd, scale_d, positions_bt, eps, theta, dtype, round_dn):
+  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype), (x_bthd, scale_d,
+                                                                       positions_bt)
+
+
+def _norm_rope_custom_bwd(eps, theta, dtype, round_dn, res, g_bthd):
+  x_bthd, scale_d, positions_bt = res
+  d = x_bthd.shape[-1]
+  cos, sin = rope_cos_sin(positions_bt, d, theta)
+  cos, sin = cos[..., None, :], sin[..., None, :]
+  g32 = g_bthd.astype(jnp.float32)
+  u = g32 * sin
+  half = d // 2
+  dn = g32 * cos + jnp.concatenate([u[..., half:], -u[..., :half]], axis=-1)
+  if round_dn:   # written once in dtype; the barrier keeps XLA from undoing the rounding
+    dn = jax.lax.optimization_barrier(dn.astype(dtype)).astype(jnp.float32)
+  x32 = x_bthd.astype(jnp.float32)
+  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  dnw = dn * _last_axis(scale_d, x_bthd.ndim)
+  dx = r * dnw - x32 * (r * r * r) * jnp.mean(dnw * x32, axis=-1, keepdims=True)
+  dscale = jnp.sum((dn * x32 * r).reshape(-1, d), axis=0)
+  return dx.astype(x_bthd.dtype), dscale.astype(scale_d.dtype), None
+
+
+_norm_rope_custom.defvjp(_norm_rope_custom_fwd, _norm_rope_custom_bwd)
+
+
 def norm_rope_fused_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype):
   """:func:`norm_rope` (the same forward ops) with one hand-written backward for both:
   RoPE's transpose and the norm's backward in float32 from the bf16 cotangent and the bf16
@@ -247,34 +281,22 @@ def norm_rope_fused_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float,
   ``tests/test_reference_pieces.py``, ``benchmarks/norm_rope.py``). Selected by
   ``ModelConfig.qk_norm_rope_vjp="fused"``.
   """
-  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype)
+  return _norm_rope_custom(x_bthd, scale_d, positions_bt, eps, theta, dtype, False)
 
 
-def _norm_rope_fused_fwd(x_bthd, scale_d, positions_bt, eps, theta, dtype):
-  return norm_rope(x_bthd, scale_d, positions_bt, eps, theta, dtype), (x_bthd, scale_d,
-                                                                       positions_bt)
+def norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype):
+  """:func:`norm_rope_fused_vjp` with ``dn`` rounded to ``dtype`` and written once behind an
+  optimization barrier (so XLA keeps both the rounding and the array): should XLA write
+  the float32 ``dn`` out for the backward's three passes to read (as it wrote JAX's own
+  backward's on the H200), this writes and reads a bf16 one instead. The gradients are JAX's
+  own backward's as written (its cast of RoPE's cotangent to ``dtype`` included), which
+  XLA's excess precision otherwise skips. Selected by
+  ``ModelConfig.qk_norm_rope_vjp="fused_bf16"``; not yet timed on a GPU."""
+  return _norm_rope_custom(x_bthd, scale_d, positions_bt, eps, theta, dtype, True)
 
 
-def _norm_rope_fused_bwd(eps, theta, dtype, res, g_bthd):
-  x_bthd, scale_d, positions_bt = res
-  d = x_bthd.shape[-1]
-  cos, sin = rope_cos_sin(positions_bt, d, theta)
-  cos, sin = cos[..., None, :], sin[..., None, :]
-  g32 = g_bthd.astype(jnp.float32)
-  u = g32 * sin
-  half = d // 2
-  dn = g32 * cos + jnp.concatenate([u[..., half:], -u[..., :half]], axis=-1)
-  x32 = x_bthd.astype(jnp.float32)
-  r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  dnw = dn * _last_axis(scale_d, x_bthd.ndim)
-  dx = r * dnw - x32 * (r * r * r) * jnp.mean(dnw * x32, axis=-1, keepdims=True)
-  dscale = jnp.sum((dn * x32 * r).reshape(-1, d), axis=0)
-  return dx.astype(x_bthd.dtype), dscale.astype(scale_d.dtype), None
-
-
-norm_rope_fused_vjp.defvjp(_norm_rope_fused_fwd, _norm_rope_fused_bwd)
-
-NORM_ROPE_VJPS = ("autodiff", "fused")
+NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16")
+_NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
 
 
 class MLP(nn.Module):

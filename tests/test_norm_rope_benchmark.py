@@ -11,7 +11,7 @@ def test_norm_rope_benchmark_rows(tmp_path):
   assert out.exists()
   assert result["shape"] == [20, 104, 2, 128]
   rows = {r["method"]: r for r in result["rows"]}
-  assert set(rows) == {"autodiff", "lean", "fused"}
+  assert set(rows) == {"autodiff", "lean", "fused", "fused_bf16"}
   for r in rows.values():
     assert r["y_rel_diff_autodiff"] < 2.0 ** -7     # the same ops, up to a bf16 rounding
     assert r["forward_ms"] > 0 and r["step_ms"] > 0 and r["step_x_floor"] > 0
