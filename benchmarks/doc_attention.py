@@ -22,6 +22,7 @@ benchmarks/results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 import jax
@@ -135,7 +136,6 @@ def main(argv=None) -> dict:
   if args.heads:
     h, g, d = (int(x) for x in args.heads.split(","))
   pad_free = not args.no_pad_free
-  import dataclasses
   fwd_cfgs = {c: dataclasses.replace(FWD[c], pad_free=pad_free) for c in args.fwd.split(",") if c}
   bwd_cfgs = {c: dataclasses.replace(BWD[c], pad_free=pad_free) for c in args.bwd.split(",") if c}
   inputs, dout = make_inputs(docs, h, g, d)

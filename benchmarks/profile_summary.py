@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import glob
 import os
 import re
@@ -162,13 +163,9 @@ def describe_kernels(hlo_text: str, names) -> dict:
   names and are left out)."""
   want = set(names)
   found = {}
-  for line in hlo_text.splitlines():
-    m = _HLO_DEF.match(line)
-    if not m:
-      continue
-    name = m.group(1).replace(".", "_")
+  for raw, body in _hlo_index(hlo_text)[0].items():
+    name = raw.replace(".", "_")
     if name in want and name not in found:
-      body = m.group(2)
       op = _OP_NAME.search(body)
       head = body.split(", metadata=")[0].split(", backend_config=")[0]
       found[name] = head[:160] + (f"  [{op.group(1)[-120:]}]" if op else "")
@@ -202,12 +199,10 @@ def op_category(op_name: str) -> str:
 def _kernel_op_names(hlo_text: str) -> dict:
   """``{kernel name: op_name}`` of every instruction of a compiled program that has one."""
   out = {}
-  for line in hlo_text.splitlines():
-    m = _HLO_DEF.match(line)
-    if m:
-      op = _OP_NAME.search(m.group(2))
-      if op:
-        out.setdefault(m.group(1).replace(".", "_"), op.group(1))
+  for name, body in _hlo_index(hlo_text)[0].items():
+    op = _OP_NAME.search(body)
+    if op:
+      out.setdefault(name.replace(".", "_"), op.group(1))
   return out
 
 
@@ -257,9 +252,11 @@ def _dims(shape_text: str) -> list[int] | None:
   return None if m is None else [int(x) for x in m.group(1).split(",") if x]
 
 
+@functools.lru_cache(maxsize=2)
 def _hlo_index(hlo_text: str):
   """``(defs {name: body}, computations {name: [bodies]})`` of a program's HLO text
-  (instruction names are unique within a module)."""
+  (instruction names are unique within a module); parsed once for every reader of the
+  same program's text."""
   defs, comps, current = {}, collections.defaultdict(list), None
   for line in hlo_text.splitlines():
     c = _COMPUTATION.match(line)

@@ -255,12 +255,8 @@ def run_shapes(args, save=None) -> dict:
       cfg.batch_size = b
       entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "batch": b, "scan_layers": model_cfg.scan_layers,
-               "remat_policy": model_cfg.remat_policy, "microbatches": args.microbatches,
-               "rms_norm_vjp": model_cfg.rms_norm_vjp,
-               "qk_norm_rope_vjp": model_cfg.qk_norm_rope_vjp,
-               "attention_pad_free": model_cfg.attention_pad_free,
-               "attention_short_persistent": model_cfg.attention_short_persistent,
-               "embed_grad": model_cfg.embed_grad,
+               "microbatches": args.microbatches,
+               **{k: getattr(model_cfg, k) for k in cli_model_overrides(args)},
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
@@ -278,10 +274,7 @@ def run_shapes(args, save=None) -> dict:
       entry["fits"] = True
       largest = b
       results.append(entry)
-      print("  " + (_row_text(entry) if "step_s" in entry else
-                    f"{variant} batch {b}: compiled only ({entry['compile_s']:.1f} s), "
-                    f"memory_analysis {entry['needs_gib']:.1f} GiB (temp "
-                    f"{entry['temp_gib']:.1f})"), flush=True)
+      print("  " + _row_text(entry), flush=True)
       if save is not None:   # a command stopped by a time limit keeps what it measured
         save({"peaks": peaks, "rows": results, "partial": True})
     for e in results:
@@ -293,6 +286,9 @@ def run_shapes(args, save=None) -> dict:
 
 
 def _row_text(e: dict) -> str:
+  if "step_s" not in e:   # --steps 0
+    return (f"{e['variant']} batch {e['batch']}: compiled only ({e['compile_s']:.1f} s), "
+            f"memory_analysis {e['needs_gib']:.1f} GiB (temp {e['temp_gib']:.1f})")
   peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
   return (f"{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
           f"scan {'on' if e['scan_layers'] else 'off'} remat {e['remat_policy']} "

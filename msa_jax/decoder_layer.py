@@ -85,10 +85,9 @@ class DecoderLayer(nn.Module):
       return attention_lib.attend(*args)
     from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
     cfg = self.cfg
-    bs = (sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
-                                      short_persistent=cfg.attention_short_persistent)
-          if cfg.attention_pad_free or cfg.attention_short_persistent else None)
-    return sparse_attention.attend(*args, implementation=self.cfg.kernels, block_sizes=bs)
+    bs = sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
+                                     short_persistent=cfg.attention_short_persistent)
+    return sparse_attention.attend(*args, implementation=cfg.kernels, block_sizes=bs)
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):
     """:meth:`_attend` over the context alone (``attention.attend_context``)."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import sparse_attention as sa
+from pallas_kernels import sparse_attention_short as short
 
 
 def _inputs(seed, b, m, h, g, d, s, self_valid=None, ctx_p=0.7, dtype=jnp.bfloat16):
@@ -371,7 +372,6 @@ def test_short_persistent_forward_matches_reference_interpret(m, pad_free):
   gradients (the backward kernels read its log-sum-exp) equal the reference's; a ragged
   document, one with leading padding and an empty slot output zeros where nothing is
   seen, and pass no gradient there."""
-  from pallas_kernels import sparse_attention_short as short
   assert short.applies(-(-m // 64) * 64, 0) and not short.applies(128, 64)
   assert not short.applies(192, 0)
   with pytest.raises(ValueError, match="fewer stages"):
@@ -396,11 +396,10 @@ def test_short_persistent_forward_any_number_of_programs_interpret():
   the reference's values on every row that sees a key (``zero_unseen`` off: the others are
   the caller's to zero)."""
   from pallas_kernels import _platform
-  from pallas_kernels import sparse_attention_short as short
   b, m, h, g, d = 4, 128, 4, 2, 64
   q, k, v, smask = _inputs(15, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
       [[128], [100], [3], [0]]))[:4]
-  bias = jnp.where(smask, 0.0, sa.MASKED).astype(jnp.float32)
+  bias = sa._bias(smask)
   params = _platform.mosaic_interpret_params(True)
   outs = [short.forward_call(b, m, h, g, d, blocks=n, interpret_params=params)(q, k, v, bias)
           for n in (1, 5, 32)]
