@@ -32,12 +32,13 @@
 #                                                  # layer's residual after attention kept:
 #                                                  # o_proj not recomputed; ~31 GB more)
 #   STAGE=short_step bash benchmarks/issue10_gpu.sh  # the step with
-#                                                  # model.attention_short_persistent=True
-#                                                  # (the documents' attention forward as one
-#                                                  # persistent kernel), profiled
-#   STAGE=levers bash benchmarks/issue10_gpu.sh  # the step with all three above at once
+#                                                  # model.attention_short_persistent=False
+#                                                  # (the documents' attention forward tiled,
+#                                                  # as before the recipes turned the
+#                                                  # persistent kernel on), profiled
+#   STAGE=levers bash benchmarks/issue10_gpu.sh  # the step with the two above at once
 #                                                  # (fused q/k norm + RoPE backward,
-#                                                  # mlp_input remat, short persistent
+#                                                  # mlp_input remat; the recipe's short persistent
 #                                                  # forward), profiled: the profile's
 #                                                  # by-source table says what each did
 #   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
@@ -98,18 +99,18 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 10 --steps 3 \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b10_recipe.json" ;;
   fused_norm)
-    step norm_rope 120 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
+    step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
   short_step)
     step short_step 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY "${STEP[@]}" --attention_short_persistent --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b32_short.json" ;;
+      $PY "${STEP[@]}" --no-attention_short_persistent --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b32_tiled_doc_fwd.json" ;;
   levers)
     step levers 400 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --remat_policy mlp_input \
-      --attention_short_persistent --compilation_cache_dir /tmp/jcc \
+      --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b32_levers.json" ;;
   mlp_input)
     step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \

@@ -81,11 +81,13 @@ def _parse(argv):
                       "default the recipe's")
   p.add_argument("--embed_grad", default="",
                  help="override model.embed_grad (autodiff | f32_scatter | sorted)")
-  p.add_argument("--attention_pad_free", action="store_true",
-                 help="model.attention_pad_free=True (the Pallas attention without pads)")
-  p.add_argument("--attention_short_persistent", action="store_true",
-                 help="model.attention_short_persistent=True (the documents' attention "
-                      "forward as one persistent kernel)")
+  p.add_argument("--attention_pad_free", action=argparse.BooleanOptionalAction,
+                 default=None, help="model.attention_pad_free (the Pallas attention without "
+                 "pads); --no-attention_pad_free turns it off; default: the recipe's")
+  p.add_argument("--attention_short_persistent", action=argparse.BooleanOptionalAction,
+                 default=None, help="model.attention_short_persistent (the documents' "
+                 "attention forward as one persistent kernel); --no-... turns it off; "
+                 "default: the recipe's")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
                       "each batch (e.g. 4 with --remat_policy dots at batch 32)")
@@ -123,7 +125,7 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
   ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
   ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``,
-  ``attention_short_persistent``; empty or False: the recipe's)
+  ``attention_short_persistent``; empty or None: the recipe's)
   override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
@@ -141,12 +143,12 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
     cfg.data.memory_tokens = min(memory_tokens, 1024)
   if scan in ("on", "off"):
     cfg.model.scan_layers = scan == "on"
-  cfg.model.update({k: v for k, v in model_overrides.items() if v})
+  cfg.model.update({k: v for k, v in model_overrides.items() if v not in ("", None)})
   return cfg
 
 
 def cli_model_overrides(args) -> dict:
-  """The model fields the command line overrides (empty or False: the recipe's)."""
+  """The model fields the command line overrides (empty or None: the recipe's)."""
   return dict(remat_policy=args.remat_policy, rms_norm_vjp=args.rms_norm_vjp,
               qk_norm_rope_vjp=args.qk_norm_rope_vjp,
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
@@ -190,14 +192,20 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: s
     raise err
   if steps == 0:      # compile only: what XLA's memory_analysis says the step needs
     return row
+  t0 = time.perf_counter()
   state = setup.init_state(cfg.seed)
+  jax.block_until_ready(state)
+  print(f"    state initialised in {time.perf_counter() - t0:.1f} s; {steps} timed steps "
+        f"after one warm-up", flush=True)
   times = []
   for i in range(steps + 1):
     t0 = time.perf_counter()
     state, m = compiled(state, dev_batch)
     jax.block_until_ready(m["loss"])
+    dt = time.perf_counter() - t0
+    print(f"    step {i}{' (warm-up)' if not i else ''}: {dt * 1e3:,.0f} ms", flush=True)
     if i:
-      times.append(time.perf_counter() - t0)
+      times.append(dt)
   step_s = statistics.median(times)
   n_dev = jax.device_count()
   useful = flops_lib.step_flops(model_cfg, batch, lm_chunk_size=lm_chunk_size(cfg))

@@ -275,7 +275,7 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
   if variant == "4b":
     c.model = _model("qwen3-4b", router_layers=tuple(range(18, 36)), pooling_chunk_size=64,
                      top_k=16, dtype="bfloat16", remat_policy="full", scan_layers=True,
-                     kernels="auto", attention_pad_free=True)
+                     kernels="auto", attention_pad_free=True, attention_short_persistent=True)
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the
@@ -290,10 +290,13 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     c.data.doc_slot_multiple = 8
   elif variant == "0.6b":
     # attention_pad_free: the documents' q/k/v are not padded to the attention kernel's
-    # 128-row tiles (4,543 -> 4,265 ms a step on the H200, 2026-12-05, BENCHMARKS.md)
+    # 128-row tiles (4,543 -> 4,265 ms a step on the H200, 2026-12-05, BENCHMARKS.md);
+    # attention_short_persistent: their forward as one persistent kernel (2.74 ms against
+    # 3.68 for the tiled kernel at this step's document shape on an H100, 2026-12-05,
+    # benchmarks/doc_attention.py; the step itself not yet timed with it)
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
                      remat_policy="full", scan_layers=True, kernels="auto",
-                     attention_pad_free=True)
+                     attention_pad_free=True, attention_short_persistent=True)
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the

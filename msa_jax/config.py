@@ -78,8 +78,9 @@ class ModelConfig:
   # went from 4,543 to 4,265 ms with it (2026-12-05); on in the 0.6b and 4b recipes.
   attention_pad_free: bool = False
   # The documents' attention forward (no context, at most 128 tokens) as one persistent
-  # kernel streaming (document, head) items (sparse_attention BlockSizes.short_persistent);
-  # not yet run on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
+  # kernel streaming (document, head) items (sparse_attention BlockSizes.short_persistent):
+  # 25 % faster than the tiled forward at the 0.6b step's documents on an H100
+  # (benchmarks/doc_attention.py, 2026-12-05); on in the 0.6b and 4b recipes.
   attention_short_persistent: bool = False
   # How the token embedding's gradient is summed (layers.EMBED_GRADS): "f32_scatter" or
   # "sorted" (into float32; sorted: the ids sorted first) or "autodiff" (JAX's scatter-add

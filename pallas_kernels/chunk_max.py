@@ -192,8 +192,9 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
   chunks on the H200, 2026-12-04). int8 accumulates exactly in s32; fp8
   sums each term of each K step from a fresh accumulator in float32 registers
   (``block_top_k.fp8_accumulate``), as the fused kernel does. ``bs.persistent``: as a
-  persistent kernel (:func:`_persistent_kernel`; not yet run on a GPU), else one program
-  per (tile, pass).
+  persistent kernel (:func:`_persistent_kernel`; compiled tests pass, but on an H100 at 100M
+  tokens it took 1.26 x its keys' read against 1.12 x for the default, 2026-12-05), else
+  one program per (tile, pass).
   """
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()

@@ -14,7 +14,8 @@ def test_norm_rope_benchmark_rows(tmp_path):
   assert set(rows) == {"autodiff", "lean", "fused", "fused_bf16"}
   for r in rows.values():
     assert r["y_rel_diff_autodiff"] < 2.0 ** -7     # the same ops, up to a bf16 rounding
-    assert r["forward_ms"] > 0 and r["step_ms"] > 0 and r["step_x_floor"] > 0
+    assert r["step_ms"] > 0 and r["step_x_floor"] > 0
     assert 0 < r["dx_rel_err_f32"] < 8e-3           # dx is rounded to bf16 by every method
+  assert result["forward_ms"] > 0 and result["forward_x_floor"] > 0
   assert rows["fused"]["dscale_rel_err_f32"] < 1e-5
   assert rows["autodiff"]["dscale_rel_err_f32"] > 1e-4
