@@ -27,6 +27,9 @@
 #                                                  # autodiff, lean, fused against floors),
 #                                                  # then the step with
 #                                                  # model.qk_norm_rope_vjp="fused", profiled
+#   STAGE=rope_tables bash benchmarks/issue10_gpu.sh  # benchmarks.norm_rope (its "tables"
+#                                                  # row: cos/sin given), then the step
+#                                                  # with model.rope_tables=True, profiled
 #   STAGE=mlp_input bash benchmarks/issue10_gpu.sh  # the step with
 #                                                  # model.remat_policy="mlp_input" (each
 #                                                  # layer's residual after attention kept:
@@ -52,7 +55,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, levers, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, mlp_input, short_step, levers, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -112,6 +115,11 @@ case "$STAGE" in
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --remat_policy mlp_input \
       --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b32_levers.json" ;;
+  rope_tables)   # one layer's q path with the tables given, then the step with them
+    step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
+    step rope_tables 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --rope_tables --compilation_cache_dir /tmp/jcc \
+      --profile_dir /tmp/prof_rope_tables --out "$DIR/train_step_0.6b_b32_rope_tables.json" ;;
   mlp_input)
     step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --remat_policy mlp_input --compilation_cache_dir /tmp/jcc \
@@ -129,6 +137,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, mlp_input, short_step, levers, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, mlp_input, short_step, levers, doc_attention or triton" >&2
     exit 2 ;;
 esac

@@ -12,6 +12,10 @@ half of it) four ways:
 * ``fused``: one backward for both (``layers.norm_rope_fused_vjp``);
 * ``fused_bf16``: the same with RoPE's cotangent written once in bf16
   (``layers.norm_rope_fused_bf16_vjp``);
+* ``tables``: ``autodiff`` reading RoPE's cos/sin computed beforehand
+  (``layers.RopeTables``, what ``ModelConfig.rope_tables`` does once a stream; alone, the
+  forward from positions took 104 ms against 8.7 for forward and backward on an H100,
+  2026-12-05: if computing the angles in every pass is what costs, this row says so);
 
 forward plus backward in one program (what the step runs once a layer, the forward again
 under remat; timed first), and the forward alone (the same ops for every method, timed
@@ -40,19 +44,29 @@ from msa_jax import layers
 
 SLOT = 104          # the 0.6b recipe's document slot: tokens are [tokens / 104, 104]
 METHODS = {"autodiff": ("autodiff", "autodiff"), "lean": ("lean", "autodiff"),
-           "fused": ("autodiff", "fused"), "fused_bf16": ("autodiff", "fused_bf16")}
-# method: (rms_norm_vjp, qk_norm_rope_vjp)
+           "fused": ("autodiff", "fused"), "fused_bf16": ("autodiff", "fused_bf16"),
+           "tables": ("autodiff", "tables")}
+# method: (rms_norm_vjp, qk_norm_rope_vjp); "tables": autodiff reading RoPE's cos/sin
+# (layers.RopeTables, computed beforehand by their own program) as the model does with
+# ModelConfig.rope_tables, instead of computing the angles (two fmods a position) in every
+# pass over the heads
+
+
+def rope_tables(pos, head_dim: int, theta: float = 1e6) -> layers.RopeTables:
+  """:func:`layers.rope_tables`, materialised by their own program."""
+  return jax.jit(layers.rope_tables, static_argnums=(1, 2))(pos, head_dim, theta)
 
 
 def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):
-  """jitted ``forward(x, scale, pos) -> y`` and ``step(x, scale, pos, g) -> (y, dx,
+  """jitted ``forward(x, scale, rope) -> y`` and ``step(x, scale, rope, g) -> (y, dx,
   dscale)`` of the q/k norm + RoPE differentiated by ``method`` (``METHODS``), computing
-  in ``dtype``."""
+  in ``dtype``; ``rope`` is the positions, or for ``"tables"`` the :func:`rope_tables`."""
   norm_vjp, rope_vjp = METHODS[method]
-  norm = layers.RMSNorm(1e-6, dtype, vjp=norm_vjp, rope_vjp=rope_vjp)
+  norm = layers.RMSNorm(1e-6, dtype, vjp=norm_vjp,
+                        rope_vjp="autodiff" if rope_vjp == "tables" else rope_vjp)
 
-  def forward(x, scale, pos):
-    return norm.apply({"params": {"scale": scale}}, x, pos, theta)
+  def forward(x, scale, rope):   # rope: positions, or RopeTables for "tables"
+    return norm.apply({"params": {"scale": scale}}, x, rope, theta)
 
   def step(x, scale, pos, g):
     y, pull = jax.vjp(lambda xx, ss: forward(xx, ss, pos), x, scale)
@@ -91,25 +105,31 @@ def main(argv=None) -> dict:
   rows, y_autodiff = [], None
   # forward + backward first: what the step runs (the forward alone is slow to compile
   # and run at the real shape; a run cut short keeps these rows)
+  tables = rope_tables(pos, args.head_dim)
   for method in METHODS:
     step = programs(method)[1]
-    y, dx, dscale = step(x, scale, pos, g)
+    rope = tables if method == "tables" else pos
+    y, dx, dscale = step(x, scale, rope, g)
     y_autodiff = y if y_autodiff is None else y_autodiff
     row = {"method": method,
            "y_rel_diff_autodiff": rel(y.astype(jnp.float32), y_autodiff.astype(jnp.float32)),
            "dx_rel_err_f32": rel(dx.astype(jnp.float32), want_dx),
            "dscale_rel_err_f32": rel(dscale, want_dscale),
-           "step_ms": time_ms(step, x, scale, pos, g, iters=5)}
+           "step_ms": time_ms(step, x, scale, rope, g, iters=5)}
     row["step_x_floor"] = row["step_ms"] / floors["step"]
     rows.append(row)
     print(f"{method:10} {row['step_ms']:11.3f} {row['step_x_floor']:8.2f} "
           f"{row['dx_rel_err_f32']:9.2e} {row['dscale_rel_err_f32']:10.2e}", flush=True)
-  # every method runs the same forward ops (norm_rope): one forward-only program
+  # every method runs the same forward ops (norm_rope): one forward-only program, and the
+  # same with the tables given
   forward_ms = time_ms(programs("autodiff")[0], x, scale, pos, iters=5)
+  forward_tables_ms = time_ms(programs("tables")[0], x, scale, tables, iters=5)
   print(f"forward alone (the same ops for every method): {forward_ms:.3f} ms, "
-        f"{forward_ms / floors['forward']:.2f} x its floor")
+        f"{forward_ms / floors['forward']:.2f} x its floor; with the tables given "
+        f"{forward_tables_ms:.3f} ms, {forward_tables_ms / floors['forward']:.2f} x")
   result = {"shape": list(shape), "read_gbs": bw, "floor_forward_ms": floors["forward"],
             "floor_step_ms": floors["step"], "forward_ms": forward_ms,
+            "forward_tables_ms": forward_tables_ms,
             "forward_x_floor": forward_ms / floors["forward"], "rows": rows}
   path = args.out or os.path.join(out_dir(), "norm_rope.json")
   write_json(path, result)

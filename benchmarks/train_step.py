@@ -88,6 +88,9 @@ def _parse(argv):
                  default=None, help="model.attention_short_persistent (the documents' "
                  "attention forward as one persistent kernel); --no-... turns it off; "
                  "default: the recipe's")
+  p.add_argument("--rope_tables", action=argparse.BooleanOptionalAction, default=None,
+                 help="model.rope_tables (RoPE's cos/sin computed once a stream, read by "
+                 "every layer); default: the recipe's")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
                       "each batch (e.g. 4 with --remat_policy dots at batch 32)")
@@ -125,7 +128,7 @@ def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = 
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
   ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
   ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``,
-  ``attention_short_persistent``; empty or None: the recipe's)
+  ``attention_short_persistent``, ``rope_tables``; empty or None: the recipe's)
   override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
@@ -152,7 +155,8 @@ def cli_model_overrides(args) -> dict:
   return dict(remat_policy=args.remat_policy, rms_norm_vjp=args.rms_norm_vjp,
               qk_norm_rope_vjp=args.qk_norm_rope_vjp,
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
-              attention_short_persistent=args.attention_short_persistent)
+              attention_short_persistent=args.attention_short_persistent,
+              rope_tables=args.rope_tables)
 
 
 def host_batch(cfg, model_cfg, batch_size: int):

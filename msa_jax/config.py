@@ -82,6 +82,12 @@ class ModelConfig:
   # 25 % faster than the tiled forward at the 0.6b step's documents on an H100
   # (benchmarks/doc_attention.py, 2026-12-05); on in the 0.6b and 4b recipes.
   attention_short_persistent: bool = False
+  # RoPE's cos/sin computed once a stream (layers.rope_tables, outside the layer loop) and
+  # read by every layer's q/k paths, instead of recomputed from the positions inside each
+  # (the angles take two fmods a position; XLA may fuse them into the pass over every head).
+  # The same values. On the CPU, one layer's q path forward + backward at a small shape ran
+  # ~3 x faster with the tables given (benchmarks/norm_rope.py); not yet timed on a GPU.
+  rope_tables: bool = False
   # How the token embedding's gradient is summed (layers.EMBED_GRADS): "f32_scatter" or
   # "sorted" (into float32; sorted: the ids sorted first) or "autodiff" (JAX's scatter-add
   # into the compute dtype: in bf16 it lost up to 49 % of the kv task's gradient, and took
@@ -135,6 +141,8 @@ class ModelConfig:
          f"kernels must be 'auto', 'pallas' or 'xla', got {self.kernels!r}")
     need(isinstance(self.attention_pad_free, bool),
          f"attention_pad_free must be True or False, got {self.attention_pad_free!r}")
+    need(isinstance(self.rope_tables, bool),
+         f"rope_tables must be True or False, got {self.rope_tables!r}")
     need(isinstance(self.attention_short_persistent, bool),
          f"attention_short_persistent must be True or False, got "
          f"{self.attention_short_persistent!r}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -149,7 +150,7 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x, rope_positions=None, rope_theta: float = 0.0):
     """The norm of ``x``; given ``rope_positions`` (``[B, T]``, ``x`` being ``[B, T, H,
-    D]``), then RoPE (:func:`norm_rope`), differentiated as ``rope_vjp`` says
+    D]``, or their :class:`RopeTables`), then RoPE (:func:`norm_rope`), differentiated as ``rope_vjp`` says
     (``NORM_ROPE_VJPS``: "autodiff", "fused" (:func:`norm_rope_fused_vjp`) or "fused_bf16"
     (:func:`norm_rope_fused_bf16_vjp`))."""
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
@@ -209,9 +210,35 @@ def rope_cos_sin(positions, head_dim: int, theta: float):
   return jnp.cos(angles), jnp.sin(angles)
 
 
+class RopeTables(NamedTuple):
+  """RoPE's ``cos``/``sin`` of a stream's positions, ``[..., D/2]`` float32 each: computed
+  once (:func:`rope_tables`) and read by every layer's q/k paths in place of positions."""
+  cos: jax.Array
+  sin: jax.Array
+
+
+def rope_tables(positions, head_dim: int, theta: float) -> RopeTables:
+  """:class:`RopeTables` for integer ``positions`` (the same values :func:`rope_cos_sin`
+  gives, half as wide: its two halves are equal). Constants of the positions, so no
+  gradient passes through them."""
+  angles = rope_angles(positions, head_dim, theta)
+  return RopeTables(jax.lax.stop_gradient(jnp.cos(angles)),
+                    jax.lax.stop_gradient(jnp.sin(angles)))
+
+
+def _cos_sin(rope, head_dim: int, theta: float):
+  """cos/sin ``[..., D]`` of ``rope``: integer positions (computed here) or
+  :class:`RopeTables` (read)."""
+  if isinstance(rope, RopeTables):
+    return (jnp.concatenate([rope.cos, rope.cos], axis=-1),
+            jnp.concatenate([rope.sin, rope.sin], axis=-1))
+  return rope_cos_sin(rope, head_dim, theta)
+
+
 def apply_rope(x_bthd, positions_bt, theta: float):
-  """Rotary embedding with the rotate-half convention, computed in float32."""
-  cos, sin = rope_cos_sin(positions_bt, x_bthd.shape[-1], theta)
+  """Rotary embedding with the rotate-half convention, computed in float32;
+  ``positions_bt`` is ``[B, T]`` integer positions or their :class:`RopeTables`."""
+  cos, sin = _cos_sin(positions_bt, x_bthd.shape[-1], theta)
   cos, sin = cos[..., None, :], sin[..., None, :]
   x = x_bthd.astype(jnp.float32)
   half = x.shape[-1] // 2
@@ -240,7 +267,7 @@ def _norm_rope_custom_fwd(x_bthd, scale_d, positions_bt, eps, theta, dtype, roun
 def _norm_rope_custom_bwd(eps, theta, dtype, round_dn, res, g_bthd):
   x_bthd, scale_d, positions_bt = res
   d = x_bthd.shape[-1]
-  cos, sin = rope_cos_sin(positions_bt, d, theta)
+  cos, sin = _cos_sin(positions_bt, d, theta)
   cos, sin = cos[..., None, :], sin[..., None, :]
   g32 = g_bthd.astype(jnp.float32)
   u = g32 * sin

@@ -32,7 +32,7 @@ from msa_jax.layer_memory import (  # noqa: F401  (re-exported: the model's publ
     pool_layer_memory, prefix_context, routing_mask)
 from msa_jax.layer_runs import (  # noqa: F401
     LayerRun, kernels_in, layer_param_axes, layer_runs, pure_layer, remat_policy_fn)
-from msa_jax.layers import Embed, RMSNorm, dense
+from msa_jax.layers import Embed, RMSNorm, dense, rope_tables
 
 
 @flax.struct.dataclass
@@ -125,8 +125,17 @@ class MSAModel(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     return self.norm(self._causal_stream(tokens, positions, jnp.asarray(mask_bt, bool)))
 
+  def _rope(self, positions):
+    """What every layer's q/k paths take for RoPE: the positions, or with
+    ``config.rope_tables`` their cos/sin computed here once (:func:`layers.rope_tables`)."""
+    cfg = self.config
+    if cfg.rope_tables:
+      return rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    return positions
+
   def _causal_stream(self, tokens_bt, positions_bt, mask_bt):
     x = self._embed(tokens_bt)
+    positions_bt = self._rope(positions_bt)
     for layer in self.layers:
       x, _, _, _ = layer.encode(x, positions_bt, mask_bt)
     return x
@@ -147,7 +156,7 @@ class MSAModel(nn.Module):
     cfg = self.config
     b, n, l = doc_tokens_bnl.shape
     mask = jnp.asarray(doc_mask_bnl, bool).reshape(b * n, l)
-    pos = doc_pos_bnl.reshape(b * n, l)
+    pos = self._rope(doc_pos_bnl.reshape(b * n, l))
     x = self._embed(doc_tokens_bnl.reshape(b * n, l))
     memory = {}
     last_router = max(cfg.router_layer_ids)
@@ -168,6 +177,7 @@ class MSAModel(nn.Module):
       return kv
     x = self._embed(prefix_tokens_bt)
     mask = jnp.asarray(prefix_mask_bt, bool)
+    prefix_pos_bt = self._rope(prefix_pos_bt)
     kv = []
     for layer in self.layers:
       x, k, v, _ = layer.encode(x, prefix_pos_bt, mask)
@@ -205,6 +215,7 @@ class MSAModel(nn.Module):
       memory = ExampleMemory(memory)
     x = self._embed(active_tokens_bm)
     mask = jnp.asarray(active_mask_bm, bool)
+    active_pos_bm = self._rope(active_pos_bm)
     decisions, kv = [], []
     for i, layer in enumerate(self.layers):
       layer_memory = None if memory is None else memory.layer(i)
@@ -320,7 +331,7 @@ class MSAModel(nn.Module):
     cfg = self.config
     b, n, l = doc_tokens_bnl.shape
     mask = jnp.asarray(doc_mask_bnl, bool).reshape(b * n, l)
-    pos = doc_pos_bnl.reshape(b * n, l)
+    pos = self._rope(doc_pos_bnl.reshape(b * n, l))   # outside the scans: computed once
     x = self._embed(doc_tokens_bnl.reshape(b * n, l))
     runs = layer_runs(cfg, stop=max(cfg.router_layer_ids) + 1)
     out = []
@@ -357,6 +368,7 @@ class MSAModel(nn.Module):
     """The prefix, scanned: ``[(run, (k, v) stacked [run length, B, T, Hkv, D])]``."""
     x = self._embed(prefix_tokens_bt)
     mask = jnp.asarray(prefix_mask_bt, bool)
+    prefix_pos_bt = self._rope(prefix_pos_bt)
     out = []
     for run in layer_runs(self.config):
       encode = pure_layer(self.config, run.is_router, "encode")
@@ -380,6 +392,7 @@ class MSAModel(nn.Module):
     cfg = self.config
     x = self._embed(active_tokens_bm)
     mask = jnp.asarray(active_mask_bm, bool)
+    active_pos_bm = self._rope(active_pos_bm)
     prefix_mask = jnp.asarray(prefix_mask_bt, bool)
     memory_of = {run.start: stacked for run, stacked in memory}
     decisions = []

@@ -318,11 +318,13 @@ def _assert_same_values_and_grads(setup, other, logits_rtol):
 
 
 @pytest.mark.parametrize("switches", [dict(rms_norm_vjp="lean", embed_grad="autodiff"),
-                                      dict(qk_norm_rope_vjp="fused")])
+                                      dict(qk_norm_rope_vjp="fused"),
+                                      dict(rope_tables=True, qk_norm_rope_vjp="fused")])
 def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
   backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one backward for
-  the q/k norms and RoPE) against the defaults (JAX's backward of each; the embedding
+  the q/k norms and RoPE; with ``rope_tables=True`` reading RoPE's cos/sin computed once a
+  stream) against the defaults (JAX's backward of each; the embedding
   gradient scattered into float32): the same parameters, logits and gradients of
   L_LM + 0.1 L_aux (normwise 1e-5, float32)."""
   assert CFG.embed_grad == "f32_scatter" and CFG.rms_norm_vjp == "autodiff"

@@ -11,11 +11,14 @@ def test_norm_rope_benchmark_rows(tmp_path):
   assert out.exists()
   assert result["shape"] == [20, 104, 2, 128]
   rows = {r["method"]: r for r in result["rows"]}
-  assert set(rows) == {"autodiff", "lean", "fused", "fused_bf16"}
+  assert set(rows) == {"autodiff", "lean", "fused", "fused_bf16", "tables"}
   for r in rows.values():
     assert r["y_rel_diff_autodiff"] < 2.0 ** -7     # the same ops, up to a bf16 rounding
     assert r["step_ms"] > 0 and r["step_x_floor"] > 0
     assert 0 < r["dx_rel_err_f32"] < 8e-3           # dx is rounded to bf16 by every method
   assert result["forward_ms"] > 0 and result["forward_x_floor"] > 0
+  assert result["forward_tables_ms"] > 0
+  # the tables hold the same cos/sin: the same errors (XLA may fuse the two differently)
+  assert abs(rows["tables"]["dx_rel_err_f32"] - rows["autodiff"]["dx_rel_err_f32"]) < 1e-3
   assert rows["fused"]["dscale_rel_err_f32"] < 1e-5
   assert rows["autodiff"]["dscale_rel_err_f32"] > 1e-4

@@ -99,12 +99,28 @@ def test_scanned_forward_and_grads_equal_unrolled(cfg):
 
 @pytest.mark.parametrize("cfg,policy", [
     (SMOKE, "full"), (SMOKE.replace(qk_norm_rope_vjp="fused"), "mlp_input"),
+    (SMOKE.replace(rope_tables=True, qk_norm_rope_vjp="fused"), "full"),
     pytest.param(SPLIT, "dots", marks=pytest.mark.slow)])
 def test_scan_with_remat_policy_equals_unrolled_without_remat(cfg, policy):
   batch, params = _case(cfg, seed=3)
   want = _step_fn(cfg)(params, batch)
   _assert_same(_step_fn(cfg.replace(scan_layers=True, remat_policy=policy))(params, batch),
                want)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_rope_tables_are_computed_once_a_stream(scan):
+  """``rope_tables=True``: RoPE's cos/sin are computed once a stream (documents, prefix,
+  active tokens), so the step holds as many cosines with 5 layers as with 3; without it
+  every layer's q and k paths (and their backward) compute their own."""
+  def cosines(cfg):
+    batch, params = _case(cfg, seed=3)
+    return _step_fn(cfg.replace(scan_layers=scan)).lower(params, batch).as_text().count(
+        "stablehlo.cosine")
+  tables = [cosines(c.replace(rope_tables=True)) for c in (SMOKE, SPLIT)]
+  recomputed = [cosines(c) for c in (SMOKE, SPLIT)]
+  assert tables[0] == tables[1] <= 6, tables
+  assert recomputed[0] > 2 * tables[0] and (scan or recomputed[1] > recomputed[0]), recomputed
 
 
 def test_scanned_step_on_a_mesh_keeps_parameter_sharding():

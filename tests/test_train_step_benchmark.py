@@ -14,6 +14,7 @@ def test_absent_switches_keep_the_recipes_values():
   assert cfg.model.attention_pad_free is True
   assert cfg.model.remat_policy == "full"
   assert cfg.model.qk_norm_rope_vjp == "autodiff"
+  assert cfg.model.rope_tables is False
 
 
 def test_switches_turn_recipe_settings_off_and_on():
@@ -24,3 +25,4 @@ def test_switches_turn_recipe_settings_off_and_on():
   assert cfg.model.remat_policy == "mlp_input"
   assert cfg.model.qk_norm_rope_vjp == "fused"
   assert _recipe("--attention_short_persistent").model.attention_short_persistent is True
+  assert _recipe("--rope_tables").model.rope_tables is True

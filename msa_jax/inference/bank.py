@@ -47,7 +47,8 @@ INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_
 # Fields of ModelConfig that do not change what the model computes.
 _IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels",
                           "router_trunk_grad", "rms_norm_vjp", "attention_pad_free",
-                          "embed_grad", "qk_norm_rope_vjp", "attention_short_persistent")
+                          "embed_grad", "qk_norm_rope_vjp", "attention_short_persistent",
+                          "rope_tables")
 
 
 def _bank_codes(arrs: dict, part: str, dtype: str, name: str):
