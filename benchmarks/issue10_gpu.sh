@@ -27,6 +27,13 @@
 #                                                  # autodiff, lean, fused against floors),
 #                                                  # then the step with
 #                                                  # model.qk_norm_rope_vjp="fused", profiled
+#   STAGE=compare bash benchmarks/issue10_gpu.sh  # the recipe's step against
+#                                                  # qk_norm_rope_vjp=fused, rope_tables and
+#                                                  # both, in one process on one batch
+#                                                  # (--compare; step_vs_first in the rows)
+#   STAGE=compare_remat bash benchmarks/issue10_gpu.sh  # the same for
+#                                                  # remat_policy=mlp_input and the tiled
+#                                                  # documents' forward
 #   STAGE=rope_tables bash benchmarks/issue10_gpu.sh  # benchmarks.norm_rope (its "tables"
 #                                                  # row: cos/sin given), then the step
 #                                                  # with model.rope_tables=True, profiled
@@ -55,7 +62,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, mlp_input, short_step, levers, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, mlp_input, short_step, levers, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -115,6 +122,16 @@ case "$STAGE" in
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --remat_policy mlp_input \
       --compilation_cache_dir /tmp/jcc \
       --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b32_levers.json" ;;
+  compare)   # the levers against the recipe in one process, on one batch (2 steps each)
+    step compare 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      --compare "base;qk_norm_rope_vjp=fused;rope_tables=true;rope_tables=true,qk_norm_rope_vjp=fused" \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare.json" ;;
+  compare_remat)   # mlp_input remat (+~30 GiB) and the tiled documents' forward, against the recipe
+    step compare_remat 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      --compare "base;remat_policy=mlp_input;attention_short_persistent=false" \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare_remat.json" ;;
   rope_tables)   # one layer's q path with the tables given, then the step with them
     step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step rope_tables 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
@@ -137,6 +154,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, mlp_input, short_step, levers, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, mlp_input, short_step, levers, doc_attention or triton" >&2
     exit 2 ;;
 esac

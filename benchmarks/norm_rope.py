@@ -5,11 +5,11 @@ In the 0.6b training step on the H200 (16K memory tokens, batch 32; BENCHMARKS.m
 norms' backward took 271 ms of a 4,189 ms step and the norms' and RoPE's converts 202 more:
 JAX's backward passes RoPE's float32 cotangent to the norm's reductions as a float32 array
 of q's size. This times one layer's q path (``[5216, 104, 16, 128]`` bf16 by default; k is
-half of it) four ways:
+half of it) five ways:
 
 * ``autodiff``: JAX's backward of the norm (``layers.rms_norm``) and of RoPE;
 * ``lean``: the norm's hand-written backward (``layers.rms_norm_lean_vjp``), RoPE's by JAX;
-* ``fused``: one backward for both (``layers.norm_rope_fused_vjp``);
+* ``fused``: one pass forward and one backward for both (``layers.norm_rope_fused_vjp``);
 * ``fused_bf16``: the same with RoPE's cotangent written once in bf16
   (``layers.norm_rope_fused_bf16_vjp``);
 * ``tables``: ``autodiff`` reading RoPE's cos/sin computed beforehand
@@ -18,12 +18,13 @@ half of it) four ways:
   2026-12-05: if computing the angles in every pass is what costs, this row says so);
 
 forward plus backward in one program (what the step runs once a layer, the forward again
-under remat; timed first), and the forward alone (the same ops for every method, timed
-once), against floors from a pure read in the same run:
+under remat; timed first), and the three forwards alone (``layers.norm_rope``, the fused
+methods' ``layers.norm_rope_one_pass``, and ``norm_rope`` reading the tables), against floors from a pure read in the same run:
 the forward reads ``x`` and writes ``y``; with the backward it also reads the cotangent and
 writes ``dx`` (4 arrays of the activation's size, the least any order of passes moves).
-Each method's forward is compared with ``autodiff``'s (the same ops; inside a program with
-its backward XLA may keep the norm's output in float32 for RoPE, a bf16 rounding apart),
+Each method's forward is compared with ``autodiff``'s (the same value: ``fused`` computes it
+in one pass, ``layers.norm_rope_one_pass``, without rounding the norm's output to bf16;
+inside a program with its backward XLA may skip that rounding too),
 its ``dx`` and scale gradient with float32 autodiff from the same bf16 inputs (the errors
 printed), before timing.
 
@@ -120,17 +121,16 @@ def main(argv=None) -> dict:
     rows.append(row)
     print(f"{method:10} {row['step_ms']:11.3f} {row['step_x_floor']:8.2f} "
           f"{row['dx_rel_err_f32']:9.2e} {row['dscale_rel_err_f32']:10.2e}", flush=True)
-  # every method runs the same forward ops (norm_rope): one forward-only program, and the
-  # same with the tables given
-  forward_ms = time_ms(programs("autodiff")[0], x, scale, pos, iters=5)
-  forward_tables_ms = time_ms(programs("tables")[0], x, scale, tables, iters=5)
-  print(f"forward alone (the same ops for every method): {forward_ms:.3f} ms, "
-        f"{forward_ms / floors['forward']:.2f} x its floor; with the tables given "
-        f"{forward_tables_ms:.3f} ms, {forward_tables_ms / floors['forward']:.2f} x")
+  # three forwards: norm_rope (autodiff, lean, tables from positions), norm_rope_one_pass
+  # (fused, fused_bf16), and norm_rope with the tables given
+  forwards = {}
+  for name, method, rope in (("norm_rope", "autodiff", pos), ("one_pass", "fused", pos),
+                             ("tables", "tables", tables)):
+    forwards[name] = time_ms(programs(method)[0], x, scale, rope, iters=5)
+    print(f"forward alone, {name:9}: {forwards[name]:8.3f} ms, "
+          f"{forwards[name] / floors['forward']:.2f} x its floor", flush=True)
   result = {"shape": list(shape), "read_gbs": bw, "floor_forward_ms": floors["forward"],
-            "floor_step_ms": floors["step"], "forward_ms": forward_ms,
-            "forward_tables_ms": forward_tables_ms,
-            "forward_x_floor": forward_ms / floors["forward"], "rows": rows}
+            "floor_step_ms": floors["step"], "forward_ms": forwards, "rows": rows}
   path = args.out or os.path.join(out_dir(), "norm_rope.json")
   write_json(path, result)
   print(f"wrote {path}")

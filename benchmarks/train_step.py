@@ -91,6 +91,12 @@ def _parse(argv):
   p.add_argument("--rope_tables", action=argparse.BooleanOptionalAction, default=None,
                  help="model.rope_tables (RoPE's cos/sin computed once a stream, read by "
                  "every layer); default: the recipe's")
+  p.add_argument("--compare", default="",
+                 help="';'-separated sets of model switches timed one after another in this "
+                 "process on the same batch, each on top of the command line's: e.g. "
+                 "'base;qk_norm_rope_vjp=fused;rope_tables=true,qk_norm_rope_vjp=fused' "
+                 "('base': none; values true/false or a string); rows carry the set and the "
+                 "step time's ratio to the first set's")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
                       "each batch (e.g. 4 with --remat_policy dots at batch 32)")
@@ -157,6 +163,24 @@ def cli_model_overrides(args) -> dict:
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
               attention_short_persistent=args.attention_short_persistent,
               rope_tables=args.rope_tables)
+
+
+def compare_sets(spec: str, switches) -> list[tuple[str, dict]]:
+  """``--compare``'s sets as ``[(label, {field: value})]`` (``[("", {})]`` without one);
+  ``switches``: the model fields a set may name (``cli_model_overrides``' keys)."""
+  if not spec.strip():
+    return [("", {})]
+  sets = []
+  for label in (s.strip() for s in spec.split(";")):
+    fields = {}
+    for item in (i.strip() for i in label.split(",") if i.strip() and label != "base"):
+      key, eq, value = item.partition("=")
+      if not eq or key not in switches:
+        raise ValueError(f"--compare: {item!r} is not field=value for one of "
+                         f"{sorted(switches)}; separate sets with ';', fields with ','")
+      fields[key] = {"true": True, "false": False}.get(value.lower(), value)
+    sets.append((label, fields))
+  return sets
 
 
 def host_batch(cfg, model_cfg, batch_size: int):
@@ -249,16 +273,23 @@ def run_shapes(args, save=None) -> dict:
   batches = sorted(int(b) for b in args.batches.split(","))
   results = []
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
-  for variant, memory, scan in ((v, int(m), s) for v in args.variants.split(",")
-                                for m in args.memory.split(",") for s in scans):
-    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, **cli_model_overrides(args))
+  overrides = cli_model_overrides(args)
+  sets = compare_sets(args.compare, overrides)
+  host_batches = {}   # (variant, memory): one batch for every compared set
+  for variant, memory, scan, (label, extra) in (
+      (v, int(m), s, c) for v in args.variants.split(",") for m in args.memory.split(",")
+      for s in scans for c in sets):
+    cfg = recipe(variant, memory, args.tiny, args.mesh, scan, **{**overrides, **extra})
     cfg.microbatches = args.microbatches
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
-    print(f"{variant} memory {cfg.data.memory_tokens}: building a batch of {batches[-1]} "
+    print(f"{variant} memory {cfg.data.memory_tokens}"
+          f"{' [' + label + ']' if label else ''}: batch of {batches[-1]} "
           f"(scan_layers {model_cfg.scan_layers}, remat_policy {model_cfg.remat_policy}, "
           f"microbatches {args.microbatches})...", flush=True)
-    full = host_batch(cfg, model_cfg, batches[-1])
+    if (variant, memory) not in host_batches:
+      host_batches[(variant, memory)] = host_batch(cfg, model_cfg, batches[-1])
+    full = host_batches[(variant, memory)]
     shape = full.shape_summary
     largest = None
     for b in batches:
@@ -267,8 +298,8 @@ def run_shapes(args, save=None) -> dict:
       cfg.batch_size = b
       entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "batch": b, "scan_layers": model_cfg.scan_layers,
-               "microbatches": args.microbatches,
-               **{k: getattr(model_cfg, k) for k in cli_model_overrides(args)},
+               "microbatches": args.microbatches, "compare": label,
+               **{k: getattr(model_cfg, k) for k in overrides},
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
       try:
@@ -290,11 +321,24 @@ def run_shapes(args, save=None) -> dict:
       if save is not None:   # a command stopped by a time limit keeps what it measured
         save({"peaks": peaks, "rows": results, "partial": True})
     for e in results:
-      if (e["variant"], e["memory_tokens"], e["scan_layers"]) == (
-          variant, cfg.data.memory_tokens, model_cfg.scan_layers):
+      if (e["variant"], e["memory_tokens"], e["scan_layers"], e["compare"]) == (
+          variant, cfg.data.memory_tokens, model_cfg.scan_layers, label):
         e["largest_batch_that_fits"] = largest
+  add_compare_ratios(results)
   return {"peaks": peaks, "rows": results, "mesh": args.mesh, "tiny": args.tiny,
           "devices": jax.device_count()}
+
+
+def add_compare_ratios(rows: list[dict]) -> None:
+  """Each timed row's ``step_vs_first``: its step time over the first compared set's at
+  the same variant, memory, scan and batch (from ``--compare``; absent without it)."""
+  first = {}
+  for r in rows:
+    if "step_s" not in r or not r.get("compare"):
+      continue
+    key = (r["variant"], r["memory_tokens"], r["scan_layers"], r["batch"])
+    first.setdefault(key, r["step_s"])
+    r["step_vs_first"] = r["step_s"] / first[key]
 
 
 def _row_text(e: dict) -> str:
@@ -302,7 +346,9 @@ def _row_text(e: dict) -> str:
     return (f"{e['variant']} batch {e['batch']}: compiled only ({e['compile_s']:.1f} s), "
             f"memory_analysis {e['needs_gib']:.1f} GiB (temp {e['temp_gib']:.1f})")
   peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
-  return (f"{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
+  compared = (f"[{e['compare']}{', %.3f x the first' % e['step_vs_first'] if 'step_vs_first' in e else ''}] "
+              if e.get("compare") else "")
+  return (f"{compared}{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
           f"scan {'on' if e['scan_layers'] else 'off'} remat {e['remat_policy']} "
           f"{'mb ' + str(e['microbatches']) + ' ' if e.get('microbatches', 1) > 1 else ''}"
           f"(N {e['docs']} L {e['doc_len']} M {e['active']}) | compile {e['compile_s']:6.1f} s | "

@@ -69,8 +69,9 @@ class ModelConfig:
   rms_norm_vjp: str = "autodiff"
   # How the q/k norms and RoPE are differentiated (layers.NORM_ROPE_VJPS): "autodiff" (each
   # by JAX, the norm by rms_norm_vjp), "fused" (one hand-written backward for both,
-  # layers.norm_rope_fused_vjp: no float32 copy of q need pass between them; the same
-  # forward) or "fused_bf16" (the same with RoPE's cotangent written once in bf16).
+  # layers.norm_rope_fused_vjp: no float32 copy of q need pass between them; the forward in
+  # one pass, layers.norm_rope_one_pass) or "fused_bf16" (the same with RoPE's cotangent
+  # written once in bf16).
   # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
   qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention

@@ -317,20 +317,24 @@ def _assert_same_values_and_grads(setup, other, logits_rtol):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
 
 
-@pytest.mark.parametrize("switches", [dict(rms_norm_vjp="lean", embed_grad="autodiff"),
-                                      dict(qk_norm_rope_vjp="fused"),
-                                      dict(rope_tables=True, qk_norm_rope_vjp="fused")])
-def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches):
+# the fused q/k path's forward rotates x·w and scales by the row's rsqrt after (one pass):
+# float32 rounding apart from the composition's, 2.8e-6 in the logits of this model
+@pytest.mark.parametrize("switches,logits_rtol", [
+    (dict(rms_norm_vjp="lean", embed_grad="autodiff"), 1e-6),
+    (dict(rope_tables=True), 1e-6),
+    (dict(qk_norm_rope_vjp="fused"), 1e-5),
+    (dict(rope_tables=True, qk_norm_rope_vjp="fused"), 1e-5)])
+def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches, logits_rtol):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
-  backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one backward for
-  the q/k norms and RoPE; with ``rope_tables=True`` reading RoPE's cos/sin computed once a
-  stream) against the defaults (JAX's backward of each; the embedding
-  gradient scattered into float32): the same parameters, logits and gradients of
-  L_LM + 0.1 L_aux (normwise 1e-5, float32)."""
+  backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one forward pass
+  and one backward for the q/k norms and RoPE; with ``rope_tables=True`` reading RoPE's
+  cos/sin computed once a stream) against the defaults (JAX's backward of each; the
+  embedding gradient scattered into float32): the same parameters, logits (normwise
+  ``logits_rtol``) and gradients of L_LM + 0.1 L_aux (normwise 1e-5, float32)."""
   assert CFG.embed_grad == "f32_scatter" and CFG.rms_norm_vjp == "autodiff"
   assert CFG.qk_norm_rope_vjp == "autodiff"
   other = type(setup[0])(CFG.replace(**switches))
-  _assert_same_values_and_grads(setup, other, 1e-6)
+  _assert_same_values_and_grads(setup, other, logits_rtol)
 
 
 BF16_RTOL = 6e-2         # logits, normwise relative; measured 3.3e-2 on this model

@@ -16,8 +16,8 @@ def test_norm_rope_benchmark_rows(tmp_path):
     assert r["y_rel_diff_autodiff"] < 2.0 ** -7     # the same ops, up to a bf16 rounding
     assert r["step_ms"] > 0 and r["step_x_floor"] > 0
     assert 0 < r["dx_rel_err_f32"] < 8e-3           # dx is rounded to bf16 by every method
-  assert result["forward_ms"] > 0 and result["forward_x_floor"] > 0
-  assert result["forward_tables_ms"] > 0
+  assert set(result["forward_ms"]) == {"norm_rope", "one_pass", "tables"}
+  assert all(ms > 0 for ms in result["forward_ms"].values())
   # the tables hold the same cos/sin: the same errors (XLA may fuse the two differently)
   assert abs(rows["tables"]["dx_rel_err_f32"] - rows["autodiff"]["dx_rel_err_f32"]) < 1e-3
   assert rows["fused"]["dscale_rel_err_f32"] < 1e-5

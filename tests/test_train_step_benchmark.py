@@ -1,5 +1,8 @@
 """``benchmarks/train_step.py``'s command line: model switches override the recipe's in both
-directions, and an absent switch leaves the recipe's value."""
+directions, and an absent switch leaves the recipe's value; ``--compare``'s sets and the
+ratios of their step times."""
+import pytest
+
 from benchmarks import train_step
 
 
@@ -26,3 +29,26 @@ def test_switches_turn_recipe_settings_off_and_on():
   assert cfg.model.qk_norm_rope_vjp == "fused"
   assert _recipe("--attention_short_persistent").model.attention_short_persistent is True
   assert _recipe("--rope_tables").model.rope_tables is True
+
+
+def test_compare_sets_parse_and_refuse_unknown_fields():
+  switches = train_step.cli_model_overrides(train_step._parse([]))
+  assert train_step.compare_sets("", switches) == [("", {})]
+  assert train_step.compare_sets("base; rope_tables=true,qk_norm_rope_vjp=fused", switches) == [
+      ("base", {}), ("rope_tables=true,qk_norm_rope_vjp=fused",
+                     {"rope_tables": True, "qk_norm_rope_vjp": "fused"})]
+  with pytest.raises(ValueError, match="not field=value for one of"):
+    train_step.compare_sets("base;hidden_size=8", switches)
+  with pytest.raises(ValueError, match="not field=value"):
+    train_step.compare_sets("rope_tables", switches)
+
+
+def test_compare_ratios_are_against_the_first_set_at_the_same_shape():
+  row = dict(variant="0.6b", memory_tokens=16384, scan_layers=True)
+  rows = [dict(row, batch=32, compare="base", step_s=4.0),
+          dict(row, batch=32, compare="x=1", step_s=3.0),
+          dict(row, batch=16, compare="base", step_s=2.0),
+          dict(row, batch=16, compare="x=1", step_s=2.5),
+          dict(row, batch=8, compare="base")]            # compiled only: no ratio
+  train_step.add_compare_ratios(rows)
+  assert [r.get("step_vs_first") for r in rows] == [1.0, 0.75, 1.0, 1.25, None]
