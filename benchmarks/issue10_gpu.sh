@@ -34,6 +34,10 @@
 #   STAGE=compare_remat bash benchmarks/issue10_gpu.sh  # the same for
 #                                                  # remat_policy=mlp_input and the tiled
 #                                                  # documents' forward
+#   STAGE=cublaslt bash benchmarks/issue10_gpu.sh  # the recipe's step with
+#                                                  # --xla_gpu_enable_cublaslt=true against
+#                                                  # cuBLAS (the matmuls run at ~690 of ~900
+#                                                  # TFLOP/s)
 #   STAGE=rope_tables bash benchmarks/issue10_gpu.sh  # benchmarks.norm_rope (its "tables"
 #                                                  # row: cos/sin given), then the step
 #                                                  # with model.rope_tables=True, profiled
@@ -62,7 +66,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, mlp_input, short_step, levers, doc_attention or triton}
+STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -132,6 +136,13 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
       --compare "base;remat_policy=mlp_input;attention_short_persistent=false" \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare_remat.json" ;;
+  cublaslt)   # the recipe's step with XLA's GEMMs through cuBLASLt (its own heuristics and
+              # kernels), against the same step through cuBLAS in this call
+    step cublas 300 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" $PY "${STEP[@]}" \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_cublas.json"
+    step cublaslt 300 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
+      $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b32_cublaslt.json" ;;
   rope_tables)   # one layer's q path with the tables given, then the step with them
     step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step rope_tables 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
@@ -154,6 +165,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, mlp_input, short_step, levers, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton" >&2
     exit 2 ;;
 esac
