@@ -19,8 +19,8 @@ half of it) five ways:
 
 forward plus backward in one program (what the step runs once a layer, the forward again
 under remat; timed first), and the three forwards alone (``layers.norm_rope``, the fused
-methods' ``layers.norm_rope_one_pass``, and ``norm_rope`` reading the tables), against floors from a pure read in the same run:
-the forward reads ``x`` and writes ``y``; with the backward it also reads the cotangent and
+methods' ``layers.norm_rope_one_pass``, and ``norm_rope`` reading the tables), against
+floors from a pure read in the same run: the forward reads ``x`` and writes ``y``; with the backward it also reads the cotangent and
 writes ``dx`` (4 arrays of the activation's size, the least any order of passes moves).
 Each method's forward is compared with ``autodiff``'s (the same value: ``fused`` computes it
 in one pass, ``layers.norm_rope_one_pass``, without rounding the norm's output to bf16;

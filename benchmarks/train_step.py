@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import statistics
 import sys
@@ -302,6 +303,7 @@ def run_shapes(args, save=None) -> dict:
                **{k: getattr(model_cfg, k) for k in overrides},
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)
+      gc.collect()   # the previous set's state and executable, before this one's
       try:
         entry.update(measure(cfg, model_cfg, take_rows(full, b), mesh, args.steps, peaks,
                              args.profile_dir))
@@ -346,8 +348,8 @@ def _row_text(e: dict) -> str:
     return (f"{e['variant']} batch {e['batch']}: compiled only ({e['compile_s']:.1f} s), "
             f"memory_analysis {e['needs_gib']:.1f} GiB (temp {e['temp_gib']:.1f})")
   peak = f"{e['device_peak_gib']:.1f}" if e.get("device_peak_gib") is not None else "-"
-  compared = (f"[{e['compare']}{', %.3f x the first' % e['step_vs_first'] if 'step_vs_first' in e else ''}] "
-              if e.get("compare") else "")
+  ratio = f", {e['step_vs_first']:.3f} x the first" if "step_vs_first" in e else ""
+  compared = f"[{e['compare']}{ratio}] " if e.get("compare") else ""
   return (f"{compared}{e['variant']:>5} mem {e['memory_tokens']:>6} B {e['batch']:>3} "
           f"scan {'on' if e['scan_layers'] else 'off'} remat {e['remat_policy']} "
           f"{'mb ' + str(e['microbatches']) + ' ' if e.get('microbatches', 1) > 1 else ''}"

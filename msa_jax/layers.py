@@ -150,9 +150,9 @@ class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x, rope_positions=None, rope_theta: float = 0.0):
     """The norm of ``x``; given ``rope_positions`` (``[B, T]``, ``x`` being ``[B, T, H,
-    D]``, or their :class:`RopeTables`), then RoPE (:func:`norm_rope`), differentiated as ``rope_vjp`` says
-    (``NORM_ROPE_VJPS``: "autodiff", "fused" (:func:`norm_rope_fused_vjp`) or "fused_bf16"
-    (:func:`norm_rope_fused_bf16_vjp`))."""
+    D]``, or their :class:`RopeTables`), then RoPE (:func:`norm_rope`), differentiated as
+    ``rope_vjp`` says (``NORM_ROPE_VJPS``: "autodiff", "fused"
+    (:func:`norm_rope_fused_vjp`) or "fused_bf16" (:func:`norm_rope_fused_bf16_vjp`))."""
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
@@ -308,10 +308,9 @@ _norm_rope_custom.defvjp(_norm_rope_custom_fwd, _norm_rope_custom_bwd)
 
 def norm_rope_fused_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype):
   """:func:`norm_rope` in one pass (:func:`norm_rope_one_pass`) with one hand-written
-  backward for both:
-  RoPE's transpose and the norm's backward in float32 from the bf16 cotangent and the bf16
-  input, written so that no float32 array of the activations' size need pass between them
-  (whether XLA's fusions keep it so is the GPU's to show).
+  backward for both: RoPE's transpose and the norm's backward in float32 from the bf16
+  cotangent and the bf16 input, written so that no float32 array of the activations' size
+  need pass between them (whether XLA's fusions keep it so is the GPU's to show).
 
   With ``n = x·r·w`` (``r = rsqrt(mean(x²) + eps)``) and ``y = n·cos + rot(n)·sin``
   (``rot(n) = [-n₂, n₁]``, the rotate-half halves):
