@@ -206,6 +206,9 @@ def test_bank_fingerprint_ignores_scan_and_remat_switches():
                                 params) == base
   assert bank.model_fingerprint(SMOKE.replace(rms_norm_vjp="lean", attention_pad_free=True,
                                               embed_grad="sorted"), params) == base
+  assert bank.model_fingerprint(SMOKE.replace(
+      qk_norm_rope_vjp="fused", attention_short_persistent=True, rope_tables=True),
+      params) == base
   assert base == "a1bee46efd02692415741bb1fb2201c2"   # before those switches (6bc5aae^)
   assert bank.model_fingerprint(SMOKE.replace(top_k=3), params) != base
 
