@@ -260,7 +260,7 @@ def norm_rope_one_pass(x_bthd, scale_d, positions_bt, eps: float, theta: float, 
   with a per-row scale: ``y = r·(x·w·cos + rot(x·w)·sin)``. :func:`norm_rope` rotates the
   normalised row itself, which XLA's fusions cannot read at two places without writing it
   out (on the H200 in the 0.6b step: an ``f32[5216, 104, 16, 128]`` array a layer, then
-  read back to rotate; ~3.3 ms a layer for q where its bytes take ~0.5). In float32 the
+  read back to rotate; ~3.3 ms a layer for q where its bytes take ~0.35). In float32 the
   same up to rounding; in bf16 the normalised row is not rounded to bf16 before RoPE
   (neither is it in XLA's GPU programs of :func:`norm_rope`, which skip that rounding)."""
   d = x_bthd.shape[-1]
