@@ -50,9 +50,9 @@
 #                                                  # (the documents' attention forward tiled,
 #                                                  # as before the recipes turned the
 #                                                  # persistent kernel on), profiled
-#   STAGE=levers bash benchmarks/issue10_gpu.sh  # the step with the two above at once
-#                                                  # (fused q/k norm + RoPE backward,
-#                                                  # mlp_input remat; the recipe's short persistent
+#   STAGE=levers bash benchmarks/issue10_gpu.sh  # the step with fused_norm's and
+#                                                  # mlp_input's switches at once (and the
+#                                                  # recipe's persistent documents'
 #                                                  # forward), profiled: the profile's
 #                                                  # by-source table says what each did
 #   STAGE=doc_attention bash benchmarks/issue10_gpu.sh  # the documents' attention alone
@@ -66,7 +66,8 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGE=${STAGE:?set STAGE=profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton}
+STAGES="profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton"
+STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -165,6 +166,6 @@ case "$STAGE" in
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
   *)
-    echo "STAGE=$STAGE: choose profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton" >&2
+    echo "STAGE=$STAGE: choose $STAGES" >&2
     exit 2 ;;
 esac

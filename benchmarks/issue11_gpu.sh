@@ -12,7 +12,8 @@
 # Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
 # DRY=1 prints the commands instead of running them (benchmarks/gpu_stage.sh).
 set -u
-STAGE=${STAGE:?set STAGE=tests, route, ttft, host_kv or host_kv_100m}
+STAGES="tests, route, ttft, host_kv or host_kv_100m"
+STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue11
 source "$(dirname "$0")/gpu_stage.sh"
 
@@ -48,6 +49,6 @@ case "$STAGE" in
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
       --kr_dtype=int8 --kv_dtype=int8 --kv_placement=host --out="$DIR/host_100m_int8" ;;
   *)
-    echo "STAGE=$STAGE: choose tests, route, ttft, host_kv or host_kv_100m" >&2
+    echo "STAGE=$STAGE: choose $STAGES" >&2
     exit 2 ;;
 esac

@@ -20,8 +20,9 @@ half of it) five ways:
 forward plus backward in one program (what the step runs once a layer, the forward again
 under remat; timed first), and the three forwards alone (``layers.norm_rope``, the fused
 methods' ``layers.norm_rope_one_pass``, and ``norm_rope`` reading the tables), against
-floors from a pure read in the same run: the forward reads ``x`` and writes ``y``; with the backward it also reads the cotangent and
-writes ``dx`` (4 arrays of the activation's size, the least any order of passes moves).
+floors from a pure read in the same run: the forward reads ``x`` and writes ``y``; with the
+backward it also reads the cotangent and writes ``dx`` (4 arrays of the activation's size,
+the least any order of passes moves).
 Each method's forward is compared with ``autodiff``'s (the same value: ``fused`` computes it
 in one pass, ``layers.norm_rope_one_pass``, without rounding the norm's output to bf16;
 inside a program with its backward XLA may skip that rounding too),
@@ -69,8 +70,8 @@ def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):
   def forward(x, scale, rope):   # rope: positions, or RopeTables for "tables"
     return norm.apply({"params": {"scale": scale}}, x, rope, theta)
 
-  def step(x, scale, pos, g):
-    y, pull = jax.vjp(lambda xx, ss: forward(xx, ss, pos), x, scale)
+  def step(x, scale, rope, g):
+    y, pull = jax.vjp(lambda xx, ss: forward(xx, ss, rope), x, scale)
     return (y, *pull(g))
   return jax.jit(forward), jax.jit(step)
 

@@ -110,11 +110,11 @@ def bench_shape(name, b, m, s, configs, bwd_configs, backward):
 
   split = jax.jit(cudnn_split)
   attempt(row, "cudnn_split_err",
-           lambda: float(jnp.max(jnp.abs(f32(split(q, k, v, kc, vc)) - out_ref))))
+          lambda: float(jnp.max(jnp.abs(f32(split(q, k, v, kc, vc)) - out_ref))))
   attempt(row, "cudnn_split_ms", lambda: time_ms(split, q, k, v, kc, vc))
   masked = jax.jit(lambda q, k, v, mk: _cudnn(q, k, v, mask=mk))
   attempt(row, "cudnn_mask_err",
-           lambda: float(jnp.max(jnp.abs(f32(masked(q, k_all, v_all, allow)) - out_ref))))
+          lambda: float(jnp.max(jnp.abs(f32(masked(q, k_all, v_all, allow)) - out_ref))))
   attempt(row, "cudnn_mask_ms", lambda: time_ms(masked, q, k_all, v_all, allow))
   nomask = jax.jit(lambda q, k, v: _cudnn(q, k, v))
   attempt(row, "cudnn_nomask_ms", lambda: time_ms(nomask, q, k_all, v_all))

@@ -133,10 +133,8 @@ CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 def recipe(variant: str, memory_tokens: int, tiny: bool, mesh: str, scan: str = "recipe",
            **model_overrides):
   """The recipe's config at ``memory_tokens`` per example, random init, one stage;
-  ``scan`` "on"/"off" and each given ``model_overrides`` field (``remat_policy``,
-  ``rms_norm_vjp``, ``qk_norm_rope_vjp``, ``attention_pad_free``, ``embed_grad``,
-  ``attention_short_persistent``, ``rope_tables``; empty or None: the recipe's)
-  override the recipe's model."""
+  ``scan`` "on"/"off" and each given ``model_overrides`` field (:func:`cli_model_overrides`'
+  fields; empty or None: the recipe's) override the recipe's model."""
   from msa_jax.run_config import load_config_file
   cfg = load_config_file(f"{CONFIG_FILE}:{variant}")
   cfg.requires_init_from = False

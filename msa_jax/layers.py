@@ -203,13 +203,6 @@ def rope_angles(positions, head_dim: int, theta: float):
   return low * inv_freq.reshape(shape) + wrapped
 
 
-def rope_cos_sin(positions, head_dim: int, theta: float):
-  """cos/sin tables ``[..., D]`` for integer positions (rotate-half layout)."""
-  angles = rope_angles(positions, head_dim, theta)
-  angles = jnp.concatenate([angles, angles], axis=-1)
-  return jnp.cos(angles), jnp.sin(angles)
-
-
 class RopeTables(NamedTuple):
   """RoPE's ``cos``/``sin`` of a stream's positions, ``[..., D/2]`` float32 each: computed
   once (:func:`rope_tables`) and read by every layer's q/k paths in place of positions."""
@@ -218,8 +211,8 @@ class RopeTables(NamedTuple):
 
 
 def rope_tables(positions, head_dim: int, theta: float) -> RopeTables:
-  """:class:`RopeTables` for integer ``positions`` (the same values :func:`rope_cos_sin`
-  gives, half as wide: its two halves are equal). Constants of the positions, so no
+  """:class:`RopeTables` for integer ``positions`` (half as wide as the rotate-half layout's
+  ``[..., D]`` tables, whose two halves are equal). Constants of the positions, so no
   gradient passes through them."""
   angles = rope_angles(positions, head_dim, theta)
   return RopeTables(jax.lax.stop_gradient(jnp.cos(angles)),
@@ -227,23 +220,25 @@ def rope_tables(positions, head_dim: int, theta: float) -> RopeTables:
 
 
 def _cos_sin(rope, head_dim: int, theta: float):
-  """cos/sin ``[..., D]`` of ``rope``: integer positions (computed here) or
-  :class:`RopeTables` (read)."""
-  if isinstance(rope, RopeTables):
-    return (jnp.concatenate([rope.cos, rope.cos], axis=-1),
-            jnp.concatenate([rope.sin, rope.sin], axis=-1))
-  return rope_cos_sin(rope, head_dim, theta)
+  """cos/sin ``[..., D]`` (rotate-half layout) of ``rope``: integer positions (computed
+  here) or :class:`RopeTables` (read)."""
+  t = rope if isinstance(rope, RopeTables) else rope_tables(rope, head_dim, theta)
+  return (jnp.concatenate([t.cos, t.cos], axis=-1), jnp.concatenate([t.sin, t.sin], axis=-1))
+
+
+def _rotate(x_bthd32, rope, theta: float):
+  """``x·cos + rot(x)·sin`` (``rot(x) = [-x₂, x₁]``, the rotate-half halves) of a float32
+  ``[B, T, H, D]`` array, cos/sin from ``rope`` (:func:`_cos_sin`) broadcast over heads."""
+  d = x_bthd32.shape[-1]
+  cos, sin = _cos_sin(rope, d, theta)
+  rotated = jnp.concatenate([-x_bthd32[..., d // 2:], x_bthd32[..., :d // 2]], axis=-1)
+  return x_bthd32 * cos[..., None, :] + rotated * sin[..., None, :]
 
 
 def apply_rope(x_bthd, positions_bt, theta: float):
   """Rotary embedding with the rotate-half convention, computed in float32;
   ``positions_bt`` is ``[B, T]`` integer positions or their :class:`RopeTables`."""
-  cos, sin = _cos_sin(positions_bt, x_bthd.shape[-1], theta)
-  cos, sin = cos[..., None, :], sin[..., None, :]
-  x = x_bthd.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-  return (x * cos + rotated * sin).astype(x_bthd.dtype)
+  return _rotate(x_bthd.astype(jnp.float32), positions_bt, theta).astype(x_bthd.dtype)
 
 
 def norm_rope(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
@@ -263,14 +258,10 @@ def norm_rope_one_pass(x_bthd, scale_d, positions_bt, eps: float, theta: float, 
   read back to rotate; ~3.3 ms a layer for q where its bytes take ~0.35). In float32 the
   same up to rounding; in bf16 the normalised row is not rounded to bf16 before RoPE
   (neither is it in XLA's GPU programs of :func:`norm_rope`, which skip that rounding)."""
-  d = x_bthd.shape[-1]
-  half = d // 2
-  cos, sin = _cos_sin(positions_bt, d, theta)
   x32 = x_bthd.astype(jnp.float32)
   r = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
   xw = x32 * _last_axis(scale_d, x_bthd.ndim)
-  rotated = jnp.concatenate([-xw[..., half:], xw[..., :half]], axis=-1)
-  return ((xw * cos[..., None, :] + rotated * sin[..., None, :]) * r).astype(dtype)
+  return (_rotate(xw, positions_bt, theta) * r).astype(dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))

@@ -15,7 +15,7 @@ SCRIPTS = ("benchmarks/issue10_gpu.sh", "benchmarks/issue11_gpu.sh")
 
 def _stages(script: str) -> list[str]:
   text = open(os.path.join(ROOT, script)).read()
-  names = re.search(r"STAGE=\$\{STAGE:\?set STAGE=([^}]*)\}", text).group(1)
+  names = re.search(r'STAGES="([^"]*)"', text).group(1)
   return [s.strip() for s in re.split(r",| or ", names) if s.strip()]
 
 
