@@ -141,7 +141,18 @@ def test_data_workers_outlive_a_sigterm_to_the_process_group(tmp_path, compilati
       time.sleep(1.0)
       signalled.extend(w.is_alive() for w in workers)
 
-  last = train_and_evaluate(cfg, str(tmp_path), on_step=term_workers)
+  # Without the module's persistent compilation cache: twice on 2026-12-05 a CPU run
+  # segfaulted inside jax reading this step's executable back from it here (after
+  # train runs whose data workers were forked); a fresh compile costs ~40 s.
+  from jax.experimental.compilation_cache import compilation_cache as cc
+  was = jax.config.jax_enable_compilation_cache
+  jax.config.update("jax_enable_compilation_cache", False)
+  cc.reset_cache()
+  try:
+    last = train_and_evaluate(cfg, str(tmp_path), on_step=term_workers)
+  finally:
+    jax.config.update("jax_enable_compilation_cache", was)
+    cc.reset_cache()
   assert signalled and all(signalled), "a data worker died of SIGTERM"
   assert last["step"] == NUM_STEPS and "stopped_early" not in last
   assert [r["step"] for r in read_rows(str(tmp_path))] == list(range(1, NUM_STEPS + 1))
