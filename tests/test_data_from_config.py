@@ -11,7 +11,7 @@ from msa_jax.data import from_config as ip
 from msa_jax.batch import MSABatch
 from msa_jax.data.collate import BucketShapes
 from msa_jax.data.niah import SUBTASKS
-from train_common import compilation_cache, get_config, small_cfg  # noqa: F401
+from train_common import shared_train_setups, get_config, small_cfg  # noqa: F401
 
 NUM_KEYS = 24
 WORDS = ([f"d{i}" for i in range(32)] + [f"k{i}" for i in range(NUM_KEYS)]
@@ -265,7 +265,7 @@ def test_resolve_vocab_from_jsonl_tokenizer(hf_dir, jsonl_files):
 
 
 @pytest.mark.slow   # ~40 s on the CI CPU
-def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, compilation_cache):  # noqa: F811
+def test_train_and_evaluate_jsonl(hf_dir, jsonl_files, tmp_path, shared_train_setups):  # noqa: F811
   from msa_jax.trainer import train_and_evaluate
   cfg = small_cfg()
   cfg.data.task = "jsonl"

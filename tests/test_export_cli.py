@@ -40,7 +40,7 @@ from msa_jax import run_config  # noqa: E402
 from msa_jax.trainer import TrainSetup  # noqa: E402
 
 from tests import reference_numpy as R  # noqa: E402
-from train_common import compilation_cache, get_config, small_cfg  # noqa: E402,F401
+from train_common import shared_train_setups, get_config, small_cfg  # noqa: E402,F401
 
 fast_compile = R.fast_compile_fixture()
 STEP = 7
@@ -288,7 +288,7 @@ def test_verify_reports_exact_round_trip(run, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_really_trained_workdir(tmp_path, compilation_cache, capsys):  # noqa: F811
+def test_cli_exports_a_really_trained_workdir(tmp_path, shared_train_setups, capsys):  # noqa: F811
   """The trainer's own 12-step run (``train_common.small_cfg``), exported in all three
   formats with ``--verify``: exact memory forward, transformers logits, tokenizer."""
   from msa_jax.trainer import train_and_evaluate

@@ -17,13 +17,13 @@ from msa_jax.data import write_task
 from msa_jax.inference import BankError, MemoryEngine, open_bank
 from msa_jax.trainer import train_and_evaluate
 
-from train_common import REPO, compilation_cache, small_cfg  # noqa: F401
+from train_common import REPO, shared_train_setups, small_cfg  # noqa: F401
 
 NUM_DOCS, NUM_QUESTIONS = 300, 6
 
 
 @pytest.fixture(scope="module")
-def run_and_task(tmp_path_factory, compilation_cache):  # noqa: F811
+def run_and_task(tmp_path_factory, shared_train_setups):  # noqa: F811
   tmp = tmp_path_factory.mktemp("cli")
   cfg = small_cfg()
   workdir = str(tmp / "run")

@@ -32,7 +32,7 @@ from msa_jax import checkpointing, metrics, run_config
 from msa_jax.data import from_config
 from msa_jax.trainer import (NonFiniteLossError, _SaveGuard, step_problem, train_and_evaluate,
                              validate_config)
-from train_common import (CONFIG_FILE, NUM_STEPS, REPO, compilation_cache,  # noqa: F401
+from train_common import (CONFIG_FILE, NUM_STEPS, REPO, shared_train_setups,  # noqa: F401
                           get_config, read_rows, saved_steps, small_cfg)
 
 EVERY = 6
@@ -58,7 +58,7 @@ def _cfg(**top):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, compilation_cache):
+def run(tmp_path_factory, shared_train_setups):
   """A finished 12-step run with checkpoints at steps 6 and 12."""
   workdir = str(tmp_path_factory.mktemp("run"))
   train_and_evaluate(_cfg(), workdir)
@@ -294,7 +294,7 @@ def test_exploding_update_is_not_saved_and_resume_trains_on(run, tmp_path):
 
 
 @pytest.mark.slow   # compiles the step a second time (lr 1e30 is a constant of the program)
-def test_exploding_lr_stops_before_saving_and_a_sane_lr_trains_on(tmp_path, compilation_cache):
+def test_exploding_lr_stops_before_saving_and_a_sane_lr_trains_on(tmp_path, shared_train_setups):
   """lr 1e30 in the main phase (from step 5): the update of step 5 explodes the parameters
   (finite, ~1e29); that state is not saved, the stop names step 4, and resuming with the
   recipe's lr (accepted as a config change) trains on to the end with finite losses."""

@@ -9,7 +9,7 @@ from msa_jax.data import from_config
 from msa_jax.train_step import lm_chunk_size
 from msa_jax.trainer import use_compilation_cache
 
-from train_common import compilation_cache, get_config, small_cfg  # noqa: F401
+from train_common import shared_train_setups, get_config, small_cfg  # noqa: F401
 
 
 def test_bucket_caps_come_from_the_config_and_bound_the_buckets():
@@ -99,7 +99,7 @@ def test_doc_slot_multiple_sets_the_slot_rounding():
 
 
 @pytest.mark.slow   # ~40 s on the CI CPU
-def test_a_run_trains_each_batch_curriculum_stage_at_its_size(tmp_path, compilation_cache):
+def test_a_run_trains_each_batch_curriculum_stage_at_its_size(tmp_path, shared_train_setups):
   """Two stages of ``data.batch_curriculum``: each logged step's tokens and target count
   come from its stage's batch (16 examples, then the configured 8)."""
   from msa_jax.trainer import train_and_evaluate

@@ -10,7 +10,7 @@
   checkpoint; nothing bad is saved, and the kept checkpoint resumes the run.
 
 All runs use ``train_common.small_cfg`` (12 steps, warm-up phase ends after
-step 4) and share its compiled step through ``train_common.compilation_cache``.
+step 4) and share its compiled step through ``train_common.shared_train_setups``.
 """
 import json
 import os
@@ -27,7 +27,7 @@ from msa_jax.data import from_config
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
 from msa_jax.trainer import (NonFiniteLossError, TrainSetup, resolve_model_config,
                              train_and_evaluate)
-from train_common import (NUM_STEPS, WARMUP, compilation_cache, read_rows,  # noqa: F401
+from train_common import (NUM_STEPS, WARMUP, shared_train_setups, read_rows,  # noqa: F401
                           saved_steps, small_cfg)
 
 NAN_AT, SAVE_EVERY = 7, 5
@@ -37,7 +37,7 @@ REQUIRED = ("step", "loss", "lm_loss", "aux_loss", "router_recall@1", "router_re
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, compilation_cache):
+def trained(tmp_path_factory, shared_train_setups):
   """A full run with TensorBoard on and the end-of-run eval replaced by a probe that
   keeps the final (model, params) the trainer hands to evaluation."""
   cfg = small_cfg()
@@ -119,7 +119,7 @@ def test_tensorboard_events_and_config_json(trained):
   assert model.vocab_size >= from_config.vocab_size_of(trained["cfg"].data) > 0
 
 
-def test_tensorboard_off_writes_no_events(tmp_path, compilation_cache):
+def test_tensorboard_off_writes_no_events(tmp_path, shared_train_setups):
   cfg = small_cfg()
   assert cfg.tensorboard is False
   stop_at_1 = lambda step, row: os.kill(os.getpid(), signal.SIGTERM)  # noqa: E731 (a short run)
@@ -184,7 +184,7 @@ def test_from_pretrained_step_and_errors(trained, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def nan_run(tmp_path_factory, compilation_cache):
+def nan_run(tmp_path_factory, shared_train_setups):
   """Step NAN_AT returns a NaN loss and NaN params (as a diverged step would)."""
   cfg = small_cfg()
   cfg.checkpoint.every_steps = SAVE_EVERY

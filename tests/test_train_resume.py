@@ -8,8 +8,8 @@ crosses the warm-up → main phase boundary (after step 4). Checkpoints use the
 config default (async save); ``checkpoint.every_steps`` is larger than the run,
 so the only saves are the SIGTERM save and the final one.
 
-The XLA persistent compilation cache is on (``train_common.compilation_cache``):
-A, B and resumed B compile the same step, so only A pays for compiling.
+A, B and resumed B share one compiled step (``train_common.shared_train_setups``), so
+only A pays for compiling.
 """
 import json
 import os
@@ -24,7 +24,7 @@ import pytest
 from msa_jax import checkpointing
 from msa_jax.data import from_config
 from msa_jax.trainer import train_and_evaluate
-from train_common import (NUM_STEPS, compilation_cache, read_rows,  # noqa: F401 (fixture)
+from train_common import (NUM_STEPS, shared_train_setups, read_rows,  # noqa: F401 (fixture)
                           saved_steps, small_cfg)
 
 SIGTERM_AT = 3
@@ -32,7 +32,7 @@ LOSSES = ("loss", "lm_loss", "aux_loss")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, compilation_cache):
+def runs(tmp_path_factory, shared_train_setups):
   cfg = small_cfg()
   handler_before = signal.getsignal(signal.SIGTERM)
   assert cfg.checkpoint.async_save, "the default (async) save is what this test pins"
@@ -119,7 +119,7 @@ def test_data_iterator_resumes_at_the_next_batch(runs):
   manager.close()
 
 
-def test_data_workers_outlive_a_sigterm_to_the_process_group(tmp_path, compilation_cache,
+def test_data_workers_outlive_a_sigterm_to_the_process_group(tmp_path, shared_train_setups,
                                                             monkeypatch):
   """A SIGTERM to every process of the job (``timeout``, SLURM) reaches the data workers
   too; they ignore it and the trainer, which saves and exits on its own SIGTERM, keeps its
@@ -141,18 +141,7 @@ def test_data_workers_outlive_a_sigterm_to_the_process_group(tmp_path, compilati
       time.sleep(1.0)
       signalled.extend(w.is_alive() for w in workers)
 
-  # Without the module's persistent compilation cache: twice on 2026-12-05 a CPU run
-  # segfaulted inside jax reading this step's executable back from it here (after
-  # train runs whose data workers were forked); a fresh compile costs ~40 s.
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  was = jax.config.jax_enable_compilation_cache
-  jax.config.update("jax_enable_compilation_cache", False)
-  cc.reset_cache()
-  try:
-    last = train_and_evaluate(cfg, str(tmp_path), on_step=term_workers)
-  finally:
-    jax.config.update("jax_enable_compilation_cache", was)
-    cc.reset_cache()
+  last = train_and_evaluate(cfg, str(tmp_path), on_step=term_workers)
   assert signalled and all(signalled), "a data worker died of SIGTERM"
   assert last["step"] == NUM_STEPS and "stopped_early" not in last
   assert [r["step"] for r in read_rows(str(tmp_path))] == list(range(1, NUM_STEPS + 1))

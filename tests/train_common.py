@@ -1,5 +1,6 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
-an XLA compilation cache shared by the training tests of one pytest session."""
+the training setups (compiled steps) shared by the training tests of one pytest session."""
+import copy
 import json
 import os
 
@@ -35,7 +36,7 @@ def small_cfg():
   shows both phases. ``checkpoint.every_steps`` is larger than the run: only the
   final (and a SIGTERM) save happen unless a test lowers it. Every test module
   that trains uses this exact config, so the compiled step is shared through
-  ``compilation_cache``.
+  ``shared_train_setups``.
   """
   cfg = get_config("smoke")
   cfg.model.num_layers = 1
@@ -52,27 +53,36 @@ def small_cfg():
   return cfg
 
 
-@pytest.fixture(scope="module")
-def compilation_cache(tmp_path_factory):
-  """XLA's persistent compilation cache in one dir per session, on for the module.
+_SETUPS: dict = {}   # shared_train_setups: one TrainSetup per (config, mesh) per session
 
-  The compiled train step of ``small_cfg`` is identical in every run, so only
-  the first run of a session pays for compiling it (~40 s on 2 cores).
+
+@pytest.fixture(scope="module")
+def shared_train_setups():
+  """``train_and_evaluate`` in the module reuses the ``TrainSetup`` (and so the jitted,
+  already compiled step) of any earlier run of this pytest session with an equal config
+  and mesh, so a config's step compiles once a session (~40 s on 2 cores).
+
+  In-process on purpose: XLA's persistent compilation cache did this before, and on the
+  2-core CI jax 0.10.2 segfaulted reading a CPU executable back from it three times
+  (``compilation_cache.get_executable_and_time``, each time in ``test_train_resume``
+  after a SIGTERM had reached the process or its data workers). Sharing is safe because a
+  ``TrainSetup`` holds no run state: the key is the whole config (JSON) with the model
+  config and the mesh, and the setup is built from a copy of the config, so a test
+  changing its config afterwards cannot reach a shared step.
   """
-  from jax.experimental.compilation_cache import compilation_cache as cc
-  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-           "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in names}
-  cache = tmp_path_factory.getbasetemp() / "train_xla_cache"
-  cache.mkdir(exist_ok=True)
-  jax.config.update("jax_compilation_cache_dir", str(cache))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  cc.reset_cache()
-  yield cache
-  for k, v in old.items():
-    jax.config.update(k, v)
-  cc.reset_cache()
+  from msa_jax import trainer
+  build = trainer.TrainSetup
+
+  def shared(cfg, mesh, model_cfg=None):
+    key = (cfg.to_json_best_effort(sort_keys=True), repr(model_cfg), mesh.axis_names,
+           mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
+    if key not in _SETUPS:
+      _SETUPS[key] = build(copy.deepcopy(cfg), mesh, model_cfg)
+    return _SETUPS[key]
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(trainer, "TrainSetup", shared)
+    yield _SETUPS
 
 
 def read_rows(workdir):
