@@ -13,6 +13,13 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # "mlp_input" (the residual after attention, the MLP block's input: one hidden-size
 # activation a token a layer; the backward recomputes all but o_proj).
 REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
+# ModelConfig fields that choose how the model computes (memory, kernels, how a gradient is
+# taken), not what: the same parameters and forward values (within the kernels' bf16). A
+# bank's model fingerprint and ``init_from``'s checkpoint check leave them out.
+IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels", "router_trunk_grad",
+                         "rms_norm_vjp", "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
+                         "attention_short_persistent", "attention_short_persistent_bwd",
+                         "rope_tables")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +90,11 @@ class ModelConfig:
   # 25 % faster than the tiled forward at the 0.6b step's documents on an H100
   # (benchmarks/doc_attention.py, 2026-12-05); on in the 0.6b and 4b recipes.
   attention_short_persistent: bool = False
+  # Their backward (dQ, dK/dV) as persistent kernels too (sparse_attention BlockSizes.
+  # short_persistent_bwd, pallas_kernels/sparse_attention_short_bwd.py): the tiled backward
+  # took ~7.7 ms on an H100 against ~2.2 ms of bytes at the 0.6b step's documents
+  # (2026-12-05). Tested interpreted on the CPU; not yet compiled or timed on a GPU.
+  attention_short_persistent_bwd: bool = False
   # RoPE's cos/sin computed once a stream (layers.rope_tables, outside the layer loop) and
   # read by every layer's q/k paths, instead of recomputed from the positions inside each
   # (the angles take two fmods a position; XLA may fuse them into the pass over every head).
@@ -147,6 +159,9 @@ class ModelConfig:
     need(isinstance(self.attention_short_persistent, bool),
          f"attention_short_persistent must be True or False, got "
          f"{self.attention_short_persistent!r}")
+    need(isinstance(self.attention_short_persistent_bwd, bool),
+         f"attention_short_persistent_bwd must be True or False, got "
+         f"{self.attention_short_persistent_bwd!r}")
     need(self.embed_grad in ("autodiff", "f32_scatter", "sorted"),
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),

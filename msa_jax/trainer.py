@@ -33,7 +33,7 @@ from msa_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, m
 from msa_jax import run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
-from msa_jax.config import ModelConfig
+from msa_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
 from msa_jax.distributed import gather_to_host, is_primary, pad_to_common_shape, wait_for_primary
 from msa_jax.model import MSAModel
 from msa_jax.optimizer import main_phase_steps, make_optimizer
@@ -274,7 +274,10 @@ def count_tokens(batch: MSABatch) -> int:
 # implementation); every other field (the shapes) must be the checkpoint's own.
 _RECIPE_FIELDS = ("router_layers", "pooling_chunk_size", "top_k", "rope_mode", "routing_tokens",
                   "routing_score", "remat_policy", "scan_layers", "kernels")
-_NOT_COMPARED = _RECIPE_FIELDS + ("dtype", "param_dtype", "remat", "initializer_range")
+# Not compared with the checkpoint's: what the recipe sets, how it computes (the 4b and
+# 0.6b recipes' kernel switches differ from a Hugging Face checkpoint's defaults), dtypes.
+_NOT_COMPARED = _RECIPE_FIELDS + IMPLEMENTATION_FIELDS + ("dtype", "param_dtype",
+                                                          "initializer_range")
 
 
 def load_pretrained(init_from: str, model_cfg: ModelConfig):

@@ -364,6 +364,16 @@ def test_init_from_loads_a_checkpoint_with_the_recipes_msa_fields(tmp_path):
   got = load_pretrained(ckpt, run_cfg)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # the recipes' implementation switches (kernels, fused passes) are not the checkpoint's
+  # to match: the 4b and 0.6b recipes start from a Hugging Face Qwen3 with them on
+  from msa_jax.config import IMPLEMENTATION_FIELDS
+  from msa_jax.trainer import resolve_model_config
+  recipe = resolve_model_config(get_config("4b"))
+  switches = {f: getattr(recipe, f) for f in IMPLEMENTATION_FIELDS}
+  assert switches["attention_short_persistent"] and switches["attention_pad_free"]
+  got = load_pretrained(ckpt, saved_cfg.replace(**switches))
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   with pytest.raises(ValueError, match=r"differs from the config's \(hidden_size: checkpoint 32, "
                      r"config 64.*set --config.model.<field>"):
     load_pretrained(ckpt, saved_cfg.replace(hidden_size=64))

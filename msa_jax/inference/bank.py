@@ -37,6 +37,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from msa_jax.config import IMPLEMENTATION_FIELDS
 from msa_jax.inference import quantize
 
 FORMAT = "msa_jax.bank/1"
@@ -44,11 +45,6 @@ MANIFEST = "manifest.json"
 PREFIX_FILE = "prefix.npz"
 DOCS_FILE = "docs.jsonl"
 INDEX_COLUMNS = ("token_offset", "num_tokens", "id_length", "chunk_start", "num_chunks")
-# Fields of ModelConfig that do not change what the model computes.
-_IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels",
-                          "router_trunk_grad", "rms_norm_vjp", "attention_pad_free",
-                          "embed_grad", "qk_norm_rope_vjp", "attention_short_persistent",
-                          "rope_tables")
 
 
 def _bank_codes(arrs: dict, part: str, dtype: str, name: str):
@@ -77,13 +73,13 @@ def _digest(data: bytes | memoryview) -> str:
 def model_fingerprint(model_config, params) -> str:
   """A hash of what fixes the bank's contents: the model config and every parameter.
 
-  Implementation switches (``_IMPLEMENTATION_FIELDS``: remat, layer scan, kernels, how a
+  Implementation switches (``config.IMPLEMENTATION_FIELDS``: remat, layer scan, kernels, how a
   gradient is computed) are left out: they do not change the computation (and a bank
   fingerprinted before a switch existed keeps its fingerprint).
   """
   import jax
   cfg = model_config.to_dict()
-  for name in _IMPLEMENTATION_FIELDS:
+  for name in IMPLEMENTATION_FIELDS:
     cfg.pop(name, None)
   h = hashlib.blake2b(digest_size=16)
   h.update(json.dumps(cfg, sort_keys=True).encode())
