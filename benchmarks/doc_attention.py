@@ -49,6 +49,10 @@ BWD = {   # backward tilings (the forward's: the default)
     "b128x64s2": sa.BlockSizes(bwd_block_q=128, bwd_block_kv=64, bwd_stages=2),
     "b64x128s2": sa.BlockSizes(bwd_block_q=64, bwd_block_kv=128, bwd_stages=2),
     "b128x128s1": sa.BlockSizes(bwd_block_q=128, bwd_block_kv=128, bwd_stages=1),
+    # the recipes' persistent forward with the tiled backward (b64x64s2), then with
+    # sparse_attention_short_bwd's persistent dQ and dK/dV
+    "short_fwd": sa.BlockSizes(short_persistent=True),
+    "short_fwd_bwd": sa.BlockSizes(short_persistent=True, short_persistent_bwd=True),
 }
 
 

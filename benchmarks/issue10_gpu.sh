@@ -59,6 +59,12 @@
 #                                                  # at the 0.6b and 4b steps' shapes:
 #                                                  # Pallas tilings, XLA, cuDNN causal,
 #                                                  # against byte floors
+#   STAGE=short_bwd bash benchmarks/issue10_gpu.sh  # the documents' persistent backward
+#                                                  # (model.attention_short_persistent_bwd):
+#                                                  # its compiled tests, the documents'
+#                                                  # attention alone with the tiled and the
+#                                                  # persistent backward, then the step
+#                                                  # with and without it (--compare)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -66,7 +72,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them.
 set -u
-STAGES="profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention or triton"
+STAGES="profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -160,6 +166,16 @@ case "$STAGE" in
       --out "$DIR/doc_attention_0.6b.json"
     step doc_attention_4b 150 $PY -m benchmarks.doc_attention --shape 4b \
       --out "$DIR/doc_attention_4b.json" ;;
+  short_bwd)   # compiled tests first (the timing rows need them), then alone, then the step
+    step short_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+      tests/test_kernel_sparse_attention.py -k short
+    step doc_attention_short_bwd 120 $PY -m benchmarks.doc_attention --shape 0.6b \
+      --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd \
+      --out "$DIR/doc_attention_0.6b_short_bwd.json"
+    step compare_short_bwd 320 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      --compare "base;attention_short_persistent_bwd=true" \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare_short_bwd.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b32_triton_cold.json"

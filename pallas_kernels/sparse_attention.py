@@ -33,6 +33,7 @@ from pallas_kernels import _platform
 from pallas_kernels import sparse_attention_bwd as bwd
 from pallas_kernels import sparse_attention_fwd_ws as fwd_ws
 from pallas_kernels import sparse_attention_short as short
+from pallas_kernels import sparse_attention_short_bwd as short_bwd
 
 MASKED = tiles.MASKED
 LOG2E = math.log2(math.e)
@@ -72,6 +73,11 @@ class BlockSizes:
     item. On an H100 (2026-12-05) at the 0.6b step's documents: 2.74 ms against 3.68 for the
     warp-specialised forward (``benchmarks/doc_attention.py``, BENCHMARKS.md); off by
     default here, on in the 0.6b and 4b recipes (``ModelConfig.attention_short_persistent``).
+  short_persistent_bwd: the same for the backward: where ``short_persistent`` would apply,
+    dQ and dK/dV run as ``sparse_attention_short_bwd``'s persistent kernels (one program
+    an SM streaming (example, head, query block) and (example, kv head, key block)
+    items) instead of one program per item. Not yet timed on a GPU: off by default and in
+    the recipes (``ModelConfig.attention_short_persistent_bwd``).
   """
 
   block_q: int = 64
@@ -84,6 +90,7 @@ class BlockSizes:
   warp_specialized: bool | None = None
   pad_free: bool = False
   short_persistent: bool = False
+  short_persistent_bwd: bool = False
 
   def resolved(self, compiled: bool) -> "BlockSizes":
     """Every ``None`` replaced: the fastest settings measured on an H200 (BENCHMARKS.md)."""
@@ -337,6 +344,15 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   delta_bhm = _pad_axis(delta_bhm, 2, x.m)
   do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.rows)
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
+  if bs.short_persistent_bwd and short.applies(x.m, x.s):
+    operands = (x.q, do, lse_bhm, delta_bhm, x.ks, x.vs, x.sbias)
+    dq = short_bwd.dq_call(b, x.m, h, g, d, stages, interpret_params=params,
+                           rows=x.rows)(*operands)
+    dk, dv = short_bwd.dkv_call(b, x.m, h, g, d, stages, interpret_params=params,
+                                rows=x.rows)(*operands)
+    return (dq[:, :m].astype(q_bmhd.dtype), dk[:, :m].astype(k_self_bmgd.dtype),
+            dv[:, :m].astype(v_self_bmgd.dtype), dk[:, :s].astype(k_ctx_bsgd.dtype),
+            dv[:, :s].astype(v_ctx_bsgd.dtype))
   dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
       x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
   k_all, v_all, bias_all = ((x.ks, x.vs, x.sbias) if not x.s else (

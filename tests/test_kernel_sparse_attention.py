@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels import sparse_attention as sa
 from pallas_kernels import sparse_attention_short as short
+from pallas_kernels import sparse_attention_short_bwd as short_bwd
 
 
 def _inputs(seed, b, m, h, g, d, s, self_valid=None, ctx_p=0.7, dtype=jnp.bfloat16):
@@ -412,14 +413,17 @@ def test_short_persistent_forward_any_number_of_programs_interpret():
                              np.where(keep, np.asarray(want), 0), atol=1e-2)
 
 
-def test_short_persistent_path_lowers_for_the_gpu():
+@pytest.mark.parametrize("persistent_bwd", [False, True])
+def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   """The compiled short forward (own tokens at 104 rows, pad-free: the copies reach past
-  them) lowers for CUDA, forward and backward: Mosaic GPU's static checks of its
-  pipeline's copies pass (whether the kernel runs as designed needs the GPU test)."""
+  them) lowers for CUDA, forward and backward (the tiled backward kernels, or with
+  ``short_persistent_bwd`` the persistent ones): Mosaic GPU's static checks of the
+  pipelines' copies and shared memory pass (whether the kernels run as designed needs the
+  GPU test)."""
   b, m, h, g, d = 3, 104, 4, 2, 128
   sds = jax.ShapeDtypeStruct
   q, k = sds((b, m, h, d), jnp.bfloat16), sds((b, m, g, d), jnp.bfloat16)
-  bs = sa.BlockSizes(short_persistent=True, pad_free=True)
+  bs = sa.BlockSizes(short_persistent=True, pad_free=True, short_persistent_bwd=persistent_bwd)
 
   def loss(q_, k_, v_, mask_):
     out = sa.attend(q_, k_, v_, mask_, implementation="pallas", block_sizes=bs,
@@ -430,13 +434,72 @@ def test_short_persistent_path_lowers_for_the_gpu():
   import re
   operands = [len(x.split(",")) for x in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)",
                                                     text)]
-  # the short forward takes (q, k, v, bias); the other forwards also the context's three
-  assert sorted(operands) == [4, 7, 10], operands
+  # the short forward takes (q, k, v, bias); the tiled dK/dV kernel (q, do, lse, delta, k,
+  # v, bias), the tiled dQ kernel also the context's three; both persistent ones seven
+  assert sorted(operands) == ([4, 7, 7] if persistent_bwd else [4, 7, 10]), operands
+
+
+@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False), (128, True)])
+def test_short_persistent_backward_matches_reference_interpret(m, pad_free):
+  """``BlockSizes(short_persistent_bwd=True)`` (interpreted): the documents' dQ and dK/dV
+  through ``sparse_attention_short_bwd``'s persistent kernels (fewer programs than items,
+  the last repeating one; GQA, so dK/dV sums two heads across pipeline steps) equal the
+  float32 reference's gradients and the tiled backward kernels'; a ragged document, one
+  with leading padding and an empty slot pass no gradient where nothing is seen."""
+  valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
+  q, k, v, smask = _inputs(17, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
+  w = jax.random.normal(jax.random.key(18), q.shape)
+  args = (q, k, v, smask, None, None, None)
+  fwd = dict(short_persistent=True, pad_free=pad_free, warp_specialized=False)
+  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, short_persistent_bwd=True))
+  _assert_bf16_close(got, _grads("xla", (*_f32(q, k, v), smask, None, None, None), w),
+                     names=("dq", "dk", "dv"))
+  tiled = _grads("pallas", args, w, sa.BlockSizes(**fwd))
+  _assert_bf16_close(got, tiled, names=("dq", "dk", "dv"))
+  assert np.all(np.asarray(got[0][3]) == 0) and np.all(np.asarray(got[0][2, :2]) == 0)
+  assert np.all(np.asarray(got[1][3]) == 0) and np.all(np.asarray(got[2][3]) == 0)
+  # keys no query may see (the padding after example 1's 30 last rows) get no gradient
+  assert np.all(np.asarray(got[1][1, m - 30:]) == 0)
+
+
+def test_short_persistent_backward_any_number_of_programs_interpret():
+  """``sparse_attention_short_bwd``'s kernels with 1, 5 (the last program repeats the
+  final item; for dK/dV all of its heads) and one program an item give the same
+  gradients bit for bit; too many stages for shared memory is refused by name."""
+  from pallas_kernels import _platform
+  b, m, h, g, d = 3, 128, 4, 2, 64
+  q, k, v, smask = _inputs(19, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
+      [[128], [90], [0]]))[:4]
+  bias = sa._bias(smask)
+  params = _platform.mosaic_interpret_params(True)
+  _, lse = short.forward_call(b, m, h, g, d, interpret_params=params, zero_unseen=True)(
+      q, k, v, bias)
+  do = jax.random.normal(jax.random.key(20), q.shape).astype(jnp.bfloat16)
+  delta = jax.random.normal(jax.random.key(21), (b, h, m), jnp.float32)
+  operands = (q, do, lse, delta, k, v, bias)
+  dqs = [short_bwd.dq_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
+         for n in (1, 5, b * h * 2)]
+  dkvs = [short_bwd.dkv_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
+          for n in (1, 5, b * g * 2)]
+  for dq in dqs[1:]:
+    np.testing.assert_array_equal(np.asarray(dq, np.float32), np.asarray(dqs[0], np.float32))
+  for dk, dv in dkvs[1:]:
+    np.testing.assert_array_equal(np.asarray(dk, np.float32), np.asarray(dkvs[0][0], np.float32))
+    np.testing.assert_array_equal(np.asarray(dv, np.float32), np.asarray(dkvs[0][1], np.float32))
+  assert np.any(np.asarray(dqs[0], np.float32) != 0) and np.any(np.asarray(dkvs[0][0]) != 0)
+  for call in (short_bwd.dq_call, short_bwd.dkv_call):
+    with pytest.raises(ValueError, match="fewer stages"):
+      call(1, 128, 2, 1, 128, stages=3)
+    with pytest.raises(ValueError, match="at most 128 own rows"):
+      call(1, 192, 2, 1, 128)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("persistent_bwd", [False, True])
 @pytest.mark.parametrize("b,m", [(4, 104), (3, 64), (5, 128)])
-def test_gpu_short_persistent_compiled(b, m):
+def test_gpu_short_persistent_compiled(b, m, persistent_bwd):
   """``BlockSizes(short_persistent=True, pad_free=True)`` compiled at Qwen3-4B heads: the
-  documents' forward as one persistent kernel; values and gradients as the reference's."""
-  _check_compiled(b, m, 0, sa.BlockSizes(short_persistent=True, pad_free=True), seed=m + 7)
+  documents' forward as one persistent kernel (and with ``short_persistent_bwd`` their
+  dQ and dK/dV as two more); values and gradients as the reference's."""
+  bs = sa.BlockSizes(short_persistent=True, pad_free=True, short_persistent_bwd=persistent_bwd)
+  _check_compiled(b, m, 0, bs, seed=m + 7)

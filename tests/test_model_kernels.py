@@ -4,6 +4,8 @@ On CPU ``kernels="pallas"`` runs the Mosaic GPU kernels in interpret mode, so th
 checks the wiring (argument order, context concatenation, GQA) of the model, not
 GPU speed; the kernels' own tests pin their numerics.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -51,6 +53,30 @@ def test_pallas_attention_path_matches_xla(pad_free, short):
   err = np.abs(np.asarray(out.logits_bmv) - np.asarray(ref.logits_bmv))[valid].max()
   scale = np.abs(np.asarray(ref.logits_bmv))[valid].max()
   assert err <= 2e-2 * scale, (err, scale)
+
+
+def test_pallas_attention_gradients_with_the_persistent_backward_match_xla():
+  """``attention_short_persistent_bwd``: the documents' attention backward through the
+  persistent dQ and dK/dV kernels (interpreted); the parameters' gradients of the LM
+  logits equal the XLA attention's within bf16 (the kernels compute in bf16)."""
+  cfg = preset("tiny", num_layers=2, router_layers=(1,), top_k=2, pooling_chunk_size=4,
+               head_dim=64, attention_pad_free=True, attention_short_persistent=True,
+               attention_short_persistent_bwd=True)
+  batch = _batch(np.random.default_rng(2))
+  xla_model = MSAModel(cfg.replace(kernels="xla"))
+  params = nn.unbox(xla_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  w = jax.random.normal(jax.random.PRNGKey(3), (2, 5, cfg.vocab_size))
+
+  def grads(model):
+    def loss(p):
+      logits = model.apply({"params": p}, batch).logits_bmv
+      return jnp.sum(w * logits * batch.active_mask[..., None])
+    return jax.grad(loss)(params)
+  got, want = grads(MSAModel(cfg.replace(kernels="pallas"))), grads(xla_model)
+  for path, a in jax.tree_util.tree_leaves_with_path(got):
+    b = np.asarray(functools.reduce(lambda t, k: t[k.key], path, want))
+    a = np.asarray(a)
+    assert np.linalg.norm(a - b) <= 3e-2 * np.linalg.norm(b) + 1e-6, jax.tree_util.keystr(path)
 
 
 def test_auto_falls_back_to_xla_for_head_dims_the_kernel_does_not_tile():
