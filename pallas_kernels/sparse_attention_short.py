@@ -43,6 +43,44 @@ def applies(m: int, s: int) -> bool:
   return s == 0 and 0 < m <= SHORT_ROWS and m % BLOCK_Q == 0
 
 
+class QueryBlockItems:
+  """The (example, head, ``BLOCK_Q``-query block) items program ``blk`` streams, in runs
+  of ``per_program`` (the last program may repeat the final item: the same values to the
+  same place), and the ``BlockSpec`` index maps of their operands."""
+
+  def __init__(self, blk, per_program: int, n_items: int, h: int, r: int, nq: int):
+    self.blk, self.per_program, self.n_items = blk, per_program, n_items
+    self.h, self.r, self.nq = h, r, nq
+
+  def coords(self, t):
+    """Item ``t`` as (example, head, kv head, query block)."""
+    i = jnp.minimum(self.blk * self.per_program + t, self.n_items - 1)
+    qb = lax.rem(i, self.nq)
+    bh = lax.div(i, self.nq)
+    hi = lax.rem(bh, self.h)
+    return lax.div(bh, self.h), hi, lax.div(hi, self.r), qb
+
+  def rows(self, t):
+    """The item's query rows of a ``[B, rows, H, D]`` operand."""
+    bi, hi, _, qb = self.coords(t)
+    return bi, qb, hi, 0
+
+  def row_stats(self, t):
+    """The item's entries of a ``[B, H, m]`` per-row operand (lse, Δ)."""
+    bi, hi, _, qb = self.coords(t)
+    return bi, hi, qb
+
+  def kv(self, t):
+    """All rows of the item's kv head in a ``[B, rows, G, D]`` operand."""
+    bi, _, gi, _ = self.coords(t)
+    return bi, bi * 0, gi, 0        # a traced row block: pad-free rows may be < m
+
+  def bias(self, t):
+    """The item's sequence in a ``[B, m]`` mask bias."""
+    bi = self.coords(t)[0]
+    return bi, bi * 0
+
+
 def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=None,
                  rows=None, zero_unseen=False):
   """``plgpu.kernel``: ``(q, ks, vs, sbias) -> (out [B, rows, H, D] bf16, lse [B, H, m]
@@ -79,32 +117,11 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
                   plgpu.SMEM((bq,), jnp.float32))
 
   def stream(q_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref, o_smem, lse_smem):
-    blk = lax.axis_index("block")
-
-    def coords(t):
-      """Item ``t`` of this program as (example, head, kv head, query block); the last
-      program may repeat the final item (the same values to the same place)."""
-      i = jnp.minimum(blk * per_program + t, n_items - 1)
-      qb = lax.rem(i, nq)
-      bh = lax.div(i, nq)
-      hi = lax.rem(bh, h)
-      return lax.div(bh, h), hi, lax.div(hi, r), qb
-
-    def q_index(t):
-      bi, hi, _, qb = coords(t)
-      return bi, qb, hi, 0
-
-    def kv_index(t):
-      bi, _, gi, _ = coords(t)
-      return bi, bi * 0, gi, 0        # a traced row block: pad-free rows may be < m
-
-    def bias_index(t):
-      bi = coords(t)[0]
-      return bi, bi * 0
+    items = QueryBlockItems(lax.axis_index("block"), per_program, n_items, h, r, nq)
 
     def step(idx, q_smem, k_smem, v_smem, bias_smem):
       (t,) = idx
-      bi, hi, _, qb = coords(t)
+      bi, hi, _, qb = items.coords(t)
       q0 = qb * bq
       qk = _platform.mma(q_smem, k_smem, (bq, m), transpose_b=True, compiled=compiled)
       logits = tile.logits(qk, scale, bias_smem, True, q0, 0)
@@ -122,10 +139,10 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
 
     plgpu.emit_pipeline(
         step, grid=(per_program,),
-        in_specs=[plgpu.BlockSpec((None, bq, None, d), q_index, transforms=tr),
-                  plgpu.BlockSpec((None, m, None, d), kv_index, transforms=tr),
-                  plgpu.BlockSpec((None, m, None, d), kv_index, transforms=tr),
-                  plgpu.BlockSpec((None, m), bias_index)],
+        in_specs=[plgpu.BlockSpec((None, bq, None, d), items.rows, transforms=tr),
+                  plgpu.BlockSpec((None, m, None, d), items.kv, transforms=tr),
+                  plgpu.BlockSpec((None, m, None, d), items.kv, transforms=tr),
+                  plgpu.BlockSpec((None, m), items.bias)],
         max_concurrent_steps=min(stages, per_program),
     )(q_ref, ks_ref, vs_ref, sbias_ref)
     plgpu.wait_smem_to_gmem(0)

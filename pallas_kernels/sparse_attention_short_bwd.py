@@ -35,7 +35,8 @@ from jax import lax
 from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k
-from pallas_kernels.sparse_attention_short import BLOCK_Q, LOG2E, SMEM_BYTES, applies
+from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, SMEM_BYTES,
+                                                   QueryBlockItems, applies)
 
 BLOCK = BLOCK_Q      # query rows of a dQ item, key rows of a dK/dV item
 
@@ -90,36 +91,11 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
                   plgpu.SMEM((bq, d), jnp.bfloat16, transforms=tr))
 
   def stream(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dq_ref, dq_smem):
-    blk = lax.axis_index("block")
-
-    def coords(t):
-      """Item ``t`` of this program as (example, head, kv head, query block); the last
-      program may repeat the final item (the same values to the same place)."""
-      i = jnp.minimum(blk * per_program + t, n_items - 1)
-      qb = lax.rem(i, nq)
-      bh = lax.div(i, nq)
-      hi = lax.rem(bh, h)
-      return lax.div(bh, h), hi, lax.div(hi, r), qb
-
-    def rows_index(t):
-      bi, hi, _, qb = coords(t)
-      return bi, qb, hi, 0
-
-    def row_stats_index(t):
-      bi, hi, _, qb = coords(t)
-      return bi, hi, qb
-
-    def kv_index(t):
-      bi, _, gi, _ = coords(t)
-      return bi, bi * 0, gi, 0        # a traced row block: pad-free rows may be < m
-
-    def bias_index(t):
-      bi = coords(t)[0]
-      return bi, bi * 0
+    items = QueryBlockItems(lax.axis_index("block"), per_program, n_items, h, r, nq)
 
     def step(idx, q_smem, do_smem, lse_smem, delta_smem, k_smem, v_smem, bias_smem):
       (t,) = idx
-      bi, hi, _, qb = coords(t)
+      bi, hi, _, qb = items.coords(t)
       q0 = qb * bq
       lse = _platform.load_vector(lse_smem, tile.row_layout, compiled)
       delta = _platform.load_vector(delta_smem, tile.row_layout, compiled)
@@ -134,13 +110,13 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(dq_smem, dq_ref.at[bi, pl.ds(q0, bq), hi])
 
-    row_spec = plgpu.BlockSpec((None, bq, None, d), rows_index, transforms=tr)
-    stats_spec = plgpu.BlockSpec((None, None, bq), row_stats_index)
-    kv_spec = plgpu.BlockSpec((None, m, None, d), kv_index, transforms=tr)
+    row_spec = plgpu.BlockSpec((None, bq, None, d), items.rows, transforms=tr)
+    stats_spec = plgpu.BlockSpec((None, None, bq), items.row_stats)
+    kv_spec = plgpu.BlockSpec((None, m, None, d), items.kv, transforms=tr)
     plgpu.emit_pipeline(
         step, grid=(per_program,),
         in_specs=[row_spec, row_spec, stats_spec, stats_spec, kv_spec, kv_spec,
-                  plgpu.BlockSpec((None, m), bias_index)],
+                  plgpu.BlockSpec((None, m), items.bias)],
         max_concurrent_steps=min(stages, per_program),
     )(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref)
     plgpu.wait_smem_to_gmem(0)
