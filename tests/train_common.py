@@ -34,8 +34,8 @@ def small_cfg():
 
   The warm-up phase ends after step 4 and the lr ramp after step 2, so a run
   shows both phases. ``checkpoint.every_steps`` is larger than the run: only the
-  final (and a SIGTERM) save happen unless a test lowers it. Every test module
-  that trains uses this exact config, so the compiled step is shared through
+  final (and a SIGTERM) save happen unless a test lowers it. The training tests use
+  this exact config, so within a module the compiled step is shared through
   ``shared_train_setups``.
   """
   cfg = get_config("smoke")
@@ -53,36 +53,35 @@ def small_cfg():
   return cfg
 
 
-_SETUPS: dict = {}   # shared_train_setups: one TrainSetup per (config, mesh) per session
-
-
 @pytest.fixture(scope="module")
 def shared_train_setups():
   """``train_and_evaluate`` in the module reuses the ``TrainSetup`` (and so the jitted,
-  already compiled step) of any earlier run of this pytest session with an equal config
-  and mesh, so a config's step compiles once a session (~40 s on 2 cores).
+  already compiled step) of any earlier run of the module with an equal config and mesh,
+  so a config's step compiles once a module (~15-40 s on 2 cores).
 
   In-process on purpose: XLA's persistent compilation cache did this before, and on the
-  2-core CI jax 0.10.2 segfaulted reading a CPU executable back from it three times
-  (``compilation_cache.get_executable_and_time``, each time in ``test_train_resume``
-  after a SIGTERM had reached the process or its data workers). Sharing is safe because a
-  ``TrainSetup`` holds no run state: the key is the whole config (JSON) with the model
-  config and the mesh, and the setup is built from a copy of the config, so a test
-  changing its config afterwards cannot reach a shared step.
+  2-core CI jax 0.10.2 segfaulted reading a CPU executable back from it (the crashes came
+  from the process running out of memory mappings, ``conftest._free_compiled_programs``;
+  reading an executable back maps it anew). Sharing is safe because a ``TrainSetup``
+  holds no run state: the key is the whole config (JSON) with the model config and the
+  mesh, and the setup is built from a copy of the config, so a test changing its config
+  afterwards cannot reach a shared step. Module-wide only: the compiled programs are freed
+  after each module.
   """
   from msa_jax import trainer
   build = trainer.TrainSetup
+  setups = {}
 
   def shared(cfg, mesh, model_cfg=None):
     key = (cfg.to_json_best_effort(sort_keys=True), repr(model_cfg), mesh.axis_names,
            mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
-    if key not in _SETUPS:
-      _SETUPS[key] = build(copy.deepcopy(cfg), mesh, model_cfg)
-    return _SETUPS[key]
+    if key not in setups:
+      setups[key] = build(copy.deepcopy(cfg), mesh, model_cfg)
+    return setups[key]
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(trainer, "TrainSetup", shared)
-    yield _SETUPS
+    yield setups
 
 
 def read_rows(workdir):
