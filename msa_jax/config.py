@@ -13,13 +13,16 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # "mlp_input" (the residual after attention, the MLP block's input: one hidden-size
 # activation a token a layer; the backward recomputes all but o_proj).
 REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
-# ModelConfig fields that choose how the model computes (memory, kernels, how a gradient is
-# taken), not what: the same parameters and forward values (within the kernels' bf16). A
-# bank's model fingerprint and ``init_from``'s checkpoint check leave them out.
-IMPLEMENTATION_FIELDS = ("remat", "remat_policy", "scan_layers", "kernels", "router_trunk_grad",
-                         "rms_norm_vjp", "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
-                         "attention_short_persistent", "attention_short_persistent_bwd",
-                         "rope_tables")
+# ModelConfig fields that choose how the model computes its values and gradients (memory,
+# kernels, fused passes), not what: the same function and gradient, up to rounding. A run
+# may change them on resume (run_config.MAY_CHANGE_ON_RESUME).
+COMPUTE_SWITCHES = ("remat", "remat_policy", "scan_layers", "kernels", "rms_norm_vjp",
+                    "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
+                    "attention_short_persistent", "attention_short_persistent_bwd", "rope_tables")
+# Fields that change neither the parameters nor the forward values: the compute switches and
+# the router's gradient into the trunk (which does change training). A bank's model
+# fingerprint and ``init_from``'s checkpoint check leave them out.
+IMPLEMENTATION_FIELDS = COMPUTE_SWITCHES + ("router_trunk_grad",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,8 @@ import os
 import re
 from typing import Any, Optional
 
+from msa_jax.config import COMPUTE_SWITCHES
+
 CONFIG_FILE = "config.json"
 
 # Fields that do not change what the saved steps mean: run length (``num_steps`` also
@@ -27,8 +29,9 @@ MAY_CHANGE_ON_RESUME = (
     "compilation_cache_dir", "xla_flags", "eval.", "checkpoint.every_steps",
     "checkpoint.max_to_keep",
     "checkpoint.async_save",
-    # Implementation switches: the same parameters and the same function of them.
-    "model.scan_layers", "model.remat_policy", "model.remat",
+    # Implementation switches: the same parameters and the same function of them (and its
+    # gradient), computed another way (config.COMPUTE_SWITCHES: remat, layer scan, kernels).
+    *(f"model.{name}" for name in COMPUTE_SWITCHES),
     # The same gradient in slices (in-batch routing negatives then come from each slice).
     "microbatches",
 )

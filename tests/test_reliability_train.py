@@ -122,10 +122,11 @@ def test_fields_that_may_change_on_resume_go_ahead_and_are_recorded(run, tmp_pat
   config_before = open(os.path.join(workdir, "config.json")).read()
   cfg = _cfg(log_every_steps=3)
   cfg.checkpoint.max_to_keep = 5
+  cfg.model.rope_tables = True          # a compute switch: the same function, another way
   train_and_evaluate(cfg, workdir)
   assert open(os.path.join(workdir, "config.json")).read() == config_before
   recorded = json.load(open(os.path.join(workdir, f"config.{NUM_STEPS}.json")))
-  assert recorded["log_every_steps"] == 3
+  assert recorded["log_every_steps"] == 3 and recorded["model"]["rope_tables"] is True
 
 
 def test_fields_from_another_code_version_are_recorded_not_refused(run, tmp_path):
@@ -151,6 +152,12 @@ def test_may_change_list():
   assert run_config.may_change("checkpoint.every_steps") and run_config.may_change("microbatches")
   assert not run_config.may_change("optim.main_phase_lr")
   assert not run_config.may_change("model.top_k") and not run_config.may_change("evaluation")
+  # kernel switches compute the same function another way; the router's gradient into the
+  # trunk changes what training does
+  for name in ("model.kernels", "model.attention_short_persistent_bwd", "model.rope_tables",
+               "model.remat_policy", "model.qk_norm_rope_vjp"):
+    assert run_config.may_change(name), name
+  assert not run_config.may_change("model.router_trunk_grad")
 
 
 # ----------------------------------------------------------------------------- restore errors
