@@ -21,8 +21,8 @@ the next items' operands loading while the current one multiplies:
   keeps every step the same shape).
 
 With base-2 logits ``S``, the forward's base-2 log-sum-exp ``lse`` and ``Δ = rowsum(O ∘
-dO)``: ``P = exp2(S − lse)``, ``dP = dO·Vᵀ``, ``dS = P ∘ (dP − Δ)``. Same outputs as
-``sparse_attention_bwd``'s kernels at ``s = 0``.
+dO)``: ``P = exp2(S − lse)``, ``dP = dO·Vᵀ``, ``dS = P ∘ (dP − Δ)``. The gradients of
+``sparse_attention_bwd``'s kernels at ``s = 0``, up to the order of float32 sums.
 """
 from __future__ import annotations
 
