@@ -344,23 +344,21 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   delta_bhm = _pad_axis(delta_bhm, 2, x.m)
   do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.rows)
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
-  if bs.short_persistent_bwd and short.applies(x.m, x.s):
+  if bs.short_persistent_bwd and short.applies(x.m, x.s):   # no context: x.s == 0
     operands = (x.q, do, lse_bhm, delta_bhm, x.ks, x.vs, x.sbias)
     dq = short_bwd.dq_call(b, x.m, h, g, d, stages, interpret_params=params,
                            rows=x.rows)(*operands)
     dk, dv = short_bwd.dkv_call(b, x.m, h, g, d, stages, interpret_params=params,
                                 rows=x.rows)(*operands)
-    return (dq[:, :m].astype(q_bmhd.dtype), dk[:, :m].astype(k_self_bmgd.dtype),
-            dv[:, :m].astype(v_self_bmgd.dtype), dk[:, :s].astype(k_ctx_bsgd.dtype),
-            dv[:, :s].astype(v_ctx_bsgd.dtype))
-  dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
-      x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
-  k_all, v_all, bias_all = ((x.ks, x.vs, x.sbias) if not x.s else (
-      jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1),
-      jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1),
-      jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)))
-  dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
-      x.q, do, lse_bhm, delta_bhm, k_all, v_all, bias_all)
+  else:
+    dq = bwd.dq_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
+        x.q, do, lse_bhm, delta_bhm, x.kc, x.vc, x.cbias, x.ks, x.vs, x.sbias)
+    k_all, v_all, bias_all = ((x.ks, x.vs, x.sbias) if not x.s else (
+        jnp.concatenate([x.kc[:, :x.s], x.ks], axis=1),
+        jnp.concatenate([x.vc[:, :x.s], x.vs], axis=1),
+        jnp.concatenate([x.cbias[:, :x.s], x.sbias], axis=1)))
+    dk, dv = bwd.dkv_call(b, x.m, h, g, d, x.s, bq, bk, stages, params, rows=x.rows)(
+        x.q, do, lse_bhm, delta_bhm, k_all, v_all, bias_all)
   return (dq[:, :m].astype(q_bmhd.dtype),
           dk[:, x.s:x.s + m].astype(k_self_bmgd.dtype),
           dv[:, x.s:x.s + m].astype(v_self_bmgd.dtype),

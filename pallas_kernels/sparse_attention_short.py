@@ -43,6 +43,18 @@ def applies(m: int, s: int) -> bool:
   return s == 0 and 0 < m <= SHORT_ROWS and m % BLOCK_Q == 0
 
 
+def check_fits(m: int, d: int, stages: int, smem: int, kernel: str, stages_field: str) -> None:
+  """Refuses, by name, a shape no short kernel covers (:func:`applies`) or ``stages``
+  whose ``smem`` bytes exceed an SM's shared memory."""
+  if not applies(m, 0):
+    raise ValueError(f"the short {kernel} takes one tile of at most {SHORT_ROWS} own rows "
+                     f"in blocks of {BLOCK_Q}, got m={m}")
+  if smem > SMEM_BYTES:
+    raise ValueError(f"the short {kernel}'s {stages} stages need {smem} bytes of shared "
+                     f"memory at m={m}, D={d}, more than an SM's {SMEM_BYTES}: use fewer "
+                     f"stages ({stages_field})")
+
+
 class QueryBlockItems:
   """The (example, head, ``BLOCK_Q``-query block) items program ``blk`` streams, in runs
   of ``per_program`` (the last program may repeat the final item: the same values to the
@@ -91,13 +103,7 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
   ``[B, m]`` f32 (0 visible, ``MASKED`` not). ``blocks`` programs (0: one per SM);
   ``stages`` items in flight a program; ``zero_unseen`` as in ``tiles.finish_rows``.
   """
-  if not applies(m, 0):
-    raise ValueError(f"the short forward takes one tile of at most {SHORT_ROWS} own rows "
-                     f"in blocks of {BLOCK_Q}, got m={m}")
-  if smem_bytes(m, d, stages) > SMEM_BYTES:
-    raise ValueError(f"the short forward's {stages} stages need {smem_bytes(m, d, stages)} "
-                     f"bytes of shared memory at m={m}, D={d}, more than an SM's "
-                     f"{SMEM_BYTES}: use fewer stages (BlockSizes.stages)")
+  check_fits(m, d, stages, smem_bytes(m, d, stages), "forward", "BlockSizes.stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK_Q

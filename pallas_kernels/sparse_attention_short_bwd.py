@@ -35,8 +35,8 @@ from jax import lax
 from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k
-from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, SMEM_BYTES,
-                                                   QueryBlockItems, applies)
+from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, QueryBlockItems,
+                                                   check_fits)
 
 BLOCK = BLOCK_Q      # query rows of a dQ item, key rows of a dK/dV item
 
@@ -53,16 +53,6 @@ def dkv_smem_bytes(m: int, d: int, stages: int) -> int:
   return stages * (2 * BLOCK * d * 2 + BLOCK * 4 + 2 * m * d * 2 + 2 * m * 4) + BLOCK * d * 2
 
 
-def _check(m: int, d: int, stages: int, smem: int, name: str) -> None:
-  if not applies(m, 0):
-    raise ValueError(f"the short backward takes one tile of at most 128 own rows in "
-                     f"blocks of {BLOCK}, got m={m}")
-  if smem > SMEM_BYTES:
-    raise ValueError(f"the short {name} kernel's {stages} stages need {smem} bytes of "
-                     f"shared memory at m={m}, D={d}, more than an SM's {SMEM_BYTES}: use "
-                     f"fewer stages (BlockSizes.bwd_stages)")
-
-
 def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=None,
             rows=None):
   """``plgpu.kernel``: ``(q, do, lse, delta, ks, vs, sbias) -> dq [B, rows, H, D] bf16``.
@@ -72,7 +62,7 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
   ``[B, H, m]`` f32; sbias ``[B, m]`` f32 (0 visible, ``MASKED`` not). ``blocks`` programs
   (0: one per SM), ``stages`` items in flight a program.
   """
-  _check(m, d, stages, dq_smem_bytes(m, d, stages), "dQ")
+  check_fits(m, d, stages, dq_smem_bytes(m, d, stages), "dQ kernel", "BlockSizes.bwd_stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK
@@ -135,7 +125,8 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
              rows=None):
   """``plgpu.kernel``: ``(q, do, lse, delta, ks, vs, sbias) -> (dk, dv)``, each
   ``[B, rows, G, D]`` bf16. Operands as in :func:`dq_call`."""
-  _check(m, d, stages, dkv_smem_bytes(m, d, stages), "dK/dV")
+  check_fits(m, d, stages, dkv_smem_bytes(m, d, stages), "dK/dV kernel",
+             "BlockSizes.bwd_stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bk = bq = BLOCK

@@ -1,5 +1,5 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
-the training setups (compiled steps) shared by the training tests of one pytest session."""
+the training setups (compiled steps) shared by the training runs of one test module."""
 import copy
 import json
 import os
@@ -59,13 +59,11 @@ def shared_train_setups():
   already compiled step) of any earlier run of the module with an equal config and mesh,
   so a config's step compiles once a module (~15-40 s on 2 cores).
 
-  In-process on purpose: XLA's persistent compilation cache did this before, and on the
-  2-core CI jax 0.10.2 segfaulted reading a CPU executable back from it (the crashes came
-  from the process running out of memory mappings, ``conftest._free_compiled_programs``;
-  reading an executable back maps it anew). Sharing is safe because a ``TrainSetup``
-  holds no run state: the key is the whole config (JSON) with the model config and the
-  mesh, and the setup is built from a copy of the config, so a test changing its config
-  afterwards cannot reach a shared step. Module-wide only: the compiled programs are freed
+  In-process, so nothing is traced again or read back from disk (XLA's persistent cache
+  did this before). Sharing is safe because a ``TrainSetup`` holds no run state: the key is
+  the whole config (JSON) with the model config and the mesh, and the setup is built from
+  a copy of the config, so a test changing its config afterwards cannot reach a shared
+  step. Module-wide only: ``conftest._free_compiled_programs`` frees the compiled programs
   after each module.
   """
   from msa_jax import trainer
