@@ -1,13 +1,17 @@
 r"""The document stream's attention at the training recipes' shapes: many short causal
 sequences (the 0.6b step: 5,216 documents of 104-token slots a layer, 16 query heads, 8
-kv heads, D 128), forward and forward + backward, against their byte floors.
+kv heads, D 128), forward and forward + backward, against their byte and FLOP floors.
 
 In the 0.6b step on the H200 (BENCHMARKS.md, 2026-12-05) the Pallas attention took 417 ms
-of 4,189, nearly all of it the documents'. At 104 tokens a document's attention does ~35
-FLOPs a byte of q/k/v/o: it is bound by memory, so the floors are bytes over the read
-bandwidth measured in the same run: the forward reads q, k, v and writes o; forward +
-backward also reads dO and writes dq, dk, dv (the kernels read q, k, v and o again: the
-floor counts each array once). The tilings were tuned on long sequences (M 4096, S 8192), where one
+of 4,189, nearly all of it the documents'. Two floors, each measured in the same run:
+bytes over the read bandwidth (the forward reads q, k, v and writes o; forward + backward
+also reads dO and writes dq, dk, dv; the kernels read q, k, v and o again: the floor counts
+each array once), and the FLOPs the short kernels' tiles multiply over the measured bf16
+matmul rate (:func:`tile_flops`: whole ``[64, 128]`` tiles, masked halves included, the
+backward recomputing the logits in its dQ and dK/dV passes; at the 0.6b shape ~0.8 of the
+bytes' time for forward + backward, ~0.35 for the forward). ``x floor`` is against the
+larger of the two. The documents' own causal FLOPs (:func:`useful_flops`) are a third of
+the tiles'. The tilings were tuned on long sequences (M 4096, S 8192), where one
 program streams many K/V tiles; here each (document, head) is one or two tiles, so this
 times every forward and backward tiling given (``sparse_attention.BlockSizes``, pad-free as
 the recipes run), the XLA reference and cuDNN's causal attention on the same documents
@@ -29,7 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import attempt, device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
+from msa_jax import metrics
 from pallas_kernels import sparse_attention as sa
+from pallas_kernels import sparse_attention_short as short
 
 SLOT = 104
 SHAPES = {  # recipe: (documents a layer at batch 32 / 8, query heads, kv heads, head dim)
@@ -68,6 +74,29 @@ def make_inputs(docs: int, heads: int, kv_heads: int, d: int, rows: int = SLOT, 
   mask = jnp.arange(rows)[None, :] < lengths[:, None]
   dout = jax.random.normal(ks[4], (docs, rows, heads, d), bf)
   return (q, k, v, mask), dout
+
+
+def useful_flops(lengths, heads: int, d: int) -> dict:
+  """The documents' own attention FLOPs: each query against the keys it sees (``L(L+1)/2``
+  pairs a document of ``L`` tokens), two matmuls forward (``QKᵀ``, ``PV``) and five
+  backward (the logits again, ``dP``, ``dV``, ``dK``, ``dQ``)."""
+  pairs = sum(int(n) * (int(n) + 1) // 2 for n in lengths)
+  fwd = 2 * 2 * d * heads * pairs
+  return {"fwd": fwd, "fb": fwd + fwd * 5 // 2}
+
+
+def tile_flops(docs: int, heads: int, d: int, rows: int = SLOT) -> dict:
+  """FLOPs the short kernels' tiles multiply: ``m`` (rows padded to whole 64-row blocks,
+  at most 128) keys a tile; per (document, head) the forward takes each 64-query block
+  against all ``m`` keys (2 matmuls), the dQ pass the same (3), the dK/dV pass each 64-key
+  block against every 64-query block (4)."""
+  b = short.BLOCK_Q
+  m = -(-rows // b) * b
+  blocks = m // b
+  fwd = docs * heads * blocks * 2 * (2 * b * m * d)
+  dq = docs * heads * blocks * 3 * (2 * b * m * d)
+  dkv = docs * heads * blocks * blocks * 4 * (2 * b * b * d)
+  return {"fwd": fwd, "fb": fwd + dq + dkv}
 
 
 def _forward_backward(f):
@@ -144,12 +173,20 @@ def main(argv=None) -> dict:
   bwd_cfgs = {c: dataclasses.replace(BWD[c], pad_free=pad_free) for c in args.bwd.split(",") if c}
   inputs, dout = make_inputs(docs, h, g, d)
   bw = read_bandwidth_gbs(args.read_bytes)
+  rate = metrics.matmul_rate()
   q_bytes, kv_bytes = docs * SLOT * h * d * 2, docs * SLOT * g * d * 2
-  floors = {"fwd_ms": (2 * q_bytes + 2 * kv_bytes) / bw / 1e6,            # q, k, v in; o out
-            "fb_ms": (4 * q_bytes + 4 * kv_bytes) / bw / 1e6}             # + dO in, dq/dk/dv out
+  tiles_flops = tile_flops(docs, h, d)
+  own_flops = useful_flops(inputs[3].sum(axis=1).tolist(), h, d)
+  byte_ms = {"fwd_ms": (2 * q_bytes + 2 * kv_bytes) / bw / 1e6,          # q, k, v in; o out
+             "fb_ms": (4 * q_bytes + 4 * kv_bytes) / bw / 1e6}           # + dO in, dq/dk/dv out
+  flop_ms = {"fwd_ms": tiles_flops["fwd"] / rate * 1e3, "fb_ms": tiles_flops["fb"] / rate * 1e3}
+  floors = {key: max(byte_ms[key], flop_ms[key]) for key in byte_ms}
   print(f"device {device_name()} jax {jax.__version__}: {docs} documents x {SLOT} rows, H {h}, "
-        f"Hkv {g}, D {d}, pad-free {pad_free}; read {bw:.0f} GB/s; floors: forward "
-        f"{floors['fwd_ms']:.3f} ms, forward + backward {floors['fb_ms']:.3f} ms", flush=True)
+        f"Hkv {g}, D {d}, pad-free {pad_free}; read {bw:.0f} GB/s, bf16 matmul "
+        f"{rate / 1e12:.0f} TFLOP/s; floors (bytes | tile FLOPs): forward "
+        f"{byte_ms['fwd_ms']:.3f} | {flop_ms['fwd_ms']:.3f} ms, forward + backward "
+        f"{byte_ms['fb_ms']:.3f} | {flop_ms['fb_ms']:.3f} ms; the documents' own FLOPs "
+        f"{own_flops['fb'] / tiles_flops['fb']:.2f} of the tiles'", flush=True)
   row = measure(inputs, dout, fwd_cfgs, bwd_cfgs,
                 interpret=True if args.interpret else None)
   print(f"{'method':26} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}  error")
@@ -165,7 +202,9 @@ def main(argv=None) -> dict:
     print(f"{name:26} {' '.join(cells)}  {err}")
   result = {"device": device_name(), "jax": jax.__version__, "shape": args.shape,
             "docs": docs, "rows_per_doc": SLOT, "heads": h, "kv_heads": g, "head_dim": d,
-            "pad_free": pad_free, "read_gbs": bw, "floors": floors, "methods": row}
+            "pad_free": pad_free, "read_gbs": bw, "matmul_tflops": rate / 1e12,
+            "floors": floors, "byte_floors": byte_ms, "flop_floors": flop_ms,
+            "tile_flops": tiles_flops, "useful_flops": own_flops, "methods": row}
   path = args.out or os.path.join(out_dir(), "doc_attention.json")
   write_json(path, result)
   print(f"wrote {path}")
