@@ -117,3 +117,22 @@ def mma_accumulate(acc, a, b, *, transpose_b: bool = False, compiled: bool):
   mgpu = plgpu()
   b_op = _dot_operand(b, transpose_b, True)
   return pl.run_state(lambda acc_ref: mgpu.wgmma(acc_ref, a, b_op))(mgpu.ACC.init(acc))
+
+
+def mma_group(*products, compiled: bool):
+  """Several independent products issued together, waited for once: each ``(acc, a, b,
+  transpose_b)`` gives ``acc + a @ b`` (``a @ bᵀ``); ``acc`` an f32 register array in the
+  WGMMA layout (zeros for a fresh product). Compiled, one ``wgmma`` each into its own
+  accumulator and a single wait for all (:func:`mma` waits after every product, so two
+  independent products never overlap on the tensor cores); interpreted, plain dots. The
+  same values as :func:`mma_accumulate` one at a time."""
+  if not compiled:
+    return tuple(acc + mma(a, b, acc.shape, transpose_b=t, compiled=False)
+                 for acc, a, b, t in products)
+  import jax.experimental.pallas as pl
+  mgpu = plgpu()
+
+  def issue(acc_refs):
+    for acc_ref, (_, a, b, t) in zip(acc_refs, products):
+      mgpu.wgmma(acc_ref, a, _dot_operand(b, t, True))
+  return tuple(pl.run_state(issue)(tuple(mgpu.ACC.init(acc) for acc, *_ in products)))
