@@ -21,11 +21,15 @@ the next items' operands loading while the current one multiplies:
   keeps every step the same shape).
 
 Each item issues its independent products together and waits once for them
-(``_platform.mma_group``): ``S`` with ``dP``, then (dK/dV) ``dV`` with ``dK``; the first
-version waited after every product, and ran no faster than the tiled kernels (11.25
-against 11.22 ms forward + backward at the 0.6b step's documents on an H100, 2026-12-05):
-at ~2.5 TFLOP of tile products a layer and one warpgroup a program, the tensor cores, not
-the launches, set its pace.
+(``_platform.mma_group``): ``S`` with ``dP``, then (dK/dV) ``dV`` with ``dK``. Measured at
+the 0.6b step's documents on an H100 (2026-12-05, ``python -m benchmarks.doc_attention
+--shape 0.6b``, BENCHMARKS.md), forward + backward: the tiled kernels 11.22-11.52 ms, these
+kernels waiting after every product 11.25, grouped 11.60: **no faster, so off in the
+recipes**. Neither the launches nor the waits set the pace; what the two designs share is
+their traffic: every dQ item reads all of its kv head's K and V, every dK/dV step all of a
+head's q and dO, ~2.5 x the bytes of one pass that reads each operand once (a program
+per (example, kv head) computing dQ, dK and dV together: two warpgroups, as dK and dV of
+128 keys do not fit one warpgroup's registers; not built).
 
 With base-2 logits ``S``, the forward's base-2 log-sum-exp ``lse`` and ``Δ = rowsum(O ∘
 dO)``: ``P = exp2(S − lse)``, ``dP = dO·Vᵀ``, ``dS = P ∘ (dP − Δ)``. The gradients of
