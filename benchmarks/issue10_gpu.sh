@@ -5,6 +5,10 @@
 #   STAGE=profile bash benchmarks/issue10_gpu.sh  # the recipe's step (cuBLAS, the recipes'
 #                                                  # xla_flags), profiled: the
 #                                                  # by-source-op table of where the time goes
+#   STAGE=gemm_profile bash benchmarks/issue10_gpu.sh  # the same with XLA's command
+#                                                  # buffers off: its kernels keep their HLO
+#                                                  # names, so the profile also gives each
+#                                                  # GEMM's shape and TFLOP/s
 #   STAGE=lean_norm bash benchmarks/issue10_gpu.sh  # the embedding gradient's methods alone
 #                                                  # (benchmarks.embed_grad), then the step
 #                                                  # with model.rms_norm_vjp="lean" (RMSNorm's
@@ -70,40 +74,45 @@
 #                                                  # warm autotune cache: compile time and MFU
 #
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
-# commands instead of running them.
+# commands instead of running them. BATCH=16 runs the 0.6b steps at batch 16 (an H100).
 set -u
-STAGES="profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
+STAGES="profile, gemm_profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
 
-STEP=(-m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 3)
+BATCH=${BATCH:-32}   # the 0.6b batch; 16 on an H100 (batch 32 needs 75.8 GiB)
+STEP=(-m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 3)
 TRITON="--xla_gpu_enable_triton_gemm=true --xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc"
 
 case "$STAGE" in
   profile)
     step profile 420 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc --profile_dir /tmp/prof \
-      --out "$DIR/train_step_0.6b_b32_profiled.json" ;;
+      --out "$DIR/train_step_0.6b_b${BATCH}_profiled.json" ;;
+  gemm_profile)
+    step gemm_profile 420 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_command_buffer=" \
+      $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc --profile_dir /tmp/prof_gemm \
+      --out "$DIR/train_step_0.6b_b${BATCH}_gemm_profiled.json" ;;
   lean_norm)
     step embed_grad 90 $PY -m benchmarks.embed_grad --out "$DIR/embed_grad.json"
     step lean_norm 400 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --rms_norm_vjp lean --embed_grad f32_scatter \
       --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_lean --out "$DIR/train_step_0.6b_b32_lean_norm.json" ;;
+      --profile_dir /tmp/prof_lean --out "$DIR/train_step_0.6b_b${BATCH}_lean_norm.json" ;;
   pad_free)   # the compiled tests first: the step only if the kernels are right
     step pad_free_tests 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k pad_free
     if [ -z "${DRY:-}" ] && grep -q "failed\|error" "$DIR/pad_free_tests.log"; then exit 1; fi
     step pad_free 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --attention_pad_free --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_pad_free --out "$DIR/train_step_0.6b_b32_pad_free.json" ;;
+      --profile_dir /tmp/prof_pad_free --out "$DIR/train_step_0.6b_b${BATCH}_pad_free.json" ;;
   recipes)
     step pad_free_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k pad_free
     step recipe_0.6b 240 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
-      --out "$DIR/train_step_0.6b_b32_recipe.json" ;;
+      --out "$DIR/train_step_0.6b_b${BATCH}_recipe.json" ;;
   recipe_4b)
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 3 \
@@ -123,42 +132,42 @@ case "$STAGE" in
     step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step fused_norm 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b32_fused_norm.json" ;;
+      --profile_dir /tmp/prof_fused_norm --out "$DIR/train_step_0.6b_b${BATCH}_fused_norm.json" ;;
   short_step)
     step short_step 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --no-attention_short_persistent --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b32_tiled_doc_fwd.json" ;;
+      --profile_dir /tmp/prof_short --out "$DIR/train_step_0.6b_b${BATCH}_tiled_doc_fwd.json" ;;
   levers)
     step levers 400 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --qk_norm_rope_vjp fused --remat_policy mlp_input \
       --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b32_levers.json" ;;
+      --profile_dir /tmp/prof_levers --out "$DIR/train_step_0.6b_b${BATCH}_levers.json" ;;
   compare)   # the levers against the recipe in one process, on one batch (2 steps each)
     step compare 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;qk_norm_rope_vjp=fused;rope_tables=true;rope_tables=true,qk_norm_rope_vjp=fused" \
-      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare.json" ;;
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare.json" ;;
   compare_remat)   # mlp_input remat (+~30 GiB) and the tiled documents' forward, against the recipe
     step compare_remat 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;remat_policy=mlp_input;attention_short_persistent=false" \
-      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare_remat.json" ;;
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_remat.json" ;;
   cublaslt)   # the recipe's step with XLA's GEMMs through cuBLASLt (its own heuristics and
               # kernels), against the same step through cuBLAS in this call
     step cublas 300 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" $PY "${STEP[@]}" \
-      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_cublas.json"
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_cublas.json"
     step cublaslt 300 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_cublaslt=true" \
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
-      --out "$DIR/train_step_0.6b_b32_cublaslt.json" ;;
+      --out "$DIR/train_step_0.6b_b${BATCH}_cublaslt.json" ;;
   rope_tables)   # one layer's q path with the tables given, then the step with them
     step norm_rope 200 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step rope_tables 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --rope_tables --compilation_cache_dir /tmp/jcc \
-      --profile_dir /tmp/prof_rope_tables --out "$DIR/train_step_0.6b_b32_rope_tables.json" ;;
+      --profile_dir /tmp/prof_rope_tables --out "$DIR/train_step_0.6b_b${BATCH}_rope_tables.json" ;;
   mlp_input)
     step mlp_input 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --remat_policy mlp_input --compilation_cache_dir /tmp/jcc \
-      --out "$DIR/train_step_0.6b_b32_mlp_input.json" ;;
+      --out "$DIR/train_step_0.6b_b${BATCH}_mlp_input.json" ;;
   doc_attention)   # the short kernel's compiled tests first (its timing rows need them)
     step short_tests 120 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k short
@@ -173,14 +182,14 @@ case "$STAGE" in
       --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd \
       --out "$DIR/doc_attention_0.6b_short_bwd.json"
     step compare_short_bwd 320 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches 32 --steps 2 \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;attention_short_persistent_bwd=true" \
-      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b32_compare_short_bwd.json" ;;
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_short_bwd.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
-      --out "$DIR/train_step_0.6b_b32_triton_cold.json"
+      --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
     step triton_warm 240 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
-      --out "$DIR/train_step_0.6b_b32_triton_warm.json" ;;
+      --out "$DIR/train_step_0.6b_b${BATCH}_triton_warm.json" ;;
   *)
     echo "STAGE=$STAGE: choose $STAGES" >&2
     exit 2 ;;
