@@ -38,6 +38,14 @@
 #   STAGE=compare_remat bash benchmarks/issue10_gpu.sh  # the same for
 #                                                  # remat_policy=mlp_input and the tiled
 #                                                  # documents' forward
+#   STAGE=dots_mb bash benchmarks/issue10_gpu.sh  # remat_policy=dots in 4 microbatches
+#                                                  # (no second forward of the matmuls;
+#                                                  # 108 GiB: an H200 only) against the
+#                                                  # recipe, each its own process: session
+#                                                  # 19 found it slower (4,802 against 4,628
+#                                                  # ms) when pads, a bf16 scatter-add and
+#                                                  # the q/k norms' float32 copies, since
+#                                                  # removed, ran in every slice
 #   STAGE=cublaslt bash benchmarks/issue10_gpu.sh  # the recipe's step with
 #                                                  # --xla_gpu_enable_cublaslt=true against
 #                                                  # cuBLAS (the matmuls run at ~690 of ~900
@@ -76,7 +84,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them. BATCH=16 runs the 0.6b steps at batch 16 (an H100).
 set -u
-STAGES="profile, gemm_profile, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
+STAGES="profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -152,6 +160,13 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;remat_policy=mlp_input;attention_short_persistent=false" \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_remat.json" ;;
+  dots_mb)
+    step recipe 250 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b${BATCH}_recipe.json"
+    step dots_mb4 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY "${STEP[@]}" --remat_policy dots --microbatches 4 --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b${BATCH}_dots_mb4.json" ;;
   cublaslt)   # the recipe's step with XLA's GEMMs through cuBLASLt (its own heuristics and
               # kernels), against the same step through cuBLAS in this call
     step cublas 300 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" $PY "${STEP[@]}" \
