@@ -101,10 +101,7 @@ def main():
                   help="stop after encode throughput and MFU (no routing, prefill, decode)")
   args = ap.parse_args()
   from msa_jax.inference import bank as bank_lib
-  from msa_jax.inference import engine as engine_lib
-  from msa_jax.inference.bank_routing import sharded_top_k
   from msa_jax.inference.encode import Encoder, encode_corpus
-  from msa_jax.inference.memory import DeviceBank
 
   model, params = build_model(args.config, args.checkpoint)
   cfg = model.config

@@ -8,7 +8,6 @@ from launch import lookup_attention as la
 from launch.answer_positions import _kind
 from msa_jax.data import from_config, interleave
 from msa_jax.data.collate import collate, fit_bucket
-from msa_jax.model import MSAModel
 from train_common import get_config, small_reading_model
 
 from tests import reference_numpy as R

@@ -21,7 +21,6 @@ from hypothesis import assume, given, settings
 
 from msa_jax import losses
 from msa_jax.config import ModelConfig
-from msa_jax.model import MSAModel
 from tests import reference_numpy as R
 
 fast_compile = R.fast_compile_fixture()

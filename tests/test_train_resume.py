@@ -11,7 +11,6 @@ so the only saves are the SIGTERM save and the final one.
 A, B and resumed B share one compiled step (``train_common.shared_train_setups``), so
 only A pays for compiling.
 """
-import json
 import os
 import signal
 import time

@@ -27,12 +27,11 @@ them; only ``k`` (score, document) pairs per shard cross devices.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import PartitionSpec
 
 NEG_INF = -jnp.inf
 NO_DOC = np.iinfo(np.int32).max   # sorts after every real document index

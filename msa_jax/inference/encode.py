@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax import positions as positions_lib
 from msa_jax.inference import bank as bank_lib
 from msa_jax.inference import quantize
 from msa_jax.inference.bank import DocRecord

@@ -12,7 +12,7 @@ the host around these jitted functions.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Optional
 
 import flax.struct
 import jax

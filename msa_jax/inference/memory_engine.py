@@ -13,10 +13,9 @@ elsewhere (:func:`default_routing`).
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from msa_jax.data.tokenizer import SpecialTokens
