@@ -20,7 +20,7 @@ over the slots' whole 104 rows; a tiling or baseline that fails to compile is re
 not fatal). Each result is checked against the XLA reference first.
 
 Run: python -m benchmarks.doc_attention [--shape 0.6b|4b] [--docs N] [--fwd CFG,...]
-[--bwd CFG,...]; prints a table and writes ``doc_attention.json`` to ``$OUT`` (or
+[--bwd CFG,...] [--kernel_times]; prints a table and writes ``doc_attention.json`` to ``$OUT`` (or
 benchmarks/results).
 """
 from __future__ import annotations
@@ -32,7 +32,8 @@ import os
 import jax
 import jax.numpy as jnp
 
-from benchmarks import attempt, device_name, out_dir, read_bandwidth_gbs, time_ms, write_json
+from benchmarks import (attempt, device_name, gpu_kernel_times, out_dir, read_bandwidth_gbs,
+                        time_ms, write_json)
 from msa_jax import metrics
 from pallas_kernels import sparse_attention as sa
 from pallas_kernels import sparse_attention_short as short
@@ -112,8 +113,11 @@ def _rel(a, ref) -> float:
   return float(jnp.linalg.norm(a - ref) / jnp.linalg.norm(ref))
 
 
-def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None) -> dict:
-  """Times and errors of every method on these inputs (see the module docstring)."""
+def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None,
+            kernel_times: bool = False) -> dict:
+  """Times and errors of every method on these inputs (see the module docstring);
+  ``kernel_times``: each Pallas forward's and forward + backward's kernels too (profiler
+  device time, µs a call: the delta pass, dQ, dK/dV and the forward apart)."""
   q, k, v, mask = args
   row = {}
   attend = lambda impl, bs=None: (lambda q_, k_, v_: sa.attend(   # noqa: E731
@@ -140,6 +144,8 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None) -> dict:
     attempt(r, "fwd_err", lambda fn=fn: _rel(fn(q, k, v), out_ref))
     if "fwd_err" in r:
       attempt(r, "fwd_ms", lambda fn=fn: time_ms(fn, q, k, v, iters=3))
+      if kernel_times:
+        attempt(r, "fwd_kernels_us", lambda fn=fn: gpu_kernel_times(fn, q, k, v, calls=1))
   for name, bs in bwd_cfgs.items():
     fb = _forward_backward(attend("pallas", bs))
     r = row[f"pallas_bwd_{name}"] = {}
@@ -147,6 +153,8 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None) -> dict:
         _rel(a, w) for a, w in zip(fb(dout, q, k, v), grads_ref)))
     if "grad_err" in r:
       attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, iters=3))
+      if kernel_times:
+        attempt(r, "fb_kernels_us", lambda fb=fb: gpu_kernel_times(fb, dout, q, k, v, calls=1))
   return row
 
 
@@ -162,6 +170,8 @@ def main(argv=None) -> dict:
   p.add_argument("--interpret", action="store_true",
                  help="interpret the Pallas kernels (a CPU check of this script)")
   p.add_argument("--read_bytes", type=int, default=4 << 30)
+  p.add_argument("--kernel_times", action="store_true",
+                 help="also each Pallas row's kernels' device time (profiler; a GPU only)")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   docs, h, g, d = SHAPES[args.shape]
@@ -188,7 +198,7 @@ def main(argv=None) -> dict:
         f"{byte_ms['fb_ms']:.3f} | {flop_ms['fb_ms']:.3f} ms; the documents' own FLOPs "
         f"{own_flops['fb'] / tiles_flops['fb']:.2f} of the tiles'", flush=True)
   row = measure(inputs, dout, fwd_cfgs, bwd_cfgs,
-                interpret=True if args.interpret else None)
+                interpret=True if args.interpret else None, kernel_times=args.kernel_times)
   print(f"{'method':26} {'fwd ms':>9} {'x floor':>8} {'fwd+bwd ms':>11} {'x floor':>8}  error")
   for name, r in row.items():
     cells = []
@@ -200,6 +210,9 @@ def main(argv=None) -> dict:
         cells.append(" " * (18 if key == "fwd_ms" else 20))
     err = {k: v for k, v in r.items() if k.endswith("_err") or k.endswith("_error")}
     print(f"{name:26} {' '.join(cells)}  {err}")
+    for key in ("fwd_kernels_us", "fb_kernels_us"):
+      if r.get(key):
+        print(f"    {key[:-11]} kernels (µs): " + "; ".join(f"{n} {us:.0f}" for n, us in r[key][:8]))
   result = {"device": device_name(), "jax": jax.__version__, "shape": args.shape,
             "docs": docs, "rows_per_doc": SLOT, "heads": h, "kv_heads": g, "head_dim": d,
             "pad_free": pad_free, "read_gbs": bw, "matmul_tflops": rate / 1e12,

@@ -51,7 +51,7 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows=
   tr = _platform.swizzle_transforms(d)
   tile = tiles.Tile(bq, bk, compiled)
 
-  def kernel(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, cbias_ref,
+  def attention_dq(q_ref, do_ref, lse_ref, delta_ref, kc_ref, vc_ref, cbias_ref,
              ks_ref, vs_ref, sbias_ref, dq_ref):
     bi = lax.axis_index("b")
     hi = lax.axis_index("h")
@@ -97,7 +97,7 @@ def dq_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows=
                   plgpu.Barrier(num_barriers=4))
 
   return plgpu.kernel(
-      kernel,
+      attention_dq,
       out_type=jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
       grid=(b, h, m // bq),
       grid_names=("b", "h", "q"),
@@ -125,7 +125,7 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows
   tr = _platform.swizzle_transforms(d)
   tile = tiles.Tile(bk, bq, compiled)   # transposed: keys on rows, queries on columns
 
-  def kernel(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dk_ref, dv_ref):
+  def attention_dkv(q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, bias_ref, dk_ref, dv_ref):
     bi = lax.axis_index("b")
     gi = lax.axis_index("g")
     kt = lax.axis_index("k")
@@ -207,7 +207,7 @@ def dkv_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params, rows
 
   kv_type = jax.ShapeDtypeStruct((b, s + (m if rows is None else rows), g, d), jnp.bfloat16)
   return plgpu.kernel(
-      kernel,
+      attention_dkv,
       out_type=(kv_type, kv_type),
       grid=(b, g, (s + m) // bk),
       grid_names=("b", "g", "k"),

@@ -182,7 +182,7 @@ def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=N
         plgpu.barrier_wait(k_free.at[slot])
         plgpu.barrier_wait(v_free.at[slot])
 
-  def entry(*refs):
+  def attention_fwd_ws(*refs):
     scratch = (
         plgpu.SMEM((COMPUTE_WGS, bq, d), jnp.bfloat16, transforms=tr),
         plgpu.SMEM((COMPUTE_WGS, bq), jnp.float32),
@@ -202,7 +202,7 @@ def forward_call(b, m, h, g, d, s, block_q, block_kv, stages, interpret_params=N
                   collective_axes="wg")
 
   return plgpu.kernel(
-      entry,
+      attention_fwd_ws,
       out_type=(jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
                 jax.ShapeDtypeStruct((b, h, m), jnp.float32)),
       grid=(b, h, m // (COMPUTE_WGS * bq)),

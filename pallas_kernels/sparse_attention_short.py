@@ -116,7 +116,7 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
   n_items = b * h * nq
   num_programs, per_program = block_top_k.num_blocks_for(n_items, blocks)
 
-  def kernel(q_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref):
+  def short_fwd(q_ref, ks_ref, vs_ref, sbias_ref, out_ref, lse_ref):
     pl.run_scoped(lambda o_smem, lse_smem: stream(q_ref, ks_ref, vs_ref, sbias_ref, out_ref,
                                                   lse_ref, o_smem, lse_smem),
                   plgpu.SMEM((bq, d), jnp.bfloat16, transforms=tr),
@@ -154,7 +154,7 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      kernel,
+      short_fwd,
       out_type=(jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
                 jax.ShapeDtypeStruct((b, h, m), jnp.float32)),
       grid=(num_programs,),

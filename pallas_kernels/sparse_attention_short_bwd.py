@@ -86,7 +86,7 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
   n_items = b * h * nq
   num_programs, per_program = block_top_k.num_blocks_for(n_items, blocks)
 
-  def kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dq_ref):
+  def short_dq(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dq_ref):
     pl.run_scoped(lambda dq_smem: stream(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref,
                                          sbias_ref, dq_ref, dq_smem),
                   plgpu.SMEM((bq, d), jnp.bfloat16, transforms=tr))
@@ -124,7 +124,7 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
     plgpu.wait_smem_to_gmem(0)
 
   return plgpu.kernel(
-      kernel,
+      short_dq,
       out_type=jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
       grid=(num_programs,),
       grid_names=("block",),
@@ -151,7 +151,7 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
   n_items = b * g * nk
   num_programs, per_program = block_top_k.num_blocks_for(n_items, blocks)
 
-  def kernel(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dk_ref, dv_ref):
+  def short_dkv(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dk_ref, dv_ref):
     pl.run_scoped(lambda out_smem: stream(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref,
                                           sbias_ref, dk_ref, dv_ref, out_smem),
                   plgpu.SMEM((bk, d), jnp.bfloat16, transforms=tr))
@@ -236,7 +236,7 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
 
   kv_type = jax.ShapeDtypeStruct((b, m if rows is None else rows, g, d), jnp.bfloat16)
   return plgpu.kernel(
-      kernel,
+      short_dkv,
       out_type=(kv_type, kv_type),
       grid=(num_programs,),
       grid_names=("block",),

@@ -7,7 +7,7 @@ def test_doc_attention_benchmark_rows(tmp_path):
   out = tmp_path / "doc_attention.json"
   result = doc_attention.main(["--docs", "2", "--heads", "2,1,64", "--interpret",
                                "--read_bytes", str(1 << 22), "--fwd", "q64k64s2",
-                               "--bwd", "b64x64s2", "--out", str(out)])
+                               "--bwd", "b64x64s2", "--kernel_times", "--out", str(out)])
   assert out.exists()
   methods = result["methods"]
   assert set(methods) == {"xla", "pallas_fwd_q64k64s2", "pallas_bwd_b64x64s2"}
@@ -16,6 +16,7 @@ def test_doc_attention_benchmark_rows(tmp_path):
   assert 0 < fwd["fwd_err"] < 1e-2 and fwd["fwd_x_floor"] > 0     # bf16 against float32
   assert 0 < bwd["grad_err"] < 1e-2 and bwd["fb_x_floor"] > 0
   assert methods["xla"]["fwd_ms"] > 0 and methods["xla"]["fb_ms"] > 0
+  assert bwd["fb_kernels_us"] == []        # a CPU trace has no device kernels
   floors, by_bytes, by_flops = result["floors"], result["byte_floors"], result["flop_floors"]
   for key in ("fwd_ms", "fb_ms"):
     assert floors[key] == max(by_bytes[key], by_flops[key]) > 0
