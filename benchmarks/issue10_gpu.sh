@@ -75,8 +75,10 @@
 #                                                  # (model.attention_short_persistent_bwd):
 #                                                  # its compiled tests, the documents'
 #                                                  # attention alone with the tiled and the
-#                                                  # persistent backward, then the step
-#                                                  # with and without it (--compare)
+#                                                  # persistent backward, each kernel's
+#                                                  # device time (the delta pass, dQ, dK/dV
+#                                                  # apart: which is far from its bytes),
+#                                                  # then the step with and without it
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -186,7 +188,7 @@ case "$STAGE" in
   doc_attention)   # the short kernel's compiled tests first (its timing rows need them)
     step short_tests 120 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k short
-    step doc_attention_0.6b 240 $PY -m benchmarks.doc_attention --shape 0.6b \
+    step doc_attention_0.6b 240 $PY -m benchmarks.doc_attention --shape 0.6b --kernel_times \
       --out "$DIR/doc_attention_0.6b.json"
     step doc_attention_4b 150 $PY -m benchmarks.doc_attention --shape 4b \
       --out "$DIR/doc_attention_4b.json" ;;
@@ -194,7 +196,7 @@ case "$STAGE" in
     step short_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k short
     step doc_attention_short_bwd 120 $PY -m benchmarks.doc_attention --shape 0.6b \
-      --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd \
+      --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd --kernel_times \
       --out "$DIR/doc_attention_0.6b_short_bwd.json"
     step compare_short_bwd 320 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
