@@ -243,3 +243,239 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
       compiler_params=_platform.lane_params(approx_math=True) if compiled else None,
       interpret=interpret_params,
   )
+
+
+# keys a dQ product of :func:`one_pass_call` takes at once: wgmma contracts bf16 in 64s
+# (128-byte swizzle), so 64, with dK/dV (128 registers a thread) live beside the step's
+# logits, dP and dQ (another 128): at the 255-register limit, some may spill
+KEY_STEP = 64
+
+
+def one_pass_smem_bytes(m: int, d: int) -> int:
+  """Shared memory of :func:`one_pass_call`: the item's K, V and bias and two slots of a
+  head's q, dO, lse and Δ (dQ is staged in its dO rows, dK/dV in K's and V's place)."""
+  return 2 * m * d * 2 + m * 4 + 2 * (2 * m * d * 2 + 2 * m * 4)
+
+
+def one_pass_call(b, m, h, g, d, blocks: int = 0, interpret_params=None, rows=None):
+  """``plgpu.kernel``: ``(q, do, lse, delta, ks, vs, sbias) -> (dq [B, rows, H, D],
+  dk [B, rows, G, D], dv [B, rows, G, D])`` bf16, in one pass. Operands as in
+  :func:`dq_call`.
+
+  An item is (example, kv head); one program an SM streams its items. K, V and the mask
+  bias of an item are loaded once and stay in shared memory while the group's ``H/G``
+  heads stream through two slots (a head's q, dO, lse and Δ; the next head loads while this
+  one computes). ``m / 64`` warpgroups, warpgroup ``w`` owning keys ``[64w, 64w + 64)`` and
+  queries ``[64w, 64w + 64)``:
+
+  * dK/dV: its key block against every query block from its own on (the causal rule skips
+    the earlier ones), ``dV += Pᵀ·dO`` and ``dK += dSᵀ·Q`` summed in registers over the
+    group's heads, staged in K's and V's place after the last head (both warpgroups done
+    with K and V first) and stored;
+  * dQ, once both groups are done with the head's dK/dV products: its query block against
+    the keys it sees, ``KEY_STEP`` keys a product (its dK and dV stay in registers
+    meanwhile: ~256 registers a thread, so some may spill), staged in its own rows of the slot's dO (shared memory holds no more at m
+    128, D 128: Mosaic rounds each buffer to 1 KB) and stored each head.
+
+  The shared-memory fills a layer are the item's operands once (~8 GB at the 0.6b step's
+  documents, against ~32 GB for :func:`dq_call` with :func:`dkv_call`, BENCHMARKS.md).
+  Written and tested interpreted on the CPU; not yet compiled or timed on a GPU.
+  """
+  smem = one_pass_smem_bytes(m, d)
+  check_fits(m, d, 2, smem, "one-pass backward", "the head dim or document rows")
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  bq = BLOCK
+  r = h // g
+  nq = m // bq
+  wgs = nq
+  scale = LOG2E / math.sqrt(d)
+  compiled = interpret_params is None
+  tr = _platform.swizzle_transforms(d)
+  n_items = b * g
+  num_programs, per_program = block_top_k.num_blocks_for(n_items, blocks)
+  n_steps = per_program * r
+  a_tile = tiles.Tile(bq, bq, compiled)        # dK/dV: keys on rows, queries on columns
+  q_tile = tiles.Tile(bq, KEY_STEP, compiled)  # dQ: queries on rows, a key step on columns
+
+  def short_one_pass(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref,
+                     dq_ref, dk_ref, dv_ref):
+    def scoped(scratch, barriers):
+      stream(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dq_ref, dk_ref,
+             dv_ref, *scratch, *barriers)
+    pl.run_scoped(
+        scoped,
+        (plgpu.SMEM((m, d), jnp.bfloat16, transforms=tr),           # K
+         plgpu.SMEM((m, d), jnp.bfloat16, transforms=tr),           # V
+         plgpu.SMEM((m,), jnp.float32),                              # mask bias
+         plgpu.SMEM((2, m, d), jnp.bfloat16, transforms=tr),        # q, two slots
+         plgpu.SMEM((2, m, d), jnp.bfloat16, transforms=tr),        # dO
+         plgpu.SMEM((2, m), jnp.float32),                            # lse
+         plgpu.SMEM((2, m), jnp.float32)),                           # Δ
+        (plgpu.Barrier(num_arrivals=3),                              # K, V, bias in
+         plgpu.Barrier(num_arrivals=4, num_barriers=2),              # a slot's four in
+         plgpu.Barrier(num_arrivals=wgs, num_barriers=2),            # a slot done with
+         plgpu.Barrier(num_arrivals=wgs),                            # K/V done with
+         plgpu.Barrier(num_arrivals=wgs),                            # staging K/V free
+         plgpu.Barrier(num_arrivals=wgs)),                           # a head's dK/dV done
+        collective_axes="wg")
+
+  def stream(q_ref, do_ref, lse_ref, delta_ref, ks_ref, vs_ref, sbias_ref, dq_ref, dk_ref,
+             dv_ref, k_smem, v_smem, bias_smem, q_smem, do_smem, lse_smem, delta_smem,
+             kv_full, qd_full, qd_free, kv_used, kv_free, dkv_done):
+    blk = lax.axis_index("block")
+
+    def coords(t):
+      """Step ``t`` as (example, kv head, query head, the head's place in the group)."""
+      i = jnp.minimum(blk * per_program + lax.div(t, r), n_items - 1)
+      j = lax.rem(t, r)
+      gi = lax.rem(i, g)
+      return lax.div(i, g), gi, gi * r + j, j
+
+    def load_kv(t):
+      bi, gi, _, _ = coords(t)
+      rows_all = pl.ds(bi * 0, m)     # traced: pad-free rows past the array are zero-filled
+      plgpu.copy_gmem_to_smem(ks_ref.at[bi, rows_all, gi], k_smem, kv_full)
+      plgpu.copy_gmem_to_smem(vs_ref.at[bi, rows_all, gi], v_smem, kv_full)
+      plgpu.copy_gmem_to_smem(sbias_ref.at[bi], bias_smem, kv_full)
+
+    def load_head(t):
+      bi, _, hi, _ = coords(t)
+      slot = lax.rem(t, 2)
+      rows_all = pl.ds(bi * 0, m)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows_all, hi], q_smem.at[slot], qd_full.at[slot])
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows_all, hi], do_smem.at[slot], qd_full.at[slot])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi], lse_smem.at[slot], qd_full.at[slot])
+      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi], delta_smem.at[slot], qd_full.at[slot])
+
+    def dkv_products(w, slot, dk, dv):
+      """Key block ``w`` against query blocks ``w..nq-1`` of the slot's head."""
+      k0 = w * bq
+      keys = pl.ds(k0, bq)
+      bias = _platform.load_vector(bias_smem.at[keys], a_tile.row_layout, compiled)
+      bias_b = lax.broadcast_in_dim(bias.astype(jnp.float32), (bq, bq), [0])
+      for qb in range(w, nq):
+        q0 = qb * bq
+        rows_q = pl.ds(q0, bq)
+        q_rows, do_rows = q_smem.at[slot, rows_q], do_smem.at[slot, rows_q]
+        lse = a_tile.cast(lse_smem.at[slot][rows_q], a_tile.col_layout)
+        delta = a_tile.cast(delta_smem.at[slot][rows_q], a_tile.col_layout)
+        zeros = a_tile.zeros(bq)
+        st, dpt = _platform.mma_group((zeros, k_smem.at[keys], q_rows, True),
+                                      (zeros, v_smem.at[keys], do_rows, True),
+                                      compiled=compiled)
+        logits = st * scale + bias_b - lax.broadcast_in_dim(lse, (bq, bq), [1])
+        if qb == w:                         # the diagonal block: keys after the query
+          logits = jnp.where(a_tile.iota(1) + q0 >= a_tile.iota(0) + k0, logits,
+                             tiles.MASKED)
+        pt = jnp.exp2(logits)
+        dst = pt * (dpt - lax.broadcast_in_dim(delta, (bq, bq), [1]))
+        dv, dk = _platform.mma_group((dv, pt.astype(jnp.bfloat16), do_rows, False),
+                                     (dk, dst.astype(jnp.bfloat16), q_rows, False),
+                                     compiled=compiled)
+      return dk, dv
+
+    def dq_products(w, slot, bi, hi):
+      """Query block ``w`` of the slot's head against keys ``[0, 64w + 64)``; dQ staged in
+      the block's dO rows (no other group reads them now) and stored."""
+      q0 = w * bq
+      rows_q = pl.ds(q0, bq)
+      q_rows, do_rows = q_smem.at[slot, rows_q], do_smem.at[slot, rows_q]
+      lse = _platform.load_vector(lse_smem.at[slot, rows_q], q_tile.row_layout, compiled)
+      delta = _platform.load_vector(delta_smem.at[slot, rows_q], q_tile.row_layout, compiled)
+      lse_b = lax.broadcast_in_dim(lse, (bq, KEY_STEP), [0])
+      delta_b = lax.broadcast_in_dim(delta, (bq, KEY_STEP), [0])
+      dq = tiles.Tile(bq, d, compiled).zeros(d)
+      for k0 in range(0, q0 + bq, KEY_STEP):
+        keys = pl.ds(k0, KEY_STEP)
+        zeros = q_tile.zeros(KEY_STEP)
+        s, dp = _platform.mma_group((zeros, q_rows, k_smem.at[keys], True),
+                                    (zeros, do_rows, v_smem.at[keys], True),
+                                    compiled=compiled)
+        logits = q_tile.logits(s, scale, bias_smem.at[keys], k0 + KEY_STEP > q0, q0, k0)
+        p = jnp.exp2(logits - lse_b)
+        ds = (p * (dp - delta_b)).astype(jnp.bfloat16)
+        dq = _platform.mma_accumulate(dq, ds, k_smem.at[keys], compiled=compiled)
+      do_rows[...] = (dq * (1 / math.sqrt(d))).astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(do_rows, dq_ref.at[bi, pl.ds(bi * 0 + q0, bq), hi])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # the slot may be refilled after
+
+    def stage_dkv(w, bi, gi, dk, dv):
+      """After the item's last head: this group's dK/dV rows in K's and V's place, stored."""
+      keys = pl.ds(w * bq, bq)
+      k_smem.at[keys][...] = (dk * (1 / math.sqrt(d))).astype(jnp.bfloat16)
+      v_smem.at[keys][...] = dv.astype(jnp.bfloat16)
+      plgpu.commit_smem()
+      out_rows = pl.ds(bi * 0 + w * bq, bq)
+      plgpu.copy_smem_to_gmem(k_smem.at[keys], dk_ref.at[bi, out_rows, gi])
+      plgpu.copy_smem_to_gmem(v_smem.at[keys], dv_ref.at[bi, out_rows, gi])
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)     # K/V's buffers free again
+
+    def group(w):
+      """Warpgroup ``w``'s whole program (``w`` static; group 0 also issues the copies)."""
+      if w == 0:
+        load_kv(jnp.int32(0))
+        load_head(jnp.int32(0))
+        if n_steps > 1:
+          load_head(jnp.int32(1))
+
+      def step(t, carry):
+        bi, gi, hi, j = coords(t)
+        slot = lax.rem(t, 2)
+        fresh = (j != 0).astype(jnp.float32)      # 0 at an item's first head: a new sum
+        dk, dv = (acc * fresh for acc in carry)
+
+        @pl.when(j == 0)
+        def _():
+          plgpu.barrier_wait(kv_full)
+
+        plgpu.barrier_wait(qd_full.at[slot])
+        dk, dv = dkv_products(w, slot, dk, dv)
+        plgpu.barrier_arrive(dkv_done)            # no group reads another's dO rows after
+        plgpu.barrier_wait(dkv_done)
+        dq_products(w, slot, bi, hi)
+        plgpu.barrier_arrive(qd_free.at[slot])
+        if w == 0:
+          @pl.when(t + 2 < n_steps)
+          def _():
+            plgpu.barrier_wait(qd_free.at[slot])
+            load_head(t + 2)
+
+        @pl.when(j == r - 1)
+        def _():
+          plgpu.barrier_arrive(kv_used)           # every group done reading K and V
+          plgpu.barrier_wait(kv_used)
+          stage_dkv(w, bi, gi, dk, dv)
+          plgpu.barrier_arrive(kv_free)
+          if w == 0:
+            @pl.when(t + 1 < n_steps)
+            def _():
+              plgpu.barrier_wait(kv_free)
+              load_kv(t + 1)
+        return dk, dv
+
+      zeros = a_tile.zeros(d)
+      lax.fori_loop(0, n_steps, step, (zeros, zeros))
+      if w == 0:      # the releases no copy waited for: every phase of a barrier observed
+        for t in range(max(n_steps - 2, 0), n_steps):
+          plgpu.barrier_wait(qd_free.at[t % 2])
+        plgpu.barrier_wait(kv_free)
+      plgpu.wait_smem_to_gmem(0)
+
+    wg = lax.axis_index("wg")
+    for w in range(wgs):
+      pl.when(wg == w)(lambda w=w: group(w))
+
+  kv_type = jax.ShapeDtypeStruct((b, m if rows is None else rows, g, d), jnp.bfloat16)
+  return plgpu.kernel(
+      short_one_pass,
+      out_type=(jax.ShapeDtypeStruct((b, m if rows is None else rows, h, d), jnp.bfloat16),
+                kv_type, kv_type),
+      grid=(num_programs,),
+      grid_names=("block",),
+      num_threads=wgs,
+      thread_name="wg",
+      compiler_params=_platform.lane_params(approx_math=True) if compiled else None,
+      interpret=interpret_params,
+  )
