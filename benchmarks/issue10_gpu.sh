@@ -196,14 +196,14 @@ case "$STAGE" in
     step doc_attention_4b 150 $PY -m benchmarks.doc_attention --shape 4b \
       --out "$DIR/doc_attention_4b.json" ;;
   short_bwd)   # compiled tests first (the timing rows need them), then alone, then the step
-    step short_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
+    step short_tests 130 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k short
-    step doc_attention_short_bwd 120 $PY -m benchmarks.doc_attention --shape 0.6b \
+    step doc_attention_short_bwd 110 $PY -m benchmarks.doc_attention --shape 0.6b \
       --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd,short_one_pass --kernel_times \
       --out "$DIR/doc_attention_0.6b_short_bwd.json"
-    step compare_short_bwd 320 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+    step compare_short_bwd 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
-      --compare "base;attention_short_persistent_bwd=true" \
+      --compare "base;attention_short_one_pass_bwd=true" \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_short_bwd.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
