@@ -214,7 +214,8 @@ def main(argv=None) -> dict:
     print(f"{name:26} {' '.join(cells)}  {err}")
     for key in ("fwd_kernels_us", "fb_kernels_us"):
       if r.get(key):
-        print(f"    {key[:-11]} kernels (µs): " + "; ".join(f"{n} {us:.0f}" for n, us in r[key][:8]))
+        kernels = "; ".join(f"{n} {us:.0f}" for n, us in r[key][:8])
+        print(f"    {key[:-11]} kernels (µs): {kernels}")
   result = {"device": device_name(), "jax": jax.__version__, "shape": args.shape,
             "docs": docs, "rows_per_doc": SLOT, "heads": h, "kv_heads": g, "head_dim": d,
             "pad_free": pad_free, "read_gbs": bw, "matmul_tflops": rate / 1e12,

@@ -46,7 +46,7 @@ from jax import lax
 from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k
-from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, QueryBlockItems,
+from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, SMEM_BYTES, QueryBlockItems,
                                                    check_fits)
 
 BLOCK = BLOCK_Q      # query rows of a dQ item, key rows of a dK/dV item
@@ -274,15 +274,21 @@ def one_pass_call(b, m, h, g, d, blocks: int = 0, interpret_params=None, rows=No
     with K and V first) and stored;
   * dQ, once both groups are done with the head's dK/dV products: its query block against
     the keys it sees, ``KEY_STEP`` keys a product (its dK and dV stay in registers
-    meanwhile: ~256 registers a thread, so some may spill), staged in its own rows of the slot's dO (shared memory holds no more at m
-    128, D 128: Mosaic rounds each buffer to 1 KB) and stored each head.
+    meanwhile: ~256 registers a thread, so some may spill), staged in its own rows of the
+    slot's dO and stored each head (separate staging tiles took the kernel 56 bytes past an
+    SM's shared memory at m 128, D 128: Mosaic rounds each buffer up to 1 KB).
 
   The shared-memory fills a layer are the item's operands once (~8 GB at the 0.6b step's
   documents, against ~32 GB for :func:`dq_call` with :func:`dkv_call`, BENCHMARKS.md).
   Written and tested interpreted on the CPU; not yet compiled or timed on a GPU.
   """
+  check_fits(m, d, 1, 0, "one-pass backward", "")          # the shape alone
   smem = one_pass_smem_bytes(m, d)
-  check_fits(m, d, 2, smem, "one-pass backward", "the head dim or document rows")
+  if smem > SMEM_BYTES:
+    raise ValueError(f"the short one-pass backward needs {smem} bytes of shared memory at "
+                     f"m={m}, D={d} (K, V and two slots of a head's q and dO), more than an "
+                     f"SM's {SMEM_BYTES}: use the two-pass kernels "
+                     f"(BlockSizes.short_one_pass_bwd=False)")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK
