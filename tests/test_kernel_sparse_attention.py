@@ -443,19 +443,24 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   assert sorted(operands) == want, operands
 
 
-@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False), (128, True)])
-def test_short_persistent_backward_matches_reference_interpret(m, pad_free):
+@pytest.mark.parametrize("m,pad_free,switch", [
+    (104, True, "short_persistent_bwd"), (64, False, "short_persistent_bwd"),
+    (128, True, "short_persistent_bwd"), (104, True, "short_one_pass_bwd"),
+    (64, False, "short_one_pass_bwd")])
+def test_short_backwards_match_reference_interpret(m, pad_free, switch):
   """``BlockSizes(short_persistent_bwd=True)`` (interpreted): the documents' dQ and dK/dV
   through ``sparse_attention_short_bwd``'s persistent kernels (fewer programs than items,
-  the last repeating one; GQA, so dK/dV sums two heads across pipeline steps) equal the
-  float32 reference's gradients and the tiled backward kernels'; a ragged document, one
-  with leading padding and an empty slot pass no gradient where nothing is seen."""
+  the last repeating one; GQA, so dK/dV sums two heads across pipeline steps), and with
+  ``short_one_pass_bwd`` through its one-pass kernel (K and V held while the group's two
+  heads stream through two slots, a warpgroup per 64-key block), equal the float32
+  reference's gradients and the tiled backward kernels'; a ragged document, one with
+  leading padding and an empty slot pass no gradient where nothing is seen."""
   valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
   q, k, v, smask = _inputs(17, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
   w = jax.random.normal(jax.random.key(18), q.shape)
   args = (q, k, v, smask, None, None, None)
   fwd = dict(short_persistent=True, pad_free=pad_free, warp_specialized=False)
-  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, short_persistent_bwd=True))
+  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, **{switch: True}))
   _assert_bf16_close(got, _grads("xla", (*_f32(q, k, v), smask, None, None, None), w),
                      names=("dq", "dk", "dv"))
   tiled = _grads("pallas", args, w, sa.BlockSizes(**fwd))
@@ -466,34 +471,10 @@ def test_short_persistent_backward_matches_reference_interpret(m, pad_free):
   assert np.all(np.asarray(got[1][1, m - 30:]) == 0)
 
 
-@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False)])
-def test_short_one_pass_backward_matches_reference_interpret(m, pad_free):
-  """``BlockSizes(short_one_pass_bwd=True)`` (interpreted): dQ, dK and dV in one pass
-  (``sparse_attention_short_bwd.one_pass_call``: K and V held while the group's two heads
-  stream through two slots, one warpgroup per 64-key block) equal the float32 reference's
-  gradients and the tiled kernels'; nothing flows where nothing is seen."""
-  valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
-  q, k, v, smask = _inputs(17, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
-  w = jax.random.normal(jax.random.key(18), q.shape)
-  args = (q, k, v, smask, None, None, None)
-  fwd = dict(short_persistent=True, pad_free=pad_free, warp_specialized=False)
-  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, short_one_pass_bwd=True))
-  _assert_bf16_close(got, _grads("xla", (*_f32(q, k, v), smask, None, None, None), w),
-                     names=("dq", "dk", "dv"))
-  _assert_bf16_close(got, _grads("pallas", args, w, sa.BlockSizes(**fwd)),
-                     names=("dq", "dk", "dv"))
-  assert np.all(np.asarray(got[0][3]) == 0) and np.all(np.asarray(got[0][2, :2]) == 0)
-  assert np.all(np.asarray(got[1][3]) == 0) and np.all(np.asarray(got[2][3]) == 0)
-  assert np.all(np.asarray(got[1][1, m - 30:]) == 0)
-
-
-def test_short_one_pass_backward_any_number_of_programs_interpret():
-  """``one_pass_call`` with 1, 5 (the last program repeats the final item) and one program
-  an item gives the same bits; its dK and dV equal the two-pass kernels' bit for bit (the
-  same products in the same order), its dQ to bf16 rounding (32-key steps); a shape
-  whose operands do not fit shared memory is refused by name."""
+def _short_bwd_operands(b, m, h, g, d):
+  """Interpreted operands of the short backward kernels (q, dO, lse, Δ, K, V, bias): three
+  documents of 128, 90 and 0 valid rows, lse from the short forward, random dO and Δ."""
   from pallas_kernels import _platform
-  b, m, h, g, d = 3, 128, 4, 2, 64
   q, k, v, smask = _inputs(19, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
       [[128], [90], [0]]))[:4]
   bias = sa._bias(smask)
@@ -502,7 +483,16 @@ def test_short_one_pass_backward_any_number_of_programs_interpret():
       q, k, v, bias)
   do = jax.random.normal(jax.random.key(20), q.shape).astype(jnp.bfloat16)
   delta = jax.random.normal(jax.random.key(21), (b, h, m), jnp.float32)
-  operands = (q, do, lse, delta, k, v, bias)
+  return (q, do, lse, delta, k, v, bias), params
+
+
+def test_short_one_pass_backward_any_number_of_programs_interpret():
+  """``one_pass_call`` with 1, 5 (the last program repeats the final item) and one program
+  an item gives the same bits; its dK and dV equal the two-pass kernels' bit for bit (the
+  same products in the same order), its dQ to bf16 rounding (64-key steps); a shape
+  whose operands do not fit shared memory is refused by name."""
+  b, m, h, g, d = 3, 128, 4, 2, 64
+  operands, params = _short_bwd_operands(b, m, h, g, d)
   f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
   runs = [[f32(x) for x in short_bwd.one_pass_call(b, m, h, g, d, blocks=n,
                                                    interpret_params=params)(*operands)]
@@ -525,17 +515,8 @@ def test_short_persistent_backward_any_number_of_programs_interpret():
   """``sparse_attention_short_bwd``'s kernels with 1, 5 (the last program repeats the
   final item; for dK/dV all of its heads) and one program an item give the same
   gradients bit for bit; too many stages for shared memory is refused by name."""
-  from pallas_kernels import _platform
   b, m, h, g, d = 3, 128, 4, 2, 64
-  q, k, v, smask = _inputs(19, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
-      [[128], [90], [0]]))[:4]
-  bias = sa._bias(smask)
-  params = _platform.mosaic_interpret_params(True)
-  _, lse = short.forward_call(b, m, h, g, d, interpret_params=params, zero_unseen=True)(
-      q, k, v, bias)
-  do = jax.random.normal(jax.random.key(20), q.shape).astype(jnp.bfloat16)
-  delta = jax.random.normal(jax.random.key(21), (b, h, m), jnp.float32)
-  operands = (q, do, lse, delta, k, v, bias)
+  operands, params = _short_bwd_operands(b, m, h, g, d)
   dqs = [short_bwd.dq_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
          for n in (1, 5, b * h * 2)]
   dkvs = [short_bwd.dkv_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
