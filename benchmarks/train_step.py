@@ -132,6 +132,7 @@ from msa_jax import flops as flops_lib, metrics, sharding, trainer  # noqa: E402
 from msa_jax.data import buckets as bucket_lib  # noqa: E402
 from msa_jax.data import from_config  # noqa: E402
 from msa_jax.train_step import lm_chunk_size  # noqa: E402
+from benchmarks.step_compare import add_compare_ratios, compare_sets  # noqa: E402
 
 CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            "configs", "16k_to_100m.py")
@@ -171,24 +172,6 @@ def cli_model_overrides(args) -> dict:
               attention_short_persistent_bwd=args.attention_short_persistent_bwd,
               attention_short_one_pass_bwd=args.attention_short_one_pass_bwd,
               rope_tables=args.rope_tables)
-
-
-def compare_sets(spec: str, switches) -> list[tuple[str, dict]]:
-  """``--compare``'s sets as ``[(label, {field: value})]`` (``[("", {})]`` without one);
-  ``switches``: the model fields a set may name (``cli_model_overrides``' keys)."""
-  if not spec.strip():
-    return [("", {})]
-  sets = []
-  for label in (s.strip() for s in spec.split(";")):
-    fields = {}
-    for item in (i.strip() for i in label.split(",") if i.strip() and label != "base"):
-      key, eq, value = item.partition("=")
-      if not eq or key not in switches:
-        raise ValueError(f"--compare: {item!r} is not field=value for one of "
-                         f"{sorted(switches)}; separate sets with ';', fields with ','")
-      fields[key] = {"true": True, "false": False}.get(value.lower(), value)
-    sets.append((label, fields))
-  return sets
 
 
 def host_batch(cfg, model_cfg, batch_size: int):
@@ -336,18 +319,6 @@ def run_shapes(args, save=None) -> dict:
   add_compare_ratios(results)
   return {"peaks": peaks, "rows": results, "mesh": args.mesh, "tiny": args.tiny,
           "devices": jax.device_count()}
-
-
-def add_compare_ratios(rows: list[dict]) -> None:
-  """Each timed row's ``step_vs_first``: its step time over the first compared set's at
-  the same variant, memory, scan and batch (from ``--compare``; absent without it)."""
-  first = {}
-  for r in rows:
-    if "step_s" not in r or not r.get("compare"):
-      continue
-    key = (r["variant"], r["memory_tokens"], r["scan_layers"], r["batch"])
-    first.setdefault(key, r["step_s"])
-    r["step_vs_first"] = r["step_s"] / first[key]
 
 
 def _row_text(e: dict) -> str:

@@ -111,12 +111,7 @@ def mma(a, b, out_shape, *, transpose_b: bool = False, compiled: bool):
 
 def mma_accumulate(acc, a, b, *, transpose_b: bool = False, compiled: bool):
   """``acc + a @ b`` (see :func:`mma`); compiled, it accumulates in place (no extra add)."""
-  if not compiled:
-    return acc + mma(a, b, acc.shape, transpose_b=transpose_b, compiled=False)
-  import jax.experimental.pallas as pl
-  mgpu = plgpu()
-  b_op = _dot_operand(b, transpose_b, True)
-  return pl.run_state(lambda acc_ref: mgpu.wgmma(acc_ref, a, b_op))(mgpu.ACC.init(acc))
+  return mma_group((acc, a, b, transpose_b), compiled=compiled)[0]
 
 
 def mma_group(*products, compiled: bool):
@@ -124,8 +119,7 @@ def mma_group(*products, compiled: bool):
   transpose_b)`` gives ``acc + a @ b`` (``a @ bᵀ``); ``acc`` an f32 register array in the
   WGMMA layout (zeros for a fresh product). Compiled, one ``wgmma`` each into its own
   accumulator and a single wait for all (:func:`mma` waits after every product, so two
-  independent products never overlap on the tensor cores); interpreted, plain dots. The
-  same values as :func:`mma_accumulate` one at a time."""
+  independent products never overlap on the tensor cores); interpreted, plain dots."""
   if not compiled:
     return tuple(acc + mma(a, b, acc.shape, transpose_b=t, compiled=False)
                  for acc, a, b, t in products)

@@ -82,9 +82,9 @@ class BlockSizes:
   short_one_pass_bwd: where ``short_persistent`` would apply, dQ, dK and dV in one pass
     (``sparse_attention_short_bwd.one_pass_call``: a program per (example, kv head) keeps
     K and V in shared memory while the group's heads stream through; a quarter of the
-    two-pass kernels' shared-memory fills). Tested interpreted; not yet compiled or timed
-    on a GPU, so no model switch yet (``benchmarks/doc_attention.py``'s
-    ``short_one_pass`` row times it).
+    two-pass kernels' shared-memory fills). Tested interpreted and lowered for CUDA; not
+    yet compiled or timed on a GPU: off by default and in the recipes
+    (``ModelConfig.attention_short_one_pass_bwd``).
   """
 
   block_q: int = 64

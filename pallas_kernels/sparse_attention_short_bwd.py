@@ -46,7 +46,7 @@ from jax import lax
 from pallas_kernels import _attention_tiles as tiles
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k
-from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, SMEM_BYTES, QueryBlockItems,
+from pallas_kernels.sparse_attention_short import (BLOCK_Q, LOG2E, QueryBlockItems,
                                                    check_fits)
 
 BLOCK = BLOCK_Q      # query rows of a dQ item, key rows of a dK/dV item
@@ -73,7 +73,8 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
   ``[B, H, m]`` f32; sbias ``[B, m]`` f32 (0 visible, ``MASKED`` not). ``blocks`` programs
   (0: one per SM), ``stages`` items in flight a program.
   """
-  check_fits(m, d, stages, dq_smem_bytes(m, d, stages), "dQ kernel", "BlockSizes.bwd_stages")
+  check_fits(m, d, dq_smem_bytes(m, d, stages), f"dQ kernel with {stages} stages",
+             "use fewer stages (BlockSizes.bwd_stages)")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK
@@ -137,8 +138,8 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
              rows=None):
   """``plgpu.kernel``: ``(q, do, lse, delta, ks, vs, sbias) -> (dk, dv)``, each
   ``[B, rows, G, D]`` bf16. Operands as in :func:`dq_call`."""
-  check_fits(m, d, stages, dkv_smem_bytes(m, d, stages), "dK/dV kernel",
-             "BlockSizes.bwd_stages")
+  check_fits(m, d, dkv_smem_bytes(m, d, stages), f"dK/dV kernel with {stages} stages",
+             "use fewer stages (BlockSizes.bwd_stages)")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bk = bq = BLOCK
@@ -282,13 +283,9 @@ def one_pass_call(b, m, h, g, d, blocks: int = 0, interpret_params=None, rows=No
   documents, against ~32 GB for :func:`dq_call` with :func:`dkv_call`, BENCHMARKS.md).
   Written and tested interpreted on the CPU; not yet compiled or timed on a GPU.
   """
-  check_fits(m, d, 1, 0, "one-pass backward", "")          # the shape alone
-  smem = one_pass_smem_bytes(m, d)
-  if smem > SMEM_BYTES:
-    raise ValueError(f"the short one-pass backward needs {smem} bytes of shared memory at "
-                     f"m={m}, D={d} (K, V and two slots of a head's q and dO), more than an "
-                     f"SM's {SMEM_BYTES}: use the two-pass kernels "
-                     f"(BlockSizes.short_one_pass_bwd=False)")
+  check_fits(m, d, one_pass_smem_bytes(m, d), "one-pass backward (K, V and two slots of a "
+             "head's q and dO)", "use the two-pass kernels (BlockSizes.short_one_pass_bwd="
+             "False)")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK
