@@ -60,8 +60,6 @@ BWD = {   # backward tilings (the forward's: the default)
     # sparse_attention_short_bwd's persistent dQ and dK/dV
     "short_fwd": sa.BlockSizes(short_persistent=True),
     "short_fwd_bwd": sa.BlockSizes(short_persistent=True, short_persistent_bwd=True),
-    # dQ, dK and dV in one pass (sparse_attention_short_bwd.one_pass_call)
-    "short_one_pass": sa.BlockSizes(short_persistent=True, short_one_pass_bwd=True),
 }
 
 

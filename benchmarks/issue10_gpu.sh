@@ -78,10 +78,8 @@
 #                                                  # persistent backward, each kernel's
 #                                                  # device time (the delta pass, dQ, dK/dV
 #                                                  # apart: which is far from its bytes),
-#                                                  # the one-pass backward
-#                                                  # (short_one_pass: compiled tests and
-#                                                  # its row), then the step with and
-#                                                  # without the persistent one
+#                                                  # then the step with and without the
+#                                                  # persistent one
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -199,11 +197,12 @@ case "$STAGE" in
     step short_tests 130 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu \
       tests/test_kernel_sparse_attention.py -k short
     step doc_attention_short_bwd 110 $PY -m benchmarks.doc_attention --shape 0.6b \
-      --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd,short_one_pass --kernel_times \
+      --fwd short_persistent --bwd b64x64s2,short_fwd,short_fwd_bwd --kernel_times \
       --out "$DIR/doc_attention_0.6b_short_bwd.json"
+    if [ -z "${DRY:-}" ] && grep -q "failed\|error" "$DIR/short_tests.log"; then exit 1; fi
     step compare_short_bwd 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
-      --compare "base;attention_short_one_pass_bwd=true" \
+      --compare "base;attention_short_persistent_bwd=true" \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_short_bwd.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \

@@ -93,9 +93,6 @@ def _parse(argv):
                  default=None, help="model.attention_short_persistent_bwd (the documents' "
                  "attention backward as persistent dQ and dK/dV kernels); default: the "
                  "recipe's")
-  p.add_argument("--attention_short_one_pass_bwd", action=argparse.BooleanOptionalAction,
-                 default=None, help="model.attention_short_one_pass_bwd (the documents' "
-                 "attention backward in one pass); default: the recipe's")
   p.add_argument("--rope_tables", action=argparse.BooleanOptionalAction, default=None,
                  help="model.rope_tables (RoPE's cos/sin computed once a stream, read by "
                  "every layer); default: the recipe's")
@@ -170,7 +167,6 @@ def cli_model_overrides(args) -> dict:
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
               attention_short_persistent=args.attention_short_persistent,
               attention_short_persistent_bwd=args.attention_short_persistent_bwd,
-              attention_short_one_pass_bwd=args.attention_short_one_pass_bwd,
               rope_tables=args.rope_tables)
 
 

@@ -19,7 +19,7 @@ REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
 COMPUTE_SWITCHES = ("remat", "remat_policy", "scan_layers", "kernels", "rms_norm_vjp",
                     "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
                     "attention_short_persistent", "attention_short_persistent_bwd",
-                    "attention_short_one_pass_bwd", "rope_tables")
+                    "rope_tables")
 # Fields that change neither the parameters nor the forward values: the compute switches and
 # the router's gradient into the trunk (which does change training). A bank's model
 # fingerprint and ``init_from``'s checkpoint check leave them out.
@@ -98,13 +98,9 @@ class ModelConfig:
   # short_persistent_bwd, pallas_kernels/sparse_attention_short_bwd.py): the tiled backward
   # took ~7.7 ms on an H100 against ~2.2 ms of bytes at the 0.6b step's documents
   # (2026-12-05); these ran no faster (11.25 against 11.22 ms forward + backward on an H100,
-  # 2026-12-05, BENCHMARKS.md): off.
+  # 2026-12-05, BENCHMARKS.md): off. (A one-pass backward, dQ, dK and dV a program per
+  # (document, kv head), was slower still: 10.15 against 6.42 ms of kernels, removed.)
   attention_short_persistent_bwd: bool = False
-  # Their backward in one pass (sparse_attention BlockSizes.short_one_pass_bwd,
-  # sparse_attention_short_bwd.one_pass_call: dQ, dK and dV a program per (document, kv
-  # head), a quarter of the two-pass kernels' shared-memory fills). Tested interpreted on
-  # the CPU and lowered for CUDA; not yet compiled or timed on a GPU.
-  attention_short_one_pass_bwd: bool = False
   # RoPE's cos/sin computed once a stream (layers.rope_tables, outside the layer loop) and
   # read by every layer's q/k paths, instead of recomputed from the positions inside each
   # (the angles take two fmods a position; XLA may fuse them into the pass over every head).
@@ -172,9 +168,6 @@ class ModelConfig:
     need(isinstance(self.attention_short_persistent_bwd, bool),
          f"attention_short_persistent_bwd must be True or False, got "
          f"{self.attention_short_persistent_bwd!r}")
-    need(isinstance(self.attention_short_one_pass_bwd, bool),
-         f"attention_short_one_pass_bwd must be True or False, got "
-         f"{self.attention_short_one_pass_bwd!r}")
     need(self.embed_grad in ("autodiff", "f32_scatter", "sorted"),
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),

@@ -87,8 +87,7 @@ class DecoderLayer(nn.Module):
     cfg = self.cfg
     bs = sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
                                      short_persistent=cfg.attention_short_persistent,
-                                     short_persistent_bwd=cfg.attention_short_persistent_bwd,
-                                     short_one_pass_bwd=cfg.attention_short_one_pass_bwd)
+                                     short_persistent_bwd=cfg.attention_short_persistent_bwd)
     return sparse_attention.attend(*args, implementation=cfg.kernels, block_sizes=bs)
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):

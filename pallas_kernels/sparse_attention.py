@@ -79,12 +79,6 @@ class BlockSizes:
     items) instead of one program per item. On an H100 (2026-12-05) no faster than the
     tiled kernels at the 0.6b step's documents: off by default and in the recipes
     (``ModelConfig.attention_short_persistent_bwd``).
-  short_one_pass_bwd: where ``short_persistent`` would apply, dQ, dK and dV in one pass
-    (``sparse_attention_short_bwd.one_pass_call``: a program per (example, kv head) keeps
-    K and V in shared memory while the group's heads stream through; a quarter of the
-    two-pass kernels' shared-memory fills). Tested interpreted and lowered for CUDA; not
-    yet compiled or timed on a GPU: off by default and in the recipes
-    (``ModelConfig.attention_short_one_pass_bwd``).
   """
 
   block_q: int = 64
@@ -98,7 +92,6 @@ class BlockSizes:
   pad_free: bool = False
   short_persistent: bool = False
   short_persistent_bwd: bool = False
-  short_one_pass_bwd: bool = False
 
   def resolved(self, compiled: bool) -> "BlockSizes":
     """Every ``None`` replaced: the fastest settings measured on an H200 (BENCHMARKS.md)."""
@@ -352,11 +345,7 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   delta_bhm = _pad_axis(delta_bhm, 2, x.m)
   do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.rows)
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
-  if bs.short_one_pass_bwd and short.applies(x.m, x.s):    # no context: x.s == 0
-    dq, dk, dv = short_bwd.one_pass_call(b, x.m, h, g, d, interpret_params=params,
-                                         rows=x.rows)(
-        x.q, do, lse_bhm, delta_bhm, x.ks, x.vs, x.sbias)
-  elif bs.short_persistent_bwd and short.applies(x.m, x.s):
+  if bs.short_persistent_bwd and short.applies(x.m, x.s):    # no context: x.s == 0
     operands = (x.q, do, lse_bhm, delta_bhm, x.ks, x.vs, x.sbias)
     dq = short_bwd.dq_call(b, x.m, h, g, d, stages, interpret_params=params,
                            rows=x.rows)(*operands)

@@ -413,7 +413,7 @@ def test_short_persistent_forward_any_number_of_programs_interpret():
                              np.where(keep, np.asarray(want), 0), atol=1e-2)
 
 
-@pytest.mark.parametrize("persistent_bwd", [False, True, "one_pass"])
+@pytest.mark.parametrize("persistent_bwd", [False, True])
 def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   """The compiled short forward (own tokens at 104 rows, pad-free: the copies reach past
   them) lowers for CUDA, forward and backward (the tiled backward kernels, or with
@@ -424,8 +424,7 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   sds = jax.ShapeDtypeStruct
   q, k = sds((b, m, h, d), jnp.bfloat16), sds((b, m, g, d), jnp.bfloat16)
   bs = sa.BlockSizes(short_persistent=True, pad_free=True,
-                     short_persistent_bwd=persistent_bwd is True,
-                     short_one_pass_bwd=persistent_bwd == "one_pass")
+                     short_persistent_bwd=persistent_bwd)
 
   def loss(q_, k_, v_, mask_):
     out = sa.attend(q_, k_, v_, mask_, implementation="pallas", block_sizes=bs,
@@ -437,30 +436,24 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   operands = [len(x.split(",")) for x in re.findall(r"custom_call @mosaic_gpu\w*\(([^)]*)\)",
                                                     text)]
   # the short forward takes (q, k, v, bias); the tiled dK/dV kernel (q, do, lse, delta, k,
-  # v, bias), the tiled dQ kernel also the context's three; both persistent ones seven;
-  # the one-pass kernel the same seven, once
-  want = {False: [4, 7, 10], True: [4, 7, 7], "one_pass": [4, 7]}[persistent_bwd]
+  # v, bias), the tiled dQ kernel also the context's three; both persistent ones seven
+  want = [4, 7, 7] if persistent_bwd else [4, 7, 10]
   assert sorted(operands) == want, operands
 
 
-@pytest.mark.parametrize("m,pad_free,switch", [
-    (104, True, "short_persistent_bwd"), (64, False, "short_persistent_bwd"),
-    (128, True, "short_persistent_bwd"), (104, True, "short_one_pass_bwd"),
-    (64, False, "short_one_pass_bwd")])
-def test_short_backwards_match_reference_interpret(m, pad_free, switch):
+@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False), (128, True)])
+def test_short_backwards_match_reference_interpret(m, pad_free):
   """``BlockSizes(short_persistent_bwd=True)`` (interpreted): the documents' dQ and dK/dV
   through ``sparse_attention_short_bwd``'s persistent kernels (fewer programs than items,
-  the last repeating one; GQA, so dK/dV sums two heads across pipeline steps), and with
-  ``short_one_pass_bwd`` through its one-pass kernel (K and V held while the group's two
-  heads stream through two slots, a warpgroup per 64-key block), equal the float32
-  reference's gradients and the tiled backward kernels'; a ragged document, one with
-  leading padding and an empty slot pass no gradient where nothing is seen."""
+  the last repeating one; GQA, so dK/dV sums two heads across pipeline steps) equal the
+  float32 reference's gradients and the tiled backward kernels'; a ragged document, one
+  with leading padding and an empty slot pass no gradient where nothing is seen."""
   valid = [[1] * m, [1] * (m - 30) + [0] * 30, [0] * 2 + [1] * (m - 2), [0] * m]
   q, k, v, smask = _inputs(17, 4, m, 4, 2, 64, 0, self_valid=valid)[:4]
   w = jax.random.normal(jax.random.key(18), q.shape)
   args = (q, k, v, smask, None, None, None)
   fwd = dict(short_persistent=True, pad_free=pad_free, warp_specialized=False)
-  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, **{switch: True}))
+  got = _grads("pallas", args, w, sa.BlockSizes(**fwd, short_persistent_bwd=True))
   _assert_bf16_close(got, _grads("xla", (*_f32(q, k, v), smask, None, None, None), w),
                      names=("dq", "dk", "dv"))
   tiled = _grads("pallas", args, w, sa.BlockSizes(**fwd))
@@ -484,31 +477,6 @@ def _short_bwd_operands(b, m, h, g, d):
   do = jax.random.normal(jax.random.key(20), q.shape).astype(jnp.bfloat16)
   delta = jax.random.normal(jax.random.key(21), (b, h, m), jnp.float32)
   return (q, do, lse, delta, k, v, bias), params
-
-
-def test_short_one_pass_backward_any_number_of_programs_interpret():
-  """``one_pass_call`` with 1, 5 (the last program repeats the final item) and one program
-  an item gives the same bits; its dK and dV equal the two-pass kernels' bit for bit (the
-  same products in the same order), its dQ to bf16 rounding (64-key steps); a shape
-  whose operands do not fit shared memory is refused by name."""
-  b, m, h, g, d = 3, 128, 4, 2, 64
-  operands, params = _short_bwd_operands(b, m, h, g, d)
-  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
-  runs = [[f32(x) for x in short_bwd.one_pass_call(b, m, h, g, d, blocks=n,
-                                                   interpret_params=params)(*operands)]
-          for n in (1, 5, b * g)]
-  for run in runs[1:]:
-    for got, want in zip(run, runs[0]):
-      np.testing.assert_array_equal(got, want)
-  dq, dk, dv = runs[0]
-  dk2, dv2 = short_bwd.dkv_call(b, m, h, g, d, blocks=2, interpret_params=params)(*operands)
-  np.testing.assert_array_equal(dk, f32(dk2))
-  np.testing.assert_array_equal(dv, f32(dv2))
-  dq2 = f32(short_bwd.dq_call(b, m, h, g, d, blocks=2, interpret_params=params)(*operands))
-  np.testing.assert_allclose(dq, dq2, atol=2e-2 * np.abs(dq2).max())
-  assert np.any(dq != 0) and np.any(dk != 0)
-  with pytest.raises(ValueError, match="shared memory"):
-    short_bwd.one_pass_call(1, 128, 2, 1, 256)
 
 
 def test_short_persistent_backward_any_number_of_programs_interpret():
@@ -535,14 +503,12 @@ def test_short_persistent_backward_any_number_of_programs_interpret():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("persistent_bwd", [False, True, "one_pass"])
+@pytest.mark.parametrize("persistent_bwd", [False, True])
 @pytest.mark.parametrize("b,m", [(4, 104), (3, 64), (5, 128)])
 def test_gpu_short_persistent_compiled(b, m, persistent_bwd):
   """``BlockSizes(short_persistent=True, pad_free=True)`` compiled at Qwen3-4B heads: the
   documents' forward as one persistent kernel (and with ``short_persistent_bwd`` their
-  dQ and dK/dV as two more, with ``short_one_pass_bwd`` as one); values and gradients as
-  the reference's."""
+  dQ and dK/dV as two more); values and gradients as the reference's."""
   bs = sa.BlockSizes(short_persistent=True, pad_free=True,
-                     short_persistent_bwd=persistent_bwd is True,
-                     short_one_pass_bwd=persistent_bwd == "one_pass")
+                     short_persistent_bwd=persistent_bwd)
   _check_compiled(b, m, 0, bs, seed=m + 7)

@@ -56,18 +56,15 @@ def test_pallas_attention_path_matches_xla(pad_free, short):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("switch", ["attention_short_persistent_bwd",
-                                    "attention_short_one_pass_bwd"])
-def test_pallas_attention_gradients_with_the_short_backwards_match_xla(switch):
-  """``attention_short_persistent_bwd`` / ``attention_short_one_pass_bwd``: the documents'
-  attention backward through the persistent dQ and dK/dV kernels or the one-pass kernel
-  (interpreted); the parameters' gradients of the LM logits equal the XLA attention's
-  within bf16 (the kernels compute in bf16). Slow (~30 s each) and off in every recipe:
-  the kernels' own gradient tests (``tests/test_kernel_sparse_attention.py``) run by
-  default."""
+def test_pallas_attention_gradients_with_the_short_backward_match_xla():
+  """``attention_short_persistent_bwd``: the documents' attention backward through the
+  persistent dQ and dK/dV kernels (interpreted); the parameters' gradients of the LM
+  logits equal the XLA attention's within bf16 (the kernels compute in bf16). Slow (~30 s)
+  and off in every recipe: the kernels' own gradient tests
+  (``tests/test_kernel_sparse_attention.py``) run by default."""
   cfg = preset("tiny", num_layers=2, router_layers=(1,), top_k=2, pooling_chunk_size=4,
                head_dim=64, attention_pad_free=True, attention_short_persistent=True,
-               **{switch: True})
+               attention_short_persistent_bwd=True)
   batch = _batch(np.random.default_rng(2))
   xla_model = MSAModel(cfg.replace(kernels="xla"))
   params = nn.unbox(xla_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])

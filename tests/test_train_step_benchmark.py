@@ -19,7 +19,6 @@ def test_absent_switches_keep_the_recipes_values():
   assert cfg.model.qk_norm_rope_vjp == "fused"
   assert cfg.model.rope_tables is False
   assert cfg.model.attention_short_persistent_bwd is False
-  assert cfg.model.attention_short_one_pass_bwd is False
 
 
 def test_switches_turn_recipe_settings_off_and_on():
@@ -32,7 +31,6 @@ def test_switches_turn_recipe_settings_off_and_on():
   assert _recipe("--attention_short_persistent").model.attention_short_persistent is True
   assert _recipe("--rope_tables").model.rope_tables is True
   assert _recipe("--attention_short_persistent_bwd").model.attention_short_persistent_bwd is True
-  assert _recipe("--attention_short_one_pass_bwd").model.attention_short_one_pass_bwd is True
 
 
 def test_compare_sets_parse_and_refuse_unknown_fields():
