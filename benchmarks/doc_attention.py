@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 
 import jax
@@ -120,13 +121,16 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None,
   device time, µs a call: the delta pass, dQ, dK/dV and the forward apart)."""
   q, k, v, mask = args
   row = {}
+  # interpreted (a CPU check of the rows, not a timing): one call a time, not 17
+  timed = (functools.partial(time_ms, warmup=0, iters=1, reps=1) if interpret
+           else functools.partial(time_ms, iters=3))
   attend = lambda impl, bs=None: (lambda q_, k_, v_: sa.attend(   # noqa: E731
       q_, k_, v_, mask, implementation=impl, block_sizes=bs, interpret=interpret))
   ref_fwd = jax.jit(attend("xla"))
   ref_fb = _forward_backward(attend("xla"))
   out_ref, grads_ref = ref_fwd(q, k, v), ref_fb(dout, q, k, v)
-  row["xla"] = {"fwd_ms": time_ms(ref_fwd, q, k, v, iters=3),
-                "fb_ms": time_ms(ref_fb, dout, q, k, v, iters=3)}
+  row["xla"] = {"fwd_ms": timed(ref_fwd, q, k, v),
+                "fb_ms": timed(ref_fb, dout, q, k, v)}
   if interpret is None:
     # cuDNN's mask is causal only: its rows past a document's end attend padding too, so
     # its error is taken over the documents' own rows (what the model reads)
@@ -136,14 +140,14 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None,
     r = row["cudnn"] = {}
     attempt(r, "fwd_err", lambda: _rel(jnp.where(keep, jax.jit(cudnn)(q, k, v), 0),
                                        jnp.where(keep, out_ref, 0)))
-    attempt(r, "fwd_ms", lambda: time_ms(jax.jit(cudnn), q, k, v, iters=3))
-    attempt(r, "fb_ms", lambda: time_ms(_forward_backward(cudnn), dout, q, k, v, iters=3))
+    attempt(r, "fwd_ms", lambda: timed(jax.jit(cudnn), q, k, v))
+    attempt(r, "fb_ms", lambda: timed(_forward_backward(cudnn), dout, q, k, v))
   for name, bs in fwd_cfgs.items():
     fn = jax.jit(attend("pallas", bs))
     r = row[f"pallas_fwd_{name}"] = {}
     attempt(r, "fwd_err", lambda fn=fn: _rel(fn(q, k, v), out_ref))
     if "fwd_err" in r:
-      attempt(r, "fwd_ms", lambda fn=fn: time_ms(fn, q, k, v, iters=3))
+      attempt(r, "fwd_ms", lambda fn=fn: timed(fn, q, k, v))
       if kernel_times:
         attempt(r, "fwd_kernels_us", lambda fn=fn: gpu_kernel_times(fn, q, k, v, calls=1))
   for name, bs in bwd_cfgs.items():
@@ -152,7 +156,7 @@ def measure(args, dout, fwd_cfgs: dict, bwd_cfgs: dict, interpret=None,
     attempt(r, "grad_err", lambda fb=fb: max(
         _rel(a, w) for a, w in zip(fb(dout, q, k, v), grads_ref)))
     if "grad_err" in r:
-      attempt(r, "fb_ms", lambda fb=fb: time_ms(fb, dout, q, k, v, iters=3))
+      attempt(r, "fb_ms", lambda fb=fb: timed(fb, dout, q, k, v))
       if kernel_times:
         attempt(r, "fb_kernels_us", lambda fb=fb: gpu_kernel_times(fb, dout, q, k, v, calls=1))
   return row

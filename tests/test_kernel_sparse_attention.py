@@ -365,7 +365,9 @@ def test_gpu_pallas_pad_free_compiled(b, m, s, ws):
   _check_compiled(b, m, s, sa.BlockSizes(pad_free=True, warp_specialized=ws), seed=m + s)
 
 
-@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False), (128, True)])
+# 128 rows (two whole query blocks) is slow-marked: 104 covers two blocks, ragged
+@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False),
+                                        pytest.param(128, True, marks=pytest.mark.slow)])
 def test_short_persistent_forward_matches_reference_interpret(m, pad_free):
   """``BlockSizes(short_persistent=True)`` (interpreted): documents with no context and at
   most 128 own tokens go through ``sparse_attention_short``'s persistent forward (fewer
@@ -441,7 +443,9 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   assert sorted(operands) == want, operands
 
 
-@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False), (128, True)])
+# 128 rows (two whole query blocks) is slow-marked: 104 covers two blocks, ragged
+@pytest.mark.parametrize("m,pad_free", [(104, True), (64, False),
+                                        pytest.param(128, True, marks=pytest.mark.slow)])
 def test_short_backwards_match_reference_interpret(m, pad_free):
   """``BlockSizes(short_persistent_bwd=True)`` (interpreted): the documents' dQ and dK/dV
   through ``sparse_attention_short_bwd``'s persistent kernels (fewer programs than items,

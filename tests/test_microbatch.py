@@ -31,7 +31,9 @@ def _setup(doc_lm_weight=0.0):
   return cfg, model, params, batch, sp.end_of_retrieval
 
 
-@pytest.mark.parametrize("k,doc_lm", [(2, 0.0), (3, 0.0), (3, 0.5)])
+# k 2 without the document loss is slow-marked: k 3 covers slicing with and without it
+@pytest.mark.parametrize("k,doc_lm", [pytest.param(2, 0.0, marks=pytest.mark.slow), (3, 0.0),
+                                      (3, 0.5)])
 def test_accumulated_gradient_and_metrics_equal_the_full_batch(k, doc_lm):
   """Also with the document LM loss (the tiny recipe's drill): its slices' document target
   counts differ too, and each is weighted by its share."""

@@ -289,28 +289,38 @@ def loss_terms(model, variables, batch, deltas=None):
   return lm, aux, out
 
 
-def test_remat_equals_no_remat_values_and_grads(setup):
+def _value_and_grad(m, variables, batch):
+  """``((L_LM + 0.1 L_aux, the model's output), gradients)`` of model ``m``."""
+  def f(v):
+    lm, aux, out = loss_terms(m, v, batch)
+    return lm + 0.1 * aux, out
+  return jax.jit(jax.value_and_grad(f, has_aux=True))(variables)
+
+
+@pytest.fixture(scope="module")
+def baseline(setup):
+  """The setup model's :func:`_value_and_grad`, computed once for every comparison."""
+  model, variables, batch = setup
+  return _value_and_grad(model, variables, batch)
+
+
+def test_remat_equals_no_remat_values_and_grads(setup, baseline):
   """``ModelConfig(remat=True)`` recomputes, it does not change the math: same parameter
   tree, same logits (normwise 1e-5) and same gradients of L_LM + 0.1 L_aux (normwise 1e-5)."""
   model, variables, batch = setup
   remat_model = type(model)(CFG.replace(remat=True))
   shapes = nn.meta.unbox(jax.eval_shape(remat_model.init, jax.random.PRNGKey(0), batch))
   assert jax.tree_util.tree_structure(shapes) == jax.tree_util.tree_structure(variables)
-  _assert_same_values_and_grads(setup, remat_model, 1e-5)
+  _assert_same_values_and_grads(setup, baseline, remat_model, 1e-5)
 
 
-def _assert_same_values_and_grads(setup, other, logits_rtol):
+def _assert_same_values_and_grads(setup, baseline, other, logits_rtol):
   """``other`` (the setup's model with another implementation) gives the same logits
-  (normwise ``logits_rtol``), selection and gradients of L_LM + 0.1 L_aux (normwise 1e-5)."""
-  model, variables, batch = setup
-
-  def value_and_grad(m):
-    def f(v):
-      lm, aux, out = loss_terms(m, v, batch)
-      return lm + 0.1 * aux, out
-    return jax.jit(jax.value_and_grad(f, has_aux=True))(variables)
-  (_, a), ga = value_and_grad(model)
-  (_, b_), gb = value_and_grad(other)
+  (normwise ``logits_rtol``), selection and gradients of L_LM + 0.1 L_aux (normwise 1e-5)
+  as the setup's model (``baseline``: its :func:`_value_and_grad`)."""
+  _, variables, batch = setup
+  (_, a), ga = baseline
+  (_, b_), gb = _value_and_grad(other, variables, batch)
   assert R.rel_err(b_.logits_bmv, a.logits_bmv) < logits_rtol
   np.testing.assert_array_equal(np.asarray(b_.selected_brk), np.asarray(a.selected_brk))
   for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(ga), jax.tree_util.tree_leaves(gb)):
@@ -324,7 +334,8 @@ def _assert_same_values_and_grads(setup, other, logits_rtol):
     (dict(rope_tables=True), 1e-6),
     (dict(qk_norm_rope_vjp="fused"), 1e-5),
     (dict(rope_tables=True, qk_norm_rope_vjp="fused"), 1e-5)])
-def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches, logits_rtol):
+def test_hand_written_backwards_equal_autodiff_through_the_model(setup, baseline, switches,
+                                                                logits_rtol):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
   backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one forward pass
   and one backward for the q/k norms and RoPE; with ``rope_tables=True`` reading RoPE's
@@ -334,7 +345,7 @@ def test_hand_written_backwards_equal_autodiff_through_the_model(setup, switches
   assert CFG.embed_grad == "f32_scatter" and CFG.rms_norm_vjp == "autodiff"
   assert CFG.qk_norm_rope_vjp == "autodiff"
   other = type(setup[0])(CFG.replace(**switches))
-  _assert_same_values_and_grads(setup, other, logits_rtol)
+  _assert_same_values_and_grads(setup, baseline, other, logits_rtol)
 
 
 BF16_RTOL = 6e-2         # logits, normwise relative; measured 3.3e-2 on this model

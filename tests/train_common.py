@@ -1,5 +1,6 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
 the training setups (compiled steps) shared by the training runs of one test module."""
+import contextlib
 import copy
 import json
 import os
@@ -53,6 +54,13 @@ def small_cfg():
   return cfg
 
 
+# Config fields the run loop reads and ``TrainSetup`` (its init and step programs) never
+# does: runs differing only in these share one compiled step. (``seed`` reaches the init
+# program as an argument, ``optim.max_update_ratio`` only the loop's save guard.)
+NOT_IN_THE_STEP = ("seed", "log_every_steps", "tensorboard", "checkpoint", "eval",
+                   "data.worker_count", "optim.max_update_ratio")
+
+
 @pytest.fixture(scope="module")
 def shared_train_setups():
   """``train_and_evaluate`` in the module reuses the ``TrainSetup`` (and so the jitted,
@@ -61,17 +69,27 @@ def shared_train_setups():
 
   In-process, so nothing is traced again or read back from disk (XLA's persistent cache
   did this before). Sharing is safe because a ``TrainSetup`` holds no run state: the key is
-  the whole config (JSON) with the model config and the mesh, and the setup is built from
-  a copy of the config, so a test changing its config afterwards cannot reach a shared
-  step. Module-wide only: ``conftest._free_compiled_programs`` frees the compiled programs
-  after each module.
+  the config (JSON) less the fields :data:`NOT_IN_THE_STEP` (the run loop's, never read by
+  ``TrainSetup``) with the model config and the mesh, and the setup is built from a copy
+  of the config, so a test changing its config afterwards cannot reach a shared step.
+  Module-wide only: ``conftest._free_compiled_programs`` frees the compiled programs after
+  each module.
   """
   from msa_jax import trainer
   build = trainer.TrainSetup
   setups = {}
 
   def shared(cfg, mesh, model_cfg=None):
-    key = (cfg.to_json_best_effort(sort_keys=True), repr(model_cfg), mesh.axis_names,
+    step_cfg = copy.deepcopy(cfg)
+    with step_cfg.unlocked() if hasattr(step_cfg, "unlocked") else contextlib.nullcontext():
+      for path in NOT_IN_THE_STEP:
+        *parents, leaf = path.split(".")
+        node = step_cfg
+        for name in parents:
+          node = node.get(name) if node is not None else None
+        if node is not None and leaf in node:
+          del node[leaf]
+    key = (step_cfg.to_json_best_effort(sort_keys=True), repr(model_cfg), mesh.axis_names,
            mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
     if key not in setups:
       setups[key] = build(copy.deepcopy(cfg), mesh, model_cfg)
