@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import time
 
@@ -31,7 +30,7 @@ def _parse(argv=None):
   p.add_argument("--impls", default="threefry2x32,rbg,unsafe_rbg",
                  help="jax.random key implementations to draw the parameters with")
   p.add_argument("--tiny", action="store_true", help="the recipes' structure at tiny sizes")
-  p.add_argument("--out", default="", help="JSON path (default: benchmarks/results/)")
+  p.add_argument("--out", default="", help="JSON path (default: $OUT or benchmarks/results/)")
   return p.parse_args(argv)
 
 
@@ -63,6 +62,7 @@ def time_init(setup, impl: str, seed: int = 0):
 
 def main(argv=None) -> dict:
   args = _parse(argv)
+  from benchmarks import out_dir, write_json
   from benchmarks import train_step as ts
   from msa_jax import sharding, trainer
   cache_was = jax.config.jax_enable_compilation_cache
@@ -81,13 +81,9 @@ def main(argv=None) -> dict:
               f"({row['params'] / 1e9:.2f}B parameters)", flush=True)
   finally:
     jax.config.update("jax_enable_compilation_cache", cache_was)
-  result = {"device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
-            "rows": rows}
-  out = args.out or os.path.join("benchmarks", "results",
-                                 f"init_time_{jax.default_backend()}.json")
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out, "w") as f:
-    json.dump(result, f, indent=1)
+  result = {"rows": rows}
+  out = args.out or os.path.join(out_dir(), f"init_time_{jax.default_backend()}.json")
+  write_json(out, result)
   print(f"wrote {out}")
   return result
 
