@@ -80,6 +80,11 @@
 #                                                  # apart: which is far from its bytes),
 #                                                  # then the step with and without the
 #                                                  # persistent one
+#   STAGE=compile_parallel bash benchmarks/issue10_gpu.sh  # XLA's LLVM codegen split over
+#                                                  # the host's cores: the init program
+#                                                  # (benchmarks/init_time.py) with and
+#                                                  # without it, then the step's compile
+#                                                  # (--steps 0) with it
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -87,7 +92,7 @@
 # Logs and JSON go to $OUT/issue10_<stage>/ (OUT defaults to /tmp/out). DRY=1 prints the
 # commands instead of running them. BATCH=16 runs the 0.6b steps at batch 16 (an H100).
 set -u
-STAGES="profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -204,6 +209,14 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;attention_short_persistent_bwd=true" \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_short_bwd.json" ;;
+  compile_parallel)
+    PAR="--xla_gpu_enable_llvm_module_compilation_parallelism=true --xla_gpu_force_compilation_parallelism=$(nproc)"
+    step init_parallel 80 env XLA_FLAGS="$PAR" $PY -m benchmarks.init_time --variants 0.6b \
+      --impls threefry2x32 --out "$DIR/init_time_0.6b_parallel.json"
+    step init_default 110 $PY -m benchmarks.init_time --variants 0.6b --impls threefry2x32 \
+      --out "$DIR/init_time_0.6b_default.json"
+    step step_parallel 110 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false $PAR" \
+      $PY "${STEP[@]}" --steps 0 --out "$DIR/train_step_0.6b_b${BATCH}_compile_parallel.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
