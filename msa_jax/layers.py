@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msa_jax import batched_init
 from msa_jax.config import ModelConfig
 
 
@@ -17,7 +18,7 @@ def dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> 
   return nn.Dense(
       features, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
       kernel_init=nn.with_logical_partitioning(
-          nn.initializers.normal(cfg.initializer_range), axes),
+          batched_init.normal(cfg.initializer_range), axes),
       name=name)
 
 

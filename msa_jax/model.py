@@ -23,6 +23,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from msa_jax import batched_init
 from msa_jax import positions as positions_lib
 from msa_jax.batch import MSABatch
 from msa_jax.config import ModelConfig
@@ -80,7 +81,7 @@ class MSAModel(nn.Module):
         cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
         grad=cfg.embed_grad,
         embedding_init=nn.with_logical_partitioning(
-            nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")),
+            batched_init.normal(cfg.initializer_range), ("vocab", "embed")),
         name="embed_tokens")
     layer_cls = (nn.remat(DecoderLayer, methods=["encode", "active"],
                           policy=remat_policy_fn(cfg.remat_policy))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 
-from msa_jax import losses, microbatch
+from msa_jax import batched_init, losses, microbatch
 from msa_jax.batch import MSABatch
 from msa_jax.model import MSAModel, lm_head_weight_vd, routing_mask
 from msa_jax.optimizer import learning_rate_schedule, loss_weights
@@ -26,8 +26,12 @@ class TrainState:
 
 
 def init_train_state(model: MSAModel, tx: optax.GradientTransformation, rng, example_ids):
-  """Fresh parameters (boxed with logical axis names) and optimizer state."""
-  params = model.init(rng, example_ids)["params"]
+  """Fresh parameters (boxed with logical axis names) and optimizer state. The weights'
+  random draws are made one call per group of alike matrices
+  (:func:`msa_jax.batched_init.grouped_draws`: the same values as ``model.init``, from a
+  program with fewer kernels to compile); ``model`` without remat keeps the grouping whole
+  (a lifted transform makes it fall back to drawing each alone)."""
+  params = batched_init.grouped_draws(lambda: model.init(rng, example_ids))["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
