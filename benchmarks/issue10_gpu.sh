@@ -80,11 +80,12 @@
 #                                                  # apart: which is far from its bytes),
 #                                                  # then the step with and without the
 #                                                  # persistent one
-#   STAGE=compile_parallel bash benchmarks/issue10_gpu.sh  # XLA's LLVM codegen split over
-#                                                  # the host's cores: the init program
-#                                                  # (benchmarks/init_time.py) with and
-#                                                  # without it, then the step's compile
-#                                                  # (--steps 0) with it
+#   STAGE=compile_parallel bash benchmarks/issue10_gpu.sh  # the init program's draws grouped
+#                                                  # and per parameter
+#                                                  # (benchmarks/init_time.py), then with
+#                                                  # XLA's LLVM codegen split over the
+#                                                  # host's cores, then the step's compile
+#                                                  # (--steps 0) with that split
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -211,10 +212,10 @@ case "$STAGE" in
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_compare_short_bwd.json" ;;
   compile_parallel)
     PAR="--xla_gpu_enable_llvm_module_compilation_parallelism=true --xla_gpu_force_compilation_parallelism=$(nproc)"
-    step init_parallel 80 env XLA_FLAGS="$PAR" $PY -m benchmarks.init_time --variants 0.6b \
-      --impls threefry2x32 --out "$DIR/init_time_0.6b_parallel.json"
-    step init_default 110 $PY -m benchmarks.init_time --variants 0.6b --impls threefry2x32 \
+    step init_default 150 $PY -m benchmarks.init_time --variants 0.6b \
       --out "$DIR/init_time_0.6b_default.json"
+    step init_parallel 120 env XLA_FLAGS="$PAR" $PY -m benchmarks.init_time --variants 0.6b \
+      --out "$DIR/init_time_0.6b_parallel.json"
     step step_parallel 110 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false $PAR" \
       $PY "${STEP[@]}" --steps 0 --out "$DIR/train_step_0.6b_b${BATCH}_compile_parallel.json" ;;
   triton)
