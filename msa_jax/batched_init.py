@@ -1,4 +1,4 @@
-"""Parameter initialisation with each group of alike random draws made in one call.
+"""Parameter initialisation with each group of alike random draws made in one loop.
 
 A fresh model's init program draws every weight matrix apart: at the 0.6b recipe, 197
 normal draws of 1-156M elements, each (a threefry hash and the normal transform) compiled
@@ -6,14 +6,14 @@ by XLA into kernels of its own. That program took 62-90 s to compile on an H100 
 0.02 s (BENCHMARKS.md, session 33). Drawing the same matrices with the same keys in one
 loop per (shape, dtype, scale) gives the same values (a key's draw does not depend on the
 others drawn beside it) from a program that compiles each group's draw once: on the CPU
-the 0.6b init program went from 2,931 fusions to ~1,660 and from ~21 to ~14 s of
-compile. What is left is Flax's key per parameter (one ``fold_in`` of the parameter's
+the 0.6b init program went from 2,947 fusions to 1,679 and from 15.1 to 10.0 s of compile
+(``python -m benchmarks.init_time``). What is left is Flax's key per parameter (one ``fold_in`` of the parameter's
 path each, 338 at 0.6b, ~1,600 small fusions on the CPU).
 
 * :func:`normal` is ``jax.nn.initializers.normal`` that, inside :func:`grouped_draws`,
   records its key and returns a placeholder instead of drawing;
-* :func:`grouped_draws` runs a Flax ``init`` that way, then draws each group in one call
-  and puts the values where the placeholders were.
+* :func:`grouped_draws` runs a Flax ``init`` that way, then draws each group in one loop
+  over its keys and puts the values where the placeholders were.
 
 Outside :func:`grouped_draws` :func:`normal` draws at once, as the plain initializer.
 """
@@ -48,8 +48,8 @@ def normal(stddev: float):
 
 def grouped_draws(init_fn: Callable[[], Any]) -> Any:
   """``init_fn()`` (e.g. ``lambda: model.init(rng, ids)``) with :func:`normal`'s draws made
-  one vmapped call per (shape, dtype, stddev): the same values, bit for bit, as calling
-  ``init_fn()`` alone.
+  in one loop per (shape, dtype, stddev): the same values, bit for bit, as calling
+  ``init_fn()`` alone (each jitted).
 
   Each placeholder must reach ``init_fn``'s result unchanged (a parameter created inside a
   lifted transform such as ``nn.remat`` or ``nn.scan`` leaves it as another array): if one

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Any, Optional
 
 import jax.numpy as jnp
+from absl import logging
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # What a rematerialised layer keeps for the backward (``model.remat_policy_fn``): "none"
@@ -208,6 +209,7 @@ class ModelConfig:
     """Builds from a dict or ``ml_collections.ConfigDict``; unknown keys are errors."""
     d = dict(d.to_dict() if hasattr(d, "to_dict") else d)
     _upgrade_router_detach(d)
+    _drop_retired_switches(d)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - names)
     if unknown:
@@ -224,6 +226,23 @@ class ModelConfig:
     if d["router_layers"] is not None:
       d["router_layers"] = list(d["router_layers"])
     return d
+
+
+# Compute switches whose code was removed (each chose how, not what, the model computes):
+# a saved config's value is dropped; what replaced it computes the same values and gradients
+# up to rounding. Name: why it went.
+RETIRED_SWITCHES = {
+    "attention_short_one_pass_bwd": "the documents' one-pass attention backward, 1.6 x "
+                                    "slower than the two-pass kernels on an H100 (session 33)",
+}
+
+
+def _drop_retired_switches(d: dict) -> None:
+  """Drops :data:`RETIRED_SWITCHES` from a saved config's dict, warning where one was on."""
+  for name, why in RETIRED_SWITCHES.items():
+    if d.pop(name, False):
+      logging.warning("model config: %s=True is ignored: removed (%s); the model computes "
+                      "the same values with the remaining kernels", name, why)
 
 
 def _upgrade_router_detach(d: dict) -> None:

@@ -58,3 +58,17 @@ def test_unknown_keys_are_rejected():
 def test_config_round_trips_through_dict():
   cfg = tiny(router_layers=(0, 3), rope_mode="global")
   assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_a_saved_retired_switch_loads_and_says_so_when_it_was_on(caplog):
+  """A config saved while ``attention_short_one_pass_bwd`` existed (sessions 32-33) loads:
+  the switch is dropped (it chose how, not what, the model computes), with a warning
+  where it was on; any other unknown key is still an error."""
+  import logging
+  base = ModelConfig().to_dict()
+  assert ModelConfig.from_dict({**base, "attention_short_one_pass_bwd": False}) == ModelConfig()
+  with caplog.at_level(logging.WARNING):
+    cfg = ModelConfig.from_dict({**base, "attention_short_one_pass_bwd": True})
+  assert cfg == ModelConfig() and "attention_short_one_pass_bwd=True is ignored" in caplog.text
+  with pytest.raises(ValueError, match="unknown keys"):
+    ModelConfig.from_dict({**base, "attention_short_two_pass_bwd": True})
