@@ -7,8 +7,8 @@ by XLA into kernels of its own. That program took 62-90 s to compile on an H100 
 loop per (shape, dtype, scale) gives the same values (a key's draw does not depend on the
 others drawn beside it) from a program that compiles each group's draw once: on the CPU
 the 0.6b init program went from 2,947 fusions to 1,679 and from 15.1 to 10.0 s of compile
-(``python -m benchmarks.init_time``). What is left is Flax's key per parameter (one ``fold_in`` of the parameter's
-path each, 338 at 0.6b, ~1,600 small fusions on the CPU).
+(``python -m benchmarks.init_time``). What is left is Flax's key per parameter (one
+``fold_in`` of the parameter's path each, 338 at 0.6b, ~1,600 small fusions on the CPU).
 
 * :func:`normal` is ``jax.nn.initializers.normal`` that, inside :func:`grouped_draws`,
   records its key and returns a placeholder instead of drawing;
