@@ -15,7 +15,8 @@ from tests import reference_numpy as R
 fast_compile = R.fast_compile_fixture()
 
 
-@pytest.mark.parametrize("gaps", [0, 5])
+# facts with gaps between them only move the lookup's target: slow-marked
+@pytest.mark.parametrize("gaps", [0, pytest.param(5, marks=pytest.mark.slow)])
 def test_recorded_attention_and_head_table(gaps):
   cfg = get_config("tiny")
   cfg.data.kv.fact_gaps = gaps

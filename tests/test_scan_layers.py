@@ -98,8 +98,7 @@ def test_scanned_forward_and_grads_equal_unrolled(cfg):
 
 
 @pytest.mark.parametrize("cfg,policy", [
-    (SMOKE, "full"), (SMOKE.replace(qk_norm_rope_vjp="fused"), "mlp_input"),
-    (SMOKE.replace(rope_tables=True, qk_norm_rope_vjp="fused"), "full"),
+    (SMOKE, "full"), (SMOKE.replace(rope_tables=True, qk_norm_rope_vjp="fused"), "mlp_input"),
     pytest.param(SPLIT, "dots", marks=pytest.mark.slow)])
 def test_scan_with_remat_policy_equals_unrolled_without_remat(cfg, policy):
   batch, params = _case(cfg, seed=3)
