@@ -54,3 +54,17 @@ def test_compare_ratios_are_against_the_first_set_at_the_same_shape():
           dict(row, batch=8, compare="base")]            # compiled only: no ratio
   train_step.add_compare_ratios(rows)
   assert [r.get("step_vs_first") for r in rows] == [1.0, 0.75, 1.0, 1.25, None]
+
+
+def test_overlapped_init_gives_the_same_state_and_step(tmp_path):
+  """``--overlap_init`` initialises the state in another thread while the step compiles:
+  the same state, so the same loss after the same step, and the row says how it ran."""
+  rows = {}
+  for overlap in (False, True):
+    out = tmp_path / f"ts_{overlap}.json"
+    argv = ["--tiny", "--variants", "0.6b", "--memory", "1024", "--batches", "8",
+            "--steps", "1", "--out", str(out)] + (["--overlap_init"] if overlap else [])
+    result = train_step.main(train_step._parse(argv))
+    (rows[overlap],) = [r for r in result["rows"] if "loss" in r]
+  assert rows[True]["overlap_init"] is True and rows[False]["overlap_init"] is False
+  assert rows[True]["loss"] == rows[False]["loss"] > 0
