@@ -2,7 +2,7 @@
 
 On an H100 (2026-12-05) the 0.6b recipe's init program, each weight matrix drawn apart,
 compiled for 62-90 s (whatever the key implementation) and ran in 0.02 s: XLA compiled each
-of its 197 normal draws into ~15 kernels. The trainer now draws each group of alike
+of its 197 normal draws into kernels of its own. The trainer now draws each group of alike
 matrices in one loop (``msa_jax.batched_init``; the same values). This times the init
 program both ways, ``grouped`` (the trainer's: ``TrainSetup``'s init model, without remat)
 and ``per_param`` (every draw apart, as before), for each key implementation asked

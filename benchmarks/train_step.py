@@ -186,6 +186,34 @@ def take_rows(batch, n: int):
   return jax.tree.map(lambda x: np.asarray(x)[:n], batch)
 
 
+def _compile(setup, dev_batch, init_beside: bool):
+  """``(compiled step, row)``: the step compiled for ``dev_batch`` with its compile time,
+  XLA's memory analysis and FLOP count; raises ``MemoryError`` (the row attached as
+  ``partial_row``) when it needs more than the device has. ``init_beside``: the state is
+  initialising in another thread meanwhile (said in the row and the printout)."""
+  t0 = time.perf_counter()
+  compiled = setup.lower_step(dev_batch).compile()
+  compile_s = time.perf_counter() - t0
+  mem = compiled.memory_analysis()
+  need = compiled_need_bytes(compiled)
+  row = {"compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
+         "args_gib": mem.argument_size_in_bytes / 2 ** 30, "needs_gib": need / 2 ** 30,
+         "overlap_init": init_beside}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  row["xla_flops"] = float(cost.get("flops", 0.0))
+  print(f"    compiled in {compile_s:.1f} s"
+        f"{' (the state initialising beside it)' if init_beside else ''}; "
+        f"memory_analysis {need / 2 ** 30:.1f} GiB", flush=True)
+  limit = device_memory_stat("bytes_limit")
+  if limit and need > limit:
+    err = MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
+                      f"{limit / 2 ** 30:.1f} GiB")
+    err.partial_row = row   # a batch that does not fit still reports its compile time
+    raise err
+  return compiled, row
+
+
 def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: str = "",
             overlap_init: bool = False) -> dict:
   """Compile and time the training step on ``batch``; raises on out-of-memory. With
@@ -201,33 +229,12 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: s
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
     pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(cfg.seed)))
     pool.shutdown(wait=False)
-  t0 = time.perf_counter()
   try:
-    compiled = setup.lower_step(dev_batch).compile()
+    compiled, row = _compile(setup, dev_batch, pending is not None)
   except BaseException:
     if pending is not None:
       concurrent.futures.wait([pending])   # no initialisation left running past this batch
     raise
-  compile_s = time.perf_counter() - t0
-  mem = compiled.memory_analysis()
-  need = compiled_need_bytes(compiled)
-  row = {"compile_s": compile_s, "temp_gib": mem.temp_size_in_bytes / 2 ** 30,
-         "args_gib": mem.argument_size_in_bytes / 2 ** 30, "needs_gib": need / 2 ** 30,
-         "overlap_init": pending is not None}
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  row["xla_flops"] = float(cost.get("flops", 0.0))
-  print(f"    compiled in {compile_s:.1f} s"
-        f"{' (the state initialising beside it)' if pending is not None else ''}; "
-        f"memory_analysis {need / 2 ** 30:.1f} GiB", flush=True)
-  limit = device_memory_stat("bytes_limit")
-  if limit and need > limit:
-    if pending is not None:
-      concurrent.futures.wait([pending])
-    err = MemoryError(f"memory_analysis needs {need / 2 ** 30:.1f} GiB of "
-                      f"{limit / 2 ** 30:.1f} GiB")
-    err.partial_row = row   # a batch that does not fit still reports its compile time
-    raise err
   if steps == 0:      # compile only: what XLA's memory_analysis says the step needs
     return row
   t0 = time.perf_counter()

@@ -19,8 +19,7 @@ REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
 # may change them on resume (run_config.MAY_CHANGE_ON_RESUME).
 COMPUTE_SWITCHES = ("remat", "remat_policy", "scan_layers", "kernels", "rms_norm_vjp",
                     "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
-                    "attention_short_persistent", "attention_short_persistent_bwd",
-                    "rope_tables")
+                    "attention_short_persistent", "attention_short_persistent_bwd", "rope_tables")
 # Fields that change neither the parameters nor the forward values: the compute switches and
 # the router's gradient into the trunk (which does change training). A bank's model
 # fingerprint and ``init_from``'s checkpoint check leave them out.

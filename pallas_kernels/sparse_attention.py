@@ -345,7 +345,7 @@ def _backward(q_bmhd, k_self_bmgd, v_self_bmgd, self_mask_bm, k_ctx_bsgd, v_ctx_
   delta_bhm = _pad_axis(delta_bhm, 2, x.m)
   do = _pad_axis(dout.astype(jnp.bfloat16), 1, x.rows)
   bq, bk, stages = bs.bwd_block_q, bs.bwd_block_kv, bs.bwd_stages
-  if bs.short_persistent_bwd and short.applies(x.m, x.s):    # no context: x.s == 0
+  if bs.short_persistent_bwd and short.applies(x.m, x.s):   # no context: x.s == 0
     operands = (x.q, do, lse_bhm, delta_bhm, x.ks, x.vs, x.sbias)
     dq = short_bwd.dq_call(b, x.m, h, g, d, stages, interpret_params=params,
                            rows=x.rows)(*operands)

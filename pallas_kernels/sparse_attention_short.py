@@ -43,15 +43,16 @@ def applies(m: int, s: int) -> bool:
   return s == 0 and 0 < m <= SHORT_ROWS and m % BLOCK_Q == 0
 
 
-def check_fits(m: int, d: int, smem: int, kernel: str, fix: str) -> None:
-  """Refuses, by name, a shape no short kernel covers (:func:`applies`) or a kernel whose
-  ``smem`` bytes exceed an SM's shared memory (``fix``: what to change)."""
+def check_fits(m: int, d: int, stages: int, smem: int, kernel: str, stages_field: str) -> None:
+  """Refuses, by name, a shape no short kernel covers (:func:`applies`) or ``stages``
+  whose ``smem`` bytes exceed an SM's shared memory."""
   if not applies(m, 0):
     raise ValueError(f"the short {kernel} takes one tile of at most {SHORT_ROWS} own rows "
                      f"in blocks of {BLOCK_Q}, got m={m}")
   if smem > SMEM_BYTES:
-    raise ValueError(f"the short {kernel} needs {smem} bytes of shared memory at m={m}, "
-                     f"D={d}, more than an SM's {SMEM_BYTES}: {fix}")
+    raise ValueError(f"the short {kernel}'s {stages} stages need {smem} bytes of shared "
+                     f"memory at m={m}, D={d}, more than an SM's {SMEM_BYTES}: use fewer "
+                     f"stages ({stages_field})")
 
 
 class QueryBlockItems:
@@ -102,8 +103,7 @@ def forward_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_para
   ``[B, m]`` f32 (0 visible, ``MASKED`` not). ``blocks`` programs (0: one per SM);
   ``stages`` items in flight a program; ``zero_unseen`` as in ``tiles.finish_rows``.
   """
-  check_fits(m, d, smem_bytes(m, d, stages), f"forward with {stages} stages",
-             "use fewer stages (BlockSizes.stages)")
+  check_fits(m, d, stages, smem_bytes(m, d, stages), "forward", "BlockSizes.stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK_Q

@@ -76,8 +76,7 @@ def dq_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=No
   ``[B, H, m]`` f32; sbias ``[B, m]`` f32 (0 visible, ``MASKED`` not). ``blocks`` programs
   (0: one per SM), ``stages`` items in flight a program.
   """
-  check_fits(m, d, dq_smem_bytes(m, d, stages), f"dQ kernel with {stages} stages",
-             "use fewer stages (BlockSizes.bwd_stages)")
+  check_fits(m, d, stages, dq_smem_bytes(m, d, stages), "dQ kernel", "BlockSizes.bwd_stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bq = BLOCK
@@ -141,8 +140,8 @@ def dkv_call(b, m, h, g, d, stages: int = 2, blocks: int = 0, interpret_params=N
              rows=None):
   """``plgpu.kernel``: ``(q, do, lse, delta, ks, vs, sbias) -> (dk, dv)``, each
   ``[B, rows, G, D]`` bf16. Operands as in :func:`dq_call`."""
-  check_fits(m, d, dkv_smem_bytes(m, d, stages), f"dK/dV kernel with {stages} stages",
-             "use fewer stages (BlockSizes.bwd_stages)")
+  check_fits(m, d, stages, dkv_smem_bytes(m, d, stages), "dK/dV kernel",
+             "BlockSizes.bwd_stages")
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   bk = bq = BLOCK

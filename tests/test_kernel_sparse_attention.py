@@ -425,8 +425,7 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
   b, m, h, g, d = 3, 104, 4, 2, 128
   sds = jax.ShapeDtypeStruct
   q, k = sds((b, m, h, d), jnp.bfloat16), sds((b, m, g, d), jnp.bfloat16)
-  bs = sa.BlockSizes(short_persistent=True, pad_free=True,
-                     short_persistent_bwd=persistent_bwd)
+  bs = sa.BlockSizes(short_persistent=True, pad_free=True, short_persistent_bwd=persistent_bwd)
 
   def loss(q_, k_, v_, mask_):
     out = sa.attend(q_, k_, v_, mask_, implementation="pallas", block_sizes=bs,
@@ -439,14 +438,13 @@ def test_short_persistent_path_lowers_for_the_gpu(persistent_bwd):
                                                     text)]
   # the short forward takes (q, k, v, bias); the tiled dK/dV kernel (q, do, lse, delta, k,
   # v, bias), the tiled dQ kernel also the context's three; both persistent ones seven
-  want = [4, 7, 7] if persistent_bwd else [4, 7, 10]
-  assert sorted(operands) == want, operands
+  assert sorted(operands) == ([4, 7, 7] if persistent_bwd else [4, 7, 10]), operands
 
 
 # 128 rows (two whole query blocks) is slow-marked: 104 covers two blocks, ragged
 @pytest.mark.parametrize("m,pad_free", [(104, True), (64, False),
                                         pytest.param(128, True, marks=pytest.mark.slow)])
-def test_short_backwards_match_reference_interpret(m, pad_free):
+def test_short_persistent_backward_matches_reference_interpret(m, pad_free):
   """``BlockSizes(short_persistent_bwd=True)`` (interpreted): the documents' dQ and dK/dV
   through ``sparse_attention_short_bwd``'s persistent kernels (fewer programs than items,
   the last repeating one; GQA, so dK/dV sums two heads across pipeline steps) equal the
@@ -468,10 +466,12 @@ def test_short_backwards_match_reference_interpret(m, pad_free):
   assert np.all(np.asarray(got[1][1, m - 30:]) == 0)
 
 
-def _short_bwd_operands(b, m, h, g, d):
-  """Interpreted operands of the short backward kernels (q, dO, lse, Δ, K, V, bias): three
-  documents of 128, 90 and 0 valid rows, lse from the short forward, random dO and Δ."""
+def test_short_persistent_backward_any_number_of_programs_interpret():
+  """``sparse_attention_short_bwd``'s kernels with 1, 5 (the last program repeats the
+  final item; for dK/dV all of its heads) and one program an item give the same
+  gradients bit for bit; too many stages for shared memory is refused by name."""
   from pallas_kernels import _platform
+  b, m, h, g, d = 3, 128, 4, 2, 64
   q, k, v, smask = _inputs(19, b, m, h, g, d, 0, self_valid=np.arange(m)[None] < np.array(
       [[128], [90], [0]]))[:4]
   bias = sa._bias(smask)
@@ -480,15 +480,7 @@ def _short_bwd_operands(b, m, h, g, d):
       q, k, v, bias)
   do = jax.random.normal(jax.random.key(20), q.shape).astype(jnp.bfloat16)
   delta = jax.random.normal(jax.random.key(21), (b, h, m), jnp.float32)
-  return (q, do, lse, delta, k, v, bias), params
-
-
-def test_short_persistent_backward_any_number_of_programs_interpret():
-  """``sparse_attention_short_bwd``'s kernels with 1, 5 (the last program repeats the
-  final item; for dK/dV all of its heads) and one program an item give the same
-  gradients bit for bit; too many stages for shared memory is refused by name."""
-  b, m, h, g, d = 3, 128, 4, 2, 64
-  operands, params = _short_bwd_operands(b, m, h, g, d)
+  operands = (q, do, lse, delta, k, v, bias)
   dqs = [short_bwd.dq_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
          for n in (1, 5, b * h * 2)]
   dkvs = [short_bwd.dkv_call(b, m, h, g, d, blocks=n, interpret_params=params)(*operands)
@@ -513,6 +505,5 @@ def test_gpu_short_persistent_compiled(b, m, persistent_bwd):
   """``BlockSizes(short_persistent=True, pad_free=True)`` compiled at Qwen3-4B heads: the
   documents' forward as one persistent kernel (and with ``short_persistent_bwd`` their
   dQ and dK/dV as two more); values and gradients as the reference's."""
-  bs = sa.BlockSizes(short_persistent=True, pad_free=True,
-                     short_persistent_bwd=persistent_bwd)
+  bs = sa.BlockSizes(short_persistent=True, pad_free=True, short_persistent_bwd=persistent_bwd)
   _check_compiled(b, m, 0, bs, seed=m + 7)

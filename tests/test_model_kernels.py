@@ -56,12 +56,12 @@ def test_pallas_attention_path_matches_xla(pad_free, short):
 
 
 @pytest.mark.slow
-def test_pallas_attention_gradients_with_the_short_backward_match_xla():
+def test_pallas_attention_gradients_with_the_persistent_backward_match_xla():
   """``attention_short_persistent_bwd``: the documents' attention backward through the
   persistent dQ and dK/dV kernels (interpreted); the parameters' gradients of the LM
-  logits equal the XLA attention's within bf16 (the kernels compute in bf16). Slow (~30 s)
-  and off in every recipe: the kernels' own gradient tests
-  (``tests/test_kernel_sparse_attention.py``) run by default."""
+  logits equal the XLA attention's within bf16 (the kernels compute in bf16). Slow (~30
+  s) and off in every recipe (no faster than the tiled kernels on an H100): the kernels'
+  own gradient tests (``tests/test_kernel_sparse_attention.py``) run by default."""
   cfg = preset("tiny", num_layers=2, router_layers=(1,), top_k=2, pooling_chunk_size=4,
                head_dim=64, attention_pad_free=True, attention_short_persistent=True,
                attention_short_persistent_bwd=True)

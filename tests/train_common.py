@@ -1,7 +1,7 @@
 """Shared by tests/test_train_*.py: the recipe loader, a small fast training config and
 the training setups (compiled steps) shared by the training runs of one test module."""
-import contextlib
 import copy
+import functools
 import json
 import os
 
@@ -61,6 +61,18 @@ NOT_IN_THE_STEP = ("seed", "log_every_steps", "tensorboard", "checkpoint", "eval
                    "data.worker_count", "optim.max_update_ratio")
 
 
+def _step_config_json(cfg) -> str:
+  """``cfg`` as JSON less the fields :data:`NOT_IN_THE_STEP` (where present)."""
+  step_cfg = copy.deepcopy(cfg)
+  for path in NOT_IN_THE_STEP:
+    *parents, leaf = path.split(".")
+    node = functools.reduce(lambda n, name: n.get(name) if n is not None else None,
+                            parents, step_cfg)
+    if node is not None and leaf in node:
+      del node[leaf]
+  return step_cfg.to_json_best_effort(sort_keys=True)
+
+
 @pytest.fixture(scope="module")
 def shared_train_setups():
   """``train_and_evaluate`` in the module reuses the ``TrainSetup`` (and so the jitted,
@@ -80,16 +92,7 @@ def shared_train_setups():
   setups = {}
 
   def shared(cfg, mesh, model_cfg=None):
-    step_cfg = copy.deepcopy(cfg)
-    with step_cfg.unlocked() if hasattr(step_cfg, "unlocked") else contextlib.nullcontext():
-      for path in NOT_IN_THE_STEP:
-        *parents, leaf = path.split(".")
-        node = step_cfg
-        for name in parents:
-          node = node.get(name) if node is not None else None
-        if node is not None and leaf in node:
-          del node[leaf]
-    key = (step_cfg.to_json_best_effort(sort_keys=True), repr(model_cfg), mesh.axis_names,
+    key = (_step_config_json(cfg), repr(model_cfg), mesh.axis_names,
            mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
     if key not in setups:
       setups[key] = build(copy.deepcopy(cfg), mesh, model_cfg)
