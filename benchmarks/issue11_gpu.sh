@@ -3,6 +3,9 @@
 #
 #   STAGE=tests bash benchmarks/issue11_gpu.sh   # compiled GPU tests: attention, routing, run tail (~400 s)
 #   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 20 calls a sample, profiled (42 s unprofiled on an H100)
+#   STAGE=route_stages bash benchmarks/issue11_gpu.sh  # the same with 2 and 3 pipeline stages
+#                                                # (bf16: two programs an SM), then the run
+#                                                # tail's kernels alone at 100M (~250 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #   STAGE=host_kv bash benchmarks/issue11_gpu.sh # bf16 K̄/V̄ in host memory against on the
 #                                                # device at 10M (14.7 GB; at 100M 147 GB,
@@ -12,7 +15,7 @@
 # Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
 # DRY=1 prints the commands instead of running them (benchmarks/gpu_stage.sh).
 set -u
-STAGES="tests, route, ttft, host_kv or host_kv_100m"
+STAGES="tests, route, route_stages, ttft, host_kv or host_kv_100m"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue11
 source "$(dirname "$0")/gpu_stage.sh"
@@ -33,6 +36,13 @@ case "$STAGE" in
       tests/test_run_top_k.py tests/test_kernel_routing.py ;;
   route)
     step route_it20 300 $PY "${ROUTE[@]}" --timing_iters=20 --out="$DIR/it20" ;;
+  route_stages)
+    step route_stages 330 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
+      --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn \
+      --route_profile --route_impls=pallas,pallas:stages=2,pallas:stages=3 \
+      --timing_iters=20 --out="$DIR/stages"
+    step tail_profile 150 $PY -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
+      --batches 1,8 --profile ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \
