@@ -3,7 +3,9 @@
 State is initialised directly into its sharding (``eval_shape`` → logical
 partition specs → mesh shardings → ``jit(init, out_shardings=...)``), the step
 is jitted once per batch shape, checkpoints hold the state and the data
-iterator, SIGTERM saves and exits cleanly.
+iterator, SIGTERM saves and exits cleanly. A fresh run initialises its state in
+another thread while the step compiles for the first batch (on a fresh GPU machine
+each program takes ~1 minute to compile; one waits for the other no longer).
 
 What a failure never does (README "When things go wrong"): the run's
 ``config.json`` is written once and never rewritten (a resume with a different
@@ -15,6 +17,7 @@ is moved aside; the stop names the checkpoint that is good.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -216,6 +219,18 @@ class TrainSetup:
 
     self._step = jax.jit(step_in_rules, out_shardings=(self.state_shardings, None),
                          donate_argnums=(0,))
+    self._compiled: dict[Any, Any] = {}   # batch shapes → the step compiled ahead of time
+
+  def compile_step(self, batch: MSABatch) -> float:
+    """Compiles the step for ``batch``'s shapes (device arrays from ``put_batch``) ahead of
+    its first call and keeps it: :meth:`step` runs it for batches of those shapes.
+    Returns the seconds it took (0 when already compiled)."""
+    key = _shapes_key(batch)
+    if key in self._compiled:
+      return 0.0
+    t0 = time.perf_counter()
+    self._compiled[key] = self.lower_step(batch).compile()
+    return time.perf_counter() - t0
 
   def lower_step(self, batch: MSABatch):
     """The step lowered for ``batch``'s shapes (device arrays from ``put_batch``), traced
@@ -244,8 +259,17 @@ class TrainSetup:
     return jax.tree.map(put, batch)
 
   def step(self, state: TrainState, batch: MSABatch):
+    """One training step: the step compiled by :meth:`compile_step` for these shapes,
+    else the jitted step (compiled at its first call for each new shape)."""
+    compiled = self._compiled.get(_shapes_key(batch)) if self._compiled else None
     with sharding.mesh_context(self.mesh):
-      return self._step(state, batch)
+      return (compiled or self._step)(state, batch)
+
+
+def _shapes_key(batch: MSABatch):
+  """What a compiled step is specific to: the batch's structure, shapes and dtypes."""
+  leaves, treedef = jax.tree.flatten(batch)
+  return treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
 
 
 def global_norm(tree) -> jax.Array:
@@ -369,15 +393,39 @@ class _SaveGuard:
 
 
 def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bool):
-  """``(start_step, state)``: the newest checkpoint, else pretrained or fresh parameters."""
+  """``(start_step, state, first_batch)``: the newest checkpoint, else pretrained or fresh
+  parameters. ``first_batch``: the host batch of the first step when it was already
+  drawn from ``data_iter`` (a fresh start), else None."""
   restored = checkpointing.restore_latest(manager, setup.abstract_state, data_iter,
                                           fallback=fallback)
   if restored is not None:
     print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
-    return restored
+    return (*restored, None)
   if cfg.get("init_from"):
-    return 0, setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg))
-  return 0, setup.init_state(cfg.seed)
+    return 0, setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg)), None
+  if cfg.num_steps <= 0:
+    return 0, setup.init_state(cfg.seed), None
+  return (0, *_init_beside_first_compile(cfg, setup, data_iter))
+
+
+def _init_beside_first_compile(cfg, setup: TrainSetup, data_iter):
+  """``(state, first host batch)``: the fresh state initialised in another thread while
+  the step compiles for the first batch (XLA compiles outside the GIL), so a fresh run
+  waits for the longer of the two programs' compiles, not their sum. The batch is drawn
+  here and is the first step's: the data order does not change."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    t0 = time.perf_counter()
+    pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(cfg.seed)))
+    try:
+      first = next(data_iter)
+      compile_s = setup.compile_step(setup.put_batch(first))
+    except BaseException:
+      concurrent.futures.wait([pending])   # no initialisation left running past an error
+      raise
+    state = pending.result()
+  print(f"state initialised and the first step compiled in {time.perf_counter() - t0:.1f} s "
+        f"(the compile alone {compile_s:.1f} s)", flush=True)
+  return state, first
 
 
 def _record_config(workdir: str, config: dict, diffs, start_step: int) -> None:
@@ -424,14 +472,14 @@ def train_and_evaluate(cfg, workdir: str, *,
   manager = checkpointing.make_manager(workdir, cfg.checkpoint.max_to_keep,
                                        cfg.checkpoint.every_steps, cfg.checkpoint.async_save)
   try:
-    start_step, state = _restore_or_init(cfg, setup, manager, data_iter,
-                                         fallback=restore_fallback)
+    start_step, state, first_batch = _restore_or_init(cfg, setup, manager, data_iter,
+                                                      fallback=restore_fallback)
   except BaseException:
     manager.close()
     raise
   _record_config(workdir, config, diffs, start_step)
   last, state = _train_loop(cfg, workdir, setup, model_cfg, manager, data_iter, state,
-                            start_step, on_step)
+                            start_step, on_step, first_batch)
   if is_primary():   # recall / precision per router layer over the run: router_health.png
     from msa_jax import router_health
     router_health.plot(workdir, list(model_cfg.router_layer_ids))
@@ -445,8 +493,9 @@ def train_and_evaluate(cfg, workdir: str, *,
 
 
 def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, state,
-                start_step: int, on_step) -> tuple[dict[str, Any], TrainState]:
-  """Steps from ``start_step`` to ``cfg.num_steps``: logs, saves (guarded), handles SIGTERM."""
+                start_step: int, on_step, first_batch=None) -> tuple[dict[str, Any], TrainState]:
+  """Steps from ``start_step`` to ``cfg.num_steps``: logs, saves (guarded), handles SIGTERM.
+  ``first_batch``: the first step's host batch when already drawn from ``data_iter``."""
   writer = metrics_lib.MetricsWriter(workdir, cfg.get("tensorboard", True),
                                      resume_step=start_step)
   progress = metrics_lib.Progress(cfg.num_steps, start_step)
@@ -471,7 +520,8 @@ def _train_loop(cfg, workdir, setup: TrainSetup, model_cfg, manager, data_iter, 
   step = start_step
   try:
     while step < cfg.num_steps:
-      host_batch = next(data_iter)
+      host_batch, first_batch = (first_batch if first_batch is not None
+                                 else next(data_iter)), None
       # This process's tokens × processes: the global count, as the shards are alike.
       tokens_since += count_tokens(host_batch) * jax.process_count()
       flops_since += flops_lib.step_flops(model_cfg, host_batch,
