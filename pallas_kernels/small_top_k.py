@@ -21,7 +21,6 @@ whether a shape fits (``n ≤ 16,384``, ``k ≤ 16``); :func:`top_k` runs it or 
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Optional
 
