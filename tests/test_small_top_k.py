@@ -95,3 +95,26 @@ def test_gpu_compiled_equals_the_tree(n, b):
     np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
     finite = np.isfinite(np.asarray(want[0]))
     np.testing.assert_array_equal(np.asarray(got[1])[finite], np.asarray(want[1])[finite])
+
+
+@pytest.mark.parametrize("rows,max_run", [(130, 2), (40, 5)])
+def test_run_top_k_with_the_kernel_interpret(rows, max_run):
+  """The run tail with ``method="pallas"`` (both top-k's in the kernel) chooses the runs,
+  scores and keys of the XLA tree's (``"rank"``), with the bank's codes and run keys."""
+  rng = np.random.default_rng(rows)
+  c = rows * 128 - 37
+  lens = []
+  while sum(lens) < c - 20:
+    lens.append(int(rng.integers(1, max_run + 1)))
+  run_c = np.full(c, -1, np.int32)
+  run_c[:sum(lens)] = np.repeat(np.arange(len(lens)), lens)
+  run_key = np.full(c, -1, np.int32)
+  run_key[:len(lens)] = rng.permutation(len(lens)) * 2
+  s = jnp.asarray(np.round(rng.standard_normal((2, c)) * 3).astype(np.float32) / 3)
+  codes = route_tail.run_codes(jnp.asarray(run_c), 128)
+  args = (s, jnp.asarray(run_c), 16, 128, max_run)
+  kw = dict(run_key_r=jnp.asarray(run_key), codes_c=codes)
+  want = route_tail.run_top_k(*args, method="rank", **kw)
+  got = route_tail.run_top_k(*args, method="pallas", **kw)
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
