@@ -69,7 +69,9 @@ def plan(n: int, k: int) -> Optional[Plan]:
   return Plan(SLABS * w, tuple(widths), tuple(rows), MAX_K * widths[-1])
 
 
-def _kernel(p: Plan, batch: int, key_rows: int, interpret):
+def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
+  """``index_keys``: the keys are the indices (``key_rows == 1``, ``keys = arange``):
+  level 0 computes them instead of copying 4 bytes an entry."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   compiled = _platform.mosaic_interpret_params(interpret) is None
@@ -157,7 +159,9 @@ def _kernel(p: Plan, batch: int, key_rows: int, interpret):
 
       # level 0: the whole row, [128, W0] (or the final buffer when no level is needed)
       if levels:
-        pending = [fetch(views[0].at[b], bufs[0]), fetch(key_views[0].at[kb], kbufs[0])]
+        pending = [fetch(views[0].at[b], bufs[0])]
+        if not index_keys:
+          pending.append(fetch(key_views[0].at[kb], kbufs[0]))
       else:
         pending = []
         for lo in range(0, p.final, 256):   # (a copy's box spans at most 256 entries)
@@ -172,7 +176,10 @@ def _kernel(p: Plan, batch: int, key_rows: int, interpret):
         # slab bests: max, then the lowest key among the entries at the max
         for i in range(nrows // 64):
           v = load2d(bufs[lv].at[pl.ds(64 * i, 64), :])
-          kk = load2d(kbufs[lv].at[pl.ds(64 * i, 64), :])
+          if lv == 0 and index_keys:
+            kk = rows_of(row_index(i) * w, w) + iota((64, w), 1)
+          else:
+            kk = load2d(kbufs[lv].at[pl.ds(64 * i, 64), :])
           m = v.max(axis=1)
           sval[pl.ds(64 * i, 64)] = m
           skey[pl.ds(64 * i, 64)] = jnp.where(v == rows_of(m, w), kk, INT_MAX).min(axis=1)
@@ -259,6 +266,7 @@ def top_k(x_bn, k: int, keys_bn=None, interpret=None):
     keys = jnp.pad(keys_bn.astype(jnp.int32), pad, constant_values=INT_MAX)
   views = [x.reshape(b, p.n_pad // w, w) for w in p.widths]
   key_views = [keys.reshape(keys.shape[0], p.n_pad // w, w) for w in p.widths]
-  val, key = _kernel(p, b, keys.shape[0], interpret)(x, keys, *views, *key_views)
+  val, key = _kernel(p, b, keys.shape[0], keys_bn is None, interpret)(
+      x, keys, *views, *key_views)
   val, key = val[:, :kk], key[:, :kk]
   return val, (jnp.minimum(key, n - 1) if keys_bn is None else key)
