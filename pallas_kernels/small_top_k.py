@@ -138,6 +138,39 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
       out = part if out is None else jnp.maximum(out, part)
     return out
 
+  def sort_slabs(val_ref, key_ref, rank_ref, w, out_val, out_key):
+    """The best ``k`` entries of each of ``k`` slabs of ``w`` (``val_ref``, ``w`` = 32:
+    two slabs a 64-row tile), best first, into ``out_*[16·t:16·t+16]`` for slab ``t``.
+
+    Why it is enough: an entry that precedes one of the top ``k`` is one of them, and each
+    of the top ``k`` is among its slab's best ``k``; so ranking these ``k·k`` entries among
+    themselves ranks the top ``k`` exactly (the rest rank ``≥ k``), at a quarter of the
+    pairs of ranking all ``k·w``."""
+    assert w == 32, w
+    half = iota((64, w), 0) < 32
+    for i in range(k * w // 64):     # each entry's rank among its 32 slab-mates
+      mate = lambda ref: jnp.where(  # noqa: E731
+          half, cols_of(vec(ref.at[pl.ds(64 * i, w)], col_layout), w),
+          cols_of(vec(ref.at[pl.ds(64 * i + 32, w)], col_layout), w))
+      e_val = rows_of(vec(val_ref.at[pl.ds(64 * i, 64)], row_layout), w)
+      e_key = rows_of(vec(key_ref.at[pl.ds(64 * i, 64)], row_layout), w)
+      m_val, m_key = mate(val_ref), mate(key_ref)
+      before = (m_val > e_val) | ((m_val == e_val) & (m_key < e_key))
+      rank_ref[pl.ds(64 * i, 64)] = jnp.where(before, 1, 0).sum(axis=1)
+    group = iota((64, w), 0) // k                    # 4 slabs an output tile
+    want = rows_of((iota((64, 8), 0) % k).max(axis=1), w)
+    for o in range(k // 4):
+      def pick(ref):
+        out = None
+        for g in range(4):
+          v = cols_of(vec(ref.at[pl.ds((4 * o + g) * w, w)], col_layout), w)
+          out = v if out is None else jnp.where(group == g, v, out)
+        return out
+      hit = pick(rank_ref) == want
+      out_val[pl.ds(64 * o, 64)] = jnp.where(hit, pick(val_ref), -jnp.inf).max(axis=1)
+      out_key[pl.ds(64 * o, 64)] = jnp.where(hit, pick(key_ref),
+                                             jnp.iinfo(jnp.int32).min).max(axis=1)
+
   def body(x_gmem, key_gmem, *rest):
     views = rest[:levels]        # x as [B, n_pad / W, W] for each level's width
     key_views = rest[levels:2 * levels]
@@ -146,7 +179,7 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
     kb = b if key_rows > 1 else 0
 
     def scoped(bufs, kbufs, sval, skey, spos, srank, goff, fval, fkey, frank, oval, okey,
-               *bars):
+               cval, ckey, *bars):
       # one barrier a copy, never reused: a group for the row's first copies, then one a
       # level (its 2·16 gathers; Mosaic GPU allows 32 barriers a group)
       bar_i = iter([(g, i) for g in range(len(bars)) for i in range(bars[g].shape[0])])
@@ -215,6 +248,9 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
           plgpu.barrier_wait(bar)
 
       n = p.final
+      if levels:   # 16 slabs of W: each slab's best 16, then the 256 ranked
+        sort_slabs(fval, fkey, frank, p.widths[-1], cval, ckey)
+        fval, fkey, n = cval, ckey, k * k
       rank_into(fval, fkey, n, frank, by_position=False)
       oval[...] = slots(frank, fval, n, -jnp.inf, jnp.float32)
       okey[...] = slots(frank, fkey, n, jnp.iinfo(jnp.int32).min, jnp.int32)
@@ -236,6 +272,7 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
         plgpu.SMEM((p.final,), jnp.float32), plgpu.SMEM((p.final,), jnp.int32),
         plgpu.SMEM((p.final,), jnp.int32),
         plgpu.SMEM((64,), jnp.float32), plgpu.SMEM((64,), jnp.int32),
+        plgpu.SMEM((k * k,), jnp.float32), plgpu.SMEM((k * k,), jnp.int32),
         *barriers)
 
   return plgpu.kernel(
