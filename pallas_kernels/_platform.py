@@ -68,6 +68,33 @@ def wgmma_iota(shape, dim: int, compiled: bool):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+class LaneLayouts:
+  """The register layouts of a lane-semantics kernel working on ``[64, n]`` WGMMA-layout
+  arrays and their row / column vectors, with the casts, iotas and broadcasts between
+  them; when interpreted (``compiled`` False) every layout is None and casts do nothing."""
+
+  def __init__(self, compiled: bool):
+    mgpu = plgpu() if compiled else None
+    self.compiled = compiled
+    self.wgmma = mgpu.Layout.WGMMA if compiled else None
+    self.row = mgpu.Layout.WGMMA.reduce(1) if compiled else None      # a [64] row vector
+    self.col = mgpu.Layout.WGMMA.reduce(0) if compiled else None      # an [n] column vector
+
+  def cast(self, x, layout):
+    return layout_cast(x, layout, self.compiled)
+
+  def iota(self, shape, dim: int):
+    return wgmma_iota(shape, dim, self.compiled)
+
+  def cols_of(self, v, n: int, rows: int = 64):
+    """A column-indexed vector broadcast over ``rows`` rows."""
+    return self.cast(lax.broadcast_in_dim(v, (rows, n), [1]), self.wgmma)
+
+  def rows_of(self, v, n: int):
+    """A row-indexed ``[64]`` vector broadcast over ``n`` columns."""
+    return self.cast(lax.broadcast_in_dim(v, (64, n), [0]), self.wgmma)
+
+
 def load_vector(ref, layout, compiled: bool):
   """A 1-D SMEM ref as a register vector in ``layout`` (plain load when interpreted)."""
   return plgpu().load(ref, (), layout=layout) if compiled else ref[...]

@@ -75,11 +75,9 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   compiled = _platform.mosaic_interpret_params(interpret) is None
-  wgmma = plgpu.Layout.WGMMA if compiled else None
-  row_layout = plgpu.Layout.WGMMA.reduce(1) if compiled else None
-  col_layout = plgpu.Layout.WGMMA.reduce(0) if compiled else None
-  cast = lambda x, layout: _platform.layout_cast(x, layout, compiled)  # noqa: E731
-  iota = lambda shape, dim: _platform.wgmma_iota(shape, dim, compiled)  # noqa: E731
+  lanes = _platform.LaneLayouts(compiled)
+  wgmma, row_layout, col_layout = lanes.wgmma, lanes.row, lanes.col
+  iota, cols_of, rows_of = lanes.iota, lanes.cols_of, lanes.rows_of
   levels = len(p.widths)
   k = MAX_K          # slabs kept a level
 
@@ -88,12 +86,6 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
 
   def vec(ref, layout):  # a 1-D SMEM ref as a register vector
     return _platform.load_vector(ref, layout, compiled)
-
-  def cols_of(v, n, rows=64):
-    return cast(lax.broadcast_in_dim(v, (rows, n), [1]), wgmma)
-
-  def rows_of(v, n):
-    return cast(lax.broadcast_in_dim(v, (64, n), [0]), wgmma)
 
   def row_index(i):     # the row vector 64·i … 64·i + 63
     return (iota((64, 8), 0) + 64 * i).max(axis=1)
