@@ -10,10 +10,12 @@ How, exactly (ties to the lower key, as ``tree_top_k``): the row is cut into 128
 of ``W`` contiguous entries. A slab's best entry is its maximum, ties to the lower key. The
 ``k`` slabs whose best entries rank highest (by value desc, key asc, then slab asc) hold the
 top k entries: an entry outside them is beaten by each of those ``k`` best entries. So a
-level ranks the 128 slab bests (all pairs, in registers), copies the chosen slabs from
-global memory into the next level's buffer (TMA, one copy per slab), and the next level
-cuts that buffer into narrower slabs; once ``k · W`` entries are left (≤ 256), every pair is
-ranked and the first ``k`` are written, best first.
+level ranks its (64 or 128) slab bests (all pairs, in registers), copies the chosen slabs
+from global memory into the next level's buffer (TMA, one copy per slab), and the next
+level cuts that buffer into narrower slabs. Once 16 slabs of 32 are left, each slab's best
+16 are found (a rank among its 32), and those 256 entries are ranked all pairs (what
+precedes a top-k entry is one, so their ranks are exact); the first ``k`` are written,
+best first. (A row of ≤ 512 entries is ranked all pairs at once.)
 
 Inputs are ``x [B, n_pad]`` float32 (``-inf`` padding) and ``keys [B or 1, n_pad]`` int32
 (unique among finite entries; the indices when the caller has no keys). :func:`plan` says
@@ -35,7 +37,7 @@ SLABS = 128            # slabs a level: two 64-row register tiles
 FINAL_MAX = 512        # entries ranked all pairs at the end
 MIN_WIDTH = 32         # float32 entries a gathered slab: 128 bytes, the least a copy moves
 MAX_ENTRIES = 16384    # 128 slabs of 128 entries: 64 KB of values + 64 KB of keys in SMEM
-MAX_K = 16             # k chosen slabs of W entries fill at most 128 rows of W/8
+MAX_K = 16             # slabs kept a level: 16 · (W / W') rows of the next, ≤ 128
 INT_MAX = np.iinfo(np.int32).max
 
 
