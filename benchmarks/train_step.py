@@ -36,7 +36,6 @@ its rows) to ``$OUT`` (or benchmarks/results).
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import gc
 import os
@@ -224,24 +223,20 @@ def measure(cfg, model_cfg, batch, mesh, steps: int, peaks: dict, profile_dir: s
   (``compile_s`` then counts both; the row says so)."""
   setup = trainer.TrainSetup(cfg, mesh, model_cfg)
   dev_batch = setup.put_batch(batch)
-  pending = None
-  if overlap_init and steps > 0:
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-    pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(cfg.seed)))
-    pool.shutdown(wait=False)
-  try:
-    compiled, row = _compile(setup, dev_batch, pending is not None)
-  except BaseException:
-    if pending is not None:
-      concurrent.futures.wait([pending])   # no initialisation left running past this batch
-    raise
-  if steps == 0:      # compile only: what XLA's memory_analysis says the step needs
-    return row
+  overlap = overlap_init and steps > 0
   t0 = time.perf_counter()
-  state = pending.result() if pending is not None else setup.init_state(cfg.seed)
-  jax.block_until_ready(state)
-  print(f"    state initialised in {time.perf_counter() - t0:.1f} s"
-        f"{' more after the compile' if pending is not None else ''}; {steps} timed steps "
+  if overlap:   # the trainer's own overlap (msa_jax.trainer.init_beside)
+    state, (compiled, row) = trainer.init_beside(setup, cfg.seed,
+                                                 lambda: _compile(setup, dev_batch, True))
+  else:
+    compiled, row = _compile(setup, dev_batch, False)
+    if steps == 0:      # compile only: what XLA's memory_analysis says the step needs
+      return row
+    t0 = time.perf_counter()
+    state = jax.block_until_ready(setup.init_state(cfg.seed))
+  init_s = max(0.0, time.perf_counter() - t0 - (row["compile_s"] if overlap else 0.0))
+  print(f"    state initialised in {init_s:.1f} s"
+        f"{' more after the compile' if overlap else ''}; {steps} timed steps "
         f"after one warm-up", flush=True)
   times = []
   for i in range(steps + 1):

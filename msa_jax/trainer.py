@@ -408,21 +408,26 @@ def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bo
   return (0, *_init_beside_first_compile(cfg, setup, data_iter))
 
 
-def _init_beside_first_compile(cfg, setup: TrainSetup, data_iter):
-  """``(state, first host batch)``: the fresh state initialised in another thread while
-  the step compiles for the first batch (XLA compiles outside the GIL), so a fresh run
-  waits for the longer of the two programs' compiles, not their sum. The batch is drawn
-  here and is the first step's: the data order does not change."""
+def init_beside(setup: TrainSetup, seed: int, work: Callable[[], Any]):
+  """``(state, work())``: the fresh state initialised in another thread while ``work``
+  (e.g. a step's compile) runs here; XLA compiles outside the GIL, so two compiles overlap.
+  Returns (or raises ``work``'s error) once both have finished: no initialisation is left
+  running past this call."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    t0 = time.perf_counter()
-    pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(cfg.seed)))
-    try:
-      first = next(data_iter)
-      compile_s = setup.compile_step(setup.put_batch(first))
-    except BaseException:
-      concurrent.futures.wait([pending])   # no initialisation left running past an error
-      raise
-    state = pending.result()
+    pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(seed)))
+    out = work()     # on an error, leaving the block waits for the initialisation
+    return pending.result(), out
+
+
+def _init_beside_first_compile(cfg, setup: TrainSetup, data_iter):
+  """``(state, first host batch)``: the fresh state initialised while the step compiles for
+  the first batch (:func:`init_beside`), so a fresh run waits for the longer of the two
+  programs' compiles, not their sum. The batch is drawn here and is the first step's: the
+  data order does not change."""
+  t0 = time.perf_counter()
+  first = next(data_iter)
+  state, compile_s = init_beside(setup, cfg.seed,
+                                 lambda: setup.compile_step(setup.put_batch(first)))
   print(f"state initialised and the first step compiled in {time.perf_counter() - t0:.1f} s "
         f"(the compile alone {compile_s:.1f} s)", flush=True)
   return state, first

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from msa_jax import routing as ref_routing
+from pallas_kernels import small_top_k
 
 if TYPE_CHECKING:
   from pallas_kernels.block_routing import BlockSizes
@@ -150,7 +151,6 @@ def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None, method: str = "rank")
   if method not in TREE_METHODS:
     raise ValueError(f"tree_top_k method {method!r}: use one of {TREE_METHODS}")
   if method == "pallas":
-    from pallas_kernels import small_top_k
     out = small_top_k.top_k(x_bn, k, keys_bn)
     if out is not None:
       return out

@@ -92,10 +92,14 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
   def row_index(i):     # the row vector 64·i … 64·i + 63
     return (iota((64, 8), 0) + 64 * i).max(axis=1)
 
+  def beats(a_val, a_key, b_val, b_key):
+    """a before b: value desc, then key asc."""
+    return (a_val > b_val) | ((a_val == b_val) & (a_key < b_key))
+
   def precedes(a_val, a_key, a_pos, b_val, b_key, b_pos):
     """a before b: value desc, key asc, position asc (a strict total order)."""
-    return (a_val > b_val) | ((a_val == b_val) & ((a_key < b_key) | (
-        (a_key == b_key) & (a_pos < b_pos))))
+    return beats(a_val, a_key, b_val, b_key) | (
+        (a_val == b_val) & (a_key == b_key) & (a_pos < b_pos))
 
   def rank_into(val_ref, key_ref, n, rank_ref, by_position=True):
     """rank_ref[i] = the number of the n entries that precede entry i. Without
@@ -116,7 +120,7 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
           before = precedes(a_val, a_key, iota((64, w), 1) + 128 * j,
                             b_val, b_key, iota((64, w), 0) + 64 * i)
         else:
-          before = (a_val > b_val) | ((a_val == b_val) & (a_key < b_key))
+          before = beats(a_val, a_key, b_val, b_key)
         part = jnp.where(before, 1, 0).sum(axis=1)
         rank = part if rank is None else rank + part
       rank_ref[pl.ds(64 * i, 64)] = rank
@@ -149,7 +153,7 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
       e_val = rows_of(vec(val_ref.at[pl.ds(64 * i, 64)], row_layout), w)
       e_key = rows_of(vec(key_ref.at[pl.ds(64 * i, 64)], row_layout), w)
       m_val, m_key = mate(val_ref), mate(key_ref)
-      before = (m_val > e_val) | ((m_val == e_val) & (m_key < e_key))
+      before = beats(m_val, m_key, e_val, e_key)
       rank_ref[pl.ds(64 * i, 64)] = jnp.where(before, 1, 0).sum(axis=1)
     group = iota((64, w), 0) // k                    # 4 slabs an output tile
     want = rows_of((iota((64, 8), 0) % k).max(axis=1), w)
@@ -254,7 +258,9 @@ def _kernel(p: Plan, batch: int, key_rows: int, index_keys: bool, interpret):
       plgpu.wait_smem_to_gmem(0)
 
     bufs = [plgpu.SMEM((r, w), jnp.float32) for r, w in zip(p.rows, p.widths)]
-    kbufs = [plgpu.SMEM((r, w), jnp.int32) for r, w in zip(p.rows, p.widths)]
+    # (index keys: level 0 computes its keys, so its key buffer is a stub, never used)
+    kbufs = [plgpu.SMEM((64, 8) if lv == 0 and index_keys else (r, w), jnp.int32)
+             for lv, (r, w) in enumerate(zip(p.rows, p.widths))]
     barriers = [plgpu.Barrier(num_barriers=4)] + [plgpu.Barrier(num_barriers=2 * k)
                                                    for _ in range(levels)]
     pl.run_scoped(
