@@ -86,6 +86,12 @@
 #                                                  # XLA's LLVM codegen split over the
 #                                                  # host's cores, then the step's compile
 #                                                  # (--steps 0) with that split
+#   STAGE=mlp_gemm bash benchmarks/issue10_gpu.sh  # one layer's MLP GEMMs alone
+#                                                  # (benchmarks.mlp_gemm): cuBLAS, gate
+#                                                  # and up merged, JAX's example Pallas
+#                                                  # Hopper GEMM, against the FLOP floor
+#                                                  # (~60 s): does a Pallas GEMM with a
+#                                                  # SwiGLU epilogue have room to pay?
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -96,7 +102,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -226,6 +232,9 @@ case "$STAGE" in
       $PY "${STEP[@]}" --steps 0 --out "$DIR/train_step_0.6b_b${BATCH}_compile_parallel.json"
     step step_default 110 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false" \
       $PY "${STEP[@]}" --steps 0 --out "$DIR/train_step_0.6b_b${BATCH}_compile_default.json" ;;
+  mlp_gemm)
+    step mlp_gemm 100 $PY -m benchmarks.mlp_gemm --tokens 65536
+    step mlp_gemm_b16 100 $PY -m benchmarks.mlp_gemm --tokens 271232 --tilings 128x128x4,128x256x4 ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
