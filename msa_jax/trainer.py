@@ -395,40 +395,52 @@ class _SaveGuard:
 def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bool):
   """``(start_step, state, first_batch)``: the newest checkpoint, else pretrained or fresh
   parameters. ``first_batch``: the host batch of the first step when it was already
-  drawn from ``data_iter`` (a fresh start), else None."""
+  drawn from ``data_iter`` (a new run: its state is made while the step compiles), else
+  None."""
   restored = checkpointing.restore_latest(manager, setup.abstract_state, data_iter,
                                           fallback=fallback)
   if restored is not None:
     print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
     return (*restored, None)
   if cfg.get("init_from"):
-    return 0, setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg)), None
+    def make_state():
+      return setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg))
+    what = f"parameters loaded from {cfg.init_from}"
+  else:
+    def make_state():
+      return setup.init_state(cfg.seed)
+    what = "state initialised"
   if cfg.num_steps <= 0:
-    return 0, setup.init_state(cfg.seed), None
-  return (0, *_init_beside_first_compile(cfg, setup, data_iter))
+    return 0, make_state(), None
+  return (0, *_state_beside_first_compile(setup, data_iter, make_state, what))
 
 
-def init_beside(setup: TrainSetup, seed: int, work: Callable[[], Any]):
-  """``(state, work())``: the fresh state initialised in another thread while ``work``
-  (e.g. a step's compile) runs here; XLA compiles outside the GIL, so two compiles overlap.
-  Returns (or raises ``work``'s error) once both have finished: no initialisation is left
-  running past this call."""
+def state_beside(make_state: Callable[[], Any], work: Callable[[], Any]):
+  """``(make_state(), work())``: the state made in another thread while ``work`` (e.g. a
+  step's compile) runs here; XLA compiles and file reads run outside the GIL, so a compile
+  overlaps another compile or a checkpoint's load. Returns (or raises ``work``'s error)
+  once both have finished: nothing is left running past this call."""
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    pending = pool.submit(lambda: jax.block_until_ready(setup.init_state(seed)))
-    out = work()     # on an error, leaving the block waits for the initialisation
+    pending = pool.submit(lambda: jax.block_until_ready(make_state()))
+    out = work()     # on an error, leaving the block waits for the state
     return pending.result(), out
 
 
-def _init_beside_first_compile(cfg, setup: TrainSetup, data_iter):
-  """``(state, first host batch)``: the fresh state initialised while the step compiles for
-  the first batch (:func:`init_beside`), so a fresh run waits for the longer of the two
-  programs' compiles, not their sum. The batch is drawn here and is the first step's: the
-  data order does not change."""
+def init_beside(setup: TrainSetup, seed: int, work: Callable[[], Any]):
+  """``(fresh state, work())``: :func:`state_beside` with ``setup.init_state(seed)``."""
+  return state_beside(lambda: setup.init_state(seed), work)
+
+
+def _state_beside_first_compile(setup: TrainSetup, data_iter, make_state, what: str):
+  """``(state, first host batch)``: a new run's state (fresh, or loaded from ``init_from``)
+  made while the step compiles for the first batch (:func:`state_beside`), so the run waits
+  for the longer of the two, not their sum. The batch is drawn here and is the first
+  step's: the data order does not change."""
   t0 = time.perf_counter()
   first = next(data_iter)
-  state, compile_s = init_beside(setup, cfg.seed,
-                                 lambda: setup.compile_step(setup.put_batch(first)))
-  print(f"state initialised and the first step compiled in {time.perf_counter() - t0:.1f} s "
+  state, compile_s = state_beside(make_state,
+                                  lambda: setup.compile_step(setup.put_batch(first)))
+  print(f"{what} and the first step compiled in {time.perf_counter() - t0:.1f} s "
         f"(the compile alone {compile_s:.1f} s)", flush=True)
   return state, first
 

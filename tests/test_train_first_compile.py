@@ -1,12 +1,13 @@
-"""A fresh run initialises its state in another thread while the step compiles for the
-first batch (``trainer._init_beside_first_compile``): the same state, the same first batch,
-and a step compiled ahead of time that computes what the jitted step does (CPU)."""
+"""A new run makes its state (fresh, or loaded from ``init_from``) in another thread while
+the step compiles for the first batch (``trainer._restore_or_init`` through
+``trainer._state_beside_first_compile``): the same state, the same first batch, and a step
+compiled ahead of time that computes what the jitted step does (CPU)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msa_jax import sharding, trainer
+from msa_jax import checkpointing, sharding, trainer
 from msa_jax.data import from_config
 from train_common import small_cfg
 
@@ -17,11 +18,23 @@ def _iterator(cfg, setup):
       chunk_size=setup.model_cfg.pooling_chunk_size, process_index=0, process_count=1)
 
 
+def _new_run(cfg, setup, workdir):
+  """``trainer._restore_or_init`` in an empty workdir: ``(state, first host batch)``."""
+  manager = checkpointing.make_manager(str(workdir), 1, 1000, False)
+  try:
+    start, state, first = trainer._restore_or_init(cfg, setup, manager, _iterator(cfg, setup),
+                                                   fallback=False)
+  finally:
+    manager.close()
+  assert start == 0 and first is not None
+  return state, first
+
+
 @pytest.fixture(scope="module")
-def fresh():
+def fresh(tmp_path_factory):
   cfg = small_cfg()
   setup = trainer.TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
-  state, first = trainer._init_beside_first_compile(cfg, setup, _iterator(cfg, setup))
+  state, first = _new_run(cfg, setup, tmp_path_factory.mktemp("fresh"))
   return cfg, setup, state, first
 
 
@@ -56,3 +69,27 @@ def test_step_runs_the_compiled_step_and_matches_the_jitted(fresh, monkeypatch):
     setup.step(copy(state), setup.put_batch(other))
   monkeypatch.setattr(setup, "_step", jitted)
   assert setup.compile_step(batch) == 0.0   # already compiled: nothing again
+
+
+def test_init_from_loads_beside_the_first_compile(fresh, tmp_path):
+  """``init_from``: the checkpoint's parameters (not a fresh draw), a fresh optimizer state,
+  the first batch unchanged, and the step compiled ahead of time for it."""
+  import flax.linen as nn
+  from msa_jax.export.msa_jax_checkpoint import save_msa_jax_checkpoint
+  first_fresh = fresh[3]
+  cfg = small_cfg()
+  setup = trainer.TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.5,
+                        jax.device_get(nn.unbox(setup.init_state(1).params)))
+  cfg.init_from = save_msa_jax_checkpoint(setup.model, params, str(tmp_path / "ckpt"))
+  state, first = _new_run(cfg, setup, tmp_path / "run")
+  assert int(state.step) == 0
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(params)):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-6)
+  want_opt = setup.state_from_params(params).opt_state
+  for got, want in zip(jax.tree.leaves(state.opt_state), jax.tree.leaves(want_opt)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(first_fresh)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert trainer._shapes_key(setup.put_batch(first)) in setup._compiled
