@@ -338,15 +338,44 @@ NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16")
 _NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
 
 
+MLP_GATE_UP = ("two", "merged")
+
+
+class _Kernel(nn.Module):
+  """The ``[in, features]`` kernel a :func:`dense` layer of this name holds (same init,
+  partitioning and parameter path), returned instead of applied."""
+
+  features: int
+  cfg: ModelConfig
+  axes: tuple[str, str]
+
+  @nn.compact
+  def __call__(self, in_features: int):
+    init = nn.with_logical_partitioning(batched_init.normal(self.cfg.initializer_range),
+                                        self.axes)
+    return self.param("kernel", init, (in_features, self.features), self.cfg.jnp_param_dtype)
+
+
 class MLP(nn.Module):
-  """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+  """SwiGLU: ``down(silu(gate(x)) * up(x))``.
+
+  ``cfg.mlp_gate_up="merged"``: gate and up as one GEMM against ``[Wg | Wu]`` stacked
+  ``[embed, 2, mlp]`` (sharded along ``mlp`` as each kernel is), the same parameters."""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    gate = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "up_proj")(x)
+    if cfg.mlp_gate_up == "merged":
+      w_dki = jnp.stack([_Kernel(cfg.intermediate_size, cfg, ("embed", "mlp"),
+                                 name=name)(x.shape[-1])
+                         for name in ("gate_proj", "up_proj")], axis=1)
+      w_dki = nn.with_logical_constraint(w_dki.astype(cfg.jnp_dtype), ("embed", None, "mlp"))
+      gu = jnp.einsum("...d,dki->...ki", x.astype(cfg.jnp_dtype), w_dki)
+      gate, up = gu[..., 0, :], gu[..., 1, :]
+    else:
+      gate = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "gate_proj")(x)
+      up = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
     return dense(cfg.hidden_size, cfg, ("mlp", "embed"), "down_proj")(h)
