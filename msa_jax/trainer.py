@@ -403,6 +403,10 @@ def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bo
     print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
     return (*restored, None)
   if cfg.get("init_from"):
+    if not os.path.isdir(cfg.init_from):   # said now, not after the step's compile
+      raise ValueError(f"--config.init_from={cfg.init_from}: not a directory (give a local "
+                       "Hugging Face Qwen3 dir, an msa_jax checkpoint or a trainer workdir)")
+
     def make_state():
       return setup.state_from_params(load_pretrained(cfg.init_from, setup.model_cfg))
     what = f"parameters loaded from {cfg.init_from}"

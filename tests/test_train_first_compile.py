@@ -93,3 +93,16 @@ def test_init_from_loads_beside_the_first_compile(fresh, tmp_path):
   for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(first_fresh)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
   assert trainer._shapes_key(setup.put_batch(first)) in setup._compiled
+
+
+def test_init_from_that_is_not_a_directory_fails_before_any_compile(tmp_path, monkeypatch):
+  """A wrong ``init_from`` is said at once, not after the first step's compile."""
+  cfg = small_cfg()
+  cfg.init_from = str(tmp_path / "no_such_checkpoint")
+  setup = trainer.TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
+
+  def no_compile(*_):
+    raise AssertionError("compiled before checking init_from")
+  monkeypatch.setattr(setup, "compile_step", no_compile)
+  with pytest.raises(ValueError, match="init_from=.*no_such_checkpoint: not a directory"):
+    _new_run(cfg, setup, tmp_path / "run")
