@@ -33,17 +33,12 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import attempt, out_dir, read_bandwidth_gbs, time_ms, write_json
-
-
-def matmul_rate(n: int = 8192) -> float:
-  """bf16 FLOP/s of one large square cuBLAS GEMM (the rate a GEMM can reach here)."""
-  a = jnp.ones((n, n), jnp.bfloat16)
-  ms = time_ms(jax.jit(lambda x: x @ x), a, iters=5)
-  return 2 * n ** 3 / ms * 1e3
+from msa_jax import metrics
 
 
 def pallas_gemm(tile_m: int, tile_n: int, stages: int):
-  """``a @ b`` through JAX's example Hopper GEMM with this tiling (or None if absent)."""
+  """``a @ b`` through JAX's example Hopper GEMM with this tiling (raises off a Hopper GPU
+  or where the tiling does not fit)."""
   from jax.experimental.pallas.ops.gpu import hopper_matmul_mgpu as hm
   cfg = hm.TuningConfig(tile_m=tile_m, tile_n=tile_n, tile_k=64, max_concurrent_steps=stages,
                         epi_tile_n=64, epi_tile_m=64, grid_minor_dim=hm.MatmulDimension.N,
@@ -51,12 +46,20 @@ def pallas_gemm(tile_m: int, tile_n: int, stages: int):
   return jax.jit(lambda a, b: hm.matmul(a, b, None, cfg))
 
 
+def swiglu_two(x, wg, wu):
+  """The model's MLP input path: two GEMMs, then XLA's SwiGLU product."""
+  return jax.nn.silu(x @ wg) * (x @ wu)
+
+
+def gemm(a, b):
+  return a @ b
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--tokens", type=int, default=65536)
   p.add_argument("--hidden", type=int, default=1024)
   p.add_argument("--inter", type=int, default=3072)
-  p.add_argument("--square", type=int, default=8192, help="the rate's square GEMM size")
   p.add_argument("--tilings", default="128x128x4,128x256x4,256x128x4,128x128x6",
                  help="Pallas GEMM tilings tile_m x tile_n x stages (each warpgroup's tile)")
   args = p.parse_args(argv)
@@ -67,58 +70,57 @@ def main(argv=None) -> dict:
   wu = (jax.random.normal(keys[2], (d, i), jnp.float32) / d ** 0.5).astype(jnp.bfloat16)
   wd = (jax.random.normal(keys[3], (i, d), jnp.float32) / i ** 0.5).astype(jnp.bfloat16)
   wgu = jnp.concatenate([wg, wu], axis=1)
-  h = jax.nn.silu(x @ wg) * (x @ wu)
-  rate, read_gbs = matmul_rate(args.square), read_bandwidth_gbs()
+  h = jax.jit(swiglu_two)(x, wg, wu)
+  gu = jax.jit(gemm)(x, wgu)       # what the merged GEMMs compute: the Pallas GEMM's check
+  rate, read_gbs = metrics.matmul_rate(), read_bandwidth_gbs()
   print(f"device {jax.devices()[0].device_kind}: bf16 GEMM {rate / 1e12:.1f} TFLOP/s, "
         f"read {read_gbs:.0f} GB/s; x [{t}, {d}], W [{d}, {i}]", flush=True)
-
-  def swiglu_two(x, wg, wu):
-    return jax.nn.silu(x @ wg) * (x @ wu)
 
   def swiglu_merged(x, wgu):
     gu = x @ wgu
     return jax.nn.silu(gu[:, :i]) * gu[:, i:]
 
   mlp_flops = 2 * t * d * 2 * i
-  cases = {   # name: (fn, args, FLOPs, bytes the op must move at least)
-      "cublas_two": (jax.jit(swiglu_two), (x, wg, wu), mlp_flops, 2 * (t * d + 2 * d * i + t * i)),
-      "cublas_merged": (jax.jit(swiglu_merged), (x, wgu), mlp_flops,
-                        2 * (t * d + 2 * d * i + t * i)),
-      "gemm_gate": (jax.jit(lambda x, w: x @ w), (x, wg), 2 * t * d * i,
-                    2 * (t * d + d * i + t * i)),
-      "gemm_merged": (jax.jit(lambda x, w: x @ w), (x, wgu), mlp_flops,
-                      2 * (t * d + 2 * d * i + 2 * t * i)),
-      "down": (jax.jit(lambda h, w: h @ w), (h, wd), 2 * t * d * i, 2 * (t * i + d * i + t * d)),
+  swiglu_bytes = 2 * (t * d + 2 * d * i + t * i)
+  merged_bytes = 2 * (t * d + 2 * d * i + 2 * t * i)
+  cases = {   # name: (builds the function, its args, FLOPs, least bytes moved, want or None)
+      "cublas_two": (lambda: jax.jit(swiglu_two), (x, wg, wu), mlp_flops, swiglu_bytes, None),
+      "cublas_merged": (lambda: jax.jit(swiglu_merged), (x, wgu), mlp_flops, swiglu_bytes,
+                        None),
+      "gemm_gate": (lambda: jax.jit(gemm), (x, wg), 2 * t * d * i, 2 * (t * d + d * i + t * i),
+                    None),
+      "gemm_merged": (lambda: jax.jit(gemm), (x, wgu), mlp_flops, merged_bytes, None),
+      "down": (lambda: jax.jit(gemm), (h, wd), 2 * t * d * i, 2 * (t * i + d * i + t * d),
+               None),
   }
-  ref = x @ wgu
   for tiling in filter(None, args.tilings.split(",")):
     tm, tn, st = (int(v) for v in tiling.split("x"))
-    cases[f"pallas_gemm[{tiling}]"] = ((tm, tn, st), (x, wgu), mlp_flops,
-                                        2 * (t * d + 2 * d * i + 2 * t * i))
+    cases[f"pallas_gemm[{tiling}]"] = (lambda tm=tm, tn=tn, st=st: pallas_gemm(tm, tn, st),
+                                        (x, wgu), mlp_flops, merged_bytes, gu)
+
+  def run(build, fn_args, want):
+    f = build()
+    out = {"ms": time_ms(f, *fn_args)}
+    if want is not None:   # against cuBLAS's product (both bf16: rounding apart)
+      out["max_abs_err"] = float(jnp.max(jnp.abs(f(*fn_args).astype(jnp.float32)
+                                                 - want.astype(jnp.float32))))
+    return out
+
   rows = []
-  for name, (fn, fn_args, flops, nbytes) in cases.items():
+  for name, (build, fn_args, flops, nbytes, want) in cases.items():
     row = {"case": name, "tflop": flops / 1e12, "gb": nbytes / 1e9}
-    if isinstance(fn, tuple):
-      def run_pallas(tiling=fn, fn_args=fn_args):
-        f = pallas_gemm(*tiling)
-        err = float(jnp.max(jnp.abs(f(*fn_args).astype(jnp.float32) - ref.astype(jnp.float32))))
-        return {"ms": time_ms(f, *fn_args), "max_abs_err": err}
-      attempt(row, "result", run_pallas)
-      row.update(row.pop("result", {}))
-    else:
-      attempt(row, "ms", lambda fn=fn, fn_args=fn_args: time_ms(fn, *fn_args))
+    attempt(row, "result", lambda: run(build, fn_args, want))
+    row.update(row.pop("result", {}))
     if "ms" in row:
       row["tflops"] = flops / row["ms"] / 1e9
       row["x_flop_floor"] = row["ms"] / (flops / rate * 1e3)
       row["x_byte_floor"] = row["ms"] / (nbytes / read_gbs / 1e6)
+      print(f"{name:28s} {row['ms']:8.3f} ms {row['tflops']:6.1f} TFLOP/s "
+            f"{row['x_flop_floor']:5.2f} x FLOP floor {row['x_byte_floor']:5.2f} x byte floor"
+            + (f" err {row['max_abs_err']:.3g}" if "max_abs_err" in row else ""), flush=True)
+    else:
+      print(f"{name:28s} failed: {row['result_error']}", flush=True)
     rows.append(row)
-    print(f"{name:28s} " + (f"{row['ms']:8.3f} ms {row['tflops']:6.1f} TFLOP/s "
-                             f"{row['x_flop_floor']:5.2f} x FLOP floor "
-                             f"{row['x_byte_floor']:5.2f} x byte floor"
-                             + (f" err {row['max_abs_err']:.3g}" if "max_abs_err" in row else "")
-                             if "ms" in row else "failed: " + str(row.get("ms_error")
-                                                                   or row.get("result_error"))),
-          flush=True)
   payload = {"tokens": t, "hidden": d, "inter": i, "matmul_tflops": rate / 1e12,
              "read_gbs": read_gbs, "rows": rows}
   write_json(os.path.join(out_dir(), f"mlp_gemm_{t}.json"), payload)

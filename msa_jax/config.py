@@ -86,7 +86,7 @@ class ModelConfig:
   # written once in bf16).
   # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
   qk_norm_rope_vjp: str = "autodiff"
-  # The MLP's gate and up projections (layers.MLP_GATE_UP): "two" GEMMs, or "merged": one
+  # The MLP's gate and up projections (layers.MLP): "two" GEMMs, or "merged": one
   # GEMM against both kernels side by side (N 2·intermediate; its backward one input-gradient
   # GEMM over K 2·intermediate instead of two and their sum). The same parameters.
   mlp_gate_up: str = "two"

@@ -13,13 +13,16 @@ from msa_jax import batched_init
 from msa_jax.config import ModelConfig
 
 
+def _kernel_init(cfg: ModelConfig, axes: tuple[str, str]):
+  """A projection kernel's initializer, logically partitioned along ``axes``."""
+  return nn.with_logical_partitioning(batched_init.normal(cfg.initializer_range), axes)
+
+
 def dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:
   """A bias-free linear layer with logically partitioned kernel ``[in, out]``."""
-  return nn.Dense(
-      features, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
-      kernel_init=nn.with_logical_partitioning(
-          batched_init.normal(cfg.initializer_range), axes),
-      name=name)
+  return nn.Dense(features, use_bias=False, dtype=cfg.jnp_dtype,
+                  param_dtype=cfg.jnp_param_dtype, kernel_init=_kernel_init(cfg, axes),
+                  name=name)
 
 
 def rms_norm(x, scale, eps: float, dtype):
@@ -338,9 +341,6 @@ NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16")
 _NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
 
 
-MLP_GATE_UP = ("two", "merged")
-
-
 class _Kernel(nn.Module):
   """The ``[in, features]`` kernel a :func:`dense` layer of this name holds (same init,
   partitioning and parameter path), returned instead of applied."""
@@ -351,9 +351,8 @@ class _Kernel(nn.Module):
 
   @nn.compact
   def __call__(self, in_features: int):
-    init = nn.with_logical_partitioning(batched_init.normal(self.cfg.initializer_range),
-                                        self.axes)
-    return self.param("kernel", init, (in_features, self.features), self.cfg.jnp_param_dtype)
+    return self.param("kernel", _kernel_init(self.cfg, self.axes),
+                      (in_features, self.features), self.cfg.jnp_param_dtype)
 
 
 class MLP(nn.Module):
