@@ -95,6 +95,11 @@
 #   STAGE=mlp_merged bash benchmarks/issue10_gpu.sh  # the recipe against
 #                                                  # model.mlp_gate_up=merged (gate and up
 #                                                  # as one GEMM) in one process, one batch
+#   STAGE=no_remat bash benchmarks/issue10_gpu.sh  # the recipe (full remat) against no remat
+#                                                  # in slices of 2 examples (remat's second
+#                                                  # forward gone; 16 slices at batch 32)
+#                                                  # and the merged gate/up GEMM, one
+#                                                  # process, one batch (~6 min)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -105,7 +110,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, mlp_merged or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, mlp_merged, no_remat or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -243,6 +248,12 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;mlp_gate_up=merged" ${OVERLAP:+--overlap_init} \
       --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_mlp_merged.json" ;;
+  no_remat)
+    step no_remat 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
+      --compare "base;remat_policy=none,microbatches=$((BATCH / 2));mlp_gate_up=merged" \
+      --overlap_init --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b${BATCH}_no_remat.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"

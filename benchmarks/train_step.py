@@ -102,7 +102,8 @@ def _parse(argv):
                  help="';'-separated sets of model switches timed one after another in this "
                  "process on the same batch, each on top of the command line's: e.g. "
                  "'base;qk_norm_rope_vjp=fused;rope_tables=true,qk_norm_rope_vjp=fused' "
-                 "('base': none; values true/false or a string); rows carry the set and the "
+                 "('base': none; values true/false or a string; 'microbatches=N' sets the "
+                 "train config's slices for that set); rows carry the set and the "
                  "step time's ratio to the first set's")
   p.add_argument("--microbatches", type=int, default=1,
                  help="config.microbatches: gradient accumulation over this many slices of "
@@ -280,6 +281,11 @@ def _oom(err: BaseException) -> bool:
       or "out of memory" in text
 
 
+def compare_fields(args) -> list[str]:
+  """The fields a ``--compare`` set may name: the model switches, and ``microbatches``."""
+  return [*cli_model_overrides(args), "microbatches"]
+
+
 def run_shapes(args, save=None) -> dict:
   peak, source = metrics.device_peak_flops()
   peaks = {"vendor": peak, "vendor_source": source, "measured_bf16": metrics.matmul_rate()}
@@ -289,31 +295,33 @@ def run_shapes(args, save=None) -> dict:
   results = []
   scans = ("off", "on") if args.scan_layers == "both" else (args.scan_layers,)
   overrides = cli_model_overrides(args)
-  sets = compare_sets(args.compare, overrides)
+  sets = compare_sets(args.compare, compare_fields(args))
   host_batches = {}   # (variant, memory): one batch for every compared set
   for variant, memory, scan, (label, extra) in (
       (v, int(m), s, c) for v in args.variants.split(",") for m in args.memory.split(",")
       for s in scans for c in sets):
+    extra = dict(extra)
+    slices = int(extra.pop("microbatches", args.microbatches))   # a train field, not a model one
     cfg = recipe(variant, memory, args.tiny, args.mesh, scan, **{**overrides, **extra})
-    cfg.microbatches = args.microbatches
+    cfg.microbatches = slices
     model_cfg = trainer.resolve_model_config(cfg)
     mesh = sharding.make_mesh(cfg.mesh_shape)
     print(f"{variant} memory {cfg.data.memory_tokens}"
           f"{' [' + label + ']' if label else ''}: batch of {batches[-1]} "
           f"(scan_layers {model_cfg.scan_layers}, remat_policy {model_cfg.remat_policy}, "
-          f"microbatches {args.microbatches})...", flush=True)
+          f"microbatches {slices})...", flush=True)
     if (variant, memory) not in host_batches:
       host_batches[(variant, memory)] = host_batch(cfg, model_cfg, batches[-1])
     full = host_batches[(variant, memory)]
     shape = full.shape_summary
     largest = None
     for b in batches:
-      if b % (mesh.shape["data"] * mesh.shape["fsdp"] * args.microbatches):
+      if b % (mesh.shape["data"] * mesh.shape["fsdp"] * slices):
         continue
       cfg.batch_size = b
       entry = {"variant": variant, "memory_tokens": cfg.data.memory_tokens,
                "batch": b, "scan_layers": model_cfg.scan_layers,
-               "microbatches": args.microbatches, "compare": label,
+               "microbatches": slices, "compare": label,
                **{k: getattr(model_cfg, k) for k in overrides},
                **{k: v for k, v in shape.items() if k != "batch"}}
       print(f"  batch {b}: compiling...", flush=True)

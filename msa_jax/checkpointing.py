@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
+
+from msa_jax import overlap
 
 SET_ASIDE_DIR = "checkpoints.set_aside"   # beside checkpoints/: steps moved out of the way
 
@@ -115,7 +117,9 @@ def install_async_noise_filter() -> None:
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
-def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any) -> Any:
+def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any, beside=None):
+  """``(state, beside())``: the step's data position first (``data_iter`` rewound), then its
+  state, read in another thread while ``beside`` runs here when given (None: nothing)."""
   install_async_noise_filter()
   path = step_path(manager, step)
   try:
@@ -129,14 +133,21 @@ def _restore_step(manager, step: int, abstract_state: Any, data_iter: Any) -> An
         step, path, f"shape mismatch: {_summarise(mismatches)}",
         "The model config differs from the one that saved this run: resume with the run's "
         "own config (config.json, or its newest config.<step>.json), or train the new shape in a new --workdir (nothing was changed)")
+  _read(manager, step, path, data=grain.checkpoint.CheckpointRestore(data_iter))
+  read_state = lambda: _read(manager, step, path,  # noqa: E731
+                             state=ocp.args.StandardRestore(abstract_state))["state"]
+  if beside is None:
+    return read_state(), None
+  return overlap.beside(read_state, beside)
+
+
+def _read(manager, step: int, path: str, **items):
+  """``manager.restore`` of the named items alone, its failures as ``CheckpointRestoreError``."""
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        data=grain.checkpoint.CheckpointRestore(data_iter)))
+    return manager.restore(step, args=ocp.args.Composite(**items))
   except Exception as e:  # noqa: BLE001 - re-raised with the step and path
     raise CheckpointRestoreError(step, path, f"missing or corrupt file ({_cause(e)})",
                                  _CORRUPT) from e
-  return restored["state"]
 
 
 _CORRUPT = ("Nothing was deleted. Pass --restore_fallback to move this step aside (to "
@@ -169,12 +180,28 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any, data_ite
   (not a shape-mismatched) step is moved aside with a printed notice and the previous
   complete step is tried.
   """
+  out = restore_latest_beside(manager, abstract_state, data_iter, None, fallback=fallback)
+  return None if out is None else out[:2]
+
+
+def restore_latest_beside(manager: ocp.CheckpointManager, abstract_state: Any, data_iter: Any,
+                          work: Optional[Callable[[int], Any]], *,
+                          fallback: bool = False) -> Optional[tuple[int, Any, Any]]:
+  """:func:`restore_latest` with ``work(step)`` run in this thread while the state is read
+  in another (:func:`msa_jax.overlap.beside`), once ``data_iter`` is rewound to the step:
+  the trainer draws the first batch there and compiles the step for it, so a resume waits
+  for the longer of the read and the compile. Returns ``(step, state, work(step))`` (None
+  for ``work=None``), or None when there is no checkpoint. When the state cannot be read,
+  ``work`` has run for nothing: with ``fallback`` the previous step rewinds ``data_iter``
+  again and ``work`` runs again for it."""
   while True:
     step = manager.latest_step()
     if step is None:
       return None
     try:
-      return step, _restore_step(manager, step, abstract_state, data_iter)
+      state, out = _restore_step(manager, step, abstract_state, data_iter,
+                                 None if work is None else lambda: work(step))
+      return step, state, out
     except CheckpointRestoreError as e:
       if not fallback or e.cause.startswith("shape mismatch"):
         raise

@@ -17,7 +17,6 @@ is moved aside; the stop names the checkpoint that is good.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import os
@@ -32,7 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from msa_jax import checkpointing, flops as flops_lib, metrics as metrics_lib, microbatch
-from msa_jax import run_config, sharding
+from msa_jax import overlap, run_config, sharding
 from msa_jax.data import from_config
 from msa_jax.batch import MSABatch
 from msa_jax.config import IMPLEMENTATION_FIELDS, ModelConfig
@@ -394,14 +393,23 @@ class _SaveGuard:
 
 def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bool):
   """``(start_step, state, first_batch)``: the newest checkpoint, else pretrained or fresh
-  parameters. ``first_batch``: the host batch of the first step when it was already
-  drawn from ``data_iter`` (a new run: its state is made while the step compiles), else
-  None."""
-  restored = checkpointing.restore_latest(manager, setup.abstract_state, data_iter,
-                                          fallback=fallback)
+  parameters. Each is made in another thread while the step compiles for the first batch
+  (:func:`msa_jax.overlap.beside`), so a run waits for the longer of the two, not their
+  sum; ``first_batch`` is that batch, drawn from ``data_iter`` at the run's position (the
+  data order does not change), or None when no step is left to run."""
+  def first_compile(start_step):
+    if start_step >= cfg.num_steps:
+      return None
+    t0 = time.perf_counter()
+    first = next(data_iter)
+    return first, setup.compile_step(setup.put_batch(first)), t0
+
+  restored = checkpointing.restore_latest_beside(manager, setup.abstract_state, data_iter,
+                                                 first_compile, fallback=fallback)
   if restored is not None:
-    print(f"resumed from {manager.directory} at step {restored[0]}", flush=True)
-    return (*restored, None)
+    step, state, compiled = restored
+    _say_first_compile(f"resumed from {manager.directory} at step {step}", compiled)
+    return step, state, None if compiled is None else compiled[0]
   if cfg.get("init_from"):
     if not os.path.isdir(cfg.init_from):   # said now, not after the step's compile
       raise ValueError(f"--config.init_from={cfg.init_from}: not a directory (give a local "
@@ -414,39 +422,25 @@ def _restore_or_init(cfg, setup: TrainSetup, manager, data_iter, *, fallback: bo
     def make_state():
       return setup.init_state(cfg.seed)
     what = "state initialised"
-  if cfg.num_steps <= 0:
-    return 0, make_state(), None
-  return (0, *_state_beside_first_compile(setup, data_iter, make_state, what))
+  state, compiled = overlap.beside(make_state, lambda: first_compile(0))
+  _say_first_compile(what, compiled)
+  return 0, state, None if compiled is None else compiled[0]
 
 
-def state_beside(make_state: Callable[[], Any], work: Callable[[], Any]):
-  """``(make_state(), work())``: the state made in another thread while ``work`` (e.g. a
-  step's compile) runs here; XLA compiles and file reads run outside the GIL, so a compile
-  overlaps another compile or a checkpoint's load. Returns (or raises ``work``'s error)
-  once both have finished: nothing is left running past this call."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    pending = pool.submit(lambda: jax.block_until_ready(make_state()))
-    out = work()     # on an error, leaving the block waits for the state
-    return pending.result(), out
+def _say_first_compile(what: str, compiled) -> None:
+  """Prints how long the state and the first step's compile took together (and the
+  compile alone); ``compiled``: ``first_compile``'s ``(batch, compile s, start)`` or None."""
+  if compiled is None:
+    print(what, flush=True)
+    return
+  _, compile_s, t0 = compiled
+  print(f"{what}; the state and the first step's compile took {time.perf_counter() - t0:.1f} s "
+        f"(the compile alone {compile_s:.1f} s)", flush=True)
 
 
 def init_beside(setup: TrainSetup, seed: int, work: Callable[[], Any]):
-  """``(fresh state, work())``: :func:`state_beside` with ``setup.init_state(seed)``."""
-  return state_beside(lambda: setup.init_state(seed), work)
-
-
-def _state_beside_first_compile(setup: TrainSetup, data_iter, make_state, what: str):
-  """``(state, first host batch)``: a new run's state (fresh, or loaded from ``init_from``)
-  made while the step compiles for the first batch (:func:`state_beside`), so the run waits
-  for the longer of the two, not their sum. The batch is drawn here and is the first
-  step's: the data order does not change."""
-  t0 = time.perf_counter()
-  first = next(data_iter)
-  state, compile_s = state_beside(make_state,
-                                  lambda: setup.compile_step(setup.put_batch(first)))
-  print(f"{what} and the first step compiled in {time.perf_counter() - t0:.1f} s "
-        f"(the compile alone {compile_s:.1f} s)", flush=True)
-  return state, first
+  """``(fresh state, work())``: :func:`msa_jax.overlap.beside` with ``setup.init_state(seed)``."""
+  return overlap.beside(lambda: setup.init_state(seed), work)
 
 
 def _record_config(workdir: str, config: dict, diffs, start_step: int) -> None:

@@ -42,7 +42,7 @@ def test_every_stage_prints_runnable_commands(script, stage, tmp_path):
         assert os.path.exists(os.path.join(ROOT, module.replace(".", "/") + ".py")), line
       if module == "benchmarks.train_step":
         args = train_step._parse(words[words.index("-m") + 2:])   # exits on an unknown flag
-        train_step.compare_sets(args.compare, train_step.cli_model_overrides(args))
+        train_step.compare_sets(args.compare, train_step.compare_fields(args))
 
 
 def test_an_unknown_stage_is_refused(tmp_path):

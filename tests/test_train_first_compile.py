@@ -1,7 +1,9 @@
-"""A new run makes its state (fresh, or loaded from ``init_from``) in another thread while
-the step compiles for the first batch (``trainer._restore_or_init`` through
-``trainer._state_beside_first_compile``): the same state, the same first batch, and a step
-compiled ahead of time that computes what the jitted step does (CPU)."""
+"""A run makes its state (fresh, loaded from ``init_from``, or restored from its newest
+checkpoint) in another thread while the step compiles for the first batch
+(``trainer._restore_or_init`` through ``msa_jax.overlap.beside``): the same state, the same
+first batch, and a step compiled ahead of time that computes what the jitted step does (CPU)."""
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,3 +108,69 @@ def test_init_from_that_is_not_a_directory_fails_before_any_compile(tmp_path, mo
   monkeypatch.setattr(setup, "compile_step", no_compile)
   with pytest.raises(ValueError, match="init_from=.*no_such_checkpoint: not a directory"):
     _new_run(cfg, setup, tmp_path / "run")
+
+
+def _saved_run(tmp_path, steps: int):
+  """``(cfg, setup, workdir, state, batches)``: a run stepped ``steps`` times and saved at
+  that step, and the batches an unbroken iterator gives (the first ``steps + 1``)."""
+  cfg = small_cfg()
+  setup = trainer.TrainSetup(cfg, sharding.make_mesh(cfg.mesh_shape))
+  data_iter = _iterator(cfg, setup)
+  state = setup.init_state(cfg.seed)
+  batches = []
+  for _ in range(steps):
+    batches.append(next(data_iter))
+    state, _ = setup.step(state, setup.put_batch(batches[-1]))
+  workdir = tmp_path / "run"
+  manager = checkpointing.make_manager(str(workdir), 1, 1000, False)
+  checkpointing.save(manager, steps, state, data_iter, force=True)
+  manager.close()
+  batches.append(next(data_iter))
+  return cfg, setup, workdir, state, batches
+
+
+def _resume(cfg, setup, workdir):
+  manager = checkpointing.make_manager(str(workdir), 1, 1000, False)
+  try:
+    return trainer._restore_or_init(cfg, setup, manager, _iterator(cfg, setup), fallback=False)
+  finally:
+    manager.close()
+
+
+def test_resume_reads_the_state_beside_the_first_compile(tmp_path, monkeypatch):
+  """A resumed run: the saved state bit for bit, the batch after the saved step first, the
+  step compiled ahead of time for it, and the state read while that compile ran: the read
+  here cannot finish until the compile has started (a read before the compile would time
+  out)."""
+  cfg, setup, workdir, saved, batches = _saved_run(tmp_path, 2)
+  compiling = threading.Event()
+  compile_step, read = setup.compile_step, checkpointing._read
+
+  def compile_and_say(batch):
+    compiling.set()
+    return compile_step(batch)
+
+  def read_state_after_compile_starts(manager, step, path, **items):
+    if "state" in items:
+      assert compiling.wait(timeout=120), "the state was read before the step's compile began"
+    return read(manager, step, path, **items)
+  monkeypatch.setattr(setup, "compile_step", compile_and_say)
+  monkeypatch.setattr(checkpointing, "_read", read_state_after_compile_starts)
+  start, state, first = _resume(cfg, setup, workdir)
+  assert start == 2 and int(state.step) == 2
+  for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  for got, want in zip(jax.tree.leaves(first), jax.tree.leaves(batches[2])):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert trainer._shapes_key(setup.put_batch(first)) in setup._compiled
+
+
+def test_resume_with_no_step_left_draws_and_compiles_nothing(tmp_path, monkeypatch):
+  cfg, setup, workdir, saved, _ = _saved_run(tmp_path, 1)
+  cfg.num_steps = 1
+
+  def no_compile(*_):
+    raise AssertionError("compiled a step for a run with no step left")
+  monkeypatch.setattr(setup, "compile_step", no_compile)
+  start, state, first = _resume(cfg, setup, workdir)
+  assert start == 1 and first is None and int(state.step) == 1
