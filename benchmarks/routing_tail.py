@@ -45,8 +45,6 @@ def tails(num_docs: int, doc_chunks: int, codes_c):
   ``run_codes`` (a bank builds them once; passed to ``runs_codes`` as an argument)."""
   bs = br.BlockSizes(top_k="pruned_sort", block_docs=ROW)
   with_codes = jax.jit(lambda s, d, c: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks, codes_c=c))
-  with_kernel = jax.jit(lambda s, d, c: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks, codes_c=c,
-                                                     method="pallas"))
 
   def segmax(sorted_docs):
     def fn(s, d):
@@ -60,8 +58,6 @@ def tails(num_docs: int, doc_chunks: int, codes_c):
       "segmax": segmax(False),
       "runs": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks)),
       "runs_codes": lambda s, d: with_codes(s, d, codes_c),
-      # both top-k's in one pallas_kernels.small_top_k kernel each
-      "runs_codes_kernel": lambda s, d: with_kernel(s, d, codes_c),
       "runs_sort": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
                                                      method="sort")),
       "runs_rank1k": jax.jit(lambda s, d: br.run_top_k(s, d, K_DOCS, ROW, doc_chunks,
@@ -136,32 +132,6 @@ def top16_primitives(n: int, batch: int = 1) -> dict:
     want = got if want is None else want
     out[f"{name}_same"] = bool(np.array_equal(got, want))
   return out
-
-
-def top_k_kernel_rows(n: int, batch: int, keyed: bool) -> dict:
-  """The top 16 of ``[batch, n]`` float32: ``route_tail.tree_top_k`` (XLA, the tail's)
-  against ``pallas_kernels.small_top_k`` (one kernel); wall ms of one jitted call and, on
-  the GPU, device µs and kernel count. ``keyed``: with int32 keys (a permutation) as the
-  window stage passes, else the indices as the row-maxima stage."""
-  from pallas_kernels import route_tail, small_top_k
-  rng = np.random.default_rng(n + batch)
-  x = jnp.asarray(np.round(rng.standard_normal((batch, n)) * 4).astype(np.float32) / 4)
-  keys = (jnp.asarray(np.stack([rng.permutation(n) for _ in range(batch)]).astype(np.int32))
-          if keyed else None)
-  fns = {"tree": jax.jit(lambda x, k: route_tail.tree_top_k(x, K_DOCS, keys_bn=k)),
-         "kernel": jax.jit(lambda x, k: small_top_k.top_k(x, K_DOCS, k))}
-  row = {"n": n, "batch": batch, "keyed": keyed}
-  got = {}
-  for name, fn in fns.items():
-    row[f"{name}_ms"] = time_ms(fn, x, keys)
-    got[name] = [np.asarray(a) for a in fn(x, keys)]
-    if jax.default_backend() == "gpu":
-      ker = gpu_kernel_times(fn, x, keys)
-      row[f"{name}_device_us"] = sum(t for _, t in ker)
-      row[f"{name}_kernel_count"] = len(ker)
-      row[f"{name}_kernels_us"] = ker[:8]
-  row["same"] = all(np.array_equal(a, b) for a, b in zip(got["tree"], got["kernel"]))
-  return row
 
 
 def parse_scores_spec(spec: str) -> tuple[str, dict]:
@@ -254,9 +224,6 @@ def main():
                        "tiling (int8@128x128x4: chunks x features x stages [x fp8 terms]): the "
                        "chunk-score step alone at the largest --tokens, its kernels and read "
                        "floor (GPU)")
-  ap.add_argument("--top_k_kernel", default="",
-                  help="sizes n: the top 16 of [batch, n] by the XLA tree against "
-                       "pallas_kernels.small_top_k, with and without keys, at --batches")
   ap.add_argument("--overheads", action="store_true",
                   help="wall vs device time of a read, the chunk-score kernel and the tail (GPU)")
   args = ap.parse_args()
@@ -283,17 +250,6 @@ def main():
     for k, v in p.items():
       if k.endswith("_kernels_us"):
         print(f"    {k[:-11]}: " + "; ".join(f"{nm[:50]} {t:.1f}" for nm, t in v), flush=True)
-  kernel_rows = []
-  for n in (int(float(x)) for x in args.top_k_kernel.split(",") if x):
-    for b in (int(x) for x in args.batches.split(",")):
-      for keyed in (False, True):
-        r = top_k_kernel_rows(n, b, keyed)
-        kernel_rows.append(r)
-        dev = (f"; device tree {r['tree_device_us']:.1f} us in {r['tree_kernel_count']} "
-               f"kernels, kernel {r['kernel_device_us']:.1f} us in {r['kernel_kernel_count']}"
-               if "tree_device_us" in r else "")
-        print(f"top-16 of [{b}, {n}]{' keyed' if keyed else ''}: tree {r['tree_ms']:.4f} ms, "
-              f"kernel {r['kernel_ms']:.4f} ms{dev}; same: {r['same']}", flush=True)
   rows = []
   for t in (int(float(x)) for x in args.tokens.split(",") if x):
     for dc in (int(x) for x in args.doc_chunks.split(",")):
@@ -301,7 +257,7 @@ def main():
         r = bench(t, dc, b, args.profile)
         rows.append(r)
         print(r, flush=True)
-  names = ["read", "segmax_sorted", "segmax", "runs", "runs_codes", "runs_codes_kernel",
+  names = ["read", "segmax_sorted", "segmax", "runs", "runs_codes",
            "runs_sort", "runs_rank1k", "runs_rank4k", "runs_plain"]
   print(f"\n{'tokens':>8} {'doc_ch':>6} {'B':>2} " + " ".join(f"{n:>13}" for n in names)
         + "  same documents")
@@ -317,7 +273,7 @@ def main():
   write_json(os.path.join(out_dir(), "routing_tail.json"),
              {"device": device_name(), "jax": jax.__version__, "k": K_DOCS, "row": ROW,
               "rows": rows, "top16_primitives": prims, "chunk_scores": scores,
-              "overheads": overheads, "top_k_kernel": kernel_rows})
+              "overheads": overheads})
 
 
 if __name__ == "__main__":

@@ -113,8 +113,7 @@ class BlockSizes:
     program per tile. Equal to the per-tile kernel interpreted and compiled; slower on an
     H100 (8-bit keys at 100M: 1.26 x their read against 1.12 x, 2026-12-05), so off.
   tail_method, tail_row: the unfused route's :func:`run_top_k` tree (``"rank"``: rank and
-    select reduces, ``"sort"``: two-key sorts, ``"pallas"``: each top-k in one kernel,
-    ``pallas_kernels.small_top_k``) and its row length for the row maxima'
+    select reduces, ``"sort"``: two-key sorts) and its row length for the row maxima'
     top-k (:func:`pallas_kernels.route_tail.tree_top_k`); the same documents either way.
   """
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from msa_jax import routing as ref_routing
-from pallas_kernels import small_top_k
 
 if TYPE_CHECKING:
   from pallas_kernels.block_routing import BlockSizes
@@ -115,7 +114,7 @@ def rank_select(neg, key, kk: int):
       lambda a, b: (jnp.minimum(a[0], b[0]), jnp.maximum(a[1], b[1])), (neg.ndim,))
 
 
-TREE_METHODS = ("rank", "sort", "pallas")
+TREE_METHODS = ("rank", "sort")
 
 
 def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None, method: str = "rank"):
@@ -132,10 +131,10 @@ def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None, method: str = "rank")
   * ``"rank"`` (:func:`rank_select`): a compare-and-count reduce and a select reduce, two
     fused kernels a level;
   * ``"sort"``: a two-key ``lax.sort`` of each row (on the GPU a sort kernel plus two
-    copies a level, ~5 µs each at 16-256-entry rows on the H200, 2026-12-04);
-  * ``"pallas"``: the whole top-k in one Mosaic GPU kernel
-    (:func:`pallas_kernels.small_top_k.top_k`) where it takes the shape (k ≤ 16,
-    n ≤ 16,384), else ``"rank"``.
+    copies a level, ~5 µs each at 16-256-entry rows on the H200, 2026-12-04).
+
+  (A third, the whole top-k in one single-program Mosaic GPU kernel, was exact and 1.5-2.5 x
+  slower than this tree on an H100, 2026-12-06: removed, BENCHMARKS.md.)
 
   Args:
     x_bn: ``[B, n]`` scores (float32 or narrower; NaN not allowed).
@@ -150,11 +149,6 @@ def tree_top_k(x_bn, k: int, row: int = 128, keys_bn=None, method: str = "rank")
   """
   if method not in TREE_METHODS:
     raise ValueError(f"tree_top_k method {method!r}: use one of {TREE_METHODS}")
-  if method == "pallas":
-    out = small_top_k.top_k(x_bn, k, keys_bn)
-    if out is not None:
-      return out
-    method = "rank"
   b, n = x_bn.shape
   kk = min(k, n)
   neg = -x_bn.astype(jnp.float32)
