@@ -92,14 +92,11 @@
 #                                                  # Hopper GEMM, against the FLOP floor
 #                                                  # (~60 s): does a Pallas GEMM with a
 #                                                  # SwiGLU epilogue have room to pay?
-#   STAGE=mlp_merged bash benchmarks/issue10_gpu.sh  # the recipe against
-#                                                  # model.mlp_gate_up=merged (gate and up
-#                                                  # as one GEMM) in one process, one batch
 #   STAGE=no_remat bash benchmarks/issue10_gpu.sh  # the recipe (full remat) against no remat
-#                                                  # in slices of 2 examples (remat's second
-#                                                  # forward gone; 16 slices at batch 32)
-#                                                  # and the merged gate/up GEMM, one
-#                                                  # process, one batch (~6 min)
+#                                                  # in slices of one example (remat's second
+#                                                  # forward gone; two do not fit an H100)
+#                                                  # and full remat in 4 slices (what a slice
+#                                                  # costs), one process, one batch (~5 min)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -110,7 +107,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, mlp_merged, no_remat or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -243,15 +240,10 @@ case "$STAGE" in
   mlp_gemm)
     step mlp_gemm 100 $PY -m benchmarks.mlp_gemm --tokens 65536
     step mlp_gemm_b16 100 $PY -m benchmarks.mlp_gemm --tokens 271232 --tilings 128x128x4,128x256x4 ;;
-  mlp_merged)
-    step mlp_merged 540 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
-      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
-      --compare "base;mlp_gate_up=merged" ${OVERLAP:+--overlap_init} \
-      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_mlp_merged.json" ;;
   no_remat)
     step no_remat 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
-      --compare "base;remat_policy=none,microbatches=$((BATCH / 2));mlp_gate_up=merged" \
+      --compare "base;remat_policy=none,microbatches=$BATCH;microbatches=4" \
       --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_no_remat.json" ;;
   triton)

@@ -80,8 +80,6 @@ def _parse(argv):
   p.add_argument("--qk_norm_rope_vjp", default="",
                  help="override model.qk_norm_rope_vjp (autodiff | fused | fused_bf16); "
                       "default the recipe's")
-  p.add_argument("--mlp_gate_up", default="",
-                 help="override model.mlp_gate_up (two | merged); default the recipe's")
   p.add_argument("--embed_grad", default="",
                  help="override model.embed_grad (autodiff | f32_scatter | sorted)")
   p.add_argument("--attention_pad_free", action=argparse.BooleanOptionalAction,
@@ -174,7 +172,7 @@ def cli_model_overrides(args) -> dict:
               attention_pad_free=args.attention_pad_free, embed_grad=args.embed_grad,
               attention_short_persistent=args.attention_short_persistent,
               attention_short_persistent_bwd=args.attention_short_persistent_bwd,
-              rope_tables=args.rope_tables, mlp_gate_up=args.mlp_gate_up)
+              rope_tables=args.rope_tables)
 
 
 def host_batch(cfg, model_cfg, batch_size: int):

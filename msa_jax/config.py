@@ -19,8 +19,7 @@ REMAT_POLICIES = ("none", "full", "dots", "mlp_input")
 # may change them on resume (run_config.MAY_CHANGE_ON_RESUME).
 COMPUTE_SWITCHES = ("remat", "remat_policy", "scan_layers", "kernels", "rms_norm_vjp",
                     "attention_pad_free", "embed_grad", "qk_norm_rope_vjp",
-                    "attention_short_persistent", "attention_short_persistent_bwd", "rope_tables",
-                    "mlp_gate_up")
+                    "attention_short_persistent", "attention_short_persistent_bwd", "rope_tables")
 # Fields that change neither the parameters nor the forward values: the compute switches and
 # the router's gradient into the trunk (which does change training). A bank's model
 # fingerprint and ``init_from``'s checkpoint check leave them out.
@@ -86,10 +85,6 @@ class ModelConfig:
   # written once in bf16).
   # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
   qk_norm_rope_vjp: str = "autodiff"
-  # The MLP's gate and up projections (layers.MLP): "two" GEMMs, or "merged": one
-  # GEMM against both kernels side by side (N 2·intermediate; its backward one input-gradient
-  # GEMM over K 2·intermediate instead of two and their sum). The same parameters.
-  mlp_gate_up: str = "two"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
   # went from 4,543 to 4,265 ms with it (2026-12-05); on in the 0.6b and 4b recipes.
@@ -177,8 +172,6 @@ class ModelConfig:
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
-    need(self.mlp_gate_up in ("two", "merged"),
-         f"mlp_gate_up must be 'two' or 'merged', got {self.mlp_gate_up!r}")
     need(self.qk_norm_rope_vjp in ("autodiff", "fused", "fused_bf16"),
          f"qk_norm_rope_vjp must be 'autodiff', 'fused' or 'fused_bf16', got "
          f"{self.qk_norm_rope_vjp!r}")

@@ -341,40 +341,18 @@ NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16")
 _NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
 
 
-class _Kernel(nn.Module):
-  """The ``[in, features]`` kernel a :func:`dense` layer of this name holds (same init,
-  partitioning and parameter path), returned instead of applied."""
-
-  features: int
-  cfg: ModelConfig
-  axes: tuple[str, str]
-
-  @nn.compact
-  def __call__(self, in_features: int):
-    return self.param("kernel", _kernel_init(self.cfg, self.axes),
-                      (in_features, self.features), self.cfg.jnp_param_dtype)
-
-
 class MLP(nn.Module):
   """SwiGLU: ``down(silu(gate(x)) * up(x))``.
 
-  ``cfg.mlp_gate_up="merged"``: gate and up as one GEMM against ``[Wg | Wu]`` stacked
-  ``[embed, 2, mlp]`` (sharded along ``mlp`` as each kernel is), the same parameters."""
+  (Gate and up as one GEMM against both kernels stacked was 1.3 % slower in the 0.6b step
+  on an H100, 2026-12-06: removed, BENCHMARKS.md.)"""
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, x):
     cfg = self.cfg
-    if cfg.mlp_gate_up == "merged":
-      w_dki = jnp.stack([_Kernel(cfg.intermediate_size, cfg, ("embed", "mlp"),
-                                 name=name)(x.shape[-1])
-                         for name in ("gate_proj", "up_proj")], axis=1)
-      w_dki = nn.with_logical_constraint(w_dki.astype(cfg.jnp_dtype), ("embed", None, "mlp"))
-      gu = jnp.einsum("...d,dki->...ki", x.astype(cfg.jnp_dtype), w_dki)
-      gate, up = gu[..., 0, :], gu[..., 1, :]
-    else:
-      gate = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "gate_proj")(x)
-      up = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "up_proj")(x)
+    gate = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(cfg.intermediate_size, cfg, ("embed", "mlp"), "up_proj")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
     return dense(cfg.hidden_size, cfg, ("mlp", "embed"), "down_proj")(h)

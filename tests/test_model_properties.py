@@ -327,40 +327,23 @@ def _assert_same_values_and_grads(setup, baseline, other, logits_rtol):
     assert R.rel_err(y, x) < 1e-5, jax.tree_util.keystr(path)
 
 
-def test_merged_gate_up_initialises_the_same_parameters(setup):
-  """``mlp_gate_up="merged"`` holds the very parameters of the two-GEMM MLP: the same tree
-  (``gate_proj``/``up_proj`` kernels: checkpoints and export unchanged), the same values
-  drawn from the same key, the same logical partitioning."""
-  model, variables, batch = setup
-  merged = type(model)(CFG.replace(mlp_gate_up="merged"))
-  boxed = jax.eval_shape(merged.init, jax.random.PRNGKey(0), batch)
-  want = jax.eval_shape(model.init, jax.random.PRNGKey(0), batch)
-  assert nn.get_partition_spec(boxed) == nn.get_partition_spec(want)
-  got = R.init_model(CFG.replace(mlp_gate_up="merged"), batch, 11)[1]
-  assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(variables)
-  for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(variables)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 # the fused q/k path's forward rotates x·w and scales by the row's rsqrt after (one pass):
 # float32 rounding apart from the composition's, 2.8e-6 in the logits of this model
 @pytest.mark.parametrize("switches,logits_rtol", [
     (dict(rms_norm_vjp="lean", embed_grad="autodiff"), 1e-6),
     (dict(rope_tables=True), 1e-6),
     (dict(qk_norm_rope_vjp="fused"), 1e-5),
-    (dict(rope_tables=True, qk_norm_rope_vjp="fused"), 1e-5),
-    (dict(mlp_gate_up="merged"), 1e-6)])
+    (dict(rope_tables=True, qk_norm_rope_vjp="fused"), 1e-5)])
 def test_hand_written_backwards_equal_autodiff_through_the_model(setup, baseline, switches,
                                                                 logits_rtol):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
   backward; JAX's own embedding gradient) and ``qk_norm_rope_vjp="fused"`` (one forward pass
   and one backward for the q/k norms and RoPE; with ``rope_tables=True`` reading RoPE's
-  cos/sin computed once a stream) and ``mlp_gate_up="merged"`` (gate and up as one GEMM)
-  against the defaults (JAX's backward of each; the
+  cos/sin computed once a stream) against the defaults (JAX's backward of each; the
   embedding gradient scattered into float32): the same parameters, logits (normwise
   ``logits_rtol``) and gradients of L_LM + 0.1 L_aux (normwise 1e-5, float32)."""
   assert CFG.embed_grad == "f32_scatter" and CFG.rms_norm_vjp == "autodiff"
-  assert CFG.qk_norm_rope_vjp == "autodiff" and CFG.mlp_gate_up == "two"
+  assert CFG.qk_norm_rope_vjp == "autodiff"
   other = type(setup[0])(CFG.replace(**switches))
   _assert_same_values_and_grads(setup, baseline, other, logits_rtol)
 
