@@ -62,6 +62,7 @@ from jax import lax
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k, quantised_queries
+from pallas_kernels import chunk_max, route_tail
 from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 # the tail after the chunk scores (pallas_kernels.route_tail); its names stay importable here
 from pallas_kernels.route_tail import (document_scores, document_top_k,  # noqa: F401
@@ -115,6 +116,11 @@ class BlockSizes:
   tail_method, tail_row: the unfused route's :func:`run_top_k` tree (``"rank"``: rank and
     select reduces, ``"sort"``: two-key sorts) and its row length for the row maxima'
     top-k (:func:`pallas_kernels.route_tail.tree_top_k`); the same documents either way.
+  row_maxima: the engine's unfused bf16 route takes the run tail's row maxima from the
+    chunk-score kernel (:func:`chunk_scores_and_row_maxima`: each 128-chunk tile also
+    writes its row's (own, head) maxima), so the tail does not read the ``[B, C]`` scores
+    for them (the tail's largest XLA kernel, 4.9 µs at 100M on an H100, 2026-12-06). Exact
+    interpreted (the same maxima and documents); not yet compiled or timed on a GPU: off.
   """
 
   chunks: int = 128
@@ -133,6 +139,7 @@ class BlockSizes:
   tail_method: str = "rank"
   tail_row: int = 128
   persistent: bool = False
+  row_maxima: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -263,6 +270,48 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
       lambda tiles: chunk_max_call(tiles, f, cols, b * groups, bs, interpret)(kr_cf, q_pfc),
       lambda c_main: block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups))
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
+
+
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+def chunk_scores_and_row_maxima(rq_bmf, query_mask_bm, kr_cf, codes_c, *,
+                                block_sizes: BlockSizes | None = None,
+                                interpret: bool | None = None):
+  """bf16 keys: :func:`chunk_scores` and, for rows of 128 chunks, ``(own [B, rows], head
+  [B, rows])``: the max over each row's chunks that start a run there and over those that
+  continue the previous row's run (``codes_c``: int8 ``[C]``, ``route_tail.run_codes`` for
+  rows of 128), what :func:`run_top_k` otherwise reads all ``[B, C]`` scores again for.
+  The kernel writes them per tile (``chunk_max_call(row_maxima=True)``, 128-chunk tiles);
+  the ragged last row's come from XLA, and all of them where the plan's tiles are not 128
+  chunks (more than 256 query columns) or persistent. ``rows = ceil(C / 128)``."""
+  bs = block_sizes or BlockSizes()
+  b, m, f = rq_bmf.shape
+  c = kr_cf.shape[0]
+  bs, groups, cols = _plan(m, f, bs)
+  if bs.chunks != chunk_max.ROW or bs.persistent:   # (many query columns: 64-chunk tiles)
+    s_bc = _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs, interpret)
+    return (s_bc, *route_tail.row_maxima(s_bc, codes_c, chunk_max.ROW))
+  q_pfc, kr_cf = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
+  num_tiles = c // chunk_max.ROW
+  c_main = num_tiles * chunk_max.ROW
+  s_parts, own_parts, head_parts = [], [], []
+  if num_tiles:
+    s_pc, maxima = chunk_max_call(num_tiles, f, cols, b * groups, bs, interpret,
+                                  row_maxima=True)(kr_cf, q_pfc, codes_c)
+    s_parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
+    maxima = maxima.reshape(b, groups, num_tiles, chunk_max.MAXIMA_SLOT).max(axis=1)
+    own_parts.append(maxima[..., 0])
+    head_parts.append(maxima[..., 1])
+  if c_main < c:
+    tail = block_top_k.tail_chunk_scores(q_pfc, kr_cf[c_main:c], groups)
+    code = codes_c[c_main:c][None]
+    s_parts.append(tail)
+    own_parts.append(jnp.where(code == chunk_max.OWN_CODE, tail, NEG_INF).max(axis=1,
+                                                                             keepdims=True))
+    head_parts.append(jnp.where(code == chunk_max.HEAD_CODE, tail, NEG_INF).max(axis=1,
+                                                                               keepdims=True))
+  routes = jnp.any(query_mask_bm, axis=1)[:, None]
+  return tuple(jnp.where(routes, jnp.concatenate(parts, axis=1), NEG_INF)
+               for parts in (s_parts, own_parts, head_parts))
 
 
 def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):

@@ -23,22 +23,38 @@ if TYPE_CHECKING:
 
 
 
+MAXIMA_SLOT = 32    # float32 a tile's row maxima take in the maxima output: one 128-byte copy
+OWN_CODE, HEAD_CODE = 1, 2   # route_tail.run_codes' chunk roles (PAD_CODE 0 never scores)
+ROW = 128           # the routing tail's row (route_tail.run_top_k's ``row``, the engine's)
+
+
 def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, passes: int,
-                   interpret, compiler_params=None):
+                   interpret, compiler_params=None, row_maxima: bool = False):
   """A ``plgpu.kernel`` writing ``[passes, num_tiles·tile_c]`` float32 chunk scores:
   ``per_program(out_smem, out_gmem, in_gmem_refs)`` runs in each program of ``grid`` with
-  an SMEM ``[tile_c]`` float32 buffer for the scores on their way out."""
+  an SMEM ``[tile_c]`` float32 buffer for the scores on their way out. ``row_maxima``: the
+  last input is the chunks' int8 run codes and a second output ``[passes,
+  num_tiles·MAXIMA_SLOT]`` holds each tile's row maxima; ``per_program`` then also gets
+  ``(codes_gmem, maxima_gmem)``."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
 
   def body(*refs):
+    if row_maxima:
+      *in_refs, codes_gmem, out_gmem, maxima_gmem = refs
+      pl.run_scoped(lambda out_smem: per_program(out_smem, out_gmem, in_refs,
+                                                 (codes_gmem, maxima_gmem)),
+                    plgpu.SMEM((tile_c,), jnp.float32))
+      return
     *in_refs, out_gmem = refs
     pl.run_scoped(lambda out_smem: per_program(out_smem, out_gmem, in_refs),
                   plgpu.SMEM((tile_c,), jnp.float32))
 
+  scores = jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32)
+  maxima = jax.ShapeDtypeStruct((passes, num_tiles * MAXIMA_SLOT), jnp.float32)
   return plgpu.kernel(
       body,
-      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
+      out_type=(scores, maxima) if row_maxima else scores,
       grid=grid,
       grid_names=grid_names,
       compiler_params=compiler_params,
@@ -46,25 +62,65 @@ def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, p
   )
 
 
+def _tile_row_maxima(scores_smem, codes_smem, maxima_smem, compiled: bool):
+  """A 128-chunk tile's row maxima into ``maxima_smem[0]`` (own: the max over chunks that
+  start a run in the row, ``OWN_CODE``) and ``maxima_smem[1]`` (head: over chunks continuing
+  the previous row's run, ``HEAD_CODE``), ``-inf`` in the rest of the ``[tile_c]`` buffer:
+  what ``route_tail._own_and_head_maxima`` takes from the scores in XLA."""
+  plgpu = _platform.plgpu()
+  n = scores_smem.shape[0]
+  strided = plgpu.Layout.WG_STRIDED((n,), 1) if compiled else None
+  s = _platform.layout_cast(scores_smem[...], strided, compiled)
+  code = _platform.layout_cast(codes_smem[...].astype(jnp.int32), strided, compiled)
+  neg = jnp.float32(-jnp.inf)
+  own = jnp.max(jnp.where(code == OWN_CODE, s, neg))
+  head = jnp.max(jnp.where(code == HEAD_CODE, s, neg))
+  slot = _platform.layout_cast(lax.broadcasted_iota(jnp.int32, (n,), 0), strided, compiled)
+  maxima_smem[...] = jnp.where(slot == 0, own, jnp.where(slot == 1, head, neg))
+
+
 def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
-                      compiler_params=None):
+                      compiler_params=None, row_maxima: bool = False):
   """The per-tile chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c``
   chunk scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
   ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
-  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
+  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output. ``row_maxima``
+  (128-chunk tiles, one tail row each): the tile's run codes come in by one copy issued
+  before the scores are computed, and the tile's (own, head) row maxima
+  (:func:`_tile_row_maxima`) go out at ``maxima[p, tile·MAXIMA_SLOT:]``, so the routing
+  tail need not read the scores for them."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
+  compiled = _platform.mosaic_interpret_params(interpret) is None
 
-  def per_program(out_smem, out_gmem, in_refs):
+  def per_program(out_smem, out_gmem, in_refs, maxima_refs=None):
     tile = lax.axis_index("tile")
     p = lax.axis_index("pass")
-    fill_tile(tile, p, out_smem, *in_refs)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-    plgpu.wait_smem_to_gmem(0)
+    if maxima_refs is None:
+      fill_tile(tile, p, out_smem, *in_refs)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+      plgpu.wait_smem_to_gmem(0)
+      return
+    codes_gmem, maxima_gmem = maxima_refs
+
+    def with_codes(codes_smem, maxima_smem, barrier):
+      plgpu.copy_gmem_to_smem(codes_gmem.at[pl.ds(tile * tile_c, tile_c)], codes_smem, barrier)
+      fill_tile(tile, p, out_smem, *in_refs)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+      plgpu.barrier_wait(barrier)
+      _tile_row_maxima(out_smem, codes_smem, maxima_smem, compiled)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(maxima_smem.at[pl.ds(0, MAXIMA_SLOT)],
+                              maxima_gmem.at[p, pl.ds(tile * MAXIMA_SLOT, MAXIMA_SLOT)])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(with_codes, plgpu.SMEM((tile_c,), jnp.int8),
+                  plgpu.SMEM((tile_c,), jnp.float32), plgpu.Barrier(num_arrivals=1))
 
   return _scores_kernel(per_program, (num_tiles, passes), ("tile", "pass"), num_tiles, tile_c,
-                        passes, interpret, compiler_params)
+                        passes, interpret, compiler_params, row_maxima)
 
 
 def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs: BlockSizes,
@@ -116,7 +172,8 @@ def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs:
                         passes, interpret, compiler_params)
 
 
-def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
+def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret,
+                   row_maxima: bool = False):
   """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles of
   bf16 keys: one program per (tile, pass), or with ``bs.persistent`` a persistent kernel
   (:func:`_persistent_kernel`): no program ends and starts between tiles, so the copies of
@@ -130,6 +187,9 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
+  if row_maxima and (bs.persistent or tile_c != ROW):
+    raise ValueError(f"row maxima need the per-tile kernel with {ROW}-chunk tiles (one tail "
+                     f"row a tile), got chunks={tile_c}, persistent={bs.persistent}")
   num_f = f // tile_f
   k_transforms = _platform.swizzle_transforms(tile_f, 2)
   q_transforms = _platform.swizzle_transforms(cols, 2)
@@ -175,7 +235,8 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
 
     out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
 
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
+                           row_maxima=row_maxima)
 
 
 def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,

@@ -354,3 +354,101 @@ def test_window_run_max_by_shifts_equals_the_masked_max(max_run):
   wid = np.asarray(win_id)
   first = np.concatenate([np.ones((2, 3, 1), bool), wid[:, :, 1:] != wid[:, :, :-1]], axis=2)
   np.testing.assert_array_equal(got[first & (wid >= 0)], want[first & (wid >= 0)])
+
+
+def _row_maxima_case(c, b, m, f, seed):
+  rng = np.random.default_rng(seed)
+  lens = list(rng.integers(1, 3, size=c))
+  doc = _bank(rng, lens, pad_after=(4, 40))[:c - 3]
+  doc = jnp.asarray(np.concatenate([doc, np.full(c - len(doc), -1, np.int32)]))
+  kr = rr.l2_normalize(jax.random.normal(jax.random.key(seed), (c, f), jnp.float32))
+  rq = jax.random.normal(jax.random.key(seed + 1), (b, m, f), jnp.float32)
+  mask = jnp.asarray(np.arange(m)[None] < np.array([m, m // 3, 0][:b])[:, None])
+  run_c, _ = bank_routing.chunk_runs(doc)
+  return rq, mask, kr.astype(jnp.bfloat16), run_c, br.run_codes(run_c, 128, doc >= 0)
+
+
+
+@pytest.mark.parametrize("c,b,m", [(128 * 7 + 45, 3, 64), (128 * 3, 1, 300)])
+def test_kernel_row_maxima_equal_the_tails_and_rank_the_same_documents(c, b, m):
+  """``chunk_scores_and_row_maxima`` (interpreted): the chunk scores of ``chunk_scores``,
+  each 128-chunk row's (own, head) maxima equal to the tail's own first pass over them
+  (``route_tail._own_and_head_maxima``, ragged last row and an example without routing
+  tokens included; 300 query columns: 64-chunk tiles, the maxima from XLA), and
+  ``run_top_k`` given them picks the same documents and scores."""
+  from pallas_kernels import route_tail
+  rq, mask, kr, run_c, codes = _row_maxima_case(c, b, m, 256, c)
+  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes)
+  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(s_bc), np.asarray(want_s))
+  rows = -(-c // 128)
+  valid = np.asarray(codes) != route_tail.PAD_CODE
+  x = np.where(valid[None], np.asarray(want_s), -np.inf)
+  x_brr = jnp.asarray(np.pad(x, ((0, 0), (0, rows * 128 - c)), constant_values=-np.inf)
+                      .reshape(b, rows, 128))
+  cont = route_tail._as_rows(codes, 128, route_tail.PAD_CODE) == route_tail.HEAD_CODE
+  want_own, want_head = route_tail._own_and_head_maxima(x_brr, cont)
+  np.testing.assert_array_equal(np.asarray(own), np.asarray(want_own))
+  np.testing.assert_array_equal(np.asarray(head), np.asarray(want_head))
+  assert np.isfinite(np.asarray(own)[0]).any()
+  if b == 3:                                  # the third example has no routing tokens
+    assert np.all(np.asarray(own)[2] == -np.inf) and np.all(np.asarray(head)[2] == -np.inf)
+  got = br.run_top_k(s_bc, run_c, 16, 128, 2, codes_c=codes, row_maxima=(own, head))
+  want = br.run_top_k(want_s, run_c, 16, 128, 2, codes_c=codes)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  with pytest.raises(ValueError, match="row_maxima go with codes_c"):
+    br.run_top_k(s_bc, run_c, 16, 128, 2, row_maxima=(own, head))
+
+def test_engine_route_with_the_kernels_row_maxima_interpret():
+  """The engine's unfused bf16 route (``local_top_k`` with the bank's routing layouts) with
+  ``BlockSizes(row_maxima=True)`` (interpreted kernel) returns the documents and scores it
+  returns without."""
+  rng = np.random.default_rng(11)
+  c, f, k = 128 * 5 + 77, 128, 8
+  lens = list(rng.integers(1, 3, size=c))
+  doc = _bank(rng, lens, pad_after=(2, 9))[:c - 5]
+  doc = jnp.asarray(np.concatenate([doc, np.full(c - len(doc), -1, np.int32)]))
+  kr = rr.l2_normalize(jax.random.normal(jax.random.key(3), (c, f), jnp.float32))
+  kr = kr.astype(jnp.bfloat16)
+  rq = jax.random.normal(jax.random.key(4), (2, 16, f), jnp.float32)
+  mask = jnp.asarray(np.arange(16)[None] < np.array([[16], [5]]))
+  layouts = bank_routing.routing_layouts(doc)
+  runs = [bank_routing.local_top_k(rq, mask, kr, doc, k, implementation="pallas",
+                                   layouts=layouts, max_doc_chunks=2,
+                                   block_sizes=bank_routing.engine_block_sizes(f, row_maxima=on))
+          for on in (False, True)]
+  for a, b in zip(*runs):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert np.isfinite(np.asarray(runs[1][0])).all()
+
+
+def test_kernel_row_maxima_lower_for_the_gpu():
+  """The chunk-score kernel with row maxima, compiled at the engine's bf16 tiling (128 x 128
+  tiles 4 deep, 1,024 features): Mosaic GPU's static checks pass (lowering on a CPU)."""
+  bs = bank_routing.engine_block_sizes(1024, row_maxima=True)
+  c, f = 1000 * 128 + 77, 1024
+  sds = jax.ShapeDtypeStruct
+  fn = jax.jit(lambda *a: br.chunk_scores_and_row_maxima(*a, block_sizes=bs, interpret=False))
+  text = fn.trace(sds((1, 64, f), jnp.float32), sds((1, 64), bool), sds((c, f), jnp.bfloat16),
+                  sds((c,), jnp.int8)).lower(lowering_platforms=("cuda",)).as_text()
+  assert "mosaic_gpu" in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,m", [(1, 64), (3, 200)])
+def test_gpu_kernel_row_maxima_compiled(b, m):
+  """Compiled: the kernel's row maxima equal the tail's own pass over its scores, and the
+  route given them picks the same documents (50,053 chunks: a ragged last row)."""
+  from pallas_kernels import route_tail
+  rq, mask, kr, run_c, codes = _row_maxima_case(50_053, b, m, 1024, b)
+  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes, interpret=False)
+  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas", interpret=False)
+  np.testing.assert_array_equal(np.asarray(s_bc), np.asarray(want_s))
+  want_own, want_head = route_tail.row_maxima(want_s, codes, 128)
+  np.testing.assert_array_equal(np.asarray(own), np.asarray(want_own))
+  np.testing.assert_array_equal(np.asarray(head), np.asarray(want_head))
+  got = br.run_top_k(s_bc, run_c, 16, 128, 2, codes_c=codes, row_maxima=(own, head))
+  want = br.run_top_k(want_s, run_c, 16, 128, 2, codes_c=codes)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))

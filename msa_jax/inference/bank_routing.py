@@ -256,16 +256,24 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   scores' row maxima when the longest document is known (``block_routing.run_top_k``),
   else through a segment max over every run."""
   from pallas_kernels import block_routing
-  s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
-                                    block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
+  maxima = None
+  if (bs.row_maxima and kr_scale_c is None and codes_c is not None
+      and bs.block_docs == CODES_ROW and max_doc_chunks is not None
+      and max_doc_chunks <= CODES_ROW + 1):   # the kernel's maxima: rows of the codes' 128
+    s_bc, *maxima = block_routing.chunk_scores_and_row_maxima(
+        rq_bmf, route_mask_bm, kr_cf, codes_c, block_sizes=bs)
+  else:
+    s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
+                                      block_sizes=bs, kr_scale_c=kr_scale_c)
   if max_doc_chunks is None or codes_c is None:   # (the bank's codes mask padding chunks)
     s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
                                        run_key_r=run_doc, method=bs.tail_method,
-                                       tree_row=bs.tail_row, codes_c=codes_c)
+                                       tree_row=bs.tail_row, codes_c=codes_c,
+                                       row_maxima=maxima)
     return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
