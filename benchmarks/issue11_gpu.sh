@@ -10,8 +10,8 @@
 #   STAGE=row_maxima bash benchmarks/issue11_gpu.sh  # BlockSizes(row_maxima=True): the tail's
 #                                                # row maxima written by the chunk-score
 #                                                # kernel; its compiled tests, then the
-#                                                # bf16 route at 100M with and without it
-#                                                # (~200 s)
+#                                                # bf16 and fp8 routes at 100M with and
+#                                                # without it (~300 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #   STAGE=host_kv bash benchmarks/issue11_gpu.sh # bf16 K̄/V̄ in host memory against on the
 #                                                # device at 10M (14.7 GB; at 100M 147 GB,
@@ -50,10 +50,10 @@ case "$STAGE" in
     step tail_profile 150 $PY -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
       --batches 1,8 --profile ;;
   row_maxima)
-    step row_maxima_tests 150 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_run_top_k.py \
+    step row_maxima_tests 180 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_run_top_k.py \
       -k row_maxima
-    step route_row_maxima 200 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
-      --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16 --route_profile \
+    step route_row_maxima 300 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
+      --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16,float8_e4m3fn --route_profile \
       --route_impls=pallas,pallas:row_maxima=true --timing_iters=20 --out="$DIR/route" ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \

@@ -62,21 +62,34 @@ def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, p
   )
 
 
-def _tile_row_maxima(scores_smem, codes_smem, maxima_smem, compiled: bool):
+def _tile_row_maxima(scores_smem, codes_smem, maxima_smem, compiled: bool, lane: bool):
   """A 128-chunk tile's row maxima into ``maxima_smem[0]`` (own: the max over chunks that
   start a run in the row, ``OWN_CODE``) and ``maxima_smem[1]`` (head: over chunks continuing
   the previous row's run, ``HEAD_CODE``), ``-inf`` in the rest of the ``[tile_c]`` buffer:
-  what ``route_tail._own_and_head_maxima`` takes from the scores in XLA."""
+  what ``route_tail._own_and_head_maxima`` takes from the scores in XLA. ``lane``: the
+  kernel runs in lane semantics (the 8-bit kernels), where vectors take the WGMMA column
+  layout; else warpgroup semantics' strided one."""
   plgpu = _platform.plgpu()
   n = scores_smem.shape[0]
-  strided = plgpu.Layout.WG_STRIDED((n,), 1) if compiled else None
-  s = _platform.layout_cast(scores_smem[...], strided, compiled)
-  code = _platform.layout_cast(codes_smem[...].astype(jnp.int32), strided, compiled)
+  layout = None
+  if compiled:
+    layout = plgpu.Layout.WGMMA.reduce(0) if lane else plgpu.Layout.WG_STRIDED((n,), 1)
+  s = _platform.layout_cast(scores_smem[...], layout, compiled)
+  code = _platform.layout_cast(codes_smem[...], layout, compiled).astype(jnp.int32)
   neg = jnp.float32(-jnp.inf)
   own = jnp.max(jnp.where(code == OWN_CODE, s, neg))
   head = jnp.max(jnp.where(code == HEAD_CODE, s, neg))
-  slot = _platform.layout_cast(lax.broadcasted_iota(jnp.int32, (n,), 0), strided, compiled)
+  if compiled and lane:
+    slot = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout)
+  else:
+    slot = _platform.layout_cast(lax.broadcasted_iota(jnp.int32, (n,), 0), layout, compiled)
   maxima_smem[...] = jnp.where(slot == 0, own, jnp.where(slot == 1, head, neg))
+
+
+def _check_row_maxima(row_maxima: bool, bs: BlockSizes) -> None:
+  if row_maxima and (bs.persistent or bs.chunks != ROW):
+    raise ValueError(f"row maxima need the per-tile kernel with {ROW}-chunk tiles (one tail "
+                     f"row a tile), got chunks={bs.chunks}, persistent={bs.persistent}")
 
 
 def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
@@ -110,7 +123,8 @@ def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, inter
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
       plgpu.barrier_wait(barrier)
-      _tile_row_maxima(out_smem, codes_smem, maxima_smem, compiled)
+      _tile_row_maxima(out_smem, codes_smem, maxima_smem, compiled,
+                       lane=compiler_params is not None)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(maxima_smem.at[pl.ds(0, MAXIMA_SLOT)],
                               maxima_gmem.at[p, pl.ds(tile * MAXIMA_SLOT, MAXIMA_SLOT)])
@@ -187,9 +201,7 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
-  if row_maxima and (bs.persistent or tile_c != ROW):
-    raise ValueError(f"row maxima need the per-tile kernel with {ROW}-chunk tiles (one tail "
-                     f"row a tile), got chunks={tile_c}, persistent={bs.persistent}")
+  _check_row_maxima(row_maxima, bs)
   num_f = f // tile_f
   k_transforms = _platform.swizzle_transforms(tile_f, 2)
   q_transforms = _platform.swizzle_transforms(cols, 2)
@@ -240,7 +252,7 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
 
 
 def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
-                          key_dtype: str, query_terms: int, interpret):
+                          key_dtype: str, query_terms: int, interpret, row_maxima: bool = False):
   """``plgpu.kernel`` for quantised keys:
   ``out[p, c] = kr_scale[c] · max_j q_scale[p, j] · codes[c]·q[p, j]``.
 
@@ -260,6 +272,7 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
+  _check_row_maxima(row_maxima, bs)
   num_f = f // tile_f
   fp8 = key_dtype == "float8_e4m3fn"
   acc_dtype = jnp.float32 if fp8 else jnp.int32
@@ -329,4 +342,5 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
         max_concurrent_steps=min(bs.stages, num_f), init_carry=acc0(),
     )(*operands(p, *in_refs))
 
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret, params)
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret, params,
+                           row_maxima=row_maxima)

@@ -356,7 +356,7 @@ def test_window_run_max_by_shifts_equals_the_masked_max(max_run):
   np.testing.assert_array_equal(got[first & (wid >= 0)], want[first & (wid >= 0)])
 
 
-def _row_maxima_case(c, b, m, f, seed):
+def _row_maxima_case(c, b, m, f, seed, dtype="bfloat16"):
   rng = np.random.default_rng(seed)
   lens = list(rng.integers(1, 3, size=c))
   doc = _bank(rng, lens, pad_after=(4, 40))[:c - 3]
@@ -365,21 +365,32 @@ def _row_maxima_case(c, b, m, f, seed):
   rq = jax.random.normal(jax.random.key(seed + 1), (b, m, f), jnp.float32)
   mask = jnp.asarray(np.arange(m)[None] < np.array([m, m // 3, 0][:b])[:, None])
   run_c, _ = bank_routing.chunk_runs(doc)
-  return rq, mask, kr.astype(jnp.bfloat16), run_c, br.run_codes(run_c, 128, doc >= 0)
+  codes = br.run_codes(run_c, 128, doc >= 0)
+  if dtype == "bfloat16":
+    return rq, mask, kr.astype(jnp.bfloat16), None, run_c, codes
+  keys, scale = quantize.quantise(np.asarray(kr), dtype, 1)
+  return rq, mask, jnp.asarray(keys), jnp.asarray(scale), run_c, codes
 
 
 
-@pytest.mark.parametrize("c,b,m", [(128 * 7 + 45, 3, 64), (128 * 3, 1, 300)])
-def test_kernel_row_maxima_equal_the_tails_and_rank_the_same_documents(c, b, m):
+@pytest.mark.parametrize("c,b,m,dtype", [(128 * 7 + 45, 3, 64, "bfloat16"),
+                                         (128 * 3, 1, 300, "bfloat16"),
+                                         (128 * 5 + 9, 2, 64, "float8_e4m3fn"),
+                                         (128 * 4 + 1, 1, 64, "int8")])
+def test_kernel_row_maxima_equal_the_tails_and_rank_the_same_documents(c, b, m, dtype):
   """``chunk_scores_and_row_maxima`` (interpreted): the chunk scores of ``chunk_scores``,
   each 128-chunk row's (own, head) maxima equal to the tail's own first pass over them
   (``route_tail._own_and_head_maxima``, ragged last row and an example without routing
-  tokens included; 300 query columns: 64-chunk tiles, the maxima from XLA), and
-  ``run_top_k`` given them picks the same documents and scores."""
+  tokens included; 300 query columns: 64-chunk tiles, the maxima from XLA; fp8 codes in the
+  8-bit kernel; int8 at the engine's 256-chunk tiles: from XLA), and ``run_top_k`` given them
+  picks the same documents and scores."""
   from pallas_kernels import route_tail
-  rq, mask, kr, run_c, codes = _row_maxima_case(c, b, m, 256, c)
-  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes)
-  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas")
+  rq, mask, kr, scale, run_c, codes = _row_maxima_case(c, b, m, 256, c, dtype)
+  bs = bank_routing.engine_block_sizes(256, dtype)
+  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes, block_sizes=bs,
+                                                   kr_scale_c=scale)
+  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas", block_sizes=bs,
+                           kr_scale_c=scale)
   np.testing.assert_array_equal(np.asarray(s_bc), np.asarray(want_s))
   rows = -(-c // 128)
   valid = np.asarray(codes) != route_tail.PAD_CODE
@@ -423,27 +434,37 @@ def test_engine_route_with_the_kernels_row_maxima_interpret():
   assert np.isfinite(np.asarray(runs[1][0])).all()
 
 
-def test_kernel_row_maxima_lower_for_the_gpu():
-  """The chunk-score kernel with row maxima, compiled at the engine's bf16 tiling (128 x 128
-  tiles 4 deep, 1,024 features): Mosaic GPU's static checks pass (lowering on a CPU)."""
-  bs = bank_routing.engine_block_sizes(1024, row_maxima=True)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
+def test_kernel_row_maxima_lower_for_the_gpu(dtype):
+  """The chunk-score kernels with row maxima, compiled at the engine's tilings (bf16 128 x
+  128 tiles 4 deep in warpgroup semantics, fp8 128 x 128 2 deep in lane semantics; 1,024
+  features): Mosaic GPU's static checks pass (lowering on a CPU)."""
+  bs = bank_routing.engine_block_sizes(1024, dtype, row_maxima=True)
   c, f = 1000 * 128 + 77, 1024
   sds = jax.ShapeDtypeStruct
-  fn = jax.jit(lambda *a: br.chunk_scores_and_row_maxima(*a, block_sizes=bs, interpret=False))
-  text = fn.trace(sds((1, 64, f), jnp.float32), sds((1, 64), bool), sds((c, f), jnp.bfloat16),
-                  sds((c,), jnp.int8)).lower(lowering_platforms=("cuda",)).as_text()
+  scale = None if dtype == "bfloat16" else sds((c,), jnp.float32)
+  fn = jax.jit(lambda *a, **kw: br.chunk_scores_and_row_maxima(*a, block_sizes=bs,
+                                                               interpret=False, **kw))
+  text = fn.trace(sds((1, 64, f), jnp.float32), sds((1, 64), bool), sds((c, f), dtype),
+                  sds((c,), jnp.int8), kr_scale_c=scale).lower(
+                      lowering_platforms=("cuda",)).as_text()
   assert "mosaic_gpu" in text
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float8_e4m3fn"])
 @pytest.mark.parametrize("b,m", [(1, 64), (3, 200)])
-def test_gpu_kernel_row_maxima_compiled(b, m):
-  """Compiled: the kernel's row maxima equal the tail's own pass over its scores, and the
-  route given them picks the same documents (50,053 chunks: a ragged last row)."""
+def test_gpu_kernel_row_maxima_compiled(b, m, dtype):
+  """Compiled, at the engine's tilings: the kernel's row maxima equal the tail's own pass
+  over its scores, and the route given them picks the same documents (50,053 chunks: a
+  ragged last row)."""
   from pallas_kernels import route_tail
-  rq, mask, kr, run_c, codes = _row_maxima_case(50_053, b, m, 1024, b)
-  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes, interpret=False)
-  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas", interpret=False)
+  rq, mask, kr, scale, run_c, codes = _row_maxima_case(50_053, b, m, 1024, b, dtype)
+  bs = bank_routing.engine_block_sizes(1024, dtype)
+  s_bc, own, head = br.chunk_scores_and_row_maxima(rq, mask, kr, codes, block_sizes=bs,
+                                                   interpret=False, kr_scale_c=scale)
+  want_s = br.chunk_scores(rq, mask, kr, implementation="pallas", block_sizes=bs,
+                           interpret=False, kr_scale_c=scale)
   np.testing.assert_array_equal(np.asarray(s_bc), np.asarray(want_s))
   want_own, want_head = route_tail.row_maxima(want_s, codes, 128)
   np.testing.assert_array_equal(np.asarray(own), np.asarray(want_own))
