@@ -4,8 +4,10 @@ query columns, one ``[tile]`` vector of chunk scores per tile.
 ``chunk_max_call`` reads bf16 keys; ``chunk_max_quant_call`` reads fp8 e4m3 / int8 codes
 against queries quantised per column to the same dtype. Each runs in one of two shells:
 one program per (tile, pass) (``_chunk_max_kernel``), or with ``BlockSizes.persistent``
-a few programs each streaming a run of tiles (``_persistent_kernel``). Their callers, the queries' layout, tiling and the ragged tail are
-in :mod:`pallas_kernels.block_routing` (``chunk_scores``).
+a few programs each streaming a run of tiles (``_persistent_kernel``). With ``row_maxima``
+the per-tile shell also writes each 128-chunk tile's routing-tail row maxima
+(``_tile_row_maxima``). Their callers, the queries' layout, tiling and the ragged tail are in
+:mod:`pallas_kernels.block_routing` (``chunk_scores``, ``chunk_scores_and_row_maxima``).
 """
 from __future__ import annotations
 
