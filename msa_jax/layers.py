@@ -13,16 +13,13 @@ from msa_jax import batched_init
 from msa_jax.config import ModelConfig
 
 
-def _kernel_init(cfg: ModelConfig, axes: tuple[str, str]):
-  """A projection kernel's initializer, logically partitioned along ``axes``."""
-  return nn.with_logical_partitioning(batched_init.normal(cfg.initializer_range), axes)
-
-
 def dense(features: int, cfg: ModelConfig, axes: tuple[str, str], name: str) -> nn.Dense:
   """A bias-free linear layer with logically partitioned kernel ``[in, out]``."""
-  return nn.Dense(features, use_bias=False, dtype=cfg.jnp_dtype,
-                  param_dtype=cfg.jnp_param_dtype, kernel_init=_kernel_init(cfg, axes),
-                  name=name)
+  return nn.Dense(
+      features, use_bias=False, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype,
+      kernel_init=nn.with_logical_partitioning(
+          batched_init.normal(cfg.initializer_range), axes),
+      name=name)
 
 
 def rms_norm(x, scale, eps: float, dtype):

@@ -288,16 +288,14 @@ def chunk_scores_and_row_maxima(rq_bmf, query_mask_bm, kr_cf, codes_c, *,
   b, m, f = rq_bmf.shape
   c = kr_cf.shape[0]
   quant = kr_scale_c is not None
-  if quant:
-    bs, groups, queries, terms, q_scale, codes, kr_scale_c = _quant_inputs(
-        rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs)
-  else:
-    bs, groups, cols = _plan(m, f, bs)
-  if bs.chunks != chunk_max.ROW or bs.persistent:
+  tiling = (quant_plan(m, f, bs, kr_cf.dtype) if quant else _plan(m, f, bs))[0]
+  if tiling.chunks != chunk_max.ROW or tiling.persistent:   # the maxima from XLA
     s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas",
                         block_sizes=block_sizes, interpret=interpret, kr_scale_c=kr_scale_c)
     return (s_bc, *route_tail.row_maxima(s_bc, codes_c, chunk_max.ROW))
   if quant:
+    bs, groups, queries, terms, q_scale, codes, kr_scale_c = _quant_inputs(
+        rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs)
     cols = q_scale.shape[1]
     kernel = lambda tiles: chunk_max_quant_call(  # noqa: E731
         tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name, len(terms), interpret,
@@ -305,6 +303,7 @@ def chunk_scores_and_row_maxima(rq_bmf, query_mask_bm, kr_cf, codes_c, *,
     tail_scores = lambda c_main: quantised_queries.fused_chunk_scores(  # noqa: E731
         queries, kr_cf[c_main:c], kr_scale_c[c_main:c])
   else:
+    bs, groups, cols = _plan(m, f, bs)
     q_pfc, kr_pad = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
     kernel = lambda tiles: chunk_max_call(  # noqa: E731
         tiles, f, cols, b * groups, bs, interpret, row_maxima=True)(kr_pad, q_pfc, codes_c)

@@ -258,9 +258,9 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   from pallas_kernels import block_routing
   run_c, run_doc = runs
   maxima = None
-  if (bs.row_maxima and codes_c is not None and bs.block_docs == CODES_ROW
-      and max_doc_chunks is not None
-      and max_doc_chunks <= CODES_ROW + 1):   # the kernel's maxima: rows of the codes' 128
+  # (codes_c comes only with block_docs == CODES_ROW, local_top_k: the kernel's 128-chunk rows)
+  if (bs.row_maxima and codes_c is not None and max_doc_chunks is not None
+      and max_doc_chunks <= CODES_ROW + 1):
     s_bc, *maxima = block_routing.chunk_scores_and_row_maxima(
         rq_bmf, route_mask_bm, kr_cf, codes_c, block_sizes=bs, kr_scale_c=kr_scale_c)
   else:
