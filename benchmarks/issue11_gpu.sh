@@ -50,8 +50,8 @@ case "$STAGE" in
     step tail_profile 150 $PY -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
       --batches 1,8 --profile ;;
   row_maxima)
-    step row_maxima_tests 180 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_run_top_k.py \
-      -k row_maxima
+    step row_maxima_tests 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_run_top_k.py \
+      tests/test_kernel_routing.py -k "row_maxima or route_top_k_compiled"
     step route_row_maxima 300 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16,float8_e4m3fn --route_profile \
       --route_impls=pallas,pallas:row_maxima=true --timing_iters=20 --out="$DIR/route" ;;
