@@ -7,11 +7,6 @@
 #                                                # (bf16: two programs an SM) and 256-chunk
 #                                                # tiles in 2 stages, then the run
 #                                                # tail's kernels alone at 100M (~250 s)
-#   STAGE=row_maxima bash benchmarks/issue11_gpu.sh  # BlockSizes(row_maxima=True): the tail's
-#                                                # row maxima written by the chunk-score
-#                                                # kernel; its compiled tests, then the
-#                                                # bf16 and fp8 routes at 100M with and
-#                                                # without it (~300 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #   STAGE=host_kv bash benchmarks/issue11_gpu.sh # bf16 K̄/V̄ in host memory against on the
 #                                                # device at 10M (14.7 GB; at 100M 147 GB,
@@ -21,7 +16,7 @@
 # Logs and JSON go to $OUT/issue11_<stage>/ (OUT defaults to /tmp/out).
 # DRY=1 prints the commands instead of running them (benchmarks/gpu_stage.sh).
 set -u
-STAGES="tests, route, route_stages, row_maxima, ttft, host_kv or host_kv_100m"
+STAGES="tests, route, route_stages, ttft, host_kv or host_kv_100m"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue11
 source "$(dirname "$0")/gpu_stage.sh"
@@ -49,12 +44,6 @@ case "$STAGE" in
       --timing_iters=20 --out="$DIR/stages"
     step tail_profile 150 $PY -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
       --batches 1,8 --profile ;;
-  row_maxima)
-    step row_maxima_tests 200 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_run_top_k.py \
-      tests/test_kernel_routing.py -k "row_maxima or route_top_k_compiled"
-    step route_row_maxima 300 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
-      --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16,float8_e4m3fn --route_profile \
-      --route_impls=pallas,pallas:row_maxima=true --timing_iters=20 --out="$DIR/route" ;;
   ttft)
     step ttft 420 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --ttft_sizes=100000000 --stages=ttft --ttft_batches=1,8 --no_e2e --routing=pallas \

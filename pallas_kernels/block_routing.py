@@ -62,7 +62,6 @@ from jax import lax
 from msa_jax import routing as ref_routing
 from pallas_kernels import _platform
 from pallas_kernels import block_top_k, quantised_queries
-from pallas_kernels import chunk_max, route_tail
 from pallas_kernels.chunk_max import chunk_max_call, chunk_max_quant_call
 # the tail after the chunk scores (pallas_kernels.route_tail); its names stay importable here
 from pallas_kernels.route_tail import (document_scores, document_top_k,  # noqa: F401
@@ -116,11 +115,6 @@ class BlockSizes:
   tail_method, tail_row: the unfused route's :func:`run_top_k` tree (``"rank"``: rank and
     select reduces, ``"sort"``: two-key sorts) and its row length for the row maxima'
     top-k (:func:`pallas_kernels.route_tail.tree_top_k`); the same documents either way.
-  row_maxima: the engine's unfused route takes the run tail's row maxima from the
-    chunk-score kernel (:func:`chunk_scores_and_row_maxima`: each 128-chunk tile, bf16 or
-    fp8, also writes its row's (own, head) maxima), so the tail does not read the ``[B, C]``
-    scores for them (the tail's largest XLA kernel, 4.9 µs at 100M on an H100, 2026-12-06). Exact
-    interpreted (the same maxima and documents); not yet compiled or timed on a GPU: off.
   """
 
   chunks: int = 128
@@ -139,7 +133,6 @@ class BlockSizes:
   tail_method: str = "rank"
   tail_row: int = 128
   persistent: bool = False
-  row_maxima: bool = False
 
 
 # ----------------------------------------------------------------------------
@@ -272,63 +265,6 @@ def _chunk_scores_pallas(rq_bmf, query_mask_bm, kr_cf, bs: BlockSizes, interpret
   return jnp.where(jnp.any(query_mask_bm, axis=1)[:, None], s_bc, NEG_INF)
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
-def chunk_scores_and_row_maxima(rq_bmf, query_mask_bm, kr_cf, codes_c, *,
-                                block_sizes: BlockSizes | None = None,
-                                interpret: bool | None = None, kr_scale_c=None):
-  """:func:`chunk_scores` and, for rows of 128 chunks, ``(own [B, rows], head [B, rows])``:
-  the max over each row's chunks that start a run there and over those that continue the
-  previous row's run (``codes_c``: int8 ``[C]``, ``route_tail.run_codes`` for rows of 128),
-  what :func:`run_top_k` otherwise reads all ``[B, C]`` scores again for. The kernel (bf16,
-  or fp8 / int8 codes with ``kr_scale_c``) writes them per tile (``row_maxima=True``,
-  128-chunk tiles); the ragged last row's come from XLA, and all of them where the plan's
-  tiles are not 128 chunks (int8's 256, many query columns) or persistent.
-  ``rows = ceil(C / 128)``."""
-  bs = block_sizes or BlockSizes()
-  b, m, f = rq_bmf.shape
-  c = kr_cf.shape[0]
-  quant = kr_scale_c is not None
-  tiling = (quant_plan(m, f, bs, kr_cf.dtype) if quant else _plan(m, f, bs))[0]
-  if tiling.chunks != chunk_max.ROW or tiling.persistent:   # the maxima from XLA
-    s_bc = chunk_scores(rq_bmf, query_mask_bm, kr_cf, implementation="pallas",
-                        block_sizes=block_sizes, interpret=interpret, kr_scale_c=kr_scale_c)
-    return (s_bc, *route_tail.row_maxima(s_bc, codes_c, chunk_max.ROW))
-  if quant:
-    bs, groups, queries, terms, q_scale, codes, kr_scale_c = _quant_inputs(
-        rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs)
-    cols = q_scale.shape[1]
-    kernel = lambda tiles: chunk_max_quant_call(  # noqa: E731
-        tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name, len(terms), interpret,
-        row_maxima=True)(codes, *terms, q_scale, kr_scale_c, codes_c)
-    tail_scores = lambda c_main: quantised_queries.fused_chunk_scores(  # noqa: E731
-        queries, kr_cf[c_main:c], kr_scale_c[c_main:c])
-  else:
-    bs, groups, cols = _plan(m, f, bs)
-    q_pfc, kr_pad = _kernel_inputs(rq_bmf, query_mask_bm, kr_cf, groups, cols)
-    kernel = lambda tiles: chunk_max_call(  # noqa: E731
-        tiles, f, cols, b * groups, bs, interpret, row_maxima=True)(kr_pad, q_pfc, codes_c)
-    tail_scores = lambda c_main: block_top_k.tail_chunk_scores(  # noqa: E731
-        q_pfc, kr_pad[c_main:c], groups)
-  num_tiles = c // chunk_max.ROW
-  c_main = num_tiles * chunk_max.ROW
-  s_parts, own_parts, head_parts = [], [], []
-  if num_tiles:
-    s_pc, maxima = kernel(num_tiles)
-    s_parts.append(s_pc.reshape(b, groups, c_main).max(axis=1))
-    maxima = maxima.reshape(b, groups, num_tiles, chunk_max.MAXIMA_SLOT).max(axis=1)
-    own_parts.append(maxima[..., 0])
-    head_parts.append(maxima[..., 1])
-  if c_main < c:
-    tail = tail_scores(c_main)
-    s_parts.append(tail)
-    own, head = route_tail.row_maxima(tail, codes_c[c_main:c], chunk_max.ROW)
-    own_parts.append(own)
-    head_parts.append(head)
-  routes = jnp.any(query_mask_bm, axis=1)[:, None]
-  return tuple(jnp.where(routes, jnp.concatenate(parts, axis=1), NEG_INF)
-               for parts in (s_parts, own_parts, head_parts))
-
-
 def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
   """``(tiling, query groups, columns)`` of the unfused kernel on quantised keys: as
   :func:`_plan`, with 1-byte pipeline buffers and, for fp8 (a second, per-step float32
@@ -342,10 +278,10 @@ def quant_plan(m: int, f: int, bs: BlockSizes, key_dtype):
                              stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes))), groups, cols
 
 
-def _quant_inputs(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes):
-  """The unfused kernel's operands for quantised keys: ``(tiling, query groups, queries,
-  their code terms [B·groups, cols, F], per-column scales [B·groups, cols], the key codes
-  padded to rows % 8 (TMA), float32 chunk scales)``."""
+def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes,
+                               interpret):
+  """Chunk scores ``[B, C]`` of quantised keys through the unfused kernel: queries quantised
+  per column (``quantised_queries.route_queries``), ``scale_c · max_j q_scale_j · codes·q_j``."""
   b, m, f = rq_bmf.shape
   c = kr_cf.shape[0]
   bs, groups, cols = quant_plan(m, f, bs, kr_cf.dtype)
@@ -354,19 +290,8 @@ def _quant_inputs(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes):
   terms = [q.reshape(b * groups, cols, f) for q in (queries.q_bgjf, queries.lo_bgjf)
            if q is not None]
   q_scale = queries.scale_bgj.reshape(b * groups, cols).astype(jnp.float32)
-  codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))
-  return bs, groups, queries, terms, q_scale, codes, kr_scale_c.astype(jnp.float32)
-
-
-def _chunk_scores_pallas_quant(rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs: BlockSizes,
-                               interpret):
-  """Chunk scores ``[B, C]`` of quantised keys through the unfused kernel: queries quantised
-  per column (``quantised_queries.route_queries``), ``scale_c · max_j q_scale_j · codes·q_j``."""
-  b, m, f = rq_bmf.shape
-  c = kr_cf.shape[0]
-  bs, groups, queries, terms, q_scale, codes, kr_scale_c = _quant_inputs(
-      rq_bmf, query_mask_bm, kr_cf, kr_scale_c, bs)
-  cols = q_scale.shape[1]
+  codes = kr_cf if c % 8 == 0 else jnp.pad(kr_cf, ((0, 8 - c % 8), (0, 0)))  # TMA: rows % 8
+  kr_scale_c = kr_scale_c.astype(jnp.float32)
 
   def kernel_scores(tiles):   # the chunk scale (positive: commutes with the max) in-kernel
     return chunk_max_quant_call(tiles, f, cols, b * groups, bs, jnp.dtype(kr_cf.dtype).name,

@@ -4,10 +4,8 @@ query columns, one ``[tile]`` vector of chunk scores per tile.
 ``chunk_max_call`` reads bf16 keys; ``chunk_max_quant_call`` reads fp8 e4m3 / int8 codes
 against queries quantised per column to the same dtype. Each runs in one of two shells:
 one program per (tile, pass) (``_chunk_max_kernel``), or with ``BlockSizes.persistent``
-a few programs each streaming a run of tiles (``_persistent_kernel``). With ``row_maxima``
-the per-tile shell also writes each 128-chunk tile's routing-tail row maxima
-(``_tile_row_maxima``). Their callers, the queries' layout, tiling and the ragged tail are in
-:mod:`pallas_kernels.block_routing` (``chunk_scores``, ``chunk_scores_and_row_maxima``).
+a few programs each streaming a run of tiles (``_persistent_kernel``). Their callers, the queries' layout, tiling and the ragged tail are
+in :mod:`pallas_kernels.block_routing` (``chunk_scores``).
 """
 from __future__ import annotations
 
@@ -25,38 +23,22 @@ if TYPE_CHECKING:
 
 
 
-MAXIMA_SLOT = 32    # float32 a tile's row maxima take in the maxima output: one 128-byte copy
-OWN_CODE, HEAD_CODE = 1, 2   # route_tail.run_codes' chunk roles (PAD_CODE 0 never scores)
-ROW = 128           # the routing tail's row (route_tail.run_top_k's ``row``, the engine's)
-
-
 def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, passes: int,
-                   interpret, compiler_params=None, row_maxima: bool = False):
+                   interpret, compiler_params=None):
   """A ``plgpu.kernel`` writing ``[passes, num_tiles·tile_c]`` float32 chunk scores:
   ``per_program(out_smem, out_gmem, in_gmem_refs)`` runs in each program of ``grid`` with
-  an SMEM ``[tile_c]`` float32 buffer for the scores on their way out. ``row_maxima``: the
-  last input is the chunks' int8 run codes and a second output ``[passes,
-  num_tiles·MAXIMA_SLOT]`` holds each tile's row maxima; ``per_program`` then also gets
-  ``(codes_gmem, maxima_gmem)``."""
+  an SMEM ``[tile_c]`` float32 buffer for the scores on their way out."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
 
   def body(*refs):
-    if row_maxima:
-      *in_refs, codes_gmem, out_gmem, maxima_gmem = refs
-      pl.run_scoped(lambda out_smem: per_program(out_smem, out_gmem, in_refs,
-                                                 (codes_gmem, maxima_gmem)),
-                    plgpu.SMEM((tile_c,), jnp.float32))
-      return
     *in_refs, out_gmem = refs
     pl.run_scoped(lambda out_smem: per_program(out_smem, out_gmem, in_refs),
                   plgpu.SMEM((tile_c,), jnp.float32))
 
-  scores = jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32)
-  maxima = jax.ShapeDtypeStruct((passes, num_tiles * MAXIMA_SLOT), jnp.float32)
   return plgpu.kernel(
       body,
-      out_type=(scores, maxima) if row_maxima else scores,
+      out_type=jax.ShapeDtypeStruct((passes, num_tiles * tile_c), jnp.float32),
       grid=grid,
       grid_names=grid_names,
       compiler_params=compiler_params,
@@ -64,79 +46,25 @@ def _scores_kernel(per_program, grid, grid_names, num_tiles: int, tile_c: int, p
   )
 
 
-def _tile_row_maxima(scores_smem, codes_smem, maxima_smem, compiled: bool, lane: bool):
-  """A 128-chunk tile's row maxima into ``maxima_smem[0]`` (own: the max over chunks that
-  start a run in the row, ``OWN_CODE``) and ``maxima_smem[1]`` (head: over chunks continuing
-  the previous row's run, ``HEAD_CODE``), ``-inf`` in the rest of the ``[tile_c]`` buffer:
-  what ``route_tail._own_and_head_maxima`` takes from the scores in XLA. ``lane``: the
-  kernel runs in lane semantics (the 8-bit kernels), where vectors take the WGMMA column
-  layout; else warpgroup semantics' strided one."""
-  plgpu = _platform.plgpu()
-  n = scores_smem.shape[0]
-  layout = None
-  if compiled:
-    layout = plgpu.Layout.WGMMA.reduce(0) if lane else plgpu.Layout.WG_STRIDED((n,), 1)
-  s = _platform.layout_cast(scores_smem[...], layout, compiled)
-  code = _platform.layout_cast(codes_smem[...], layout, compiled).astype(jnp.int32)
-  neg = jnp.float32(-jnp.inf)
-  own = jnp.max(jnp.where(code == OWN_CODE, s, neg))
-  head = jnp.max(jnp.where(code == HEAD_CODE, s, neg))
-  if compiled and lane:
-    slot = plgpu.broadcasted_iota(jnp.int32, (n,), 0, layout=layout)
-  else:
-    slot = _platform.layout_cast(lax.broadcasted_iota(jnp.int32, (n,), 0), layout, compiled)
-  maxima_smem[...] = jnp.where(slot == 0, own, jnp.where(slot == 1, head, neg))
-
-
-def _check_row_maxima(row_maxima: bool, bs: BlockSizes) -> None:
-  if row_maxima and (bs.persistent or bs.chunks != ROW):
-    raise ValueError(f"row maxima need the per-tile kernel with {ROW}-chunk tiles (one tail "
-                     f"row a tile), got chunks={bs.chunks}, persistent={bs.persistent}")
-
-
 def _chunk_max_kernel(fill_tile, num_tiles: int, tile_c: int, passes: int, interpret,
-                      compiler_params=None, row_maxima: bool = False):
+                      compiler_params=None):
   """The per-tile chunk-score kernels' shell: one program per (tile, pass) writes ``tile_c``
   chunk scores. ``fill_tile(tile, p, out_smem, *in_gmem_refs)`` computes them into
   ``out_smem`` (SMEM ``[tile_c]`` float32); the shell copies them to
-  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output. ``row_maxima``
-  (128-chunk tiles, one tail row each): the tile's run codes come in by one copy issued
-  before the scores are computed, and the tile's (own, head) row maxima
-  (:func:`_tile_row_maxima`) go out at ``maxima[p, tile·MAXIMA_SLOT:]``, so the routing
-  tail need not read the scores for them."""
+  ``out[p, tile·tile_c:]`` of the ``[passes, num_tiles·tile_c]`` output."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  compiled = _platform.mosaic_interpret_params(interpret) is None
 
-  def per_program(out_smem, out_gmem, in_refs, maxima_refs=None):
+  def per_program(out_smem, out_gmem, in_refs):
     tile = lax.axis_index("tile")
     p = lax.axis_index("pass")
-    if maxima_refs is None:
-      fill_tile(tile, p, out_smem, *in_refs)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-      plgpu.wait_smem_to_gmem(0)
-      return
-    codes_gmem, maxima_gmem = maxima_refs
-
-    def with_codes(codes_smem, maxima_smem, barrier):
-      plgpu.copy_gmem_to_smem(codes_gmem.at[pl.ds(tile * tile_c, tile_c)], codes_smem, barrier)
-      fill_tile(tile, p, out_smem, *in_refs)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
-      plgpu.barrier_wait(barrier)
-      _tile_row_maxima(out_smem, codes_smem, maxima_smem, compiled,
-                       lane=compiler_params is not None)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(maxima_smem.at[pl.ds(0, MAXIMA_SLOT)],
-                              maxima_gmem.at[p, pl.ds(tile * MAXIMA_SLOT, MAXIMA_SLOT)])
-      plgpu.wait_smem_to_gmem(0)
-
-    pl.run_scoped(with_codes, plgpu.SMEM((tile_c,), jnp.int8),
-                  plgpu.SMEM((tile_c,), jnp.float32), plgpu.Barrier(num_arrivals=1))
+    fill_tile(tile, p, out_smem, *in_refs)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[p, pl.ds(tile * tile_c, tile_c)])
+    plgpu.wait_smem_to_gmem(0)
 
   return _scores_kernel(per_program, (num_tiles, passes), ("tile", "pass"), num_tiles, tile_c,
-                        passes, interpret, compiler_params, row_maxima)
+                        passes, interpret, compiler_params)
 
 
 def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs: BlockSizes,
@@ -188,8 +116,7 @@ def _persistent_kernel(num_tiles: int, tile_c: int, num_f: int, passes: int, bs:
                         passes, interpret, compiler_params)
 
 
-def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret,
-                   row_maxima: bool = False):
+def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes, interpret):
   """``plgpu.kernel`` computing ``out[p, c] = max_j kr[c]·q[p, :, j]`` for full tiles of
   bf16 keys: one program per (tile, pass), or with ``bs.persistent`` a persistent kernel
   (:func:`_persistent_kernel`): no program ends and starts between tiles, so the copies of
@@ -203,7 +130,6 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
-  _check_row_maxima(row_maxima, bs)
   num_f = f // tile_f
   k_transforms = _platform.swizzle_transforms(tile_f, 2)
   q_transforms = _platform.swizzle_transforms(cols, 2)
@@ -249,12 +175,11 @@ def chunk_max_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSize
 
     out_smem[...] = pl.run_scoped(with_acc, plgpu.ACC((tile_c, cols), jnp.float32))
 
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret,
-                           row_maxima=row_maxima)
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret)
 
 
 def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: BlockSizes,
-                          key_dtype: str, query_terms: int, interpret, row_maxima: bool = False):
+                          key_dtype: str, query_terms: int, interpret):
   """``plgpu.kernel`` for quantised keys:
   ``out[p, c] = kr_scale[c] · max_j q_scale[p, j] · codes[c]·q[p, j]``.
 
@@ -274,7 +199,6 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
   tile_c, tile_f = bs.chunks, bs.features
-  _check_row_maxima(row_maxima, bs)
   num_f = f // tile_f
   fp8 = key_dtype == "float8_e4m3fn"
   acc_dtype = jnp.float32 if fp8 else jnp.int32
@@ -344,5 +268,4 @@ def chunk_max_quant_call(num_tiles: int, f: int, cols: int, passes: int, bs: Blo
         max_concurrent_steps=min(bs.stages, num_f), init_carry=acc0(),
     )(*operands(p, *in_refs))
 
-  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret, params,
-                           row_maxima=row_maxima)
+  return _chunk_max_kernel(fill_tile, num_tiles, tile_c, passes, interpret, params)

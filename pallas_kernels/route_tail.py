@@ -181,8 +181,7 @@ def rows_per_run(max_run_chunks: int, row: int) -> int:
 
 
 def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
-              run_key_r=None, method: str = "rank", tree_row: int = 128, codes_c=None,
-              row_maxima=None):
+              run_key_r=None, method: str = "rank", tree_row: int = 128, codes_c=None):
   """Exact top-k runs of chunks by their max (ties → lower key), no pass over runs.
 
   ``run_id_c`` labels contiguous runs of chunks (a bank's documents: equal labels are one
@@ -220,11 +219,6 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
       bank property, built once): the first pass then reads one byte a chunk beside the
       scores instead of the labels (4 bytes), and the labels are read only in the chosen
       rows. Also masks chunks that :func:`run_codes` was told are not valid.
-    row_maxima: optional ``(own [B, rows], head [B, rows])`` for runs of at most
-      ``row + 1`` chunks with ``codes_c``: each row's max over its ``OWN_CODE`` and its
-      ``HEAD_CODE`` chunks, as the chunk-score kernel writes them
-      (``block_routing.chunk_scores_and_row_maxima``): the first pass over the scores is
-      then not made.
   Returns:
     ``(values [B, k'], keys [B, k'])``, ``k' = min(k, candidates)``, best first;
     ``-inf`` values (with arbitrary keys) where fewer than k runs score.
@@ -237,8 +231,6 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
   x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
   key_of = (lambda ids: ids) if run_key_r is None else (  # noqa: E731
       lambda ids: jnp.where(ids >= 0, run_key_r.astype(jnp.int32)[jnp.maximum(ids, 0)], -1))
-  if row_maxima is not None and (codes_c is None or max_run_chunks > row + 1):
-    raise ValueError("row_maxima go with codes_c and runs of at most row + 1 chunks")
   if max_run_chunks <= row + 1:
     if codes_c is None:
       cont_rr = _continues(ids_rr)
@@ -246,7 +238,7 @@ def run_top_k(chunk_scores_bc, run_id_c, k: int, row: int, max_run_chunks: int,
       cont_rr = _as_rows(codes_c, row, PAD_CODE) == HEAD_CODE
       ids_rr = jnp.where(_as_rows(valid_c, row, False), ids_rr, -1)
     return _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k, key_of, method, tree_row,
-                                 max_run_chunks, row_maxima)
+                                 max_run_chunks)
   t = min(rows, k * rows_per_run(max_run_chunks, row))
   _, top_rows = tree_top_k(x_brr.max(axis=2), t, tree_row, method=method)
   top_rows = jnp.sort(top_rows, axis=1)                 # chunk order: runs stay contiguous
@@ -284,13 +276,12 @@ def run_codes(run_id_c, row: int, valid_c=None):
 
 
 def _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k: int, key_of, method: str,
-                          tree_row: int, max_run_chunks: int, row_maxima=None):
+                          tree_row: int, max_run_chunks: int):
   """:func:`run_top_k` for runs spanning at most two rows: each run credited to the row
   it starts in. ``x_brr`` float32 scores (``-inf`` on padding), ``ids_rr`` run labels,
   ``cont_rr`` :func:`_continues` of them."""
   b, rows, row = x_brr.shape
-  own_max, head_max = (_own_and_head_maxima(x_brr, cont_rr) if row_maxima is None
-                       else row_maxima)
+  own_max, head_max = _own_and_head_maxima(x_brr, cont_rr)
   credited = jnp.maximum(own_max, jnp.pad(head_max[:, 1:], ((0, 0), (0, 1)),
                                           constant_values=NEG_INF))
   kr = min(k, rows)
@@ -304,17 +295,6 @@ def _run_top_k_start_rows(x_brr, ids_rr, cont_rr, k: int, key_of, method: str,
   head_id = jnp.where(cont_rr[nxt] & has_next, ids_rr[nxt], -1)
   win_id = jnp.concatenate([own_id, head_id], axis=2)
   return _rank_window_runs(win_s, win_id, k, key_of, method, tree_row, max_run_chunks)
-
-
-def row_maxima(chunk_scores_bc, codes_c, row: int):
-  """``(own [B, rows], head [B, rows])`` of :func:`run_top_k`'s first pass from ``[B, C]``
-  scores and their :func:`run_codes`: each row's max over its ``OWN_CODE`` chunks and over
-  its ``HEAD_CODE`` chunks (what ``row_maxima`` takes)."""
-  b, c = chunk_scores_bc.shape
-  rows = -(-c // row)
-  s = jnp.where(codes_c[None] != PAD_CODE, chunk_scores_bc.astype(jnp.float32), NEG_INF)
-  x_brr = jnp.pad(s, ((0, 0), (0, rows * row - c)), constant_values=NEG_INF).reshape(b, rows, row)
-  return _own_and_head_maxima(x_brr, _as_rows(codes_c, row, PAD_CODE) == HEAD_CODE)
 
 
 def _own_and_head_maxima(x_brr, cont_rr):

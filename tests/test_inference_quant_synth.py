@@ -146,7 +146,7 @@ def test_ttft_route_impl_options_override_block_sizes():
   assert (bs.tail_method, bs.tail_row) == ("sort", 1024)
   # "pallas" is the engine's route: unfused since 2026-12-04, tiles by key dtype; the
   # fused kernel's options name the fused kernel; -segmax is the unfused route's old tail
-  for dtype, chunks in (("bfloat16", 128), ("int8", 256), ("float8_e4m3fn", 128)):
+  for dtype, chunks in (("bfloat16", 256), ("int8", 256), ("float8_e4m3fn", 128)):
     kw = ttft.route_impl_args("pallas", 1024, None, dtype)
     assert (kw["block_sizes"].fused, kw["block_sizes"].chunks) == (False, chunks)
     assert "max_doc_chunks" not in kw                     # the bank's own bound is used

@@ -256,24 +256,16 @@ def _unfused_top_k(rq_bmf, route_mask_bm, kr_cf, chunk_doc_c, runs, k: int, bs, 
   scores' row maxima when the longest document is known (``block_routing.run_top_k``),
   else through a segment max over every run."""
   from pallas_kernels import block_routing
+  s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
+                                    block_sizes=bs, kr_scale_c=kr_scale_c)
   run_c, run_doc = runs
-  maxima = None
-  # (codes_c comes only with block_docs == CODES_ROW, local_top_k: the kernel's 128-chunk rows)
-  if (bs.row_maxima and codes_c is not None and max_doc_chunks is not None
-      and max_doc_chunks <= CODES_ROW + 1):
-    s_bc, *maxima = block_routing.chunk_scores_and_row_maxima(
-        rq_bmf, route_mask_bm, kr_cf, codes_c, block_sizes=bs, kr_scale_c=kr_scale_c)
-  else:
-    s_bc = block_routing.chunk_scores(rq_bmf, route_mask_bm, kr_cf, implementation="pallas",
-                                      block_sizes=bs, kr_scale_c=kr_scale_c)
   if max_doc_chunks is None or codes_c is None:   # (the bank's codes mask padding chunks)
     s_bc = jnp.where(chunk_doc_c[None] >= 0, s_bc, NEG_INF)
   if max_doc_chunks is not None:
     # ranked by (score desc, document asc) already: merge_top_k's order without its sort
     val, doc = block_routing.run_top_k(s_bc, run_c, k, bs.block_docs, max_doc_chunks,
                                        run_key_r=run_doc, method=bs.tail_method,
-                                       tree_row=bs.tail_row, codes_c=codes_c,
-                                       row_maxima=maxima)
+                                       tree_row=bs.tail_row, codes_c=codes_c)
     return pad_top_k(val, jnp.where(val > NEG_INF, doc, NO_DOC), k)
   run_s = block_routing.document_scores(s_bc, run_c, run_c.shape[0], sorted_docs=True)
   val, idx = block_routing.document_top_k(run_s, min(k, run_s.shape[1]), bs)
@@ -289,7 +281,11 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
 
   Unfused (the default since 2026-12-04): the chunk-score kernel, then the documents' top-k
   from the chunk scores' row maxima (``block_routing.run_top_k``, given the bank's
-  ``max_doc_chunks``). 8-bit keys: two pipeline stages (a small shared-memory footprint, so
+  ``max_doc_chunks``). bf16 keys: 256-chunk tiles two stages deep (the same 128 KB of
+  pipeline buffers as 128-chunk tiles four deep, half the programs): on an H100 at 100M
+  tokens the route at batch 8 took 4.25 ms against 5.25 (-19 %), batch 1 the same (1.040 x
+  its read in device time against 1.038; BENCHMARKS.md, 2026-12-06; session 34 measured the
+  same). 8-bit keys: two pipeline stages (a small shared-memory footprint, so
   several programs share an SM), 256-chunk tiles for int8 and 128-chunk tiles for fp8: on
   the H200 at 100M tokens these took int8 from 0.64 to 0.63 ms a layer at batch 1 and from
   2.44 to 2.09 at batch 8, fp8 (two query terms) from 0.88 to 0.74 at batch 1 with 64-chunk
@@ -316,7 +312,8 @@ def engine_block_sizes(key_width: int, key_dtype="bfloat16", **overrides):
   fused = overrides.get("fused", False) is True
   features = (256 if fused and name == "int8" and key_width % 256 == 0 else
               128 if key_width % 128 == 0 else 64)
-  tiling = {} if fused else {"int8": {"chunks": 256, "stages": 2},
+  tiling = {} if fused else {"bfloat16": {"chunks": 256, "stages": 2},
+                             "int8": {"chunks": 256, "stages": 2},
                              "float8_e4m3fn": {"chunks": 128, "stages": 2,
                                                        "fp8_query_terms": 1}}.get(name, {})
   per_sm = {"programs_per_sm": 2} if fused else {}    # the unfused kernel has no such knob
