@@ -3,9 +3,9 @@
 #
 #   STAGE=tests bash benchmarks/issue11_gpu.sh   # compiled GPU tests: attention, routing, run tail (~400 s)
 #   STAGE=route bash benchmarks/issue11_gpu.sh   # one layer at 100M: 20 calls a sample, profiled (42 s unprofiled on an H100)
-#   STAGE=route_stages bash benchmarks/issue11_gpu.sh  # the same with 2 and 3 pipeline stages
-#                                                # (bf16: two programs an SM) and 256-chunk
-#                                                # tiles in 2 stages, then the run
+#   STAGE=route_stages bash benchmarks/issue11_gpu.sh  # the same with 3 pipeline stages and
+#                                                # 128-chunk tiles 2 and 4 deep (bf16's
+#                                                # tiling before 2026-12-06), then the run
 #                                                # tail's kernels alone at 100M (~250 s)
 #   STAGE=ttft  bash benchmarks/issue11_gpu.sh   # TTFT + decode at 100M, int8, batch 1 and 8 (~200 s)
 #   STAGE=host_kv bash benchmarks/issue11_gpu.sh # bf16 K̄/V̄ in host memory against on the
@@ -40,7 +40,7 @@ case "$STAGE" in
   route_stages)
     step route_stages 330 $PY -m benchmarks.ttft --shape=qwen3-4b --tokens=100000000 \
       --route_sizes=100000000 --stages=route --kr_dtypes=bfloat16,int8,float8_e4m3fn \
-      --route_profile --route_impls=pallas,pallas:stages=2,pallas:stages=3,pallas:chunks=256:stages=2 \
+      --route_profile --route_impls=pallas,pallas:stages=3,pallas:chunks=128:stages=2,pallas:chunks=128:stages=4 \
       --timing_iters=20 --out="$DIR/stages"
     step tail_profile 150 $PY -m benchmarks.routing_tail --tokens 1e8 --doc_chunks 2 \
       --batches 1,8 --profile ;;

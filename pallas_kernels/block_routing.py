@@ -163,9 +163,9 @@ def _plan(m: int, f: int, bs: BlockSizes):
   groups = -(-m // bs.max_queries)
   per_group = -(-m // groups)
   cols = 64 * -(-per_group // 64)
-  # Wide query tiles: fewer chunk rows (accumulator registers) and a pipeline
-  # depth that fits shared memory.
-  tile_c = bs.chunks if cols <= 128 else min(bs.chunks, 64)
+  # Wide query tiles: fewer chunk rows (the [tile_c, cols] float32 accumulator within 128
+  # registers a thread) and a pipeline depth that fits shared memory.
+  tile_c = min(bs.chunks, max(64, 64 * (_ACC_ELEMS // cols // 64)))
   stage_bytes = 2 * bs.features * (tile_c + cols)
   bs = dataclasses.replace(bs, chunks=tile_c,
                            stages=max(1, min(bs.stages, _SMEM_BUDGET // stage_bytes)))

@@ -335,6 +335,18 @@ def test_engine_block_sizes_by_key_dtype():
           for kw in ({}, {"fused": True}, {"fp8_query_terms": 2})] == [1, 2, 2]
 
 
+@pytest.mark.parametrize("m,tile", [(1, 256), (64, 256), (65, 128), (128, 128), (129, 64),
+                                    (256, 64)])
+def test_bf16_plan_keeps_the_accumulator_in_registers(m, tile):
+  """The engine's bf16 tiles (256 chunks) shrink as query columns grow, so the
+  ``[tile, cols]`` float32 accumulator stays within 128 registers a thread (128 x 128), and
+  the pipeline stays within shared memory."""
+  from msa_jax.inference.bank_routing import engine_block_sizes
+  bs, groups, cols = br._plan(m, 1024, engine_block_sizes(1024, "bfloat16"))
+  assert bs.chunks == tile and bs.chunks * cols <= 128 * 128
+  assert bs.stages * 2 * bs.features * (bs.chunks + cols) <= br._SMEM_BUDGET
+
+
 @pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("key_dtype", ["bfloat16", "int8", "float8_e4m3fn"])
 def test_chunk_score_kernels_lower_for_the_gpu(key_dtype, persistent):
