@@ -97,13 +97,6 @@
 #                                                  # forward gone; two do not fit an H100)
 #                                                  # and full remat in 4 slices (what a slice
 #                                                  # costs), one process, one batch (~5 min)
-#   STAGE=norm_fusion bash benchmarks/issue10_gpu.sh  # XLA's Triton normalisation fusions
-#                                                  # (a row reduction and the elementwise
-#                                                  # work that reads it back in one kernel:
-#                                                  # the RMSNorms' backward passes take ~2.5 x
-#                                                  # their bytes): the q/k norm + RoPE alone
-#                                                  # (benchmarks.norm_rope), then the step,
-#                                                  # each without and with the flag (~450 s)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -114,7 +107,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_fusion or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -123,7 +116,6 @@ BATCH=${BATCH:-32}   # the 0.6b batch; 16 on an H100 (batch 32 needs 75.8 GiB)
 STEP=(-m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 3
       ${OVERLAP:+--overlap_init})
 TRITON="--xla_gpu_enable_triton_gemm=true --xla_gpu_per_fusion_autotune_cache_dir=/tmp/atc"
-NORM_FUSION="--xla_gpu_experimental_enable_triton_softmax_priority_fusion=true"
 
 case "$STAGE" in
   profile)
@@ -254,19 +246,6 @@ case "$STAGE" in
       --compare "base;remat_policy=none,microbatches=$BATCH;microbatches=4" \
       --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_no_remat.json" ;;
-  norm_fusion)
-    for set in base fused; do
-      flags="--xla_gpu_enable_triton_gemm=false"
-      [ "$set" = fused ] && flags="$flags $NORM_FUSION"
-      step "norm_rope_$set" 90 env XLA_FLAGS="$flags" $PY -m benchmarks.norm_rope \
-        --out "$DIR/norm_rope_$set.json"
-    done
-    for set in base fused; do
-      flags="--xla_gpu_enable_triton_gemm=false"
-      [ "$set" = fused ] && flags="$flags $NORM_FUSION"
-      step "step_$set" 200 env XLA_FLAGS="$flags" $PY "${STEP[@]}" --overlap_init \
-        --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_0.6b_b${BATCH}_norm_$set.json"
-    done ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
