@@ -293,14 +293,16 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     # 128-row tiles (4,543 -> 4,265 ms a step on the H200, 2026-12-05, BENCHMARKS.md);
     # attention_short_persistent: their forward as one persistent kernel (2.74 ms against
     # 3.68 for the tiled kernel at this step's document shape on an H100, 2026-12-05,
-    # benchmarks/doc_attention.py); qk_norm_rope_vjp="fused": the q/k norms and RoPE in one
-    # forward pass and one backward (the step 2,176 -> 2,142 ms at batch 16 on an H100,
-    # 2026-12-05, same memory; rope_tables and remat_policy="mlp_input" measured no gain
-    # and stay off: python -m benchmarks.train_step --compare, BENCHMARKS.md)
+    # benchmarks/doc_attention.py); qk_norm_rope_vjp="fused_bf16": the q/k norms and RoPE in
+    # one forward pass and one backward (the step 2,176 -> 2,142 ms at batch 16 on an H100,
+    # 2026-12-05, same memory), RoPE's cotangent rounded to bf16 between them as JAX's
+    # backward is written (2,131.5 -> 2,085.6 ms, 2026-12-06; rope_tables and
+    # remat_policy="mlp_input" measured no gain and stay off: python -m
+    # benchmarks.train_step --compare, BENCHMARKS.md)
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",
                      remat_policy="full", scan_layers=True, kernels="auto",
                      attention_pad_free=True, attention_short_persistent=True,
-                     qk_norm_rope_vjp="fused")
+                     qk_norm_rope_vjp="fused_bf16")
     c.requires_init_from = True
     c.mesh_shape = (1, -1, 1)
     # Batch 8 at 16K memory tokens needed 135.1 GiB with a float32 first moment, over the

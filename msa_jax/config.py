@@ -82,8 +82,9 @@ class ModelConfig:
   # by JAX, the norm by rms_norm_vjp), "fused" (one hand-written backward for both,
   # layers.norm_rope_fused_vjp: no float32 copy of q need pass between them; the forward in
   # one pass, layers.norm_rope_one_pass) or "fused_bf16" (the same with RoPE's cotangent
-  # written once in bf16).
-  # Not yet timed on a GPU (BENCHMARKS.md "Training step at the recipes' shapes").
+  # written once in bf16, as JAX's backward is written: the 0.6b recipe's; its step at
+  # batch 16 on an H100 2.2 % faster than "fused", 2026-12-06, BENCHMARKS.md "Training step
+  # at the recipes' shapes").
   qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
@@ -105,7 +106,8 @@ class ModelConfig:
   # read by every layer's q/k paths, instead of recomputed from the positions inside each
   # (the angles take two fmods a position; XLA may fuse them into the pass over every head).
   # The same values. On the CPU, one layer's q path forward + backward at a small shape ran
-  # ~3 x faster with the tables given (benchmarks/norm_rope.py); not yet timed on a GPU.
+  # ~3 x faster with the tables given (benchmarks/norm_rope.py); in the 0.6b step on an H100
+  # no gain (2026-12-05, BENCHMARKS.md): off in the recipes.
   rope_tables: bool = False
   # How the token embedding's gradient is summed (layers.EMBED_GRADS): "f32_scatter" or
   # "sorted" (into float32; sorted: the ids sorted first) or "autodiff" (JAX's scatter-add
