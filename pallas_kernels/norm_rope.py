@@ -1,0 +1,316 @@
+"""Qwen3's q/k path, per-head RMSNorm then RoPE, forward and backward as Mosaic GPU kernels.
+
+The XLA forms (``msa_jax.layers.norm_rope_one_pass`` and the hand-written backward of
+``layers.norm_rope_fused_bf16_vjp``) take ~2.4 x their bytes in the 0.6b step (one layer's
+q path forward + backward 7.14 ms against a 2.92 ms floor on an H100, 2026-12-06,
+``benchmarks/norm_rope.py``): the backward needs each row's ``mean(dn·w·x)`` before its
+elementwise pass and the scale's column sums after it, and XLA reads ``x`` and the
+cotangent once for each. Here a row stays in registers between its reduction and its
+elementwise work, and the scale's column sums accumulate in registers over a program's
+tiles, so each pass reads its operands once:
+
+* :func:`forward`: ``y = r·(a·cos − b·sin, b·cos + a·sin)`` with ``(a, b) = x·w`` split
+  into the rotate-half halves and ``r = rsqrt(mean(x²) + eps)`` (``norm_rope_one_pass``);
+* :func:`backward`: ``dn = (g₀·cos + g₁·sin, g₁·cos − g₀·sin)`` (RoPE's transpose; rounded
+  to bf16 with ``round_dn``, as ``fused_bf16``), ``dx = r·dn·w − x·r³·mean(dn·w·x)``,
+  ``dw = Σ_rows dn·x·r`` (per program, summed by XLA).
+
+A tile is 64 tokens of one head, its two halves ``[64, D/2]`` loaded as separate TMA boxes
+of the ``[N, H, 2, D/2]`` view (the rotate-half pairs then sit at the same place of the
+two register tiles); RoPE's cos/sin come as ``[N, D/2]`` float32 tables
+(``layers.rope_tables``), one box per tile (consecutive tiles are the heads of one token
+block, so the tables' re-reads hit L2). One program per SM streams its run of tiles
+through a TMA pipeline. bf16 activations, ``D/2`` a multiple of 64; token counts that are
+not a multiple of 64 are padded (a copy) by the callers here.
+
+Each function takes ``interpret``: None compiles on a GPU and interprets elsewhere (the
+CPU tests); the XLA forms in ``msa_jax.layers`` are the reference
+(``tests/test_kernel_norm_rope.py``).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from pallas_kernels import _platform
+from pallas_kernels.block_top_k import num_blocks_for
+
+ROWS = 64          # tokens per tile (a WGMMA-layout register tile's rows)
+
+
+def supported(x_shape, dtype, out_dtype) -> bool:
+  """True when the kernels take ``x`` of ``x_shape`` (``[..., H, D]``): bf16 in and out,
+  ``D/2`` a multiple of 64."""
+  d = x_shape[-1]
+  return (jnp.dtype(dtype) == jnp.bfloat16 and jnp.dtype(out_dtype) == jnp.bfloat16
+          and d % 128 == 0 and len(x_shape) >= 2)
+
+
+def smem_bytes(d: int, stages: int, with_cotangent: bool) -> int:
+  """Shared memory of a kernel: ``stages`` tiles' x (and g) halves, cos/sin and scale
+  halves in flight, and the two output tiles."""
+  half = d // 2
+  per_stage = (2 if with_cotangent else 1) * ROWS * d * 2 + 2 * ROWS * half * 4 + d * 4
+  return stages * per_stage + ROWS * d * 2 + d * 4
+
+
+class _Items:
+  """A program's run of tiles: tile ``k`` is token block ``k // H``, head ``k % H`` (the
+  heads of a token block in a row, so they share cos/sin boxes); the last program may
+  repeat the final tile (``valid`` is then 0)."""
+
+  def __init__(self, block, per_program: int, n_items: int, heads: int):
+    self.block, self.per, self.n, self.h = block, per_program, n_items, heads
+
+  def raw(self, t):
+    return self.block * self.per + t
+
+  def coords(self, t):
+    k = jnp.minimum(self.raw(t), self.n - 1)
+    return lax.div(k, self.h), lax.rem(k, self.h)
+
+  def valid(self, t):
+    return (self.raw(t) < self.n).astype(jnp.float32)
+
+  def half(self, j: int):
+    def index(t):
+      i, hh = self.coords(t)
+      return i, hh, j, 0
+    return index
+
+  def table(self, t):
+    i, _ = self.coords(t)
+    return i, 0
+
+
+class _Regs:
+  """Register layouts and loads of the kernels' ``[64, D/2]`` tiles (WGMMA layout) and their
+  row / column vectors; plain arrays when interpreted."""
+
+  def __init__(self, compiled: bool):
+    self.compiled = compiled
+    mgpu = _platform.plgpu() if compiled else None
+    self.tile = mgpu.Layout.WGMMA if compiled else None
+    self.col = mgpu.Layout.WGMMA.reduce(0) if compiled else None
+
+  def load(self, ref, layout):
+    if self.compiled:
+      return _platform.plgpu().load(ref, (), layout=layout)
+    return ref[...]
+
+  def tile_f32(self, ref):
+    return self.load(ref, self.tile).astype(jnp.float32)
+
+  def cols(self, ref, half: int):
+    """A ``[D/2]`` SMEM vector broadcast over a tile's rows."""
+    return lax.broadcast_in_dim(self.load(ref, self.col), (ROWS, half), [1])
+
+  def zeros_col(self, half: int):
+    return _platform.layout_cast(jnp.zeros((half,), jnp.float32), self.col, self.compiled)
+
+
+def _rows(v, half: int):
+  return lax.broadcast_in_dim(v, (ROWS, half), [0])
+
+
+def _rsqrt_mean_square(x0, x1, d: int, eps: float):
+  return lax.rsqrt((jnp.sum(x0 * x0, axis=1) + jnp.sum(x1 * x1, axis=1)) * (1.0 / d) + eps)
+
+
+def _stream(body, items: _Items, per_program: int, in_specs, stages: int, operands,
+            init_carry=None):
+  plgpu = _platform.plgpu()
+  return plgpu.emit_pipeline(body, grid=(per_program,), in_specs=in_specs,
+                             max_concurrent_steps=min(stages, per_program),
+                             init_carry=init_carry)(*operands)
+
+
+def _specs(items: _Items, half: int, n_halves_inputs: int, compiled: bool):
+  """BlockSpecs: ``n_halves_inputs`` arrays' two halves, then cos, sin, then the scale's
+  two halves."""
+  plgpu = _platform.plgpu()
+  tr = _platform.swizzle_transforms(half) if compiled else ()
+  tr32 = _platform.swizzle_transforms(half, 4) if compiled else ()
+  halves = [plgpu.BlockSpec((ROWS, None, None, half), items.half(j), transforms=tr)
+            for _ in range(n_halves_inputs) for j in (0, 1)]
+  tables = [plgpu.BlockSpec((ROWS, half), items.table, transforms=tr32)] * 2
+  scale = [plgpu.BlockSpec((None, half), lambda t, j=j: (j, 0)) for j in (0, 1)]
+  return halves + tables + scale
+
+
+def _store_halves(out_smem, out_ref, v0, v1, i, hh):
+  """Writes a tile's two bf16 halves through ``out_smem`` (``[2, 64, D/2]``) once the
+  previous tile's copies have read it."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+  out_smem[0] = v0.astype(out_smem.dtype)
+  out_smem[1] = v1.astype(out_smem.dtype)
+  plgpu.commit_smem()
+  for j in (0, 1):
+    plgpu.copy_smem_to_gmem(out_smem.at[j], out_ref.at[pl.ds(i * ROWS, ROWS), hh, j])
+
+
+@functools.lru_cache(maxsize=None)
+def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: int = 0,
+                 interpret: bool = False):
+  """``plgpu.kernel``: ``(x4, cos, sin, w2) -> y4``: ``x4``/``y4`` bf16 ``[N, H, 2, D/2]``
+  (``N`` a multiple of 64), cos/sin float32 ``[N, D/2]``, ``w2`` the float32 scale as
+  ``[2, D/2]``."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  half = d // 2
+  compiled = not interpret
+  regs = _Regs(compiled)
+  n_items = (n // ROWS) * h
+  num_programs, per_program = num_blocks_for(n_items, blocks)
+  tr = _platform.swizzle_transforms(half) if compiled else ()
+
+  def kernel(x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref, y_ref):
+    items = _Items(lax.axis_index("block"), per_program, n_items, h)
+
+    def scoped(out_smem):
+      def step(idx, x0_s, x1_s, cos_s, sin_s, w0_s, w1_s):
+        (t,) = idx
+        i, hh = items.coords(t)
+        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
+        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
+        r = _rows(_rsqrt_mean_square(x0, x1, d, eps), half)
+        a, b = x0 * regs.cols(w0_s, half), x1 * regs.cols(w1_s, half)
+        _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r, i, hh)
+
+      _stream(step, items, per_program, _specs(items, half, 1, compiled), stages,
+              (x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref))
+      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(scoped, plgpu.SMEM((2, ROWS, half), jnp.bfloat16, transforms=tr))
+
+  def entry(x4, cos, sin, w2):
+    return plgpu.kernel(
+        kernel, out_type=jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
+        grid=(num_programs,), grid_names=("block",),
+        compiler_params=_platform.lane_params() if compiled else None,
+        interpret=_platform.mosaic_interpret_params(True) if interpret else None,
+    )(x4, x4, cos, sin, w2, w2)
+  return entry
+
+
+@functools.lru_cache(maxsize=None)
+def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: int = 2,
+                  blocks: int = 0, interpret: bool = False):
+  """``plgpu.kernel``: ``(x4, g4, cos, sin, w2) -> (dx4, dw_parts [programs, 2, D/2])``;
+  operands as in :func:`forward_call`, ``g4`` the bf16 cotangent of ``y4``."""
+  import jax.experimental.pallas as pl
+  plgpu = _platform.plgpu()
+  half = d // 2
+  compiled = not interpret
+  regs = _Regs(compiled)
+  n_items = (n // ROWS) * h
+  num_programs, per_program = num_blocks_for(n_items, blocks)
+  tr = _platform.swizzle_transforms(half) if compiled else ()
+
+  def kernel(x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref,
+             dx_ref, dw_ref):
+    blk = lax.axis_index("block")
+    items = _Items(blk, per_program, n_items, h)
+
+    def scoped(out_smem, dw_smem):
+      def step(idx, x0_s, x1_s, g0_s, g1_s, cos_s, sin_s, w0_s, w1_s, carry):
+        (t,) = idx
+        i, hh = items.coords(t)
+        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
+        g0, g1 = regs.tile_f32(g0_s), regs.tile_f32(g1_s)
+        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
+        dn0, dn1 = g0 * cos + g1 * sin, g1 * cos - g0 * sin
+        if round_dn:
+          dn0 = dn0.astype(jnp.bfloat16).astype(jnp.float32)
+          dn1 = dn1.astype(jnp.bfloat16).astype(jnp.float32)
+        r_row = _rsqrt_mean_square(x0, x1, d, eps)
+        r = _rows(r_row, half)
+        w0, w1 = regs.cols(w0_s, half), regs.cols(w1_s, half)
+        dnw0, dnw1 = dn0 * w0, dn1 * w1
+        m = (jnp.sum(dnw0 * x0, axis=1) + jnp.sum(dnw1 * x1, axis=1)) * (1.0 / d)
+        c = _rows(r_row * r_row * r_row * m, half)
+        _store_halves(out_smem, dx_ref, r * dnw0 - x0 * c, r * dnw1 - x1 * c, i, hh)
+        keep = items.valid(t)           # a repeated final tile adds nothing to dw
+        dw0, dw1 = carry
+        return (dw0 + jnp.sum(dn0 * x0 * r, axis=0) * keep,
+                dw1 + jnp.sum(dn1 * x1 * r, axis=0) * keep)
+
+      dw0, dw1 = _stream(step, items, per_program, _specs(items, half, 2, compiled), stages,
+                         (x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref),
+                         init_carry=(regs.zeros_col(half), regs.zeros_col(half)))
+      dw_smem[0] = dw0
+      dw_smem[1] = dw1
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(dw_smem, dw_ref.at[blk])
+      plgpu.wait_smem_to_gmem(0)
+    pl.run_scoped(scoped, plgpu.SMEM((2, ROWS, half), jnp.bfloat16, transforms=tr),
+                  plgpu.SMEM((2, half), jnp.float32))
+
+  def entry(x4, g4, cos, sin, w2):
+    return plgpu.kernel(
+        kernel, out_type=(jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
+                          jax.ShapeDtypeStruct((num_programs, 2, half), jnp.float32)),
+        grid=(num_programs,), grid_names=("block",),
+        compiler_params=_platform.lane_params() if compiled else None,
+        interpret=_platform.mosaic_interpret_params(True) if interpret else None,
+    )(x4, x4, g4, g4, cos, sin, w2, w2)
+  return entry
+
+
+def _flat(x_thd, multiple: int = ROWS):
+  """``[..., H, D]`` → ``[N, H, 2, D/2]`` with ``N`` padded up to ``multiple`` (zeros)."""
+  *lead, h, d = x_thd.shape
+  n = 1
+  for s in lead:
+    n *= s
+  x = x_thd.reshape(n, h, 2, d // 2)
+  pad = -n % multiple
+  return (jnp.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0))) if pad else x), n
+
+
+def _flat_tables(t_bh, n_padded: int):
+  half = t_bh.shape[-1]
+  t = t_bh.reshape(-1, half).astype(jnp.float32)
+  pad = n_padded - t.shape[0]
+  return jnp.pad(t, ((0, pad), (0, 0))) if pad else t
+
+
+def _interpret(interpret):
+  return (not _platform.on_gpu()) if interpret is None else bool(interpret)
+
+
+def forward(x_bthd, scale_d, cos_bth, sin_bth, eps: float, *, stages: int = 2,
+            blocks: int = 0, interpret: bool | None = None):
+  """``norm_rope_one_pass(x, scale)`` (bf16 ``[..., H, D]``) from RoPE's cos/sin tables
+  ``[..., D/2]`` (``layers.rope_tables``), through :func:`forward_call`."""
+  if not supported(x_bthd.shape, x_bthd.dtype, jnp.bfloat16):
+    raise ValueError(f"norm_rope kernels take bf16 [..., H, D] with D % 128 == 0, got "
+                     f"{x_bthd.dtype} {x_bthd.shape}: use layers.norm_rope_one_pass")
+  x4, n = _flat(x_bthd)
+  h, d = x_bthd.shape[-2:]
+  cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
+  call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks, _interpret(interpret))
+  y4 = call(x4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
+  return y4[:n].reshape(x_bthd.shape)
+
+
+def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bool, *,
+             stages: int = 2, blocks: int = 0, interpret: bool | None = None):
+  """``(dx [..., H, D] bf16, dscale [D] float32)`` of :func:`forward` for the cotangent
+  ``g`` (``layers.norm_rope_fused_vjp``'s backward; ``round_dn``: ``fused_bf16``'s),
+  through :func:`backward_call`."""
+  if not supported(x_bthd.shape, x_bthd.dtype, g_bthd.dtype):
+    raise ValueError(f"norm_rope kernels take bf16 [..., H, D] with D % 128 == 0, got x "
+                     f"{x_bthd.dtype} {x_bthd.shape}, g {g_bthd.dtype}")
+  x4, n = _flat(x_bthd)
+  g4, _ = _flat(g_bthd)
+  h, d = x_bthd.shape[-2:]
+  cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
+  call = backward_call(x4.shape[0], h, d, float(eps), bool(round_dn), stages, blocks,
+                       _interpret(interpret))
+  dx4, dw_parts = call(x4, g4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
+  return dx4[:n].reshape(x_bthd.shape), dw_parts.sum(axis=0).reshape(d)
