@@ -5,21 +5,26 @@ In the 0.6b training step on the H200 (16K memory tokens, batch 32; BENCHMARKS.m
 norms' backward took 271 ms of a 4,189 ms step and the norms' and RoPE's converts 202 more:
 JAX's backward passes RoPE's float32 cotangent to the norm's reductions as a float32 array
 of q's size. This times one layer's q path (``[5216, 104, 16, 128]`` bf16 by default; k is
-half of it) five ways:
+half of it) six ways (timed autodiff, pallas, fused_bf16, fused, lean, tables: a run cut
+short keeps the first):
 
 * ``autodiff``: JAX's backward of the norm (``layers.rms_norm``) and of RoPE;
 * ``lean``: the norm's hand-written backward (``layers.rms_norm_lean_vjp``), RoPE's by JAX;
 * ``fused``: one pass forward and one backward for both (``layers.norm_rope_fused_vjp``);
 * ``fused_bf16``: the same with RoPE's cotangent written once in bf16
   (``layers.norm_rope_fused_bf16_vjp``);
+* ``pallas``: ``fused_bf16``'s math through the Mosaic GPU kernels of
+  ``pallas_kernels/norm_rope.py`` (``layers.norm_rope_pallas_vjp``; each pass reads its
+  operands once; off a GPU it is ``fused_bf16``);
 * ``tables``: ``autodiff`` reading RoPE's cos/sin computed beforehand
   (``layers.RopeTables``, what ``ModelConfig.rope_tables`` does once a stream; alone, the
   forward from positions took 104 ms against 8.7 for forward and backward on an H100,
   2026-12-05: if computing the angles in every pass is what costs, this row says so);
 
 forward plus backward in one program (what the step runs once a layer, the forward again
-under remat; timed first), and the three forwards alone (``layers.norm_rope``, the fused
-methods' ``layers.norm_rope_one_pass``, and ``norm_rope`` reading the tables), against
+under remat; timed first), and the four forwards alone (``layers.norm_rope``, the fused
+methods' ``layers.norm_rope_one_pass``, ``norm_rope`` reading the tables, and the
+``pallas`` method's kernel), against
 floors from a pure read in the same run: the forward reads ``x`` and writes ``y``; with the
 backward it also reads the cotangent and writes ``dx`` (4 arrays of the activation's size,
 the least any order of passes moves).
@@ -45,13 +50,14 @@ from benchmarks import out_dir, read_bandwidth_gbs, time_ms, write_json
 from msa_jax import layers
 
 SLOT = 104          # the 0.6b recipe's document slot: tokens are [tokens / 104, 104]
-METHODS = {"autodiff": ("autodiff", "autodiff"), "lean": ("lean", "autodiff"),
-           "fused": ("autodiff", "fused"), "fused_bf16": ("autodiff", "fused_bf16"),
-           "tables": ("autodiff", "tables")}
+METHODS = {"autodiff": ("autodiff", "autodiff"), "pallas": ("autodiff", "pallas"),
+           "fused_bf16": ("autodiff", "fused_bf16"), "fused": ("autodiff", "fused"),
+           "lean": ("lean", "autodiff"), "tables": ("autodiff", "tables")}
 # method: (rms_norm_vjp, qk_norm_rope_vjp); "tables": autodiff reading RoPE's cos/sin
 # (layers.RopeTables, computed beforehand by their own program) as the model does with
 # ModelConfig.rope_tables, instead of computing the angles (two fmods a position) in every
-# pass over the heads
+# pass over the heads; "pallas": fused_bf16's math through pallas_kernels/norm_rope.py's
+# Mosaic GPU kernels (on a GPU; elsewhere fused_bf16's own code)
 
 
 def rope_tables(pos, head_dim: int, theta: float = 1e6) -> layers.RopeTables:
@@ -126,7 +132,7 @@ def main(argv=None) -> dict:
   # (fused, fused_bf16), and norm_rope with the tables given
   forwards = {}
   for name, method, rope in (("norm_rope", "autodiff", pos), ("one_pass", "fused", pos),
-                             ("tables", "tables", tables)):
+                             ("tables", "tables", tables), ("pallas", "pallas", pos)):
     forwards[name] = time_ms(programs(method)[0], x, scale, rope, iters=5)
     print(f"forward alone, {name:9}: {forwards[name]:8.3f} ms, "
           f"{forwards[name] / floors['forward']:.2f} x its floor", flush=True)

@@ -84,7 +84,8 @@ class ModelConfig:
   # one pass, layers.norm_rope_one_pass) or "fused_bf16" (the same with RoPE's cotangent
   # written once in bf16, as JAX's backward is written: the 0.6b recipe's; its step at
   # batch 16 on an H100 2.2 % faster than "fused", 2026-12-06, BENCHMARKS.md "Training step
-  # at the recipes' shapes").
+  # at the recipes' shapes") or "pallas" (fused_bf16's values through the Mosaic GPU kernels
+  # of pallas_kernels/norm_rope.py on a GPU: not yet compiled or timed there).
   qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
@@ -174,8 +175,8 @@ class ModelConfig:
          f"embed_grad must be 'autodiff', 'f32_scatter' or 'sorted', got {self.embed_grad!r}")
     need(self.rms_norm_vjp in ("autodiff", "lean"),
          f"rms_norm_vjp must be 'autodiff' or 'lean', got {self.rms_norm_vjp!r}")
-    need(self.qk_norm_rope_vjp in ("autodiff", "fused", "fused_bf16"),
-         f"qk_norm_rope_vjp must be 'autodiff', 'fused' or 'fused_bf16', got "
+    need(self.qk_norm_rope_vjp in ("autodiff", "fused", "fused_bf16", "pallas"),
+         f"qk_norm_rope_vjp must be 'autodiff', 'fused', 'fused_bf16' or 'pallas', got "
          f"{self.qk_norm_rope_vjp!r}")
 
   @property

@@ -153,7 +153,8 @@ class RMSNorm(nn.Module):
     """The norm of ``x``; given ``rope_positions`` (``[B, T]``, ``x`` being ``[B, T, H,
     D]``, or their :class:`RopeTables`), then RoPE (:func:`norm_rope`), differentiated as
     ``rope_vjp`` says (``NORM_ROPE_VJPS``: "autodiff", "fused"
-    (:func:`norm_rope_fused_vjp`) or "fused_bf16" (:func:`norm_rope_fused_bf16_vjp`))."""
+    (:func:`norm_rope_fused_vjp`), "fused_bf16" (:func:`norm_rope_fused_bf16_vjp`) or
+    "pallas" (:func:`norm_rope_pallas_vjp`))."""
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones,
                                                              (self.axis_name,)),
                        (x.shape[-1],), self.param_dtype)
@@ -336,8 +337,54 @@ def norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: f
   return _norm_rope_custom(x_bthd, scale_d, positions_bt, eps, theta, dtype, True)
 
 
-NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16")
-_NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _norm_rope_kernels(x_bthd, scale_d, rope, eps: float, theta: float, dtype, interpret):
+  return _norm_rope_kernels_fwd(x_bthd, scale_d, rope, eps, theta, dtype, interpret)[0]
+
+
+def _norm_rope_kernels_fwd(x_bthd, scale_d, rope, eps, theta, dtype, interpret):
+  from pallas_kernels import norm_rope as kernels
+  t = rope if isinstance(rope, RopeTables) else rope_tables(rope, x_bthd.shape[-1], theta)
+  y = kernels.forward(x_bthd, scale_d, t.cos, t.sin, eps, interpret=interpret)
+  return y, (x_bthd, scale_d, t)
+
+
+def _norm_rope_kernels_bwd(eps, theta, dtype, interpret, res, g_bthd):
+  from pallas_kernels import norm_rope as kernels
+  x_bthd, scale_d, t = res
+  dx, dscale = kernels.backward(x_bthd, g_bthd.astype(x_bthd.dtype), scale_d, t.cos, t.sin,
+                                eps, True, interpret=interpret)
+  return dx, dscale.astype(scale_d.dtype), None
+
+
+_norm_rope_kernels.defvjp(_norm_rope_kernels_fwd, _norm_rope_kernels_bwd)
+
+
+def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
+                         interpret: bool | None = None):
+  """:func:`norm_rope_fused_bf16_vjp`'s values and gradients with its forward and backward
+  as the Mosaic GPU kernels of ``pallas_kernels.norm_rope`` (each pass reads its operands
+  once; RoPE's cos/sin as tables), where they apply: on a GPU, bf16 in and out, ``D`` a
+  multiple of 128; elsewhere :func:`norm_rope_fused_bf16_vjp` itself. ``interpret=True``
+  runs the kernels interpreted (the CPU tests). Selected by
+  ``ModelConfig.qk_norm_rope_vjp="pallas"``; one device's arrays (as the attention
+  kernels). Not yet compiled or timed on a GPU."""
+  from pallas_kernels import norm_rope as kernels
+  on_kernels = (_on_gpu() if interpret is None else True) and kernels.supported(
+      x_bthd.shape, x_bthd.dtype, dtype)
+  if not on_kernels:
+    return norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps, theta, dtype)
+  return _norm_rope_kernels(x_bthd, scale_d, positions_bt, eps, theta, dtype,
+                            None if interpret is None else bool(interpret))
+
+
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
+NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16", "pallas")
+_NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp,
+                     "pallas": norm_rope_pallas_vjp}
 
 
 class MLP(nn.Module):

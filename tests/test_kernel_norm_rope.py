@@ -114,3 +114,27 @@ def test_gpu_kernels_compiled_equal_the_xla_forms(b, t, h):
   assert _rel(y, want_y) < 4e-3
   assert _rel(dx, want_dx) < 4e-3
   assert _rel(dscale, want_dscale) < 1e-4
+
+
+@pytest.mark.parametrize("as_tables", [False, True])
+def test_layers_pallas_vjp_through_jax_equals_fused_bf16(as_tables):
+  """``layers.norm_rope_pallas_vjp`` (``qk_norm_rope_vjp="pallas"``) with the kernels
+  interpreted, through ``jax.vjp``: the values and gradients of ``fused_bf16``, from
+  positions or from :class:`layers.RopeTables`; off a GPU without ``interpret`` it is
+  ``fused_bf16`` itself."""
+  x, g, scale, pos = _case(2, 64, 2, seed=9)
+  rope = layers.rope_tables(pos, 128, THETA) if as_tables else pos
+
+  def pulled(fn):
+    y, pull = jax.vjp(lambda xx, ss: fn(xx, ss, rope, EPS, THETA, jnp.bfloat16), x, scale)
+    return (y, *pull(g))
+
+  got = pulled(lambda *a: layers.norm_rope_pallas_vjp(*a, interpret=True))
+  want = pulled(layers.norm_rope_fused_bf16_vjp)
+  for a, b in zip(got, want):
+    assert a.dtype == b.dtype and a.shape == b.shape
+  assert _rel(got[0], want[0]) < 4e-3 and _rel(got[1], want[1]) < 4e-3
+  assert _rel(got[2], want[2]) < 1e-5
+  fallback = pulled(layers.norm_rope_pallas_vjp)          # the CPU: fused_bf16's own code
+  for a, b in zip(fallback, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

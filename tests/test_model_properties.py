@@ -334,7 +334,8 @@ def _assert_same_values_and_grads(setup, baseline, other, logits_rtol):
     (dict(rope_tables=True), 1e-6),
     (dict(qk_norm_rope_vjp="fused"), 1e-5),
     (dict(rope_tables=True, qk_norm_rope_vjp="fused"), 1e-5),
-    (dict(qk_norm_rope_vjp="fused_bf16"), 1e-5)])
+    (dict(qk_norm_rope_vjp="fused_bf16"), 1e-5),
+    (dict(qk_norm_rope_vjp="pallas"), 1e-5)])
 def test_hand_written_backwards_equal_autodiff_through_the_model(setup, baseline, switches,
                                                                 logits_rtol):
   """``ModelConfig(rms_norm_vjp="lean", embed_grad="autodiff")`` (the hand-written norm
