@@ -97,6 +97,13 @@
 #                                                  # forward gone; two do not fit an H100)
 #                                                  # and full remat in 4 slices (what a slice
 #                                                  # costs), one process, one batch (~5 min)
+#   STAGE=norm_kernels bash benchmarks/issue10_gpu.sh  # the q/k norm + RoPE kernels
+#                                                  # (pallas_kernels/norm_rope.py): their
+#                                                  # compiled tests, one layer's q path each
+#                                                  # way (benchmarks.norm_rope: the kernels
+#                                                  # second), then the step against
+#                                                  # qk_norm_rope_vjp=pallas in one process
+#                                                  # (~450 s)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -107,7 +114,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -246,6 +253,13 @@ case "$STAGE" in
       --compare "base;remat_policy=none,microbatches=$BATCH;microbatches=4" \
       --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_no_remat.json" ;;
+  norm_kernels)
+    step norm_tests 90 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_norm_rope.py
+    step norm_rope 100 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
+    step compare 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
+      --compare "base;qk_norm_rope_vjp=pallas" --overlap_init --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_0.6b_b${BATCH}_norm_kernels.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
