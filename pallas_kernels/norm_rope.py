@@ -120,12 +120,32 @@ def _rsqrt_mean_square(x0, x1, d: int, eps: float):
   return lax.rsqrt((jnp.sum(x0 * x0, axis=1) + jnp.sum(x1 * x1, axis=1)) * (1.0 / d) + eps)
 
 
-def _stream(body, items: _Items, per_program: int, in_specs, stages: int, operands,
-            init_carry=None):
+def _plan(n: int, h: int, d: int, blocks: int, interpret: bool):
+  """``(D/2, register layouts, tiles, programs, tiles a program, the output tiles' SMEM
+  transforms)`` of a kernel over ``n`` tokens of ``h`` heads."""
+  half = d // 2
+  compiled = not interpret
+  n_items = (n // ROWS) * h
+  num_programs, per_program = num_blocks_for(n_items, blocks)
+  tr = _platform.swizzle_transforms(half) if compiled else ()
+  return half, _Regs(compiled), n_items, num_programs, per_program, tr
+
+
+def _stream(body, per_program: int, in_specs, stages: int, operands, init_carry=None):
+  """Streams a program's ``per_program`` tiles through ``body`` (a TMA pipeline
+  ``stages`` deep)."""
   plgpu = _platform.plgpu()
   return plgpu.emit_pipeline(body, grid=(per_program,), in_specs=in_specs,
                              max_concurrent_steps=min(stages, per_program),
                              init_carry=init_carry)(*operands)
+
+
+def _launch(kernel, out_type, num_programs: int, interpret: bool):
+  plgpu = _platform.plgpu()
+  return plgpu.kernel(
+      kernel, out_type=out_type, grid=(num_programs,), grid_names=("block",),
+      compiler_params=None if interpret else _platform.lane_params(),
+      interpret=_platform.mosaic_interpret_params(True) if interpret else None)
 
 
 def _specs(items: _Items, half: int, n_halves_inputs: int, compiled: bool):
@@ -162,12 +182,8 @@ def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: in
   ``[2, D/2]``."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  half = d // 2
-  compiled = not interpret
-  regs = _Regs(compiled)
-  n_items = (n // ROWS) * h
-  num_programs, per_program = num_blocks_for(n_items, blocks)
-  tr = _platform.swizzle_transforms(half) if compiled else ()
+  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, blocks, interpret)
+  compiled = regs.compiled
 
   def kernel(x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref, y_ref):
     items = _Items(lax.axis_index("block"), per_program, n_items, h)
@@ -182,18 +198,14 @@ def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: in
         a, b = x0 * regs.cols(w0_s, half), x1 * regs.cols(w1_s, half)
         _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r, i, hh)
 
-      _stream(step, items, per_program, _specs(items, half, 1, compiled), stages,
+      _stream(step, per_program, _specs(items, half, 1, compiled), stages,
               (x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref))
       plgpu.wait_smem_to_gmem(0)
     pl.run_scoped(scoped, plgpu.SMEM((2, ROWS, half), jnp.bfloat16, transforms=tr))
 
   def entry(x4, cos, sin, w2):
-    return plgpu.kernel(
-        kernel, out_type=jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
-        grid=(num_programs,), grid_names=("block",),
-        compiler_params=_platform.lane_params() if compiled else None,
-        interpret=_platform.mosaic_interpret_params(True) if interpret else None,
-    )(x4, x4, cos, sin, w2, w2)
+    out_type = jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16)
+    return _launch(kernel, out_type, num_programs, interpret)(x4, x4, cos, sin, w2, w2)
   return entry
 
 
@@ -204,12 +216,8 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
   operands as in :func:`forward_call`, ``g4`` the bf16 cotangent of ``y4``."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  half = d // 2
-  compiled = not interpret
-  regs = _Regs(compiled)
-  n_items = (n // ROWS) * h
-  num_programs, per_program = num_blocks_for(n_items, blocks)
-  tr = _platform.swizzle_transforms(half) if compiled else ()
+  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, blocks, interpret)
+  compiled = regs.compiled
 
   def kernel(x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref,
              dx_ref, dw_ref):
@@ -239,7 +247,7 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
         return (dw0 + jnp.sum(dn0 * x0 * r, axis=0) * keep,
                 dw1 + jnp.sum(dn1 * x1 * r, axis=0) * keep)
 
-      dw0, dw1 = _stream(step, items, per_program, _specs(items, half, 2, compiled), stages,
+      dw0, dw1 = _stream(step, per_program, _specs(items, half, 2, compiled), stages,
                          (x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref),
                          init_carry=(regs.zeros_col(half), regs.zeros_col(half)))
       dw_smem[0] = dw0
@@ -251,13 +259,9 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
                   plgpu.SMEM((2, half), jnp.float32))
 
   def entry(x4, g4, cos, sin, w2):
-    return plgpu.kernel(
-        kernel, out_type=(jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
-                          jax.ShapeDtypeStruct((num_programs, 2, half), jnp.float32)),
-        grid=(num_programs,), grid_names=("block",),
-        compiler_params=_platform.lane_params() if compiled else None,
-        interpret=_platform.mosaic_interpret_params(True) if interpret else None,
-    )(x4, x4, g4, g4, cos, sin, w2, w2)
+    out_type = (jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
+                jax.ShapeDtypeStruct((num_programs, 2, half), jnp.float32))
+    return _launch(kernel, out_type, num_programs, interpret)(x4, x4, g4, g4, cos, sin, w2, w2)
   return entry
 
 
