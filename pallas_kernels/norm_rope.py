@@ -192,10 +192,11 @@ def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: in
       def step(idx, x0_s, x1_s, cos_s, sin_s, w0_s, w1_s):
         (t,) = idx
         i, hh = items.coords(t)
+        # (loads where their values are first needed: fewer [64, D/2] tiles live at once)
         x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
-        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
         r = _rows(_rsqrt_mean_square(x0, x1, d, eps), half)
         a, b = x0 * regs.cols(w0_s, half), x1 * regs.cols(w1_s, half)
+        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
         _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r, i, hh)
 
       _stream(step, per_program, _specs(items, half, 1, compiled), stages,
@@ -228,13 +229,14 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
       def step(idx, x0_s, x1_s, g0_s, g1_s, cos_s, sin_s, w0_s, w1_s, carry):
         (t,) = idx
         i, hh = items.coords(t)
-        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
+        # RoPE's transpose first (g, cos and sin then die), x after: fewer live tiles
         g0, g1 = regs.tile_f32(g0_s), regs.tile_f32(g1_s)
         cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
         dn0, dn1 = g0 * cos + g1 * sin, g1 * cos - g0 * sin
         if round_dn:
           dn0 = dn0.astype(jnp.bfloat16).astype(jnp.float32)
           dn1 = dn1.astype(jnp.bfloat16).astype(jnp.float32)
+        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
         r_row = _rsqrt_mean_square(x0, x1, d, eps)
         r = _rows(r_row, half)
         w0, w1 = regs.cols(w0_s, half), regs.cols(w1_s, half)
