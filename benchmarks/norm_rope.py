@@ -82,6 +82,28 @@ def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):
   return jax.jit(forward), jax.jit(step)
 
 
+def kernel_rows(x, g, scale, tables, floors, heads_per_step: str) -> list[dict]:
+  """The ``pallas`` method's kernels alone (``pallas_kernels.norm_rope`` forward and
+  backward in one program, the tables given) for each ``heads_per_step``: their share of
+  the ``pallas`` row, and what grouping heads under one cos/sin box buys. A GPU only."""
+  if jax.default_backend() != "gpu":
+    return []
+  from pallas_kernels import norm_rope as kernels
+  rows = []
+  for hps in (int(v) for v in heads_per_step.split(",") if v):
+    if x.shape[-2] % hps:
+      continue
+
+    def step(x, g, scale, cos, sin, hps=hps):
+      y = kernels.forward(x, scale, cos, sin, 1e-6, heads_per_step=hps)
+      return (y, *kernels.backward(x, g, scale, cos, sin, 1e-6, True, heads_per_step=hps))
+    ms = time_ms(jax.jit(step), x, g, scale, tables.cos, tables.sin, iters=5)
+    rows.append({"heads_per_step": hps, "step_ms": ms, "step_x_floor": ms / floors["step"]})
+    print(f"kernels alone, {hps} head(s) a step: {ms:8.3f} ms, "
+          f"{ms / floors['step']:.2f} x the floor", flush=True)
+  return rows
+
+
 def main(argv=None) -> dict:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--tokens", type=int, default=5216 * SLOT)
@@ -89,6 +111,8 @@ def main(argv=None) -> dict:
   p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--read_bytes", type=int, default=4 << 30,
                  help="size of the read-bandwidth probe (the floors' bandwidth)")
+  p.add_argument("--heads_per_step", default="1,2",
+                 help="the kernels alone (a GPU only), with these heads a pipeline step")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   slots = -(-args.tokens // SLOT)
@@ -128,7 +152,8 @@ def main(argv=None) -> dict:
     rows.append(row)
     print(f"{method:10} {row['step_ms']:11.3f} {row['step_x_floor']:8.2f} "
           f"{row['dx_rel_err_f32']:9.2e} {row['dscale_rel_err_f32']:10.2e}", flush=True)
-  # three forwards: norm_rope (autodiff, lean, tables from positions), norm_rope_one_pass
+  krows = kernel_rows(x, g, scale, tables, floors, args.heads_per_step)
+  # four forwards: norm_rope (autodiff, lean, tables from positions), norm_rope_one_pass
   # (fused, fused_bf16), and norm_rope with the tables given
   forwards = {}
   for name, method, rope in (("norm_rope", "autodiff", pos), ("one_pass", "fused", pos),
@@ -137,7 +162,8 @@ def main(argv=None) -> dict:
     print(f"forward alone, {name:9}: {forwards[name]:8.3f} ms, "
           f"{forwards[name] / floors['forward']:.2f} x its floor", flush=True)
   result = {"shape": list(shape), "read_gbs": bw, "floor_forward_ms": floors["forward"],
-            "floor_step_ms": floors["step"], "forward_ms": forwards, "rows": rows}
+            "floor_step_ms": floors["step"], "forward_ms": forwards, "rows": rows,
+            "kernel_rows": krows}
   path = args.out or os.path.join(out_dir(), "norm_rope.json")
   write_json(path, result)
   print(f"wrote {path}")

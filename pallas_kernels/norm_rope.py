@@ -18,9 +18,10 @@ tiles, so each pass reads its operands once:
 A tile is 64 tokens of one head, its two halves ``[64, D/2]`` loaded as separate TMA boxes
 of the ``[N, H, 2, D/2]`` view (the rotate-half pairs then sit at the same place of the
 two register tiles); RoPE's cos/sin come as ``[N, D/2]`` float32 tables
-(``layers.rope_tables``), one box per tile (consecutive tiles are the heads of one token
-block, so the tables' re-reads hit L2). One program per SM streams its run of tiles
-through a TMA pipeline. bf16 activations, ``D/2`` a multiple of 64; token counts that are
+(``layers.rope_tables``), one box per pipeline step, which holds ``heads_per_step`` heads
+of a token block (a token block's steps run in a row, so the tables' re-reads hit L2;
+with one head a step the tables' boxes are twice the bytes of ``x``'s). One program per SM
+streams its run of steps through a TMA pipeline. bf16 activations, ``D/2`` a multiple of 64; token counts that are
 not a multiple of 64 are padded (a copy) by the callers here.
 
 Each function takes ``interpret``: None compiles on a GPU and interprets elsewhere (the
@@ -49,36 +50,32 @@ def supported(x_shape, dtype, out_dtype) -> bool:
           and d % 128 == 0 and len(x_shape) >= 2)
 
 
-def smem_bytes(d: int, stages: int, with_cotangent: bool) -> int:
-  """Shared memory of a kernel: ``stages`` tiles' x (and g) halves, cos/sin and scale
-  halves in flight, and the two output tiles."""
-  half = d // 2
-  per_stage = (2 if with_cotangent else 1) * ROWS * d * 2 + 2 * ROWS * half * 4 + d * 4
-  return stages * per_stage + ROWS * d * 2 + d * 4
-
-
 class _Items:
-  """A program's run of tiles: tile ``k`` is token block ``k // H``, head ``k % H`` (the
-  heads of a token block in a row, so they share cos/sin boxes); the last program may
-  repeat the final tile (``valid`` is then 0)."""
+  """A program's run of steps: step ``k`` is token block ``k // (H/group)`` and its heads
+  ``group·(k % (H/group)) ...`` (``group`` heads a step sharing one cos/sin box; a token
+  block's steps in a row, so consecutive boxes hit L2); the last program may repeat the
+  final step (``valid`` is then 0)."""
 
-  def __init__(self, block, per_program: int, n_items: int, heads: int):
-    self.block, self.per, self.n, self.h = block, per_program, n_items, heads
+  def __init__(self, block, per_program: int, n_items: int, heads: int, group: int):
+    self.block, self.per, self.n = block, per_program, n_items
+    self.groups, self.group = heads // group, group
 
   def raw(self, t):
     return self.block * self.per + t
 
   def coords(self, t):
+    """``(token block, first head)`` of step ``t``."""
     k = jnp.minimum(self.raw(t), self.n - 1)
-    return lax.div(k, self.h), lax.rem(k, self.h)
+    return lax.div(k, self.groups), lax.rem(k, self.groups) * self.group
 
   def valid(self, t):
     return (self.raw(t) < self.n).astype(jnp.float32)
 
-  def half(self, j: int):
+  def half(self, e: int, j: int):
+    """Index map of half ``j`` of the step's head ``e``."""
     def index(t):
-      i, hh = self.coords(t)
-      return i, hh, j, 0
+      i, h0 = self.coords(t)
+      return i, h0 + e, j, 0
     return index
 
   def table(self, t):
@@ -120,12 +117,14 @@ def _rsqrt_mean_square(x0, x1, d: int, eps: float):
   return lax.rsqrt((jnp.sum(x0 * x0, axis=1) + jnp.sum(x1 * x1, axis=1)) * (1.0 / d) + eps)
 
 
-def _plan(n: int, h: int, d: int, blocks: int, interpret: bool):
-  """``(D/2, register layouts, tiles, programs, tiles a program, the output tiles' SMEM
-  transforms)`` of a kernel over ``n`` tokens of ``h`` heads."""
+def _plan(n: int, h: int, d: int, group: int, blocks: int, interpret: bool):
+  """``(D/2, register layouts, steps, programs, steps a program, the output tiles' SMEM
+  transforms)`` of a kernel over ``n`` tokens of ``h`` heads, ``group`` heads a step."""
+  if h % group:
+    raise ValueError(f"heads_per_step={group} must divide the {h} heads")
   half = d // 2
   compiled = not interpret
-  n_items = (n // ROWS) * h
+  n_items = (n // ROWS) * (h // group)
   num_programs, per_program = num_blocks_for(n_items, blocks)
   tr = _platform.swizzle_transforms(half) if compiled else ()
   return half, _Regs(compiled), n_items, num_programs, per_program, tr
@@ -148,17 +147,26 @@ def _launch(kernel, out_type, num_programs: int, interpret: bool):
       interpret=_platform.mosaic_interpret_params(True) if interpret else None)
 
 
-def _specs(items: _Items, half: int, n_halves_inputs: int, compiled: bool):
-  """BlockSpecs: ``n_halves_inputs`` arrays' two halves, then cos, sin, then the scale's
-  two halves."""
+def _specs(items: _Items, half: int, arrays: int, compiled: bool):
+  """BlockSpecs: each of ``arrays`` arrays' two halves for each of the step's heads (array,
+  head, half order), then cos, sin, then the scale's two halves."""
   plgpu = _platform.plgpu()
   tr = _platform.swizzle_transforms(half) if compiled else ()
   tr32 = _platform.swizzle_transforms(half, 4) if compiled else ()
-  halves = [plgpu.BlockSpec((ROWS, None, None, half), items.half(j), transforms=tr)
-            for _ in range(n_halves_inputs) for j in (0, 1)]
+  halves = [plgpu.BlockSpec((ROWS, None, None, half), items.half(e, j), transforms=tr)
+            for _ in range(arrays) for e in range(items.group) for j in (0, 1)]
   tables = [plgpu.BlockSpec((ROWS, half), items.table, transforms=tr32)] * 2
   scale = [plgpu.BlockSpec((None, half), lambda t, j=j: (j, 0)) for j in (0, 1)]
   return halves + tables + scale
+
+
+def smem_bytes(d: int, stages: int, with_cotangent: bool, heads_per_step: int = 1) -> int:
+  """Shared memory of a kernel: ``stages`` steps' x (and g) halves of ``heads_per_step``
+  heads, cos/sin and scale halves in flight, and the two output tiles."""
+  half = d // 2
+  per_stage = ((2 if with_cotangent else 1) * heads_per_step * ROWS * d * 2
+               + 2 * ROWS * half * 4 + d * 4)
+  return stages * per_stage + ROWS * d * 2 + d * 4
 
 
 def _store_halves(out_smem, out_ref, v0, v1, i, hh):
@@ -176,82 +184,90 @@ def _store_halves(out_smem, out_ref, v0, v1, i, hh):
 
 @functools.lru_cache(maxsize=None)
 def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: int = 0,
-                 interpret: bool = False):
+                 interpret: bool = False, heads_per_step: int = 1):
   """``plgpu.kernel``: ``(x4, cos, sin, w2) -> y4``: ``x4``/``y4`` bf16 ``[N, H, 2, D/2]``
   (``N`` a multiple of 64), cos/sin float32 ``[N, D/2]``, ``w2`` the float32 scale as
-  ``[2, D/2]``."""
+  ``[2, D/2]``; ``heads_per_step`` heads of a token block a pipeline step (one cos/sin
+  box for them)."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, blocks, interpret)
-  compiled = regs.compiled
+  hs = heads_per_step
+  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, hs, blocks, interpret)
 
-  def kernel(x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref, y_ref):
-    items = _Items(lax.axis_index("block"), per_program, n_items, h)
+  def kernel(*refs):
+    *ins, y_ref = refs
+    items = _Items(lax.axis_index("block"), per_program, n_items, h, hs)
 
     def scoped(out_smem):
-      def step(idx, x0_s, x1_s, cos_s, sin_s, w0_s, w1_s):
+      def step(idx, *smem):
         (t,) = idx
-        i, hh = items.coords(t)
-        # (loads where their values are first needed: fewer [64, D/2] tiles live at once)
-        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
-        r = _rows(_rsqrt_mean_square(x0, x1, d, eps), half)
-        a, b = x0 * regs.cols(w0_s, half), x1 * regs.cols(w1_s, half)
-        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
-        _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r, i, hh)
+        xs, (cos_s, sin_s, w0_s, w1_s) = smem[:2 * hs], smem[2 * hs:]
+        i, h0 = items.coords(t)
+        for e in range(hs):
+          # (loads where their values are first needed: fewer [64, D/2] tiles live at once)
+          x0, x1 = regs.tile_f32(xs[2 * e]), regs.tile_f32(xs[2 * e + 1])
+          r = _rows(_rsqrt_mean_square(x0, x1, d, eps), half)
+          a, b = x0 * regs.cols(w0_s, half), x1 * regs.cols(w1_s, half)
+          cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
+          _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r,
+                        i, h0 + e)
 
-      _stream(step, per_program, _specs(items, half, 1, compiled), stages,
-              (x0_ref, x1_ref, cos_ref, sin_ref, w0_ref, w1_ref))
+      _stream(step, per_program, _specs(items, half, 1, regs.compiled), stages, ins)
       plgpu.wait_smem_to_gmem(0)
     pl.run_scoped(scoped, plgpu.SMEM((2, ROWS, half), jnp.bfloat16, transforms=tr))
 
   def entry(x4, cos, sin, w2):
     out_type = jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16)
-    return _launch(kernel, out_type, num_programs, interpret)(x4, x4, cos, sin, w2, w2)
+    return _launch(kernel, out_type, num_programs, interpret)(
+        *[x4] * (2 * hs), cos, sin, w2, w2)
   return entry
 
 
 @functools.lru_cache(maxsize=None)
 def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: int = 2,
-                  blocks: int = 0, interpret: bool = False):
+                  blocks: int = 0, interpret: bool = False, heads_per_step: int = 1):
   """``plgpu.kernel``: ``(x4, g4, cos, sin, w2) -> (dx4, dw_parts [programs, 2, D/2])``;
   operands as in :func:`forward_call`, ``g4`` the bf16 cotangent of ``y4``."""
   import jax.experimental.pallas as pl
   plgpu = _platform.plgpu()
-  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, blocks, interpret)
-  compiled = regs.compiled
+  hs = heads_per_step
+  half, regs, n_items, num_programs, per_program, tr = _plan(n, h, d, hs, blocks, interpret)
 
-  def kernel(x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref,
-             dx_ref, dw_ref):
+  def kernel(*refs):
+    *ins, dx_ref, dw_ref = refs
     blk = lax.axis_index("block")
-    items = _Items(blk, per_program, n_items, h)
+    items = _Items(blk, per_program, n_items, h, hs)
 
     def scoped(out_smem, dw_smem):
-      def step(idx, x0_s, x1_s, g0_s, g1_s, cos_s, sin_s, w0_s, w1_s, carry):
+      def step(idx, *smem_and_carry):
         (t,) = idx
-        i, hh = items.coords(t)
-        # RoPE's transpose first (g, cos and sin then die), x after: fewer live tiles
-        g0, g1 = regs.tile_f32(g0_s), regs.tile_f32(g1_s)
-        cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
-        dn0, dn1 = g0 * cos + g1 * sin, g1 * cos - g0 * sin
-        if round_dn:
-          dn0 = dn0.astype(jnp.bfloat16).astype(jnp.float32)
-          dn1 = dn1.astype(jnp.bfloat16).astype(jnp.float32)
-        x0, x1 = regs.tile_f32(x0_s), regs.tile_f32(x1_s)
-        r_row = _rsqrt_mean_square(x0, x1, d, eps)
-        r = _rows(r_row, half)
-        w0, w1 = regs.cols(w0_s, half), regs.cols(w1_s, half)
-        dnw0, dnw1 = dn0 * w0, dn1 * w1
-        m = (jnp.sum(dnw0 * x0, axis=1) + jnp.sum(dnw1 * x1, axis=1)) * (1.0 / d)
-        c = _rows(r_row * r_row * r_row * m, half)
-        _store_halves(out_smem, dx_ref, r * dnw0 - x0 * c, r * dnw1 - x1 * c, i, hh)
-        keep = items.valid(t)           # a repeated final tile adds nothing to dw
-        dw0, dw1 = carry
-        return (dw0 + jnp.sum(dn0 * x0 * r, axis=0) * keep,
-                dw1 + jnp.sum(dn1 * x1 * r, axis=0) * keep)
+        *smem, (dw0, dw1) = smem_and_carry
+        xs, gs = smem[:2 * hs], smem[2 * hs:4 * hs]
+        cos_s, sin_s, w0_s, w1_s = smem[4 * hs:]
+        i, h0 = items.coords(t)
+        keep = items.valid(t)           # a repeated final step adds nothing to dw
+        for e in range(hs):
+          # RoPE's transpose first (g, cos and sin then die), x after: fewer live tiles
+          g0, g1 = regs.tile_f32(gs[2 * e]), regs.tile_f32(gs[2 * e + 1])
+          cos, sin = regs.tile_f32(cos_s), regs.tile_f32(sin_s)
+          dn0, dn1 = g0 * cos + g1 * sin, g1 * cos - g0 * sin
+          if round_dn:
+            dn0 = dn0.astype(jnp.bfloat16).astype(jnp.float32)
+            dn1 = dn1.astype(jnp.bfloat16).astype(jnp.float32)
+          x0, x1 = regs.tile_f32(xs[2 * e]), regs.tile_f32(xs[2 * e + 1])
+          r_row = _rsqrt_mean_square(x0, x1, d, eps)
+          r = _rows(r_row, half)
+          w0, w1 = regs.cols(w0_s, half), regs.cols(w1_s, half)
+          dnw0, dnw1 = dn0 * w0, dn1 * w1
+          m = (jnp.sum(dnw0 * x0, axis=1) + jnp.sum(dnw1 * x1, axis=1)) * (1.0 / d)
+          c = _rows(r_row * r_row * r_row * m, half)
+          _store_halves(out_smem, dx_ref, r * dnw0 - x0 * c, r * dnw1 - x1 * c, i, h0 + e)
+          dw0 = dw0 + jnp.sum(dn0 * x0 * r, axis=0) * keep
+          dw1 = dw1 + jnp.sum(dn1 * x1 * r, axis=0) * keep
+        return dw0, dw1
 
-      dw0, dw1 = _stream(step, per_program, _specs(items, half, 2, compiled), stages,
-                         (x0_ref, x1_ref, g0_ref, g1_ref, cos_ref, sin_ref, w0_ref, w1_ref),
-                         init_carry=(regs.zeros_col(half), regs.zeros_col(half)))
+      dw0, dw1 = _stream(step, per_program, _specs(items, half, 2, regs.compiled), stages,
+                         ins, init_carry=(regs.zeros_col(half), regs.zeros_col(half)))
       dw_smem[0] = dw0
       dw_smem[1] = dw1
       plgpu.commit_smem()
@@ -263,7 +279,8 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
   def entry(x4, g4, cos, sin, w2):
     out_type = (jax.ShapeDtypeStruct((n, h, 2, half), jnp.bfloat16),
                 jax.ShapeDtypeStruct((num_programs, 2, half), jnp.float32))
-    return _launch(kernel, out_type, num_programs, interpret)(x4, x4, g4, g4, cos, sin, w2, w2)
+    return _launch(kernel, out_type, num_programs, interpret)(
+        *[x4] * (2 * hs), *[g4] * (2 * hs), cos, sin, w2, w2)
   return entry
 
 
@@ -290,7 +307,7 @@ def _interpret(interpret):
 
 
 def forward(x_bthd, scale_d, cos_bth, sin_bth, eps: float, *, stages: int = 2,
-            blocks: int = 0, interpret: bool | None = None):
+            blocks: int = 0, heads_per_step: int = 1, interpret: bool | None = None):
   """``norm_rope_one_pass(x, scale)`` (bf16 ``[..., H, D]``) from RoPE's cos/sin tables
   ``[..., D/2]`` (``layers.rope_tables``), through :func:`forward_call`."""
   if not supported(x_bthd.shape, x_bthd.dtype, jnp.bfloat16):
@@ -299,13 +316,15 @@ def forward(x_bthd, scale_d, cos_bth, sin_bth, eps: float, *, stages: int = 2,
   x4, n = _flat(x_bthd)
   h, d = x_bthd.shape[-2:]
   cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
-  call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks, _interpret(interpret))
+  call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks, _interpret(interpret),
+                      heads_per_step)
   y4 = call(x4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
   return y4[:n].reshape(x_bthd.shape)
 
 
 def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bool, *,
-             stages: int = 2, blocks: int = 0, interpret: bool | None = None):
+             stages: int = 2, blocks: int = 0, heads_per_step: int = 1,
+             interpret: bool | None = None):
   """``(dx [..., H, D] bf16, dscale [D] float32)`` of :func:`forward` for the cotangent
   ``g`` (``layers.norm_rope_fused_vjp``'s backward; ``round_dn``: ``fused_bf16``'s),
   through :func:`backward_call`."""
@@ -317,6 +336,6 @@ def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bo
   h, d = x_bthd.shape[-2:]
   cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
   call = backward_call(x4.shape[0], h, d, float(eps), bool(round_dn), stages, blocks,
-                       _interpret(interpret))
+                       _interpret(interpret), heads_per_step)
   dx4, dw_parts = call(x4, g4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
   return dx4[:n].reshape(x_bthd.shape), dw_parts.sum(axis=0).reshape(d)

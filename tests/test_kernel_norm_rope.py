@@ -44,14 +44,17 @@ def _want(x, g, scale, pos, round_dn):
 
 # (b, t, h): one tile a head; a ragged token count (padded); more tiles than programs, so
 # the last program repeats the final tile (which must not count twice in dscale)
-@pytest.mark.parametrize("b,t,h,blocks", [(1, 64, 2, 0), (2, 45, 3, 0), (3, 64, 2, 4)])
+# two heads a step (one cos/sin box for both)
+@pytest.mark.parametrize("b,t,h,blocks,hps", [(1, 64, 2, 0, 1), (2, 45, 3, 0, 1),
+                                              (3, 64, 2, 4, 1), (2, 64, 4, 3, 2)])
 @pytest.mark.parametrize("round_dn", [False, True])
-def test_kernels_interpreted_equal_the_xla_forms(b, t, h, blocks, round_dn):
+def test_kernels_interpreted_equal_the_xla_forms(b, t, h, blocks, hps, round_dn):
   x, g, scale, pos = _case(b, t, h)
   tables = layers.rope_tables(pos, 128, THETA)
-  y = nr.forward(x, scale, tables.cos, tables.sin, EPS, blocks=blocks, interpret=True)
+  y = nr.forward(x, scale, tables.cos, tables.sin, EPS, blocks=blocks, heads_per_step=hps,
+                 interpret=True)
   dx, dscale = nr.backward(x, g, scale, tables.cos, tables.sin, EPS, round_dn,
-                           blocks=blocks, interpret=True)
+                           blocks=blocks, heads_per_step=hps, interpret=True)
   want_y, want_dx, want_dscale = _want(x, g, scale, pos, round_dn)
   assert y.dtype == jnp.bfloat16 and y.shape == x.shape
   # the same float32 math in another order: outputs within one bf16 rounding
@@ -59,7 +62,9 @@ def test_kernels_interpreted_equal_the_xla_forms(b, t, h, blocks, round_dn):
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(want_y, np.float32),
                              rtol=1e-2, atol=1e-2)
   assert _rel(dx, want_dx) < 4e-3
-  assert _rel(dscale, want_dscale) < 1e-5
+  # rounding dn to bf16 after the same products summed in another order can land on the
+  # other side of a rounding boundary now and then: a few bf16 ulps in a sum of thousands
+  assert _rel(dscale, want_dscale) < (1e-4 if round_dn else 1e-5)
   assert dscale.dtype == jnp.float32 and dscale.shape == (128,)
 
 
@@ -80,12 +85,14 @@ def test_unsupported_inputs_are_refused_with_the_fallback_named():
   tables = layers.rope_tables(pos, 128, THETA)
   with pytest.raises(ValueError, match="norm_rope_one_pass"):
     nr.forward(x.astype(jnp.float32), scale, tables.cos, tables.sin, EPS, interpret=True)
+  with pytest.raises(ValueError, match="must divide the 1 heads"):
+    nr.forward(x, scale, tables.cos, tables.sin, EPS, heads_per_step=2, interpret=True)
   assert not nr.supported((4, 64, 2, 96), jnp.bfloat16, jnp.bfloat16)
   assert nr.supported((4, 64, 2, 128), jnp.bfloat16, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("h", [16, 8])
-def test_kernels_lower_for_the_gpu_at_the_step_shape(h):
+@pytest.mark.parametrize("h,hps", [(16, 1), (8, 1), (16, 2)])
+def test_kernels_lower_for_the_gpu_at_the_step_shape(h, hps):
   """The 0.6b step's q (16 heads) and k (8) at batch 32's 542,464 tokens: Mosaic GPU's
   static checks of the copies and register layouts pass (lowering runs on a CPU)."""
   sds = jax.ShapeDtypeStruct
@@ -93,12 +100,12 @@ def test_kernels_lower_for_the_gpu_at_the_step_shape(h):
   x = sds((n, h, 2, d // 2), jnp.bfloat16)
   tab = sds((n, d // 2), jnp.float32)
   w = sds((2, d // 2), jnp.float32)
-  fwd = nr.forward_call(n, h, d, EPS, 2, 132, False)
-  bwd = nr.backward_call(n, h, d, EPS, True, 2, 132, False)
+  fwd = nr.forward_call(n, h, d, EPS, 2, 132, False, hps)
+  bwd = nr.backward_call(n, h, d, EPS, True, 2, 132, False, hps)
   for fn, args in ((fwd, (x, tab, tab, w)), (bwd, (x, x, tab, tab, w))):
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
-  assert nr.smem_bytes(d, 2, True) < 227 * 1024
+  assert nr.smem_bytes(d, 2, True, hps) < 227 * 1024
 
 
 @pytest.mark.gpu
