@@ -366,16 +366,22 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
   as the Mosaic GPU kernels of ``pallas_kernels.norm_rope`` (each pass reads its operands
   once; RoPE's cos/sin as tables), where they apply: on a GPU, bf16 in and out, ``D`` a
   multiple of 128; elsewhere :func:`norm_rope_fused_bf16_vjp` itself. ``interpret=True``
-  runs the kernels interpreted (the CPU tests). Selected by
-  ``ModelConfig.qk_norm_rope_vjp="pallas"``; one device's arrays (as the attention
-  kernels). Not yet compiled or timed on a GPU."""
+  runs the kernels interpreted at any size (the CPU tests). On a GPU, fewer than
+  :data:`KERNEL_MIN_TOKENS` tokens (a decoding step, a short question) stay with the XLA
+  code, which fuses them into their neighbours where a kernel launch and its padding to 64
+  tokens would cost more. Selected by ``ModelConfig.qk_norm_rope_vjp="pallas"``; one
+  device's arrays (as the attention kernels). Not yet compiled or timed on a GPU."""
   from pallas_kernels import norm_rope as kernels
-  on_kernels = (_on_gpu() if interpret is None else True) and kernels.supported(
-      x_bthd.shape, x_bthd.dtype, dtype)
+  tokens = int(np.prod(x_bthd.shape[:-2]))
+  on_kernels = ((_on_gpu() and tokens >= KERNEL_MIN_TOKENS) if interpret is None else True
+                ) and kernels.supported(x_bthd.shape, x_bthd.dtype, dtype)
   if not on_kernels:
     return norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps, theta, dtype)
   return _norm_rope_kernels(x_bthd, scale_d, positions_bt, eps, theta, dtype,
                             None if interpret is None else bool(interpret))
+
+
+KERNEL_MIN_TOKENS = 4096   # norm_rope_pallas_vjp's kernels on a GPU from this many tokens
 
 
 def _on_gpu() -> bool:

@@ -145,3 +145,20 @@ def test_layers_pallas_vjp_through_jax_equals_fused_bf16(as_tables):
   fallback = pulled(layers.norm_rope_pallas_vjp)          # the CPU: fused_bf16's own code
   for a, b in zip(fallback, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not os.environ.get("MSA_TEST_GPU"), reason="set MSA_TEST_GPU=1 on a GPU")
+def test_gpu_layers_pallas_vjp_compiled_equals_fused_bf16():
+  """Through ``jax.vjp`` on a GPU at a size the kernels take (``KERNEL_MIN_TOKENS``)."""
+  x, g, scale, pos = _case(4, 1040, 2, seed=11)
+  assert 4 * 1040 >= layers.KERNEL_MIN_TOKENS
+
+  def pulled(fn):
+    y, pull = jax.vjp(lambda xx, ss: fn(xx, ss, pos, EPS, THETA, jnp.bfloat16), x, scale)
+    return (y, *pull(g))
+
+  got = jax.jit(lambda: pulled(layers.norm_rope_pallas_vjp))()
+  want = jax.jit(lambda: pulled(layers.norm_rope_fused_bf16_vjp))()
+  assert _rel(got[0], want[0]) < 4e-3 and _rel(got[1], want[1]) < 4e-3
+  assert _rel(got[2], want[2]) < 1e-4
