@@ -104,6 +104,10 @@
 #                                                  # second), then the step against
 #                                                  # qk_norm_rope_vjp=pallas in one process
 #                                                  # (~450 s)
+#   STAGE=norm_4b bash benchmarks/issue10_gpu.sh  # the 4b step (batch 8: an H200) against
+#                                                  # qk_norm_rope_vjp=fused_bf16, the 0.6b
+#                                                  # recipe's since session 37, in one
+#                                                  # process (~400 s)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -114,7 +118,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, norm_4b or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -260,6 +264,11 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;qk_norm_rope_vjp=pallas" --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_norm_kernels.json" ;;
+  norm_4b)
+    step compare_4b 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+      $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 2 \
+      --compare "base;qk_norm_rope_vjp=fused_bf16" --overlap_init --compilation_cache_dir /tmp/jcc \
+      --out "$DIR/train_step_4b_b8_norm.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"
