@@ -379,21 +379,17 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
   code, which fuses them into their neighbours where a kernel launch and its padding to 64
   tokens would cost more. Selected by ``ModelConfig.qk_norm_rope_vjp="pallas"``; one
   device's arrays (as the attention kernels). Not yet compiled or timed on a GPU."""
+  from pallas_kernels import _platform
   from pallas_kernels import norm_rope as kernels
   tokens = int(np.prod(x_bthd.shape[:-2]))
-  on_kernels = ((_on_gpu() and tokens >= KERNEL_MIN_TOKENS) if interpret is None else True
-                ) and kernels.supported(x_bthd.shape, x_bthd.dtype, dtype)
+  on_kernels = ((_platform.on_gpu() and tokens >= KERNEL_MIN_TOKENS) if interpret is None
+                else True) and kernels.supported(x_bthd.shape, x_bthd.dtype, dtype)
   if not on_kernels:
     return norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps, theta, dtype)
-  return _norm_rope_kernels(x_bthd, scale_d, positions_bt, eps, theta, dtype,
-                            None if interpret is None else bool(interpret))
+  return _norm_rope_kernels(x_bthd, scale_d, positions_bt, eps, theta, dtype, interpret)
 
 
 KERNEL_MIN_TOKENS = 4096   # norm_rope_pallas_vjp's kernels on a GPU from this many tokens
-
-
-def _on_gpu() -> bool:
-  return jax.default_backend() == "gpu"
 
 
 NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16", "pallas")

@@ -31,6 +31,7 @@ CPU tests); the XLA forms in ``msa_jax.layers`` are the reference
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -284,14 +285,12 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
   return entry
 
 
-def _flat(x_thd, multiple: int = ROWS):
-  """``[..., H, D]`` → ``[N, H, 2, D/2]`` with ``N`` padded up to ``multiple`` (zeros)."""
+def _flat(x_thd):
+  """``[..., H, D]`` → ``[N, H, 2, D/2]`` with ``N`` padded up to a multiple of 64 (zeros)."""
   *lead, h, d = x_thd.shape
-  n = 1
-  for s in lead:
-    n *= s
+  n = math.prod(lead)
   x = x_thd.reshape(n, h, 2, d // 2)
-  pad = -n % multiple
+  pad = -n % ROWS
   return (jnp.pad(x, ((0, pad), (0, 0), (0, 0), (0, 0))) if pad else x), n
 
 
@@ -302,6 +301,19 @@ def _flat_tables(t_bh, n_padded: int):
   return jnp.pad(t, ((0, pad), (0, 0))) if pad else t
 
 
+def _operands(x_bthd, other_dtype, scale_d, cos_bth, sin_bth):
+  """Checks ``x`` (and the cotangent's or output's ``other_dtype``) and lays out a kernel's
+  operands: ``(x4, tokens, heads, D, cos, sin, w2)``."""
+  if not supported(x_bthd.shape, x_bthd.dtype, other_dtype):
+    raise ValueError(f"norm_rope kernels take bf16 [..., H, D] with D % 128 == 0, got x "
+                     f"{x_bthd.dtype} {x_bthd.shape} and {jnp.dtype(other_dtype)}: use "
+                     f"layers.norm_rope_one_pass and its XLA backward")
+  x4, n = _flat(x_bthd)
+  h, d = x_bthd.shape[-2:]
+  cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
+  return x4, n, h, d, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2)
+
+
 def _interpret(interpret):
   return (not _platform.on_gpu()) if interpret is None else bool(interpret)
 
@@ -310,16 +322,10 @@ def forward(x_bthd, scale_d, cos_bth, sin_bth, eps: float, *, stages: int = 2,
             blocks: int = 0, heads_per_step: int = 1, interpret: bool | None = None):
   """``norm_rope_one_pass(x, scale)`` (bf16 ``[..., H, D]``) from RoPE's cos/sin tables
   ``[..., D/2]`` (``layers.rope_tables``), through :func:`forward_call`."""
-  if not supported(x_bthd.shape, x_bthd.dtype, jnp.bfloat16):
-    raise ValueError(f"norm_rope kernels take bf16 [..., H, D] with D % 128 == 0, got "
-                     f"{x_bthd.dtype} {x_bthd.shape}: use layers.norm_rope_one_pass")
-  x4, n = _flat(x_bthd)
-  h, d = x_bthd.shape[-2:]
-  cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
+  x4, n, h, d, cos, sin, w2 = _operands(x_bthd, jnp.bfloat16, scale_d, cos_bth, sin_bth)
   call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks, _interpret(interpret),
                       heads_per_step)
-  y4 = call(x4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
-  return y4[:n].reshape(x_bthd.shape)
+  return call(x4, cos, sin, w2)[:n].reshape(x_bthd.shape)
 
 
 def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bool, *,
@@ -328,14 +334,9 @@ def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bo
   """``(dx [..., H, D] bf16, dscale [D] float32)`` of :func:`forward` for the cotangent
   ``g`` (``layers.norm_rope_fused_vjp``'s backward; ``round_dn``: ``fused_bf16``'s),
   through :func:`backward_call`."""
-  if not supported(x_bthd.shape, x_bthd.dtype, g_bthd.dtype):
-    raise ValueError(f"norm_rope kernels take bf16 [..., H, D] with D % 128 == 0, got x "
-                     f"{x_bthd.dtype} {x_bthd.shape}, g {g_bthd.dtype}")
-  x4, n = _flat(x_bthd)
+  x4, n, h, d, cos, sin, w2 = _operands(x_bthd, g_bthd.dtype, scale_d, cos_bth, sin_bth)
   g4, _ = _flat(g_bthd)
-  h, d = x_bthd.shape[-2:]
-  cos, sin = (_flat_tables(t, x4.shape[0]) for t in (cos_bth, sin_bth))
   call = backward_call(x4.shape[0], h, d, float(eps), bool(round_dn), stages, blocks,
                        _interpret(interpret), heads_per_step)
-  dx4, dw_parts = call(x4, g4, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2))
+  dx4, dw_parts = call(x4, g4, cos, sin, w2)
   return dx4[:n].reshape(x_bthd.shape), dw_parts.sum(axis=0).reshape(d)
