@@ -101,13 +101,14 @@
 #                                                  # (pallas_kernels/norm_rope.py): their
 #                                                  # compiled tests, one layer's q path each
 #                                                  # way (benchmarks.norm_rope: the kernels
-#                                                  # second), then the step against
-#                                                  # qk_norm_rope_vjp=pallas in one process
-#                                                  # (~450 s)
+#                                                  # second, then alone in three tilings),
+#                                                  # then the recipe's step (pallas since
+#                                                  # session 38) against fused_bf16 in one
+#                                                  # process (~450 s)
 #   STAGE=norm_4b bash benchmarks/issue10_gpu.sh  # the 4b step (batch 8: an H200) against
-#                                                  # qk_norm_rope_vjp=fused_bf16, the 0.6b
-#                                                  # recipe's since session 37, in one
-#                                                  # process (~400 s)
+#                                                  # qk_norm_rope_vjp=fused_bf16 and pallas
+#                                                  # (the 0.6b recipe's), in one process
+#                                                  # (~560 s)
 #   STAGE=triton  bash benchmarks/issue10_gpu.sh  # the same step with XLA's Triton GEMMs (they
 #                                                  # can fuse elementwise producers), cold then
 #                                                  # warm autotune cache: compile time and MFU
@@ -259,16 +260,16 @@ case "$STAGE" in
       --out "$DIR/train_step_0.6b_b${BATCH}_no_remat.json" ;;
   norm_kernels)
     step norm_tests 90 env MSA_TEST_GPU=1 $PY -m pytest -q -m gpu tests/test_kernel_norm_rope.py
-    step norm_rope 100 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
+    step norm_rope 150 $PY -m benchmarks.norm_rope --out "$DIR/norm_rope.json"
     step compare 300 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
-      --compare "base;qk_norm_rope_vjp=pallas" --overlap_init --compilation_cache_dir /tmp/jcc \
+      --compare "base;qk_norm_rope_vjp=fused_bf16" --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_norm_kernels.json" ;;
   norm_4b)
     step compare_4b 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 2 \
-      --compare "base;qk_norm_rope_vjp=fused_bf16" --overlap_init --compilation_cache_dir /tmp/jcc \
-      --out "$DIR/train_step_4b_b8_norm.json" ;;
+      --compare "base;qk_norm_rope_vjp=fused_bf16;qk_norm_rope_vjp=pallas" --overlap_init \
+      --compilation_cache_dir /tmp/jcc --out "$DIR/train_step_4b_b8_norm.json" ;;
   triton)
     step triton_cold 330 env XLA_FLAGS="$TRITON" $PY "${STEP[@]}" \
       --out "$DIR/train_step_0.6b_b${BATCH}_triton_cold.json"

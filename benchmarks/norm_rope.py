@@ -82,25 +82,35 @@ def programs(method: str, theta: float = 1e6, dtype=jnp.bfloat16):
   return jax.jit(forward), jax.jit(step)
 
 
-def kernel_rows(x, g, scale, tables, floors, heads_per_step: str) -> list[dict]:
+def kernel_rows(x, g, scale, tables, floors, configs: str) -> list[dict]:
   """The ``pallas`` method's kernels alone (``pallas_kernels.norm_rope`` forward and
-  backward in one program, the tables given) for each ``heads_per_step``: their share of
-  the ``pallas`` row, and what grouping heads under one cos/sin box buys. A GPU only."""
+  backward in one program, the tables given) for each ``heads:stages:programs_per_sm`` of
+  ``configs``: their share of the ``pallas`` row, and what grouping heads under one cos/sin
+  box, a deeper pipeline or more programs an SM buy. A GPU only."""
   if jax.default_backend() != "gpu":
     return []
   from pallas_kernels import norm_rope as kernels
+  sms = getattr(jax.devices()[0], "core_count", 0)
   rows = []
-  for hps in (int(v) for v in heads_per_step.split(",") if v):
+  for config in (c for c in configs.split(",") if c):
+    hps, stages, per_sm = (int(v) for v in config.split(":"))
     if x.shape[-2] % hps:
       continue
+    kw = dict(heads_per_step=hps, stages=stages, blocks=sms * per_sm)
 
-    def step(x, g, scale, cos, sin, hps=hps):
-      y = kernels.forward(x, scale, cos, sin, 1e-6, heads_per_step=hps)
-      return (y, *kernels.backward(x, g, scale, cos, sin, 1e-6, True, heads_per_step=hps))
-    ms = time_ms(jax.jit(step), x, g, scale, tables.cos, tables.sin, iters=5)
-    rows.append({"heads_per_step": hps, "step_ms": ms, "step_x_floor": ms / floors["step"]})
-    print(f"kernels alone, {hps} head(s) a step: {ms:8.3f} ms, "
-          f"{ms / floors['step']:.2f} x the floor", flush=True)
+    def step(x, g, scale, cos, sin, kw=kw):
+      y = kernels.forward(x, scale, cos, sin, 1e-6, **kw)
+      return (y, *kernels.backward(x, g, scale, cos, sin, 1e-6, True, **kw))
+    row = {"heads_per_step": hps, "stages": stages, "programs_per_sm": per_sm}
+    try:
+      ms = time_ms(jax.jit(step), x, g, scale, tables.cos, tables.sin, iters=5)
+    except Exception as e:  # noqa: BLE001 (e.g. more shared memory than an SM has)
+      rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
+      print(f"kernels alone, {config}: {rows[-1]['error']}", flush=True)
+      continue
+    rows.append({**row, "step_ms": ms, "step_x_floor": ms / floors["step"]})
+    print(f"kernels alone, {hps} head(s) a step, {stages} stages, {per_sm} program(s) an SM: "
+          f"{ms:8.3f} ms, {ms / floors['step']:.2f} x the floor", flush=True)
   return rows
 
 
@@ -111,8 +121,9 @@ def main(argv=None) -> dict:
   p.add_argument("--head_dim", type=int, default=128)
   p.add_argument("--read_bytes", type=int, default=4 << 30,
                  help="size of the read-bandwidth probe (the floors' bandwidth)")
-  p.add_argument("--heads_per_step", default="1,2",
-                 help="the kernels alone (a GPU only), with these heads a pipeline step")
+  p.add_argument("--kernel_configs", default="1:2:1,2:2:1,1:3:1",
+                 help="the kernels alone (a GPU only), each heads a pipeline step:pipeline "
+                      "stages:programs an SM")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   slots = -(-args.tokens // SLOT)
@@ -152,7 +163,7 @@ def main(argv=None) -> dict:
     rows.append(row)
     print(f"{method:10} {row['step_ms']:11.3f} {row['step_x_floor']:8.2f} "
           f"{row['dx_rel_err_f32']:9.2e} {row['dscale_rel_err_f32']:10.2e}", flush=True)
-  krows = kernel_rows(x, g, scale, tables, floors, args.heads_per_step)
+  krows = kernel_rows(x, g, scale, tables, floors, args.kernel_configs)
   # four forwards: norm_rope (autodiff, lean, tables from positions), norm_rope_one_pass
   # (fused, fused_bf16), and norm_rope with the tables given
   forwards = {}

@@ -16,7 +16,7 @@ def test_absent_switches_keep_the_recipes_values():
   assert cfg.model.attention_short_persistent is True    # the 0.6b recipe's own
   assert cfg.model.attention_pad_free is True
   assert cfg.model.remat_policy == "full"
-  assert cfg.model.qk_norm_rope_vjp == "fused_bf16"
+  assert cfg.model.qk_norm_rope_vjp == "pallas"
   assert cfg.model.rope_tables is False
   assert cfg.model.attention_short_persistent_bwd is False
 
