@@ -105,6 +105,11 @@
 #                                                  # then the recipe's step (pallas since
 #                                                  # session 38) against fused_bf16 in one
 #                                                  # process (~450 s)
+#   STAGE=compile_norm bash benchmarks/issue10_gpu.sh  # what the q/k norm kernels add to
+#                                                  # the 0.6b step's compile: the kernels'
+#                                                  # own compile, then the step compiled
+#                                                  # cold with pallas and with fused_bf16,
+#                                                  # each in its own process (~350 s)
 #   STAGE=norm_4b bash benchmarks/issue10_gpu.sh  # the 4b step (batch 8: an H200) against
 #                                                  # qk_norm_rope_vjp=fused_bf16 and pallas
 #                                                  # (the 0.6b recipe's), in one process
@@ -119,7 +124,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, norm_4b or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, compile_norm, norm_4b or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -265,6 +270,14 @@ case "$STAGE" in
       $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 2 \
       --compare "base;qk_norm_rope_vjp=fused_bf16" --overlap_init --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_norm_kernels.json" ;;
+  compile_norm)
+    step kernels_compile 120 $PY -m benchmarks.norm_rope --kernels_only --kernel_configs 1:2:1 \
+      --out "$DIR/norm_kernels_compile.json"
+    for vjp in pallas fused_bf16; do
+      step "compile_$vjp" 150 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
+        $PY -m benchmarks.train_step --variants 0.6b --memory 16384 --batches "$BATCH" --steps 0 \
+        --qk_norm_rope_vjp "$vjp" --out "$DIR/train_step_0.6b_b${BATCH}_compile_$vjp.json"
+    done ;;
   norm_4b)
     step compare_4b 560 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 2 \

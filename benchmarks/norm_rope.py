@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -102,15 +103,20 @@ def kernel_rows(x, g, scale, tables, floors, configs: str) -> list[dict]:
       y = kernels.forward(x, scale, cos, sin, 1e-6, **kw)
       return (y, *kernels.backward(x, g, scale, cos, sin, 1e-6, True, **kw))
     row = {"heads_per_step": hps, "stages": stages, "programs_per_sm": per_sm}
+    operands = (x, g, scale, tables.cos, tables.sin)
     try:
-      ms = time_ms(jax.jit(step), x, g, scale, tables.cos, tables.sin, iters=5)
+      t0 = time.perf_counter()   # the two kernels' compile (Mosaic GPU, then ptxas)
+      compiled = jax.jit(step).lower(*operands).compile()
+      row["compile_s"] = time.perf_counter() - t0
+      ms = time_ms(compiled, *operands, iters=5)
     except Exception as e:  # noqa: BLE001 (e.g. more shared memory than an SM has)
       rows.append({**row, "error": f"{type(e).__name__}: {e}"[:300]})
       print(f"kernels alone, {config}: {rows[-1]['error']}", flush=True)
       continue
     rows.append({**row, "step_ms": ms, "step_x_floor": ms / floors["step"]})
     print(f"kernels alone, {hps} head(s) a step, {stages} stages, {per_sm} program(s) an SM: "
-          f"{ms:8.3f} ms, {ms / floors['step']:.2f} x the floor", flush=True)
+          f"{ms:8.3f} ms, {ms / floors['step']:.2f} x the floor (compiled in "
+          f"{row['compile_s']:.1f} s)", flush=True)
   return rows
 
 
@@ -124,6 +130,8 @@ def main(argv=None) -> dict:
   p.add_argument("--kernel_configs", default="1:2:1,2:2:1,1:3:1",
                  help="the kernels alone (a GPU only), each heads a pipeline step:pipeline "
                       "stages:programs an SM")
+  p.add_argument("--kernels_only", action="store_true",
+                 help="time (and compile) the kernels alone: no methods, no forwards")
   p.add_argument("--out", default="")
   args = p.parse_args(argv)
   slots = -(-args.tokens // SLOT)
@@ -141,15 +149,16 @@ def main(argv=None) -> dict:
         f"{floors['step']:.3f} ms")
   print(f"{'method':10} {'fwd+bwd ms':>11} {'x floor':>8} {'dx err':>9} {'dscale err':>10}"
         f"  (errors against float32)")
-  # the gradients' reference: the same bf16 inputs through float32 autodiff
-  _, want_dx, want_dscale = programs("autodiff", dtype=jnp.float32)[1](
-      x.astype(jnp.float32), scale, pos, g.astype(jnp.float32))
+  methods = () if args.kernels_only else tuple(METHODS)
+  if methods:   # the gradients' reference: the same bf16 inputs through float32 autodiff
+    _, want_dx, want_dscale = programs("autodiff", dtype=jnp.float32)[1](
+        x.astype(jnp.float32), scale, pos, g.astype(jnp.float32))
   rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))  # noqa: E731
   rows, y_autodiff = [], None
   # forward + backward first: what the step runs (the forward alone is slow to compile
   # and run at the real shape; a run cut short keeps these rows)
   tables = rope_tables(pos, args.head_dim)
-  for method in METHODS:
+  for method in methods:
     step = programs(method)[1]
     rope = tables if method == "tables" else pos
     y, dx, dscale = step(x, scale, rope, g)
@@ -167,8 +176,9 @@ def main(argv=None) -> dict:
   # four forwards: norm_rope (autodiff, lean, tables from positions), norm_rope_one_pass
   # (fused, fused_bf16), and norm_rope with the tables given
   forwards = {}
-  for name, method, rope in (("norm_rope", "autodiff", pos), ("one_pass", "fused", pos),
-                             ("tables", "tables", tables), ("pallas", "pallas", pos)):
+  for name, method, rope in (() if args.kernels_only else (
+      ("norm_rope", "autodiff", pos), ("one_pass", "fused", pos),
+      ("tables", "tables", tables), ("pallas", "pallas", pos))):
     forwards[name] = time_ms(programs(method)[0], x, scale, rope, iters=5)
     print(f"forward alone, {name:9}: {forwards[name]:8.3f} ms, "
           f"{forwards[name] / floors['forward']:.2f} x its floor", flush=True)

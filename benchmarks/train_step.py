@@ -78,7 +78,7 @@ def _parse(argv):
   p.add_argument("--rms_norm_vjp", default="",
                  help="override model.rms_norm_vjp (autodiff | lean); default the recipe's")
   p.add_argument("--qk_norm_rope_vjp", default="",
-                 help="override model.qk_norm_rope_vjp (autodiff | fused | fused_bf16); "
+                 help="override model.qk_norm_rope_vjp (autodiff | fused | fused_bf16 | pallas); "
                       "default the recipe's")
   p.add_argument("--embed_grad", default="",
                  help="override model.embed_grad (autodiff | f32_scatter | sorted)")
