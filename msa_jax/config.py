@@ -82,10 +82,11 @@ class ModelConfig:
   # by JAX, the norm by rms_norm_vjp), "fused" (one hand-written backward for both,
   # layers.norm_rope_fused_vjp: no float32 copy of q need pass between them; the forward in
   # one pass, layers.norm_rope_one_pass) or "fused_bf16" (the same with RoPE's cotangent
-  # written once in bf16, as JAX's backward is written: the 0.6b recipe's; its step at
-  # batch 16 on an H100 2.2 % faster than "fused", 2026-12-06, BENCHMARKS.md "Training step
-  # at the recipes' shapes") or "pallas" (fused_bf16's values through the Mosaic GPU kernels
-  # of pallas_kernels/norm_rope.py on a GPU: not yet compiled or timed there).
+  # written once in bf16, as JAX's backward is written; its step at batch 16 on an H100
+  # 2.2 % faster than "fused", 2026-12-06, BENCHMARKS.md "Training step at the recipes'
+  # shapes") or "pallas" (fused_bf16's values through the Mosaic GPU kernels of
+  # pallas_kernels/norm_rope.py on a GPU, its XLA code elsewhere: the 0.6b recipe's; the
+  # step 3.5 % faster than fused_bf16 on an H100, compile +10 s, 2026-12-06).
   qk_norm_rope_vjp: str = "autodiff"
   # The Pallas attention without pads of own tokens to whole tiles (sparse_attention
   # BlockSizes.pad_free: TMA reads and writes past the rows): the 0.6b step on the H200
