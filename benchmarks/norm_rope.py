@@ -34,7 +34,12 @@ inside a program with its backward XLA may skip that rounding too),
 its ``dx`` and scale gradient with float32 autodiff from the same bf16 inputs (the errors
 printed), before timing.
 
+On a GPU it also times (and compiles, the time printed) the ``pallas`` method's two kernels
+alone, tables given, in each ``--kernel_configs`` tiling (heads a pipeline step, stages,
+programs an SM); ``--kernels_only`` times just those.
+
 Run: python -m benchmarks.norm_rope [--tokens 542464] [--heads 16] [--head_dim 128]
+[--kernel_configs 1:2:1,2:2:1,1:3:1] [--kernels_only]
 Prints a table and writes ``norm_rope.json`` to ``$OUT`` (or benchmarks/results).
 """
 from __future__ import annotations
@@ -147,9 +152,10 @@ def main(argv=None) -> dict:
   print(f"{jax.devices()[0]}: x {list(shape)} bf16 ({act_bytes / 1e9:.2f} GB); read "
         f"{bw:.0f} GB/s; floors: forward {floors['forward']:.3f} ms, forward + backward "
         f"{floors['step']:.3f} ms")
-  print(f"{'method':10} {'fwd+bwd ms':>11} {'x floor':>8} {'dx err':>9} {'dscale err':>10}"
-        f"  (errors against float32)")
   methods = () if args.kernels_only else tuple(METHODS)
+  if methods:
+    print(f"{'method':10} {'fwd+bwd ms':>11} {'x floor':>8} {'dx err':>9} "
+          f"{'dscale err':>10}  (errors against float32)")
   if methods:   # the gradients' reference: the same bf16 inputs through float32 autodiff
     _, want_dx, want_dscale = programs("autodiff", dtype=jnp.float32)[1](
         x.astype(jnp.float32), scale, pos, g.astype(jnp.float32))
