@@ -25,3 +25,11 @@ def test_norm_rope_benchmark_rows(tmp_path):
   # off a GPU "pallas" is fused_bf16's own code, and the kernels alone are not timed
   assert rows["pallas"]["dx_rel_err_f32"] == rows["fused_bf16"]["dx_rel_err_f32"]
   assert result["kernel_rows"] == []
+
+
+def test_kernels_only_times_nothing_else(tmp_path):
+  """``--kernels_only`` skips the methods and the forwards (off a GPU nothing is timed)."""
+  result = norm_rope.main(["--tokens", "200", "--heads", "2", "--read_bytes", str(1 << 20),
+                           "--kernels_only", "--out", str(tmp_path / "k.json")])
+  assert result["rows"] == [] and result["forward_ms"] == {} and result["kernel_rows"] == []
+  assert (tmp_path / "k.json").exists()
