@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from msa_jax import attention as attention_lib
-from msa_jax import routing
+from msa_jax import kernel_shards, routing
 from msa_jax.config import ModelConfig
 from msa_jax.layer_memory import LayerContext
 from msa_jax.layers import MLP, RMSNorm, dense
@@ -18,6 +18,10 @@ from msa_jax.layers import MLP, RMSNorm, dense
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 BATCH_LENGTH_HEADS = ("batch", "length", "heads", "head_dim")
 BATCH_LENGTH_KV = ("batch", "length", "kv_heads", "head_dim")
+# The logical axes of sparse attention's operands: q, own k and v, own mask, then the
+# context's k, v and mask
+_ATTEND_AXES = (BATCH_LENGTH_HEADS, BATCH_LENGTH_KV, BATCH_LENGTH_KV, ("batch", "length"),
+                BATCH_LENGTH_KV, BATCH_LENGTH_KV, ("batch", "length"))
 # The residual after attention (the MLP block's input), named for remat_policy="mlp_input".
 MLP_INPUT = "mlp_input"
 
@@ -80,15 +84,22 @@ class DecoderLayer(nn.Module):
     return self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64)
 
   def _attend(self, *args):
-    """Attention through the configured implementation."""
+    """Attention through the configured implementation: ``(q, k, v, mask)`` and optionally
+    the context's ``(k, v, mask)``. The Pallas kernels run on each device's shard of a
+    multi-device step (``kernel_shards.per_shard``)."""
     if self._xla_attention():
       return attention_lib.attend(*args)
-    from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
+    from pallas_kernels import _platform, sparse_attention  # GPU kernels load when asked for
     cfg = self.cfg
     bs = sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
                                      short_persistent=cfg.attention_short_persistent,
                                      short_persistent_bwd=cfg.attention_short_persistent_bwd)
-    return sparse_attention.attend(*args, implementation=cfg.kernels, block_sizes=bs)
+
+    def attend(*a):
+      return sparse_attention.attend(*a, implementation=cfg.kernels, block_sizes=bs)
+    if _platform.resolve(cfg.kernels) == "xla":
+      return attend(*args)
+    return kernel_shards.per_shard(attend, args, _ATTEND_AXES[:len(args)])
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):
     """:meth:`_attend` over the context alone (``attention.attend_context``)."""

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msa_jax import batched_init
+from msa_jax import batched_init, kernel_shards
 from msa_jax.config import ModelConfig
 
 
@@ -371,8 +371,9 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
   runs the kernels interpreted at any size (the CPU tests). On a GPU, fewer than
   :data:`KERNEL_MIN_TOKENS` tokens (a decoding step, a short question) stay with the XLA
   code, which fuses them into their neighbours where a kernel launch and its padding to 64
-  tokens would cost more. Selected by ``ModelConfig.qk_norm_rope_vjp="pallas"``; one
-  device's arrays (as the attention kernels). The 0.6b recipe's: its step at batch 16 on an
+  tokens would cost more. Selected by ``ModelConfig.qk_norm_rope_vjp="pallas"``; on a
+  multi-device mesh each device runs the kernels on its own rows and heads
+  (``kernel_shards.per_shard``). The 0.6b recipe's: its step at batch 16 on an
   H100 2,030.7 ms against fused_bf16's 2,103.5 (one layer's q path forward + backward 4.4
   against 7.2 ms; 2026-12-06, BENCHMARKS.md)."""
   from pallas_kernels import _platform
@@ -382,7 +383,14 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
                 else True) and kernels.supported(x_bthd.shape, x_bthd.dtype, dtype)
   if not on_kernels:
     return norm_rope_fused_bf16_vjp(x_bthd, scale_d, positions_bt, eps, theta, dtype)
-  return _norm_rope_kernels(x_bthd, scale_d, positions_bt, eps, theta, dtype, interpret)
+
+  def kernels_path(x, scale, rope):
+    return _norm_rope_kernels(x, scale, rope, eps, theta, dtype, interpret)
+  # each device's rows and heads on a multi-device mesh (q's and k's heads alike)
+  rope_axes = ("batch", "length") + ((None,) if isinstance(positions_bt, RopeTables) else ())
+  return kernel_shards.per_shard(kernels_path, (x_bthd, scale_d, positions_bt),
+                                 (("batch", "length", "heads", "head_dim"), ("head_dim",),
+                                  rope_axes))
 
 
 KERNEL_MIN_TOKENS = 4096   # norm_rope_pallas_vjp's kernels on a GPU from this many tokens

@@ -1,0 +1,119 @@
+"""``msa_jax.kernel_shards.per_shard``: one-device kernels run on each device's shard of a
+multi-device step (8 forced CPU devices, ``tests/conftest.py``).
+
+The Mosaic GPU interpreter keeps one shared-memory model per process, so interpreted
+kernels cannot run on several CPU devices at once: the numerics go through an XLA function
+with the kernels' contract (rows and heads independent; the q/k norm's scale shared), and
+the kernel paths are checked where they are traced and compiled.
+"""
+import logging
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msa_jax import kernel_shards, layers, sharding
+from msa_jax.config import preset
+from msa_jax.model import MSAModel
+from tests.test_model_kernels import _batch
+
+X_AXES = ("batch", "length", "heads", "head_dim")
+AXES = (X_AXES, ("head_dim",), ("batch", "length"))
+
+
+def _operands(b=8, t=16, h=4, d=128, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  g = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  scale = jnp.asarray(rng.normal(1.0, 0.3, size=(d,)), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  return x, scale, pos, g
+
+
+def _norm_rope(x, scale, pos):
+  return layers.norm_rope_fused_vjp(x, scale, pos, 1e-6, 1e6, jnp.float32)
+
+
+def _loss_and_grads(fn):
+  def loss(x, scale, pos, g):
+    return jnp.sum(fn(x, scale, pos) * g)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+
+
+def _sharded(x, scale, pos):
+  return kernel_shards.per_shard(_norm_rope, (x, scale, pos), AXES)
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1), (1, 1, 4)])
+def test_per_shard_equals_the_whole_arrays_and_sums_the_shared_gradient(mesh_shape):
+  """Per shard (batch over data × fsdp, heads over tensor) the values and ``dx`` are the
+  whole arrays' (XLA's float32 rounding apart, as it vectorises another shape), and the
+  scale's gradient, which every shard shares, is the sum over the devices."""
+  ops = _operands()
+  want = _loss_and_grads(_norm_rope)(*ops)
+  mesh = sharding.make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    fn = _loss_and_grads(_sharded)
+    assert "shard_map" in str(jax.make_jaxpr(_sharded)(*ops[:3]))
+    got = fn(*ops)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  np.testing.assert_allclose(got[1][0], want[1][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got[1][1], want[1][1], rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(want[1][1]).max()) > 1.0      # a gradient worth summing
+
+
+def test_whole_arrays_without_a_mesh_or_where_a_dimension_does_not_divide(caplog):
+  """No mesh, a mesh of one device: the function as it is. A batch of 6 over 4 devices:
+  the whole arrays, and a warning that names why."""
+  ops = _operands(b=6)
+  assert "shard_map" not in str(jax.make_jaxpr(_sharded)(*ops[:3]))
+  with jax.set_mesh(sharding.make_mesh((1, 1, 1), jax.devices()[:1])):
+    assert "shard_map" not in str(jax.make_jaxpr(_sharded)(*ops[:3]))
+  with jax.set_mesh(sharding.make_mesh((1, 4, 1), jax.devices()[:4])), \
+       nn.logical_axis_rules(sharding.DEFAULT_RULES), caplog.at_level(logging.WARNING):
+    assert "shard_map" not in str(jax.make_jaxpr(_sharded)(*ops[:3]))
+  assert "does not divide by the mesh" in caplog.text
+
+
+def test_norm_rope_kernels_compile_per_shard_without_gathering_their_operands():
+  """The q/k norm + RoPE kernels (``qk_norm_rope_vjp="pallas"``, interpreted) on a
+  mesh: their forward and backward run inside a ``shard_map``, and the compiled step
+  gathers none of ``x`` (on the whole arrays XLA all-gathered the kernels' operands onto
+  every device: 30 all-gathers in this program)."""
+  x, scale, pos, g = (a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim == 4
+                      else a for a in _operands())
+
+  def loss(x, scale, pos, g):
+    y = layers.norm_rope_pallas_vjp(x, scale, pos, 1e-6, 1e6, jnp.bfloat16, interpret=True)
+    return jnp.sum(y.astype(jnp.float32) * g.astype(jnp.float32))
+  mesh = sharding.make_mesh((2, 2, 2))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None,
+                                                                    "tensor", None))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    args = (jax.device_put(x, spec), scale, pos, jax.device_put(g, spec))
+    assert "shard_map" in str(jax.make_jaxpr(fn)(*args))
+    hlo = fn.lower(*args).compile().as_text()
+  assert "all-gather" not in hlo
+
+
+def test_model_attention_kernels_trace_per_shard_on_a_mesh():
+  """``MSAModel`` with ``kernels="pallas"`` traced under a mesh: its attention kernels sit
+  inside ``shard_map`` (the documents' and the active tokens'); without a mesh they do not.
+  The XLA attention (``kernels="xla"``) is never wrapped."""
+  cfg = preset("tiny", num_layers=2, router_layers=(1,), top_k=2, pooling_chunk_size=4,
+               head_dim=64)
+  batch = _batch(np.random.default_rng(0))
+  xla_model = MSAModel(cfg.replace(kernels="xla"))
+  params = nn.unbox(xla_model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"])
+  model = MSAModel(cfg.replace(kernels="pallas"))
+
+  def jaxpr(m):
+    return str(jax.make_jaxpr(lambda p: m.apply({"params": p}, batch).logits_bmv)(params))
+  assert "shard_map" not in jaxpr(model)
+  with jax.set_mesh(sharding.make_mesh((1, 2, 1), jax.devices()[:2])), \
+       nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    assert jaxpr(model).count("shard_map") >= 2
+    assert "shard_map" not in jaxpr(xla_model)
