@@ -297,8 +297,8 @@ def get_config(arg: str = "4b") -> ml_collections.ConfigDict:
     # one forward pass and one backward (the step 2,176 -> 2,142 ms at batch 16 on an H100,
     # 2026-12-05, same memory), RoPE's cotangent rounded to bf16 between them as JAX's
     # backward is written (2,131.5 -> 2,085.6 ms, 2026-12-06); qk_norm_rope_vjp="pallas":
-    # the same math as Mosaic GPU kernels on a GPU (pallas_kernels/norm_rope.py; 2,119.0 ->
-    # 2,064.9 ms, 2026-12-06; fused_bf16's XLA code elsewhere). rope_tables and
+    # the same math as Mosaic GPU kernels on a GPU (pallas_kernels/norm_rope.py; 2,103.5 ->
+    # 2,030.7 ms, 2026-12-06; fused_bf16's XLA code elsewhere). rope_tables and
     # remat_policy="mlp_input" measured no gain and stay off (python -m
     # benchmarks.train_step --compare, BENCHMARKS.md)
     c.model = _model("qwen3-0.6b", pooling_chunk_size=64, top_k=16, dtype="bfloat16",

@@ -60,12 +60,12 @@ def per_shard(fn: Callable, args: Sequence, axes: Sequence, *, out_like: int = 0
   for arg, names in zip(args, axes):
     leaf_specs = jax.tree.map(lambda leaf, names=names: _spec(leaf.shape, names, mesh), arg)
     if any(s is None for s in jax.tree.leaves(leaf_specs, is_leaf=lambda s: s is None)):
-      key = (getattr(fn, "__name__", repr(fn)), tuple(jax.tree.map(lambda a: a.shape, arg)
-                                                       if hasattr(arg, "shape") else ()))
-      if key not in _warned:
-        _warned.add(key)
-        logging.warning("%s: an operand's shape does not divide by the mesh %s; the kernel "
-                        "runs on the whole arrays on every device", key[0],
+      name = getattr(fn, "__name__", repr(fn))
+      shapes = str(jax.tree.map(lambda a: a.shape, tuple(args)))
+      if (name, shapes) not in _warned:
+        _warned.add((name, shapes))
+        logging.warning("%s: an operand of %s does not divide by the mesh %s; the kernel "
+                        "runs on the whole arrays on every device", name, shapes,
                         dict(zip(mesh.axis_names, mesh.axis_sizes)))
       return fn(*args)
     specs.append(leaf_specs)
