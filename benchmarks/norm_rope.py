@@ -93,7 +93,8 @@ def kernel_rows(x, g, scale, tables, floors, configs: str) -> list[dict]:
   backward in one program, the tables given) for each ``heads:stages:programs_per_sm`` of
   ``configs``: their share of the ``pallas`` row, and what grouping heads under one cos/sin
   box, a deeper pipeline or more programs an SM buy. A GPU only."""
-  if jax.default_backend() != "gpu":
+  from pallas_kernels import _platform
+  if not _platform.on_gpu():
     return []
   from pallas_kernels import norm_rope as kernels
   sms = getattr(jax.devices()[0], "core_count", 0)
@@ -156,7 +157,7 @@ def main(argv=None) -> dict:
   if methods:
     print(f"{'method':10} {'fwd+bwd ms':>11} {'x floor':>8} {'dx err':>9} "
           f"{'dscale err':>10}  (errors against float32)")
-  if methods:   # the gradients' reference: the same bf16 inputs through float32 autodiff
+    # the gradients' reference: the same bf16 inputs through float32 autodiff
     _, want_dx, want_dscale = programs("autodiff", dtype=jnp.float32)[1](
         x.astype(jnp.float32), scale, pos, g.astype(jnp.float32))
   rel = lambda a, b: float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))  # noqa: E731

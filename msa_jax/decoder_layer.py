@@ -80,8 +80,11 @@ class DecoderLayer(nn.Module):
 
   def _xla_attention(self) -> bool:
     """The configured attention (``kernels``: auto | pallas | xla) is the XLA reference. The
-    Mosaic GPU kernel tiles head_dim by 64: "auto" falls back to XLA elsewhere."""
-    return self.cfg.kernels == "xla" or (self.cfg.kernels == "auto" and self.cfg.head_dim % 64)
+    Mosaic GPU kernel tiles head_dim by 64 and runs on a GPU: "auto" falls back to XLA
+    elsewhere."""
+    from pallas_kernels import _platform
+    return _platform.resolve(self.cfg.kernels) == "xla" or (
+        self.cfg.kernels == "auto" and self.cfg.head_dim % 64)
 
   def _attend(self, *args):
     """Attention through the configured implementation: ``(q, k, v, mask)`` and optionally
@@ -89,7 +92,7 @@ class DecoderLayer(nn.Module):
     multi-device step (``kernel_shards.per_shard``)."""
     if self._xla_attention():
       return attention_lib.attend(*args)
-    from pallas_kernels import _platform, sparse_attention  # GPU kernels load when asked for
+    from pallas_kernels import sparse_attention  # GPU kernels load only when asked for
     cfg = self.cfg
     bs = sparse_attention.BlockSizes(pad_free=cfg.attention_pad_free,
                                      short_persistent=cfg.attention_short_persistent,
@@ -97,8 +100,6 @@ class DecoderLayer(nn.Module):
 
     def attend(*a):
       return sparse_attention.attend(*a, implementation=cfg.kernels, block_sizes=bs)
-    if _platform.resolve(cfg.kernels) == "xla":
-      return attend(*args)
     return kernel_shards.per_shard(attend, args, _ATTEND_AXES[:len(args)])
 
   def _attend_context(self, q, k_ctx, v_ctx, ctx_mask):

@@ -23,6 +23,12 @@ def resolve(implementation: str) -> str:
   return implementation
 
 
+def interpreting(interpret: bool | None) -> bool:
+  """Whether a kernel asked with ``interpret`` runs interpreted: as asked, or (None) when
+  no GPU is present."""
+  return (not on_gpu()) if interpret is None else bool(interpret)
+
+
 def mosaic_interpret_params(interpret: bool | None):
   """The ``interpret=`` value for ``plgpu.kernel``: None compiled, else GPU interpret mode.
 
@@ -31,9 +37,7 @@ def mosaic_interpret_params(interpret: bool | None):
   False)`` set before JAX starts: the interpreter runs JAX ops inside host callbacks,
   and with async dispatch eager code that follows a kernel call can deadlock with them.
   """
-  if interpret is None:
-    interpret = not on_gpu()
-  if not interpret:
+  if not interpreting(interpret):
     return None
   try:  # exported in newer jax
     from jax.experimental.pallas import mosaic_gpu as plgpu

@@ -151,12 +151,12 @@ def _launch(kernel, out_type, num_programs: int, interpret: bool):
       interpret=_platform.mosaic_interpret_params(True) if interpret else None)
 
 
-def _specs(items: _Items, half: int, arrays: int, compiled: bool):
+def _specs(items: _Items, half: int, arrays: int, tr):
   """BlockSpecs: each of ``arrays`` arrays' two halves for each of the step's heads (array,
-  head, half order), then cos, sin, then the scale's two halves."""
+  head, half order; bf16 tiles with ``_plan``'s transforms ``tr``), then cos, sin, then the
+  scale's two halves."""
   plgpu = _platform.plgpu()
-  tr = _platform.swizzle_transforms(half) if compiled else ()
-  tr32 = _platform.swizzle_transforms(half, 4) if compiled else ()
+  tr32 = _platform.swizzle_transforms(half, 4) if tr else ()
   halves = [plgpu.BlockSpec((ROWS, None, None, half), items.half(e, j), transforms=tr)
             for _ in range(arrays) for e in range(items.group) for j in (0, 1)]
   tables = [plgpu.BlockSpec((ROWS, half), items.table, transforms=tr32)] * 2
@@ -216,7 +216,7 @@ def forward_call(n: int, h: int, d: int, eps: float, stages: int = 2, blocks: in
           _store_halves(out_smem, y_ref, (a * cos - b * sin) * r, (b * cos + a * sin) * r,
                         i, h0 + e)
 
-      _stream(step, per_program, _specs(items, half, 1, regs.compiled), stages, ins)
+      _stream(step, per_program, _specs(items, half, 1, tr), stages, ins)
       plgpu.wait_smem_to_gmem(0)
     pl.run_scoped(scoped, plgpu.SMEM((2, ROWS, half), jnp.bfloat16, transforms=tr))
 
@@ -270,7 +270,7 @@ def backward_call(n: int, h: int, d: int, eps: float, round_dn: bool, stages: in
           dw1 = dw1 + jnp.sum(dn1 * x1 * r, axis=0) * keep
         return dw0, dw1
 
-      dw0, dw1 = _stream(step, per_program, _specs(items, half, 2, regs.compiled), stages,
+      dw0, dw1 = _stream(step, per_program, _specs(items, half, 2, tr), stages,
                          ins, init_carry=(regs.zeros_col(half), regs.zeros_col(half)))
       dw_smem[0] = dw0
       dw_smem[1] = dw1
@@ -317,17 +317,13 @@ def _operands(x_bthd, other_dtype, scale_d, cos_bth, sin_bth):
   return x4, n, h, d, cos, sin, scale_d.astype(jnp.float32).reshape(2, d // 2)
 
 
-def _interpret(interpret):
-  return (not _platform.on_gpu()) if interpret is None else bool(interpret)
-
-
 def forward(x_bthd, scale_d, cos_bth, sin_bth, eps: float, *, stages: int = 2,
             blocks: int = 0, heads_per_step: int = 1, interpret: bool | None = None):
   """``norm_rope_one_pass(x, scale)`` (bf16 ``[..., H, D]``) from RoPE's cos/sin tables
   ``[..., D/2]`` (``layers.rope_tables``), through :func:`forward_call`."""
   x4, n, h, d, cos, sin, w2 = _operands(x_bthd, jnp.bfloat16, scale_d, cos_bth, sin_bth)
-  call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks, _interpret(interpret),
-                      heads_per_step)
+  call = forward_call(x4.shape[0], h, d, float(eps), stages, blocks,
+                      _platform.interpreting(interpret), heads_per_step)
   return call(x4, cos, sin, w2)[:n].reshape(x_bthd.shape)
 
 
@@ -340,6 +336,6 @@ def backward(x_bthd, g_bthd, scale_d, cos_bth, sin_bth, eps: float, round_dn: bo
   x4, n, h, d, cos, sin, w2 = _operands(x_bthd, g_bthd.dtype, scale_d, cos_bth, sin_bth)
   g4, _ = _flat(g_bthd)
   call = backward_call(x4.shape[0], h, d, float(eps), bool(round_dn), stages, blocks,
-                       _interpret(interpret), heads_per_step)
+                       _platform.interpreting(interpret), heads_per_step)
   dx4, dw_parts = call(x4, g4, cos, sin, w2)
   return dx4[:n].reshape(x_bthd.shape), dw_parts.sum(axis=0).reshape(d)

@@ -16,8 +16,6 @@ import pytest
 from msa_jax import layers
 from pallas_kernels import norm_rope as nr
 
-jax.config.update("jax_cpu_enable_async_dispatch", False)
-
 EPS, THETA = 1e-6, 1e6
 
 
@@ -33,6 +31,13 @@ def _case(b, t, h, d=128, seed=0):
 def _rel(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _pulled(fn, x, scale, rope, g):
+  """``(y, dx, dscale)`` of ``fn(x, scale, rope, ...)`` (a ``layers`` norm + RoPE form)
+  through ``jax.vjp`` for the cotangent ``g``."""
+  y, pull = jax.vjp(lambda xx, ss: fn(xx, ss, rope, EPS, THETA, jnp.bfloat16), x, scale)
+  return (y, *pull(g))
 
 
 def _want(x, g, scale, pos, round_dn):
@@ -131,18 +136,13 @@ def test_layers_pallas_vjp_through_jax_equals_fused_bf16(as_tables):
   ``fused_bf16`` itself."""
   x, g, scale, pos = _case(2, 64, 2, seed=9)
   rope = layers.rope_tables(pos, 128, THETA) if as_tables else pos
-
-  def pulled(fn):
-    y, pull = jax.vjp(lambda xx, ss: fn(xx, ss, rope, EPS, THETA, jnp.bfloat16), x, scale)
-    return (y, *pull(g))
-
-  got = pulled(lambda *a: layers.norm_rope_pallas_vjp(*a, interpret=True))
-  want = pulled(layers.norm_rope_fused_bf16_vjp)
+  got = _pulled(lambda *a: layers.norm_rope_pallas_vjp(*a, interpret=True), x, scale, rope, g)
+  want = _pulled(layers.norm_rope_fused_bf16_vjp, x, scale, rope, g)
   for a, b in zip(got, want):
     assert a.dtype == b.dtype and a.shape == b.shape
   assert _rel(got[0], want[0]) < 4e-3 and _rel(got[1], want[1]) < 4e-3
   assert _rel(got[2], want[2]) < 1e-5
-  fallback = pulled(layers.norm_rope_pallas_vjp)          # the CPU: fused_bf16's own code
+  fallback = _pulled(layers.norm_rope_pallas_vjp, x, scale, rope, g)   # the CPU: fused_bf16
   for a, b in zip(fallback, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
@@ -153,12 +153,7 @@ def test_gpu_layers_pallas_vjp_compiled_equals_fused_bf16():
   """Through ``jax.vjp`` on a GPU at a size the kernels take (``KERNEL_MIN_TOKENS``)."""
   x, g, scale, pos = _case(4, 1040, 2, seed=11)
   assert 4 * 1040 >= layers.KERNEL_MIN_TOKENS
-
-  def pulled(fn):
-    y, pull = jax.vjp(lambda xx, ss: fn(xx, ss, pos, EPS, THETA, jnp.bfloat16), x, scale)
-    return (y, *pull(g))
-
-  got = jax.jit(lambda: pulled(layers.norm_rope_pallas_vjp))()
-  want = jax.jit(lambda: pulled(layers.norm_rope_fused_bf16_vjp))()
+  got = jax.jit(lambda: _pulled(layers.norm_rope_pallas_vjp, x, scale, pos, g))()
+  want = jax.jit(lambda: _pulled(layers.norm_rope_fused_bf16_vjp, x, scale, pos, g))()
   assert _rel(got[0], want[0]) < 4e-3 and _rel(got[1], want[1]) < 4e-3
   assert _rel(got[2], want[2]) < 1e-4

@@ -82,8 +82,8 @@ def test_norm_rope_kernels_compile_per_shard_without_gathering_their_operands():
   mesh: their forward and backward run inside a ``shard_map``, and the compiled step
   gathers none of ``x`` (on the whole arrays XLA all-gathered the kernels' operands onto
   every device: 30 all-gathers in this program)."""
-  x, scale, pos, g = (a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim == 4
-                      else a for a in _operands())
+  x, scale, pos, g = _operands()
+  x, g = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
 
   def loss(x, scale, pos, g):
     y = layers.norm_rope_pallas_vjp(x, scale, pos, 1e-6, 1e6, jnp.bfloat16, interpret=True)
