@@ -45,6 +45,28 @@ def _spec(shape, names, mesh) -> PartitionSpec | None:
   return PartitionSpec(*entries)
 
 
+def _spreading_mesh():
+  """The abstract mesh a step is traced on where it spreads work over several devices
+  (not inside a ``shard_map`` already); None otherwise."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty or mesh.size == 1 or mesh.manual_axes else mesh
+
+
+def local_shape(shape, names) -> tuple:
+  """The shape each device holds of an array of ``shape`` with logical axes ``names`` in
+  a step traced on a mesh (:func:`per_shard`'s shards); ``shape`` itself without a mesh,
+  on one device, inside a ``shard_map`` already, or where it does not divide (the cases
+  where :func:`per_shard` runs on the whole arrays)."""
+  mesh = _spreading_mesh()
+  spec = None if mesh is None else _spec(shape, names, mesh)
+  if spec is None:
+    return tuple(shape)
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  return tuple(dim // math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str)
+                                                   else tuple(entry or ())))
+               for dim, entry in zip(shape, spec))
+
+
 def per_shard(fn: Callable, args: Sequence, axes: Sequence, *, out_like: int = 0):
   """``fn(*args)``, run by each device on its shard of ``args`` where a mesh spreads them.
 
@@ -53,8 +75,8 @@ def per_shard(fn: Callable, args: Sequence, axes: Sequence, *, out_like: int = 0
   array of that shape). ``fn`` must treat rows of different examples and different heads
   independently, which the kernels here do.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1 or mesh.manual_axes:
+  mesh = _spreading_mesh()
+  if mesh is None:
     return fn(*args)
   specs = []
   for arg, names in zip(args, axes):

@@ -378,7 +378,8 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
   against 7.2 ms; 2026-12-06, BENCHMARKS.md)."""
   from pallas_kernels import _platform
   from pallas_kernels import norm_rope as kernels
-  tokens = int(np.prod(x_bthd.shape[:-2]))
+  # per device on a multi-device mesh: the threshold is about one kernel launch's rows
+  tokens = int(np.prod(kernel_shards.local_shape(x_bthd.shape[:-2], ("batch", "length"))))
   on_kernels = ((_platform.on_gpu() and tokens >= KERNEL_MIN_TOKENS) if interpret is None
                 else True) and kernels.supported(x_bthd.shape, x_bthd.dtype, dtype)
   if not on_kernels:

@@ -117,3 +117,33 @@ def test_model_attention_kernels_trace_per_shard_on_a_mesh():
        nn.logical_axis_rules(sharding.DEFAULT_RULES):
     assert jaxpr(model).count("shard_map") >= 2
     assert "shard_map" not in jaxpr(xla_model)
+
+
+def test_local_shape_is_each_devices_shard_or_the_whole_array():
+  """``local_shape``: batch over data × fsdp and heads over tensor on a (2, 2, 2) mesh;
+  the whole shape without a mesh or where a dimension does not divide."""
+  shape = (8, 16, 4, 128)
+  assert kernel_shards.local_shape(shape, X_AXES) == shape
+  with jax.set_mesh(sharding.make_mesh((2, 2, 2))), \
+       nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    assert kernel_shards.local_shape(shape, X_AXES) == (2, 16, 2, 128)
+    assert kernel_shards.local_shape((6, 16, 4, 128), X_AXES) == (6, 16, 4, 128)
+
+
+@pytest.mark.parametrize("min_tokens,want_kernels", [(64, False), (32, True)])
+def test_norm_rope_kernels_threshold_counts_each_devices_tokens(monkeypatch, min_tokens,
+                                                                want_kernels):
+  """On a GPU the q/k norm kernels start from ``KERNEL_MIN_TOKENS`` tokens *per device*:
+  8 x 16 = 128 tokens over a batch sharded 4 ways is 32 a device, below 64 (the XLA code,
+  no ``shard_map``) and not below 32 (the kernels, per shard). Traced only."""
+  from pallas_kernels import _platform
+  monkeypatch.setattr(_platform, "on_gpu", lambda: True)
+  monkeypatch.setattr(layers, "KERNEL_MIN_TOKENS", min_tokens)
+  x, scale, pos, _ = _operands()
+  x = x.astype(jnp.bfloat16)
+
+  def fn(x, scale, pos):
+    return layers.norm_rope_pallas_vjp(x, scale, pos, 1e-6, 1e6, jnp.bfloat16)
+  with jax.set_mesh(sharding.make_mesh((2, 2, 2))), \
+       nn.logical_axis_rules(sharding.DEFAULT_RULES):
+    assert ("shard_map" in str(jax.make_jaxpr(fn)(x, scale, pos))) == want_kernels
