@@ -34,9 +34,9 @@ class DecoderLayer(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    norm = lambda name, axis="norm": RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype,
-                                            cfg.jnp_param_dtype, axis, cfg.rms_norm_vjp,
-                                            cfg.qk_norm_rope_vjp, name=name)
+    norm = lambda name, axis="norm", heads="heads": RMSNorm(
+        cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, axis, cfg.rms_norm_vjp,
+        cfg.qk_norm_rope_vjp, heads, name=name)
     hd = cfg.num_heads * cfg.head_dim
     kvd = cfg.num_kv_heads * cfg.head_dim
     self.input_layernorm = norm("input_layernorm")
@@ -45,7 +45,7 @@ class DecoderLayer(nn.Module):
     self.v_proj = dense(kvd, cfg, ("embed", "kv_heads"), "v_proj")
     self.o_proj = dense(cfg.hidden_size, cfg, ("q_heads", "embed"), "o_proj")
     self.q_norm = norm("q_norm", "head_dim")
-    self.k_norm = norm("k_norm", "head_dim")
+    self.k_norm = norm("k_norm", "head_dim", "kv_heads")
     if self.is_router:
       self.router_q_proj = dense(hd, cfg, ("embed", "q_heads"), "router_q_proj")
       self.router_k_proj = dense(kvd, cfg, ("embed", "kv_heads"), "router_k_proj")

@@ -147,6 +147,7 @@ class RMSNorm(nn.Module):
   axis_name: str = "norm"
   vjp: str = "autodiff"
   rope_vjp: str = "autodiff"
+  heads_axis: str = "heads"   # the logical axis of x's heads (k's: "kv_heads")
 
   @nn.compact
   def __call__(self, x, rope_positions=None, rope_theta: float = 0.0):
@@ -163,6 +164,9 @@ class RMSNorm(nn.Module):
     if not rope_theta > 0:
       raise ValueError(f"RMSNorm given RoPE positions needs rope_theta > 0 (the model's "
                        f"rope_theta), got {rope_theta!r}")
+    if self.rope_vjp == "pallas":
+      return norm_rope_pallas_vjp(x, scale, rope_positions, self.eps, rope_theta, self.dtype,
+                                  heads_axis=self.heads_axis)
     if self.rope_vjp in _NORM_ROPE_CUSTOM:
       return _NORM_ROPE_CUSTOM[self.rope_vjp](x, scale, rope_positions, self.eps, rope_theta,
                                               self.dtype)
@@ -363,7 +367,7 @@ _norm_rope_kernels.defvjp(_norm_rope_kernels_fwd, _norm_rope_kernels_bwd)
 
 
 def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float, dtype,
-                         interpret: bool | None = None):
+                         interpret: bool | None = None, heads_axis: str = "heads"):
   """:func:`norm_rope_fused_bf16_vjp`'s values and gradients with its forward and backward
   as the Mosaic GPU kernels of ``pallas_kernels.norm_rope`` (each pass reads its operands
   once; RoPE's cos/sin as tables), where they apply: on a GPU, bf16 in and out, ``D`` a
@@ -373,7 +377,8 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
   code, which fuses them into their neighbours where a kernel launch and its padding to 64
   tokens would cost more. Selected by ``ModelConfig.qk_norm_rope_vjp="pallas"``; on a
   multi-device mesh each device runs the kernels on its own rows and heads
-  (``kernel_shards.per_shard``). The 0.6b recipe's: its step at batch 16 on an
+  (``kernel_shards.per_shard``; ``heads_axis`` names the heads' logical axis, k's
+  "kv_heads"). The 0.6b recipe's: its step at batch 16 on an
   H100 2,030.7 ms against fused_bf16's 2,103.5 (one layer's q path forward + backward 4.4
   against 7.2 ms; 2026-12-06, BENCHMARKS.md)."""
   from pallas_kernels import _platform
@@ -387,10 +392,10 @@ def norm_rope_pallas_vjp(x_bthd, scale_d, positions_bt, eps: float, theta: float
 
   def kernels_path(x, scale, rope):
     return _norm_rope_kernels(x, scale, rope, eps, theta, dtype, interpret)
-  # each device's rows and heads on a multi-device mesh (q's and k's heads alike)
+  # each device's rows and heads on a multi-device mesh
   rope_axes = ("batch", "length") + ((None,) if isinstance(positions_bt, RopeTables) else ())
   return kernel_shards.per_shard(kernels_path, (x_bthd, scale_d, positions_bt),
-                                 (("batch", "length", "heads", "head_dim"), ("head_dim",),
+                                 (("batch", "length", heads_axis, "head_dim"), ("head_dim",),
                                   rope_axes))
 
 

@@ -147,3 +147,28 @@ def test_norm_rope_kernels_threshold_counts_each_devices_tokens(monkeypatch, min
   with jax.set_mesh(sharding.make_mesh((2, 2, 2))), \
        nn.logical_axis_rules(sharding.DEFAULT_RULES):
     assert ("shard_map" in str(jax.make_jaxpr(fn)(x, scale, pos))) == want_kernels
+
+
+@pytest.mark.parametrize("heads_axis,local_heads", [("heads", 1), ("kv_heads", 4)])
+def test_norm_rope_kernels_shard_heads_by_their_own_logical_axis(monkeypatch, heads_axis,
+                                                                 local_heads):
+  """Each kernel call sees the heads its logical axis gives it: under rules that spread
+  q's heads over ``tensor`` and keep k's (``kv_heads``) whole, a ``(1, 1, 4)`` mesh
+  hands the kernels 1 of q's 4 heads and all 4 of k's (not a resharded k)."""
+  from pallas_kernels import _platform
+  monkeypatch.setattr(_platform, "on_gpu", lambda: True)
+  monkeypatch.setattr(layers, "KERNEL_MIN_TOKENS", 1)
+  seen = []
+
+  def fake_kernels(x, scale, rope, *static):
+    seen.append(x.shape)
+    return x
+  monkeypatch.setattr(layers, "_norm_rope_kernels", fake_kernels)
+  x, scale, pos, _ = _operands()
+  rules = tuple(r for r in sharding.DEFAULT_RULES if r[0] != "kv_heads") + (("kv_heads", None),)
+  with jax.set_mesh(sharding.make_mesh((1, 1, 4), jax.devices()[:4])), \
+       nn.logical_axis_rules(rules):
+    jax.make_jaxpr(lambda x, s, p: layers.norm_rope_pallas_vjp(
+        x.astype(jnp.bfloat16), s, p, 1e-6, 1e6, jnp.bfloat16, heads_axis=heads_axis))(
+            x, scale, pos)
+  assert seen == [(8, 16, local_heads, 128)]
