@@ -22,6 +22,11 @@
 #                                                  # gradient), no overrides
 #   STAGE=recipe_06b bash benchmarks/issue10_gpu.sh  # the 0.6b step alone, as the recipe
 #                                                  # now stands (issue 10's headline, ~240 s)
+#   STAGE=slice_fusion bash benchmarks/issue10_gpu.sh  # the 0.6b recipe's step without and
+#                                                  # with XLA's dynamic-slice fusion (cuBLAS
+#                                                  # reading each scanned layer's weights in
+#                                                  # place instead of ~800 slice copies a
+#                                                  # step), each in its own process (~400 s)
 #   STAGE=recipe_4b bash benchmarks/issue10_gpu.sh  # the same for 4b at batch 8
 #   STAGE=recipe_64k bash benchmarks/issue10_gpu.sh  # 0.6b at 64K memory tokens, batch 8,
 #                                                  # as the recipe now stands
@@ -126,7 +131,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_06b, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, compile_norm, norm_4b or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_06b, slice_fusion, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, compile_norm, norm_4b or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -168,6 +173,12 @@ case "$STAGE" in
     step recipe_0.6b 240 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
       --out "$DIR/train_step_0.6b_b${BATCH}_recipe.json" ;;
+  slice_fusion)
+    for fusion in false true; do
+      step "recipe_0.6b_slice_fusion_$fusion" 200 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=$fusion" \
+        $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
+        --out "$DIR/train_step_0.6b_b${BATCH}_slice_fusion_$fusion.json"
+    done ;;
   recipe_4b)
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
       $PY -m benchmarks.train_step --variants 4b --memory 16384 --batches 8 --steps 3 \
