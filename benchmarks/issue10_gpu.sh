@@ -27,6 +27,11 @@
 #                                                  # reading each scanned layer's weights in
 #                                                  # place instead of ~800 slice copies a
 #                                                  # step), each in its own process (~400 s)
+#   STAGE=cmd_buffer_while bash benchmarks/issue10_gpu.sh  # the 0.6b recipe's step with
+#                                                  # the scanned layers' while loops in CUDA
+#                                                  # graphs too (command buffer types WHILE,
+#                                                  # CONDITIONAL beside the usual) against
+#                                                  # XLA's default set, ~400 s
 #   STAGE=recipe_4b bash benchmarks/issue10_gpu.sh  # the same for 4b at batch 8
 #   STAGE=recipe_64k bash benchmarks/issue10_gpu.sh  # 0.6b at 64K memory tokens, batch 8,
 #                                                  # as the recipe now stands
@@ -131,7 +136,7 @@
 # 60-145 s the init program takes to compile on a fresh machine; the compile times it
 # reports then share the host's cores, so leave it off where compile time is the question).
 set -u
-STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_06b, slice_fusion, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, compile_norm, norm_4b or triton"
+STAGES="compile_parallel, profile, gemm_profile, dots_mb, lean_norm, pad_free, recipes, recipe_06b, slice_fusion, cmd_buffer_while, recipe_4b, recipe_64k, recipe_4b_64k, fused_norm, rope_tables, compare, compare_remat, cublaslt, mlp_input, short_step, levers, doc_attention, short_bwd, mlp_gemm, no_remat, norm_kernels, compile_norm, norm_4b or triton"
 STAGE=${STAGE:?set STAGE=$STAGES}
 ISSUE=issue10
 source "$(dirname "$0")/gpu_stage.sh"
@@ -178,6 +183,14 @@ case "$STAGE" in
       step "recipe_0.6b_slice_fusion_$fusion" 200 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=$fusion" \
         $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
         --out "$DIR/train_step_0.6b_b${BATCH}_slice_fusion_$fusion.json"
+    done ;;
+  cmd_buffer_while)
+    for types in default FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL; do
+      flag=--xla_gpu_enable_command_buffer=$types
+      [ "$types" = default ] && flag=
+      step "recipe_0.6b_cmd_buffer_${types%%,*}" 200 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false $flag" \
+        $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
+        --out "$DIR/train_step_0.6b_b${BATCH}_cmd_buffer_${types%%,*}.json"
     done ;;
   recipe_4b)
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
