@@ -185,12 +185,13 @@ case "$STAGE" in
         --out "$DIR/train_step_0.6b_b${BATCH}_slice_fusion_$fusion.json"
     done ;;
   cmd_buffer_while)
-    for types in default FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL; do
-      flag=--xla_gpu_enable_command_buffer=$types
-      [ "$types" = default ] && flag=
-      step "recipe_0.6b_cmd_buffer_${types%%,*}" 200 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false $flag" \
+    for set in default while; do
+      flag=
+      [ "$set" = while ] && \
+        flag=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+      step "recipe_0.6b_cmd_buffer_$set" 200 env XLA_FLAGS="--xla_gpu_enable_triton_gemm=false $flag" \
         $PY "${STEP[@]}" --compilation_cache_dir /tmp/jcc \
-        --out "$DIR/train_step_0.6b_b${BATCH}_cmd_buffer_${types%%,*}.json"
+        --out "$DIR/train_step_0.6b_b${BATCH}_cmd_buffer_$set.json"
     done ;;
   recipe_4b)
     step recipe_4b 330 env XLA_FLAGS="${XLA_FLAGS:---xla_gpu_enable_triton_gemm=false}" \
