@@ -185,7 +185,7 @@ case "$STAGE" in
         --out "$DIR/train_step_0.6b_b${BATCH}_slice_fusion_$fusion.json"
     done ;;
   cmd_buffer_while)
-    for set in default while; do
+    for set in ${SETS:-default while}; do   # SETS=while: the second alone
       flag=
       [ "$set" = while ] && \
         flag=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
