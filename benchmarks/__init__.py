@@ -5,6 +5,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import time
 
 import jax
@@ -77,12 +78,36 @@ def attempt(row: dict, key: str, fn) -> None:
     row[key + "_error"] = f"{type(e).__name__}: {str(e)[:300]}"
 
 
+GPU_FIELDS = ("uuid", "name", "driver_version", "clocks.max.sm", "power.limit",
+              "memory.total")
+
+
+def gpu_identity() -> list[dict] | None:
+  """Each NVIDIA GPU's identity and limits as ``nvidia-smi`` reports them (``GPU_FIELDS``:
+  UUID, name, driver, top SM clock in MHz, power limit in W, memory in MiB), or None where
+  there is no ``nvidia-smi``. Machines of one kind differ by a few percent (the 0.6b step
+  took 1,967 and 2,023 ms on two H100s, BENCHMARKS.md session 39): the UUID says which
+  card gave a number."""
+  try:
+    out = subprocess.run(["nvidia-smi", "--query-gpu=" + ",".join(GPU_FIELDS),
+                          "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                         timeout=20, check=True).stdout
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return [dict(zip(GPU_FIELDS, (v.strip() for v in line.split(","))))
+          for line in out.splitlines() if line.strip()]
+
+
 def write_json(path: str, payload: dict) -> None:
   """Writes ``payload`` with device, jax version, UTC date and ``XLA_FLAGS`` added (XLA
-  flags change compile time and kernel choice, e.g. GPU autotuning)."""
+  flags change compile time and kernel choice, e.g. GPU autotuning), and on an NVIDIA
+  machine each GPU's identity (:func:`gpu_identity`, under ``gpus``)."""
   payload = dict(payload, device=device_name(), jax=jax.__version__,
                  date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  xla_flags=os.environ.get("XLA_FLAGS", ""))
+  gpus = gpu_identity()
+  if gpus is not None:
+    payload["gpus"] = gpus
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as fh:
     json.dump(payload, fh, indent=1)
