@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import statistics
@@ -82,20 +83,21 @@ GPU_FIELDS = ("uuid", "name", "driver_version", "clocks.max.sm", "power.limit",
               "memory.total")
 
 
-def gpu_identity() -> list[dict] | None:
+@functools.cache
+def gpu_identity() -> tuple[dict, ...] | None:
   """Each NVIDIA GPU's identity and limits as ``nvidia-smi`` reports them (``GPU_FIELDS``:
   UUID, name, driver, top SM clock in MHz, power limit in W, memory in MiB), or None where
   there is no ``nvidia-smi``. Machines of one kind differ by a few percent (the 0.6b step
   took 1,967 and 2,023 ms on two H100s, BENCHMARKS.md session 39): the UUID says which
-  card gave a number."""
+  card gave a number. Asked once a process (a benchmark writes its JSON after every row)."""
   try:
     out = subprocess.run(["nvidia-smi", "--query-gpu=" + ",".join(GPU_FIELDS),
                           "--format=csv,noheader,nounits"], capture_output=True, text=True,
                          timeout=20, check=True).stdout
   except (OSError, subprocess.SubprocessError):
     return None
-  return [dict(zip(GPU_FIELDS, (v.strip() for v in line.split(","))))
-          for line in out.splitlines() if line.strip()]
+  return tuple(dict(zip(GPU_FIELDS, (v.strip() for v in line.split(","))))
+               for line in out.splitlines() if line.strip())
 
 
 def write_json(path: str, payload: dict) -> None:
@@ -107,7 +109,7 @@ def write_json(path: str, payload: dict) -> None:
                  xla_flags=os.environ.get("XLA_FLAGS", ""))
   gpus = gpu_identity()
   if gpus is not None:
-    payload["gpus"] = gpus
+    payload["gpus"] = [dict(g) for g in gpus]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "w") as fh:
     json.dump(payload, fh, indent=1)

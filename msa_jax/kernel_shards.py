@@ -29,6 +29,11 @@ from jax.sharding import PartitionSpec
 _warned: set = set()
 
 
+def _entry_axes(entry) -> tuple:
+  """A ``PartitionSpec`` entry (None, one mesh axis or several) as a tuple of mesh axes."""
+  return (entry,) if isinstance(entry, str) else tuple(entry or ())
+
+
 def _spec(shape, names, mesh) -> PartitionSpec | None:
   """The ``PartitionSpec`` the logical ``names`` give an array of ``shape`` on ``mesh``,
   or None where a dimension does not divide by its mesh axes' sizes."""
@@ -37,8 +42,7 @@ def _spec(shape, names, mesh) -> PartitionSpec | None:
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
   entries = []
   for dim, entry in zip(shape, nn.logical_to_mesh_axes(tuple(names))):
-    axes = (entry,) if isinstance(entry, str) else tuple(entry or ())
-    axes = tuple(a for a in axes if sizes.get(a, 1) > 1)
+    axes = tuple(a for a in _entry_axes(entry) if sizes.get(a, 1) > 1)
     if dim % math.prod(sizes[a] for a in axes):
       return None
     entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
@@ -62,8 +66,7 @@ def local_shape(shape, names) -> tuple:
   if spec is None:
     return tuple(shape)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  return tuple(dim // math.prod(sizes[a] for a in ((entry,) if isinstance(entry, str)
-                                                   else tuple(entry or ())))
+  return tuple(dim // math.prod(sizes[a] for a in _entry_axes(entry))
                for dim, entry in zip(shape, spec))
 
 

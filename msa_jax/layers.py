@@ -403,8 +403,8 @@ KERNEL_MIN_TOKENS = 4096   # norm_rope_pallas_vjp's kernels on a GPU from this m
 
 
 NORM_ROPE_VJPS = ("autodiff", "fused", "fused_bf16", "pallas")
-_NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp,
-                     "pallas": norm_rope_pallas_vjp}
+# the XLA custom VJPs; "pallas" (norm_rope_pallas_vjp) also takes the heads' logical axis
+_NORM_ROPE_CUSTOM = {"fused": norm_rope_fused_vjp, "fused_bf16": norm_rope_fused_bf16_vjp}
 
 
 class MLP(nn.Module):

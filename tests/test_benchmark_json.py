@@ -4,7 +4,17 @@ import json
 import os
 import stat
 
+import pytest
+
 import benchmarks
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gpu_identity():
+  """``gpu_identity`` is asked once a process: each test sees its own ``PATH``."""
+  benchmarks.gpu_identity.cache_clear()
+  yield
+  benchmarks.gpu_identity.cache_clear()
 
 
 def _fake_nvidia_smi(bin_dir, lines):
